@@ -1,0 +1,1453 @@
+#!/usr/bin/env python3
+"""Pycolytics: a tiny, self-hosted collector of analytics events for games and apps.
+
+Clients POST JSON events over HTTP; Pycolytics checks their API key, validates them and
+stores them in an SQLite database that you later open with pandas, Jupyter or any SQLite
+browser. It speaks the API of the original Pycolytics (v1.0), so its Godot addon works
+unchanged.
+
+Run it:        python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
+Under gunicorn: PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn pycolytics:application
+
+One file, standard library only, Python 3.9 or newer. Importing it does nothing: no file
+is read, no database opened and no socket bound until a server starts or the WSGI
+callable `application` answers its first request.
+"""
+
+__version__ = "2.0.0"
+__all__ = ["Config", "ConfigError", "Pycolytics", "Server", "application", "create_app", "load_config", "main"]
+
+import argparse
+import collections
+import configparser
+import datetime
+import email.utils
+import hmac
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import queue
+import re
+import secrets
+import selectors
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+
+log = logging.getLogger("pycolytics")
+
+###############################################################################
+# Limits and constants
+###############################################################################
+
+API_VERSION = "1.0.0"
+
+# The original's development key. Accepted only while no key is configured anywhere, so the
+# README's curl example works out of the box; start-up warns loudly when it is.
+DEV_KEY = "I-am-an-unsecure-dev-key-REPLACE_ME"
+
+EVENT_FIELDS = ("event_type", "application", "version", "platform", "user_id", "session_id")
+
+# HTTP framing limits of the built-in server, in line with gunicorn's defaults: no legitimate
+# client of an event collector comes near them, and they bound what one connection can pin.
+MAX_REQUEST_LINE = 4094
+MAX_HEADER_FIELDS = 100
+MAX_HEADER_FIELD = 8190
+MAX_HEAD_BYTES = 64 * 1024
+
+# How long a refused connection is drained before it is closed; see Server._refuse.
+LINGER_SECONDS = 2
+
+# How many bytes one recv() asks for: a whole default-sized batch usually arrives in one call.
+RECV_BYTES = 256 * 1024
+
+# Every ini key with its default. pycolytics.ini documents each of them.
+DEFAULTS = {
+    "database": "pycolytics.db",
+    "api_keys": "",
+    "host": "127.0.0.1",
+    "port": "8000",
+    "synchronous": "full",
+    "quiet": "no",
+    "threads": "32",
+    "max_connections": "512",
+    "idle_timeout": "5",
+    "request_timeout": "10",
+    "max_body_bytes": "1048576",
+    "max_batch_events": "1000",
+    "max_string_length": "255",
+    "max_value_bytes": "65536",
+    "max_value_depth": "32",
+    "max_pending_events": "100000",
+    "busy_timeout": "30",
+}
+
+###############################################################################
+# Errors
+###############################################################################
+
+
+class HTTPError(Exception):
+    """An answer to a request that went wrong; `status` says how, `detail` says what to fix."""
+
+    status = "500 Internal Server Error"
+
+    def __init__(self, detail, headers=()):
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = list(headers)
+
+
+class BadRequest(HTTPError):
+    status = "400 Bad Request"
+
+
+class Unauthorized(HTTPError):
+    status = "401 Unauthorized"
+
+
+class NotFound(HTTPError):
+    status = "404 Not Found"
+
+
+class MethodNotAllowed(HTTPError):
+    status = "405 Method Not Allowed"
+
+
+class LengthRequired(HTTPError):
+    status = "411 Length Required"
+
+
+class PayloadTooLarge(HTTPError):
+    status = "413 Payload Too Large"
+
+
+class URITooLong(HTTPError):
+    status = "414 URI Too Long"
+
+
+class UnsupportedMediaType(HTTPError):
+    status = "415 Unsupported Media Type"
+
+
+class UnprocessableEntity(HTTPError):
+    status = "422 Unprocessable Entity"
+
+
+class HeaderFieldsTooLarge(HTTPError):
+    status = "431 Request Header Fields Too Large"
+
+
+class RequestTimeout(HTTPError):
+    status = "408 Request Timeout"
+
+
+class ServiceUnavailable(HTTPError):
+    status = "503 Service Unavailable"
+
+    def __init__(self, detail, retry_after=1):
+        super().__init__(detail, [("Retry-After", str(retry_after))])
+
+
+class VersionNotSupported(HTTPError):
+    status = "505 HTTP Version Not Supported"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot work; the message names the key and where it came from."""
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+
+def _text(value):
+    return value.strip()
+
+
+def _keys(value):
+    return tuple(key for line in value.splitlines() for key in (part.strip() for part in line.split(",")) if key)
+
+
+def _port(value):
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("a port is a number from 0 to 65535")
+    return port
+
+
+def _count(value):
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return number
+
+
+def _seconds(value):
+    number = float(value)
+    if not number > 0 or math.isinf(number):
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _flag(value):
+    word = value.strip().lower()
+    if word in ("1", "yes", "true", "on"):
+        return True
+    if word in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("must be yes or no")
+
+
+def _synchronous(value):
+    word = value.strip().lower()
+    if word not in ("full", "normal", "off", "extra"):
+        raise ValueError("must be full, normal, off or extra")
+    return word
+
+
+_PARSERS = {
+    "database": _text,
+    "api_keys": _keys,
+    "host": _text,
+    "port": _port,
+    "synchronous": _synchronous,
+    "quiet": _flag,
+    "threads": _count,
+    "max_connections": _count,
+    "idle_timeout": _seconds,
+    "request_timeout": _seconds,
+    "max_body_bytes": _count,
+    "max_batch_events": _count,
+    "max_string_length": _count,
+    "max_value_bytes": _count,
+    "max_value_depth": _count,
+    "max_pending_events": _count,
+    "busy_timeout": _seconds,
+}
+
+
+class Config:
+    """The settings in force, parsed and checked; attributes are named after the ini keys."""
+
+    def __init__(self, raw):
+        """`raw` maps each ini key to (text, where it came from)."""
+        self.sources = {}
+        for name, parse in _PARSERS.items():
+            text, source = raw[name]
+            try:
+                setattr(self, name, parse(text))
+            except ValueError as error:
+                raise ConfigError(f"{source}: {name} = {text!r} is not valid: {error}") from None
+            self.sources[name] = source
+        if not self.database:
+            raise ConfigError(f"{self.sources['database']}: database must name a file")
+
+    @property
+    def dev_key_active(self):
+        return not self.api_keys
+
+
+def _read_ini(path, raw):
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as file:
+            parser.read_file(file)
+    except (OSError, UnicodeDecodeError, configparser.Error) as error:
+        raise ConfigError(f"cannot read the configuration file {path}: {error}") from None
+    unknown_sections = [name for name in parser.sections() if name != "pycolytics"]
+    if unknown_sections:
+        raise ConfigError(f"{path}: unknown section [{unknown_sections[0]}]; settings go in [pycolytics]")
+    if parser.has_section("pycolytics"):
+        for name, value in parser.items("pycolytics"):
+            if name not in DEFAULTS:
+                raise ConfigError(f"{path}: unknown key {name!r} in [pycolytics]; known keys: {', '.join(DEFAULTS)}")
+            raw[name] = (value, path)
+
+
+def _read_dotenv(path):
+    """The variables of an original Pycolytics `.env` file (NAME=value lines, values maybe quoted)."""
+    variables = {}
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            name, sep, value = line.strip().partition("=")
+            if sep and not name.startswith("#"):
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                    value = value[1:-1]
+                variables[name.strip()] = value
+    return variables
+
+
+def _original_variables(environ, dotenv_path):
+    """Settings from the original Pycolytics' variables: its `.env` file, then the environment."""
+    variables = {}
+    if dotenv_path and os.path.isfile(dotenv_path):
+        try:
+            variables.update(_read_dotenv(dotenv_path))
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read {dotenv_path}: {error}") from None
+        variables = {name: (value, dotenv_path) for name, value in variables.items()}
+    for name in ("SQLITE_FILE_NAME", "SQLITE_FILE_PATH", "API_KEYS"):
+        if name in environ:
+            variables[name] = (environ[name], f"environment variable {name}")
+    settings = {}
+    # SQLITE_FILE_PATH replaced SQLITE_FILE_NAME in the original; both named the whole path.
+    for name in ("SQLITE_FILE_NAME", "SQLITE_FILE_PATH"):
+        if name in variables:
+            settings["database"] = variables[name]
+    if "API_KEYS" in variables:
+        text, source = variables["API_KEYS"]
+        try:
+            keys = json.loads(text)
+        except ValueError:
+            keys = None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            raise ConfigError(f'{source}: API_KEYS must be a JSON list of strings, like ["key-one", "key-two"]')
+        settings["api_keys"] = ("\n".join(keys), source)
+    return settings
+
+
+def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
+    """Settings from, weakest first: defaults, the ini file, the environment, `overrides`.
+
+    The ini file is `path`, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini when it exists.
+    The environment is PYCOLYTICS_<KEY> for any key, and the original Pycolytics' variables
+    (SQLITE_FILE_PATH, SQLITE_FILE_NAME, API_KEYS, also read from its `.env` file).
+    """
+    environ = os.environ if environ is None else environ
+    raw = {name: (value, "default") for name, value in DEFAULTS.items()}
+    path = path or environ.get("PYCOLYTICS_CONFIG")
+    if path:
+        _read_ini(path, raw)
+    elif os.path.isfile("pycolytics.ini"):
+        _read_ini("pycolytics.ini", raw)
+    raw.update(_original_variables(environ, dotenv))
+    for variable, value in environ.items():
+        if variable.startswith("PYCOLYTICS_") and variable != "PYCOLYTICS_CONFIG":
+            name = variable[len("PYCOLYTICS_"):].lower()
+            if name not in DEFAULTS:
+                raise ConfigError(f"unknown environment variable {variable}; known keys: {', '.join(DEFAULTS)}")
+            raw[name] = (value, f"environment variable {variable}")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = (str(value), f"--{name.replace('_', '-')}")
+    return Config(raw)
+
+
+###############################################################################
+# Validation: from request bytes to rows
+###############################################################################
+
+# A JSON string, or a bare nan/inf outside strings: what Godot's JSON.stringify writes for
+# non-finite floats. Used only when a body fails to parse, to accept exactly Godot's quirks.
+_GODOT_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?\b(?:nan|inf)\b', re.S)
+_STRING_ESCAPE = re.compile(r"\\(.)", re.S)
+# An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not
+# valid Unicode (a lone surrogate). Bodies without one skip the per-string check.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _godot_string(match):
+    # Godot escapes a vertical tab as \v, which JSON lacks.
+    return "\\u000b" if match.group(1) == "v" else match.group(0)
+
+
+def _godot_token(match):
+    token = match.group(0)
+    if token[0] != '"':
+        return "null"
+    return _STRING_ESCAPE.sub(_godot_string, token) if "\\v" in token else token
+
+
+def _non_finite_to_null(name):
+    return None
+
+
+def parse_json(body):
+    """The document in a request body; non-finite numbers become None. Raises BadRequest."""
+    if not body:
+        raise BadRequest("the request body is empty: send a JSON object (or, to /v1.0/events, an array of them)")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRequest(f"the request body is not UTF-8 (bad byte at offset {error.start})") from None
+    if text[0] == "\ufeff":
+        text = text[1:]
+    try:
+        return json.loads(text, parse_constant=_non_finite_to_null)
+    except json.JSONDecodeError as error:
+        first_error = error
+    except RecursionError:
+        raise BadRequest("the request body nests arrays or objects too deeply") from None
+    except ValueError as error:  # an integer too long to convert, among others
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    try:
+        return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null)
+    except (ValueError, RecursionError):
+        error = first_error
+        raise BadRequest(
+            f"the request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+
+
+def _json_depth(document):
+    """How deeply arrays and objects nest in `document`, without recursion."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _finite(document):
+    """`document` with every non-finite float (1e999 parses as inf) replaced by None."""
+    if isinstance(document, float):
+        return document if math.isfinite(document) else None
+    if isinstance(document, dict):
+        return {key: _finite(value) for key, value in document.items()}
+    if isinstance(document, list):
+        return [_finite(value) for value in document]
+    return document
+
+
+def _is_unicode(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Keyring:
+    """The API keys a server accepts, compared in constant time."""
+
+    def __init__(self, keys):
+        self.dev_key_active = not keys
+        self._keys = [key.encode("utf-8") for key in (keys or (DEV_KEY,))]
+
+    def accepts(self, key):
+        if key is None:
+            # The original treated a missing key as its development key.
+            return self.dev_key_active
+        try:
+            candidate = key.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        matched = False
+        for known in self._keys:
+            matched |= hmac.compare_digest(known, candidate)
+        return matched
+
+
+class Validator:
+    """Turns a parsed request body into rows for the `event` table, or says what is wrong."""
+
+    def __init__(self, config, keyring):
+        self.keyring = keyring
+        self.max_batch_events = config.max_batch_events
+        self.max_string_length = config.max_string_length
+        self.max_value_bytes = config.max_value_bytes
+        self.max_value_depth = config.max_value_depth
+
+    def rows(self, document, batch, body, received):
+        """Rows (the six strings, value JSON, time) for every event, or an HTTPError for the lot."""
+        if batch:
+            if not isinstance(document, list):
+                raise UnprocessableEntity([_problem(["body"], "expected a JSON array of events", "array_type")])
+            if len(document) > self.max_batch_events:
+                raise PayloadTooLarge(
+                    f"a batch holds at most {self.max_batch_events} events and this one has {len(document)}: "
+                    "send it in smaller batches"
+                )
+            events = document
+        else:
+            if not isinstance(document, dict):
+                raise UnprocessableEntity([_problem(["body"], "expected a JSON object (one event)", "object_type")])
+            events = (document,)
+        shallow = body.count(b"{") + body.count(b"[") <= self.max_value_depth
+        check_unicode = _SURROGATE_ESCAPE.search(body) is not None
+        rows, problems, unauthorized, verdicts = [], [], [], {}
+        for index, event in enumerate(events):
+            where = ["body", index] if batch else ["body"]
+            if not isinstance(event, dict):
+                problems.append(_problem(where, "expected a JSON object (one event)", "object_type"))
+                continue
+            key = event.get("api_key")
+            if key is not None and not isinstance(key, str):
+                problems.append(_problem(where + ["api_key"], "must be a string", "string_type"))
+            else:
+                if key not in verdicts:
+                    verdicts[key] = self.keyring.accepts(key)
+                if not verdicts[key]:
+                    unauthorized.append(index)
+            row = self._row(event, where, shallow, check_unicode, problems)
+            if row is not None:
+                row.append(received)
+                rows.append(row)
+        if unauthorized:
+            which = f"in events {', '.join(map(str, unauthorized))}" if batch else ""
+            raise Unauthorized(f"invalid or missing api_key {which}".strip())
+        if problems:
+            raise UnprocessableEntity(problems)
+        return rows
+
+    def _row(self, event, where, shallow, check_unicode, problems):
+        row, found = [], len(problems)
+        for name in EVENT_FIELDS:
+            value = event.get(name)
+            if type(value) is str and len(value) <= self.max_string_length:
+                if check_unicode and not _is_unicode(value):
+                    problems.append(_problem(where + [name], "holds an unpaired UTF-16 surrogate", "unicode"))
+                row.append(value)
+            elif value is None:
+                missing = name not in event
+                message = "is required" if missing else "must be a string, not null"
+                problems.append(_problem(where + [name], message, "missing" if missing else "string_type"))
+            elif type(value) is str:
+                message = f"is longer than {self.max_string_length} characters"
+                problems.append(_problem(where + [name], message, "string_too_long"))
+            else:
+                problems.append(_problem(where + [name], "must be a string", "string_type"))
+        row.append(self._value_json(event, where, shallow, check_unicode, problems))
+        return row if len(problems) == found else None
+
+    def _value_json(self, event, where, shallow, check_unicode, problems):
+        value = event.get("value", {})
+        if type(value) is not dict:
+            problems.append(_problem(where + ["value"], "must be a JSON object", "dict_type"))
+            return None
+        if not value:
+            return "{}"
+        try:
+            text = _COMPACT(value)
+        except ValueError:
+            text = _COMPACT(_finite(value))
+        except RecursionError:
+            text = None
+        if text is None or not shallow and text.count("{") + text.count("[") > self.max_value_depth:
+            if text is None or _json_depth(value) > self.max_value_depth:
+                message = f"nests objects and arrays more than {self.max_value_depth} deep"
+                problems.append(_problem(where + ["value"], message, "too_deep"))
+                return None
+        if len(text) * 4 > self.max_value_bytes or check_unicode:
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                problems.append(_problem(where + ["value"], "holds an unpaired UTF-16 surrogate", "unicode"))
+                return None
+            if size > self.max_value_bytes:
+                message = f"is {size} bytes as JSON; at most {self.max_value_bytes} are stored"
+                problems.append(_problem(where + ["value"], message, "too_large"))
+                return None
+        return text
+
+
+def _problem(location, message, kind):
+    """One entry of a 422 answer, shaped like FastAPI's so the original's clients read it."""
+    if len(location) > 1 and isinstance(location[1], int):
+        message = f"event {location[1]}: " + (f"{location[2]!r} " if len(location) > 2 else "") + message
+    elif len(location) > 1:
+        message = f"{location[1]!r} {message}"
+    return {"loc": location, "msg": message, "type": kind}
+
+
+###############################################################################
+# Storage: SQLite and the group-commit writer
+###############################################################################
+
+# The original Pycolytics' table, column for column as SQLModel created it, so databases made
+# by either program open in the other. A new database gets one index, on `time`: see
+# README.md, "Indexes", for the measurements behind that choice.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS event (
+    event_type VARCHAR NOT NULL,
+    application VARCHAR NOT NULL,
+    version VARCHAR NOT NULL,
+    platform VARCHAR NOT NULL,
+    user_id VARCHAR NOT NULL,
+    session_id VARCHAR NOT NULL,
+    value JSON NOT NULL,
+    id INTEGER NOT NULL,
+    time DATETIME NOT NULL,
+    PRIMARY KEY (id)
+);
+CREATE INDEX IF NOT EXISTS ix_event_time ON event (time);
+"""
+
+INSERT = (
+    "INSERT INTO event (event_type, application, version, platform, user_id, session_id, value, time)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def utc_now():
+    """The receive time as stored: UTC, as text that SQLite's date functions and pandas read."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime(TIME_FORMAT)
+
+
+def connect(path, synchronous="full", busy_timeout=30.0):
+    """A connection with Pycolytics' pragmas; creates the database and its table if missing.
+
+    WAL lets readers (pandas, the dashboard) work while events are written, and makes a
+    commit one append to the log: https://www.sqlite.org/wal.html
+    synchronous=FULL fsyncs the log at every commit, so a commit survives power loss; NORMAL
+    may lose the last commits on power loss (never on a crash of the process) and is much
+    faster on slow SD cards: https://www.sqlite.org/pragma.html#pragma_synchronous
+    The busy timeout makes writers in other processes (gunicorn workers) wait their turn
+    instead of failing with "database is locked": https://www.sqlite.org/c3ref/busy_timeout.html
+    """
+    connection = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
+        connection.executescript(SCHEMA)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(event)")}
+        missing = [name for name in EVENT_FIELDS + ("value", "id", "time") if name not in columns]
+        if missing:
+            raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+class _Commit:
+    """Rows of one request waiting for the writer; `done` is released once they are committed."""
+
+    __slots__ = ("rows", "done", "error")
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.error = None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+
+class Writer:
+    """The one thread that writes: commits the rows of many requests in one transaction.
+
+    A request hands its rows over and waits; the writer takes everything queued, commits it
+    with one fsync, then releases every waiting request. While it commits, the next group
+    gathers, so under load one fsync serves many requests. The queue is bounded: when it is
+    full, requests are refused with 503 and Retry-After rather than held in memory.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._queue = []
+        self._queued_rows = 0
+        self._closed = False
+        self._thread = None
+        # How long a request waits for its commit before answering 503: beyond any busy wait.
+        self._patience = config.busy_timeout + 30
+
+    def start(self):
+        """Open the database (raising if it cannot be) and start the writer thread."""
+        with self._lock:
+            if self._thread is None and not self._closed:
+                connection = connect(self.config.database, self.config.synchronous, self.config.busy_timeout)
+                self._thread = threading.Thread(target=self._run, args=(connection,), name="pycolytics-writer")
+                self._thread.daemon = True
+                self._thread.start()
+
+    def write(self, rows):
+        """Return once `rows` are committed; raise ServiceUnavailable if they cannot be."""
+        commit = _Commit(rows)
+        with self._lock:
+            if self._closed:
+                raise ServiceUnavailable("the server is shutting down; send the events again shortly", 5)
+            if self._queued_rows and self._queued_rows + len(rows) > self.config.max_pending_events:
+                raise ServiceUnavailable("the server is busy writing other events; send these again shortly")
+            self._queue.append(commit)
+            self._queued_rows += len(rows)
+            self._wakeup.notify()
+        if not commit.done.acquire(timeout=self._patience):
+            raise ServiceUnavailable("the database did not answer in time; send the events again shortly", 5)
+        if commit.error is not None:
+            raise ServiceUnavailable(f"the events could not be stored ({commit.error}); send them again shortly", 5)
+
+    def close(self):
+        """Commit everything queued, then stop the thread and close the database."""
+        with self._lock:
+            self._closed = True
+            self._wakeup.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self, connection):
+        try:
+            while True:
+                with self._lock:
+                    while not self._queue and not self._closed:
+                        self._wakeup.wait()
+                    if not self._queue:
+                        return
+                    group, self._queue, self._queued_rows = self._queue, [], 0
+                self._commit(connection, group)
+        finally:
+            connection.close()
+
+    def _commit(self, connection, group):
+        error = None
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.executemany(INSERT, itertools.chain.from_iterable(commit.rows for commit in group))
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        except Exception as failure:  # the database is full, gone or locked for too long
+            log.error("could not store %d events: %s", sum(len(commit.rows) for commit in group), failure)
+            error = failure
+        for commit in group:
+            commit.error = error
+            commit.done.release()
+
+
+###############################################################################
+# The WSGI application
+###############################################################################
+
+JSON_TYPE = ("Content-Type", "application/json")
+
+
+def read_body(environ, limit):
+    """The request body, at most `limit` bytes; never reads more than limit + 1."""
+    if environ.get("HTTP_CONTENT_ENCODING", "identity").lower() != "identity":
+        raise UnsupportedMediaType("Content-Encoding is not supported: send the body uncompressed")
+    length = environ.get("CONTENT_LENGTH") or ""
+    stream = environ["wsgi.input"]
+    if length:
+        if not length.isdigit():
+            raise BadRequest("Content-Length must be a whole number of bytes")
+        if int(length) > limit:
+            raise PayloadTooLarge(f"the request body is {length} bytes; at most {limit} are accepted")
+        body = stream.read(int(length))
+        if len(body) < int(length):
+            raise BadRequest("the request body is shorter than its Content-Length")
+        return body
+    if not environ.get("wsgi.input_terminated"):
+        return b""
+    body = stream.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes; at most {limit} are accepted")
+    return body
+
+
+class Pycolytics:
+    """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
+
+    def __init__(self, config):
+        self.config = config
+        self.keyring = Keyring(config.api_keys)
+        self.validator = Validator(config, self.keyring)
+        self.writer = Writer(config)
+        self._openapi = json.dumps(openapi_document(config), indent=2).encode()
+        self._docs = docs_page(config).encode()
+        self._routes = {
+            "/v1.0/event": {"POST": self.post_event},
+            "/v1.0/events": {"POST": self.post_events},
+            "/docs": {"GET": self.get_docs},
+            "/openapi.json": {"GET": self.get_openapi},
+            "/": {"GET": self.get_index},
+        }
+        for methods in self._routes.values():
+            if "GET" in methods:
+                methods["HEAD"] = methods["GET"]
+
+    def open(self):
+        """Open the database now instead of at the first event, so a bad path stops start-up."""
+        self.writer.start()
+
+    def close(self):
+        self.writer.close()
+
+    def __call__(self, environ, start_response):
+        try:
+            status, headers, body = self._dispatch(environ)
+        except HTTPError as error:
+            status, body = error.status, json.dumps({"detail": error.detail}).encode()
+            headers = [JSON_TYPE, ("Content-Length", str(len(body)))] + error.headers
+        except Exception:
+            log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            status, body = "500 Internal Server Error", b'{"detail":"internal server error"}'
+            headers = [JSON_TYPE, ("Content-Length", str(len(body)))]
+        start_response(status, headers)
+        return [body]
+
+    def _dispatch(self, environ):
+        methods = self._routes.get(environ.get("PATH_INFO") or "/")
+        if methods is None:
+            raise NotFound(f"no such endpoint: {environ.get('PATH_INFO')}; events go to /v1.0/event or /v1.0/events")
+        handler = methods.get(environ["REQUEST_METHOD"])
+        if handler is None:
+            allowed = ", ".join(methods)
+            raise MethodNotAllowed(f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}", [("Allow", allowed)])
+        return handler(environ)
+
+    def post_event(self, environ):
+        return self._ingest(environ, batch=False)
+
+    def post_events(self, environ):
+        return self._ingest(environ, batch=True)
+
+    def _ingest(self, environ, batch):
+        body = read_body(environ, self.config.max_body_bytes)
+        document = parse_json(body)
+        rows = self.validator.rows(document, batch, body, utc_now())
+        if rows:
+            self.writer.start()
+            self.writer.write(rows)
+        return "204 No Content", [], b""
+
+    def get_docs(self, environ):
+        return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(self._docs)))], self._docs
+
+    def get_openapi(self, environ):
+        return "200 OK", [JSON_TYPE, ("Content-Length", str(len(self._openapi)))], self._openapi
+
+    def get_index(self, environ):
+        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": "/docs"}).encode()
+        return "200 OK", [JSON_TYPE, ("Content-Length", str(len(body)))], body
+
+
+def create_app(config=None):
+    """A ready application; for `gunicorn 'pycolytics:create_app()'`, which then fails fast on bad settings."""
+    app = Pycolytics(config or load_config())
+    app.open()
+    return app
+
+
+class _LazyApplication:
+    """The module's `application`: builds the real one from the environment at its first request.
+
+    Servers that fork workers import the module first, so nothing may be opened at import.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._app = None
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self):
+        # A forked child must not share its parent's writer thread (which did not survive the fork).
+        self._lock = threading.Lock()
+        self._app = None
+
+    def __call__(self, environ, start_response):
+        app = self._app
+        if app is None:
+            with self._lock:
+                if self._app is None:
+                    self._app = create_app()
+                app = self._app
+        return app(environ, start_response)
+
+
+application = _LazyApplication()
+
+
+###############################################################################
+# Documentation: /openapi.json and /docs
+###############################################################################
+
+
+def _event_schema(config):
+    strings = {name: {"type": "string", "maxLength": config.max_string_length} for name in EVENT_FIELDS}
+    return {
+        "type": "object",
+        "required": list(EVENT_FIELDS),
+        "properties": dict(
+            strings,
+            value={"type": "object", "default": {}, "description": "Anything, as a JSON object."},
+            api_key={"type": "string", "description": "One of the server's API keys."},
+        ),
+        "additionalProperties": True,
+    }
+
+
+def openapi_document(config):
+    error = {"$ref": "#/components/schemas/Error"}
+    answers = {
+        "204": {"description": "Stored: the events are committed to the database."},
+        "400": {"description": "The body is not JSON or not UTF-8.", "content": {"application/json": {"schema": error}}},
+        "401": {"description": "A missing or unknown api_key.", "content": {"application/json": {"schema": error}}},
+        "413": {"description": "Over the size limits.", "content": {"application/json": {"schema": error}}},
+        "422": {"description": "Events that are not valid.", "content": {"application/json": {"schema": error}}},
+        "503": {"description": "Busy or shutting down: retry later.", "content": {"application/json": {"schema": error}}},
+    }
+
+    def post(summary, schema):
+        return {"post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": answers,
+        }}
+
+    batch = {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "maxItems": config.max_batch_events}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
+        "paths": {
+            "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
+            "/v1.0/events": post("Store a batch of events, all or nothing", batch),
+        },
+        "components": {"schemas": {
+            "Event": _event_schema(config),
+            "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
+        }},
+    }
+
+
+def docs_page(config):
+    example = json.dumps({
+        "event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
+        "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY,
+    }, indent=2)
+    rows = "".join(
+        f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} characters</td></tr>"
+        for name in EVENT_FIELDS
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}}
+code,pre{{background:#f4f4f4}}pre{{padding:1em;overflow:auto}}td{{padding:.2em .8em;vertical-align:top}}</style>
+</head><body>
+<h1>Pycolytics Event API {API_VERSION}</h1>
+<p>Pycolytics {__version__}. The machine-readable description is <a href="/openapi.json">/openapi.json</a>.</p>
+<h2>POST /v1.0/event</h2><p>One event, as a JSON object:</p>
+<pre>{example}</pre>
+<h2>POST /v1.0/events</h2>
+<p>A JSON array of at most {config.max_batch_events} events. All or nothing: if any event is refused, none is stored.</p>
+<h2>Fields</h2><table>{rows}
+<tr><td><code>value</code></td><td>a JSON object, optional (default <code>{{}}</code>), at most {config.max_value_bytes}
+bytes as JSON and {config.max_value_depth} levels deep</td></tr>
+<tr><td><code>api_key</code></td><td>one of the server's keys</td></tr></table>
+<p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes; any Content-Type is accepted.</p>
+<h2>Answers</h2><table>
+<tr><td>204</td><td>Stored: the events are committed to the database.</td></tr>
+<tr><td>400</td><td>The body is not JSON or not UTF-8.</td></tr>
+<tr><td>401</td><td>A missing or unknown <code>api_key</code> (the answer names the events).</td></tr>
+<tr><td>413</td><td>The body or the batch is over its limit.</td></tr>
+<tr><td>422</td><td>Invalid events; <code>detail</code> lists every problem with its event and field.</td></tr>
+<tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
+</table>
+<p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
+<h2>Example</h2>
+<pre>curl -i http://127.0.0.1:8000/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
+</body></html>
+"""
+
+
+###############################################################################
+# The built-in HTTP/1.1 server
+###############################################################################
+
+
+class _Request:
+    __slots__ = ("method", "target", "version", "headers", "body", "keep_alive", "line")
+
+
+class _Connection:
+    __slots__ = ("sock", "peer", "buffer", "deadline", "request", "body_start", "continued", "lingering")
+
+    def __init__(self, sock, peer, deadline):
+        self.sock = sock
+        self.peer = peer
+        self.buffer = bytearray()
+        self.deadline = deadline
+        self.request = None
+        self.body_start = 0
+        self.continued = False
+        self.lingering = False
+
+
+def _parse_head(head):
+    """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise BadRequest("malformed request line")
+    request = _Request()
+    request.method, request.target, request.version = parts
+    request.line = lines[0]
+    if request.version not in ("HTTP/1.1", "HTTP/1.0"):
+        if request.version.startswith("HTTP/"):
+            raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served")
+        raise BadRequest("malformed request line")
+    if len(lines) - 1 > MAX_HEADER_FIELDS:
+        raise HeaderFieldsTooLarge(f"at most {MAX_HEADER_FIELDS} header fields are accepted")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[0] in " \t":
+            raise BadRequest(f"malformed header line {line[:40]!r}")
+        if len(line) > MAX_HEADER_FIELD:
+            raise HeaderFieldsTooLarge(f"the header {name} is over {MAX_HEADER_FIELD} bytes")
+        name, value = name.lower(), value.strip()
+        if name in headers:
+            if name == "content-length" and value != headers[name]:
+                raise BadRequest("conflicting Content-Length headers")
+            value = value if name == "content-length" else headers[name] + ", " + value
+        headers[name] = value
+    if "transfer-encoding" in headers:
+        if "content-length" in headers:
+            raise BadRequest("both Transfer-Encoding and Content-Length: send one")
+        raise LengthRequired("send the body with a Content-Length; Transfer-Encoding is not accepted")
+    length = headers.get("content-length", "0")
+    if not (length.isdigit() and length.isascii()) or len(length) > 18:
+        raise BadRequest("Content-Length must be a whole number of bytes")
+    tokens = headers.get("connection", "").lower()
+    if request.version == "HTTP/1.1":
+        request.keep_alive = "close" not in tokens
+    else:
+        request.keep_alive = "keep-alive" in tokens
+    request.headers = headers
+    return request
+
+
+def _error_response(error, keep_alive=False):
+    body = json.dumps({"detail": error.detail}).encode()
+    head = [f"HTTP/1.1 {error.status}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    head += [f"{name}: {value}" for name, value in error.headers]
+    head.append("Connection: keep-alive" if keep_alive else "Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+class _HTTPDate:
+    """The Date header, formatted once a second rather than once a request."""
+
+    def __init__(self):
+        self._second = None
+        self._text = ""
+
+    def __call__(self):
+        second = int(time.time())
+        if second != self._second:
+            self._text = email.utils.formatdate(second, usegmt=True)
+            self._second = second
+        return self._text
+
+
+class Server:
+    """An HTTP/1.1 server for one WSGI application, from the standard library only.
+
+    One thread (the caller of serve_forever) owns every socket that is waiting for a
+    request: it reads without blocking until a request is whole, so clients that are slow,
+    idle or silent cost a buffer each and never a thread. Whole requests go to a fixed pool
+    of worker threads that run the application and write the answer; a kept-alive connection
+    then goes back to the reading thread. Connections, threads and buffers are all bounded.
+    """
+
+    def __init__(self, app, config, host=None, port=None):
+        self.app = app
+        self.config = config
+        host = config.host if host is None else host
+        port = config.port if port is None else port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, port), family=family, backlog=1024)
+        self.listener.setblocking(False)
+        self.server_address = self.listener.getsockname()[:2]
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._jobs = queue.SimpleQueue()
+        self._returned = collections.deque()
+        self._connections = {}
+        self._listening = False
+        self._stopping = False
+        self._date = _HTTPDate()
+        self._workers = []
+        self._log_requests = not config.quiet
+
+    @property
+    def url(self):
+        host, port = self.server_address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    # -- control, from any thread ---------------------------------------------------------
+
+    def shutdown(self, *_signal_args):
+        """Stop accepting; serve_forever then finishes the requests it has and returns."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the server is closed
+
+    # -- the reading thread -----------------------------------------------------------------
+
+    def serve_forever(self):
+        self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}") for n in range(self.config.threads)]
+        for worker in self._workers:
+            worker.daemon = True
+            worker.start()
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._listen(True)
+        next_sweep = time.monotonic() + 1
+        try:
+            while not self._stopping:
+                for key, _ in self._selector.select(timeout=1.0):
+                    if key.data is None:
+                        self._take_returned()
+                    elif key.data is self.listener:
+                        self._accept()
+                    else:
+                        self._read(key.data)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + 1
+        finally:
+            self._drain()
+
+    def _listen(self, on):
+        if on and not self._listening:
+            self._selector.register(self.listener, selectors.EVENT_READ, self.listener)
+        elif not on and self._listening:
+            self._selector.unregister(self.listener)
+        self._listening = on
+
+    def _accept(self):
+        deadline = time.monotonic() + self.config.request_timeout
+        while len(self._connections) < self.config.max_connections:
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # out of file descriptors, or a connection reset while queued
+                log.warning("accept failed: %s", error)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = _Connection(sock, peer[0], deadline)
+            self._connections[sock] = connection
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+        self._listen(False)  # full: the backlog holds newcomers until a connection closes
+
+    def _read(self, connection):
+        try:
+            data = connection.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(connection)
+            return
+        if connection.lingering:
+            return
+        if not connection.buffer and connection.request is None:
+            connection.deadline = time.monotonic() + self.config.request_timeout
+        connection.buffer += data
+        self._advance(connection)
+
+    def _advance(self, connection):
+        """Hand the connection to a worker if it holds a whole request; answer bad framing at once."""
+        try:
+            request = self._whole_request(connection)
+        except HTTPError as error:
+            self._refuse(connection, error)
+            return
+        if request is not None:
+            self._selector.unregister(connection.sock)
+            connection.deadline = None
+            self._jobs.put((connection, request))
+
+    def _whole_request(self, connection):
+        buffer = connection.buffer
+        if connection.request is None:
+            while buffer[:2] == b"\r\n":  # stray line ends between requests are allowed
+                del buffer[:2]
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                line_end = buffer.find(b"\r\n")
+                if line_end > MAX_REQUEST_LINE or line_end < 0 and len(buffer) > MAX_REQUEST_LINE:
+                    raise URITooLong(f"the request line is over {MAX_REQUEST_LINE} bytes")
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise HeaderFieldsTooLarge(f"the request head is over {MAX_HEAD_BYTES} bytes")
+                return None
+            if buffer.find(b"\r\n", 0, end + 2) > MAX_REQUEST_LINE:
+                raise URITooLong(f"the request line is over {MAX_REQUEST_LINE} bytes")
+            if end > MAX_HEAD_BYTES:
+                raise HeaderFieldsTooLarge(f"the request head is over {MAX_HEAD_BYTES} bytes")
+            request = _parse_head(bytes(buffer[:end]))
+            length = int(request.headers.get("content-length", "0"))
+            if length > self.config.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"the request body is {length} bytes; at most {self.config.max_body_bytes} are accepted"
+                )
+            connection.request = request
+            connection.body_start = end + 4
+        request = connection.request
+        end = connection.body_start + int(request.headers.get("content-length", "0"))
+        if len(buffer) < end:
+            if not connection.continued and request.headers.get("expect", "").lower() == "100-continue":
+                connection.continued = True
+                self._send_quietly(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
+            return None
+        request.body = bytes(buffer[connection.body_start:end])
+        del buffer[:end]
+        connection.request = None
+        connection.continued = False
+        return request
+
+    def _send_quietly(self, connection, data):
+        try:
+            connection.sock.send(data)
+        except OSError:
+            pass  # the client is gone or not reading; it is closed next anyway
+
+    def _take_returned(self):
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        now = time.monotonic()
+        while self._returned:
+            connection, keep_alive = self._returned.popleft()
+            if not keep_alive or self._stopping:
+                self._close(connection)
+                continue
+            connection.deadline = now + self.config.idle_timeout
+            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+            if connection.buffer:  # a pipelined request arrived with the previous one
+                self._advance(connection)
+
+    def _sweep(self, now):
+        """Close connections that idled or dawdled past their deadline."""
+        for connection in list(self._connections.values()):
+            if connection.deadline is not None and connection.deadline < now:
+                if not connection.lingering and (connection.buffer or connection.request is not None):
+                    self._refuse(connection, RequestTimeout("the request took too long to arrive"))
+                else:
+                    self._close(connection)
+
+    def _refuse(self, connection, error):
+        """Answer a request that will not be read, then close without resetting the answer away.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the
+        answer before the client reads it; so shut down our side and discard what still comes
+        for a moment (a "lingering close", as Apache and nginx do).
+        """
+        try:
+            connection.sock.send(_error_response(error))
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(connection)
+            return
+        connection.lingering = True
+        connection.buffer.clear()
+        connection.request = None
+        connection.deadline = time.monotonic() + LINGER_SECONDS
+
+    def _close(self, connection):
+        if self._connections.pop(connection.sock, None) is not None:
+            try:
+                self._selector.unregister(connection.sock)
+            except (KeyError, ValueError):
+                pass  # a worker had it, so it was not registered
+            connection.sock.close()
+            if not self._stopping:
+                self._listen(True)
+
+    def _drain(self):
+        """After a stop: refuse newcomers, finish every whole request, then close everything."""
+        self._listen(False)
+        self.listener.close()
+        for connection in list(self._connections.values()):
+            if connection.deadline is not None:  # waiting for a request, not being answered
+                self._close(connection)
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            worker.join()
+        for connection in list(self._connections.values()):
+            self._close(connection)
+        self._returned.clear()
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    # -- the workers ---------------------------------------------------------------------------
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            connection, request = job
+            try:
+                keep_alive = self._answer(connection, request)
+            except Exception:
+                log.exception("error while answering %s", request.line)
+                keep_alive = False
+            self._returned.append((connection, keep_alive))
+            self._wake()
+
+    def _answer(self, connection, request):
+        """Run the application for one request and write its answer; True to keep the connection."""
+        environ = self._environ(connection, request)
+        answer = []
+
+        def start_response(status, headers, exc_info=None):
+            answer[:] = [status, headers]
+
+        chunks = self.app(environ, start_response)
+        try:
+            body = b"".join(chunks)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        status, headers = answer
+        keep_alive = request.keep_alive and not self._stopping
+        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}", f"Server: pycolytics/{__version__}"]
+        head += [f"{name}: {value}" for name, value in headers]
+        if not status.startswith(("204", "304")) and not any(name.lower() == "content-length" for name, _ in headers):
+            head.append(f"Content-Length: {len(body)}")
+        if not keep_alive:
+            head.append("Connection: close")
+        elif request.version == "HTTP/1.0":
+            head.append("Connection: keep-alive")
+        if request.method == "HEAD":
+            body = b""
+        connection.sock.settimeout(self.config.request_timeout)
+        try:
+            connection.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        except OSError:
+            return False  # the client went away: nothing to tell it
+        finally:
+            connection.sock.setblocking(False)
+        if self._log_requests:
+            self._log(connection, request, status, len(body))
+        return keep_alive
+
+    def _environ(self, connection, request):
+        path, _, query = request.target.partition("?")
+        if "%" in path:
+            path = urllib.parse.unquote_to_bytes(path).decode("latin-1")
+        host, port = self.server_address
+        environ = {
+            "REQUEST_METHOD": request.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "SERVER_NAME": host,
+            "SERVER_PORT": str(port),
+            "SERVER_PROTOCOL": request.version,
+            "REMOTE_ADDR": connection.peer,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(request.body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for name, value in request.headers.items():
+            if name == "content-length":
+                environ["CONTENT_LENGTH"] = value
+            elif name == "content-type":
+                environ["CONTENT_TYPE"] = value
+            elif "_" not in name:  # underscores would be confused with dashes (a spoofing trick)
+                environ["HTTP_" + name.upper().replace("-", "_")] = value
+        return environ
+
+    def _log(self, connection, request, status, length):
+        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
+        sys.stderr.write(f'{connection.peer} - - [{when}] "{request.line}" {status[:3]} {length}\n')
+
+
+###############################################################################
+# The command line
+###############################################################################
+
+
+def serve(config, host=None, port=None):
+    """Run the built-in server until SIGTERM or SIGINT; return the exit status."""
+    app = Pycolytics(config)
+    try:
+        app.open()
+    except (sqlite3.Error, OSError) as error:
+        log.error("cannot open the database %s: %s", config.database, error)
+        return 1
+    try:
+        server = Server(app, config, host, port)
+    except OSError as error:
+        log.error("cannot listen on %s:%s: %s", host or config.host, port or config.port, error)
+        app.close()
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, server.shutdown)
+    if config.dev_key_active:
+        log.warning("no api_keys are configured: accepting the public development key %r. "
+                    "Set api_keys before you ship a game.", DEV_KEY)
+    log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, os.path.abspath(config.database))
+    try:
+        server.serve_forever()
+    finally:
+        app.close()
+    log.info("stopped; every acknowledged event is committed")
+    return 0
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="pycolytics.py",
+        description="Collect analytics events over HTTP into an SQLite database.",
+        epilog=(
+            "Settings come from, strongest first: these options, PYCOLYTICS_<KEY> environment variables "
+            "(and the original Pycolytics' SQLITE_FILE_PATH and API_KEYS), the ini file, the defaults. "
+            "The ini file is --config, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini if present; "
+            "pycolytics.ini in the repository documents every key."
+        ),
+    )
+    parser.add_argument("--config", metavar="FILE", help="the ini file to read (section [pycolytics])")
+    parser.add_argument("--host", help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", help="the port to listen on (default 8000)")
+    parser.add_argument("--database", metavar="FILE", help="the SQLite database file (default pycolytics.db)")
+    parser.add_argument("--quiet", action="store_const", const="yes", help="do not log each request")
+    parser.add_argument("--version", action="version", version=f"pycolytics {__version__}")
+    return parser
+
+
+def main(argv=None):
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    overrides = {"host": arguments.host, "port": arguments.port, "database": arguments.database, "quiet": arguments.quiet}
+    try:
+        config = load_config(arguments.config, overrides=overrides)
+    except ConfigError as error:
+        log.error("bad configuration: %s", error)
+        return 2
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
