@@ -570,8 +570,9 @@ def _problem(location, message, kind):
 ###############################################################################
 
 # The original Pycolytics' table, column for column as SQLModel created it, so databases made
-# by either program open in the other. A new database gets one index, on `time`: see
-# README.md, "Indexes", for the measurements behind that choice.
+# by either program open in the other. Only a new table gets Pycolytics' own index, on `time`
+# (README.md, "Indexes", has the measurements behind that choice): an existing database is
+# used as it is, with no migration step.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
     event_type VARCHAR NOT NULL,
@@ -616,7 +617,9 @@ def connect(path, synchronous="full", busy_timeout=30.0):
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
-        connection.executescript(SCHEMA)
+        exists = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event'").fetchone()
+        if not exists:
+            connection.executescript(SCHEMA)
         columns = {row[1] for row in connection.execute("PRAGMA table_info(event)")}
         missing = [name for name in EVENT_FIELDS + ("value", "id", "time") if name not in columns]
         if missing:

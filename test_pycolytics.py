@@ -1,0 +1,756 @@
+"""Tests for pycolytics.py: the WSGI application under WebTest, the built-in server over real sockets."""
+
+import concurrent.futures
+import datetime
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import webtest
+
+import pycolytics
+
+KEY = "test-key-0123456789"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def event(**changes):
+    base = {
+        "event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
+        "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": KEY,
+    }
+    base.update(changes)
+    return {name: value for name, value in base.items() if value is not ...}
+
+
+def body(document):
+    return json.dumps(document).encode()
+
+
+def stored(database, columns="event_type, application, version, platform, user_id, session_id, value"):
+    with sqlite3.connect(database) as connection:
+        return connection.execute(f"SELECT {columns} FROM event ORDER BY id").fetchall()
+
+
+def count(database):
+    with sqlite3.connect(database) as connection:
+        return connection.execute("SELECT count(*) FROM event").fetchone()[0]
+
+
+@pytest.fixture
+def database(tmp_path):
+    return str(tmp_path / "events.db")
+
+
+@pytest.fixture
+def settings(database):
+    return {"database": database, "api_keys": KEY, "quiet": "yes"}
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch, settings):
+    monkeypatch.chdir(tmp_path)
+    return pycolytics.load_config(environ={}, overrides=settings)
+
+
+@pytest.fixture
+def app(config):
+    app = pycolytics.create_app(config)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def client(app):
+    return webtest.TestApp(app)
+
+
+def post(client, path, payload, status=204, **kwargs):
+    data = payload if isinstance(payload, bytes) else body(payload)
+    return client.post(path, data, status=status, **kwargs)
+
+
+# -- Storing events ----------------------------------------------------------------------------
+
+
+def test_one_event_is_stored_with_a_utc_time(client, database):
+    before = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    response = post(client, "/v1.0/event", event())
+    assert response.body == b""
+    assert stored(database) == [("level_started", "my-game", "1.0.2", "Linux", "3f2a9c1e", "a81c0f", '{"level":3}')]
+    (text,), = stored(database, "time")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", text)
+    assert before <= datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f") <= before + datetime.timedelta(seconds=5)
+
+
+def test_a_batch_is_stored_in_order(client, database):
+    post(client, "/v1.0/events", [event(event_type=f"e{n}") for n in range(50)])
+    assert [row[0] for row in stored(database)] == [f"e{n}" for n in range(50)]
+
+
+def test_an_empty_batch_is_accepted_and_stores_nothing(client, database):
+    post(client, "/v1.0/events", [])
+    assert count(database) == 0
+
+
+def test_value_defaults_to_an_empty_object_and_extra_fields_are_ignored(client, database):
+    post(client, "/v1.0/event", event(value=..., colour="blue"))
+    assert stored(database, "value") == [("{}",)]
+
+
+def test_empty_strings_are_valid_field_values(client, database):
+    # Godot's default project version is "", and the addon sends it as is.
+    post(client, "/v1.0/event", event(version=""))
+    assert stored(database, "version") == [("",)]
+
+
+def test_value_is_stored_as_compact_valid_json(client, database):
+    value = {"text": "héllo \u2603 \"quoted\"", "nested": {"list": [1, 2.5, None, True]}, "big": 1e999}
+    post(client, "/v1.0/event", event(value=value))
+    (text, valid), = stored(database, "value, json_valid(value)")
+    assert valid == 1
+    assert " " not in text.replace("héllo \u2603 ", "")
+    assert json.loads(text) == dict(value, big=None)
+
+
+def test_any_content_type_or_none_is_accepted(client, database):
+    post(client, "/v1.0/event", event(), content_type="text/plain")
+    post(client, "/v1.0/event", event())  # WebTest sends no Content-Type when given none
+    assert count(database) == 2
+
+
+# -- Godot's addon and its JSON quirks -------------------------------------------------------------
+
+
+def godot_json(**fields):
+    """What the addon's PycoEvent.to_json() writes: fixed field order, Godot's float spelling."""
+    return "{" + ",".join(f'"{name}":{text}' for name, text in fields.items()) + "}"
+
+
+GODOT_EVENT = godot_json(
+    event_type='"startup"', application='"My Game"', version='""', platform='"Linux"', user_id='"1a2b3c4d"',
+    session_id='"' + "ab" * 32 + '"', value="{}", api_key=json.dumps(KEY),
+)
+GODOT_QUIRKS = godot_json(
+    event_type='"death"', application='"My Game"', version='"0.3"', platform='"Windows"', user_id='"1a2b3c4d"',
+    session_id='"s1"', value='{"speed":nan,"max":inf,"min":-inf,"name":"tab\\vhere","path":"C:\\\\vol"}',
+    api_key=json.dumps(KEY),
+)
+
+
+def test_godot_non_finite_floats_and_vertical_tab_are_accepted_as_valid_json(client, database):
+    post(client, "/v1.0/events", ("[" + GODOT_EVENT + "," + GODOT_QUIRKS + "]").encode())
+    (first, first_valid), (text, valid) = stored(database, "value, json_valid(value)")
+    assert (first, first_valid, valid) == ("{}", 1, 1)
+    assert json.loads(text) == {"speed": None, "max": None, "min": None, "name": "tab\x0bhere", "path": "C:\\vol"}
+
+
+def test_words_like_nan_inside_strings_are_left_alone(client, database):
+    quirky = event(event_type="nan", value={"note": "inf and nan", "x": 1})
+    text = json.dumps([quirky]).replace('"x": 1', '"x": nan')
+    post(client, "/v1.0/events", text.encode())
+    assert stored(database, "event_type, value") == [("nan", '{"note":"inf and nan","x":null}')]
+
+
+# -- Refused requests store nothing and say what to fix ----------------------------------------------
+
+BAD_REQUESTS = [
+    # (path, body, status, words the detail must contain)
+    ("/v1.0/event", b"", 400, ["empty"]),
+    ("/v1.0/event", b"{not json", 400, ["not valid JSON", "line 1 column 2"]),
+    ("/v1.0/event", b'{"event_type": "\xff"}', 400, ["not UTF-8"]),
+    ("/v1.0/events", b"[" + body(event()) + b",]", 400, ["not valid JSON"]),
+    ("/v1.0/events", b"[" * 100000, 400, ["nests arrays or objects too deeply"]),
+    ("/v1.0/events", body(event()), 422, ["expected a JSON array"]),
+    ("/v1.0/event", body([event()]), 422, ["expected a JSON object"]),
+    ("/v1.0/event", body(event(user_id=...)), 422, ["'user_id' is required"]),
+    ("/v1.0/event", body(event(platform=None)), 422, ["'platform' must be a string, not null"]),
+    ("/v1.0/event", body(event(version=2)), 422, ["'version' must be a string"]),
+    ("/v1.0/event", body(event(value=[1, 2])), 422, ["'value' must be a JSON object"]),
+    ("/v1.0/event", body(event(value=None)), 422, ["'value' must be a JSON object"]),
+    ("/v1.0/event", body(event(application="x" * 256)), 422, ["'application' is longer than 255 characters"]),
+    ("/v1.0/event", body(event(value={"blob": "x" * 70000})), 422, ["'value' is", "at most 65536"]),
+    ("/v1.0/event", body(event(value=json.loads("[" * 40 + "]" * 40) and {"a": json.loads("[" * 40 + "]" * 40)})),
+     422, ["'value' nests", "32 deep"]),
+    ("/v1.0/event", body(event(session_id="\ud800")), 422, ["'session_id' holds an unpaired UTF-16 surrogate"]),
+    ("/v1.0/event", body(event(value={"\udfff": 1})), 422, ["'value' holds an unpaired UTF-16 surrogate"]),
+    ("/v1.0/event", body(event(api_key=12345)), 422, ["'api_key' must be a string"]),
+    ("/v1.0/events", body([event(), event(user_id=...), event(), event(value="x")]), 422,
+     ["event 1: 'user_id' is required", "event 3: 'value' must be a JSON object"]),
+    ("/v1.0/events", body([event(), 7]), 422, ["event 1: expected a JSON object"]),
+    ("/v1.0/events", body([event()] * 1001), 413, ["at most 1000 events"]),
+    ("/v1.0/event", body(event(api_key=...)), 401, ["invalid or missing api_key"]),
+    ("/v1.0/event", body(event(api_key="wrong")), 401, ["invalid or missing api_key"]),
+    ("/v1.0/event", body(event(api_key=pycolytics.DEV_KEY)), 401, ["invalid or missing api_key"]),
+    ("/v1.0/event", body(event(api_key="ключ")), 401, ["invalid or missing api_key"]),
+    ("/v1.0/events", body([event(), event(api_key="wrong"), event(), event(api_key=...)]), 401, ["events 1, 3"]),
+]
+
+
+@pytest.mark.parametrize("path, payload, status, words", BAD_REQUESTS, ids=[f"{case[2]}-{n}" for n, case in enumerate(BAD_REQUESTS)])
+def test_bad_requests_are_refused_with_a_clear_detail_and_store_nothing(client, database, path, payload, status, words):
+    post(client, "/v1.0/event", event(event_type="before"))  # the database exists and holds one row
+    response = client.post(path, payload, status=status)
+    assert response.content_type == "application/json"
+    detail = json.dumps(response.json["detail"], ensure_ascii=False)
+    for word in words:
+        assert word in detail
+    assert stored(database, "event_type") == [("before",)]
+
+
+def test_a_batch_with_one_bad_event_lists_every_problem_and_stores_nothing(client, database):
+    batch = [event(), event(user_id=None, platform=...), event(), event(value=[])]
+    detail = post(client, "/v1.0/events", batch, status=422).json["detail"]
+    assert [problem["loc"] for problem in detail] == [
+        ["body", 1, "platform"], ["body", 1, "user_id"], ["body", 3, "value"],
+    ]
+    assert count(database) == 0
+
+
+def test_a_key_is_never_echoed_in_an_error(client):
+    secret = "almost-the-key-but-not-quite"
+    response = post(client, "/v1.0/events", [event(api_key=secret, user_id=5)], status=401)
+    assert secret not in response.text
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path, settings, database):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, max_body_bytes=100)))
+    client = webtest.TestApp(app)
+    response = post(client, "/v1.0/events", [event()] * 3, status=413)
+    assert "at most 100" in response.json["detail"]
+    assert count(database) == 0
+    app.close()
+
+
+def test_compressed_bodies_are_refused_with_415(client, database):
+    response = post(client, "/v1.0/event", event(), status=415, headers={"Content-Encoding": "gzip"})
+    assert "Content-Encoding" in response.json["detail"]
+    assert count(database) == 0
+
+
+def test_an_unknown_path_is_404(client):
+    assert "/v1.0/event" in client.get("/v2/thing", status=404).json["detail"]
+
+
+def test_a_wrong_method_is_405_with_allow(client):
+    response = client.get("/v1.0/events", status=405)
+    assert response.headers["Allow"] == "POST"
+    assert client.post("/openapi.json", status=405).headers["Allow"] == "GET, HEAD"
+
+
+def test_a_database_that_cannot_be_written_answers_503_with_retry_after(tmp_path, settings):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, database=str(tmp_path / "events.db")))
+    app = pycolytics.Pycolytics(config)
+    client = webtest.TestApp(app)
+    post(client, "/v1.0/event", event())
+    with sqlite3.connect(config.database) as connection:
+        connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    response = post(client, "/v1.0/events", [event(), event()], status=503)
+    assert response.headers["Retry-After"]
+    assert "send them again" in response.json["detail"]
+    assert count(config.database) == 1
+    app.close()
+
+
+# -- Keys ------------------------------------------------------------------------------------------
+
+
+def test_any_configured_key_is_accepted(tmp_path, settings, database):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, api_keys="first-key, second-key"))
+    app = pycolytics.Pycolytics(config)
+    client = webtest.TestApp(app)
+    post(client, "/v1.0/events", [event(api_key="second-key"), event(api_key="first-key")])
+    post(client, "/v1.0/event", event(api_key=KEY), status=401)
+    assert count(database) == 2
+    app.close()
+
+
+def test_without_configured_keys_the_development_key_works_and_a_missing_key_counts_as_it(settings, database):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, api_keys=""))
+    assert config.dev_key_active
+    app = pycolytics.Pycolytics(config)
+    client = webtest.TestApp(app)
+    post(client, "/v1.0/event", event(api_key=pycolytics.DEV_KEY))
+    post(client, "/v1.0/event", event(api_key=...))
+    post(client, "/v1.0/event", event(api_key="anything-else"), status=401)
+    assert count(database) == 2
+    app.close()
+
+
+def test_keys_are_not_stored(client, database):
+    post(client, "/v1.0/event", event())
+    with open(database, "rb") as file:
+        assert KEY.encode() not in file.read()
+
+
+# -- Documentation -------------------------------------------------------------------------------
+
+
+def test_docs_page_is_self_contained_html(client):
+    page = client.get("/docs")
+    assert page.content_type == "text/html"
+    assert "/v1.0/events" in page.text and "422" in page.text
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", page.text)
+
+
+def test_openapi_describes_both_endpoints_and_the_limits(client):
+    document = client.get("/openapi.json").json
+    assert document["openapi"].startswith("3.")
+    assert set(document["paths"]) == {"/v1.0/event", "/v1.0/events"}
+    schema = document["components"]["schemas"]["Event"]
+    assert set(schema["required"]) == set(pycolytics.EVENT_FIELDS)
+    assert schema["properties"]["user_id"]["maxLength"] == 255
+    assert document["paths"]["/v1.0/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]["maxItems"] == 1000
+
+
+def test_index_points_to_the_docs(client):
+    assert client.get("/").json["docs"] == "/docs"
+
+
+# -- Storage ------------------------------------------------------------------------------------
+
+# The table and indexes exactly as the original Pycolytics (SQLModel) created them.
+ORIGINAL_SCHEMA = """
+CREATE TABLE event (
+    event_type VARCHAR NOT NULL, application VARCHAR NOT NULL, version VARCHAR NOT NULL,
+    platform VARCHAR NOT NULL, user_id VARCHAR NOT NULL, session_id VARCHAR NOT NULL,
+    value JSON NOT NULL, id INTEGER NOT NULL, time DATETIME NOT NULL, PRIMARY KEY (id)
+);
+CREATE INDEX ix_event_event_type ON event (event_type);
+CREATE INDEX ix_event_application ON event (application);
+CREATE INDEX ix_event_version ON event (version);
+CREATE INDEX ix_event_platform ON event (platform);
+CREATE INDEX ix_event_user_id ON event (user_id);
+INSERT INTO event VALUES ('old', 'my-game', '0.9', 'Linux', 'u', 's', '{"a": 1}', 1, '2024-05-01 12:00:00.000000');
+"""
+
+
+def test_a_database_made_by_the_original_opens_and_keeps_working(config, database):
+    with sqlite3.connect(database) as connection:
+        connection.executescript(ORIGINAL_SCHEMA)
+    app = pycolytics.create_app(config)
+    post(webtest.TestApp(app), "/v1.0/events", [event(event_type="new")])
+    app.close()
+    assert stored(database, "id, event_type") == [(1, "old"), (2, "new")]
+    with sqlite3.connect(database) as connection:
+        indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert indexes == {"ix_event_event_type", "ix_event_application", "ix_event_version", "ix_event_platform",
+                       "ix_event_user_id"}
+
+
+def test_a_new_database_has_the_original_columns_in_wal_mode(client, database):
+    post(client, "/v1.0/event", event())
+    with sqlite3.connect(database) as connection:
+        columns = [(row[1], row[2], row[3]) for row in connection.execute("PRAGMA table_info(event)")]
+        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+    assert columns == [
+        ("event_type", "VARCHAR", 1), ("application", "VARCHAR", 1), ("version", "VARCHAR", 1),
+        ("platform", "VARCHAR", 1), ("user_id", "VARCHAR", 1), ("session_id", "VARCHAR", 1),
+        ("value", "JSON", 1), ("id", "INTEGER", 1), ("time", "DATETIME", 1),
+    ]
+    assert mode == "wal"
+
+
+def test_a_file_that_is_not_a_pycolytics_database_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE event (name TEXT)")
+    with pytest.raises(sqlite3.DatabaseError, match="lacks the columns"):
+        pycolytics.connect(str(path))
+
+
+def test_synchronous_setting_reaches_sqlite(tmp_path):
+    connection = pycolytics.connect(str(tmp_path / "a.db"), "normal")
+    assert connection.execute("PRAGMA synchronous").fetchone()[0] == 1
+    connection.close()
+    connection = pycolytics.connect(str(tmp_path / "b.db"))
+    assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2
+    connection.close()
+
+
+def test_concurrent_requests_in_threads_are_all_stored(app, database):
+    def send(n):
+        statuses = []
+        for i in range(20):
+            environ = webtest.TestRequest.blank(
+                "/v1.0/events", method="POST", body=body([event(event_type=f"t{n}", user_id=str(i))] * 5)
+            ).environ
+            app(environ, lambda status, headers: statuses.append(status))
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        statuses = [status for result in pool.map(send, range(16)) for status in result]
+    assert statuses == ["204 No Content"] * 320
+    assert count(database) == 1600
+
+
+# -- Configuration --------------------------------------------------------------------------------
+
+
+def test_defaults_listen_on_localhost_8000(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = pycolytics.load_config(environ={})
+    assert (config.host, config.port, config.database, config.synchronous) == ("127.0.0.1", 8000, "pycolytics.db", "full")
+    assert config.dev_key_active
+
+
+def test_precedence_is_command_line_then_environment_then_ini_then_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pycolytics.ini").write_text("[pycolytics]\nport = 8100\nhost = 0.0.0.0\ndatabase = ini.db\n")
+    environ = {"PYCOLYTICS_PORT": "8200", "PYCOLYTICS_DATABASE": "env.db"}
+    config = pycolytics.load_config(environ=environ, overrides={"port": "8300"})
+    assert (config.port, config.database, config.host, config.synchronous) == (8300, "env.db", "0.0.0.0", "full")
+
+
+def test_pycolytics_config_names_the_ini_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere.ini").write_text("[pycolytics]\napi_keys =\n    one\n    two, three\n")
+    config = pycolytics.load_config(environ={"PYCOLYTICS_CONFIG": str(tmp_path / "elsewhere.ini")})
+    assert config.api_keys == ("one", "two", "three")
+
+
+def test_the_originals_environment_variables_are_honoured(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    environ = {"SQLITE_FILE_PATH": "databases/database.db", "API_KEYS": '["k1", "k2"]'}
+    config = pycolytics.load_config(environ=environ)
+    assert (config.database, config.api_keys) == ("databases/database.db", ("k1", "k2"))
+    assert pycolytics.load_config(environ={"SQLITE_FILE_NAME": "old.db"}).database == "old.db"
+    newer = pycolytics.load_config(environ=dict(environ, PYCOLYTICS_API_KEYS="k3"))
+    assert newer.api_keys == ("k3",)
+
+
+def test_the_originals_dotenv_file_is_read_and_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(
+        '# Name of the database file\nSQLITE_FILE_PATH="databases/database.db"\n'
+        'API_KEYS=["from-dotenv"]\nRATE_LIMIT="60/minute"\n'
+    )
+    assert pycolytics.load_config(environ={}).api_keys == ("from-dotenv",)
+    assert pycolytics.load_config(environ={}).database == "databases/database.db"
+    assert pycolytics.load_config(environ={"API_KEYS": '["from-env"]'}).api_keys == ("from-env",)
+
+
+@pytest.mark.parametrize("ini, environ, words", [
+    ("[pycolytics]\nprot = 80\n", {}, ["unknown key 'prot'"]),
+    ("[pycolytics]\nport = eighty\n", {}, ["port = 'eighty' is not valid"]),
+    ("[pycolytics]\nport = 70000\n", {}, ["port", "0 to 65535"]),
+    ("[pycolytics]\nsynchronous = sometimes\n", {}, ["synchronous", "full, normal"]),
+    ("[pycolytics]\nthreads = 0\n", {}, ["threads", "at least 1"]),
+    ("[server]\nport = 80\n", {}, ["unknown section [server]"]),
+    ("port = 80\n", {}, ["cannot read"]),
+    ("", {"PYCOLYTICS_PORTT": "1"}, ["PYCOLYTICS_PORTT"]),
+    ("", {"API_KEYS": "k1,k2"}, ["API_KEYS must be a JSON list"]),
+    ("", {"PYCOLYTICS_IDLE_TIMEOUT": "-1"}, ["idle_timeout", "PYCOLYTICS_IDLE_TIMEOUT"]),
+])
+def test_a_bad_configuration_is_refused_with_a_message_naming_it(tmp_path, monkeypatch, ini, environ, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pycolytics.ini").write_text(ini)
+    with pytest.raises(pycolytics.ConfigError) as error:
+        pycolytics.load_config(environ=environ)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_a_missing_config_file_is_refused(tmp_path):
+    with pytest.raises(pycolytics.ConfigError, match="cannot read"):
+        pycolytics.load_config(str(tmp_path / "absent.ini"), environ={})
+
+
+def test_the_shipped_ini_documents_every_key_with_its_default():
+    import configparser
+    parser = configparser.ConfigParser(interpolation=None)
+    with open(os.path.join(HERE, "pycolytics.ini"), encoding="utf-8") as file:
+        text = file.read()
+    parser.read_string(text)
+    documented = dict(parser.items("pycolytics"))
+    for name, default in pycolytics.DEFAULTS.items():
+        if name in documented:
+            assert documented[name] == default, name
+        else:
+            assert re.search(rf"^# ?{name} = {re.escape(default)}$", text, re.M), name
+
+
+# -- The WSGI callable ----------------------------------------------------------------------------
+
+
+def test_the_module_application_reads_its_config_from_the_environment(tmp_path, monkeypatch, database):
+    (tmp_path / "deploy.ini").write_text(f"[pycolytics]\ndatabase = {database}\napi_keys = {KEY}\n")
+    monkeypatch.setenv("PYCOLYTICS_CONFIG", str(tmp_path / "deploy.ini"))
+    wsgi = pycolytics._LazyApplication()
+    try:
+        post(webtest.TestApp(wsgi), "/v1.0/event", event())
+    finally:
+        wsgi._app.close()
+    assert count(database) == 1
+
+
+def test_importing_the_module_opens_and_reads_nothing(tmp_path):
+    script = "import pycolytics, threading, sys; print(threading.active_count(), 'sqlite3' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=HERE),
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split()[0] == "1"
+    assert os.listdir(tmp_path) == []
+
+
+# -- The built-in server, over real sockets --------------------------------------------------------
+
+
+@pytest.fixture
+def server(config, app):
+    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    yield server
+    server.shutdown()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def exchange(server, raw, read_until_close=True):
+    with socket.create_connection(server.server_address, timeout=10) as sock:
+        sock.sendall(raw)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+            if not read_until_close and b"\r\n\r\n" in b"".join(chunks):
+                break
+        return b"".join(chunks)
+
+
+def test_the_godot_addons_request_byte_for_byte_is_stored(server, database):
+    payload = ("[" + GODOT_EVENT + "," + GODOT_QUIRKS + "]").encode()
+    host, port = server.server_address
+    raw = (
+        f"POST /v1.0/events HTTP/1.1\r\nAccept-Encoding: gzip, deflate\r\nHost: {host}:{port}\r\n"
+        f"Content-Length: {len(payload)}\r\nUser-Agent: GodotEngine/4.3.stable.official.77dcf97d8 (Linux)\r\n"
+        "Accept: */*\r\nConnection: close\r\n\r\n"
+    ).encode() + payload
+    answer = exchange(server, raw)
+    assert answer.startswith(b"HTTP/1.1 204 No Content\r\n")
+    assert [row[0] for row in stored(database)] == ["startup", "death"]
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server, database):
+    connection = http.client.HTTPConnection(*server.server_address, timeout=10)
+    for n in range(20):
+        connection.request("POST", "/v1.0/event", body(event(event_type=f"k{n}")), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (204, b"")
+    connection.request("POST", "/v1.0/event", b"{", {})
+    response = connection.getresponse()
+    assert response.status == 400 and "not valid JSON" in json.loads(response.read())["detail"]
+    connection.close()
+    assert count(database) == 20
+
+
+def test_http_1_0_clients_are_served_and_closed(server, database):
+    payload = body(event())
+    answer = exchange(server, b"POST /v1.0/event HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    assert answer.startswith(b"HTTP/1.1 204") and b"Connection: close" in answer
+    assert count(database) == 1
+
+
+def test_pipelined_requests_are_answered_in_order(server, database):
+    one = body(event(event_type="p1"))
+    two = body(event(event_type="p2"))
+    raw = (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one)
+           + b"POST /v1.0/event HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(two), two))
+    answer = exchange(server, raw)
+    assert answer.count(b"HTTP/1.1 204") == 2
+    assert [row[0] for row in stored(database)] == ["p1", "p2"]
+
+
+def test_expect_100_continue_is_honoured(server, database):
+    payload = body(event())
+    with socket.create_connection(server.server_address, timeout=10) as sock:
+        sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(payload))
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(payload)
+        assert sock.recv(1000).startswith(b"HTTP/1.1 204")
+    assert count(database) == 1
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{", b"413"),
+    (b"POST /v1.0/event HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"411"),
+    (b"POST /v1.0/event HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", b"400"),
+    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", b"400"),
+    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", b"414"),
+    (b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"b" * 9000 + b"\r\n\r\n", b"431"),
+    (b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", b"431"),
+    (b"GET / HTTP/2.0\r\n\r\n", b"505"),
+    (b"NONSENSE\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+], ids=lambda value: value[:24].decode("latin-1") if isinstance(value, bytes) else None)
+def test_bad_framing_is_refused_and_the_server_keeps_serving(server, database, raw, status):
+    answer = exchange(server, raw)
+    assert answer.split(b" ")[1] == status
+    assert b'"detail"' in answer
+    follow_up = body(event())
+    good = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(follow_up), follow_up))
+    assert good.startswith(b"HTTP/1.1 204")
+    assert count(database) == 1
+
+
+def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
+    def client(n):
+        connection = http.client.HTTPConnection(*server.server_address, timeout=30)
+        statuses = []
+        for i in range(25):
+            connection.request("POST", "/v1.0/events", body([event(user_id=f"{n}-{i}-{k}") for k in range(4)]))
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        connection.close()
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        statuses = [status for result in pool.map(client, range(24)) for status in result]
+    assert statuses == [204] * 600
+    assert count(database) == 2400
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT count(DISTINCT user_id) FROM event").fetchone()[0] == 2400
+
+
+def test_idle_connections_do_not_block_other_clients(tmp_path, settings):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, threads=2, idle_timeout=1, request_timeout=1))
+    app = pycolytics.Pycolytics(config)
+    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        silent = [socket.create_connection(server.server_address) for _ in range(50)]
+        for sock in silent[:25]:
+            sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # and never the rest
+        payload = body(event())
+        answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(payload), payload))
+        assert answer.startswith(b"HTTP/1.1 204")
+        silent[0].settimeout(5)
+        assert b"408" in silent[0].recv(1000)  # the dawdler is told and closed
+        for sock in silent:
+            sock.close()
+    finally:
+        server.shutdown()
+        thread.join(10)
+        app.close()
+    assert count(config.database) == 1
+
+
+# -- The command line and signals ---------------------------------------------------------------
+
+
+def start_server(tmp_path, *arguments, environ=None):
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0", *arguments],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=environ or dict(os.environ),
+    )
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        found = re.search(r"listening on http://([\d.]+):(\d+) \(database: (.*)\)", line)
+        if found:
+            return process, (found.group(1), int(found.group(2))), found.group(3), lines
+    process.wait(10)
+    raise AssertionError("the server did not start:\n" + "".join(lines))
+
+
+def test_the_readme_start_command_works_with_defaults(tmp_path):
+    process, address, path, lines = start_server(tmp_path)
+    try:
+        assert path == str(tmp_path / "pycolytics.db")
+        assert any("development key" in line for line in lines)
+        connection = http.client.HTTPConnection(*address, timeout=10)
+        connection.request("POST", "/v1.0/event", body(event(api_key=pycolytics.DEV_KEY)))
+        assert connection.getresponse().status == 204
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    assert count(path) == 1
+
+
+def test_sigterm_finishes_acknowledged_requests_and_exits_0(tmp_path):
+    process, address, path, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
+    acknowledged = []
+    stop = threading.Event()
+
+    def client(n):
+        i = 0
+        while not stop.is_set():
+            try:
+                connection = http.client.HTTPConnection(*address, timeout=10)
+                connection.request("POST", "/v1.0/events", body([event(user_id=f"{n}-{i}", api_key=pycolytics.DEV_KEY)] * 3))
+                if connection.getresponse().status == 204:
+                    acknowledged.append(3)
+                connection.close()
+            except OSError:
+                return
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    stop.set()
+    for thread in threads:
+        thread.join(15)
+    assert sum(acknowledged) > 0
+    assert count(path) >= sum(acknowledged)
+    assert count(path) % 3 == 0  # batches are whole
+
+
+def test_two_server_processes_share_one_database_without_errors(tmp_path):
+    one = start_server(tmp_path, "--quiet", "--database", "shared.db")
+    two = start_server(tmp_path, "--quiet", "--database", "shared.db")
+    try:
+        def client(n):
+            address = (one if n % 2 else two)[1]
+            connection = http.client.HTTPConnection(*address, timeout=60)
+            statuses = []
+            for i in range(20):
+                connection.request("POST", "/v1.0/events", body([event(user_id=f"{n}-{i}", api_key=pycolytics.DEV_KEY)] * 5))
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+            return statuses
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = [status for result in pool.map(client, range(16)) for status in result]
+    finally:
+        for process, *_ in (one, two):
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+    assert statuses == [204] * 320
+    assert count(str(tmp_path / "shared.db")) == 1600
+
+
+def test_help_explains_the_options():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), "--help"],
+                            capture_output=True, text=True, check=True)
+    for word in ("--config", "--host", "--port", "PYCOLYTICS_", "pycolytics.ini"):
+        assert word in result.stdout
+
+
+def test_a_bad_configuration_stops_start_up_with_exit_2(tmp_path):
+    (tmp_path / "pycolytics.ini").write_text("[pycolytics]\nport = x\n")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert "port = 'x' is not valid" in result.stderr
