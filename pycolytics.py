@@ -65,8 +65,8 @@ MAX_HEAD_BYTES = 64 * 1024
 # How long a refused connection is drained before it is closed; see Server._refuse.
 LINGER_SECONDS = 2
 
-# How many bytes one recv() asks for: a whole default-sized batch usually arrives in one call.
-RECV_BYTES = 256 * 1024
+# How many bytes one recv() asks for; larger buffers would cost an mmap() per call.
+RECV_BYTES = 64 * 1024
 
 # Every ini key with its default. pycolytics.ini documents each of them.
 DEFAULTS = {
@@ -630,25 +630,14 @@ def connect(path, synchronous="full", busy_timeout=30.0):
     return connection
 
 
-class _Commit:
-    """Rows of one request waiting for the writer; `done` is released once they are committed."""
-
-    __slots__ = ("rows", "done", "error")
-
-    def __init__(self, rows):
-        self.rows = rows
-        self.error = None
-        self.done = threading.Lock()
-        self.done.acquire()
-
-
 class Writer:
     """The one thread that writes: commits the rows of many requests in one transaction.
 
-    A request hands its rows over and waits; the writer takes everything queued, commits it
-    with one fsync, then releases every waiting request. While it commits, the next group
-    gathers, so under load one fsync serves many requests. The queue is bounded: when it is
-    full, requests are refused with 503 and Retry-After rather than held in memory.
+    Requests hand their rows over with a function to call once they are committed. The
+    writer takes everything queued, commits it with one fsync, calls every function, and
+    meanwhile the next group gathers: under load, one fsync serves many requests. The queue
+    is bounded: when it is full, requests are refused with 503 and Retry-After rather than
+    held in memory.
     """
 
     def __init__(self, config):
@@ -659,7 +648,7 @@ class Writer:
         self._queued_rows = 0
         self._closed = False
         self._thread = None
-        # How long a request waits for its commit before answering 503: beyond any busy wait.
+        # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
 
     def start(self):
@@ -671,21 +660,32 @@ class Writer:
                 self._thread.daemon = True
                 self._thread.start()
 
-    def write(self, rows):
-        """Return once `rows` are committed; raise ServiceUnavailable if they cannot be."""
-        commit = _Commit(rows)
+    def submit(self, rows, committed):
+        """Queue `rows`; the writer thread calls committed(error) once they are stored (error None) or not."""
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the server is shutting down; send the events again shortly", 5)
             if self._queued_rows and self._queued_rows + len(rows) > self.config.max_pending_events:
                 raise ServiceUnavailable("the server is busy writing other events; send these again shortly")
-            self._queue.append(commit)
+            self._queue.append((rows, committed))
             self._queued_rows += len(rows)
             self._wakeup.notify()
-        if not commit.done.acquire(timeout=self._patience):
+
+    def write(self, rows):
+        """Return once `rows` are committed; raise ServiceUnavailable if they cannot be."""
+        done = threading.Lock()
+        done.acquire()
+        outcome = []
+
+        def committed(error):
+            outcome.append(error)
+            done.release()
+
+        self.submit(rows, committed)
+        if not done.acquire(timeout=self._patience):
             raise ServiceUnavailable("the database did not answer in time; send the events again shortly", 5)
-        if commit.error is not None:
-            raise ServiceUnavailable(f"the events could not be stored ({commit.error}); send them again shortly", 5)
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def close(self):
         """Commit everything queued, then stop the thread and close the database."""
@@ -705,26 +705,25 @@ class Writer:
                     if not self._queue:
                         return
                     group, self._queue, self._queued_rows = self._queue, [], 0
-                self._commit(connection, group)
+                error = self._commit(connection, group)
+                for _, committed in group:
+                    committed(error)
         finally:
             connection.close()
 
     def _commit(self, connection, group):
-        error = None
         try:
             connection.execute("BEGIN IMMEDIATE")
             try:
-                connection.executemany(INSERT, itertools.chain.from_iterable(commit.rows for commit in group))
+                connection.executemany(INSERT, itertools.chain.from_iterable(rows for rows, _ in group))
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
         except Exception as failure:  # the database is full, gone or locked for too long
-            log.error("could not store %d events: %s", sum(len(commit.rows) for commit in group), failure)
-            error = failure
-        for commit in group:
-            commit.error = error
-            commit.done.release()
+            log.error("could not store %d events: %s", sum(len(rows) for rows, _ in group), failure)
+            return ServiceUnavailable(f"the events could not be stored ({failure}); send them again shortly", 5)
+        return None
 
 
 ###############################################################################
@@ -736,8 +735,6 @@ JSON_TYPE = ("Content-Type", "application/json")
 
 def read_body(environ, limit):
     """The request body, at most `limit` bytes; never reads more than limit + 1."""
-    if environ.get("HTTP_CONTENT_ENCODING", "identity").lower() != "identity":
-        raise UnsupportedMediaType("Content-Encoding is not supported: send the body uncompressed")
     length = environ.get("CONTENT_LENGTH") or ""
     stream = environ["wsgi.input"]
     if length:
@@ -816,12 +813,17 @@ class Pycolytics:
 
     def _ingest(self, environ, batch):
         body = read_body(environ, self.config.max_body_bytes)
-        document = parse_json(body)
-        rows = self.validator.rows(document, batch, body, utc_now())
+        rows = self.ingest(body, batch, environ.get("HTTP_CONTENT_ENCODING"))
         if rows:
             self.writer.start()
             self.writer.write(rows)
         return "204 No Content", [], b""
+
+    def ingest(self, body, batch, encoding=None):
+        """The rows to store for a request body to /v1.0/events (batch) or /v1.0/event; raises HTTPError."""
+        if encoding and encoding.lower() != "identity":
+            raise UnsupportedMediaType("Content-Encoding is not supported: send the body uncompressed")
+        return self.validator.rows(parse_json(body), batch, body, utc_now())
 
     def get_docs(self, environ):
         return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(self._docs)))], self._docs
@@ -973,16 +975,23 @@ class _Request:
 
 
 class _Connection:
-    __slots__ = ("sock", "peer", "buffer", "deadline", "request", "body_start", "continued", "lingering")
+    """One client connection, owned by the server's event loop."""
+
+    __slots__ = ("sock", "peer", "buffer", "deadline", "request", "body_start", "continued",
+                 "busy", "keep_alive", "outbox", "writing", "lingering")
 
     def __init__(self, sock, peer, deadline):
         self.sock = sock
         self.peer = peer
         self.buffer = bytearray()
-        self.deadline = deadline
-        self.request = None
+        self.deadline = deadline  # when the loop gives up on it; None while its request is answered
+        self.request = None  # a request whose head has arrived and whose body has not, yet
         self.body_start = 0
         self.continued = False
+        self.busy = False  # a whole request is being answered
+        self.keep_alive = True
+        self.outbox = b""
+        self.writing = False
         self.lingering = False
 
 
@@ -1030,12 +1039,14 @@ def _parse_head(head):
     return request
 
 
-def _error_response(error, keep_alive=False):
+def _error_parts(error):
+    """(status, headers, body) of the JSON answer to an HTTPError."""
     body = json.dumps({"detail": error.detail}).encode()
-    head = [f"HTTP/1.1 {error.status}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
-    head += [f"{name}: {value}" for name, value in error.headers]
-    head.append("Connection: keep-alive" if keep_alive else "Connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    return error.status, [JSON_TYPE, ("Content-Length", str(len(body)))] + error.headers, body
+
+
+_INTERNAL_ERROR = ("500 Internal Server Error", [JSON_TYPE], b'{"detail":"internal server error"}')
+_NO_CONTENT = ("204 No Content", [], b"")
 
 
 class _HTTPDate:
@@ -1056,11 +1067,14 @@ class _HTTPDate:
 class Server:
     """An HTTP/1.1 server for one WSGI application, from the standard library only.
 
-    One thread (the caller of serve_forever) owns every socket that is waiting for a
-    request: it reads without blocking until a request is whole, so clients that are slow,
-    idle or silent cost a buffer each and never a thread. Whole requests go to a fixed pool
-    of worker threads that run the application and write the answer; a kept-alive connection
-    then goes back to the reading thread. Connections, threads and buffers are all bounded.
+    One thread, the event loop (the caller of serve_forever), owns every socket: it reads
+    without blocking until a request is whole, so slow, idle and silent clients cost a
+    buffer each and never a thread, and it writes every answer. Events posted to Pycolytics
+    are validated right in the loop, and the rows of all requests that arrived together go
+    to the writer as one group; when the writer has committed them, the loop answers them
+    all. Nothing else switches threads on that path, which is what makes it fast under the
+    GIL. Any other request runs the WSGI application in a bounded pool of worker threads.
+    Connections, threads and buffers are all bounded.
     """
 
     def __init__(self, app, config, host=None, port=None):
@@ -1072,13 +1086,17 @@ class Server:
         self.listener = socket.create_server((host, port), family=family, backlog=1024)
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()[:2]
+        self._ingest_paths = {"/v1.0/event": False, "/v1.0/events": True} if isinstance(app, Pycolytics) else {}
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self._jobs = queue.SimpleQueue()
-        self._returned = collections.deque()
+        self._finished = collections.deque()  # (connection, request, status, headers, body) to send
+        self._group = []  # rows of the requests read in this turn of the loop
+        self._group_members = []  # and their (connection, request)
         self._connections = {}
+        self._busy = 0
         self._listening = False
         self._stopping = False
         self._date = _HTTPDate()
@@ -1090,22 +1108,22 @@ class Server:
         host, port = self.server_address
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
-    # -- control, from any thread ---------------------------------------------------------
-
     def shutdown(self, *_signal_args):
-        """Stop accepting; serve_forever then finishes the requests it has and returns."""
+        """Stop accepting; serve_forever answers what it has read, then returns. Any thread."""
         self._stopping = True
         self._wake()
 
     def _wake(self):
         try:
             self._wake_writer.send(b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass  # a wake-up is already pending, or the server is closed
 
-    # -- the reading thread -----------------------------------------------------------------
+    # -- the event loop ----------------------------------------------------------------------
 
     def serve_forever(self):
+        if self._ingest_paths:
+            self.app.writer.start()
         self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}") for n in range(self.config.threads)]
         for worker in self._workers:
             worker.daemon = True
@@ -1113,21 +1131,31 @@ class Server:
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._listen(True)
         next_sweep = time.monotonic() + 1
+        drain_by = None
         try:
-            while not self._stopping:
-                for key, _ in self._selector.select(timeout=1.0):
+            while True:
+                for key, events in self._selector.select(timeout=1.0):
                     if key.data is None:
-                        self._take_returned()
+                        self._take_finished()
                     elif key.data is self.listener:
                         self._accept()
+                    elif events & selectors.EVENT_WRITE:
+                        self._flush(key.data)
                     else:
                         self._read(key.data)
+                self._submit_group()
                 now = time.monotonic()
+                if self._stopping:
+                    if drain_by is None:
+                        drain_by = now + self.config.request_timeout + self.config.busy_timeout
+                        self._stop_reading()
+                    if not self._busy or now > drain_by:
+                        return
                 if now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + 1
         finally:
-            self._drain()
+            self._close_everything()
 
     def _listen(self, on):
         if on and not self._listening:
@@ -1151,7 +1179,7 @@ class Server:
             connection = _Connection(sock, peer[0], deadline)
             self._connections[sock] = connection
             self._selector.register(sock, selectors.EVENT_READ, connection)
-        self._listen(False)  # full: the backlog holds newcomers until a connection closes
+        self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
 
     def _read(self, connection):
         try:
@@ -1162,24 +1190,29 @@ class Server:
             data = b""
         if not data:
             self._close(connection)
-            return
-        if connection.lingering:
-            return
-        if not connection.buffer and connection.request is None:
-            connection.deadline = time.monotonic() + self.config.request_timeout
-        connection.buffer += data
-        self._advance(connection)
+        elif not connection.lingering:
+            if not connection.buffer and connection.request is None:
+                connection.deadline = time.monotonic() + self.config.request_timeout
+            connection.buffer += data
+            self._advance(connection)
 
     def _advance(self, connection):
-        """Hand the connection to a worker if it holds a whole request; answer bad framing at once."""
+        """Start answering the connection's next request if it is whole; refuse bad framing at once."""
         try:
             request = self._whole_request(connection)
         except HTTPError as error:
             self._refuse(connection, error)
             return
-        if request is not None:
-            self._selector.unregister(connection.sock)
-            connection.deadline = None
+        if request is None:
+            return
+        self._selector.unregister(connection.sock)  # nothing more is read until this is answered
+        connection.busy = True
+        connection.deadline = None
+        self._busy += 1
+        batch = self._ingest_paths.get(request.target)
+        if batch is not None and request.method == "POST":
+            self._ingest(connection, request, batch)
+        else:
             self._jobs.put((connection, request))
 
     def _whole_request(self, connection):
@@ -1212,7 +1245,7 @@ class Server:
         if len(buffer) < end:
             if not connection.continued and request.headers.get("expect", "").lower() == "100-continue":
                 connection.continued = True
-                self._send_quietly(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
+                self._send_now(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
         request.body = bytes(buffer[connection.body_start:end])
         del buffer[:end]
@@ -1220,37 +1253,100 @@ class Server:
         connection.continued = False
         return request
 
-    def _send_quietly(self, connection, data):
+    def _ingest(self, connection, request, batch):
         try:
-            connection.sock.send(data)
-        except OSError:
-            pass  # the client is gone or not reading; it is closed next anyway
+            rows = self.app.ingest(request.body, batch, request.headers.get("content-encoding"))
+        except HTTPError as error:
+            self._answer(connection, request, *_error_parts(error))
+        except Exception:
+            log.exception("error while answering %s", request.line)
+            self._answer(connection, request, *_INTERNAL_ERROR)
+        else:
+            if rows:
+                self._group.extend(rows)
+                self._group_members.append((connection, request))
+            else:
+                self._answer(connection, request, *_NO_CONTENT)
 
-    def _take_returned(self):
+    def _submit_group(self):
+        """Hand the rows read in this turn of the loop to the writer, to be committed together."""
+        if not self._group_members:
+            return
+        members = self._group_members
+        try:
+            self.app.writer.submit(self._group, lambda error: self._committed(members, error))
+        except HTTPError as error:
+            for connection, request in members:
+                self._answer(connection, request, *_error_parts(error))
+        self._group, self._group_members = [], []
+
+    def _committed(self, members, error):
+        """Called by the writer thread: queue the answers for the loop, and wake it."""
+        answer = _NO_CONTENT if error is None else _error_parts(error)
+        self._finished.extend((connection, request) + answer for connection, request in members)
+        self._wake()
+
+    def _take_finished(self):
         try:
             while self._wake_reader.recv(4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
-        now = time.monotonic()
-        while self._returned:
-            connection, keep_alive = self._returned.popleft()
-            if not keep_alive or self._stopping:
-                self._close(connection)
-                continue
-            connection.deadline = now + self.config.idle_timeout
-            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
-            if connection.buffer:  # a pipelined request arrived with the previous one
-                self._advance(connection)
+        while self._finished:
+            self._answer(*self._finished.popleft())
 
-    def _sweep(self, now):
-        """Close connections that idled or dawdled past their deadline."""
-        for connection in list(self._connections.values()):
-            if connection.deadline is not None and connection.deadline < now:
-                if not connection.lingering and (connection.buffer or connection.request is not None):
-                    self._refuse(connection, RequestTimeout("the request took too long to arrive"))
-                else:
-                    self._close(connection)
+    def _answer(self, connection, request, status, headers, body):
+        if not connection.busy:
+            return  # closed while it was answered (the drain gave up on it)
+        connection.keep_alive = keep_alive = request.keep_alive and not self._stopping
+        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}", f"Server: pycolytics/{__version__}"]
+        head += [f"{name}: {value}" for name, value in headers]
+        if status[0] != "1" and status[:3] not in ("204", "304") and not any(
+            name.lower() == "content-length" for name, _ in headers
+        ):
+            head.append(f"Content-Length: {len(body)}")
+        head.append("Connection: keep-alive" if keep_alive else "Connection: close")
+        if self._log_requests:
+            self._log(connection, request, status, len(body))
+        if request.method == "HEAD":
+            body = b""
+        connection.outbox = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        self._flush(connection)
+
+    def _flush(self, connection):
+        """Send what the connection's answer still has to send; then read its next request, or close."""
+        try:
+            sent = connection.sock.send(connection.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(connection)
+            return
+        connection.outbox = connection.outbox[sent:]
+        if connection.outbox:
+            if not connection.writing:  # the client reads slowly: wait until it can take more
+                connection.writing = True
+                connection.deadline = time.monotonic() + self.config.request_timeout
+                self._selector.register(connection.sock, selectors.EVENT_WRITE, connection)
+            return
+        if connection.writing:
+            connection.writing = False
+            self._selector.unregister(connection.sock)
+        connection.busy = False
+        self._busy -= 1
+        if not connection.keep_alive:
+            self._close(connection)
+            return
+        connection.deadline = time.monotonic() + self.config.idle_timeout
+        self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+        if connection.buffer:  # a pipelined request arrived with the previous one
+            self._advance(connection)
+
+    def _send_now(self, connection, data):
+        try:
+            connection.sock.send(data)
+        except OSError:
+            pass  # the client is gone or not reading; the loop notices soon enough
 
     def _refuse(self, connection, error):
         """Answer a request that will not be read, then close without resetting the answer away.
@@ -1259,8 +1355,10 @@ class Server:
         answer before the client reads it; so shut down our side and discard what still comes
         for a moment (a "lingering close", as Apache and nginx do).
         """
+        status, headers, body = _error_parts(error)
+        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
         try:
-            connection.sock.send(_error_response(error))
+            connection.sock.send(("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body)
             connection.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(connection)
@@ -1270,35 +1368,51 @@ class Server:
         connection.request = None
         connection.deadline = time.monotonic() + LINGER_SECONDS
 
-    def _close(self, connection):
-        if self._connections.pop(connection.sock, None) is not None:
-            try:
-                self._selector.unregister(connection.sock)
-            except (KeyError, ValueError):
-                pass  # a worker had it, so it was not registered
-            connection.sock.close()
-            if not self._stopping:
-                self._listen(True)
-
-    def _drain(self):
-        """After a stop: refuse newcomers, finish every whole request, then close everything."""
-        self._listen(False)
-        self.listener.close()
+    def _sweep(self, now):
+        """Close connections that idled, dawdled or lingered past their deadline."""
         for connection in list(self._connections.values()):
-            if connection.deadline is not None:  # waiting for a request, not being answered
+            if connection.deadline is not None and connection.deadline < now:
+                if connection.lingering or connection.writing:
+                    self._close(connection)
+                elif connection.buffer or connection.request is not None:
+                    self._refuse(connection, RequestTimeout("the request took too long to arrive"))
+                else:
+                    self._close(connection)
+
+    def _close(self, connection):
+        if self._connections.pop(connection.sock, None) is None:
+            return
+        if connection.busy:
+            connection.busy = False
+            self._busy -= 1
+        try:
+            self._selector.unregister(connection.sock)
+        except (KeyError, ValueError):
+            pass  # it was not registered: its request was being answered
+        connection.sock.close()
+        if not self._stopping:
+            self._listen(True)
+
+    def _stop_reading(self):
+        """The start of a stop: no new connections, and none that has not sent a whole request."""
+        self._listen(False)
+        for connection in list(self._connections.values()):
+            if not connection.busy:
                 self._close(connection)
+
+    def _close_everything(self):
         for _ in self._workers:
             self._jobs.put(None)
         for worker in self._workers:
-            worker.join()
+            worker.join(self.config.request_timeout)
         for connection in list(self._connections.values()):
             self._close(connection)
-        self._returned.clear()
+        self.listener.close()
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
 
-    # -- the workers ---------------------------------------------------------------------------
+    # -- the worker threads, for everything but posted events ------------------------------
 
     def _work(self):
         while True:
@@ -1307,49 +1421,26 @@ class Server:
                 return
             connection, request = job
             try:
-                keep_alive = self._answer(connection, request)
+                answer = self._call_application(connection, request)
             except Exception:
                 log.exception("error while answering %s", request.line)
-                keep_alive = False
-            self._returned.append((connection, keep_alive))
+                answer = _INTERNAL_ERROR
+            self._finished.append((connection, request) + answer)
             self._wake()
 
-    def _answer(self, connection, request):
-        """Run the application for one request and write its answer; True to keep the connection."""
-        environ = self._environ(connection, request)
+    def _call_application(self, connection, request):
         answer = []
 
         def start_response(status, headers, exc_info=None):
             answer[:] = [status, headers]
 
-        chunks = self.app(environ, start_response)
+        chunks = self.app(self._environ(connection, request), start_response)
         try:
             body = b"".join(chunks)
         finally:
             if hasattr(chunks, "close"):
                 chunks.close()
-        status, headers = answer
-        keep_alive = request.keep_alive and not self._stopping
-        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}", f"Server: pycolytics/{__version__}"]
-        head += [f"{name}: {value}" for name, value in headers]
-        if not status.startswith(("204", "304")) and not any(name.lower() == "content-length" for name, _ in headers):
-            head.append(f"Content-Length: {len(body)}")
-        if not keep_alive:
-            head.append("Connection: close")
-        elif request.version == "HTTP/1.0":
-            head.append("Connection: keep-alive")
-        if request.method == "HEAD":
-            body = b""
-        connection.sock.settimeout(self.config.request_timeout)
-        try:
-            connection.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        except OSError:
-            return False  # the client went away: nothing to tell it
-        finally:
-            connection.sock.setblocking(False)
-        if self._log_requests:
-            self._log(connection, request, status, len(body))
-        return keep_alive
+        return answer[0], answer[1], body
 
     def _environ(self, connection, request):
         path, _, query = request.target.partition("?")
