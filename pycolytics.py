@@ -21,6 +21,7 @@ import argparse
 import collections
 import configparser
 import datetime
+import functools
 import io
 import itertools
 import json
@@ -70,6 +71,14 @@ LINGER_SECONDS = 2
 # How many bytes one recv() asks for; larger buffers would cost an mmap() per call.
 RECV_BYTES = 64 * 1024
 
+# Client addresses the rate limiter remembers at most: about 100 bytes each, so a flood of
+# addresses costs a few MB before the limiter forgets them all and starts counting afresh.
+MAX_TRACKED_CLIENTS = 50_000
+
+# Digits in one integer of a request body at most. Python 3.11+ refuses to convert longer
+# ones (a quadratic-time conversion); older Pythons would spend seconds on one number.
+MAX_INTEGER_DIGITS = 4300
+
 # Every ini key with its default. pycolytics.ini documents each of them.
 DEFAULTS = {
     "database": "pycolytics.db",
@@ -89,6 +98,8 @@ DEFAULTS = {
     "max_value_depth": "32",
     "max_pending_events": "100000",
     "busy_timeout": "30",
+    "rate_limit": "off",
+    "trusted_proxies": "127.0.0.1, ::1",
 }
 
 ###############################################################################
@@ -141,6 +152,13 @@ class UnsupportedMediaType(HTTPError):
 
 class UnprocessableEntity(HTTPError):
     status = "422 Unprocessable Entity"
+
+
+class TooManyRequests(HTTPError):
+    status = "429 Too Many Requests"
+
+    def __init__(self, detail, retry_after):
+        super().__init__(detail, [("Retry-After", str(retry_after))])
 
 
 class HeaderFieldsTooLarge(HTTPError):
@@ -216,6 +234,24 @@ def _synchronous(value):
     return word
 
 
+def _addresses(value):
+    return frozenset(_keys(value))
+
+
+_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def _rate(value):
+    """None for "off", else (requests, seconds) from "60/minute" or "60 per minute"."""
+    text = value.strip().lower()
+    if text in ("off", "none", "no", ""):
+        return None
+    found = re.fullmatch(r"(\d+)\s*(?:/|per)\s*(second|minute|hour|day)s?", text)
+    if not found or int(found.group(1)) < 1:
+        raise ValueError("must be off, or a number of requests per second, minute, hour or day, like 60/minute")
+    return int(found.group(1)), _PERIODS[found.group(2)]
+
+
 _PARSERS = {
     "database": _text,
     "api_keys": _keys,
@@ -234,6 +270,8 @@ _PARSERS = {
     "max_value_depth": _count,
     "max_pending_events": _count,
     "busy_timeout": _seconds,
+    "rate_limit": _rate,
+    "trusted_proxies": _addresses,
 }
 
 
@@ -298,7 +336,7 @@ def _original_variables(environ, dotenv_path):
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read {dotenv_path}: {error}") from None
         variables = {name: (value, dotenv_path) for name, value in variables.items()}
-    for name in ("SQLITE_FILE_NAME", "SQLITE_FILE_PATH", "API_KEYS"):
+    for name in ("SQLITE_FILE_NAME", "SQLITE_FILE_PATH", "API_KEYS", "RATE_LIMIT"):
         if name in environ:
             variables[name] = (environ[name], f"environment variable {name}")
     settings = {}
@@ -306,6 +344,8 @@ def _original_variables(environ, dotenv_path):
     for name in ("SQLITE_FILE_NAME", "SQLITE_FILE_PATH"):
         if name in variables:
             settings["database"] = variables[name]
+    if "RATE_LIMIT" in variables:
+        settings["rate_limit"] = variables["RATE_LIMIT"]
     if "API_KEYS" in variables:
         text, source = variables["API_KEYS"]
         try:
@@ -397,6 +437,17 @@ def _non_finite_to_null(name):
     return None
 
 
+def _bounded_int(digits):
+    if len(digits) > MAX_INTEGER_DIGITS and len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ValueError("integer too long")
+    return int(digits)
+
+
+# Python 3.11 and newer refuse to convert longer integers by themselves, in C; older ones
+# would spend seconds on one huge number, so there every integer's length is checked first.
+_PARSE_INT = None if sys.version_info >= (3, 11) else _bounded_int
+
+
 def parse_json(body):
     """The document in a request body; non-finite numbers become None. Raises BadRequest."""
     if not body:
@@ -408,15 +459,15 @@ def parse_json(body):
     if text[0] == "\ufeff":
         text = text[1:]
     try:
-        return json.loads(text, parse_constant=_non_finite_to_null)
+        return json.loads(text, parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
     except json.JSONDecodeError as error:
         first_error = error
     except RecursionError:
         raise BadRequest("the request body nests arrays or objects too deeply") from None
-    except ValueError as error:  # an integer too long to convert, among others
-        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    except ValueError as error:  # an integer too long to convert
+        raise BadRequest(f"the request body holds an integer of over {MAX_INTEGER_DIGITS} digits") from None
     try:
-        return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null)
+        return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
     except (ValueError, RecursionError):
         error = first_error
         raise BadRequest(
@@ -454,6 +505,55 @@ def _is_unicode(text):
     except UnicodeEncodeError:
         return False
     return True
+
+
+def client_address(peer, forwarded_for, trusted_proxies):
+    """The sender of a request: its peer, unless that is a trusted proxy that names another.
+
+    Each proxy appends the address it received from to X-Forwarded-For, so the sender is the
+    last address in it that is not one of our own proxies; anything before it could be forged.
+    """
+    if not forwarded_for or peer not in trusted_proxies:
+        return peer
+    for hop in reversed(forwarded_for.split(",")):
+        hop = hop.strip()
+        if hop not in trusted_proxies:
+            return hop or peer
+    return peer
+
+
+class RateLimiter:
+    """At most `requests` per `seconds` from one client address, counted in fixed windows."""
+
+    def __init__(self, limit):
+        self.requests, self.seconds = limit
+        self.per = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}[self.seconds]
+        self._lock = threading.Lock()
+        self._windows = {}  # address -> [window number, requests so far in it]
+
+    def check(self, address, now=None):
+        """Count one request from `address`; raise TooManyRequests if it is one too many."""
+        now = time.monotonic() if now is None else now
+        window = int(now // self.seconds)
+        with self._lock:
+            counted = self._windows.get(address)
+            if counted is not None and counted[0] == window:
+                counted[1] += 1
+                if counted[1] > self.requests:
+                    wait = max(1, math.ceil((window + 1) * self.seconds - now))
+                    raise TooManyRequests(
+                        f"more than {self.requests} requests per {self.per} from {address}: send again in {wait} s", wait
+                    )
+                return
+            if counted is None and len(self._windows) >= MAX_TRACKED_CLIENTS:
+                self._forget(window)
+            self._windows[address] = [window, 1]
+
+    def _forget(self, window):
+        for address in [address for address, counted in self._windows.items() if counted[0] != window]:
+            del self._windows[address]
+        if len(self._windows) >= MAX_TRACKED_CLIENTS:
+            self._windows.clear()  # this many senders at once: start over rather than grow
 
 
 class Keyring:
@@ -814,6 +914,7 @@ class Pycolytics:
         self.config = config
         self.keyring = Keyring(config.api_keys)
         self.validator = Validator(config, self.keyring)
+        self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self.writer = Writer(config)
         self._openapi = json.dumps(openapi_document(config), indent=2).encode()
         self._docs = docs_page(config).encode()
@@ -866,14 +967,19 @@ class Pycolytics:
 
     def _ingest(self, environ, batch):
         body = read_body(environ, self.config.max_body_bytes)
-        rows = self.ingest(body, batch, environ.get("HTTP_CONTENT_ENCODING"))
+        client = client_address(
+            environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self.config.trusted_proxies
+        )
+        rows = self.ingest(body, batch, environ.get("HTTP_CONTENT_ENCODING"), client)
         if rows:
             self.writer.start()
             self.writer.write(rows)
         return "204 No Content", [], b""
 
-    def ingest(self, body, batch, encoding=None):
+    def ingest(self, body, batch, encoding=None, client=None):
         """The rows to store for a request body to /v1.0/events (batch) or /v1.0/event; raises HTTPError."""
+        if self.rate_limiter is not None:
+            self.rate_limiter.check(client)
         if encoding and encoding.lower() != "identity":
             raise UnsupportedMediaType("Content-Encoding is not supported: send the body uncompressed")
         return self.validator.rows(parse_json(body), batch, body, utc_now())
@@ -1313,7 +1419,8 @@ class Server:
 
     def _ingest(self, connection, request, batch):
         try:
-            rows = self.app.ingest(request.body, batch, request.headers.get("content-encoding"))
+            client = client_address(connection.peer, request.headers.get("x-forwarded-for"), self.config.trusted_proxies)
+            rows = self.app.ingest(request.body, batch, request.headers.get("content-encoding"), client)
         except HTTPError as error:
             self._answer(connection, request, *_error_parts(error))
         except Exception:
@@ -1332,13 +1439,13 @@ class Server:
             return
         members = self._group_members
         try:
-            self.app.writer.submit(self._group, lambda error: self._committed(members, error))
+            self.app.writer.submit(self._group, functools.partial(self._committed, members))
         except HTTPError as error:
             for connection, request in members:
                 self._answer(connection, request, *_error_parts(error))
         self._group, self._group_members = [], []
 
-    def _committed(self, members, error):
+    def _committed(self, members, error=None):
         """Called by the writer thread: queue the answers for the loop, and wake it."""
         answer = _NO_CONTENT if error is None else _error_parts(error)
         self._finished.extend((connection, request) + answer for connection, request in members)

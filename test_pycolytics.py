@@ -261,6 +261,93 @@ def test_a_database_that_cannot_be_written_answers_503_with_retry_after(tmp_path
     app.close()
 
 
+def test_an_integer_too_long_to_convert_is_refused_on_every_python(client, database):
+    text = json.dumps(event(value={"n": 1})).replace('"n": 1', '"n": ' + "7" * 5000)
+    response = post(client, "/v1.0/event", text.encode(), status=400)
+    assert "over 4300 digits" in response.json["detail"]
+    assert count(database) == 0
+
+
+def test_a_long_run_of_digits_inside_a_string_is_fine(client, database):
+    post(client, "/v1.0/event", event(value={"n": "7" * 5000, "m": 12345678901234567890}))
+    assert json.loads(stored(database, "value")[0][0]) == {"n": "7" * 5000, "m": 12345678901234567890}
+
+
+# -- Rate limits -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limited(settings):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="3/minute"))
+    app = pycolytics.create_app(config)
+    yield webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "203.0.113.7"})
+    app.close()
+
+
+def test_over_the_rate_limit_a_client_gets_429_with_retry_after_and_nothing_is_stored(limited, database):
+    for _ in range(3):
+        post(limited, "/v1.0/event", event())
+    response = post(limited, "/v1.0/events", [event(), event()], status=429)
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert "more than 3 requests per minute" in response.json["detail"]
+    assert count(database) == 3
+
+
+def test_the_rate_limit_counts_each_address_apart(limited, database):
+    for _ in range(3):
+        post(limited, "/v1.0/event", event())
+    post(limited, "/v1.0/event", event(), extra_environ={"REMOTE_ADDR": "203.0.113.8"})
+    assert count(database) == 4
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_is_limited(limited, database):
+    proxied = {"REMOTE_ADDR": "127.0.0.1"}
+    for player in ("198.51.100.1", "198.51.100.2"):
+        for _ in range(3):
+            post(limited, "/v1.0/event", event(), extra_environ=proxied, headers={"X-Forwarded-For": player})
+    post(limited, "/v1.0/event", event(), status=429, extra_environ=proxied,
+         headers={"X-Forwarded-For": "198.51.100.1"})
+    assert count(database) == 6
+
+
+@pytest.mark.parametrize("peer, forwarded, sender", [
+    ("203.0.113.7", None, "203.0.113.7"),
+    ("203.0.113.7", "1.2.3.4", "203.0.113.7"),  # not a proxy of ours: its header could be forged
+    ("127.0.0.1", "1.2.3.4", "1.2.3.4"),
+    ("127.0.0.1", "6.6.6.6, 1.2.3.4", "1.2.3.4"),  # the client can only forge what comes before
+    ("127.0.0.1", "1.2.3.4, 127.0.0.1", "1.2.3.4"),
+    ("::1", "", "::1"),
+])
+def test_client_address_believes_only_trusted_proxies(peer, forwarded, sender):
+    assert pycolytics.client_address(peer, forwarded, frozenset({"127.0.0.1", "::1"})) == sender
+
+
+def test_the_rate_limiter_starts_afresh_each_window_and_bounds_its_memory(monkeypatch):
+    limiter = pycolytics.RateLimiter((2, 60))
+    limiter.check("a", now=0)
+    limiter.check("a", now=1)
+    with pytest.raises(pycolytics.TooManyRequests):
+        limiter.check("a", now=59)
+    limiter.check("a", now=60)
+    monkeypatch.setattr(pycolytics, "MAX_TRACKED_CLIENTS", 100)
+    for n in range(1000):
+        limiter.check(f"10.0.{n // 256}.{n % 256}", now=61)
+    assert len(limiter._windows) <= 100
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("off", None), ("60/minute", (60, 60)), ("10 per second", (10, 1)), ("1000/hours", (1000, 3600)),
+])
+def test_rate_limit_settings_are_read(tmp_path, monkeypatch, text, parsed):
+    monkeypatch.chdir(tmp_path)
+    assert pycolytics.load_config(environ={"PYCOLYTICS_RATE_LIMIT": text}).rate_limit == parsed
+
+
+def test_the_originals_rate_limit_variable_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert pycolytics.load_config(environ={"RATE_LIMIT": "60/minute"}).rate_limit == (60, 60)
+
+
 # -- Keys ------------------------------------------------------------------------------------------
 
 
@@ -450,6 +537,7 @@ def test_the_originals_dotenv_file_is_read_and_the_environment_wins(tmp_path, mo
     ("", {"PYCOLYTICS_PORTT": "1"}, ["PYCOLYTICS_PORTT"]),
     ("", {"API_KEYS": "k1,k2"}, ["API_KEYS must be a JSON list"]),
     ("", {"PYCOLYTICS_IDLE_TIMEOUT": "-1"}, ["idle_timeout", "PYCOLYTICS_IDLE_TIMEOUT"]),
+    ("[pycolytics]\nrate_limit = lots\n", {}, ["rate_limit", "like 60/minute"]),
 ])
 def test_a_bad_configuration_is_refused_with_a_message_naming_it(tmp_path, monkeypatch, ini, environ, words):
     monkeypatch.chdir(tmp_path)
