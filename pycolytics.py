@@ -100,7 +100,12 @@ DEFAULTS = {
     "busy_timeout": "30",
     "rate_limit": "off",
     "trusted_proxies": "127.0.0.1, ::1",
+    "certfile": "",
+    "keyfile": "",
 }
+
+# Settings that only a restart changes; a reload (SIGHUP) says so when they differ.
+RESTART_SETTINGS = ("database", "host", "port", "threads", "synchronous", "busy_timeout")
 
 ###############################################################################
 # Errors
@@ -272,6 +277,8 @@ _PARSERS = {
     "busy_timeout": _seconds,
     "rate_limit": _rate,
     "trusted_proxies": _addresses,
+    "certfile": _text,
+    "keyfile": _text,
 }
 
 
@@ -290,6 +297,8 @@ class Config:
             self.sources[name] = source
         if not self.database:
             raise ConfigError(f"{self.sources['database']}: database must name a file")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("HTTPS needs both certfile and keyfile (or neither, for plain HTTP)")
 
     @property
     def dev_key_active(self):
@@ -911,13 +920,9 @@ class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
     def __init__(self, config):
-        self.config = config
-        self.keyring = Keyring(config.api_keys)
-        self.validator = Validator(config, self.keyring)
-        self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self.writer = Writer(config)
-        self._openapi = json.dumps(openapi_document(config), indent=2).encode()
-        self._docs = docs_page(config).encode()
+        self.rate_limiter = None
+        self.reconfigure(config)
         self._routes = {
             "/v1.0/event": {"POST": self.post_event},
             "/v1.0/events": {"POST": self.post_events},
@@ -928,6 +933,15 @@ class Pycolytics:
         for methods in self._routes.values():
             if "GET" in methods:
                 methods["HEAD"] = methods["GET"]
+
+    def reconfigure(self, config):
+        """Put new settings in force (keys, limits, documentation); the database stays as it is."""
+        self.validator = Validator(config, Keyring(config.api_keys))
+        if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
+            self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        self._openapi = json.dumps(openapi_document(config), indent=2).encode()
+        self._docs = docs_page(config).encode()
+        self.config = self.writer.config = config
 
     def open(self):
         """Open the database now instead of at the first event, so a bad path stops start-up."""
@@ -1129,6 +1143,41 @@ bytes as JSON and {config.max_value_depth} levels deep</td></tr>
 ###############################################################################
 
 
+def tls_context(config):
+    """An SSLContext for HTTPS with config's certificate, or None for plain HTTP.
+
+    ssl is imported only here: it loads OpenSSL, 3.5 MB that plain-HTTP servers (and those
+    behind nginx, which does the TLS) never need. TLS 1.2 is the oldest version offered.
+    """
+    if not config.certfile:
+        return None
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    try:
+        context.load_cert_chain(config.certfile, config.keyfile)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"cannot load certfile {config.certfile} with keyfile {config.keyfile}: {error}") from None
+    return context
+
+
+def notify_systemd(state):
+    """Tell systemd our state (Type=notify): READY=1, RELOADING=1, STOPPING=1. A no-op elsewhere."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address[0] == "@":  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as error:
+        log.warning("cannot notify systemd at %s: %s", address, error)
+
+
 class _Request:
     __slots__ = ("method", "target", "version", "headers", "body", "keep_alive", "line")
 
@@ -1137,7 +1186,7 @@ class _Connection:
     """One client connection, owned by the server's event loop."""
 
     __slots__ = ("sock", "peer", "buffer", "deadline", "request", "body_start", "continued",
-                 "busy", "keep_alive", "outbox", "writing", "lingering")
+                 "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking")
 
     def __init__(self, sock, peer, deadline):
         self.sock = sock
@@ -1152,6 +1201,7 @@ class _Connection:
         self.outbox = b""
         self.writing = False
         self.lingering = False
+        self.handshaking = False
 
 
 def _parse_head(head):
@@ -1241,9 +1291,13 @@ class Server:
     Connections, threads and buffers are all bounded.
     """
 
-    def __init__(self, app, config, host=None, port=None):
+    def __init__(self, app, config, host=None, port=None, reload=None):
         self.app = app
         self.config = config
+        self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
+        self._reload_requested = False
+        self._tls = tls_context(config)
+        self._tls_pending = self._tls_errors()
         host = config.host if host is None else host
         port = config.port if port is None else port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1270,7 +1324,27 @@ class Server:
     @property
     def url(self):
         host, port = self.server_address
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return f"{'https' if self._tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def _tls_errors(self):
+        """The TLS errors that mean "not yet" on a non-blocking socket (none without TLS)."""
+        if self._tls is None:
+            return ()
+        import ssl
+
+        return (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+    def reconfigure(self, config, tls):
+        """New settings for what comes next: limits, timeouts, logging, the certificate."""
+        self.config = config
+        self._log_requests = not config.quiet
+        if (tls is None) == (self._tls is None):  # switching HTTPS on or off needs a restart
+            self._tls = tls
+
+    def request_reload(self, *_signal_args):
+        """Ask the loop to call `reload` soon. Any thread, or a signal handler."""
+        self._reload_requested = True
+        self._wake()
 
     def shutdown(self, *_signal_args):
         """Stop accepting; serve_forever answers what it has read, then returns. Any thread."""
@@ -1308,6 +1382,9 @@ class Server:
                     else:
                         self._read(key.data)
                 self._submit_group()
+                if self._reload_requested and self.reload is not None:
+                    self._reload_requested = False
+                    self.reload()
                 now = time.monotonic()
                 if self._stopping:
                     if drain_by is None:
@@ -1340,17 +1417,28 @@ class Server:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             connection = _Connection(sock, peer[0], deadline)
+            connection.handshaking = self._tls is not None
             self._connections[sock] = connection
             self._selector.register(sock, selectors.EVENT_READ, connection)
         self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
 
     def _read(self, connection):
+        sock = connection.sock
         try:
-            data = connection.sock.recv(RECV_BYTES)
+            if connection.handshaking:
+                sock.do_handshake()
+                connection.handshaking = False
+            data = sock.recv(RECV_BYTES)
+            while self._tls and data and sock.pending():  # decrypted bytes that select() cannot see
+                data += sock.recv(RECV_BYTES)
+        except self._tls_pending:  # half a TLS record, or a handshake that needs more
+            return
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
+        except OSError:  # also a failed handshake or a broken TLS record (ssl.SSLError)
             data = b""
         if not data:
             self._close(connection)
@@ -1482,7 +1570,7 @@ class Server:
         """Send what the connection's answer still has to send; then read its next request, or close."""
         try:
             sent = connection.sock.send(connection.outbox)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError) + self._tls_pending:
             sent = 0
         except OSError:
             self._close(connection)
@@ -1622,7 +1710,7 @@ class Server:
             "SERVER_PROTOCOL": request.version,
             "REMOTE_ADDR": connection.peer,
             "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
+            "wsgi.url_scheme": "https" if self._tls else "http",
             "wsgi.input": io.BytesIO(request.body),
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": True,
@@ -1648,8 +1736,12 @@ class Server:
 ###############################################################################
 
 
-def serve(config, host=None, port=None):
-    """Run the built-in server until SIGTERM or SIGINT; return the exit status."""
+def serve(config, load=None):
+    """Run the built-in server until SIGTERM or SIGINT; return the exit status.
+
+    `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
+    configuration in force if the new one is bad.
+    """
     app = Pycolytics(config)
     try:
         app.open()
@@ -1657,23 +1749,50 @@ def serve(config, host=None, port=None):
         log.error("cannot open the database %s: %s", config.database, error)
         return 1
     try:
-        server = Server(app, config, host, port)
-    except OSError as error:
-        log.error("cannot listen on %s:%s: %s", host or config.host, port or config.port, error)
+        server = Server(app, config, reload=lambda: _reload(app, server, load))
+    except (OSError, ConfigError) as error:
+        log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         app.close()
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, server.shutdown)
-    if config.dev_key_active:
-        log.warning("no api_keys are configured: accepting the public development key %r. "
-                    "Set api_keys before you ship a game.", DEV_KEY)
+    if load is not None and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, server.request_reload)
+    _warn_about_keys(config)
     log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, os.path.abspath(config.database))
+    notify_systemd("READY=1")
     try:
         server.serve_forever()
     finally:
+        notify_systemd("STOPPING=1")
         app.close()
     log.info("stopped; every acknowledged event is committed")
     return 0
+
+
+def _warn_about_keys(config):
+    if config.dev_key_active:
+        log.warning("no api_keys are configured: accepting the public development key %r. "
+                    "Set api_keys before you ship a game.", DEV_KEY)
+
+
+def _reload(app, server, load):
+    """Read the configuration again and put it in force; a bad one changes nothing."""
+    notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        config = load()
+        tls = tls_context(config)
+    except ConfigError as error:
+        log.error("reload failed; the configuration in force stays: %s", error)
+    else:
+        for name in RESTART_SETTINGS:
+            if getattr(config, name) != getattr(app.config, name):
+                log.warning("%s changed; that takes a restart, the server keeps %r", name, getattr(app.config, name))
+        app.reconfigure(config)
+        server.reconfigure(config, tls)
+        _warn_about_keys(config)
+        log.info("configuration reloaded")
+    notify_systemd("READY=1")
 
 
 def _parser():
@@ -1700,12 +1819,13 @@ def main(argv=None):
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     overrides = {"host": arguments.host, "port": arguments.port, "database": arguments.database, "quiet": arguments.quiet}
+    load = functools.partial(load_config, arguments.config, overrides=overrides)
     try:
-        config = load_config(arguments.config, overrides=overrides)
+        config = load()
     except ConfigError as error:
         log.error("bad configuration: %s", error)
         return 2
-    return serve(config)
+    return serve(config, load)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -842,3 +843,106 @@ def test_a_bad_configuration_stops_start_up_with_exit_2(tmp_path):
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 2
     assert "port = 'x' is not valid" in result.stderr
+
+
+# -- Operations: systemd, reload, HTTPS --------------------------------------------------------------
+
+
+@pytest.fixture
+def notifications(tmp_path):
+    """A socket standing in for systemd's NOTIFY_SOCKET."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(15)
+    yield sock, path
+    sock.close()
+
+
+def post_over(connection, payload, path="/v1.0/event"):
+    connection.request("POST", path, body(payload))
+    response = connection.getresponse()
+    response.read()
+    return response.status
+
+
+def test_sighup_reloads_keys_on_open_connections_and_keeps_the_old_config_when_the_new_is_bad(tmp_path, notifications):
+    listener, path = notifications
+    ini = tmp_path / "pycolytics.ini"
+    ini.write_text("[pycolytics]\napi_keys = old-key\n")
+    process, address, database, _ = start_server(tmp_path, "--quiet", environ=dict(os.environ, NOTIFY_SOCKET=path))
+    try:
+        assert listener.recv(100) == b"READY=1"
+        connection = http.client.HTTPConnection(*address, timeout=10)
+        assert post_over(connection, event(api_key="old-key")) == 204
+
+        ini.write_text("[pycolytics]\napi_keys = new-key\n")
+        process.send_signal(signal.SIGHUP)
+        assert listener.recv(100).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert listener.recv(100) == b"READY=1"
+        assert post_over(connection, event(api_key="new-key")) == 204  # the same connection
+        assert post_over(connection, event(api_key="old-key")) == 401
+
+        ini.write_text("[pycolytics]\napi_keys = newer-key\nmax_body_bytes = lots\n")
+        process.send_signal(signal.SIGHUP)
+        assert listener.recv(100).startswith(b"RELOADING=1")
+        assert listener.recv(100) == b"READY=1"
+        assert post_over(connection, event(api_key="new-key")) == 204
+        assert post_over(connection, event(api_key="newer-key")) == 401
+        connection.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=15)
+    assert process.returncode == 0
+    assert listener.recv(100) == b"STOPPING=1"
+    assert "reload failed; the configuration in force stays" in errors and "max_body_bytes" in errors
+    assert count(database) == 3
+
+
+def make_certificate(folder):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    certificate, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", key, "-out", certificate, "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return certificate, key
+
+
+def test_https_serves_events_with_keep_alive_and_survives_plain_http_on_its_port(tmp_path, settings, database):
+    import ssl
+    certificate, key = make_certificate(tmp_path)
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, certfile=certificate, keyfile=key))
+    app = pycolytics.create_app(config)
+    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        assert server.url.startswith("https://")
+        try:
+            plain = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        except ConnectionResetError:
+            plain = b""
+        assert b"204" not in plain
+        context = ssl.create_default_context(cafile=certificate)
+        connection = http.client.HTTPSConnection(*server.server_address, timeout=10, context=context)
+        statuses = [post_over(connection, event(event_type=f"tls{n}")) for n in range(5)]
+        statuses.append(post_over(connection, [event()] * 300, "/v1.0/events"))  # many TLS records
+        connection.close()
+    finally:
+        server.shutdown()
+        thread.join(10)
+        app.close()
+    assert statuses == [204] * 6
+    assert count(database) == 305
+
+
+def test_a_certificate_that_cannot_be_loaded_stops_start_up(tmp_path):
+    (tmp_path / "pycolytics.ini").write_text("[pycolytics]\ncertfile = missing.pem\nkeyfile = missing.key\n")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert "cannot load certfile missing.pem" in result.stderr
