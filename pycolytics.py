@@ -608,10 +608,9 @@ class Validator:
             if not isinstance(document, list):
                 raise UnprocessableEntity([_problem(["body"], "expected a JSON array of events", "array_type")])
             if len(document) > self.max_batch_events:
-                raise PayloadTooLarge(
-                    f"a batch holds at most {self.max_batch_events} events and this one has {len(document)}: "
-                    "send it in smaller batches"
-                )
+                message = (f"a batch holds at most {self.max_batch_events} events and this one has {len(document)}: "
+                           "send it in smaller batches")
+                raise UnprocessableEntity([_problem(["body"], message, "too_long")])
             events = document
         else:
             events = (document,)
@@ -1127,8 +1126,8 @@ bytes as JSON and {config.max_value_depth} levels deep</td></tr>
 <tr><td>204</td><td>Stored: the events are committed to the database.</td></tr>
 <tr><td>400</td><td>The body is not JSON or not UTF-8.</td></tr>
 <tr><td>401</td><td>A missing or unknown <code>api_key</code> (the answer names the events).</td></tr>
-<tr><td>413</td><td>The body or the batch is over its limit.</td></tr>
-<tr><td>422</td><td>Invalid events; <code>detail</code> lists every problem with its event and field.</td></tr>
+<tr><td>413</td><td>The body is over its size limit.</td></tr>
+<tr><td>422</td><td>Invalid events, or too many in a batch; <code>detail</code> lists every problem with its event and field.</td></tr>
 <tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
 </table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>

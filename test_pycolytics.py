@@ -1,10 +1,14 @@
 """Tests for pycolytics.py: the WSGI application under WebTest, the built-in server over real sockets."""
 
+import collections
 import concurrent.futures
 import datetime
 import http.client
+import itertools
 import json
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -16,7 +20,10 @@ import threading
 import time
 
 import pytest
+import schemathesis
 import webtest
+import hypothesis
+from hypothesis import strategies as st
 
 import pycolytics
 
@@ -188,7 +195,7 @@ BAD_REQUESTS = [
     ("/v1.0/events", body([event(), event(user_id=...), event(), event(value="x")]), 422,
      ["event 1: 'user_id' is required", "event 3: 'value' must be a JSON object"]),
     ("/v1.0/events", body([event(), 7]), 422, ["event 1: expected a JSON object"]),
-    ("/v1.0/events", body([event()] * 1001), 413, ["at most 1000 events"]),
+    ("/v1.0/events", body([event()] * 1001), 422, ["at most 1000 events"]),
     ("/v1.0/event", body(event(api_key=...)), 401, ["invalid or missing api_key"]),
     ("/v1.0/event", body(event(api_key="wrong")), 401, ["invalid or missing api_key"]),
     ("/v1.0/event", body(event(api_key=pycolytics.DEV_KEY)), 401, ["invalid or missing api_key"]),
@@ -716,29 +723,48 @@ def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
         assert connection.execute("SELECT count(DISTINCT user_id) FROM event").fetchone()[0] == 2400
 
 
-def test_idle_connections_do_not_block_other_clients(tmp_path, settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, threads=2, idle_timeout=1, request_timeout=1))
-    app = pycolytics.Pycolytics(config)
+def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, threads=2, idle_timeout=1, request_timeout=2))
+    app = pycolytics.create_app(config)
     server = pycolytics.Server(app, config, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
+    silent = [socket.create_connection(server.server_address) for _ in range(200)]
+    tricklers = [socket.create_connection(server.server_address) for _ in range(20)]
+    trickling = threading.Event()
+
+    def trickle():
+        request = b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"{" * 100
+        for byte in range(len(request)):
+            for sock in tricklers:
+                try:
+                    sock.send(request[byte:byte + 1])
+                except OSError:
+                    return
+            if trickling.wait(0.05):
+                return
+
+    trickler = threading.Thread(target=trickle)
+    trickler.start()
     try:
-        silent = [socket.create_connection(server.server_address) for _ in range(50)]
-        for sock in silent[:25]:
-            sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # and never the rest
         payload = body(event())
-        answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                          % (len(payload), payload))
-        assert answer.startswith(b"HTTP/1.1 204")
-        silent[0].settimeout(5)
-        assert b"408" in silent[0].recv(1000)  # the dawdler is told and closed
-        for sock in silent:
-            sock.close()
+        for _ in range(10):
+            answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                              % (len(payload), payload))
+            assert answer.startswith(b"HTTP/1.1 204")
+        tricklers[0].settimeout(10)
+        assert b"408 Request Timeout" in tricklers[0].recv(1000)  # told, then closed
+        silent[0].settimeout(10)
+        assert silent[0].recv(1000) == b""  # closed without a word: it never asked anything
     finally:
+        trickling.set()
+        trickler.join(10)
+        for sock in silent + tricklers:
+            sock.close()
         server.shutdown()
         thread.join(10)
         app.close()
-    assert count(config.database) == 1
+    assert count(config.database) == 10
 
 
 # -- The command line and signals ---------------------------------------------------------------
@@ -946,3 +972,176 @@ def test_a_certificate_that_cannot_be_loaded_stops_start_up(tmp_path):
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 1
     assert "cannot load certfile missing.pem" in result.stderr
+
+
+# -- Hostile input, generated ------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+valid_events = st.fixed_dictionaries(
+    dict({name: st.text(max_size=40) for name in pycolytics.EVENT_FIELDS}, api_key=st.just(KEY)),
+    optional={"value": st.dictionaries(st.text(max_size=8), json_values, max_size=5), "extra": json_values},
+)
+# A valid event with one field made wrong: missing, null, not a string, too long, or a wrong key.
+spoiled_events = st.tuples(
+    valid_events, st.sampled_from(pycolytics.EVENT_FIELDS + ("value", "api_key")),
+    st.none() | st.integers() | st.text(min_size=256, max_size=300) | json_values | st.just(...),
+).map(lambda spoil: {name: value for name, value in dict(spoil[0], **{spoil[1]: spoil[2]}).items() if value is not ...})
+generated_events = st.one_of(valid_events, valid_events, valid_events, spoiled_events)
+
+
+def finite(document):
+    if isinstance(document, float):
+        return document if math.isfinite(document) else None
+    if isinstance(document, dict):
+        return {key: finite(value) for key, value in document.items()}
+    if isinstance(document, list):
+        return [finite(value) for value in document]
+    return document
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One application for many generated examples (hypothesis runs each test body many times)."""
+    database = str(tmp_path_factory.mktemp("generated") / "events.db")
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY}))
+    yield webtest.TestApp(app), database
+    app.close()
+
+
+@hypothesis.settings(max_examples=300, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(batch=st.lists(generated_events, max_size=6))
+def test_generated_batches_are_stored_exactly_when_acknowledged(shared, batch):
+    client, database = shared
+    before = count(database)
+    response = client.post("/v1.0/events", json.dumps(batch).encode(), expect_errors=True)
+    hypothesis.event(f"answered {response.status_int}")
+    assert response.status_int in (204, 401, 422), response.text
+    rows = stored(database)[before:]
+    if response.status_int != 204:
+        assert rows == []
+        return
+    expected = [tuple(event[name] for name in pycolytics.EVENT_FIELDS) for event in batch]
+    assert [row[:6] for row in rows] == expected
+    assert [json.loads(row[6]) for row in rows] == [finite(event.get("value", {})) for event in batch]
+
+
+@hypothesis.settings(max_examples=300, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(raw=st.binary(max_size=400) | st.text(max_size=200).map(str.encode)
+       | st.lists(json_values, max_size=3).map(lambda value: json.dumps(value).encode()))
+def test_any_body_gets_a_4xx_or_204_and_never_a_server_error(shared, raw):
+    client, database = shared
+    before = count(database)
+    response = client.post("/v1.0/events", raw, expect_errors=True)
+    assert response.status_int in (204, 400, 401, 422)
+    assert "detail" in response.json if response.status_int != 204 else response.body == b""
+    if response.status_int != 204:
+        assert count(database) == before
+
+
+# -- The API fuzzed from its OpenAPI document (schemathesis) -------------------------------------------
+
+
+@pytest.fixture
+def api_schema(app):
+    return schemathesis.openapi.from_wsgi("/openapi.json", app)
+
+
+fuzzed = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzzed.parametrize()
+@hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+def test_the_api_fuzzed_from_its_openapi_document_never_fails(case):
+    case.call_and_validate()
+
+
+# -- Crashes and several processes --------------------------------------------------------------------
+
+
+def test_every_acknowledged_event_survives_sigkill_at_a_random_moment(tmp_path):
+    rng = random.Random(7)
+    database = str(tmp_path / "crash.db")
+    acknowledged = set()
+    for crash in range(4):
+        process, address, _, _ = start_server(tmp_path, "--quiet", "--database", database)
+        stop = threading.Event()
+
+        def client(n):
+            connection = http.client.HTTPConnection(*address, timeout=10)
+            for i in itertools.count():
+                ids = [f"{crash}-{n}-{i}-{k}" for k in range(3)]
+                try:
+                    status = post_over(connection, [event(user_id=user, api_key=pycolytics.DEV_KEY) for user in ids],
+                                       "/v1.0/events")
+                except (OSError, http.client.HTTPException):
+                    return
+                if status == 204:
+                    acknowledged.update(ids)
+                if stop.is_set():
+                    return
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(rng.uniform(0.3, 1.2))
+        process.kill()
+        process.wait(10)
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        users = [row[0] for row in connection.execute("SELECT user_id FROM event")]
+    assert len(acknowledged) > 0
+    assert acknowledged <= set(users)
+    assert len(users) == len(set(users))
+    batches = collections.Counter(user.rsplit("-", 1)[0] for user in users)
+    assert set(batches.values()) == {3}  # a batch is stored whole or not at all
+
+
+def wait_until_serving(address, deadline=20):
+    start = time.monotonic()
+    while True:
+        try:
+            return post_over(http.client.HTTPConnection(*address, timeout=5), event(event_type="ready"))
+        except OSError:
+            if time.monotonic() - start > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_gunicorn_workers_share_one_database_without_errors(tmp_path, worker_class):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = probe.getsockname()
+    database = str(tmp_path / "gunicorn.db")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", "2", "-k", worker_class, "--threads", "4",
+         "-b", f"{address[0]}:{address[1]}", "pycolytics:application"],
+        cwd=HERE, env=dict(os.environ, PYCOLYTICS_DATABASE=database, PYCOLYTICS_API_KEYS=KEY),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert wait_until_serving(address) == 204
+
+        def client(n):
+            statuses = []
+            for i in range(15):
+                connection = http.client.HTTPConnection(*address, timeout=60)
+                statuses.append(post_over(connection, [event(user_id=f"{n}-{i}-{k}") for k in range(5)], "/v1.0/events"))
+                connection.close()
+            return statuses
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            statuses = [status for result in pool.map(client, range(12)) for status in result]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    assert statuses == [204] * 180
+    assert count(database) == 1 + 900
+    assert "locked" not in errors and "Traceback" not in errors
