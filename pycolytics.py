@@ -652,7 +652,7 @@ class Validator:
             joined = "".join(fields)  # raises TypeError unless every field is a string
         except (KeyError, TypeError):
             return None
-        if max(map(len, fields)) > self.max_string_length or type(event) is not dict:
+        if max(map(len, fields)) > self.max_string_length or "\0" in joined or type(event) is not dict:
             return None
         key = event.get("api_key")
         if key is not None and type(key) is not str:
@@ -680,6 +680,8 @@ class Validator:
                 problems.append(_problem(where + [name], message, "string_too_long"))
             elif check_unicode and not _is_unicode(value):
                 problems.append(_problem(where + [name], "holds an unpaired UTF-16 surrogate", "unicode"))
+            elif "\0" in value:  # many readers of SQLite text stop at a NUL
+                problems.append(_problem(where + [name], "holds a NUL character (\\u0000)", "nul"))
         key = event.get("api_key")
         if key is not None and type(key) is not str:
             problems.append(_problem(where + ["api_key"], "must be a string", "string_type"))

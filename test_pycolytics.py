@@ -191,6 +191,7 @@ BAD_REQUESTS = [
      422, ["'value' nests", "32 deep"]),
     ("/v1.0/event", body(event(session_id="\ud800")), 422, ["'session_id' holds an unpaired UTF-16 surrogate"]),
     ("/v1.0/event", body(event(value={"\udfff": 1})), 422, ["'value' holds an unpaired UTF-16 surrogate"]),
+    ("/v1.0/event", body(event(user_id="a\0b")), 422, ["'user_id' holds a NUL character"]),
     ("/v1.0/event", body(event(api_key=12345)), 422, ["'api_key' must be a string"]),
     ("/v1.0/events", body([event(), event(user_id=...), event(), event(value="x")]), 422,
      ["event 1: 'user_id' is required", "event 3: 'value' must be a JSON object"]),
@@ -1024,6 +1025,8 @@ def test_generated_batches_are_stored_exactly_when_acknowledged(shared, batch):
     if response.status_int != 204:
         assert rows == []
         return
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT count(*) FROM event WHERE NOT json_valid(value)").fetchone() == (0,)
     expected = [tuple(event[name] for name in pycolytics.EVENT_FIELDS) for event in batch]
     assert [row[:6] for row in rows] == expected
     assert [json.loads(row[6]) for row in rows] == [finite(event.get("value", {})) for event in batch]
