@@ -57,13 +57,6 @@ DEV_KEY = "I-am-an-unsecure-dev-key-REPLACE_ME"
 
 EVENT_FIELDS = ("event_type", "application", "version", "platform", "user_id", "session_id")
 
-# HTTP framing limits of the built-in server, in line with gunicorn's defaults: no legitimate
-# client of an event collector comes near them, and they bound what one connection can pin.
-MAX_REQUEST_LINE = 4094
-MAX_HEADER_FIELDS = 100
-MAX_HEADER_FIELD = 8190
-MAX_HEAD_BYTES = 64 * 1024
-
 # How long a refused connection is drained before it is closed; see Server._refuse.
 LINGER_SECONDS = 2
 
@@ -90,6 +83,13 @@ DEFAULTS = {
     "max_connections": "512",
     "idle_timeout": "5",
     "request_timeout": "10",
+    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
+    # whole head, which a hundred full-size headers would exceed): no client of an event
+    # collector comes near them, and they bound what one connection can pin.
+    "max_request_line": "4094",
+    "max_header_fields": "100",
+    "max_header_field": "8190",
+    "max_head_bytes": "65536",
     "max_body_bytes": "1048576",
     "max_batch_events": "1000",
     "max_string_length": "255",
@@ -267,6 +267,10 @@ _PARSERS = {
     "max_connections": _count,
     "idle_timeout": _seconds,
     "request_timeout": _seconds,
+    "max_request_line": _count,
+    "max_header_fields": _count,
+    "max_header_field": _count,
+    "max_head_bytes": _count,
     "max_body_bytes": _count,
     "max_batch_events": _count,
     "max_string_length": _count,
@@ -1204,7 +1208,7 @@ class _Connection:
         self.handshaking = False
 
 
-def _parse_head(head):
+def _parse_head(head, config):
     """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
@@ -1217,15 +1221,15 @@ def _parse_head(head):
         if request.version.startswith("HTTP/"):
             raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served")
         raise BadRequest("malformed request line")
-    if len(lines) - 1 > MAX_HEADER_FIELDS:
-        raise HeaderFieldsTooLarge(f"at most {MAX_HEADER_FIELDS} header fields are accepted")
+    if len(lines) - 1 > config.max_header_fields:
+        raise HeaderFieldsTooLarge(f"at most {config.max_header_fields} header fields are accepted")
     headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip() or line[0] in " \t":
             raise BadRequest(f"malformed header line {line[:40]!r}")
-        if len(line) > MAX_HEADER_FIELD:
-            raise HeaderFieldsTooLarge(f"the header {name} is over {MAX_HEADER_FIELD} bytes")
+        if len(line) > config.max_header_field:
+            raise HeaderFieldsTooLarge(f"the header {name} is over {config.max_header_field} bytes")
         name, value = name.lower(), value.strip()
         if name in headers:
             if name == "content-length" and value != headers[name]:
@@ -1468,23 +1472,23 @@ class Server:
             self._jobs.put((connection, request))
 
     def _whole_request(self, connection):
-        buffer = connection.buffer
+        buffer, config = connection.buffer, self.config
         if connection.request is None:
             while buffer[:2] == b"\r\n":  # stray line ends between requests are allowed
                 del buffer[:2]
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 line_end = buffer.find(b"\r\n")
-                if line_end > MAX_REQUEST_LINE or line_end < 0 and len(buffer) > MAX_REQUEST_LINE:
-                    raise URITooLong(f"the request line is over {MAX_REQUEST_LINE} bytes")
-                if len(buffer) > MAX_HEAD_BYTES:
-                    raise HeaderFieldsTooLarge(f"the request head is over {MAX_HEAD_BYTES} bytes")
+                if line_end > config.max_request_line or line_end < 0 and len(buffer) > config.max_request_line:
+                    raise URITooLong(f"the request line is over {config.max_request_line} bytes")
+                if len(buffer) > config.max_head_bytes:
+                    raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
                 return None
-            if buffer.find(b"\r\n", 0, end + 2) > MAX_REQUEST_LINE:
-                raise URITooLong(f"the request line is over {MAX_REQUEST_LINE} bytes")
-            if end > MAX_HEAD_BYTES:
-                raise HeaderFieldsTooLarge(f"the request head is over {MAX_HEAD_BYTES} bytes")
-            request = _parse_head(bytes(buffer[:end]))
+            if buffer.find(b"\r\n", 0, end + 2) > config.max_request_line:
+                raise URITooLong(f"the request line is over {config.max_request_line} bytes")
+            if end > config.max_head_bytes:
+                raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
+            request = _parse_head(bytes(buffer[:end]), config)
             length = int(request.headers.get("content-length", "0"))
             if length > self.config.max_body_bytes:
                 raise PayloadTooLarge(

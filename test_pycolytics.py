@@ -704,6 +704,24 @@ def test_bad_framing_is_refused_and_the_server_keeps_serving(server, database, r
     assert count(database) == 1
 
 
+def test_the_framing_limits_are_settings(settings):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, max_request_line=100, max_header_fields=3))
+    app = pycolytics.create_app(config)
+    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
+        assert exchange(server, b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
+        assert exchange(server, b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
+                        ).startswith(b"HTTP/1.1 431")
+        assert exchange(server, b"GET / HTTP/1.1\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
+    finally:
+        server.shutdown()
+        thread.join(10)
+        app.close()
+
+
 def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
     def client(n):
         connection = http.client.HTTPConnection(*server.server_address, timeout=30)
@@ -923,6 +941,7 @@ def test_sighup_reloads_keys_on_open_connections_and_keeps_the_old_config_when_t
     assert process.returncode == 0
     assert listener.recv(100) == b"STOPPING=1"
     assert "reload failed; the configuration in force stays" in errors and "max_body_bytes" in errors
+    assert "old-key" not in errors and "new-key" not in errors  # keys are never logged
     assert count(database) == 3
 
 
