@@ -67,6 +67,9 @@ RECV_BYTES = 64 * 1024
 # addresses costs a few MB before the limiter forgets them all and starts counting afresh.
 MAX_TRACKED_CLIENTS = 50_000
 
+# Characters in a client-made event_id at most: room for a UUID, a ULID or a hash.
+MAX_EVENT_ID = 100
+
 # Digits in one integer of a request body at most. Python 3.11+ refuses to convert longer
 # ones (a quadratic-time conversion); older Pythons would spend seconds on one number.
 MAX_INTEGER_DIGITS = 4300
@@ -621,9 +624,10 @@ class Validator:
         # brackets cannot nest deeply, and one without \uD800-style escapes holds no surrogates.
         shallow = body.count(b"{") + body.count(b"[") <= self.max_value_depth
         check_unicode = _SURROGATE_ESCAPE.search(body) is not None
+        times = (received, received.strftime(TIME_FORMAT))
         rows, unauthorized, verdicts, invalid = [], [], {}, False
         for index, event in enumerate(events):
-            row = self._fast_row(event, shallow, check_unicode, received)
+            row = self._fast_row(event, shallow, check_unicode, times)
             if row is None:
                 invalid = True
                 if type(event) is not dict:
@@ -644,11 +648,11 @@ class Validator:
             problems = []
             for index, event in enumerate(events):
                 where = ["body", index] if batch else ["body"]
-                problems += self._problems(event, where, shallow, check_unicode)
+                problems += self._problems(event, where, shallow, check_unicode, received)
             raise UnprocessableEntity(problems)
         return rows
 
-    def _fast_row(self, event, shallow, check_unicode, received):
+    def _fast_row(self, event, shallow, check_unicode, times):
         """The event's row if it is valid, else None (without saying why)."""
         try:
             fields = self._fields(event)
@@ -663,9 +667,12 @@ class Validator:
         text, problem = self._value_text(event.get("value", _MISSING), shallow, check_unicode)
         if problem or check_unicode and not _is_unicode(joined):
             return None
-        return fields + (text, received)
+        if "timestamp" in event or "sent_at" in event or "event_id" in event:
+            when, event_id, problems = _client_fields(event, times[0], check_unicode)
+            return None if problems else fields + (text, when, times[1], event_id)
+        return fields + (text, times[1], times[1], None)
 
-    def _problems(self, event, where, shallow, check_unicode):
+    def _problems(self, event, where, shallow, check_unicode, received):
         """Every problem of one event, each naming its field."""
         if not isinstance(event, dict):
             return [_problem(where, "expected a JSON object (one event)", "object_type")]
@@ -691,6 +698,8 @@ class Validator:
         _, problem = self._value_text(event.get("value", _MISSING), shallow, check_unicode)
         if problem:
             problems.append(_problem(where + ["value"], *problem))
+        for name, message, kind in _client_fields(event, received, check_unicode)[2]:
+            problems.append(_problem(where + [name], message, kind))
         return problems
 
     def _value_text(self, value, shallow, check_unicode):
@@ -720,6 +729,72 @@ class Validator:
             if size > self.max_value_bytes:
                 return None, (f"is {size} bytes as JSON; at most {self.max_value_bytes} are stored", "too_large")
         return text, None
+
+
+# The range of client times taken as given: the Unix epoch to the end of year 9999.
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_LAST_SECOND = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
+
+
+# ISO 8601 / RFC 3339 as clients write it: a date, maybe a time (T or space) with seconds and
+# a fraction, maybe a zone (none means UTC). Parsed here because datetime.fromisoformat reads
+# less of it before Python 3.11.
+_ISO_8601 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)(?:[Tt ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d+))?)?)?\s*"
+    r"(?:([Zz])|([+-])(\d\d):?(\d\d))?"
+)
+
+
+def _client_time(value):
+    """A UTC datetime from ISO 8601 text or Unix seconds, or None if `value` is neither."""
+    try:
+        if type(value) in (int, float):
+            moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+        elif type(value) is str and _ISO_8601.fullmatch(value.strip()):
+            year, month, day, hour, minute, second, fraction, _, sign, zone_hours, zone_minutes = (
+                _ISO_8601.fullmatch(value.strip()).groups()
+            )
+            micro = int((fraction or "0")[:6].ljust(6, "0"))
+            moment = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                                       int(second or 0), micro, tzinfo=datetime.timezone.utc)
+            if sign:
+                moment -= int(sign + "1") * datetime.timedelta(hours=int(zone_hours), minutes=int(zone_minutes))
+        else:
+            return None
+    except (ValueError, OverflowError, OSError):  # not a date, or out of any calendar's range
+        return None
+    return moment if _EPOCH <= moment <= _LAST_SECOND else None
+
+
+def _client_fields(event, received, check_unicode):
+    """(time, event_id, problems) from an event's optional timestamp, sent_at and event_id.
+
+    The stored time is the best estimate of when the event happened: the client's timestamp,
+    shifted by how far the client's clock was off when it sent the request (received - sent_at),
+    and never later than the receive time.
+    """
+    problems = []
+    when = received
+    timestamp, sent_at = event.get("timestamp"), event.get("sent_at")
+    happened = _client_time(timestamp) if timestamp is not None else None
+    sent = _client_time(sent_at) if sent_at is not None else None
+    for name, given, parsed in (("timestamp", timestamp, happened), ("sent_at", sent_at, sent)):
+        if given is not None and parsed is None:
+            message = "must be ISO 8601 text (2024-05-01T12:00:00Z) or Unix seconds, from 1970 to 9999"
+            problems.append((name, message, "datetime"))
+    if happened is not None:
+        try:
+            when = happened if sent is None else received - (sent - happened)
+        except OverflowError:  # clocks centuries apart: the estimate falls off the calendar
+            when = received if sent < happened else _EPOCH
+        when = min(max(when, _EPOCH), received)
+    event_id = event.get("event_id")
+    if event_id is not None and (
+        type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID or "\0" in event_id
+        or check_unicode and not _is_unicode(event_id)
+    ):
+        problems.append(("event_id", f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"))
+    return when.strftime(TIME_FORMAT), event_id, problems
 
 
 def _problem(location, message, kind):
@@ -755,17 +830,26 @@ CREATE TABLE IF NOT EXISTS event (
 CREATE INDEX IF NOT EXISTS ix_event_time ON event (time);
 """
 
+# Columns Pycolytics adds to the original's table. A database without them (the original's,
+# or an older Pycolytics') gets them at start-up: adding a column rewrites nothing, so this
+# is instant on any size of table, and the original can still write into it.
+ADDED_COLUMNS = (
+    ("received_at", "DATETIME"),  # the server's receive time, when `time` is the client's
+    ("event_id", "VARCHAR"),  # a client-made id: a retried event is stored once
+)
+# Unique among the rows that have one; rows without an event_id cost this index nothing.
+EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL"
+
+# OR IGNORE: an event_id that is already stored makes its row a no-op, so the retry of an
+# acknowledged event is acknowledged again and stored once.
 INSERT = (
-    "INSERT INTO event (event_type, application, version, platform, user_id, session_id, value, time)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO event"
+    " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
+# Times as stored: UTC, as text that SQLite's date functions and pandas read.
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-
-
-def utc_now():
-    """The receive time as stored: UTC, as text that SQLite's date functions and pandas read."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime(TIME_FORMAT)
 
 
 def connect(path, synchronous="full", busy_timeout=30.0):
@@ -786,14 +870,36 @@ def connect(path, synchronous="full", busy_timeout=30.0):
         exists = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event'").fetchone()
         if not exists:
             connection.executescript(SCHEMA)
-        columns = {row[1] for row in connection.execute("PRAGMA table_info(event)")}
+        columns = _columns(connection)
         missing = [name for name in EVENT_FIELDS + ("value", "id", "time") if name not in columns]
         if missing:
             raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
+        if any(name not in columns for name, _ in ADDED_COLUMNS):
+            _add_columns(connection)
+        connection.execute(EVENT_ID_INDEX)
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def _columns(connection):
+    return {row[1] for row in connection.execute("PRAGMA table_info(event)")}
+
+
+def _add_columns(connection):
+    """Give the table the columns Pycolytics added; another process may be doing the same."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        columns = _columns(connection)
+        for name, kind in ADDED_COLUMNS:
+            if name not in columns:
+                connection.execute(f"ALTER TABLE event ADD COLUMN {name} {kind}")
+                log.info("upgraded the database: added the column event.%s", name)
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
 
 
 class Writer:
@@ -1000,7 +1106,7 @@ class Pycolytics:
             self.rate_limiter.check(client)
         if encoding and encoding.lower() != "identity":
             raise UnsupportedMediaType("Content-Encoding is not supported: send the body uncompressed")
-        return self.validator.rows(parse_json(body), batch, body, utc_now())
+        return self.validator.rows(parse_json(body), batch, body, datetime.datetime.now(datetime.timezone.utc))
 
     def get_docs(self, environ):
         return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(self._docs)))], self._docs
@@ -1064,9 +1170,20 @@ def _event_schema(config):
             strings,
             value={"type": "object", "default": {}, "description": "Anything, as a JSON object."},
             api_key={"type": "string", "description": "One of the server's API keys."},
+            timestamp=_client_time_schema("When the event happened, by the client's clock."),
+            sent_at=_client_time_schema("When the client sent the request, by its clock: corrects a wrong clock."),
+            event_id={"type": "string", "minLength": 1, "maxLength": MAX_EVENT_ID,
+                      "description": "A unique id made by the client: an event whose id is stored is not stored again."},
         ),
         "additionalProperties": True,
     }
+
+
+def _client_time_schema(description):
+    return {"description": description + " ISO 8601 text (UTC unless it says) or Unix seconds.", "oneOf": [
+        {"type": "string", "pattern": _ISO_8601.pattern},
+        {"type": "number", "minimum": 0, "maximum": _LAST_SECOND.timestamp()},
+    ]}
 
 
 def openapi_document(config):

@@ -282,6 +282,91 @@ def test_a_long_run_of_digits_inside_a_string_is_fine(client, database):
     assert json.loads(stored(database, "value")[0][0]) == {"n": "7" * 5000, "m": 12345678901234567890}
 
 
+# -- Offline and retrying clients ----------------------------------------------------------------------
+
+
+def parse_time(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=datetime.timezone.utc)
+
+
+def utc(**delta):
+    return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(**delta)
+
+
+def test_without_client_times_time_is_the_receive_time(client, database):
+    post(client, "/v1.0/event", event())
+    (when, received), = stored(database, "time, received_at")
+    assert when == received
+
+
+def test_a_timestamp_alone_is_taken_as_the_time(client, database):
+    post(client, "/v1.0/events", [event(timestamp="2025-03-04T05:06:07.5Z"), event(timestamp=1700000000),
+                                  event(timestamp="2025-03-04T06:06:07+01:00")])
+    times = [parse_time(row[0]) for row in stored(database, "time")]
+    assert times == [datetime.datetime(2025, 3, 4, 5, 6, 7, 500000, tzinfo=datetime.timezone.utc),
+                     datetime.datetime.fromtimestamp(1700000000, datetime.timezone.utc),
+                     datetime.datetime(2025, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc)]
+
+
+def test_sent_at_corrects_a_wrong_client_clock(client, database):
+    # The client's clock is an hour fast; the event happened ten minutes before sending.
+    sent_at = utc(hours=1)
+    post(client, "/v1.0/event", event(timestamp=(sent_at - datetime.timedelta(minutes=10)).isoformat(),
+                                      sent_at=sent_at.timestamp()))
+    (when, received), = stored(database, "time, received_at")
+    gap = parse_time(received) - parse_time(when)
+    assert datetime.timedelta(minutes=9, seconds=55) < gap < datetime.timedelta(minutes=10, seconds=5)
+
+
+def test_a_time_in_the_future_is_clamped_to_the_receive_time(client, database):
+    post(client, "/v1.0/event", event(timestamp=utc(days=3).isoformat()))
+    (when, received), = stored(database, "time, received_at")
+    assert when == received
+
+
+def test_client_clocks_centuries_apart_still_give_a_time_between_1970_and_the_receive_time(client, database):
+    post(client, "/v1.0/events", [event(timestamp="1970-01-01", sent_at="9999-12-31T23:59:59Z"),
+                                  event(timestamp="9999-12-31", sent_at=0), event(timestamp="2024-05-01 12:30")])
+    (first, _), (second, received), (third, _) = stored(database, "time, received_at")
+    assert (first, second, third) == ("1970-01-01 00:00:00.000000", received, "2024-05-01 12:30:00.000000")
+
+
+def test_an_event_id_makes_retries_safe(client, database):
+    post(client, "/v1.0/events", [event(event_id="a-1"), event(event_id="a-2"), event(event_id="a-1")])
+    post(client, "/v1.0/events", [event(event_id="a-2"), event(event_id="a-3"), event()])
+    post(client, "/v1.0/event", event(event_id="a-3"))
+    assert stored(database, "event_id") == [("a-1",), ("a-2",), ("a-3",), (None,)]
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"timestamp": "yesterday"}, ["'timestamp' must be ISO 8601"]),
+    ({"timestamp": "1969-12-31T00:00:00Z"}, ["'timestamp' must be", "from 1970"]),
+    ({"timestamp": True}, ["'timestamp' must be"]),
+    ({"timestamp": 1e300}, ["'timestamp' must be"]),
+    ({"sent_at": [2024]}, ["'sent_at' must be"]),
+    ({"event_id": ""}, ["'event_id' must be a string of 1 to 100 characters"]),
+    ({"event_id": "x" * 101}, ["'event_id' must be a string of 1 to 100"]),
+    ({"event_id": 17}, ["'event_id' must be a string"]),
+])
+def test_bad_client_fields_are_refused_naming_them(client, database, changes, words):
+    response = post(client, "/v1.0/events", [event(), event(**changes)], status=422)
+    detail = json.dumps(response.json["detail"])
+    assert all(word in detail for word in words) and "event 1" in detail
+    assert count(database) == 0
+
+
+def test_a_database_without_the_added_columns_is_upgraded_in_place(config, database):
+    with sqlite3.connect(database) as connection:
+        connection.executescript(ORIGINAL_SCHEMA)
+        connection.executemany("INSERT INTO event VALUES ('old', 'g', '1', 'L', 'u', 's', '{}', ?, '2024-05-01 12:00:00')",
+                               [(n,) for n in range(2, 1002)])
+    app = pycolytics.create_app(config)
+    post(webtest.TestApp(app), "/v1.0/events", [event(event_id="e-1"), event(event_id="e-1")])
+    app.close()
+    assert count(database) == 1001 + 1
+    assert stored(database, "event_id")[-2:] == [(None,), ("e-1",)]
+
+
 # -- Rate limits -------------------------------------------------------------------------------------
 
 
@@ -436,11 +521,11 @@ def test_a_database_made_by_the_original_opens_and_keeps_working(config, databas
     app = pycolytics.create_app(config)
     post(webtest.TestApp(app), "/v1.0/events", [event(event_type="new")])
     app.close()
-    assert stored(database, "id, event_type") == [(1, "old"), (2, "new")]
+    assert stored(database, "id, event_type, received_at IS NULL") == [(1, "old", 1), (2, "new", 0)]
     with sqlite3.connect(database) as connection:
         indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert indexes == {"ix_event_event_type", "ix_event_application", "ix_event_version", "ix_event_platform",
-                       "ix_event_user_id"}
+                       "ix_event_user_id", "ix_event_event_id"}
 
 
 def test_a_new_database_has_the_original_columns_in_wal_mode(client, database):
@@ -452,6 +537,7 @@ def test_a_new_database_has_the_original_columns_in_wal_mode(client, database):
         ("event_type", "VARCHAR", 1), ("application", "VARCHAR", 1), ("version", "VARCHAR", 1),
         ("platform", "VARCHAR", 1), ("user_id", "VARCHAR", 1), ("session_id", "VARCHAR", 1),
         ("value", "JSON", 1), ("id", "INTEGER", 1), ("time", "DATETIME", 1),
+        ("received_at", "DATETIME", 0), ("event_id", "VARCHAR", 0),
     ]
     assert mode == "wal"
 

@@ -286,7 +286,8 @@ def raw_sqlite(database, synchronous, rows_per_transaction, seconds):
              EVENT["session_id"], value) for n in range(rows_per_transaction)]
     written, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        received = (pycolytics.utc_now(),)  # as in pycolytics: one receive time per commit
+        now = time.strftime("%Y-%m-%d %H:%M:%S.000000", time.gmtime())
+        received = (now, now, None)  # as in pycolytics: time, received_at, no event_id
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany(pycolytics.INSERT, [row + received for row in rows])
         connection.execute("COMMIT")
@@ -310,7 +311,7 @@ def fill(database, rows):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start + n * step)) + ".000000"
             user = f"{random.getrandbits(32):08x}"
             batch.append((kinds[n % 6], f"game-{n % 3}", f"1.{n % 7}", "Linux", user, user + "s",
-                          '{"level":3,"score":12345}', when))
+                          '{"level":3,"score":12345}', when, when, None))
         connection.execute("BEGIN")
         connection.executemany(pycolytics.INSERT, batch)
         connection.execute("COMMIT")
