@@ -67,6 +67,11 @@ RECV_BYTES = 64 * 1024
 # addresses costs a few MB before the limiter forgets them all and starts counting afresh.
 MAX_TRACKED_CLIENTS = 50_000
 
+# /healthz answers 503 when the database's disk has less free space than this, and when
+# the write lock cannot be had within HEALTH_TIMEOUT seconds.
+MIN_FREE_DISK = 16 * 2**20
+HEALTH_TIMEOUT = 2
+
 # Characters in a client-made event_id at most: room for a UUID, a ULID or a hash.
 MAX_EVENT_ID = 100
 
@@ -104,7 +109,12 @@ DEFAULTS = {
     "trusted_proxies": "127.0.0.1, ::1",
     "certfile": "",
     "keyfile": "",
+    "cors_origins": "*",
+    "retention_days": "0",
 }
+
+# What an [app:NAME] section may set, for that application's events only.
+APP_SETTINGS = ("api_keys", "cors_origins")
 
 # Settings that only a restart changes; a reload (SIGHUP) says so when they differ.
 RESTART_SETTINGS = ("database", "host", "port", "threads", "synchronous", "busy_timeout")
@@ -131,6 +141,10 @@ class BadRequest(HTTPError):
 
 class Unauthorized(HTTPError):
     status = "401 Unauthorized"
+
+
+class Forbidden(HTTPError):
+    status = "403 Forbidden"
 
 
 class NotFound(HTTPError):
@@ -225,6 +239,13 @@ def _seconds(value):
     return number
 
 
+def _days(value):
+    days = float(value)
+    if not 0 <= days < 1e6:
+        raise ValueError("must be a number of days, or 0 to keep events forever")
+    return days
+
+
 def _flag(value):
     word = value.strip().lower()
     if word in ("1", "yes", "true", "on"):
@@ -243,6 +264,20 @@ def _synchronous(value):
 
 def _addresses(value):
     return frozenset(_keys(value))
+
+
+def _origins(value):
+    """ANY_ORIGIN for "*", else the set of origins (scheme://host[:port]) named."""
+    origins = _keys(value)
+    if "*" in origins:
+        return ANY_ORIGIN
+    for origin in origins:
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"{origin!r} is not an origin like https://example.com or http://localhost:8060")
+    return frozenset(origins)
+
+
+ANY_ORIGIN = "*"
 
 
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -285,15 +320,25 @@ _PARSERS = {
     "trusted_proxies": _addresses,
     "certfile": _text,
     "keyfile": _text,
+    "cors_origins": _origins,
+    "retention_days": _days,
 }
 
 
 class Config:
     """The settings in force, parsed and checked; attributes are named after the ini keys."""
 
-    def __init__(self, raw):
-        """`raw` maps each ini key to (text, where it came from)."""
+    def __init__(self, raw, apps=None):
+        """`raw` maps each ini key to (text, where it came from); `apps` each [app:NAME] to its raw keys."""
         self.sources = {}
+        self.apps = {}
+        for application, settings in (apps or {}).items():
+            self.apps[application] = {}
+            for name, (text, source) in settings.items():
+                try:
+                    self.apps[application][name] = _PARSERS[name](text)
+                except ValueError as error:
+                    raise ConfigError(f"{source}: [app:{application}] {name} = {text!r} is not valid: {error}") from None
         for name, parse in _PARSERS.items():
             text, source = raw[name]
             try:
@@ -308,19 +353,26 @@ class Config:
 
     @property
     def dev_key_active(self):
-        return not self.api_keys
+        return not self.api_keys and not any(app.get("api_keys") for app in self.apps.values())
 
 
-def _read_ini(path, raw):
+def _read_ini(path, raw, apps):
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as file:
             parser.read_file(file)
     except (OSError, UnicodeDecodeError, configparser.Error) as error:
         raise ConfigError(f"cannot read the configuration file {path}: {error}") from None
-    unknown_sections = [name for name in parser.sections() if name != "pycolytics"]
-    if unknown_sections:
-        raise ConfigError(f"{path}: unknown section [{unknown_sections[0]}]; settings go in [pycolytics]")
+    for section in parser.sections():
+        if section.startswith("app:") and section[4:].strip():
+            application = section[4:].strip()
+            apps[application] = {}
+            for name, value in parser.items(section):
+                if name not in APP_SETTINGS:
+                    raise ConfigError(f"{path}: unknown key {name!r} in [{section}]; known keys: {', '.join(APP_SETTINGS)}")
+                apps[application][name] = (value, path)
+        elif section != "pycolytics":
+            raise ConfigError(f"{path}: unknown section [{section}]; settings go in [pycolytics] and [app:NAME]")
     if parser.has_section("pycolytics"):
         for name, value in parser.items("pycolytics"):
             if name not in DEFAULTS:
@@ -382,11 +434,12 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
     """
     environ = os.environ if environ is None else environ
     raw = {name: (value, "default") for name, value in DEFAULTS.items()}
+    apps = {}
     path = path or environ.get("PYCOLYTICS_CONFIG")
     if path:
-        _read_ini(path, raw)
+        _read_ini(path, raw, apps)
     elif os.path.isfile("pycolytics.ini"):
-        _read_ini("pycolytics.ini", raw)
+        _read_ini("pycolytics.ini", raw, apps)
     raw.update(_original_variables(environ, dotenv))
     for variable, value in environ.items():
         if variable.startswith("PYCOLYTICS_") and variable != "PYCOLYTICS_CONFIG":
@@ -397,7 +450,7 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
     for name, value in (overrides or {}).items():
         if value is not None:
             raw[name] = (str(value), f"--{name.replace('_', '-')}")
-    return Config(raw)
+    return Config(raw, apps)
 
 
 ###############################################################################
@@ -571,25 +624,37 @@ class RateLimiter:
             self._windows.clear()  # this many senders at once: start over rather than grow
 
 
+ALL_APPLICATIONS = frozenset({"*"})  # what a global key may send events for
+
+
 class Keyring:
-    """The API keys a server accepts, compared in constant time."""
+    """The API keys a server accepts, compared in constant time, and what each is for.
 
-    def __init__(self, keys):
-        self.dev_key_active = not keys
-        self._keys = [key.encode("utf-8") for key in (keys or (DEV_KEY,))]
+    A key of [pycolytics] is good for any application; a key of [app:NAME] only for NAME,
+    so a key that leaks out of one game cannot write into another's data.
+    """
 
-    def accepts(self, key):
+    def __init__(self, config):
+        entries = [(key, None) for key in config.api_keys]
+        entries += [(key, name) for name, app in config.apps.items() for key in app.get("api_keys", ())]
+        self.dev_key_active = not entries
+        self._keys = [(key.encode("utf-8"), name) for key, name in (entries or [(DEV_KEY, None)])]
+
+    def applications(self, key):
+        """The applications `key` may send events for: ALL_APPLICATIONS, a set of names, or None if unknown."""
         if key is None:
             # The original treated a missing key as its development key.
-            return self.dev_key_active
+            return ALL_APPLICATIONS if self.dev_key_active else None
         try:
             candidate = key.encode("utf-8")
         except UnicodeEncodeError:
-            return False
-        matched = False
-        for known in self._keys:
-            matched |= compare_digest(known, candidate)
-        return matched
+            return None
+        names, everything = set(), False
+        for known, name in self._keys:
+            if compare_digest(known, candidate):
+                everything |= name is None
+                names.add(name)
+        return ALL_APPLICATIONS if everything else frozenset(names) or None
 
 
 class Validator:
@@ -602,13 +667,15 @@ class Validator:
 
     def __init__(self, config, keyring):
         self.keyring = keyring
+        self.default_origins = config.cors_origins
+        self.app_origins = {name: app["cors_origins"] for name, app in config.apps.items() if "cors_origins" in app}
         self.max_batch_events = config.max_batch_events
         self.max_string_length = config.max_string_length
         self.max_value_bytes = config.max_value_bytes
         self.max_value_depth = config.max_value_depth
         self._fields = operator.itemgetter(*EVENT_FIELDS)
 
-    def rows(self, document, batch, body, received):
+    def rows(self, document, batch, body, received, origin=None):
         """Row tuples (the six strings, value JSON, time) for every event, or an HTTPError for the lot."""
         if batch:
             if not isinstance(document, list):
@@ -625,7 +692,7 @@ class Validator:
         shallow = body.count(b"{") + body.count(b"[") <= self.max_value_depth
         check_unicode = _SURROGATE_ESCAPE.search(body) is not None
         times = (received, received.strftime(TIME_FORMAT))
-        rows, unauthorized, verdicts, invalid = [], [], {}, False
+        rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, False
         for index, event in enumerate(events):
             row = self._fast_row(event, shallow, check_unicode, times)
             if row is None:
@@ -637,13 +704,18 @@ class Validator:
             key = event.get("api_key")
             if key is None or type(key) is str:  # any other type is a 422 problem
                 if key not in verdicts:
-                    verdicts[key] = self.keyring.accepts(key)
-                if not verdicts[key]:
+                    verdicts[key] = self.keyring.applications(key)
+                allowed = verdicts[key]
+                if allowed is None:
                     unauthorized.append(index)
+                elif row is not None:
+                    forbidden += self._refusal(index, row[1], allowed, origin, batch)
         # Keys first: a sender without a valid key learns nothing about its events.
         if unauthorized:
             which = f" in events {', '.join(map(str, unauthorized))}" if batch else ""
             raise Unauthorized(f"invalid or missing api_key{which}")
+        if forbidden:
+            raise Forbidden("; ".join(forbidden))
         if invalid:
             problems = []
             for index, event in enumerate(events):
@@ -651,6 +723,17 @@ class Validator:
                 problems += self._problems(event, where, shallow, check_unicode, received)
             raise UnprocessableEntity(problems)
         return rows
+
+    def _refusal(self, index, application, allowed, origin, batch):
+        """Why an event with a good key is still refused ([] if it is not): its application's rules."""
+        where = f"event {index}: " if batch else ""
+        if allowed is not ALL_APPLICATIONS and application not in allowed:
+            names = ", ".join(sorted(repr(name) for name in allowed))
+            return [f"{where}this api_key is for application {names}, not {application!r}"]
+        origins = self.app_origins.get(application, self.default_origins)
+        if origin is not None and origins is not ANY_ORIGIN and origin not in origins:
+            return [f"{where}pages from {origin} may not send events for application {application!r}"]
+        return []
 
     def _fast_row(self, event, shallow, check_unicode, times):
         """The event's row if it is valid, else None (without saying why)."""
@@ -902,6 +985,74 @@ def _add_columns(connection):
         raise
 
 
+class Metrics:
+    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe."""
+
+    # Commit latency buckets, in seconds: an fsync on an SSD is ~1 ms, on an SD card ~10-100 ms.
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = collections.Counter()  # by status code
+        self.stored = 0
+        self.commit_buckets = [0] * len(self.BUCKETS)
+        self.commits = 0
+        self.commit_seconds = 0.0
+
+    def request(self, status):
+        with self._lock:
+            self.requests[status[:3]] += 1
+
+    def commit(self, seconds, stored):
+        with self._lock:
+            self.stored += stored
+            self.commits += 1
+            self.commit_seconds += seconds
+            for index, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    self.commit_buckets[index] += 1
+
+    def text(self, extra=()):
+        with self._lock:
+            lines = [
+                "# HELP pycolytics_events_stored_total Events committed to the database.",
+                "# TYPE pycolytics_events_stored_total counter",
+                f"pycolytics_events_stored_total {self.stored}",
+                "# HELP pycolytics_requests_total Requests answered, by HTTP status.",
+                "# TYPE pycolytics_requests_total counter",
+            ]
+            lines += [f'pycolytics_requests_total{{status="{code}"}} {n}' for code, n in sorted(self.requests.items())]
+            lines += [
+                "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
+                "# TYPE pycolytics_commit_seconds histogram",
+            ]
+            lines += [f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}'
+                      for bound, n in zip(self.BUCKETS, self.commit_buckets)]
+            lines += [f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {self.commits}',
+                      f"pycolytics_commit_seconds_sum {self.commit_seconds:.6f}",
+                      f"pycolytics_commit_seconds_count {self.commits}"]
+        return "\n".join(lines + list(extra)) + "\n"
+
+
+# Rows one pruning step deletes: a transaction this small holds the write lock for
+# milliseconds, so ingestion waits no longer than for a commit.
+PRUNE_STEP_ROWS = 500
+
+
+def prune_step(connection, before, limit=PRUNE_STEP_ROWS):
+    """Delete at most `limit` events older than `before` (stored time text); return how many."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        deleted = connection.execute(
+            "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)", (before, limit)
+        ).rowcount
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return deleted
+
+
 class Writer:
     """The one thread that writes: commits the rows of many requests in one transaction.
 
@@ -912,14 +1063,18 @@ class Writer:
     held in memory.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, metrics=None):
         self.config = config
+        self.metrics = metrics or Metrics()
+        self.last_error = None
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._queue = []
         self._queued_rows = 0
         self._closed = False
         self._thread = None
+        self.pruned = 0
+        self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
 
@@ -968,22 +1123,47 @@ class Writer:
         if thread is not None:
             thread.join()
 
+    def prune_soon(self):
+        """Apply retention_days now rather than at the next hourly round (after a reload, say)."""
+        with self._lock:
+            self._prune_due = 0
+            self._wakeup.notify()
+
     def _run(self, connection):
         try:
             while True:
                 with self._lock:
                     while not self._queue and not self._closed:
-                        self._wakeup.wait()
-                    if not self._queue:
+                        if self.config.retention_days and time.monotonic() >= self._prune_due:
+                            break
+                        wait = max(0.0, self._prune_due - time.monotonic()) if self.config.retention_days else None
+                        self._wakeup.wait(wait)
+                    if not self._queue and self._closed:
                         return
                     group, self._queue, self._queued_rows = self._queue, [], 0
-                error = self._commit(connection, group)
-                for _, committed in group:
-                    committed(error)
+                if group:
+                    error = self._commit(connection, group)
+                    for _, committed in group:
+                        committed(error)
+                else:
+                    self._prune_due = self._prune(connection)
         finally:
             connection.close()
 
+    def _prune(self, connection):
+        """One small step of deleting events past retention_days, between commits; when to step next."""
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=self.config.retention_days)
+        try:
+            deleted = prune_step(connection, cutoff.strftime(TIME_FORMAT))
+        except sqlite3.Error as error:
+            log.warning("could not prune old events: %s", error)
+            return time.monotonic() + 3600
+        if deleted:
+            self.pruned += deleted
+        return time.monotonic() + (0 if deleted == PRUNE_STEP_ROWS else 3600)
+
     def _commit(self, connection, group):
+        started, changes = time.monotonic(), connection.total_changes
         try:
             connection.execute("BEGIN IMMEDIATE")
             try:
@@ -994,7 +1174,11 @@ class Writer:
                 raise
         except Exception as failure:  # the database is full, gone or locked for too long
             log.error("could not store %d events: %s", sum(len(rows) for rows, _ in group), failure)
+            self.last_error = failure
             return ServiceUnavailable(f"the events could not be stored ({failure}); send them again shortly", 5)
+        self.last_error = None
+        # total_changes counts the rows inserted, not those an already stored event_id ignored
+        self.metrics.commit(time.monotonic() - started, connection.total_changes - changes)
         return None
 
 
@@ -1026,18 +1210,48 @@ def read_body(environ, limit):
     return body
 
 
+def urllib_quote(path):
+    from urllib.parse import quote  # here: only health checks and exports need it
+
+    return quote(path)
+
+
+def decompress(body, encoding, limit):
+    """A gzip or deflate body, decompressed to at most `limit` bytes: a bomb is refused early."""
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not supported: send gzip, deflate or identity")
+    import zlib  # here: most servers never see a compressed body
+
+    # 47 reads a gzip or a zlib header; -15 is raw deflate, which some clients send as "deflate".
+    for window in (47, -15) if encoding == "deflate" else (47,):
+        decompressor = zlib.decompressobj(window)
+        try:
+            data = decompressor.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(data) > limit or decompressor.unconsumed_tail:
+            raise PayloadTooLarge(f"the request body decompresses to over {limit} bytes; at most {limit} are accepted")
+        if not decompressor.eof:
+            raise BadRequest(f"the {encoding} body is cut short")
+        return data
+    raise BadRequest(f"the request body is not valid {encoding} data")
+
+
 class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
     def __init__(self, config):
         self.writer = Writer(config)
+        self.metrics = self.writer.metrics
         self.rate_limiter = None
         self.reconfigure(config)
         self._routes = {
-            "/v1.0/event": {"POST": self.post_event},
-            "/v1.0/events": {"POST": self.post_events},
+            "/v1.0/event": {"POST": self.post_event, "OPTIONS": self.preflight},
+            "/v1.0/events": {"POST": self.post_events, "OPTIONS": self.preflight},
             "/docs": {"GET": self.get_docs},
             "/openapi.json": {"GET": self.get_openapi},
+            "/healthz": {"GET": self.get_health},
+            "/metrics": {"GET": self.get_metrics},
             "/": {"GET": self.get_index},
         }
         for methods in self._routes.values():
@@ -1046,7 +1260,10 @@ class Pycolytics:
 
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
-        self.validator = Validator(config, Keyring(config.api_keys))
+        self.validator = Validator(config, Keyring(config))
+        origins = [config.cors_origins] + [app["cors_origins"] for app in config.apps.values() if "cors_origins" in app]
+        self._any_origin = ANY_ORIGIN in origins
+        self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
         if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
             self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self._openapi = json.dumps(openapi_document(config), indent=2).encode()
@@ -1070,8 +1287,25 @@ class Pycolytics:
             log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             status, body = "500 Internal Server Error", b'{"detail":"internal server error"}'
             headers = [JSON_TYPE, ("Content-Length", str(len(body)))]
-        start_response(status, headers)
+        self.metrics.request(status)
+        start_response(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")))
         return [body]
+
+    def cors_headers(self, origin):
+        """What lets a page from `origin` read the answer (browser games, web apps), if it may."""
+        if self._any_origin:
+            return [("Access-Control-Allow-Origin", "*")]
+        if origin in self._origins:
+            return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return [("Vary", "Origin")]
+
+    def preflight(self, environ):
+        """A browser asking whether it may POST here: yes, for a day, with these headers."""
+        return "204 No Content", [
+            ("Access-Control-Allow-Methods", "POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", "Content-Type, Content-Encoding"),
+            ("Access-Control-Max-Age", "86400"),
+        ], b""
 
     def _dispatch(self, environ):
         methods = self._routes.get(environ.get("PATH_INFO") or "/")
@@ -1094,25 +1328,60 @@ class Pycolytics:
         client = client_address(
             environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self.config.trusted_proxies
         )
-        rows = self.ingest(body, batch, environ.get("HTTP_CONTENT_ENCODING"), client)
+        rows = self.ingest(body, batch, environ.get("HTTP_CONTENT_ENCODING"), client, environ.get("HTTP_ORIGIN"))
         if rows:
             self.writer.start()
             self.writer.write(rows)
         return "204 No Content", [], b""
 
-    def ingest(self, body, batch, encoding=None, client=None):
+    def ingest(self, body, batch, encoding=None, client=None, origin=None):
         """The rows to store for a request body to /v1.0/events (batch) or /v1.0/event; raises HTTPError."""
         if self.rate_limiter is not None:
             self.rate_limiter.check(client)
         if encoding and encoding.lower() != "identity":
-            raise UnsupportedMediaType("Content-Encoding is not supported: send the body uncompressed")
-        return self.validator.rows(parse_json(body), batch, body, datetime.datetime.now(datetime.timezone.utc))
+            body = decompress(body, encoding.lower(), self.config.max_body_bytes)
+        received = datetime.datetime.now(datetime.timezone.utc)
+        return self.validator.rows(parse_json(body), batch, body, received, origin)
 
     def get_docs(self, environ):
         return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(self._docs)))], self._docs
 
     def get_openapi(self, environ):
         return "200 OK", [JSON_TYPE, ("Content-Length", str(len(self._openapi)))], self._openapi
+
+    def get_health(self, environ):
+        problem = self.database_problem()
+        document = {"status": "unavailable" if problem else "ok", "database": problem or "accepts writes",
+                    "version": __version__}
+        body = json.dumps(document).encode()
+        status = "503 Service Unavailable" if problem else "200 OK"
+        return status, [JSON_TYPE, ("Content-Length", str(len(body))), ("Cache-Control", "no-store")], body
+
+    def database_problem(self):
+        """Why the database would not take events now, or None if it would."""
+        if self.writer.last_error is not None:
+            return f"the last commit failed: {self.writer.last_error}"
+        try:
+            space = os.statvfs(os.path.dirname(os.path.abspath(self.config.database)))
+            if space.f_bavail * space.f_frsize < MIN_FREE_DISK:
+                return "the disk is almost full"
+            # mode=rw: a health check must not create a missing database
+            uri = "file:" + urllib_quote(os.path.abspath(self.config.database)) + "?mode=rw"
+            connection = sqlite3.connect(uri, uri=True, timeout=HEALTH_TIMEOUT, isolation_level=None)
+            try:
+                connection.execute("BEGIN IMMEDIATE")  # can we take the write lock?
+                connection.execute("ROLLBACK")
+            finally:
+                connection.close()
+        except (OSError, sqlite3.Error) as error:
+            return str(error)
+        return None
+
+    def get_metrics(self, environ):
+        extra = ["# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
+                 "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {self.writer.pruned}"]
+        body = self.metrics.text(extra).encode()
+        return "200 OK", [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))], body
 
     def get_index(self, environ):
         body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": "/docs"}).encode()
@@ -1628,19 +1897,25 @@ class Server:
 
     def _ingest(self, connection, request, batch):
         try:
-            client = client_address(connection.peer, request.headers.get("x-forwarded-for"), self.config.trusted_proxies)
-            rows = self.app.ingest(request.body, batch, request.headers.get("content-encoding"), client)
+            headers = request.headers
+            client = client_address(connection.peer, headers.get("x-forwarded-for"), self.config.trusted_proxies)
+            rows = self.app.ingest(request.body, batch, headers.get("content-encoding"), client, headers.get("origin"))
         except HTTPError as error:
-            self._answer(connection, request, *_error_parts(error))
+            self._answer_event(connection, request, _error_parts(error))
         except Exception:
             log.exception("error while answering %s", request.line)
-            self._answer(connection, request, *_INTERNAL_ERROR)
+            self._answer_event(connection, request, _INTERNAL_ERROR)
         else:
             if rows:
                 self._group.extend(rows)
                 self._group_members.append((connection, request))
             else:
-                self._answer(connection, request, *_NO_CONTENT)
+                self._answer_event(connection, request, _NO_CONTENT)
+
+    def _answer_event(self, connection, request, answer):
+        status, headers, body = answer
+        self.app.metrics.request(status)
+        self._answer(connection, request, status, headers + self.app.cors_headers(request.headers.get("origin")), body)
 
     def _submit_group(self):
         """Hand the rows read in this turn of the loop to the writer, to be committed together."""
@@ -1651,13 +1926,18 @@ class Server:
             self.app.writer.submit(self._group, functools.partial(self._committed, members))
         except HTTPError as error:
             for connection, request in members:
-                self._answer(connection, request, *_error_parts(error))
+                self._answer_event(connection, request, _error_parts(error))
         self._group, self._group_members = [], []
 
     def _committed(self, members, error=None):
         """Called by the writer thread: queue the answers for the loop, and wake it."""
-        answer = _NO_CONTENT if error is None else _error_parts(error)
-        self._finished.extend((connection, request) + answer for connection, request in members)
+        status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
+        for _ in members:
+            self.app.metrics.request(status)
+        self._finished.extend(
+            (connection, request, status, headers + self.app.cors_headers(request.headers.get("origin")), body)
+            for connection, request in members
+        )
         self._wake()
 
     def _take_finished(self):
@@ -1913,29 +2193,150 @@ def _reload(app, server, load):
                 log.warning("%s changed; that takes a restart, the server keeps %r", name, getattr(app.config, name))
         app.reconfigure(config)
         server.reconfigure(config, tls)
+        if config.retention_days:
+            app.writer.prune_soon()
         _warn_about_keys(config)
         log.info("configuration reloaded")
     notify_systemd("READY=1")
 
 
+def keygen(arguments, config):
+    """Print a new random API key: 32 bytes from the operating system's random source."""
+    import secrets  # here: it loads hashlib and OpenSSL, which serving never needs
+
+    print(secrets.token_urlsafe(32))
+    return 0
+
+
+EXPORT_COLUMNS = ("id", "time", "received_at", "event_type", "application", "version", "platform",
+                  "user_id", "session_id", "value", "event_id")
+
+
+def _moment(text, option):
+    """A stored-time text from a command line time (ISO 8601 or Unix seconds)."""
+    moment = _client_time(float(text) if re.fullmatch(r"-?\d+(\.\d*)?", text) else text)
+    if moment is None:
+        raise ConfigError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
+    return moment.strftime(TIME_FORMAT)
+
+
+def read_only(path):
+    """A connection that can only read `path`, and fails rather than create a missing file."""
+    return sqlite3.connect("file:" + urllib_quote(os.path.abspath(path)) + "?mode=ro", uri=True, isolation_level=None)
+
+
+def export(arguments, config):
+    """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
+    import csv
+
+    conditions, parameters = [], []
+    if arguments.application is not None:
+        conditions.append("application = ?")
+        parameters.append(arguments.application)
+    # "+time": read in id order without the time index, so nothing is sorted in memory
+    for option, operator_ in (("since", ">="), ("until", "<")):
+        if getattr(arguments, option):
+            conditions.append(f"+time {operator_} ?")
+            parameters.append(_moment(getattr(arguments, option), f"--{option}"))
+    connection = read_only(config.database)
+    present = _columns(connection)
+    selected = ", ".join(name if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
+    where = " WHERE " + " AND ".join(conditions) if conditions else ""
+    rows = connection.execute(f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
+    output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
+    count = 0
+    try:
+        if arguments.format == "csv":
+            writer = csv.writer(output)
+            writer.writerow(EXPORT_COLUMNS)
+            for row in rows:
+                writer.writerow(row)
+                count += 1
+        else:
+            value = EXPORT_COLUMNS.index("value")
+            for row in rows:
+                record = dict(zip(EXPORT_COLUMNS, row))
+                record["value"] = json.loads(row[value])
+                output.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+    finally:
+        if output is not sys.stdout:
+            output.close()
+        connection.close()
+    log.info("exported %d events", count)
+    return 0
+
+
+def prune(arguments, config):
+    """Delete events older than --before, in small steps that never hold up a running server."""
+    before = _moment(arguments.before, "--before")
+    connection = connect(config.database, config.synchronous, config.busy_timeout)
+    deleted = 0
+    try:
+        while True:
+            step = prune_step(connection, before)
+            deleted += step
+            if step < PRUNE_STEP_ROWS:
+                break
+            time.sleep(0.01)  # let the server's writer in between steps
+    finally:
+        connection.close()
+    log.info("deleted %d events from before %s", deleted, before)
+    return 0
+
+
+def backup(arguments, config):
+    """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
+    target = arguments.file
+    partial = target + ".partial"
+    source = read_only(config.database)
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            # a few MB a step, so a running server's writer is never locked out for long
+            source.backup(copy, pages=1024, sleep=0.005)
+        finally:
+            copy.close()
+    finally:
+        source.close()
+    os.replace(partial, target)
+    log.info("backed up %s to %s", config.database, target)
+    return 0
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="pycolytics.py",
-        description="Collect analytics events over HTTP into an SQLite database.",
+        description="Collect analytics events over HTTP into an SQLite database. With no command, serve.",
         epilog=(
             "Settings come from, strongest first: these options, PYCOLYTICS_<KEY> environment variables "
-            "(and the original Pycolytics' SQLITE_FILE_PATH and API_KEYS), the ini file, the defaults. "
+            "(and the original Pycolytics' SQLITE_FILE_PATH, API_KEYS and RATE_LIMIT), the ini file, the defaults. "
             "The ini file is --config, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini if present; "
             "pycolytics.ini in the repository documents every key."
         ),
     )
-    parser.add_argument("--config", metavar="FILE", help="the ini file to read (section [pycolytics])")
+    parser.add_argument("--config", metavar="FILE", help="the ini file to read (sections [pycolytics], [app:NAME])")
     parser.add_argument("--host", help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", help="the port to listen on (default 8000)")
     parser.add_argument("--database", metavar="FILE", help="the SQLite database file (default pycolytics.db)")
     parser.add_argument("--quiet", action="store_const", const="yes", help="do not log each request")
     parser.add_argument("--version", action="version", version=f"pycolytics {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("keygen", help="print a new random API key")
+    exporting = commands.add_parser("export", help="write events as CSV or JSON lines (pandas reads both)")
+    exporting.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
+    exporting.add_argument("--application", metavar="NAME", help="only this application's events")
+    exporting.add_argument("--since", metavar="T", help="only events at or after T (ISO 8601 or Unix seconds, UTC)")
+    exporting.add_argument("--until", metavar="T", help="only events before T")
+    exporting.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
+    pruning = commands.add_parser("prune", help="delete events older than a time, in small steps")
+    pruning.add_argument("--before", metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")
+    backing_up = commands.add_parser("backup", help="copy the database consistently, while the server runs")
+    backing_up.add_argument("file", metavar="FILE", help="where to write the copy")
     return parser
+
+
+COMMANDS = {"keygen": keygen, "export": export, "prune": prune, "backup": backup}
 
 
 def main(argv=None):
@@ -1945,10 +2346,15 @@ def main(argv=None):
     load = functools.partial(load_config, arguments.config, overrides=overrides)
     try:
         config = load()
+        if arguments.command is None:
+            return serve(config, load)
+        return COMMANDS[arguments.command](arguments, config)
     except ConfigError as error:
         log.error("bad configuration: %s", error)
         return 2
-    return serve(config, load)
+    except (OSError, sqlite3.Error) as error:
+        log.error("%s failed: %s", arguments.command or "serving", error)
+        return 1
 
 
 if __name__ == "__main__":

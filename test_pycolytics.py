@@ -2,8 +2,11 @@
 
 import collections
 import concurrent.futures
+import csv
 import datetime
+import gzip
 import http.client
+import io
 import itertools
 import json
 import math
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 import schemathesis
@@ -240,9 +244,9 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path, settings, 
     app.close()
 
 
-def test_compressed_bodies_are_refused_with_415(client, database):
-    response = post(client, "/v1.0/event", event(), status=415, headers={"Content-Encoding": "gzip"})
-    assert "Content-Encoding" in response.json["detail"]
+def test_an_unknown_content_encoding_is_refused_with_415(client, database):
+    response = post(client, "/v1.0/event", event(), status=415, headers={"Content-Encoding": "br"})
+    assert "gzip, deflate or identity" in response.json["detail"]
     assert count(database) == 0
 
 
@@ -252,7 +256,7 @@ def test_an_unknown_path_is_404(client):
 
 def test_a_wrong_method_is_405_with_allow(client):
     response = client.get("/v1.0/events", status=405)
-    assert response.headers["Allow"] == "POST"
+    assert response.headers["Allow"] == "POST, OPTIONS"
     assert client.post("/openapi.json", status=405).headers["Allow"] == "GET, HEAD"
 
 
@@ -365,6 +369,273 @@ def test_a_database_without_the_added_columns_is_upgraded_in_place(config, datab
     app.close()
     assert count(database) == 1001 + 1
     assert stored(database, "event_id")[-2:] == [(None,), ("e-1",)]
+
+
+# -- Browsers and compressed bodies ------------------------------------------------------------------
+
+
+def test_every_answer_carries_cors_headers_errors_included(client):
+    origin = {"Origin": "https://games.example"}
+    assert post(client, "/v1.0/event", event(), headers=origin).headers["Access-Control-Allow-Origin"] == "*"
+    assert post(client, "/v1.0/event", b"{", status=400, headers=origin).headers["Access-Control-Allow-Origin"] == "*"
+    assert client.get("/nothing", status=404, headers=origin).headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.parametrize("path", ["/v1.0/event", "/v1.0/events"])
+def test_a_preflight_is_answered_for_a_day(client, path):
+    response = client.options(path, headers={"Origin": "https://games.example", "Access-Control-Request-Method": "POST",
+                                             "Access-Control-Request-Headers": "content-type, content-encoding"},
+                              status=204)
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert response.headers["Access-Control-Allow-Headers"] == "Content-Type, Content-Encoding"
+    assert int(response.headers["Access-Control-Max-Age"]) >= 3600
+
+
+def test_listed_origins_are_echoed_and_others_refused(settings, database):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, cors_origins="https://a.example, http://localhost:8060"))
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    response = post(client, "/v1.0/event", event(), headers={"Origin": "http://localhost:8060"})
+    assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:8060"
+    refused = post(client, "/v1.0/event", event(), status=403, headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in refused.headers
+    assert "pages from https://evil.example may not send events" in refused.json["detail"]
+    post(client, "/v1.0/event", event())  # no Origin: a game, a script, curl
+    app.close()
+    assert count(database) == 2
+
+
+@pytest.mark.parametrize("encoding, compress", [
+    ("gzip", gzip.compress), ("deflate", zlib.compress),
+    ("deflate", lambda data: zlib.compress(data)[2:-4]),  # raw deflate, as some clients send it
+])
+def test_compressed_bodies_are_accepted(client, database, encoding, compress):
+    post(client, "/v1.0/events", compress(body([event(event_type="zipped")] * 50)), headers={"Content-Encoding": encoding})
+    assert stored(database, "event_type") == [("zipped",)] * 50
+
+
+def test_a_decompression_bomb_is_a_quick_413(client, database):
+    bomb = gzip.compress(b"[" + b" " * 50_000_000 + b"]")  # 50 MB of nothing, in about 50 kB
+    assert len(bomb) < 100_000
+    response = post(client, "/v1.0/events", bomb, status=413, headers={"Content-Encoding": "gzip"})
+    assert "decompresses to over 1048576 bytes" in response.json["detail"]
+    assert count(database) == 0
+
+
+@pytest.mark.parametrize("payload, words", [
+    (b"not gzip at all", "not valid gzip data"),
+    (gzip.compress(b"[]")[:-12], "cut short"),
+])
+def test_broken_compressed_bodies_are_400(client, database, payload, words):
+    response = post(client, "/v1.0/events", payload, status=400, headers={"Content-Encoding": "gzip"})
+    assert words in response.json["detail"]
+
+
+def test_cors_and_gzip_over_a_real_socket(server, database):
+    payload = gzip.compress(body([event()] * 3))
+    connection = http.client.HTTPConnection(*server.server_address, timeout=10)
+    connection.request("OPTIONS", "/v1.0/events", headers={"Origin": "https://games.example",
+                                                           "Access-Control-Request-Method": "POST"})
+    preflight = connection.getresponse()
+    preflight.read()
+    connection.request("POST", "/v1.0/events", payload, {"Content-Encoding": "gzip", "Content-Type": "text/plain",
+                                                         "Origin": "https://games.example"})
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    assert (preflight.status, preflight.getheader("Access-Control-Allow-Origin")) == (204, "*")
+    assert (response.status, response.getheader("Access-Control-Allow-Origin")) == (204, "*")
+    assert count(database) == 3
+
+
+# -- Keys per game ---------------------------------------------------------------------------------------
+
+PER_GAME = """[pycolytics]
+api_keys = global-key
+[app:space-game]
+api_keys = space-key
+cors_origins = https://space.example
+[app:farm-game]
+api_keys = farm-key, farm-key-2
+"""
+
+
+@pytest.fixture
+def per_game(tmp_path, database):
+    (tmp_path / "games.ini").write_text(PER_GAME)
+    config = pycolytics.load_config(str(tmp_path / "games.ini"), environ={}, overrides={"database": database})
+    app = pycolytics.create_app(config)
+    yield webtest.TestApp(app)
+    app.close()
+
+
+def test_a_games_key_works_for_that_game_only(per_game, database):
+    post(per_game, "/v1.0/events", [event(application="space-game", api_key="space-key"),
+                                    event(application="farm-game", api_key="farm-key-2"),
+                                    event(application="any-game", api_key="global-key")])
+    response = post(per_game, "/v1.0/events", [event(application="space-game", api_key="space-key"),
+                                               event(application="farm-game", api_key="space-key")], status=403)
+    assert "event 1: this api_key is for application 'space-game', not 'farm-game'" in response.json["detail"]
+    assert "space-key" not in response.text
+    assert count(database) == 3
+
+
+def test_a_games_own_origins_apply_to_its_events(per_game, database):
+    page = {"Origin": "https://space.example"}
+    post(per_game, "/v1.0/event", event(application="space-game", api_key="space-key"), headers=page)
+    post(per_game, "/v1.0/event", event(application="space-game", api_key="space-key"), status=403,
+         headers={"Origin": "https://farm.example"})
+    post(per_game, "/v1.0/event", event(application="farm-game", api_key="farm-key"), headers={"Origin": "https://farm.example"})
+    assert count(database) == 2
+
+
+def test_an_unknown_key_in_an_app_section_is_a_configuration_error(tmp_path):
+    (tmp_path / "bad.ini").write_text("[app:game]\napi_key = typo\n")
+    with pytest.raises(pycolytics.ConfigError, match="unknown key 'api_key' in \\[app:game\\]"):
+        pycolytics.load_config(str(tmp_path / "bad.ini"), environ={})
+
+
+def test_keygen_prints_a_new_random_key():
+    run = [sys.executable, os.path.join(HERE, "pycolytics.py"), "keygen"]
+    first, second = (subprocess.run(run, capture_output=True, text=True, check=True).stdout.strip() for _ in range(2))
+    assert first != second and len(first) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", first)
+
+
+# -- Health, metrics and maintenance -----------------------------------------------------------------
+
+
+def test_healthz_is_200_while_the_database_takes_writes(client):
+    response = client.get("/healthz")
+    assert response.json["status"] == "ok" and response.headers["Cache-Control"] == "no-store"
+
+
+def test_healthz_is_503_while_the_database_is_locked(client, database):
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        response = client.get("/healthz", status=503)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert response.json["status"] == "unavailable" and "locked" in response.json["database"]
+    assert client.get("/healthz").json["status"] == "ok"
+
+
+def test_healthz_is_503_after_a_failed_commit(client, database):
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event BEGIN SELECT RAISE(ABORT, 'disk I/O'); END")
+    post(client, "/v1.0/event", event(), status=503)
+    assert "disk I/O" in client.get("/healthz", status=503).json["database"]
+
+
+def test_metrics_count_requests_stored_events_and_commit_time(client):
+    post(client, "/v1.0/events", [event(event_id="m-1"), event(event_id="m-2")])
+    post(client, "/v1.0/events", [event(event_id="m-1")])  # a retry: acknowledged, not stored again
+    post(client, "/v1.0/event", b"{", status=400)
+    text = client.get("/metrics").text
+    assert client.get("/metrics").content_type == "text/plain"
+    assert "\npycolytics_events_stored_total 2\n" in text
+    assert 'pycolytics_requests_total{status="204"} 2' in text and 'pycolytics_requests_total{status="400"} 1' in text
+    assert re.search(r'^pycolytics_commit_seconds_bucket\{le="\+Inf"\} 2$', text, re.M)
+    assert re.search(r"^pycolytics_commit_seconds_count 2$", text, re.M)
+
+
+def test_metrics_count_the_built_in_servers_fast_path(server):
+    connection = http.client.HTTPConnection(*server.server_address, timeout=10)
+    statuses = [post_over(connection, event()), post_over(connection, event(api_key="nope"))]
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    assert statuses == [204, 401]
+    assert 'pycolytics_requests_total{status="204"} 1' in text and 'pycolytics_requests_total{status="401"} 1' in text
+
+
+def run_cli(tmp_path, *arguments):
+    return subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+def seed(client):
+    post(client, "/v1.0/events", [
+        event(application="space", timestamp="2024-01-01T10:00:00Z", value={"a": 1}),
+        event(application="farm", timestamp="2024-02-01T10:00:00Z", value={"b": [1, 2]}, event_id="f-1"),
+        event(application="space", timestamp="2024-03-01T10:00:00Z", user_id='quote " and, comma'),
+    ])
+
+
+def test_export_writes_csv_that_reads_back_and_filters(client, database, tmp_path):
+    seed(client)
+    result = run_cli(tmp_path, "--database", database, "export", "--application", "space", "--since", "2024-01-15")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(row["application"], row["user_id"], row["time"]) for row in rows] == [
+        ("space", 'quote " and, comma', "2024-03-01 10:00:00.000000")]
+    assert list(rows[0]) == list(pycolytics.EXPORT_COLUMNS)
+
+
+def test_export_writes_json_lines_to_a_file(client, database, tmp_path):
+    seed(client)
+    result = run_cli(tmp_path, "--database", database, "export", "--format", "jsonl", "--until", "1709200000",
+                     "--output", "out.jsonl")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(record["value"], record["event_id"]) for record in records] == [({"a": 1}, None), ({"b": [1, 2]}, "f-1")]
+
+
+def test_export_refuses_a_bad_time_and_a_missing_database(tmp_path, database):
+    result = run_cli(tmp_path, "--database", database, "export", "--since", "last tuesday")
+    assert result.returncode == 2 and "--since 'last tuesday' is not a time" in result.stderr
+    result = run_cli(tmp_path, "--database", str(tmp_path / "absent.db"), "export")
+    assert result.returncode == 1 and not (tmp_path / "absent.db").exists()
+
+
+def test_prune_deletes_old_events_only(client, database, tmp_path):
+    seed(client)
+    for _ in range(2):
+        post(client, "/v1.0/events", [event(timestamp=f"2023-06-{day:02d}") for day in range(1, 29)] * 20)
+    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-01-15")
+    assert result.returncode == 0, result.stderr
+    assert "deleted 1121 events" in result.stderr
+    assert [row[0] for row in stored(database, "time")] == ["2024-02-01 10:00:00.000000", "2024-03-01 10:00:00.000000"]
+
+
+def test_retention_days_prunes_in_the_running_server(settings, database):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, retention_days=30))
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    post(client, "/v1.0/events", [event(timestamp="2020-01-01")] * 600)
+    post(client, "/v1.0/events", [event(timestamp="2020-01-01")] * 600 + [event()])
+    app.writer.prune_soon()
+    deadline = time.monotonic() + 20
+    while count(database) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count(database) == 1
+    assert app.writer.pruned == 1200
+    assert "pycolytics_events_pruned_total 1200" in client.get("/metrics").text
+    app.close()
+
+
+def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database, tmp_path):
+    stop = threading.Event()
+
+    def keep_posting():
+        connection = http.client.HTTPConnection(*server.server_address, timeout=10)
+        while not stop.is_set():
+            post_over(connection, [event()] * 20, "/v1.0/events")
+
+    writer = threading.Thread(target=keep_posting)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        result = run_cli(tmp_path, "--database", database, "backup", "copy.db")
+    finally:
+        stop.set()
+        writer.join(10)
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "copy.db") as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        copied = copy.execute("SELECT count(*) FROM event").fetchone()[0]
+    assert 0 < copied <= count(database) and copied % 20 == 0
 
 
 # -- Rate limits -------------------------------------------------------------------------------------
