@@ -111,6 +111,7 @@ DEFAULTS = {
     "keyfile": "",
     "cors_origins": "*",
     "retention_days": "0",
+    "read_keys": "",
 }
 
 # What an [app:NAME] section may set, for that application's events only.
@@ -322,6 +323,7 @@ _PARSERS = {
     "keyfile": _text,
     "cors_origins": _origins,
     "retention_days": _days,
+    "read_keys": _keys,
 }
 
 
@@ -1183,6 +1185,266 @@ class Writer:
 
 
 ###############################################################################
+# The dashboard: /dashboard
+###############################################################################
+
+# The range the dashboard shows when none is asked for, in days up to today.
+DASHBOARD_DAYS = 30
+# The dashboard keeps the figures of days that ended this many days ago for an hour, and
+# remembers this many days at most (a few hundred bytes each).
+DASHBOARD_SETTLED_DAYS = 2
+DASHBOARD_CACHE_SECONDS = 3600
+DASHBOARD_CACHE_DAYS = 4000
+
+
+def presented_read_key(environ):
+    """The key a request presents: an HTTP Basic password (any user name) or a Bearer token."""
+    scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip()
+    if scheme.lower() == "basic":
+        import base64  # here: only the dashboard reads credentials
+        import binascii
+
+        try:
+            return base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
+class Dashboard:
+    """Charts of the stored events, drawn by the server as inline SVG: no scripts, fonts or CDNs.
+
+    Reading needs one of `read_keys`; the write keys that ship inside games never open it.
+    The figures are per day, from three scans of the days not yet cached, through the `time` index.
+    """
+
+    def __init__(self, config):
+        self.database = config.database
+        self._read_keys = [key.encode("utf-8") for key in config.read_keys]
+        self._lock = threading.Lock()
+        self._cache = {}  # day -> (when read, its summaries), oldest read first
+
+    def authorize(self, environ):
+        if not self._read_keys:
+            raise Forbidden("the dashboard is off: set read_keys in the configuration to open it")
+        key = presented_read_key(environ)
+        matched = False
+        try:
+            candidate = (key or "").encode("utf-8")
+        except UnicodeEncodeError:
+            candidate = b""
+        for known in self._read_keys:
+            matched |= compare_digest(known, candidate)
+        if not key or not matched:
+            raise Unauthorized("the dashboard needs a read key: as the password of HTTP Basic, or a Bearer token",
+                               [("WWW-Authenticate", 'Basic realm="pycolytics dashboard", charset="UTF-8"')])
+
+    def page(self, environ):
+        started = time.monotonic()
+        application, since, until = self._filters(environ.get("QUERY_STRING", ""))
+        connection = read_only(self.database)
+        try:
+            figures = self._figures(connection, application, since, until)
+        finally:
+            connection.close()
+        return _dashboard_html(figures, application, since, until, time.monotonic() - started).encode()
+
+    def _filters(self, query):
+        from urllib.parse import parse_qs  # here: only the dashboard reads a query string
+
+        fields = {name: values[-1] for name, values in parse_qs(query).items()}
+        today = datetime.datetime.now(datetime.timezone.utc).date()
+        try:
+            until = datetime.date.fromisoformat(fields["until"]) if fields.get("until") else today
+            since = (datetime.date.fromisoformat(fields["since"]) if fields.get("since")
+                     else until - datetime.timedelta(days=DASHBOARD_DAYS - 1))
+        except ValueError:
+            raise BadRequest("since and until must be dates like 2024-05-01") from None
+        if since > until:
+            raise BadRequest("since must not be after until")
+        return fields.get("application") or None, since, until
+
+    def _figures(self, connection, application, since, until):
+        days = [(since + datetime.timedelta(days=n)).isoformat() for n in range((until - since).days + 1)]
+        summaries = self._summaries(connection, days)
+        chosen = [summaries[day].get(application, _EMPTY_DAY) for day in days]
+        ranked = {"event_type": collections.Counter(), "version": collections.Counter(), "platform": collections.Counter()}
+        for summary in chosen:
+            for (field, value), events in summary[3].items():
+                ranked[field][value] += events
+        applications = {app for day in days for app in summaries[day] if app is not None}
+        return {
+            "days": [(day,) + summary[:3] for day, summary in zip(days, chosen)],
+            "ranked": {name: counter.most_common(10) for name, counter in ranked.items()},
+            "applications": sorted(applications | ({application} if application else set())),
+        }
+
+    def _summaries(self, connection, days):
+        """Each day's figures, per application and for all (key None), from the cache or the database.
+
+        A day that ended DASHBOARD_SETTLED_DAYS ago hardly changes (only late events with old
+        timestamps land in it), so its figures are kept for DASHBOARD_CACHE_SECONDS; the
+        database is read only for the other days, in one range.
+        """
+        now = time.monotonic()
+        settled = (datetime.datetime.now(datetime.timezone.utc).date()
+                   - datetime.timedelta(days=DASHBOARD_SETTLED_DAYS)).isoformat()
+        with self._lock:
+            summaries = {day: self._cache[day][1] for day in days
+                         if day in self._cache and day < settled and now - self._cache[day][0] < DASHBOARD_CACHE_SECONDS}
+        missing = [day for day in days if day not in summaries]
+        if missing:
+            fresh = self._read_days(connection, missing[0], missing[-1])
+            with self._lock:
+                for day in missing:
+                    summaries[day] = fresh.get(day, {})
+                    self._cache[day] = (now, summaries[day])
+                while len(self._cache) > DASHBOARD_CACHE_DAYS:
+                    del self._cache[next(iter(self._cache))]
+        return summaries
+
+    def _read_days(self, connection, first, last):
+        """{day: {application or None: (events, users, sessions, Counter of (field, value))}}."""
+        bounds = [first, (datetime.date.fromisoformat(last) + datetime.timedelta(days=1)).isoformat()]
+        where = "WHERE time >= ? AND time < ?"
+        days = collections.defaultdict(dict)
+        for day, application, events, users, sessions in connection.execute(
+            "SELECT substr(time, 1, 10), application, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
+            f" FROM event {where} GROUP BY 1, 2", bounds
+        ):
+            days[day][application] = (events, users, sessions, collections.Counter())
+        for day, events, users, sessions in connection.execute(
+            "SELECT substr(time, 1, 10), count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
+            f" FROM event {where} GROUP BY 1", bounds
+        ):
+            days[day][None] = (events, users, sessions, collections.Counter())
+        for day, application, event_type, version, platform, events in connection.execute(
+            f"SELECT substr(time, 1, 10), application, event_type, version, platform, count(*) FROM event {where}"
+            " GROUP BY 1, 2, 3, 4, 5", bounds
+        ):
+            for key in (application, None):
+                ranked = days[day][key][3]
+                ranked["event_type", event_type] += events
+                ranked["version", version] += events
+                ranked["platform", platform] += events
+        return days
+
+
+_EMPTY_DAY = (0, 0, 0, collections.Counter())
+
+
+def _escape(text):
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def _columns_svg(points, label):
+    """A bar per day: (day, value) points."""
+    width, height, left, bottom = 760, 200, 48, 22
+    top = max((value for _, value in points), default=0) or 1
+    step = (width - left) / max(1, len(points))
+    bars = []
+    for n, (day, value) in enumerate(points):
+        tall = (height - bottom - 10) * value / top
+        bars.append(f'<rect class="bar" x="{left + n * step + step * 0.1:.1f}" y="{height - bottom - tall:.1f}" '
+                    f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {value:,} {label}</title></rect>')
+    ticks = "".join(
+        f'<text x="{left + n * step + step / 2:.1f}" y="{height - 6}" text-anchor="middle">{day[5:]}</text>'
+        for n, (day, _) in enumerate(points) if n % max(1, len(points) // 8) == 0
+    )
+    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)} per day">'
+            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
+            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
+            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{"".join(bars)}{ticks}</svg>')
+
+
+def _lines_svg(series):
+    """A line per series over the days: {name: [(day, value)]}."""
+    width, height, left, bottom = 760, 200, 48, 22
+    top = max((value for points in series.values() for _, value in points), default=0) or 1
+    lines, legend = [], []
+    for n, (name, points) in enumerate(series.items()):
+        step = (width - left - 10) / max(1, len(points) - 1)
+        coordinates = " ".join(f"{left + i * step:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
+                               for i, (_, value) in enumerate(points))
+        lines.append(f'<polyline class="line line{n}" points="{coordinates}"><title>{_escape(name)}</title></polyline>')
+        legend.append(f'<text x="{left + 10 + n * 130}" y="14" class="legend{n}">&#9632; {_escape(name)}</text>')
+    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="daily users and sessions">'
+            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
+            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
+            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{"".join(lines)}{"".join(legend)}</svg>')
+
+
+def _ranking_svg(items, label):
+    """Horizontal bars for the top (name, count) items."""
+    if not items:
+        return '<p class="empty">No events in this range.</p>'
+    width, row = 360, 22
+    top = items[0][1] or 1
+    bars = []
+    for n, (name, value) in enumerate(items):
+        y = n * row
+        bars.append(
+            f'<rect class="bar" x="120" y="{y + 4}" width="{(width - 180) * value / top:.1f}" height="{row - 8}">'
+            f'<title>{_escape(name)}: {value:,}</title></rect>'
+            f'<text x="114" y="{y + 16}" text-anchor="end">{_escape(name[:18] or "(empty)")}</text>'
+            f'<text x="{126 + (width - 180) * value / top:.1f}" y="{y + 16}">{value:,}</text>'
+        )
+    return (f'<svg class="chart" viewBox="0 0 {width} {row * len(items)}" role="img" aria-label="{_escape(label)}">'
+            f'{"".join(bars)}</svg>')
+
+
+def _dashboard_html(figures, application, since, until, seconds):
+    days = figures["days"]
+    events, sessions = sum(day[1] for day in days), sum(day[3] for day in days)
+    users = round(sum(day[2] for day in days) / len(days))
+    options = "".join(f'<option value="{_escape(name)}"{" selected" if name == application else ""}>{_escape(name)}</option>'
+                      for name in figures["applications"])
+    charts = (_columns_svg([(day, n) for day, n, _, _ in days], "events")
+              if events else '<p class="empty">No events in this range.</p>')
+    activity = _lines_svg({"users": [(day, n) for day, _, n, _ in days],
+                           "sessions": [(day, n) for day, _, _, n in days]}) if events else ""
+    ranked = figures["ranked"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Pycolytics dashboard</title>
+<style>
+body{{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}}
+header{{background:#1d2433;color:#fff;padding:12px 24px;display:flex;flex-wrap:wrap;gap:16px;align-items:center}}
+header h1{{font-size:20px;margin:0 16px 0 0}} form{{display:flex;gap:12px;flex-wrap:wrap;align-items:center}}
+input,select,button{{font:inherit;padding:3px 6px}} main{{max-width:1100px;margin:0 auto;padding:16px 24px}}
+.totals{{display:flex;gap:16px}} .totals div{{background:#fff;border-radius:8px;padding:12px 20px;flex:1}}
+.totals b{{display:block;font-size:28px}} section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
+h2{{font-size:16px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:16px}}
+.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:11px;fill:#5b6477}}
+.bar{{fill:#3d7be0}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}} .line0{{stroke:#3d7be0}}
+.line1{{stroke:#e0793d}} .chart .legend0{{fill:#3d7be0;font-size:13px}} .chart .legend1{{fill:#e0793d;font-size:13px}}
+.empty{{color:#5b6477}}
+footer{{color:#5b6477;font-size:12px;padding:0 24px 24px;text-align:center}}
+</style></head><body>
+<header><h1>Pycolytics</h1>
+<form method="get" action="/dashboard">
+<label>Application <select name="application"><option value="">all</option>{options}</select></label>
+<label>From <input type="date" name="since" value="{since.isoformat()}"></label>
+<label>to <input type="date" name="until" value="{until.isoformat()}"></label>
+<button type="submit">Show</button></form></header>
+<main>
+<div class="totals"><div><b>{events:,}</b>events</div><div><b>{users:,}</b>daily users, on average</div>
+<div><b>{sessions:,}</b>sessions</div></div>
+<section><h2>Events per day</h2>{charts}</section>
+<section><h2>Daily active users and sessions</h2>{activity or '<p class="empty">No events in this range.</p>'}</section>
+<div class="grid">
+<section><h2>Top event types</h2>{_ranking_svg(ranked["event_type"], "top event types")}</section>
+<section><h2>Versions</h2>{_ranking_svg(ranked["version"], "versions")}</section>
+<section><h2>Platforms</h2>{_ranking_svg(ranked["platform"], "platforms")}</section>
+</div></main>
+<footer>Pycolytics {__version__} &middot; days in UTC &middot; drawn in {seconds * 1000:.0f} ms</footer>
+</body></html>
+"""
+
+
+###############################################################################
 # The WSGI application
 ###############################################################################
 
@@ -1252,6 +1514,7 @@ class Pycolytics:
             "/openapi.json": {"GET": self.get_openapi},
             "/healthz": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
+            "/dashboard": {"GET": self.get_dashboard},
             "/": {"GET": self.get_index},
         }
         for methods in self._routes.values():
@@ -1261,6 +1524,7 @@ class Pycolytics:
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
         self.validator = Validator(config, Keyring(config))
+        self.dashboard = Dashboard(config)
         origins = [config.cors_origins] + [app["cors_origins"] for app in config.apps.values() if "cors_origins" in app]
         self._any_origin = ANY_ORIGIN in origins
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
@@ -1377,6 +1641,14 @@ class Pycolytics:
             return str(error)
         return None
 
+    def get_dashboard(self, environ):
+        self.dashboard.authorize(environ)
+        body = self.dashboard.page(environ)
+        return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
+                          ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer"),
+                          ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                                      "form-action 'self'; frame-ancestors 'none'")], body
+
     def get_metrics(self, environ):
         extra = ["# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
                  "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {self.writer.pruned}"]
@@ -1461,8 +1733,13 @@ def openapi_document(config):
         "204": {"description": "Stored: the events are committed to the database."},
         "400": {"description": "The body is not JSON or not UTF-8.", "content": {"application/json": {"schema": error}}},
         "401": {"description": "A missing or unknown api_key.", "content": {"application/json": {"schema": error}}},
+        "403": {"description": "A key of another application, or a page from an origin it does not allow.",
+                "content": {"application/json": {"schema": error}}},
         "413": {"description": "Over the size limits.", "content": {"application/json": {"schema": error}}},
+        "415": {"description": "An unsupported Content-Encoding.", "content": {"application/json": {"schema": error}}},
         "422": {"description": "Events that are not valid.", "content": {"application/json": {"schema": error}}},
+        "429": {"description": "Over the rate limit: retry after Retry-After seconds.",
+                "content": {"application/json": {"schema": error}}},
         "503": {"description": "Busy or shutting down: retry later.", "content": {"application/json": {"schema": error}}},
     }
 
@@ -1511,17 +1788,34 @@ code,pre{{background:#f4f4f4}}pre{{padding:1em;overflow:auto}}td{{padding:.2em .
 <h2>Fields</h2><table>{rows}
 <tr><td><code>value</code></td><td>a JSON object, optional (default <code>{{}}</code>), at most {config.max_value_bytes}
 bytes as JSON and {config.max_value_depth} levels deep</td></tr>
-<tr><td><code>api_key</code></td><td>one of the server's keys</td></tr></table>
-<p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes; any Content-Type is accepted.</p>
+<tr><td><code>api_key</code></td><td>one of the server's keys (a game's own key is good for that game only)</td></tr>
+<tr><td><code>timestamp</code></td><td>optional: when it happened, by the client's clock; ISO 8601
+(<code>2024-05-01T12:00:00Z</code>, UTC unless it says) or Unix seconds</td></tr>
+<tr><td><code>sent_at</code></td><td>optional: when the client sent the request, by the same clock; the server then
+corrects the clock's error. The stored <code>time</code> is the best estimate of when the event happened, never in
+the future; <code>received_at</code> keeps the receive time.</td></tr>
+<tr><td><code>event_id</code></td><td>optional: a unique string of at most {MAX_EVENT_ID} characters made by the client;
+an event whose id is already stored is acknowledged and not stored again, so retries are safe</td></tr></table>
+<p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes, also after decompression
+(<code>Content-Encoding: gzip</code> or <code>deflate</code>); any Content-Type is accepted, so browsers can post
+<code>text/plain</code> without a preflight. Every answer carries CORS headers for allowed origins, and
+<code>OPTIONS</code> answers preflights.</p>
 <h2>Answers</h2><table>
 <tr><td>204</td><td>Stored: the events are committed to the database.</td></tr>
 <tr><td>400</td><td>The body is not JSON or not UTF-8.</td></tr>
 <tr><td>401</td><td>A missing or unknown <code>api_key</code> (the answer names the events).</td></tr>
+<tr><td>403</td><td>A key of another game, or a web page from an origin that may not send this game's events.</td></tr>
 <tr><td>413</td><td>The body is over its size limit.</td></tr>
+<tr><td>415</td><td>A Content-Encoding other than gzip, deflate or identity.</td></tr>
+<tr><td>429</td><td>Over the rate limit: send again after <code>Retry-After</code> seconds.</td></tr>
 <tr><td>422</td><td>Invalid events, or too many in a batch; <code>detail</code> lists every problem with its event and field.</td></tr>
 <tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
 </table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
+<h2>Operations</h2>
+<p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
+<code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
+key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
 <h2>Example</h2>
 <pre>curl -i http://127.0.0.1:8000/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>

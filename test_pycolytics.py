@@ -1,5 +1,6 @@
 """Tests for pycolytics.py: the WSGI application under WebTest, the built-in server over real sockets."""
 
+import base64
 import collections
 import concurrent.futures
 import csv
@@ -636,6 +637,113 @@ def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database,
         assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         copied = copy.execute("SELECT count(*) FROM event").fetchone()[0]
     assert 0 < copied <= count(database) and copied % 20 == 0
+
+
+# -- The dashboard -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reading(settings, database):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    seed_recent(client)
+    yield client
+    app.close()
+
+
+def seed_recent(client):
+    """A month of events from two games, up to today."""
+    today = datetime.datetime.now(datetime.timezone.utc)
+    batch = []
+    for n in range(300):
+        moment = today - datetime.timedelta(hours=n * 2.3)
+        batch.append(event(application="space-game" if n % 3 else "farm-game", event_type=("death", "win", "start")[n % 3],
+                           version=f"1.{n % 4}", platform=("Linux", "Windows", "Web")[n % 3], user_id=f"u{n % 40}",
+                           session_id=f"s{n // 5}", timestamp=moment.isoformat()))
+    post(client, "/v1.0/events", batch)
+
+
+def basic(key):
+    return {"Authorization": "Basic " + base64.b64encode(f"anyone:{key}".encode()).decode()}
+
+
+def test_the_dashboard_is_off_without_read_keys(client):
+    assert "set read_keys" in client.get("/dashboard", status=403).json["detail"]
+
+
+@pytest.mark.parametrize("headers", [{}, basic("wrong"), basic(KEY), {"Authorization": f"Bearer {KEY}"},
+                                     {"Authorization": "Basic !!!"}, {"Authorization": "Digest x"}])
+def test_the_dashboard_needs_a_read_key_and_write_keys_do_not_open_it(reading, headers):
+    response = reading.get("/dashboard", headers=headers, status=401)
+    assert response.headers["WWW-Authenticate"].startswith("Basic realm=")
+    assert "reader-key" not in response.text
+
+
+@pytest.mark.parametrize("headers", [basic("reader-key"), {"Authorization": "Bearer reader-key"}])
+def test_the_dashboard_draws_its_charts_as_inline_svg(reading, headers):
+    page = reading.get("/dashboard", headers=headers)
+    assert page.content_type == "text/html" and "default-src 'none'" in page.headers["Content-Security-Policy"]
+    assert page.text.count("<svg") == 5 and page.text.count('<rect class="bar"') >= 30
+    assert "<b>300</b>events" in page.text and "daily users, on average" in page.text
+    assert not re.search(r"<script|<link|https?://", page.text)
+
+
+def test_the_dashboard_filters_by_application_and_dates(reading):
+    page = reading.get("/dashboard?application=farm-game", headers=basic("reader-key"))
+    assert "<b>100</b>events" in page.text and '<option value="space-game">' in page.text
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    page = reading.get(f"/dashboard?since={today}&until={today}", headers=basic("reader-key"))
+    assert page.text.count('<rect class="bar"') >= 1
+    assert reading.get("/dashboard?since=yesterday", headers=basic("reader-key"), status=400)
+
+
+def find_chromium():
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (Debian's package) for the dashboard's browser test")
+        pytest.skip("chromium is not installed")
+    return browser
+
+
+def png_colours(path):
+    """How many different byte values the image's pixel data holds: a blank page has very few."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, pixels = 8, b""
+    while position < len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        if data[position + 4:position + 8] == b"IDAT":
+            pixels += data[position + 8:position + 8 + length]
+        position += 12 + length
+    return len(set(zlib.decompress(pixels)))
+
+
+def test_the_dashboard_renders_in_a_real_browser(tmp_path, settings, database):
+    browser = find_chromium()
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
+    app = pycolytics.create_app(config)
+    seed_recent(webtest.TestApp(app))
+    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    url = "http://viewer:reader-key@%s:%d/dashboard" % server.server_address
+    headless = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000"]
+    try:
+        dom = subprocess.run(headless + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "dashboard.png"
+        subprocess.run(headless + [f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+        thread.join(10)
+        app.close()
+    assert dom.count("<svg") == 5 and dom.count("<polyline") == 2 and "Events per day" in dom
+    assert png_colours(shot) > 40
+    if os.environ.get("SCREENSHOT_TO"):
+        shutil.copyfile(shot, os.environ["SCREENSHOT_TO"])
 
 
 # -- Rate limits -------------------------------------------------------------------------------------
