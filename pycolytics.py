@@ -20,6 +20,7 @@ __all__ = ["Config", "ConfigError", "Pycolytics", "Server", "application", "crea
 import argparse
 import collections
 import configparser
+import copy as copy_module
 import datetime
 import functools
 import io
@@ -1055,6 +1056,210 @@ def prune_step(connection, before, limit=PRUNE_STEP_ROWS):
     return deleted
 
 
+def urllib_quote(path):
+    from urllib.parse import quote  # here: only health checks and exports need it
+
+    return quote(path)
+
+
+def read_only(path):
+    """A connection that can only read `path`, and fails rather than create a missing file."""
+    return sqlite3.connect("file:" + urllib_quote(os.path.abspath(path)) + "?mode=ro", uri=True, isolation_level=None)
+
+
+class SQLiteStore:
+    """Events in an SQLite file: the default, standard library only."""
+
+    kind = "SQLite"
+    parameter = "?"  # how a query's parameters are written
+    since = "?"  # a time parameter compared with `time`
+    day = "substr(time, 1, 10)"
+    time_text = "time"
+    received_text = "received_at"
+    value_text = "value"
+
+    def __init__(self, config):
+        self.config = config
+        self.errors = (sqlite3.Error,)
+
+    def connect(self):
+        return connect(self.config.database, self.config.synchronous, self.config.busy_timeout)
+
+    def insert(self, connection, rows):
+        """Insert `rows` in one transaction; return how many were new (not an event_id already stored)."""
+        changes = connection.total_changes
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(INSERT, rows)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return connection.total_changes - changes
+
+    def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
+        return prune_step(connection, before, limit)
+
+    def lost(self, error):
+        """Whether `error` means the connection is gone and a new one is needed: never, for a file."""
+        return False
+
+    def read(self):
+        """A connection for reading only; it never creates a missing database."""
+        return read_only(self.config.database)
+
+    def columns(self, connection):
+        return _columns(connection)
+
+    def problem(self):
+        """Why the database would not take events now, or None if it would."""
+        try:
+            space = os.statvfs(os.path.dirname(os.path.abspath(self.config.database)))
+            if space.f_bavail * space.f_frsize < MIN_FREE_DISK:
+                return "the disk is almost full"
+            uri = "file:" + urllib_quote(os.path.abspath(self.config.database)) + "?mode=rw"
+            connection = sqlite3.connect(uri, uri=True, timeout=HEALTH_TIMEOUT, isolation_level=None)
+            try:
+                connection.execute("BEGIN IMMEDIATE")  # can we take the write lock?
+                connection.execute("ROLLBACK")
+            finally:
+                connection.close()
+        except (OSError, sqlite3.Error) as error:
+            return str(error)
+        return None
+
+
+# PostgreSQL's table: the same columns, with its own types for JSON and times.
+POSTGRES_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS event (
+        event_type VARCHAR NOT NULL,
+        application VARCHAR NOT NULL,
+        version VARCHAR NOT NULL,
+        platform VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        session_id VARCHAR NOT NULL,
+        value JSONB NOT NULL,
+        id BIGSERIAL PRIMARY KEY,
+        time TIMESTAMPTZ NOT NULL,
+        received_at TIMESTAMPTZ,
+        event_id VARCHAR
+    )""",
+    "CREATE INDEX IF NOT EXISTS ix_event_time ON event (time)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL",
+)
+# Times travel as the same UTC text as in SQLite; the session's time zone is UTC.
+POSTGRES_INSERT = (
+    "INSERT INTO event"
+    " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s) ON CONFLICT DO NOTHING"
+)
+# How long a lost network may stall a commit before it fails (and clients get 503): TCP
+# keepalives and libpq's tcp_user_timeout notice a silent peer in about this many seconds.
+POSTGRES_TIMEOUT = 10
+
+
+class PostgresStore:
+    """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
+
+    The driver, psycopg 3, is imported only here: SQLite users never need it.
+    """
+
+    kind = "PostgreSQL"
+    parameter = "%s"
+    since = "%s::timestamptz"
+    day = "to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    time_text = "to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
+    received_text = "to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
+    value_text = "value::text"
+
+    def __init__(self, config):
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError(
+                f"{config.sources['database']}: a postgresql:// database needs the psycopg 3 driver: "
+                'python3 -m pip install "psycopg[binary]"'
+            ) from None
+        self.psycopg = psycopg
+        self.config = config
+        self.errors = (psycopg.Error,)
+
+    def _open(self, timeout=POSTGRES_TIMEOUT):
+        connection = self.psycopg.connect(
+            self.config.database, connect_timeout=timeout, keepalives=1, keepalives_idle=max(1, timeout // 2),
+            keepalives_interval=1, keepalives_count=3, tcp_user_timeout=timeout * 1000, application_name="pycolytics",
+        )
+        try:
+            connection.execute("SET TIME ZONE 'UTC'")  # times in and out are UTC, as in SQLite
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def connect(self):
+        connection = self._open()
+        try:
+            self._create_schema(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _create_schema(self, connection):
+        for attempt in range(3):  # collectors starting together may race to create it
+            try:
+                with connection.transaction():
+                    for statement in POSTGRES_SCHEMA:
+                        connection.execute(statement)
+                return
+            except (self.psycopg.errors.UniqueViolation, self.psycopg.errors.DuplicateTable):
+                if attempt == 2:
+                    raise
+
+    def insert(self, connection, rows):
+        with connection.transaction():
+            with connection.cursor() as cursor:
+                cursor.executemany(POSTGRES_INSERT, rows)
+                return max(0, cursor.rowcount)
+
+    def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
+        with connection.transaction():
+            return connection.execute(
+                "DELETE FROM event WHERE id IN"
+                " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
+            ).rowcount
+
+    def lost(self, error):
+        return isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError))
+
+    def read(self):
+        return self._open()
+
+    def columns(self, connection):
+        return {row[0] for row in connection.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'event'"
+            " AND table_schema = current_schema()")}
+
+    def problem(self):
+        try:
+            connection = self._open(HEALTH_TIMEOUT)
+            try:
+                connection.execute("SELECT 1 FROM event LIMIT 1")
+            finally:
+                connection.close()
+        except self.psycopg.Error as error:
+            return str(error).strip() or type(error).__name__
+        return None
+
+
+def store_for(config):
+    """The storage `config.database` names: postgresql://... or an SQLite file."""
+    if config.database.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(config)
+    return SQLiteStore(config)
+
+
 class Writer:
     """The one thread that writes: commits the rows of many requests in one transaction.
 
@@ -1067,6 +1272,7 @@ class Writer:
 
     def __init__(self, config, metrics=None):
         self.config = config
+        self.store = store_for(config)
         self.metrics = metrics or Metrics()
         self.last_error = None
         self._lock = threading.Lock()
@@ -1075,6 +1281,8 @@ class Writer:
         self._queued_rows = 0
         self._closed = False
         self._thread = None
+        self._connection = None
+        self._reconnect_at = 0.0
         self.pruned = 0
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
@@ -1084,8 +1292,8 @@ class Writer:
         """Open the database (raising if it cannot be) and start the writer thread."""
         with self._lock:
             if self._thread is None and not self._closed:
-                connection = connect(self.config.database, self.config.synchronous, self.config.busy_timeout)
-                self._thread = threading.Thread(target=self._run, args=(connection,), name="pycolytics-writer")
+                self._connection = self.store.connect()
+                self._thread = threading.Thread(target=self._run, name="pycolytics-writer")
                 self._thread.daemon = True
                 self._thread.start()
 
@@ -1131,7 +1339,7 @@ class Writer:
             self._prune_due = 0
             self._wakeup.notify()
 
-    def _run(self, connection):
+    def _run(self):
         try:
             while True:
                 with self._lock:
@@ -1144,44 +1352,59 @@ class Writer:
                         return
                     group, self._queue, self._queued_rows = self._queue, [], 0
                 if group:
-                    error = self._commit(connection, group)
+                    error = self._commit(group)
                     for _, committed in group:
                         committed(error)
                 else:
-                    self._prune_due = self._prune(connection)
+                    self._prune_due = self._prune()
         finally:
-            connection.close()
+            if self._connection is not None:
+                self._connection.close()
 
-    def _prune(self, connection):
+    def _connected(self):
+        """The writer's connection, opened again if it was lost (not more than once a second)."""
+        if self._connection is None:
+            if time.monotonic() < self._reconnect_at:
+                raise ConnectionError("the database connection is lost; reconnecting")
+            self._reconnect_at = time.monotonic() + 1
+            self._connection = self.store.connect()
+            log.info("reconnected to the database")
+        return self._connection
+
+    def _prune(self):
         """One small step of deleting events past retention_days, between commits; when to step next."""
         cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=self.config.retention_days)
         try:
-            deleted = prune_step(connection, cutoff.strftime(TIME_FORMAT))
-        except sqlite3.Error as error:
+            deleted = self.store.prune(self._connected(), cutoff.strftime(TIME_FORMAT))
+        except Exception as error:  # the database's errors, or a lost connection
+            self._forget_lost(error)
             log.warning("could not prune old events: %s", error)
             return time.monotonic() + 3600
         if deleted:
             self.pruned += deleted
         return time.monotonic() + (0 if deleted == PRUNE_STEP_ROWS else 3600)
 
-    def _commit(self, connection, group):
-        started, changes = time.monotonic(), connection.total_changes
+    def _commit(self, group):
+        started = time.monotonic()
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                connection.executemany(INSERT, itertools.chain.from_iterable(rows for rows, _ in group))
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-        except Exception as failure:  # the database is full, gone or locked for too long
+            inserted = self.store.insert(self._connected(), list(itertools.chain.from_iterable(rows for rows, _ in group)))
+        except Exception as failure:  # the database is full, gone, unreachable or locked for too long
             log.error("could not store %d events: %s", sum(len(rows) for rows, _ in group), failure)
             self.last_error = failure
+            self._forget_lost(failure)
             return ServiceUnavailable(f"the events could not be stored ({failure}); send them again shortly", 5)
         self.last_error = None
-        # total_changes counts the rows inserted, not those an already stored event_id ignored
-        self.metrics.commit(time.monotonic() - started, connection.total_changes - changes)
+        self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         return None
+
+    def _forget_lost(self, error):
+        """Drop a connection that `error` says is gone, so the next commit opens a new one."""
+        if self._connection is not None and (isinstance(error, ConnectionError) or self.store.lost(error)):
+            try:
+                self._connection.close()
+            except Exception:  # closing what is already broken: nothing more to learn
+                pass
+            self._connection = None
 
 
 ###############################################################################
@@ -1220,8 +1443,8 @@ class Dashboard:
     The figures are per day, from three scans of the days not yet cached, through the `time` index.
     """
 
-    def __init__(self, config):
-        self.database = config.database
+    def __init__(self, config, store):
+        self.store = store
         self._read_keys = [key.encode("utf-8") for key in config.read_keys]
         self._lock = threading.Lock()
         self._cache = {}  # day -> (when read, its summaries), oldest read first
@@ -1244,7 +1467,7 @@ class Dashboard:
     def page(self, environ):
         started = time.monotonic()
         application, since, until = self._filters(environ.get("QUERY_STRING", ""))
-        connection = read_only(self.database)
+        connection = self.store.read()
         try:
             figures = self._figures(connection, application, since, until)
         finally:
@@ -1308,20 +1531,20 @@ class Dashboard:
     def _read_days(self, connection, first, last):
         """{day: {application or None: (events, users, sessions, Counter of (field, value))}}."""
         bounds = [first, (datetime.date.fromisoformat(last) + datetime.timedelta(days=1)).isoformat()]
-        where = "WHERE time >= ? AND time < ?"
+        where, day_of = f"WHERE time >= {self.store.since} AND time < {self.store.since}", self.store.day
         days = collections.defaultdict(dict)
         for day, application, events, users, sessions in connection.execute(
-            "SELECT substr(time, 1, 10), application, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
+            f"SELECT {day_of}, application, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
             f" FROM event {where} GROUP BY 1, 2", bounds
         ):
             days[day][application] = (events, users, sessions, collections.Counter())
         for day, events, users, sessions in connection.execute(
-            "SELECT substr(time, 1, 10), count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
+            f"SELECT {day_of}, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
             f" FROM event {where} GROUP BY 1", bounds
         ):
             days[day][None] = (events, users, sessions, collections.Counter())
         for day, application, event_type, version, platform, events in connection.execute(
-            f"SELECT substr(time, 1, 10), application, event_type, version, platform, count(*) FROM event {where}"
+            f"SELECT {day_of}, application, event_type, version, platform, count(*) FROM event {where}"
             " GROUP BY 1, 2, 3, 4, 5", bounds
         ):
             for key in (application, None):
@@ -1472,12 +1695,6 @@ def read_body(environ, limit):
     return body
 
 
-def urllib_quote(path):
-    from urllib.parse import quote  # here: only health checks and exports need it
-
-    return quote(path)
-
-
 def decompress(body, encoding, limit):
     """A gzip or deflate body, decompressed to at most `limit` bytes: a bomb is refused early."""
     if encoding not in ("gzip", "x-gzip", "deflate"):
@@ -1524,7 +1741,7 @@ class Pycolytics:
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
         self.validator = Validator(config, Keyring(config))
-        self.dashboard = Dashboard(config)
+        self.dashboard = Dashboard(config, self.writer.store)
         origins = [config.cors_origins] + [app["cors_origins"] for app in config.apps.values() if "cors_origins" in app]
         self._any_origin = ANY_ORIGIN in origins
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
@@ -1625,21 +1842,7 @@ class Pycolytics:
         """Why the database would not take events now, or None if it would."""
         if self.writer.last_error is not None:
             return f"the last commit failed: {self.writer.last_error}"
-        try:
-            space = os.statvfs(os.path.dirname(os.path.abspath(self.config.database)))
-            if space.f_bavail * space.f_frsize < MIN_FREE_DISK:
-                return "the disk is almost full"
-            # mode=rw: a health check must not create a missing database
-            uri = "file:" + urllib_quote(os.path.abspath(self.config.database)) + "?mode=rw"
-            connection = sqlite3.connect(uri, uri=True, timeout=HEALTH_TIMEOUT, isolation_level=None)
-            try:
-                connection.execute("BEGIN IMMEDIATE")  # can we take the write lock?
-                connection.execute("ROLLBACK")
-            finally:
-                connection.close()
-        except (OSError, sqlite3.Error) as error:
-            return str(error)
-        return None
+        return self.writer.store.problem()
 
     def get_dashboard(self, environ):
         self.dashboard.authorize(environ)
@@ -2439,11 +2642,13 @@ def serve(config, load=None):
     `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
     configuration in force if the new one is bad.
     """
-    app = Pycolytics(config)
     try:
+        app = Pycolytics(config)
         app.open()
-    except (sqlite3.Error, OSError) as error:
-        log.error("cannot open the database %s: %s", config.database, error)
+    except ConfigError:
+        raise
+    except Exception as error:  # the database's own errors, whichever it is
+        log.error("cannot open the database %s: %s", _redacted(config.database), error)
         return 1
     try:
         server = Server(app, config, reload=lambda: _reload(app, server, load))
@@ -2456,7 +2661,7 @@ def serve(config, load=None):
     if load is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, server.request_reload)
     _warn_about_keys(config)
-    log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, os.path.abspath(config.database))
+    log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, _redacted(config.database))
     notify_systemd("READY=1")
     try:
         server.serve_forever()
@@ -2465,6 +2670,13 @@ def serve(config, load=None):
         app.close()
     log.info("stopped; every acknowledged event is committed")
     return 0
+
+
+def _redacted(database):
+    """A database to show in logs: a file's absolute path, a URL without its password."""
+    if "://" not in database:
+        return os.path.abspath(database)
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", database)
 
 
 def _warn_about_keys(config):
@@ -2514,29 +2726,28 @@ def _moment(text, option):
     return moment.strftime(TIME_FORMAT)
 
 
-def read_only(path):
-    """A connection that can only read `path`, and fails rather than create a missing file."""
-    return sqlite3.connect("file:" + urllib_quote(os.path.abspath(path)) + "?mode=ro", uri=True, isolation_level=None)
-
-
 def export(arguments, config):
     """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
     import csv
 
+    store = store_for(config)
     conditions, parameters = [], []
     if arguments.application is not None:
-        conditions.append("application = ?")
+        conditions.append(f"application = {store.parameter}")
         parameters.append(arguments.application)
-    # "+time": read in id order without the time index, so nothing is sorted in memory
+    # "+time" (SQLite): read in id order without the time index, so nothing is sorted in memory
     for option, operator_ in (("since", ">="), ("until", "<")):
         if getattr(arguments, option):
-            conditions.append(f"+time {operator_} ?")
+            conditions.append(f"{'+' if store.parameter == '?' else ''}time {operator_} {store.since}")
             parameters.append(_moment(getattr(arguments, option), f"--{option}"))
-    connection = read_only(config.database)
-    present = _columns(connection)
-    selected = ", ".join(name if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
+    connection = store.read()
+    present = store.columns(connection)
+    texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
+    selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    rows = connection.execute(f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
+    # a named (server-side) cursor streams from PostgreSQL; SQLite's cursors stream anyway
+    cursor = connection.cursor("export") if isinstance(store, PostgresStore) else connection.cursor()
+    rows = cursor.execute(f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0
     try:
@@ -2564,11 +2775,12 @@ def export(arguments, config):
 def prune(arguments, config):
     """Delete events older than --before, in small steps that never hold up a running server."""
     before = _moment(arguments.before, "--before")
-    connection = connect(config.database, config.synchronous, config.busy_timeout)
+    store = store_for(config)
+    connection = store.connect()
     deleted = 0
     try:
         while True:
-            step = prune_step(connection, before)
+            step = store.prune(connection, before)
             deleted += step
             if step < PRUNE_STEP_ROWS:
                 break
@@ -2581,6 +2793,8 @@ def prune(arguments, config):
 
 def backup(arguments, config):
     """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
+    if isinstance(store_for(config), PostgresStore):
+        raise ConfigError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
     target = arguments.file
     partial = target + ".partial"
     source = read_only(config.database)
@@ -2595,6 +2809,54 @@ def backup(arguments, config):
         source.close()
     os.replace(partial, target)
     log.info("backed up %s to %s", config.database, target)
+    return 0
+
+
+# Events one step of `copy` moves, in one PostgreSQL transaction with its progress mark.
+COPY_STEP_ROWS = 5000
+
+
+def copy_events(arguments, config):
+    """Move an SQLite database's events into PostgreSQL. Run again, it resumes where it stopped
+    and copies each event once: progress is committed with every step, in the target."""
+    if not isinstance(store_for(config), SQLiteStore):
+        raise ConfigError("copy reads an SQLite database: name it with --database FILE")
+    target_config = copy_module.copy(config)
+    target_config.database = arguments.to
+    target = store_for(target_config)
+    if not isinstance(target, PostgresStore):
+        raise ConfigError(f"--to {arguments.to!r} is not a postgresql:// URL")
+    source = read_only(config.database)
+    destination = target.connect()
+    origin = os.path.abspath(config.database)
+    copied = seen = 0
+    try:
+        with destination.transaction():
+            destination.execute("CREATE TABLE IF NOT EXISTS pycolytics_copy (source VARCHAR PRIMARY KEY, last_id BIGINT NOT NULL)")
+        mark = destination.execute("SELECT last_id FROM pycolytics_copy WHERE source = %s", (origin,)).fetchone()
+        last = mark[0] if mark else 0
+        present = _columns(source)
+        optional = ", ".join(name if name in present else f"NULL AS {name}" for name, _ in ADDED_COLUMNS)
+        while True:
+            rows = source.execute(
+                "SELECT id, event_type, application, version, platform, user_id, session_id, value, time,"
+                f" {optional} FROM event WHERE id > ? ORDER BY id LIMIT ?", (last, COPY_STEP_ROWS)
+            ).fetchall()
+            if not rows:
+                break
+            last = rows[-1][0]
+            with destination.transaction():
+                with destination.cursor() as cursor:
+                    cursor.executemany(POSTGRES_INSERT, [row[1:] for row in rows])
+                    copied += max(0, cursor.rowcount)
+                destination.execute(
+                    "INSERT INTO pycolytics_copy (source, last_id) VALUES (%s, %s)"
+                    " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id", (origin, last))
+            seen += len(rows)
+    finally:
+        source.close()
+        destination.close()
+    log.info("copied %d events into %s (%d more were there already)", copied, _redacted(arguments.to), seen - copied)
     return 0
 
 
@@ -2627,10 +2889,12 @@ def _parser():
     pruning.add_argument("--before", metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")
     backing_up = commands.add_parser("backup", help="copy the database consistently, while the server runs")
     backing_up.add_argument("file", metavar="FILE", help="where to write the copy")
+    copying = commands.add_parser("copy", help="move an SQLite database's events into PostgreSQL (resumable)")
+    copying.add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
     return parser
 
 
-COMMANDS = {"keygen": keygen, "export": export, "prune": prune, "backup": backup}
+COMMANDS = {"keygen": keygen, "export": export, "prune": prune, "backup": backup, "copy": copy_events}
 
 
 def main(argv=None):
@@ -2646,7 +2910,7 @@ def main(argv=None):
     except ConfigError as error:
         log.error("bad configuration: %s", error)
         return 2
-    except (OSError, sqlite3.Error) as error:
+    except Exception as error:  # OSError, or the database's own errors
         log.error("%s failed: %s", arguments.command or "serving", error)
         return 1
 
