@@ -1185,13 +1185,15 @@ class PostgresStore:
         self.errors = (psycopg.Error,)
 
     def _open(self, timeout=POSTGRES_TIMEOUT):
+        # autocommit: every transaction is an explicit `with connection.transaction()`, so none
+        # is ever left open by a stray statement (and rolled back, unseen, when it closes)
         connection = self.psycopg.connect(
-            self.config.database, connect_timeout=timeout, keepalives=1, keepalives_idle=max(1, timeout // 2),
-            keepalives_interval=1, keepalives_count=3, tcp_user_timeout=timeout * 1000, application_name="pycolytics",
+            self.config.database, autocommit=True, connect_timeout=timeout, keepalives=1,
+            keepalives_idle=max(1, timeout // 2), keepalives_interval=1, keepalives_count=3,
+            tcp_user_timeout=timeout * 1000, application_name="pycolytics",
         )
         try:
             connection.execute("SET TIME ZONE 'UTC'")  # times in and out are UTC, as in SQLite
-            connection.commit()
         except BaseException:
             connection.close()
             raise
@@ -2745,8 +2747,13 @@ def export(arguments, config):
     texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
     selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    # a named (server-side) cursor streams from PostgreSQL; SQLite's cursors stream anyway
-    cursor = connection.cursor("export") if isinstance(store, PostgresStore) else connection.cursor()
+    if isinstance(store, PostgresStore):
+        # a named (server-side) cursor streams from PostgreSQL, inside a transaction of its own;
+        # SQLite's cursors stream anyway
+        connection.execute("BEGIN READ ONLY")
+        cursor = connection.cursor("export")
+    else:
+        cursor = connection.cursor()
     rows = cursor.execute(f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0

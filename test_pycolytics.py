@@ -5,6 +5,7 @@ import collections
 import concurrent.futures
 import csv
 import datetime
+import functools
 import gzip
 import http.client
 import io
@@ -32,6 +33,11 @@ from hypothesis import strategies as st
 
 import pycolytics
 
+try:
+    import psycopg
+except ImportError:  # the PostgreSQL tests say so, and fail in CI
+    psycopg = None
+
 KEY = "test-key-0123456789"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,19 +55,78 @@ def body(document):
     return json.dumps(document).encode()
 
 
+# The same columns as SQLite's text, from PostgreSQL: UTC times with microseconds, compact JSON.
+POSTGRES_TEXT = {
+    "time": "to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
+    "received_at": "to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
+    "value": "value::text",
+}
+
+
+def is_postgres(database):
+    return database.startswith("postgresql://")
+
+
 def stored(database, columns="event_type, application, version, platform, user_id, session_id, value"):
-    with sqlite3.connect(database) as connection:
-        return connection.execute(f"SELECT {columns} FROM event ORDER BY id").fetchall()
+    if not is_postgres(database):
+        with sqlite3.connect(database) as connection:
+            return connection.execute(f"SELECT {columns} FROM event ORDER BY id").fetchall()
+    names = [name.strip() for name in columns.split(",")]
+    expressions = re.sub(r"\b(time|received_at|value)\b", lambda found: POSTGRES_TEXT[found.group(1)], columns)
+    with psycopg.connect(database) as connection:
+        rows = connection.execute(f"SELECT {expressions} FROM event ORDER BY id").fetchall()
+    if "value" not in names:
+        return rows
+    # jsonb keeps its own key order and spacing: compare the JSON, written compactly
+    at = names.index("value")
+    compact = functools.partial(json.dumps, separators=(",", ":"), ensure_ascii=False)
+    return [row[:at] + (compact(json.loads(row[at])),) + row[at + 1:] for row in rows]
 
 
 def count(database):
+    if is_postgres(database):
+        with psycopg.connect(database) as connection:
+            return connection.execute("SELECT count(*) FROM event").fetchone()[0]
     with sqlite3.connect(database) as connection:
         return connection.execute("SELECT count(*) FROM event").fetchone()[0]
 
 
+POSTGRES_SERVER = "postgresql://127.0.0.1:5432/test"
+
+
 @pytest.fixture
-def database(tmp_path):
-    return str(tmp_path / "events.db")
+def postgres_url():
+    """A PostgreSQL URL whose tables live in a schema of this test's own, dropped afterwards."""
+    if psycopg is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install psycopg (requirements-dev.txt) for the PostgreSQL tests")
+        pytest.skip("psycopg is not installed")
+    schema = "test_" + os.urandom(6).hex()
+    try:
+        with psycopg.connect(POSTGRES_SERVER, connect_timeout=5, autocommit=True) as connection:
+            connection.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"the PostgreSQL server at {POSTGRES_SERVER} must run in CI: {error}")
+        pytest.skip(f"no PostgreSQL server at {POSTGRES_SERVER}")
+    yield f"{POSTGRES_SERVER}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(POSTGRES_SERVER, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """Every test of the API, storage and hardening runs on both backends."""
+    if request.param == "sqlite":
+        return str(tmp_path / "events.db")
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def sqlite_only(database):
+    """For tests about SQLite files themselves: their PostgreSQL run is skipped."""
+    if is_postgres(database):
+        pytest.skip("about SQLite files only")
 
 
 @pytest.fixture
@@ -126,7 +191,7 @@ def test_empty_strings_are_valid_field_values(client, database):
     assert stored(database, "version") == [("",)]
 
 
-def test_value_is_stored_as_compact_valid_json(client, database):
+def test_value_is_stored_as_compact_valid_json(client, database, sqlite_only):
     value = {"text": "héllo \u2603 \"quoted\"", "nested": {"list": [1, 2.5, None, True]}, "big": 1e999}
     post(client, "/v1.0/event", event(value=value))
     (text, valid), = stored(database, "value, json_valid(value)")
@@ -160,7 +225,7 @@ GODOT_QUIRKS = godot_json(
 )
 
 
-def test_godot_non_finite_floats_and_vertical_tab_are_accepted_as_valid_json(client, database):
+def test_godot_non_finite_floats_and_vertical_tab_are_accepted_as_valid_json(client, database, sqlite_only):
     post(client, "/v1.0/events", ("[" + GODOT_EVENT + "," + GODOT_QUIRKS + "]").encode())
     (first, first_valid), (text, valid) = stored(database, "value, json_valid(value)")
     assert (first, first_valid, valid) == ("{}", 1, 1)
@@ -171,7 +236,8 @@ def test_words_like_nan_inside_strings_are_left_alone(client, database):
     quirky = event(event_type="nan", value={"note": "inf and nan", "x": 1})
     text = json.dumps([quirky]).replace('"x": 1', '"x": nan')
     post(client, "/v1.0/events", text.encode())
-    assert stored(database, "event_type, value") == [("nan", '{"note":"inf and nan","x":null}')]
+    (event_type, value), = stored(database, "event_type, value")
+    assert (event_type, json.loads(value)) == ("nan", {"note": "inf and nan", "x": None})
 
 
 # -- Refused requests store nothing and say what to fix ----------------------------------------------
@@ -360,7 +426,7 @@ def test_bad_client_fields_are_refused_naming_them(client, database, changes, wo
     assert count(database) == 0
 
 
-def test_a_database_without_the_added_columns_is_upgraded_in_place(config, database):
+def test_a_database_without_the_added_columns_is_upgraded_in_place(config, database, sqlite_only):
     with sqlite3.connect(database) as connection:
         connection.executescript(ORIGINAL_SCHEMA)
         connection.executemany("INSERT INTO event VALUES ('old', 'g', '1', 'L', 'u', 's', '{}', ?, '2024-05-01 12:00:00')",
@@ -511,7 +577,7 @@ def test_healthz_is_200_while_the_database_takes_writes(client):
     assert response.json["status"] == "ok" and response.headers["Cache-Control"] == "no-store"
 
 
-def test_healthz_is_503_while_the_database_is_locked(client, database):
+def test_healthz_is_503_while_the_database_is_locked(client, database, sqlite_only):
     blocker = sqlite3.connect(database, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
@@ -523,7 +589,7 @@ def test_healthz_is_503_while_the_database_is_locked(client, database):
     assert client.get("/healthz").json["status"] == "ok"
 
 
-def test_healthz_is_503_after_a_failed_commit(client, database):
+def test_healthz_is_503_after_a_failed_commit(client, database, sqlite_only):
     with sqlite3.connect(database) as connection:
         connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event BEGIN SELECT RAISE(ABORT, 'disk I/O'); END")
     post(client, "/v1.0/event", event(), status=503)
@@ -616,7 +682,7 @@ def test_retention_days_prunes_in_the_running_server(settings, database):
     app.close()
 
 
-def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database, tmp_path):
+def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database, sqlite_only, tmp_path):
     stop = threading.Event()
 
     def keep_posting():
@@ -848,8 +914,13 @@ def test_without_configured_keys_the_development_key_works_and_a_missing_key_cou
 
 def test_keys_are_not_stored(client, database):
     post(client, "/v1.0/event", event())
-    with open(database, "rb") as file:
-        assert KEY.encode() not in file.read()
+    if is_postgres(database):
+        with psycopg.connect(database) as connection:
+            rows = connection.execute("SELECT count(*) FROM event WHERE event::text LIKE %s", (f"%{KEY}%",)).fetchone()
+        assert rows == (0,) and count(database) == 1
+    else:
+        with open(database, "rb") as file:
+            assert KEY.encode() not in file.read()
 
 
 # -- Documentation -------------------------------------------------------------------------------
@@ -894,7 +965,7 @@ INSERT INTO event VALUES ('old', 'my-game', '0.9', 'Linux', 'u', 's', '{"a": 1}'
 """
 
 
-def test_a_database_made_by_the_original_opens_and_keeps_working(config, database):
+def test_a_database_made_by_the_original_opens_and_keeps_working(config, database, sqlite_only):
     with sqlite3.connect(database) as connection:
         connection.executescript(ORIGINAL_SCHEMA)
     app = pycolytics.create_app(config)
@@ -907,7 +978,7 @@ def test_a_database_made_by_the_original_opens_and_keeps_working(config, databas
                        "ix_event_user_id", "ix_event_event_id"}
 
 
-def test_a_new_database_has_the_original_columns_in_wal_mode(client, database):
+def test_a_new_database_has_the_original_columns_in_wal_mode(client, database, sqlite_only):
     post(client, "/v1.0/event", event())
     with sqlite3.connect(database) as connection:
         columns = [(row[1], row[2], row[3]) for row in connection.execute("PRAGMA table_info(event)")]
@@ -1203,8 +1274,7 @@ def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
         statuses = [status for result in pool.map(client, range(24)) for status in result]
     assert statuses == [204] * 600
     assert count(database) == 2400
-    with sqlite3.connect(database) as connection:
-        assert connection.execute("SELECT count(DISTINCT user_id) FROM event").fetchone()[0] == 2400
+    assert len({row[0] for row in stored(database, "user_id")}) == 2400
 
 
 def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings):
@@ -1632,3 +1702,109 @@ def test_gunicorn_workers_share_one_database_without_errors(tmp_path, worker_cla
     assert statuses == [204] * 180
     assert count(database) == 1 + 900
     assert "locked" not in errors and "Traceback" not in errors
+
+
+# -- PostgreSQL: several collectors, lost connections, moving an SQLite database -----------------------
+
+
+def test_sqlite_users_never_load_the_postgresql_driver(tmp_path):
+    script = ("import sys, pycolytics; config = pycolytics.load_config(environ={}, overrides={'database': 'x.db'}); "
+              "pycolytics.create_app(config).close(); print('psycopg' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=HERE),
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_without_psycopg_a_postgresql_database_stops_start_up_saying_what_to_install(tmp_path):
+    script = ("import sys; sys.modules['psycopg'] = None; import pycolytics; "
+              "sys.exit(pycolytics.main(['--database', 'postgresql://127.0.0.1/test', '--port', '0']))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=HERE),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert 'pip install "psycopg[binary]"' in result.stderr
+
+
+def test_two_collectors_store_every_acknowledged_event_once_and_share_event_ids(tmp_path, postgres_url):
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
+    collectors = [start_server(tmp_path, "--quiet", environ=environ) for _ in range(2)]
+    try:
+        def client(n):
+            statuses = []
+            connections = [http.client.HTTPConnection(*collector[1], timeout=30) for collector in collectors]
+            for i in range(20):
+                fresh = [event(user_id=f"{n}-{i}-{k}", event_id=f"{n}-{i}-{k}") for k in range(4)]
+                # the same batch to both collectors, as a client that retries elsewhere would
+                statuses.append(post_over(connections[i % 2], fresh, "/v1.0/events"))
+                statuses.append(post_over(connections[(i + 1) % 2], fresh, "/v1.0/events"))
+            return statuses
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            statuses = [status for result in pool.map(client, range(12)) for status in result]
+    finally:
+        for process, *_ in collectors:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+    assert statuses == [204] * 480
+    users = [row[0] for row in stored(postgres_url, "user_id")]
+    assert len(users) == 12 * 20 * 4 == len(set(users))
+
+
+def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_acknowledged(tmp_path, postgres_url):
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
+    process, address, _, _ = start_server(tmp_path, "--quiet", environ=environ)
+    acknowledged, statuses, stop = set(), [], threading.Event()
+
+    def client(n):
+        connection = http.client.HTTPConnection(*address, timeout=30)
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            users = [f"{n}-{i}-{k}" for k in range(3)]
+            status = post_over(connection, [event(user_id=user) for user in users], "/v1.0/events")
+            statuses.append(status)
+            if status == 204:
+                acknowledged.update(users)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        cut_at = len(statuses)
+        with psycopg.connect(POSTGRES_SERVER, autocommit=True) as admin:
+            cut = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                " WHERE application_name = 'pycolytics'").fetchone()[0]
+        time.sleep(2.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    after = statuses[cut_at:]
+    assert cut >= 1
+    assert 503 in after and after[-1] == 204 and set(after) <= {204, 503}
+    assert acknowledged <= {row[0] for row in stored(postgres_url, "user_id")}
+
+
+def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path, postgres_url):
+    source = str(tmp_path / "old.db")
+    with sqlite3.connect(source) as connection:
+        connection.executescript(ORIGINAL_SCHEMA)  # a database made by the original Pycolytics
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": source, "api_keys": KEY}))
+    post(webtest.TestApp(app), "/v1.0/events", [event(user_id=f"u{n}", value={"n": n}) for n in range(30)])
+    app.close()
+    copy = [sys.executable, os.path.join(HERE, "pycolytics.py"), "--database", source, "copy", "--to", postgres_url]
+    first = subprocess.run(copy, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(copy, capture_output=True, text=True, timeout=60)
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert "copied 31 events" in first.stderr and "copied 0 events" in again.stderr
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": source, "api_keys": KEY}))
+    post(webtest.TestApp(app), "/v1.0/event", event(user_id="late"))
+    app.close()
+    assert "copied 1 events" in subprocess.run(copy, capture_output=True, text=True, timeout=60).stderr
+    copied, original = (
+        [(user, json.loads(value), when) for user, value, when in stored(where, "user_id, value, time")]
+        for where in (postgres_url, source)
+    )
+    assert copied == original and len(copied) == 32
