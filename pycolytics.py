@@ -711,7 +711,7 @@ class Validator:
                 allowed = verdicts[key]
                 if allowed is None:
                     unauthorized.append(index)
-                elif row is not None:
+                elif row is not None and (allowed is not ALL_APPLICATIONS or origin is not None):
                     forbidden += self._refusal(index, row[1], allowed, origin, batch)
         # Keys first: a sender without a valid key learns nothing about its events.
         if unauthorized:

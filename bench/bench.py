@@ -123,11 +123,22 @@ class Service:
             return self.process.wait()
 
 
-def start_pycolytics(database, synchronous="full", interpreter_options=()):
+def start_pycolytics(database, synchronous="full", interpreter_options=(), program=None, environ=None):
     port = free_port()
-    command = [sys.executable, *interpreter_options, os.path.join(ROOT, "pycolytics.py"),
+    command = [sys.executable, *interpreter_options, *(program or [os.path.join(ROOT, "pycolytics.py")]),
                "--port", str(port), "--database", database, "--quiet"]
-    return Service(command, port, {"PYCOLYTICS_API_KEYS": KEY, "PYCOLYTICS_SYNCHRONOUS": synchronous})
+    return Service(command, port, dict(environ or {}, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_SYNCHRONOUS=synchronous))
+
+
+def start_compiled(folder, database):
+    """Pycolytics as the systemd unit runs it: python3 -S -m pycolytics, from compiled bytecode."""
+    installed = os.path.join(folder, "opt")
+    os.makedirs(installed)
+    shutil.copy(os.path.join(ROOT, "pycolytics.py"), installed)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", installed], check=True,
+                   env={name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"})
+    return start_pycolytics(database, interpreter_options=["-S"], program=["-m", "pycolytics"],
+                            environ={"PYTHONPATH": installed})
 
 
 def start_gunicorn(database, workers=2):
@@ -256,9 +267,54 @@ def run_python_load(port, path, body, connections, seconds, close, delay_ms):
     }
 
 
+VERIFIED = []  # one entry per load on pycolytics: did the database hold what was acknowledged?
+
+
 def count_rows(database):
+    if database.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(database) as connection:
+            return connection.execute("SELECT count(*) FROM event").fetchone()[0]
     with sqlite3.connect(database) as connection:
         return connection.execute("SELECT count(*) FROM event").fetchone()[0]
+
+
+def measured_together(services, database, path, body, events, connections, seconds):
+    """The same load split over several collectors of one database at once; rates add up."""
+    import concurrent.futures
+
+    before = count_rows(database)
+    share = max(1, connections // len(services))
+    with concurrent.futures.ThreadPoolExecutor(len(services)) as pool:
+        results = list(pool.map(lambda service: run_load(service.port, path, body, share, seconds), services))
+    time.sleep(0.5)
+    stored = count_rows(database) - before
+    acknowledged = sum(result["ok"] for result in results) * events
+    rate = sum(result["ok"] / (result["requests"] / result["rate"]) for result in results if result["requests"])
+    verified = acknowledged <= stored <= acknowledged + connections * events
+    VERIFIED.append(verified)
+    if not verified:
+        print(f"  !! {path}: {acknowledged} events acknowledged but {stored} stored", file=sys.stderr)
+    return {"events": rate * events, "verified": verified}
+
+
+def postgres_schema(url):
+    """A fresh schema in the PostgreSQL database at `url`, and the URL that writes into it."""
+    import psycopg
+
+    schema = "bench_" + os.urandom(4).hex()
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in url else "?"
+    return schema, f"{url}{separator}options=-csearch_path%3D{schema}"
+
+
+def drop_schema(url, schema):
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def measured(service, database, path, body, events, connections, seconds, close=False):
@@ -270,6 +326,7 @@ def measured(service, database, path, body, events, connections, seconds, close=
     acknowledged = result["ok"] * events
     result["events"] = acknowledged / (result["requests"] / result["rate"]) if result["requests"] else 0
     result["verified"] = acknowledged <= stored <= acknowledged + connections * events
+    VERIFIED.append(result["verified"])
     if not result["verified"]:
         print(f"  !! {path}: {acknowledged} events acknowledged but {stored} stored", file=sys.stderr)
     return result
@@ -329,6 +386,8 @@ def main(argv=None):
     parser.add_argument("--big-rows", type=int, default=10_000_000, help="rows in the growth cell's database (0 skips it)")
     parser.add_argument("--original", metavar="DIR", help="the original Pycolytics' folder, to measure it too")
     parser.add_argument("--original-python", metavar="PYTHON", help="the Python of the original's virtualenv")
+    parser.add_argument("--postgres", metavar="URL", help="also measure collectors writing into this PostgreSQL "
+                        "database (a schema of their own, dropped after), e.g. postgresql://127.0.0.1:5432/test")
     parser.add_argument("--noop-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.noop_server:
@@ -359,12 +418,17 @@ def main(argv=None):
         notes.append(f"idle RSS started as `python3 -S pycolytics.py`: {rss_kib(plain.process.pid) / 1024:.1f} MiB "
                      f"(a bare `python3 -S -c pass`: {bare_interpreter_rss('-S') / 1024:.1f} MiB)")
         plain.stop()
+        compiled = start_compiled(folder, os.path.join(folder, "compiled.db"))
+        notes.append(f"idle RSS started as the systemd unit does, `python3 -S -m pycolytics` from compiled bytecode: "
+                     f"{rss_kib(compiled.process.pid) / 1024:.1f} MiB (target <= 20 MB)")
+        compiled.stop()
 
         single, batch100, batch12 = single_body(), batch_body(100), batch_body(12)
         base = run_load(noop.port, "/v1.0/event", single, connections, seconds)
         mine = measured(ours, database, "/v1.0/event", single, 1, connections, seconds)
         cell("single event, keep-alive", mine["rate"], "do-nothing http.server", base["rate"], 0.70)
         peak = mine
+        sqlite_single = mine["rate"]
 
         base = run_load(noop.port, "/v1.0/event", single, connections, seconds, close=True)
         mine = measured(ours, database, "/v1.0/event", single, 1, connections, seconds, close=True)
@@ -411,6 +475,25 @@ def main(argv=None):
             notes.append(f"original Pycolytics p99 at its peak, single events: {mine['p99']:.1f} ms")
             service.stop()
 
+        if arguments.postgres:
+            schema, url = postgres_schema(arguments.postgres)
+            try:
+                one = start_pycolytics(url)
+                mine = measured(one, url, "/v1.0/event", single, 1, connections, seconds)
+                cell("PostgreSQL, one collector: single event, keep-alive", mine["rate"], "the same into SQLite",
+                     sqlite_single, None)
+                mine = measured(one, url, "/v1.0/events", batch100, 100, connections, seconds)
+                cell("PostgreSQL, one collector: batches of 100", mine["events"], "the same into SQLite",
+                     empty_rate, None, "events/s")
+                two = start_pycolytics(url)
+                both = measured_together([one, two], url, "/v1.0/events", batch100, 100, connections, seconds)
+                cell("PostgreSQL, two collectors: batches of 100", both["events"], "one collector",
+                     mine["events"], None, "events/s")
+                two.stop()
+                one.stop()
+            finally:
+                drop_schema(arguments.postgres, schema)
+
         if arguments.big_rows:
             big = os.path.join(folder, "big.db")
             print(f"filling a database with {arguments.big_rows:,} rows", file=sys.stderr, flush=True)
@@ -454,7 +537,10 @@ def print_table(rows, notes, connections, seconds):
     print()
     for note in notes:
         print(f"- {note}")
-    print("- every pycolytics cell: the database held every acknowledged event (checked after each load)")
+    if all(VERIFIED):
+        print(f"- every pycolytics load ({len(VERIFIED)}): the database held every acknowledged event")
+    else:
+        print(f"- {VERIFIED.count(False)} of {len(VERIFIED)} loads: the database did NOT hold what was acknowledged")
 
 
 if __name__ == "__main__":
