@@ -898,8 +898,8 @@ def _problem(location, message, kind):
 
 # The original Pycolytics' table, column for column as SQLModel created it, so databases made
 # by either program open in the other. Only a new table gets Pycolytics' own index, on `time`
-# (README.md, "Indexes", has the measurements behind that choice): an existing database is
-# used as it is, with no migration step.
+# (README.md, "Indexes", has the measurements behind that choice): an existing database keeps
+# its indexes and only gains the ADDED_COLUMNS, with no migration step to run.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
     event_type VARCHAR NOT NULL,

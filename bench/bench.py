@@ -123,11 +123,12 @@ class Service:
             return self.process.wait()
 
 
-def start_pycolytics(database, synchronous="full", interpreter_options=(), program=None, environ=None):
+def start_pycolytics(database, synchronous="full", interpreter_options=(), program=None, environ=None, cwd=ROOT):
     port = free_port()
     command = [sys.executable, *interpreter_options, *(program or [os.path.join(ROOT, "pycolytics.py")]),
                "--port", str(port), "--database", database, "--quiet"]
-    return Service(command, port, dict(environ or {}, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_SYNCHRONOUS=synchronous))
+    environ = dict(environ or {}, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_SYNCHRONOUS=synchronous)
+    return Service(command, port, environ, cwd=cwd)
 
 
 def start_compiled(folder, database):
@@ -137,8 +138,9 @@ def start_compiled(folder, database):
     shutil.copy(os.path.join(ROOT, "pycolytics.py"), installed)
     subprocess.run([sys.executable, "-m", "compileall", "-q", installed], check=True,
                    env={name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"})
+    # started elsewhere than in the repository, whose pycolytics.py would come first on sys.path
     return start_pycolytics(database, interpreter_options=["-S"], program=["-m", "pycolytics"],
-                            environ={"PYTHONPATH": installed})
+                            environ={"PYTHONPATH": installed}, cwd=folder)
 
 
 def start_gunicorn(database, workers=2):
