@@ -6,12 +6,14 @@ stores them in an SQLite database that you later open with pandas, Jupyter or an
 browser. It speaks the API of the original Pycolytics (v1.0), so its Godot addon works
 unchanged.
 
-Run it:        python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
-Under gunicorn: PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn pycolytics:application
+Run it:          python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
+Look after it:   python3 pycolytics.py keygen | export | prune | backup | copy   (--help says how)
+Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn pycolytics:application
 
-One file, standard library only, Python 3.9 or newer. Importing it does nothing: no file
-is read, no database opened and no socket bound until a server starts or the WSGI
-callable `application` answers its first request.
+One file, standard library only, Python 3.9 or newer; a postgresql:// database (several
+collectors, one database) also needs psycopg 3, imported only then. Importing this module
+does nothing: no file is read, no database opened and no socket bound until a server
+starts or the WSGI callable `application` answers its first request.
 """
 
 __version__ = "2.0.0"
