@@ -561,6 +561,22 @@ def _json_depth(document):
     return deepest
 
 
+def _holds_nul(document):
+    """Whether any key or string in `document` holds a NUL character, without recursion."""
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\0" in node:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
 def _finite(document):
     """`document` with every non-finite float (1e999 parses as inf) replaced by None."""
     if isinstance(document, float):
@@ -816,6 +832,10 @@ class Validator:
                 return None, ("holds an unpaired UTF-16 surrogate", "unicode")
             if size > self.max_value_bytes:
                 return None, (f"is {size} bytes as JSON; at most {self.max_value_bytes} are stored", "too_large")
+        # PostgreSQL's jsonb cannot hold a NUL character, and readers of SQLite text stop at one:
+        # refused on both backends alike (the escape can also be a literal backslash and "u0000")
+        if "\\u0000" in text and _holds_nul(value):
+            return None, ("holds a NUL character (\\u0000) in a string", "nul")
         return text, None
 
 

@@ -3,8 +3,10 @@
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import datetime
+import decimal
 import functools
 import gzip
 import http.client
@@ -25,10 +27,10 @@ import threading
 import time
 import zlib
 
+import hypothesis
 import pytest
 import schemathesis
 import webtest
-import hypothesis
 from hypothesis import strategies as st
 
 import pycolytics
@@ -97,6 +99,12 @@ POSTGRES_SERVER = "postgresql://127.0.0.1:5432/test"
 @pytest.fixture
 def postgres_url():
     """A PostgreSQL URL whose tables live in a schema of this test's own, dropped afterwards."""
+    with postgres_schema() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_schema():
     if psycopg is None:
         if os.environ.get("CI"):
             pytest.fail("CI must install psycopg (requirements-dev.txt) for the PostgreSQL tests")
@@ -263,6 +271,8 @@ BAD_REQUESTS = [
     ("/v1.0/event", body(event(session_id="\ud800")), 422, ["'session_id' holds an unpaired UTF-16 surrogate"]),
     ("/v1.0/event", body(event(value={"\udfff": 1})), 422, ["'value' holds an unpaired UTF-16 surrogate"]),
     ("/v1.0/event", body(event(user_id="a\0b")), 422, ["'user_id' holds a NUL character"]),
+    ("/v1.0/event", body(event(value={"a": ["x\0"]})), 422, ["'value' holds a NUL character"]),
+    ("/v1.0/event", body(event(value={"k\0": 1})), 422, ["'value' holds a NUL character"]),
     ("/v1.0/event", body(event(api_key=12345)), 422, ["'api_key' must be a string"]),
     ("/v1.0/events", body([event(), event(user_id=...), event(), event(value="x")]), 422,
      ["event 1: 'user_id' is required", "event 3: 'value' must be a JSON object"]),
@@ -346,6 +356,11 @@ def test_an_integer_too_long_to_convert_is_refused_on_every_python(client, datab
     response = post(client, "/v1.0/event", text.encode(), status=400)
     assert "over 4300 digits" in response.json["detail"]
     assert count(database) == 0
+
+
+def test_a_literal_backslash_u0000_in_a_value_is_just_text(client, database):
+    post(client, "/v1.0/event", event(value={"path": "C:\\u0000"}))
+    assert json.loads(stored(database, "value")[0][0]) == {"path": "C:\\u0000"}
 
 
 def test_a_long_run_of_digits_inside_a_string_is_fine(client, database):
@@ -1558,13 +1573,28 @@ def finite(document):
     return document
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def shared(request, tmp_path_factory):
     """One application for many generated examples (hypothesis runs each test body many times)."""
-    database = str(tmp_path_factory.mktemp("generated") / "events.db")
-    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY}))
-    yield webtest.TestApp(app), database
-    app.close()
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            database = str(tmp_path_factory.mktemp("generated") / "events.db")
+        else:
+            database = stack.enter_context(postgres_schema())
+        app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY}))
+        yield webtest.TestApp(app), database
+        app.close()
+
+
+def same_json(document):
+    """`document` with every number as a Decimal: PostgreSQL's jsonb keeps numbers as numeric."""
+    if isinstance(document, bool) or document is None or isinstance(document, str):
+        return document
+    if isinstance(document, (int, float)):
+        return decimal.Decimal(repr(document)) if isinstance(document, float) else decimal.Decimal(document)
+    if isinstance(document, dict):
+        return {key: same_json(value) for key, value in document.items()}
+    return [same_json(value) for value in document]
 
 
 @hypothesis.settings(max_examples=300, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
@@ -1579,11 +1609,12 @@ def test_generated_batches_are_stored_exactly_when_acknowledged(shared, batch):
     if response.status_int != 204:
         assert rows == []
         return
-    with sqlite3.connect(database) as connection:
-        assert connection.execute("SELECT count(*) FROM event WHERE NOT json_valid(value)").fetchone() == (0,)
+    if not is_postgres(database):  # PostgreSQL's jsonb holds nothing else
+        with sqlite3.connect(database) as connection:
+            assert connection.execute("SELECT count(*) FROM event WHERE NOT json_valid(value)").fetchone() == (0,)
     expected = [tuple(event[name] for name in pycolytics.EVENT_FIELDS) for event in batch]
     assert [row[:6] for row in rows] == expected
-    assert [json.loads(row[6]) for row in rows] == [finite(event.get("value", {})) for event in batch]
+    assert [same_json(json.loads(row[6])) for row in rows] == [same_json(finite(event.get("value", {}))) for event in batch]
 
 
 @hypothesis.settings(max_examples=300, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
@@ -1619,9 +1650,8 @@ def test_the_api_fuzzed_from_its_openapi_document_never_fails(case):
 # -- Crashes and several processes --------------------------------------------------------------------
 
 
-def test_every_acknowledged_event_survives_sigkill_at_a_random_moment(tmp_path):
+def test_every_acknowledged_event_survives_sigkill_at_a_random_moment(tmp_path, database):
     rng = random.Random(7)
-    database = str(tmp_path / "crash.db")
     acknowledged = set()
     for crash in range(4):
         process, address, _, _ = start_server(tmp_path, "--quiet", "--database", database)
@@ -1650,9 +1680,10 @@ def test_every_acknowledged_event_survives_sigkill_at_a_random_moment(tmp_path):
         stop.set()
         for thread in threads:
             thread.join(15)
-    with sqlite3.connect(database) as connection:
-        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        users = [row[0] for row in connection.execute("SELECT user_id FROM event")]
+    if not is_postgres(database):
+        with sqlite3.connect(database) as connection:
+            assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    users = [row[0] for row in stored(database, "user_id")]
     assert len(acknowledged) > 0
     assert acknowledged <= set(users)
     assert len(users) == len(set(users))
