@@ -697,7 +697,7 @@ class Validator:
         self._fields = operator.itemgetter(*EVENT_FIELDS)
 
     def rows(self, document, batch, body, received, origin=None):
-        """Row tuples (the six strings, value JSON, time) for every event, or an HTTPError for the lot."""
+        """Row tuples (the six strings, value JSON, time, received_at, event_id), or an HTTPError for the lot."""
         if batch:
             if not isinstance(document, list):
                 raise UnprocessableEntity([_problem(["body"], "expected a JSON array of events", "array_type")])
@@ -1024,9 +1024,9 @@ class Metrics:
         self.commits = 0
         self.commit_seconds = 0.0
 
-    def request(self, status):
+    def request(self, status, count=1):
         with self._lock:
-            self.requests[status[:3]] += 1
+            self.requests[status[:3]] += count
 
     def commit(self, seconds, stored):
         with self._lock:
@@ -1062,20 +1062,6 @@ class Metrics:
 # Rows one pruning step deletes: a transaction this small holds the write lock for
 # milliseconds, so ingestion waits no longer than for a commit.
 PRUNE_STEP_ROWS = 500
-
-
-def prune_step(connection, before, limit=PRUNE_STEP_ROWS):
-    """Delete at most `limit` events older than `before` (stored time text); return how many."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        deleted = connection.execute(
-            "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)", (before, limit)
-        ).rowcount
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    return deleted
 
 
 def urllib_quote(path):
@@ -1120,7 +1106,18 @@ class SQLiteStore:
         return connection.total_changes - changes
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
-        return prune_step(connection, before, limit)
+        """Delete at most `limit` events older than `before` (stored time text); return how many."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = connection.execute(
+                "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)",
+                (before, limit),
+            ).rowcount
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return deleted
 
     def lost(self, error):
         """Whether `error` means the connection is gone and a new one is needed: never, for a file."""
@@ -1696,6 +1693,24 @@ footer{{color:#5b6477;font-size:12px;padding:0 24px 24px;text-align:center}}
 ###############################################################################
 
 JSON_TYPE = ("Content-Type", "application/json")
+HTML_TYPE = ("Content-Type", "text/html; charset=utf-8")
+
+def _error_parts(error):
+    """(status, headers, body) of the JSON answer to an HTTPError."""
+    body = json.dumps({"detail": error.detail}).encode()
+    return error.status, [JSON_TYPE, ("Content-Length", str(len(body)))] + error.headers, body
+
+
+_INTERNAL_ERROR = _error_parts(HTTPError("internal server error"))  # never says more: no tracebacks out
+_NO_CONTENT = ("204 No Content", [], b"")
+
+
+_VARY_ORIGIN = [("Vary", "Origin")]
+
+
+def _ok(body, content_type, *headers):
+    """(status, headers, body) of a 200 answer."""
+    return "200 OK", [content_type, ("Content-Length", str(len(body))), *headers], body
 
 
 def read_body(environ, limit):
@@ -1767,7 +1782,7 @@ class Pycolytics:
         self.validator = Validator(config, Keyring(config))
         self.dashboard = Dashboard(config, self.writer.store)
         origins = [config.cors_origins] + [app["cors_origins"] for app in config.apps.values() if "cors_origins" in app]
-        self._any_origin = ANY_ORIGIN in origins
+        self._every_origin = [("Access-Control-Allow-Origin", "*")] if ANY_ORIGIN in origins else None
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
         if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
             self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
@@ -1786,23 +1801,21 @@ class Pycolytics:
         try:
             status, headers, body = self._dispatch(environ)
         except HTTPError as error:
-            status, body = error.status, json.dumps({"detail": error.detail}).encode()
-            headers = [JSON_TYPE, ("Content-Length", str(len(body)))] + error.headers
+            status, headers, body = _error_parts(error)
         except Exception:
             log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
-            status, body = "500 Internal Server Error", b'{"detail":"internal server error"}'
-            headers = [JSON_TYPE, ("Content-Length", str(len(body)))]
+            status, headers, body = _INTERNAL_ERROR
         self.metrics.request(status)
         start_response(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")))
         return [body]
 
     def cors_headers(self, origin):
         """What lets a page from `origin` read the answer (browser games, web apps), if it may."""
-        if self._any_origin:
-            return [("Access-Control-Allow-Origin", "*")]
+        if self._every_origin:
+            return self._every_origin  # the same list for every answer: callers only add it to theirs
         if origin in self._origins:
             return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-        return [("Vary", "Origin")]
+        return _VARY_ORIGIN
 
     def preflight(self, environ):
         """A browser asking whether it may POST here: yes, for a day, with these headers."""
@@ -1849,18 +1862,18 @@ class Pycolytics:
         return self.validator.rows(parse_json(body), batch, body, received, origin)
 
     def get_docs(self, environ):
-        return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(self._docs)))], self._docs
+        return _ok(self._docs, HTML_TYPE)
 
     def get_openapi(self, environ):
-        return "200 OK", [JSON_TYPE, ("Content-Length", str(len(self._openapi)))], self._openapi
+        return _ok(self._openapi, JSON_TYPE)
 
     def get_health(self, environ):
         problem = self.database_problem()
         document = {"status": "unavailable" if problem else "ok", "database": problem or "accepts writes",
                     "version": __version__}
         body = json.dumps(document).encode()
-        status = "503 Service Unavailable" if problem else "200 OK"
-        return status, [JSON_TYPE, ("Content-Length", str(len(body))), ("Cache-Control", "no-store")], body
+        _, headers, body = _ok(body, JSON_TYPE, ("Cache-Control", "no-store"))
+        return ("503 Service Unavailable" if problem else "200 OK"), headers, body
 
     def database_problem(self):
         """Why the database would not take events now, or None if it would."""
@@ -1871,20 +1884,19 @@ class Pycolytics:
     def get_dashboard(self, environ):
         self.dashboard.authorize(environ)
         body = self.dashboard.page(environ)
-        return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
-                          ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer"),
-                          ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
-                                                      "form-action 'self'; frame-ancestors 'none'")], body
+        return _ok(body, HTML_TYPE, ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer"),
+                   ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                               "form-action 'self'; frame-ancestors 'none'"))
 
     def get_metrics(self, environ):
         extra = ["# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
                  "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {self.writer.pruned}"]
         body = self.metrics.text(extra).encode()
-        return "200 OK", [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))], body
+        return _ok(body, ("Content-Type", "text/plain; version=0.0.4"))
 
     def get_index(self, environ):
         body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": "/docs"}).encode()
-        return "200 OK", [JSON_TYPE, ("Content-Length", str(len(body)))], body
+        return _ok(body, JSON_TYPE)
 
 
 def create_app(config=None):
@@ -2157,16 +2169,6 @@ def _parse_head(head, config):
         request.keep_alive = "keep-alive" in tokens
     request.headers = headers
     return request
-
-
-def _error_parts(error):
-    """(status, headers, body) of the JSON answer to an HTTPError."""
-    body = json.dumps({"detail": error.detail}).encode()
-    return error.status, [JSON_TYPE, ("Content-Length", str(len(body)))] + error.headers, body
-
-
-_INTERNAL_ERROR = ("500 Internal Server Error", [JSON_TYPE], b'{"detail":"internal server error"}')
-_NO_CONTENT = ("204 No Content", [], b"")
 
 
 class _HTTPDate:
@@ -2453,8 +2455,7 @@ class Server:
     def _committed(self, members, error=None):
         """Called by the writer thread: queue the answers for the loop, and wake it."""
         status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
-        for _ in members:
-            self.app.metrics.request(status)
+        self.app.metrics.request(status, len(members))
         self._finished.extend(
             (connection, request, status, headers + self.app.cors_headers(request.headers.get("origin")), body)
             for connection, request in members
