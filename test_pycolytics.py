@@ -1213,8 +1213,8 @@ def test_http_1_0_clients_are_served_and_closed(server, database):
 def test_pipelined_requests_are_answered_in_order(server, database):
     one = body(event(event_type="p1"))
     two = body(event(event_type="p2"))
-    raw = (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one)
-           + b"POST /v1.0/event HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(two), two))
+    raw = (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one)
+           + b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(two), two))
     answer = exchange(server, raw)
     assert answer.count(b"HTTP/1.1 204") == 2
     assert [row[0] for row in stored(database)] == ["p1", "p2"]
@@ -1223,7 +1223,7 @@ def test_pipelined_requests_are_answered_in_order(server, database):
 def test_expect_100_continue_is_honoured(server, database):
     payload = body(event())
     with socket.create_connection(server.server_address, timeout=10) as sock:
-        sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(payload))
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(payload)
@@ -1232,24 +1232,24 @@ def test_expect_100_continue_is_honoured(server, database):
 
 
 @pytest.mark.parametrize("raw, status", [
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{", b"413"),
-    (b"POST /v1.0/event HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"411"),
-    (b"POST /v1.0/event HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", b"400"),
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", b"400"),
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),
-    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", b"414"),
-    (b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"b" * 9000 + b"\r\n\r\n", b"431"),
-    (b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", b"431"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999\r\n\r\n{", b"413"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"411"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", b"400"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", b"400"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: -5\r\n\r\n", b"400"),
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", b"414"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Big: " + b"b" * 9000 + b"\r\n\r\n", b"431"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", b"431"),
     (b"GET / HTTP/2.0\r\n\r\n", b"505"),
     (b"NONSENSE\r\n\r\n", b"400"),
-    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n", b"400"),
 ], ids=lambda value: value[:24].decode("latin-1") if isinstance(value, bytes) else None)
 def test_bad_framing_is_refused_and_the_server_keeps_serving(server, database, raw, status):
     answer = exchange(server, raw)
     assert answer.split(b" ")[1] == status
     assert b'"detail"' in answer
     follow_up = body(event())
-    good = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+    good = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                     % (len(follow_up), follow_up))
     assert good.startswith(b"HTTP/1.1 204")
     assert count(database) == 1
@@ -1262,11 +1262,11 @@ def test_the_framing_limits_are_settings(settings):
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
-        assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
-        assert exchange(server, b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
-        assert exchange(server, b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
+        assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\nHost: t\r\n\r\n").startswith(b"HTTP/1.1 414")
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
                         ).startswith(b"HTTP/1.1 431")
-        assert exchange(server, b"GET / HTTP/1.1\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
     finally:
         server.shutdown()
         thread.join(10)
@@ -1303,7 +1303,7 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
     trickling = threading.Event()
 
     def trickle():
-        request = b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"{" * 100
+        request = b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + b"{" * 100
         for byte in range(len(request)):
             for sock in tricklers:
                 try:
@@ -1318,7 +1318,7 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
     try:
         payload = body(event())
         for _ in range(10):
-            answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(payload), payload))
             assert answer.startswith(b"HTTP/1.1 204")
         tricklers[0].settimeout(10)
@@ -1519,7 +1519,7 @@ def test_https_serves_events_with_keep_alive_and_survives_plain_http_on_its_port
     try:
         assert server.url.startswith("https://")
         try:
-            plain = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            plain = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
         except ConnectionResetError:
             plain = b""
         assert b"204" not in plain
