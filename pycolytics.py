@@ -2218,6 +2218,10 @@ class LogSink:
             self._lines.append(text)
             self._size += len(text)
 
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
     def flush(self):
         pass  # the thread flushes; a caller must not wait for stderr
 
@@ -2556,9 +2560,6 @@ class Server:
                     return
                 continue  # a connection reset while it waited in the backlog
             self._welcome(sock, peer[0])
-        if self.problem is not None:
-            log.info("accepting connections again")
-            self.problem = None
 
     def _welcome(self, sock, address):
         """Take a new connection into the loop, or turn it away if its address holds too many."""
@@ -2700,11 +2701,16 @@ class Server:
         return request
 
     def _reserve(self, connection, length):
-        """Count a body against the limits before it is read: one body, and all bodies together."""
+        """Count a body against the limits before it is read: one body, and all bodies together.
+
+        A body that one recv() takes whole is not refused for the total: it costs no more than a
+        head, which max_connections already bounds, and so clients with small batches are still
+        served while large bodies fill the budget.
+        """
         if length > self.config.max_body_bytes:
             raise PayloadTooLarge(f"the request body is {length} bytes; at most {self.config.max_body_bytes} "
                                   "are accepted")
-        if self._reserved + length > self.config.max_buffered_bytes:
+        if length > RECV_BYTES and self._reserved + length > self.config.max_buffered_bytes:
             raise ServiceUnavailable("the server is receiving too many request bodies at once; "
                                      "send this again shortly")
         self._reserved += length
@@ -2812,6 +2818,9 @@ class Server:
                     self._close(connection)
         if not self._listening and len(self._connections) < self.config.max_connections:
             self._listen(True)
+        if self.problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
+            log.info("accepting connections again")
+            self.problem = None
 
     def _close(self, connection):
         if self._connections.pop(connection.sock, None) is None:

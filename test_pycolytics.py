@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -1334,6 +1335,305 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
         thread.join(10)
         app.close()
     assert count(config.database) == 10
+
+
+# -- Hostile clients against a live server -------------------------------------------------------
+#
+# Each attack runs against the built-in server on 127.0.0.1, and each test then checks the two
+# promises that matter: the server is still alive, and a normal client is served meanwhile.
+
+
+@contextlib.contextmanager
+def serving(settings, wrap=None, **changes):
+    """A built-in server on a free port with these settings changed, stopped when the block ends."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
+    app = pycolytics.create_app(config)
+    server = pycolytics.Server(wrap(app) if wrap else app, config, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(20)
+        app.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+def one_event_request(event_type="normal", path="/v1.0/event", close=True):
+    payload = body(event(event_type=event_type))
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path.encode(), len(payload), b"Connection: close\r\n" if close else b"", payload))
+
+
+def normal_client_is_served(address, event_type="normal", timeout=10, source=None):
+    """A well-behaved client posts one event on a new connection; True if it got 204."""
+    with socket.create_connection(address, timeout=timeout, source_address=source) as sock:
+        sock.sendall(one_event_request(event_type))
+        return read_all(sock).startswith(b"HTTP/1.1 204")
+
+
+def read_all(sock, answers=None):
+    """What the server sends until it closes (or until `answers` answers have arrived)."""
+    chunks = []
+    with contextlib.suppress(socket.timeout, ConnectionError):
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+            if answers is not None and b"".join(chunks).count(b"HTTP/1.1 ") >= answers:
+                break
+    return b"".join(chunks)
+
+
+def start_configured_server(tmp_path, ini="", **popen):
+    """pycolytics.py in a process of its own, with KEY as its key and `ini` added; (process, address)."""
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\napi_keys = {KEY}\n{ini}")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0", "--config", "pycolytics.ini"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, **popen,
+    )
+    for line in process.stderr:
+        found = re.search(r"listening on http://([\d.]+):(\d+)", line)
+        if found:
+            return process, (found.group(1), int(found.group(2)))
+    process.wait(10)
+    raise AssertionError("the server did not start")
+
+
+@contextlib.contextmanager
+def stopped_at_the_end(process):
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stderr.close()
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        user, system = stat.read().rsplit(")", 1)[1].split()[11:13]
+    return (int(user) + int(system)) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_thousand_pipelined_requests_answered_at_once_are_all_answered_in_order(server, database):
+    empty = b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n[]"
+    unauthorized = (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body(event(api_key="wrong"))), body(event(api_key="wrong"))))
+    broken = b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n{"
+    with socket.create_connection(server.server_address, timeout=20) as sock:
+        sock.sendall((empty + unauthorized + broken) * 334)
+        answers = read_all(sock, answers=1002)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3})", answers)
+    assert statuses == [b"204", b"401", b"400"] * 334
+    assert normal_client_is_served(server.server_address)
+    assert [row[0] for row in stored(database)] == ["normal"]
+
+
+def test_an_error_while_serving_one_connection_closes_it_and_the_loop_goes_on(settings, database):
+    class Exploding:
+        """An application whose loop hook fails for one path, as a bug would."""
+
+        def __init__(self, app):
+            self.app = app
+
+        def __call__(self, environ, start_response):
+            return self.app(environ, start_response)
+
+        def answer_in_loop(self, environ, respond):
+            if environ["PATH_INFO"] == "/boom":
+                raise RuntimeError("a bug")
+            return self.app.answer_in_loop(environ, respond)
+
+    with serving(settings, wrap=Exploding) as server:
+        for _ in range(3):
+            with socket.create_connection(server.server_address, timeout=10) as sock:
+                sock.sendall(b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert read_all(sock) == b""  # closed without an answer
+        assert normal_client_is_served(server.server_address)
+    assert count(database) == 1
+
+
+def test_a_middleware_in_between_turns_the_loop_hook_off_and_everything_still_works(settings, database):
+    def middleware(app):
+        def call(environ, start_response):
+            return app(environ, start_response)
+        return call
+
+    with serving(settings, wrap=middleware) as server:
+        assert normal_client_is_served(server.server_address)
+        docs = exchange(server, b"GET /docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert docs.startswith(b"HTTP/1.1 200") and b"<html" in docs
+    assert count(database) == 1
+
+
+def test_a_query_string_or_percent_encoding_never_sends_events_to_a_worker_thread(settings, database, sqlite_only):
+    with serving(settings, threads=1, busy_timeout=20) as server:
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the writer now waits for the lock
+        try:
+            posts = [socket.create_connection(server.server_address, timeout=30) for _ in range(3)]
+            for sock, path in zip(posts, ["/v1.0/event?source=web", "/v1.0/%65vent", "/v1.0/event?x=%00"]):
+                sock.sendall(one_event_request(path=path))
+            time.sleep(0.5)  # the posts wait for the database now; were one in the only worker thread...
+            with socket.create_connection(server.server_address, timeout=10) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                health = read_all(sock)  # ...this would wait for the lock too, and time out
+            assert health.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503"))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert [read_all(sock)[:12] for sock in posts] == [b"HTTP/1.1 204"] * 3
+        for sock in posts:
+            sock.close()
+    assert count(database) == 3
+
+
+def test_a_broken_stderr_does_not_stop_the_server(tmp_path):
+    process, address = start_configured_server(tmp_path)  # access log on: every request writes a line
+    with stopped_at_the_end(process):
+        process.stderr.close()  # as when `| tee` dies: every write to stderr now fails
+        for n in range(20):
+            assert normal_client_is_served(address, f"e{n}")
+        assert process.poll() is None
+
+
+def test_a_stderr_nobody_reads_does_not_block_the_server(tmp_path):
+    process, address = start_configured_server(tmp_path)  # nobody reads its stderr from here on
+    with stopped_at_the_end(process):
+        request = one_event_request(close=False)
+        with socket.create_connection(address, timeout=20) as sock:  # 3,000 log lines: far over a pipe's 64 KiB
+            for _ in range(30):
+                sock.sendall(request * 100)
+                assert read_all(sock, answers=100).count(b"HTTP/1.1 204") == 100
+
+
+def test_tls_connections_reset_right_after_connect_do_not_stop_the_server(tmp_path, settings, database):
+    certificate, key = make_certificate(tmp_path)
+    import ssl
+
+    with serving(settings, certfile=certificate, keyfile=key) as server:
+        for _ in range(30):
+            sock = socket.create_connection(server.server_address)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, before any handshake
+        context = ssl.create_default_context(cafile=certificate)
+        connection = http.client.HTTPSConnection(*server.server_address, context=context, timeout=10)
+        connection.request("POST", "/v1.0/event", body(event()))
+        assert connection.getresponse().status == 204
+        connection.close()
+    assert count(database) == 1
+
+
+def test_blank_lines_cannot_keep_a_connection_open_past_request_timeout(settings):
+    with serving(settings, request_timeout=1, idle_timeout=1) as server:
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            closed = False
+            for _ in range(8):  # one blank line every 0.4 s: each one used to re-arm the deadline
+                try:
+                    sock.sendall(b"\r\n")
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.4)
+            closed = closed or read_all(sock) == b""
+        assert closed
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            sock.sendall(b"\r\n" * (pycolytics.MAX_BLANK_LINES + 1) + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 400") and b"blank lines" in answer
+        assert normal_client_is_served(server.server_address)
+
+
+def test_one_address_cannot_take_more_than_its_share_of_connections(settings, database):
+    with serving(settings, max_connections_per_address=5) as server:
+        attackers = [socket.create_connection(server.server_address, source_address=("127.0.0.2", 0))
+                     for _ in range(5)]
+        try:
+            with socket.create_connection(server.server_address, timeout=10,
+                                          source_address=("127.0.0.2", 0)) as sixth:
+                answer = read_all(sixth)
+            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After:" in answer
+            assert normal_client_is_served(server.server_address, source=("127.0.0.3", 0))
+            attackers.pop().close()  # a slot of its own frees up again
+            time.sleep(0.2)
+            assert normal_client_is_served(server.server_address, "again", source=("127.0.0.2", 0))
+        finally:
+            for sock in attackers:
+                sock.close()
+    assert count(database) == 2
+
+
+def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(settings, database):
+    with serving(settings, max_connections=10, idle_timeout=60, request_timeout=60) as server:
+        silent = [socket.create_connection(server.server_address, timeout=10, source_address=(f"127.0.1.{n}", 0))
+                  for n in range(10)]
+        try:
+            time.sleep(0.2)
+            assert normal_client_is_served(server.server_address)
+            assert read_all(silent[0]) == b""  # the oldest silent connection was closed for it
+        finally:
+            for sock in silent:
+                sock.close()
+    assert count(database) == 1
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
+
+
+def test_bodies_over_the_buffer_budget_get_503_and_memory_stays_bounded(tmp_path):
+    process, address = start_configured_server(tmp_path, "max_buffered_bytes = 8388608\nquiet = yes\n")
+    with stopped_at_the_end(process):
+        before = rss_kib(process.pid)
+        head = b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n"
+        hogs = []
+        for n in range(40):  # 40 MiB announced, 8 MiB allowed: the rest are refused before they are read
+            sock = socket.create_connection(address, timeout=10, source_address=(f"127.0.2.{n}", 0))
+            with contextlib.suppress(OSError):
+                sock.sendall(head + b"[" + b" " * 1_040_000)
+            hogs.append(sock)
+        assert normal_client_is_served(address)  # small bodies are still taken meanwhile
+        grown = rss_kib(process.pid) - before
+        answers = []
+        for sock in hogs:
+            sock.settimeout(0.5)
+            answers.append(read_all(sock, answers=1))
+            sock.close()
+        refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503")]
+        assert len(refused) == 32 and all(b"Retry-After: " in answer for answer in refused)
+        assert grown < 24 * 1024, f"RSS grew by {grown} KiB while 40 bodies were announced"
+        assert process.poll() is None
+
+
+def test_out_of_file_descriptors_the_server_pauses_accepting_and_recovers(tmp_path):
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    process, address = start_configured_server(tmp_path, "quiet = yes\n", preexec_fn=few_descriptors)
+    with stopped_at_the_end(process):
+        crowd = [socket.create_connection(address, timeout=10, source_address=(f"127.0.3.{n}", 0))
+                 for n in range(100)]
+        time.sleep(0.5)
+        spent = cpu_seconds(process.pid)
+        time.sleep(2)
+        spent = cpu_seconds(process.pid) - spent
+        assert spent < 0.5, f"the loop spun: {spent:.2f} s of CPU in 2 s"  # it used to take a whole core
+        for sock in crowd:
+            sock.close()
+        deadline = time.monotonic() + 15
+        while not normal_client_is_served(address):  # it recovers by itself once descriptors are free
+            assert time.monotonic() < deadline, "the server did not recover"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        log = process.stderr.read()
+        assert 1 <= log.count("cannot accept connections") <= 5, log[:2000]
 
 
 # -- The command line and signals ---------------------------------------------------------------
