@@ -1124,7 +1124,7 @@ def test_the_shipped_ini_documents_every_key_with_its_default():
         text = file.read()
     parser.read_string(text)
     documented = dict(parser.items("pycolytics"))
-    for name, default in pycolytics.DEFAULTS.items():
+    for name, default, _, _ in pycolytics.SETTINGS:
         if name in documented:
             assert documented[name] == default, name
         else:
