@@ -1156,15 +1156,28 @@ def test_importing_the_module_opens_and_reads_nothing(tmp_path):
 # -- The built-in server, over real sockets --------------------------------------------------------
 
 
-@pytest.fixture
-def server(config, app):
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+@contextlib.contextmanager
+def serving(settings, wrap=None, **changes):
+    """A built-in server on a free port with these settings changed, stopped when the block ends."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
+    app = pycolytics.create_app(config)
+    server = pycolytics.Server(wrap(app) if wrap else app, config, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
-    yield server
-    server.shutdown()
-    thread.join(10)
-    assert not thread.is_alive()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(20)
+        app.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def server(settings, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with serving(settings) as server:
+        yield server
 
 
 def exchange(server, raw, read_until_close=True):
@@ -1260,21 +1273,12 @@ def test_bad_framing_is_refused_and_the_server_keeps_serving(server, database, r
 
 
 def test_the_framing_limits_are_settings(settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, max_request_line=100, max_header_fields=3))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
+    with serving(settings, max_request_line=100, max_header_fields=3) as server:
         assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\nHost: t\r\n\r\n").startswith(b"HTTP/1.1 414")
         assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
         assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
                         ).startswith(b"HTTP/1.1 431")
         assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
-    finally:
-        server.shutdown()
-        thread.join(10)
-        app.close()
 
 
 def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
@@ -1296,12 +1300,14 @@ def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
     assert len({row[0] for row in stored(database, "user_id")}) == 2400
 
 
-def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, threads=2, idle_timeout=1, request_timeout=2))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
+def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings, database):
+    with serving(settings, threads=2, idle_timeout=1, request_timeout=2) as server:
+        talk_past(server)
+    assert count(database) == 10
+
+
+def talk_past(server):
+    """Ten normal requests while 200 silent and 20 trickling connections hold their slots."""
     silent = [socket.create_connection(server.server_address) for _ in range(200)]
     tricklers = [socket.create_connection(server.server_address) for _ in range(20)]
     trickling = threading.Event()
@@ -1334,33 +1340,12 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
         trickler.join(10)
         for sock in silent + tricklers:
             sock.close()
-        server.shutdown()
-        thread.join(10)
-        app.close()
-    assert count(config.database) == 10
 
 
 # -- Hostile clients against a live server -------------------------------------------------------
 #
 # Each attack runs against the built-in server on 127.0.0.1, and each test then checks the two
 # promises that matter: the server is still alive, and a normal client is served meanwhile.
-
-
-@contextlib.contextmanager
-def serving(settings, wrap=None, **changes):
-    """A built-in server on a free port with these settings changed, stopped when the block ends."""
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(wrap(app) if wrap else app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        thread.join(20)
-        app.close()
-        assert not thread.is_alive(), "the server did not stop"
 
 
 def one_event_request(event_type="normal", path="/v1.0/event", close=True):
