@@ -2374,7 +2374,8 @@ class Server:
     `respond(status, headers, body)` exactly once, now or later and from any thread, never
     blocking the loop meanwhile. If it also offers `loop_turn_ended()`, the loop calls that
     after each turn, once every request read in the turn was handed over: Pycolytics gathers
-    the events posted in a turn and commits them together. With a middleware in between (no
+    the events posted in a turn and commits them together (so a wrapper that passes one of
+    the two hooks on must pass both). With a middleware in between (no
     hook), every request takes a worker thread, which is correct and slower. An application
     may also offer `server_answered(status)`, to hear of the answers the server gives by itself
     (bad framing, timeouts, overload), so that its metrics count every answer.

@@ -1435,6 +1435,9 @@ def test_an_error_while_serving_one_connection_closes_it_and_the_loop_goes_on(se
                 raise RuntimeError("a bug")
             return self.app.answer_in_loop(environ, respond)
 
+        def loop_turn_ended(self):
+            self.app.loop_turn_ended()
+
     with serving(settings, wrap=Exploding) as server:
         for _ in range(3):
             with socket.create_connection(server.server_address, timeout=10) as sock:
@@ -1737,6 +1740,7 @@ class Validated:
         self.checked = wsgiref.validate.validator(app)
         if hooked:
             self.answer_in_loop = self._answer_in_loop
+            self.loop_turn_ended = app.loop_turn_ended
 
     def __call__(self, environ, start_response):
         with warnings.catch_warnings():
