@@ -8,7 +8,7 @@ unchanged.
 
 Run it:          python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
 Look after it:   python3 pycolytics.py keygen | export | prune | backup | copy   (--help says how)
-Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn pycolytics:application
+Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn 'pycolytics:create_app()'
 
 One file, standard library only, Python 3.9 or newer; a postgresql:// database (several
 collectors, one database) also needs psycopg 3, imported only then. Importing this module
@@ -614,8 +614,9 @@ def parse_json(body):
         return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
     except (ValueError, RecursionError):
         error = first_error
+        message = re.sub(r" at$", "", error.msg)  # json's "Invalid control character at" says "at" itself
         raise BadRequest(
-            f"the request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+            f"the request body is not valid JSON: {message} at line {error.lineno} column {error.colno}"
         ) from None
 
 
@@ -2881,14 +2882,6 @@ def _inert(cell):
     return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
 
 
-def _stdout_gone():
-    """Point standard output at /dev/null once its reader has left (`export | head`), so the
-    interpreter's last flush has nowhere to fail."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
 def export(arguments, config):
     """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
     import csv
@@ -2937,10 +2930,9 @@ def export(arguments, config):
                 output.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
         output.flush()
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader has what it wanted (`export | head`)
         if output is not sys.stdout:
             raise
-        _stdout_gone()
         return 0
     finally:
         if output is not sys.stdout:

@@ -1355,6 +1355,13 @@ def test_a_new_database_is_created_whole_and_only_an_old_one_is_upgraded(tmp_pat
 
 
 
+def test_a_json_syntax_error_names_its_place_once(client):
+    response = client.post("/v1.0/event", b'{"event_type": "tab\x01"}', expect_errors=True)
+    assert " at at " not in response.text
+    if response.status_int == 400:
+        assert "Invalid control character at line 1 column" in response.json["detail"]
+
+
 # -- The WSGI callable ----------------------------------------------------------------------------
 
 
