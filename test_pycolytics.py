@@ -1294,6 +1294,43 @@ def test_the_command_line_takes_options_anywhere_and_never_creates_or_loses_by_s
     assert ((tmp_path / "existing.csv").read_text() == "precious\n") == kept
 
 
+def answer_on_a_terminal(arguments, answer, cwd):
+    """Run the command line on a pseudo-terminal, answer its question, return (status, output)."""
+    import pty
+    import select
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: nothing of the test may run here
+        os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments])
+    output, deadline = b"", time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([terminal], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the child has gone
+                break
+            if not chunk:
+                break
+            output += chunk
+            if output.endswith(b"[y/N] "):
+                os.write(terminal, answer + b"\n")
+    finally:
+        os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+@pytest.mark.parametrize("answer, status, left", [(b"n", 1, 3), (b"y", 0, 1)])
+def test_prune_on_a_terminal_asks_first_and_deletes_only_on_yes(tmp_path, seeded, answer, status, left):
+    code, output = answer_on_a_terminal(["prune", "--before", "2024-02-15", "--database", seeded], answer, tmp_path)
+    assert "Delete 2 events from before 2024-02-15" in output
+    assert code == status
+    assert count(seeded) == left
+
+
 def test_backup_refuses_to_overwrite_without_force(tmp_path, seeded, sqlite_only):
     (tmp_path / "copy.db").write_text("precious")
     result = run_cli(tmp_path, "backup", "copy.db", "--database", seeded)
