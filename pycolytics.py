@@ -271,11 +271,6 @@ class TrustedProxies:
         found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
         return any(found in network for network in self.networks)
 
-    def __eq__(self, other):
-        return isinstance(other, TrustedProxies) and (self.addresses, self.networks) == (other.addresses, other.networks)
-
-    __hash__ = None
-
 
 def _address(text):
     """An IP address written as sockets report peers (::1, not 0:0::1); ValueError if not one."""
@@ -3131,8 +3126,8 @@ def _parser():
 def main(argv=None):
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    overrides = {name: getattr(arguments, name, None) for name in ("host", "port", "database", "quiet")}
-    load = functools.partial(load_config, getattr(arguments, "config", None), overrides=overrides)
+    overrides = {name: getattr(arguments, name) for name in ("host", "port", "database", "quiet")}
+    load = functools.partial(load_config, arguments.config, overrides=overrides)
     try:
         config = load()
         if arguments.command is None:
