@@ -8,7 +8,7 @@ unchanged.
 
 Run it:          python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
 Look after it:   python3 pycolytics.py keygen | export | prune | backup | copy   (--help says how)
-Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn pycolytics:application
+Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn 'pycolytics:create_app()'
 
 One file, standard library only, Python 3.9 or newer; a postgresql:// database (several
 collectors, one database) also needs psycopg 3, imported only then. Importing this module
@@ -186,36 +186,52 @@ def _text(value):
     return value.strip()
 
 
+def _items(value):
+    """The entries of a list setting: one per line, or separated by commas."""
+    return tuple(item for line in value.splitlines() for item in (part.strip() for part in line.split(",")) if item)
+
+
+def _glimpse(key):
+    """A key as a message may show it: never whole, since messages end up in logs."""
+    return f"{key[:4]!r}... ({len(key)} characters)"
+
+
 def _keys(value):
-    return tuple(key for line in value.splitlines() for key in (part.strip() for part in line.split(",")) if key)
+    keys = _items(value)
+    for key in keys:
+        if not key.isprintable() or any(character.isspace() for character in key):
+            raise ValueError(
+                f"the key {_glimpse(key)} holds a space or a control character; separate keys with commas "
+                "or new lines, and start a comment after a key with a space and ; or #"
+            )
+    return keys
+
+
+def _number(value, convert, lowest, highest, accepted):
+    """`value` as a number from `lowest` to `highest`, or a ValueError saying what is accepted."""
+    try:
+        number = convert(value)
+    except ValueError:
+        number = None
+    if number is None or not lowest <= number <= highest:  # NaN fails the comparison too
+        raise ValueError(f"must be {accepted}")
+    return number
 
 
 def _port(value):
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError("a port is a number from 0 to 65535")
-    return port
+    return _number(value, int, 0, 65535, "a whole number from 0 to 65535")
 
 
 def _count(value):
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be a whole number of at least 1")
-    return number
+    return _number(value, int, 1, math.inf, "a whole number of at least 1, without a unit (like 1000, or 1048576 for 1 MiB)")
 
 
 def _seconds(value):
-    number = float(value)
-    if not number > 0 or math.isinf(number):
-        raise ValueError("must be a positive number of seconds")
-    return number
+    return _number(value, float, 0.001, 1e6, "a number of seconds from 0.001 to 1000000, like 5 or 0.5")
 
 
 def _days(value):
-    days = float(value)
-    if not 0 <= days < 1e6:
-        raise ValueError("must be a number of days, or 0 to keep events forever")
-    return days
+    return _number(value, float, 0, 999_999, "a number of days, or 0 to keep events forever")
 
 
 def _flag(value):
@@ -234,13 +250,60 @@ def _synchronous(value):
     return word
 
 
-def _addresses(value):
-    return frozenset(_keys(value))
+class TrustedProxies:
+    """The addresses and networks (CIDR) of our own reverse proxies; `address in proxies` says
+    whether a peer is one. Exact addresses are one set lookup: the common case stays one hash."""
+
+    __slots__ = ("addresses", "networks")
+
+    def __init__(self, addresses, networks):
+        self.addresses = frozenset(addresses)
+        self.networks = tuple(networks)
+
+    def __contains__(self, address):
+        if address in self.addresses:
+            return True
+        if not self.networks:
+            return False
+        import ipaddress  # imported already by _proxies, which made the networks
+
+        try:
+            found = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
+        return any(found in network for network in self.networks)
+
+
+def _address(text):
+    """An IP address written as sockets report peers (::1, not 0:0::1); ValueError if not one."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except OSError:
+        raise ValueError(text) from None
+
+
+def _proxies(value):
+    addresses, networks = set(), []
+    for entry in _items(value):
+        try:
+            if "/" in entry:
+                import ipaddress  # here: 1 MB of memory that only configured networks need
+
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            else:
+                addresses.add(_address(entry))
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is neither an IP address (10.0.0.2, ::1) nor a network (10.0.0.0/8, fd00::/8)"
+            ) from None
+    return TrustedProxies(addresses, networks)
 
 
 def _origins(value):
     """ANY_ORIGIN for "*", else the set of origins (scheme://host[:port]) named."""
-    origins = _keys(value)
+    origins = _items(value)
     if "*" in origins:
         return ANY_ORIGIN
     for origin in origins:
@@ -302,7 +365,7 @@ SETTINGS = (
     Setting("max_pending_events", "100000", _count, "events waiting for the database at most (then 503)"),
     Setting("busy_timeout", "30", _seconds, "seconds a write waits for another process holding the database"),
     Setting("rate_limit", "off", _rate, "requests to the event endpoints per client address, like 60/minute"),
-    Setting("trusted_proxies", "127.0.0.1, ::1", _addresses, "reverse proxies whose X-Forwarded-For is believed"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "reverse proxies whose X-Forwarded-For is believed"),
     Setting("certfile", "", _text, "the PEM certificate chain for HTTPS"),
     Setting("keyfile", "", _text, "the PEM private key for HTTPS"),
     Setting("cors_origins", "*", _origins, "the web pages (origins) that may post events"),
@@ -312,6 +375,20 @@ SETTINGS = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
+# Settings whose values are keys: a message about them shows a glimpse of one key, not the value.
+SECRET_SETTINGS = ("api_keys", "read_keys")
+
+
+def _parse(name, text, where):
+    """A setting's value parsed, or a ConfigError naming `where` it came from, the key, the value
+    and what is accepted."""
+    try:
+        return SETTINGS_BY_NAME[name].parse(text)
+    except ValueError as error:
+        shown = "" if name in SECRET_SETTINGS else f" = {text!r}"
+        raise ConfigError(f"{where}{name}{shown} is not valid: {error}") from None
+
+
 class Config:
     """The settings in force, parsed and checked; attributes are named after the ini keys."""
 
@@ -319,20 +396,20 @@ class Config:
         """`raw` maps each ini key to (text, where it came from); `apps` each [app:NAME] to its raw keys."""
         self.sources = {}
         self.apps = {}
+        places = {}  # where each key is configured, to refuse a key given two roles
         for application, settings in (apps or {}).items():
             self.apps[application] = {}
             for name, (text, source) in settings.items():
-                try:
-                    self.apps[application][name] = SETTINGS_BY_NAME[name].parse(text)
-                except ValueError as error:
-                    raise ConfigError(f"{source}: [app:{application}] {name} = {text!r} is not valid: {error}") from None
-        for name, _, parse, _ in SETTINGS:
+                self.apps[application][name] = _parse(name, text, f"{source}: [app:{application}] ")
+            for key in self.apps[application].get("api_keys", ()):
+                _one_place(places, key, f"[app:{application}] api_keys ({settings['api_keys'][1]})")
+        for name, _, _, _ in SETTINGS:
             text, source = raw[name]
-            try:
-                setattr(self, name, parse(text))
-            except ValueError as error:
-                raise ConfigError(f"{source}: {name} = {text!r} is not valid: {error}") from None
+            setattr(self, name, _parse(name, text, f"{source}: "))
             self.sources[name] = source
+        for name in SECRET_SETTINGS:
+            for key in getattr(self, name):
+                _one_place(places, key, f"{name} ({self.sources[name]})")
         if not self.database:
             raise ConfigError(f"{self.sources['database']}: database must name a file")
         if bool(self.certfile) != bool(self.keyfile):
@@ -343,8 +420,20 @@ class Config:
         return not self.api_keys and not any(app.get("api_keys") for app in self.apps.values())
 
 
+def _one_place(places, key, place):
+    """Record where `key` is configured; a key in two places (a write key that also opens the
+    dashboard, or that two games share) would quietly grant more than either place says."""
+    first = places.setdefault(key, place)
+    if first != place:
+        raise ConfigError(
+            f"the key {_glimpse(key)} is in {first} and in {place}: each key belongs in one place, "
+            "either api_keys (any game), one [app:NAME] (that game), or read_keys (the dashboard)"
+        )
+
+
 def _read_ini(path, raw, apps):
-    parser = configparser.ConfigParser(interpolation=None)
+    # A comment may follow a value after a space (`key = value  ; why`), as in the README.
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as file:
             parser.read_file(file)
@@ -525,8 +614,9 @@ def parse_json(body):
         return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
     except (ValueError, RecursionError):
         error = first_error
+        message = re.sub(r" at$", "", error.msg)  # json's "Invalid control character at" says "at" itself
         raise BadRequest(
-            f"the request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+            f"the request body is not valid JSON: {message} at line {error.lineno} column {error.colno}"
         ) from None
 
 
@@ -965,7 +1055,7 @@ def connect(path, synchronous="full", busy_timeout=30.0):
         if missing:
             raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
         if any(name not in columns for name, _ in ADDED_COLUMNS):
-            _add_columns(connection)
+            _add_columns(connection, announce=bool(exists))
         connection.execute(EVENT_ID_INDEX)
     except BaseException:
         connection.close()
@@ -977,7 +1067,7 @@ def _columns(connection):
     return {row[1] for row in connection.execute("PRAGMA table_info(event)")}
 
 
-def _add_columns(connection):
+def _add_columns(connection, announce=True):
     """Give the table the columns Pycolytics added; another process may be doing the same."""
     connection.execute("BEGIN IMMEDIATE")
     try:
@@ -985,7 +1075,8 @@ def _add_columns(connection):
         for name, kind in ADDED_COLUMNS:
             if name not in columns:
                 connection.execute(f"ALTER TABLE event ADD COLUMN {name} {kind}")
-                log.info("upgraded the database: added the column event.%s", name)
+                if announce:
+                    log.info("upgraded the database: added the column event.%s", name)
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
@@ -2157,11 +2248,23 @@ def tls_context(config):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    for name in ("certfile", "keyfile"):
+        try:
+            open(getattr(config, name), "rb").close()
+        except OSError as error:
+            raise ConfigError(f"cannot load {name} {getattr(config, name)}: {error.strerror} (a PEM file is needed)") from None
     try:
-        context.load_cert_chain(config.certfile, config.keyfile)
+        context.load_cert_chain(config.certfile, config.keyfile, password=functools.partial(_no_pass_phrase, config))
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(f"cannot load certfile {config.certfile} with keyfile {config.keyfile}: {error}") from None
     return context
+
+
+def _no_pass_phrase(config):
+    """Called by OpenSSL for an encrypted key, instead of its prompt on the terminal (which would
+    stop the event loop, or wait forever under systemd)."""
+    raise ConfigError(f"keyfile {config.keyfile} is encrypted; give it unencrypted, readable only by the server "
+                      "(openssl pkey -in ENCRYPTED.pem -out KEY.pem)")
 
 
 def notify_systemd(state):
@@ -2965,7 +3068,10 @@ def serve(config, load=None):
         return 1
     try:
         server = Server(app, config, reload=lambda: _reload(app, server, load))
-    except (OSError, ConfigError) as error:
+    except ConfigError:
+        app.close()
+        raise
+    except OSError as error:
         log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         app.close()
         return 1
@@ -3009,25 +3115,48 @@ def _warn_about_keys(config):
                     "Set api_keys before you ship a game.", DEV_KEY)
 
 
+def _restart_only_changes(config, in_force):
+    """Warnings for what `config` changes that only a restart puts in force; `config` keeps the
+    values in force instead, so it says what the server does and the next reload compares with that."""
+    warnings = []
+    for name in RESTART_SETTINGS:
+        if getattr(config, name) != getattr(in_force, name):
+            warnings.append(f"{name} changed to {getattr(config, name)!r}; that takes a restart, "
+                            f"the server keeps {getattr(in_force, name)!r}")
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    if bool(config.certfile) != bool(in_force.certfile):
+        now, then = ("HTTPS", "plain HTTP") if in_force.certfile else ("plain HTTP", "HTTPS")
+        warnings.append(f"certfile and keyfile switch to {then}; that takes a restart, the server keeps serving {now}")
+        for name in ("certfile", "keyfile"):
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    return warnings
+
+
 def _reload(app, server, load):
     """Read the configuration again and put it in force; a bad one changes nothing."""
     notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         config = load()
+        warnings = _restart_only_changes(config, app.config)
         tls = tls_context(config)
     except ConfigError as error:
         log.error("reload failed; the configuration in force stays: %s", error)
     else:
-        for name in RESTART_SETTINGS:
-            if getattr(config, name) != getattr(app.config, name):
-                log.warning("%s changed; that takes a restart, the server keeps %r", name, getattr(app.config, name))
+        for warning in warnings:
+            log.warning("%s", warning)
         app.reconfigure(config)
         server.reconfigure(config, tls)
         if config.retention_days:
             app.writer.prune_soon()
         _warn_about_keys(config)
-        log.info("configuration reloaded")
+        log.info("configuration reloaded" + (" except what takes a restart" if warnings else ""))
     notify_systemd("READY=1")
+
+
+class UsageError(Exception):
+    """A command line that cannot work as given (exit status 2); the message says what to change."""
 
 
 def keygen(arguments, config):
@@ -3046,24 +3175,48 @@ def _moment(text, option):
     """A stored-time text from a command line time (ISO 8601 or Unix seconds)."""
     moment = _client_time(float(text) if re.fullmatch(r"-?\d+(\.\d*)?", text) else text)
     if moment is None:
-        raise ConfigError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
+        raise UsageError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
     return moment.strftime(TIME_FORMAT)
+
+
+def _existing_store(config):
+    """The store of config.database, which must exist: only the server creates a database, so a
+    typo in --database is an error, not a new empty file."""
+    store = store_for(config)
+    if isinstance(store, SQLiteStore) and not os.path.exists(config.database):
+        raise UsageError(f"there is no database {os.path.abspath(config.database)}: check --database "
+                         "or the configuration's database (only the server creates a database)")
+    return store
+
+
+# What a spreadsheet takes for the start of a formula; OWASP's advice for CSV injection is a
+# quote in front: https://owasp.org/www-community/attacks/CSV_Injection
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(cell):
+    """A CSV cell that a spreadsheet shows as text instead of running it as a formula."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
 
 
 def export(arguments, config):
     """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
     import csv
 
-    store = store_for(config)
+    moments = {option: _moment(getattr(arguments, option), f"--{option}")
+               for option in ("since", "until") if getattr(arguments, option)}
+    if arguments.output and os.path.exists(arguments.output) and not arguments.force:
+        raise UsageError(f"{arguments.output} exists; pass --force to overwrite it")
+    store = _existing_store(config)
     conditions, parameters = [], []
     if arguments.application is not None:
         conditions.append(f"application = {store.parameter}")
         parameters.append(arguments.application)
     # "+time" (SQLite): read in id order without the time index, so nothing is sorted in memory
     for option, operator_ in (("since", ">="), ("until", "<")):
-        if getattr(arguments, option):
+        if option in moments:
             conditions.append(f"{'+' if store.parameter == '?' else ''}time {operator_} {store.since}")
-            parameters.append(_moment(getattr(arguments, option), f"--{option}"))
+            parameters.append(moments[option])
     connection = store.read()
     present = store.columns(connection)
     texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
@@ -3084,7 +3237,7 @@ def export(arguments, config):
             writer = csv.writer(output)
             writer.writerow(EXPORT_COLUMNS)
             for row in rows:
-                writer.writerow(row)
+                writer.writerow([_inert(cell) for cell in row])
                 count += 1
         else:
             value = EXPORT_COLUMNS.index("value")
@@ -3093,6 +3246,11 @@ def export(arguments, config):
                 record["value"] = json.loads(row[value])
                 output.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
+        output.flush()
+    except BrokenPipeError:  # the reader has what it wanted (`export | head`)
+        if output is not sys.stdout:
+            raise
+        return 0
     finally:
         if output is not sys.stdout:
             output.close()
@@ -3101,10 +3259,33 @@ def export(arguments, config):
     return 0
 
 
+def _confirmed(question):
+    """True if the person at the terminal answers yes; without a terminal, nobody can."""
+    if not sys.stdin.isatty():
+        return None
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def prune(arguments, config):
     """Delete events older than --before, in small steps that never hold up a running server."""
     before = _moment(arguments.before, "--before")
-    store = store_for(config)
+    store = _existing_store(config)
+    connection = store.read()
+    try:
+        found = connection.execute(f"SELECT count(*) FROM event WHERE time < {store.since}", (before,)).fetchone()[0]
+    finally:
+        connection.close()
+    log.info("%d events are from before %s", found, before)
+    if arguments.dry_run or not found:
+        return 0
+    if not arguments.yes:
+        answer = _confirmed(f"Delete {found} events from before {before}?")
+        if answer is None:
+            raise UsageError(f"this would delete {found} events; pass --yes to delete them without a question "
+                             "(standard input is not a terminal to ask on)")
+        if not answer:
+            log.info("deleted nothing")
+            return 1
     connection = store.connect()
     deleted = 0
     try:
@@ -3122,9 +3303,11 @@ def prune(arguments, config):
 
 def backup(arguments, config):
     """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
-    if isinstance(store_for(config), PostgresStore):
-        raise ConfigError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
+    if isinstance(_existing_store(config), PostgresStore):
+        raise UsageError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
     target = arguments.file
+    if os.path.exists(target) and not arguments.force:
+        raise UsageError(f"{target} exists; pass --force to overwrite it")
     partial = target + ".partial"
     source = read_only(config.database)
     try:
@@ -3148,13 +3331,13 @@ COPY_STEP_ROWS = 5000
 def copy_events(arguments, config):
     """Move an SQLite database's events into PostgreSQL. Run again, it resumes where it stopped
     and copies each event once: progress is committed with every step, in the target."""
-    if not isinstance(store_for(config), SQLiteStore):
-        raise ConfigError("copy reads an SQLite database: name it with --database FILE")
+    if not isinstance(_existing_store(config), SQLiteStore):
+        raise UsageError("copy reads an SQLite database: name it with --database FILE")
     target_config = copy_module.copy(config)
     target_config.database = arguments.to
     target = store_for(target_config)
     if not isinstance(target, PostgresStore):
-        raise ConfigError(f"--to {arguments.to!r} is not a postgresql:// URL")
+        raise UsageError(f"--to {arguments.to!r} is not a postgresql:// URL")
     source = read_only(config.database)
     destination = target.connect()
     origin = os.path.abspath(config.database)
@@ -3189,55 +3372,94 @@ def copy_events(arguments, config):
     return 0
 
 
+def _global_options(default):
+    """The options of every command, accepted before or after the command's name; `default`
+    SUPPRESS for a command's copy, so that an option given before the name still counts."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", metavar="FILE", default=default,
+                         help="the ini file to read (sections [pycolytics], [app:NAME])")
+    options.add_argument("--host", default=default,
+                         help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    options.add_argument("--port", default=default, help="the port to listen on (default 8000)")
+    options.add_argument("--database", metavar="FILE_OR_URL", default=default,
+                         help="the SQLite database file, or a postgresql:// URL (default pycolytics.db)")
+    options.add_argument("--quiet", action="store_const", const="yes", default=default, help="do not log each request")
+    return options
+
+
+# Each command: (function, one line for the list of commands, a description for its --help).
+COMMANDS = {
+    "keygen": (keygen, "print a new random API key",
+               "Print a new random key, 32 bytes from the operating system's random source, for api_keys or read_keys."),
+    "export": (export, "write events as CSV or JSON lines (pandas reads both)",
+               "Write events in the order they were stored, as CSV (a header line, then one line an event) or JSON "
+               "lines, row by row in constant memory. In CSV, a text cell that starts with = + - @, a tab or a "
+               "carriage return gets a ' in front, so that a spreadsheet shows it rather than running it as a "
+               "formula; JSON lines hold every value exactly."),
+    "prune": (prune, "delete events older than a time, in small steps",
+              "Delete the events whose time is before T, 500 at a time so that a running server is never held up. "
+              "It says first how many events that is, and asks before deleting them (on a terminal) unless --yes "
+              "is given; --dry-run only counts."),
+    "backup": (backup, "copy the database consistently, while the server runs",
+               "Copy the SQLite database into FILE with SQLite's online backup: consistent even while the server "
+               "writes. An existing FILE is replaced only with --force."),
+    "copy": (copy_events, "move an SQLite database's events into PostgreSQL (resumable)",
+             "Copy the events of the SQLite database (--database FILE) into a PostgreSQL database (--to URL) in "
+             "steps of 5000, each committed with its progress in the target: run it again after an interruption "
+             "(or for newer events) and it resumes, copying each event once."),
+}
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="pycolytics.py",
-        description="Collect analytics events over HTTP into an SQLite database. With no command, serve.",
+        parents=[_global_options(None)],
+        description="Collect analytics events over HTTP into an SQLite or PostgreSQL database. With no command, serve.",
         epilog=(
+            "The options above work before or after a command (pycolytics.py prune --database events.db ...). "
             "Settings come from, strongest first: these options, PYCOLYTICS_<KEY> environment variables "
             "(and the original Pycolytics' SQLITE_FILE_PATH, API_KEYS and RATE_LIMIT), the ini file, the defaults. "
             "The ini file is --config, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini if present; "
             "pycolytics.ini in the repository documents every key."
         ),
     )
-    parser.add_argument("--config", metavar="FILE", help="the ini file to read (sections [pycolytics], [app:NAME])")
-    parser.add_argument("--host", help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", help="the port to listen on (default 8000)")
-    parser.add_argument("--database", metavar="FILE", help="the SQLite database file (default pycolytics.db)")
-    parser.add_argument("--quiet", action="store_const", const="yes", help="do not log each request")
     parser.add_argument("--version", action="version", version=f"pycolytics {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("keygen", help="print a new random API key")
-    exporting = commands.add_parser("export", help="write events as CSV or JSON lines (pandas reads both)")
+    made = {name: commands.add_parser(name, help=summary, description=description,
+                                      parents=[_global_options(argparse.SUPPRESS)])
+            for name, (_, summary, description) in COMMANDS.items()}
+    exporting = made["export"]
     exporting.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
     exporting.add_argument("--application", metavar="NAME", help="only this application's events")
     exporting.add_argument("--since", metavar="T", help="only events at or after T (ISO 8601 or Unix seconds, UTC)")
     exporting.add_argument("--until", metavar="T", help="only events before T")
     exporting.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
-    pruning = commands.add_parser("prune", help="delete events older than a time, in small steps")
+    exporting.add_argument("--force", action="store_true", help="overwrite --output FILE if it exists")
+    pruning = made["prune"]
     pruning.add_argument("--before", metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")
-    backing_up = commands.add_parser("backup", help="copy the database consistently, while the server runs")
-    backing_up.add_argument("file", metavar="FILE", help="where to write the copy")
-    copying = commands.add_parser("copy", help="move an SQLite database's events into PostgreSQL (resumable)")
-    copying.add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
+    pruning.add_argument("--dry-run", action="store_true", help="only say how many events would be deleted")
+    pruning.add_argument("--yes", action="store_true", help="delete without asking (needed when not on a terminal)")
+    made["backup"].add_argument("file", metavar="FILE", help="where to write the copy")
+    made["backup"].add_argument("--force", action="store_true", help="replace FILE if it exists")
+    made["copy"].add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
     return parser
-
-
-COMMANDS = {"keygen": keygen, "export": export, "prune": prune, "backup": backup, "copy": copy_events}
 
 
 def main(argv=None):
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    overrides = {"host": arguments.host, "port": arguments.port, "database": arguments.database, "quiet": arguments.quiet}
+    overrides = {name: getattr(arguments, name) for name in ("host", "port", "database", "quiet")}
     load = functools.partial(load_config, arguments.config, overrides=overrides)
     try:
         config = load()
         if arguments.command is None:
             return serve(config, load)
-        return COMMANDS[arguments.command](arguments, config)
+        return COMMANDS[arguments.command][0](arguments, config)
     except ConfigError as error:
         log.error("bad configuration: %s", error)
+        return 2
+    except UsageError as error:
+        log.error("%s: %s", arguments.command, error)
         return 2
     except Exception as error:  # OSError, or the database's own errors
         log.error("%s failed: %s", arguments.command or "serving", error)

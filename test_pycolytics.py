@@ -13,6 +13,7 @@ import http.client
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -672,14 +673,14 @@ def test_export_refuses_a_bad_time_and_a_missing_database(tmp_path, database):
     result = run_cli(tmp_path, "--database", database, "export", "--since", "last tuesday")
     assert result.returncode == 2 and "--since 'last tuesday' is not a time" in result.stderr
     result = run_cli(tmp_path, "--database", str(tmp_path / "absent.db"), "export")
-    assert result.returncode == 1 and not (tmp_path / "absent.db").exists()
+    assert result.returncode == 2 and "there is no database" in result.stderr and not (tmp_path / "absent.db").exists()
 
 
 def test_prune_deletes_old_events_only(client, database, tmp_path):
     seed(client)
     for _ in range(2):
         post(client, "/v1.0/events", [event(timestamp=f"2023-06-{day:02d}") for day in range(1, 29)] * 20)
-    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-01-15")
+    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-01-15", "--yes")
     assert result.returncode == 0, result.stderr
     assert "deleted 1121 events" in result.stderr
     assert [row[0] for row in stored(database, "time")] == ["2024-02-01 10:00:00.000000", "2024-03-01 10:00:00.000000"]
@@ -1129,6 +1130,277 @@ def test_the_shipped_ini_documents_every_key_with_its_default():
             assert documented[name] == default, name
         else:
             assert re.search(rf"^# ?{name} = {re.escape(default)}$", text, re.M), name
+
+
+# -- Configuration that cannot mislead, and the command line --------------------------------------
+
+SECRET = "k3y-0f-my-g4me-f0r-testing"
+
+
+@pytest.mark.parametrize("ini, words", [
+    ("[pycolytics]\nmax_body_bytes = 1MB\n", ["max_body_bytes = '1MB'", "whole number", "without a unit"]),
+    ("[pycolytics]\nport = abc\n", ["port = 'abc'", "from 0 to 65535"]),
+    ("[pycolytics]\nthreads = 2.5\n", ["threads = '2.5'", "whole number of at least 1"]),
+    ("[pycolytics]\nidle_timeout = 5s\n", ["idle_timeout = '5s'", "number of seconds"]),
+    ("[pycolytics]\nrequest_timeout = nan\n", ["request_timeout = 'nan'", "number of seconds"]),
+    ("[pycolytics]\nretention_days = forever\n", ["retention_days = 'forever'", "number of days"]),
+    ("[pycolytics]\ntrusted_proxies = not-an-ip\n", ["trusted_proxies", "'not-an-ip'", "IP address", "network"]),
+    ("[pycolytics]\ntrusted_proxies = 10.0.0.0/33\n", ["trusted_proxies", "'10.0.0.0/33'", "10.0.0.0/8"]),
+    ("[pycolytics]\ntrusted_proxies = 10.0.0.1 10.0.0.2\n", ["trusted_proxies", "'10.0.0.1 10.0.0.2'"]),
+    (f"[pycolytics]\napi_keys = {SECRET} other\n", ["api_keys is not valid", "'k3y-'", "holds a space", "commas"]),
+    (f"[pycolytics]\nread_keys = {SECRET}\x07\n", ["read_keys is not valid", "control character"]),
+    (f"[app:space]\napi_keys = {SECRET}\tx\n", ["[app:space] api_keys is not valid", "holds a space"]),
+    (f"[pycolytics]\napi_keys = {SECRET}\nread_keys = {SECRET}\n",
+     ["'k3y-'", "in read_keys", "in api_keys", "dashboard"]),
+    (f"[app:space]\napi_keys = {SECRET}\n[app:farm]\napi_keys = one, {SECRET}\n",
+     ["[app:space] api_keys", "[app:farm] api_keys", "one place"]),
+    (f"[pycolytics]\napi_keys = {SECRET}\n[app:space]\napi_keys = {SECRET}\n", ["[app:space] api_keys", "and in api_keys"]),
+    (f"[app:space]\napi_keys = {SECRET}\n[pycolytics]\nread_keys = {SECRET}\n", ["[app:space] api_keys", "read_keys"]),
+])
+def test_a_bad_value_is_refused_in_plain_words_naming_key_value_and_what_is_accepted(tmp_path, ini, words):
+    (tmp_path / "bad.ini").write_text(ini)
+    with pytest.raises(pycolytics.ConfigError) as error:
+        pycolytics.load_config(str(tmp_path / "bad.ini"), environ={})
+    message = str(error.value)
+    for word in words:
+        assert word in message
+    assert str(tmp_path / "bad.ini") in message
+    assert "invalid literal" not in message and "could not convert" not in message
+    assert SECRET not in message  # a message ends up in logs: at most a glimpse of a key
+
+
+def test_a_bad_value_stops_the_server_with_status_2_and_creates_nothing(tmp_path):
+    (tmp_path / "pycolytics.ini").write_text("[pycolytics]\nmax_body_bytes = 1MB\n")
+    result = run_cli(tmp_path, "--port", "0")
+    assert result.returncode == 2
+    assert "bad configuration" in result.stderr and "max_body_bytes = '1MB'" in result.stderr
+    assert os.listdir(tmp_path) == ["pycolytics.ini"]
+
+
+def test_inline_comments_are_stripped_as_the_readme_writes_them(tmp_path):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        example = re.search(r"```ini\n(\[app:.*?)```", file.read(), re.S).group(1)
+    assert " ; " in example  # the README's example has the comment this test is about
+    (tmp_path / "pycolytics.ini").write_text(example + "[pycolytics]\nport = 9000  # the test port\n")
+    config = pycolytics.load_config(str(tmp_path / "pycolytics.ini"), environ={})
+    (application, settings), = config.apps.items()
+    assert len(settings["api_keys"]) == 1 and ";" not in settings["api_keys"][0]
+    assert config.port == 9000
+
+
+@pytest.mark.parametrize("trusted, peer, forwarded, sender", [
+    ("10.0.0.0/8", "10.1.2.3", "203.0.113.9", "203.0.113.9"),
+    ("10.0.0.0/8", "192.168.1.1", "203.0.113.9", "192.168.1.1"),
+    ("10.0.0.0/8", "::ffff:10.1.2.3", "203.0.113.9", "203.0.113.9"),
+    ("10.0.0.0/8", "10.0.0.1", "198.51.100.7, 10.0.0.2", "198.51.100.7"),
+    ("10.0.0.0/8", "10.0.0.1", "198.51.100.7, 11.0.0.2", "11.0.0.2"),
+    ("fd00::/8, 127.0.0.1", "fd00::5", "198.51.100.7", "198.51.100.7"),
+    ("fd00::/8, 127.0.0.1", "127.0.0.1", "198.51.100.7", "198.51.100.7"),
+    ("0:0:0:0:0:0:0:1", "::1", "198.51.100.7", "198.51.100.7"),
+    ("10.0.0.7", "10.0.0.70", "198.51.100.7", "10.0.0.70"),
+])
+def test_trusted_proxies_are_addresses_and_networks(trusted, peer, forwarded, sender):
+    config = pycolytics.load_config(environ={"PYCOLYTICS_TRUSTED_PROXIES": trusted}, dotenv=None)
+    assert pycolytics.client_address(peer, forwarded, config.trusted_proxies) == sender
+
+
+def test_a_reload_warns_about_every_restart_only_change_and_compares_with_what_is_in_force(tmp_path, notifications):
+    certificate, key = make_certificate(tmp_path)
+    listener, path = notifications
+    ini = tmp_path / "pycolytics.ini"
+    ini.write_text(f"[pycolytics]\ndatabase = first.db\napi_keys = {KEY}\n")
+    process, address, _, _ = start_server(tmp_path, "--quiet", environ=dict(os.environ, NOTIFY_SOCKET=path))
+    try:
+        assert listener.recv(100) == b"READY=1"
+        ini.write_text(f"[pycolytics]\ndatabase = second.db\nthreads = 3\ncertfile = {certificate}\n"
+                       f"keyfile = {key}\napi_keys = {KEY}\n")
+        for _ in range(2):  # the second reload compares with the configuration in force, not the first reload's
+            process.send_signal(signal.SIGHUP)
+            assert listener.recv(100).startswith(b"RELOADING=1")
+            assert listener.recv(100) == b"READY=1"
+        connection = http.client.HTTPConnection(*address, timeout=10)
+        assert post_over(connection, event()) == 204  # still plain HTTP, still the first database
+        connection.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=15)
+    assert process.returncode == 0
+    assert errors.count("database changed to 'second.db'; that takes a restart, the server keeps 'first.db'") == 2
+    assert errors.count("threads changed to 3; that takes a restart, the server keeps 8") == 2
+    assert errors.count("switch to HTTPS; that takes a restart, the server keeps serving plain HTTP") == 2
+    assert count(str(tmp_path / "first.db")) == 1 and not (tmp_path / "second.db").exists()
+
+
+def test_an_encrypted_private_key_is_refused_without_asking_for_a_pass_phrase(tmp_path):
+    certificate, key = make_certificate(tmp_path)
+    subprocess.run(["openssl", "pkey", "-in", key, "-out", "locked.pem", "-aes256", "-passout", "pass:secret"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\ncertfile = {certificate}\nkeyfile = locked.pem\n")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "keyfile locked.pem is encrypted" in result.stderr and "openssl pkey" in result.stderr
+    assert "pass phrase" not in result.stderr.lower()
+
+
+def test_gunicorn_with_create_app_stops_at_once_on_a_bad_setting_and_serves_a_good_one(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = probe.getsockname()
+    command = [sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"{address[0]}:{address[1]}", "pycolytics:create_app()"]
+    (tmp_path / "bad.ini").write_text("[pycolytics]\nmax_body_bytes = 1MB\n")
+    environ = dict(os.environ, PYCOLYTICS_CONFIG=str(tmp_path / "bad.ini"), PYCOLYTICS_DATABASE=str(tmp_path / "g.db"))
+    result = subprocess.run(command, cwd=HERE, env=environ, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "max_body_bytes = '1MB'" in result.stderr
+    assert not (tmp_path / "g.db").exists()
+    (tmp_path / "good.ini").write_text(f"[pycolytics]\napi_keys = {KEY}\n")
+    environ["PYCOLYTICS_CONFIG"] = str(tmp_path / "good.ini")
+    process = subprocess.Popen(command, cwd=HERE, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until_serving(address) == 204
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert count(str(tmp_path / "g.db")) == 1
+
+
+@pytest.fixture
+def seeded(client, database):
+    """The database holds seed()'s three events, of 2024-01, 2024-02 and 2024-03."""
+    seed(client)
+    return database
+
+
+@pytest.mark.parametrize("arguments, status, words, left", [
+    (["prune", "--before", "2024-02-15", "--database", "{db}", "--yes"], 0, ["deleted 2 events"], 1),
+    (["--database", "{db}", "prune", "--before", "2024-02-15", "--dry-run"], 0, ["2 events are from before"], 3),
+    (["prune", "--before", "2024-02-15", "--database", "{db}"], 2, ["2 events", "pass --yes"], 3),
+    (["prune", "--before", "last week", "--database", "{db}", "--yes"], 2, ["prune: --before 'last week' is not a time"], 3),
+    (["prune", "--before", "2030-01-01", "--database", "typo.db", "--yes"], 2, ["there is no database", "typo.db"], 3),
+    (["--database", "typo.db", "export"], 2, ["there is no database", "typo.db"], 3),
+    (["--database", "typo.db", "backup", "copy.db"], 2, ["there is no database"], 3),
+    (["copy", "--database", "typo.db", "--to", "postgresql://127.0.0.1/x"], 2, ["there is no database"], 3),
+    (["export", "--database", "{db}", "--until", "2024-01-15", "--output", "out.csv"], 0, ["exported 1 events"], 3),
+    (["export", "--database", "{db}", "--output", "existing.csv"], 2, ["existing.csv exists", "--force"], 3),
+    (["export", "--database", "{db}", "--output", "existing.csv", "--force"], 0, ["exported 3 events"], 3),
+])
+def test_the_command_line_takes_options_anywhere_and_never_creates_or_loses_by_surprise(
+        tmp_path, seeded, arguments, status, words, left):
+    (tmp_path / "existing.csv").write_text("precious\n")
+    result = run_cli(tmp_path, *(argument.replace("{db}", seeded) for argument in arguments))
+    assert result.returncode == status, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert "bad configuration" not in result.stderr and "Traceback" not in result.stderr
+    assert count(seeded) == left
+    assert not (tmp_path / "typo.db").exists() and not (tmp_path / "copy.db").exists()
+    kept = "existing.csv" not in arguments or "--force" not in arguments
+    assert ((tmp_path / "existing.csv").read_text() == "precious\n") == kept
+
+
+def answer_on_a_terminal(arguments, answer, cwd):
+    """Run the command line on a pseudo-terminal, answer its question, return (status, output)."""
+    import pty
+    import select
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: nothing of the test may run here
+        os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments])
+    output, deadline = b"", time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([terminal], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the child has gone
+                break
+            if not chunk:
+                break
+            output += chunk
+            if output.endswith(b"[y/N] "):
+                os.write(terminal, answer + b"\n")
+    finally:
+        os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+@pytest.mark.parametrize("answer, status, left", [(b"n", 1, 3), (b"y", 0, 1)])
+def test_prune_on_a_terminal_asks_first_and_deletes_only_on_yes(tmp_path, seeded, answer, status, left):
+    code, output = answer_on_a_terminal(["prune", "--before", "2024-02-15", "--database", seeded], answer, tmp_path)
+    assert "Delete 2 events from before 2024-02-15" in output
+    assert code == status
+    assert count(seeded) == left
+
+
+def test_backup_refuses_to_overwrite_without_force(tmp_path, seeded, sqlite_only):
+    (tmp_path / "copy.db").write_text("precious")
+    result = run_cli(tmp_path, "backup", "copy.db", "--database", seeded)
+    assert result.returncode == 2 and "copy.db exists; pass --force" in result.stderr
+    assert (tmp_path / "copy.db").read_text() == "precious"
+    result = run_cli(tmp_path, "backup", "copy.db", "--database", seeded, "--force")
+    assert result.returncode == 0, result.stderr
+    assert count(str(tmp_path / "copy.db")) == 3
+
+
+def test_copy_to_a_url_that_is_not_postgresql_is_an_argument_error(tmp_path, seeded, sqlite_only):
+    result = run_cli(tmp_path, "copy", "--to", "other.db", "--database", seeded)
+    assert result.returncode == 2 and "copy: --to 'other.db' is not a postgresql:// URL" in result.stderr
+    assert "bad configuration" not in result.stderr and not (tmp_path / "other.db").exists()
+
+
+def test_every_command_has_a_description_and_the_global_options(capsys):
+    for name, (_, _, description) in pycolytics.COMMANDS.items():
+        with pytest.raises(SystemExit):
+            pycolytics.main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert description.split(".")[0] in text, name
+        assert "--database FILE_OR_URL" in text and "--config FILE" in text, name
+
+
+def test_export_csv_neutralises_formula_cells_and_jsonl_keeps_them_exact(client, database, tmp_path):
+    dangerous = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "\tx", "\rx"]
+    post(client, "/v1.0/events", [event(user_id=text, event_type="plain") for text in dangerous])
+    result = run_cli(tmp_path, "--database", database, "export", "--output", "out.csv")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "out.csv", encoding="utf-8", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["user_id"] for row in rows] == ["'" + text for text in dangerous]
+    assert {row["event_type"] for row in rows} == {"plain"} and json.loads(rows[0]["value"]) == {"level": 3}
+    result = run_cli(tmp_path, "--database", database, "export", "--format", "jsonl")
+    assert [json.loads(line)["user_id"] for line in result.stdout.splitlines()] == dangerous
+
+
+def test_export_into_a_pipe_closed_early_ends_quietly_with_status_0(client, database, tmp_path):
+    post(client, "/v1.0/events", [event(user_id=f"player-{n}") for n in range(1000)])
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "pycolytics.py"), "--database", database, "export"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b"id,time")
+    process.stdout.close()  # as `| head -1` does: far more than a pipe's buffer is still to come
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert b"Broken pipe" not in errors and b"ERROR" not in errors and b"Exception" not in errors
+
+
+def test_a_new_database_is_created_whole_and_only_an_old_one_is_upgraded(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pycolytics")
+    pycolytics.connect(str(tmp_path / "new.db")).close()
+    assert "upgraded" not in caplog.text
+    with sqlite3.connect(tmp_path / "old.db") as old:
+        old.executescript(pycolytics.SCHEMA)  # the original's table, without the added columns
+    old.close()
+    pycolytics.connect(str(tmp_path / "old.db")).close()
+    assert "upgraded the database: added the column event.received_at" in caplog.text
+
+
+
+def test_a_json_syntax_error_names_its_place_once(client):
+    response = client.post("/v1.0/event", b'{"event_type": "tab\x01"}', expect_errors=True)
+    assert " at at " not in response.text
+    if response.status_int == 400:
+        assert "Invalid control character at line 1 column" in response.json["detail"]
 
 
 # -- The WSGI callable ----------------------------------------------------------------------------
@@ -2048,7 +2320,7 @@ def test_a_certificate_that_cannot_be_loaded_stops_start_up(tmp_path):
     (tmp_path / "pycolytics.ini").write_text("[pycolytics]\ncertfile = missing.pem\nkeyfile = missing.key\n")
     result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=20)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "cannot load certfile missing.pem" in result.stderr
 
 
