@@ -1308,10 +1308,12 @@ class PostgresStore:
             tcp_user_timeout=whole * 1000, fallback_application_name="pycolytics",
         )
         try:
-            milliseconds = str(int(seconds * 1000))
+            locks = int(seconds * 1000)
+            # a second more for a statement, so that a lock wait fails as one (and says so)
+            statement = str(locks + 1000) if statements else "0"
             synchronous = POSTGRES_SYNCHRONOUS_COMMIT.get(self.config.synchronous, "on")
             with self.watchdog.watching(connection, seconds + POSTGRES_GRACE):
-                connection.execute(POSTGRES_SESSION, (milliseconds, milliseconds if statements else "0", synchronous))
+                connection.execute(POSTGRES_SESSION, (str(locks), statement, synchronous))
         except BaseException:
             connection.close()
             raise

@@ -1850,3 +1850,139 @@ def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path
         for where in (postgres_url, source)
     )
     assert copied == original and len(copied) == 32
+
+
+# -- PostgreSQL that never hangs, and high availability ------------------------------------------------
+
+
+@pytest.fixture
+def postgres_client(tmp_path, monkeypatch, postgres_url):
+    """A collector on this test's schema whose database waits end after one second."""
+    monkeypatch.chdir(tmp_path)
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": postgres_url, "api_keys": KEY, "quiet": "yes", "busy_timeout": "1"})
+    app = pycolytics.create_app(config)
+    yield webtest.TestApp(app)
+    app.close()
+
+
+def within(seconds, function, *arguments, **keywords):
+    """function(...)'s result, or a failure if it has none after `seconds`: a hang, not a slow machine."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(function, *arguments, **keywords).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@contextlib.contextmanager
+def table_locked(url):
+    """The event table held as a non-concurrent CREATE INDEX or an ALTER TABLE holds it."""
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE event IN ACCESS EXCLUSIVE MODE")
+        yield
+        locker.rollback()
+
+
+def test_an_idle_connection_the_server_dropped_costs_no_batch(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    assert cut_connections(postgres_url) >= 1  # a database restart, a pooler, an idle timeout
+    post(postgres_client, "/v1.0/events", [event(user_id="after"), event(user_id="after too")])
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after", "after too"]
+
+
+def test_a_locked_table_gives_503_after_busy_timeout_and_healthz_answers_at_once(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    with table_locked(postgres_url):
+        health = within(20, postgres_client.get, "/healthz", status=503)
+        refused = within(20, post, postgres_client, "/v1.0/events", [event(user_id="locked out")] * 2, status=503)
+    assert health.json["database"] == "the event table is locked by another session"
+    assert refused.json["detail"] == "the database could not store the events; send them again shortly"
+    assert refused.headers["Retry-After"]
+    post(postgres_client, "/v1.0/event", event(user_id="after"))
+    assert postgres_client.get("/healthz").json["status"] == "ok"
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def test_healthz_says_in_general_words_that_the_database_is_unreachable(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    config = pycolytics.load_config(environ={}, overrides={"database": f"postgresql://127.0.0.1:{port}/secret_db"})
+    store = pycolytics.PostgresStore(config)
+    assert within(20, store.problem) == "the database cannot be reached"
+    assert f"{port}" in caplog.text and "secret_db" not in store.problem()
+
+
+def test_sessions_commit_synchronously_whatever_the_server_default(postgres_url):
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": postgres_url + "&options=-csynchronous_commit%3Doff", "busy_timeout": "3"})
+    store = pycolytics.PostgresStore(config)
+    with store.connect() as connection:
+        settings = connection.execute("SELECT current_setting('synchronous_commit'), current_setting('lock_timeout'),"
+                                      " current_setting('statement_timeout')").fetchone()
+    assert settings == ("on", "3s", "4s")
+
+
+def test_rows_imported_with_their_ids_give_503_never_a_204_for_events_not_stored(postgres_client, postgres_url, caplog):
+    post(postgres_client, "/v1.0/event", event(user_id="first"))
+    with psycopg.connect(postgres_url) as connection:  # a data-only restore: ids set, the sequence behind
+        connection.execute(
+            "INSERT INTO event (id, event_type, application, version, platform, user_id, session_id, value, time)"
+            " SELECT n, 'imported', 'my-game', '1', 'Linux', 'imported', 's', '{}', now() FROM generate_series(2, 21) n")
+    for n in range(3):
+        post(postgres_client, "/v1.0/events", [event(user_id=f"new-{n}", event_id=f"new-{n}")] * 2, status=503)
+    assert count(postgres_url) == 21 and "new-0" not in {row[0] for row in stored(postgres_url, "user_id")}
+    assert "event_pkey" in caplog.text
+
+
+def test_the_same_event_id_in_two_applications_is_two_events(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/events", [event(application="game-a", event_id="e-1"),
+                                           event(application="game-b", event_id="e-1"),
+                                           event(application="game-a", event_id="e-1")])
+    assert stored(postgres_url, "application, event_id") == [("game-a", "e-1"), ("game-b", "e-1")]
+
+
+def sqlite_events(path, users):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": str(path), "api_keys": KEY}))
+    post(webtest.TestApp(app), "/v1.0/events", [event(user_id=user) for user in users])
+    app.close()
+
+
+def copy_into(url, path):
+    command = [sys.executable, os.path.join(HERE, "pycolytics.py"), "--database", str(path), "copy", "--to", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return int(re.search(r"copied (\d+) events", result.stderr).group(1))
+
+
+def test_copy_takes_a_second_collectors_database_found_at_the_same_path(tmp_path, postgres_url):
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    for machine, users in (("first", ["a1", "a2"]), ("second", ["b1", "b2", "b3"])):
+        sqlite_events(tmp_path / machine / "pycolytics.db", users)
+    path = tmp_path / "pycolytics.db"  # /var/lib/pycolytics/pycolytics.db on each machine
+    copies = []
+    for machine in ("first", "second"):
+        shutil.copy(tmp_path / machine / "pycolytics.db", path)
+        copies.append(copy_into(postgres_url, path))
+    assert copies == [2, 3]
+    assert sorted(row[0] for row in stored(postgres_url, "user_id")) == ["a1", "a2", "b1", "b2", "b3"]
+
+
+def test_a_moved_database_resumes_its_copy_and_no_event_is_copied_twice(tmp_path, postgres_url):
+    sqlite_events(tmp_path / "old.db", ["u1", "u2"])
+    assert copy_into(postgres_url, tmp_path / "old.db") == 2
+    os.rename(tmp_path / "old.db", tmp_path / "moved.db")
+    sqlite_events(tmp_path / "moved.db", ["u3"])
+    shutil.copy(tmp_path / "moved.db", tmp_path / "backup.db")
+    assert [copy_into(postgres_url, tmp_path / name) for name in ("moved.db", "backup.db", "moved.db")] == [1, 0, 0]
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["u1", "u2", "u3"]
+
+
+def test_serving_a_database_never_gives_it_a_copy_identity(tmp_path):
+    sqlite_events(tmp_path / "events.db", ["u1"])
+    with sqlite3.connect(tmp_path / "events.db") as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "pycolytics_identity" not in tables
