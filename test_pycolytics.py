@@ -23,6 +23,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -1986,3 +1987,222 @@ def test_serving_a_database_never_gives_it_a_copy_identity(tmp_path):
     with sqlite3.connect(tmp_path / "events.db") as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "pycolytics_identity" not in tables
+
+
+# PostgreSQL's server programs, for the tests that make clusters of their own.
+POSTGRES_BIN = os.environ.get("PYCOLYTICS_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin")
+
+
+def required(program):
+    """The path of `program`; without it the test is skipped, or fails in CI (which installs it)."""
+    found = shutil.which(program)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install {program} (.ci/run does)")
+        pytest.skip(f"{program} is not installed")
+    return found
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def as_postgres(command, **keywords):
+    """Run a PostgreSQL server program; initdb refuses root, so root runs it as the postgres user."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run(prefix + command, capture_output=True, text=True, timeout=120, check=True, **keywords)
+
+
+def start_cluster(directory, port, settings):
+    with open(os.path.join(directory, "postgresql.conf"), "a") as conf:
+        conf.write(f"\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n{settings}\n")
+    as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", directory, "-l", directory + ".log", "-w", "-t", "60",
+                 "start"])
+
+
+def stop_cluster(directory):
+    if os.path.exists(os.path.join(directory, "postmaster.pid")):
+        subprocess.run(["runuser", "-u", "postgres", "--"] * (os.geteuid() == 0) +
+                       [os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", directory, "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def replicated():
+    """A primary and a synchronous streaming standby of its own, on free ports: (primary, standby)
+    as (data directory, port)."""
+    required(os.path.join(POSTGRES_BIN, "initdb"))
+    if psycopg is None:
+        pytest.fail("psycopg is needed (requirements-dev.txt)") if os.environ.get("CI") else pytest.skip("no psycopg")
+    base = tempfile.mkdtemp(prefix="pycolytics-ha-")  # not tmp_path: the postgres user must enter it
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    primary, standby = os.path.join(base, "primary"), os.path.join(base, "standby")
+    ports = free_port(), free_port()
+    try:
+        as_postgres([os.path.join(POSTGRES_BIN, "initdb"), "-D", primary, "-U", "postgres", "--auth=trust",
+                     "--no-sync", "-E", "UTF8"])
+        # every commit waits until the standby has it on disk: what a promotion keeps
+        start_cluster(primary, ports[0], "synchronous_standby_names = '*'")
+        as_postgres([os.path.join(POSTGRES_BIN, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(ports[0]),
+                     "-U", "postgres", "-D", standby, "-R", "-X", "stream", "--checkpoint=fast"])
+        # once promoted it stands alone: waiting for a standby of its own would block every commit
+        start_cluster(standby, ports[1], "synchronous_standby_names = ''")
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{ports[0]}/postgres", autocommit=True) as connection:
+            for _ in range(300):
+                if connection.execute("SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the standby did not become synchronous within 30 s")
+        yield (primary, ports[0]), (standby, ports[1])
+    finally:
+        for directory in (standby, primary):
+            stop_cluster(directory)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start_collector(tmp_path, environ):
+    """A collector process whose log is read all along (a full pipe would block its writer)."""
+    process, address, _, lines = start_server(tmp_path, "--quiet", environ=environ)
+    reader = threading.Thread(target=lines.extend, args=(process.stderr,), daemon=True)
+    reader.start()
+    return process, address, lines
+
+
+class Load:
+    """Clients posting batches of 3 events, each with a user_id of its own, until stopped."""
+
+    def __init__(self, addresses, clients=6):
+        self.addresses = addresses
+        self.answers = []  # (monotonic time sent, time answered, collector, status or error, users)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exception):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in self.threads), "a client hung"
+
+    def _client(self, n):
+        for i in itertools.count():
+            if self.stopping.is_set():
+                return
+            address = self.addresses[(n + i) % len(self.addresses)]
+            users = [f"{n}-{i}-{k}" for k in range(3)]
+            sent = time.monotonic()
+            try:
+                connection = http.client.HTTPConnection(*address, timeout=30)
+                status = post_over(connection, [event(user_id=user) for user in users], "/v1.0/events")
+                connection.close()
+            except (OSError, http.client.HTTPException) as error:
+                status = type(error).__name__
+            self.answers.append((sent, time.monotonic(), address, status, users))
+
+    def acknowledged(self):
+        return {user for *_, status, users in self.answers if status == 204 for user in users}
+
+    def wait_for(self, condition, seconds=60):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, "the load never reached the expected state"
+            time.sleep(0.05)
+
+
+def test_failover_to_a_promoted_standby_loses_no_acknowledged_event_and_needs_no_restart(tmp_path, replicated):
+    (primary, primary_port), (standby, standby_port) = replicated
+    url = (f"postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{standby_port}/postgres"
+           "?target_session_attrs=read-write")
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=url, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_BUSY_TIMEOUT="2")
+    collectors = [start_collector(tmp_path, environ) for _ in range(2)]
+    try:
+        with Load([address for _, address, _ in collectors]) as load:
+            load.wait_for(lambda: len(load.answers) >= 60)
+            stopped = time.monotonic()
+            as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", primary, "-m", "immediate", "-w", "stop"])
+            load.wait_for(lambda: any(at > stopped and status == 503 for _, at, _, status, _ in load.answers))
+            as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", standby, "-w", "promote"])
+            promoted = time.monotonic()
+            # both collectors recover by themselves
+            load.wait_for(lambda: {address for sent, _, address, status, _ in load.answers
+                                   if sent > promoted and status == 204} == {a for _, a, _ in collectors})
+            recovered = time.monotonic()
+            load.wait_for(lambda: len(load.answers) > 0 and load.answers[-1][0] > recovered + 0.5)
+    finally:
+        for process, _, _ in collectors:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    statuses = collections.Counter(status for *_, status, _ in load.answers)
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{standby_port}/postgres") as connection:
+        users = [row[0] for row in connection.execute("SELECT user_id FROM event")]
+    sent = {user for *_, users_sent in load.answers for user in users_sent}
+    acknowledged = load.acknowledged()
+    refused = [answer for answer in load.answers if answer[3] == 503]
+    first_204 = min(at for _, at, _, status, _ in load.answers if status == 204 and at > promoted)
+    print(f"\nfailover: {len(load.answers)} requests, {dict(statuses)}; primary stopped at 0 s, standby promoted at "
+          f"+{promoted - stopped:.2f} s, first 204 after it at +{first_204 - stopped:.2f} s; {len(refused)} requests "
+          f"({3 * len(refused)} events) refused with 503; {len(acknowledged - set(users))} acknowledged events lost")
+    assert set(statuses) == {204, 503}  # never a hang, never a dropped connection
+    assert acknowledged <= set(users)  # every 204 is in the new primary
+    assert len(users) == len(set(users)) and set(users) <= sent  # none twice
+    assert all(process.returncode == 0 for process, _, _ in collectors)
+
+
+def balancer_ready(port):
+    try:
+        return post_over(http.client.HTTPConnection("127.0.0.1", port, timeout=10), event(user_id="ready")) == 204
+    except OSError:
+        return False
+
+
+def test_behind_haproxy_a_stopped_collector_costs_only_its_requests_in_flight(tmp_path, postgres_url):
+    haproxy = required("haproxy")
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
+    collectors = [start_collector(tmp_path, environ) for _ in range(2)]
+    port = free_port()
+    servers = "".join(f"    server c{n} {host}:{number} check\n" for n, (_, (host, number), _) in enumerate(collectors))
+    (tmp_path / "haproxy.cfg").write_text(
+        "global\n    maxconn 256\n"
+        "defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
+        "    retries 3\n    option redispatch\n"
+        f"frontend players\n    bind 127.0.0.1:{port}\n    default_backend collectors\n"
+        "backend collectors\n    balance roundrobin\n    option http-server-close\n"
+        "    option httpchk GET /healthz\n    http-check expect status 200\n"
+        "    default-server inter 500ms fall 2 rise 2\n" + servers)
+    balancer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not balancer_ready(port):
+            assert time.monotonic() < deadline and balancer.poll() is None, "haproxy did not start"
+            time.sleep(0.1)
+        with Load([("127.0.0.1", port)]) as load:
+            load.wait_for(lambda: len(load.answers) >= 100)
+            crashed = collectors[0][0]
+            crashed.kill()  # no goodbye: what a balancer is for
+            crashed.wait(30)
+            lost = time.monotonic()  # requests sent before this were in flight, or may have been
+            load.wait_for(lambda: len([answer for answer in load.answers if answer[0] > lost]) >= 200)
+    finally:
+        balancer.terminate()
+        balancer.wait(30)
+        for process, _, _ in collectors:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    failed = [answer for answer in load.answers if answer[3] != 204]
+    print(f"\nhaproxy: {len(load.answers)} requests, one collector killed: {len(failed)} failed "
+          f"({collections.Counter(answer[3] for answer in failed)})")
+    # each client has one request in flight at most: only those were on the killed collector
+    assert all(answer[0] < lost for answer in failed) and len(failed) <= 2 * len(load.threads)
+    assert all(answer[3] == 204 for answer in load.answers if answer[0] > lost)
+    assert load.acknowledged() <= {row[0] for row in stored(postgres_url, "user_id")}
