@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 
 import hypothesis
@@ -1943,6 +1944,82 @@ def test_the_same_event_id_in_two_applications_is_two_events(postgres_client, po
                                            event(application="game-b", event_id="e-1"),
                                            event(application="game-a", event_id="e-1")])
     assert stored(postgres_url, "application, event_id") == [("game-a", "e-1"), ("game-b", "e-1")]
+
+
+class FreezingProxy:
+    """A TCP proxy to the PostgreSQL server that can stop forwarding while its sockets stay
+    open: a hung server, a stuck NAT or proxy; TCP goes on acknowledging, nothing answers."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.frozen = threading.Event()
+        self.closing = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            server = socket.create_connection(self.upstream, timeout=10)
+            for source, sink in ((client, server), (server, client)):
+                source.settimeout(0.1)
+                thread = threading.Thread(target=self._pump, args=(source, sink))
+                thread.start()
+                self.threads.append(thread)
+
+    def _pump(self, source, sink):
+        with source:
+            while not self.closing.is_set():
+                if self.frozen.is_set():
+                    time.sleep(0.05)
+                    continue
+                try:
+                    data = source.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    with contextlib.suppress(OSError):
+                        sink.shutdown(socket.SHUT_WR)
+                    return
+                with contextlib.suppress(OSError):
+                    sink.sendall(data)
+
+    def close(self):
+        self.closing.set()
+        for thread in self.threads:
+            thread.join(10)
+        self.listener.close()
+
+
+def test_a_database_that_stops_answering_mid_request_gives_503_not_a_hang(tmp_path, monkeypatch, postgres_url):
+    server = urllib.parse.urlsplit(POSTGRES_SERVER)
+    proxy = FreezingProxy((server.hostname, server.port or 5432))
+    monkeypatch.chdir(tmp_path)
+    url = urllib.parse.urlsplit(postgres_url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": url, "api_keys": KEY, "quiet": "yes", "busy_timeout": "1"})
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    try:
+        post(client, "/v1.0/event", event(user_id="before"))
+        proxy.frozen.set()
+        # busy_timeout and the watchdog's grace: far below the writer's own patience (31 s)
+        refused = within(25, post, client, "/v1.0/event", event(user_id="unanswered"), status=503)
+        proxy.frozen.clear()
+        post(client, "/v1.0/event", event(user_id="after"))
+    finally:
+        proxy.close()  # first: it frees a writer that would be stuck on it
+        app.close()
+    assert refused.json["detail"] == "the database could not store the events; send them again shortly"
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
 
 
 def sqlite_events(path, users):
