@@ -25,6 +25,7 @@ import configparser
 import contextlib
 import copy as copy_module
 import datetime
+import errno
 import functools
 import io
 import itertools
@@ -42,6 +43,8 @@ import sqlite3
 import sys
 import threading
 import time
+from wsgiref.handlers import format_date_time
+from wsgiref.util import is_hop_by_hop
 
 # hmac.compare_digest is this function, but importing hmac loads OpenSSL: 3.5 MB of memory
 # (a fifth of the idle footprint) for one comparison.
@@ -82,41 +85,6 @@ MAX_EVENT_ID = 100
 # Digits in one integer of a request body at most. Python 3.11+ refuses to convert longer
 # ones (a quadratic-time conversion); older Pythons would spend seconds on one number.
 MAX_INTEGER_DIGITS = 4300
-
-# Every ini key with its default. pycolytics.ini documents each of them.
-DEFAULTS = {
-    "database": "pycolytics.db",
-    "api_keys": "",
-    "host": "127.0.0.1",
-    "port": "8000",
-    "synchronous": "full",
-    "quiet": "no",
-    "threads": "8",
-    "max_connections": "512",
-    "idle_timeout": "5",
-    "request_timeout": "10",
-    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
-    # whole head, which a hundred full-size headers would exceed): no client of an event
-    # collector comes near them, and they bound what one connection can pin.
-    "max_request_line": "4094",
-    "max_header_fields": "100",
-    "max_header_field": "8190",
-    "max_head_bytes": "65536",
-    "max_body_bytes": "1048576",
-    "max_batch_events": "1000",
-    "max_string_length": "255",
-    "max_value_bytes": "65536",
-    "max_value_depth": "32",
-    "max_pending_events": "100000",
-    "busy_timeout": "30",
-    "rate_limit": "off",
-    "trusted_proxies": "127.0.0.1, ::1",
-    "certfile": "",
-    "keyfile": "",
-    "cors_origins": "*",
-    "retention_days": "0",
-    "read_keys": "",
-}
 
 # What an [app:NAME] section may set, for that application's events only.
 APP_SETTINGS = ("api_keys", "cors_origins")
@@ -299,36 +267,50 @@ def _rate(value):
     return int(found.group(1)), _PERIODS[found.group(2)]
 
 
-_PARSERS = {
-    "database": _text,
-    "api_keys": _keys,
-    "host": _text,
-    "port": _port,
-    "synchronous": _synchronous,
-    "quiet": _flag,
-    "threads": _count,
-    "max_connections": _count,
-    "idle_timeout": _seconds,
-    "request_timeout": _seconds,
-    "max_request_line": _count,
-    "max_header_fields": _count,
-    "max_header_field": _count,
-    "max_head_bytes": _count,
-    "max_body_bytes": _count,
-    "max_batch_events": _count,
-    "max_string_length": _count,
-    "max_value_bytes": _count,
-    "max_value_depth": _count,
-    "max_pending_events": _count,
-    "busy_timeout": _seconds,
-    "rate_limit": _rate,
-    "trusted_proxies": _addresses,
-    "certfile": _text,
-    "keyfile": _text,
-    "cors_origins": _origins,
-    "retention_days": _days,
-    "read_keys": _keys,
-}
+class Setting(collections.namedtuple("Setting", "name default parse description")):
+    """One ini key: its default (as the ini would write it), the function that parses and checks
+    a value (raising ValueError with what is accepted), and one line about it."""
+
+    __slots__ = ()
+
+
+# Every ini key, in the order pycolytics.ini documents them (it shows each with its default).
+SETTINGS = (
+    Setting("database", "pycolytics.db", _text, "the SQLite database file, or a postgresql:// URL"),
+    Setting("api_keys", "", _keys, "the keys clients send in each event's api_key"),
+    Setting("host", "127.0.0.1", _text, "the address the built-in server listens on"),
+    Setting("port", "8000", _port, "the port the built-in server listens on"),
+    Setting("synchronous", "full", _synchronous, "SQLite's synchronous pragma: what a power cut may lose"),
+    Setting("quiet", "no", _flag, "no log line per request"),
+    Setting("threads", "8", _count, "worker threads of the built-in server for requests that may wait"),
+    Setting("max_connections", "512", _count, "open connections at most; the longest idle makes room"),
+    Setting("max_connections_per_address", "64", _count, "open connections from one client address at most (503)"),
+    Setting("idle_timeout", "5", _seconds, "seconds a kept-alive connection may sit idle"),
+    Setting("request_timeout", "10", _seconds, "seconds a client has to send a whole request"),
+    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
+    # whole head, which a hundred full-size headers would exceed): no client of an event
+    # collector comes near them, and they bound what one connection can pin.
+    Setting("max_request_line", "4094", _count, "bytes in the request line (414)"),
+    Setting("max_header_fields", "100", _count, "header fields in one request (431)"),
+    Setting("max_header_field", "8190", _count, "bytes in one header field (431)"),
+    Setting("max_head_bytes", "65536", _count, "bytes in a whole request head (431)"),
+    Setting("max_body_bytes", "1048576", _count, "bytes in one request body (413)"),
+    Setting("max_buffered_bytes", "33554432", _count, "bytes of request bodies held at once, all together (503)"),
+    Setting("max_batch_events", "1000", _count, "events in one batch (422)"),
+    Setting("max_string_length", "255", _count, "characters in each string field of an event (422)"),
+    Setting("max_value_bytes", "65536", _count, "bytes of one event's value as compact JSON (422)"),
+    Setting("max_value_depth", "32", _count, "nesting of objects and arrays in one event's value (422)"),
+    Setting("max_pending_events", "100000", _count, "events waiting for the database at most (then 503)"),
+    Setting("busy_timeout", "30", _seconds, "seconds a write waits for another process holding the database"),
+    Setting("rate_limit", "off", _rate, "requests to the event endpoints per client address, like 60/minute"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _addresses, "reverse proxies whose X-Forwarded-For is believed"),
+    Setting("certfile", "", _text, "the PEM certificate chain for HTTPS"),
+    Setting("keyfile", "", _text, "the PEM private key for HTTPS"),
+    Setting("cors_origins", "*", _origins, "the web pages (origins) that may post events"),
+    Setting("retention_days", "0", _days, "delete events older than this many days (0 keeps them)"),
+    Setting("read_keys", "", _keys, "the keys that open the dashboard"),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 class Config:
@@ -342,10 +324,10 @@ class Config:
             self.apps[application] = {}
             for name, (text, source) in settings.items():
                 try:
-                    self.apps[application][name] = _PARSERS[name](text)
+                    self.apps[application][name] = SETTINGS_BY_NAME[name].parse(text)
                 except ValueError as error:
                     raise ConfigError(f"{source}: [app:{application}] {name} = {text!r} is not valid: {error}") from None
-        for name, parse in _PARSERS.items():
+        for name, _, parse, _ in SETTINGS:
             text, source = raw[name]
             try:
                 setattr(self, name, parse(text))
@@ -381,8 +363,8 @@ def _read_ini(path, raw, apps):
             raise ConfigError(f"{path}: unknown section [{section}]; settings go in [pycolytics] and [app:NAME]")
     if parser.has_section("pycolytics"):
         for name, value in parser.items("pycolytics"):
-            if name not in DEFAULTS:
-                raise ConfigError(f"{path}: unknown key {name!r} in [pycolytics]; known keys: {', '.join(DEFAULTS)}")
+            if name not in SETTINGS_BY_NAME:
+                raise ConfigError(f"{path}: unknown key {name!r} in [pycolytics]; known keys: {', '.join(SETTINGS_BY_NAME)}")
             raw[name] = (value, path)
 
 
@@ -439,7 +421,7 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
     (SQLITE_FILE_PATH, SQLITE_FILE_NAME, API_KEYS, also read from its `.env` file).
     """
     environ = os.environ if environ is None else environ
-    raw = {name: (value, "default") for name, value in DEFAULTS.items()}
+    raw = {setting.name: (setting.default, "default") for setting in SETTINGS}
     apps = {}
     path = path or environ.get("PYCOLYTICS_CONFIG")
     if path:
@@ -450,8 +432,8 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
     for variable, value in environ.items():
         if variable.startswith("PYCOLYTICS_") and variable != "PYCOLYTICS_CONFIG":
             name = variable[len("PYCOLYTICS_"):].lower()
-            if name not in DEFAULTS:
-                raise ConfigError(f"unknown environment variable {variable}; known keys: {', '.join(DEFAULTS)}")
+            if name not in SETTINGS_BY_NAME:
+                raise ConfigError(f"unknown environment variable {variable}; known keys: {', '.join(SETTINGS_BY_NAME)}")
             raw[name] = (value, f"environment variable {variable}")
     for name, value in (overrides or {}).items():
         if value is not None:
@@ -1929,6 +1911,8 @@ class Pycolytics:
         for methods in self._routes.values():
             if "GET" in methods:
                 methods["HEAD"] = methods["GET"]
+        # What the server's loop must not answer itself: these may wait for the database.
+        self._reads_the_database = {self.get_health, self.get_dashboard}
 
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
@@ -1951,16 +1935,66 @@ class Pycolytics:
         self.writer.close()
 
     def __call__(self, environ, start_response):
+        """Plain WSGI: a posted request waits here until its events are committed."""
         try:
-            status, headers, body = self._dispatch(environ)
+            answer = self._route(environ)(environ)
+            if isinstance(answer, list):  # rows to store
+                if answer:
+                    self.writer.start()
+                    self.writer.write(answer)
+                answer = _NO_CONTENT
         except HTTPError as error:
-            status, headers, body = _error_parts(error)
+            answer = _error_parts(error)
         except Exception:
-            log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
-            status, headers, body = _INTERNAL_ERROR
-        self.metrics.request(status)
-        start_response(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")))
+            answer = self._failed(environ)
+        status, headers, body = self._finish(environ, answer)
+        start_response(status, headers)
         return [body]
+
+    def answer_in_loop(self, environ, respond):
+        """The built-in server's loop hook (see Server): answer without blocking, or return False.
+
+        Everything that does not read the database is answered right here; posted events are
+        validated here and answered once the writer has committed them, with every other
+        request that arrived meanwhile (one fsync for all).
+        """
+        try:
+            handler = self._route(environ)
+            if handler in self._reads_the_database:
+                return False
+            answer = handler(environ)
+            if isinstance(answer, list):  # rows to store
+                if answer:
+                    self.writer.start()
+                    self.writer.submit(answer, functools.partial(self._committed, environ, respond))
+                    return True
+                answer = _NO_CONTENT
+        except HTTPError as error:
+            answer = _error_parts(error)
+        except Exception:
+            answer = self._failed(environ)
+        respond(*self._finish(environ, answer))
+        return True
+
+    def server_answered(self, status):
+        """The server's hook for the answers it gives by itself (bad framing, overload): counted."""
+        self.metrics.request(status)
+
+    def _committed(self, environ, respond, error=None):
+        """Called by the writer thread once a posted request's rows are stored, or could not be."""
+        respond(*self._finish(environ, _NO_CONTENT if error is None else _error_parts(error)))
+
+    def _finish(self, environ, answer):
+        """Every answer, whichever way it leaves: counted, and readable by the pages allowed to."""
+        status, headers, body = answer
+        self.metrics.request(status)
+        return status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body
+
+    @staticmethod
+    def _failed(environ):
+        log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"),
+                      environ.get("PATH_INFO", "").encode("unicode_escape").decode("ascii"))
+        return _INTERNAL_ERROR
 
     def cors_headers(self, origin):
         """What lets a page from `origin` read the answer (browser games, web apps), if it may."""
@@ -1978,7 +2012,8 @@ class Pycolytics:
             ("Access-Control-Max-Age", "86400"),
         ], b""
 
-    def _dispatch(self, environ):
+    def _route(self, environ):
+        """The handler for a request; raises NotFound or MethodNotAllowed. The one routing of both ways in."""
         methods = self._routes.get(environ.get("PATH_INFO") or "/")
         if methods is None:
             raise NotFound(f"no such endpoint: {environ.get('PATH_INFO')}; events go to /v1.0/event or /v1.0/events")
@@ -1986,33 +2021,27 @@ class Pycolytics:
         if handler is None:
             allowed = ", ".join(methods)
             raise MethodNotAllowed(f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}", [("Allow", allowed)])
-        return handler(environ)
+        return handler
 
     def post_event(self, environ):
-        return self._ingest(environ, batch=False)
+        return self._rows(environ, batch=False)
 
     def post_events(self, environ):
-        return self._ingest(environ, batch=True)
+        return self._rows(environ, batch=True)
 
-    def _ingest(self, environ, batch):
+    def _rows(self, environ, batch):
+        """The rows a posted request asks to store; raises HTTPError for anything wrong with it."""
         body = read_body(environ, self.config.max_body_bytes)
         client = client_address(
             environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self.config.trusted_proxies
         )
-        rows = self.ingest(body, batch, environ.get("HTTP_CONTENT_ENCODING"), client, environ.get("HTTP_ORIGIN"))
-        if rows:
-            self.writer.start()
-            self.writer.write(rows)
-        return "204 No Content", [], b""
-
-    def ingest(self, body, batch, encoding=None, client=None, origin=None):
-        """The rows to store for a request body to /v1.0/events (batch) or /v1.0/event; raises HTTPError."""
         if self.rate_limiter is not None:
             self.rate_limiter.check(client)
+        encoding = environ.get("HTTP_CONTENT_ENCODING")
         if encoding and encoding.lower() != "identity":
             body = decompress(body, encoding.lower(), self.config.max_body_bytes)
         received = datetime.datetime.now(datetime.timezone.utc)
-        return self.validator.rows(parse_json(body), batch, body, received, origin)
+        return self.validator.rows(parse_json(body), batch, body, received, environ.get("HTTP_ORIGIN"))
 
     def get_docs(self, environ):
         return _ok(self._docs, HTML_TYPE)
@@ -2022,8 +2051,12 @@ class Pycolytics:
 
     def get_health(self, environ):
         problem = self.database_problem()
-        document = {"status": "unavailable" if problem else "ok", "database": problem or "accepts writes",
-                    "version": __version__}
+        server_problem = environ.get("pycolytics.server_problem")  # the built-in server's own trouble
+        document = {"status": "unavailable" if problem or server_problem else "ok",
+                    "database": problem or "accepts writes", "version": __version__}
+        if server_problem:
+            document["server"] = server_problem
+            problem = problem or server_problem
         body = json.dumps(document).encode()
         _, headers, body = _ok(body, JSON_TYPE, ("Cache-Control", "no-store"))
         return ("503 Service Unavailable" if problem else "200 OK"), headers, body
@@ -2218,6 +2251,34 @@ key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
 # The built-in HTTP/1.1 server
 ###############################################################################
 
+# Blank lines a client may send before a request line: RFC 9112 (section 2.2) asks servers
+# to skip at least one; more than a few is a client that wants to hold a slot for nothing.
+MAX_BLANK_LINES = 8
+
+# How many times per turn of the loop each connection with pipelined requests starts its
+# next one: connections take turns, so one that pipelines a thousand waits its turn.
+PIPELINE_ROUNDS = 16
+
+# How long the server stops accepting when it is out of file descriptors, for the ones in
+# use to be closed; meanwhile the kernel's backlog holds newcomers.
+ACCEPT_PAUSE_SECONDS = 1.0
+
+# What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
+# beyond it are dropped and counted, so that logging never blocks or stops the server.
+LOG_BUFFER_BYTES = 1 << 20
+
+# Bytes that may not appear in a request head: control characters (tab aside), and a CR or
+# LF anywhere but in the CRLF that ends a line. RFC 9112 (section 2.2) allows taking a bare LF
+# as a line end, but proxies that read it otherwise are how requests get smuggled.
+_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+
+# A method or a header name: RFC 9110's token (section 5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+# What a log line may show of client text: control characters become \xNN, so that a
+# request line cannot forge log lines or reach a terminal as escape sequences.
+_PRINTABLE = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
+
 
 def tls_context(config):
     """An SSLContext for HTTPS with config's certificate, or None for plain HTTP.
@@ -2254,23 +2315,91 @@ def notify_systemd(state):
         log.warning("cannot notify systemd at %s: %s", address, error)
 
 
+class LogSink:
+    """A stream for log lines that never blocks and never raises: what a server writes its log to.
+
+    stderr can stall (a pipe nobody reads) or break (`| tee` died); either would stop an event
+    loop that wrote to it directly. Lines wait in a bounded buffer for a thread of their own;
+    when the buffer is full they are dropped, and the next line that fits says how many.
+    """
+
+    def __init__(self, stream, limit=LOG_BUFFER_BYTES):
+        self._stream = stream
+        self._limit = limit
+        self._lines = collections.deque()
+        self._size = 0
+        self._dropped = 0
+        self._ready = threading.Condition(threading.Lock())
+        self._thread = threading.Thread(target=self._run, name="pycolytics-log", daemon=True)
+        self._thread.start()
+
+    def write(self, text):
+        with self._ready:
+            if self._size + len(text) > self._limit:
+                self._dropped += 1
+                return
+            if self._dropped:
+                text = f"[{self._dropped} log lines dropped: the log could not keep up]\n{text}"
+                self._dropped = 0
+            if not self._lines:
+                self._ready.notify()
+            self._lines.append(text)
+            self._size += len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass  # the thread flushes; a caller must not wait for stderr
+
+    def drain(self, timeout=1.0):
+        """Give the thread a moment to write what is buffered (at exit)."""
+        deadline = time.monotonic() + timeout
+        while self._lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self):
+        while True:
+            with self._ready:
+                while not self._lines:
+                    self._ready.wait()
+                text = "".join(self._lines)
+                self._lines.clear()
+                self._size = 0
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr is closed or broken: the server goes on without its log
+
+
+def _printable(text):
+    """Client text fit for one log line."""
+    return text.translate(_PRINTABLE)
+
+
 class _Request:
-    __slots__ = ("method", "target", "version", "headers", "body", "keep_alive", "line")
+    __slots__ = ("method", "path", "query", "version", "headers", "length", "body", "keep_alive", "line")
 
 
 class _Connection:
     """One client connection, owned by the server's event loop."""
 
-    __slots__ = ("sock", "peer", "buffer", "deadline", "request", "body_start", "continued",
-                 "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking")
+    __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
+                 "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
+                 "closed", "limited")
 
-    def __init__(self, sock, peer, deadline):
+    def __init__(self, sock, peer, deadline, limited):
         self.sock = sock
         self.peer = peer
         self.buffer = bytearray()
+        self.scanned = 0  # how much of the buffer is known to hold no end of head: heads are searched once
+        self.blank_lines = 0
         self.deadline = deadline  # when the loop gives up on it; None while its request is answered
         self.request = None  # a request whose head has arrived and whose body has not, yet
         self.body_start = 0
+        self.reserved = 0  # body bytes counted against max_buffered_bytes
         self.continued = False
         self.busy = False  # a whole request is being answered
         self.keep_alive = True
@@ -2278,36 +2407,63 @@ class _Connection:
         self.writing = False
         self.lingering = False
         self.handshaking = False
+        self.closed = False
+        self.limited = limited  # counted against max_connections_per_address
+
+
+def _split_target(target, method):
+    """(path, query) of a request target: a path, an absolute URL (RFC 9112 3.2.2) or OPTIONS' *."""
+    if target[0] != "/":
+        if target == "*" and method == "OPTIONS":
+            return "*", ""
+        scheme, sep, rest = target.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            raise BadRequest("the request target must be a path, an http(s) URL, or * for OPTIONS")
+        ends = [found for found in (rest.find("/"), rest.find("?")) if found >= 0]
+        target = rest[min(ends):] if ends else "/"
+        if target[0] != "/":
+            target = "/" + target
+    path, _, query = target.partition("?")
+    return path, query
 
 
 def _parse_head(head, config):
     """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
+    bad = _FORBIDDEN_IN_HEAD.search(head)
+    if bad:
+        raise BadRequest(f"the request head holds the byte {bad.group()[:1]!r} at offset {bad.start()}: "
+                         "lines end with CRLF and hold no control characters")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
         raise BadRequest("malformed request line")
     request = _Request()
-    request.method, request.target, request.version = parts
+    request.method, target, request.version = parts
     request.line = lines[0]
     if request.version not in ("HTTP/1.1", "HTTP/1.0"):
         if request.version.startswith("HTTP/"):
             raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served")
         raise BadRequest("malformed request line")
+    request.path, request.query = _split_target(target, request.method)
     if len(lines) - 1 > config.max_header_fields:
         raise HeaderFieldsTooLarge(f"at most {config.max_header_fields} header fields are accepted")
-    headers = {}
+    request.headers = headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or line[0] in " \t":
-            raise BadRequest(f"malformed header line {line[:40]!r}")
+        if not sep or not _TOKEN.match(name):
+            raise BadRequest(f"malformed header line {_printable(line[:40])!r}")
         if len(line) > config.max_header_field:
             raise HeaderFieldsTooLarge(f"the header {name} is over {config.max_header_field} bytes")
-        name, value = name.lower(), value.strip()
+        name, value = name.lower(), value.strip(" \t")
         if name in headers:
+            if name == "host":
+                raise BadRequest("more than one Host header")
             if name == "content-length" and value != headers[name]:
                 raise BadRequest("conflicting Content-Length headers")
             value = value if name == "content-length" else headers[name] + ", " + value
         headers[name] = value
+    if request.version == "HTTP/1.1" and "host" not in headers:
+        raise BadRequest("an HTTP/1.1 request needs a Host header")
     if "transfer-encoding" in headers:
         if "content-length" in headers:
             raise BadRequest("both Transfer-Encoding and Content-Length: send one")
@@ -2315,20 +2471,17 @@ def _parse_head(head, config):
     length = headers.get("content-length", "0")
     if not (length.isdigit() and length.isascii()) or len(length) > 18:
         raise BadRequest("Content-Length must be a whole number of bytes")
+    request.length = int(length)
     tokens = headers.get("connection", "").lower()
     if request.version == "HTTP/1.1":
         request.keep_alive = "close" not in tokens
     else:
         request.keep_alive = "keep-alive" in tokens
-    request.headers = headers
     return request
 
 
 class _HTTPDate:
-    """The Date header (RFC 9110's IMF-fixdate), formatted once a second rather than once a request."""
-
-    _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-    _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+    """The Date header, formatted by wsgiref once a second rather than once a request."""
 
     def __init__(self):
         self._second = None
@@ -2337,30 +2490,42 @@ class _HTTPDate:
     def __call__(self):
         second = int(time.time())
         if second != self._second:
-            t = time.gmtime(second)
-            self._text = (f"{self._DAYS[t.tm_wday]}, {t.tm_mday:02d} {self._MONTHS[t.tm_mon - 1]} {t.tm_year} "
-                          f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+            self._text = format_date_time(second)
             self._second = second
         return self._text
 
 
 class Server:
-    """An HTTP/1.1 server for one WSGI application, from the standard library only.
+    """An HTTP/1.1 server for a WSGI application, from the standard library only.
 
     One thread, the event loop (the caller of serve_forever), owns every socket: it reads
     without blocking until a request is whole, so slow, idle and silent clients cost a
-    buffer each and never a thread, and it writes every answer. Events posted to Pycolytics
-    are validated right in the loop, and the rows of all requests that arrived together go
-    to the writer as one group; when the writer has committed them, the loop answers them
-    all. Nothing else switches threads on that path, which is what makes it fast under the
-    GIL. Any other request runs the WSGI application in a bounded pool of worker threads.
-    Connections, threads and buffers are all bounded.
+    buffer each and never a thread, and it writes every answer. Every other thread hands its
+    answers to the loop. A request runs the WSGI application in a bounded pool of worker
+    threads, unless the application takes it in the loop through its hook:
+
+    The loop hook. An application may offer `answer_in_loop(environ, respond)`. The loop calls
+    it with each whole request's WSGI environ; the application either returns False (the
+    request then runs as plain WSGI in a worker thread) or takes the request and calls
+    `respond(status, headers, body)` exactly once, now or later and from any thread, never
+    blocking the loop meanwhile. Pycolytics answers most requests this way, and posted events
+    once its writer has committed them; with a middleware in between (no hook), every request
+    takes a worker thread, which is correct and slower. An application may also offer
+    `server_answered(status)`, to hear of the answers the server gives by itself (bad framing,
+    timeouts, overload), so that its metrics count every answer.
+
+    Everything a client can make it hold is bounded: connections (in all, and per address),
+    buffered bodies, head sizes, the time a request may take to arrive, and the work one
+    turn of the loop does for one connection. Nothing a client sends is handled by recursion,
+    and no error while serving one connection leaves the loop: that connection is closed.
     """
 
     def __init__(self, app, config, host=None, port=None, reload=None):
         self.app = app
         self.config = config
         self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
+        self._answer_in_loop = getattr(app, "answer_in_loop", None)
+        self._server_answered = getattr(app, "server_answered", None)
         self._reload_requested = False
         self._tls = tls_context(config)
         self._tls_pending = self._tls_errors()
@@ -2370,21 +2535,27 @@ class Server:
         self.listener = socket.create_server((host, port), family=family, backlog=1024)
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()[:2]
-        self._ingest_paths = {"/v1.0/event": False, "/v1.0/events": True} if isinstance(app, Pycolytics) else {}
+        self.problem = None  # what keeps the server from serving as it should now; /healthz tells
+        self.log = sys.stderr
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
+        self._loop_thread = None
         self._jobs = queue.SimpleQueue()
-        self._finished = collections.deque()  # (connection, request, status, headers, body) to send
-        self._group = []  # rows of the requests read in this turn of the loop
-        self._group_members = []  # and their (connection, request)
+        self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
+        self._ready = collections.deque()  # connections whose buffer may hold their next request
+        self._idle = collections.OrderedDict()  # connections waiting for a request or lingering, oldest first
         self._connections = {}
+        self._per_address = collections.Counter()
+        self._reserved = 0  # body bytes announced by requests being read or answered
         self._busy = 0
         self._listening = False
+        self._accept_again = 0.0  # when to accept again after running out of file descriptors
         self._stopping = False
         self._date = _HTTPDate()
         self._workers = []
+        self._failures_logged = set()
         self._log_requests = not config.quiet
 
     @property
@@ -2426,31 +2597,25 @@ class Server:
     # -- the event loop ----------------------------------------------------------------------
 
     def serve_forever(self):
-        if self._ingest_paths:
-            self.app.writer.start()
-        self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}") for n in range(self.config.threads)]
+        self._loop_thread = threading.get_ident()
+        self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}", daemon=True)
+                         for n in range(self.config.threads)]
         for worker in self._workers:
-            worker.daemon = True
             worker.start()
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, (self._take_wake_ups, None))
         self._listen(True)
         next_sweep = time.monotonic() + 1
         drain_by = None
         try:
             while True:
-                for key, events in self._selector.select(timeout=1.0):
-                    if key.data is None:
-                        self._take_finished()
-                    elif key.data is self.listener:
-                        self._accept()
-                    elif events & selectors.EVENT_WRITE:
-                        self._flush(key.data)
-                    else:
-                        self._read(key.data)
-                self._submit_group()
+                timeout = 0 if self._ready or self._finished else 1.0
+                for key, _ in self._selector.select(timeout):
+                    callback, connection = key.data
+                    self._guarded(callback, connection)
+                self._serve_ready()
                 if self._reload_requested and self.reload is not None:
                     self._reload_requested = False
-                    self.reload()
+                    self._guarded(self.reload)
                 now = time.monotonic()
                 if self._stopping:
                     if drain_by is None:
@@ -2459,37 +2624,123 @@ class Server:
                     if not self._busy or now > drain_by:
                         return
                 if now >= next_sweep:
-                    self._sweep(now)
+                    self._guarded(self._sweep, None, now)
                     next_sweep = now + 1
         finally:
             self._close_everything()
 
+    def _guarded(self, function, connection=None, *arguments):
+        """Call function(connection, *arguments); an error closes that connection, never the loop."""
+        try:
+            if connection is None:
+                function(*arguments)
+            else:
+                function(connection, *arguments)
+        except Exception as error:  # a bug, or an OS error nobody foresaw: one connection pays, not all
+            where = (type(error), getattr(error.__traceback__, "tb_lineno", 0))
+            first = where not in self._failures_logged and len(self._failures_logged) < 100
+            self._failures_logged.add(where)
+            log.error("unexpected %r while serving %s; closing the connection", error,
+                      connection.peer if connection is not None else "the server", exc_info=first)
+            if connection is not None:
+                try:
+                    self._close(connection)
+                except Exception:  # its socket is beyond saving; forget it
+                    self._connections.pop(connection.sock, None)
+
+    def _serve_ready(self):
+        """Send finished answers and start pipelined requests: each connection a few per turn."""
+        for _ in range(PIPELINE_ROUNDS):
+            while self._finished:
+                self._guarded(self._answer, *self._finished.popleft())
+            if not self._ready:
+                return
+            for _ in range(len(self._ready)):
+                self._guarded(self._advance, self._ready.popleft())
+
+    def _take_wake_ups(self):
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
     def _listen(self, on):
+        on = on and not self._stopping and time.monotonic() >= self._accept_again
         if on and not self._listening:
-            self._selector.register(self.listener, selectors.EVENT_READ, self.listener)
+            self._selector.register(self.listener, selectors.EVENT_READ, (self._accept, None))
         elif not on and self._listening:
             self._selector.unregister(self.listener)
         self._listening = on
 
     def _accept(self):
-        deadline = time.monotonic() + self.config.request_timeout
-        while len(self._connections) < self.config.max_connections:
+        for _ in range(64):  # a few per turn: a flood of newcomers must not starve the rest
+            if len(self._connections) >= self.config.max_connections and not self._make_room():
+                self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
+                return
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as error:  # out of file descriptors, or a connection reset while queued
-                log.warning("accept failed: %s", error)
-                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(error)
+                    return
+                continue  # a connection reset while it waited in the backlog
+            self._welcome(sock, peer[0])
+
+    def _welcome(self, sock, address):
+        """Take a new connection into the loop, or turn it away if its address holds too many."""
+        limited = address not in self.config.trusted_proxies  # a proxy speaks for many clients
+        if limited and self._per_address[address] >= self.config.max_connections_per_address:
+            self._turn_away(sock)
+            return
+        try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            connection = _Connection(sock, peer[0], deadline)
-            connection.handshaking = self._tls is not None
-            self._connections[sock] = connection
-            self._selector.register(sock, selectors.EVENT_READ, connection)
-        self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
+        except OSError:  # reset already (some Pythons read from the socket in wrap_socket)
+            sock.close()
+            return
+        connection = _Connection(sock, address, time.monotonic() + self.config.request_timeout, limited)
+        connection.handshaking = self._tls is not None
+        if limited:
+            self._per_address[address] += 1
+        self._connections[sock] = connection
+        self._idle[sock] = connection
+        self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
+
+    def _turn_away(self, sock):
+        """Close a connection at once, with a 503 if it speaks plain HTTP: nothing of it is kept."""
+        self._answered("503")
+        try:
+            if self._tls is None:
+                sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+                          b"Connection: close\r\n\r\n")
+        except OSError:
+            pass  # it left already
+        sock.close()
+
+    def _answered(self, status):
+        if self._server_answered is not None:
+            self._server_answered(status)
+
+    def _make_room(self):
+        """Close the connection that has waited longest for a request (or lingered), if any."""
+        if not self._idle:
+            return False
+        _, connection = self._idle.popitem(last=False)
+        self._close(connection)
+        return True
+
+    def _pause_accepting(self, error):
+        if self.problem is None:
+            log.warning("cannot accept connections: %s; trying again in %s s", error.strerror, ACCEPT_PAUSE_SECONDS)
+        self.problem = f"out of file descriptors ({error.strerror}): new connections wait"
+        self._accept_again = time.monotonic() + ACCEPT_PAUSE_SECONDS
+        self._listen(False)
+        self._make_room()  # one idle connection's descriptor lets the next request in
 
     def _read(self, connection):
         sock = connection.sock
@@ -2509,13 +2760,15 @@ class Server:
         if not data:
             self._close(connection)
         elif not connection.lingering:
-            if not connection.buffer and connection.request is None:
+            if self._idle.pop(sock, None) is not None:  # a request begins: it has request_timeout to arrive
                 connection.deadline = time.monotonic() + self.config.request_timeout
             connection.buffer += data
             self._advance(connection)
 
     def _advance(self, connection):
         """Start answering the connection's next request if it is whole; refuse bad framing at once."""
+        if connection.closed or connection.busy:
+            return
         try:
             request = self._whole_request(connection)
         except HTTPError as error:
@@ -2527,41 +2780,44 @@ class Server:
         connection.busy = True
         connection.deadline = None
         self._busy += 1
-        batch = self._ingest_paths.get(request.target)
-        if batch is not None and request.method == "POST":
-            self._ingest(connection, request, batch)
-        else:
-            self._jobs.put((connection, request))
+        if request.path == "*":  # OPTIONS *: a question about the server, which answers it
+            self._answered("200")
+            self._respond(connection, request, "200 OK", [("Allow", "GET, HEAD, POST, OPTIONS")], b"")
+            return
+        environ = self._environ(connection, request)
+        respond = functools.partial(self._respond, connection, request)
+        if self._answer_in_loop is None or not self._answer_in_loop(environ, respond):
+            self._jobs.put((connection, request, environ))
 
     def _whole_request(self, connection):
+        """The connection's next request if all of it has arrived, else None; raises HTTPError."""
         buffer, config = connection.buffer, self.config
         if connection.request is None:
-            while buffer[:2] == b"\r\n":  # stray line ends between requests are allowed
+            while buffer[:2] == b"\r\n":
                 del buffer[:2]
-            end = buffer.find(b"\r\n\r\n")
+                connection.blank_lines += 1
+                if connection.blank_lines > MAX_BLANK_LINES:
+                    raise BadRequest("too many blank lines before the request line")
+            end = buffer.find(b"\r\n\r\n", max(connection.scanned - 3, 0))
+            line_end = buffer.find(b"\r\n", 0, config.max_request_line + 2)
+            if line_end < 0 and len(buffer) > config.max_request_line:
+                raise URITooLong(f"the request line is over {config.max_request_line} bytes")
             if end < 0:
-                line_end = buffer.find(b"\r\n")
-                if line_end > config.max_request_line or line_end < 0 and len(buffer) > config.max_request_line:
-                    raise URITooLong(f"the request line is over {config.max_request_line} bytes")
+                connection.scanned = len(buffer)
                 if len(buffer) > config.max_head_bytes:
                     raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
                 return None
-            if buffer.find(b"\r\n", 0, end + 2) > config.max_request_line:
-                raise URITooLong(f"the request line is over {config.max_request_line} bytes")
             if end > config.max_head_bytes:
                 raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
             request = _parse_head(bytes(buffer[:end]), config)
-            length = int(request.headers.get("content-length", "0"))
-            if length > self.config.max_body_bytes:
-                raise PayloadTooLarge(
-                    f"the request body is {length} bytes; at most {self.config.max_body_bytes} are accepted"
-                )
+            self._reserve(connection, request.length)
             connection.request = request
             connection.body_start = end + 4
         request = connection.request
-        end = connection.body_start + int(request.headers.get("content-length", "0"))
+        end = connection.body_start + request.length
         if len(buffer) < end:
-            if not connection.continued and request.headers.get("expect", "").lower() == "100-continue":
+            if not connection.continued and request.version == "HTTP/1.1" and \
+                    request.headers.get("expect", "").lower() == "100-continue":
                 connection.continued = True
                 self._send_now(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
@@ -2569,64 +2825,38 @@ class Server:
         del buffer[:end]
         connection.request = None
         connection.continued = False
+        connection.scanned = connection.blank_lines = 0
         return request
 
-    def _ingest(self, connection, request, batch):
-        try:
-            headers = request.headers
-            client = client_address(connection.peer, headers.get("x-forwarded-for"), self.config.trusted_proxies)
-            rows = self.app.ingest(request.body, batch, headers.get("content-encoding"), client, headers.get("origin"))
-        except HTTPError as error:
-            self._answer_event(connection, request, _error_parts(error))
-        except Exception:
-            log.exception("error while answering %s", request.line)
-            self._answer_event(connection, request, _INTERNAL_ERROR)
-        else:
-            if rows:
-                self._group.extend(rows)
-                self._group_members.append((connection, request))
-            else:
-                self._answer_event(connection, request, _NO_CONTENT)
+    def _reserve(self, connection, length):
+        """Count a body against the limits before it is read: one body, and all bodies together.
 
-    def _answer_event(self, connection, request, answer):
-        status, headers, body = answer
-        self.app.metrics.request(status)
-        self._answer(connection, request, status, headers + self.app.cors_headers(request.headers.get("origin")), body)
+        A body that one recv() takes whole is not refused for the total: it costs no more than a
+        head, which max_connections already bounds, and so clients with small batches are still
+        served while large bodies fill the budget.
+        """
+        if length > self.config.max_body_bytes:
+            raise PayloadTooLarge(f"the request body is {length} bytes; at most {self.config.max_body_bytes} "
+                                  "are accepted")
+        if length > RECV_BYTES and self._reserved + length > self.config.max_buffered_bytes:
+            raise ServiceUnavailable("the server is receiving too many request bodies at once; "
+                                     "send this again shortly")
+        self._reserved += length
+        connection.reserved = length
 
-    def _submit_group(self):
-        """Hand the rows read in this turn of the loop to the writer, to be committed together."""
-        if not self._group_members:
-            return
-        members = self._group_members
-        try:
-            self.app.writer.submit(self._group, functools.partial(self._committed, members))
-        except HTTPError as error:
-            for connection, request in members:
-                self._answer_event(connection, request, _error_parts(error))
-        self._group, self._group_members = [], []
+    def _release(self, connection):
+        self._reserved -= connection.reserved
+        connection.reserved = 0
 
-    def _committed(self, members, error=None):
-        """Called by the writer thread: queue the answers for the loop, and wake it."""
-        status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
-        self.app.metrics.request(status, len(members))
-        self._finished.extend(
-            (connection, request, status, headers + self.app.cors_headers(request.headers.get("origin")), body)
-            for connection, request in members
-        )
-        self._wake()
-
-    def _take_finished(self):
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while self._finished:
-            self._answer(*self._finished.popleft())
+    def _respond(self, connection, request, status, headers, body):
+        """The answer to a request, from any thread: the loop sends it."""
+        self._finished.append((connection, request, status, headers, body))
+        if threading.get_ident() != self._loop_thread:
+            self._wake()
 
     def _answer(self, connection, request, status, headers, body):
-        if not connection.busy:
-            return  # closed while it was answered (the drain gave up on it)
+        if connection.closed or not connection.busy:
+            return  # closed while it was answered (the client left, or the drain gave up on it)
         connection.keep_alive = keep_alive = request.keep_alive and not self._stopping
         head = [f"HTTP/1.1 {status}", f"Date: {self._date()}", f"Server: pycolytics/{__version__}"]
         head += [f"{name}: {value}" for name, value in headers]
@@ -2643,7 +2873,7 @@ class Server:
         self._flush(connection)
 
     def _flush(self, connection):
-        """Send what the connection's answer still has to send; then read its next request, or close."""
+        """Send what the connection's answer still has to send; then wait for its next request."""
         try:
             sent = connection.sock.send(connection.outbox)
         except (BlockingIOError, InterruptedError) + self._tls_pending:
@@ -2656,20 +2886,24 @@ class Server:
             if not connection.writing:  # the client reads slowly: wait until it can take more
                 connection.writing = True
                 connection.deadline = time.monotonic() + self.config.request_timeout
-                self._selector.register(connection.sock, selectors.EVENT_WRITE, connection)
+                self._selector.register(connection.sock, selectors.EVENT_WRITE, (self._flush, connection))
             return
         if connection.writing:
             connection.writing = False
             self._selector.unregister(connection.sock)
         connection.busy = False
         self._busy -= 1
+        self._release(connection)
         if not connection.keep_alive:
             self._close(connection)
             return
-        connection.deadline = time.monotonic() + self.config.idle_timeout
-        self._selector.register(connection.sock, selectors.EVENT_READ, connection)
-        if connection.buffer:  # a pipelined request arrived with the previous one
-            self._advance(connection)
+        self._selector.register(connection.sock, selectors.EVENT_READ, (self._read, connection))
+        if connection.buffer:  # a pipelined request arrived with this one: its turn comes in the loop
+            connection.deadline = time.monotonic() + self.config.request_timeout
+            self._ready.append(connection)
+        else:
+            connection.deadline = time.monotonic() + self.config.idle_timeout
+            self._idle[connection.sock] = connection
 
     def _send_now(self, connection, data):
         try:
@@ -2685,6 +2919,7 @@ class Server:
         for a moment (a "lingering close", as Apache and nginx do).
         """
         status, headers, body = _error_parts(error)
+        self._answered(status)
         head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
         try:
             connection.sock.send(("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body)
@@ -2692,13 +2927,15 @@ class Server:
         except OSError:
             self._close(connection)
             return
+        self._release(connection)
         connection.lingering = True
-        connection.buffer.clear()
+        connection.buffer = bytearray()
         connection.request = None
         connection.deadline = time.monotonic() + LINGER_SECONDS
+        self._idle[connection.sock] = connection  # the first to go when slots run out
 
     def _sweep(self, now):
-        """Close connections that idled, dawdled or lingered past their deadline."""
+        """Close connections that idled, dawdled or lingered past their deadline; accept again."""
         for connection in list(self._connections.values()):
             if connection.deadline is not None and connection.deadline < now:
                 if connection.lingering or connection.writing:
@@ -2707,20 +2944,31 @@ class Server:
                     self._refuse(connection, RequestTimeout("the request took too long to arrive"))
                 else:
                     self._close(connection)
+        if not self._listening and len(self._connections) < self.config.max_connections:
+            self._listen(True)
+        if self.problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
+            log.info("accepting connections again")
+            self.problem = None
 
     def _close(self, connection):
         if self._connections.pop(connection.sock, None) is None:
             return
+        connection.closed = True
+        self._idle.pop(connection.sock, None)
         if connection.busy:
             connection.busy = False
             self._busy -= 1
+        self._release(connection)
+        if connection.limited:
+            self._per_address[connection.peer] -= 1
+            if not self._per_address[connection.peer]:
+                del self._per_address[connection.peer]
         try:
             self._selector.unregister(connection.sock)
         except (KeyError, ValueError):
             pass  # it was not registered: its request was being answered
         connection.sock.close()
-        if not self._stopping:
-            self._listen(True)
+        self._listen(True)
 
     def _stop_reading(self):
         """The start of a stop: no new connections, and none that has not sent a whole request."""
@@ -2741,38 +2989,51 @@ class Server:
         self._wake_reader.close()
         self._wake_writer.close()
 
-    # -- the worker threads, for everything but posted events ------------------------------
+    # -- the worker threads, for requests the application does not take in the loop -------
 
     def _work(self):
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            connection, request = job
+            connection, request, environ = job
             try:
-                answer = self._call_application(connection, request)
+                answer = self._call_application(environ, request.method)
             except Exception:
-                log.exception("error while answering %s", request.line)
+                log.exception("error while answering %s", _printable(request.line))
                 answer = _INTERNAL_ERROR
-            self._finished.append((connection, request) + answer)
-            self._wake()
+            self._respond(connection, request, *answer)
 
-    def _call_application(self, connection, request):
+    def _call_application(self, environ, method):
+        """Run the WSGI application (PEP 3333) for one request: (status, headers, body)."""
         answer = []
+        written = []
 
         def start_response(status, headers, exc_info=None):
+            if exc_info is not None:
+                exc_info = None  # nothing is sent before the application returns: the new answer wins
+            elif answer:
+                raise AssertionError("start_response called a second time without exc_info")
             answer[:] = [status, headers]
+            return written.append
 
-        chunks = self.app(self._environ(connection, request), start_response)
+        chunks = self.app(environ, start_response)
         try:
-            body = b"".join(chunks)
+            for chunk in chunks:
+                written.append(chunk)
         finally:
             if hasattr(chunks, "close"):
                 chunks.close()
-        return answer[0], answer[1], body
+        status, headers = answer
+        headers = [(name, value) for name, value in headers if not is_hop_by_hop(name)]
+        body = b"".join(written)
+        if method != "HEAD" or not any(name.lower() == "content-length" for name, _ in headers):
+            headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(body))))
+        return status, headers, body
 
     def _environ(self, connection, request):
-        path, _, query = request.target.partition("?")
+        path = request.path
         if "%" in path:
             from urllib.parse import unquote_to_bytes  # here: it costs memory that plain paths never need
 
@@ -2782,7 +3043,7 @@ class Server:
             "REQUEST_METHOD": request.method,
             "SCRIPT_NAME": "",
             "PATH_INFO": path,
-            "QUERY_STRING": query,
+            "QUERY_STRING": request.query,
             "SERVER_NAME": host,
             "SERVER_PORT": str(port),
             "SERVER_PROTOCOL": request.version,
@@ -2790,10 +3051,11 @@ class Server:
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "https" if self._tls else "http",
             "wsgi.input": io.BytesIO(request.body),
-            "wsgi.errors": sys.stderr,
+            "wsgi.errors": self.log,
             "wsgi.multithread": True,
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
+            "pycolytics.server_problem": self.problem,
         }
         for name, value in request.headers.items():
             if name == "content-length":
@@ -2805,8 +3067,12 @@ class Server:
         return environ
 
     def _log(self, connection, request, status, length):
+        client = client_address(connection.peer, request.headers.get("x-forwarded-for"), self.config.trusted_proxies)
         when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
-        sys.stderr.write(f'{connection.peer} - - [{when}] "{request.line}" {status[:3]} {length}\n')
+        try:
+            self.log.write(f'{_printable(client)} - - [{when}] "{_printable(request.line)}" {status[:3]} {length}\n')
+        except (OSError, ValueError):
+            pass  # stderr is broken; serve() logs through a LogSink, which never raises
 
 
 ###############################################################################
@@ -2834,6 +3100,7 @@ def serve(config, load=None):
         log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         app.close()
         return 1
+    server.log = sink = _log_to_sink()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, server.shutdown)
     if load is not None and hasattr(signal, "SIGHUP"):
@@ -2847,7 +3114,17 @@ def serve(config, load=None):
         notify_systemd("STOPPING=1")
         app.close()
     log.info("stopped; every acknowledged event is committed")
+    sink.drain()
     return 0
+
+
+def _log_to_sink():
+    """Route the log's stderr handlers through a LogSink, so that no log line can block or stop serving."""
+    sink = LogSink(sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(sink)
+    return sink
 
 
 def _redacted(database):

@@ -21,12 +21,16 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.parse
+import warnings
+import wsgiref.validate
 import zlib
 
 import hypothesis
@@ -1125,7 +1129,7 @@ def test_the_shipped_ini_documents_every_key_with_its_default():
         text = file.read()
     parser.read_string(text)
     documented = dict(parser.items("pycolytics"))
-    for name, default in pycolytics.DEFAULTS.items():
+    for name, default, _, _ in pycolytics.SETTINGS:
         if name in documented:
             assert documented[name] == default, name
         else:
@@ -1157,15 +1161,28 @@ def test_importing_the_module_opens_and_reads_nothing(tmp_path):
 # -- The built-in server, over real sockets --------------------------------------------------------
 
 
-@pytest.fixture
-def server(config, app):
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+@contextlib.contextmanager
+def serving(settings, wrap=None, **changes):
+    """A built-in server on a free port with these settings changed, stopped when the block ends."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
+    app = pycolytics.create_app(config)
+    server = pycolytics.Server(wrap(app) if wrap else app, config, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
-    yield server
-    server.shutdown()
-    thread.join(10)
-    assert not thread.is_alive()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(20)
+        app.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def server(settings, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with serving(settings) as server:
+        yield server
 
 
 def exchange(server, raw, read_until_close=True):
@@ -1218,8 +1235,8 @@ def test_http_1_0_clients_are_served_and_closed(server, database):
 def test_pipelined_requests_are_answered_in_order(server, database):
     one = body(event(event_type="p1"))
     two = body(event(event_type="p2"))
-    raw = (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one)
-           + b"POST /v1.0/event HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(two), two))
+    raw = (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one)
+           + b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(two), two))
     answer = exchange(server, raw)
     assert answer.count(b"HTTP/1.1 204") == 2
     assert [row[0] for row in stored(database)] == ["p1", "p2"]
@@ -1228,7 +1245,7 @@ def test_pipelined_requests_are_answered_in_order(server, database):
 def test_expect_100_continue_is_honoured(server, database):
     payload = body(event())
     with socket.create_connection(server.server_address, timeout=10) as sock:
-        sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(payload))
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(payload)
@@ -1237,45 +1254,36 @@ def test_expect_100_continue_is_honoured(server, database):
 
 
 @pytest.mark.parametrize("raw, status", [
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{", b"413"),
-    (b"POST /v1.0/event HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"411"),
-    (b"POST /v1.0/event HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", b"400"),
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", b"400"),
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),
-    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", b"414"),
-    (b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"b" * 9000 + b"\r\n\r\n", b"431"),
-    (b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", b"431"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999\r\n\r\n{", b"413"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"411"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", b"400"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", b"400"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: -5\r\n\r\n", b"400"),
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", b"414"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Big: " + b"b" * 9000 + b"\r\n\r\n", b"431"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", b"431"),
     (b"GET / HTTP/2.0\r\n\r\n", b"505"),
     (b"NONSENSE\r\n\r\n", b"400"),
-    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n", b"400"),
 ], ids=lambda value: value[:24].decode("latin-1") if isinstance(value, bytes) else None)
 def test_bad_framing_is_refused_and_the_server_keeps_serving(server, database, raw, status):
     answer = exchange(server, raw)
     assert answer.split(b" ")[1] == status
     assert b'"detail"' in answer
     follow_up = body(event())
-    good = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+    good = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                     % (len(follow_up), follow_up))
     assert good.startswith(b"HTTP/1.1 204")
     assert count(database) == 1
 
 
 def test_the_framing_limits_are_settings(settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, max_request_line=100, max_header_fields=3))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
-        assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
-        assert exchange(server, b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
-        assert exchange(server, b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
+    with serving(settings, max_request_line=100, max_header_fields=3) as server:
+        assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\nHost: t\r\n\r\n").startswith(b"HTTP/1.1 414")
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
                         ).startswith(b"HTTP/1.1 431")
-        assert exchange(server, b"GET / HTTP/1.1\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
-    finally:
-        server.shutdown()
-        thread.join(10)
-        app.close()
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
 
 
 def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
@@ -1297,18 +1305,20 @@ def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
     assert len({row[0] for row in stored(database, "user_id")}) == 2400
 
 
-def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, threads=2, idle_timeout=1, request_timeout=2))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
+def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings, database):
+    with serving(settings, threads=2, idle_timeout=1, request_timeout=2) as server:
+        talk_past(server)
+    assert count(database) == 10
+
+
+def talk_past(server):
+    """Ten normal requests while 200 silent and 20 trickling connections hold their slots."""
     silent = [socket.create_connection(server.server_address) for _ in range(200)]
     tricklers = [socket.create_connection(server.server_address) for _ in range(20)]
     trickling = threading.Event()
 
     def trickle():
-        request = b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"{" * 100
+        request = b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + b"{" * 100
         for byte in range(len(request)):
             for sock in tricklers:
                 try:
@@ -1323,7 +1333,7 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
     try:
         payload = body(event())
         for _ in range(10):
-            answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(payload), payload))
             assert answer.startswith(b"HTTP/1.1 204")
         tricklers[0].settimeout(10)
@@ -1335,10 +1345,504 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
         trickler.join(10)
         for sock in silent + tricklers:
             sock.close()
-        server.shutdown()
+
+
+# -- Hostile clients against a live server -------------------------------------------------------
+#
+# Each attack runs against the built-in server on 127.0.0.1, and each test then checks the two
+# promises that matter: the server is still alive, and a normal client is served meanwhile.
+
+
+def one_event_request(event_type="normal", path="/v1.0/event", close=True):
+    payload = body(event(event_type=event_type))
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path.encode(), len(payload), b"Connection: close\r\n" if close else b"", payload))
+
+
+def normal_client_is_served(address, event_type="normal", timeout=10, source=None):
+    """A well-behaved client posts one event on a new connection; True if it got 204."""
+    with socket.create_connection(address, timeout=timeout, source_address=source) as sock:
+        sock.sendall(one_event_request(event_type))
+        return read_all(sock).startswith(b"HTTP/1.1 204")
+
+
+def read_all(sock, answers=None):
+    """What the server sends until it closes (or until `answers` answers have arrived)."""
+    chunks = []
+    with contextlib.suppress(socket.timeout, ConnectionError):
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+            if answers is not None and b"".join(chunks).count(b"HTTP/1.1 ") >= answers:
+                break
+    return b"".join(chunks)
+
+
+def start_configured_server(tmp_path, ini="", **popen):
+    """pycolytics.py in a process of its own, with KEY as its key and `ini` added; (process, address)."""
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\napi_keys = {KEY}\n{ini}")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0", "--config", "pycolytics.ini"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, **popen,
+    )
+    for line in process.stderr:
+        found = re.search(r"listening on http://([\d.]+):(\d+)", line)
+        if found:
+            return process, (found.group(1), int(found.group(2)))
+    process.wait(10)
+    raise AssertionError("the server did not start")
+
+
+@contextlib.contextmanager
+def stopped_at_the_end(process):
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stderr.close()
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        user, system = stat.read().rsplit(")", 1)[1].split()[11:13]
+    return (int(user) + int(system)) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_thousand_pipelined_requests_answered_at_once_are_all_answered_in_order(server, database):
+    empty = b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n[]"
+    unauthorized = (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body(event(api_key="wrong"))), body(event(api_key="wrong"))))
+    broken = b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n{"
+    with socket.create_connection(server.server_address, timeout=20) as sock:
+        sock.sendall((empty + unauthorized + broken) * 334)
+        answers = read_all(sock, answers=1002)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3})", answers)
+    assert statuses == [b"204", b"401", b"400"] * 334
+    assert normal_client_is_served(server.server_address)
+    assert [row[0] for row in stored(database)] == ["normal"]
+
+
+def test_an_error_while_serving_one_connection_closes_it_and_the_loop_goes_on(settings, database):
+    class Exploding:
+        """An application whose loop hook fails for one path, as a bug would."""
+
+        def __init__(self, app):
+            self.app = app
+
+        def __call__(self, environ, start_response):
+            return self.app(environ, start_response)
+
+        def answer_in_loop(self, environ, respond):
+            if environ["PATH_INFO"] == "/boom":
+                raise RuntimeError("a bug")
+            return self.app.answer_in_loop(environ, respond)
+
+    with serving(settings, wrap=Exploding) as server:
+        for _ in range(3):
+            with socket.create_connection(server.server_address, timeout=10) as sock:
+                sock.sendall(b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert read_all(sock) == b""  # closed without an answer
+        assert normal_client_is_served(server.server_address)
+    assert count(database) == 1
+
+
+def test_a_middleware_in_between_turns_the_loop_hook_off_and_everything_still_works(settings, database):
+    def middleware(app):
+        def call(environ, start_response):
+            return app(environ, start_response)
+        return call
+
+    with serving(settings, wrap=middleware) as server:
+        assert normal_client_is_served(server.server_address)
+        docs = exchange(server, b"GET /docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert docs.startswith(b"HTTP/1.1 200") and b"<html" in docs
+    assert count(database) == 1
+
+
+def test_a_query_string_or_percent_encoding_never_sends_events_to_a_worker_thread(settings, database, sqlite_only):
+    with serving(settings, threads=1, busy_timeout=20) as server:
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the writer now waits for the lock
+        try:
+            posts = [socket.create_connection(server.server_address, timeout=30) for _ in range(3)]
+            for sock, path in zip(posts, ["/v1.0/event?source=web", "/v1.0/%65vent", "/v1.0/event?x=%00"]):
+                sock.sendall(one_event_request(path=path))
+            time.sleep(0.5)  # the posts wait for the database now; were one in the only worker thread...
+            with socket.create_connection(server.server_address, timeout=10) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                health = read_all(sock)  # ...this would wait for the lock too, and time out
+            assert health.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503"))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert [read_all(sock)[:12] for sock in posts] == [b"HTTP/1.1 204"] * 3
+        for sock in posts:
+            sock.close()
+    assert count(database) == 3
+
+
+def test_a_broken_stderr_does_not_stop_the_server(tmp_path):
+    process, address = start_configured_server(tmp_path)  # access log on: every request writes a line
+    with stopped_at_the_end(process):
+        process.stderr.close()  # as when `| tee` dies: every write to stderr now fails
+        for n in range(20):
+            assert normal_client_is_served(address, f"e{n}")
+        assert process.poll() is None
+
+
+def test_a_stderr_nobody_reads_does_not_block_the_server(tmp_path):
+    process, address = start_configured_server(tmp_path)  # nobody reads its stderr from here on
+    with stopped_at_the_end(process):
+        request = one_event_request(close=False)
+        with socket.create_connection(address, timeout=20) as sock:  # 3,000 log lines: far over a pipe's 64 KiB
+            for _ in range(30):
+                sock.sendall(request * 100)
+                assert read_all(sock, answers=100).count(b"HTTP/1.1 204") == 100
+
+
+def test_tls_connections_reset_right_after_connect_do_not_stop_the_server(tmp_path, settings, database):
+    certificate, key = make_certificate(tmp_path)
+    import ssl
+
+    with serving(settings, certfile=certificate, keyfile=key) as server:
+        for _ in range(30):
+            sock = socket.create_connection(server.server_address)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, before any handshake
+        context = ssl.create_default_context(cafile=certificate)
+        connection = http.client.HTTPSConnection(*server.server_address, context=context, timeout=10)
+        connection.request("POST", "/v1.0/event", body(event()))
+        assert connection.getresponse().status == 204
+        connection.close()
+    assert count(database) == 1
+
+
+def test_blank_lines_cannot_keep_a_connection_open_past_request_timeout(settings):
+    with serving(settings, request_timeout=1, idle_timeout=1) as server:
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            closed = False
+            for _ in range(8):  # one blank line every 0.4 s: each one used to re-arm the deadline
+                try:
+                    sock.sendall(b"\r\n")
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.4)
+            closed = closed or read_all(sock) == b""
+        assert closed
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            sock.sendall(b"\r\n" * (pycolytics.MAX_BLANK_LINES + 1) + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 400") and b"blank lines" in answer
+        assert normal_client_is_served(server.server_address)
+
+
+def test_one_address_cannot_take_more_than_its_share_of_connections(settings, database):
+    with serving(settings, max_connections_per_address=5) as server:
+        attackers = [socket.create_connection(server.server_address, source_address=("127.0.0.2", 0))
+                     for _ in range(5)]
+        try:
+            with socket.create_connection(server.server_address, timeout=10,
+                                          source_address=("127.0.0.2", 0)) as sixth:
+                answer = read_all(sixth)
+            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After:" in answer
+            assert normal_client_is_served(server.server_address, source=("127.0.0.3", 0))
+            attackers.pop().close()  # a slot of its own frees up again
+            time.sleep(0.2)
+            assert normal_client_is_served(server.server_address, "again", source=("127.0.0.2", 0))
+        finally:
+            for sock in attackers:
+                sock.close()
+    assert count(database) == 2
+
+
+def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(settings, database):
+    with serving(settings, max_connections=10, idle_timeout=60, request_timeout=60) as server:
+        silent = [socket.create_connection(server.server_address, timeout=10, source_address=(f"127.0.1.{n}", 0))
+                  for n in range(10)]
+        try:
+            time.sleep(0.2)
+            assert normal_client_is_served(server.server_address)
+            assert read_all(silent[0]) == b""  # the oldest silent connection was closed for it
+        finally:
+            for sock in silent:
+                sock.close()
+    assert count(database) == 1
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
+
+
+def test_bodies_over_the_buffer_budget_get_503_and_memory_stays_bounded(tmp_path):
+    process, address = start_configured_server(tmp_path, "max_buffered_bytes = 8388608\nquiet = yes\n")
+    with stopped_at_the_end(process):
+        before = rss_kib(process.pid)
+        head = b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n"
+        hogs = []
+        for n in range(40):  # 40 MiB announced, 8 MiB allowed: the rest are refused before they are read
+            sock = socket.create_connection(address, timeout=10, source_address=(f"127.0.2.{n}", 0))
+            with contextlib.suppress(OSError):
+                sock.sendall(head + b"[" + b" " * 1_040_000)
+            hogs.append(sock)
+        assert normal_client_is_served(address)  # small bodies are still taken meanwhile
+        grown = rss_kib(process.pid) - before
+        answers = []
+        for sock in hogs:
+            sock.settimeout(0.5)
+            answers.append(read_all(sock, answers=1))
+            sock.close()
+        refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503")]
+        assert len(refused) == 32 and all(b"Retry-After: " in answer for answer in refused)
+        assert grown < 24 * 1024, f"RSS grew by {grown} KiB while 40 bodies were announced"
+        assert process.poll() is None
+
+
+def test_out_of_file_descriptors_the_server_pauses_accepting_and_recovers(tmp_path):
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    process, address = start_configured_server(tmp_path, "quiet = yes\n", preexec_fn=few_descriptors)
+    with stopped_at_the_end(process):
+        crowd = [socket.create_connection(address, timeout=10, source_address=(f"127.0.3.{n}", 0))
+                 for n in range(100)]
+        time.sleep(0.5)
+        spent = cpu_seconds(process.pid)
+        time.sleep(2)
+        spent = cpu_seconds(process.pid) - spent
+        assert spent < 0.5, f"the loop spun: {spent:.2f} s of CPU in 2 s"  # it used to take a whole core
+        for sock in crowd:
+            sock.close()
+        deadline = time.monotonic() + 15
+        while not normal_client_is_served(address):  # it recovers by itself once descriptors are free
+            assert time.monotonic() < deadline, "the server did not recover"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        log = process.stderr.read()
+        assert 1 <= log.count("cannot accept connections") <= 5, log[:2000]
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b"GET / HTTP/1.1\r\nHost: t\nX-Smuggled: 1\r\n\r\n", "CRLF"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Smuggled: a\rb\r\n\r\n", "CRLF"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Nul: a\x00b\r\n\r\n", "control"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Escape: \x1b[31m\r\n\r\n", "control"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nBad Name: 1\r\n\r\n", "malformed header"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n Folded: 1\r\n\r\n", "malformed header"),
+    (b"GET / HTTP/1.1\r\n\r\n", "Host"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "Host"),
+    (b"GET\x01 / HTTP/1.1\r\nHost: t\r\n\r\n", "control"),
+    (b"G(T / HTTP/1.1\r\nHost: t\r\n\r\n", "request line"),
+    (b"GET ftp://host/ HTTP/1.1\r\nHost: t\r\n\r\n", "request target"),
+    (b"GET * HTTP/1.1\r\nHost: t\r\n\r\n", "request target"),
+], ids=["bare-LF", "bare-CR", "NUL", "ESC", "space-in-name", "obs-fold", "no-Host", "two-Hosts",
+        "control-in-method", "bad-method", "ftp-target", "asterisk-not-OPTIONS"])
+def test_framing_as_strict_as_rfc_9112_asks(server, database, raw, words):
+    answer = exchange(server, raw)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert words in json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"]
+    assert normal_client_is_served(server.server_address)
+    assert count(database) == 1
+
+
+def test_an_http_1_0_client_is_never_sent_100_continue(server, database):
+    payload = body(event())
+    with socket.create_connection(server.server_address, timeout=10) as sock:
+        sock.sendall(b"POST /v1.0/event HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            sock.recv(100)  # RFC 9110: a 1.0 client would take "100 Continue" for its answer
+        sock.settimeout(10)
+        sock.sendall(payload)
+        assert read_all(sock).startswith(b"HTTP/1.1 204")
+    assert count(database) == 1
+
+
+def test_absolute_form_targets_are_served_as_their_path(server, database):
+    docs = exchange(server, b"GET http://collector.example/docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert docs.startswith(b"HTTP/1.1 200") and b"<html" in docs
+    answer = exchange(server, one_event_request(path="http://collector.example/v1.0/event?from=proxy"))
+    assert answer.startswith(b"HTTP/1.1 204")
+    assert count(database) == 1
+
+
+def test_options_asterisk_is_answered_by_the_server(server):
+    answer = exchange(server, b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nAllow: GET, HEAD, POST, OPTIONS\r\n" in answer and b"\r\nContent-Length: 0\r\n" in answer
+
+
+def test_answers_the_server_gives_itself_are_counted_in_metrics(server):
+    for raw in (b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
+                b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"):
+        exchange(server, raw)
+    metrics = exchange(server, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").decode()
+    assert 'pycolytics_requests_total{status="400"} 1' in metrics
+    assert 'pycolytics_requests_total{status="431"} 1' in metrics
+    assert 'pycolytics_requests_total{status="200"} 1' in metrics  # OPTIONS *; /metrics counts itself after
+
+
+def test_the_access_log_escapes_control_characters_and_names_the_forwarded_client(settings):
+    with serving(settings, quiet="no") as server:
+        lines = []
+        server.log = types.SimpleNamespace(write=lines.append)
+        exchange(server, b"GET /\x9b31m\xff HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.9\r\n"
+                         b"Connection: close\r\n\r\n")
+        exchange(server, b"GET /docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert len(lines) == 2
+    assert lines[0].startswith("203.0.113.9 - - [")  # 127.0.0.1 is a trusted proxy by default
+    assert '"GET /\\x9b31m\xff HTTP/1.1" 404' in lines[0]
+    assert all(line.count("\n") == 1 and "\x9b" not in line for line in lines)
+
+
+def test_healthz_reports_the_servers_own_trouble(client):
+    answer = client.get("/healthz", extra_environ={"pycolytics.server_problem": "out of file descriptors"},
+                        status=503)
+    assert answer.json["status"] == "unavailable" and "file descriptors" in answer.json["server"]
+    assert client.get("/healthz").json["status"] == "ok"
+
+
+# -- PEP 3333, checked by wsgiref itself ---------------------------------------------------------
+
+UNUSUAL_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"HEAD /docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /openapi.json?x=1&y=%20 HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET http://t/docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /%64ocs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"DELETE /docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"OPTIONS /v1.0/events HTTP/1.1\r\nHost: t\r\nOrigin: https://game.example\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /dashboard HTTP/1.1\r\nHost: t\r\n\r\n",
+]
+
+
+def post_request(path, document, headers=b""):
+    payload = body(document)
+    return b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (path, len(payload), headers, payload)
+
+
+class Validated:
+    """The application behind wsgiref's PEP 3333 checker; any warning it gives fails the request.
+
+    With `hooked`, the loop hook is offered too, and the environ it gets is checked the same way.
+    """
+
+    def __init__(self, app, hooked=False):
+        self.app = app
+        self.checked = wsgiref.validate.validator(app)
+        if hooked:
+            self.answer_in_loop = self._answer_in_loop
+
+    def __call__(self, environ, start_response):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", wsgiref.validate.WSGIWarning)
+            chunks = self.checked(environ, start_response)
+            try:
+                return [b"".join(chunks)]
+            finally:
+                chunks.close()
+
+    def _answer_in_loop(self, environ, respond):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", wsgiref.validate.WSGIWarning)
+            wsgiref.validate.check_environ(environ)
+        return self.app.answer_in_loop(environ, respond)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain-wsgi", "loop-hook"])
+def test_the_built_in_server_passes_wsgirefs_validator(settings, database, hooked):
+    requests = UNUSUAL_REQUESTS + [
+        post_request(b"/v1.0/event?source=web", event()),
+        post_request(b"/v1.0/events", [event(), event()], b"Content-Type: application/json\r\n"),
+        post_request(b"/v1.0/event", event(api_key="wrong")),
+    ]
+    with serving(settings, wrap=functools.partial(Validated, hooked=hooked)) as server:
+        with socket.create_connection(server.server_address, timeout=20) as sock:
+            sock.sendall(b"".join(requests) + b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            answers = read_all(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\nDate: ", answers)
+    assert statuses == [b"200", b"200", b"200", b"200", b"200", b"404", b"405", b"204", b"200", b"200", b"403",
+                        b"204", b"204", b"401", b"200"]
+    assert count(database) == 3
+
+
+def test_the_application_passes_wsgirefs_validator_under_wsgiref_simple_server(app, database):
+    import wsgiref.simple_server
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = wsgiref.simple_server.make_server("127.0.0.1", 0, Validated(app), handler_class=Quiet)
+    thread = threading.Thread(target=httpd.serve_forever)
+    thread.start()
+    try:
+        connection = http.client.HTTPConnection(*httpd.server_address, timeout=10)
+        for method, path, payload, status in [
+            ("GET", "/docs", None, 200), ("HEAD", "/openapi.json", None, 200), ("GET", "/x?y", None, 404),
+            ("POST", "/v1.0/event?source=web", body(event()), 204), ("POST", "/v1.0/events", b"{", 400),
+            ("OPTIONS", "/v1.0/event", None, 204), ("GET", "/healthz", None, 200),
+        ]:
+            connection.request(method, path, payload)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == status, (method, path)
+            connection.close()
+    finally:
+        httpd.shutdown()
         thread.join(10)
-        app.close()
-    assert count(config.database) == 10
+        httpd.server_close()
+    assert count(database) == 1
+
+
+# -- HTTP framing, fuzzed against a live server --------------------------------------------------
+
+_HEAD_PARTS = st.sampled_from([
+    b"GET", b"POST", b"HEAD", b"OPTIONS", b"PUT", b"G\x00T", b" ", b"/", b"/v1.0/event", b"/v1.0/events",
+    b"http://h/v1.0/event", b"*", b"?a=%00", b"%2e%2e", b" HTTP/1.1", b" HTTP/1.0", b" HTTP/2", b"\r\n", b"\n",
+    b"\r", b"Host: t", b"Host:", b"Content-Length: 2", b"Content-Length: 99999999", b"Content-Length: -1",
+    b"Content-Length: 2, 2", b"Transfer-Encoding: chunked", b"Expect: 100-continue", b"Connection: close",
+    b"Connection: keep-alive", b"Content-Encoding: gzip", b"X-Forwarded-For: 1.2.3.4", b":", b"\t", b"\xff",
+    b"[]", b"{}", b"\r\n\r\n",
+])
+
+
+@hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(parts=st.lists(st.one_of(_HEAD_PARTS, st.binary(max_size=20)), max_size=40),
+                  cuts=st.lists(st.integers(0, 400), max_size=4))
+def test_any_bytes_get_a_well_formed_answer_or_a_close_and_never_a_5xx(fuzzed_server, parts, cuts):
+    data = b"".join(parts)
+    with socket.create_connection(fuzzed_server.server_address, timeout=10) as sock:
+        start = 0
+        for cut in sorted(cuts) + [len(data)]:  # the same bytes, split where hypothesis says
+            with contextlib.suppress(OSError):
+                sock.sendall(data[start:cut])
+            start = max(start, cut)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        answers = read_all(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) [A-Z]", answers)
+    assert len(statuses) == answers.count(b"HTTP/1.1 ")
+    assert [status for status in statuses if status[:1] not in b"124"] == []
+    assert normal_client_is_served(fuzzed_server.server_address)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzzed")
+    settings = {"database": str(folder / "events.db"), "api_keys": KEY, "quiet": "yes", "request_timeout": "2"}
+    with serving(settings) as server:
+        yield server
 
 
 # -- The command line and signals ---------------------------------------------------------------
@@ -1524,7 +2028,7 @@ def test_https_serves_events_with_keep_alive_and_survives_plain_http_on_its_port
     try:
         assert server.url.startswith("https://")
         try:
-            plain = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            plain = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
         except ConnectionResetError:
             plain = b""
         assert b"204" not in plain
