@@ -1106,6 +1106,10 @@ class SQLiteStore:
         """Whether `error` means the connection is gone and a new one is needed: never, for a file."""
         return False
 
+    def describe(self, error):
+        """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
+        return str(error)
+
     def read(self):
         """A connection for reading only; it never creates a missing database."""
         return read_only(self.config.database)
@@ -1381,7 +1385,7 @@ class PostgresStore:
             finally:
                 connection.close()
         except self.psycopg.Error as error:
-            problem = self._in_words(error)
+            problem = self.describe(error)
             detail = str(error).strip() or type(error).__name__
             if detail != self._told:
                 log.warning("health check: %s: %s", problem, detail)
@@ -1390,7 +1394,9 @@ class PostgresStore:
         self._told = None
         return None
 
-    def _in_words(self, error):
+    def describe(self, error):
+        """`error` in general words, for clients and /healthz: the driver's own text names hosts,
+        ports, users and databases, and belongs in the log."""
         errors = self.psycopg.errors
         if isinstance(error, errors.LockNotAvailable):
             return "the event table is locked by another session"
@@ -1398,9 +1404,11 @@ class PostgresStore:
             return "the database did not answer in time"
         if isinstance(error, (errors.ReadOnlySqlTransaction, errors.UndefinedTable)):
             return "the database does not take events (read-only, or no event table)"
-        if isinstance(error, self.psycopg.OperationalError):
+        if isinstance(error, self.psycopg.IntegrityError):
+            return "the database refused the events as a conflict (the log says which)"
+        if isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError, ConnectionError)):
             return "the database cannot be reached"
-        return "the database refused the check"
+        return "the database refused the request (the log says why)"
 
 
 def store_for(config):
@@ -2064,7 +2072,7 @@ class Pycolytics:
     def database_problem(self):
         """Why the database would not take events now, or None if it would."""
         if self.writer.last_error is not None:
-            return f"the last commit failed: {self.writer.last_error}"
+            return f"the last commit failed: {self.writer.store.describe(self.writer.last_error)}"
         return self.writer.store.problem()
 
     def get_dashboard(self, environ):

@@ -2402,7 +2402,9 @@ def test_a_locked_table_gives_503_after_busy_timeout_and_healthz_answers_at_once
     with table_locked(postgres_url):
         health = within(20, postgres_client.get, "/healthz", status=503)
         refused = within(20, post, postgres_client, "/v1.0/events", [event(user_id="locked out")] * 2, status=503)
+        after = within(20, postgres_client.get, "/healthz", status=503)
     assert health.json["database"] == "the event table is locked by another session"
+    assert "the event table is locked" in after.json["database"] and "statement" not in after.text  # driver words
     assert refused.json["detail"] == "the database could not store the events; send them again shortly"
     assert refused.headers["Retry-After"]
     post(postgres_client, "/v1.0/event", event(user_id="after"))
