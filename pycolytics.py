@@ -22,6 +22,7 @@ __all__ = ["Config", "ConfigError", "Pycolytics", "Server", "application", "crea
 import argparse
 import collections
 import configparser
+import contextlib
 import copy as copy_module
 import datetime
 import errno
@@ -1196,6 +1197,10 @@ class SQLiteStore:
         """Whether `error` means the connection is gone and a new one is needed: never, for a file."""
         return False
 
+    def describe(self, error):
+        """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
+        return str(error)
+
     def read(self):
         """A connection for reading only; it never creates a missing database."""
         return read_only(self.config.database)
@@ -1237,23 +1242,112 @@ POSTGRES_SCHEMA = (
         event_id VARCHAR
     )""",
     "CREATE INDEX IF NOT EXISTS ix_event_time ON event (time)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
+    " WHERE event_id IS NOT NULL",
+    # an event_id is unique per application: two games may make the same ids
+    "DROP INDEX IF EXISTS ix_event_event_id",
 )
-# Times travel as the same UTC text as in SQLite; the session's time zone is UTC.
+# The indexes a ready schema has: when they are there, connecting takes no lock on the table
+# (CREATE INDEX IF NOT EXISTS would take one, and wait behind every other collector's insert).
+POSTGRES_SCHEMA_READY = (
+    "SELECT to_regclass('event') IS NOT NULL AND to_regclass('ix_event_time') IS NOT NULL"
+    " AND to_regclass('ix_event_application_event_id') IS NOT NULL AND to_regclass('ix_event_event_id') IS NULL"
+)
+# Times travel as the same UTC text as in SQLite; the session's time zone is UTC. The conflict
+# target is the event_id index only: any other conflict (a primary key behind rows imported
+# with their ids) is an error, never an event silently dropped behind a 204.
 POSTGRES_INSERT = (
     "INSERT INTO event"
     " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s) ON CONFLICT DO NOTHING"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s)"
+    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
 )
-# How long a lost network may stall a commit before it fails (and clients get 503): TCP
-# keepalives and libpq's tcp_user_timeout notice a silent peer in about this many seconds.
-POSTGRES_TIMEOUT = 10
+# Every session's settings, in one round trip. Waits for a lock and statements are bounded as
+# SQLite's busy_timeout bounds them; synchronous_commit = on whatever the server's default is,
+# so a 204 means the commit is on disk (and on a synchronous standby, if there is one).
+POSTGRES_SESSION = (
+    "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
+    " set_config('statement_timeout', %s, false), set_config('synchronous_commit', %s, false)"
+)
+# synchronous = normal (or off) relaxes commits as on SQLite: a crash of the database server
+# may lose the last commits, a crash of the collector loses nothing.
+POSTGRES_SYNCHRONOUS_COMMIT = {"full": "on", "normal": "off", "off": "off"}
+# A statement_timeout would also cancel a commit's wait for its synchronous standby, and the
+# server then reports success for a commit only the primary holds: the commit is bounded by
+# the watchdog instead (a connection cut, and 503), never by a cancel that turns into a 204.
+POSTGRES_COMMIT = "SET LOCAL statement_timeout = 0; COMMIT"
+# Seconds beyond busy_timeout before the watchdog cuts a connection: time for the server's
+# own timeout error to arrive first.
+POSTGRES_GRACE = 5
+
+
+class LostBeforeCommit(ConnectionError):
+    """The connection was gone before a transaction's COMMIT was sent: nothing of it is stored,
+    so the same rows on a new connection are stored once."""
+
+
+def _cut(connection):
+    """Shut the connection's socket down beneath libpq: a call blocked on it fails at once."""
+    try:
+        with socket.fromfd(connection.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+    except Exception:  # already closed: nothing is blocked on it
+        pass
+
+
+class Watchdog:
+    """Cuts a connection whose call outlives its deadline. libpq waits forever for a peer that
+    acknowledges TCP but never answers (a frozen proxy, a hung server): keepalives and
+    tcp_user_timeout only notice a peer that stops acknowledging."""
+
+    IDLE_SECONDS = 60  # the thread ends after this long with nothing to watch
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._watched = {}  # token: [deadline, connection, fired]
+        self._thread = None
+
+    @contextlib.contextmanager
+    def watching(self, connection, seconds):
+        """Within the block, `connection` is cut `seconds` from now; yields a list that holds
+        True once it was."""
+        entry = [time.monotonic() + seconds, connection, False]
+        token = object()
+        with self._changed:
+            self._watched[token] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pycolytics-watchdog", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield entry
+        finally:
+            with self._changed:
+                del self._watched[token]
+
+    def _run(self):
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for entry in self._watched.values():
+                    if entry[0] <= now and not entry[2]:
+                        entry[2] = True
+                        log.error("the database did not answer in time: cutting the connection")
+                        _cut(entry[1])
+                waiting = [entry[0] - now for entry in self._watched.values() if not entry[2]]
+                if not waiting and not self._changed.wait(self.IDLE_SECONDS) and not self._watched:
+                    self._thread = None
+                    return
+                if waiting:
+                    self._changed.wait(max(0.01, min(waiting)))
 
 
 class PostgresStore:
     """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
 
-    The driver, psycopg 3, is imported only here: SQLite users never need it.
+    The driver, psycopg 3, is imported only here: SQLite users never need it. Every wait is
+    bounded by busy_timeout: connecting, a lock, a statement, a silent network (keepalives,
+    tcp_user_timeout) and a peer that answers TCP but nothing else (the Watchdog).
     """
 
     kind = "PostgreSQL"
@@ -1275,26 +1369,38 @@ class PostgresStore:
         self.psycopg = psycopg
         self.config = config
         self.errors = (psycopg.Error,)
+        self.watchdog = Watchdog()
+        self._told = None  # the last health problem logged, so a polling balancer logs it once
 
-    def _open(self, timeout=POSTGRES_TIMEOUT):
-        # autocommit: every transaction is an explicit `with connection.transaction()`, so none
-        # is ever left open by a stray statement (and rolled back, unseen, when it closes)
+    def _open(self, seconds, statements=True):
+        """A connection whose waits end after `seconds`; `statements`: a statement's too (not
+        for export, whose one query may rightly take long)."""
+        whole = max(2, math.ceil(seconds))  # libpq counts whole seconds, and at least 2
+        # autocommit: every transaction is an explicit BEGIN, so none is ever left open by a
+        # stray statement (and rolled back, unseen, when it closes). The URL's own
+        # application_name, if any, wins over the fallback.
         connection = self.psycopg.connect(
-            self.config.database, autocommit=True, connect_timeout=timeout, keepalives=1,
-            keepalives_idle=max(1, timeout // 2), keepalives_interval=1, keepalives_count=3,
-            tcp_user_timeout=timeout * 1000, application_name="pycolytics",
+            self.config.database, autocommit=True, connect_timeout=whole, keepalives=1,
+            keepalives_idle=max(1, whole // 2), keepalives_interval=1, keepalives_count=3,
+            tcp_user_timeout=whole * 1000, fallback_application_name="pycolytics",
         )
         try:
-            connection.execute("SET TIME ZONE 'UTC'")  # times in and out are UTC, as in SQLite
+            locks = int(seconds * 1000)
+            # a second more for a statement, so that a lock wait fails as one (and says so)
+            statement = str(locks + 1000) if statements else "0"
+            synchronous = POSTGRES_SYNCHRONOUS_COMMIT.get(self.config.synchronous, "on")
+            with self.watchdog.watching(connection, seconds + POSTGRES_GRACE):
+                connection.execute(POSTGRES_SESSION, (str(locks), statement, synchronous))
         except BaseException:
             connection.close()
             raise
         return connection
 
     def connect(self):
-        connection = self._open()
+        connection = self._open(self.config.busy_timeout)
         try:
-            self._create_schema(connection)
+            if not connection.execute(POSTGRES_SCHEMA_READY).fetchone()[0]:
+                self._create_schema(connection)
         except BaseException:
             connection.close()
             raise
@@ -1312,23 +1418,45 @@ class PostgresStore:
                     raise
 
     def insert(self, connection, rows):
-        with connection.transaction():
-            with connection.cursor() as cursor:
-                cursor.executemany(POSTGRES_INSERT, rows)
-                return max(0, cursor.rowcount)
+        """Insert `rows` in one transaction; return how many were new (not an event_id already
+        stored). LostBeforeCommit: the connection was gone before COMMIT was sent."""
+        committing = False
+        with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE) as watch:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("BEGIN")
+                    cursor.executemany(POSTGRES_INSERT, rows)
+                    inserted = max(0, cursor.rowcount)
+                    committing = True
+                    cursor.execute(POSTGRES_COMMIT)
+            except self.psycopg.Error as error:
+                if committing or watch[2]:
+                    raise  # the commit's outcome is unknown, or the database hung: 503
+                if connection.broken:
+                    raise LostBeforeCommit(f"the database connection was lost before the commit: {error}") from error
+                self._roll_back(connection)
+                raise
+        return inserted
+
+    def _roll_back(self, connection):
+        try:
+            connection.execute("ROLLBACK")
+        except self.psycopg.Error:  # the original error is what matters; the next BEGIN says if it is broken
+            pass
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
-        with connection.transaction():
-            return connection.execute(
-                "DELETE FROM event WHERE id IN"
-                " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
-            ).rowcount
+        with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE):
+            with connection.transaction():
+                return connection.execute(
+                    "DELETE FROM event WHERE id IN"
+                    " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
+                ).rowcount
 
     def lost(self, error):
         return isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError))
 
     def read(self):
-        return self._open()
+        return self._open(self.config.busy_timeout, statements=False)
 
     def columns(self, connection):
         return {row[0] for row in connection.execute(
@@ -1336,15 +1464,42 @@ class PostgresStore:
             " AND table_schema = current_schema()")}
 
     def problem(self):
+        """Why the database would not take events now, or None: in general words (the driver's
+        details, which name hosts and databases, go to the log). Waits HEALTH_TIMEOUT at most,
+        and takes the lock an insert takes, so a table locked by a migration shows."""
         try:
             connection = self._open(HEALTH_TIMEOUT)
             try:
-                connection.execute("SELECT 1 FROM event LIMIT 1")
+                with self.watchdog.watching(connection, HEALTH_TIMEOUT + POSTGRES_GRACE):
+                    with connection.transaction():
+                        connection.execute("LOCK TABLE event IN ROW EXCLUSIVE MODE")
             finally:
                 connection.close()
         except self.psycopg.Error as error:
-            return str(error).strip() or type(error).__name__
+            problem = self.describe(error)
+            detail = str(error).strip() or type(error).__name__
+            if detail != self._told:
+                log.warning("health check: %s: %s", problem, detail)
+                self._told = detail
+            return problem
+        self._told = None
         return None
+
+    def describe(self, error):
+        """`error` in general words, for clients and /healthz: the driver's own text names hosts,
+        ports, users and databases, and belongs in the log."""
+        errors = self.psycopg.errors
+        if isinstance(error, errors.LockNotAvailable):
+            return "the event table is locked by another session"
+        if isinstance(error, errors.QueryCanceled):
+            return "the database did not answer in time"
+        if isinstance(error, (errors.ReadOnlySqlTransaction, errors.UndefinedTable)):
+            return "the database does not take events (read-only, or no event table)"
+        if isinstance(error, self.psycopg.IntegrityError):
+            return "the database refused the events as a conflict (the log says which)"
+        if isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError, ConnectionError)):
+            return "the database cannot be reached"
+        return "the database refused the request (the log says why)"
 
 
 def store_for(config):
@@ -1480,13 +1635,19 @@ class Writer:
 
     def _commit(self, group):
         started = time.monotonic()
+        rows = list(itertools.chain.from_iterable(rows for rows, _ in group))
         try:
-            inserted = self.store.insert(self._connected(), list(itertools.chain.from_iterable(rows for rows, _ in group)))
+            try:
+                inserted = self.store.insert(self._connected(), rows)
+            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                self._forget_lost(lost)
+                self._reconnect_at = 0
+                inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
-            log.error("could not store %d events: %s", sum(len(rows) for rows, _ in group), failure)
+            log.error("could not store %d events: %s", len(rows), failure)
             self.last_error = failure
             self._forget_lost(failure)
-            return ServiceUnavailable(f"the events could not be stored ({failure}); send them again shortly", 5)
+            return ServiceUnavailable("the database could not store the events; send them again shortly", 5)
         self.last_error = None
         self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         return None
@@ -2019,7 +2180,7 @@ class Pycolytics:
     def database_problem(self):
         """Why the database would not take events now, or None if it would."""
         if self.writer.last_error is not None:
-            return f"the last commit failed: {self.writer.last_error}"
+            return f"the last commit failed: {self.writer.store.describe(self.writer.last_error)}"
         return self.writer.store.problem()
 
     def get_dashboard(self, environ):
@@ -3326,11 +3487,46 @@ def backup(arguments, config):
 
 # Events one step of `copy` moves, in one PostgreSQL transaction with its progress mark.
 COPY_STEP_ROWS = 5000
+# `copy` knows a source database by an id kept inside it (made by its first copy, in a table
+# of its own), not by its path: a moved database resumes, another one at the same path is new.
+COPY_IDENTITY = "CREATE TABLE IF NOT EXISTS pycolytics_identity (id VARCHAR NOT NULL)"
+# In the target, how far each source has been copied (its highest copied row id).
+COPY_PROGRESS = "CREATE TABLE IF NOT EXISTS pycolytics_copied (source VARCHAR PRIMARY KEY, last_id BIGINT NOT NULL)"
+
+
+def _identity(path, busy_timeout):
+    """The id of the SQLite database at `path`, made and stored in it if it has none yet."""
+    reader = read_only(path)
+    try:
+        if reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'pycolytics_identity'").fetchone():
+            found = reader.execute("SELECT id FROM pycolytics_identity").fetchone()
+            if found:
+                return found[0]
+    finally:
+        reader.close()
+    uri = "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
+    writer = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # two copies starting together make one id
+        try:
+            writer.execute(COPY_IDENTITY)
+            found = writer.execute("SELECT id FROM pycolytics_identity").fetchone()
+            if not found:
+                found = (os.urandom(16).hex(),)
+                writer.execute("INSERT INTO pycolytics_identity (id) VALUES (?)", found)
+            writer.execute("COMMIT")
+        except BaseException:
+            writer.execute("ROLLBACK")
+            raise
+    finally:
+        writer.close()
+    return found[0]
 
 
 def copy_events(arguments, config):
     """Move an SQLite database's events into PostgreSQL. Run again, it resumes where it stopped
-    and copies each event once: progress is committed with every step, in the target."""
+    and copies each event once, wherever the database lies now: progress is committed with
+    every step, in the target, under the id the source keeps."""
     if not isinstance(_existing_store(config), SQLiteStore):
         raise UsageError("copy reads an SQLite database: name it with --database FILE")
     target_config = copy_module.copy(config)
@@ -3338,14 +3534,14 @@ def copy_events(arguments, config):
     target = store_for(target_config)
     if not isinstance(target, PostgresStore):
         raise UsageError(f"--to {arguments.to!r} is not a postgresql:// URL")
+    origin = _identity(config.database, config.busy_timeout)
     source = read_only(config.database)
     destination = target.connect()
-    origin = os.path.abspath(config.database)
     copied = seen = 0
     try:
         with destination.transaction():
-            destination.execute("CREATE TABLE IF NOT EXISTS pycolytics_copy (source VARCHAR PRIMARY KEY, last_id BIGINT NOT NULL)")
-        mark = destination.execute("SELECT last_id FROM pycolytics_copy WHERE source = %s", (origin,)).fetchone()
+            destination.execute(COPY_PROGRESS)
+        mark = destination.execute("SELECT last_id FROM pycolytics_copied WHERE source = %s", (origin,)).fetchone()
         last = mark[0] if mark else 0
         present = _columns(source)
         optional = ", ".join(name if name in present else f"NULL AS {name}" for name, _ in ADDED_COLUMNS)
@@ -3362,13 +3558,14 @@ def copy_events(arguments, config):
                     cursor.executemany(POSTGRES_INSERT, [row[1:] for row in rows])
                     copied += max(0, cursor.rowcount)
                 destination.execute(
-                    "INSERT INTO pycolytics_copy (source, last_id) VALUES (%s, %s)"
+                    "INSERT INTO pycolytics_copied (source, last_id) VALUES (%s, %s)"
                     " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id", (origin, last))
             seen += len(rows)
     finally:
         source.close()
         destination.close()
-    log.info("copied %d events into %s (%d more were there already)", copied, _redacted(arguments.to), seen - copied)
+    log.info("copied %d events of database %s into %s (%d more were there already)",
+             copied, origin, _redacted(arguments.to), seen - copied)
     return 0
 
 

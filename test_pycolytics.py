@@ -25,9 +25,11 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
+import urllib.parse
 import warnings
 import wsgiref.validate
 import zlib
@@ -98,7 +100,8 @@ def count(database):
         return connection.execute("SELECT count(*) FROM event").fetchone()[0]
 
 
-POSTGRES_SERVER = "postgresql://127.0.0.1:5432/test"
+# The shared PostgreSQL server the tests make their schemas in; other programs use it too.
+POSTGRES_SERVER = os.environ.get("PYCOLYTICS_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
 
 
 @pytest.fixture
@@ -122,7 +125,9 @@ def postgres_schema():
         if os.environ.get("CI"):
             pytest.fail(f"the PostgreSQL server at {POSTGRES_SERVER} must run in CI: {error}")
         pytest.skip(f"no PostgreSQL server at {POSTGRES_SERVER}")
-    yield f"{POSTGRES_SERVER}?options=-csearch_path%3D{schema}"
+    # the schema's name is its collectors' application_name too: a test cuts only its own connections
+    joint = "&" if "?" in POSTGRES_SERVER else "?"
+    yield f"{POSTGRES_SERVER}{joint}options=-csearch_path%3D{schema}&application_name={schema}"
     with psycopg.connect(POSTGRES_SERVER, autocommit=True) as connection:
         connection.execute(f"DROP SCHEMA {schema} CASCADE")
 
@@ -2560,7 +2565,8 @@ def test_two_collectors_store_every_acknowledged_event_once_and_share_event_ids(
     assert len(users) == 12 * 20 * 4 == len(set(users))
 
 
-def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_acknowledged(tmp_path, postgres_url):
+def test_lost_database_connections_under_load_recover_by_themselves_and_lose_nothing_acknowledged(
+        tmp_path, postgres_url):
     environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
     process, address, _, _ = start_server(tmp_path, "--quiet", environ=environ)
     acknowledged, statuses, stop = set(), [], threading.Event()
@@ -2582,9 +2588,7 @@ def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_ac
     try:
         time.sleep(0.5)
         cut_at = len(statuses)
-        with psycopg.connect(POSTGRES_SERVER, autocommit=True) as admin:
-            cut = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                " WHERE application_name = 'pycolytics'").fetchone()[0]
+        cut = cut_connections(postgres_url)
         time.sleep(2.5)
     finally:
         stop.set()
@@ -2594,8 +2598,17 @@ def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_ac
         assert process.wait(15) == 0
     after = statuses[cut_at:]
     assert cut >= 1
-    assert 503 in after and after[-1] == 204 and set(after) <= {204, 503}
+    # a 503 only if a commit itself was cut; every other group goes on afresh
+    assert after and after[-1] == 204 and set(after) <= {204, 503}
     assert acknowledged <= {row[0] for row in stored(postgres_url, "user_id")}
+
+
+def cut_connections(url):
+    """Terminate the connections of this test's collectors (named after its schema), and none other."""
+    name = re.search(r"application_name=(\w+)", url).group(1)
+    with psycopg.connect(POSTGRES_SERVER, autocommit=True) as admin:
+        return admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                             " WHERE application_name = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
 
 
 def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path, postgres_url):
@@ -2619,3 +2632,436 @@ def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path
         for where in (postgres_url, source)
     )
     assert copied == original and len(copied) == 32
+
+
+# -- PostgreSQL that never hangs, and high availability ------------------------------------------------
+
+
+@pytest.fixture
+def postgres_client(tmp_path, monkeypatch, postgres_url):
+    """A collector on this test's schema whose database waits end after one second."""
+    monkeypatch.chdir(tmp_path)
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": postgres_url, "api_keys": KEY, "quiet": "yes", "busy_timeout": "1"})
+    app = pycolytics.create_app(config)
+    yield webtest.TestApp(app)
+    app.close()
+
+
+def within(seconds, function, *arguments, **keywords):
+    """function(...)'s result, or a failure if it has none after `seconds`: a hang, not a slow machine."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(function, *arguments, **keywords).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@contextlib.contextmanager
+def table_locked(url):
+    """The event table held as a non-concurrent CREATE INDEX or an ALTER TABLE holds it."""
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE event IN ACCESS EXCLUSIVE MODE")
+        yield
+        locker.rollback()
+
+
+def test_an_idle_connection_the_server_dropped_costs_no_batch(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    assert cut_connections(postgres_url) >= 1  # a database restart, a pooler, an idle timeout
+    post(postgres_client, "/v1.0/events", [event(user_id="after"), event(user_id="after too")])
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after", "after too"]
+
+
+def test_a_locked_table_gives_503_after_busy_timeout_and_healthz_answers_at_once(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    with table_locked(postgres_url):
+        health = within(20, postgres_client.get, "/healthz", status=503)
+        refused = within(20, post, postgres_client, "/v1.0/events", [event(user_id="locked out")] * 2, status=503)
+        after = within(20, postgres_client.get, "/healthz", status=503)
+    assert health.json["database"] == "the event table is locked by another session"
+    assert "the event table is locked" in after.json["database"] and "statement" not in after.text  # driver words
+    assert refused.json["detail"] == "the database could not store the events; send them again shortly"
+    assert refused.headers["Retry-After"]
+    post(postgres_client, "/v1.0/event", event(user_id="after"))
+    assert postgres_client.get("/healthz").json["status"] == "ok"
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def test_healthz_says_in_general_words_that_the_database_is_unreachable(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    config = pycolytics.load_config(environ={}, overrides={"database": f"postgresql://127.0.0.1:{port}/secret_db"})
+    store = pycolytics.PostgresStore(config)
+    assert within(20, store.problem) == "the database cannot be reached"
+    assert f"{port}" in caplog.text and "secret_db" not in store.problem()
+
+
+def test_sessions_commit_synchronously_whatever_the_server_default(postgres_url):
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": postgres_url + "&options=-csynchronous_commit%3Doff", "busy_timeout": "3"})
+    store = pycolytics.PostgresStore(config)
+    with store.connect() as connection:
+        settings = connection.execute("SELECT current_setting('synchronous_commit'), current_setting('lock_timeout'),"
+                                      " current_setting('statement_timeout')").fetchone()
+    assert settings == ("on", "3s", "4s")
+
+
+def test_rows_imported_with_their_ids_give_503_never_a_204_for_events_not_stored(postgres_client, postgres_url, caplog):
+    post(postgres_client, "/v1.0/event", event(user_id="first"))
+    with psycopg.connect(postgres_url) as connection:  # a data-only restore: ids set, the sequence behind
+        connection.execute(
+            "INSERT INTO event (id, event_type, application, version, platform, user_id, session_id, value, time)"
+            " SELECT n, 'imported', 'my-game', '1', 'Linux', 'imported', 's', '{}', now() FROM generate_series(2, 21) n")
+    for n in range(3):
+        post(postgres_client, "/v1.0/events", [event(user_id=f"new-{n}", event_id=f"new-{n}")] * 2, status=503)
+    assert count(postgres_url) == 21 and "new-0" not in {row[0] for row in stored(postgres_url, "user_id")}
+    assert "event_pkey" in caplog.text
+
+
+def test_the_same_event_id_in_two_applications_is_two_events(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/events", [event(application="game-a", event_id="e-1"),
+                                           event(application="game-b", event_id="e-1"),
+                                           event(application="game-a", event_id="e-1")])
+    assert stored(postgres_url, "application, event_id") == [("game-a", "e-1"), ("game-b", "e-1")]
+
+
+class FreezingProxy:
+    """A TCP proxy to the PostgreSQL server that can stop forwarding while its sockets stay
+    open: a hung server, a stuck NAT or proxy; TCP goes on acknowledging, nothing answers."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.frozen = threading.Event()
+        self.closing = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            server = socket.create_connection(self.upstream, timeout=10)
+            for source, sink in ((client, server), (server, client)):
+                source.settimeout(0.1)
+                thread = threading.Thread(target=self._pump, args=(source, sink))
+                thread.start()
+                self.threads.append(thread)
+
+    def _pump(self, source, sink):
+        with source:
+            while not self.closing.is_set():
+                if self.frozen.is_set():
+                    time.sleep(0.05)
+                    continue
+                try:
+                    data = source.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    with contextlib.suppress(OSError):
+                        sink.shutdown(socket.SHUT_WR)
+                    return
+                with contextlib.suppress(OSError):
+                    sink.sendall(data)
+
+    def close(self):
+        self.closing.set()
+        for thread in self.threads:
+            thread.join(10)
+        self.listener.close()
+
+
+def test_a_database_that_stops_answering_mid_request_gives_503_not_a_hang(tmp_path, monkeypatch, postgres_url):
+    server = urllib.parse.urlsplit(POSTGRES_SERVER)
+    proxy = FreezingProxy((server.hostname, server.port or 5432))
+    monkeypatch.chdir(tmp_path)
+    url = urllib.parse.urlsplit(postgres_url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": url, "api_keys": KEY, "quiet": "yes", "busy_timeout": "1"})
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    try:
+        post(client, "/v1.0/event", event(user_id="before"))
+        proxy.frozen.set()
+        # busy_timeout and the watchdog's grace: far below the writer's own patience (31 s)
+        refused = within(25, post, client, "/v1.0/event", event(user_id="unanswered"), status=503)
+        proxy.frozen.clear()
+        post(client, "/v1.0/event", event(user_id="after"))
+    finally:
+        proxy.close()  # first: it frees a writer that would be stuck on it
+        app.close()
+    assert refused.json["detail"] == "the database could not store the events; send them again shortly"
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def sqlite_events(path, users):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": str(path), "api_keys": KEY}))
+    post(webtest.TestApp(app), "/v1.0/events", [event(user_id=user) for user in users])
+    app.close()
+
+
+def copy_into(url, path):
+    command = [sys.executable, os.path.join(HERE, "pycolytics.py"), "--database", str(path), "copy", "--to", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return int(re.search(r"copied (\d+) events", result.stderr).group(1))
+
+
+def test_copy_takes_a_second_collectors_database_found_at_the_same_path(tmp_path, postgres_url):
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    for machine, users in (("first", ["a1", "a2"]), ("second", ["b1", "b2", "b3"])):
+        sqlite_events(tmp_path / machine / "pycolytics.db", users)
+    path = tmp_path / "pycolytics.db"  # /var/lib/pycolytics/pycolytics.db on each machine
+    copies = []
+    for machine in ("first", "second"):
+        shutil.copy(tmp_path / machine / "pycolytics.db", path)
+        copies.append(copy_into(postgres_url, path))
+    assert copies == [2, 3]
+    assert sorted(row[0] for row in stored(postgres_url, "user_id")) == ["a1", "a2", "b1", "b2", "b3"]
+
+
+def test_a_moved_database_resumes_its_copy_and_no_event_is_copied_twice(tmp_path, postgres_url):
+    sqlite_events(tmp_path / "old.db", ["u1", "u2"])
+    assert copy_into(postgres_url, tmp_path / "old.db") == 2
+    os.rename(tmp_path / "old.db", tmp_path / "moved.db")
+    sqlite_events(tmp_path / "moved.db", ["u3"])
+    shutil.copy(tmp_path / "moved.db", tmp_path / "backup.db")
+    assert [copy_into(postgres_url, tmp_path / name) for name in ("moved.db", "backup.db", "moved.db")] == [1, 0, 0]
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["u1", "u2", "u3"]
+
+
+def test_serving_a_database_never_gives_it_a_copy_identity(tmp_path):
+    sqlite_events(tmp_path / "events.db", ["u1"])
+    with sqlite3.connect(tmp_path / "events.db") as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "pycolytics_identity" not in tables
+
+
+# PostgreSQL's server programs, for the tests that make clusters of their own.
+POSTGRES_BIN = os.environ.get("PYCOLYTICS_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin")
+
+
+def required(program):
+    """The path of `program`; without it the test is skipped, or fails in CI (which installs it)."""
+    found = shutil.which(program)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install {program} (.ci/run does)")
+        pytest.skip(f"{program} is not installed")
+    return found
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def as_postgres(command, **keywords):
+    """Run a PostgreSQL server program; initdb refuses root, so root runs it as the postgres user."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run(prefix + command, capture_output=True, text=True, timeout=120, check=True, **keywords)
+
+
+def start_cluster(directory, port, settings):
+    with open(os.path.join(directory, "postgresql.conf"), "a") as conf:
+        conf.write(f"\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n{settings}\n")
+    as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", directory, "-l", directory + ".log", "-w", "-t", "60",
+                 "start"])
+
+
+def stop_cluster(directory):
+    if os.path.exists(os.path.join(directory, "postmaster.pid")):
+        subprocess.run(["runuser", "-u", "postgres", "--"] * (os.geteuid() == 0) +
+                       [os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", directory, "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def replicated():
+    """A primary and a synchronous streaming standby of its own, on free ports: (primary, standby)
+    as (data directory, port)."""
+    required(os.path.join(POSTGRES_BIN, "initdb"))
+    if psycopg is None:
+        pytest.fail("psycopg is needed (requirements-dev.txt)") if os.environ.get("CI") else pytest.skip("no psycopg")
+    base = tempfile.mkdtemp(prefix="pycolytics-ha-")  # not tmp_path: the postgres user must enter it
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    primary, standby = os.path.join(base, "primary"), os.path.join(base, "standby")
+    ports = free_port(), free_port()
+    try:
+        as_postgres([os.path.join(POSTGRES_BIN, "initdb"), "-D", primary, "-U", "postgres", "--auth=trust",
+                     "--no-sync", "-E", "UTF8"])
+        # every commit waits until the standby has it on disk: what a promotion keeps
+        start_cluster(primary, ports[0], "synchronous_standby_names = '*'")
+        as_postgres([os.path.join(POSTGRES_BIN, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(ports[0]),
+                     "-U", "postgres", "-D", standby, "-R", "-X", "stream", "--checkpoint=fast"])
+        # once promoted it stands alone: waiting for a standby of its own would block every commit
+        start_cluster(standby, ports[1], "synchronous_standby_names = ''")
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{ports[0]}/postgres", autocommit=True) as connection:
+            for _ in range(300):
+                if connection.execute("SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the standby did not become synchronous within 30 s")
+        yield (primary, ports[0]), (standby, ports[1])
+    finally:
+        for directory in (standby, primary):
+            stop_cluster(directory)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start_collector(tmp_path, environ):
+    """A collector process whose log is read all along (a full pipe would block its writer)."""
+    process, address, _, lines = start_server(tmp_path, "--quiet", environ=environ)
+    reader = threading.Thread(target=lines.extend, args=(process.stderr,), daemon=True)
+    reader.start()
+    return process, address, lines
+
+
+class Load:
+    """Clients posting batches of 3 events, each with a user_id of its own, until stopped."""
+
+    def __init__(self, addresses, clients=6):
+        self.addresses = addresses
+        self.answers = []  # (monotonic time sent, time answered, collector, status or error, users)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exception):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in self.threads), "a client hung"
+
+    def _client(self, n):
+        for i in itertools.count():
+            if self.stopping.is_set():
+                return
+            address = self.addresses[(n + i) % len(self.addresses)]
+            users = [f"{n}-{i}-{k}" for k in range(3)]
+            sent = time.monotonic()
+            try:
+                connection = http.client.HTTPConnection(*address, timeout=30)
+                status = post_over(connection, [event(user_id=user) for user in users], "/v1.0/events")
+                connection.close()
+            except (OSError, http.client.HTTPException) as error:
+                status = type(error).__name__
+            self.answers.append((sent, time.monotonic(), address, status, users))
+
+    def acknowledged(self):
+        return {user for *_, status, users in self.answers if status == 204 for user in users}
+
+    def wait_for(self, condition, seconds=60):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, "the load never reached the expected state"
+            time.sleep(0.05)
+
+
+def test_failover_to_a_promoted_standby_loses_no_acknowledged_event_and_needs_no_restart(tmp_path, replicated):
+    (primary, primary_port), (standby, standby_port) = replicated
+    url = (f"postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{standby_port}/postgres"
+           "?target_session_attrs=read-write")
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=url, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_BUSY_TIMEOUT="2")
+    collectors = [start_collector(tmp_path, environ) for _ in range(2)]
+    try:
+        with Load([address for _, address, _ in collectors]) as load:
+            load.wait_for(lambda: len(load.answers) >= 60)
+            stopped = time.monotonic()
+            as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", primary, "-m", "immediate", "-w", "stop"])
+            load.wait_for(lambda: any(at > stopped and status == 503 for _, at, _, status, _ in load.answers))
+            as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", standby, "-w", "promote"])
+            promoted = time.monotonic()
+            # both collectors recover by themselves
+            load.wait_for(lambda: {address for sent, _, address, status, _ in load.answers
+                                   if sent > promoted and status == 204} == {a for _, a, _ in collectors})
+            recovered = time.monotonic()
+            load.wait_for(lambda: len(load.answers) > 0 and load.answers[-1][0] > recovered + 0.5)
+    finally:
+        for process, _, _ in collectors:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    statuses = collections.Counter(status for *_, status, _ in load.answers)
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{standby_port}/postgres") as connection:
+        users = [row[0] for row in connection.execute("SELECT user_id FROM event")]
+    sent = {user for *_, users_sent in load.answers for user in users_sent}
+    acknowledged = load.acknowledged()
+    refused = [answer for answer in load.answers if answer[3] == 503]
+    first_204 = min(at for _, at, _, status, _ in load.answers if status == 204 and at > promoted)
+    print(f"\nfailover: {len(load.answers)} requests, {dict(statuses)}; primary stopped at 0 s, standby promoted at "
+          f"+{promoted - stopped:.2f} s, first 204 after it at +{first_204 - stopped:.2f} s; {len(refused)} requests "
+          f"({3 * len(refused)} events) refused with 503; {len(acknowledged - set(users))} acknowledged events lost")
+    assert set(statuses) == {204, 503}  # never a hang, never a dropped connection
+    assert acknowledged <= set(users)  # every 204 is in the new primary
+    assert len(users) == len(set(users)) and set(users) <= sent  # none twice
+    assert all(process.returncode == 0 for process, _, _ in collectors)
+
+
+def balancer_ready(port):
+    try:
+        return post_over(http.client.HTTPConnection("127.0.0.1", port, timeout=10), event(user_id="ready")) == 204
+    except OSError:
+        return False
+
+
+def test_behind_haproxy_a_stopped_collector_costs_only_its_requests_in_flight(tmp_path, postgres_url):
+    haproxy = required("haproxy")
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
+    collectors = [start_collector(tmp_path, environ) for _ in range(2)]
+    port = free_port()
+    servers = "".join(f"    server c{n} {host}:{number} check\n" for n, (_, (host, number), _) in enumerate(collectors))
+    (tmp_path / "haproxy.cfg").write_text(
+        "global\n    maxconn 256\n"
+        "defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
+        "    retries 3\n    option redispatch\n"
+        f"frontend players\n    bind 127.0.0.1:{port}\n    default_backend collectors\n"
+        "backend collectors\n    balance roundrobin\n    option http-server-close\n"
+        "    option httpchk GET /healthz\n    http-check expect status 200\n"
+        "    default-server inter 500ms fall 2 rise 2\n" + servers)
+    balancer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not balancer_ready(port):
+            assert time.monotonic() < deadline and balancer.poll() is None, "haproxy did not start"
+            time.sleep(0.1)
+        with Load([("127.0.0.1", port)]) as load:
+            load.wait_for(lambda: len(load.answers) >= 100)
+            crashed = collectors[0][0]
+            crashed.kill()  # no goodbye: what a balancer is for
+            crashed.wait(30)
+            lost = time.monotonic()  # requests sent before this were in flight, or may have been
+            load.wait_for(lambda: len([answer for answer in load.answers if answer[0] > lost]) >= 200)
+    finally:
+        balancer.terminate()
+        balancer.wait(30)
+        for process, _, _ in collectors:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    failed = [answer for answer in load.answers if answer[3] != 204]
+    print(f"\nhaproxy: {len(load.answers)} requests, one collector killed: {len(failed)} failed "
+          f"({collections.Counter(answer[3] for answer in failed)})")
+    # each client has one request in flight at most: only those were on the killed collector
+    assert all(answer[0] < lost for answer in failed) and len(failed) <= 2 * len(load.threads)
+    assert all(answer[3] == 204 for answer in load.answers if answer[0] > lost)
+    assert load.acknowledged() <= {row[0] for row in stored(postgres_url, "user_id")}
