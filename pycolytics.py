@@ -2059,6 +2059,31 @@ an event whose id is already stored is acknowledged and not stored again, so ret
 <tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
 </table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
+<h2>GET /v1.0/client.js: the browser client</h2>
+<p>A small script without dependencies, for games and apps in a browser (Godot and Unity web exports, for
+example). No key is needed to load it; browsers cache it and revalidate it by its ETag.</p>
+<pre>&lt;script src="https://analytics.example.com/v1.0/client.js"&gt;&lt;/script&gt;
+&lt;script&gt;
+  Pycolytics.init({{url: "https://analytics.example.com", apiKey: "...", application: "my-game",
+                   version: "1.0.2", platform: "Web"}});
+  Pycolytics.track("level_started", {{level: 3}});
+&lt;/script&gt;</pre>
+<p><code>url</code> is the collector's base address (a trailing slash does not matter). Each event gets the
+<code>user_id</code> kept in localStorage (with <code>persistentUser: false</code>, a new one per page load), a
+<code>session_id</code> new with each page load, its <code>timestamp</code> and a fresh <code>event_id</code>.
+Events go in batches of <code>batchSize</code> (default 20) or every <code>interval</code> seconds (default 5),
+with <code>sent_at</code>; bodies over 1 KiB are gzip-compressed where the browser has
+<code>CompressionStream</code> (which costs one preflight, which the browser then caches); smaller ones go as
+<code>text/plain</code> without a preflight.</p>
+<p>Nothing is lost and nothing is stored twice: events wait in localStorage until the collector acknowledges
+them (at most <code>maxQueue</code>, default 1000; when it is full the oldest are dropped and counted). A network
+error, 408, 429 or 5xx is sent again with the same <code>event_id</code>s, after an exponential backoff (1 s,
+doubling, at most 60 s, with jitter) and never before <code>Retry-After</code>. Any other 4xx is not sent again
+and is logged to the console once per page; after a 422 only the events it names are dropped. When the page is
+hidden or closed the queue also goes out with <code>navigator.sendBeacon</code> (up to 60 kB) and stays queued,
+since a beacon's answer is never seen: the next page load sends it again, and its <code>event_id</code>s make
+that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</code> says how many events are
+<code>queued</code>, <code>dropped</code> (in total) and <code>refused</code> (by this page).</p>
 <h2>Operations</h2>
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
@@ -2073,8 +2098,7 @@ key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
 # The browser client: /v1.0/client.js
 ###############################################################################
 
-# A page loads the script with one tag and keeps it for an hour; after that the browser asks
-# again with the ETag and gets a 304 until the script changes (with a new Pycolytics).
+# Kept here, like the dashboard's markup, so that the collector stays one file.
 CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/client.js (documented at /docs).
    Pycolytics.init({url, apiKey, application, version, platform}); Pycolytics.track(type, value);
    Events wait in localStorage until the collector acknowledges them; each carries an event_id,
@@ -2338,6 +2362,8 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
 """
 
 _CLIENT_BODY = CLIENT_JS.encode()
+# A page keeps the script for an hour; then the browser asks again with the ETag and gets a
+# 304 until the script changes (with a new Pycolytics).
 _CLIENT_HEADERS = [
     ("ETag", f'"{binascii.crc32(_CLIENT_BODY):08x}"'),
     ("Cache-Control", "public, max-age=3600"),

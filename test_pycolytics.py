@@ -544,6 +544,12 @@ def test_the_client_script_is_served_to_anyone_and_cached_by_its_etag(client):
     assert client.get("/v1.0/client.js", headers={"If-None-Match": '"other"'}).body == script.body
 
 
+def test_the_docs_page_documents_the_browser_client(client):
+    page = client.get("/docs").text
+    assert "GET /v1.0/client.js" in page and "sendBeacon" in page
+    assert 'Pycolytics.track("level_started", {level: 3})' in page
+
+
 def test_a_429_lets_a_pages_script_read_its_retry_after(settings):
     app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="1/minute")))
     client = webtest.TestApp(app)
