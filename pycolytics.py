@@ -2115,7 +2115,8 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   const MAX_RETRY_AFTER = 600;  // seconds of a Retry-After taken at most
 
   let settings = null, keys = null, local = null, userId = null, sessionId = null;
-  let sending = false, timer = null, timerAt = 0, retryAt = 0, failures = 0, refused = 0, complained = false;
+  let sending = false, timer = null, timerAt = 0, retryAt = 0, failures = 0, refused = 0;
+  let complained = false, warned = false;  // each once per page: a game may track thousands of events
   const memory = new Map();  // the queue when localStorage is blocked (storage off, sandboxed frame)
 
   function localStorageOrNull() {
@@ -2136,7 +2137,10 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   }
 
   function write(key, text) {
-    if (!local) return memory.set(key, text), true;
+    if (!local) {
+      memory.set(key, text);
+      return true;
+    }
     try {
       local.setItem(key, text);
       return true;
@@ -2165,7 +2169,8 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     }
     if (dropped) {
       write(keys.dropped, String((Number(read(keys.dropped)) || 0) + dropped));
-      console.warn("Pycolytics: the queue is full; " + dropped + " oldest event(s) dropped");
+      if (!warned) console.warn("Pycolytics: the queue is full; the oldest events are dropped (see Pycolytics.stats())");
+      warned = true;
     }
   }
 
@@ -2242,7 +2247,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     const batch = nextBatch(queued());
     if (!batch.length) return;
     sending = true;
-    post(batch)
+    Promise.resolve(batch).then(post)
       .then((response) => answered(batch, response), () => later(null))
       .catch(() => later(null))
       .then((retrying) => {

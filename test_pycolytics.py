@@ -588,6 +588,7 @@ class DevTools:
         self._received = threading.Condition()
         self._results = {}
         self._closed = False
+        self.quitted = False
         self.console = []  # (session, type, texts) of every console call
         self._reader = threading.Thread(target=self._read)
         self._reader.start()
@@ -650,10 +651,11 @@ class DevTools:
 
     def quit(self):
         """Close the browser as a user would, so it writes its profile (localStorage) to disk."""
+        self.quitted = True
         try:
             self.call("Browser.close", timeout=30)
-        except AssertionError:
-            pass  # it closes before it answers, or it is stuck: waited for below either way
+        except (AssertionError, OSError):
+            pass  # gone before it answered, gone already, or stuck: waited for below either way
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
@@ -674,7 +676,7 @@ def browsers(tmp_path):
 
     yield start
     for devtools in started:
-        if devtools.process.poll() is None:
+        if not devtools.quitted:
             devtools.quit()
 
 
@@ -916,6 +918,25 @@ def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path,
     assert [event_ids for _, _, event_ids in posts] == [tracked, good]
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(good)
 
+
+
+def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, []) as (url, _), game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        queued, stats = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
+            [JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n), Pycolytics.stats()]""")
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+        _, session = devtools.open(page)
+        dropped = devtools.evaluate(session, "Pycolytics.stats().dropped")
+    app.close()
+    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 3)
+    with sqlite3.connect(tmp_path / "events.db") as connection:
+        assert connection.execute("SELECT value FROM event ORDER BY id").fetchall() == [(f'{{"n":{n}}}',) for n in range(3, 8)]
+    warnings = [texts for _, kind, texts in devtools.console if kind == "warning"]
+    assert len(warnings) == 1 and "the queue is full" in warnings[0][0]
 
 # -- Keys per game ---------------------------------------------------------------------------------------
 
