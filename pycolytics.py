@@ -20,6 +20,7 @@ __version__ = "2.0.0"
 __all__ = ["Config", "ConfigError", "Pycolytics", "Server", "application", "create_app", "load_config", "main"]
 
 import argparse
+import binascii
 import collections
 import configparser
 import contextlib
@@ -148,11 +149,17 @@ class UnprocessableEntity(HTTPError):
     status = "422 Unprocessable Entity"
 
 
+def _retry_after(seconds):
+    # Browsers show a page's scripts only a few answer headers unless told; a client must
+    # read this one to know when to send again.
+    return [("Retry-After", str(seconds)), ("Access-Control-Expose-Headers", "Retry-After")]
+
+
 class TooManyRequests(HTTPError):
     status = "429 Too Many Requests"
 
     def __init__(self, detail, retry_after):
-        super().__init__(detail, [("Retry-After", str(retry_after))])
+        super().__init__(detail, _retry_after(retry_after))
 
 
 class HeaderFieldsTooLarge(HTTPError):
@@ -167,7 +174,7 @@ class ServiceUnavailable(HTTPError):
     status = "503 Service Unavailable"
 
     def __init__(self, detail, retry_after=1):
-        super().__init__(detail, [("Retry-After", str(retry_after))])
+        super().__init__(detail, _retry_after(retry_after))
 
 
 class VersionNotSupported(HTTPError):
@@ -2000,6 +2007,7 @@ class Pycolytics:
         self._routes = {
             "/v1.0/event": {"POST": self.post_event, "OPTIONS": self.preflight},
             "/v1.0/events": {"POST": self.post_events, "OPTIONS": self.preflight},
+            "/v1.0/client.js": {"GET": client_script},
             "/docs": {"GET": self.get_docs},
             "/openapi.json": {"GET": self.get_openapi},
             "/healthz": {"GET": self.get_health},
@@ -2353,6 +2361,31 @@ an event whose id is already stored is acknowledged and not stored again, so ret
 <tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
 </table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
+<h2>GET /v1.0/client.js: the browser client</h2>
+<p>A small script without dependencies, for games and apps in a browser (Godot and Unity web exports, for
+example). No key is needed to load it; browsers cache it and revalidate it by its ETag.</p>
+<pre>&lt;script src="https://analytics.example.com/v1.0/client.js"&gt;&lt;/script&gt;
+&lt;script&gt;
+  Pycolytics.init({{url: "https://analytics.example.com", apiKey: "...", application: "my-game",
+                   version: "1.0.2", platform: "Web"}});
+  Pycolytics.track("level_started", {{level: 3}});
+&lt;/script&gt;</pre>
+<p><code>url</code> is the collector's base address (a trailing slash does not matter). Each event gets the
+<code>user_id</code> kept in localStorage (with <code>persistentUser: false</code>, a new one per page load), a
+<code>session_id</code> new with each page load, its <code>timestamp</code> and a fresh <code>event_id</code>.
+Events go in batches of <code>batchSize</code> (default 20) or every <code>interval</code> seconds (default 5),
+with <code>sent_at</code>; bodies over 1 KiB are gzip-compressed where the browser has
+<code>CompressionStream</code> (which costs one preflight, which the browser then caches); smaller ones go as
+<code>text/plain</code> without a preflight.</p>
+<p>Nothing is lost and nothing is stored twice: events wait in localStorage until the collector acknowledges
+them (at most <code>maxQueue</code>, default 1000; when it is full the oldest are dropped and counted). A network
+error, 408, 429 or 5xx is sent again with the same <code>event_id</code>s, after an exponential backoff (1 s,
+doubling, at most 60 s, with jitter) and never before <code>Retry-After</code>. Any other 4xx is not sent again
+and is logged to the console once per page; after a 422 only the events it names are dropped. When the page is
+hidden or closed the queue also goes out with <code>navigator.sendBeacon</code> (up to 60 kB) and stays queued,
+since a beacon's answer is never seen: the next page load sends it again, and its <code>event_id</code>s make
+that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</code> says how many events are
+<code>queued</code>, <code>dropped</code> (in total) and <code>refused</code> (by this page).</p>
 <h2>Operations</h2>
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
@@ -2361,6 +2394,299 @@ key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
 <pre>curl -i http://127.0.0.1:8000/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>
 """
+
+
+###############################################################################
+# The browser client: /v1.0/client.js
+###############################################################################
+
+# Kept here, like the dashboard's markup, so that the collector stays one file.
+CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/client.js (documented at /docs).
+   Pycolytics.init({url, apiKey, application, version, platform}); Pycolytics.track(type, value);
+   Events wait in localStorage until the collector acknowledges them; each carries an event_id,
+   so a request sent again after a lost answer is stored once. */
+(function (global) {
+  "use strict";
+  if (global.Pycolytics) return;
+
+  const MAX_BATCH_BYTES = 262144;  // a quarter of the collector's default body limit
+  const BEACON_BYTES = 60000;  // browsers refuse beacons beyond 64 KiB in flight
+  const COMPRESS_FROM = 1024;  // smaller bodies go as they are: gzip would save little
+  const REQUEST_TIMEOUT = 30000;  // ms before a request without an answer counts as failed
+  const MAX_BACKOFF = 60000;  // ms between retries at most, before jitter
+  const MAX_RETRY_AFTER = 600;  // seconds of a Retry-After taken at most
+
+  let settings = null, keys = null, local = null, userId = null, sessionId = null;
+  let sending = false, timer = null, timerAt = 0, retryAt = 0, failures = 0, refused = 0;
+  let complained = false, warned = false;  // each once per page: a game may track thousands of events
+  const memory = new Map();  // the queue when localStorage is blocked (storage off, sandboxed frame)
+
+  function localStorageOrNull() {
+    try {
+      global.localStorage.getItem(keys.queue);
+      return global.localStorage;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function read(key) {
+    try {
+      return local ? local.getItem(key) : (memory.has(key) ? memory.get(key) : null);
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function write(key, text) {
+    if (!local) {
+      memory.set(key, text);
+      return true;
+    }
+    try {
+      local.setItem(key, text);
+      return true;
+    } catch (error) {
+      return false;  // over the storage quota
+    }
+  }
+
+  function queued() {
+    try {
+      const events = JSON.parse(read(keys.queue) || "[]");
+      return Array.isArray(events) ? events : [];
+    } catch (error) {
+      return [];
+    }
+  }
+
+  function keep(events) {
+    let dropped = Math.max(0, events.length - settings.maxQueue);
+    events = events.slice(dropped);
+    while (!write(keys.queue, JSON.stringify(events))) {
+      if (!events.length) local = null;  // not even an empty queue fits: keep it in memory
+      const oldest = Math.ceil(events.length / 2);
+      dropped += oldest;
+      events = events.slice(oldest);
+    }
+    if (dropped) {
+      write(keys.dropped, String((Number(read(keys.dropped)) || 0) + dropped));
+      if (!warned) console.warn("Pycolytics: the queue is full; the oldest events are dropped (see Pycolytics.stats())");
+      warned = true;
+    }
+  }
+
+  function forget(batch) {
+    const ids = new Set(batch.map((event) => event.event_id));
+    keep(queued().filter((event) => !ids.has(event.event_id)));
+    return ids.size;
+  }
+
+  function newId() {
+    const bytes = new Uint8Array(16);
+    if (global.crypto && global.crypto.getRandomValues) global.crypto.getRandomValues(bytes);
+    else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+    return Array.from(bytes, (byte) => (byte + 256).toString(16).slice(1)).join("");
+  }
+
+  function positive(value, otherwise) {
+    return typeof value === "number" && value > 0 ? value : otherwise;
+  }
+
+  function init(options) {
+    options = options || {};
+    for (const name of ["url", "apiKey", "application"]) {
+      if (typeof options[name] !== "string" || !options[name]) throw new TypeError("Pycolytics.init: " + name + " is required");
+    }
+    settings = {
+      url: options.url.replace(/\/+$/, "") + "/v1.0/events",
+      apiKey: options.apiKey,
+      application: options.application,
+      version: String(options.version == null ? "" : options.version),
+      platform: String(options.platform == null ? "Web" : options.platform),
+      batchSize: Math.min(positive(options.batchSize, 20), 1000),
+      interval: positive(options.interval, 5) * 1000,
+      maxQueue: positive(options.maxQueue, 1000),
+    };
+    const prefix = "pycolytics:" + options.application + ":";
+    keys = {queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
+    local = localStorageOrNull();
+    userId = options.persistentUser === false ? newId() : read(keys.user) || newId();
+    if (options.persistentUser !== false) write(keys.user, userId);
+    sessionId = newId();
+    schedule(0);  // what earlier pages left unacknowledged
+  }
+
+  function track(type, value) {
+    if (!settings) throw new Error("Pycolytics.track: call Pycolytics.init first");
+    if (value === undefined) value = {};
+    if (value === null || typeof value !== "object" || Array.isArray(value)) {
+      throw new TypeError("Pycolytics.track: value must be an object, like {level: 3}");
+    }
+    const event = {
+      event_type: String(type), application: settings.application, version: settings.version,
+      platform: settings.platform, user_id: userId, session_id: sessionId,
+      value: JSON.parse(JSON.stringify(value)), api_key: settings.apiKey,
+      timestamp: new Date().toISOString(), event_id: newId(),
+    };
+    const events = queued();
+    events.push(event);
+    keep(events);
+    schedule(events.length >= settings.batchSize ? 0 : settings.interval);
+    return event.event_id;
+  }
+
+  function schedule(delay) {
+    const at = Math.max(Date.now() + delay, retryAt);
+    if (sending || (timer !== null && timerAt <= at)) return;
+    clearTimeout(timer);
+    timerAt = at;
+    timer = setTimeout(send, at - Date.now());
+  }
+
+  function send() {
+    timer = null;
+    const batch = nextBatch(queued());
+    if (!batch.length) return;
+    sending = true;
+    Promise.resolve(batch).then(post)
+      .then((response) => answered(batch, response), () => later(null))
+      .catch(() => later(null))
+      .then((retrying) => {
+        sending = false;
+        const left = queued().length;
+        if (left) schedule(retrying || left >= settings.batchSize ? 0 : settings.interval);
+      });
+  }
+
+  function nextBatch(events) {
+    const batch = [];
+    let bytes = 2;
+    for (const event of events) {
+      bytes += JSON.stringify(event).length + 1;
+      if (batch.length >= settings.batchSize || (batch.length && bytes > MAX_BATCH_BYTES)) break;
+      batch.push(event);
+    }
+    return batch;
+  }
+
+  function stamped(event, sentAt) {
+    return Object.assign({}, event, {sent_at: sentAt});
+  }
+
+  function post(batch) {
+    const sentAt = new Date().toISOString();
+    const text = JSON.stringify(batch.map((event) => stamped(event, sentAt)));
+    return compressed(text).then((body) => {
+      // text/plain needs no preflight; Content-Encoding does, which the browser then caches
+      const headers = {"Content-Type": "text/plain"};
+      if (typeof body !== "string") headers["Content-Encoding"] = "gzip";
+      const abort = new AbortController();
+      const timeout = setTimeout(() => abort.abort(), REQUEST_TIMEOUT);
+      return fetch(settings.url, {method: "POST", headers, body, credentials: "omit", signal: abort.signal})
+        .finally(() => clearTimeout(timeout));
+    });
+  }
+
+  function compressed(text) {
+    if (text.length < COMPRESS_FROM || typeof CompressionStream !== "function") return Promise.resolve(text);
+    const stream = new Blob([text]).stream().pipeThrough(new CompressionStream("gzip"));
+    return new Response(stream).arrayBuffer().catch(() => text);
+  }
+
+  // true when the batch is to be sent again (after retryAt), false when it is done with
+  function answered(batch, response) {
+    const status = response.status;
+    if (status < 300) {
+      forget(batch);
+      failures = 0;
+      return false;
+    }
+    if (status === 408 || status === 429 || status >= 500) return later(response.headers.get("Retry-After"));
+    return response.json().catch(() => null).then((answer) => {
+      refuse(status === 422 ? namedEvents(answer, batch) : batch, status, answer);
+      return false;
+    });
+  }
+
+  function later(retryAfter) {
+    failures += 1;
+    const backoff = Math.min(MAX_BACKOFF, 1000 * 2 ** (failures - 1)) * (0.5 + Math.random());
+    let asked = /^\s*\d+\s*$/.test(retryAfter || "") ? Number(retryAfter) : (Date.parse(retryAfter) - Date.now()) / 1000;
+    asked = Math.min(asked > 0 ? asked : 0, MAX_RETRY_AFTER) * 1000;
+    retryAt = Date.now() + Math.max(backoff, asked ? asked + Math.random() * 1000 : 0);
+    return true;
+  }
+
+  // A 422 names the events it refuses; the others go again.
+  function namedEvents(answer, batch) {
+    const problems = answer && Array.isArray(answer.detail) ? answer.detail : [];
+    const named = problems.map((problem) => problem && Array.isArray(problem.loc) && batch[problem.loc[1]]);
+    return named.some(Boolean) ? named.filter(Boolean) : batch;
+  }
+
+  function refuse(events, status, answer) {
+    refused += forget(events);
+    failures = 0;
+    if (complained) return;
+    complained = true;
+    console.error("Pycolytics: the collector refused " + events.length + " event(s) with HTTP " + status +
+                  "; they are dropped, not sent again. Later refusals are not logged.", answer && answer.detail);
+  }
+
+  // The page is going away, or may be killed in the background: a beacon is the last chance.
+  // Its answer is never seen, so the events stay queued and the next page sends them again.
+  function beacon() {
+    if (!settings || !navigator.sendBeacon) return;
+    const sentAt = new Date().toISOString(), parts = [];
+    let bytes = 2;
+    for (const event of queued()) {
+      const text = JSON.stringify(stamped(event, sentAt));
+      bytes += new Blob([text]).size + 1;
+      if (bytes > BEACON_BYTES) break;
+      parts.push(text);
+    }
+    if (parts.length) navigator.sendBeacon(settings.url, new Blob(["[" + parts.join(",") + "]"], {type: "text/plain"}));
+  }
+
+  global.addEventListener("pagehide", beacon);
+  global.document.addEventListener("visibilitychange", () => {
+    if (global.document.visibilityState === "hidden") beacon();
+  });
+  global.addEventListener("online", () => {
+    retryAt = 0;
+    if (settings) schedule(0);
+  });
+
+  global.Pycolytics = {
+    init,
+    track,
+    flush: () => settings && schedule(0),
+    stats: () => ({queued: settings ? queued().length : 0, dropped: settings ? Number(read(keys.dropped)) || 0 : 0,
+                   refused, failures}),
+  };
+})(window);
+"""
+
+_CLIENT_BODY = CLIENT_JS.encode()
+# A page keeps the script for an hour; then the browser asks again with the ETag and gets a
+# 304 until the script changes (with a new Pycolytics).
+_CLIENT_HEADERS = [
+    ("ETag", f'"{binascii.crc32(_CLIENT_BODY):08x}"'),
+    ("Cache-Control", "public, max-age=3600"),
+    # A cross-origin isolated page (COEP require-corp, as Godot 4's threaded web export needs)
+    # loads a script from another origin only if the script says it may.
+    ("Cross-Origin-Resource-Policy", "cross-origin"),
+]
+
+
+def client_script(environ):
+    """GET /v1.0/client.js: the script, or a 304 when the browser's copy is this one."""
+    etag = _CLIENT_HEADERS[0][1]
+    tags = (environ.get("HTTP_IF_NONE_MATCH") or "").split(",")
+    if any(tag.strip() in ("*", etag, "W/" + etag) for tag in tags):
+        return "304 Not Modified", list(_CLIENT_HEADERS), b""
+    return _ok(_CLIENT_BODY, ("Content-Type", "text/javascript; charset=utf-8"), *_CLIENT_HEADERS)
 
 
 ###############################################################################

@@ -541,6 +541,413 @@ def test_cors_and_gzip_over_a_real_socket(server, database):
     assert count(database) == 3
 
 
+# -- The browser client ----------------------------------------------------------------------------
+
+
+def test_the_client_script_is_served_to_anyone_and_cached_by_its_etag(client):
+    script = client.get("/v1.0/client.js")
+    assert script.content_type == "text/javascript" and "Pycolytics.init" in script.text
+    assert "max-age=" in script.headers["Cache-Control"] and script.headers["ETag"].startswith('"')
+    etag = script.headers["ETag"]
+    for asked in (etag, "W/" + etag, f'"other", {etag}', "*"):
+        assert client.get("/v1.0/client.js", headers={"If-None-Match": asked}, status=304).body == b""
+    assert client.get("/v1.0/client.js", headers={"If-None-Match": '"other"'}).body == script.body
+
+
+def test_the_docs_page_documents_the_browser_client(client):
+    page = client.get("/docs").text
+    assert "GET /v1.0/client.js" in page and "sendBeacon" in page
+    assert 'Pycolytics.track("level_started", {level: 3})' in page
+
+
+def test_a_429_lets_a_pages_script_read_its_retry_after(settings):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="1/minute")))
+    client = webtest.TestApp(app)
+    post(client, "/v1.0/event", event())
+    refused = post(client, "/v1.0/event", event(), status=429, headers={"Origin": "https://games.example"})
+    app.close()
+    assert refused.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Retry-After" in refused.headers["Access-Control-Expose-Headers"].split(", ")
+
+
+# Root needs --no-sandbox; the rest keeps a test browser from talking to anything but the test.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic", "--remote-debugging-pipe"]
+
+
+class DevTools:
+    """Chromium driven by the DevTools protocol over --remote-debugging-pipe: JSON messages ended
+    by NUL, which the browser reads from its file descriptor 3 and writes to its 4."""
+
+    def __init__(self, profile):
+        import fcntl
+
+        # Above 4, so that putting the browser's ends on 3 and 4 cannot overwrite one of them.
+        ends = os.pipe() + os.pipe()
+        commands_end, self._commands, self._answers, answers_end = (fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, 5)
+                                                                    for end in ends)
+        for end in ends:
+            os.close(end)
+        redirect = f'exec "$0" "$@" 3<&{commands_end} 4>&{answers_end} {commands_end}<&- {answers_end}>&-'
+        self.process = subprocess.Popen(["bash", "-c", redirect, find_chromium(), *CHROMIUM_FLAGS,
+                                         f"--user-data-dir={profile}"], pass_fds=(commands_end, answers_end),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(commands_end)
+        os.close(answers_end)
+        self._numbers = itertools.count(1)
+        self._received = threading.Condition()
+        self._results = {}
+        self._closed = False
+        self.quitted = False
+        self.console = []  # (session, type, texts) of every console call
+        self._reader = threading.Thread(target=self._read)
+        self._reader.start()
+
+    def _read(self):
+        pending = b""
+        while True:
+            data = os.read(self._answers, 65536)
+            messages = (pending + data).split(b"\0")
+            pending = messages.pop()
+            with self._received:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self._results[message["id"]] = message
+                    elif message.get("method") == "Runtime.consoleAPICalled":
+                        params = message["params"]
+                        texts = [argument.get("value", argument.get("description")) for argument in params["args"]]
+                        self.console.append((message.get("sessionId"), params["type"], texts))
+                self._closed = not data
+                self._received.notify_all()
+            if not data:
+                os.close(self._answers)
+                return
+
+    def call(self, method, session=None, timeout=60, **params):
+        number = next(self._numbers)
+        message = {"id": number, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        data = json.dumps(message).encode() + b"\0"
+        while data:
+            data = data[os.write(self._commands, data):]
+        with self._received:
+            self._received.wait_for(lambda: number in self._results or self._closed, timeout)
+            answer = self._results.pop(number, None)
+        assert answer is not None, f"the browser did not answer {method} within {timeout} s"
+        assert "error" not in answer, f"{method}: {answer['error']}"
+        return answer["result"]
+
+    def open(self, url):
+        """A new tab showing `url`, once its scripts have run: (target, session)."""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Runtime.enable", session)
+        self.call("Page.navigate", session, url=url)
+        self.wait(session, "document.readyState === 'complete' && window.Pycolytics !== undefined")
+        return target, session
+
+    def evaluate(self, session, expression):
+        result = self.call("Runtime.evaluate", session, expression=expression, awaitPromise=True, returnByValue=True)
+        assert "exceptionDetails" not in result, f"{expression}: {result['exceptionDetails']}"
+        return result["result"].get("value")
+
+    def wait(self, session, expression, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(session, expression):
+            assert time.monotonic() < deadline, f"still not true after {timeout} s: {expression}"
+            time.sleep(0.1)
+
+    def close_tab(self, target):
+        self.call("Target.closeTarget", targetId=target)
+
+    def quit(self):
+        """Close the browser as a user would, so it writes its profile (localStorage) to disk."""
+        self.quitted = True
+        try:
+            self.call("Browser.close", timeout=30)
+        except (AssertionError, OSError):
+            pass  # gone before it answered, gone already, or stuck: waited for below either way
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(30)
+        os.close(self._commands)
+        self._reader.join(30)
+
+
+@pytest.fixture
+def browsers(tmp_path):
+    """Opens Chromium on one profile, again and again; every browser it started is gone after the test."""
+    started = []
+
+    def start():
+        started.append(DevTools(tmp_path / "profile"))
+        return started[-1]
+
+    yield start
+    for devtools in started:
+        if not devtools.quitted:
+            devtools.quit()
+
+
+@contextlib.contextmanager
+def game_page(script_url, collector_url, **options):
+    """A web server of a game's page, which loads the client from the collector and starts it with
+    `options` and those of the page's query (?{"interval": 600}); first it notes what an earlier page
+    left in localStorage, in window.leftover."""
+    import http.server
+    import urllib.parse
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked = urllib.parse.unquote(urllib.parse.urlsplit(self.path).query) or "{}"
+            settings = dict({"url": collector_url, "application": "web-game", "version": "1.0", "interval": 0.3},
+                            **options, **json.loads(asked))
+            page = (f'<!doctype html><meta charset="utf-8"><title>game</title><script>window.leftover = JSON.parse('
+                    f'localStorage.getItem("pycolytics:web-game:queue") || "[]")</script>'
+                    f'<script src="{script_url}"></script><script>Pycolytics.init({json.dumps(settings)})</script>')
+            data = page.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *arguments):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield "http://%s:%d/" % server.server_address
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def track(devtools, session, event_type, numbers, pad=0):
+    """Tracks events in the page in one go (so in one batch): [(event_id, the page's clock in Unix seconds)]."""
+    tracked = devtools.evaluate(session, f"""{json.dumps(list(numbers))}.map(n => [
+        Pycolytics.track({json.dumps(event_type)}, {{n, pad: "x".repeat({pad})}}), Date.now() / 1000])""")
+    return [tuple(each) for each in tracked]
+
+
+def stored_by_id(path):
+    """{event_id: (event_type, n, user_id, session_id, time in Unix seconds, how many rows)} from the database."""
+    found = {}
+    with sqlite3.connect(path) as connection:
+        for event_type, value, user_id, session_id, moment, event_id in connection.execute(
+                "SELECT event_type, value, user_id, session_id, time, event_id FROM event"):
+            seconds = datetime.datetime.strptime(moment, pycolytics.TIME_FORMAT).replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+            copies = found.get(event_id, (0,) * 6)[5] + 1
+            found[event_id] = (event_type, json.loads(value)["n"], user_id, session_id, seconds, copies)
+    return found
+
+
+def wait_for(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not true after {timeout} s"
+        time.sleep(0.1)
+
+
+# The offline spells below last at least this long, beyond the clock tolerance, so a client that
+# sent events without their own times would store them visibly late.
+OFFLINE_SECONDS = 4
+CLOCK_TOLERANCE = 2.5
+
+
+def test_the_browser_client_stores_every_event_once_across_collector_restarts_and_closed_tabs(tmp_path, browsers):
+    environ = dict(os.environ, PYCOLYTICS_API_KEYS=KEY)
+    database = str(tmp_path / "events.db")
+    collector, address, _, _ = start_server(tmp_path, "--quiet", "--database", "events.db", environ=environ)
+    port = address[1]
+    url = "http://127.0.0.1:%d" % port
+    tracked = {}  # event_id: (event_type, n, the page's clock)
+
+    def stop_collector():
+        collector.send_signal(signal.SIGTERM)
+        assert collector.wait(15) == 0
+
+    def start_collector():
+        return start_server(tmp_path, "--quiet", "--database", "events.db", "--port", str(port), environ=environ)[0]
+
+    def track_some(devtools, session, event_type):
+        for n, (event_id, now) in enumerate(track(devtools, session, event_type, range(5), pad=300)):  # gzip'd
+            tracked[event_id] = (event_type, n, now)
+        return time.monotonic()
+
+    try:
+        with game_page(url + "/v1.0/client.js", url + "/", apiKey=KEY) as page:
+            devtools = browsers()
+            opened = [devtools]
+            tab, session = devtools.open(page)
+            track_some(devtools, session, "online")
+            wait_for(lambda: len(stored_by_id(database)) == 5)
+
+            stop_collector()
+            offline_since = track_some(devtools, session, "collector-down")
+            devtools.wait(session, "Pycolytics.stats().failures >= 2")
+            time.sleep(max(0, offline_since + OFFLINE_SECONDS - time.monotonic()))
+            collector = start_collector()
+            track_some(devtools, session, "collector-back")
+            wait_for(lambda: len(stored_by_id(database)) == 15)
+
+            stop_collector()
+            offline_since = track_some(devtools, session, "tab-closed-offline")
+            devtools.close_tab(tab)
+            devtools.quit()
+            time.sleep(max(0, offline_since + OFFLINE_SECONDS - time.monotonic()))
+            collector = start_collector()
+            devtools = browsers()
+            opened.append(devtools)
+            tab, session = devtools.open(page)
+            leftover = devtools.evaluate(session, "window.leftover.map(event => event.event_type)")
+            assert leftover == ["tab-closed-offline"] * 5
+            wait_for(lambda: len(stored_by_id(database)) == 20)
+            devtools.close_tab(tab)
+
+            tab, session = devtools.open(page + '?{"interval": 600}')  # nothing goes out but by beacon
+            devtools.wait(session, "Pycolytics.stats().queued === 0")
+            track_some(devtools, session, "tab-closed-online")
+            devtools.close_tab(tab)
+            wait_for(lambda: len(stored_by_id(database)) == 25)
+            tab, session = devtools.open(page)
+            leftover = devtools.evaluate(session, "window.leftover.map(event => event.event_type)")
+            assert leftover == ["tab-closed-online"] * 5  # the beacon's answer is never seen: sent again
+            devtools.wait(session, "Pycolytics.stats().queued === 0")
+            devtools.quit()
+    finally:
+        if collector.poll() is None:
+            stop_collector()
+
+    rows = stored_by_id(database)
+    assert {event_id: (event_type, n, copies) for event_id, (event_type, n, _, _, _, copies) in rows.items()} == {
+        event_id: (event_type, n, 1) for event_id, (event_type, n, _) in tracked.items()
+    }
+    for event_id, (_, _, _, _, moment, _) in rows.items():
+        assert abs(moment - tracked[event_id][2]) < CLOCK_TOLERANCE, tracked[event_id]
+    assert len({user_id for _, _, user_id, _, _, _ in rows.values()}) == 1  # localStorage kept it
+    sessions = {event_type: {row[3] for row in rows.values() if row[0] == event_type} for event_type, _, _ in tracked.values()}
+    assert all(len(ids) == 1 for ids in sessions.values()) and len(set.union(*sessions.values())) == 2
+    assert [entry for devtools in opened for entry in devtools.console if entry[1] in ("error", "warning")] == []
+
+@contextlib.contextmanager
+def scripted_collector(app, refusals):
+    """A collector whose first answers to POST /v1.0/events are `refusals` (HTTPErrors, with the real
+    server's headers and CORS), then the real app's; it notes each POST: (time, headers, event_ids)."""
+    import socketserver
+    import wsgiref.simple_server
+
+    posts = []
+
+    def collector(environ, start_response):
+        if environ["REQUEST_METHOD"] != "POST":
+            return app(environ, start_response)
+        data = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        environ["wsgi.input"] = io.BytesIO(data)
+        encoding = environ.get("HTTP_CONTENT_ENCODING")
+        events = json.loads(gzip.decompress(data) if encoding == "gzip" else data)
+        posts.append((time.monotonic(), (environ.get("CONTENT_TYPE"), encoding), [each["event_id"] for each in events]))
+        if len(posts) > len(refusals):
+            return app(environ, start_response)
+        status, headers, answer = pycolytics._error_parts(refusals[len(posts) - 1])
+        start_response(status, headers + app.cors_headers(environ.get("HTTP_ORIGIN")))
+        return [answer]
+
+    class Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+        daemon_threads = True  # a browser's idle spare connection must not hold up shutdown
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *arguments):
+            pass
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, collector, server_class=Server, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield "http://127.0.0.1:%d" % server.server_address[1], posts
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("refusal, seconds", [
+    (pycolytics.ServiceUnavailable("busy", 1), 1),
+    (pycolytics.TooManyRequests("over the rate limit", 3), 3),
+])
+def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, refusal, seconds):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, [refusal]) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "retried", range(3), pad=400)]
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    app.close()
+    assert [event_ids for _, _, event_ids in posts] == [tracked, tracked]
+    assert posts[1][0] - posts[0][0] >= seconds
+    assert posts[0][1] == ("text/plain", "gzip")
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
+
+
+def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey="wrong") as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        first = [event_id for event_id, _ in track(devtools, session, "refused", range(3))]
+        wait_for(lambda: len(posts) == 1)
+        second = [event_id for event_id, _ in track(devtools, session, "refused", range(3, 6))]
+        devtools.wait(session, "Pycolytics.stats().refused === 6")
+        assert devtools.evaluate(session, "Pycolytics.stats().queued") == 0
+    app.close()
+    assert [event_ids for _, _, event_ids in posts] == [first, second]  # not again, not with the next batch
+    errors = [texts for _, kind, texts in devtools.console if kind == "error"]
+    assert len(errors) == 1 and "HTTP 401" in errors[0][0]
+    assert count(str(tmp_path / "events.db")) == 0
+
+
+def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = devtools.evaluate(session, """[Pycolytics.track("fine", {n: 0}), Pycolytics.track("fine", {n: 1}),
+            Pycolytics.track("x".repeat(300), {n: 2}), Pycolytics.track("fine", {n: 3})]""")  # one too long
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    app.close()
+    good = tracked[:2] + tracked[3:]
+    assert [event_ids for _, _, event_ids in posts] == [tracked, good]
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(good)
+
+
+
+def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, []) as (url, _), game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        queued, stats = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
+            [JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n), Pycolytics.stats()]""")
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+        _, session = devtools.open(page)
+        dropped = devtools.evaluate(session, "Pycolytics.stats().dropped")
+    app.close()
+    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 3)
+    with sqlite3.connect(tmp_path / "events.db") as connection:
+        assert connection.execute("SELECT value FROM event ORDER BY id").fetchall() == [(f'{{"n":{n}}}',) for n in range(3, 8)]
+    warnings = [texts for _, kind, texts in devtools.console if kind == "warning"]
+    assert len(warnings) == 1 and "the queue is full" in warnings[0][0]
+
 # -- Keys per game ---------------------------------------------------------------------------------------
 
 PER_GAME = """[pycolytics]
