@@ -85,43 +85,6 @@ MAX_EVENT_ID = 100
 # ones (a quadratic-time conversion); older Pythons would spend seconds on one number.
 MAX_INTEGER_DIGITS = 4300
 
-# Every ini key with its default. pycolytics.ini documents each of them.
-DEFAULTS = {
-    "database": "pycolytics.db",
-    "api_keys": "",
-    "host": "127.0.0.1",
-    "port": "8000",
-    "synchronous": "full",
-    "quiet": "no",
-    "threads": "8",
-    "max_connections": "512",
-    "max_connections_per_address": "64",
-    "idle_timeout": "5",
-    "request_timeout": "10",
-    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
-    # whole head, which a hundred full-size headers would exceed): no client of an event
-    # collector comes near them, and they bound what one connection can pin.
-    "max_request_line": "4094",
-    "max_header_fields": "100",
-    "max_header_field": "8190",
-    "max_head_bytes": "65536",
-    "max_body_bytes": "1048576",
-    "max_buffered_bytes": "33554432",
-    "max_batch_events": "1000",
-    "max_string_length": "255",
-    "max_value_bytes": "65536",
-    "max_value_depth": "32",
-    "max_pending_events": "100000",
-    "busy_timeout": "30",
-    "rate_limit": "off",
-    "trusted_proxies": "127.0.0.1, ::1",
-    "certfile": "",
-    "keyfile": "",
-    "cors_origins": "*",
-    "retention_days": "0",
-    "read_keys": "",
-}
-
 # What an [app:NAME] section may set, for that application's events only.
 APP_SETTINGS = ("api_keys", "cors_origins")
 
@@ -303,38 +266,50 @@ def _rate(value):
     return int(found.group(1)), _PERIODS[found.group(2)]
 
 
-_PARSERS = {
-    "database": _text,
-    "api_keys": _keys,
-    "host": _text,
-    "port": _port,
-    "synchronous": _synchronous,
-    "quiet": _flag,
-    "threads": _count,
-    "max_connections": _count,
-    "max_connections_per_address": _count,
-    "idle_timeout": _seconds,
-    "request_timeout": _seconds,
-    "max_request_line": _count,
-    "max_header_fields": _count,
-    "max_header_field": _count,
-    "max_head_bytes": _count,
-    "max_body_bytes": _count,
-    "max_buffered_bytes": _count,
-    "max_batch_events": _count,
-    "max_string_length": _count,
-    "max_value_bytes": _count,
-    "max_value_depth": _count,
-    "max_pending_events": _count,
-    "busy_timeout": _seconds,
-    "rate_limit": _rate,
-    "trusted_proxies": _addresses,
-    "certfile": _text,
-    "keyfile": _text,
-    "cors_origins": _origins,
-    "retention_days": _days,
-    "read_keys": _keys,
-}
+class Setting(collections.namedtuple("Setting", "name default parse description")):
+    """One ini key: its default (as the ini would write it), the function that parses and checks
+    a value (raising ValueError with what is accepted), and one line about it."""
+
+    __slots__ = ()
+
+
+# Every ini key, in the order pycolytics.ini documents them (it shows each with its default).
+SETTINGS = (
+    Setting("database", "pycolytics.db", _text, "the SQLite database file, or a postgresql:// URL"),
+    Setting("api_keys", "", _keys, "the keys clients send in each event's api_key"),
+    Setting("host", "127.0.0.1", _text, "the address the built-in server listens on"),
+    Setting("port", "8000", _port, "the port the built-in server listens on"),
+    Setting("synchronous", "full", _synchronous, "SQLite's synchronous pragma: what a power cut may lose"),
+    Setting("quiet", "no", _flag, "no log line per request"),
+    Setting("threads", "8", _count, "worker threads of the built-in server for requests that may wait"),
+    Setting("max_connections", "512", _count, "open connections at most; the longest idle makes room"),
+    Setting("max_connections_per_address", "64", _count, "open connections from one client address at most (503)"),
+    Setting("idle_timeout", "5", _seconds, "seconds a kept-alive connection may sit idle"),
+    Setting("request_timeout", "10", _seconds, "seconds a client has to send a whole request"),
+    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
+    # whole head, which a hundred full-size headers would exceed): no client of an event
+    # collector comes near them, and they bound what one connection can pin.
+    Setting("max_request_line", "4094", _count, "bytes in the request line (414)"),
+    Setting("max_header_fields", "100", _count, "header fields in one request (431)"),
+    Setting("max_header_field", "8190", _count, "bytes in one header field (431)"),
+    Setting("max_head_bytes", "65536", _count, "bytes in a whole request head (431)"),
+    Setting("max_body_bytes", "1048576", _count, "bytes in one request body (413)"),
+    Setting("max_buffered_bytes", "33554432", _count, "bytes of request bodies held at once, all together (503)"),
+    Setting("max_batch_events", "1000", _count, "events in one batch (422)"),
+    Setting("max_string_length", "255", _count, "characters in each string field of an event (422)"),
+    Setting("max_value_bytes", "65536", _count, "bytes of one event's value as compact JSON (422)"),
+    Setting("max_value_depth", "32", _count, "nesting of objects and arrays in one event's value (422)"),
+    Setting("max_pending_events", "100000", _count, "events waiting for the database at most (then 503)"),
+    Setting("busy_timeout", "30", _seconds, "seconds a write waits for another process holding the database"),
+    Setting("rate_limit", "off", _rate, "requests to the event endpoints per client address, like 60/minute"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _addresses, "reverse proxies whose X-Forwarded-For is believed"),
+    Setting("certfile", "", _text, "the PEM certificate chain for HTTPS"),
+    Setting("keyfile", "", _text, "the PEM private key for HTTPS"),
+    Setting("cors_origins", "*", _origins, "the web pages (origins) that may post events"),
+    Setting("retention_days", "0", _days, "delete events older than this many days (0 keeps them)"),
+    Setting("read_keys", "", _keys, "the keys that open the dashboard"),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 class Config:
@@ -348,10 +323,10 @@ class Config:
             self.apps[application] = {}
             for name, (text, source) in settings.items():
                 try:
-                    self.apps[application][name] = _PARSERS[name](text)
+                    self.apps[application][name] = SETTINGS_BY_NAME[name].parse(text)
                 except ValueError as error:
                     raise ConfigError(f"{source}: [app:{application}] {name} = {text!r} is not valid: {error}") from None
-        for name, parse in _PARSERS.items():
+        for name, _, parse, _ in SETTINGS:
             text, source = raw[name]
             try:
                 setattr(self, name, parse(text))
@@ -387,8 +362,8 @@ def _read_ini(path, raw, apps):
             raise ConfigError(f"{path}: unknown section [{section}]; settings go in [pycolytics] and [app:NAME]")
     if parser.has_section("pycolytics"):
         for name, value in parser.items("pycolytics"):
-            if name not in DEFAULTS:
-                raise ConfigError(f"{path}: unknown key {name!r} in [pycolytics]; known keys: {', '.join(DEFAULTS)}")
+            if name not in SETTINGS_BY_NAME:
+                raise ConfigError(f"{path}: unknown key {name!r} in [pycolytics]; known keys: {', '.join(SETTINGS_BY_NAME)}")
             raw[name] = (value, path)
 
 
@@ -445,7 +420,7 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
     (SQLITE_FILE_PATH, SQLITE_FILE_NAME, API_KEYS, also read from its `.env` file).
     """
     environ = os.environ if environ is None else environ
-    raw = {name: (value, "default") for name, value in DEFAULTS.items()}
+    raw = {setting.name: (setting.default, "default") for setting in SETTINGS}
     apps = {}
     path = path or environ.get("PYCOLYTICS_CONFIG")
     if path:
@@ -456,8 +431,8 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
     for variable, value in environ.items():
         if variable.startswith("PYCOLYTICS_") and variable != "PYCOLYTICS_CONFIG":
             name = variable[len("PYCOLYTICS_"):].lower()
-            if name not in DEFAULTS:
-                raise ConfigError(f"unknown environment variable {variable}; known keys: {', '.join(DEFAULTS)}")
+            if name not in SETTINGS_BY_NAME:
+                raise ConfigError(f"unknown environment variable {variable}; known keys: {', '.join(SETTINGS_BY_NAME)}")
             raw[name] = (value, f"environment variable {variable}")
     for name, value in (overrides or {}).items():
         if value is not None:

@@ -26,6 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+import types
+import warnings
+import wsgiref.validate
 import zlib
 
 import hypothesis
@@ -1121,7 +1124,7 @@ def test_the_shipped_ini_documents_every_key_with_its_default():
         text = file.read()
     parser.read_string(text)
     documented = dict(parser.items("pycolytics"))
-    for name, default in pycolytics.DEFAULTS.items():
+    for name, default, _, _ in pycolytics.SETTINGS:
         if name in documented:
             assert documented[name] == default, name
         else:
@@ -1153,15 +1156,28 @@ def test_importing_the_module_opens_and_reads_nothing(tmp_path):
 # -- The built-in server, over real sockets --------------------------------------------------------
 
 
-@pytest.fixture
-def server(config, app):
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+@contextlib.contextmanager
+def serving(settings, wrap=None, **changes):
+    """A built-in server on a free port with these settings changed, stopped when the block ends."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
+    app = pycolytics.create_app(config)
+    server = pycolytics.Server(wrap(app) if wrap else app, config, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
-    yield server
-    server.shutdown()
-    thread.join(10)
-    assert not thread.is_alive()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(20)
+        app.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def server(settings, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with serving(settings) as server:
+        yield server
 
 
 def exchange(server, raw, read_until_close=True):
@@ -1257,21 +1273,12 @@ def test_bad_framing_is_refused_and_the_server_keeps_serving(server, database, r
 
 
 def test_the_framing_limits_are_settings(settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, max_request_line=100, max_header_fields=3))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
+    with serving(settings, max_request_line=100, max_header_fields=3) as server:
         assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\nHost: t\r\n\r\n").startswith(b"HTTP/1.1 414")
         assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
         assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
                         ).startswith(b"HTTP/1.1 431")
         assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
-    finally:
-        server.shutdown()
-        thread.join(10)
-        app.close()
 
 
 def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
@@ -1293,12 +1300,14 @@ def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
     assert len({row[0] for row in stored(database, "user_id")}) == 2400
 
 
-def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, threads=2, idle_timeout=1, request_timeout=2))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
+def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings, database):
+    with serving(settings, threads=2, idle_timeout=1, request_timeout=2) as server:
+        talk_past(server)
+    assert count(database) == 10
+
+
+def talk_past(server):
+    """Ten normal requests while 200 silent and 20 trickling connections hold their slots."""
     silent = [socket.create_connection(server.server_address) for _ in range(200)]
     tricklers = [socket.create_connection(server.server_address) for _ in range(20)]
     trickling = threading.Event()
@@ -1331,33 +1340,12 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
         trickler.join(10)
         for sock in silent + tricklers:
             sock.close()
-        server.shutdown()
-        thread.join(10)
-        app.close()
-    assert count(config.database) == 10
 
 
 # -- Hostile clients against a live server -------------------------------------------------------
 #
 # Each attack runs against the built-in server on 127.0.0.1, and each test then checks the two
 # promises that matter: the server is still alive, and a normal client is served meanwhile.
-
-
-@contextlib.contextmanager
-def serving(settings, wrap=None, **changes):
-    """A built-in server on a free port with these settings changed, stopped when the block ends."""
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(wrap(app) if wrap else app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        thread.join(20)
-        app.close()
-        assert not thread.is_alive(), "the server did not stop"
 
 
 def one_event_request(event_type="normal", path="/v1.0/event", close=True):
@@ -1634,6 +1622,222 @@ def test_out_of_file_descriptors_the_server_pauses_accepting_and_recovers(tmp_pa
         assert process.wait(20) == 0
         log = process.stderr.read()
         assert 1 <= log.count("cannot accept connections") <= 5, log[:2000]
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b"GET / HTTP/1.1\r\nHost: t\nX-Smuggled: 1\r\n\r\n", "CRLF"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Smuggled: a\rb\r\n\r\n", "CRLF"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Nul: a\x00b\r\n\r\n", "control"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Escape: \x1b[31m\r\n\r\n", "control"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nBad Name: 1\r\n\r\n", "malformed header"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n Folded: 1\r\n\r\n", "malformed header"),
+    (b"GET / HTTP/1.1\r\n\r\n", "Host"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "Host"),
+    (b"GET\x01 / HTTP/1.1\r\nHost: t\r\n\r\n", "control"),
+    (b"G(T / HTTP/1.1\r\nHost: t\r\n\r\n", "request line"),
+    (b"GET ftp://host/ HTTP/1.1\r\nHost: t\r\n\r\n", "request target"),
+    (b"GET * HTTP/1.1\r\nHost: t\r\n\r\n", "request target"),
+], ids=["bare-LF", "bare-CR", "NUL", "ESC", "space-in-name", "obs-fold", "no-Host", "two-Hosts",
+        "control-in-method", "bad-method", "ftp-target", "asterisk-not-OPTIONS"])
+def test_framing_as_strict_as_rfc_9112_asks(server, database, raw, words):
+    answer = exchange(server, raw)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert words in json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"]
+    assert normal_client_is_served(server.server_address)
+    assert count(database) == 1
+
+
+def test_an_http_1_0_client_is_never_sent_100_continue(server, database):
+    payload = body(event())
+    with socket.create_connection(server.server_address, timeout=10) as sock:
+        sock.sendall(b"POST /v1.0/event HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            sock.recv(100)  # RFC 9110: a 1.0 client would take "100 Continue" for its answer
+        sock.settimeout(10)
+        sock.sendall(payload)
+        assert read_all(sock).startswith(b"HTTP/1.1 204")
+    assert count(database) == 1
+
+
+def test_absolute_form_targets_are_served_as_their_path(server, database):
+    docs = exchange(server, b"GET http://collector.example/docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert docs.startswith(b"HTTP/1.1 200") and b"<html" in docs
+    answer = exchange(server, one_event_request(path="http://collector.example/v1.0/event?from=proxy"))
+    assert answer.startswith(b"HTTP/1.1 204")
+    assert count(database) == 1
+
+
+def test_options_asterisk_is_answered_by_the_server(server):
+    answer = exchange(server, b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nAllow: GET, HEAD, POST, OPTIONS\r\n" in answer and b"\r\nContent-Length: 0\r\n" in answer
+
+
+def test_answers_the_server_gives_itself_are_counted_in_metrics(server):
+    for raw in (b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
+                b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"):
+        exchange(server, raw)
+    metrics = exchange(server, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").decode()
+    assert 'pycolytics_requests_total{status="400"} 1' in metrics
+    assert 'pycolytics_requests_total{status="431"} 1' in metrics
+    assert 'pycolytics_requests_total{status="200"} 1' in metrics  # OPTIONS *; /metrics counts itself after
+
+
+def test_the_access_log_escapes_control_characters_and_names_the_forwarded_client(settings):
+    with serving(settings, quiet="no") as server:
+        lines = []
+        server.log = types.SimpleNamespace(write=lines.append)
+        exchange(server, b"GET /\x9b31m\xff HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.9\r\n"
+                         b"Connection: close\r\n\r\n")
+        exchange(server, b"GET /docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert len(lines) == 2
+    assert lines[0].startswith("203.0.113.9 - - [")  # 127.0.0.1 is a trusted proxy by default
+    assert '"GET /\\x9b31m\xff HTTP/1.1" 404' in lines[0]
+    assert all(line.count("\n") == 1 and "\x9b" not in line for line in lines)
+
+
+def test_healthz_reports_the_servers_own_trouble(client):
+    answer = client.get("/healthz", extra_environ={"pycolytics.server_problem": "out of file descriptors"},
+                        status=503)
+    assert answer.json["status"] == "unavailable" and "file descriptors" in answer.json["server"]
+    assert client.get("/healthz").json["status"] == "ok"
+
+
+# -- PEP 3333, checked by wsgiref itself ---------------------------------------------------------
+
+UNUSUAL_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"HEAD /docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /openapi.json?x=1&y=%20 HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET http://t/docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /%64ocs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"DELETE /docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"OPTIONS /v1.0/events HTTP/1.1\r\nHost: t\r\nOrigin: https://game.example\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /dashboard HTTP/1.1\r\nHost: t\r\n\r\n",
+]
+
+
+def post_request(path, document, headers=b""):
+    payload = body(document)
+    return b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (path, len(payload), headers, payload)
+
+
+class Validated:
+    """The application behind wsgiref's PEP 3333 checker; any warning it gives fails the request.
+
+    With `hooked`, the loop hook is offered too, and the environ it gets is checked the same way.
+    """
+
+    def __init__(self, app, hooked=False):
+        self.app = app
+        self.checked = wsgiref.validate.validator(app)
+        if hooked:
+            self.answer_in_loop = self._answer_in_loop
+
+    def __call__(self, environ, start_response):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", wsgiref.validate.WSGIWarning)
+            chunks = self.checked(environ, start_response)
+            try:
+                return [b"".join(chunks)]
+            finally:
+                chunks.close()
+
+    def _answer_in_loop(self, environ, respond):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", wsgiref.validate.WSGIWarning)
+            wsgiref.validate.check_environ(environ)
+        return self.app.answer_in_loop(environ, respond)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain-wsgi", "loop-hook"])
+def test_the_built_in_server_passes_wsgirefs_validator(settings, database, hooked):
+    requests = UNUSUAL_REQUESTS + [
+        post_request(b"/v1.0/event?source=web", event()),
+        post_request(b"/v1.0/events", [event(), event()], b"Content-Type: application/json\r\n"),
+        post_request(b"/v1.0/event", event(api_key="wrong")),
+    ]
+    with serving(settings, wrap=functools.partial(Validated, hooked=hooked)) as server:
+        with socket.create_connection(server.server_address, timeout=20) as sock:
+            sock.sendall(b"".join(requests) + b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            answers = read_all(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\nDate: ", answers)
+    assert statuses == [b"200", b"200", b"200", b"200", b"200", b"404", b"405", b"204", b"200", b"200", b"403",
+                        b"204", b"204", b"401", b"200"]
+    assert count(database) == 3
+
+
+def test_the_application_passes_wsgirefs_validator_under_wsgiref_simple_server(app, database):
+    import wsgiref.simple_server
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = wsgiref.simple_server.make_server("127.0.0.1", 0, Validated(app), handler_class=Quiet)
+    thread = threading.Thread(target=httpd.serve_forever)
+    thread.start()
+    try:
+        connection = http.client.HTTPConnection(*httpd.server_address, timeout=10)
+        for method, path, payload, status in [
+            ("GET", "/docs", None, 200), ("HEAD", "/openapi.json", None, 200), ("GET", "/x?y", None, 404),
+            ("POST", "/v1.0/event?source=web", body(event()), 204), ("POST", "/v1.0/events", b"{", 400),
+            ("OPTIONS", "/v1.0/event", None, 204), ("GET", "/healthz", None, 200),
+        ]:
+            connection.request(method, path, payload)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == status, (method, path)
+            connection.close()
+    finally:
+        httpd.shutdown()
+        thread.join(10)
+        httpd.server_close()
+    assert count(database) == 1
+
+
+# -- HTTP framing, fuzzed against a live server --------------------------------------------------
+
+_HEAD_PARTS = st.sampled_from([
+    b"GET", b"POST", b"HEAD", b"OPTIONS", b"PUT", b"G\x00T", b" ", b"/", b"/v1.0/event", b"/v1.0/events",
+    b"http://h/v1.0/event", b"*", b"?a=%00", b"%2e%2e", b" HTTP/1.1", b" HTTP/1.0", b" HTTP/2", b"\r\n", b"\n",
+    b"\r", b"Host: t", b"Host:", b"Content-Length: 2", b"Content-Length: 99999999", b"Content-Length: -1",
+    b"Content-Length: 2, 2", b"Transfer-Encoding: chunked", b"Expect: 100-continue", b"Connection: close",
+    b"Connection: keep-alive", b"Content-Encoding: gzip", b"X-Forwarded-For: 1.2.3.4", b":", b"\t", b"\xff",
+    b"[]", b"{}", b"\r\n\r\n",
+])
+
+
+@hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(parts=st.lists(st.one_of(_HEAD_PARTS, st.binary(max_size=20)), max_size=40),
+                  cuts=st.lists(st.integers(0, 400), max_size=4))
+def test_any_bytes_get_a_well_formed_answer_or_a_close_and_never_a_5xx(fuzzed_server, parts, cuts):
+    data = b"".join(parts)
+    with socket.create_connection(fuzzed_server.server_address, timeout=10) as sock:
+        start = 0
+        for cut in sorted(cuts) + [len(data)]:  # the same bytes, split where hypothesis says
+            with contextlib.suppress(OSError):
+                sock.sendall(data[start:cut])
+            start = max(start, cut)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        answers = read_all(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) [A-Z]", answers)
+    assert len(statuses) == answers.count(b"HTTP/1.1 ")
+    assert [status for status in statuses if status[:1] not in b"124"] == []
+    assert normal_client_is_served(fuzzed_server.server_address)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzzed")
+    settings = {"database": str(folder / "events.db"), "api_keys": KEY, "quiet": "yes", "request_timeout": "2"}
+    with serving(settings) as server:
+        yield server
 
 
 # -- The command line and signals ---------------------------------------------------------------
