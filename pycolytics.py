@@ -1757,27 +1757,36 @@ def public_url(environ, trusted_proxies):
     """The application's address as the player used it, without a trailing slash.
 
     Built as wsgiref.util.application_uri builds it (scheme, Host, SCRIPT_NAME), except that a
-    trusted proxy's X-Forwarded-Proto, X-Forwarded-Host and X-Forwarded-Prefix (the path it
-    took off before passing the request on) win: behind nginx the request that reaches us says
-    nothing of the player's scheme, host and path.
+    trusted proxy's X-Forwarded-Proto and X-Forwarded-Host win: behind nginx the request that
+    reaches us says nothing of the player's scheme and host.
     """
     scheme = environ.get("wsgi.url_scheme", "http")
     host = environ.get("HTTP_HOST", "")
-    prefix = ""
     if environ.get("REMOTE_ADDR") in trusted_proxies:  # the test client_address() makes of a peer
         proto = _last(environ.get("HTTP_X_FORWARDED_PROTO", "")).lower()
         scheme = proto if proto in ("http", "https") else scheme
         host = _last(environ.get("HTTP_X_FORWARDED_HOST", "")) or host
-        prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
-        prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
     if not _HOST.fullmatch(host):
         host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
         host = f"[{host}]" if ":" in host else host
         if port and port != {"http": "80", "https": "443"}[scheme]:
             host += ":" + port
-    from urllib.parse import quote  # here: only the pages that name their own address need it
+    return f"{scheme}://{host}{public_path(environ, trusted_proxies)}"
 
-    return f"{scheme}://{host}{prefix}{quote(environ.get('SCRIPT_NAME', '').rstrip('/'), encoding='latin-1')}"
+
+def public_path(environ, trusted_proxies):
+    """The path the application is at, as the player used it: "" at the root, else "/analytics".
+
+    SCRIPT_NAME (where the WSGI server mounted it) after the X-Forwarded-Prefix of a trusted
+    proxy (the path nginx took off before passing the request on).
+    """
+    prefix = ""
+    if environ.get("REMOTE_ADDR") in trusted_proxies:
+        prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
+        prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
+    from urllib.parse import quote  # here: only the answers that name their own address need it
+
+    return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
 
 
 class Pycolytics:
@@ -1906,7 +1915,9 @@ class Pycolytics:
         """The handler for a request; raises NotFound or MethodNotAllowed. The one routing of both ways in."""
         methods = self._routes.get(environ.get("PATH_INFO") or "/")
         if methods is None:
-            raise NotFound(f"no such endpoint: {environ.get('PATH_INFO')}; events go to /v1.0/event or /v1.0/events")
+            root = public_path(environ, self.config.trusted_proxies)
+            raise NotFound(f"no such endpoint: {root}{environ.get('PATH_INFO')}; "
+                           f"events go to {root}/v1.0/event or {root}/v1.0/events")
         handler = methods.get(environ["REQUEST_METHOD"])
         if handler is None:
             allowed = ", ".join(methods)
@@ -1973,10 +1984,8 @@ class Pycolytics:
         return _ok(body, ("Content-Type", "text/plain; version=0.0.4"))
 
     def get_index(self, environ):
-        from urllib.parse import urlsplit  # here: only this page links by path
-
         # Paths, not addresses: a client that reached this page can reach them the same way.
-        root = urlsplit(public_url(environ, self.config.trusted_proxies)).path
+        root = public_path(environ, self.config.trusted_proxies)
         body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": root + "/docs",
                            "openapi": root + "/openapi.json", "dashboard": root + "/dashboard"}).encode()
         return _ok(body, JSON_TYPE)

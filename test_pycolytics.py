@@ -2038,6 +2038,8 @@ def test_the_application_mounted_by_gunicorns_script_name_links_under_it(client)
     assert client.get("/", extra_environ=environ).json["docs"] == "/games/stats/docs"
     assert client.get("/openapi.json", extra_environ=environ).json["servers"] == [
         {"url": "http://localhost:80/games/stats"}]
+    assert client.get("/v1.0/evnet", extra_environ=environ, status=404).json["detail"] == (
+        "no such endpoint: /games/stats/v1.0/evnet; events go to /games/stats/v1.0/event or /games/stats/v1.0/events")
 
 
 NGINX_CERTIFICATE = "/etc/letsencrypt/live/analytics.example.com/fullchain.pem"
