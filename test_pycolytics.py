@@ -2298,7 +2298,9 @@ def test_nginx_keeps_its_connections_to_the_upstream_open(behind_nginx):
     for _ in range(20):
         assert behind_nginx.request(behind_nginx.addresses["root"] + "/openapi.json")[0] == 200
     after = upstream_connections(behind_nginx.upstream_port)
-    assert len(after.keys() - before.keys()) <= 2, after  # without keep-alive: 20, each closed after its answer
+    # Without keep-alive: 20, one per request. A few more than one is allowed: an upstream may
+    # close a connection that idled (gunicorn after 2 s) on a machine that stalls for that long.
+    assert len(after.keys() - before.keys()) < 10, after
     assert "01" in after.values()
 
 
