@@ -1812,6 +1812,7 @@ class Pycolytics:
                 methods["HEAD"] = methods["GET"]
         # What the server's loop must not answer itself: these may wait for the database.
         self._reads_the_database = {self.get_health, self.get_dashboard}
+        self._turn_rows, self._turn_requests = [], []  # posted in this turn of the server's loop
 
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
@@ -1864,8 +1865,8 @@ class Pycolytics:
             answer = handler(environ)
             if isinstance(answer, list):  # rows to store
                 if answer:
-                    self.writer.start()
-                    self.writer.submit(answer, functools.partial(self._committed, environ, respond))
+                    self._turn_rows += answer
+                    self._turn_requests.append((environ, respond))
                     return True
                 answer = _NO_CONTENT
         except HTTPError as error:
@@ -1875,13 +1876,29 @@ class Pycolytics:
         respond(*self._finish(environ, answer))
         return True
 
+    def loop_turn_ended(self):
+        """The server's hook after each turn of its loop: the rows of every request read in it
+        go to the writer together, to be committed with one fsync."""
+        if not self._turn_requests:
+            return
+        rows, requests = self._turn_rows, self._turn_requests
+        self._turn_rows, self._turn_requests = [], []
+        try:
+            self.writer.start()
+            self.writer.submit(rows, functools.partial(self._committed, requests))
+        except HTTPError as error:
+            self._committed(requests, error)
+
     def server_answered(self, status):
         """The server's hook for the answers it gives by itself (bad framing, overload): counted."""
         self.metrics.request(status)
 
-    def _committed(self, environ, respond, error=None):
-        """Called by the writer thread once a posted request's rows are stored, or could not be."""
-        respond(*self._finish(environ, _NO_CONTENT if error is None else _error_parts(error)))
+    def _committed(self, requests, error=None):
+        """Called by the writer thread once a turn's rows are stored, or could not be: answer them all."""
+        status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
+        self.metrics.request(status, len(requests))
+        for environ, respond in requests:
+            respond(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body)
 
     def _finish(self, environ, answer):
         """Every answer, whichever way it leaves: counted, and readable by the pages allowed to."""
@@ -2176,10 +2193,10 @@ ACCEPT_PAUSE_SECONDS = 1.0
 # beyond it are dropped and counted, so that logging never blocks or stops the server.
 LOG_BUFFER_BYTES = 1 << 20
 
-# Bytes that may not appear in a request head: control characters (tab aside), and a CR or
-# LF anywhere but in the CRLF that ends a line. RFC 9112 (section 2.2) allows taking a bare LF
-# as a line end, but proxies that read it otherwise are how requests get smuggled.
-_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# Bytes that may not appear in a request head once its CRLFs are blanked out: control
+# characters (tab aside), so also a bare CR or LF. RFC 9112 (section 2.2) allows taking a
+# bare LF as a line end, but proxies that read it otherwise are how requests get smuggled.
+_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 # A method or a header name: RFC 9110's token (section 5.6.2).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -2338,7 +2355,7 @@ def _split_target(target, method):
 
 def _parse_head(head, config):
     """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
-    bad = _FORBIDDEN_IN_HEAD.search(head)
+    bad = _FORBIDDEN_IN_HEAD.search(head.replace(b"\r\n", b"  "))
     if bad:
         raise BadRequest(f"the request head holds the byte {bad.group()[:1]!r} at offset {bad.start()}: "
                          "lines end with CRLF and hold no control characters")
@@ -2417,11 +2434,12 @@ class Server:
     it with each whole request's WSGI environ; the application either returns False (the
     request then runs as plain WSGI in a worker thread) or takes the request and calls
     `respond(status, headers, body)` exactly once, now or later and from any thread, never
-    blocking the loop meanwhile. Pycolytics answers most requests this way, and posted events
-    once its writer has committed them; with a middleware in between (no hook), every request
-    takes a worker thread, which is correct and slower. An application may also offer
-    `server_answered(status)`, to hear of the answers the server gives by itself (bad framing,
-    timeouts, overload), so that its metrics count every answer.
+    blocking the loop meanwhile. If it also offers `loop_turn_ended()`, the loop calls that
+    after each turn, once every request read in the turn was handed over: Pycolytics gathers
+    the events posted in a turn and commits them together. With a middleware in between (no
+    hook), every request takes a worker thread, which is correct and slower. An application
+    may also offer `server_answered(status)`, to hear of the answers the server gives by itself
+    (bad framing, timeouts, overload), so that its metrics count every answer.
 
     Everything a client can make it hold is bounded: connections (in all, and per address),
     buffered bodies, head sizes, the time a request may take to arrive, and the work one
@@ -2434,6 +2452,7 @@ class Server:
         self.config = config
         self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
         self._answer_in_loop = getattr(app, "answer_in_loop", None)
+        self._turn_ended = getattr(app, "loop_turn_ended", None)
         self._server_answered = getattr(app, "server_answered", None)
         self._reload_requested = False
         self._tls = tls_context(config)
@@ -2522,6 +2541,8 @@ class Server:
                     callback, connection = key.data
                     self._guarded(callback, connection)
                 self._serve_ready()
+                if self._turn_ended is not None:
+                    self._guarded(self._turn_ended)
                 if self._reload_requested and self.reload is not None:
                     self._reload_requested = False
                     self._guarded(self.reload)
