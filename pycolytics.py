@@ -1909,7 +1909,7 @@ h2{{font-size:16px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:
 footer{{color:#5b6477;font-size:12px;padding:0 24px 24px;text-align:center}}
 </style></head><body>
 <header><h1>Pycolytics</h1>
-<form method="get" action="/dashboard">
+<form method="get" action="dashboard">
 <label>Application <select name="application"><option value="">all</option>{options}</select></label>
 <label>From <input type="date" name="since" value="{since.isoformat()}"></label>
 <label>to <input type="date" name="until" value="{until.isoformat()}"></label>
@@ -1996,6 +1996,58 @@ def decompress(body, encoding, limit):
     raise BadRequest(f"the request body is not valid {encoding} data")
 
 
+# What a Host (or X-Forwarded-Host) may be to be written into a page: a name or an address and
+# a port. Anything else is not a host, and the server's own name is used instead.
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+# An X-Forwarded-Prefix: a path of RFC 3986's unreserved characters and percent-escapes, written
+# as is; nothing that needs quoting in HTML or in the shell command the /docs page shows.
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~%-]*)*")
+# Where the cached documentation names the application's own address; each answer puts the
+# address it was asked at (public_url) in its place. RFC 2606 reserves .invalid: no page says it.
+_OWN_ADDRESS = "http://pycolytics.invalid"
+
+
+def _last(header):
+    """The last value of a comma-separated header: the one the nearest proxy, the trusted one, set."""
+    return header.rpartition(",")[2].strip()
+
+
+def public_url(environ, trusted_proxies):
+    """The application's address as the player used it, without a trailing slash.
+
+    Built as wsgiref.util.application_uri builds it (scheme, Host, SCRIPT_NAME), except that a
+    trusted proxy's X-Forwarded-Proto and X-Forwarded-Host win: behind nginx the request that
+    reaches us says nothing of the player's scheme and host.
+    """
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST", "")
+    if environ.get("REMOTE_ADDR") in trusted_proxies:  # the test client_address() makes of a peer
+        proto = _last(environ.get("HTTP_X_FORWARDED_PROTO", "")).lower()
+        scheme = proto if proto in ("http", "https") else scheme
+        host = _last(environ.get("HTTP_X_FORWARDED_HOST", "")) or host
+    if not _HOST.fullmatch(host):
+        host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
+        host = f"[{host}]" if ":" in host else host
+        if port and port != {"http": "80", "https": "443"}[scheme]:
+            host += ":" + port
+    return f"{scheme}://{host}{public_path(environ, trusted_proxies)}"
+
+
+def public_path(environ, trusted_proxies):
+    """The path the application is at, as the player used it: "" at the root, else "/analytics".
+
+    SCRIPT_NAME (where the WSGI server mounted it) after the X-Forwarded-Prefix of a trusted
+    proxy (the path nginx took off before passing the request on).
+    """
+    prefix = ""
+    if environ.get("REMOTE_ADDR") in trusted_proxies:
+        prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
+        prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
+    from urllib.parse import quote  # here: only the answers that name their own address need it
+
+    return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
+
+
 class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
@@ -2031,8 +2083,8 @@ class Pycolytics:
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
         if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
             self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
-        self._openapi = json.dumps(openapi_document(config), indent=2).encode()
-        self._docs = docs_page(config).encode()
+        self._openapi = json.dumps(openapi_document(config, _OWN_ADDRESS), indent=2).encode()
+        self._docs = docs_page(config, _OWN_ADDRESS).encode()
         self.config = self.writer.config = config
 
     def open(self):
@@ -2140,7 +2192,9 @@ class Pycolytics:
         """The handler for a request; raises NotFound or MethodNotAllowed. The one routing of both ways in."""
         methods = self._routes.get(environ.get("PATH_INFO") or "/")
         if methods is None:
-            raise NotFound(f"no such endpoint: {environ.get('PATH_INFO')}; events go to /v1.0/event or /v1.0/events")
+            root = public_path(environ, self.config.trusted_proxies)
+            raise NotFound(f"no such endpoint: {root}{environ.get('PATH_INFO')}; "
+                           f"events go to {root}/v1.0/event or {root}/v1.0/events")
         handler = methods.get(environ["REQUEST_METHOD"])
         if handler is None:
             allowed = ", ".join(methods)
@@ -2168,10 +2222,12 @@ class Pycolytics:
         return self.validator.rows(parse_json(body), batch, body, received, environ.get("HTTP_ORIGIN"))
 
     def get_docs(self, environ):
-        return _ok(self._docs, HTML_TYPE)
+        address = _escape(public_url(environ, self.config.trusted_proxies))
+        return _ok(self._docs.replace(_OWN_ADDRESS.encode(), address.encode()), HTML_TYPE)
 
     def get_openapi(self, environ):
-        return _ok(self._openapi, JSON_TYPE)
+        address = json.dumps(public_url(environ, self.config.trusted_proxies))[1:-1]
+        return _ok(self._openapi.replace(_OWN_ADDRESS.encode(), address.encode()), JSON_TYPE)
 
     def get_health(self, environ):
         problem = self.database_problem()
@@ -2205,7 +2261,10 @@ class Pycolytics:
         return _ok(body, ("Content-Type", "text/plain; version=0.0.4"))
 
     def get_index(self, environ):
-        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": "/docs"}).encode()
+        # Paths, not addresses: a client that reached this page can reach them the same way.
+        root = public_path(environ, self.config.trusted_proxies)
+        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": root + "/docs",
+                           "openapi": root + "/openapi.json", "dashboard": root + "/dashboard"}).encode()
         return _ok(body, JSON_TYPE)
 
 
@@ -2276,7 +2335,8 @@ def _client_time_schema(description):
     ]}
 
 
-def openapi_document(config):
+def openapi_document(config, url):
+    """The OpenAPI 3 description of the API served at `url` (as public_url() gives it)."""
     error = {"$ref": "#/components/schemas/Error"}
     answers = {
         "204": {"description": "Stored: the events are committed to the database."},
@@ -2303,6 +2363,7 @@ def openapi_document(config):
     return {
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
+        "servers": [{"url": url}],
         "paths": {
             "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
             "/v1.0/events": post("Store a batch of events, all or nothing", batch),
@@ -2314,7 +2375,8 @@ def openapi_document(config):
     }
 
 
-def docs_page(config):
+def docs_page(config, url):
+    """The /docs page of the API served at `url` (as public_url() gives it, HTML-escaped)."""
     example = json.dumps({
         "event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
         "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY,
@@ -2329,7 +2391,7 @@ def docs_page(config):
 code,pre{{background:#f4f4f4}}pre{{padding:1em;overflow:auto}}td{{padding:.2em .8em;vertical-align:top}}</style>
 </head><body>
 <h1>Pycolytics Event API {API_VERSION}</h1>
-<p>Pycolytics {__version__}. The machine-readable description is <a href="/openapi.json">/openapi.json</a>.</p>
+<p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
 <h2>POST /v1.0/event</h2><p>One event, as a JSON object:</p>
 <pre>{example}</pre>
 <h2>POST /v1.0/events</h2>
@@ -2391,7 +2453,7 @@ that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
 key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
 <h2>Example</h2>
-<pre>curl -i http://127.0.0.1:8000/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
+<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>
 """
 
