@@ -2825,22 +2825,33 @@ def _client_time_schema(description):
     ]}
 
 
+# Every answer the event endpoints give, written once: /docs and /openapi.json show this table,
+# and a test holds README.md's table to the same statuses. (Framing refusals, 404 and 405 come
+# from any path; they are here because a client of the event endpoints meets them too.)
+EVENT_ANSWERS = (
+    ("204", "Stored: the events are committed to the database."),
+    ("400", "The body is empty, not UTF-8 or not JSON (the detail says where), or the request is malformed."),
+    ("401", "A missing or unknown api_key (the detail names the events of a batch)."),
+    ("403", "A key of another game, or a web page from an origin that may not send this game's events."),
+    ("404", "No such path."),
+    ("405", "A method this path does not take (Allow lists those it does)."),
+    ("411", "A chunked body: send a Content-Length."),
+    ("413", "The body is over its size limit, also once decompressed."),
+    ("414", "The request line is over its size limit."),
+    ("415", "A Content-Encoding other than gzip, deflate or identity."),
+    ("422", "Invalid events, or too many in a batch: the detail lists every problem with its event and field."),
+    ("429", "Over the rate limit: send again after Retry-After seconds."),
+    ("431", "Too many header fields, or one too large."),
+    ("503", "Busy, stopping, or the database cannot take events now: send again after Retry-After seconds."),
+)
+
+
 def openapi_document(config, url):
     """The OpenAPI 3 description of the API served at `url` (as public_url() gives it)."""
     error = {"$ref": "#/components/schemas/Error"}
-    answers = {
-        "204": {"description": "Stored: the events are committed to the database."},
-        "400": {"description": "The body is not JSON or not UTF-8.", "content": {"application/json": {"schema": error}}},
-        "401": {"description": "A missing or unknown api_key.", "content": {"application/json": {"schema": error}}},
-        "403": {"description": "A key of another application, or a page from an origin it does not allow.",
-                "content": {"application/json": {"schema": error}}},
-        "413": {"description": "Over the size limits.", "content": {"application/json": {"schema": error}}},
-        "415": {"description": "An unsupported Content-Encoding.", "content": {"application/json": {"schema": error}}},
-        "422": {"description": "Events that are not valid.", "content": {"application/json": {"schema": error}}},
-        "429": {"description": "Over the rate limit: retry after Retry-After seconds.",
-                "content": {"application/json": {"schema": error}}},
-        "503": {"description": "Busy or shutting down: retry later.", "content": {"application/json": {"schema": error}}},
-    }
+    answers = {status: {"description": text} if status == "204" else
+               {"description": text, "content": {"application/json": {"schema": error}}}
+               for status, text in EVENT_ANSWERS}
 
     def post(summary, schema):
         return {"post": {
@@ -2875,6 +2886,7 @@ def docs_page(config, url):
         f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} characters</td></tr>"
         for name in EVENT_FIELDS
     )
+    answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
 <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}}
@@ -2902,16 +2914,7 @@ an event whose id is already stored is acknowledged and not stored again, so ret
 <code>text/plain</code> without a preflight. Every answer carries CORS headers for allowed origins, and
 <code>OPTIONS</code> answers preflights.</p>
 <h2>Answers</h2><table>
-<tr><td>204</td><td>Stored: the events are committed to the database.</td></tr>
-<tr><td>400</td><td>The body is not JSON or not UTF-8.</td></tr>
-<tr><td>401</td><td>A missing or unknown <code>api_key</code> (the answer names the events).</td></tr>
-<tr><td>403</td><td>A key of another game, or a web page from an origin that may not send this game's events.</td></tr>
-<tr><td>413</td><td>The body is over its size limit.</td></tr>
-<tr><td>415</td><td>A Content-Encoding other than gzip, deflate or identity.</td></tr>
-<tr><td>429</td><td>Over the rate limit: send again after <code>Retry-After</code> seconds.</td></tr>
-<tr><td>422</td><td>Invalid events, or too many in a batch; <code>detail</code> lists every problem with its event and field.</td></tr>
-<tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
-</table>
+{answers}</table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
 <h2>GET /v1.0/client.js: the browser client</h2>
 <p>A small script without dependencies, for games and apps in a browser (Godot and Unity web exports, for

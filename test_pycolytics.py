@@ -1749,6 +1749,16 @@ def test_openapi_describes_both_endpoints_and_the_limits(client):
     assert document["paths"]["/v1.0/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]["maxItems"] == 1000
 
 
+def test_the_answers_table_is_one_table_on_docs_openapi_and_in_the_readme(client):
+    statuses = [status for status, _ in pycolytics.EVENT_ANSWERS]
+    docs = client.get("/docs").text
+    assert re.findall(r"<tr><td>(\d{3})</td>", docs) == statuses
+    assert list(client.get("/openapi.json").json["paths"]["/v1.0/event"]["post"]["responses"]) == statuses
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        table = readme.read().split("| answer | when |", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"`(\d{3})`", table) == statuses
+
+
 def test_index_points_to_the_docs(client):
     assert client.get("/").json["docs"] == "/docs"
 
