@@ -3261,6 +3261,12 @@ PIPELINE_ROUNDS = 16
 # use to be closed; meanwhile the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
 
+# How long a new connection that has sent nothing is safe from being closed to make room for
+# another: a client sends its request within a round trip or two of connecting, and closing
+# a connection whose request is unread would reset it (a flood of newcomers would otherwise
+# evict each other before anyone is served).
+NEWCOMER_GRACE_SECONDS = 2.0
+
 # What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
 # beyond it are dropped and counted, so that logging never blocks or stops the server.
 LOG_BUFFER_BYTES = 1 << 20
@@ -3398,7 +3404,7 @@ class _Connection:
 
     __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
                  "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
-                 "closed", "limited")
+                 "closed", "limited", "accepted")
 
     def __init__(self, sock, peer, deadline, limited):
         self.sock = sock
@@ -3419,6 +3425,7 @@ class _Connection:
         self.handshaking = False
         self.closed = False
         self.limited = limited  # counted against max_connections_per_address
+        self.accepted = time.monotonic()
 
 
 def _split_target(target, method):
@@ -3558,7 +3565,8 @@ class Server:
         self._jobs = queue.SimpleQueue()
         self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
         self._ready = collections.deque()  # connections whose buffer may hold their next request
-        self._idle = collections.OrderedDict()  # connections waiting for a request or lingering, oldest first
+        self._idle = collections.OrderedDict()  # served connections waiting for the next request, or lingering
+        self._fresh = collections.OrderedDict()  # connections that have sent nothing yet, oldest first
         self._connections = {}
         self._per_address = collections.Counter()
         self._reserved = 0  # body bytes announced by requests being read or answered
@@ -3723,7 +3731,7 @@ class Server:
         if limited:
             self._per_address[address] += 1
         self._connections[sock] = connection
-        self._idle[sock] = connection
+        self._fresh[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
 
     def _turn_away(self, sock):
@@ -3742,10 +3750,14 @@ class Server:
             self._server_answered(status)
 
     def _make_room(self):
-        """Close the connection that has waited longest for a request (or lingered), if any."""
-        if not self._idle:
+        """Close the connection that has waited longest for its next request (or lingered), else
+        the oldest newcomer that has said nothing for NEWCOMER_GRACE_SECONDS; False if none may go."""
+        if self._idle:
+            _, connection = self._idle.popitem(last=False)
+        elif self._fresh and next(iter(self._fresh.values())).accepted < time.monotonic() - NEWCOMER_GRACE_SECONDS:
+            _, connection = self._fresh.popitem(last=False)
+        else:
             return False
-        _, connection = self._idle.popitem(last=False)
         self._close(connection)
         return True
 
@@ -3775,8 +3787,8 @@ class Server:
         if not data:
             self._close(connection)
         elif not connection.lingering:
-            if self._idle.pop(sock, None) is not None:  # a request begins: it has request_timeout to arrive
-                connection.deadline = time.monotonic() + self.config.request_timeout
+            if self._idle.pop(sock, None) or self._fresh.pop(sock, None):  # a request begins: it has
+                connection.deadline = time.monotonic() + self.config.request_timeout  # this long to arrive
             connection.buffer += data
             self._advance(connection)
 
@@ -3959,8 +3971,8 @@ class Server:
                     self._refuse(connection, RequestTimeout("the request took too long to arrive"))
                 else:
                     self._close(connection)
-        if not self._listening and len(self._connections) < self.config.max_connections:
-            self._listen(True)
+        if not self._listening:
+            self._listen(True)  # when full, the next accept sees whether a newcomer's grace is over
         if self.problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
             log.info("accepting connections again")
             self.problem = None
@@ -3970,6 +3982,7 @@ class Server:
             return
         connection.closed = True
         self._idle.pop(connection.sock, None)
+        self._fresh.pop(connection.sock, None)
         if connection.busy:
             connection.busy = False
             self._busy -= 1
@@ -3995,8 +4008,9 @@ class Server:
     def _close_everything(self):
         for _ in self._workers:
             self._jobs.put(None)
+        give_up = time.monotonic() + 1  # the drain has waited already; a worker still busy is a daemon
         for worker in self._workers:
-            worker.join(self.config.request_timeout)
+            worker.join(max(0.0, give_up - time.monotonic()))
         for connection in list(self._connections.values()):
             self._close(connection)
         self.listener.close()

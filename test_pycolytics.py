@@ -2639,6 +2639,22 @@ def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(sett
     assert count(database) == 1
 
 
+def test_a_newcomer_is_never_closed_unread_to_make_room_for_the_next(settings, database):
+    with serving(settings, max_connections=2, request_timeout=30) as server:
+        with socket.create_connection(server.server_address, timeout=10) as holder:
+            holder.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\n")  # half a head: it holds a slot
+            time.sleep(0.2)
+            first = socket.create_connection(server.server_address, timeout=10)
+            time.sleep(0.2)  # the server has accepted it, and has nothing of it to read yet
+            second = socket.create_connection(server.server_address, timeout=10)
+            with first, second:
+                first.sendall(one_event_request("first"))
+                second.sendall(one_event_request("second"))
+                answers = [read_all(first), read_all(second)]
+    assert [answer[:12] for answer in answers] == [b"HTTP/1.1 204"] * 2
+    assert sorted(row[0] for row in stored(database)) == ["first", "second"]
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as status:
         return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
