@@ -1332,13 +1332,19 @@ POSTGRES_SCHEMA = (
         event_id VARCHAR
     )""",
     "CREATE INDEX IF NOT EXISTS ix_event_time ON event (time)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
+    " WHERE event_id IS NOT NULL",
+    # an event_id is unique per application: two games may make the same ids
+    "DROP INDEX IF EXISTS ix_event_event_id",
 )
-# Times travel as the same UTC text as in SQLite; the session's time zone is UTC.
+# Times travel as the same UTC text as in SQLite; the session's time zone is UTC. The conflict
+# target is the event_id index only: any other conflict (a primary key behind rows imported
+# with their ids) is an error, never an event silently dropped behind a 204.
 POSTGRES_INSERT = (
     "INSERT INTO event"
     " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s) ON CONFLICT DO NOTHING"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s)"
+    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
 )
 # How long a lost network may stall a commit before it fails (and clients get 503): TCP
 # keepalives and libpq's tcp_user_timeout notice a silent peer in about this many seconds.
