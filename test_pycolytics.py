@@ -1205,6 +1205,15 @@ def test_a_deleted_database_gets_503_and_healthz_says_so_and_no_new_file_is_made
     assert not os.path.exists(database)
 
 
+def test_a_database_deleted_during_a_commit_is_answered_503(client, database, sqlite_only):
+    post(client, "/v1.0/event", event(user_id="kept"))
+    client.app.writer._connection.create_function("delete_the_database", 0, lambda: os.remove(database))
+    execute(database, "CREATE TRIGGER deleting AFTER INSERT ON event BEGIN SELECT delete_the_database(); END")
+    response = post(client, "/v1.0/event", event(user_id="lost"), status=503)
+    assert "deleted" in response.json["detail"]
+    assert not os.path.exists(database)
+
+
 def test_a_database_put_back_while_the_server_runs_is_opened_again(client, database, sqlite_only, tmp_path):
     post(client, "/v1.0/events", [event(user_id="before")])
     with sqlite3.connect(database) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
@@ -1223,6 +1232,7 @@ def test_a_deleted_wal_file_loses_no_acknowledged_event(client, database, sqlite
     post(client, "/v1.0/events", [event(user_id=str(n)) for n in range(3)])
     os.remove(database + "-wal")
     post(client, "/v1.0/event", event(user_id="3"))
+    assert stored(database, "user_id") == [(str(n),) for n in range(4)]  # what a reader sees meanwhile
     client.app.close()
     assert stored(database, "user_id") == [(str(n),) for n in range(4)]
 
@@ -1249,8 +1259,9 @@ def test_a_live_server_refuses_events_into_a_deleted_database_and_loses_none_it_
             os.remove(path + suffix)
         connection.request("POST", "/v1.0/event", body(event(event_id="lost", api_key=pycolytics.DEV_KEY)))
         response = connection.getresponse()
+        assert response.status == 503
         answer = json.loads(response.read())
-        assert response.status == 503 and response.getheader("Retry-After") and "deleted" in answer["detail"]
+        assert response.getheader("Retry-After") and "deleted" in answer["detail"]
         status, _, health = get_over(connection, "/healthz")
         assert status == 503 and "deleted" in health["database"]
         assert not os.path.exists(path)
