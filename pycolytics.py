@@ -8,7 +8,7 @@ unchanged.
 
 Run it:          python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
 Look after it:   python3 pycolytics.py keygen | export | prune | backup | copy   (--help says how)
-Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn pycolytics:application
+Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn 'pycolytics:create_app()'
 
 One file, standard library only, Python 3.9 or newer; a postgresql:// database (several
 collectors, one database) also needs psycopg 3, imported only then. Importing this module
@@ -20,6 +20,7 @@ __version__ = "2.0.0"
 __all__ = ["Config", "ConfigError", "Pycolytics", "Server", "application", "create_app", "load_config", "main"]
 
 import argparse
+import binascii
 import collections
 import configparser
 import contextlib
@@ -152,11 +153,17 @@ class UnprocessableEntity(HTTPError):
     status = "422 Unprocessable Entity"
 
 
+def _retry_after(seconds):
+    # Browsers show a page's scripts only a few answer headers unless told; a client must
+    # read this one to know when to send again.
+    return [("Retry-After", str(seconds)), ("Access-Control-Expose-Headers", "Retry-After")]
+
+
 class TooManyRequests(HTTPError):
     status = "429 Too Many Requests"
 
     def __init__(self, detail, retry_after):
-        super().__init__(detail, [("Retry-After", str(retry_after))])
+        super().__init__(detail, _retry_after(retry_after))
 
 
 class HeaderFieldsTooLarge(HTTPError):
@@ -171,7 +178,7 @@ class ServiceUnavailable(HTTPError):
     status = "503 Service Unavailable"
 
     def __init__(self, detail, retry_after=1):
-        super().__init__(detail, [("Retry-After", str(retry_after))])
+        super().__init__(detail, _retry_after(retry_after))
 
 
 class VersionNotSupported(HTTPError):
@@ -191,36 +198,52 @@ def _text(value):
     return value.strip()
 
 
+def _items(value):
+    """The entries of a list setting: one per line, or separated by commas."""
+    return tuple(item for line in value.splitlines() for item in (part.strip() for part in line.split(",")) if item)
+
+
+def _glimpse(key):
+    """A key as a message may show it: never whole, since messages end up in logs."""
+    return f"{key[:4]!r}... ({len(key)} characters)"
+
+
 def _keys(value):
-    return tuple(key for line in value.splitlines() for key in (part.strip() for part in line.split(",")) if key)
+    keys = _items(value)
+    for key in keys:
+        if not key.isprintable() or any(character.isspace() for character in key):
+            raise ValueError(
+                f"the key {_glimpse(key)} holds a space or a control character; separate keys with commas "
+                "or new lines, and start a comment after a key with a space and ; or #"
+            )
+    return keys
+
+
+def _number(value, convert, lowest, highest, accepted):
+    """`value` as a number from `lowest` to `highest`, or a ValueError saying what is accepted."""
+    try:
+        number = convert(value)
+    except ValueError:
+        number = None
+    if number is None or not lowest <= number <= highest:  # NaN fails the comparison too
+        raise ValueError(f"must be {accepted}")
+    return number
 
 
 def _port(value):
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError("a port is a number from 0 to 65535")
-    return port
+    return _number(value, int, 0, 65535, "a whole number from 0 to 65535")
 
 
 def _count(value):
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be a whole number of at least 1")
-    return number
+    return _number(value, int, 1, math.inf, "a whole number of at least 1, without a unit (like 1000, or 1048576 for 1 MiB)")
 
 
 def _seconds(value):
-    number = float(value)
-    if not number > 0 or math.isinf(number):
-        raise ValueError("must be a positive number of seconds")
-    return number
+    return _number(value, float, 0.001, 1e6, "a number of seconds from 0.001 to 1000000, like 5 or 0.5")
 
 
 def _days(value):
-    days = float(value)
-    if not 0 <= days < 1e6:
-        raise ValueError("must be a number of days, or 0 to keep events forever")
-    return days
+    return _number(value, float, 0, 999_999, "a number of days, or 0 to keep events forever")
 
 
 def _flag(value):
@@ -239,13 +262,60 @@ def _synchronous(value):
     return word
 
 
-def _addresses(value):
-    return frozenset(_keys(value))
+class TrustedProxies:
+    """The addresses and networks (CIDR) of our own reverse proxies; `address in proxies` says
+    whether a peer is one. Exact addresses are one set lookup: the common case stays one hash."""
+
+    __slots__ = ("addresses", "networks")
+
+    def __init__(self, addresses, networks):
+        self.addresses = frozenset(addresses)
+        self.networks = tuple(networks)
+
+    def __contains__(self, address):
+        if address in self.addresses:
+            return True
+        if not self.networks:
+            return False
+        import ipaddress  # imported already by _proxies, which made the networks
+
+        try:
+            found = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
+        return any(found in network for network in self.networks)
+
+
+def _address(text):
+    """An IP address written as sockets report peers (::1, not 0:0::1); ValueError if not one."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except OSError:
+        raise ValueError(text) from None
+
+
+def _proxies(value):
+    addresses, networks = set(), []
+    for entry in _items(value):
+        try:
+            if "/" in entry:
+                import ipaddress  # here: 1 MB of memory that only configured networks need
+
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            else:
+                addresses.add(_address(entry))
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is neither an IP address (10.0.0.2, ::1) nor a network (10.0.0.0/8, fd00::/8)"
+            ) from None
+    return TrustedProxies(addresses, networks)
 
 
 def _origins(value):
     """ANY_ORIGIN for "*", else the set of origins (scheme://host[:port]) named."""
-    origins = _keys(value)
+    origins = _items(value)
     if "*" in origins:
         return ANY_ORIGIN
     for origin in origins:
@@ -307,7 +377,7 @@ SETTINGS = (
     Setting("max_pending_events", "100000", _count, "events waiting for the database at most (then 503)"),
     Setting("busy_timeout", "30", _seconds, "seconds a write waits for another process holding the database"),
     Setting("rate_limit", "off", _rate, "requests to the event endpoints per client address, like 60/minute"),
-    Setting("trusted_proxies", "127.0.0.1, ::1", _addresses, "reverse proxies whose X-Forwarded-For is believed"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "reverse proxies whose X-Forwarded-For is believed"),
     Setting("certfile", "", _text, "the PEM certificate chain for HTTPS"),
     Setting("keyfile", "", _text, "the PEM private key for HTTPS"),
     Setting("cors_origins", "*", _origins, "the web pages (origins) that may post events"),
@@ -317,6 +387,20 @@ SETTINGS = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
+# Settings whose values are keys: a message about them shows a glimpse of one key, not the value.
+SECRET_SETTINGS = ("api_keys", "read_keys")
+
+
+def _parse(name, text, where):
+    """A setting's value parsed, or a ConfigError naming `where` it came from, the key, the value
+    and what is accepted."""
+    try:
+        return SETTINGS_BY_NAME[name].parse(text)
+    except ValueError as error:
+        shown = "" if name in SECRET_SETTINGS else f" = {text!r}"
+        raise ConfigError(f"{where}{name}{shown} is not valid: {error}") from None
+
+
 class Config:
     """The settings in force, parsed and checked; attributes are named after the ini keys."""
 
@@ -324,20 +408,20 @@ class Config:
         """`raw` maps each ini key to (text, where it came from); `apps` each [app:NAME] to its raw keys."""
         self.sources = {}
         self.apps = {}
+        places = {}  # where each key is configured, to refuse a key given two roles
         for application, settings in (apps or {}).items():
             self.apps[application] = {}
             for name, (text, source) in settings.items():
-                try:
-                    self.apps[application][name] = SETTINGS_BY_NAME[name].parse(text)
-                except ValueError as error:
-                    raise ConfigError(f"{source}: [app:{application}] {name} = {text!r} is not valid: {error}") from None
-        for name, _, parse, _ in SETTINGS:
+                self.apps[application][name] = _parse(name, text, f"{source}: [app:{application}] ")
+            for key in self.apps[application].get("api_keys", ()):
+                _one_place(places, key, f"[app:{application}] api_keys ({settings['api_keys'][1]})")
+        for name, _, _, _ in SETTINGS:
             text, source = raw[name]
-            try:
-                setattr(self, name, parse(text))
-            except ValueError as error:
-                raise ConfigError(f"{source}: {name} = {text!r} is not valid: {error}") from None
+            setattr(self, name, _parse(name, text, f"{source}: "))
             self.sources[name] = source
+        for name in SECRET_SETTINGS:
+            for key in getattr(self, name):
+                _one_place(places, key, f"{name} ({self.sources[name]})")
         if not self.database:
             raise ConfigError(f"{self.sources['database']}: database must name a file")
         if bool(self.certfile) != bool(self.keyfile):
@@ -348,8 +432,20 @@ class Config:
         return not self.api_keys and not any(app.get("api_keys") for app in self.apps.values())
 
 
+def _one_place(places, key, place):
+    """Record where `key` is configured; a key in two places (a write key that also opens the
+    dashboard, or that two games share) would quietly grant more than either place says."""
+    first = places.setdefault(key, place)
+    if first != place:
+        raise ConfigError(
+            f"the key {_glimpse(key)} is in {first} and in {place}: each key belongs in one place, "
+            "either api_keys (any game), one [app:NAME] (that game), or read_keys (the dashboard)"
+        )
+
+
 def _read_ini(path, raw, apps):
-    parser = configparser.ConfigParser(interpolation=None)
+    # A comment may follow a value after a space (`key = value  ; why`), as in the README.
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as file:
             parser.read_file(file)
@@ -530,8 +626,9 @@ def parse_json(body):
         return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
     except (ValueError, RecursionError):
         error = first_error
+        message = re.sub(r" at$", "", error.msg)  # json's "Invalid control character at" says "at" itself
         raise BadRequest(
-            f"the request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+            f"the request body is not valid JSON: {message} at line {error.lineno} column {error.colno}"
         ) from None
 
 
@@ -1023,7 +1120,7 @@ def connect(path, synchronous="full", busy_timeout=30.0, create=True):
         if missing:
             raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
         if any(name not in columns for name, _ in ADDED_COLUMNS):
-            _add_columns(connection)
+            _add_columns(connection, announce=bool(exists))
         _index_event_ids(connection)
         connection.files = _file_ids(path)
     except BaseException:
@@ -1036,14 +1133,15 @@ def _columns(connection):
     return {row[1] for row in connection.execute("PRAGMA table_info(event)")}
 
 
-def _add_columns(connection):
+def _add_columns(connection, announce=True):
     """Give the table the columns Pycolytics added; another process may be doing the same."""
     with transaction(connection):
         columns = _columns(connection)
         for name, kind in ADDED_COLUMNS:
             if name not in columns:
                 connection.execute(f"ALTER TABLE event ADD COLUMN {name} {kind}")
-                log.info("upgraded the database: added the column event.%s", name)
+                if announce:
+                    log.info("upgraded the database: added the column event.%s", name)
 
 
 def _indexes(connection):
@@ -1187,9 +1285,14 @@ class Store:
       columns(connection)          the event table's column names
       rows(connection, query, parameters)   the rows of a SELECT, streamed in constant memory
       problem()                    why the database would not take events now, or None; waits HEALTH_TIMEOUT at most
+      describe(error)              `error` in words that /healthz may show (no hosts, users or passwords)
+      exists()                     whether the database is there already (commands never create one)
     """
 
     scan_time = "time"
+
+    def exists(self):
+        return True
 
     def detached(self, connection):
         return None
@@ -1243,6 +1346,9 @@ class SQLiteStore(Store):
             raise DatabaseGone(f"the database file {os.path.abspath(path)} was replaced, but its -wal file is the "
                                "deleted database's: move the -wal and -shm files away, then it is opened again")
 
+    def exists(self):
+        return os.path.exists(self.config.database)
+
     def detached(self, connection):
         """Why `connection` no longer writes into the file at the configured path, or None."""
         path = os.path.abspath(self.config.database)
@@ -1291,6 +1397,10 @@ class SQLiteStore(Store):
         """Whether `error` means the connection must be replaced: only when its file was."""
         return isinstance(error, DatabaseGone)
 
+    def describe(self, error):
+        """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
+        return str(error)
+
     def read(self):
         """A connection for reading only; it never creates a missing database."""
         return read_only(self.config.database)
@@ -1337,6 +1447,12 @@ POSTGRES_SCHEMA = (
     # an event_id is unique per application: two games may make the same ids
     "DROP INDEX IF EXISTS ix_event_event_id",
 )
+# The indexes a ready schema has: when they are there, connecting takes no lock on the table
+# (CREATE INDEX IF NOT EXISTS would take one, and wait behind every other collector's insert).
+POSTGRES_SCHEMA_READY = (
+    "SELECT to_regclass('event') IS NOT NULL AND to_regclass('ix_event_time') IS NOT NULL"
+    " AND to_regclass('ix_event_application_event_id') IS NOT NULL AND to_regclass('ix_event_event_id') IS NULL"
+)
 # Times travel as the same UTC text as in SQLite; the session's time zone is UTC. The conflict
 # target is the event_id index only: any other conflict (a primary key behind rows imported
 # with their ids) is an error, never an event silently dropped behind a 204.
@@ -1346,15 +1462,92 @@ POSTGRES_INSERT = (
     " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s)"
     " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
 )
-# How long a lost network may stall a commit before it fails (and clients get 503): TCP
-# keepalives and libpq's tcp_user_timeout notice a silent peer in about this many seconds.
-POSTGRES_TIMEOUT = 10
+# Every session's settings, in one round trip. Waits for a lock and statements are bounded as
+# SQLite's busy_timeout bounds them; synchronous_commit = on whatever the server's default is,
+# so a 204 means the commit is on disk (and on a synchronous standby, if there is one).
+POSTGRES_SESSION = (
+    "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
+    " set_config('statement_timeout', %s, false), set_config('synchronous_commit', %s, false)"
+)
+# synchronous = normal (or off) relaxes commits as on SQLite: a crash of the database server
+# may lose the last commits, a crash of the collector loses nothing.
+POSTGRES_SYNCHRONOUS_COMMIT = {"full": "on", "normal": "off", "off": "off"}
+# A statement_timeout would also cancel a commit's wait for its synchronous standby, and the
+# server then reports success for a commit only the primary holds: the commit is bounded by
+# the watchdog instead (a connection cut, and 503), never by a cancel that turns into a 204.
+POSTGRES_COMMIT = "SET LOCAL statement_timeout = 0; COMMIT"
+# Seconds beyond busy_timeout before the watchdog cuts a connection: time for the server's
+# own timeout error to arrive first.
+POSTGRES_GRACE = 5
+
+
+class LostBeforeCommit(ConnectionError):
+    """The connection was gone before a transaction's COMMIT was sent: nothing of it is stored,
+    so the same rows on a new connection are stored once."""
+
+
+def _cut(connection):
+    """Shut the connection's socket down beneath libpq: a call blocked on it fails at once."""
+    try:
+        with socket.fromfd(connection.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+    except Exception:  # already closed: nothing is blocked on it
+        pass
+
+
+class Watchdog:
+    """Cuts a connection whose call outlives its deadline. libpq waits forever for a peer that
+    acknowledges TCP but never answers (a frozen proxy, a hung server): keepalives and
+    tcp_user_timeout only notice a peer that stops acknowledging."""
+
+    IDLE_SECONDS = 60  # the thread ends after this long with nothing to watch
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._watched = {}  # token: [deadline, connection, fired]
+        self._thread = None
+
+    @contextlib.contextmanager
+    def watching(self, connection, seconds):
+        """Within the block, `connection` is cut `seconds` from now; yields a list that holds
+        True once it was."""
+        entry = [time.monotonic() + seconds, connection, False]
+        token = object()
+        with self._changed:
+            self._watched[token] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pycolytics-watchdog", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield entry
+        finally:
+            with self._changed:
+                del self._watched[token]
+
+    def _run(self):
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for entry in self._watched.values():
+                    if entry[0] <= now and not entry[2]:
+                        entry[2] = True
+                        log.error("the database did not answer in time: cutting the connection")
+                        _cut(entry[1])
+                waiting = [entry[0] - now for entry in self._watched.values() if not entry[2]]
+                if not waiting and not self._changed.wait(self.IDLE_SECONDS) and not self._watched:
+                    self._thread = None
+                    return
+                if waiting:
+                    self._changed.wait(max(0.01, min(waiting)))
 
 
 class PostgresStore(Store):
     """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
 
-    The driver, psycopg 3, is imported only here: SQLite users never need it.
+    The driver, psycopg 3, is imported only here: SQLite users never need it. Every wait is
+    bounded by busy_timeout: connecting, a lock, a statement, a silent network (keepalives,
+    tcp_user_timeout) and a peer that answers TCP but nothing else (the Watchdog).
     """
 
     kind = "PostgreSQL"
@@ -1376,26 +1569,38 @@ class PostgresStore(Store):
         self.psycopg = psycopg
         self.config = config
         self.errors = (psycopg.Error,)
+        self.watchdog = Watchdog()
+        self._told = None  # the last health problem logged, so a polling balancer logs it once
 
-    def _open(self, timeout=POSTGRES_TIMEOUT):
-        # autocommit: every transaction is an explicit `with connection.transaction()`, so none
-        # is ever left open by a stray statement (and rolled back, unseen, when it closes)
+    def _open(self, seconds, statements=True):
+        """A connection whose waits end after `seconds`; `statements`: a statement's too (not
+        for export, whose one query may rightly take long)."""
+        whole = max(2, math.ceil(seconds))  # libpq counts whole seconds, and at least 2
+        # autocommit: every transaction is an explicit BEGIN, so none is ever left open by a
+        # stray statement (and rolled back, unseen, when it closes). The URL's own
+        # application_name, if any, wins over the fallback.
         connection = self.psycopg.connect(
-            self.config.database, autocommit=True, connect_timeout=timeout, keepalives=1,
-            keepalives_idle=max(1, timeout // 2), keepalives_interval=1, keepalives_count=3,
-            tcp_user_timeout=timeout * 1000, application_name="pycolytics",
+            self.config.database, autocommit=True, connect_timeout=whole, keepalives=1,
+            keepalives_idle=max(1, whole // 2), keepalives_interval=1, keepalives_count=3,
+            tcp_user_timeout=whole * 1000, fallback_application_name="pycolytics",
         )
         try:
-            connection.execute("SET TIME ZONE 'UTC'")  # times in and out are UTC, as in SQLite
+            locks = int(seconds * 1000)
+            # a second more for a statement, so that a lock wait fails as one (and says so)
+            statement = str(locks + 1000) if statements else "0"
+            synchronous = POSTGRES_SYNCHRONOUS_COMMIT.get(self.config.synchronous, "on")
+            with self.watchdog.watching(connection, seconds + POSTGRES_GRACE):
+                connection.execute(POSTGRES_SESSION, (str(locks), statement, synchronous))
         except BaseException:
             connection.close()
             raise
         return connection
 
     def connect(self):
-        connection = self._open()
+        connection = self._open(self.config.busy_timeout)
         try:
-            self._create_schema(connection)
+            if not connection.execute(POSTGRES_SCHEMA_READY).fetchone()[0]:
+                self._create_schema(connection)
         except BaseException:
             connection.close()
             raise
@@ -1413,23 +1618,45 @@ class PostgresStore(Store):
                     raise
 
     def insert(self, connection, rows):
-        with connection.transaction():
-            with connection.cursor() as cursor:
-                cursor.executemany(POSTGRES_INSERT, rows)
-                return max(0, cursor.rowcount)
+        """Insert `rows` in one transaction; return how many were new (not an event_id already
+        stored). LostBeforeCommit: the connection was gone before COMMIT was sent."""
+        committing = False
+        with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE) as watch:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("BEGIN")
+                    cursor.executemany(POSTGRES_INSERT, rows)
+                    inserted = max(0, cursor.rowcount)
+                    committing = True
+                    cursor.execute(POSTGRES_COMMIT)
+            except self.psycopg.Error as error:
+                if committing or watch[2]:
+                    raise  # the commit's outcome is unknown, or the database hung: 503
+                if connection.broken:
+                    raise LostBeforeCommit(f"the database connection was lost before the commit: {error}") from error
+                self._roll_back(connection)
+                raise
+        return inserted
+
+    def _roll_back(self, connection):
+        try:
+            connection.execute("ROLLBACK")
+        except self.psycopg.Error:  # the original error is what matters; the next BEGIN says if it is broken
+            pass
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
-        with connection.transaction():
-            return connection.execute(
-                "DELETE FROM event WHERE id IN"
-                " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
-            ).rowcount
+        with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE):
+            with connection.transaction():
+                return connection.execute(
+                    "DELETE FROM event WHERE id IN"
+                    " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
+                ).rowcount
 
     def lost(self, error):
         return isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError))
 
     def read(self):
-        return self._open()
+        return self._open(self.config.busy_timeout, statements=False)
 
     def columns(self, connection):
         return {row[0] for row in connection.execute(
@@ -1437,14 +1664,25 @@ class PostgresStore(Store):
             " AND table_schema = current_schema()")}
 
     def problem(self):
+        """Why the database would not take events now, or None: in general words (the driver's
+        details, which name hosts and databases, go to the log). Waits HEALTH_TIMEOUT at most,
+        and takes the lock an insert takes, so a table locked by a migration shows."""
         try:
             connection = self._open(HEALTH_TIMEOUT)
             try:
-                connection.execute("SELECT 1 FROM event LIMIT 1")
+                with self.watchdog.watching(connection, HEALTH_TIMEOUT + POSTGRES_GRACE):
+                    with connection.transaction():
+                        connection.execute("LOCK TABLE event IN ROW EXCLUSIVE MODE")
             finally:
                 connection.close()
         except self.psycopg.Error as error:
-            return str(error).strip() or type(error).__name__
+            problem = self.describe(error)
+            detail = str(error).strip() or type(error).__name__
+            if detail != self._told:
+                log.warning("health check: %s: %s", problem, detail)
+                self._told = detail
+            return problem
+        self._told = None
         return None
 
     def probe(self, connection):
@@ -1457,6 +1695,22 @@ class PostgresStore(Store):
             connection.execute("SET TRANSACTION READ ONLY")
             with connection.cursor("export") as cursor:
                 yield from cursor.execute(query, parameters)
+
+    def describe(self, error):
+        """`error` in general words, for clients and /healthz: the driver's own text names hosts,
+        ports, users and databases, and belongs in the log."""
+        errors = self.psycopg.errors
+        if isinstance(error, errors.LockNotAvailable):
+            return "the event table is locked by another session"
+        if isinstance(error, errors.QueryCanceled):
+            return "the database did not answer in time"
+        if isinstance(error, (errors.ReadOnlySqlTransaction, errors.UndefinedTable)):
+            return "the database does not take events (read-only, or no event table)"
+        if isinstance(error, self.psycopg.IntegrityError):
+            return "the database refused the events as a conflict (the log says which)"
+        if isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError, ConnectionError)):
+            return "the database cannot be reached"
+        return "the database refused the request (the log says why)"
 
 
 def store_for(config):
@@ -1611,7 +1865,7 @@ class Writer:
         """
         error = self.last_error
         if error is not None:
-            return f"the last write failed: {error}"
+            return f"the last write failed: {self.store.describe(error)}"
         with self._health_lock:
             now = time.monotonic()
             if now - self._wrote_at < HEALTH_CACHE_SECONDS:
@@ -1672,12 +1926,18 @@ class Writer:
 
     def _commit(self, group):
         started = time.monotonic()
+        rows = list(itertools.chain.from_iterable(rows for rows, _ in group))
         try:
-            inserted = self.store.insert(self._connected(), list(itertools.chain.from_iterable(rows for rows, _ in group)))
+            try:
+                inserted = self.store.insert(self._connected(), rows)
+            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                self._forget_lost(lost)
+                self._reconnect_at = 0
+                inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
-            log.error("could not store %d events: %s", sum(len(rows) for rows, _ in group), failure)
+            log.error("could not store %d events: %s", len(rows), failure)
             self._failed(failure)
-            return ServiceUnavailable(f"the events could not be stored ({failure}); send them again shortly", 5)
+            return ServiceUnavailable("the database could not store the events; send them again shortly", 5)
         self._succeeded()
         self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         return None
@@ -1935,7 +2195,7 @@ h2{{font-size:16px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:
 footer{{color:#5b6477;font-size:12px;padding:0 24px 24px;text-align:center}}
 </style></head><body>
 <header><h1>Pycolytics</h1>
-<form method="get" action="/dashboard">
+<form method="get" action="dashboard">
 <label>Application <select name="application"><option value="">all</option>{options}</select></label>
 <label>From <input type="date" name="since" value="{since.isoformat()}"></label>
 <label>to <input type="date" name="until" value="{until.isoformat()}"></label>
@@ -2022,6 +2282,58 @@ def decompress(body, encoding, limit):
     raise BadRequest(f"the request body is not valid {encoding} data")
 
 
+# What a Host (or X-Forwarded-Host) may be to be written into a page: a name or an address and
+# a port. Anything else is not a host, and the server's own name is used instead.
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+# An X-Forwarded-Prefix: a path of RFC 3986's unreserved characters and percent-escapes, written
+# as is; nothing that needs quoting in HTML or in the shell command the /docs page shows.
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~%-]*)*")
+# Where the cached documentation names the application's own address; each answer puts the
+# address it was asked at (public_url) in its place. RFC 2606 reserves .invalid: no page says it.
+_OWN_ADDRESS = "http://pycolytics.invalid"
+
+
+def _last(header):
+    """The last value of a comma-separated header: the one the nearest proxy, the trusted one, set."""
+    return header.rpartition(",")[2].strip()
+
+
+def public_url(environ, trusted_proxies):
+    """The application's address as the player used it, without a trailing slash.
+
+    Built as wsgiref.util.application_uri builds it (scheme, Host, SCRIPT_NAME), except that a
+    trusted proxy's X-Forwarded-Proto and X-Forwarded-Host win: behind nginx the request that
+    reaches us says nothing of the player's scheme and host.
+    """
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST", "")
+    if environ.get("REMOTE_ADDR") in trusted_proxies:  # the test client_address() makes of a peer
+        proto = _last(environ.get("HTTP_X_FORWARDED_PROTO", "")).lower()
+        scheme = proto if proto in ("http", "https") else scheme
+        host = _last(environ.get("HTTP_X_FORWARDED_HOST", "")) or host
+    if not _HOST.fullmatch(host):
+        host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
+        host = f"[{host}]" if ":" in host else host
+        if port and port != {"http": "80", "https": "443"}[scheme]:
+            host += ":" + port
+    return f"{scheme}://{host}{public_path(environ, trusted_proxies)}"
+
+
+def public_path(environ, trusted_proxies):
+    """The path the application is at, as the player used it: "" at the root, else "/analytics".
+
+    SCRIPT_NAME (where the WSGI server mounted it) after the X-Forwarded-Prefix of a trusted
+    proxy (the path nginx took off before passing the request on).
+    """
+    prefix = ""
+    if environ.get("REMOTE_ADDR") in trusted_proxies:
+        prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
+        prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
+    from urllib.parse import quote  # here: only the answers that name their own address need it
+
+    return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
+
+
 class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
@@ -2034,6 +2346,7 @@ class Pycolytics:
         self._routes = {
             "/v1.0/event": {"POST": self.post_event, "OPTIONS": self.preflight},
             "/v1.0/events": {"POST": self.post_events, "OPTIONS": self.preflight},
+            "/v1.0/client.js": {"GET": client_script},
             "/docs": {"GET": self.get_docs},
             "/openapi.json": {"GET": self.get_openapi},
             "/healthz": {"GET": self.get_health},
@@ -2046,6 +2359,7 @@ class Pycolytics:
                 methods["HEAD"] = methods["GET"]
         # What the server's loop must not answer itself: these may wait for the database.
         self._reads_the_database = {self.get_health, self.get_dashboard}
+        self._turn_rows, self._turn_requests = [], []  # posted in this turn of the server's loop
 
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
@@ -2056,8 +2370,8 @@ class Pycolytics:
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
         if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
             self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
-        self._openapi = json.dumps(openapi_document(config), indent=2).encode()
-        self._docs = docs_page(config).encode()
+        self._openapi = json.dumps(openapi_document(config, _OWN_ADDRESS), indent=2).encode()
+        self._docs = docs_page(config, _OWN_ADDRESS).encode()
         self.config = self.writer.config = config
 
     def open(self):
@@ -2098,8 +2412,8 @@ class Pycolytics:
             answer = handler(environ)
             if isinstance(answer, list):  # rows to store
                 if answer:
-                    self.writer.start()
-                    self.writer.submit(answer, functools.partial(self._committed, environ, respond))
+                    self._turn_rows += answer
+                    self._turn_requests.append((environ, respond))
                     return True
                 answer = _NO_CONTENT
         except HTTPError as error:
@@ -2109,13 +2423,29 @@ class Pycolytics:
         respond(*self._finish(environ, answer))
         return True
 
+    def loop_turn_ended(self):
+        """The server's hook after each turn of its loop: the rows of every request read in it
+        go to the writer together, to be committed with one fsync."""
+        if not self._turn_requests:
+            return
+        rows, requests = self._turn_rows, self._turn_requests
+        self._turn_rows, self._turn_requests = [], []
+        try:
+            self.writer.start()
+            self.writer.submit(rows, functools.partial(self._committed, requests))
+        except HTTPError as error:
+            self._committed(requests, error)
+
     def server_answered(self, status):
         """The server's hook for the answers it gives by itself (bad framing, overload): counted."""
         self.metrics.request(status)
 
-    def _committed(self, environ, respond, error=None):
-        """Called by the writer thread once a posted request's rows are stored, or could not be."""
-        respond(*self._finish(environ, _NO_CONTENT if error is None else _error_parts(error)))
+    def _committed(self, requests, error=None):
+        """Called by the writer thread once a turn's rows are stored, or could not be: answer them all."""
+        status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
+        self.metrics.request(status, len(requests))
+        for environ, respond in requests:
+            respond(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body)
 
     def _finish(self, environ, answer):
         """Every answer, whichever way it leaves: counted, and readable by the pages allowed to."""
@@ -2149,7 +2479,9 @@ class Pycolytics:
         """The handler for a request; raises NotFound or MethodNotAllowed. The one routing of both ways in."""
         methods = self._routes.get(environ.get("PATH_INFO") or "/")
         if methods is None:
-            raise NotFound(f"no such endpoint: {environ.get('PATH_INFO')}; events go to /v1.0/event or /v1.0/events")
+            root = public_path(environ, self.config.trusted_proxies)
+            raise NotFound(f"no such endpoint: {root}{environ.get('PATH_INFO')}; "
+                           f"events go to {root}/v1.0/event or {root}/v1.0/events")
         handler = methods.get(environ["REQUEST_METHOD"])
         if handler is None:
             allowed = ", ".join(methods)
@@ -2177,10 +2509,12 @@ class Pycolytics:
         return self.validator.rows(parse_json(body), batch, body, received, environ.get("HTTP_ORIGIN"))
 
     def get_docs(self, environ):
-        return _ok(self._docs, HTML_TYPE)
+        address = _escape(public_url(environ, self.config.trusted_proxies))
+        return _ok(self._docs.replace(_OWN_ADDRESS.encode(), address.encode()), HTML_TYPE)
 
     def get_openapi(self, environ):
-        return _ok(self._openapi, JSON_TYPE)
+        address = json.dumps(public_url(environ, self.config.trusted_proxies))[1:-1]
+        return _ok(self._openapi.replace(_OWN_ADDRESS.encode(), address.encode()), JSON_TYPE)
 
     def get_health(self, environ):
         problem = self.database_problem()
@@ -2212,7 +2546,10 @@ class Pycolytics:
         return _ok(body, ("Content-Type", "text/plain; version=0.0.4"))
 
     def get_index(self, environ):
-        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": "/docs"}).encode()
+        # Paths, not addresses: a client that reached this page can reach them the same way.
+        root = public_path(environ, self.config.trusted_proxies)
+        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": root + "/docs",
+                           "openapi": root + "/openapi.json", "dashboard": root + "/dashboard"}).encode()
         return _ok(body, JSON_TYPE)
 
 
@@ -2283,7 +2620,8 @@ def _client_time_schema(description):
     ]}
 
 
-def openapi_document(config):
+def openapi_document(config, url):
+    """The OpenAPI 3 description of the API served at `url` (as public_url() gives it)."""
     error = {"$ref": "#/components/schemas/Error"}
     answers = {
         "204": {"description": "Stored: the events are committed to the database."},
@@ -2310,6 +2648,7 @@ def openapi_document(config):
     return {
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
+        "servers": [{"url": url}],
         "paths": {
             "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
             "/v1.0/events": post("Store a batch of events, all or nothing", batch),
@@ -2321,7 +2660,8 @@ def openapi_document(config):
     }
 
 
-def docs_page(config):
+def docs_page(config, url):
+    """The /docs page of the API served at `url` (as public_url() gives it, HTML-escaped)."""
     example = json.dumps({
         "event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
         "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY,
@@ -2336,7 +2676,7 @@ def docs_page(config):
 code,pre{{background:#f4f4f4}}pre{{padding:1em;overflow:auto}}td{{padding:.2em .8em;vertical-align:top}}</style>
 </head><body>
 <h1>Pycolytics Event API {API_VERSION}</h1>
-<p>Pycolytics {__version__}. The machine-readable description is <a href="/openapi.json">/openapi.json</a>.</p>
+<p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
 <h2>POST /v1.0/event</h2><p>One event, as a JSON object:</p>
 <pre>{example}</pre>
 <h2>POST /v1.0/events</h2>
@@ -2368,14 +2708,332 @@ an event whose id is already stored is acknowledged and not stored again, so ret
 <tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
 </table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
+<h2>GET /v1.0/client.js: the browser client</h2>
+<p>A small script without dependencies, for games and apps in a browser (Godot and Unity web exports, for
+example). No key is needed to load it; browsers cache it and revalidate it by its ETag.</p>
+<pre>&lt;script src="https://analytics.example.com/v1.0/client.js"&gt;&lt;/script&gt;
+&lt;script&gt;
+  Pycolytics.init({{url: "https://analytics.example.com", apiKey: "...", application: "my-game",
+                   version: "1.0.2", platform: "Web"}});
+  Pycolytics.track("level_started", {{level: 3}});
+&lt;/script&gt;</pre>
+<p><code>url</code> is the collector's base address (a trailing slash does not matter). Each event gets the
+<code>user_id</code> kept in localStorage (with <code>persistentUser: false</code>, a new one per page load), a
+<code>session_id</code> new with each page load, its <code>timestamp</code> and a fresh <code>event_id</code>.
+Events go in batches of <code>batchSize</code> (default 20) or every <code>interval</code> seconds (default 5),
+with <code>sent_at</code>; bodies over 1 KiB are gzip-compressed where the browser has
+<code>CompressionStream</code> (which costs one preflight, which the browser then caches); smaller ones go as
+<code>text/plain</code> without a preflight.</p>
+<p>Nothing is lost and nothing is stored twice: events wait in localStorage until the collector acknowledges
+them (at most <code>maxQueue</code>, default 1000; when it is full the oldest are dropped and counted). A network
+error, 408, 429 or 5xx is sent again with the same <code>event_id</code>s, after an exponential backoff (1 s,
+doubling, at most 60 s, with jitter) and never before <code>Retry-After</code>. Any other 4xx is not sent again
+and is logged to the console once per page; after a 422 only the events it names are dropped. When the page is
+hidden or closed the queue also goes out with <code>navigator.sendBeacon</code> (up to 60 kB) and stays queued,
+since a beacon's answer is never seen: the next page load sends it again, and its <code>event_id</code>s make
+that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</code> says how many events are
+<code>queued</code>, <code>dropped</code> (in total) and <code>refused</code> (by this page).</p>
 <h2>Operations</h2>
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
 key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
 <h2>Example</h2>
-<pre>curl -i http://127.0.0.1:8000/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
+<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>
 """
+
+
+###############################################################################
+# The browser client: /v1.0/client.js
+###############################################################################
+
+# Kept here, like the dashboard's markup, so that the collector stays one file.
+CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/client.js (documented at /docs).
+   Pycolytics.init({url, apiKey, application, version, platform}); Pycolytics.track(type, value);
+   Events wait in localStorage until the collector acknowledges them; each carries an event_id,
+   so a request sent again after a lost answer is stored once. */
+(function (global) {
+  "use strict";
+  if (global.Pycolytics) return;
+
+  const MAX_BATCH_BYTES = 262144;  // a quarter of the collector's default body limit
+  const BEACON_BYTES = 60000;  // browsers refuse beacons beyond 64 KiB in flight
+  const COMPRESS_FROM = 1024;  // smaller bodies go as they are: gzip would save little
+  const REQUEST_TIMEOUT = 30000;  // ms before a request without an answer counts as failed
+  const MAX_BACKOFF = 60000;  // ms between retries at most, before jitter
+  const MAX_RETRY_AFTER = 600;  // seconds of a Retry-After taken at most
+
+  let settings = null, keys = null, local = null, userId = null, sessionId = null;
+  let sending = false, timer = null, timerAt = 0, retryAt = 0, failures = 0, refused = 0;
+  let complained = false, warned = false;  // each once per page: a game may track thousands of events
+  const memory = new Map();  // the queue when localStorage is blocked (storage off, sandboxed frame)
+
+  function localStorageOrNull() {
+    try {
+      global.localStorage.getItem(keys.queue);
+      return global.localStorage;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function read(key) {
+    try {
+      return local ? local.getItem(key) : (memory.has(key) ? memory.get(key) : null);
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function write(key, text) {
+    if (!local) {
+      memory.set(key, text);
+      return true;
+    }
+    try {
+      local.setItem(key, text);
+      return true;
+    } catch (error) {
+      return false;  // over the storage quota
+    }
+  }
+
+  function queued() {
+    try {
+      const events = JSON.parse(read(keys.queue) || "[]");
+      return Array.isArray(events) ? events : [];
+    } catch (error) {
+      return [];
+    }
+  }
+
+  function keep(events) {
+    let dropped = Math.max(0, events.length - settings.maxQueue);
+    events = events.slice(dropped);
+    while (!write(keys.queue, JSON.stringify(events))) {
+      if (!events.length) local = null;  // not even an empty queue fits: keep it in memory
+      const oldest = Math.ceil(events.length / 2);
+      dropped += oldest;
+      events = events.slice(oldest);
+    }
+    if (dropped) {
+      write(keys.dropped, String((Number(read(keys.dropped)) || 0) + dropped));
+      if (!warned) console.warn("Pycolytics: the queue is full; the oldest events are dropped (see Pycolytics.stats())");
+      warned = true;
+    }
+  }
+
+  function forget(batch) {
+    const ids = new Set(batch.map((event) => event.event_id));
+    keep(queued().filter((event) => !ids.has(event.event_id)));
+    return ids.size;
+  }
+
+  function newId() {
+    const bytes = new Uint8Array(16);
+    if (global.crypto && global.crypto.getRandomValues) global.crypto.getRandomValues(bytes);
+    else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+    return Array.from(bytes, (byte) => (byte + 256).toString(16).slice(1)).join("");
+  }
+
+  function positive(value, otherwise) {
+    return typeof value === "number" && value > 0 ? value : otherwise;
+  }
+
+  function init(options) {
+    options = options || {};
+    for (const name of ["url", "apiKey", "application"]) {
+      if (typeof options[name] !== "string" || !options[name]) throw new TypeError("Pycolytics.init: " + name + " is required");
+    }
+    settings = {
+      url: options.url.replace(/\/+$/, "") + "/v1.0/events",
+      apiKey: options.apiKey,
+      application: options.application,
+      version: String(options.version == null ? "" : options.version),
+      platform: String(options.platform == null ? "Web" : options.platform),
+      batchSize: Math.min(positive(options.batchSize, 20), 1000),
+      interval: positive(options.interval, 5) * 1000,
+      maxQueue: positive(options.maxQueue, 1000),
+    };
+    const prefix = "pycolytics:" + options.application + ":";
+    keys = {queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
+    local = localStorageOrNull();
+    userId = options.persistentUser === false ? newId() : read(keys.user) || newId();
+    if (options.persistentUser !== false) write(keys.user, userId);
+    sessionId = newId();
+    schedule(0);  // what earlier pages left unacknowledged
+  }
+
+  function track(type, value) {
+    if (!settings) throw new Error("Pycolytics.track: call Pycolytics.init first");
+    if (value === undefined) value = {};
+    if (value === null || typeof value !== "object" || Array.isArray(value)) {
+      throw new TypeError("Pycolytics.track: value must be an object, like {level: 3}");
+    }
+    const event = {
+      event_type: String(type), application: settings.application, version: settings.version,
+      platform: settings.platform, user_id: userId, session_id: sessionId,
+      value: JSON.parse(JSON.stringify(value)), api_key: settings.apiKey,
+      timestamp: new Date().toISOString(), event_id: newId(),
+    };
+    const events = queued();
+    events.push(event);
+    keep(events);
+    schedule(events.length >= settings.batchSize ? 0 : settings.interval);
+    return event.event_id;
+  }
+
+  function schedule(delay) {
+    const at = Math.max(Date.now() + delay, retryAt);
+    if (sending || (timer !== null && timerAt <= at)) return;
+    clearTimeout(timer);
+    timerAt = at;
+    timer = setTimeout(send, at - Date.now());
+  }
+
+  function send() {
+    timer = null;
+    const batch = nextBatch(queued());
+    if (!batch.length) return;
+    sending = true;
+    Promise.resolve(batch).then(post)
+      .then((response) => answered(batch, response), () => later(null))
+      .catch(() => later(null))
+      .then((retrying) => {
+        sending = false;
+        const left = queued().length;
+        if (left) schedule(retrying || left >= settings.batchSize ? 0 : settings.interval);
+      });
+  }
+
+  function nextBatch(events) {
+    const batch = [];
+    let bytes = 2;
+    for (const event of events) {
+      bytes += JSON.stringify(event).length + 1;
+      if (batch.length >= settings.batchSize || (batch.length && bytes > MAX_BATCH_BYTES)) break;
+      batch.push(event);
+    }
+    return batch;
+  }
+
+  function stamped(event, sentAt) {
+    return Object.assign({}, event, {sent_at: sentAt});
+  }
+
+  function post(batch) {
+    const sentAt = new Date().toISOString();
+    const text = JSON.stringify(batch.map((event) => stamped(event, sentAt)));
+    return compressed(text).then((body) => {
+      // text/plain needs no preflight; Content-Encoding does, which the browser then caches
+      const headers = {"Content-Type": "text/plain"};
+      if (typeof body !== "string") headers["Content-Encoding"] = "gzip";
+      const abort = new AbortController();
+      const timeout = setTimeout(() => abort.abort(), REQUEST_TIMEOUT);
+      return fetch(settings.url, {method: "POST", headers, body, credentials: "omit", signal: abort.signal})
+        .finally(() => clearTimeout(timeout));
+    });
+  }
+
+  function compressed(text) {
+    if (text.length < COMPRESS_FROM || typeof CompressionStream !== "function") return Promise.resolve(text);
+    const stream = new Blob([text]).stream().pipeThrough(new CompressionStream("gzip"));
+    return new Response(stream).arrayBuffer().catch(() => text);
+  }
+
+  // true when the batch is to be sent again (after retryAt), false when it is done with
+  function answered(batch, response) {
+    const status = response.status;
+    if (status < 300) {
+      forget(batch);
+      failures = 0;
+      return false;
+    }
+    if (status === 408 || status === 429 || status >= 500) return later(response.headers.get("Retry-After"));
+    return response.json().catch(() => null).then((answer) => {
+      refuse(status === 422 ? namedEvents(answer, batch) : batch, status, answer);
+      return false;
+    });
+  }
+
+  function later(retryAfter) {
+    failures += 1;
+    const backoff = Math.min(MAX_BACKOFF, 1000 * 2 ** (failures - 1)) * (0.5 + Math.random());
+    let asked = /^\s*\d+\s*$/.test(retryAfter || "") ? Number(retryAfter) : (Date.parse(retryAfter) - Date.now()) / 1000;
+    asked = Math.min(asked > 0 ? asked : 0, MAX_RETRY_AFTER) * 1000;
+    retryAt = Date.now() + Math.max(backoff, asked ? asked + Math.random() * 1000 : 0);
+    return true;
+  }
+
+  // A 422 names the events it refuses; the others go again.
+  function namedEvents(answer, batch) {
+    const problems = answer && Array.isArray(answer.detail) ? answer.detail : [];
+    const named = problems.map((problem) => problem && Array.isArray(problem.loc) && batch[problem.loc[1]]);
+    return named.some(Boolean) ? named.filter(Boolean) : batch;
+  }
+
+  function refuse(events, status, answer) {
+    refused += forget(events);
+    failures = 0;
+    if (complained) return;
+    complained = true;
+    console.error("Pycolytics: the collector refused " + events.length + " event(s) with HTTP " + status +
+                  "; they are dropped, not sent again. Later refusals are not logged.", answer && answer.detail);
+  }
+
+  // The page is going away, or may be killed in the background: a beacon is the last chance.
+  // Its answer is never seen, so the events stay queued and the next page sends them again.
+  function beacon() {
+    if (!settings || !navigator.sendBeacon) return;
+    const sentAt = new Date().toISOString(), parts = [];
+    let bytes = 2;
+    for (const event of queued()) {
+      const text = JSON.stringify(stamped(event, sentAt));
+      bytes += new Blob([text]).size + 1;
+      if (bytes > BEACON_BYTES) break;
+      parts.push(text);
+    }
+    if (parts.length) navigator.sendBeacon(settings.url, new Blob(["[" + parts.join(",") + "]"], {type: "text/plain"}));
+  }
+
+  global.addEventListener("pagehide", beacon);
+  global.document.addEventListener("visibilitychange", () => {
+    if (global.document.visibilityState === "hidden") beacon();
+  });
+  global.addEventListener("online", () => {
+    retryAt = 0;
+    if (settings) schedule(0);
+  });
+
+  global.Pycolytics = {
+    init,
+    track,
+    flush: () => settings && schedule(0),
+    stats: () => ({queued: settings ? queued().length : 0, dropped: settings ? Number(read(keys.dropped)) || 0 : 0,
+                   refused, failures}),
+  };
+})(window);
+"""
+
+_CLIENT_BODY = CLIENT_JS.encode()
+# A page keeps the script for an hour; then the browser asks again with the ETag and gets a
+# 304 until the script changes (with a new Pycolytics).
+_CLIENT_HEADERS = [
+    ("ETag", f'"{binascii.crc32(_CLIENT_BODY):08x}"'),
+    ("Cache-Control", "public, max-age=3600"),
+    # A cross-origin isolated page (COEP require-corp, as Godot 4's threaded web export needs)
+    # loads a script from another origin only if the script says it may.
+    ("Cross-Origin-Resource-Policy", "cross-origin"),
+]
+
+
+def client_script(environ):
+    """GET /v1.0/client.js: the script, or a 304 when the browser's copy is this one."""
+    etag = _CLIENT_HEADERS[0][1]
+    tags = (environ.get("HTTP_IF_NONE_MATCH") or "").split(",")
+    if any(tag.strip() in ("*", etag, "W/" + etag) for tag in tags):
+        return "304 Not Modified", list(_CLIENT_HEADERS), b""
+    return _ok(_CLIENT_BODY, ("Content-Type", "text/javascript; charset=utf-8"), *_CLIENT_HEADERS)
 
 
 ###############################################################################
@@ -2398,10 +3056,10 @@ ACCEPT_PAUSE_SECONDS = 1.0
 # beyond it are dropped and counted, so that logging never blocks or stops the server.
 LOG_BUFFER_BYTES = 1 << 20
 
-# Bytes that may not appear in a request head: control characters (tab aside), and a CR or
-# LF anywhere but in the CRLF that ends a line. RFC 9112 (section 2.2) allows taking a bare LF
-# as a line end, but proxies that read it otherwise are how requests get smuggled.
-_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# Bytes that may not appear in a request head once its CRLFs are blanked out: control
+# characters (tab aside), so also a bare CR or LF. RFC 9112 (section 2.2) allows taking a
+# bare LF as a line end, but proxies that read it otherwise are how requests get smuggled.
+_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 # A method or a header name: RFC 9110's token (section 5.6.2).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -2424,11 +3082,23 @@ def tls_context(config):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    for name in ("certfile", "keyfile"):
+        try:
+            open(getattr(config, name), "rb").close()
+        except OSError as error:
+            raise ConfigError(f"cannot load {name} {getattr(config, name)}: {error.strerror} (a PEM file is needed)") from None
     try:
-        context.load_cert_chain(config.certfile, config.keyfile)
+        context.load_cert_chain(config.certfile, config.keyfile, password=functools.partial(_no_pass_phrase, config))
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(f"cannot load certfile {config.certfile} with keyfile {config.keyfile}: {error}") from None
     return context
+
+
+def _no_pass_phrase(config):
+    """Called by OpenSSL for an encrypted key, instead of its prompt on the terminal (which would
+    stop the event loop, or wait forever under systemd)."""
+    raise ConfigError(f"keyfile {config.keyfile} is encrypted; give it unencrypted, readable only by the server "
+                      "(openssl pkey -in ENCRYPTED.pem -out KEY.pem)")
 
 
 def notify_systemd(state):
@@ -2560,7 +3230,7 @@ def _split_target(target, method):
 
 def _parse_head(head, config):
     """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
-    bad = _FORBIDDEN_IN_HEAD.search(head)
+    bad = _FORBIDDEN_IN_HEAD.search(head.replace(b"\r\n", b"  "))
     if bad:
         raise BadRequest(f"the request head holds the byte {bad.group()[:1]!r} at offset {bad.start()}: "
                          "lines end with CRLF and hold no control characters")
@@ -2639,11 +3309,13 @@ class Server:
     it with each whole request's WSGI environ; the application either returns False (the
     request then runs as plain WSGI in a worker thread) or takes the request and calls
     `respond(status, headers, body)` exactly once, now or later and from any thread, never
-    blocking the loop meanwhile. Pycolytics answers most requests this way, and posted events
-    once its writer has committed them; with a middleware in between (no hook), every request
-    takes a worker thread, which is correct and slower. An application may also offer
-    `server_answered(status)`, to hear of the answers the server gives by itself (bad framing,
-    timeouts, overload), so that its metrics count every answer.
+    blocking the loop meanwhile. If it also offers `loop_turn_ended()`, the loop calls that
+    after each turn, once every request read in the turn was handed over: Pycolytics gathers
+    the events posted in a turn and commits them together (so a wrapper that passes one of
+    the two hooks on must pass both). With a middleware in between (no
+    hook), every request takes a worker thread, which is correct and slower. An application
+    may also offer `server_answered(status)`, to hear of the answers the server gives by itself
+    (bad framing, timeouts, overload), so that its metrics count every answer.
 
     Everything a client can make it hold is bounded: connections (in all, and per address),
     buffered bodies, head sizes, the time a request may take to arrive, and the work one
@@ -2656,6 +3328,7 @@ class Server:
         self.config = config
         self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
         self._answer_in_loop = getattr(app, "answer_in_loop", None)
+        self._turn_ended = getattr(app, "loop_turn_ended", None)
         self._server_answered = getattr(app, "server_answered", None)
         self._reload_requested = False
         self._tls = tls_context(config)
@@ -2744,6 +3417,8 @@ class Server:
                     callback, connection = key.data
                     self._guarded(callback, connection)
                 self._serve_ready()
+                if self._turn_ended is not None:
+                    self._guarded(self._turn_ended)
                 if self._reload_requested and self.reload is not None:
                     self._reload_requested = False
                     self._guarded(self.reload)
@@ -3227,7 +3902,10 @@ def serve(config, load=None):
         return 1
     try:
         server = Server(app, config, reload=lambda: _reload(app, server, load))
-    except (OSError, ConfigError) as error:
+    except ConfigError:
+        app.close()
+        raise
+    except OSError as error:
         log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         app.close()
         return 1
@@ -3271,25 +3949,48 @@ def _warn_about_keys(config):
                     "Set api_keys before you ship a game.", DEV_KEY)
 
 
+def _restart_only_changes(config, in_force):
+    """Warnings for what `config` changes that only a restart puts in force; `config` keeps the
+    values in force instead, so it says what the server does and the next reload compares with that."""
+    warnings = []
+    for name in RESTART_SETTINGS:
+        if getattr(config, name) != getattr(in_force, name):
+            warnings.append(f"{name} changed to {getattr(config, name)!r}; that takes a restart, "
+                            f"the server keeps {getattr(in_force, name)!r}")
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    if bool(config.certfile) != bool(in_force.certfile):
+        now, then = ("HTTPS", "plain HTTP") if in_force.certfile else ("plain HTTP", "HTTPS")
+        warnings.append(f"certfile and keyfile switch to {then}; that takes a restart, the server keeps serving {now}")
+        for name in ("certfile", "keyfile"):
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    return warnings
+
+
 def _reload(app, server, load):
     """Read the configuration again and put it in force; a bad one changes nothing."""
     notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         config = load()
+        warnings = _restart_only_changes(config, app.config)
         tls = tls_context(config)
     except ConfigError as error:
         log.error("reload failed; the configuration in force stays: %s", error)
     else:
-        for name in RESTART_SETTINGS:
-            if getattr(config, name) != getattr(app.config, name):
-                log.warning("%s changed; that takes a restart, the server keeps %r", name, getattr(app.config, name))
+        for warning in warnings:
+            log.warning("%s", warning)
         app.reconfigure(config)
         server.reconfigure(config, tls)
         if config.retention_days:
             app.writer.prune_soon()
         _warn_about_keys(config)
-        log.info("configuration reloaded")
+        log.info("configuration reloaded" + (" except what takes a restart" if warnings else ""))
     notify_systemd("READY=1")
+
+
+class UsageError(Exception):
+    """A command line that cannot work as given (exit status 2); the message says what to change."""
 
 
 def keygen(arguments, config):
@@ -3308,24 +4009,48 @@ def _moment(text, option):
     """A stored-time text from a command line time (ISO 8601 or Unix seconds)."""
     moment = _client_time(float(text) if re.fullmatch(r"-?\d+(\.\d*)?", text) else text)
     if moment is None:
-        raise ConfigError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
+        raise UsageError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
     return moment.strftime(TIME_FORMAT)
+
+
+def _existing_store(config):
+    """The store of config.database, which must exist: only the server creates a database, so a
+    typo in --database is an error, not a new empty file."""
+    store = store_for(config)
+    if not store.exists():
+        raise UsageError(f"there is no database {os.path.abspath(config.database)}: check --database "
+                         "or the configuration's database (only the server creates a database)")
+    return store
+
+
+# What a spreadsheet takes for the start of a formula; OWASP's advice for CSV injection is a
+# quote in front: https://owasp.org/www-community/attacks/CSV_Injection
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(cell):
+    """A CSV cell that a spreadsheet shows as text instead of running it as a formula."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
 
 
 def export(arguments, config):
     """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
     import csv
 
-    store = store_for(config)
+    moments = {option: _moment(getattr(arguments, option), f"--{option}")
+               for option in ("since", "until") if getattr(arguments, option)}
+    if arguments.output and os.path.exists(arguments.output) and not arguments.force:
+        raise UsageError(f"{arguments.output} exists; pass --force to overwrite it")
+    store = _existing_store(config)
     conditions, parameters = [], []
     if arguments.application is not None:
         conditions.append(f"application = {store.parameter}")
         parameters.append(arguments.application)
     # scan_time: read in id order without the time index, so nothing is sorted in memory
     for option, operator_ in (("since", ">="), ("until", "<")):
-        if getattr(arguments, option):
+        if option in moments:
             conditions.append(f"{store.scan_time} {operator_} {store.since}")
-            parameters.append(_moment(getattr(arguments, option), f"--{option}"))
+            parameters.append(moments[option])
     connection = store.read()
     present = store.columns(connection)
     texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
@@ -3339,7 +4064,7 @@ def export(arguments, config):
             writer = csv.writer(output)
             writer.writerow(EXPORT_COLUMNS)
             for row in rows:
-                writer.writerow(row)
+                writer.writerow([_inert(cell) for cell in row])
                 count += 1
         else:
             value = EXPORT_COLUMNS.index("value")
@@ -3348,6 +4073,11 @@ def export(arguments, config):
                 record["value"] = json.loads(row[value])
                 output.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
+        output.flush()
+    except BrokenPipeError:  # the reader has what it wanted (`export | head`)
+        if output is not sys.stdout:
+            raise
+        return 0
     finally:
         if output is not sys.stdout:
             output.close()
@@ -3357,10 +4087,33 @@ def export(arguments, config):
     return 0
 
 
+def _confirmed(question):
+    """True if the person at the terminal answers yes; without a terminal, nobody can."""
+    if not sys.stdin.isatty():
+        return None
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def prune(arguments, config):
     """Delete events older than --before, in small steps that never hold up a running server."""
     before = _moment(arguments.before, "--before")
-    store = store_for(config)
+    store = _existing_store(config)
+    connection = store.read()
+    try:
+        found = connection.execute(f"SELECT count(*) FROM event WHERE time < {store.since}", (before,)).fetchone()[0]
+    finally:
+        connection.close()
+    log.info("%d events are from before %s", found, before)
+    if arguments.dry_run or not found:
+        return 0
+    if not arguments.yes:
+        answer = _confirmed(f"Delete {found} events from before {before}?")
+        if answer is None:
+            raise UsageError(f"this would delete {found} events; pass --yes to delete them without a question "
+                             "(standard input is not a terminal to ask on)")
+        if not answer:
+            log.info("deleted nothing")
+            return 1
     connection = store.connect()
     deleted = 0
     try:
@@ -3378,9 +4131,11 @@ def prune(arguments, config):
 
 def backup(arguments, config):
     """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
-    if isinstance(store_for(config), PostgresStore):
-        raise ConfigError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
+    if isinstance(_existing_store(config), PostgresStore):
+        raise UsageError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
     target = arguments.file
+    if os.path.exists(target) and not arguments.force:
+        raise UsageError(f"{target} exists; pass --force to overwrite it")
     partial = target + ".partial"
     source = read_only(config.database)
     try:
@@ -3399,26 +4154,56 @@ def backup(arguments, config):
 
 # Events one step of `copy` moves, in one PostgreSQL transaction with its progress mark.
 COPY_STEP_ROWS = 5000
+# `copy` knows a source database by an id kept inside it (made by its first copy, in a table
+# of its own), not by its path: a moved database resumes, another one at the same path is new.
+COPY_IDENTITY = "CREATE TABLE IF NOT EXISTS pycolytics_identity (id VARCHAR NOT NULL)"
+# In the target, how far each source has been copied (its highest copied row id).
+COPY_PROGRESS = "CREATE TABLE IF NOT EXISTS pycolytics_copied (source VARCHAR PRIMARY KEY, last_id BIGINT NOT NULL)"
+
+
+def _identity(path, busy_timeout):
+    """The id of the SQLite database at `path`, made and stored in it if it has none yet."""
+    reader = read_only(path)
+    try:
+        if reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'pycolytics_identity'").fetchone():
+            found = reader.execute("SELECT id FROM pycolytics_identity").fetchone()
+            if found:
+                return found[0]
+    finally:
+        reader.close()
+    uri = "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
+    writer = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    try:
+        with transaction(writer):  # IMMEDIATE: two copies starting together make one id
+            writer.execute(COPY_IDENTITY)
+            found = writer.execute("SELECT id FROM pycolytics_identity").fetchone()
+            if not found:
+                found = (os.urandom(16).hex(),)
+                writer.execute("INSERT INTO pycolytics_identity (id) VALUES (?)", found)
+    finally:
+        writer.close()
+    return found[0]
 
 
 def copy_events(arguments, config):
     """Move an SQLite database's events into PostgreSQL. Run again, it resumes where it stopped
-    and copies each event once: progress is committed with every step, in the target."""
-    if not isinstance(store_for(config), SQLiteStore):
-        raise ConfigError("copy reads an SQLite database: name it with --database FILE")
+    and copies each event once, wherever the database lies now: progress is committed with
+    every step, in the target, under the id the source keeps."""
+    if not isinstance(_existing_store(config), SQLiteStore):
+        raise UsageError("copy reads an SQLite database: name it with --database FILE")
     target_config = copy_module.copy(config)
     target_config.database = arguments.to
     target = store_for(target_config)
     if not isinstance(target, PostgresStore):
-        raise ConfigError(f"--to {arguments.to!r} is not a postgresql:// URL")
+        raise UsageError(f"--to {arguments.to!r} is not a postgresql:// URL")
+    origin = _identity(config.database, config.busy_timeout)
     source = read_only(config.database)
     destination = target.connect()
-    origin = os.path.abspath(config.database)
     copied = seen = 0
     try:
         with destination.transaction():
-            destination.execute("CREATE TABLE IF NOT EXISTS pycolytics_copy (source VARCHAR PRIMARY KEY, last_id BIGINT NOT NULL)")
-        mark = destination.execute("SELECT last_id FROM pycolytics_copy WHERE source = %s", (origin,)).fetchone()
+            destination.execute(COPY_PROGRESS)
+        mark = destination.execute("SELECT last_id FROM pycolytics_copied WHERE source = %s", (origin,)).fetchone()
         last = mark[0] if mark else 0
         present = _columns(source)
         optional = ", ".join(name if name in present else f"NULL AS {name}" for name, _ in ADDED_COLUMNS)
@@ -3435,65 +4220,105 @@ def copy_events(arguments, config):
                     cursor.executemany(POSTGRES_INSERT, [row[1:] for row in rows])
                     copied += max(0, cursor.rowcount)
                 destination.execute(
-                    "INSERT INTO pycolytics_copy (source, last_id) VALUES (%s, %s)"
+                    "INSERT INTO pycolytics_copied (source, last_id) VALUES (%s, %s)"
                     " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id", (origin, last))
             seen += len(rows)
     finally:
         source.close()
         destination.close()
-    log.info("copied %d events into %s (%d more were there already)", copied, _redacted(arguments.to), seen - copied)
+    log.info("copied %d events of database %s into %s (%d more were there already)",
+             copied, origin, _redacted(arguments.to), seen - copied)
     return 0
+
+
+def _global_options(default):
+    """The options of every command, accepted before or after the command's name; `default`
+    SUPPRESS for a command's copy, so that an option given before the name still counts."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", metavar="FILE", default=default,
+                         help="the ini file to read (sections [pycolytics], [app:NAME])")
+    options.add_argument("--host", default=default,
+                         help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    options.add_argument("--port", default=default, help="the port to listen on (default 8000)")
+    options.add_argument("--database", metavar="FILE_OR_URL", default=default,
+                         help="the SQLite database file, or a postgresql:// URL (default pycolytics.db)")
+    options.add_argument("--quiet", action="store_const", const="yes", default=default, help="do not log each request")
+    return options
+
+
+# Each command: (function, one line for the list of commands, a description for its --help).
+COMMANDS = {
+    "keygen": (keygen, "print a new random API key",
+               "Print a new random key, 32 bytes from the operating system's random source, for api_keys or read_keys."),
+    "export": (export, "write events as CSV or JSON lines (pandas reads both)",
+               "Write events in the order they were stored, as CSV (a header line, then one line an event) or JSON "
+               "lines, row by row in constant memory. In CSV, a text cell that starts with = + - @, a tab or a "
+               "carriage return gets a ' in front, so that a spreadsheet shows it rather than running it as a "
+               "formula; JSON lines hold every value exactly."),
+    "prune": (prune, "delete events older than a time, in small steps",
+              "Delete the events whose time is before T, 500 at a time so that a running server is never held up. "
+              "It says first how many events that is, and asks before deleting them (on a terminal) unless --yes "
+              "is given; --dry-run only counts."),
+    "backup": (backup, "copy the database consistently, while the server runs",
+               "Copy the SQLite database into FILE with SQLite's online backup: consistent even while the server "
+               "writes. An existing FILE is replaced only with --force."),
+    "copy": (copy_events, "move an SQLite database's events into PostgreSQL (resumable)",
+             "Copy the events of the SQLite database (--database FILE) into a PostgreSQL database (--to URL) in "
+             "steps of 5000, each committed with its progress in the target: run it again after an interruption "
+             "(or for newer events) and it resumes, copying each event once."),
+}
 
 
 def _parser():
     parser = argparse.ArgumentParser(
         prog="pycolytics.py",
-        description="Collect analytics events over HTTP into an SQLite database. With no command, serve.",
+        parents=[_global_options(None)],
+        description="Collect analytics events over HTTP into an SQLite or PostgreSQL database. With no command, serve.",
         epilog=(
+            "The options above work before or after a command (pycolytics.py prune --database events.db ...). "
             "Settings come from, strongest first: these options, PYCOLYTICS_<KEY> environment variables "
             "(and the original Pycolytics' SQLITE_FILE_PATH, API_KEYS and RATE_LIMIT), the ini file, the defaults. "
             "The ini file is --config, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini if present; "
             "pycolytics.ini in the repository documents every key."
         ),
     )
-    parser.add_argument("--config", metavar="FILE", help="the ini file to read (sections [pycolytics], [app:NAME])")
-    parser.add_argument("--host", help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", help="the port to listen on (default 8000)")
-    parser.add_argument("--database", metavar="FILE", help="the SQLite database file (default pycolytics.db)")
-    parser.add_argument("--quiet", action="store_const", const="yes", help="do not log each request")
     parser.add_argument("--version", action="version", version=f"pycolytics {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("keygen", help="print a new random API key")
-    exporting = commands.add_parser("export", help="write events as CSV or JSON lines (pandas reads both)")
+    made = {name: commands.add_parser(name, help=summary, description=description,
+                                      parents=[_global_options(argparse.SUPPRESS)])
+            for name, (_, summary, description) in COMMANDS.items()}
+    exporting = made["export"]
     exporting.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
     exporting.add_argument("--application", metavar="NAME", help="only this application's events")
     exporting.add_argument("--since", metavar="T", help="only events at or after T (ISO 8601 or Unix seconds, UTC)")
     exporting.add_argument("--until", metavar="T", help="only events before T")
     exporting.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
-    pruning = commands.add_parser("prune", help="delete events older than a time, in small steps")
+    exporting.add_argument("--force", action="store_true", help="overwrite --output FILE if it exists")
+    pruning = made["prune"]
     pruning.add_argument("--before", metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")
-    backing_up = commands.add_parser("backup", help="copy the database consistently, while the server runs")
-    backing_up.add_argument("file", metavar="FILE", help="where to write the copy")
-    copying = commands.add_parser("copy", help="move an SQLite database's events into PostgreSQL (resumable)")
-    copying.add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
+    pruning.add_argument("--dry-run", action="store_true", help="only say how many events would be deleted")
+    pruning.add_argument("--yes", action="store_true", help="delete without asking (needed when not on a terminal)")
+    made["backup"].add_argument("file", metavar="FILE", help="where to write the copy")
+    made["backup"].add_argument("--force", action="store_true", help="replace FILE if it exists")
+    made["copy"].add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
     return parser
-
-
-COMMANDS = {"keygen": keygen, "export": export, "prune": prune, "backup": backup, "copy": copy_events}
 
 
 def main(argv=None):
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    overrides = {"host": arguments.host, "port": arguments.port, "database": arguments.database, "quiet": arguments.quiet}
+    overrides = {name: getattr(arguments, name) for name in ("host", "port", "database", "quiet")}
     load = functools.partial(load_config, arguments.config, overrides=overrides)
     try:
         config = load()
         if arguments.command is None:
             return serve(config, load)
-        return COMMANDS[arguments.command](arguments, config)
+        return COMMANDS[arguments.command][0](arguments, config)
     except ConfigError as error:
         log.error("bad configuration: %s", error)
+        return 2
+    except UsageError as error:
+        log.error("%s: %s", arguments.command, error)
         return 2
     except Exception as error:  # OSError, or the database's own errors
         log.error("%s failed: %s", arguments.command or "serving", error)

@@ -13,6 +13,7 @@ import http.client
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -24,9 +25,11 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
+import urllib.parse
 import warnings
 import wsgiref.validate
 import zlib
@@ -97,7 +100,8 @@ def count(database):
         return connection.execute("SELECT count(*) FROM event").fetchone()[0]
 
 
-POSTGRES_SERVER = "postgresql://127.0.0.1:5432/test"
+# The shared PostgreSQL server the tests make their schemas in; other programs use it too.
+POSTGRES_SERVER = os.environ.get("PYCOLYTICS_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
 
 
 @pytest.fixture
@@ -121,7 +125,9 @@ def postgres_schema():
         if os.environ.get("CI"):
             pytest.fail(f"the PostgreSQL server at {POSTGRES_SERVER} must run in CI: {error}")
         pytest.skip(f"no PostgreSQL server at {POSTGRES_SERVER}")
-    yield f"{POSTGRES_SERVER}?options=-csearch_path%3D{schema}"
+    # the schema's name is its collectors' application_name too: a test cuts only its own connections
+    joint = "&" if "?" in POSTGRES_SERVER else "?"
+    yield f"{POSTGRES_SERVER}{joint}options=-csearch_path%3D{schema}&application_name={schema}"
     with psycopg.connect(POSTGRES_SERVER, autocommit=True) as connection:
         connection.execute(f"DROP SCHEMA {schema} CASCADE")
 
@@ -535,6 +541,413 @@ def test_cors_and_gzip_over_a_real_socket(server, database):
     assert count(database) == 3
 
 
+# -- The browser client ----------------------------------------------------------------------------
+
+
+def test_the_client_script_is_served_to_anyone_and_cached_by_its_etag(client):
+    script = client.get("/v1.0/client.js")
+    assert script.content_type == "text/javascript" and "Pycolytics.init" in script.text
+    assert "max-age=" in script.headers["Cache-Control"] and script.headers["ETag"].startswith('"')
+    etag = script.headers["ETag"]
+    for asked in (etag, "W/" + etag, f'"other", {etag}', "*"):
+        assert client.get("/v1.0/client.js", headers={"If-None-Match": asked}, status=304).body == b""
+    assert client.get("/v1.0/client.js", headers={"If-None-Match": '"other"'}).body == script.body
+
+
+def test_the_docs_page_documents_the_browser_client(client):
+    page = client.get("/docs").text
+    assert "GET /v1.0/client.js" in page and "sendBeacon" in page
+    assert 'Pycolytics.track("level_started", {level: 3})' in page
+
+
+def test_a_429_lets_a_pages_script_read_its_retry_after(settings):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="1/minute")))
+    client = webtest.TestApp(app)
+    post(client, "/v1.0/event", event())
+    refused = post(client, "/v1.0/event", event(), status=429, headers={"Origin": "https://games.example"})
+    app.close()
+    assert refused.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Retry-After" in refused.headers["Access-Control-Expose-Headers"].split(", ")
+
+
+# Root needs --no-sandbox; the rest keeps a test browser from talking to anything but the test.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic", "--remote-debugging-pipe"]
+
+
+class DevTools:
+    """Chromium driven by the DevTools protocol over --remote-debugging-pipe: JSON messages ended
+    by NUL, which the browser reads from its file descriptor 3 and writes to its 4."""
+
+    def __init__(self, profile):
+        import fcntl
+
+        # Above 4, so that putting the browser's ends on 3 and 4 cannot overwrite one of them.
+        ends = os.pipe() + os.pipe()
+        commands_end, self._commands, self._answers, answers_end = (fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, 5)
+                                                                    for end in ends)
+        for end in ends:
+            os.close(end)
+        redirect = f'exec "$0" "$@" 3<&{commands_end} 4>&{answers_end} {commands_end}<&- {answers_end}>&-'
+        self.process = subprocess.Popen(["bash", "-c", redirect, find_chromium(), *CHROMIUM_FLAGS,
+                                         f"--user-data-dir={profile}"], pass_fds=(commands_end, answers_end),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(commands_end)
+        os.close(answers_end)
+        self._numbers = itertools.count(1)
+        self._received = threading.Condition()
+        self._results = {}
+        self._closed = False
+        self.quitted = False
+        self.console = []  # (session, type, texts) of every console call
+        self._reader = threading.Thread(target=self._read)
+        self._reader.start()
+
+    def _read(self):
+        pending = b""
+        while True:
+            data = os.read(self._answers, 65536)
+            messages = (pending + data).split(b"\0")
+            pending = messages.pop()
+            with self._received:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self._results[message["id"]] = message
+                    elif message.get("method") == "Runtime.consoleAPICalled":
+                        params = message["params"]
+                        texts = [argument.get("value", argument.get("description")) for argument in params["args"]]
+                        self.console.append((message.get("sessionId"), params["type"], texts))
+                self._closed = not data
+                self._received.notify_all()
+            if not data:
+                os.close(self._answers)
+                return
+
+    def call(self, method, session=None, timeout=60, **params):
+        number = next(self._numbers)
+        message = {"id": number, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        data = json.dumps(message).encode() + b"\0"
+        while data:
+            data = data[os.write(self._commands, data):]
+        with self._received:
+            self._received.wait_for(lambda: number in self._results or self._closed, timeout)
+            answer = self._results.pop(number, None)
+        assert answer is not None, f"the browser did not answer {method} within {timeout} s"
+        assert "error" not in answer, f"{method}: {answer['error']}"
+        return answer["result"]
+
+    def open(self, url):
+        """A new tab showing `url`, once its scripts have run: (target, session)."""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Runtime.enable", session)
+        self.call("Page.navigate", session, url=url)
+        self.wait(session, "document.readyState === 'complete' && window.Pycolytics !== undefined")
+        return target, session
+
+    def evaluate(self, session, expression):
+        result = self.call("Runtime.evaluate", session, expression=expression, awaitPromise=True, returnByValue=True)
+        assert "exceptionDetails" not in result, f"{expression}: {result['exceptionDetails']}"
+        return result["result"].get("value")
+
+    def wait(self, session, expression, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(session, expression):
+            assert time.monotonic() < deadline, f"still not true after {timeout} s: {expression}"
+            time.sleep(0.1)
+
+    def close_tab(self, target):
+        self.call("Target.closeTarget", targetId=target)
+
+    def quit(self):
+        """Close the browser as a user would, so it writes its profile (localStorage) to disk."""
+        self.quitted = True
+        try:
+            self.call("Browser.close", timeout=30)
+        except (AssertionError, OSError):
+            pass  # gone before it answered, gone already, or stuck: waited for below either way
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(30)
+        os.close(self._commands)
+        self._reader.join(30)
+
+
+@pytest.fixture
+def browsers(tmp_path):
+    """Opens Chromium on one profile, again and again; every browser it started is gone after the test."""
+    started = []
+
+    def start():
+        started.append(DevTools(tmp_path / "profile"))
+        return started[-1]
+
+    yield start
+    for devtools in started:
+        if not devtools.quitted:
+            devtools.quit()
+
+
+@contextlib.contextmanager
+def game_page(script_url, collector_url, **options):
+    """A web server of a game's page, which loads the client from the collector and starts it with
+    `options` and those of the page's query (?{"interval": 600}); first it notes what an earlier page
+    left in localStorage, in window.leftover."""
+    import http.server
+    import urllib.parse
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked = urllib.parse.unquote(urllib.parse.urlsplit(self.path).query) or "{}"
+            settings = dict({"url": collector_url, "application": "web-game", "version": "1.0", "interval": 0.3},
+                            **options, **json.loads(asked))
+            page = (f'<!doctype html><meta charset="utf-8"><title>game</title><script>window.leftover = JSON.parse('
+                    f'localStorage.getItem("pycolytics:web-game:queue") || "[]")</script>'
+                    f'<script src="{script_url}"></script><script>Pycolytics.init({json.dumps(settings)})</script>')
+            data = page.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *arguments):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield "http://%s:%d/" % server.server_address
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def track(devtools, session, event_type, numbers, pad=0):
+    """Tracks events in the page in one go (so in one batch): [(event_id, the page's clock in Unix seconds)]."""
+    tracked = devtools.evaluate(session, f"""{json.dumps(list(numbers))}.map(n => [
+        Pycolytics.track({json.dumps(event_type)}, {{n, pad: "x".repeat({pad})}}), Date.now() / 1000])""")
+    return [tuple(each) for each in tracked]
+
+
+def stored_by_id(path):
+    """{event_id: (event_type, n, user_id, session_id, time in Unix seconds, how many rows)} from the database."""
+    found = {}
+    with sqlite3.connect(path) as connection:
+        for event_type, value, user_id, session_id, moment, event_id in connection.execute(
+                "SELECT event_type, value, user_id, session_id, time, event_id FROM event"):
+            seconds = datetime.datetime.strptime(moment, pycolytics.TIME_FORMAT).replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+            copies = found.get(event_id, (0,) * 6)[5] + 1
+            found[event_id] = (event_type, json.loads(value)["n"], user_id, session_id, seconds, copies)
+    return found
+
+
+def wait_for(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not true after {timeout} s"
+        time.sleep(0.1)
+
+
+# The offline spells below last at least this long, beyond the clock tolerance, so a client that
+# sent events without their own times would store them visibly late.
+OFFLINE_SECONDS = 4
+CLOCK_TOLERANCE = 2.5
+
+
+def test_the_browser_client_stores_every_event_once_across_collector_restarts_and_closed_tabs(tmp_path, browsers):
+    environ = dict(os.environ, PYCOLYTICS_API_KEYS=KEY)
+    database = str(tmp_path / "events.db")
+    collector, address, _, _ = start_server(tmp_path, "--quiet", "--database", "events.db", environ=environ)
+    port = address[1]
+    url = "http://127.0.0.1:%d" % port
+    tracked = {}  # event_id: (event_type, n, the page's clock)
+
+    def stop_collector():
+        collector.send_signal(signal.SIGTERM)
+        assert collector.wait(15) == 0
+
+    def start_collector():
+        return start_server(tmp_path, "--quiet", "--database", "events.db", "--port", str(port), environ=environ)[0]
+
+    def track_some(devtools, session, event_type):
+        for n, (event_id, now) in enumerate(track(devtools, session, event_type, range(5), pad=300)):  # gzip'd
+            tracked[event_id] = (event_type, n, now)
+        return time.monotonic()
+
+    try:
+        with game_page(url + "/v1.0/client.js", url + "/", apiKey=KEY) as page:
+            devtools = browsers()
+            opened = [devtools]
+            tab, session = devtools.open(page)
+            track_some(devtools, session, "online")
+            wait_for(lambda: len(stored_by_id(database)) == 5)
+
+            stop_collector()
+            offline_since = track_some(devtools, session, "collector-down")
+            devtools.wait(session, "Pycolytics.stats().failures >= 2")
+            time.sleep(max(0, offline_since + OFFLINE_SECONDS - time.monotonic()))
+            collector = start_collector()
+            track_some(devtools, session, "collector-back")
+            wait_for(lambda: len(stored_by_id(database)) == 15)
+
+            stop_collector()
+            offline_since = track_some(devtools, session, "tab-closed-offline")
+            devtools.close_tab(tab)
+            devtools.quit()
+            time.sleep(max(0, offline_since + OFFLINE_SECONDS - time.monotonic()))
+            collector = start_collector()
+            devtools = browsers()
+            opened.append(devtools)
+            tab, session = devtools.open(page)
+            leftover = devtools.evaluate(session, "window.leftover.map(event => event.event_type)")
+            assert leftover == ["tab-closed-offline"] * 5
+            wait_for(lambda: len(stored_by_id(database)) == 20)
+            devtools.close_tab(tab)
+
+            tab, session = devtools.open(page + '?{"interval": 600}')  # nothing goes out but by beacon
+            devtools.wait(session, "Pycolytics.stats().queued === 0")
+            track_some(devtools, session, "tab-closed-online")
+            devtools.close_tab(tab)
+            wait_for(lambda: len(stored_by_id(database)) == 25)
+            tab, session = devtools.open(page)
+            leftover = devtools.evaluate(session, "window.leftover.map(event => event.event_type)")
+            assert leftover == ["tab-closed-online"] * 5  # the beacon's answer is never seen: sent again
+            devtools.wait(session, "Pycolytics.stats().queued === 0")
+            devtools.quit()
+    finally:
+        if collector.poll() is None:
+            stop_collector()
+
+    rows = stored_by_id(database)
+    assert {event_id: (event_type, n, copies) for event_id, (event_type, n, _, _, _, copies) in rows.items()} == {
+        event_id: (event_type, n, 1) for event_id, (event_type, n, _) in tracked.items()
+    }
+    for event_id, (_, _, _, _, moment, _) in rows.items():
+        assert abs(moment - tracked[event_id][2]) < CLOCK_TOLERANCE, tracked[event_id]
+    assert len({user_id for _, _, user_id, _, _, _ in rows.values()}) == 1  # localStorage kept it
+    sessions = {event_type: {row[3] for row in rows.values() if row[0] == event_type} for event_type, _, _ in tracked.values()}
+    assert all(len(ids) == 1 for ids in sessions.values()) and len(set.union(*sessions.values())) == 2
+    assert [entry for devtools in opened for entry in devtools.console if entry[1] in ("error", "warning")] == []
+
+@contextlib.contextmanager
+def scripted_collector(app, refusals):
+    """A collector whose first answers to POST /v1.0/events are `refusals` (HTTPErrors, with the real
+    server's headers and CORS), then the real app's; it notes each POST: (time, headers, event_ids)."""
+    import socketserver
+    import wsgiref.simple_server
+
+    posts = []
+
+    def collector(environ, start_response):
+        if environ["REQUEST_METHOD"] != "POST":
+            return app(environ, start_response)
+        data = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        environ["wsgi.input"] = io.BytesIO(data)
+        encoding = environ.get("HTTP_CONTENT_ENCODING")
+        events = json.loads(gzip.decompress(data) if encoding == "gzip" else data)
+        posts.append((time.monotonic(), (environ.get("CONTENT_TYPE"), encoding), [each["event_id"] for each in events]))
+        if len(posts) > len(refusals):
+            return app(environ, start_response)
+        status, headers, answer = pycolytics._error_parts(refusals[len(posts) - 1])
+        start_response(status, headers + app.cors_headers(environ.get("HTTP_ORIGIN")))
+        return [answer]
+
+    class Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+        daemon_threads = True  # a browser's idle spare connection must not hold up shutdown
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *arguments):
+            pass
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, collector, server_class=Server, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield "http://127.0.0.1:%d" % server.server_address[1], posts
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("refusal, seconds", [
+    (pycolytics.ServiceUnavailable("busy", 1), 1),
+    (pycolytics.TooManyRequests("over the rate limit", 3), 3),
+])
+def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, refusal, seconds):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, [refusal]) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "retried", range(3), pad=400)]
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    app.close()
+    assert [event_ids for _, _, event_ids in posts] == [tracked, tracked]
+    assert posts[1][0] - posts[0][0] >= seconds
+    assert posts[0][1] == ("text/plain", "gzip")
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
+
+
+def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey="wrong") as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        first = [event_id for event_id, _ in track(devtools, session, "refused", range(3))]
+        wait_for(lambda: len(posts) == 1)
+        second = [event_id for event_id, _ in track(devtools, session, "refused", range(3, 6))]
+        devtools.wait(session, "Pycolytics.stats().refused === 6")
+        assert devtools.evaluate(session, "Pycolytics.stats().queued") == 0
+    app.close()
+    assert [event_ids for _, _, event_ids in posts] == [first, second]  # not again, not with the next batch
+    errors = [texts for _, kind, texts in devtools.console if kind == "error"]
+    assert len(errors) == 1 and "HTTP 401" in errors[0][0]
+    assert count(str(tmp_path / "events.db")) == 0
+
+
+def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = devtools.evaluate(session, """[Pycolytics.track("fine", {n: 0}), Pycolytics.track("fine", {n: 1}),
+            Pycolytics.track("x".repeat(300), {n: 2}), Pycolytics.track("fine", {n: 3})]""")  # one too long
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    app.close()
+    good = tracked[:2] + tracked[3:]
+    assert [event_ids for _, _, event_ids in posts] == [tracked, good]
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(good)
+
+
+
+def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, []) as (url, _), game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        queued, stats = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
+            [JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n), Pycolytics.stats()]""")
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+        _, session = devtools.open(page)
+        dropped = devtools.evaluate(session, "Pycolytics.stats().dropped")
+    app.close()
+    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 3)
+    with sqlite3.connect(tmp_path / "events.db") as connection:
+        assert connection.execute("SELECT value FROM event ORDER BY id").fetchall() == [(f'{{"n":{n}}}',) for n in range(3, 8)]
+    warnings = [texts for _, kind, texts in devtools.console if kind == "warning"]
+    assert len(warnings) == 1 and "the queue is full" in warnings[0][0]
+
 # -- Keys per game ---------------------------------------------------------------------------------------
 
 PER_GAME = """[pycolytics]
@@ -672,14 +1085,14 @@ def test_export_refuses_a_bad_time_and_a_missing_database(tmp_path, database):
     result = run_cli(tmp_path, "--database", database, "export", "--since", "last tuesday")
     assert result.returncode == 2 and "--since 'last tuesday' is not a time" in result.stderr
     result = run_cli(tmp_path, "--database", str(tmp_path / "absent.db"), "export")
-    assert result.returncode == 1 and not (tmp_path / "absent.db").exists()
+    assert result.returncode == 2 and "there is no database" in result.stderr and not (tmp_path / "absent.db").exists()
 
 
 def test_prune_deletes_old_events_only(client, database, tmp_path):
     seed(client)
     for _ in range(2):
         post(client, "/v1.0/events", [event(timestamp=f"2023-06-{day:02d}") for day in range(1, 29)] * 20)
-    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-01-15")
+    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-01-15", "--yes")
     assert result.returncode == 0, result.stderr
     assert "deleted 1121 events" in result.stderr
     assert [row[0] for row in stored(database, "time")] == ["2024-02-01 10:00:00.000000", "2024-03-01 10:00:00.000000"]
@@ -994,7 +1407,7 @@ def test_a_database_made_by_the_original_opens_and_keeps_working(config, databas
     with sqlite3.connect(database) as connection:
         indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert indexes == {"ix_event_event_type", "ix_event_application", "ix_event_version", "ix_event_platform",
-                       "ix_event_user_id", "ix_event_event_id"}
+                       "ix_event_user_id", "ix_event_application_event_id"}
 
 
 def test_a_new_database_has_the_original_columns_in_wal_mode(client, database, sqlite_only):
@@ -1109,7 +1522,7 @@ def test_a_row_breaking_an_operators_own_constraint_is_503_and_its_batch_is_not_
 def test_health_recovers_by_itself_once_the_database_takes_writes_again(client, database):
     refuse_inserts(database)
     post(client, "/v1.0/event", event(), status=503)
-    assert "disk I/O" in client.get("/healthz", status=503).json["database"]
+    assert "the last write failed" in client.get("/healthz", status=503).json["database"]
     allow_inserts(database)
     assert healthz_once_settled(client)["status"] == "ok"  # no event was sent meanwhile
     assert count(database) == 0
@@ -1174,9 +1587,9 @@ def test_a_failed_commit_reports_its_first_cause_not_the_failed_rollback(client,
     writer = client.app.writer._connection
     pages = writer.execute("PRAGMA page_count").fetchone()[0]
     writer.execute("PRAGMA " + pragma.format(pages=pages))
-    response = post(client, "/v1.0/events", [event(value={"pad": "x" * 60000})] * 10, status=503)
-    assert words in response.json["detail"] and "rollback" not in response.json["detail"]
-    assert words in client.get("/healthz", status=503).json["database"]
+    post(client, "/v1.0/events", [event(value={"pad": "x" * 60000})] * 10, status=503)
+    health = client.get("/healthz", status=503).json["database"]
+    assert words in health and "rollback" not in health
     assert count(database) == 1
 
 
@@ -1198,7 +1611,7 @@ def test_a_deleted_database_gets_503_and_healthz_says_so_and_no_new_file_is_made
     for suffix in ("", "-wal", "-shm"):
         os.remove(database + suffix)
     response = post(client, "/v1.0/events", [event(), event()], status=503)
-    assert response.headers["Retry-After"] and "deleted" in response.json["detail"]
+    assert response.headers["Retry-After"] and "send them again" in response.json["detail"]
     answer = client.get("/healthz", status=503).json
     assert "was deleted" in answer["database"] or "is gone" in answer["database"]
     post(client, "/v1.0/event", event(), status=503)
@@ -1209,8 +1622,8 @@ def test_a_database_deleted_during_a_commit_is_answered_503(client, database, sq
     post(client, "/v1.0/event", event(user_id="kept"))
     client.app.writer._connection.create_function("delete_the_database", 0, lambda: os.remove(database))
     execute(database, "CREATE TRIGGER deleting AFTER INSERT ON event BEGIN SELECT delete_the_database(); END")
-    response = post(client, "/v1.0/event", event(user_id="lost"), status=503)
-    assert "deleted" in response.json["detail"]
+    post(client, "/v1.0/event", event(user_id="lost"), status=503)
+    assert "deleted" in client.get("/healthz", status=503).json["database"]
     assert not os.path.exists(database)
 
 
@@ -1242,8 +1655,7 @@ def test_a_database_put_back_beside_the_deleted_ones_wal_is_not_opened(client, d
     with sqlite3.connect(database) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
         source.backup(copy)
     os.replace(tmp_path / "backup.db", database)  # its old -wal and -shm stay
-    response = post(client, "/v1.0/event", event(), status=503)
-    assert "-wal" in response.json["detail"]
+    post(client, "/v1.0/event", event(), status=503)
     assert "-wal" in client.get("/healthz", status=503).json["database"]
 
 
@@ -1261,7 +1673,7 @@ def test_a_live_server_refuses_events_into_a_deleted_database_and_loses_none_it_
         response = connection.getresponse()
         assert response.status == 503
         answer = json.loads(response.read())
-        assert response.getheader("Retry-After") and "deleted" in answer["detail"]
+        assert response.getheader("Retry-After") and "send them again" in answer["detail"]
         status, _, health = get_over(connection, "/healthz")
         assert status == 503 and "deleted" in health["database"]
         assert not os.path.exists(path)
@@ -1452,6 +1864,277 @@ def test_the_shipped_ini_documents_every_key_with_its_default():
             assert documented[name] == default, name
         else:
             assert re.search(rf"^# ?{name} = {re.escape(default)}$", text, re.M), name
+
+
+# -- Configuration that cannot mislead, and the command line --------------------------------------
+
+SECRET = "k3y-0f-my-g4me-f0r-testing"
+
+
+@pytest.mark.parametrize("ini, words", [
+    ("[pycolytics]\nmax_body_bytes = 1MB\n", ["max_body_bytes = '1MB'", "whole number", "without a unit"]),
+    ("[pycolytics]\nport = abc\n", ["port = 'abc'", "from 0 to 65535"]),
+    ("[pycolytics]\nthreads = 2.5\n", ["threads = '2.5'", "whole number of at least 1"]),
+    ("[pycolytics]\nidle_timeout = 5s\n", ["idle_timeout = '5s'", "number of seconds"]),
+    ("[pycolytics]\nrequest_timeout = nan\n", ["request_timeout = 'nan'", "number of seconds"]),
+    ("[pycolytics]\nretention_days = forever\n", ["retention_days = 'forever'", "number of days"]),
+    ("[pycolytics]\ntrusted_proxies = not-an-ip\n", ["trusted_proxies", "'not-an-ip'", "IP address", "network"]),
+    ("[pycolytics]\ntrusted_proxies = 10.0.0.0/33\n", ["trusted_proxies", "'10.0.0.0/33'", "10.0.0.0/8"]),
+    ("[pycolytics]\ntrusted_proxies = 10.0.0.1 10.0.0.2\n", ["trusted_proxies", "'10.0.0.1 10.0.0.2'"]),
+    (f"[pycolytics]\napi_keys = {SECRET} other\n", ["api_keys is not valid", "'k3y-'", "holds a space", "commas"]),
+    (f"[pycolytics]\nread_keys = {SECRET}\x07\n", ["read_keys is not valid", "control character"]),
+    (f"[app:space]\napi_keys = {SECRET}\tx\n", ["[app:space] api_keys is not valid", "holds a space"]),
+    (f"[pycolytics]\napi_keys = {SECRET}\nread_keys = {SECRET}\n",
+     ["'k3y-'", "in read_keys", "in api_keys", "dashboard"]),
+    (f"[app:space]\napi_keys = {SECRET}\n[app:farm]\napi_keys = one, {SECRET}\n",
+     ["[app:space] api_keys", "[app:farm] api_keys", "one place"]),
+    (f"[pycolytics]\napi_keys = {SECRET}\n[app:space]\napi_keys = {SECRET}\n", ["[app:space] api_keys", "and in api_keys"]),
+    (f"[app:space]\napi_keys = {SECRET}\n[pycolytics]\nread_keys = {SECRET}\n", ["[app:space] api_keys", "read_keys"]),
+])
+def test_a_bad_value_is_refused_in_plain_words_naming_key_value_and_what_is_accepted(tmp_path, ini, words):
+    (tmp_path / "bad.ini").write_text(ini)
+    with pytest.raises(pycolytics.ConfigError) as error:
+        pycolytics.load_config(str(tmp_path / "bad.ini"), environ={})
+    message = str(error.value)
+    for word in words:
+        assert word in message
+    assert str(tmp_path / "bad.ini") in message
+    assert "invalid literal" not in message and "could not convert" not in message
+    assert SECRET not in message  # a message ends up in logs: at most a glimpse of a key
+
+
+def test_a_bad_value_stops_the_server_with_status_2_and_creates_nothing(tmp_path):
+    (tmp_path / "pycolytics.ini").write_text("[pycolytics]\nmax_body_bytes = 1MB\n")
+    result = run_cli(tmp_path, "--port", "0")
+    assert result.returncode == 2
+    assert "bad configuration" in result.stderr and "max_body_bytes = '1MB'" in result.stderr
+    assert os.listdir(tmp_path) == ["pycolytics.ini"]
+
+
+def test_inline_comments_are_stripped_as_the_readme_writes_them(tmp_path):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        example = re.search(r"```ini\n(\[app:.*?)```", file.read(), re.S).group(1)
+    assert " ; " in example  # the README's example has the comment this test is about
+    (tmp_path / "pycolytics.ini").write_text(example + "[pycolytics]\nport = 9000  # the test port\n")
+    config = pycolytics.load_config(str(tmp_path / "pycolytics.ini"), environ={})
+    (application, settings), = config.apps.items()
+    assert len(settings["api_keys"]) == 1 and ";" not in settings["api_keys"][0]
+    assert config.port == 9000
+
+
+@pytest.mark.parametrize("trusted, peer, forwarded, sender", [
+    ("10.0.0.0/8", "10.1.2.3", "203.0.113.9", "203.0.113.9"),
+    ("10.0.0.0/8", "192.168.1.1", "203.0.113.9", "192.168.1.1"),
+    ("10.0.0.0/8", "::ffff:10.1.2.3", "203.0.113.9", "203.0.113.9"),
+    ("10.0.0.0/8", "10.0.0.1", "198.51.100.7, 10.0.0.2", "198.51.100.7"),
+    ("10.0.0.0/8", "10.0.0.1", "198.51.100.7, 11.0.0.2", "11.0.0.2"),
+    ("fd00::/8, 127.0.0.1", "fd00::5", "198.51.100.7", "198.51.100.7"),
+    ("fd00::/8, 127.0.0.1", "127.0.0.1", "198.51.100.7", "198.51.100.7"),
+    ("0:0:0:0:0:0:0:1", "::1", "198.51.100.7", "198.51.100.7"),
+    ("10.0.0.7", "10.0.0.70", "198.51.100.7", "10.0.0.70"),
+])
+def test_trusted_proxies_are_addresses_and_networks(trusted, peer, forwarded, sender):
+    config = pycolytics.load_config(environ={"PYCOLYTICS_TRUSTED_PROXIES": trusted}, dotenv=None)
+    assert pycolytics.client_address(peer, forwarded, config.trusted_proxies) == sender
+
+
+def test_a_reload_warns_about_every_restart_only_change_and_compares_with_what_is_in_force(tmp_path, notifications):
+    certificate, key = make_certificate(tmp_path)
+    listener, path = notifications
+    ini = tmp_path / "pycolytics.ini"
+    ini.write_text(f"[pycolytics]\ndatabase = first.db\napi_keys = {KEY}\n")
+    process, address, _, _ = start_server(tmp_path, "--quiet", environ=dict(os.environ, NOTIFY_SOCKET=path))
+    try:
+        assert listener.recv(100) == b"READY=1"
+        ini.write_text(f"[pycolytics]\ndatabase = second.db\nthreads = 3\ncertfile = {certificate}\n"
+                       f"keyfile = {key}\napi_keys = {KEY}\n")
+        for _ in range(2):  # the second reload compares with the configuration in force, not the first reload's
+            process.send_signal(signal.SIGHUP)
+            assert listener.recv(100).startswith(b"RELOADING=1")
+            assert listener.recv(100) == b"READY=1"
+        connection = http.client.HTTPConnection(*address, timeout=10)
+        assert post_over(connection, event()) == 204  # still plain HTTP, still the first database
+        connection.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=15)
+    assert process.returncode == 0
+    assert errors.count("database changed to 'second.db'; that takes a restart, the server keeps 'first.db'") == 2
+    assert errors.count("threads changed to 3; that takes a restart, the server keeps 8") == 2
+    assert errors.count("switch to HTTPS; that takes a restart, the server keeps serving plain HTTP") == 2
+    assert count(str(tmp_path / "first.db")) == 1 and not (tmp_path / "second.db").exists()
+
+
+def test_an_encrypted_private_key_is_refused_without_asking_for_a_pass_phrase(tmp_path):
+    certificate, key = make_certificate(tmp_path)
+    subprocess.run(["openssl", "pkey", "-in", key, "-out", "locked.pem", "-aes256", "-passout", "pass:secret"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\ncertfile = {certificate}\nkeyfile = locked.pem\n")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "keyfile locked.pem is encrypted" in result.stderr and "openssl pkey" in result.stderr
+    assert "pass phrase" not in result.stderr.lower()
+
+
+def test_gunicorn_with_create_app_stops_at_once_on_a_bad_setting_and_serves_a_good_one(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = probe.getsockname()
+    command = [sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"{address[0]}:{address[1]}", "pycolytics:create_app()"]
+    (tmp_path / "bad.ini").write_text("[pycolytics]\nmax_body_bytes = 1MB\n")
+    environ = dict(os.environ, PYCOLYTICS_CONFIG=str(tmp_path / "bad.ini"), PYCOLYTICS_DATABASE=str(tmp_path / "g.db"))
+    result = subprocess.run(command, cwd=HERE, env=environ, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "max_body_bytes = '1MB'" in result.stderr
+    assert not (tmp_path / "g.db").exists()
+    (tmp_path / "good.ini").write_text(f"[pycolytics]\napi_keys = {KEY}\n")
+    environ["PYCOLYTICS_CONFIG"] = str(tmp_path / "good.ini")
+    process = subprocess.Popen(command, cwd=HERE, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until_serving(address) == 204
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert count(str(tmp_path / "g.db")) == 1
+
+
+@pytest.fixture
+def seeded(client, database):
+    """The database holds seed()'s three events, of 2024-01, 2024-02 and 2024-03."""
+    seed(client)
+    return database
+
+
+@pytest.mark.parametrize("arguments, status, words, left", [
+    (["prune", "--before", "2024-02-15", "--database", "{db}", "--yes"], 0, ["deleted 2 events"], 1),
+    (["--database", "{db}", "prune", "--before", "2024-02-15", "--dry-run"], 0, ["2 events are from before"], 3),
+    (["prune", "--before", "2024-02-15", "--database", "{db}"], 2, ["2 events", "pass --yes"], 3),
+    (["prune", "--before", "last week", "--database", "{db}", "--yes"], 2, ["prune: --before 'last week' is not a time"], 3),
+    (["prune", "--before", "2030-01-01", "--database", "typo.db", "--yes"], 2, ["there is no database", "typo.db"], 3),
+    (["--database", "typo.db", "export"], 2, ["there is no database", "typo.db"], 3),
+    (["--database", "typo.db", "backup", "copy.db"], 2, ["there is no database"], 3),
+    (["copy", "--database", "typo.db", "--to", "postgresql://127.0.0.1/x"], 2, ["there is no database"], 3),
+    (["export", "--database", "{db}", "--until", "2024-01-15", "--output", "out.csv"], 0, ["exported 1 events"], 3),
+    (["export", "--database", "{db}", "--output", "existing.csv"], 2, ["existing.csv exists", "--force"], 3),
+    (["export", "--database", "{db}", "--output", "existing.csv", "--force"], 0, ["exported 3 events"], 3),
+])
+def test_the_command_line_takes_options_anywhere_and_never_creates_or_loses_by_surprise(
+        tmp_path, seeded, arguments, status, words, left):
+    (tmp_path / "existing.csv").write_text("precious\n")
+    result = run_cli(tmp_path, *(argument.replace("{db}", seeded) for argument in arguments))
+    assert result.returncode == status, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert "bad configuration" not in result.stderr and "Traceback" not in result.stderr
+    assert count(seeded) == left
+    assert not (tmp_path / "typo.db").exists() and not (tmp_path / "copy.db").exists()
+    kept = "existing.csv" not in arguments or "--force" not in arguments
+    assert ((tmp_path / "existing.csv").read_text() == "precious\n") == kept
+
+
+def answer_on_a_terminal(arguments, answer, cwd):
+    """Run the command line on a pseudo-terminal, answer its question, return (status, output)."""
+    import pty
+    import select
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: nothing of the test may run here
+        os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments])
+    output, deadline = b"", time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([terminal], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the child has gone
+                break
+            if not chunk:
+                break
+            output += chunk
+            if output.endswith(b"[y/N] "):
+                os.write(terminal, answer + b"\n")
+    finally:
+        os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+@pytest.mark.parametrize("answer, status, left", [(b"n", 1, 3), (b"y", 0, 1)])
+def test_prune_on_a_terminal_asks_first_and_deletes_only_on_yes(tmp_path, seeded, answer, status, left):
+    code, output = answer_on_a_terminal(["prune", "--before", "2024-02-15", "--database", seeded], answer, tmp_path)
+    assert "Delete 2 events from before 2024-02-15" in output
+    assert code == status
+    assert count(seeded) == left
+
+
+def test_backup_refuses_to_overwrite_without_force(tmp_path, seeded, sqlite_only):
+    (tmp_path / "copy.db").write_text("precious")
+    result = run_cli(tmp_path, "backup", "copy.db", "--database", seeded)
+    assert result.returncode == 2 and "copy.db exists; pass --force" in result.stderr
+    assert (tmp_path / "copy.db").read_text() == "precious"
+    result = run_cli(tmp_path, "backup", "copy.db", "--database", seeded, "--force")
+    assert result.returncode == 0, result.stderr
+    assert count(str(tmp_path / "copy.db")) == 3
+
+
+def test_copy_to_a_url_that_is_not_postgresql_is_an_argument_error(tmp_path, seeded, sqlite_only):
+    result = run_cli(tmp_path, "copy", "--to", "other.db", "--database", seeded)
+    assert result.returncode == 2 and "copy: --to 'other.db' is not a postgresql:// URL" in result.stderr
+    assert "bad configuration" not in result.stderr and not (tmp_path / "other.db").exists()
+
+
+def test_every_command_has_a_description_and_the_global_options(capsys):
+    for name, (_, _, description) in pycolytics.COMMANDS.items():
+        with pytest.raises(SystemExit):
+            pycolytics.main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert description.split(".")[0] in text, name
+        assert "--database FILE_OR_URL" in text and "--config FILE" in text, name
+
+
+def test_export_csv_neutralises_formula_cells_and_jsonl_keeps_them_exact(client, database, tmp_path):
+    dangerous = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "\tx", "\rx"]
+    post(client, "/v1.0/events", [event(user_id=text, event_type="plain") for text in dangerous])
+    result = run_cli(tmp_path, "--database", database, "export", "--output", "out.csv")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "out.csv", encoding="utf-8", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["user_id"] for row in rows] == ["'" + text for text in dangerous]
+    assert {row["event_type"] for row in rows} == {"plain"} and json.loads(rows[0]["value"]) == {"level": 3}
+    result = run_cli(tmp_path, "--database", database, "export", "--format", "jsonl")
+    assert [json.loads(line)["user_id"] for line in result.stdout.splitlines()] == dangerous
+
+
+def test_export_into_a_pipe_closed_early_ends_quietly_with_status_0(client, database, tmp_path):
+    post(client, "/v1.0/events", [event(user_id=f"player-{n}") for n in range(1000)])
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "pycolytics.py"), "--database", database, "export"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b"id,time")
+    process.stdout.close()  # as `| head -1` does: far more than a pipe's buffer is still to come
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert b"Broken pipe" not in errors and b"ERROR" not in errors and b"Exception" not in errors
+
+
+def test_a_new_database_is_created_whole_and_only_an_old_one_is_upgraded(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pycolytics")
+    pycolytics.connect(str(tmp_path / "new.db")).close()
+    assert "upgraded" not in caplog.text
+    with sqlite3.connect(tmp_path / "old.db") as old:
+        old.executescript(pycolytics.SCHEMA)  # the original's table, without the added columns
+    old.close()
+    pycolytics.connect(str(tmp_path / "old.db")).close()
+    assert "upgraded the database: added the column event.received_at" in caplog.text
+
+
+
+def test_a_json_syntax_error_names_its_place_once(client):
+    response = client.post("/v1.0/event", b'{"event_type": "tab\x01"}', expect_errors=True)
+    assert " at at " not in response.text
+    if response.status_int == 400:
+        assert "Invalid control character at line 1 column" in response.json["detail"]
 
 
 # -- The WSGI callable ----------------------------------------------------------------------------
@@ -1758,6 +2441,9 @@ def test_an_error_while_serving_one_connection_closes_it_and_the_loop_goes_on(se
                 raise RuntimeError("a bug")
             return self.app.answer_in_loop(environ, respond)
 
+        def loop_turn_ended(self):
+            self.app.loop_turn_ended()
+
     with serving(settings, wrap=Exploding) as server:
         for _ in range(3):
             with socket.create_connection(server.server_address, timeout=10) as sock:
@@ -2060,6 +2746,7 @@ class Validated:
         self.checked = wsgiref.validate.validator(app)
         if hooked:
             self.answer_in_loop = self._answer_in_loop
+            self.loop_turn_ended = app.loop_turn_ended
 
     def __call__(self, environ, start_response):
         with warnings.catch_warnings():
@@ -2267,6 +2954,366 @@ def test_a_bad_configuration_stops_start_up_with_exit_2(tmp_path):
     assert "port = 'x' is not valid" in result.stderr
 
 
+# -- Behind nginx, and under a path prefix ---------------------------------------------------------
+
+
+def mounted(prefix, app):
+    """A WSGI dispatcher, as uwsgi's `mount` or werkzeug's DispatcherMiddleware: `app` under `prefix`."""
+
+    def dispatch(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path != prefix and not path.startswith(prefix + "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"outside the mount"]
+        environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + prefix
+        environ["PATH_INFO"] = path[len(prefix):]
+        return app(environ, start_response)
+
+    return dispatch
+
+
+def links(response):
+    """Every URL a page names: href and action in HTML, the curl example, path-like strings and servers in JSON."""
+    if response.content_type == "text/html":
+        text = response.text
+        return re.findall(r'(?:href|action)="([^"]*)"', text) + re.findall(r"curl -i (\S+)", text)
+    document = response.json
+    found = [value for value in document.values() if isinstance(value, str) and value.startswith("/")]
+    for server in document.get("servers", []):
+        found += [server["url"] + path for path in document["paths"]]
+    return found
+
+
+def test_every_page_and_link_resolves_under_a_wsgi_mount(tmp_path, monkeypatch):
+    from urllib.parse import urljoin, urlsplit
+
+    monkeypatch.chdir(tmp_path)
+    config = pycolytics.load_config(environ={}, overrides={"database": "events.db", "api_keys": KEY,
+                                                           "read_keys": "reader-key", "quiet": "yes"})
+    app = pycolytics.create_app(config)
+    try:
+        client = webtest.TestApp(mounted("/analytics", app))
+        client.authorization = ("Basic", ("viewer", "reader-key"))
+        seen, waiting = set(), ["http://localhost:80/analytics", "http://localhost:80/analytics/"]
+        while waiting:
+            assert len(seen) < 50, seen  # the pages name a handful of addresses, not an endless chain
+            url = waiting.pop()
+            if url in seen:
+                continue
+            seen.add(url)
+            parts = urlsplit(url)
+            assert (parts.netloc, parts.path.startswith("/analytics")) == ("localhost:80", True), url
+            if parts.path.startswith("/analytics/v1.0/"):
+                payload = [event()] if parts.path.endswith("/events") else event()
+                response = client.post(parts.path, body(payload), status="*")
+                assert response.status_int == 204, (url, response.text)
+                continue
+            response = client.get(parts.path + ("?" + parts.query if parts.query else ""), status="*")
+            assert response.status_int == 200, (url, response.text[:200])
+            waiting += [urljoin(url, link) for link in links(response)]
+            if "<form" in response.text:
+                waiting.append(urljoin(url, re.search(r'action="([^"]*)"', response.text).group(1)) + "?application=my-game")
+    finally:
+        app.close()
+    assert {urlsplit(url).path for url in seen} >= {
+        "/analytics", "/analytics/", "/analytics/docs", "/analytics/openapi.json", "/analytics/dashboard",
+        "/analytics/v1.0/event", "/analytics/v1.0/events"}
+    assert "http://localhost:80/analytics/dashboard?application=my-game" in seen
+    assert count(str(tmp_path / "events.db")) == 2  # each endpoint once
+
+
+@pytest.mark.parametrize("peer, headers, address", [
+    ("127.0.0.1", {}, "http://localhost:80"),
+    ("127.0.0.1", {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "games.example:8443",
+                   "X-Forwarded-Prefix": "/analytics/"}, "https://games.example:8443/analytics"),
+    ("127.0.0.1", {"X-Forwarded-Proto": "http, https", "X-Forwarded-Host": "a.example, b.example"},
+     "https://b.example"),
+    ("203.0.113.9", {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example",
+                     "X-Forwarded-Prefix": "/phish"}, "http://localhost:80"),
+    ("127.0.0.1", {"X-Forwarded-Proto": "gopher", "X-Forwarded-Prefix": "/a b<script>"}, "http://localhost:80"),
+    ("127.0.0.1", {"X-Forwarded-Host": 'x"><script>alert(1)</script>'}, "http://localhost"),
+    ("203.0.113.9", {"Host": 'x"><script>alert(1)</script>'}, "http://localhost"),
+])
+def test_forwarded_scheme_host_and_prefix_are_believed_only_from_a_trusted_proxy(client, peer, headers, address):
+    environ = {"REMOTE_ADDR": peer}
+    document = client.get("/openapi.json", headers=headers, extra_environ=environ).json
+    docs = client.get("/docs", headers=headers, extra_environ=environ).text
+    assert document["servers"] == [{"url": address}]
+    assert f"curl -i {address}/v1.0/event " in docs
+    assert "<script>" not in docs
+
+
+def test_the_application_mounted_by_gunicorns_script_name_links_under_it(client):
+    environ = {"SCRIPT_NAME": "/games/stats", "REMOTE_ADDR": "203.0.113.9"}
+    assert client.get("/", extra_environ=environ).json["docs"] == "/games/stats/docs"
+    assert client.get("/openapi.json", extra_environ=environ).json["servers"] == [
+        {"url": "http://localhost:80/games/stats"}]
+    assert client.get("/v1.0/evnet", extra_environ=environ, status=404).json["detail"] == (
+        "no such endpoint: /games/stats/v1.0/evnet; events go to /games/stats/v1.0/event or /games/stats/v1.0/events")
+
+
+NGINX_CERTIFICATE = "/etc/letsencrypt/live/analytics.example.com/fullchain.pem"
+NGINX_KEY = "/etc/letsencrypt/live/analytics.example.com/privkey.pem"
+PLAYERS = (f"127.0.1.{n}" for n in itertools.count(2))  # each test's own address: its own rate limit
+
+
+def readme_nginx_configurations():
+    """README.md's nginx blocks by the file each names in its first line, exactly as written there."""
+    with open(os.path.join(HERE, "README.md")) as readme:
+        blocks = re.findall(r"```nginx\n(.*?)```", readme.read(), re.S)
+    return {block.split("\n", 1)[0].lstrip("# "): block for block in blocks}
+
+
+def replaced(text, old, new):
+    assert text.count(old) == 1, f"the README's configuration no longer says {old!r} once"
+    return text.replace(old, new)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def nginx_command():
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install nginx (Debian's package, by .ci/run) for the tests behind nginx")
+        pytest.skip("nginx is not installed")
+    return found
+
+
+def wait_for_port(port, process, log):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode}:\n" + log.read_text()[-3000:])
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise AssertionError("did not listen within 20 s:\n" + log.read_text()[-3000:])
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def start_upstream(kind, folder, port):
+    """The built-in server or gunicorn on 127.0.0.1:port, logging to folder/upstream.log."""
+    (folder / "pycolytics.ini").write_text(
+        f"[pycolytics]\napi_keys = {KEY}\nread_keys = reader-key\nrate_limit = 5/day\n"
+        f"database = {folder / 'events.db'}\n")
+    log = folder / "upstream.log"
+    if kind == "pycolytics":
+        command = [sys.executable, os.path.join(HERE, "pycolytics.py"), "--config", "pycolytics.ini", "--port", str(port)]
+    else:  # one worker: each worker would keep its own count for the rate limit
+        command = [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "4",
+                   "-b", f"127.0.0.1:{port}", "--chdir", HERE, "pycolytics:application"]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=folder, stdout=output, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, PYCOLYTICS_CONFIG=str(folder / "pycolytics.ini")))
+    wait_for_port(port, process, log)
+    return process
+
+
+def start_nginx(folder, upstream_port, certificate, key):
+    """Debian's nginx with the README's configurations, on ports of its own: {name: address}."""
+    configurations = readme_nginx_configurations()
+    ports = {name: free_port() for name in ("root", "prefix", "https")}
+    (folder / "snippets").mkdir()
+    (folder / "snippets" / "pycolytics.conf").write_text(configurations["/etc/nginx/snippets/pycolytics.conf"])
+    root = replaced(configurations["/etc/nginx/conf.d/pycolytics.conf"], "server 127.0.0.1:8000;",
+                    f"server 127.0.0.1:{upstream_port};")
+    root = replaced(root, "listen 80;", f"listen 127.0.0.1:{ports['root']};")
+    prefix = configurations["/etc/nginx/sites-enabled/www.example.com, with Pycolytics at /analytics/"]
+    prefix = replaced(prefix, "listen 80;", f"listen 127.0.0.1:{ports['prefix']};")
+    https = replaced(configurations["/etc/nginx/conf.d/pycolytics-https.conf"], "listen 443 ssl;",
+                     f"listen 127.0.0.1:{ports['https']} ssl;")
+    https = replaced(replaced(https, NGINX_CERTIFICATE, certificate), NGINX_KEY, key)
+    temporary = "".join(f"    {kind}_temp_path {folder / kind};\n" for kind in ("client_body", "proxy", "fastcgi",
+                                                                                 "uwsgi", "scgi"))
+    (folder / "nginx.conf").write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")  # workers must reach this test's private folder
+        + f"daemon off;\npid {folder / 'nginx.pid'};\nworker_processes 1;\nevents {{ worker_connections 256; }}\n"
+        f"http {{\n    access_log {folder / 'access.log'};\n{temporary}{root}\n{prefix}\n{https}\n}}\n")
+    log = folder / "error.log"
+    process = subprocess.Popen([nginx_command(), "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(log)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        for port in ports.values():
+            wait_for_port(port, process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return process, {"root": f"http://127.0.0.1:{ports['root']}",
+                     "prefix": f"http://127.0.0.1:{ports['prefix']}/analytics",
+                     "https": f"https://127.0.0.1:{ports['https']}"}
+
+
+class BehindNginx:
+    def __init__(self, kind, folder, upstream_port, addresses, certificate):
+        self.kind, self.folder, self.upstream_port = kind, folder, upstream_port
+        self.addresses, self.certificate = addresses, certificate
+
+    def request(self, url, method="GET", payload=None, headers=(), player=None):
+        """(status, headers, body) of one request from `player`'s address (127.0.0.1 by default)."""
+        import ssl
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        source = (player or "127.0.0.1", 0)
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=self.certificate)
+            connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30, context=context,
+                                                     source_address=source)
+        else:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30, source_address=source)
+        try:
+            target = parts.path + ("?" + parts.query if parts.query else "")
+            connection.request(method, target, payload, dict(headers))
+            response = connection.getresponse()
+            return response.status, response, response.read()
+        finally:
+            connection.close()
+
+    def stored(self, event_type):
+        with sqlite3.connect(self.folder / "events.db") as connection:
+            return connection.execute("SELECT count(*) FROM event WHERE event_type = ?", (event_type,)).fetchone()[0]
+
+
+@pytest.fixture(scope="module", params=["pycolytics", "gunicorn"])
+def behind_nginx(request, tmp_path_factory):
+    """The README's nginx configurations in front of the built-in server, or of gunicorn."""
+    nginx_command()
+    folder = tmp_path_factory.mktemp(f"nginx-{request.param}")
+    certificate, key = make_certificate(folder)
+    upstream_port = free_port()
+    upstream = start_upstream(request.param, folder, upstream_port)
+    try:
+        nginx, addresses = start_nginx(folder, upstream_port, certificate, key)
+        try:
+            yield BehindNginx(request.param, folder, upstream_port, addresses, certificate)
+        finally:
+            stop(nginx)
+    finally:
+        stop(upstream)
+
+
+MOUNTS = ["root", "prefix", "https"]
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_events_batches_and_gzip_bodies_are_stored_through_nginx(behind_nginx, mount):
+    address, player, kind = behind_nginx.addresses[mount], next(PLAYERS), f"through-{mount}"
+    answers = [
+        behind_nginx.request(address + "/v1.0/event", "POST", body(event(event_type=kind)), player=player)[0],
+        behind_nginx.request(address + "/v1.0/events", "POST", body([event(event_type=kind)] * 500),
+                             player=player)[0],
+        behind_nginx.request(address + "/v1.0/events", "POST", gzip.compress(body([event(event_type=kind)] * 20)),
+                             {"Content-Encoding": "gzip"}, player=player)[0],
+    ]
+    assert answers == [204, 204, 204]
+    assert behind_nginx.stored(kind) == 521
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_nginx_refuses_a_body_over_its_limit_with_json_and_stores_nothing(behind_nginx, mount):
+    kind = f"too-large-{mount}"
+    payload = body([event(event_type=kind, value={"padding": "x" * 1000})] * 1000)
+    assert len(payload) > 1024 * 1024
+    status, response, answer = behind_nginx.request(behind_nginx.addresses[mount] + "/v1.0/events", "POST", payload,
+                                                     player=next(PLAYERS))
+    assert (status, response.getheader("Content-Type")) == (413, "application/json")
+    assert response.getheader("Access-Control-Allow-Origin") == "*"
+    assert "over 1 MiB" in json.loads(answer)["detail"]
+    assert behind_nginx.stored(kind) == 0
+
+
+def test_nginx_sends_the_prefix_without_its_slash_to_the_prefix_with_it(behind_nginx):
+    status, response, _ = behind_nginx.request(behind_nginx.addresses["prefix"])
+    assert (status, response.getheader("Location")) == (301, behind_nginx.addresses["prefix"] + "/")
+
+
+def test_the_players_address_reaches_the_rate_limiter_through_nginx(behind_nginx):
+    address, player, neighbour = behind_nginx.addresses["prefix"], next(PLAYERS), next(PLAYERS)
+
+    def send(who, headers=()):
+        return behind_nginx.request(address + "/v1.0/event", "POST", body(event(event_type="limited")), headers,
+                                    player=who)[0]
+
+    assert [send(player) for _ in range(5)] == [204] * 5
+    assert send(player) == 429
+    assert send(player, {"X-Forwarded-For": "198.51.100.7"}) == 429  # nginx appends the real address
+    assert send(neighbour) == 204
+
+
+@pytest.mark.parametrize("behind_nginx", ["pycolytics"], indirect=True)
+def test_the_built_in_servers_access_log_names_the_player_behind_nginx(behind_nginx):
+    player = next(PLAYERS)
+    status = behind_nginx.request(behind_nginx.addresses["prefix"] + "/v1.0/event", "POST",
+                                  body(event(event_type="logged")), player=player)[0]
+    assert status == 204
+    line = f'{player} - - ['
+    deadline = time.monotonic() + 10  # the log is written by a thread of its own
+    while line not in (behind_nginx.folder / "upstream.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = [text for text in (behind_nginx.folder / "upstream.log").read_text().splitlines() if text.startswith(line)]
+    assert len(logged) == 1 and '"POST /v1.0/event HTTP/1.1" 204' in logged[0]
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_the_docs_dashboard_and_every_address_they_write_work_through_nginx(behind_nginx, mount):
+    from urllib.parse import urljoin
+
+    address, player = behind_nginx.addresses[mount], next(PLAYERS)
+    status, _, index = behind_nginx.request(address + "/")
+    assert status == 200
+    status, _, docs = behind_nginx.request(urljoin(address + "/", json.loads(index)["docs"]))
+    assert status == 200
+    docs_url = address + "/docs"
+    status, _, document = behind_nginx.request(urljoin(docs_url, re.search(rb'href="([^"]+)"', docs).group(1).decode()))
+    assert status == 200
+    assert json.loads(document)["servers"] == [{"url": address}]
+    example = re.search(rb"curl -i (\S+)", docs).group(1).decode()
+    assert example == address + "/v1.0/event"
+    assert behind_nginx.request(example, "POST", body(event(event_type=f"from-docs-{mount}")), player=player)[0] == 204
+
+    reader = {"Authorization": "Basic " + base64.b64encode(b"viewer:reader-key").decode()}
+    status, _, page = behind_nginx.request(urljoin(address + "/", json.loads(index)["dashboard"]), headers=reader)
+    assert status == 200
+    form = urljoin(address + "/dashboard", re.search(rb'action="([^"]+)"', page).group(1).decode())
+    status, _, page = behind_nginx.request(form + "?application=my-game", headers=reader)
+    assert status == 200 and b'<option value="my-game" selected>' in page
+
+
+def upstream_connections(port):
+    """{client port: TCP state} of the connections to 127.0.0.1:port, open (01) or recently closed (06)."""
+    found = {}
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state in ("01", "06") and local == f"0100007F:{port:04X}":
+                found[remote] = state
+    return found
+
+
+def test_nginx_keeps_its_connections_to_the_upstream_open(behind_nginx):
+    before = upstream_connections(behind_nginx.upstream_port)
+    for _ in range(20):
+        assert behind_nginx.request(behind_nginx.addresses["root"] + "/openapi.json")[0] == 200
+    after = upstream_connections(behind_nginx.upstream_port)
+    # Without keep-alive: 20, one per request. A few more than one is allowed: an upstream may
+    # close a connection that idled (gunicorn after 2 s) on a machine that stalls for that long.
+    assert len(after.keys() - before.keys()) < 10, after
+    assert "01" in after.values()
+
+
 # -- Operations: systemd, reload, HTTPS --------------------------------------------------------------
 
 
@@ -2367,7 +3414,7 @@ def test_a_certificate_that_cannot_be_loaded_stops_start_up(tmp_path):
     (tmp_path / "pycolytics.ini").write_text("[pycolytics]\ncertfile = missing.pem\nkeyfile = missing.key\n")
     result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=20)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "cannot load certfile missing.pem" in result.stderr
 
 
@@ -2607,7 +3654,8 @@ def test_two_collectors_store_every_acknowledged_event_once_and_share_event_ids(
     assert len(users) == 12 * 20 * 4 == len(set(users))
 
 
-def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_acknowledged(tmp_path, postgres_url):
+def test_lost_database_connections_under_load_recover_by_themselves_and_lose_nothing_acknowledged(
+        tmp_path, postgres_url):
     environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
     process, address, _, _ = start_server(tmp_path, "--quiet", environ=environ)
     acknowledged, statuses, stop = set(), [], threading.Event()
@@ -2629,9 +3677,7 @@ def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_ac
     try:
         time.sleep(0.5)
         cut_at = len(statuses)
-        with psycopg.connect(POSTGRES_SERVER, autocommit=True) as admin:
-            cut = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                " WHERE application_name = 'pycolytics'").fetchone()[0]
+        cut = cut_connections(postgres_url)
         time.sleep(2.5)
     finally:
         stop.set()
@@ -2641,8 +3687,17 @@ def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_ac
         assert process.wait(15) == 0
     after = statuses[cut_at:]
     assert cut >= 1
-    assert 503 in after and after[-1] == 204 and set(after) <= {204, 503}
+    # a 503 only if a commit itself was cut; every other group goes on afresh
+    assert after and after[-1] == 204 and set(after) <= {204, 503}
     assert acknowledged <= {row[0] for row in stored(postgres_url, "user_id")}
+
+
+def cut_connections(url):
+    """Terminate the connections of this test's collectors (named after its schema), and none other."""
+    name = re.search(r"application_name=(\w+)", url).group(1)
+    with psycopg.connect(POSTGRES_SERVER, autocommit=True) as admin:
+        return admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                             " WHERE application_name = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
 
 
 def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path, postgres_url):
@@ -2666,3 +3721,436 @@ def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path
         for where in (postgres_url, source)
     )
     assert copied == original and len(copied) == 32
+
+
+# -- PostgreSQL that never hangs, and high availability ------------------------------------------------
+
+
+@pytest.fixture
+def postgres_client(tmp_path, monkeypatch, postgres_url):
+    """A collector on this test's schema whose database waits end after one second."""
+    monkeypatch.chdir(tmp_path)
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": postgres_url, "api_keys": KEY, "quiet": "yes", "busy_timeout": "1"})
+    app = pycolytics.create_app(config)
+    yield webtest.TestApp(app)
+    app.close()
+
+
+def within(seconds, function, *arguments, **keywords):
+    """function(...)'s result, or a failure if it has none after `seconds`: a hang, not a slow machine."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(function, *arguments, **keywords).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@contextlib.contextmanager
+def table_locked(url):
+    """The event table held as a non-concurrent CREATE INDEX or an ALTER TABLE holds it."""
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE event IN ACCESS EXCLUSIVE MODE")
+        yield
+        locker.rollback()
+
+
+def test_an_idle_connection_the_server_dropped_costs_no_batch(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    assert cut_connections(postgres_url) >= 1  # a database restart, a pooler, an idle timeout
+    post(postgres_client, "/v1.0/events", [event(user_id="after"), event(user_id="after too")])
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after", "after too"]
+
+
+def test_a_locked_table_gives_503_after_busy_timeout_and_healthz_answers_at_once(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    with table_locked(postgres_url):
+        health = healthz_once_settled(postgres_client, "unavailable")  # the commit above proves health for a second
+        refused = within(20, post, postgres_client, "/v1.0/events", [event(user_id="locked out")] * 2, status=503)
+        after = within(20, postgres_client.get, "/healthz", status=503)
+    assert health["database"] == "the event table is locked by another session"
+    assert "the event table is locked" in after.json["database"] and "statement" not in after.text  # driver words
+    assert refused.json["detail"] == "the database could not store the events; send them again shortly"
+    assert refused.headers["Retry-After"]
+    post(postgres_client, "/v1.0/event", event(user_id="after"))
+    assert postgres_client.get("/healthz").json["status"] == "ok"
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def test_healthz_says_in_general_words_that_the_database_is_unreachable(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    config = pycolytics.load_config(environ={}, overrides={"database": f"postgresql://127.0.0.1:{port}/secret_db"})
+    store = pycolytics.PostgresStore(config)
+    assert within(20, store.problem) == "the database cannot be reached"
+    assert f"{port}" in caplog.text and "secret_db" not in store.problem()
+
+
+def test_sessions_commit_synchronously_whatever_the_server_default(postgres_url):
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": postgres_url + "&options=-csynchronous_commit%3Doff", "busy_timeout": "3"})
+    store = pycolytics.PostgresStore(config)
+    with store.connect() as connection:
+        settings = connection.execute("SELECT current_setting('synchronous_commit'), current_setting('lock_timeout'),"
+                                      " current_setting('statement_timeout')").fetchone()
+    assert settings == ("on", "3s", "4s")
+
+
+def test_rows_imported_with_their_ids_give_503_never_a_204_for_events_not_stored(postgres_client, postgres_url, caplog):
+    post(postgres_client, "/v1.0/event", event(user_id="first"))
+    with psycopg.connect(postgres_url) as connection:  # a data-only restore: ids set, the sequence behind
+        connection.execute(
+            "INSERT INTO event (id, event_type, application, version, platform, user_id, session_id, value, time)"
+            " SELECT n, 'imported', 'my-game', '1', 'Linux', 'imported', 's', '{}', now() FROM generate_series(2, 21) n")
+    for n in range(3):
+        post(postgres_client, "/v1.0/events", [event(user_id=f"new-{n}", event_id=f"new-{n}")] * 2, status=503)
+    assert count(postgres_url) == 21 and "new-0" not in {row[0] for row in stored(postgres_url, "user_id")}
+    assert "event_pkey" in caplog.text
+
+
+def test_the_same_event_id_in_two_applications_is_two_events(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/events", [event(application="game-a", event_id="e-1"),
+                                           event(application="game-b", event_id="e-1"),
+                                           event(application="game-a", event_id="e-1")])
+    assert stored(postgres_url, "application, event_id") == [("game-a", "e-1"), ("game-b", "e-1")]
+
+
+class FreezingProxy:
+    """A TCP proxy to the PostgreSQL server that can stop forwarding while its sockets stay
+    open: a hung server, a stuck NAT or proxy; TCP goes on acknowledging, nothing answers."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.frozen = threading.Event()
+        self.closing = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            server = socket.create_connection(self.upstream, timeout=10)
+            for source, sink in ((client, server), (server, client)):
+                source.settimeout(0.1)
+                thread = threading.Thread(target=self._pump, args=(source, sink))
+                thread.start()
+                self.threads.append(thread)
+
+    def _pump(self, source, sink):
+        with source:
+            while not self.closing.is_set():
+                if self.frozen.is_set():
+                    time.sleep(0.05)
+                    continue
+                try:
+                    data = source.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    with contextlib.suppress(OSError):
+                        sink.shutdown(socket.SHUT_WR)
+                    return
+                with contextlib.suppress(OSError):
+                    sink.sendall(data)
+
+    def close(self):
+        self.closing.set()
+        for thread in self.threads:
+            thread.join(10)
+        self.listener.close()
+
+
+def test_a_database_that_stops_answering_mid_request_gives_503_not_a_hang(tmp_path, monkeypatch, postgres_url):
+    server = urllib.parse.urlsplit(POSTGRES_SERVER)
+    proxy = FreezingProxy((server.hostname, server.port or 5432))
+    monkeypatch.chdir(tmp_path)
+    url = urllib.parse.urlsplit(postgres_url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": url, "api_keys": KEY, "quiet": "yes", "busy_timeout": "1"})
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    try:
+        post(client, "/v1.0/event", event(user_id="before"))
+        proxy.frozen.set()
+        # busy_timeout and the watchdog's grace: far below the writer's own patience (31 s)
+        refused = within(25, post, client, "/v1.0/event", event(user_id="unanswered"), status=503)
+        proxy.frozen.clear()
+        post(client, "/v1.0/event", event(user_id="after"))
+    finally:
+        proxy.close()  # first: it frees a writer that would be stuck on it
+        app.close()
+    assert refused.json["detail"] == "the database could not store the events; send them again shortly"
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def sqlite_events(path, users):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": str(path), "api_keys": KEY}))
+    post(webtest.TestApp(app), "/v1.0/events", [event(user_id=user) for user in users])
+    app.close()
+
+
+def copy_into(url, path):
+    command = [sys.executable, os.path.join(HERE, "pycolytics.py"), "--database", str(path), "copy", "--to", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return int(re.search(r"copied (\d+) events", result.stderr).group(1))
+
+
+def test_copy_takes_a_second_collectors_database_found_at_the_same_path(tmp_path, postgres_url):
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    for machine, users in (("first", ["a1", "a2"]), ("second", ["b1", "b2", "b3"])):
+        sqlite_events(tmp_path / machine / "pycolytics.db", users)
+    path = tmp_path / "pycolytics.db"  # /var/lib/pycolytics/pycolytics.db on each machine
+    copies = []
+    for machine in ("first", "second"):
+        shutil.copy(tmp_path / machine / "pycolytics.db", path)
+        copies.append(copy_into(postgres_url, path))
+    assert copies == [2, 3]
+    assert sorted(row[0] for row in stored(postgres_url, "user_id")) == ["a1", "a2", "b1", "b2", "b3"]
+
+
+def test_a_moved_database_resumes_its_copy_and_no_event_is_copied_twice(tmp_path, postgres_url):
+    sqlite_events(tmp_path / "old.db", ["u1", "u2"])
+    assert copy_into(postgres_url, tmp_path / "old.db") == 2
+    os.rename(tmp_path / "old.db", tmp_path / "moved.db")
+    sqlite_events(tmp_path / "moved.db", ["u3"])
+    shutil.copy(tmp_path / "moved.db", tmp_path / "backup.db")
+    assert [copy_into(postgres_url, tmp_path / name) for name in ("moved.db", "backup.db", "moved.db")] == [1, 0, 0]
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["u1", "u2", "u3"]
+
+
+def test_serving_a_database_never_gives_it_a_copy_identity(tmp_path):
+    sqlite_events(tmp_path / "events.db", ["u1"])
+    with sqlite3.connect(tmp_path / "events.db") as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "pycolytics_identity" not in tables
+
+
+# PostgreSQL's server programs, for the tests that make clusters of their own.
+POSTGRES_BIN = os.environ.get("PYCOLYTICS_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin")
+
+
+def required(program):
+    """The path of `program`; without it the test is skipped, or fails in CI (which installs it)."""
+    found = shutil.which(program)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install {program} (.ci/run does)")
+        pytest.skip(f"{program} is not installed")
+    return found
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def as_postgres(command, **keywords):
+    """Run a PostgreSQL server program; initdb refuses root, so root runs it as the postgres user."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run(prefix + command, capture_output=True, text=True, timeout=120, check=True, **keywords)
+
+
+def start_cluster(directory, port, settings):
+    with open(os.path.join(directory, "postgresql.conf"), "a") as conf:
+        conf.write(f"\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n{settings}\n")
+    as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", directory, "-l", directory + ".log", "-w", "-t", "60",
+                 "start"])
+
+
+def stop_cluster(directory):
+    if os.path.exists(os.path.join(directory, "postmaster.pid")):
+        subprocess.run(["runuser", "-u", "postgres", "--"] * (os.geteuid() == 0) +
+                       [os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", directory, "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def replicated():
+    """A primary and a synchronous streaming standby of its own, on free ports: (primary, standby)
+    as (data directory, port)."""
+    required(os.path.join(POSTGRES_BIN, "initdb"))
+    if psycopg is None:
+        pytest.fail("psycopg is needed (requirements-dev.txt)") if os.environ.get("CI") else pytest.skip("no psycopg")
+    base = tempfile.mkdtemp(prefix="pycolytics-ha-")  # not tmp_path: the postgres user must enter it
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    primary, standby = os.path.join(base, "primary"), os.path.join(base, "standby")
+    ports = free_port(), free_port()
+    try:
+        as_postgres([os.path.join(POSTGRES_BIN, "initdb"), "-D", primary, "-U", "postgres", "--auth=trust",
+                     "--no-sync", "-E", "UTF8"])
+        # every commit waits until the standby has it on disk: what a promotion keeps
+        start_cluster(primary, ports[0], "synchronous_standby_names = '*'")
+        as_postgres([os.path.join(POSTGRES_BIN, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(ports[0]),
+                     "-U", "postgres", "-D", standby, "-R", "-X", "stream", "--checkpoint=fast"])
+        # once promoted it stands alone: waiting for a standby of its own would block every commit
+        start_cluster(standby, ports[1], "synchronous_standby_names = ''")
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{ports[0]}/postgres", autocommit=True) as connection:
+            for _ in range(300):
+                if connection.execute("SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the standby did not become synchronous within 30 s")
+        yield (primary, ports[0]), (standby, ports[1])
+    finally:
+        for directory in (standby, primary):
+            stop_cluster(directory)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start_collector(tmp_path, environ):
+    """A collector process whose log is read all along (a full pipe would block its writer)."""
+    process, address, _, lines = start_server(tmp_path, "--quiet", environ=environ)
+    reader = threading.Thread(target=lines.extend, args=(process.stderr,), daemon=True)
+    reader.start()
+    return process, address, lines
+
+
+class Load:
+    """Clients posting batches of 3 events, each with a user_id of its own, until stopped."""
+
+    def __init__(self, addresses, clients=6):
+        self.addresses = addresses
+        self.answers = []  # (monotonic time sent, time answered, collector, status or error, users)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exception):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in self.threads), "a client hung"
+
+    def _client(self, n):
+        for i in itertools.count():
+            if self.stopping.is_set():
+                return
+            address = self.addresses[(n + i) % len(self.addresses)]
+            users = [f"{n}-{i}-{k}" for k in range(3)]
+            sent = time.monotonic()
+            try:
+                connection = http.client.HTTPConnection(*address, timeout=30)
+                status = post_over(connection, [event(user_id=user) for user in users], "/v1.0/events")
+                connection.close()
+            except (OSError, http.client.HTTPException) as error:
+                status = type(error).__name__
+            self.answers.append((sent, time.monotonic(), address, status, users))
+
+    def acknowledged(self):
+        return {user for *_, status, users in self.answers if status == 204 for user in users}
+
+    def wait_for(self, condition, seconds=60):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, "the load never reached the expected state"
+            time.sleep(0.05)
+
+
+def test_failover_to_a_promoted_standby_loses_no_acknowledged_event_and_needs_no_restart(tmp_path, replicated):
+    (primary, primary_port), (standby, standby_port) = replicated
+    url = (f"postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{standby_port}/postgres"
+           "?target_session_attrs=read-write")
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=url, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_BUSY_TIMEOUT="2")
+    collectors = [start_collector(tmp_path, environ) for _ in range(2)]
+    try:
+        with Load([address for _, address, _ in collectors]) as load:
+            load.wait_for(lambda: len(load.answers) >= 60)
+            stopped = time.monotonic()
+            as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", primary, "-m", "immediate", "-w", "stop"])
+            load.wait_for(lambda: any(at > stopped and status == 503 for _, at, _, status, _ in load.answers))
+            as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", standby, "-w", "promote"])
+            promoted = time.monotonic()
+            # both collectors recover by themselves
+            load.wait_for(lambda: {address for sent, _, address, status, _ in load.answers
+                                   if sent > promoted and status == 204} == {a for _, a, _ in collectors})
+            recovered = time.monotonic()
+            load.wait_for(lambda: len(load.answers) > 0 and load.answers[-1][0] > recovered + 0.5)
+    finally:
+        for process, _, _ in collectors:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    statuses = collections.Counter(status for *_, status, _ in load.answers)
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{standby_port}/postgres") as connection:
+        users = [row[0] for row in connection.execute("SELECT user_id FROM event")]
+    sent = {user for *_, users_sent in load.answers for user in users_sent}
+    acknowledged = load.acknowledged()
+    refused = [answer for answer in load.answers if answer[3] == 503]
+    first_204 = min(at for _, at, _, status, _ in load.answers if status == 204 and at > promoted)
+    print(f"\nfailover: {len(load.answers)} requests, {dict(statuses)}; primary stopped at 0 s, standby promoted at "
+          f"+{promoted - stopped:.2f} s, first 204 after it at +{first_204 - stopped:.2f} s; {len(refused)} requests "
+          f"({3 * len(refused)} events) refused with 503; {len(acknowledged - set(users))} acknowledged events lost")
+    assert set(statuses) == {204, 503}  # never a hang, never a dropped connection
+    assert acknowledged <= set(users)  # every 204 is in the new primary
+    assert len(users) == len(set(users)) and set(users) <= sent  # none twice
+    assert all(process.returncode == 0 for process, _, _ in collectors)
+
+
+def balancer_ready(port):
+    try:
+        return post_over(http.client.HTTPConnection("127.0.0.1", port, timeout=10), event(user_id="ready")) == 204
+    except OSError:
+        return False
+
+
+def test_behind_haproxy_a_stopped_collector_costs_only_its_requests_in_flight(tmp_path, postgres_url):
+    haproxy = required("haproxy")
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
+    collectors = [start_collector(tmp_path, environ) for _ in range(2)]
+    port = free_port()
+    servers = "".join(f"    server c{n} {host}:{number} check\n" for n, (_, (host, number), _) in enumerate(collectors))
+    (tmp_path / "haproxy.cfg").write_text(
+        "global\n    maxconn 256\n"
+        "defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
+        "    retries 3\n    option redispatch\n"
+        f"frontend players\n    bind 127.0.0.1:{port}\n    default_backend collectors\n"
+        "backend collectors\n    balance roundrobin\n    option http-server-close\n"
+        "    option httpchk GET /healthz\n    http-check expect status 200\n"
+        "    default-server inter 500ms fall 2 rise 2\n" + servers)
+    balancer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not balancer_ready(port):
+            assert time.monotonic() < deadline and balancer.poll() is None, "haproxy did not start"
+            time.sleep(0.1)
+        with Load([("127.0.0.1", port)]) as load:
+            load.wait_for(lambda: len(load.answers) >= 100)
+            crashed = collectors[0][0]
+            crashed.kill()  # no goodbye: what a balancer is for
+            crashed.wait(30)
+            lost = time.monotonic()  # requests sent before this were in flight, or may have been
+            load.wait_for(lambda: len([answer for answer in load.answers if answer[0] > lost]) >= 200)
+    finally:
+        balancer.terminate()
+        balancer.wait(30)
+        for process, _, _ in collectors:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    failed = [answer for answer in load.answers if answer[3] != 204]
+    print(f"\nhaproxy: {len(load.answers)} requests, one collector killed: {len(failed)} failed "
+          f"({collections.Counter(answer[3] for answer in failed)})")
+    # each client has one request in flight at most: only those were on the killed collector
+    assert all(answer[0] < lost for answer in failed) and len(failed) <= 2 * len(load.threads)
+    assert all(answer[3] == 204 for answer in load.answers if answer[0] > lost)
+    assert load.acknowledged() <= {row[0] for row in stored(postgres_url, "user_id")}
