@@ -80,6 +80,10 @@ MAX_TRACKED_CLIENTS = 50_000
 # the write lock cannot be had within HEALTH_TIMEOUT seconds.
 MIN_FREE_DISK = 16 * 2**20
 HEALTH_TIMEOUT = 2
+# A /healthz answer may be this old, so a flood of them costs the database nothing; after a
+# failed write, the writer tries a small one this often, so health recovers with no traffic.
+HEALTH_CACHE_SECONDS = 1
+HEALTH_PROBE_SECONDS = 3
 
 # Characters in a client-made event_id at most: room for a UUID, a ULID or a hash.
 MAX_EVENT_ID = 100
@@ -1001,8 +1005,9 @@ def _problem(location, message, kind):
 
 # The original Pycolytics' table, column for column as SQLModel created it, so databases made
 # by either program open in the other. Only a new table gets Pycolytics' own index, on `time`
-# (README.md, "Indexes", has the measurements behind that choice): an existing database keeps
-# its indexes and only gains the ADDED_COLUMNS, with no migration step to run.
+# (README.md, "Indexes", has the measurements behind that choice). An existing database keeps
+# its indexes; at start-up it gains the ADDED_COLUMNS and the EVENT_ID_INDEX (replacing the
+# older index on event_id alone), with no migration step to run.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
     event_type VARCHAR NOT NULL,
@@ -1026,23 +1031,73 @@ ADDED_COLUMNS = (
     ("received_at", "DATETIME"),  # the server's receive time, when `time` is the client's
     ("event_id", "VARCHAR"),  # a client-made id: a retried event is stored once
 )
-# Unique among the rows that have one; rows without an event_id cost this index nothing.
-EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL"
+# An event_id is unique per application, among the rows that have one (rows without cost this
+# index nothing): two games that both number their events 1, 2, 3 keep all of them.
+EVENT_ID_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
+                  " WHERE event_id IS NOT NULL")
+# Older Pycolytics made event_id unique across applications: replaced at start-up.
+OLD_EVENT_ID_INDEX = "ix_event_event_id"
 
-# OR IGNORE: an event_id that is already stored makes its row a no-op, so the retry of an
-# acknowledged event is acknowledged again and stored once.
+# Only a conflict on EVENT_ID_INDEX is ignored: the retry of an acknowledged event is
+# acknowledged again and stored once. Any other constraint a row breaks (one an operator
+# added) fails the commit, and its clients get 503, never a 204 for a row not stored.
 INSERT = (
-    "INSERT OR IGNORE INTO event"
+    "INSERT INTO event"
     " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
 )
 
 # Times as stored: UTC, as text that SQLite's date functions and pandas read.
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
+# The files of one SQLite database in WAL mode: deleting or replacing any of them under a
+# running server loses what is committed to it (https://www.sqlite.org/howtocorrupt.html).
+DATABASE_FILES = ("", "-wal", "-shm")
 
-def connect(path, synchronous="full", busy_timeout=30.0):
-    """A connection with Pycolytics' pragmas; creates the database and its table if missing.
+
+@contextlib.contextmanager
+def transaction(connection):
+    """BEGIN IMMEDIATE ... COMMIT around the block, ROLLBACK if anything in it fails.
+
+    IMMEDIATE takes the write lock at BEGIN, waiting busy_timeout for it, so a transaction never
+    fails half-way for want of it: https://www.sqlite.org/lang_transaction.html. After some
+    errors (SQLITE_FULL, SQLITE_IOERR, a read-only database) SQLite has rolled back already and
+    a ROLLBACK would fail with "no transaction is active": the error raised is always the first.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            try:
+                connection.execute("ROLLBACK")
+            except sqlite3.Error as error:  # the first error is the one to report; this one only hides it
+                log.warning("rollback failed too: %s", error)
+        raise
+
+
+class SQLiteConnection(sqlite3.Connection):
+    """A connection that remembers which files it opened: (suffix, st_dev, st_ino) of each."""
+
+    files = ()
+
+
+def _file_ids(path):
+    """(suffix, st_dev, st_ino) of each of the database's files that exists now."""
+    found = []
+    for suffix in DATABASE_FILES:
+        try:
+            status = os.stat(path + suffix)
+        except FileNotFoundError:
+            continue
+        found.append((suffix, status.st_dev, status.st_ino))
+    return tuple(found)
+
+
+def connect(path, synchronous="full", busy_timeout=30.0, create=True):
+    """A connection with Pycolytics' pragmas; creates the database (unless not `create`) and its table if missing.
 
     WAL lets readers (pandas, the dashboard) work while events are written, and makes a
     commit one append to the log: https://www.sqlite.org/wal.html
@@ -1052,7 +1107,9 @@ def connect(path, synchronous="full", busy_timeout=30.0):
     The busy timeout makes writers in other processes (gunicorn workers) wait their turn
     instead of failing with "database is locked": https://www.sqlite.org/c3ref/busy_timeout.html
     """
-    connection = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    target = path if create else "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
+    connection = sqlite3.connect(target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
+                                 uri=not create, factory=SQLiteConnection)
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
@@ -1065,7 +1122,8 @@ def connect(path, synchronous="full", busy_timeout=30.0):
             raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
         if any(name not in columns for name, _ in ADDED_COLUMNS):
             _add_columns(connection, announce=bool(exists))
-        connection.execute(EVENT_ID_INDEX)
+        _index_event_ids(connection)
+        connection.files = _file_ids(path)
     except BaseException:
         connection.close()
         raise
@@ -1078,18 +1136,34 @@ def _columns(connection):
 
 def _add_columns(connection, announce=True):
     """Give the table the columns Pycolytics added; another process may be doing the same."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(connection):
         columns = _columns(connection)
         for name, kind in ADDED_COLUMNS:
             if name not in columns:
                 connection.execute(f"ALTER TABLE event ADD COLUMN {name} {kind}")
                 if announce:
                     log.info("upgraded the database: added the column event.%s", name)
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
+
+
+def _indexes(connection):
+    return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+
+
+def _index_event_ids(connection):
+    """Make event_id unique per application; an older database's index on event_id alone goes.
+
+    The old index guarantees that no two rows share an event_id, so the new one is always
+    created; both happen in one transaction, so no moment lets a duplicate in.
+    """
+    present = _indexes(connection)
+    if "ix_event_application_event_id" in present and OLD_EVENT_ID_INDEX not in present:
+        return  # the usual case: no write lock taken at each start
+    with transaction(connection):
+        connection.execute(EVENT_ID_INDEX)
+        if OLD_EVENT_ID_INDEX in _indexes(connection):
+            connection.execute(f"DROP INDEX {OLD_EVENT_ID_INDEX}")
+            log.info("upgraded the database: event_id is unique per application (index %s replaces %s)",
+                     "ix_event_application_event_id", OLD_EVENT_ID_INDEX)
 
 
 class Metrics:
@@ -1147,7 +1221,7 @@ PRUNE_STEP_ROWS = 500
 
 
 def urllib_quote(path):
-    from urllib.parse import quote  # here: only health checks and exports need it
+    from urllib.parse import quote  # here: only connections opened by URI (read-only, or never creating) need it
 
     return quote(path)
 
@@ -1157,12 +1231,89 @@ def read_only(path):
     return sqlite3.connect("file:" + urllib_quote(os.path.abspath(path)) + "?mode=ro", uri=True, isolation_level=None)
 
 
-class SQLiteStore:
-    """Events in an SQLite file: the default, standard library only."""
+class DatabaseGone(sqlite3.OperationalError):
+    """The database file the server opened was deleted or replaced, or has not come back."""
+
+
+def _user():
+    try:
+        import pwd  # here: only a refusal to start names the user
+
+        return f"the user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except (ImportError, KeyError):
+        return f"the user id {os.geteuid()}"
+
+
+def unwritable(path):
+    """Why this process could not write an SQLite database at `path`, in plain words, or None."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        return f"{path} is a directory, not a database file (name a file in it, such as {os.path.join(path, 'pycolytics.db')})"
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist (create it, or name a database in an existing folder)"
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"the folder {folder} is on a read-only file system"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"{_user()} may not write in the folder {folder}: SQLite creates the database's -wal and -shm "
+                "files beside it, so the folder needs write (w) and search (x) permission")
+    for name in (path + suffix for suffix in DATABASE_FILES):
+        if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
+            return f"{_user()} may not write the file {name}: it needs read (r) and write (w) permission"
+    return None
+
+
+class Store:
+    """What a storage backend provides. The writer, the dashboard, export, prune and copy use
+    only this, never asking which backend it is: SQLiteStore and PostgresStore.
+
+    SQL fragments, for queries written once for both:
+      kind          the backend's name, for messages
+      errors        the driver's exception classes
+      parameter     a query parameter (? or %s)
+      since         a time parameter compared with `time`
+      scan_time     `time` in a condition that must not pick the time index (export reads in id order)
+      day           a row's day as YYYY-MM-DD text
+      time_text, received_text, value_text    those columns as the text SQLite stores
+    Methods:
+      connect()                    the write connection; makes or upgrades the schema
+      read()                       a connection for reading only; never creates a database
+      insert(connection, rows)     store rows in one transaction; how many were new (not a known event_id)
+      prune(connection, before, limit)   delete at most `limit` events older than `before`, in one transaction; how many
+      probe(connection)            make one small write, raising whatever stops it (health recovering)
+      detached(connection)         why `connection` no longer reaches the configured database, or None
+      lost(error)                  whether `error` means the connection is gone and a new one is needed
+      columns(connection)          the event table's column names
+      rows(connection, query, parameters)   the rows of a SELECT, streamed in constant memory
+      problem()                    why the database would not take events now, or None; waits HEALTH_TIMEOUT at most
+      describe(error)              `error` in words that /healthz may show (no hosts, users or passwords)
+      exists()                     whether the database is there already (commands never create one)
+    """
+
+    scan_time = "time"
+
+    def exists(self):
+        return True
+
+    def detached(self, connection):
+        return None
+
+    def rows(self, connection, query, parameters):
+        return connection.execute(query, parameters)
+
+
+class SQLiteStore(Store):
+    """Events in an SQLite file: the default, standard library only.
+
+    Only the first connection may create the file: if it is deleted or replaced while the server
+    runs, the writer reopens the path only when a database is there again (put back, or
+    restored from a backup), and events get 503 meanwhile. A restart creates a new, empty one.
+    """
 
     kind = "SQLite"
     parameter = "?"  # how a query's parameters are written
     since = "?"  # a time parameter compared with `time`
+    scan_time = "+time"  # the unary + keeps SQLite from reading through the time index
     day = "substr(time, 1, 10)"
     time_text = "time"
     received_text = "received_at"
@@ -1171,39 +1322,81 @@ class SQLiteStore:
     def __init__(self, config):
         self.config = config
         self.errors = (sqlite3.Error,)
+        self._files = None  # the files the last connect() opened
 
     def connect(self):
-        return connect(self.config.database, self.config.synchronous, self.config.busy_timeout)
+        path = self.config.database
+        if self._files is None:
+            problem = unwritable(path)
+            if problem:
+                raise ConfigError(f"{self.config.sources['database']}: cannot write the database {path}: {problem}")
+        elif not os.path.exists(path):
+            raise DatabaseGone(f"the database file {os.path.abspath(path)} is gone (deleted or moved while the "
+                               "server ran): put it back, or restart the server to start a new, empty one")
+        else:
+            self._refuse_a_stale_log(path)
+        connection = connect(path, self.config.synchronous, self.config.busy_timeout, create=self._files is None)
+        self._files = connection.files
+        return connection
+
+    def _refuse_a_stale_log(self, path):
+        """A database put back beside the -wal of the one deleted would take that log's pages as its own."""
+        before = {suffix: (device, inode) for suffix, device, inode in self._files}
+        now = {suffix: (device, inode) for suffix, device, inode in _file_ids(path)}
+        if before.get("") != now.get("") and before.get("-wal") is not None and before.get("-wal") == now.get("-wal"):
+            raise DatabaseGone(f"the database file {os.path.abspath(path)} was replaced, but its -wal file is the "
+                               "deleted database's: move the -wal and -shm files away, then it is opened again")
+
+    def exists(self):
+        return os.path.exists(self.config.database)
+
+    def detached(self, connection):
+        """Why `connection` no longer writes into the file at the configured path, or None."""
+        path = os.path.abspath(self.config.database)
+        for suffix, device, inode in connection.files:
+            try:
+                status = os.stat(path + suffix)
+            except FileNotFoundError:
+                return f"the database file {path + suffix} was deleted while the server ran"
+            if (status.st_dev, status.st_ino) != (device, inode):
+                return f"the database file {path + suffix} was replaced while the server ran"
+        return None
 
     def insert(self, connection, rows):
-        """Insert `rows` in one transaction; return how many were new (not an event_id already stored)."""
+        """Insert `rows` in one transaction; return how many were new (not an event_id already stored).
+
+        Raises DatabaseGone if the file was deleted or replaced meanwhile: the rows went to a
+        file nobody will open again.
+        """
         changes = connection.total_changes
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(connection):
             connection.executemany(INSERT, rows)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        self._still_there(connection)
         return connection.total_changes - changes
+
+    def _still_there(self, connection):
+        problem = self.detached(connection)
+        if problem:
+            raise DatabaseGone(problem)
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
         """Delete at most `limit` events older than `before` (stored time text); return how many."""
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            deleted = connection.execute(
+        with transaction(connection):
+            return connection.execute(
                 "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)",
                 (before, limit),
             ).rowcount
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        return deleted
+
+    def probe(self, connection):
+        """Commit a write that changes nothing (user_version rewritten as it is): lock, log and fsync all work."""
+        with transaction(connection):
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            connection.execute(f"PRAGMA user_version = {int(version)}")
+        self._still_there(connection)
 
     def lost(self, error):
-        """Whether `error` means the connection is gone and a new one is needed: never, for a file."""
-        return False
+        """Whether `error` means the connection must be replaced: only when its file was."""
+        return isinstance(error, DatabaseGone)
 
     def describe(self, error):
         """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
@@ -1225,8 +1418,8 @@ class SQLiteStore:
             uri = "file:" + urllib_quote(os.path.abspath(self.config.database)) + "?mode=rw"
             connection = sqlite3.connect(uri, uri=True, timeout=HEALTH_TIMEOUT, isolation_level=None)
             try:
-                connection.execute("BEGIN IMMEDIATE")  # can we take the write lock?
-                connection.execute("ROLLBACK")
+                with transaction(connection):  # can we take the write lock?
+                    pass
             finally:
                 connection.close()
         except (OSError, sqlite3.Error) as error:
@@ -1350,7 +1543,7 @@ class Watchdog:
                     self._changed.wait(max(0.01, min(waiting)))
 
 
-class PostgresStore:
+class PostgresStore(Store):
     """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
 
     The driver, psycopg 3, is imported only here: SQLite users never need it. Every wait is
@@ -1493,6 +1686,17 @@ class PostgresStore:
         self._told = None
         return None
 
+    def probe(self, connection):
+        with connection.transaction():
+            connection.execute("LOCK TABLE event IN ROW EXCLUSIVE MODE")  # the lock an insert takes
+
+    def rows(self, connection, query, parameters):
+        """Through a server-side cursor, in a read-only transaction of its own: PostgreSQL streams them."""
+        with connection.transaction():
+            connection.execute("SET TRANSACTION READ ONLY")
+            with connection.cursor("export") as cursor:
+                yield from cursor.execute(query, parameters)
+
     def describe(self, error):
         """`error` in general words, for clients and /healthz: the driver's own text names hosts,
         ports, users and databases, and belongs in the log."""
@@ -1527,11 +1731,15 @@ class Writer:
     held in memory.
     """
 
-    def __init__(self, config, metrics=None):
+    def __init__(self, config, store, metrics):
         self.config = config
-        self.store = store_for(config)
-        self.metrics = metrics or Metrics()
-        self.last_error = None
+        self.store = store
+        self.metrics = metrics
+        self.last_error = None  # what the last write (a commit or a probe) failed with
+        self._probe_due = 0.0
+        self._wrote_at = -HEALTH_CACHE_SECONDS  # when a write last succeeded
+        self._health_lock = threading.Lock()
+        self._checked, self._checked_at, self._checking = None, -HEALTH_CACHE_SECONDS, False
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._queue = []
@@ -1540,7 +1748,9 @@ class Writer:
         self._thread = None
         self._connection = None
         self._reconnect_at = 0.0
+        self._unreachable = None  # why the last reconnection failed
         self.pruned = 0
+        self._pass_pruned = 0  # by the steps of this pass, so far
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
@@ -1601,9 +1811,9 @@ class Writer:
             while True:
                 with self._lock:
                     while not self._queue and not self._closed:
-                        if self.config.retention_days and time.monotonic() >= self._prune_due:
+                        wait = self._idle_wait()
+                        if wait is not None and wait <= 0:
                             break
-                        wait = max(0.0, self._prune_due - time.monotonic()) if self.config.retention_days else None
                         self._wakeup.wait(wait)
                     if not self._queue and self._closed:
                         return
@@ -1612,34 +1822,108 @@ class Writer:
                     error = self._commit(group)
                     for _, committed in group:
                         committed(error)
+                elif self.last_error is not None and time.monotonic() >= self._probe_due:
+                    self._probe()
                 else:
                     self._prune_due = self._prune()
         finally:
             if self._connection is not None:
                 self._connection.close()
 
+    def _idle_wait(self):
+        """Seconds until the writer has work besides commits (a probe, a pruning step), or None."""
+        due = [self._probe_due] if self.last_error is not None else []
+        if self.config.retention_days:
+            due.append(self._prune_due)
+        return min(due) - time.monotonic() if due else None
+
     def _connected(self):
-        """The writer's connection, opened again if it was lost (not more than once a second)."""
+        """The writer's connection, opened again if it was lost or its file replaced (once a second at most)."""
+        if self._connection is not None:
+            problem = self.store.detached(self._connection)
+            if problem:
+                log.error("%s: opening the database again", problem)
+                self._drop()
         if self._connection is None:
             if time.monotonic() < self._reconnect_at:
-                raise ConnectionError("the database connection is lost; reconnecting")
+                raise ConnectionError(self._unreachable or "the database connection is lost; reconnecting")
             self._reconnect_at = time.monotonic() + 1
-            self._connection = self.store.connect()
+            try:
+                self._connection = self.store.connect()
+            except Exception as error:  # the database's errors, or its file still gone
+                self._unreachable = str(error)
+                raise
             log.info("reconnected to the database")
         return self._connection
+
+    def health(self):
+        """Why the database would not take events now, or None; waits HEALTH_TIMEOUT at most.
+
+        Mostly instant, so that a flood of /healthz costs the database nothing: a failed write
+        is known (and probed again every HEALTH_PROBE_SECONDS), a write that succeeded in the
+        last HEALTH_CACHE_SECONDS says enough, and otherwise a check of its own runs once in
+        HEALTH_CACHE_SECONDS at most, one at a time, while other callers get the last result.
+        """
+        error = self.last_error
+        if error is not None:
+            return f"the last write failed: {self.store.describe(error)}"
+        with self._health_lock:
+            now = time.monotonic()
+            if now - self._wrote_at < HEALTH_CACHE_SECONDS:
+                return None
+            if self._checking or now - self._checked_at < HEALTH_CACHE_SECONDS:
+                return self._checked
+            self._checking = True
+        problem = None
+        try:
+            connection = self._connection
+            problem = (connection is not None and self.store.detached(connection)) or self.store.problem()
+        finally:
+            with self._health_lock:
+                self._checked, self._checked_at, self._checking = problem, time.monotonic(), False
+        return problem
+
+    def _probe(self):
+        """A small write while the last one failed: health recovers without waiting for events."""
+        before = str(self.last_error)
+        try:
+            self.store.probe(self._connected())
+        except Exception as error:  # still failing, for any of a commit's reasons
+            if str(error) != before:
+                log.error("the database still takes no writes: %s", error)
+            self._failed(error)
+            return
+        self._succeeded()
+        log.info("the database takes writes again")
+
+    def _failed(self, error):
+        self.last_error = error
+        self._probe_due = time.monotonic() + HEALTH_PROBE_SECONDS
+        self._forget_lost(error)
+
+    def _succeeded(self):
+        self.last_error = None
+        self._wrote_at = time.monotonic()
 
     def _prune(self):
         """One small step of deleting events past retention_days, between commits; when to step next."""
         cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=self.config.retention_days)
+        before = cutoff.strftime(TIME_FORMAT)
         try:
-            deleted = self.store.prune(self._connected(), cutoff.strftime(TIME_FORMAT))
+            deleted = self.store.prune(self._connected(), before)
         except Exception as error:  # the database's errors, or a lost connection
             self._forget_lost(error)
-            log.warning("could not prune old events: %s", error)
+            log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
+            self._pass_pruned = 0
             return time.monotonic() + 3600
-        if deleted:
-            self.pruned += deleted
-        return time.monotonic() + (0 if deleted == PRUNE_STEP_ROWS else 3600)
+        self.pruned += deleted
+        self._pass_pruned += deleted
+        if deleted == PRUNE_STEP_ROWS:
+            return time.monotonic()  # more to delete: the next step comes between commits
+        log.info("retention_days = %d: deleted %d events from before %s", self.config.retention_days,
+                 self._pass_pruned, before[:19])
+        self._pass_pruned = 0
+        return time.monotonic() + 3600
 
     def _commit(self, group):
         started = time.monotonic()
@@ -1653,21 +1937,23 @@ class Writer:
                 inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
             log.error("could not store %d events: %s", len(rows), failure)
-            self.last_error = failure
-            self._forget_lost(failure)
+            self._failed(failure)
             return ServiceUnavailable("the database could not store the events; send them again shortly", 5)
-        self.last_error = None
+        self._succeeded()
         self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         return None
 
     def _forget_lost(self, error):
         """Drop a connection that `error` says is gone, so the next commit opens a new one."""
         if self._connection is not None and (isinstance(error, ConnectionError) or self.store.lost(error)):
-            try:
-                self._connection.close()
-            except Exception:  # closing what is already broken: nothing more to learn
-                pass
-            self._connection = None
+            self._drop()
+
+    def _drop(self):
+        try:
+            self._connection.close()
+        except Exception:  # closing what is already broken: nothing more to learn
+            pass
+        self._connection = None
 
 
 ###############################################################################
@@ -2537,8 +2823,9 @@ class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
     def __init__(self, config):
-        self.writer = Writer(config)
-        self.metrics = self.writer.metrics
+        self.store = store_for(config)
+        self.metrics = Metrics()
+        self.writer = Writer(config, self.store, self.metrics)
         self.rate_limiter = None
         self.reconfigure(config)
         self._routes = {
@@ -2565,7 +2852,7 @@ class Pycolytics:
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
         self.validator = Validator(config, Keyring(config))
-        self.dashboard = Dashboard(config, self.writer.store)
+        self.dashboard = Dashboard(config, self.store)
         origins = [config.cors_origins] + [app["cors_origins"] for app in config.apps.values() if "cors_origins" in app]
         self._every_origin = [("Access-Control-Allow-Origin", "*")] if ANY_ORIGIN in origins else None
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
@@ -2731,9 +3018,7 @@ class Pycolytics:
 
     def database_problem(self):
         """Why the database would not take events now, or None if it would."""
-        if self.writer.last_error is not None:
-            return f"the last commit failed: {self.writer.store.describe(self.writer.last_error)}"
-        return self.writer.store.problem()
+        return self.writer.health()
 
     def get_dashboard(self, environ):
         self.dashboard.authorize(environ)
@@ -4240,7 +4525,7 @@ def _existing_store(config):
     """The store of config.database, which must exist: only the server creates a database, so a
     typo in --database is an error, not a new empty file."""
     store = store_for(config)
-    if isinstance(store, SQLiteStore) and not os.path.exists(config.database):
+    if not store.exists():
         raise UsageError(f"there is no database {os.path.abspath(config.database)}: check --database "
                          "or the configuration's database (only the server creates a database)")
     return store
@@ -4269,24 +4554,17 @@ def export(arguments, config):
     if arguments.application is not None:
         conditions.append(f"application = {store.parameter}")
         parameters.append(arguments.application)
-    # "+time" (SQLite): read in id order without the time index, so nothing is sorted in memory
+    # scan_time: read in id order without the time index, so nothing is sorted in memory
     for option, operator_ in (("since", ">="), ("until", "<")):
         if option in moments:
-            conditions.append(f"{'+' if store.parameter == '?' else ''}time {operator_} {store.since}")
+            conditions.append(f"{store.scan_time} {operator_} {store.since}")
             parameters.append(moments[option])
     connection = store.read()
     present = store.columns(connection)
     texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
     selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    if isinstance(store, PostgresStore):
-        # a named (server-side) cursor streams from PostgreSQL, inside a transaction of its own;
-        # SQLite's cursors stream anyway
-        connection.execute("BEGIN READ ONLY")
-        cursor = connection.cursor("export")
-    else:
-        cursor = connection.cursor()
-    rows = cursor.execute(f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
+    rows = store.rows(connection, f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0
     try:
@@ -4311,6 +4589,7 @@ def export(arguments, config):
     finally:
         if output is not sys.stdout:
             output.close()
+        rows.close()
         connection.close()
     log.info("exported %d events", count)
     return 0
@@ -4403,17 +4682,12 @@ def _identity(path, busy_timeout):
     uri = "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
     writer = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
     try:
-        writer.execute("BEGIN IMMEDIATE")  # two copies starting together make one id
-        try:
+        with transaction(writer):  # IMMEDIATE: two copies starting together make one id
             writer.execute(COPY_IDENTITY)
             found = writer.execute("SELECT id FROM pycolytics_identity").fetchone()
             if not found:
                 found = (os.urandom(16).hex(),)
                 writer.execute("INSERT INTO pycolytics_identity (id) VALUES (?)", found)
-            writer.execute("COMMIT")
-        except BaseException:
-            writer.execute("ROLLBACK")
-            raise
     finally:
         writer.close()
     return found[0]

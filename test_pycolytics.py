@@ -1019,7 +1019,7 @@ def test_healthz_is_503_while_the_database_is_locked(client, database, sqlite_on
         blocker.execute("ROLLBACK")
         blocker.close()
     assert response.json["status"] == "unavailable" and "locked" in response.json["database"]
-    assert client.get("/healthz").json["status"] == "ok"
+    assert healthz_once_settled(client)["status"] == "ok"  # an answer may be HEALTH_CACHE_SECONDS old
 
 
 def test_healthz_is_503_after_a_failed_commit(client, database, sqlite_only):
@@ -1791,7 +1791,7 @@ def test_a_database_made_by_the_original_opens_and_keeps_working(config, databas
     with sqlite3.connect(database) as connection:
         indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert indexes == {"ix_event_event_type", "ix_event_application", "ix_event_version", "ix_event_platform",
-                       "ix_event_user_id", "ix_event_event_id"}
+                       "ix_event_user_id", "ix_event_application_event_id"}
 
 
 def test_a_new_database_has_the_original_columns_in_wal_mode(client, database, sqlite_only):
@@ -1839,6 +1839,328 @@ def test_concurrent_requests_in_threads_are_all_stored(app, database):
         statuses = [status for result in pool.map(send, range(16)) for status in result]
     assert statuses == ["204 No Content"] * 320
     assert count(database) == 1600
+
+
+# -- A 204 means stored, and health that recovers ------------------------------------------------
+
+
+def healthz_once_settled(client, status="ok", seconds=20):
+    """/healthz once it says `status`, or its last answer after `seconds`: answers may be a
+    second old, and the writer probes a failed database every HEALTH_PROBE_SECONDS."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = client.get("/healthz", expect_errors=True).json
+        if answer["status"] == status or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.1)
+
+
+def refuse_inserts(database, message="disk I/O"):
+    """Make every insert into the event table fail, on either backend."""
+    if is_postgres(database):
+        with psycopg.connect(database, autocommit=True) as connection:
+            connection.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                               f" $$ BEGIN RAISE EXCEPTION '{message}'; END $$")
+            connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event EXECUTE FUNCTION refuse()")
+    else:
+        with sqlite3.connect(database) as connection:
+            connection.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON event BEGIN SELECT RAISE(ABORT, '{message}'); END")
+
+
+def allow_inserts(database):
+    if is_postgres(database):
+        with psycopg.connect(database, autocommit=True) as connection:
+            connection.execute("DROP TRIGGER refuse ON event")
+    else:
+        with sqlite3.connect(database) as connection:
+            connection.execute("DROP TRIGGER refuse")
+
+
+def execute(database, statement):
+    if is_postgres(database):
+        with psycopg.connect(database, autocommit=True) as connection:
+            connection.execute(statement)
+    else:
+        with sqlite3.connect(database) as connection:
+            connection.execute(statement)
+
+
+def test_two_applications_may_number_their_events_alike_and_each_keeps_them_once(client, database):
+    post(client, "/v1.0/events", [event(application="space", event_id=str(n)) for n in (1, 2, 3)])
+    post(client, "/v1.0/events", [event(application="farm", event_id=str(n)) for n in (1, 2, 3)])
+    post(client, "/v1.0/events", [event(application="farm", event_id="2"), event(application="space", event_id="3")])
+    assert stored(database, "application, event_id") == [
+        ("space", "1"), ("space", "2"), ("space", "3"), ("farm", "1"), ("farm", "2"), ("farm", "3")]
+
+
+def test_a_row_breaking_an_operators_own_constraint_is_503_and_its_batch_is_not_stored(client, database):
+    post(client, "/v1.0/event", event(user_id="u1", session_id="s1"))
+    execute(database, "CREATE UNIQUE INDEX operators_own ON event (user_id, session_id, event_type)")
+    response = post(client, "/v1.0/events", [event(user_id="u2"), event(user_id="u1", session_id="s1")], status=503)
+    assert response.headers["Retry-After"] and "send them again" in response.json["detail"]
+    assert stored(database, "user_id") == [("u1",)]
+    post(client, "/v1.0/events", [event(user_id="u2")])
+    assert stored(database, "user_id") == [("u1",), ("u2",)]
+
+
+def test_health_recovers_by_itself_once_the_database_takes_writes_again(client, database):
+    refuse_inserts(database)
+    post(client, "/v1.0/event", event(), status=503)
+    assert "the last write failed" in client.get("/healthz", status=503).json["database"]
+    allow_inserts(database)
+    assert healthz_once_settled(client)["status"] == "ok"  # no event was sent meanwhile
+    assert count(database) == 0
+
+
+@pytest.fixture
+def impatient(settings):
+    """A server whose commits give up on a locked database after a quarter of a second."""
+    return dict(settings, busy_timeout="0.25")
+
+
+def get_over(connection, path):
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.getheader("Retry-After"), json.loads(response.read())
+
+
+def test_a_live_server_recovers_from_a_lock_timeout_with_no_traffic(impatient, database, sqlite_only):
+    with serving(impatient) as server:
+        connection = http.client.HTTPConnection(*server.server_address, timeout=30)
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            assert post_over(connection, event()) == 503
+            status, _, answer = get_over(connection, "/healthz")
+            assert status == 503 and "locked" in answer["database"]
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        deadline = time.monotonic() + 20
+        while get_over(connection, "/healthz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert get_over(connection, "/healthz")[:1] == (200,)
+    assert count(database) == 0
+
+
+def test_a_flood_of_healthz_checks_the_database_once_a_second_at_most(client, monkeypatch):
+    checks = []
+    real = pycolytics.SQLiteStore.problem if isinstance(client.app.store, pycolytics.SQLiteStore) \
+        else pycolytics.PostgresStore.problem
+    monkeypatch.setattr(type(client.app.store), "problem", lambda store: checks.append(1) or real(store))
+    started = time.monotonic()
+    for _ in range(300):
+        assert client.get("/healthz").json["status"] == "ok"
+    seconds = time.monotonic() - started
+    assert 1 <= len(checks) <= 1 + seconds / pycolytics.HEALTH_CACHE_SECONDS
+
+
+def test_a_commit_proves_health_without_a_check_of_its_own(client, monkeypatch):
+    checks = []
+    monkeypatch.setattr(type(client.app.store), "problem", lambda store: checks.append(1))
+    post(client, "/v1.0/event", event())
+    assert client.get("/healthz").json["status"] == "ok" and checks == []
+
+
+@pytest.mark.parametrize("pragma, words", [
+    ("max_page_count = {pages}", "database or disk is full"),
+    ("query_only = 1", "attempt to write a readonly database"),
+])
+def test_a_failed_commit_reports_its_first_cause_not_the_failed_rollback(client, database, sqlite_only, pragma, words):
+    post(client, "/v1.0/event", event())
+    writer = client.app.writer._connection
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute("PRAGMA " + pragma.format(pages=pages))
+    post(client, "/v1.0/events", [event(value={"pad": "x" * 60000})] * 10, status=503)
+    health = client.get("/healthz", status=503).json["database"]
+    assert words in health and "rollback" not in health
+    assert count(database) == 1
+
+
+def test_the_transaction_helper_raises_the_first_error_when_the_rollback_fails_too():
+    class Failing:
+        in_transaction = True
+
+        def execute(self, statement):
+            if statement == "ROLLBACK":
+                raise sqlite3.OperationalError("cannot rollback - no transaction is active")
+
+    with pytest.raises(ValueError, match="the first cause"):
+        with pycolytics.transaction(Failing()):
+            raise ValueError("the first cause")
+
+
+def test_a_deleted_database_gets_503_and_healthz_says_so_and_no_new_file_is_made(client, database, sqlite_only):
+    post(client, "/v1.0/event", event())
+    for suffix in ("", "-wal", "-shm"):
+        os.remove(database + suffix)
+    response = post(client, "/v1.0/events", [event(), event()], status=503)
+    assert response.headers["Retry-After"] and "send them again" in response.json["detail"]
+    answer = client.get("/healthz", status=503).json
+    assert "was deleted" in answer["database"] or "is gone" in answer["database"]
+    post(client, "/v1.0/event", event(), status=503)
+    assert not os.path.exists(database)
+
+
+def test_a_database_deleted_during_a_commit_is_answered_503(client, database, sqlite_only):
+    post(client, "/v1.0/event", event(user_id="kept"))
+    client.app.writer._connection.create_function("delete_the_database", 0, lambda: os.remove(database))
+    execute(database, "CREATE TRIGGER deleting AFTER INSERT ON event BEGIN SELECT delete_the_database(); END")
+    post(client, "/v1.0/event", event(user_id="lost"), status=503)
+    assert "deleted" in client.get("/healthz", status=503).json["database"]
+    assert not os.path.exists(database)
+
+
+def test_a_database_put_back_while_the_server_runs_is_opened_again(client, database, sqlite_only, tmp_path):
+    post(client, "/v1.0/events", [event(user_id="before")])
+    with sqlite3.connect(database) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+        source.backup(copy)
+    for suffix in ("", "-wal", "-shm"):
+        os.remove(database + suffix)
+    post(client, "/v1.0/event", event(user_id="refused"), status=503)
+    os.replace(tmp_path / "backup.db", database)
+    assert healthz_once_settled(client)["status"] == "ok"
+    post(client, "/v1.0/event", event(user_id="after"))
+    client.app.close()
+    assert stored(database, "user_id") == [("before",), ("after",)]
+
+
+def test_a_deleted_wal_file_loses_no_acknowledged_event(client, database, sqlite_only):
+    post(client, "/v1.0/events", [event(user_id=str(n)) for n in range(3)])
+    os.remove(database + "-wal")
+    post(client, "/v1.0/event", event(user_id="3"))
+    assert stored(database, "user_id") == [(str(n),) for n in range(4)]  # what a reader sees meanwhile
+    client.app.close()
+    assert stored(database, "user_id") == [(str(n),) for n in range(4)]
+
+
+def test_a_database_put_back_beside_the_deleted_ones_wal_is_not_opened(client, database, sqlite_only, tmp_path):
+    post(client, "/v1.0/event", event())
+    with sqlite3.connect(database) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+        source.backup(copy)
+    os.replace(tmp_path / "backup.db", database)  # its old -wal and -shm stay
+    post(client, "/v1.0/event", event(), status=503)
+    assert "-wal" in client.get("/healthz", status=503).json["database"]
+
+
+def test_a_live_server_refuses_events_into_a_deleted_database_and_loses_none_it_acknowledged(tmp_path):
+    acknowledged = []
+    process, address, path, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
+    try:
+        connection = http.client.HTTPConnection(*address, timeout=30)
+        for n in range(3):
+            if post_over(connection, event(event_id=f"kept-{n}", api_key=pycolytics.DEV_KEY)) == 204:
+                acknowledged.append(f"kept-{n}")
+        for suffix in ("", "-wal", "-shm"):
+            os.remove(path + suffix)
+        connection.request("POST", "/v1.0/event", body(event(event_id="lost", api_key=pycolytics.DEV_KEY)))
+        response = connection.getresponse()
+        assert response.status == 503
+        answer = json.loads(response.read())
+        assert response.getheader("Retry-After") and "send them again" in answer["detail"]
+        status, _, health = get_over(connection, "/healthz")
+        assert status == 503 and "deleted" in health["database"]
+        assert not os.path.exists(path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    assert len(acknowledged) == 3
+    process, address, path, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
+    try:
+        connection = http.client.HTTPConnection(*address, timeout=30)
+        assert post_over(connection, event(event_id="new", api_key=pycolytics.DEV_KEY)) == 204
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    assert stored(path, "event_id") == [("new",)]  # every 204 of the server that had the file
+
+
+@contextlib.contextmanager
+def unwritable(path):
+    """`path` (a file or a folder) that this process cannot write: chmod, or for root chattr +i."""
+    if os.geteuid() != 0:
+        mode = os.stat(path).st_mode
+        os.chmod(path, 0o555 if os.path.isdir(path) else 0o444)
+        try:
+            yield
+        finally:
+            os.chmod(path, mode)
+        return
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def make_database(path):
+    pycolytics.connect(str(path)).close()
+
+
+@pytest.mark.parametrize("where, prepare, protect, words", [
+    ("missing/events.db", None, None, ["the folder", "missing", "does not exist"]),
+    ("folder", "folder", None, ["is a directory"]),
+    ("events.db", "database", "events.db", ["events.db", "read (r) and write (w) permission"]),
+    ("locked/events.db", "folder", "locked", ["locked", "write (w) and search (x) permission"]),
+])
+def test_the_server_refuses_to_start_on_a_database_it_cannot_write(tmp_path, where, prepare, protect, words):
+    path = tmp_path / where
+    if prepare == "folder":
+        os.mkdir(path if where == "folder" else path.parent)
+    elif prepare == "database":
+        make_database(path)
+    with unwritable(tmp_path / protect) if protect else contextlib.nullcontext():
+        result = run_cli(tmp_path, "--port", "0", "--database", str(path))
+    assert result.returncode == 2, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+    assert "unable to open database file" not in result.stderr
+    assert prepare == "database" or not os.path.isfile(path)
+
+
+def test_an_older_database_whose_event_ids_were_unique_across_applications_is_migrated(config, database, sqlite_only,
+                                                                                      caplog):
+    with sqlite3.connect(database) as connection:
+        connection.executescript(ORIGINAL_SCHEMA + """
+            ALTER TABLE event ADD COLUMN received_at DATETIME;
+            ALTER TABLE event ADD COLUMN event_id VARCHAR;
+            CREATE UNIQUE INDEX ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL;
+            UPDATE event SET event_id = '1';
+        """)
+    with caplog.at_level("INFO", "pycolytics"):
+        app = pycolytics.create_app(config)
+    try:
+        post(webtest.TestApp(app), "/v1.0/events", [event(application="other", event_id="1"),
+                                                    event(application="my-game", event_id="1")])
+    finally:
+        app.close()
+    assert stored(database, "application, event_id") == [("my-game", "1"), ("other", "1")]
+    with sqlite3.connect(database) as connection:
+        indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "ix_event_application_event_id" in indexes and "ix_event_event_id" not in indexes
+    assert sum("unique per application" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_retention_pruning_logs_one_line_per_pass_with_its_count(settings, database, caplog):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, retention_days=30))
+    app = pycolytics.create_app(config)
+    try:
+        post(webtest.TestApp(app), "/v1.0/events", [event(timestamp="2020-01-01")] * 700 + [event()])
+        with caplog.at_level("INFO", "pycolytics"):
+            app.writer.prune_soon()
+            deadline = time.monotonic() + 20
+            while not any("deleted" in record.getMessage() for record in caplog.records) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        app.close()
+    lines = [record.getMessage() for record in caplog.records if "retention_days" in record.getMessage()]
+    assert lines == [lines[0]] and "deleted 700 events from before" in lines[0]
+    assert count(database) == 1
+
+
+def test_the_app_makes_the_store_metrics_and_writer_and_lends_them(app):
+    assert app.writer.store is app.store and app.dashboard.store is app.store
+    assert app.writer.metrics is app.metrics
 
 
 # -- Configuration --------------------------------------------------------------------------------
@@ -3849,10 +4171,10 @@ def test_an_idle_connection_the_server_dropped_costs_no_batch(postgres_client, p
 def test_a_locked_table_gives_503_after_busy_timeout_and_healthz_answers_at_once(postgres_client, postgres_url):
     post(postgres_client, "/v1.0/event", event(user_id="before"))
     with table_locked(postgres_url):
-        health = within(20, postgres_client.get, "/healthz", status=503)
+        health = healthz_once_settled(postgres_client, "unavailable")  # the commit above proves health for a second
         refused = within(20, post, postgres_client, "/v1.0/events", [event(user_id="locked out")] * 2, status=503)
         after = within(20, postgres_client.get, "/healthz", status=503)
-    assert health.json["database"] == "the event table is locked by another session"
+    assert health["database"] == "the event table is locked by another session"
     assert "the event table is locked" in after.json["database"] and "statement" not in after.text  # driver words
     assert refused.json["detail"] == "the database could not store the events; send them again shortly"
     assert refused.headers["Retry-After"]
