@@ -1786,6 +1786,26 @@ def test_integers_over_4300_digits_are_refused_where_the_interpreter_would_conve
     assert count(database) == 2
 
 
+@pytest.mark.parametrize("events, listed", [(100, 100), (101, 100), (1000, 100)])
+def test_a_refusal_lists_at_most_100_problems_and_says_where_it_stopped(client, database, events, listed):
+    # Every field wrong in a thousand events would be 11,000 problems: a 1.2 MB answer to 1 kB of gzip.
+    batch = godot_batch(*[godot_event(user_id="5")] * events)
+    detail = post(client, "/v1.0/events", batch, status=422).json["detail"]
+    assert [problem["loc"] for problem in detail[:listed]] == [["body", index, "user_id"] for index in range(listed)]
+    notes = detail[listed:]
+    assert notes == ([] if events == listed else [{
+        "loc": ["body"], "type": "too_many_problems",
+        "msg": "at most 100 problems are listed and this list stops at event 99: fix these and send again"}])
+    assert count(database) == 0
+
+
+def test_a_forbidden_batch_names_at_most_100_events(per_game, database):
+    batch = [event(application="farm-game", api_key="space-key")] * 150
+    detail = post(per_game, "/v1.0/events", batch, status=403).json["detail"]
+    assert detail.count("this api_key is for application 'space-game'") == 100
+    assert "event 99: " in detail and "event 100: " not in detail and detail.endswith("; and 50 more events")
+    assert count(database) == 0
+
 # -- Every validation limit, at the limit and one past it ------------------------------------------
 
 
@@ -1811,10 +1831,12 @@ LIMITS = [
     *[(f"{field} of 255 characters", godot_batch(godot_event(**{field: json.dumps("é" * 255)})), 1,
        godot_batch(godot_event(**{field: json.dumps("é" * 256)})), {}, 422,
        f"'{field}' is longer than 255 characters") for field in pycolytics.EVENT_FIELDS],
-    ("value 32 objects deep", godot_batch(godot_event(value='{"a":' * 31 + "{}" + "}" * 31)), 1,
-     godot_batch(godot_event(value='{"a":' * 32 + "{}" + "}" * 32)), {}, 422, "'value' nests objects and arrays more than 32"),
-    ("value 32 deep in arrays", godot_batch(godot_event(value='{"a":' + "[" * 31 + "]" * 31 + "}")), 1,
-     godot_batch(godot_event(value='{"a":' + "[" * 32 + "]" * 32 + "}")), {}, 422, "more than 32 deep"),
+    # Each with a bracket to spare: a value with no more brackets than the limit skips the walk.
+    ("value 32 objects deep", godot_batch(godot_event(value='{"b":[],"a":' + '{"a":' * 30 + "{}" + "}" * 31)), 1,
+     godot_batch(godot_event(value='{"b":[],"a":' + '{"a":' * 31 + "{}" + "}" * 32)), {}, 422,
+     "'value' nests objects and arrays more than 32"),
+    ("value 32 deep in arrays", godot_batch(godot_event(value='{"b":{},"a":' + "[" * 31 + "]" * 31 + "}")), 1,
+     godot_batch(godot_event(value='{"b":{},"a":' + "[" * 32 + "]" * 32 + "}")), {}, 422, "more than 32 deep"),
     ("value of 65536 bytes", godot_batch(godot_event(value=value_of_bytes(65536))), 1,
      godot_batch(godot_event(value=value_of_bytes(65537))), {}, 422, "'value' is 65537 bytes as JSON; at most 65536"),
     ("value of 65536 bytes in two-byte characters", godot_batch(godot_event(value=value_of_bytes(65536, "é"))), 1,
