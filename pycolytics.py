@@ -88,8 +88,8 @@ HEALTH_PROBE_SECONDS = 3
 # Characters in a client-made event_id at most: room for a UUID, a ULID or a hash.
 MAX_EVENT_ID = 100
 
-# Digits in one integer of a request body at most. Python 3.11+ refuses to convert longer
-# ones (a quadratic-time conversion); older Pythons would spend seconds on one number.
+# Digits in one integer of a request body at most: converting one is quadratic in its length,
+# and the interpreter's own limit (sys.get_int_max_str_digits) is this number unless changed.
 MAX_INTEGER_DIGITS = 4300
 
 # What an [app:NAME] section may set, for that application's events only.
@@ -546,28 +546,28 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
 # Validation: from request bytes to rows
 ###############################################################################
 
-# A JSON string, or a bare nan/inf outside strings: what Godot's JSON.stringify writes for
-# non-finite floats. Used only when a body fails to parse, to accept exactly Godot's quirks.
-_GODOT_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?\b(?:nan|inf)\b', re.S)
-_STRING_ESCAPE = re.compile(r"\\(.)", re.S)
+# Stand-ins for an escaped backslash and an escaped quote while a body's strings are told
+# apart from the rest: lone surrogates, which no text decoded from UTF-8 can hold.
+_ESCAPED_BACKSLASH, _ESCAPED_QUOTE = "\ud800", "\ud801"
 # An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not
 # valid Unicode (a lone surrogate). Bodies without one skip the per-string check.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _MISSING = object()
 
 
-def _compact_encoder():
-    """A function writing compact JSON (no spaces, Unicode as is, no NaN) through the C encoder.
+def _compact_encoder(allow_nan=False):
+    """A function writing compact JSON (no spaces, Unicode as is) through the C encoder.
 
     json.dumps() builds a new C encoder at every call, which costs more than encoding a
     typical event's value; this one is built once. Values come from json.loads, so they
     hold no cycles and need no cycle check (markers=None).
     """
-    options = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    options = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=allow_nan)
     make_encoder = getattr(json.encoder, "c_make_encoder", None)
     if make_encoder is None:  # a Python without the C accelerator
         return options.encode
-    encode = make_encoder(None, options.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    encode = make_encoder(None, options.default, json.encoder.encode_basestring, None, ":", ",", False, False,
+                          allow_nan)
 
     def compact_json(value):
         return "".join(encode(value, 0))
@@ -576,18 +576,32 @@ def _compact_encoder():
 
 
 _compact_json = _compact_encoder()
+_json_with_non_finite = _compact_encoder(allow_nan=True)  # NaN, Infinity: for a value about to be mended
 
 
-def _godot_string(match):
-    # Godot escapes a vertical tab as \v, which JSON lacks.
-    return "\\u000b" if match.group(1) == "v" else match.group(0)
+def _mend_godot(text):
+    """`text` with Godot's JSON quirks made JSON: bare nan, inf and -inf (its non-finite
+    floats) as null, and \\v in strings as \\u000b.
 
-
-def _godot_token(match):
-    token = match.group(0)
-    if token[0] != '"':
-        return "null"
-    return _STRING_ESCAPE.sub(_godot_string, token) if "\\v" in token else token
+    A few passes of C string methods, each linear: no regular expression over the strings, so
+    nothing can backtrack. Replacing escaped backslashes first, left to right, pairs up every
+    run of them, so each backslash left starts an escape; once escaped quotes are replaced too,
+    every quote opens or closes a string. In a text that is not JSON the pairing may be wrong,
+    but quotes and backslashes stay where they were, so the mended text is not JSON either.
+    """
+    text = text.replace("\\\\", _ESCAPED_BACKSLASH)
+    if "\\v" in text:  # Godot escapes a vertical tab as \v, which JSON lacks
+        text = text.replace("\\v", "\\u000b")
+    if "nan" in text or "inf" in text:
+        pieces = text.replace('\\"', _ESCAPED_QUOTE).split('"')
+        # Even pieces lie outside strings, where no JSON word holds nan or inf: replacing them
+        # where they are part of a longer word leaves that word as wrong as it was.
+        outside = '"'.join(pieces[::2])
+        for word in ("-nan", "-inf", "nan", "inf"):
+            outside = outside.replace(word, "null")
+        pieces[::2] = outside.split('"')
+        text = '"'.join(pieces).replace(_ESCAPED_QUOTE, '\\"')
+    return text.replace(_ESCAPED_BACKSLASH, "\\\\")
 
 
 def _non_finite_to_null(name):
@@ -600,9 +614,13 @@ def _bounded_int(digits):
     return int(digits)
 
 
-# Python 3.11 and newer refuse to convert longer integers by themselves, in C; older ones
-# would spend seconds on one huge number, so there every integer's length is checked first.
-_PARSE_INT = None if sys.version_info >= (3, 11) else _bounded_int
+# Python 3.9.14+, 3.10.7+ and 3.11+ refuse to convert integers of over 4300 digits (a quadratic
+# conversion) by themselves, in C: sys.get_int_max_str_digits(). Elsewhere, or where that limit
+# is lifted (PYTHONINTMAXSTRDIGITS=0), every integer's length is checked first, in Python,
+# which doubles the parse time of a body full of numbers.
+_C_INT_DIGITS = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+_PARSE_INT = None if 0 < _C_INT_DIGITS <= MAX_INTEGER_DIGITS else _bounded_int
+_INT_DIGITS = _C_INT_DIGITS if _PARSE_INT is None else MAX_INTEGER_DIGITS  # the limit in force
 
 
 def parse_json(body):
@@ -616,34 +634,43 @@ def parse_json(body):
     if text[0] == "\ufeff":
         text = text[1:]
     try:
-        return json.loads(text, parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
+        return _loads(text, strict=True)
     except json.JSONDecodeError as error:
         first_error = error
-    except RecursionError:
-        raise BadRequest("the request body nests arrays or objects too deeply") from None
-    except ValueError as error:  # an integer too long to convert
-        raise BadRequest(f"the request body holds an integer of over {MAX_INTEGER_DIGITS} digits") from None
+    # Godot's JSON: its quirks mended, and control characters other than \b\f\n\r\t\v raw in strings.
     try:
-        return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
-    except (ValueError, RecursionError):
-        error = first_error
-        message = re.sub(r" at$", "", error.msg)  # json's "Invalid control character at" says "at" itself
-        raise BadRequest(
-            f"the request body is not valid JSON: {message} at line {error.lineno} column {error.colno}"
-        ) from None
+        return _loads(_mend_godot(text), strict=False)
+    except json.JSONDecodeError:
+        message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
+        raise BadRequest(f"the request body is not valid JSON: {message} "
+                         f"at line {first_error.lineno} column {first_error.colno}") from None
 
 
-def _json_depth(document):
-    """How deeply arrays and objects nest in `document`, without recursion."""
-    deepest, stack = 0, [(document, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
-        deepest = max(deepest, depth)
-    return deepest
+def _loads(text, strict):
+    """json.loads with non-finite numbers as None; BadRequest for what json.loads cannot convert."""
+    try:
+        return json.loads(text, parse_constant=_non_finite_to_null, parse_int=_PARSE_INT, strict=strict)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:  # json.loads recurses in C, as deep as the interpreter lets it
+        raise BadRequest("the request body nests arrays or objects too deeply") from None
+    except ValueError:  # an integer too long to convert
+        raise BadRequest(f"the request body holds an integer of over {_INT_DIGITS} digits") from None
+
+
+def _nests_deeper(document, limit):
+    """Whether arrays and objects nest more than `limit` deep in `document`.
+
+    A loop over the levels, no recursion; each level is one comprehension, about five times
+    faster than a stack of nodes, which matters for a value of thousands of small arrays.
+    """
+    level = [document]
+    for _ in range(limit):
+        level = [child for node in level for child in (node.values() if type(node) is dict else node)
+                 if type(child) is dict or type(child) is list]
+        if not level:
+            return False
+    return True
 
 
 def _holds_nul(document):
@@ -660,17 +687,6 @@ def _holds_nul(document):
         elif isinstance(node, list):
             stack.extend(node)
     return False
-
-
-def _finite(document):
-    """`document` with every non-finite float (1e999 parses as inf) replaced by None."""
-    if isinstance(document, float):
-        return document if math.isfinite(document) else None
-    if isinstance(document, dict):
-        return {key: _finite(value) for key, value in document.items()}
-    if isinstance(document, list):
-        return [_finite(value) for value in document]
-    return document
 
 
 def _is_unicode(text):
@@ -763,12 +779,18 @@ class Keyring:
         return ALL_APPLICATIONS if everything else frozenset(names) or None
 
 
+# Problems one refusal lists at most. Enough to fix a client from; all of them could cost 50 ms
+# and a 1.2 MB answer for 150 kB of events with every field wrong (1 kB once gzipped).
+MAX_PROBLEMS = 100
+
+
 class Validator:
     """Turns a parsed request body into rows for the `event` table, or says what is wrong.
 
     Every event first takes a fast path that only decides "valid" with C-speed checks. A
     request with any invalid event is then examined again, event by event and field by
-    field, to list every problem; that slow path is the authority on what is wrong.
+    field, to list its problems (the first MAX_PROBLEMS); that slow path is the authority on
+    what is wrong.
     """
 
     def __init__(self, config, keyring):
@@ -799,8 +821,9 @@ class Validator:
         check_unicode = _SURROGATE_ESCAPE.search(body) is not None
         times = (received, received.strftime(TIME_FORMAT))
         rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, False
+        value_problems = {}  # id(event) -> what is wrong with its value, as the fast path found it
         for index, event in enumerate(events):
-            row = self._fast_row(event, shallow, check_unicode, times)
+            row = self._fast_row(event, shallow, check_unicode, times, value_problems)
             if row is None:
                 invalid = True
                 if type(event) is not dict:
@@ -821,14 +844,25 @@ class Validator:
             which = f" in events {', '.join(map(str, unauthorized))}" if batch else ""
             raise Unauthorized(f"invalid or missing api_key{which}")
         if forbidden:
-            raise Forbidden("; ".join(forbidden))
+            more = f"; and {len(forbidden) - MAX_PROBLEMS} more events" if len(forbidden) > MAX_PROBLEMS else ""
+            raise Forbidden("; ".join(forbidden[:MAX_PROBLEMS]) + more)
         if invalid:
-            problems = []
-            for index, event in enumerate(events):
-                where = ["body", index] if batch else ["body"]
-                problems += self._problems(event, where, shallow, check_unicode, received)
-            raise UnprocessableEntity(problems)
+            raise UnprocessableEntity(
+                self._listed_problems(events, batch, shallow, check_unicode, received, value_problems)
+            )
         return rows
+
+    def _listed_problems(self, events, batch, shallow, check_unicode, received, value_problems):
+        """The problems of a request's events, in order, at most MAX_PROBLEMS of them and then a note."""
+        problems = []
+        for index, event in enumerate(events):
+            where = ["body", index] if batch else ["body"]
+            problems += self._problems(event, where, shallow, check_unicode, received, value_problems)
+            if len(problems) > MAX_PROBLEMS or len(problems) == MAX_PROBLEMS and index + 1 < len(events):
+                message = (f"at most {MAX_PROBLEMS} problems are listed and this list stops at event {index}: "
+                           "fix these and send again")
+                return problems[:MAX_PROBLEMS] + [_problem(["body"], message, "too_many_problems")]
+        return problems
 
     def _refusal(self, index, application, allowed, origin, batch):
         """Why an event with a good key is still refused ([] if it is not): its application's rules."""
@@ -841,8 +875,8 @@ class Validator:
             return [f"{where}pages from {origin} may not send events for application {application!r}"]
         return []
 
-    def _fast_row(self, event, shallow, check_unicode, times):
-        """The event's row if it is valid, else None (without saying why)."""
+    def _fast_row(self, event, shallow, check_unicode, times, value_problems):
+        """The event's row if it is valid, else None (noting only a problem of its value)."""
         try:
             fields = self._fields(event)
             joined = "".join(fields)  # raises TypeError unless every field is a string
@@ -854,14 +888,18 @@ class Validator:
         if key is not None and type(key) is not str:
             return None
         text, problem = self._value_text(event.get("value", _MISSING), shallow, check_unicode)
-        if problem or check_unicode and not _is_unicode(joined):
+        if problem:
+            # Finding it may have cost an encoding of a megabyte of value: the list reuses it.
+            value_problems[id(event)] = problem
+            return None
+        if check_unicode and not _is_unicode(joined):
             return None
         if "timestamp" in event or "sent_at" in event or "event_id" in event:
             when, event_id, problems = _client_fields(event, times[0], check_unicode)
             return None if problems else fields + (text, when, times[1], event_id)
         return fields + (text, times[1], times[1], None)
 
-    def _problems(self, event, where, shallow, check_unicode, received):
+    def _problems(self, event, where, shallow, check_unicode, received, value_problems):
         """Every problem of one event, each naming its field."""
         if not isinstance(event, dict):
             return [_problem(where, "expected a JSON object (one event)", "object_type")]
@@ -884,7 +922,8 @@ class Validator:
         key = event.get("api_key")
         if key is not None and type(key) is not str:
             problems.append(_problem(where + ["api_key"], "must be a string", "string_type"))
-        _, problem = self._value_text(event.get("value", _MISSING), shallow, check_unicode)
+        problem = value_problems.get(id(event)) or self._value_text(event.get("value", _MISSING), shallow,
+                                                                     check_unicode)[1]
         if problem:
             problems.append(_problem(where + ["value"], *problem))
         for name, message, kind in _client_fields(event, received, check_unicode)[2]:
@@ -900,14 +939,14 @@ class Validator:
         try:
             text = _compact_json(value)
         except ValueError:  # a non-finite float, as from 1e999
-            text = _compact_json(_finite(value))
+            text = self._finite_json(value)
         except RecursionError:
             text = None
         # A text of n characters nests at most n/2 deep, and at most as deep as it has brackets.
         if text is None or (
             not shallow and len(text) > 2 * self.max_value_depth
             and text.count("{") + text.count("[") > self.max_value_depth
-            and _json_depth(value) > self.max_value_depth
+            and _nests_deeper(value, self.max_value_depth)
         ):
             return None, (f"nests objects and arrays more than {self.max_value_depth} deep", "too_deep")
         if len(text) * 4 > self.max_value_bytes or check_unicode:
@@ -923,11 +962,28 @@ class Validator:
             return None, ("holds a NUL character (\\u0000) in a string", "nul")
         return text, None
 
+    def _finite_json(self, value):
+        """Compact JSON of a value holding NaN or Infinity, stored as null; None if it nests too deep.
+
+        Rare, and written twice, in C: with NaN and Infinity, then parsed with them as None and
+        written again. Both recurse, so the depth is checked first, by a loop.
+        """
+        if _nests_deeper(value, self.max_value_depth):
+            return None
+        try:
+            return _compact_json(json.loads(_json_with_non_finite(value), parse_constant=_non_finite_to_null))
+        except RecursionError:  # a max_value_depth deeper than the interpreter's C code goes
+            return None
+
 
 # The range of client times taken as given: the Unix epoch to the end of year 9999.
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _LAST_SECOND = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
 
+
+# Characters in a client's time written as text, at most: ISO 8601 with nanoseconds and a zone
+# takes 35. Longer text is refused unread, so a time costs the pattern below a bounded effort.
+MAX_TIME_TEXT = 64
 
 # ISO 8601 / RFC 3339 as clients write it: a date, maybe a time (T or space) with seconds and
 # a fraction, maybe a zone (none means UTC). Parsed here because datetime.fromisoformat reads
@@ -943,7 +999,7 @@ def _client_time(value):
     try:
         if type(value) in (int, float):
             moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
-        elif type(value) is str and _ISO_8601.fullmatch(value.strip()):
+        elif type(value) is str and len(value) <= MAX_TIME_TEXT and _ISO_8601.fullmatch(value.strip()):
             year, month, day, hour, minute, second, fraction, _, sign, zone_hours, zone_minutes = (
                 _ISO_8601.fullmatch(value.strip()).groups()
             )
@@ -982,11 +1038,14 @@ def _client_fields(event, received, check_unicode):
             when = received if sent < happened else _EPOCH
         when = min(max(when, _EPOCH), received)
     event_id = event.get("event_id")
-    if event_id is not None and (
-        type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID or "\0" in event_id
-        or check_unicode and not _is_unicode(event_id)
-    ):
+    if event_id is None:
+        pass
+    elif type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID:
         problems.append(("event_id", f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"))
+    elif "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
+        problems.append(("event_id", "holds a NUL character (\\u0000)", "nul"))
+    elif check_unicode and not _is_unicode(event_id):
+        problems.append(("event_id", "holds an unpaired UTF-16 surrogate", "unicode"))
     return when.strftime(TIME_FORMAT), event_id, problems
 
 

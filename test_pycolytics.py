@@ -3831,15 +3831,42 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
+# Client times: Unix seconds and ISO 8601 text, mostly from 1970 to 9999, some not, some not times at all.
+valid_times = (
+    st.integers(min_value=0, max_value=253402300000) | st.floats(min_value=0, max_value=2.5e11)
+    | st.datetimes(min_value=datetime.datetime(1970, 1, 2), max_value=datetime.datetime(9999, 12, 30), timezones=st.sampled_from(
+        [None, datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=-5, minutes=-30))])).map(datetime.datetime.isoformat)
+)
+client_times = st.one_of(valid_times, valid_times, valid_times, st.integers(max_value=-1) | st.text(max_size=30) | st.booleans())
 valid_events = st.fixed_dictionaries(
     dict({name: st.text(max_size=40) for name in pycolytics.EVENT_FIELDS}, api_key=st.just(KEY)),
-    optional={"value": st.dictionaries(st.text(max_size=8), json_values, max_size=5), "extra": json_values},
+    optional={"value": st.dictionaries(st.text(max_size=8), json_values, max_size=5), "extra": json_values,
+              # event_id made unique per example by the test; a NUL may still make it wrong
+              "timestamp": client_times, "sent_at": client_times, "event_id": st.text(max_size=60)},
 )
 # A valid event with one field made wrong: missing, null, not a string, too long, or a wrong key.
 spoiled_events = st.tuples(
-    valid_events, st.sampled_from(pycolytics.EVENT_FIELDS + ("value", "api_key")),
+    valid_events, st.sampled_from(pycolytics.EVENT_FIELDS + ("value", "api_key", "timestamp", "sent_at", "event_id")),
     st.none() | st.integers() | st.text(min_size=256, max_size=300) | json_values | st.just(...),
 ).map(lambda spoil: {name: value for name, value in dict(spoil[0], **{spoil[1]: spoil[2]}).items() if value is not ...})
+
+
+def unique_event_ids(batch):
+    """`batch` with every string event_id made unique to this example (and still at most 100 long
+    when it was at most 60), so that no earlier example's row makes a stored event a duplicate."""
+    prefix = os.urandom(6).hex()
+    return [dict(event, event_id=f"{prefix}-{index}-{event['event_id']}")
+            if isinstance(event, dict) and isinstance(event.get("event_id"), str) else event
+            for index, event in enumerate(batch)]
+
+
+def assert_refusal_says_why(response):
+    """A refusal's detail: a non-empty list of problems for a 422, a sentence otherwise."""
+    detail = response.json["detail"]
+    if response.status_int == 422:
+        assert isinstance(detail, list) and detail and all(problem["msg"] and problem["loc"] for problem in detail)
+    else:
+        assert isinstance(detail, str) and detail
 generated_events = st.one_of(valid_events, valid_events, valid_events, spoiled_events)
 
 
@@ -3881,14 +3908,20 @@ def same_json(document):
 @hypothesis.given(batch=st.lists(generated_events, max_size=6))
 def test_generated_batches_are_stored_exactly_when_acknowledged(shared, batch):
     client, database = shared
+    batch = unique_event_ids(batch)
     before = count(database)
     response = client.post("/v1.0/events", json.dumps(batch).encode(), expect_errors=True)
     hypothesis.event(f"answered {response.status_int}")
     assert response.status_int in (204, 401, 422), response.text
-    rows = stored(database)[before:]
+    rows = stored(database, "event_type, application, version, platform, user_id, session_id, value, "
+                            "event_id, time, received_at")[before:]
     if response.status_int != 204:
+        assert_refusal_says_why(response)
         assert rows == []
         return
+    hypothesis.event(f"stored with {sum('timestamp' in event for event in batch)} client times")
+    assert [row[7] for row in rows] == [event.get("event_id") for event in batch]
+    assert all("1970-01-01" <= when <= received for *_, when, received in rows)
     if not is_postgres(database):  # PostgreSQL's jsonb holds nothing else
         with sqlite3.connect(database) as connection:
             assert connection.execute("SELECT count(*) FROM event WHERE NOT json_valid(value)").fetchone() == (0,)
@@ -3905,9 +3938,231 @@ def test_any_body_gets_a_4xx_or_204_and_never_a_server_error(shared, raw):
     before = count(database)
     response = client.post("/v1.0/events", raw, expect_errors=True)
     assert response.status_int in (204, 400, 401, 422)
-    assert "detail" in response.json if response.status_int != 204 else response.body == b""
     if response.status_int != 204:
+        assert_refusal_says_why(response)
         assert count(database) == before
+    else:
+        assert response.body == b""
+
+
+# -- Hostile bodies: linear time, no recursion ----------------------------------------------------
+
+ANSWER_IN_A_CHILD = """
+import json, logging, sys, webtest, pycolytics
+logging.basicConfig(stream=sys.stderr)
+database, key, path, encoding = sys.argv[1:]
+app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": key}))
+headers = {"Content-Encoding": encoding} if encoding else {}
+response = webtest.TestApp(app).post(path, sys.stdin.buffer.read(), headers=headers, expect_errors=True)
+app.close()
+print(json.dumps({"status": response.status_int, "detail": response.json["detail"] if response.body else None}))
+"""
+
+
+def answer_in_a_child(database, path, payload, encoding="", timeout=60, **environ):
+    """The application's answer to one request, asked in a process of its own that must answer
+    within `timeout` seconds: a body that freezes the application cannot freeze the test run
+    (a regular expression holds the GIL, so no thread could be waited for)."""
+    result = subprocess.run([sys.executable, "-c", ANSWER_IN_A_CHILD, database, KEY, path, encoding], input=payload,
+                            capture_output=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=HERE, **environ))
+    assert "Traceback" not in result.stderr.decode(errors="replace")
+    return json.loads(result.stdout)
+
+
+def test_a_godot_string_of_escaped_quotes_is_refused_in_linear_time(client, database):
+    # "\"\"\"... never closed. The fallback's regex once tried it again from every quote: 8 s
+    # for 64 kB, about half an hour for this megabyte, before any key was looked at.
+    post(client, "/v1.0/event", event(event_type="before"))
+    payload = gzip.compress(b'"' + b'\\"' * (2**19 - 1))
+    assert len(payload) < 2048
+    answer = answer_in_a_child(database, "/v1.0/events", payload, "gzip")
+    assert answer == {"status": 400, "detail": "the request body is not valid JSON: "
+                                               "Unterminated string starting at line 1 column 1"}
+    assert stored(database, "event_type") == [("before",)]
+
+
+@pytest.mark.parametrize("depth", [900, 990, 2500, 10000])
+def test_a_non_finite_number_nested_deep_is_refused_without_a_traceback(client, database, caplog, depth):
+    # 1e999 parses as inf; the value was once rebuilt by recursion: a 500, and a 3,000-line
+    # traceback in the log for every such request. How deep json.loads itself goes depends on
+    # the Python (about 1,000 levels before 3.12, more after): deeper than that is a 400.
+    nested = b'{"a":' * depth + b"1e999" + b"}" * depth
+    caplog.set_level(logging.DEBUG, logger="pycolytics")
+    for key, status, words in (("wrong", 401, "invalid or missing api_key"), (KEY, 422, "'value' nests")):
+        payload = b'{"api_key":"' + key.encode() + b'","value":' + nested + b"}"
+        response = client.post("/v1.0/event", payload, expect_errors=True)
+        answer = (response.status_int, json.dumps(response.json["detail"]))
+        assert answer[0] in (status, 400)
+        assert (words if answer[0] == status else "nests arrays or objects too deeply") in answer[1]
+    assert caplog.records == []
+    assert count(database) == 0
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 100000, b'{"a":' * 100000,
+    b"[nan," + b"[" * 100000,  # too deep for the second try, after Godot's quirks are mended
+    b'["\x1b",' + b'{"a":' * 100000,  # a raw control character: the second try too
+], ids=["arrays", "objects", "arrays after nan", "objects after a raw escape"])
+def test_nesting_deeper_than_the_parser_goes_is_a_400_that_says_so(client, database, payload):
+    response = post(client, "/v1.0/events", payload, status=400)
+    assert response.json["detail"] == "the request body nests arrays or objects too deeply"
+    assert count(database) == 0
+
+
+def test_an_unterminated_string_is_reported_in_plain_words(client):
+    response = post(client, "/v1.0/event", b'{"event_type": "startup', status=400)
+    assert response.json["detail"] == ("the request body is not valid JSON: "
+                                       "Unterminated string starting at line 1 column 16")
+
+
+def godot_event(**changes):
+    """One event as the addon writes it, with some fields' JSON text changed."""
+    fields = dict(event_type='"startup"', application='"My Game"', version='""', platform='"Linux"',
+                  user_id='"1a2b3c4d"', session_id='"s1"', value="{}", api_key=json.dumps(KEY))
+    fields.update(changes)
+    return godot_json(**fields)
+
+
+# Godot's JSON.stringify escapes only \b \f \n \r \t \v (and " and \); the rest it writes raw.
+RAW_CONTROLS = "".join(chr(code) for code in range(1, 32) if chr(code) not in "\b\f\n\r\t\v")
+
+
+@pytest.mark.parametrize("speed", ["1.5", "nan"])
+def test_control_characters_godot_leaves_raw_in_strings_are_stored_escaped(client, database, speed):
+    name = "Esc\x1bape " + RAW_CONTROLS
+    payload = godot_event(user_id=f'"{name}"', value=f'{{"name":"{name}","speed":{speed}}}')
+    post(client, "/v1.0/events", f"[{payload}]".encode())
+    (user_id, value), = stored(database, "user_id, value")
+    assert user_id == name
+    assert value == json.dumps({"name": name, "speed": None if speed == "nan" else 1.5}, separators=(",", ":"))
+    assert "\x1b" not in value and "\\u001b" in value
+
+
+def test_godot_words_are_mended_only_outside_strings(client, database):
+    # Escaped quotes and backslashes decide where strings end; nan, inf and \v inside strings stay text.
+    value = r'{"a":"nan\"inf\\","b":nan,"c":"\\","d":-inf,"e":"\\\"nan\v","f":[inf,"-inf",-nan],"g":"\\v"}'
+    post(client, "/v1.0/events", f"[{godot_event(value=value)}]".encode())
+    assert json.loads(stored(database, "value")[0][0]) == {
+        "a": 'nan"inf\\', "b": None, "c": "\\", "d": None, "e": '\\"nan\x0b', "f": [None, "-inf", None], "g": "\\v",
+    }
+
+
+@pytest.mark.parametrize("payload", [
+    b"[nanx]", b"[infinity]", b'["a" nan]', b"[1nan]", b'["\\"]nan', b"[nan]\\", b'{"a":nan\\"}',
+])
+def test_words_that_only_contain_godot_quirks_are_still_not_json(client, payload):
+    assert "not valid JSON" in post(client, "/v1.0/events", payload, status=400).json["detail"]
+
+
+def test_integers_over_4300_digits_are_refused_where_the_interpreter_would_convert_them(client, database):
+    # With the interpreter's own limit lifted, the module checks every integer's length itself.
+    post(client, "/v1.0/event", event(event_type="before"))
+    for digits, status in ((4300, 204), (4301, 400)):
+        payload = json.dumps(event(value={"n": 1})).replace('"n": 1', '"n": -' + "7" * digits).encode()
+        answer = answer_in_a_child(database, "/v1.0/event", payload, PYTHONINTMAXSTRDIGITS="0")
+        assert answer["status"] == status
+    assert "over 4300 digits" in answer["detail"]
+    assert count(database) == 2
+
+
+@pytest.mark.parametrize("events, listed", [(100, 100), (101, 100), (1000, 100)])
+def test_a_refusal_lists_at_most_100_problems_and_says_where_it_stopped(client, database, events, listed):
+    # Every field wrong in a thousand events would be 11,000 problems: a 1.2 MB answer to 1 kB of gzip.
+    batch = godot_batch(*[godot_event(user_id="5")] * events)
+    detail = post(client, "/v1.0/events", batch, status=422).json["detail"]
+    assert [problem["loc"] for problem in detail[:listed]] == [["body", index, "user_id"] for index in range(listed)]
+    notes = detail[listed:]
+    assert notes == ([] if events == listed else [{
+        "loc": ["body"], "type": "too_many_problems",
+        "msg": "at most 100 problems are listed and this list stops at event 99: fix these and send again"}])
+    assert count(database) == 0
+
+
+def test_a_forbidden_batch_names_at_most_100_events(per_game, database):
+    batch = [event(application="farm-game", api_key="space-key")] * 150
+    detail = post(per_game, "/v1.0/events", batch, status=403).json["detail"]
+    assert detail.count("this api_key is for application 'space-game'") == 100
+    assert "event 99: " in detail and "event 100: " not in detail and detail.endswith("; and 50 more events")
+    assert count(database) == 0
+
+# -- Every validation limit, at the limit and one past it ------------------------------------------
+
+
+def padded(document, size):
+    """`document` as JSON text followed by spaces, `size` bytes in all."""
+    text = document.encode()
+    return text + b" " * (size - len(text))
+
+
+def value_of_bytes(size, character="x"):
+    """A value whose compact JSON is `size` bytes of UTF-8, made of `character` and, if need be, one x."""
+    room = size - len('{"b":""}')
+    count, rest = divmod(room, len(character.encode()))
+    return '{"b":"' + character * count + "x" * rest + '"}'
+
+
+def godot_batch(*events):
+    return ("[" + ",".join(events) + "]").encode()
+
+
+LIMITS = [
+    # (what, the batch at the limit, events in it, the batch one past, headers, status, words)
+    *[(f"{field} of 255 characters", godot_batch(godot_event(**{field: json.dumps("é" * 255)})), 1,
+       godot_batch(godot_event(**{field: json.dumps("é" * 256)})), {}, 422,
+       f"'{field}' is longer than 255 characters") for field in pycolytics.EVENT_FIELDS],
+    # Each with a bracket to spare: a value with no more brackets than the limit skips the walk.
+    ("value 32 objects deep", godot_batch(godot_event(value='{"b":[],"a":' + '{"a":' * 30 + "{}" + "}" * 31)), 1,
+     godot_batch(godot_event(value='{"b":[],"a":' + '{"a":' * 31 + "{}" + "}" * 32)), {}, 422,
+     "'value' nests objects and arrays more than 32"),
+    ("value 32 deep in arrays", godot_batch(godot_event(value='{"b":{},"a":' + "[" * 31 + "]" * 31 + "}")), 1,
+     godot_batch(godot_event(value='{"b":{},"a":' + "[" * 32 + "]" * 32 + "}")), {}, 422, "more than 32 deep"),
+    ("value of 65536 bytes", godot_batch(godot_event(value=value_of_bytes(65536))), 1,
+     godot_batch(godot_event(value=value_of_bytes(65537))), {}, 422, "'value' is 65537 bytes as JSON; at most 65536"),
+    ("value of 65536 bytes in two-byte characters", godot_batch(godot_event(value=value_of_bytes(65536, "é"))), 1,
+     godot_batch(godot_event(value=value_of_bytes(65537, "é"))), {}, 422, "'value' is 65537 bytes"),
+    ("1000 events", godot_batch(*[godot_event()] * 1000), 1000,
+     godot_batch(*[godot_event()] * 1001), {}, 422, "a batch holds at most 1000 events and this one has 1001"),
+    ("event_id of 100 characters", godot_batch(godot_event(event_id=json.dumps("é" * 100))), 1,
+     godot_batch(godot_event(event_id=json.dumps("é" * 101))), {}, 422, "'event_id' must be a string of 1 to 100"),
+    ("timestamp text of 64 characters",
+     godot_batch(godot_event(timestamp='"2024-05-01T12:00:00.' + "1" * 43 + 'Z"')), 1,
+     godot_batch(godot_event(timestamp='"2024-05-01T12:00:00.' + "1" * 44 + 'Z"')), {}, 422, "'timestamp' must be ISO 8601"),
+    ("integer of 4300 digits", godot_batch(godot_event(value='{"n":' + "7" * 4300 + "}")), 1,
+     godot_batch(godot_event(value='{"n":' + "7" * 4301 + "}")), {}, 400, "an integer of over 4300 digits"),
+    ("body of 1048576 bytes", padded("[" + godot_event() + "]", 1048576), 1,
+     padded("[" + godot_event() + "]", 1048577), {}, 413, "at most 1048576 are accepted"),
+    ("body of 1048576 bytes once decompressed", gzip.compress(padded("[" + godot_event() + "]", 1048576)), 1,
+     gzip.compress(padded("[" + godot_event() + "]", 1048577)), {"Content-Encoding": "gzip"}, 413,
+     "decompresses to over 1048576 bytes"),
+]
+
+
+@pytest.mark.parametrize("what, at_limit, events, past_limit, headers, status, words", LIMITS,
+                         ids=[case[0] for case in LIMITS])
+def test_a_godot_batch_at_a_limit_is_stored_and_one_past_it_is_refused(client, database, what, at_limit, events,
+                                                                        past_limit, headers, status, words):
+    post(client, "/v1.0/events", at_limit, headers=headers)
+    assert count(database) == events
+    response = post(client, "/v1.0/events", past_limit, status=status, headers=headers)
+    assert response.json["detail"] and words in json.dumps(response.json["detail"], ensure_ascii=False)
+    assert count(database) == events
+
+
+def test_a_literal_1e999_written_by_hand_is_stored_as_null(client, database):
+    payload = godot_batch(godot_event(value='{"big":1e999,"small":-1e999,"fine":1.5,"deep":[[1E400]]}'))
+    post(client, "/v1.0/events", payload)
+    (text,), = stored(database, "value")
+    assert json.loads(text) == {"big": None, "small": None, "fine": 1.5, "deep": [[None]]}
+    assert "Infinity" not in text
+
+
+def test_a_nul_in_event_id_is_refused_naming_it_and_nothing_is_stored(client, database):
+    batch = godot_batch(godot_event(event_id='"fine"'), godot_event(event_id='"a\\u0000b"'))
+    detail = post(client, "/v1.0/events", batch, status=422).json["detail"]
+    assert [(problem["loc"], problem["type"]) for problem in detail] == [(["body", 1, "event_id"], "nul")]
+    assert "NUL" in detail[0]["msg"]
+    assert count(database) == 0
+
 
 
 # -- The API fuzzed from its OpenAPI document (schemathesis) -------------------------------------------
