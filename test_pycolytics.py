@@ -2421,10 +2421,10 @@ def answer_on_a_terminal(arguments, answer, cwd):
     import pty
     import select
 
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: nothing of the test may run here
-        os.chdir(cwd)
-        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments])
+    terminal, other_end = pty.openpty()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments], cwd=cwd,
+                               stdin=other_end, stdout=other_end, stderr=other_end, start_new_session=True)
+    os.close(other_end)
     output, deadline = b"", time.monotonic() + 30
     try:
         while time.monotonic() < deadline:
@@ -2432,7 +2432,7 @@ def answer_on_a_terminal(arguments, answer, cwd):
                 continue
             try:
                 chunk = os.read(terminal, 4096)
-            except OSError:  # the child has gone
+            except OSError:  # every writer has gone
                 break
             if not chunk:
                 break
@@ -2441,8 +2441,7 @@ def answer_on_a_terminal(arguments, answer, cwd):
                 os.write(terminal, answer + b"\n")
     finally:
         os.close(terminal)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), output.decode()
+    return process.wait(30), output.decode()
 
 
 @pytest.mark.parametrize("answer, status, left", [(b"n", 1, 3), (b"y", 0, 1)])
