@@ -370,7 +370,8 @@ SETTINGS = (
     Setting("max_header_field", "8190", _count, "bytes in one header field (431)"),
     Setting("max_head_bytes", "65536", _count, "bytes in a whole request head (431)"),
     Setting("max_body_bytes", "1048576", _count, "bytes in one request body (413)"),
-    Setting("max_buffered_bytes", "33554432", _count, "bytes of request bodies held at once, all together (503)"),
+    Setting("max_buffered_bytes", "33554432", _count,
+            "bytes of request bodies held at once, and of values waiting for the database (503)"),
     Setting("max_batch_events", "1000", _count, "events in one batch (422)"),
     Setting("max_string_length", "255", _count, "characters in each string field of an event (422)"),
     Setting("max_value_bytes", "65536", _count, "bytes of one event's value as compact JSON (422)"),
@@ -1780,6 +1781,10 @@ def store_for(config):
     return SQLiteStore(config)
 
 
+# A row's value, as compact JSON text: rows are EVENT_FIELDS, then value, time, received_at, event_id.
+_VALUE_TEXT = operator.itemgetter(len(EVENT_FIELDS))
+
+
 class Writer:
     """The one thread that writes: commits the rows of many requests in one transaction.
 
@@ -1803,6 +1808,7 @@ class Writer:
         self._wakeup = threading.Condition(self._lock)
         self._queue = []
         self._queued_rows = 0
+        self._queued_bytes = 0  # of values: what a queue of few but huge events holds
         self._closed = False
         self._thread = None
         self._connection = None
@@ -1828,10 +1834,13 @@ class Writer:
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the server is shutting down; send the events again shortly", 5)
-            if self._queued_rows and self._queued_rows + len(rows) > self.config.max_pending_events:
+            size = sum(map(len, map(_VALUE_TEXT, rows)))
+            if self._queued_rows and (self._queued_rows + len(rows) > self.config.max_pending_events
+                                      or self._queued_bytes + size > self.config.max_buffered_bytes):
                 raise ServiceUnavailable("the server is busy writing other events; send these again shortly")
             self._queue.append((rows, committed))
             self._queued_rows += len(rows)
+            self._queued_bytes += size
             self._wakeup.notify()
 
     def write(self, rows):
@@ -1876,7 +1885,7 @@ class Writer:
                         self._wakeup.wait(wait)
                     if not self._queue and self._closed:
                         return
-                    group, self._queue, self._queued_rows = self._queue, [], 0
+                    group, self._queue, self._queued_rows, self._queued_bytes = self._queue, [], 0, 0
                 if group:
                     error = self._commit(group)
                     for _, committed in group:

@@ -2960,6 +2960,32 @@ def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(sett
     assert count(database) == 1
 
 
+def test_events_waiting_for_the_database_are_bounded_in_bytes_too(settings, database, sqlite_only):
+    batch = [event(value={"blob": "x" * 60_000}, user_id=str(n)) for n in range(2)]
+    compressed = gzip.compress(body(batch))  # a kilobyte on the wire, 120 kB of values once read
+    request = (b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(compressed), compressed))
+    with serving(settings, max_buffered_bytes=300_000, busy_timeout=30) as server:
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the writer waits: everything posted now queues
+        try:
+            posts = []
+            for _ in range(5):
+                posts.append(socket.create_connection(server.server_address, timeout=20))
+                posts[-1].sendall(request)
+                time.sleep(0.3)
+            refused = [read_all(sock, answers=1) for sock in posts[3:]]  # answered before the lock goes
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        stored_ones = [read_all(sock, answers=1) for sock in posts[:3]]
+        for sock in posts:
+            sock.close()
+    assert all(answer.startswith(b"HTTP/1.1 503") and b"Retry-After: " in answer for answer in refused)
+    assert [answer[:12] for answer in stored_ones] == [b"HTTP/1.1 204"] * 3
+    assert count(database) == 6
+
+
 def test_a_newcomer_is_never_closed_unread_to_make_room_for_the_next(settings, database):
     with serving(settings, max_connections=2, request_timeout=30) as server:
         with socket.create_connection(server.server_address, timeout=10) as holder:
