@@ -297,7 +297,8 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("path, payload, status, words", BAD_REQUESTS, ids=[f"{case[2]}-{n}" for n, case in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize("path, payload, status, words", BAD_REQUESTS,
+                         ids=[f"{status} {path.rsplit('/', 1)[1]}: {words[-1]}" for path, _, status, words in BAD_REQUESTS])
 def test_bad_requests_are_refused_with_a_clear_detail_and_store_nothing(client, database, path, payload, status, words):
     post(client, "/v1.0/event", event(event_type="before"))  # the database exists and holds one row
     response = client.post(path, payload, status=status)
