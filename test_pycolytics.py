@@ -3423,12 +3423,18 @@ def two_workers(tmp_path):
     """A server started as the README says, with workers = 2 in its ini; stopped by SIGTERM (exit 0)."""
     (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\nworkers = 2\napi_keys = {KEY}\n")
     process, address, database, lines = start_server(tmp_path, "--quiet", "--database", "events.db")
-    log_lines = LogLines(process, lines)
-    assert until(lambda: log_lines.count("serving") == 2)
-    yield process, address, database, log_lines
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+    try:
+        log_lines = LogLines(process, lines)
+        assert until(lambda: log_lines.count("serving") == 2)
+        yield process, address, database, log_lines
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                assert process.wait(60) == 0
+            finally:
+                for pid in [process.pid] + children(process.pid) if process.poll() is None else ():
+                    os.kill(pid, signal.SIGKILL)
 
 
 def post_batches(address, prefix, clients=16, batches=20, size=5):
