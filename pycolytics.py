@@ -1831,6 +1831,7 @@ class Writer:
         self._unreachable = None  # why the last reconnection failed
         self.pruned = 0
         self._pass_pruned = 0  # by the steps of this pass, so far
+        self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Supervisor)
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
@@ -2012,12 +2013,13 @@ class Writer:
         started = time.monotonic()
         rows = list(itertools.chain.from_iterable(rows for rows, _ in group))
         try:
-            try:
-                inserted = self.store.insert(self._connected(), rows)
-            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
-                self._forget_lost(lost)
-                self._reconnect_at = 0
-                inserted = self.store.insert(self._connected(), rows)
+            with self.commit_lock:
+                try:
+                    inserted = self.store.insert(self._connected(), rows)
+                except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                    self._forget_lost(lost)
+                    self._reconnect_at = 0
+                    inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
             log.error("could not store %d events: %s", len(rows), failure)
             self._failed(failure)
@@ -4483,18 +4485,21 @@ class Server:
 ###############################################################################
 
 
-def serve(config, load=None, listener=None, worker=None):
+def serve(config, load=None, listener=None, worker=None, commit_lock=None):
     """Run the built-in server until SIGTERM or SIGINT; return the exit status.
 
     `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
     configuration in force if the new one is bad. With `workers` above 1, the processes of a
     Supervisor serve instead; each of them calls this with the `listener` its parent bound and
-    its `worker` number, and leaves telling systemd and the log about the whole server to it.
+    its `worker` number (and the `commit_lock` they share), and leaves telling systemd and the
+    log about the whole server to it.
     """
     if config.workers > 1 and listener is None:
         return Supervisor(config, load).run()
     try:
         app = Pycolytics(config)
+        if commit_lock is not None:
+            app.writer.commit_lock = commit_lock
         app.open()
     except ConfigError:
         raise
@@ -4550,6 +4555,34 @@ def _worker_config(config, workers):
     return share
 
 
+class CommitLock:
+    """What the writers of worker processes take in turn to commit into one SQLite database.
+
+    SQLite would serialise them too, but its busy handler sleeps and polls (1, 2, 5, 10 ms and
+    longer; https://www.sqlite.org/c3ref/busy_timeout.html), so two writers that meet wait far
+    longer than the commit takes. This lock waits in the kernel and wakes at once. It is a
+    POSIX record lock (fcntl.lockf) on a nameless file the parent opened: record locks belong to
+    a process, not to the file descriptor a fork shares, and the kernel releases them when the
+    process dies, so a worker killed mid-commit never leaves the others locked out.
+    """
+
+    def __init__(self):
+        import tempfile  # here: only a server with worker processes needs it
+
+        self._file = tempfile.TemporaryFile()
+
+    def __enter__(self):
+        import fcntl  # here: only a server with worker processes needs it (and only POSIX has it)
+
+        fcntl.lockf(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *_exception):
+        import fcntl
+
+        fcntl.lockf(self._file, fcntl.LOCK_UN)
+
+
 def _load_worker_config(load, workers):
     return _worker_config(load(), workers)
 
@@ -4578,6 +4611,8 @@ class Supervisor:
         self._reload_requested = False
         self._failed = False
         self._wake_reader = self._wake_writer = None
+        # Several PostgreSQL writers commit side by side; SQLite takes one at a time.
+        self._commit_lock = None if "://" in config.database else CommitLock()
 
     def run(self):
         tls_context(self.config)  # a certificate that cannot work stops start-up here, with exit status 2
@@ -4652,7 +4687,7 @@ class Supervisor:
             os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the parent, the main process only
             workers = self.config.workers
             load = None if self.load is None else functools.partial(_load_worker_config, self.load, workers)
-            status = serve(_worker_config(self.config, workers), load, self.listener, number)
+            status = serve(_worker_config(self.config, workers), load, self.listener, number, self._commit_lock)
         except BaseException:  # whatever it is, the parent must see an exit status, not a second parent
             log.exception("worker %d failed", number)
         finally:
