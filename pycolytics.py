@@ -47,8 +47,9 @@ import time
 from wsgiref.handlers import format_date_time
 from wsgiref.util import is_hop_by_hop
 
-# hmac.compare_digest is this function, but importing hmac loads OpenSSL: 3.5 MB of memory
-# (a fifth of the idle footprint) for one comparison.
+# The constant-time comparison behind hmac.compare_digest when Python has no OpenSSL (with
+# OpenSSL, hmac uses _hashlib's, which is just as constant-time); importing hmac loads OpenSSL:
+# 3.5 MB of memory (a fifth of the idle footprint) for one comparison.
 from _operator import _compare_digest as compare_digest
 
 log = logging.getLogger("pycolytics")
@@ -1960,13 +1961,51 @@ class Writer:
 # The dashboard: /dashboard
 ###############################################################################
 
-# The range the dashboard shows when none is asked for, in days up to today.
+# The range the dashboard and the report show when none is asked for, in days up to today.
 DASHBOARD_DAYS = 30
-# The dashboard keeps the figures of days that ended this many days ago for an hour, and
-# remembers this many days at most (a few hundred bytes each).
-DASHBOARD_SETTLED_DAYS = 2
-DASHBOARD_CACHE_SECONDS = 3600
-DASHBOARD_CACHE_DAYS = 4000
+# The longest range one report reads: a year, leap day included. Each report reads every event
+# of its range, so a longer one would hold a database connection for minutes.
+MAX_REPORT_DAYS = 366
+# The days a report may name: stored times start at the Unix epoch, and the last day leaves room
+# for the day after `until`, the range's end.
+FIRST_REPORT_DAY = datetime.date(1970, 1, 1)
+LAST_REPORT_DAY = datetime.date(9999, 12, 30)
+# Rows of a ranking before the rest is lumped as "(other)": a million distinct versions must
+# not become a million rows of HTML.
+REPORT_TOP = 20
+# The days after a cohort's first that the API reports, and the columns of the dashboard's triangle.
+RETENTION_API_DAYS = (1, 7, 30)
+RETENTION_COLUMNS = (1, 2, 3, 4, 5, 6, 7, 14, 30)
+# Steps of one funnel at most; each step's times are held per user while it is counted.
+MAX_FUNNEL_STEPS = 10
+# Characters of one filter at most: more than any stored string may have, so nothing is lost.
+MAX_FILTER_CHARACTERS = 1000
+# Query fields parsed at most: a report has a dozen; more is not a dashboard talking.
+MAX_QUERY_FIELDS = 40
+# Bytes of JSON the report cache keeps; the least recently used report goes first.
+REPORT_CACHE_BYTES = 4 * 1024 * 1024
+# Wrong read keys one client address may present per window before it waits for the next: a
+# person mistyping stays below it, a guesser is held to a few guesses a minute.
+READ_KEY_FAILURES = 5
+READ_KEY_WINDOW = 60
+# Session lengths drawn as bars on the dashboard: (upper bound in seconds, label).
+SESSION_BUCKETS = ((60, "< 1 min"), (300, "1-5 min"), (900, "5-15 min"), (1800, "15-30 min"),
+                   (3600, "30-60 min"), (7200, "1-2 h"), (math.inf, "2 h +"))
+# What the SQL of the two backends says differently: byte order for names (PostgreSQL's default
+# collation sorts by locale, which would rank ties differently from SQLite), and the type and
+# text of one field of `value`.
+REPORT_SQL = {
+    "SQLite": {"collate": "", "kind": "json_type(value, ?)", "item": "json_extract(value, ?)"},
+    "PostgreSQL": {"collate": ' COLLATE "C"', "kind": "jsonb_typeof(value -> %s)", "item": "value ->> %s"},
+}
+# Kinds of JSON values as either backend names them, and what a breakdown of values makes of them.
+VALUE_KINDS = {"integer": "number", "real": "number", "number": "number", "text": "string", "string": "string",
+               "true": "boolean", "false": "boolean", "boolean": "boolean"}
+# The filters of a report: a report with filters is the report of a database that held only the
+# events that match them.
+REPORT_FILTERS = ("application", "event_type", "version", "platform")
+
+ReportQuery = collections.namedtuple("ReportQuery", ("since", "until") + REPORT_FILTERS)
 
 
 def presented_read_key(environ):
@@ -1985,22 +2024,382 @@ def presented_read_key(environ):
     return None
 
 
+class ReadKeyGuard:
+    """Counts wrong read keys per client address, in fixed windows, and holds back a guesser.
+
+    An address that presented READ_KEY_FAILURES wrong keys in a window gets 429 until the window
+    ends, whatever key it presents then. The first failure of each address in a window is logged;
+    the rest are only counted, so a guesser cannot fill the log.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._failures = {}  # address -> [window number, wrong keys in it]
+
+    def check(self, address, now=None):
+        """Raise TooManyRequests if `address` used up its wrong keys in this window."""
+        now = time.monotonic() if now is None else now
+        window = int(now // READ_KEY_WINDOW)
+        with self._lock:
+            counted = self._failures.get(address)
+            blocked = counted is not None and counted[0] == window and counted[1] >= READ_KEY_FAILURES
+        if blocked:
+            wait = max(1, math.ceil((window + 1) * READ_KEY_WINDOW - now))
+            raise TooManyRequests(f"{READ_KEY_FAILURES} wrong read keys in a minute from this address: "
+                                  f"try again in {wait} s", wait)
+
+    def failed(self, address, now=None):
+        now = time.monotonic() if now is None else now
+        window = int(now // READ_KEY_WINDOW)
+        with self._lock:
+            counted = self._failures.get(address)
+            first = counted is None or counted[0] != window
+            if first:
+                if counted is None and len(self._failures) >= MAX_TRACKED_CLIENTS:
+                    self._forget(window)
+                self._failures[address] = [window, 1]
+            else:
+                counted[1] += 1
+        if first:
+            log.warning("a wrong read key from %r (more from it this minute are counted, not logged)", address)
+
+    def _forget(self, window):
+        for address in [address for address, counted in self._failures.items() if counted[0] != window]:
+            del self._failures[address]
+        if len(self._failures) >= MAX_TRACKED_CLIENTS:
+            self._failures.clear()  # this many guessers at once: start over rather than grow
+
+
+class ReportCache:
+    """Reports as JSON bytes by their query, within a budget of bytes; the least recently used goes first.
+
+    The key holds the database's lowest and highest event id, so a new event (late ones too) or
+    a pruning step makes the next request read the database again: a kept report is never stale.
+    """
+
+    def __init__(self, budget=REPORT_CACHE_BYTES):
+        self.budget = budget
+        self.used = 0
+        self._lock = threading.Lock()
+        self._entries = collections.OrderedDict()  # key -> JSON bytes
+
+    def get(self, key):
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+        return found
+
+    def put(self, key, data):
+        size = len(data) + len(repr(key))
+        if size > self.budget:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.used -= len(old) + len(repr(key))
+            self._entries[key] = data
+            self.used += size
+            while self.used > self.budget:
+                oldest, dropped = self._entries.popitem(last=False)
+                self.used -= len(dropped) + len(repr(oldest))
+
+    def __len__(self):
+        return len(self._entries)
+
+
+def _query_fields(query):
+    """{name: last value} and {name: every value} of a query string; 400 for one no dashboard sends."""
+    from urllib.parse import parse_qs  # here: only the dashboard reads a query string
+
+    try:
+        every = parse_qs(query, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        raise BadRequest(f"a report takes at most {MAX_QUERY_FIELDS} query fields") from None
+    for name, values in every.items():
+        for value in values:
+            if len(value) > MAX_FILTER_CHARACTERS or "\x00" in value:
+                raise BadRequest(f"{name[:40]!r} must be at most {MAX_FILTER_CHARACTERS} characters, without NUL")
+    return {name: values[-1] for name, values in every.items()}, every
+
+
+def _report_day(fields, name, default):
+    text = fields.get(name)
+    if not text:
+        return default
+    try:
+        day = datetime.date.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be a date like 2024-05-01, not {text[:40]!r}") from None
+    if not FIRST_REPORT_DAY <= day <= LAST_REPORT_DAY:
+        raise BadRequest(f"{name} must be a day from {FIRST_REPORT_DAY} to {LAST_REPORT_DAY}")
+    return day
+
+
+def report_query(fields, today):
+    """The ReportQuery of the fields of a query string; BadRequest names what is wrong."""
+    until = _report_day(fields, "until", min(today, LAST_REPORT_DAY))
+    default_since = max(FIRST_REPORT_DAY, until - datetime.timedelta(days=DASHBOARD_DAYS - 1))
+    since = _report_day(fields, "since", default_since)
+    if since > until:
+        raise BadRequest(f"since ({since}) must not be after until ({until})")
+    if (until - since).days + 1 > MAX_REPORT_DAYS:
+        raise BadRequest(f"a report covers at most {MAX_REPORT_DAYS} days; since {since} to until {until} "
+                         f"is {(until - since).days + 1}")
+    return ReportQuery(since, until, *(fields.get(name) or None for name in REPORT_FILTERS))
+
+
+def _answer_format(fields, offered):
+    chosen = fields.get("format") or "json"
+    if chosen not in offered:
+        raise BadRequest(f"format must be {' or '.join(offered)}, not {chosen[:40]!r}")
+    return chosen
+
+
+def _funnel_steps(fields, every):
+    """The steps of a funnel: `steps=a,b,c`, or the dashboard's `step` fields when that is empty."""
+    steps = [step.strip() for step in (fields.get("steps") or "").split(",") if step.strip()]
+    steps = steps or [step for step in every.get("step", ()) if step]
+    if not steps:
+        raise BadRequest("a funnel needs steps: event types separated by commas, like steps=tutorial_start,tutorial_end")
+    if len(steps) > MAX_FUNNEL_STEPS:
+        raise BadRequest(f"a funnel has at most {MAX_FUNNEL_STEPS} steps, not {len(steps)}")
+    return tuple(steps)
+
+
+def _value_field(fields):
+    field = fields.get("field")
+    if not field or any(character in field for character in '"\\') or not field.isprintable():
+        raise BadRequest("field must name a key of the events' value, like field=level (no quotes or backslashes)")
+    return field
+
+
+def _percentile(ordered, share):
+    """The nearest-rank percentile of a sorted list of (value, how many times) pairs."""
+    rank, seen = math.ceil(share * sum(times for _, times in ordered)), 0
+    for value, times in ordered:
+        seen += times
+        if seen >= max(1, rank):
+            return value
+    return None
+
+
+def _top(counts, total_events, other_users=None):
+    """The REPORT_TOP largest of (name, events, users) rows sorted by events, then "(other)" for the rest."""
+    rows = [{"name": name, "events": events, "users": users} for name, events, users in counts[:REPORT_TOP]]
+    if len(counts) > REPORT_TOP:
+        rest = {"name": "(other)", "events": total_events - sum(row["events"] for row in rows)}
+        if other_users is not None:
+            rest["users"] = other_users
+        rows.append(rest)
+    return rows
+
+
+class _ReportReader:
+    """The SQL of one report: its range and filters as a WHERE clause, on one connection."""
+
+    def __init__(self, store, connection, query):
+        self.store, self.connection, self.query = store, connection, query
+        self.sql = REPORT_SQL[store.kind]
+        self.end = (query.until + datetime.timedelta(days=1)).isoformat()
+        self.filters, self.filter_values = "", []
+        for name in REPORT_FILTERS:
+            if getattr(query, name) is not None:
+                self.filters += f" AND {name} = {store.parameter}"
+                self.filter_values.append(getattr(query, name))
+        self.where = f"WHERE time >= {store.since} AND time < {store.since}{self.filters}"
+        self.arguments = [query.since.isoformat(), self.end] + self.filter_values
+
+    def rows(self, sql, before=(), after=()):
+        return self.connection.execute(sql, list(before) + self.arguments + list(after))
+
+    def activity(self):
+        """(day, application, user_id, session_id, events, first time, last time) of the range."""
+        day, moment = self.store.day, self.store.time_text
+        return self.rows(f"SELECT {day}, application, user_id, session_id, count(*), min({moment}), max({moment})"
+                         f" FROM event {self.where} GROUP BY 1, 2, 3, 4")
+
+    def first_days(self):
+        """(application, user_id, first day) of the users whose first event ever is in the range."""
+        since = self.store.since
+        return self.connection.execute(
+            f"SELECT application, user_id, {self.store.day} FROM (SELECT application, user_id, min(time) AS time"
+            f" FROM event WHERE time < {since}{self.filters} GROUP BY application, user_id) AS firsts"
+            f" WHERE time >= {since}", [self.end] + self.filter_values + [self.query.since.isoformat()])
+
+    def ranking(self, field, total_events):
+        """The events and users of each value of `field`, the top ones and "(other)"."""
+        counts = [(name, int(events), users) for name, events, users in self.rows(
+            f"SELECT name, sum(events), count(*) FROM (SELECT {field} AS name, application, user_id,"
+            f" count(*) AS events FROM event {self.where} GROUP BY 1, 2, 3) AS per_user"
+            f" GROUP BY name ORDER BY 2 DESC, name{self.sql['collate']} LIMIT {REPORT_TOP + 1}")]
+        other_users = None
+        if len(counts) > REPORT_TOP:
+            marks = ", ".join([self.store.parameter] * REPORT_TOP)
+            other_users = self.rows(
+                f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM event {self.where}"
+                f" AND {field} NOT IN ({marks})) AS rest", after=[name for name, _, _ in counts[:REPORT_TOP]]
+            ).fetchone()[0]
+        return _top(counts, total_events, other_users)
+
+    def funnel(self, steps):
+        """How many users did steps[0], then steps[1] at or after that, and so on."""
+        kinds = sorted(set(steps))
+        marks = ", ".join([self.store.parameter] * len(kinds))
+        times = collections.defaultdict(lambda: collections.defaultdict(list))
+        for application, user_id, event_type, moment in self.rows(
+            f"SELECT application, user_id, event_type, {self.store.time_text} FROM event {self.where}"
+            f" AND event_type IN ({marks})", after=kinds
+        ):
+            times[application, user_id][event_type].append(moment)
+        reached = [0] * len(steps)
+        for per_type in times.values():
+            moment = ""  # every stored time is at or after ""
+            for n, step in enumerate(steps):
+                moment = min((found for found in per_type.get(step, ()) if found >= moment), default=None)
+                if moment is None:
+                    break
+                reached[n] += 1
+        return [{"name": step, "users": users} for step, users in zip(steps, reached)]
+
+    def values(self, field):
+        """{kind: Counter of value -> events} of `field` in the events' value."""
+        path = field if self.store.kind == "PostgreSQL" else f'$."{field}"'
+        found = collections.defaultdict(collections.Counter)
+        for kind, item, events in self.rows(f"SELECT {self.sql['kind']}, {self.sql['item']}, count(*) FROM event"
+                                            f" {self.where} GROUP BY 1, 2", before=[path, path]):
+            kind = VALUE_KINDS.get(kind, "missing")
+            if kind == "number" and isinstance(item, str):
+                item = float(item) if any(mark in item for mark in ".eE") else int(item)
+            elif kind == "boolean":
+                kind, item = "string", "true" if item in (1, "true", True) else "false"
+            elif kind == "missing":
+                item = None
+            found[kind][item] += events
+        return found
+
+
+def _session_seconds(first, last):
+    begun, ended = (datetime.datetime.fromisoformat(text.replace("T", " ")[:26]) for text in (first, last))
+    return round((ended - begun).total_seconds(), 3)
+
+
+def build_report(store, connection, query, today):
+    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
+    reader = _ReportReader(store, connection, query)
+    span = (query.until - query.since).days + 1
+    position = {(query.since + datetime.timedelta(days=n)).isoformat(): n for n in range(span)}
+    columns = {name: [0] * span for name in ("events", "users", "new_users", "sessions")}
+    active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
+    sessions = {}  # (application, session_id) -> [days, first time, last time]
+    for day, application, user_id, session_id, events, first, last in reader.activity():
+        n = position[day]
+        columns["events"][n] += events
+        days = active[application, user_id]
+        if n not in days:
+            days.add(n)
+            columns["users"][n] += 1
+        session = sessions.setdefault((application, session_id), [set(), first, last])
+        if n not in session[0]:
+            session[0].add(n)
+            columns["sessions"][n] += 1
+        session[1], session[2] = min(session[1], first), max(session[2], last)
+    cohorts = collections.defaultdict(list)
+    for application, user_id, day in reader.first_days():
+        columns["new_users"][position[day]] += 1
+        cohorts[position[day]].append((application, user_id))
+    lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
+    total_events = sum(columns["events"])
+    report = {
+        "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+        "totals": {"events": total_events, "users": len(active), "new_users": sum(columns["new_users"]),
+                   "sessions": len(sessions)},
+        "days": [dict(date=day, **{name: columns[name][n] for name in columns}) for day, n in position.items()],
+        "retention": [],
+        "sessions": {"count": len(lengths),
+                     "median_seconds": _percentile([(length, 1) for length in lengths], 0.5) or 0,
+                     "p90_seconds": _percentile([(length, 1) for length in lengths], 0.9) or 0,
+                     "per_user": round(len(lengths) / len(active), 2) if active else 0},
+        "event_types": reader.ranking("event_type", total_events),
+        "versions": reader.ranking("version", total_events),
+        "platforms": reader.ranking("platform", total_events),
+    }
+    observed = (min(query.until, today) - query.since).days  # days after it have not happened yet
+    triangle = []
+    for n in sorted(cohorts):
+        cohort = cohorts[n]
+        shares = [None if n + after > observed else round(sum(n + after in active[user] for user in cohort)
+                                                          / len(cohort), 4) for after in RETENTION_COLUMNS]
+        triangle.append([n, len(cohort), shares])
+        report["retention"].append(dict(
+            {"cohort": (query.since + datetime.timedelta(days=n)).isoformat(), "users": len(cohort)},
+            **{f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS}))
+    histogram = [0] * len(SESSION_BUCKETS)
+    for length in lengths:
+        histogram[next(n for n, (bound, _) in enumerate(SESSION_BUCKETS) if length < bound)] += 1
+    extras = {"triangle": triangle, "session_lengths": histogram,
+              "applications": [row["name"] for row in _ReportReader(store, connection, query._replace(
+                  application=None)).ranking("application", 0) if row["name"] != "(other)"]}
+    return report, extras
+
+
+def build_funnel(store, connection, query, steps):
+    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+            "steps": _ReportReader(store, connection, query).funnel(steps)}
+
+
+def build_values(store, connection, query, field):
+    found = _ReportReader(store, connection, query).values(field)
+    numbers = None
+    if found["number"]:
+        ordered = sorted(found["number"].items())
+        numbers = {"count": sum(found["number"].values()), "min": ordered[0][0], "p50": _percentile(ordered, 0.5),
+                   "p90": _percentile(ordered, 0.9), "max": ordered[-1][0],
+                   "sum": sum(value * times for value, times in ordered)}
+    strings = sorted(found["string"].items(), key=lambda item: (-item[1], item[0]))
+    total = sum(sum(counter.values()) for counter in found.values())
+    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+            "event_type": query.event_type, "field": field, "events": total,
+            "missing": sum(found["missing"].values()), "numbers": numbers,
+            "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
+                [(value, events, None) for value, events in strings], sum(found["string"].values()))]}
+
+
+def _csv(header, rows):
+    lines = [",".join(header)]
+    for row in rows:
+        lines.append(",".join(_csv_cell(row[name]) for name in header))
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def _csv_cell(value):
+    """One CSV cell; text that a spreadsheet would run as a formula starts with a quote (OWASP's advice)."""
+    text = "" if value is None else str(value)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        text = "'" + text
+    if any(mark in text for mark in ',"\r\n'):
+        text = '"' + text.replace('"', '""') + '"'
+    return text
+
+
 class Dashboard:
-    """Charts of the stored events, drawn by the server as inline SVG: no scripts, fonts or CDNs.
+    """The report API (/v1.0/report...) and the dashboard page drawn from it: SVG, no scripts, fonts or CDNs.
 
     Reading needs one of `read_keys`; the write keys that ship inside games never open it.
-    The figures are per day, from three scans of the days not yet cached, through the `time` index.
     """
 
     def __init__(self, config, store):
         self.store = store
         self._read_keys = [key.encode("utf-8") for key in config.read_keys]
-        self._lock = threading.Lock()
-        self._cache = {}  # day -> (when read, its summaries), oldest read first
+        self._trusted_proxies = config.trusted_proxies
+        self._guard = ReadKeyGuard()
+        self.cache = ReportCache()
 
     def authorize(self, environ):
         if not self._read_keys:
             raise Forbidden("the dashboard is off: set read_keys in the configuration to open it")
+        address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted_proxies)
+        self._guard.check(address)
         key = presented_read_key(environ)
         matched = False
         try:
@@ -2010,207 +2409,293 @@ class Dashboard:
         for known in self._read_keys:
             matched |= compare_digest(known, candidate)
         if not key or not matched:
+            if key:  # a browser's first request carries no key: that is not a guess
+                self._guard.failed(address)
             raise Unauthorized("the dashboard needs a read key: as the password of HTTP Basic, or a Bearer token",
                                [("WWW-Authenticate", 'Basic realm="pycolytics dashboard", charset="UTF-8"')])
 
+    def answer(self, environ):
+        """(status, headers, body) for /v1.0/report, /v1.0/report/funnel and /v1.0/report/values."""
+        self.authorize(environ)
+        fields, every = _query_fields(environ.get("QUERY_STRING", ""))
+        query = report_query(fields, _today())
+        kind = (environ.get("PATH_INFO") or "").rpartition("/")[2]
+        if kind == "funnel":
+            chosen = _answer_format(fields, ("json", "csv"))
+            document = self.figures("funnel", query, _funnel_steps(fields, every))
+            rows = (document["steps"], ("name", "users"))
+        elif kind == "values":
+            chosen = _answer_format(fields, ("json",))
+            if not query.event_type:
+                raise BadRequest("values needs event_type: the type of the events whose value to break down")
+            document = self.figures("values", query, _value_field(fields))
+        else:
+            chosen = _answer_format(fields, ("json", "csv"))
+            document = self.figures("report", query)[0]
+            rows = (document["days"], ("date", "events", "users", "new_users", "sessions"))
+        if chosen == "csv":
+            name = f"pycolytics-{kind}-{query.since}-{query.until}.csv"
+            return _ok(_csv(rows[1], rows[0]), ("Content-Type", "text/csv; charset=utf-8"),
+                       ("Content-Disposition", f'attachment; filename="{name}"'), ("Cache-Control", "no-store"))
+        return _ok(json.dumps(document).encode(), ("Content-Type", "application/json"), ("Cache-Control", "no-store"))
+
     def page(self, environ):
         started = time.monotonic()
-        application, since, until = self._filters(environ.get("QUERY_STRING", ""))
+        fields, every = _query_fields(environ.get("QUERY_STRING", ""))
+        query = report_query(fields, _today())
+        report, extras = self.figures("report", query)
+        funnel = values = None
+        if fields.get("steps") or any(every.get("step", ())):
+            funnel = self.figures("funnel", query, _funnel_steps(fields, every))
+        if fields.get("of") and fields.get("field"):
+            values = self.figures("values", query._replace(event_type=fields["of"]), _value_field(fields))
+        parts = {"report": report, "extras": extras, "funnel": funnel, "values": values, "fields": fields,
+                 "query": query}
+        return _dashboard_html(parts, time.monotonic() - started).encode()
+
+    def figures(self, kind, query, *arguments):
+        """build_report, build_funnel or build_values, from the cache while the database has not changed."""
         connection = self.store.read()
         try:
-            figures = self._figures(connection, application, since, until)
+            try:
+                lowest = connection.execute("SELECT min(id) FROM event").fetchone()[0]
+                highest = connection.execute("SELECT max(id) FROM event").fetchone()[0]
+                key = (kind, query, arguments or (_today(),), lowest, highest)
+                kept = self.cache.get(key)
+                if kept is None:
+                    build = {"report": build_report, "funnel": build_funnel, "values": build_values}[kind]
+                    kept = json.dumps(build(self.store, connection, query, *key[2])).encode()
+                    self.cache.put(key, kept)
+            except self.store.errors as error:
+                raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
         finally:
             connection.close()
-        return _dashboard_html(figures, application, since, until, time.monotonic() - started).encode()
-
-    def _filters(self, query):
-        from urllib.parse import parse_qs  # here: only the dashboard reads a query string
-
-        fields = {name: values[-1] for name, values in parse_qs(query).items()}
-        today = datetime.datetime.now(datetime.timezone.utc).date()
-        try:
-            until = datetime.date.fromisoformat(fields["until"]) if fields.get("until") else today
-            since = (datetime.date.fromisoformat(fields["since"]) if fields.get("since")
-                     else until - datetime.timedelta(days=DASHBOARD_DAYS - 1))
-        except ValueError:
-            raise BadRequest("since and until must be dates like 2024-05-01") from None
-        if since > until:
-            raise BadRequest("since must not be after until")
-        return fields.get("application") or None, since, until
-
-    def _figures(self, connection, application, since, until):
-        days = [(since + datetime.timedelta(days=n)).isoformat() for n in range((until - since).days + 1)]
-        summaries = self._summaries(connection, days)
-        chosen = [summaries[day].get(application, _EMPTY_DAY) for day in days]
-        ranked = {"event_type": collections.Counter(), "version": collections.Counter(), "platform": collections.Counter()}
-        for summary in chosen:
-            for (field, value), events in summary[3].items():
-                ranked[field][value] += events
-        applications = {app for day in days for app in summaries[day] if app is not None}
-        return {
-            "days": [(day,) + summary[:3] for day, summary in zip(days, chosen)],
-            "ranked": {name: counter.most_common(10) for name, counter in ranked.items()},
-            "applications": sorted(applications | ({application} if application else set())),
-        }
-
-    def _summaries(self, connection, days):
-        """Each day's figures, per application and for all (key None), from the cache or the database.
-
-        A day that ended DASHBOARD_SETTLED_DAYS ago hardly changes (only late events with old
-        timestamps land in it), so its figures are kept for DASHBOARD_CACHE_SECONDS; the
-        database is read only for the other days, in one range.
-        """
-        now = time.monotonic()
-        settled = (datetime.datetime.now(datetime.timezone.utc).date()
-                   - datetime.timedelta(days=DASHBOARD_SETTLED_DAYS)).isoformat()
-        with self._lock:
-            summaries = {day: self._cache[day][1] for day in days
-                         if day in self._cache and day < settled and now - self._cache[day][0] < DASHBOARD_CACHE_SECONDS}
-        missing = [day for day in days if day not in summaries]
-        if missing:
-            fresh = self._read_days(connection, missing[0], missing[-1])
-            with self._lock:
-                for day in missing:
-                    summaries[day] = fresh.get(day, {})
-                    self._cache[day] = (now, summaries[day])
-                while len(self._cache) > DASHBOARD_CACHE_DAYS:
-                    del self._cache[next(iter(self._cache))]
-        return summaries
-
-    def _read_days(self, connection, first, last):
-        """{day: {application or None: (events, users, sessions, Counter of (field, value))}}."""
-        bounds = [first, (datetime.date.fromisoformat(last) + datetime.timedelta(days=1)).isoformat()]
-        where, day_of = f"WHERE time >= {self.store.since} AND time < {self.store.since}", self.store.day
-        days = collections.defaultdict(dict)
-        for day, application, events, users, sessions in connection.execute(
-            f"SELECT {day_of}, application, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
-            f" FROM event {where} GROUP BY 1, 2", bounds
-        ):
-            days[day][application] = (events, users, sessions, collections.Counter())
-        for day, events, users, sessions in connection.execute(
-            f"SELECT {day_of}, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
-            f" FROM event {where} GROUP BY 1", bounds
-        ):
-            days[day][None] = (events, users, sessions, collections.Counter())
-        for day, application, event_type, version, platform, events in connection.execute(
-            f"SELECT {day_of}, application, event_type, version, platform, count(*) FROM event {where}"
-            " GROUP BY 1, 2, 3, 4, 5", bounds
-        ):
-            for key in (application, None):
-                ranked = days[day][key][3]
-                ranked["event_type", event_type] += events
-                ranked["version", version] += events
-                ranked["platform", platform] += events
-        return days
+        return json.loads(kept)  # the same lists and dicts whether kept or just built
 
 
-_EMPTY_DAY = (0, 0, 0, collections.Counter())
+def _today():
+    return datetime.datetime.now(datetime.timezone.utc).date()
 
 
 def _escape(text):
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def _columns_svg(points, label):
-    """A bar per day: (day, value) points."""
-    width, height, left, bottom = 760, 200, 48, 22
-    top = max((value for _, value in points), default=0) or 1
-    step = (width - left) / max(1, len(points))
+def _link(path, fields):
+    """A URL relative to the page, so the dashboard works under any path prefix."""
+    from urllib.parse import urlencode  # here: only the dashboard writes links
+
+    chosen = {name: value for name, value in fields.items() if value}
+    return _escape(path + ("?" + urlencode(chosen) if chosen else ""))
+
+
+def _day_ticks(days, left, step, y):
+    """Date labels under a chart, about eight of them whatever the range."""
+    every = max(1, math.ceil(len(days) / 8))
+    return "".join(f'<text x="{left + n * step + step / 2:.1f}" y="{y}" text-anchor="middle">{day[5:]}</text>'
+                   for n, day in enumerate(days) if n % every == 0)
+
+
+def _frame(top, width, height, left, bottom, label, inside):
+    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)}">'
+            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
+            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
+            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{inside}</svg>')
+
+
+def _columns_svg(days, series, label):
+    """Stacked bars per day: series is [(name, values)], drawn bottom up in the classes bar0, bar1."""
+    width, height, left, bottom = 760, 200, 56, 24
+    top = max((sum(values[n] for _, values in series) for n in range(len(days))), default=0) or 1
+    step = (width - left) / max(1, len(days))
     bars = []
-    for n, (day, value) in enumerate(points):
-        tall = (height - bottom - 10) * value / top
-        bars.append(f'<rect class="bar" x="{left + n * step + step * 0.1:.1f}" y="{height - bottom - tall:.1f}" '
-                    f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {value:,} {label}</title></rect>')
-    ticks = "".join(
-        f'<text x="{left + n * step + step / 2:.1f}" y="{height - 6}" text-anchor="middle">{day[5:]}</text>'
-        for n, (day, _) in enumerate(points) if n % max(1, len(points) // 8) == 0
-    )
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)} per day">'
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
-            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{"".join(bars)}{ticks}</svg>')
+    for n, day in enumerate(days):
+        base = height - bottom
+        for index, (name, values) in enumerate(series):
+            tall = (height - bottom - 10) * values[n] / top
+            if values[n]:
+                bars.append(f'<rect class="bar bar{index}" x="{left + n * step + step * 0.1:.1f}" y="{base - tall:.1f}" '
+                            f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {values[n]:,} '
+                            f'{_escape(name)}</title></rect>')
+            base -= tall
+    return _frame(top, width, height, left, bottom, label, "".join(bars) + _day_ticks(days, left, step, height - 6))
 
 
-def _lines_svg(series):
-    """A line per series over the days: {name: [(day, value)]}."""
-    width, height, left, bottom = 760, 200, 48, 22
-    top = max((value for points in series.values() for _, value in points), default=0) or 1
-    lines, legend = [], []
-    for n, (name, points) in enumerate(series.items()):
-        step = (width - left - 10) / max(1, len(points) - 1)
-        coordinates = " ".join(f"{left + i * step:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
-                               for i, (_, value) in enumerate(points))
-        lines.append(f'<polyline class="line line{n}" points="{coordinates}"><title>{_escape(name)}</title></polyline>')
-        legend.append(f'<text x="{left + 10 + n * 130}" y="14" class="legend{n}">&#9632; {_escape(name)}</text>')
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="daily users and sessions">'
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
-            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{"".join(lines)}{"".join(legend)}</svg>')
+def _lines_svg(days, series, label):
+    """A line per series over the days: series is [(name, values)], in the classes line0, line1."""
+    width, height, left, bottom = 760, 200, 56, 24
+    top = max((value for _, values in series for value in values), default=0) or 1
+    step = (width - left) / max(1, len(days))
+    lines = []
+    for index, (name, values) in enumerate(series):
+        points = " ".join(f"{left + n * step + step / 2:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
+                          for n, value in enumerate(values))
+        lines.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title></polyline>')
+    return _frame(top, width, height, left, bottom, label, "".join(lines) + _day_ticks(days, left, step, height - 6))
 
 
-def _ranking_svg(items, label):
-    """Horizontal bars for the top (name, count) items."""
+def _legend(names):
+    return '<p class="legend">' + " ".join(f'<span class="key{n}">&#9632; {_escape(name)}</span>'
+                                           for n, name in enumerate(names)) + "</p>"
+
+
+def _ranking_svg(items, label, shares=False):
+    """Horizontal bars for (name, count) items, with their share of the first when `shares`."""
     if not items:
         return '<p class="empty">No events in this range.</p>'
-    width, row = 360, 22
-    top = items[0][1] or 1
+    width, row, names = 420, 26, 150
+    top = max(value for _, value in items) or 1
+    first = items[0][1] or 1
     bars = []
     for n, (name, value) in enumerate(items):
-        y = n * row
+        y, long = n * row, (width - names - 80) * value / top
+        shown = str(name) if len(str(name)) <= 20 else str(name)[:19] + "\u2026"
+        note = f" ({100 * value / first:.0f}%)" if shares else ""
         bars.append(
-            f'<rect class="bar" x="120" y="{y + 4}" width="{(width - 180) * value / top:.1f}" height="{row - 8}">'
-            f'<title>{_escape(name)}: {value:,}</title></rect>'
-            f'<text x="114" y="{y + 16}" text-anchor="end">{_escape(name[:18] or "(empty)")}</text>'
-            f'<text x="{126 + (width - 180) * value / top:.1f}" y="{y + 16}">{value:,}</text>'
+            f'<rect class="bar" x="{names}" y="{y + 4}" width="{long:.1f}" height="{row - 8}">'
+            f'<title>{_escape(name)}: {value:,}{note}</title></rect>'
+            f'<text x="{names - 6}" y="{y + 18}" text-anchor="end">{_escape(shown or "(empty)")}</text>'
+            f'<text x="{names + long + 6:.1f}" y="{y + 18}">{value:,}{note}</text>'
         )
-    return (f'<svg class="chart" viewBox="0 0 {width} {row * len(items)}" role="img" aria-label="{_escape(label)}">'
-            f'{"".join(bars)}</svg>')
+    return (f'<svg class="chart ranking" viewBox="0 0 {width} {row * len(items)}" role="img" '
+            f'aria-label="{_escape(label)}">{"".join(bars)}</svg>')
 
 
-def _dashboard_html(figures, application, since, until, seconds):
-    days = figures["days"]
-    events, sessions = sum(day[1] for day in days), sum(day[3] for day in days)
-    users = round(sum(day[2] for day in days) / len(days))
-    options = "".join(f'<option value="{_escape(name)}"{" selected" if name == application else ""}>{_escape(name)}</option>'
-                      for name in figures["applications"])
-    charts = (_columns_svg([(day, n) for day, n, _, _ in days], "events")
-              if events else '<p class="empty">No events in this range.</p>')
-    activity = _lines_svg({"users": [(day, n) for day, _, n, _ in days],
-                           "sessions": [(day, n) for day, _, _, n in days]}) if events else ""
-    ranked = figures["ranked"]
+def _retention_table(triangle, since):
+    """Cohorts by first day, the share of each back on the days after: a triangle, shaded by share."""
+    if not triangle:
+        return '<p class="empty">No new users in this range.</p>'
+    head = "".join(f"<th>day {after}</th>" for after in RETENTION_COLUMNS)
+    rows = []
+    for n, users, shares in triangle:
+        cells = "".join('<td class="future"></td>' if share is None else
+                        f'<td style="background:rgba(61,123,224,{0.08 + 0.92 * share:.2f})'
+                        f'{";color:#fff" if share > 0.5 else ""}">{100 * share:.0f}%</td>' for share in shares)
+        day = (since + datetime.timedelta(days=n)).isoformat()
+        rows.append(f"<tr><th>{day}</th><td>{users:,}</td>{cells}</tr>")
+    return (f'<div class="scroll"><table class="retention"><tr><th>first day</th><th>new users</th>{head}</tr>'
+            f'{"".join(rows)}</table></div>')
+
+
+def _options(names, chosen):
+    return "".join(f'<option value="{_escape(name)}"{" selected" if name == chosen else ""}>{_escape(name)}</option>'
+                   for name in names)
+
+
+def _seconds_text(seconds):
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+
+
+def _funnel_section(parts, hidden, types):
+    fields, funnel = parts["fields"], parts["funnel"]
+    typed = fields.get("steps", "")
+    picks = "".join(f'<select name="step"><option value="">step {n + 1}</option>{_options(types, None)}</select>'
+                    for n in range(4))
+    form = (f'<form method="get" action="dashboard">{hidden}<label>Steps <input name="steps" size="40" '
+            f'value="{_escape(typed)}" placeholder="tutorial_start,tutorial_step,tutorial_end"></label> or {picks}'
+            f'<button type="submit">Count</button></form>')
+    if funnel is None:
+        return form + '<p class="empty">Type event types separated by commas, or pick them.</p>'
+    items = [(step["name"], step["users"]) for step in funnel["steps"]]
+    return form + _ranking_svg(items, "funnel", shares=True)
+
+
+def _values_section(parts, hidden, types):
+    fields, values = parts["fields"], parts["values"]
+    form = (f'<form method="get" action="dashboard">{hidden}<label>Event type <select name="of">'
+            f'{_options(types, fields.get("of"))}</select></label> <label>value field <input name="field" '
+            f'value="{_escape(fields.get("field", ""))}" placeholder="level"></label><button type="submit">Break down</button>'
+            f'</form>')
+    if values is None:
+        return form + '<p class="empty">What level do players die on? Pick the event type and its value\'s field.</p>'
+    shown = []
+    if values["numbers"]:
+        numbers = values["numbers"]
+        shown.append('<table class="numbers"><tr>' + "".join(f"<th>{name}</th>" for name in numbers) + "</tr><tr>"
+                     + "".join(f"<td>{value:,}</td>" for value in numbers.values()) + "</tr></table>")
+    if values["strings"]:
+        shown.append(_ranking_svg([(row["value"], row["events"]) for row in values["strings"]], "values"))
+    shown.append(f'<p class="empty">{values["events"]:,} events of {_escape(values["event_type"])}; '
+                 f'{values["missing"]:,} without a number or text in {_escape(values["field"])}.</p>')
+    return form + "".join(shown)
+
+
+def _dashboard_html(parts, seconds):
+    report, extras, fields, query = parts["report"], parts["extras"], parts["fields"], parts["query"]
+    totals, days = report["totals"], report["days"]
+    dates = [day["date"] for day in days]
+    column = {name: [day[name] for day in days] for name in ("events", "users", "new_users", "sessions")}
+    filters = {name: fields.get(name, "") for name in REPORT_FILTERS}
+    chosen = dict(filters, since=query.since.isoformat(), until=query.until.isoformat())
+    hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
+                     for name, value in chosen.items() if value)
+    types = [row["name"] for row in report["event_types"] if row["name"] != "(other)"]
+    empty = '<p class="empty">No events in this range.</p>'
+    median = report["sessions"]["median_seconds"]
+    returning = [users - new for users, new in zip(column["users"], column["new_users"])]
+    ranked = {title: _ranking_svg([(row["name"], row["events"]) for row in report[key]], title)
+              for title, key in (("Event types", "event_types"), ("Versions", "versions"), ("Platforms", "platforms"))}
+    lengths = [(label, n) for (_, label), n in zip(SESSION_BUCKETS, extras["session_lengths"])]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Pycolytics dashboard</title>
 <style>
 body{{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}}
-header{{background:#1d2433;color:#fff;padding:12px 24px;display:flex;flex-wrap:wrap;gap:16px;align-items:center}}
-header h1{{font-size:20px;margin:0 16px 0 0}} form{{display:flex;gap:12px;flex-wrap:wrap;align-items:center}}
+header{{background:#1d2433;color:#fff;padding:12px 24px}} header h1{{font-size:20px;margin:0 0 8px}}
+form{{display:flex;gap:10px;flex-wrap:wrap;align-items:center;margin:4px 0 8px}}
 input,select,button{{font:inherit;padding:3px 6px}} main{{max-width:1100px;margin:0 auto;padding:16px 24px}}
-.totals{{display:flex;gap:16px}} .totals div{{background:#fff;border-radius:8px;padding:12px 20px;flex:1}}
-.totals b{{display:block;font-size:28px}} section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
-h2{{font-size:16px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:16px}}
-.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:11px;fill:#5b6477}}
-.bar{{fill:#3d7be0}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}} .line0{{stroke:#3d7be0}}
-.line1{{stroke:#e0793d}} .chart .legend0{{fill:#3d7be0;font-size:13px}} .chart .legend1{{fill:#e0793d;font-size:13px}}
-.empty{{color:#5b6477}}
-footer{{color:#5b6477;font-size:12px;padding:0 24px 24px;text-align:center}}
+.totals{{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}}
+.totals div{{background:#fff;border-radius:8px;padding:12px 20px}} .totals b{{display:block;font-size:28px}}
+section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
+h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:16px}}
+.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:13px;fill:#3b4356}}
+.bar,.bar0{{fill:#3d7be0}} .bar1{{fill:#e0793d}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}}
+.line0{{stroke:#3d7be0}} .line1{{stroke:#e0793d}} .legend{{margin:0 0 4px;font-size:14px}}
+.key0{{color:#3d7be0}} .key1{{color:#e0793d;margin-left:12px}} .empty{{color:#5b6477}}
+.scroll{{overflow-x:auto}} table{{border-collapse:collapse}} td,th{{padding:3px 8px;text-align:right;font-size:14px}}
+.retention td.future{{background:#fafafa}} .numbers td,.numbers th{{border-bottom:1px solid #e3e6eb}}
+header a{{color:#cfe0ff}} footer{{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}}
 </style></head><body>
 <header><h1>Pycolytics</h1>
 <form method="get" action="dashboard">
-<label>Application <select name="application"><option value="">all</option>{options}</select></label>
-<label>From <input type="date" name="since" value="{since.isoformat()}"></label>
-<label>to <input type="date" name="until" value="{until.isoformat()}"></label>
-<button type="submit">Show</button></form></header>
+<label>Application <select name="application"><option value="">all</option>{_options(
+        sorted(set(extras["applications"]) | ({query.application} if query.application else set())),
+        query.application)}</select></label>
+<label>From <input type="date" name="since" value="{query.since}"></label>
+<label>to <input type="date" name="until" value="{query.until}"></label>
+<label>Event type <input name="event_type" size="12" value="{_escape(filters["event_type"])}"></label>
+<label>Version <input name="version" size="8" value="{_escape(filters["version"])}"></label>
+<label>Platform <input name="platform" size="8" value="{_escape(filters["platform"])}"></label>
+<button type="submit">Show</button></form>
+<a href="{_link("v1.0/report", dict(chosen, format="csv"))}">Download the days as CSV</a> &middot;
+<a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>
 <main>
-<div class="totals"><div><b>{events:,}</b>events</div><div><b>{users:,}</b>daily users, on average</div>
-<div><b>{sessions:,}</b>sessions</div></div>
-<section><h2>Events per day</h2>{charts}</section>
-<section><h2>Daily active users and sessions</h2>{activity or '<p class="empty">No events in this range.</p>'}</section>
+<div class="totals"><div><b>{totals["events"]:,}</b>events</div><div><b>{totals["users"]:,}</b>users</div>
+<div><b>{totals["new_users"]:,}</b>new users</div><div><b>{totals["sessions"]:,}</b>sessions</div>
+<div><b>{_seconds_text(median)}</b>median session</div></div>
+<section><h2>Events per day</h2>{_columns_svg(dates, [("events", column["events"])], "events per day")
+                                   if totals["events"] else empty}</section>
+<section><h2>Users and sessions per day</h2>{_legend(["users", "sessions"]) + _lines_svg(
+    dates, [("users", column["users"]), ("sessions", column["sessions"])], "users and sessions per day")
+    if totals["events"] else empty}</section>
+<section><h2>New and returning users per day</h2>{_legend(["new users", "returning users"]) + _columns_svg(
+    dates, [("new users", column["new_users"]), ("returning users", returning)], "new and returning users per day")
+    if totals["events"] else empty}</section>
+<section><h2>Retention: the share of each day's new users back on the days after</h2>
+{_retention_table(extras["triangle"], query.since)}</section>
 <div class="grid">
-<section><h2>Top event types</h2>{_ranking_svg(ranked["event_type"], "top event types")}</section>
-<section><h2>Versions</h2>{_ranking_svg(ranked["version"], "versions")}</section>
-<section><h2>Platforms</h2>{_ranking_svg(ranked["platform"], "platforms")}</section>
-</div></main>
+<section><h2>Session length</h2>{_ranking_svg(lengths, "session lengths") if totals["sessions"] else empty}
+<p class="empty">median {_seconds_text(median)}, 90% under {_seconds_text(report["sessions"]["p90_seconds"])},
+{report["sessions"]["per_user"]} sessions per user</p></section>
+{"".join(f"<section><h2>{title}</h2>{svg}</section>" for title, svg in ranked.items())}
+</div>
+<section><h2>Funnel</h2>{_funnel_section(parts, hidden, types)}</section>
+<section><h2>Values</h2>{_values_section(parts, hidden, types)}</section>
+</main>
 <footer>Pycolytics {__version__} &middot; days in UTC &middot; drawn in {seconds * 1000:.0f} ms</footer>
 </body></html>
 """
@@ -2353,6 +2838,9 @@ class Pycolytics:
             "/healthz": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
             "/dashboard": {"GET": self.get_dashboard},
+            "/v1.0/report": {"GET": self.get_report},
+            "/v1.0/report/funnel": {"GET": self.get_report},
+            "/v1.0/report/values": {"GET": self.get_report},
             "/": {"GET": self.get_index},
         }
         for methods in self._routes.values():
@@ -2540,6 +3028,9 @@ class Pycolytics:
                    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
                                                "form-action 'self'; frame-ancestors 'none'"))
 
+    def get_report(self, environ):
+        return self.dashboard.answer(environ)
+
     def get_metrics(self, environ):
         extra = ["# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
                  "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {self.writer.pruned}"]
@@ -2621,22 +3112,33 @@ def _client_time_schema(description):
     ]}
 
 
+# Every answer the event endpoints give, written once: /docs and /openapi.json show this table,
+# and a test holds README.md's table to the same statuses. (Framing refusals, 404 and 405 come
+# from any path; they are here because a client of the event endpoints meets them too.)
+EVENT_ANSWERS = (
+    ("204", "Stored: the events are committed to the database."),
+    ("400", "The body is empty, not UTF-8 or not JSON (the detail says where), or the request is malformed."),
+    ("401", "A missing or unknown api_key (the detail names the events of a batch)."),
+    ("403", "A key of another game, or a web page from an origin that may not send this game's events."),
+    ("404", "No such path."),
+    ("405", "A method this path does not take (Allow lists those it does)."),
+    ("411", "A chunked body: send a Content-Length."),
+    ("413", "The body is over its size limit, also once decompressed."),
+    ("414", "The request line is over its size limit."),
+    ("415", "A Content-Encoding other than gzip, deflate or identity."),
+    ("422", "Invalid events, or too many in a batch: the detail lists every problem with its event and field."),
+    ("429", "Over the rate limit: send again after Retry-After seconds."),
+    ("431", "Too many header fields, or one too large."),
+    ("503", "Busy, stopping, or the database cannot take events now: send again after Retry-After seconds."),
+)
+
+
 def openapi_document(config, url):
     """The OpenAPI 3 description of the API served at `url` (as public_url() gives it)."""
     error = {"$ref": "#/components/schemas/Error"}
-    answers = {
-        "204": {"description": "Stored: the events are committed to the database."},
-        "400": {"description": "The body is not JSON or not UTF-8.", "content": {"application/json": {"schema": error}}},
-        "401": {"description": "A missing or unknown api_key.", "content": {"application/json": {"schema": error}}},
-        "403": {"description": "A key of another application, or a page from an origin it does not allow.",
-                "content": {"application/json": {"schema": error}}},
-        "413": {"description": "Over the size limits.", "content": {"application/json": {"schema": error}}},
-        "415": {"description": "An unsupported Content-Encoding.", "content": {"application/json": {"schema": error}}},
-        "422": {"description": "Events that are not valid.", "content": {"application/json": {"schema": error}}},
-        "429": {"description": "Over the rate limit: retry after Retry-After seconds.",
-                "content": {"application/json": {"schema": error}}},
-        "503": {"description": "Busy or shutting down: retry later.", "content": {"application/json": {"schema": error}}},
-    }
+    answers = {status: {"description": text} if status == "204" else
+               {"description": text, "content": {"application/json": {"schema": error}}}
+               for status, text in EVENT_ANSWERS}
 
     def post(summary, schema):
         return {"post": {
@@ -2671,6 +3173,7 @@ def docs_page(config, url):
         f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} characters</td></tr>"
         for name in EVENT_FIELDS
     )
+    answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
 <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}}
@@ -2698,16 +3201,7 @@ an event whose id is already stored is acknowledged and not stored again, so ret
 <code>text/plain</code> without a preflight. Every answer carries CORS headers for allowed origins, and
 <code>OPTIONS</code> answers preflights.</p>
 <h2>Answers</h2><table>
-<tr><td>204</td><td>Stored: the events are committed to the database.</td></tr>
-<tr><td>400</td><td>The body is not JSON or not UTF-8.</td></tr>
-<tr><td>401</td><td>A missing or unknown <code>api_key</code> (the answer names the events).</td></tr>
-<tr><td>403</td><td>A key of another game, or a web page from an origin that may not send this game's events.</td></tr>
-<tr><td>413</td><td>The body is over its size limit.</td></tr>
-<tr><td>415</td><td>A Content-Encoding other than gzip, deflate or identity.</td></tr>
-<tr><td>429</td><td>Over the rate limit: send again after <code>Retry-After</code> seconds.</td></tr>
-<tr><td>422</td><td>Invalid events, or too many in a batch; <code>detail</code> lists every problem with its event and field.</td></tr>
-<tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
-</table>
+{answers}</table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
 <h2>GET /v1.0/client.js: the browser client</h2>
 <p>A small script without dependencies, for games and apps in a browser (Godot and Unity web exports, for
@@ -3053,6 +3547,12 @@ PIPELINE_ROUNDS = 16
 # use to be closed; meanwhile the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
 
+# How long a new connection that has sent nothing is safe from being closed to make room for
+# another: a client sends its request within a round trip or two of connecting, and closing
+# a connection whose request is unread would reset it (a flood of newcomers would otherwise
+# evict each other before anyone is served).
+NEWCOMER_GRACE_SECONDS = 2.0
+
 # What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
 # beyond it are dropped and counted, so that logging never blocks or stops the server.
 LOG_BUFFER_BYTES = 1 << 20
@@ -3190,7 +3690,7 @@ class _Connection:
 
     __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
                  "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
-                 "closed", "limited")
+                 "closed", "limited", "accepted")
 
     def __init__(self, sock, peer, deadline, limited):
         self.sock = sock
@@ -3211,6 +3711,7 @@ class _Connection:
         self.handshaking = False
         self.closed = False
         self.limited = limited  # counted against max_connections_per_address
+        self.accepted = time.monotonic()
 
 
 def _split_target(target, method):
@@ -3350,7 +3851,8 @@ class Server:
         self._jobs = queue.SimpleQueue()
         self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
         self._ready = collections.deque()  # connections whose buffer may hold their next request
-        self._idle = collections.OrderedDict()  # connections waiting for a request or lingering, oldest first
+        self._idle = collections.OrderedDict()  # served connections waiting for the next request, or lingering
+        self._fresh = collections.OrderedDict()  # connections that have sent nothing yet, oldest first
         self._connections = {}
         self._per_address = collections.Counter()
         self._reserved = 0  # body bytes announced by requests being read or answered
@@ -3515,7 +4017,7 @@ class Server:
         if limited:
             self._per_address[address] += 1
         self._connections[sock] = connection
-        self._idle[sock] = connection
+        self._fresh[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
 
     def _turn_away(self, sock):
@@ -3534,10 +4036,14 @@ class Server:
             self._server_answered(status)
 
     def _make_room(self):
-        """Close the connection that has waited longest for a request (or lingered), if any."""
-        if not self._idle:
+        """Close the connection that has waited longest for its next request (or lingered), else
+        the oldest newcomer that has said nothing for NEWCOMER_GRACE_SECONDS; False if none may go."""
+        if self._idle:
+            _, connection = self._idle.popitem(last=False)
+        elif self._fresh and next(iter(self._fresh.values())).accepted < time.monotonic() - NEWCOMER_GRACE_SECONDS:
+            _, connection = self._fresh.popitem(last=False)
+        else:
             return False
-        _, connection = self._idle.popitem(last=False)
         self._close(connection)
         return True
 
@@ -3567,8 +4073,8 @@ class Server:
         if not data:
             self._close(connection)
         elif not connection.lingering:
-            if self._idle.pop(sock, None) is not None:  # a request begins: it has request_timeout to arrive
-                connection.deadline = time.monotonic() + self.config.request_timeout
+            if self._idle.pop(sock, None) or self._fresh.pop(sock, None):  # a request begins: it has
+                connection.deadline = time.monotonic() + self.config.request_timeout  # this long to arrive
             connection.buffer += data
             self._advance(connection)
 
@@ -3751,8 +4257,8 @@ class Server:
                     self._refuse(connection, RequestTimeout("the request took too long to arrive"))
                 else:
                     self._close(connection)
-        if not self._listening and len(self._connections) < self.config.max_connections:
-            self._listen(True)
+        if not self._listening:
+            self._listen(True)  # when full, the next accept sees whether a newcomer's grace is over
         if self.problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
             log.info("accepting connections again")
             self.problem = None
@@ -3762,6 +4268,7 @@ class Server:
             return
         connection.closed = True
         self._idle.pop(connection.sock, None)
+        self._fresh.pop(connection.sock, None)
         if connection.busy:
             connection.busy = False
             self._busy -= 1
@@ -3787,8 +4294,9 @@ class Server:
     def _close_everything(self):
         for _ in self._workers:
             self._jobs.put(None)
+        give_up = time.monotonic() + 1  # the drain has waited already; a worker still busy is a daemon
         for worker in self._workers:
-            worker.join(self.config.request_timeout)
+            worker.join(max(0.0, give_up - time.monotonic()))
         for connection in list(self._connections.values()):
             self._close(connection)
         self.listener.close()

@@ -9,6 +9,7 @@ import datetime
 import decimal
 import functools
 import gzip
+import html
 import http.client
 import io
 import itertools
@@ -1182,8 +1183,8 @@ def test_the_dashboard_needs_a_read_key_and_write_keys_do_not_open_it(reading, h
 def test_the_dashboard_draws_its_charts_as_inline_svg(reading, headers):
     page = reading.get("/dashboard", headers=headers)
     assert page.content_type == "text/html" and "default-src 'none'" in page.headers["Content-Security-Policy"]
-    assert page.text.count("<svg") == 5 and page.text.count('<rect class="bar"') >= 30
-    assert "<b>300</b>events" in page.text and "daily users, on average" in page.text
+    assert page.text.count("<svg") == 7 and page.text.count('<rect class="bar') >= 30
+    assert "<b>300</b>events" in page.text and "<b>80</b>users" in page.text
     assert not re.search(r"<script|<link|https?://", page.text)
 
 
@@ -1192,7 +1193,7 @@ def test_the_dashboard_filters_by_application_and_dates(reading):
     assert "<b>100</b>events" in page.text and '<option value="space-game">' in page.text
     today = datetime.datetime.now(datetime.timezone.utc).date()
     page = reading.get(f"/dashboard?since={today}&until={today}", headers=basic("reader-key"))
-    assert page.text.count('<rect class="bar"') >= 1
+    assert page.text.count('<rect class="bar') >= 1
     assert reading.get("/dashboard?since=yesterday", headers=basic("reader-key"), status=400)
 
 
@@ -1238,10 +1239,383 @@ def test_the_dashboard_renders_in_a_real_browser(tmp_path, settings, database):
         server.shutdown()
         thread.join(10)
         app.close()
-    assert dom.count("<svg") == 5 and dom.count("<polyline") == 2 and "Events per day" in dom
+    assert dom.count("<svg") == 7 and dom.count("<polyline") == 2 and "Events per day" in dom
+    assert "Retention" in dom and dom.count("<form") == 3 and 'href="v1.0/report?' in dom
     assert png_colours(shot) > 40
     if os.environ.get("SCREENSHOT_TO"):
         shutil.copyfile(shot, os.environ["SCREENSHOT_TO"])
+
+
+# -- Reports: retention, sessions, funnels ---------------------------------------------------------------
+
+TODAY = datetime.datetime.now(datetime.timezone.utc).date()
+READER = {"Authorization": "Bearer reader-key"}
+
+
+def history(seed=7):
+    """Events of a made-up month and a half, as (application, user, session, type, version, time, value).
+
+    Players arrive on different days (some before any range asked, so they are not new in it),
+    come back on chosen days, play sessions of known lengths and drop out of the tutorial at known
+    steps; another game's events share user and session ids and must count only for it.
+    Days run up to yesterday: the server never stores a time in the future.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for n in range(60):
+        application = "my-game" if n % 4 else "other-game"
+        first = rng.randint(1, 45)  # days before today
+        returns = sorted({first} | {first - gap for gap in (1, 2, 7, 14, 30) if gap < first and rng.random() < 0.5})
+        for visit, back in enumerate(sorted(returns, reverse=True)):
+            start = datetime.datetime.combine(TODAY - datetime.timedelta(days=back), datetime.time(8 + n % 10),
+                                              tzinfo=datetime.timezone.utc) + datetime.timedelta(seconds=rng.randint(0, 3000))
+            length = rng.choice([0, 45, 300, 1250.5, 3600, 7300])
+            session = f"s{n % 30}-{visit}"  # the other game reuses the same ids
+            steps = ["tutorial_start", "tutorial_step", "tutorial_end"][:1 + n % 3] if visit == 0 else ["level_start"]
+            for index, kind in enumerate(steps + ["session_end"]):
+                moment = start + datetime.timedelta(seconds=length * index / len(steps))
+                value = {"level": rng.randint(1, 9)} if kind == "level_start" else {"item": f"item{rng.randint(0, 30)}"}
+                rows.append((application, f"u{n % 30}", session, kind, f"1.{rng.randint(0, 24)}", moment, value))
+    return rows
+
+
+def post_history(client, rows):
+    batch = [event(application=application, user_id=user, session_id=session, event_type=kind, version=version,
+                   timestamp=moment.isoformat(), value=value)
+             for application, user, session, kind, version, moment, value in rows]
+    for start in range(0, len(batch), 500):
+        post(client, "/v1.0/events", batch[start:start + 500])
+
+
+def nearest_rank(ordered, share):
+    return ordered[max(1, math.ceil(share * len(ordered))) - 1] if ordered else 0
+
+
+def top_rows(rows, key, total_events):
+    """The oracle's ranking: (name -> events, users), top 20 then "(other)"."""
+    events, users = collections.Counter(), collections.defaultdict(set)
+    for row in rows:
+        events[key(row)] += 1
+        users[key(row)].add((row[0], row[1]))
+    ordered = sorted(events, key=lambda name: (-events[name], name))
+    ranked = [{"name": name, "events": events[name], "users": len(users[name])} for name in ordered[:20]]
+    if len(ordered) > 20:
+        rest = set().union(*(users[name] for name in ordered[20:]))
+        ranked.append({"name": "(other)", "events": total_events - sum(row["events"] for row in ranked),
+                       "users": len(rest)})
+    return ranked
+
+
+def oracle_report(rows, since, until, application=None, today=TODAY):
+    """The report computed in plain Python from the posted events, following README.md's definitions."""
+    chosen = [row for row in rows if application in (None, row[0])]
+    first_day = {}
+    for row in chosen:
+        user = (row[0], row[1])
+        first_day[user] = min(first_day.get(user, row[5].date()), row[5].date())
+    inside = [row for row in chosen if since <= row[5].date() <= until]
+    days = [since + datetime.timedelta(days=n) for n in range((until - since).days + 1)]
+    active = {(row[0], row[1], row[5].date()) for row in inside}
+    sessions = collections.defaultdict(list)
+    for row in inside:
+        sessions[row[0], row[2]].append(row[5])
+    lengths = sorted(round((max(times) - min(times)).total_seconds(), 3) for times in sessions.values())
+    users = {(row[0], row[1]) for row in inside}
+    table = [{"date": day.isoformat(), "events": sum(row[5].date() == day for row in inside),
+              "users": len({(row[0], row[1]) for row in inside if row[5].date() == day}),
+              "new_users": sum(first == day for first in first_day.values()),
+              "sessions": len({(row[0], row[2]) for row in inside if row[5].date() == day})} for day in days]
+    retention = []
+    for day in days:
+        cohort = [user for user, first in first_day.items() if first == day]
+        if cohort:
+            retention.append(dict({"cohort": day.isoformat(), "users": len(cohort)}, **{
+                f"day_{n}": None if day + datetime.timedelta(days=n) > min(until, today) else round(
+                    sum((*user, day + datetime.timedelta(days=n)) in active for user in cohort) / len(cohort), 4)
+                for n in (1, 7, 30)}))
+    return {
+        "since": since.isoformat(), "until": until.isoformat(), "application": application,
+        "totals": {"events": len(inside), "users": len(users),
+                   "new_users": sum(since <= first <= until for first in first_day.values()), "sessions": len(sessions)},
+        "days": table, "retention": retention,
+        "sessions": {"count": len(lengths), "median_seconds": nearest_rank(lengths, 0.5),
+                     "p90_seconds": nearest_rank(lengths, 0.9), "per_user": round(len(lengths) / len(users), 2) if users else 0},
+        "event_types": top_rows(inside, lambda row: row[3], len(inside)),
+        "versions": top_rows(inside, lambda row: row[4], len(inside)),
+        "platforms": top_rows(inside, lambda row: "Linux", len(inside)),
+    }
+
+
+def oracle_funnel(rows, since, until, steps, application=None):
+    times = collections.defaultdict(lambda: collections.defaultdict(list))
+    for row in rows:
+        if application in (None, row[0]) and since <= row[5].date() <= until:
+            times[row[0], row[1]][row[3]].append(row[5])
+    reached = []
+    for n in range(len(steps)):
+        count = 0
+        for per_type in times.values():
+            moment = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+            for step in steps[:n + 1]:
+                later = [found for found in per_type[step] if found >= moment]
+                if not later:
+                    break
+                moment = min(later)
+            else:
+                count += 1
+        reached.append({"name": steps[n], "users": count})
+    return reached
+
+
+@pytest.fixture
+def reports(settings, database):
+    """A client with a read key, over the generated history; yields (client, the history)."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    rows = history()
+    post_history(client, rows)
+    yield client, rows
+    app.close()
+
+
+def day_text(days_ago):
+    return (TODAY - datetime.timedelta(days=days_ago)).isoformat()
+
+
+@pytest.mark.parametrize("days_ago, length, application", [
+    ((1, 30), None, None), ((1, 30), None, "my-game"), ((1, 30), None, "other-game"), ((10, 40), None, "my-game"),
+    ((3, 3), None, None), ((0, 45), None, "my-game"), ((-5, 20), None, None), ((50, 60), None, "my-game"),
+])
+def test_every_figure_of_the_report_matches_a_plain_python_oracle(reports, days_ago, length, application):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=days_ago[1]), TODAY - datetime.timedelta(days=days_ago[0])
+    query = f"/v1.0/report?since={since}&until={until}" + (f"&application={application}" if application else "")
+    assert client.get(query, headers=READER).json == oracle_report(rows, since, until, application)
+
+
+def test_the_report_defaults_to_the_last_30_days_up_to_today(reports):
+    client, rows = reports
+    assert client.get("/v1.0/report", headers=READER).json == oracle_report(
+        rows, TODAY - datetime.timedelta(days=29), TODAY)
+
+
+def test_the_history_has_what_the_oracle_tests_need(reports):
+    """A check on the generator: a test whose data lacked returns or an "(other)" row could not fail."""
+    _, rows = reports
+    report = oracle_report(rows, TODAY - datetime.timedelta(days=45), TODAY - datetime.timedelta(days=1), "my-game")
+    assert any(row["day_1"] for row in report["retention"]) and any(row["day_7"] for row in report["retention"])
+    assert report["versions"][-1]["name"] == "(other)" and 0 < report["totals"]["new_users"] < report["totals"]["users"] + 1
+    assert len(set(report["days"][n]["new_users"] for n in range(45))) > 2
+    later = oracle_report(rows, TODAY - datetime.timedelta(days=20), TODAY - datetime.timedelta(days=1), "my-game")
+    assert later["totals"]["new_users"] < later["totals"]["users"]  # some came before the range
+    funnel = oracle_funnel(rows, TODAY - datetime.timedelta(days=45), TODAY, ["tutorial_start", "tutorial_step", "tutorial_end"])
+    assert funnel[0]["users"] > funnel[1]["users"] > funnel[2]["users"] > 0
+
+
+@pytest.mark.parametrize("steps", [["tutorial_start", "tutorial_step", "tutorial_end"], ["tutorial_end", "tutorial_start"],
+                                   ["level_start", "session_end", "level_start"], ["tutorial_start", "no_such_event"]])
+@pytest.mark.parametrize("application", [None, "my-game"])
+def test_the_funnel_counts_users_who_did_each_step_at_or_after_the_last(reports, steps, application):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=40), TODAY - datetime.timedelta(days=2)
+    query = f"/v1.0/report/funnel?since={since}&until={until}&steps={','.join(steps)}"
+    answer = client.get(query + (f"&application={application}" if application else ""), headers=READER).json
+    assert answer["steps"] == oracle_funnel(rows, since, until, steps, application)
+
+
+def test_a_value_breakdown_gives_numbers_as_statistics_and_strings_as_a_ranking(reports):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
+    inside = [row for row in rows if since <= row[5].date() <= until and row[0] == "my-game"]
+    levels = sorted(row[6]["level"] for row in inside if row[3] == "level_start")
+    answer = client.get(f"/v1.0/report/values?since={since}&until={until}&application=my-game"
+                        "&event_type=level_start&field=level", headers=READER).json
+    assert answer["numbers"] == {"count": len(levels), "min": levels[0], "p50": nearest_rank(levels, 0.5),
+                                 "p90": nearest_rank(levels, 0.9), "max": levels[-1], "sum": sum(levels)}
+    assert answer["strings"] == [] and answer["missing"] == 0 and answer["events"] == len(levels)
+    items = collections.Counter(row[6]["item"] for row in inside if row[3] == "session_end")
+    answer = client.get(f"/v1.0/report/values?since={since}&until={until}&application=my-game"
+                        "&event_type=session_end&field=item", headers=READER).json
+    ranked = [{"value": name, "events": items[name]} for name in sorted(items, key=lambda name: (-items[name], name))]
+    assert answer["numbers"] is None and answer["strings"][:20] == ranked[:20]
+    assert answer["strings"][20] == {"value": "(other)", "events": sum(items.values()) - sum(r["events"] for r in ranked[:20])}
+
+
+def test_filters_make_the_report_of_only_the_matching_events(reports):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
+    only = [row for row in rows if row[3] == "level_start"]
+    answer = client.get(f"/v1.0/report?since={since}&until={until}&event_type=level_start", headers=READER).json
+    assert answer == oracle_report(only, since, until)
+
+
+def test_the_csv_report_is_the_days_table(reports):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=10), TODAY - datetime.timedelta(days=1)
+    answer = client.get(f"/v1.0/report?since={since}&until={until}&format=csv", headers=READER)
+    assert answer.content_type == "text/csv" and "attachment" in answer.headers["Content-Disposition"]
+    table = list(csv.DictReader(io.StringIO(answer.text)))
+    assert [{name: str(value) for name, value in day.items()} for day in oracle_report(rows, since, until)["days"]] == table
+    assert answer.text.startswith("date,events,users,new_users,sessions\r\n")
+
+
+def test_a_late_event_and_a_prune_change_the_next_report(reports, config):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
+    query = f"/v1.0/report?since={since}&until={until}"
+    assert client.get(query, headers=READER).json == oracle_report(rows, since, until)
+    late = ("my-game", "u1", "late", "tutorial_start", "1.0",
+            datetime.datetime.combine(since - datetime.timedelta(days=5), datetime.time(9), tzinfo=datetime.timezone.utc), {})
+    rows.append(late)
+    post_history(client, [late])  # u1's first event is now before the range: no longer new in it
+    assert client.get(query, headers=READER).json == oracle_report(rows, since, until)
+    store = client.app.writer.store
+    cutoff = datetime.datetime.combine(TODAY - datetime.timedelta(days=20), datetime.time(0))
+    connection = store.connect()
+    try:
+        while store.prune(connection, cutoff.strftime(pycolytics.TIME_FORMAT)):
+            pass
+    finally:
+        connection.close()
+    kept = [row for row in rows if row[5].replace(tzinfo=None) >= cutoff]
+    assert client.get(query, headers=READER).json == oracle_report(kept, since, until)
+
+
+def test_sqlite_and_postgresql_give_the_same_report(tmp_path, postgres_url):
+    answers = []
+    for database in (str(tmp_path / "events.db"), postgres_url):
+        config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                               "read_keys": "reader-key"})
+        app = pycolytics.create_app(config)
+        client = webtest.TestApp(app)
+        post_history(client, history(seed=11))
+        since, until = day_text(45), day_text(0)
+        answers.append([client.get(f"/v1.0/report{path}?since={since}&until={until}&{query}", headers=READER).json
+                        for path, query in [("", ""), ("", "application=my-game"),
+                                            ("/funnel", "steps=tutorial_start,tutorial_step,tutorial_end"),
+                                            ("/values", "event_type=level_start&field=level"),
+                                            ("/values", "event_type=session_end&field=item")]])
+        app.close()
+    assert answers[0] == answers[1] and answers[0][0]["totals"]["events"] > 100
+
+
+def test_a_report_of_a_database_made_by_the_original(config, database, sqlite_only):
+    with sqlite3.connect(database) as connection:
+        connection.executescript(ORIGINAL_SCHEMA)
+    config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                           "read_keys": "reader-key"})
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    answer = client.get("/v1.0/report?since=2024-04-30&until=2024-05-02", headers=READER).json
+    app.close()
+    assert answer["totals"] == {"events": 1, "users": 1, "new_users": 1, "sessions": 1}
+    assert answer["days"][1] == {"date": "2024-05-01", "events": 1, "users": 1, "new_users": 1, "sessions": 1}
+
+
+def test_the_dashboard_shows_the_reports_figures_with_relative_links(reports):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
+    figures = oracle_report(rows, since, until, "my-game")
+    page = client.get(f"/dashboard?since={since}&until={until}&application=my-game&steps=tutorial_start,tutorial_end"
+                      "&of=level_start&field=level", headers=READER).text
+    for name in ("events", "users", "new_users", "sessions"):
+        assert f"<b>{figures['totals'][name]:,}</b>{name.replace('_', ' ')}" in page
+    assert page.count('<table class="retention">') == 1 and page.count("<tr>") >= len(figures["retention"])
+    assert 'action="dashboard"' in page and f'href="v1.0/report?application=my-game&amp;since={since}&amp;until={until}' in page
+    assert "format=csv" in page and not re.search(r'(href|action)="/', page)
+    assert "(other)" in page and "tutorial_end" in page and "<th>p90</th>" in page
+
+
+HOSTILE_QUERIES = [
+    "until=9999-12-31", "since=0001-01-01", "until=0001-01-05", "since=9999-12-31&until=9999-12-31",
+    "since=2024-01-01&until=2025-06-01", "since=2024-02-30", "since=%ff%fe", "since=2024-05-01T00:00",
+    "until=1969-12-31", "since=2025-01-02&until=2025-01-01", "application=%00", "version=" + "v" * 2000,
+    "format=xml", "format=", "application=%3Cscript%3E", "event_type=%E2%80%AE", "&" * 5000, "a=1&" * 100,
+    "since=+2024-05-01", "since=2024-05-01%00", "steps=" + ",".join("x" * 11), "steps=,,,", "field=%22x",
+    "field=", "event_type=x&field=a%5C", "of=x&field=%0a", "since[]=2024", "%", "=&=&==", "format=csv&steps=a",
+]
+
+
+@pytest.mark.parametrize("path", ["/dashboard", "/v1.0/report", "/v1.0/report/funnel", "/v1.0/report/values"])
+@pytest.mark.parametrize("query", HOSTILE_QUERIES)
+def test_no_query_string_makes_the_report_fail(reading, path, query):
+    answer = reading.get(f"{path}?{query}", headers=READER, expect_errors=True)
+    assert answer.status_int == 200 or (400 <= answer.status_int < 500 and answer.json["detail"])
+
+
+@pytest.mark.parametrize("query, words", [
+    ("since=2024-01-01&until=2025-01-01", "at most 366 days"), ("until=9999-12-31", "until must be a day"),
+    ("since=yesterday", "since must be a date"), ("format=xml", "format must be json or csv"),
+])
+def test_a_bad_report_query_is_a_400_that_says_why(reading, query, words):
+    assert words in reading.get(f"/v1.0/report?{query}", headers=READER, status=400).json["detail"]
+
+
+def test_a_year_is_the_longest_range(reading):
+    assert len(reading.get("/v1.0/report?since=2024-01-01&until=2024-12-31", headers=READER).json["days"]) == 366
+    reading.get("/v1.0/report?since=2024-01-01&until=2025-01-01", headers=READER, status=400)
+
+
+def test_the_report_needs_a_read_key(reading):
+    reading.get("/v1.0/report", status=401)
+    reading.get("/v1.0/report/funnel?steps=a", headers={"Authorization": f"Bearer {KEY}"}, status=401)
+    assert reading.get("/v1.0/report", headers=basic("reader-key")).json["totals"]["events"] == 300
+
+
+def test_wrong_read_keys_are_throttled_per_address_and_logged_once(reading, caplog):
+    guesser, other = {"REMOTE_ADDR": "127.0.0.2"}, {"REMOTE_ADDR": "127.0.0.3"}
+    with caplog.at_level("WARNING", logger="pycolytics"):
+        for _ in range(pycolytics.READ_KEY_FAILURES):
+            reading.get("/v1.0/report", headers=basic("guess"), extra_environ=guesser, status=401)
+        refused = reading.get("/dashboard", headers=READER, extra_environ=guesser, status=429)
+    assert int(refused.headers["Retry-After"]) >= 1 and "wrong read keys" in refused.json["detail"]
+    assert reading.get("/v1.0/report", headers=READER, extra_environ=other).json["totals"]["events"] == 300
+    assert [record.getMessage() for record in caplog.records].count(
+        "a wrong read key from '127.0.0.2' (more from it this minute are counted, not logged)") == 1
+
+
+def test_the_read_key_guard_forgets_old_windows_and_bounds_its_memory(monkeypatch):
+    monkeypatch.setattr(pycolytics, "MAX_TRACKED_CLIENTS", 100)
+    guard = pycolytics.ReadKeyGuard()
+    for n in range(1000):
+        guard.failed(f"10.0.{n // 250}.{n % 250}", now=n // 200 * 60)
+    assert len(guard._failures) <= 100
+    for _ in range(pycolytics.READ_KEY_FAILURES):
+        guard.failed("10.9.9.9", now=0)
+    with pytest.raises(pycolytics.TooManyRequests):
+        guard.check("10.9.9.9", now=30)
+    guard.check("10.9.9.9", now=60)  # a new window
+
+
+def test_the_report_cache_stays_within_its_bytes_and_drops_the_least_recently_used():
+    cache = pycolytics.ReportCache(budget=1000)
+    for n in range(10):
+        cache.put(("report", n), b"x" * 150)
+        cache.get(("report", 0))  # kept in use
+    assert cache.used <= 1000 and cache.get(("report", 0)) is not None
+    assert cache.get(("report", 1)) is None and cache.get(("report", 9)) is not None
+    cache.put(("report", "huge"), b"x" * 5000)
+    assert cache.get(("report", "huge")) is None and cache.used <= 1000
+
+
+def test_a_cached_report_is_read_again_once_an_event_arrives(reading):
+    first = reading.get("/v1.0/report", headers=READER).json["totals"]["events"]
+    assert reading.get("/v1.0/report", headers=READER).json["totals"]["events"] == first
+    post(reading, "/v1.0/event", event())
+    assert reading.get("/v1.0/report", headers=READER).json["totals"]["events"] == first + 1
+
+
+def test_every_ranking_lumps_the_rest_as_other(reading):
+    post(reading, "/v1.0/events", [event(application=f"app{n}", version=f"v{n}", platform=f"p{n}", event_type=f"t{n}")
+                                   for n in range(30)])
+    report = reading.get("/v1.0/report", headers=READER).json
+    for name in ("event_types", "versions", "platforms"):
+        assert len(report[name]) == 21 and report[name][-1]["name"] == "(other)"
+        assert sum(row["events"] for row in report[name]) == report["totals"]["events"]
+    page = reading.get("/dashboard", headers=READER).text
+    applications = re.search(r'<select name="application">(.*?)</select>', page).group(1)
+    assert applications.count("<option value=") == 21 and '<option value="space-game">' in applications  # all, top 20
 
 
 # -- Rate limits -------------------------------------------------------------------------------------
@@ -1373,6 +1747,16 @@ def test_openapi_describes_both_endpoints_and_the_limits(client):
     assert set(schema["required"]) == set(pycolytics.EVENT_FIELDS)
     assert schema["properties"]["user_id"]["maxLength"] == 255
     assert document["paths"]["/v1.0/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]["maxItems"] == 1000
+
+
+def test_the_answers_table_is_one_table_on_docs_openapi_and_in_the_readme(client):
+    statuses = [status for status, _ in pycolytics.EVENT_ANSWERS]
+    docs = client.get("/docs").text
+    assert re.findall(r"<tr><td>(\d{3})</td>", docs) == statuses
+    assert list(client.get("/openapi.json").json["paths"]["/v1.0/event"]["post"]["responses"]) == statuses
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        table = readme.read().split("| answer | when |", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"`(\d{3})`", table) == statuses
 
 
 def test_index_points_to_the_docs(client):
@@ -2577,6 +2961,22 @@ def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(sett
     assert count(database) == 1
 
 
+def test_a_newcomer_is_never_closed_unread_to_make_room_for_the_next(settings, database):
+    with serving(settings, max_connections=2, request_timeout=30) as server:
+        with socket.create_connection(server.server_address, timeout=10) as holder:
+            holder.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\n")  # half a head: it holds a slot
+            time.sleep(0.2)
+            first = socket.create_connection(server.server_address, timeout=10)
+            time.sleep(0.2)  # the server has accepted it, and has nothing of it to read yet
+            second = socket.create_connection(server.server_address, timeout=10)
+            with first, second:
+                first.sendall(one_event_request("first"))
+                second.sendall(one_event_request("second"))
+                answers = [read_all(first), read_all(second)]
+    assert [answer[:12] for answer in answers] == [b"HTTP/1.1 204"] * 2
+    assert sorted(row[0] for row in stored(database)) == ["first", "second"]
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as status:
         return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
@@ -2976,7 +3376,8 @@ def links(response):
     """Every URL a page names: href and action in HTML, the curl example, path-like strings and servers in JSON."""
     if response.content_type == "text/html":
         text = response.text
-        return re.findall(r'(?:href|action)="([^"]*)"', text) + re.findall(r"curl -i (\S+)", text)
+        found = re.findall(r'(?:href|action)="([^"]*)"', text) + re.findall(r"curl -i (\S+)", text)
+        return [html.unescape(link) for link in found]
     document = response.json
     found = [value for value in document.values() if isinstance(value, str) and value.startswith("/")]
     for server in document.get("servers", []):
@@ -3003,13 +3404,18 @@ def test_every_page_and_link_resolves_under_a_wsgi_mount(tmp_path, monkeypatch):
             seen.add(url)
             parts = urlsplit(url)
             assert (parts.netloc, parts.path.startswith("/analytics")) == ("localhost:80", True), url
-            if parts.path.startswith("/analytics/v1.0/"):
+            if parts.path in ("/analytics/v1.0/event", "/analytics/v1.0/events"):
                 payload = [event()] if parts.path.endswith("/events") else event()
                 response = client.post(parts.path, body(payload), status="*")
                 assert response.status_int == 204, (url, response.text)
                 continue
             response = client.get(parts.path + ("?" + parts.query if parts.query else ""), status="*")
+            if parts.path.startswith("/analytics/v1.0/report/") and not parts.query:
+                assert response.status_int == 400 and response.json["detail"], url  # it needs its steps or field
+                continue
             assert response.status_int == 200, (url, response.text[:200])
+            if not response.content_type.startswith(("text/html", "application/json")):
+                continue  # the CSV download
             waiting += [urljoin(url, link) for link in links(response)]
             if "<form" in response.text:
                 waiting.append(urljoin(url, re.search(r'action="([^"]*)"', response.text).group(1)) + "?application=my-game")
