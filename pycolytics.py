@@ -1324,8 +1324,9 @@ def unwritable(path):
 
 
 class Store:
-    """What a storage backend provides. The writer, the dashboard, export, prune and copy use
-    only this, never asking which backend it is: SQLiteStore and PostgresStore.
+    """What a storage backend provides: SQLiteStore and PostgresStore. The writer, /healthz, the
+    dashboard, export and prune use only this, never asking which backend it is (backup and copy
+    do ask: they are SQLite's backup and a move from SQLite into PostgreSQL).
 
     SQL fragments, for queries written once for both:
       kind          the backend's name, for messages

@@ -1946,8 +1946,7 @@ def test_a_live_server_recovers_from_a_lock_timeout_with_no_traffic(impatient, d
 
 def test_a_flood_of_healthz_checks_the_database_once_a_second_at_most(client, monkeypatch):
     checks = []
-    real = pycolytics.SQLiteStore.problem if isinstance(client.app.store, pycolytics.SQLiteStore) \
-        else pycolytics.PostgresStore.problem
+    real = type(client.app.store).problem
     monkeypatch.setattr(type(client.app.store), "problem", lambda store: checks.append(1) or real(store))
     started = time.monotonic()
     for _ in range(300):
@@ -2014,7 +2013,8 @@ def test_a_database_deleted_during_a_commit_is_answered_503(client, database, sq
 
 def test_a_database_put_back_while_the_server_runs_is_opened_again(client, database, sqlite_only, tmp_path):
     post(client, "/v1.0/events", [event(user_id="before")])
-    with sqlite3.connect(database) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+    with contextlib.closing(sqlite3.connect(database)) as source, \
+            contextlib.closing(sqlite3.connect(tmp_path / "backup.db")) as copy:
         source.backup(copy)
     for suffix in ("", "-wal", "-shm"):
         os.remove(database + suffix)
@@ -2037,11 +2037,16 @@ def test_a_deleted_wal_file_loses_no_acknowledged_event(client, database, sqlite
 
 def test_a_database_put_back_beside_the_deleted_ones_wal_is_not_opened(client, database, sqlite_only, tmp_path):
     post(client, "/v1.0/event", event())
-    with sqlite3.connect(database) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+    with contextlib.closing(sqlite3.connect(database)) as source, \
+            contextlib.closing(sqlite3.connect(tmp_path / "backup.db")) as copy:
         source.backup(copy)
     os.replace(tmp_path / "backup.db", database)  # its old -wal and -shm stay
-    post(client, "/v1.0/event", event(), status=503)
+    post(client, "/v1.0/event", event(user_id="refused"), status=503)
     assert "-wal" in client.get("/healthz", status=503).json["database"]
+    client.app.close()
+    for suffix in ("-wal", "-shm"):
+        os.remove(database + suffix)
+    assert stored(database, "user_id") == [("3f2a9c1e",)]  # the backup's event, not the refused one
 
 
 def test_a_live_server_refuses_events_into_a_deleted_database_and_loses_none_it_acknowledged(tmp_path):
