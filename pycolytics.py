@@ -3167,7 +3167,7 @@ def _event_schema(config):
             timestamp=_client_time_schema("When the event happened, by the client's clock."),
             sent_at=_client_time_schema("When the client sent the request, by its clock: corrects a wrong clock."),
             event_id={"type": "string", "minLength": 1, "maxLength": MAX_EVENT_ID,
-                      "description": "A unique id made by the client: an event whose id is stored is not stored again."},
+                      "description": "A unique id made by the client: an event whose id is stored for the same application is not stored again."},
         ),
         "additionalProperties": True,
     }
@@ -3263,7 +3263,8 @@ bytes as JSON and {config.max_value_depth} levels deep</td></tr>
 corrects the clock's error. The stored <code>time</code> is the best estimate of when the event happened, never in
 the future; <code>received_at</code> keeps the receive time.</td></tr>
 <tr><td><code>event_id</code></td><td>optional: a unique string of at most {MAX_EVENT_ID} characters made by the client;
-an event whose id is already stored is acknowledged and not stored again, so retries are safe</td></tr></table>
+an event whose id is already stored for the same application is acknowledged and not stored again, so retries
+are safe</td></tr></table>
 <p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes, also after decompression
 (<code>Content-Encoding: gzip</code> or <code>deflate</code>); any Content-Type is accepted, so browsers can post
 <code>text/plain</code> without a preflight. Every answer carries CORS headers for allowed origins, and
