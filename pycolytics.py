@@ -3616,11 +3616,12 @@ PIPELINE_ROUNDS = 16
 # use to be closed; meanwhile the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
 
-# How long a new connection that has sent nothing is safe from being closed to make room for
-# another: a client sends its request within a round trip or two of connecting, and closing
-# a connection whose request is unread would reset it (a flood of newcomers would otherwise
-# evict each other before anyone is served).
-NEWCOMER_GRACE_SECONDS = 2.0
+# How long a connection that has sent nothing, or only part of a request, is safe from being
+# closed to make room for a newcomer when every slot is taken. A client sends a whole request
+# within a round trip or two; closing one whose request is unread would reset it (newcomers
+# would evict each other before anyone is served), and a slowloris that started its request
+# earlier than this gives its slot up long before request_timeout.
+GRACE_SECONDS = 2.0
 
 # What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
 # beyond it are dropped and counted, so that logging never blocks or stops the server.
@@ -3759,7 +3760,7 @@ class _Connection:
 
     __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
                  "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
-                 "closed", "limited", "accepted")
+                 "closed", "limited", "since")
 
     def __init__(self, sock, peer, deadline, limited):
         self.sock = sock
@@ -3780,7 +3781,7 @@ class _Connection:
         self.handshaking = False
         self.closed = False
         self.limited = limited  # counted against max_connections_per_address
-        self.accepted = time.monotonic()
+        self.since = time.monotonic()  # when it connected, or began its request
 
 
 def _split_target(target, method):
@@ -3922,6 +3923,7 @@ class Server:
         self._ready = collections.deque()  # connections whose buffer may hold their next request
         self._idle = collections.OrderedDict()  # served connections waiting for the next request, or lingering
         self._fresh = collections.OrderedDict()  # connections that have sent nothing yet, oldest first
+        self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
         self._connections = {}
         self._per_address = collections.Counter()
         self._reserved = 0  # body bytes announced by requests being read or answered
@@ -4106,15 +4108,21 @@ class Server:
 
     def _make_room(self):
         """Close the connection that has waited longest for its next request (or lingered), else
-        the oldest newcomer that has said nothing for NEWCOMER_GRACE_SECONDS; False if none may go."""
+        the oldest that has sent nothing, or only part of a request, for GRACE_SECONDS (a 408
+        for that one); False if none may go."""
         if self._idle:
-            _, connection = self._idle.popitem(last=False)
-        elif self._fresh and next(iter(self._fresh.values())).accepted < time.monotonic() - NEWCOMER_GRACE_SECONDS:
-            _, connection = self._fresh.popitem(last=False)
-        else:
-            return False
-        self._close(connection)
-        return True
+            self._close(self._idle.popitem(last=False)[1])
+            return True
+        expired = time.monotonic() - GRACE_SECONDS
+        for waiting in (self._fresh, self._reading):
+            if waiting and next(iter(waiting.values())).since < expired:
+                connection = waiting.popitem(last=False)[1]
+                if connection.buffer or connection.request is not None:
+                    self._send_now(connection, self._refusal(RequestTimeout(
+                        "the server is full and this request was too slow to arrive")))
+                self._close(connection)
+                return True
+        return False
 
     def _pause_accepting(self, error):
         if self.problem is None:
@@ -4142,8 +4150,8 @@ class Server:
         if not data:
             self._close(connection)
         elif not connection.lingering:
-            if self._idle.pop(sock, None) or self._fresh.pop(sock, None):  # a request begins: it has
-                connection.deadline = time.monotonic() + self.config.request_timeout  # this long to arrive
+            if self._idle.pop(sock, None) or self._fresh.pop(sock, None):  # a request begins
+                self._begin_request(connection)
             connection.buffer += data
             self._advance(connection)
 
@@ -4158,6 +4166,7 @@ class Server:
             return
         if request is None:
             return
+        self._reading.pop(connection.sock, None)
         self._selector.unregister(connection.sock)  # nothing more is read until this is answered
         connection.busy = True
         connection.deadline = None
@@ -4209,6 +4218,12 @@ class Server:
         connection.continued = False
         connection.scanned = connection.blank_lines = 0
         return request
+
+    def _begin_request(self, connection):
+        """The first bytes of a request have come: from now it has request_timeout to arrive whole."""
+        connection.since = time.monotonic()
+        connection.deadline = connection.since + self.config.request_timeout
+        self._reading[connection.sock] = connection
 
     def _reserve(self, connection, length):
         """Count a body against the limits before it is read: one body, and all bodies together.
@@ -4281,7 +4296,7 @@ class Server:
             return
         self._selector.register(connection.sock, selectors.EVENT_READ, (self._read, connection))
         if connection.buffer:  # a pipelined request arrived with this one: its turn comes in the loop
-            connection.deadline = time.monotonic() + self.config.request_timeout
+            self._begin_request(connection)
             self._ready.append(connection)
         else:
             connection.deadline = time.monotonic() + self.config.idle_timeout
@@ -4300,21 +4315,26 @@ class Server:
         answer before the client reads it; so shut down our side and discard what still comes
         for a moment (a "lingering close", as Apache and nginx do).
         """
-        status, headers, body = _error_parts(error)
-        self._answered(status)
-        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
         try:
-            connection.sock.send(("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body)
+            connection.sock.send(self._refusal(error))
             connection.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(connection)
             return
         self._release(connection)
+        self._reading.pop(connection.sock, None)
         connection.lingering = True
         connection.buffer = bytearray()
         connection.request = None
         connection.deadline = time.monotonic() + LINGER_SECONDS
         self._idle[connection.sock] = connection  # the first to go when slots run out
+
+    def _refusal(self, error):
+        """The bytes of the answer to a request the server refuses by itself (counted as answered)."""
+        status, headers, body = _error_parts(error)
+        self._answered(status)
+        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
+        return ("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body
 
     def _sweep(self, now):
         """Close connections that idled, dawdled or lingered past their deadline; accept again."""
@@ -4338,6 +4358,7 @@ class Server:
         connection.closed = True
         self._idle.pop(connection.sock, None)
         self._fresh.pop(connection.sock, None)
+        self._reading.pop(connection.sock, None)
         if connection.busy:
             connection.busy = False
             self._busy -= 1

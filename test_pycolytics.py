@@ -2966,6 +2966,21 @@ def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(sett
     assert count(database) == 1
 
 
+def test_when_slow_requests_hold_every_slot_the_oldest_makes_room_with_a_408(settings, database):
+    with serving(settings, max_connections=4, request_timeout=60) as server:
+        holders = [socket.create_connection(server.server_address, timeout=20, source_address=(f"127.0.5.{n}", 0))
+                   for n in range(4)]
+        try:
+            for sock in holders:
+                sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\n")  # and never the rest
+            assert normal_client_is_served(server.server_address, timeout=20)  # not after request_timeout
+            assert b"408 Request Timeout" in read_all(holders[0])
+        finally:
+            for sock in holders:
+                sock.close()
+    assert count(database) == 1
+
+
 def test_events_waiting_for_the_database_are_bounded_in_bytes_too(settings, database, sqlite_only):
     batch = [event(value={"blob": "x" * 60_000}, user_id=str(n)) for n in range(2)]
     compressed = gzip.compress(body(batch))  # a kilobyte on the wire, 120 kB of values once read
