@@ -160,10 +160,22 @@ def config(tmp_path, monkeypatch, settings):
 
 
 @pytest.fixture
-def app(config):
-    app = pycolytics.create_app(config)
-    yield app
-    app.close()
+def make_app(settings):
+    """The app factory: make_app(config), or make_app(**changes to the settings); all it made are closed."""
+    made = []
+
+    def make(config=None, **changes):
+        made.append(pycolytics.create_app(config or pycolytics.load_config(environ={}, overrides=dict(settings, **changes))))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.close()
+
+
+@pytest.fixture
+def app(config, make_app):
+    return make_app(config)
 
 
 @pytest.fixture
@@ -324,13 +336,12 @@ def test_a_key_is_never_echoed_in_an_error(client):
     assert secret not in response.text
 
 
-def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path, settings, database):
-    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, max_body_bytes=100)))
+def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path, settings, database, make_app):
+    app = make_app(pycolytics.load_config(environ={}, overrides=dict(settings, max_body_bytes=100)))
     client = webtest.TestApp(app)
     response = post(client, "/v1.0/events", [event()] * 3, status=413)
     assert "at most 100" in response.json["detail"]
     assert count(database) == 0
-    app.close()
 
 
 def test_an_unknown_content_encoding_is_refused_with_415(client, database):
@@ -453,14 +464,13 @@ def test_bad_client_fields_are_refused_naming_them(client, database, changes, wo
     assert count(database) == 0
 
 
-def test_a_database_without_the_added_columns_is_upgraded_in_place(config, database, sqlite_only):
+def test_a_database_without_the_added_columns_is_upgraded_in_place(config, database, sqlite_only, make_app):
     with sqlite3.connect(database) as connection:
         connection.executescript(ORIGINAL_SCHEMA)
         connection.executemany("INSERT INTO event VALUES ('old', 'g', '1', 'L', 'u', 's', '{}', ?, '2024-05-01 12:00:00')",
                                [(n,) for n in range(2, 1002)])
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     post(webtest.TestApp(app), "/v1.0/events", [event(event_id="e-1"), event(event_id="e-1")])
-    app.close()
     assert count(database) == 1001 + 1
     assert stored(database, "event_id")[-2:] == [(None,), ("e-1",)]
 
@@ -486,9 +496,9 @@ def test_a_preflight_is_answered_for_a_day(client, path):
     assert int(response.headers["Access-Control-Max-Age"]) >= 3600
 
 
-def test_listed_origins_are_echoed_and_others_refused(settings, database):
+def test_listed_origins_are_echoed_and_others_refused(settings, database, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, cors_origins="https://a.example, http://localhost:8060"))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     response = post(client, "/v1.0/event", event(), headers={"Origin": "http://localhost:8060"})
     assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:8060"
@@ -496,7 +506,6 @@ def test_listed_origins_are_echoed_and_others_refused(settings, database):
     assert "Access-Control-Allow-Origin" not in refused.headers
     assert "pages from https://evil.example may not send events" in refused.json["detail"]
     post(client, "/v1.0/event", event())  # no Origin: a game, a script, curl
-    app.close()
     assert count(database) == 2
 
 
@@ -963,12 +972,11 @@ api_keys = farm-key, farm-key-2
 
 
 @pytest.fixture
-def per_game(tmp_path, database):
+def per_game(tmp_path, database, make_app):
     (tmp_path / "games.ini").write_text(PER_GAME)
     config = pycolytics.load_config(str(tmp_path / "games.ini"), environ={}, overrides={"database": database})
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     yield webtest.TestApp(app)
-    app.close()
 
 
 def test_a_games_key_works_for_that_game_only(per_game, database):
@@ -1100,9 +1108,9 @@ def test_prune_deletes_old_events_only(client, database, tmp_path):
     assert [row[0] for row in stored(database, "time")] == ["2024-02-01 10:00:00.000000", "2024-03-01 10:00:00.000000"]
 
 
-def test_retention_days_prunes_in_the_running_server(settings, database):
+def test_retention_days_prunes_in_the_running_server(settings, database, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, retention_days=30))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     post(client, "/v1.0/events", [event(timestamp="2020-01-01")] * 600)
     post(client, "/v1.0/events", [event(timestamp="2020-01-01")] * 600 + [event()])
@@ -1113,7 +1121,6 @@ def test_retention_days_prunes_in_the_running_server(settings, database):
     assert count(database) == 1
     assert app.writer.pruned == 1200
     assert "pycolytics_events_pruned_total 1200" in client.get("/metrics").text
-    app.close()
 
 
 def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database, sqlite_only, tmp_path):
@@ -1623,11 +1630,10 @@ def test_every_ranking_lumps_the_rest_as_other(reading):
 
 
 @pytest.fixture
-def limited(settings):
+def limited(settings, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="3/minute"))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     yield webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "203.0.113.7"})
-    app.close()
 
 
 def test_over_the_rate_limit_a_client_gets_429_with_retry_after_and_nothing_is_stored(limited, database):
@@ -1782,12 +1788,11 @@ INSERT INTO event VALUES ('old', 'my-game', '0.9', 'Linux', 'u', 's', '{"a": 1}'
 """
 
 
-def test_a_database_made_by_the_original_opens_and_keeps_working(config, database, sqlite_only):
+def test_a_database_made_by_the_original_opens_and_keeps_working(config, database, sqlite_only, make_app):
     with sqlite3.connect(database) as connection:
         connection.executescript(ORIGINAL_SCHEMA)
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     post(webtest.TestApp(app), "/v1.0/events", [event(event_type="new")])
-    app.close()
     assert stored(database, "id, event_type, received_at IS NULL") == [(1, "old", 1), (2, "new", 0)]
     with sqlite3.connect(database) as connection:
         indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
