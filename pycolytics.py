@@ -2483,14 +2483,50 @@ def openapi_document(config):
     return {
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
-        "paths": {
+        "paths": dict({
             "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
             "/v1.0/events": post("Store a batch of events, all or nothing", batch),
-        },
+        }, **_report_paths(error)),
         "components": {"schemas": {
             "Event": _event_schema(config),
             "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
-        }},
+        }, "securitySchemes": {"readKey": {"type": "http", "scheme": "bearer"},
+                               "readKeyAsPassword": {"type": "http", "scheme": "basic"}}},
+    }
+
+
+def _report_paths(error):
+    """The report API's paths: a read key, a range of days and filters; README.md defines every figure."""
+    def parameter(name, description, required=False):
+        return {"name": name, "in": "query", "required": required, "description": description,
+                "schema": {"type": "string", "maxLength": MAX_FILTER_CHARACTERS}}
+
+    common = [parameter("since", "First day (UTC, YYYY-MM-DD, inclusive); default 29 days before until."),
+              parameter("until", "Last day (inclusive); default today. At most 366 days from since."),
+              parameter("application", "Only this application's events; a user is then a user_id."),
+              parameter("event_type", "Only events of this type."), parameter("version", "Only this version."),
+              parameter("platform", "Only this platform.")]
+    failures = {code: {"description": text, "content": {"application/json": {"schema": error}}} for code, text in (
+        ("400", "A bad query: a date, a range over 366 days, a format, missing steps or field."),
+        ("401", "No read key, or a wrong one."), ("403", "The report is off: no read_keys are configured."),
+        ("429", "Too many wrong read keys from this address: retry after Retry-After seconds."),
+        ("503", "The database could not be read."))}
+    json_answer = {"application/json": {"schema": {"type": "object"}}}
+
+    def get(summary, parameters, content):
+        return {"get": {"summary": summary, "parameters": common + parameters,
+                        "security": [{"readKey": []}, {"readKeyAsPassword": []}],
+                        "responses": dict({"200": {"description": summary, "content": content}}, **failures)}}
+
+    formats = parameter("format", "json (the default) or csv")
+    return {
+        "/v1.0/report": get("Events, users, new users, sessions per day; retention; session lengths; rankings",
+                            [formats], dict(json_answer, **{"text/csv": {"schema": {"type": "string"}}})),
+        "/v1.0/report/funnel": get("Users who did each step at or after the one before", [
+            parameter("steps", "Event types separated by commas, at most 10.", True), formats],
+            dict(json_answer, **{"text/csv": {"schema": {"type": "string"}}})),
+        "/v1.0/report/values": get("The distribution of one field of the value of one event type", [
+            parameter("field", "A key of the events' value.", True)], json_answer),
     }
 
 
@@ -2545,6 +2581,28 @@ an event whose id is already stored is acknowledged and not stored again, so ret
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
 key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
+<h2>Reports: GET /v1.0/report, /v1.0/report/funnel, /v1.0/report/values</h2>
+<p>The figures behind the dashboard, as JSON (or CSV with <code>format=csv</code>), with the same read key. Query:
+<code>since</code> and <code>until</code> (UTC days, inclusive; default the last {DASHBOARD_DAYS} days up to today;
+at most {MAX_REPORT_DAYS} days), <code>application</code>, and the filters <code>event_type</code>,
+<code>version</code>, <code>platform</code> (a filtered report is that of a database holding only the matching
+events). Any bad query is a 400 with <code>detail</code>.</p>
+<ul><li><code>days</code>: one row per day of the range, zeros included. A user is a <code>user_id</code> within
+the application when one is given, an (application, user_id) pair otherwise; a session likewise.</li>
+<li><code>new_users</code> of a day: users whose first event ever (in the whole database) falls on that day;
+<code>totals.new_users</code> counts those whose first day is in the range.</li>
+<li><code>retention</code>: a row per day of the range on which new users arrived; <code>day_N</code> is the share
+of them with an event on exactly the N-th day after (<code>null</code> while that day is after until or today).</li>
+<li><code>sessions</code>: distinct session_ids (per day: those with an event that day); a session lasts from its
+first to its last event in the range; <code>median_seconds</code> and <code>p90_seconds</code> are nearest-rank
+percentiles; <code>per_user</code> is sessions / users.</li>
+<li><code>event_types</code>, <code>versions</code>, <code>platforms</code>: the top {REPORT_TOP} by events, then one
+<code>"(other)"</code> row for the rest. CSV gives the days: <code>date,events,users,new_users,sessions</code>.</li>
+<li><code>/funnel?steps=a,b,c</code>: the users who did <code>a</code>, then <code>b</code> at or after their first
+<code>a</code>, then <code>c</code> at or after that <code>b</code>, within the range.</li>
+<li><code>/values?event_type=E&amp;field=F</code>: <code>value[F]</code> of the events of type E: numbers as
+count, min, p50, p90, max and sum; strings (and true/false) as the top {REPORT_TOP} with "(other)";
+<code>missing</code> counts events without a number or string there.</li></ul>
 <h2>Example</h2>
 <pre>curl -i http://127.0.0.1:8000/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>

@@ -1324,7 +1324,8 @@ def test_docs_page_is_self_contained_html(client):
 def test_openapi_describes_both_endpoints_and_the_limits(client):
     document = client.get("/openapi.json").json
     assert document["openapi"].startswith("3.")
-    assert set(document["paths"]) == {"/v1.0/event", "/v1.0/events"}
+    assert set(document["paths"]) == {"/v1.0/event", "/v1.0/events", "/v1.0/report", "/v1.0/report/funnel",
+                                      "/v1.0/report/values"}
     schema = document["components"]["schemas"]["Event"]
     assert set(schema["required"]) == set(pycolytics.EVENT_FIELDS)
     assert schema["properties"]["user_id"]["maxLength"] == 255
