@@ -2019,7 +2019,7 @@ def _ranking_svg(items, label, shares=False):
     first = items[0][1] or 1
     bars = []
     for n, (name, value) in enumerate(items):
-        y, long = n * row, (width - names - 80) * value / top
+        y, long = n * row, (width - names - 110) * value / top
         shown = str(name) if len(str(name)) <= 20 else str(name)[:19] + "\u2026"
         note = f" ({100 * value / first:.0f}%)" if shares else ""
         bars.append(
@@ -2057,8 +2057,8 @@ def _seconds_text(seconds):
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:
-        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _funnel_section(parts, hidden, types):
@@ -2122,8 +2122,8 @@ input,select,button{{font:inherit;padding:3px 6px}} main{{max-width:1100px;margi
 .totals{{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}}
 .totals div{{background:#fff;border-radius:8px;padding:12px 20px}} .totals b{{display:block;font-size:28px}}
 section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
-h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:16px}}
-.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:13px;fill:#3b4356}}
+h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}}
+.grid section{{margin:0}} .chart{{width:100%;height:auto}} .ranking{{max-width:560px}} .chart text{{font-size:13px;fill:#3b4356}}
 .bar,.bar0{{fill:#3d7be0}} .bar1{{fill:#e0793d}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}}
 .line0{{stroke:#3d7be0}} .line1{{stroke:#e0793d}} .legend{{margin:0 0 4px;font-size:14px}}
 .key0{{color:#3d7be0}} .key1{{color:#e0793d;margin-left:12px}} .empty{{color:#5b6477}}
