@@ -1472,6 +1472,8 @@ REPORT_SQL = {
 # Kinds of JSON values as either backend names them, and what a breakdown of values makes of them.
 VALUE_KINDS = {"integer": "number", "real": "number", "number": "number", "text": "string", "string": "string",
                "true": "boolean", "false": "boolean", "boolean": "boolean"}
+# The fields a report ranks: its lists are named after them, with an s.
+RANKED = ("event_type", "version", "platform")
 # The filters of a report: a report with filters is the report of a database that held only the
 # events that match them.
 REPORT_FILTERS = ("application", "event_type", "version", "platform")
@@ -1698,20 +1700,30 @@ class _ReportReader:
             f" FROM event WHERE time < {since}{self.filters} GROUP BY application, user_id) AS firsts"
             f" WHERE time >= {since}", [self.end] + self.filter_values + [self.query.since.isoformat()])
 
-    def ranking(self, field, total_events):
-        """The events and users of each value of `field`, the top ones and "(other)"."""
-        counts = [(name, int(events), users) for name, events, users in self.rows(
-            f"SELECT name, sum(events), count(*) FROM (SELECT {field} AS name, application, user_id,"
-            f" count(*) AS events FROM event {self.where} GROUP BY 1, 2, 3) AS per_user"
-            f" GROUP BY name ORDER BY 2 DESC, name{self.sql['collate']} LIMIT {REPORT_TOP + 1}")]
-        other_users = None
-        if len(counts) > REPORT_TOP:
-            marks = ", ".join([self.store.parameter] * REPORT_TOP)
-            other_users = self.rows(
-                f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM event {self.where}"
-                f" AND {field} NOT IN ({marks})) AS rest", after=[name for name, _, _ in counts[:REPORT_TOP]]
-            ).fetchone()[0]
-        return _top(counts, total_events, other_users)
+    def rankings(self):
+        """{field: its ranking} for event_type, version and platform, from one pass over the range."""
+        events = {field: collections.Counter() for field in RANKED}
+        users = {field: collections.defaultdict(set) for field in RANKED}
+        for event_type, version, platform, application, user_id, count in self.rows(
+            f"SELECT event_type, version, platform, application, user_id, count(*) FROM event {self.where}"
+            " GROUP BY 1, 2, 3, 4, 5"
+        ):
+            for field, name in zip(RANKED, (event_type, version, platform)):
+                events[field][name] += count
+                users[field][name].add((application, user_id))
+        rankings = {}
+        for field in RANKED:
+            ordered = sorted(events[field], key=lambda name: (-events[field][name], name.encode()))
+            rest = set().union(*(users[field][name] for name in ordered[REPORT_TOP:]))
+            rankings[field] = _top([(name, events[field][name], len(users[field][name])) for name in ordered],
+                                   sum(events[field].values()), len(rest))
+        return rankings
+
+    def applications(self):
+        """The names of the busiest applications of the range, for the dashboard's choice."""
+        return [name for name, _ in self.connection.execute(
+            f"SELECT application, count(*) FROM event WHERE time >= {self.store.since} AND time < {self.store.since}"
+            f" GROUP BY 1 ORDER BY 2 DESC, application{self.sql['collate']} LIMIT {REPORT_TOP}", self.arguments[:2])]
 
     def funnel(self, steps):
         """How many users did steps[0], then steps[1] at or after that, and so on."""
@@ -1791,9 +1803,7 @@ def build_report(store, connection, query, today):
                      "median_seconds": _percentile([(length, 1) for length in lengths], 0.5) or 0,
                      "p90_seconds": _percentile([(length, 1) for length in lengths], 0.9) or 0,
                      "per_user": round(len(lengths) / len(active), 2) if active else 0},
-        "event_types": reader.ranking("event_type", total_events),
-        "versions": reader.ranking("version", total_events),
-        "platforms": reader.ranking("platform", total_events),
+        **{f"{field}s": ranking for field, ranking in reader.rankings().items()},
     }
     observed = (min(query.until, today) - query.since).days  # days after it have not happened yet
     triangle = []
@@ -1808,9 +1818,7 @@ def build_report(store, connection, query, today):
     histogram = [0] * len(SESSION_BUCKETS)
     for length in lengths:
         histogram[next(n for n, (bound, _) in enumerate(SESSION_BUCKETS) if length < bound)] += 1
-    extras = {"triangle": triangle, "session_lengths": histogram,
-              "applications": [row["name"] for row in _ReportReader(store, connection, query._replace(
-                  application=None)).ranking("application", 0) if row["name"] != "(other)"]}
+    extras = {"triangle": triangle, "session_lengths": histogram, "applications": reader.applications()}
     return report, extras
 
 

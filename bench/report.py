@@ -25,6 +25,8 @@ import pycolytics  # noqa: E402
 
 TYPES = ["session_start", "level_start", "level_end", "death", "purchase", "tutorial_start", "tutorial_step",
          "tutorial_end", "settings", "session_end"]
+# Events of one session: a few minutes of play.
+SESSION_EVENTS = 20
 
 
 def fill(path, events, players, days, seed=1):
@@ -33,21 +35,19 @@ def fill(path, events, players, days, seed=1):
     arrival = [rng.randrange(days) for _ in range(players)]
     connection = pycolytics.connect(path, synchronous="off")
     rows = []
-    for n in range(events):
+    for session in range(events // SESSION_EVENTS):
         player = int(players * rng.random() ** 2)  # some players play much more than others
         day = rng.randint(arrival[player], days - 1)
-        moment = today - datetime.timedelta(days=days - day) + datetime.timedelta(seconds=rng.randrange(86400))
-        rows.append((TYPES[n % len(TYPES)], "my-game", f"1.{player % 3}", ("Linux", "Windows", "Web")[player % 3],
-                     f"p{player}", f"p{player}-{day}-{moment.hour // 4}", json.dumps({"level": rng.randint(1, 40)}),
-                     moment.strftime(pycolytics.TIME_FORMAT), None, None))
-        if len(rows) == 100_000:
-            connection.execute("BEGIN")
-            connection.executemany(pycolytics.INSERT, rows)
-            connection.execute("COMMIT")
-            rows = []
-    if rows:
+        start = today - datetime.timedelta(days=days - day, seconds=-rng.randrange(80000))
+        for n in range(SESSION_EVENTS):
+            moment = start + datetime.timedelta(seconds=n * rng.randint(5, 60))
+            rows.append((TYPES[n % len(TYPES)], "my-game", f"1.{player % 3}", ("Linux", "Windows", "Web")[player % 3],
+                         f"p{player}", f"s{session}", json.dumps({"level": rng.randint(1, 40)}),
+                         moment.strftime(pycolytics.TIME_FORMAT), None, None))
+    rows.sort(key=lambda row: row[7])  # stored as they happen, as a collector stores them
+    for start in range(0, len(rows), 100_000):
         connection.execute("BEGIN")
-        connection.executemany(pycolytics.INSERT, rows)
+        connection.executemany(pycolytics.INSERT, rows[start:start + 100_000])
         connection.execute("COMMIT")
     connection.close()
 
