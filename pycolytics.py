@@ -1692,13 +1692,15 @@ class _ReportReader:
         return self.rows(f"SELECT {day}, application, user_id, session_id, count(*), min({moment}), max({moment})"
                          f" FROM event {self.where} GROUP BY 1, 2, 3, 4")
 
-    def first_days(self):
-        """(application, user_id, first day) of the users whose first event ever is in the range."""
-        since = self.store.since
+    def seen_before(self):
+        """The (application, user_id) pairs with an event before the range: its users who are not new.
+
+        A user's first event ever is in the range exactly when none is before it, so this scan of
+        the days before the range (no aggregate, only the pairs) is all that new users cost.
+        """
         return self.connection.execute(
-            f"SELECT application, user_id, {self.store.day} FROM (SELECT application, user_id, min(time) AS time"
-            f" FROM event WHERE time < {since}{self.filters} GROUP BY application, user_id) AS firsts"
-            f" WHERE time >= {since}", [self.end] + self.filter_values + [self.query.since.isoformat()])
+            f"SELECT DISTINCT application, user_id FROM event WHERE time < {self.store.since}{self.filters}",
+            [self.query.since.isoformat()] + self.filter_values)
 
     def rankings(self):
         """{field: its ranking} for event_type, version and platform, from one pass over the range."""
@@ -1788,9 +1790,11 @@ def build_report(store, connection, query, today):
             columns["sessions"][n] += 1
         session[1], session[2] = min(session[1], first), max(session[2], last)
     cohorts = collections.defaultdict(list)
-    for application, user_id, day in reader.first_days():
-        columns["new_users"][position[day]] += 1
-        cohorts[position[day]].append((application, user_id))
+    returning = {tuple(user) for user in reader.seen_before()}
+    for user, days in active.items():
+        if user not in returning:
+            columns["new_users"][min(days)] += 1
+            cohorts[min(days)].append(user)
     lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
     total_events = sum(columns["events"])
     report = {
