@@ -1769,14 +1769,11 @@ def _session_seconds(first, last):
     return round((ended - begun).total_seconds(), 3)
 
 
-def build_report(store, connection, query, today):
-    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
-    reader = _ReportReader(store, connection, query)
-    span = (query.until - query.since).days + 1
-    position = {(query.since + datetime.timedelta(days=n)).isoformat(): n for n in range(span)}
-    columns = {name: [0] * span for name in ("events", "users", "new_users", "sessions")}
+def _daily_activity(reader, position):
+    """Per-day columns, each user's days with events and each session's [days, first, last] time."""
+    columns = {name: [0] * len(position) for name in ("events", "users", "new_users", "sessions")}
     active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
-    sessions = {}  # (application, session_id) -> [days, first time, last time]
+    sessions = {}  # (application, session_id) -> [positions of its days, first time, last time]
     for day, application, user_id, session_id, events, first, last in reader.activity():
         n = position[day]
         columns["events"][n] += events
@@ -1789,6 +1786,31 @@ def build_report(store, connection, query, today):
             session[0].add(n)
             columns["sessions"][n] += 1
         session[1], session[2] = min(session[1], first), max(session[2], last)
+    return columns, active, sessions
+
+
+def _retention(cohorts, active, observed):
+    """[position, users, [share back on each of RETENTION_COLUMNS' days after, or None]] per cohort."""
+    triangle = []
+    for n in sorted(cohorts):
+        cohort = cohorts[n]
+        triangle.append([n, len(cohort), [
+            None if n + after > observed else round(sum(n + after in active[user] for user in cohort) / len(cohort), 4)
+            for after in RETENTION_COLUMNS]])
+    return triangle
+
+
+def _session_figures(lengths, users):
+    ordered = [(length, 1) for length in lengths]
+    return {"count": len(lengths), "median_seconds": _percentile(ordered, 0.5) or 0,
+            "p90_seconds": _percentile(ordered, 0.9) or 0, "per_user": round(len(lengths) / users, 2) if users else 0}
+
+
+def build_report(store, connection, query, today):
+    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
+    reader = _ReportReader(store, connection, query)
+    dates = [(query.since + datetime.timedelta(days=n)).isoformat() for n in range((query.until - query.since).days + 1)]
+    columns, active, sessions = _daily_activity(reader, {day: n for n, day in enumerate(dates)})
     cohorts = collections.defaultdict(list)
     returning = {tuple(user) for user in reader.seen_before()}
     for user, days in active.items():
@@ -1796,34 +1818,22 @@ def build_report(store, connection, query, today):
             columns["new_users"][min(days)] += 1
             cohorts[min(days)].append(user)
     lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
-    total_events = sum(columns["events"])
+    triangle = _retention(cohorts, active, (min(query.until, today) - query.since).days)
     report = {
         "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
-        "totals": {"events": total_events, "users": len(active), "new_users": sum(columns["new_users"]),
+        "totals": {"events": sum(columns["events"]), "users": len(active), "new_users": sum(columns["new_users"]),
                    "sessions": len(sessions)},
-        "days": [dict(date=day, **{name: columns[name][n] for name in columns}) for day, n in position.items()],
-        "retention": [],
-        "sessions": {"count": len(lengths),
-                     "median_seconds": _percentile([(length, 1) for length in lengths], 0.5) or 0,
-                     "p90_seconds": _percentile([(length, 1) for length in lengths], 0.9) or 0,
-                     "per_user": round(len(lengths) / len(active), 2) if active else 0},
+        "days": [dict(date=day, **{name: values[n] for name, values in columns.items()}) for n, day in enumerate(dates)],
+        "retention": [dict({"cohort": dates[n], "users": users}, **{
+            f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS})
+            for n, users, shares in triangle],
+        "sessions": _session_figures(lengths, len(active)),
         **{f"{field}s": ranking for field, ranking in reader.rankings().items()},
     }
-    observed = (min(query.until, today) - query.since).days  # days after it have not happened yet
-    triangle = []
-    for n in sorted(cohorts):
-        cohort = cohorts[n]
-        shares = [None if n + after > observed else round(sum(n + after in active[user] for user in cohort)
-                                                          / len(cohort), 4) for after in RETENTION_COLUMNS]
-        triangle.append([n, len(cohort), shares])
-        report["retention"].append(dict(
-            {"cohort": (query.since + datetime.timedelta(days=n)).isoformat(), "users": len(cohort)},
-            **{f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS}))
     histogram = [0] * len(SESSION_BUCKETS)
     for length in lengths:
         histogram[next(n for n, (bound, _) in enumerate(SESSION_BUCKETS) if length < bound)] += 1
-    extras = {"triangle": triangle, "session_lengths": histogram, "applications": reader.applications()}
-    return report, extras
+    return report, {"triangle": triangle, "session_lengths": histogram, "applications": reader.applications()}
 
 
 def build_funnel(store, connection, query, steps):
@@ -2116,7 +2126,9 @@ def _dashboard_html(parts, seconds):
     chosen = dict(filters, since=query.since.isoformat(), until=query.until.isoformat())
     hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
                      for name, value in chosen.items() if value)
-    types = [row["name"] for row in report["event_types"] if row["name"] != "(other)"]
+    choices = {key: [row["name"] for row in report[key] if row["name"] != "(other)"]
+               for key in ("event_types", "versions", "platforms")}
+    types = choices["event_types"]
     empty = '<p class="empty">No events in this range.</p>'
     median = report["sessions"]["median_seconds"]
     returning = [users - new for users, new in zip(column["users"], column["new_users"])]
@@ -2150,10 +2162,11 @@ header a{{color:#cfe0ff}} footer{{color:#5b6477;font-size:13px;padding:0 24px 24
         query.application)}</select></label>
 <label>From <input type="date" name="since" value="{query.since}"></label>
 <label>to <input type="date" name="until" value="{query.until}"></label>
-<label>Event type <input name="event_type" size="12" value="{_escape(filters["event_type"])}"></label>
-<label>Version <input name="version" size="8" value="{_escape(filters["version"])}"></label>
-<label>Platform <input name="platform" size="8" value="{_escape(filters["platform"])}"></label>
-<button type="submit">Show</button></form>
+<label>Event type <input name="event_type" list="event_types" size="12" value="{_escape(filters["event_type"])}">
+</label><label>Version <input name="version" list="versions" size="8" value="{_escape(filters["version"])}"></label>
+<label>Platform <input name="platform" list="platforms" size="8" value="{_escape(filters["platform"])}"></label>
+<button type="submit">Show</button>{"".join(f'<datalist id="{key}">{_options(names, None)}</datalist>'
+                                            for key, names in choices.items())}</form>
 <a href="{_link("v1.0/report", dict(chosen, format="csv"))}">Download the days as CSV</a> &middot;
 <a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>
 <main>

@@ -1109,6 +1109,13 @@ def test_the_dashboard_shows_the_reports_figures_with_relative_links(reports):
     assert "(other)" in page and "tutorial_end" in page and "<th>p90</th>" in page
 
 
+def test_the_dashboard_filters_by_event_type_version_and_platform(reading):
+    page = reading.get("/dashboard?event_type=death&platform=Linux", headers=READER).text
+    assert "<b>100</b>events" in page and 'value="death"' in page and '<datalist id="versions">' in page
+    page = reading.get("/dashboard?version=1.1&platform=Windows", headers=READER).text
+    assert "<b>25</b>events" in page
+
+
 HOSTILE_QUERIES = [
     "until=9999-12-31", "since=0001-01-01", "until=0001-01-05", "since=9999-12-31&until=9999-12-31",
     "since=2024-01-01&until=2025-06-01", "since=2024-02-30", "since=%ff%fe", "since=2024-05-01T00:00",
