@@ -1948,8 +1948,8 @@ class Dashboard:
 
     def figures(self, kind, query, *arguments):
         """build_report, build_funnel or build_values, from the cache while the database has not changed."""
-        connection = self.store.read()
         try:
+            connection = self.store.read()
             try:
                 lowest = connection.execute("SELECT min(id) FROM event").fetchone()[0]
                 highest = connection.execute("SELECT max(id) FROM event").fetchone()[0]
@@ -1959,10 +1959,10 @@ class Dashboard:
                     build = {"report": build_report, "funnel": build_funnel, "values": build_values}[kind]
                     kept = json.dumps(build(self.store, connection, query, *key[2])).encode()
                     self.cache.put(key, kept)
-            except self.store.errors as error:
-                raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
-        finally:
-            connection.close()
+            finally:
+                connection.close()
+        except self.store.errors as error:
+            raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
         return json.loads(kept)  # the same lists and dicts whether kept or just built
 
 

@@ -1109,6 +1109,15 @@ def test_the_dashboard_shows_the_reports_figures_with_relative_links(reports):
     assert "(other)" in page and "tutorial_end" in page and "<th>p90</th>" in page
 
 
+def test_a_database_that_cannot_be_read_is_a_503_not_a_500(reading, database, sqlite_only):
+    os.rename(database, database + ".moved")
+    try:
+        answer = reading.get("/v1.0/report", headers=READER, status=503)
+    finally:
+        os.rename(database + ".moved", database)
+    assert "could not be read" in answer.json["detail"] and answer.headers["Retry-After"]
+
+
 def test_the_dashboard_filters_by_event_type_version_and_platform(reading):
     page = reading.get("/dashboard?event_type=death&platform=Linux", headers=READER).text
     assert "<b>100</b>events" in page and 'value="death"' in page and '<datalist id="versions">' in page
