@@ -2069,6 +2069,8 @@ REPORT_SQL = {
 # Kinds of JSON values as either backend names them, and what a breakdown of values makes of them.
 VALUE_KINDS = {"integer": "number", "real": "number", "number": "number", "text": "string", "string": "string",
                "true": "boolean", "false": "boolean", "boolean": "boolean"}
+# The fields a report ranks: its lists are named after them, with an s.
+RANKED = ("event_type", "version", "platform")
 # The filters of a report: a report with filters is the report of a database that held only the
 # events that match them.
 REPORT_FILTERS = ("application", "event_type", "version", "platform")
@@ -2287,28 +2289,40 @@ class _ReportReader:
         return self.rows(f"SELECT {day}, application, user_id, session_id, count(*), min({moment}), max({moment})"
                          f" FROM event {self.where} GROUP BY 1, 2, 3, 4")
 
-    def first_days(self):
-        """(application, user_id, first day) of the users whose first event ever is in the range."""
-        since = self.store.since
-        return self.connection.execute(
-            f"SELECT application, user_id, {self.store.day} FROM (SELECT application, user_id, min(time) AS time"
-            f" FROM event WHERE time < {since}{self.filters} GROUP BY application, user_id) AS firsts"
-            f" WHERE time >= {since}", [self.end] + self.filter_values + [self.query.since.isoformat()])
+    def seen_before(self):
+        """The (application, user_id) pairs with an event before the range: its users who are not new.
 
-    def ranking(self, field, total_events):
-        """The events and users of each value of `field`, the top ones and "(other)"."""
-        counts = [(name, int(events), users) for name, events, users in self.rows(
-            f"SELECT name, sum(events), count(*) FROM (SELECT {field} AS name, application, user_id,"
-            f" count(*) AS events FROM event {self.where} GROUP BY 1, 2, 3) AS per_user"
-            f" GROUP BY name ORDER BY 2 DESC, name{self.sql['collate']} LIMIT {REPORT_TOP + 1}")]
-        other_users = None
-        if len(counts) > REPORT_TOP:
-            marks = ", ".join([self.store.parameter] * REPORT_TOP)
-            other_users = self.rows(
-                f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM event {self.where}"
-                f" AND {field} NOT IN ({marks})) AS rest", after=[name for name, _, _ in counts[:REPORT_TOP]]
-            ).fetchone()[0]
-        return _top(counts, total_events, other_users)
+        A user's first event ever is in the range exactly when none is before it, so this scan of
+        the days before the range (no aggregate, only the pairs) is all that new users cost.
+        """
+        return self.connection.execute(
+            f"SELECT DISTINCT application, user_id FROM event WHERE time < {self.store.since}{self.filters}",
+            [self.query.since.isoformat()] + self.filter_values)
+
+    def rankings(self):
+        """{field: its ranking} for event_type, version and platform, from one pass over the range."""
+        events = {field: collections.Counter() for field in RANKED}
+        users = {field: collections.defaultdict(set) for field in RANKED}
+        for event_type, version, platform, application, user_id, count in self.rows(
+            f"SELECT event_type, version, platform, application, user_id, count(*) FROM event {self.where}"
+            " GROUP BY 1, 2, 3, 4, 5"
+        ):
+            for field, name in zip(RANKED, (event_type, version, platform)):
+                events[field][name] += count
+                users[field][name].add((application, user_id))
+        rankings = {}
+        for field in RANKED:
+            ordered = sorted(events[field], key=lambda name: (-events[field][name], name.encode()))
+            rest = set().union(*(users[field][name] for name in ordered[REPORT_TOP:]))
+            rankings[field] = _top([(name, events[field][name], len(users[field][name])) for name in ordered],
+                                   sum(events[field].values()), len(rest))
+        return rankings
+
+    def applications(self):
+        """The names of the busiest applications of the range, for the dashboard's choice."""
+        return [name for name, _ in self.connection.execute(
+            f"SELECT application, count(*) FROM event WHERE time >= {self.store.since} AND time < {self.store.since}"
+            f" GROUP BY 1 ORDER BY 2 DESC, application{self.sql['collate']} LIMIT {REPORT_TOP}", self.arguments[:2])]
 
     def funnel(self, steps):
         """How many users did steps[0], then steps[1] at or after that, and so on."""
@@ -2352,14 +2366,11 @@ def _session_seconds(first, last):
     return round((ended - begun).total_seconds(), 3)
 
 
-def build_report(store, connection, query, today):
-    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
-    reader = _ReportReader(store, connection, query)
-    span = (query.until - query.since).days + 1
-    position = {(query.since + datetime.timedelta(days=n)).isoformat(): n for n in range(span)}
-    columns = {name: [0] * span for name in ("events", "users", "new_users", "sessions")}
+def _daily_activity(reader, position):
+    """Per-day columns, each user's days with events and each session's [days, first, last] time."""
+    columns = {name: [0] * len(position) for name in ("events", "users", "new_users", "sessions")}
     active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
-    sessions = {}  # (application, session_id) -> [days, first time, last time]
+    sessions = {}  # (application, session_id) -> [positions of its days, first time, last time]
     for day, application, user_id, session_id, events, first, last in reader.activity():
         n = position[day]
         columns["events"][n] += events
@@ -2372,43 +2383,54 @@ def build_report(store, connection, query, today):
             session[0].add(n)
             columns["sessions"][n] += 1
         session[1], session[2] = min(session[1], first), max(session[2], last)
-    cohorts = collections.defaultdict(list)
-    for application, user_id, day in reader.first_days():
-        columns["new_users"][position[day]] += 1
-        cohorts[position[day]].append((application, user_id))
-    lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
-    total_events = sum(columns["events"])
-    report = {
-        "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
-        "totals": {"events": total_events, "users": len(active), "new_users": sum(columns["new_users"]),
-                   "sessions": len(sessions)},
-        "days": [dict(date=day, **{name: columns[name][n] for name in columns}) for day, n in position.items()],
-        "retention": [],
-        "sessions": {"count": len(lengths),
-                     "median_seconds": _percentile([(length, 1) for length in lengths], 0.5) or 0,
-                     "p90_seconds": _percentile([(length, 1) for length in lengths], 0.9) or 0,
-                     "per_user": round(len(lengths) / len(active), 2) if active else 0},
-        "event_types": reader.ranking("event_type", total_events),
-        "versions": reader.ranking("version", total_events),
-        "platforms": reader.ranking("platform", total_events),
-    }
-    observed = (min(query.until, today) - query.since).days  # days after it have not happened yet
+    return columns, active, sessions
+
+
+def _retention(cohorts, active, observed):
+    """[position, users, [share back on each of RETENTION_COLUMNS' days after, or None]] per cohort."""
     triangle = []
     for n in sorted(cohorts):
         cohort = cohorts[n]
-        shares = [None if n + after > observed else round(sum(n + after in active[user] for user in cohort)
-                                                          / len(cohort), 4) for after in RETENTION_COLUMNS]
-        triangle.append([n, len(cohort), shares])
-        report["retention"].append(dict(
-            {"cohort": (query.since + datetime.timedelta(days=n)).isoformat(), "users": len(cohort)},
-            **{f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS}))
+        triangle.append([n, len(cohort), [
+            None if n + after > observed else round(sum(n + after in active[user] for user in cohort) / len(cohort), 4)
+            for after in RETENTION_COLUMNS]])
+    return triangle
+
+
+def _session_figures(lengths, users):
+    ordered = [(length, 1) for length in lengths]
+    return {"count": len(lengths), "median_seconds": _percentile(ordered, 0.5) or 0,
+            "p90_seconds": _percentile(ordered, 0.9) or 0, "per_user": round(len(lengths) / users, 2) if users else 0}
+
+
+def build_report(store, connection, query, today):
+    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
+    reader = _ReportReader(store, connection, query)
+    dates = [(query.since + datetime.timedelta(days=n)).isoformat() for n in range((query.until - query.since).days + 1)]
+    columns, active, sessions = _daily_activity(reader, {day: n for n, day in enumerate(dates)})
+    cohorts = collections.defaultdict(list)
+    returning = {tuple(user) for user in reader.seen_before()}
+    for user, days in active.items():
+        if user not in returning:
+            columns["new_users"][min(days)] += 1
+            cohorts[min(days)].append(user)
+    lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
+    triangle = _retention(cohorts, active, (min(query.until, today) - query.since).days)
+    report = {
+        "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+        "totals": {"events": sum(columns["events"]), "users": len(active), "new_users": sum(columns["new_users"]),
+                   "sessions": len(sessions)},
+        "days": [dict(date=day, **{name: values[n] for name, values in columns.items()}) for n, day in enumerate(dates)],
+        "retention": [dict({"cohort": dates[n], "users": users}, **{
+            f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS})
+            for n, users, shares in triangle],
+        "sessions": _session_figures(lengths, len(active)),
+        **{f"{field}s": ranking for field, ranking in reader.rankings().items()},
+    }
     histogram = [0] * len(SESSION_BUCKETS)
     for length in lengths:
         histogram[next(n for n, (bound, _) in enumerate(SESSION_BUCKETS) if length < bound)] += 1
-    extras = {"triangle": triangle, "session_lengths": histogram,
-              "applications": [row["name"] for row in _ReportReader(store, connection, query._replace(
-                  application=None)).ranking("application", 0) if row["name"] != "(other)"]}
-    return report, extras
+    return report, {"triangle": triangle, "session_lengths": histogram, "applications": reader.applications()}
 
 
 def build_funnel(store, connection, query, steps):
@@ -2523,8 +2545,8 @@ class Dashboard:
 
     def figures(self, kind, query, *arguments):
         """build_report, build_funnel or build_values, from the cache while the database has not changed."""
-        connection = self.store.read()
         try:
+            connection = self.store.read()
             try:
                 lowest = connection.execute("SELECT min(id) FROM event").fetchone()[0]
                 highest = connection.execute("SELECT max(id) FROM event").fetchone()[0]
@@ -2534,10 +2556,10 @@ class Dashboard:
                     build = {"report": build_report, "funnel": build_funnel, "values": build_values}[kind]
                     kept = json.dumps(build(self.store, connection, query, *key[2])).encode()
                     self.cache.put(key, kept)
-            except self.store.errors as error:
-                raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
-        finally:
-            connection.close()
+            finally:
+                connection.close()
+        except self.store.errors as error:
+            raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
         return json.loads(kept)  # the same lists and dicts whether kept or just built
 
 
@@ -2616,7 +2638,7 @@ def _ranking_svg(items, label, shares=False):
     first = items[0][1] or 1
     bars = []
     for n, (name, value) in enumerate(items):
-        y, long = n * row, (width - names - 80) * value / top
+        y, long = n * row, (width - names - 110) * value / top
         shown = str(name) if len(str(name)) <= 20 else str(name)[:19] + "\u2026"
         note = f" ({100 * value / first:.0f}%)" if shares else ""
         bars.append(
@@ -2654,8 +2676,8 @@ def _seconds_text(seconds):
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:
-        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _funnel_section(parts, hidden, types):
@@ -2701,7 +2723,9 @@ def _dashboard_html(parts, seconds):
     chosen = dict(filters, since=query.since.isoformat(), until=query.until.isoformat())
     hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
                      for name, value in chosen.items() if value)
-    types = [row["name"] for row in report["event_types"] if row["name"] != "(other)"]
+    choices = {key: [row["name"] for row in report[key] if row["name"] != "(other)"]
+               for key in ("event_types", "versions", "platforms")}
+    types = choices["event_types"]
     empty = '<p class="empty">No events in this range.</p>'
     median = report["sessions"]["median_seconds"]
     returning = [users - new for users, new in zip(column["users"], column["new_users"])]
@@ -2719,8 +2743,8 @@ input,select,button{{font:inherit;padding:3px 6px}} main{{max-width:1100px;margi
 .totals{{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}}
 .totals div{{background:#fff;border-radius:8px;padding:12px 20px}} .totals b{{display:block;font-size:28px}}
 section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
-h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:16px}}
-.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:13px;fill:#3b4356}}
+h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}}
+.grid section{{margin:0}} .chart{{width:100%;height:auto}} .ranking{{max-width:560px}} .chart text{{font-size:13px;fill:#3b4356}}
 .bar,.bar0{{fill:#3d7be0}} .bar1{{fill:#e0793d}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}}
 .line0{{stroke:#3d7be0}} .line1{{stroke:#e0793d}} .legend{{margin:0 0 4px;font-size:14px}}
 .key0{{color:#3d7be0}} .key1{{color:#e0793d;margin-left:12px}} .empty{{color:#5b6477}}
@@ -2735,10 +2759,11 @@ header a{{color:#cfe0ff}} footer{{color:#5b6477;font-size:13px;padding:0 24px 24
         query.application)}</select></label>
 <label>From <input type="date" name="since" value="{query.since}"></label>
 <label>to <input type="date" name="until" value="{query.until}"></label>
-<label>Event type <input name="event_type" size="12" value="{_escape(filters["event_type"])}"></label>
-<label>Version <input name="version" size="8" value="{_escape(filters["version"])}"></label>
-<label>Platform <input name="platform" size="8" value="{_escape(filters["platform"])}"></label>
-<button type="submit">Show</button></form>
+<label>Event type <input name="event_type" list="event_types" size="12" value="{_escape(filters["event_type"])}">
+</label><label>Version <input name="version" list="versions" size="8" value="{_escape(filters["version"])}"></label>
+<label>Platform <input name="platform" list="platforms" size="8" value="{_escape(filters["platform"])}"></label>
+<button type="submit">Show</button>{"".join(f'<datalist id="{key}">{_options(names, None)}</datalist>'
+                                            for key, names in choices.items())}</form>
 <a href="{_link("v1.0/report", dict(chosen, format="csv"))}">Download the days as CSV</a> &middot;
 <a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>
 <main>
@@ -3220,14 +3245,50 @@ def openapi_document(config, url):
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
         "servers": [{"url": url}],
-        "paths": {
+        "paths": dict({
             "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
             "/v1.0/events": post("Store a batch of events, all or nothing", batch),
-        },
+        }, **_report_paths(error)),
         "components": {"schemas": {
             "Event": _event_schema(config),
             "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
-        }},
+        }, "securitySchemes": {"readKey": {"type": "http", "scheme": "bearer"},
+                               "readKeyAsPassword": {"type": "http", "scheme": "basic"}}},
+    }
+
+
+def _report_paths(error):
+    """The report API's paths: a read key, a range of days and filters; README.md defines every figure."""
+    def parameter(name, description, required=False):
+        return {"name": name, "in": "query", "required": required, "description": description,
+                "schema": {"type": "string", "maxLength": MAX_FILTER_CHARACTERS}}
+
+    common = [parameter("since", "First day (UTC, YYYY-MM-DD, inclusive); default 29 days before until."),
+              parameter("until", "Last day (inclusive); default today. At most 366 days from since."),
+              parameter("application", "Only this application's events; a user is then a user_id."),
+              parameter("event_type", "Only events of this type."), parameter("version", "Only this version."),
+              parameter("platform", "Only this platform.")]
+    failures = {code: {"description": text, "content": {"application/json": {"schema": error}}} for code, text in (
+        ("400", "A bad query: a date, a range over 366 days, a format, missing steps or field."),
+        ("401", "No read key, or a wrong one."), ("403", "The report is off: no read_keys are configured."),
+        ("429", "Too many wrong read keys from this address: retry after Retry-After seconds."),
+        ("503", "The database could not be read."))}
+    json_answer = {"application/json": {"schema": {"type": "object"}}}
+
+    def get(summary, parameters, content):
+        return {"get": {"summary": summary, "parameters": common + parameters,
+                        "security": [{"readKey": []}, {"readKeyAsPassword": []}],
+                        "responses": dict({"200": {"description": summary, "content": content}}, **failures)}}
+
+    formats = parameter("format", "json (the default) or csv")
+    return {
+        "/v1.0/report": get("Events, users, new users, sessions per day; retention; session lengths; rankings",
+                            [formats], dict(json_answer, **{"text/csv": {"schema": {"type": "string"}}})),
+        "/v1.0/report/funnel": get("Users who did each step at or after the one before", [
+            parameter("steps", "Event types separated by commas, at most 10.", True), formats],
+            dict(json_answer, **{"text/csv": {"schema": {"type": "string"}}})),
+        "/v1.0/report/values": get("The distribution of one field of the value of one event type", [
+            parameter("field", "A key of the events' value.", True)], json_answer),
     }
 
 
@@ -3301,6 +3362,28 @@ that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
 key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
+<h2>Reports: GET /v1.0/report, /v1.0/report/funnel, /v1.0/report/values</h2>
+<p>The figures behind the dashboard, as JSON (or CSV with <code>format=csv</code>), with the same read key. Query:
+<code>since</code> and <code>until</code> (UTC days, inclusive; default the last {DASHBOARD_DAYS} days up to today;
+at most {MAX_REPORT_DAYS} days), <code>application</code>, and the filters <code>event_type</code>,
+<code>version</code>, <code>platform</code> (a filtered report is that of a database holding only the matching
+events). Any bad query is a 400 with <code>detail</code>.</p>
+<ul><li><code>days</code>: one row per day of the range, zeros included. A user is a <code>user_id</code> within
+the application when one is given, an (application, user_id) pair otherwise; a session likewise.</li>
+<li><code>new_users</code> of a day: users whose first event ever (in the whole database) falls on that day;
+<code>totals.new_users</code> counts those whose first day is in the range.</li>
+<li><code>retention</code>: a row per day of the range on which new users arrived; <code>day_N</code> is the share
+of them with an event on exactly the N-th day after (<code>null</code> while that day is after until or today).</li>
+<li><code>sessions</code>: distinct session_ids (per day: those with an event that day); a session lasts from its
+first to its last event in the range; <code>median_seconds</code> and <code>p90_seconds</code> are nearest-rank
+percentiles; <code>per_user</code> is sessions / users.</li>
+<li><code>event_types</code>, <code>versions</code>, <code>platforms</code>: the top {REPORT_TOP} by events, then one
+<code>"(other)"</code> row for the rest. CSV gives the days: <code>date,events,users,new_users,sessions</code>.</li>
+<li><code>/funnel?steps=a,b,c</code>: the users who did <code>a</code>, then <code>b</code> at or after their first
+<code>a</code>, then <code>c</code> at or after that <code>b</code>, within the range.</li>
+<li><code>/values?event_type=E&amp;field=F</code>: <code>value[F]</code> of the events of type E: numbers as
+count, min, p50, p90, max and sum; strings (and true/false) as the top {REPORT_TOP} with "(other)";
+<code>missing</code> counts events without a number or string there.</li></ul>
 <h2>Example</h2>
 <pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>

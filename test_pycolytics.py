@@ -1535,6 +1535,22 @@ def test_the_dashboard_shows_the_reports_figures_with_relative_links(reports):
     assert "(other)" in page and "tutorial_end" in page and "<th>p90</th>" in page
 
 
+def test_a_database_that_cannot_be_read_is_a_503_not_a_500(reading, database, sqlite_only):
+    os.rename(database, database + ".moved")
+    try:
+        answer = reading.get("/v1.0/report", headers=READER, status=503)
+    finally:
+        os.rename(database + ".moved", database)
+    assert "could not be read" in answer.json["detail"] and answer.headers["Retry-After"]
+
+
+def test_the_dashboard_filters_by_event_type_version_and_platform(reading):
+    page = reading.get("/dashboard?event_type=death&platform=Linux", headers=READER).text
+    assert "<b>100</b>events" in page and 'value="death"' in page and '<datalist id="versions">' in page
+    page = reading.get("/dashboard?version=1.1&platform=Windows", headers=READER).text
+    assert "<b>25</b>events" in page
+
+
 HOSTILE_QUERIES = [
     "until=9999-12-31", "since=0001-01-01", "until=0001-01-05", "since=9999-12-31&until=9999-12-31",
     "since=2024-01-01&until=2025-06-01", "since=2024-02-30", "since=%ff%fe", "since=2024-05-01T00:00",
@@ -1749,7 +1765,8 @@ def test_docs_page_is_self_contained_html(client):
 def test_openapi_describes_both_endpoints_and_the_limits(client):
     document = client.get("/openapi.json").json
     assert document["openapi"].startswith("3.")
-    assert set(document["paths"]) == {"/v1.0/event", "/v1.0/events"}
+    assert set(document["paths"]) == {"/v1.0/event", "/v1.0/events", "/v1.0/report", "/v1.0/report/funnel",
+                                      "/v1.0/report/values"}
     schema = document["components"]["schemas"]["Event"]
     assert set(schema["required"]) == set(pycolytics.EVENT_FIELDS)
     assert schema["properties"]["user_id"]["maxLength"] == 255
