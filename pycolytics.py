@@ -463,7 +463,8 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
 ###############################################################################
 
 # Stand-ins for an escaped backslash and an escaped quote while a body's strings are told
-# apart from the rest: lone surrogates, which no text decoded from UTF-8 can hold.
+# apart from the rest (see _nulls_outside_strings): lone surrogates, which no text decoded
+# from UTF-8 can hold.
 _ESCAPED_BACKSLASH, _ESCAPED_QUOTE = "\ud800", "\ud801"
 # An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not
 # valid Unicode (a lone surrogate). Bodies without one skip the per-string check.
@@ -495,29 +496,47 @@ _compact_json = _compact_encoder()
 _json_with_non_finite = _compact_encoder(allow_nan=True)  # NaN, Infinity: for a value about to be mended
 
 
+def _nulls_outside_strings(text, words, escaped_backslash, escaped_quote):
+    """JSON-like `text` with each of `words` replaced by null wherever it lies outside strings.
+
+    A few passes of C string methods, each linear: no regular expression, so nothing can
+    backtrack. Replacing escaped backslashes first, left to right, pairs up every run of
+    them; once escaped quotes are replaced too, every quote left opens or closes a string,
+    and the even pieces between quotes lie outside strings. The two stand-ins are characters
+    `text` cannot hold. Outside strings no JSON word holds any of `words`, so replacing one
+    that is part of a longer word leaves that word as wrong as it was.
+    """
+    pieces = text.replace("\\\\", escaped_backslash).replace('\\"', escaped_quote).split('"')
+    outside = '"'.join(pieces[::2])
+    for word in words:
+        outside = outside.replace(word, "null")
+    pieces[::2] = outside.split('"')
+    return '"'.join(pieces).replace(escaped_quote, '\\"').replace(escaped_backslash, "\\\\")
+
+
 def _mend_godot(text):
     """`text` with Godot's JSON quirks made JSON: bare nan, inf and -inf (its non-finite
     floats) as null, and \\v in strings as \\u000b.
 
-    A few passes of C string methods, each linear: no regular expression over the strings, so
-    nothing can backtrack. Replacing escaped backslashes first, left to right, pairs up every
-    run of them, so each backslash left starts an escape; once escaped quotes are replaced too,
-    every quote opens or closes a string. In a text that is not JSON the pairing may be wrong,
-    but quotes and backslashes stay where they were, so the mended text is not JSON either.
+    In a text that is not JSON the escapes may be paired wrongly, but quotes and backslashes
+    stay where they were, so the mended text is not JSON either.
     """
-    text = text.replace("\\\\", _ESCAPED_BACKSLASH)
     if "\\v" in text:  # Godot escapes a vertical tab as \v, which JSON lacks
-        text = text.replace("\\v", "\\u000b")
+        text = text.replace("\\\\", _ESCAPED_BACKSLASH).replace("\\v", "\\u000b").replace(_ESCAPED_BACKSLASH, "\\\\")
     if "nan" in text or "inf" in text:
-        pieces = text.replace('\\"', _ESCAPED_QUOTE).split('"')
-        # Even pieces lie outside strings, where no JSON word holds nan or inf: replacing them
-        # where they are part of a longer word leaves that word as wrong as it was.
-        outside = '"'.join(pieces[::2])
-        for word in ("-nan", "-inf", "nan", "inf"):
-            outside = outside.replace(word, "null")
-        pieces[::2] = outside.split('"')
-        text = '"'.join(pieces).replace(_ESCAPED_QUOTE, '\\"')
-    return text.replace(_ESCAPED_BACKSLASH, "\\\\")
+        text = _nulls_outside_strings(text, ("-nan", "-inf", "nan", "inf"), _ESCAPED_BACKSLASH, _ESCAPED_QUOTE)
+    return text
+
+
+def _finite_json(value):
+    """Compact JSON of a value holding NaN or Infinity, each written as null; None if the
+    interpreter's C encoder cannot go as deep as the value nests."""
+    try:
+        text = _json_with_non_finite(value)
+    except RecursionError:
+        return None
+    # The encoder escapes every control character, so NUL and SOH can stand in for escapes.
+    return _nulls_outside_strings(text, ("-Infinity", "Infinity", "NaN"), "\0", "\1")
 
 
 def _non_finite_to_null(name):
@@ -703,10 +722,9 @@ MAX_PROBLEMS = 100
 class Validator:
     """Turns a parsed request body into rows for the `event` table, or says what is wrong.
 
-    Every event first takes a fast path that only decides "valid" with C-speed checks. A
-    request with any invalid event is then examined again, event by event and field by
-    field, to list its problems (the first MAX_PROBLEMS); that slow path is the authority on
-    what is wrong.
+    Every event first takes a fast path that only decides "valid" with C-speed checks. The
+    events it refuses are then examined again, field by field, to list their problems (the
+    first MAX_PROBLEMS); that slow path is the authority on what is wrong.
     """
 
     def __init__(self, config, keyring):
@@ -736,12 +754,12 @@ class Validator:
         shallow = body.count(b"{") + body.count(b"[") <= self.max_value_depth
         check_unicode = _SURROGATE_ESCAPE.search(body) is not None
         times = (received, received.strftime(TIME_FORMAT))
-        rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, False
+        rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, []
         value_problems = {}  # id(event) -> what is wrong with its value, as the fast path found it
         for index, event in enumerate(events):
             row = self._fast_row(event, shallow, check_unicode, times, value_problems)
             if row is None:
-                invalid = True
+                invalid.append(index)
                 if type(event) is not dict:
                     continue
             else:
@@ -764,17 +782,19 @@ class Validator:
             raise Forbidden("; ".join(forbidden[:MAX_PROBLEMS]) + more)
         if invalid:
             raise UnprocessableEntity(
-                self._listed_problems(events, batch, shallow, check_unicode, received, value_problems)
+                self._listed_problems(events, invalid, batch, shallow, check_unicode, received, value_problems)
             )
         return rows
 
-    def _listed_problems(self, events, batch, shallow, check_unicode, received, value_problems):
-        """The problems of a request's events, in order, at most MAX_PROBLEMS of them and then a note."""
+    def _listed_problems(self, events, invalid, batch, shallow, check_unicode, received, value_problems):
+        """The problems of the `invalid` events (indexes), at most MAX_PROBLEMS of them and then a note.
+
+        Events the fast path found valid have none, and are not examined again."""
         problems = []
-        for index, event in enumerate(events):
+        for index in invalid:
             where = ["body", index] if batch else ["body"]
-            problems += self._problems(event, where, shallow, check_unicode, received, value_problems)
-            if len(problems) > MAX_PROBLEMS or len(problems) == MAX_PROBLEMS and index + 1 < len(events):
+            problems += self._problems(events[index], where, shallow, check_unicode, received, value_problems)
+            if len(problems) > MAX_PROBLEMS or len(problems) == MAX_PROBLEMS and index != invalid[-1]:
                 message = (f"at most {MAX_PROBLEMS} problems are listed and this list stops at event {index}: "
                            "fix these and send again")
                 return problems[:MAX_PROBLEMS] + [_problem(["body"], message, "too_many_problems")]
@@ -855,7 +875,7 @@ class Validator:
         try:
             text = _compact_json(value)
         except ValueError:  # a non-finite float, as from 1e999
-            text = self._finite_json(value)
+            text = _finite_json(value)
         except RecursionError:
             text = None
         # A text of n characters nests at most n/2 deep, and at most as deep as it has brackets.
@@ -877,19 +897,6 @@ class Validator:
         if "\\u0000" in text and _holds_nul(value):
             return None, ("holds a NUL character (\\u0000) in a string", "nul")
         return text, None
-
-    def _finite_json(self, value):
-        """Compact JSON of a value holding NaN or Infinity, stored as null; None if it nests too deep.
-
-        Rare, and written twice, in C: with NaN and Infinity, then parsed with them as None and
-        written again. Both recurse, so the depth is checked first, by a loop.
-        """
-        if _nests_deeper(value, self.max_value_depth):
-            return None
-        try:
-            return _compact_json(json.loads(_json_with_non_finite(value), parse_constant=_non_finite_to_null))
-        except RecursionError:  # a max_value_depth deeper than the interpreter's C code goes
-            return None
 
 
 # The range of client times taken as given: the Unix epoch to the end of year 9999.
