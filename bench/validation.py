@@ -88,8 +88,8 @@ HOSTILE = [
     ("strings with \\v in the fallback", True, lambda size: fill(b'["', b"\\v", b'",nan]', size)),
     ("one event, value [1e999, ...], wrong key", False,
      lambda size: fill(b'{"api_key":"x","value":{"a":[', b"1e999,", b"1]}}", size)),
-    ("1e999 nested 990 deep, wrong key", False,
-     lambda size: b'{"api_key":"x","value":' + b'{"a":' * 989 + b"1e999" + b"}" * 990),
+    ("1e999 nested 900 deep, wrong key", False,
+     lambda size: b'{"api_key":"x","value":' + b'{"a":' * 899 + b"1e999" + b"}" * 900),
     ("one value of [1,1,...] (over 64 KiB)", False,
      lambda size: fill(b'{"api_key":"' + KEY.encode() + b'","value":{"a":[', b"1,", b"1]}}", size)),
     ("events with values of [[],[],...] just under 64 KiB, then a 7", True,
@@ -144,7 +144,7 @@ def grow(run, make, batch, repeat):
             continue
         seen.add(len(body))
         answer = getattr(run(body, batch), "status", "rows")
-        spent = best(lambda: run(body, batch), repeat if len(body) < MAX_BODY // 4 else 3)
+        spent = best(lambda: run(body, batch), repeat)
         results.append((len(body), spent, answer.split()[0]))
         if spent > SLOW:
             break
