@@ -103,7 +103,7 @@ HOSTILE = [
     ("[\"\\ud83d\\ude00\", ...]: surrogate pairs", True, lambda size: fill(b"[", b'"\\ud83d\\ude00",', b'""]', size)),
     ("timestamps of 1,000 fraction digits", True,
      lambda size: b"[" + b",".join([json.dumps(dict(EVENT, timestamp="2024-05-01T12:00:00." + "1" * 1000 + "x"))
-                                    .encode()] * max(1, min(1000, size // 1300))) + b"]"),
+                                    .encode()] * max(1, min(1000, size // 1400))) + b"]"),
 ]
 
 
