@@ -522,7 +522,8 @@ def _mend_godot(text):
     stay where they were, so the mended text is not JSON either.
     """
     if "\\v" in text:  # Godot escapes a vertical tab as \v, which JSON lacks
-        text = text.replace("\\\\", _ESCAPED_BACKSLASH).replace("\\v", "\\u000b").replace(_ESCAPED_BACKSLASH, "\\\\")
+        text = text.replace("\\\\", _ESCAPED_BACKSLASH).replace("\\v", "\\u000b")
+        text = text.replace(_ESCAPED_BACKSLASH, "\\\\")
     if "nan" in text or "inf" in text:
         text = _nulls_outside_strings(text, ("-nan", "-inf", "nan", "inf"), _ESCAPED_BACKSLASH, _ESCAPED_QUOTE)
     return text
@@ -967,15 +968,21 @@ def _client_fields(event, received, check_unicode):
             when = received if sent < happened else _EPOCH
         when = min(max(when, _EPOCH), received)
     event_id = event.get("event_id")
-    if event_id is None:
-        pass
-    elif type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID:
-        problems.append(("event_id", f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"))
-    elif "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
-        problems.append(("event_id", "holds a NUL character (\\u0000)", "nul"))
-    elif check_unicode and not _is_unicode(event_id):
-        problems.append(("event_id", "holds an unpaired UTF-16 surrogate", "unicode"))
+    problem = None if event_id is None else _event_id_problem(event_id, check_unicode)
+    if problem:
+        problems.append(("event_id", *problem))
     return when.strftime(TIME_FORMAT), event_id, problems
+
+
+def _event_id_problem(event_id, check_unicode):
+    """(message, kind) if a client's `event_id` cannot be stored, else None."""
+    if type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID:
+        return f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"
+    if "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
+        return "holds a NUL character (\\u0000)", "nul"
+    if check_unicode and not _is_unicode(event_id):
+        return "holds an unpaired UTF-16 surrogate", "unicode"
+    return None
 
 
 def _problem(location, message, kind):
