@@ -548,7 +548,8 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
 ###############################################################################
 
 # Stand-ins for an escaped backslash and an escaped quote while a body's strings are told
-# apart from the rest: lone surrogates, which no text decoded from UTF-8 can hold.
+# apart from the rest (see _nulls_outside_strings): lone surrogates, which no text decoded
+# from UTF-8 can hold.
 _ESCAPED_BACKSLASH, _ESCAPED_QUOTE = "\ud800", "\ud801"
 # An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not
 # valid Unicode (a lone surrogate). Bodies without one skip the per-string check.
@@ -580,29 +581,48 @@ _compact_json = _compact_encoder()
 _json_with_non_finite = _compact_encoder(allow_nan=True)  # NaN, Infinity: for a value about to be mended
 
 
+def _nulls_outside_strings(text, words, escaped_backslash, escaped_quote):
+    """JSON-like `text` with each of `words` replaced by null wherever it lies outside strings.
+
+    A few passes of C string methods, each linear: no regular expression, so nothing can
+    backtrack. Replacing escaped backslashes first, left to right, pairs up every run of
+    them; once escaped quotes are replaced too, every quote left opens or closes a string,
+    and the even pieces between quotes lie outside strings. The two stand-ins are characters
+    `text` cannot hold. Outside strings no JSON word holds any of `words`, so replacing one
+    that is part of a longer word leaves that word as wrong as it was.
+    """
+    pieces = text.replace("\\\\", escaped_backslash).replace('\\"', escaped_quote).split('"')
+    outside = '"'.join(pieces[::2])
+    for word in words:
+        outside = outside.replace(word, "null")
+    pieces[::2] = outside.split('"')
+    return '"'.join(pieces).replace(escaped_quote, '\\"').replace(escaped_backslash, "\\\\")
+
+
 def _mend_godot(text):
     """`text` with Godot's JSON quirks made JSON: bare nan, inf and -inf (its non-finite
     floats) as null, and \\v in strings as \\u000b.
 
-    A few passes of C string methods, each linear: no regular expression over the strings, so
-    nothing can backtrack. Replacing escaped backslashes first, left to right, pairs up every
-    run of them, so each backslash left starts an escape; once escaped quotes are replaced too,
-    every quote opens or closes a string. In a text that is not JSON the pairing may be wrong,
-    but quotes and backslashes stay where they were, so the mended text is not JSON either.
+    In a text that is not JSON the escapes may be paired wrongly, but quotes and backslashes
+    stay where they were, so the mended text is not JSON either.
     """
-    text = text.replace("\\\\", _ESCAPED_BACKSLASH)
     if "\\v" in text:  # Godot escapes a vertical tab as \v, which JSON lacks
-        text = text.replace("\\v", "\\u000b")
+        text = text.replace("\\\\", _ESCAPED_BACKSLASH).replace("\\v", "\\u000b")
+        text = text.replace(_ESCAPED_BACKSLASH, "\\\\")
     if "nan" in text or "inf" in text:
-        pieces = text.replace('\\"', _ESCAPED_QUOTE).split('"')
-        # Even pieces lie outside strings, where no JSON word holds nan or inf: replacing them
-        # where they are part of a longer word leaves that word as wrong as it was.
-        outside = '"'.join(pieces[::2])
-        for word in ("-nan", "-inf", "nan", "inf"):
-            outside = outside.replace(word, "null")
-        pieces[::2] = outside.split('"')
-        text = '"'.join(pieces).replace(_ESCAPED_QUOTE, '\\"')
-    return text.replace(_ESCAPED_BACKSLASH, "\\\\")
+        text = _nulls_outside_strings(text, ("-nan", "-inf", "nan", "inf"), _ESCAPED_BACKSLASH, _ESCAPED_QUOTE)
+    return text
+
+
+def _finite_json(value):
+    """Compact JSON of a value holding NaN or Infinity, each written as null; None if the
+    interpreter's C encoder cannot go as deep as the value nests."""
+    try:
+        text = _json_with_non_finite(value)
+    except RecursionError:
+        return None
+    # The encoder escapes every control character, so NUL and SOH can stand in for escapes.
+    return _nulls_outside_strings(text, ("-Infinity", "Infinity", "NaN"), "\0", "\1")
 
 
 def _non_finite_to_null(name):
@@ -624,6 +644,13 @@ _PARSE_INT = None if 0 < _C_INT_DIGITS <= MAX_INTEGER_DIGITS else _bounded_int
 _INT_DIGITS = _C_INT_DIGITS if _PARSE_INT is None else MAX_INTEGER_DIGITS  # the limit in force
 
 
+# Built once: json.loads() given any option builds a decoder and its C scanner at every call,
+# which cost a sixth of validating a single event. Shared by threads as json.loads() shares its own.
+_DECODER = json.JSONDecoder(parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
+# Godot's JSON: control characters other than \b\f\n\r\t\v raw in strings.
+_LENIENT_DECODER = json.JSONDecoder(parse_constant=_non_finite_to_null, parse_int=_PARSE_INT, strict=False)
+
+
 def parse_json(body):
     """The document in a request body; non-finite numbers become None. Raises BadRequest."""
     if not body:
@@ -635,25 +662,24 @@ def parse_json(body):
     if text[0] == "\ufeff":
         text = text[1:]
     try:
-        return _loads(text, strict=True)
+        return _decode(_DECODER, text)
     except json.JSONDecodeError as error:
         first_error = error
-    # Godot's JSON: its quirks mended, and control characters other than \b\f\n\r\t\v raw in strings.
     try:
-        return _loads(_mend_godot(text), strict=False)
+        return _decode(_LENIENT_DECODER, _mend_godot(text))
     except json.JSONDecodeError:
         message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
         raise BadRequest(f"the request body is not valid JSON: {message} "
                          f"at line {first_error.lineno} column {first_error.colno}") from None
 
 
-def _loads(text, strict):
-    """json.loads with non-finite numbers as None; BadRequest for what json.loads cannot convert."""
+def _decode(decoder, text):
+    """decoder.decode(text); BadRequest for what it cannot convert, JSONDecodeError for what is not JSON."""
     try:
-        return json.loads(text, parse_constant=_non_finite_to_null, parse_int=_PARSE_INT, strict=strict)
+        return decoder.decode(text)
     except json.JSONDecodeError:
         raise
-    except RecursionError:  # json.loads recurses in C, as deep as the interpreter lets it
+    except RecursionError:  # the decoder recurses in C, as deep as the interpreter lets it
         raise BadRequest("the request body nests arrays or objects too deeply") from None
     except ValueError:  # an integer too long to convert
         raise BadRequest(f"the request body holds an integer of over {_INT_DIGITS} digits") from None
@@ -788,10 +814,9 @@ MAX_PROBLEMS = 100
 class Validator:
     """Turns a parsed request body into rows for the `event` table, or says what is wrong.
 
-    Every event first takes a fast path that only decides "valid" with C-speed checks. A
-    request with any invalid event is then examined again, event by event and field by
-    field, to list its problems (the first MAX_PROBLEMS); that slow path is the authority on
-    what is wrong.
+    Every event first takes a fast path that only decides "valid" with C-speed checks. The
+    events it refuses are then examined again, field by field, to list their problems (the
+    first MAX_PROBLEMS); that slow path is the authority on what is wrong.
     """
 
     def __init__(self, config, keyring):
@@ -821,12 +846,12 @@ class Validator:
         shallow = body.count(b"{") + body.count(b"[") <= self.max_value_depth
         check_unicode = _SURROGATE_ESCAPE.search(body) is not None
         times = (received, received.strftime(TIME_FORMAT))
-        rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, False
+        rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, []
         value_problems = {}  # id(event) -> what is wrong with its value, as the fast path found it
         for index, event in enumerate(events):
             row = self._fast_row(event, shallow, check_unicode, times, value_problems)
             if row is None:
-                invalid = True
+                invalid.append(index)
                 if type(event) is not dict:
                     continue
             else:
@@ -849,17 +874,19 @@ class Validator:
             raise Forbidden("; ".join(forbidden[:MAX_PROBLEMS]) + more)
         if invalid:
             raise UnprocessableEntity(
-                self._listed_problems(events, batch, shallow, check_unicode, received, value_problems)
+                self._listed_problems(events, invalid, batch, shallow, check_unicode, received, value_problems)
             )
         return rows
 
-    def _listed_problems(self, events, batch, shallow, check_unicode, received, value_problems):
-        """The problems of a request's events, in order, at most MAX_PROBLEMS of them and then a note."""
+    def _listed_problems(self, events, invalid, batch, shallow, check_unicode, received, value_problems):
+        """The problems of the `invalid` events (indexes), at most MAX_PROBLEMS of them and then a note.
+
+        Events the fast path found valid have none, and are not examined again."""
         problems = []
-        for index, event in enumerate(events):
+        for index in invalid:
             where = ["body", index] if batch else ["body"]
-            problems += self._problems(event, where, shallow, check_unicode, received, value_problems)
-            if len(problems) > MAX_PROBLEMS or len(problems) == MAX_PROBLEMS and index + 1 < len(events):
+            problems += self._problems(events[index], where, shallow, check_unicode, received, value_problems)
+            if len(problems) > MAX_PROBLEMS or len(problems) == MAX_PROBLEMS and index != invalid[-1]:
                 message = (f"at most {MAX_PROBLEMS} problems are listed and this list stops at event {index}: "
                            "fix these and send again")
                 return problems[:MAX_PROBLEMS] + [_problem(["body"], message, "too_many_problems")]
@@ -940,7 +967,7 @@ class Validator:
         try:
             text = _compact_json(value)
         except ValueError:  # a non-finite float, as from 1e999
-            text = self._finite_json(value)
+            text = _finite_json(value)
         except RecursionError:
             text = None
         # A text of n characters nests at most n/2 deep, and at most as deep as it has brackets.
@@ -962,19 +989,6 @@ class Validator:
         if "\\u0000" in text and _holds_nul(value):
             return None, ("holds a NUL character (\\u0000) in a string", "nul")
         return text, None
-
-    def _finite_json(self, value):
-        """Compact JSON of a value holding NaN or Infinity, stored as null; None if it nests too deep.
-
-        Rare, and written twice, in C: with NaN and Infinity, then parsed with them as None and
-        written again. Both recurse, so the depth is checked first, by a loop.
-        """
-        if _nests_deeper(value, self.max_value_depth):
-            return None
-        try:
-            return _compact_json(json.loads(_json_with_non_finite(value), parse_constant=_non_finite_to_null))
-        except RecursionError:  # a max_value_depth deeper than the interpreter's C code goes
-            return None
 
 
 # The range of client times taken as given: the Unix epoch to the end of year 9999.
@@ -1039,15 +1053,21 @@ def _client_fields(event, received, check_unicode):
             when = received if sent < happened else _EPOCH
         when = min(max(when, _EPOCH), received)
     event_id = event.get("event_id")
-    if event_id is None:
-        pass
-    elif type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID:
-        problems.append(("event_id", f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"))
-    elif "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
-        problems.append(("event_id", "holds a NUL character (\\u0000)", "nul"))
-    elif check_unicode and not _is_unicode(event_id):
-        problems.append(("event_id", "holds an unpaired UTF-16 surrogate", "unicode"))
+    problem = None if event_id is None else _event_id_problem(event_id, check_unicode)
+    if problem:
+        problems.append(("event_id", *problem))
     return when.strftime(TIME_FORMAT), event_id, problems
+
+
+def _event_id_problem(event_id, check_unicode):
+    """(message, kind) if a client's `event_id` cannot be stored, else None."""
+    if type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID:
+        return f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"
+    if "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
+        return "holds a NUL character (\\u0000)", "nul"
+    if check_unicode and not _is_unicode(event_id):
+        return "holds an unpaired UTF-16 surrogate", "unicode"
+    return None
 
 
 def _problem(location, message, kind):
