@@ -681,10 +681,10 @@ def browsers(tmp_path):
 
 
 @contextlib.contextmanager
-def game_page(script_url, collector_url, **options):
+def game_page(script_url, collector_url, prelude="", **options):
     """A web server of a game's page, which loads the client from the collector and starts it with
     `options` and those of the page's query (?{"interval": 600}); first it notes what an earlier page
-    left in localStorage, in window.leftover."""
+    left in localStorage, in window.leftover, and runs the script `prelude`."""
     import http.server
     import urllib.parse
 
@@ -694,7 +694,7 @@ def game_page(script_url, collector_url, **options):
             settings = dict({"url": collector_url, "application": "web-game", "version": "1.0", "interval": 0.3},
                             **options, **json.loads(asked))
             page = (f'<!doctype html><meta charset="utf-8"><title>game</title><script>window.leftover = JSON.parse('
-                    f'localStorage.getItem("pycolytics:web-game:queue") || "[]")</script>'
+                    f'localStorage.getItem("pycolytics:web-game:queue") || "[]"); {prelude}</script>'
                     f'<script src="{script_url}"></script><script>Pycolytics.init({json.dumps(settings)})</script>')
             data = page.encode()
             self.send_response(200)
@@ -937,6 +937,19 @@ def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(
         assert connection.execute("SELECT value FROM event ORDER BY id").fetchall() == [(f'{{"n":{n}}}',) for n in range(3, 8)]
     warnings = [texts for _, kind, texts in devtools.console if kind == "warning"]
     assert len(warnings) == 1 and "the queue is full" in warnings[0][0]
+
+
+def test_the_browser_client_works_where_local_storage_is_blocked(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    blocked = 'Object.defineProperty(window, "localStorage", {get() { throw new DOMException("no", "SecurityError"); }});'
+    with scripted_collector(app, []) as (url, _), game_page(url + "/v1.0/client.js", url, blocked, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "no-storage", range(3))]
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    app.close()
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
 # -- Keys per game ---------------------------------------------------------------------------------------
 
