@@ -951,6 +951,39 @@ def test_the_browser_client_works_where_local_storage_is_blocked(tmp_path, brows
     app.close()
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
+
+def test_the_browser_client_sends_a_full_batch_without_waiting_for_its_interval(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    with scripted_collector(app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, interval=600, batchSize=3) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "batched", range(2))]
+        tracked += [event_id for event_id, _ in track(devtools, session, "batched", [2])]
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    app.close()
+    assert [event_ids for _, _, event_ids in posts] == [tracked]
+
+
+def test_a_per_session_user_id_is_new_with_each_page_load_and_neither_read_nor_stored(tmp_path, browsers):
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    earlier = "localStorage.setItem('pycolytics:web-game:user', 'from-an-earlier-build');"
+    with scripted_collector(app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, earlier, apiKey=KEY, persistentUser=False) as page:
+        devtools = browsers()
+        for _ in range(2):
+            target, session = devtools.open(page)
+            track(devtools, session, "anonymous", [0])
+            devtools.wait(session, "Pycolytics.stats().queued === 0")
+            kept = devtools.evaluate(session, "localStorage.getItem('pycolytics:web-game:user')")
+            devtools.close_tab(target)
+            assert kept == "from-an-earlier-build"
+    app.close()
+    users = {user_id for _, _, user_id, _, _, _ in stored_by_id(str(tmp_path / "events.db")).values()}
+    assert len(users) == 2 and "from-an-earlier-build" not in users
+
 # -- Keys per game ---------------------------------------------------------------------------------------
 
 PER_GAME = """[pycolytics]
