@@ -822,9 +822,19 @@ def test_the_browser_client_stores_every_event_once_across_collector_restarts_an
     for event_id, (_, _, _, _, moment, _) in rows.items():
         assert abs(moment - tracked[event_id][2]) < CLOCK_TOLERANCE, tracked[event_id]
     assert len({user_id for _, _, user_id, _, _, _ in rows.values()}) == 1  # localStorage kept it
-    sessions = {event_type: {row[3] for row in rows.values() if row[0] == event_type} for event_type, _, _ in tracked.values()}
+    sessions = {event_type: {row[3] for row in rows.values() if row[0] == event_type}
+                for event_type, _, _ in tracked.values()}
     assert all(len(ids) == 1 for ids in sessions.values()) and len(set.union(*sessions.values())) == 2
     assert [entry for devtools in opened for entry in devtools.console if entry[1] in ("error", "warning")] == []
+
+@pytest.fixture
+def sqlite_app(tmp_path):
+    """The collector's application on an SQLite file of the test's own, at tmp_path / events.db."""
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    yield app
+    app.close()
+
 
 @contextlib.contextmanager
 def scripted_collector(app, refusals):
@@ -871,25 +881,23 @@ def scripted_collector(app, refusals):
     (pycolytics.ServiceUnavailable("busy", 1), 1),
     (pycolytics.TooManyRequests("over the rate limit", 3), 3),
 ])
-def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, refusal, seconds):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, [refusal]) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, sqlite_app, refusal,
+                                                                              seconds):
+    with scripted_collector(sqlite_app, [refusal]) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         tracked = [event_id for event_id, _ in track(devtools, session, "retried", range(3), pad=400)]
         devtools.wait(session, "Pycolytics.stats().queued === 0")
-    app.close()
     assert [event_ids for _, _, event_ids in posts] == [tracked, tracked]
     assert posts[1][0] - posts[0][0] >= seconds
     assert posts[0][1] == ("text/plain", "gzip")
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
 
-def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey="wrong") as page:
+def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey="wrong") as page:
         devtools = browsers()
         _, session = devtools.open(page)
         first = [event_id for event_id, _ in track(devtools, session, "refused", range(3))]
@@ -897,80 +905,69 @@ def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_
         second = [event_id for event_id, _ in track(devtools, session, "refused", range(3, 6))]
         devtools.wait(session, "Pycolytics.stats().refused === 6")
         assert devtools.evaluate(session, "Pycolytics.stats().queued") == 0
-    app.close()
     assert [event_ids for _, _, event_ids in posts] == [first, second]  # not again, not with the next batch
     errors = [texts for _, kind, texts in devtools.console if kind == "error"]
     assert len(errors) == 1 and "HTTP 401" in errors[0][0]
     assert count(str(tmp_path / "events.db")) == 0
 
 
-def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         tracked = devtools.evaluate(session, """[Pycolytics.track("fine", {n: 0}), Pycolytics.track("fine", {n: 1}),
             Pycolytics.track("x".repeat(300), {n: 2}), Pycolytics.track("fine", {n: 3})]""")  # one too long
         devtools.wait(session, "Pycolytics.stats().queued === 0")
-    app.close()
     good = tracked[:2] + tracked[3:]
     assert [event_ids for _, _, event_ids in posts] == [tracked, good]
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(good)
 
 
-
-def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, _), game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
+def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         queued, stats = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
-            [JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n), Pycolytics.stats()]""")
+            [JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n),
+             Pycolytics.stats()]""")
         devtools.wait(session, "Pycolytics.stats().queued === 0")
         _, session = devtools.open(page)
         dropped = devtools.evaluate(session, "Pycolytics.stats().dropped")
-    app.close()
     assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 3)
     with sqlite3.connect(tmp_path / "events.db") as connection:
-        assert connection.execute("SELECT value FROM event ORDER BY id").fetchall() == [(f'{{"n":{n}}}',) for n in range(3, 8)]
+        values = connection.execute("SELECT value FROM event ORDER BY id").fetchall()
+    assert values == [(f'{{"n":{n}}}',) for n in range(3, 8)]
     warnings = [texts for _, kind, texts in devtools.console if kind == "warning"]
     assert len(warnings) == 1 and "the queue is full" in warnings[0][0]
 
 
-def test_the_browser_client_works_where_local_storage_is_blocked(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    blocked = 'Object.defineProperty(window, "localStorage", {get() { throw new DOMException("no", "SecurityError"); }});'
-    with scripted_collector(app, []) as (url, _), game_page(url + "/v1.0/client.js", url, blocked, apiKey=KEY) as page:
+def test_the_browser_client_works_where_local_storage_is_blocked(tmp_path, browsers, sqlite_app):
+    blocked = 'Object.defineProperty(window, "localStorage", {get() { throw new DOMException("", "SecurityError"); }});'
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, blocked, apiKey=KEY) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         tracked = [event_id for event_id, _ in track(devtools, session, "no-storage", range(3))]
         devtools.wait(session, "Pycolytics.stats().queued === 0")
-    app.close()
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
 
-def test_the_browser_client_sends_a_full_batch_without_waiting_for_its_interval(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, posts), \
+def test_the_browser_client_sends_a_full_batch_without_waiting_for_its_interval(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
             game_page(url + "/v1.0/client.js", url, apiKey=KEY, interval=600, batchSize=3) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         tracked = [event_id for event_id, _ in track(devtools, session, "batched", range(2))]
         tracked += [event_id for event_id, _ in track(devtools, session, "batched", [2])]
         devtools.wait(session, "Pycolytics.stats().queued === 0")
-    app.close()
     assert [event_ids for _, _, event_ids in posts] == [tracked]
 
 
-def test_a_per_session_user_id_is_new_with_each_page_load_and_neither_read_nor_stored(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+def test_a_per_session_user_id_is_new_with_each_page_load_and_neither_read_nor_stored(tmp_path, browsers, sqlite_app):
     earlier = "localStorage.setItem('pycolytics:web-game:user', 'from-an-earlier-build');"
-    with scripted_collector(app, []) as (url, _), \
+    with scripted_collector(sqlite_app, []) as (url, _), \
             game_page(url + "/v1.0/client.js", url, earlier, apiKey=KEY, persistentUser=False) as page:
         devtools = browsers()
         for _ in range(2):
@@ -980,9 +977,9 @@ def test_a_per_session_user_id_is_new_with_each_page_load_and_neither_read_nor_s
             kept = devtools.evaluate(session, "localStorage.getItem('pycolytics:web-game:user')")
             devtools.close_tab(target)
             assert kept == "from-an-earlier-build"
-    app.close()
     users = {user_id for _, _, user_id, _, _, _ in stored_by_id(str(tmp_path / "events.db")).values()}
     assert len(users) == 2 and "from-an-earlier-build" not in users
+
 
 # -- Keys per game ---------------------------------------------------------------------------------------
 
