@@ -8,7 +8,7 @@ unchanged.
 
 Run it:          python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
 Look after it:   python3 pycolytics.py keygen | export | prune | backup | copy   (--help says how)
-Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn pycolytics:application
+Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn 'pycolytics:create_app()'
 
 One file, standard library only, Python 3.9 or newer; a postgresql:// database (several
 collectors, one database) also needs psycopg 3, imported only then. Importing this module
@@ -23,8 +23,10 @@ import argparse
 import binascii
 import collections
 import configparser
+import contextlib
 import copy as copy_module
 import datetime
+import errno
 import functools
 import io
 import itertools
@@ -42,6 +44,8 @@ import sqlite3
 import sys
 import threading
 import time
+from wsgiref.handlers import format_date_time
+from wsgiref.util import is_hop_by_hop
 
 # hmac.compare_digest is this function, but importing hmac loads OpenSSL: 3.5 MB of memory
 # (a fifth of the idle footprint) for one comparison.
@@ -82,41 +86,6 @@ MAX_EVENT_ID = 100
 # Digits in one integer of a request body at most. Python 3.11+ refuses to convert longer
 # ones (a quadratic-time conversion); older Pythons would spend seconds on one number.
 MAX_INTEGER_DIGITS = 4300
-
-# Every ini key with its default. pycolytics.ini documents each of them.
-DEFAULTS = {
-    "database": "pycolytics.db",
-    "api_keys": "",
-    "host": "127.0.0.1",
-    "port": "8000",
-    "synchronous": "full",
-    "quiet": "no",
-    "threads": "8",
-    "max_connections": "512",
-    "idle_timeout": "5",
-    "request_timeout": "10",
-    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
-    # whole head, which a hundred full-size headers would exceed): no client of an event
-    # collector comes near them, and they bound what one connection can pin.
-    "max_request_line": "4094",
-    "max_header_fields": "100",
-    "max_header_field": "8190",
-    "max_head_bytes": "65536",
-    "max_body_bytes": "1048576",
-    "max_batch_events": "1000",
-    "max_string_length": "255",
-    "max_value_bytes": "65536",
-    "max_value_depth": "32",
-    "max_pending_events": "100000",
-    "busy_timeout": "30",
-    "rate_limit": "off",
-    "trusted_proxies": "127.0.0.1, ::1",
-    "certfile": "",
-    "keyfile": "",
-    "cors_origins": "*",
-    "retention_days": "0",
-    "read_keys": "",
-}
 
 # What an [app:NAME] section may set, for that application's events only.
 APP_SETTINGS = ("api_keys", "cors_origins")
@@ -225,36 +194,52 @@ def _text(value):
     return value.strip()
 
 
+def _items(value):
+    """The entries of a list setting: one per line, or separated by commas."""
+    return tuple(item for line in value.splitlines() for item in (part.strip() for part in line.split(",")) if item)
+
+
+def _glimpse(key):
+    """A key as a message may show it: never whole, since messages end up in logs."""
+    return f"{key[:4]!r}... ({len(key)} characters)"
+
+
 def _keys(value):
-    return tuple(key for line in value.splitlines() for key in (part.strip() for part in line.split(",")) if key)
+    keys = _items(value)
+    for key in keys:
+        if not key.isprintable() or any(character.isspace() for character in key):
+            raise ValueError(
+                f"the key {_glimpse(key)} holds a space or a control character; separate keys with commas "
+                "or new lines, and start a comment after a key with a space and ; or #"
+            )
+    return keys
+
+
+def _number(value, convert, lowest, highest, accepted):
+    """`value` as a number from `lowest` to `highest`, or a ValueError saying what is accepted."""
+    try:
+        number = convert(value)
+    except ValueError:
+        number = None
+    if number is None or not lowest <= number <= highest:  # NaN fails the comparison too
+        raise ValueError(f"must be {accepted}")
+    return number
 
 
 def _port(value):
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError("a port is a number from 0 to 65535")
-    return port
+    return _number(value, int, 0, 65535, "a whole number from 0 to 65535")
 
 
 def _count(value):
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be a whole number of at least 1")
-    return number
+    return _number(value, int, 1, math.inf, "a whole number of at least 1, without a unit (like 1000, or 1048576 for 1 MiB)")
 
 
 def _seconds(value):
-    number = float(value)
-    if not number > 0 or math.isinf(number):
-        raise ValueError("must be a positive number of seconds")
-    return number
+    return _number(value, float, 0.001, 1e6, "a number of seconds from 0.001 to 1000000, like 5 or 0.5")
 
 
 def _days(value):
-    days = float(value)
-    if not 0 <= days < 1e6:
-        raise ValueError("must be a number of days, or 0 to keep events forever")
-    return days
+    return _number(value, float, 0, 999_999, "a number of days, or 0 to keep events forever")
 
 
 def _flag(value):
@@ -273,13 +258,60 @@ def _synchronous(value):
     return word
 
 
-def _addresses(value):
-    return frozenset(_keys(value))
+class TrustedProxies:
+    """The addresses and networks (CIDR) of our own reverse proxies; `address in proxies` says
+    whether a peer is one. Exact addresses are one set lookup: the common case stays one hash."""
+
+    __slots__ = ("addresses", "networks")
+
+    def __init__(self, addresses, networks):
+        self.addresses = frozenset(addresses)
+        self.networks = tuple(networks)
+
+    def __contains__(self, address):
+        if address in self.addresses:
+            return True
+        if not self.networks:
+            return False
+        import ipaddress  # imported already by _proxies, which made the networks
+
+        try:
+            found = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
+        return any(found in network for network in self.networks)
+
+
+def _address(text):
+    """An IP address written as sockets report peers (::1, not 0:0::1); ValueError if not one."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except OSError:
+        raise ValueError(text) from None
+
+
+def _proxies(value):
+    addresses, networks = set(), []
+    for entry in _items(value):
+        try:
+            if "/" in entry:
+                import ipaddress  # here: 1 MB of memory that only configured networks need
+
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            else:
+                addresses.add(_address(entry))
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is neither an IP address (10.0.0.2, ::1) nor a network (10.0.0.0/8, fd00::/8)"
+            ) from None
+    return TrustedProxies(addresses, networks)
 
 
 def _origins(value):
     """ANY_ORIGIN for "*", else the set of origins (scheme://host[:port]) named."""
-    origins = _keys(value)
+    origins = _items(value)
     if "*" in origins:
         return ANY_ORIGIN
     for origin in origins:
@@ -305,36 +337,64 @@ def _rate(value):
     return int(found.group(1)), _PERIODS[found.group(2)]
 
 
-_PARSERS = {
-    "database": _text,
-    "api_keys": _keys,
-    "host": _text,
-    "port": _port,
-    "synchronous": _synchronous,
-    "quiet": _flag,
-    "threads": _count,
-    "max_connections": _count,
-    "idle_timeout": _seconds,
-    "request_timeout": _seconds,
-    "max_request_line": _count,
-    "max_header_fields": _count,
-    "max_header_field": _count,
-    "max_head_bytes": _count,
-    "max_body_bytes": _count,
-    "max_batch_events": _count,
-    "max_string_length": _count,
-    "max_value_bytes": _count,
-    "max_value_depth": _count,
-    "max_pending_events": _count,
-    "busy_timeout": _seconds,
-    "rate_limit": _rate,
-    "trusted_proxies": _addresses,
-    "certfile": _text,
-    "keyfile": _text,
-    "cors_origins": _origins,
-    "retention_days": _days,
-    "read_keys": _keys,
-}
+class Setting(collections.namedtuple("Setting", "name default parse description")):
+    """One ini key: its default (as the ini would write it), the function that parses and checks
+    a value (raising ValueError with what is accepted), and one line about it."""
+
+    __slots__ = ()
+
+
+# Every ini key, in the order pycolytics.ini documents them (it shows each with its default).
+SETTINGS = (
+    Setting("database", "pycolytics.db", _text, "the SQLite database file, or a postgresql:// URL"),
+    Setting("api_keys", "", _keys, "the keys clients send in each event's api_key"),
+    Setting("host", "127.0.0.1", _text, "the address the built-in server listens on"),
+    Setting("port", "8000", _port, "the port the built-in server listens on"),
+    Setting("synchronous", "full", _synchronous, "SQLite's synchronous pragma: what a power cut may lose"),
+    Setting("quiet", "no", _flag, "no log line per request"),
+    Setting("threads", "8", _count, "worker threads of the built-in server for requests that may wait"),
+    Setting("max_connections", "512", _count, "open connections at most; the longest idle makes room"),
+    Setting("max_connections_per_address", "64", _count, "open connections from one client address at most (503)"),
+    Setting("idle_timeout", "5", _seconds, "seconds a kept-alive connection may sit idle"),
+    Setting("request_timeout", "10", _seconds, "seconds a client has to send a whole request"),
+    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
+    # whole head, which a hundred full-size headers would exceed): no client of an event
+    # collector comes near them, and they bound what one connection can pin.
+    Setting("max_request_line", "4094", _count, "bytes in the request line (414)"),
+    Setting("max_header_fields", "100", _count, "header fields in one request (431)"),
+    Setting("max_header_field", "8190", _count, "bytes in one header field (431)"),
+    Setting("max_head_bytes", "65536", _count, "bytes in a whole request head (431)"),
+    Setting("max_body_bytes", "1048576", _count, "bytes in one request body (413)"),
+    Setting("max_buffered_bytes", "33554432", _count, "bytes of request bodies held at once, all together (503)"),
+    Setting("max_batch_events", "1000", _count, "events in one batch (422)"),
+    Setting("max_string_length", "255", _count, "characters in each string field of an event (422)"),
+    Setting("max_value_bytes", "65536", _count, "bytes of one event's value as compact JSON (422)"),
+    Setting("max_value_depth", "32", _count, "nesting of objects and arrays in one event's value (422)"),
+    Setting("max_pending_events", "100000", _count, "events waiting for the database at most (then 503)"),
+    Setting("busy_timeout", "30", _seconds, "seconds a write waits for another process holding the database"),
+    Setting("rate_limit", "off", _rate, "requests to the event endpoints per client address, like 60/minute"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "reverse proxies whose X-Forwarded-For is believed"),
+    Setting("certfile", "", _text, "the PEM certificate chain for HTTPS"),
+    Setting("keyfile", "", _text, "the PEM private key for HTTPS"),
+    Setting("cors_origins", "*", _origins, "the web pages (origins) that may post events"),
+    Setting("retention_days", "0", _days, "delete events older than this many days (0 keeps them)"),
+    Setting("read_keys", "", _keys, "the keys that open the dashboard"),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+# Settings whose values are keys: a message about them shows a glimpse of one key, not the value.
+SECRET_SETTINGS = ("api_keys", "read_keys")
+
+
+def _parse(name, text, where):
+    """A setting's value parsed, or a ConfigError naming `where` it came from, the key, the value
+    and what is accepted."""
+    try:
+        return SETTINGS_BY_NAME[name].parse(text)
+    except ValueError as error:
+        shown = "" if name in SECRET_SETTINGS else f" = {text!r}"
+        raise ConfigError(f"{where}{name}{shown} is not valid: {error}") from None
 
 
 class Config:
@@ -344,20 +404,20 @@ class Config:
         """`raw` maps each ini key to (text, where it came from); `apps` each [app:NAME] to its raw keys."""
         self.sources = {}
         self.apps = {}
+        places = {}  # where each key is configured, to refuse a key given two roles
         for application, settings in (apps or {}).items():
             self.apps[application] = {}
             for name, (text, source) in settings.items():
-                try:
-                    self.apps[application][name] = _PARSERS[name](text)
-                except ValueError as error:
-                    raise ConfigError(f"{source}: [app:{application}] {name} = {text!r} is not valid: {error}") from None
-        for name, parse in _PARSERS.items():
+                self.apps[application][name] = _parse(name, text, f"{source}: [app:{application}] ")
+            for key in self.apps[application].get("api_keys", ()):
+                _one_place(places, key, f"[app:{application}] api_keys ({settings['api_keys'][1]})")
+        for name, _, _, _ in SETTINGS:
             text, source = raw[name]
-            try:
-                setattr(self, name, parse(text))
-            except ValueError as error:
-                raise ConfigError(f"{source}: {name} = {text!r} is not valid: {error}") from None
+            setattr(self, name, _parse(name, text, f"{source}: "))
             self.sources[name] = source
+        for name in SECRET_SETTINGS:
+            for key in getattr(self, name):
+                _one_place(places, key, f"{name} ({self.sources[name]})")
         if not self.database:
             raise ConfigError(f"{self.sources['database']}: database must name a file")
         if bool(self.certfile) != bool(self.keyfile):
@@ -368,8 +428,20 @@ class Config:
         return not self.api_keys and not any(app.get("api_keys") for app in self.apps.values())
 
 
+def _one_place(places, key, place):
+    """Record where `key` is configured; a key in two places (a write key that also opens the
+    dashboard, or that two games share) would quietly grant more than either place says."""
+    first = places.setdefault(key, place)
+    if first != place:
+        raise ConfigError(
+            f"the key {_glimpse(key)} is in {first} and in {place}: each key belongs in one place, "
+            "either api_keys (any game), one [app:NAME] (that game), or read_keys (the dashboard)"
+        )
+
+
 def _read_ini(path, raw, apps):
-    parser = configparser.ConfigParser(interpolation=None)
+    # A comment may follow a value after a space (`key = value  ; why`), as in the README.
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as file:
             parser.read_file(file)
@@ -387,8 +459,8 @@ def _read_ini(path, raw, apps):
             raise ConfigError(f"{path}: unknown section [{section}]; settings go in [pycolytics] and [app:NAME]")
     if parser.has_section("pycolytics"):
         for name, value in parser.items("pycolytics"):
-            if name not in DEFAULTS:
-                raise ConfigError(f"{path}: unknown key {name!r} in [pycolytics]; known keys: {', '.join(DEFAULTS)}")
+            if name not in SETTINGS_BY_NAME:
+                raise ConfigError(f"{path}: unknown key {name!r} in [pycolytics]; known keys: {', '.join(SETTINGS_BY_NAME)}")
             raw[name] = (value, path)
 
 
@@ -445,7 +517,7 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
     (SQLITE_FILE_PATH, SQLITE_FILE_NAME, API_KEYS, also read from its `.env` file).
     """
     environ = os.environ if environ is None else environ
-    raw = {name: (value, "default") for name, value in DEFAULTS.items()}
+    raw = {setting.name: (setting.default, "default") for setting in SETTINGS}
     apps = {}
     path = path or environ.get("PYCOLYTICS_CONFIG")
     if path:
@@ -456,8 +528,8 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
     for variable, value in environ.items():
         if variable.startswith("PYCOLYTICS_") and variable != "PYCOLYTICS_CONFIG":
             name = variable[len("PYCOLYTICS_"):].lower()
-            if name not in DEFAULTS:
-                raise ConfigError(f"unknown environment variable {variable}; known keys: {', '.join(DEFAULTS)}")
+            if name not in SETTINGS_BY_NAME:
+                raise ConfigError(f"unknown environment variable {variable}; known keys: {', '.join(SETTINGS_BY_NAME)}")
             raw[name] = (value, f"environment variable {variable}")
     for name, value in (overrides or {}).items():
         if value is not None:
@@ -550,8 +622,9 @@ def parse_json(body):
         return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
     except (ValueError, RecursionError):
         error = first_error
+        message = re.sub(r" at$", "", error.msg)  # json's "Invalid control character at" says "at" itself
         raise BadRequest(
-            f"the request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+            f"the request body is not valid JSON: {message} at line {error.lineno} column {error.colno}"
         ) from None
 
 
@@ -990,7 +1063,7 @@ def connect(path, synchronous="full", busy_timeout=30.0):
         if missing:
             raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
         if any(name not in columns for name, _ in ADDED_COLUMNS):
-            _add_columns(connection)
+            _add_columns(connection, announce=bool(exists))
         connection.execute(EVENT_ID_INDEX)
     except BaseException:
         connection.close()
@@ -1002,7 +1075,7 @@ def _columns(connection):
     return {row[1] for row in connection.execute("PRAGMA table_info(event)")}
 
 
-def _add_columns(connection):
+def _add_columns(connection, announce=True):
     """Give the table the columns Pycolytics added; another process may be doing the same."""
     connection.execute("BEGIN IMMEDIATE")
     try:
@@ -1010,7 +1083,8 @@ def _add_columns(connection):
         for name, kind in ADDED_COLUMNS:
             if name not in columns:
                 connection.execute(f"ALTER TABLE event ADD COLUMN {name} {kind}")
-                log.info("upgraded the database: added the column event.%s", name)
+                if announce:
+                    log.info("upgraded the database: added the column event.%s", name)
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
@@ -1130,6 +1204,10 @@ class SQLiteStore:
         """Whether `error` means the connection is gone and a new one is needed: never, for a file."""
         return False
 
+    def describe(self, error):
+        """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
+        return str(error)
+
     def read(self):
         """A connection for reading only; it never creates a missing database."""
         return read_only(self.config.database)
@@ -1171,23 +1249,112 @@ POSTGRES_SCHEMA = (
         event_id VARCHAR
     )""",
     "CREATE INDEX IF NOT EXISTS ix_event_time ON event (time)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
+    " WHERE event_id IS NOT NULL",
+    # an event_id is unique per application: two games may make the same ids
+    "DROP INDEX IF EXISTS ix_event_event_id",
 )
-# Times travel as the same UTC text as in SQLite; the session's time zone is UTC.
+# The indexes a ready schema has: when they are there, connecting takes no lock on the table
+# (CREATE INDEX IF NOT EXISTS would take one, and wait behind every other collector's insert).
+POSTGRES_SCHEMA_READY = (
+    "SELECT to_regclass('event') IS NOT NULL AND to_regclass('ix_event_time') IS NOT NULL"
+    " AND to_regclass('ix_event_application_event_id') IS NOT NULL AND to_regclass('ix_event_event_id') IS NULL"
+)
+# Times travel as the same UTC text as in SQLite; the session's time zone is UTC. The conflict
+# target is the event_id index only: any other conflict (a primary key behind rows imported
+# with their ids) is an error, never an event silently dropped behind a 204.
 POSTGRES_INSERT = (
     "INSERT INTO event"
     " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s) ON CONFLICT DO NOTHING"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s)"
+    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
 )
-# How long a lost network may stall a commit before it fails (and clients get 503): TCP
-# keepalives and libpq's tcp_user_timeout notice a silent peer in about this many seconds.
-POSTGRES_TIMEOUT = 10
+# Every session's settings, in one round trip. Waits for a lock and statements are bounded as
+# SQLite's busy_timeout bounds them; synchronous_commit = on whatever the server's default is,
+# so a 204 means the commit is on disk (and on a synchronous standby, if there is one).
+POSTGRES_SESSION = (
+    "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
+    " set_config('statement_timeout', %s, false), set_config('synchronous_commit', %s, false)"
+)
+# synchronous = normal (or off) relaxes commits as on SQLite: a crash of the database server
+# may lose the last commits, a crash of the collector loses nothing.
+POSTGRES_SYNCHRONOUS_COMMIT = {"full": "on", "normal": "off", "off": "off"}
+# A statement_timeout would also cancel a commit's wait for its synchronous standby, and the
+# server then reports success for a commit only the primary holds: the commit is bounded by
+# the watchdog instead (a connection cut, and 503), never by a cancel that turns into a 204.
+POSTGRES_COMMIT = "SET LOCAL statement_timeout = 0; COMMIT"
+# Seconds beyond busy_timeout before the watchdog cuts a connection: time for the server's
+# own timeout error to arrive first.
+POSTGRES_GRACE = 5
+
+
+class LostBeforeCommit(ConnectionError):
+    """The connection was gone before a transaction's COMMIT was sent: nothing of it is stored,
+    so the same rows on a new connection are stored once."""
+
+
+def _cut(connection):
+    """Shut the connection's socket down beneath libpq: a call blocked on it fails at once."""
+    try:
+        with socket.fromfd(connection.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+    except Exception:  # already closed: nothing is blocked on it
+        pass
+
+
+class Watchdog:
+    """Cuts a connection whose call outlives its deadline. libpq waits forever for a peer that
+    acknowledges TCP but never answers (a frozen proxy, a hung server): keepalives and
+    tcp_user_timeout only notice a peer that stops acknowledging."""
+
+    IDLE_SECONDS = 60  # the thread ends after this long with nothing to watch
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._watched = {}  # token: [deadline, connection, fired]
+        self._thread = None
+
+    @contextlib.contextmanager
+    def watching(self, connection, seconds):
+        """Within the block, `connection` is cut `seconds` from now; yields a list that holds
+        True once it was."""
+        entry = [time.monotonic() + seconds, connection, False]
+        token = object()
+        with self._changed:
+            self._watched[token] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pycolytics-watchdog", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield entry
+        finally:
+            with self._changed:
+                del self._watched[token]
+
+    def _run(self):
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for entry in self._watched.values():
+                    if entry[0] <= now and not entry[2]:
+                        entry[2] = True
+                        log.error("the database did not answer in time: cutting the connection")
+                        _cut(entry[1])
+                waiting = [entry[0] - now for entry in self._watched.values() if not entry[2]]
+                if not waiting and not self._changed.wait(self.IDLE_SECONDS) and not self._watched:
+                    self._thread = None
+                    return
+                if waiting:
+                    self._changed.wait(max(0.01, min(waiting)))
 
 
 class PostgresStore:
     """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
 
-    The driver, psycopg 3, is imported only here: SQLite users never need it.
+    The driver, psycopg 3, is imported only here: SQLite users never need it. Every wait is
+    bounded by busy_timeout: connecting, a lock, a statement, a silent network (keepalives,
+    tcp_user_timeout) and a peer that answers TCP but nothing else (the Watchdog).
     """
 
     kind = "PostgreSQL"
@@ -1209,26 +1376,38 @@ class PostgresStore:
         self.psycopg = psycopg
         self.config = config
         self.errors = (psycopg.Error,)
+        self.watchdog = Watchdog()
+        self._told = None  # the last health problem logged, so a polling balancer logs it once
 
-    def _open(self, timeout=POSTGRES_TIMEOUT):
-        # autocommit: every transaction is an explicit `with connection.transaction()`, so none
-        # is ever left open by a stray statement (and rolled back, unseen, when it closes)
+    def _open(self, seconds, statements=True):
+        """A connection whose waits end after `seconds`; `statements`: a statement's too (not
+        for export, whose one query may rightly take long)."""
+        whole = max(2, math.ceil(seconds))  # libpq counts whole seconds, and at least 2
+        # autocommit: every transaction is an explicit BEGIN, so none is ever left open by a
+        # stray statement (and rolled back, unseen, when it closes). The URL's own
+        # application_name, if any, wins over the fallback.
         connection = self.psycopg.connect(
-            self.config.database, autocommit=True, connect_timeout=timeout, keepalives=1,
-            keepalives_idle=max(1, timeout // 2), keepalives_interval=1, keepalives_count=3,
-            tcp_user_timeout=timeout * 1000, application_name="pycolytics",
+            self.config.database, autocommit=True, connect_timeout=whole, keepalives=1,
+            keepalives_idle=max(1, whole // 2), keepalives_interval=1, keepalives_count=3,
+            tcp_user_timeout=whole * 1000, fallback_application_name="pycolytics",
         )
         try:
-            connection.execute("SET TIME ZONE 'UTC'")  # times in and out are UTC, as in SQLite
+            locks = int(seconds * 1000)
+            # a second more for a statement, so that a lock wait fails as one (and says so)
+            statement = str(locks + 1000) if statements else "0"
+            synchronous = POSTGRES_SYNCHRONOUS_COMMIT.get(self.config.synchronous, "on")
+            with self.watchdog.watching(connection, seconds + POSTGRES_GRACE):
+                connection.execute(POSTGRES_SESSION, (str(locks), statement, synchronous))
         except BaseException:
             connection.close()
             raise
         return connection
 
     def connect(self):
-        connection = self._open()
+        connection = self._open(self.config.busy_timeout)
         try:
-            self._create_schema(connection)
+            if not connection.execute(POSTGRES_SCHEMA_READY).fetchone()[0]:
+                self._create_schema(connection)
         except BaseException:
             connection.close()
             raise
@@ -1246,23 +1425,45 @@ class PostgresStore:
                     raise
 
     def insert(self, connection, rows):
-        with connection.transaction():
-            with connection.cursor() as cursor:
-                cursor.executemany(POSTGRES_INSERT, rows)
-                return max(0, cursor.rowcount)
+        """Insert `rows` in one transaction; return how many were new (not an event_id already
+        stored). LostBeforeCommit: the connection was gone before COMMIT was sent."""
+        committing = False
+        with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE) as watch:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("BEGIN")
+                    cursor.executemany(POSTGRES_INSERT, rows)
+                    inserted = max(0, cursor.rowcount)
+                    committing = True
+                    cursor.execute(POSTGRES_COMMIT)
+            except self.psycopg.Error as error:
+                if committing or watch[2]:
+                    raise  # the commit's outcome is unknown, or the database hung: 503
+                if connection.broken:
+                    raise LostBeforeCommit(f"the database connection was lost before the commit: {error}") from error
+                self._roll_back(connection)
+                raise
+        return inserted
+
+    def _roll_back(self, connection):
+        try:
+            connection.execute("ROLLBACK")
+        except self.psycopg.Error:  # the original error is what matters; the next BEGIN says if it is broken
+            pass
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
-        with connection.transaction():
-            return connection.execute(
-                "DELETE FROM event WHERE id IN"
-                " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
-            ).rowcount
+        with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE):
+            with connection.transaction():
+                return connection.execute(
+                    "DELETE FROM event WHERE id IN"
+                    " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
+                ).rowcount
 
     def lost(self, error):
         return isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError))
 
     def read(self):
-        return self._open()
+        return self._open(self.config.busy_timeout, statements=False)
 
     def columns(self, connection):
         return {row[0] for row in connection.execute(
@@ -1270,15 +1471,42 @@ class PostgresStore:
             " AND table_schema = current_schema()")}
 
     def problem(self):
+        """Why the database would not take events now, or None: in general words (the driver's
+        details, which name hosts and databases, go to the log). Waits HEALTH_TIMEOUT at most,
+        and takes the lock an insert takes, so a table locked by a migration shows."""
         try:
             connection = self._open(HEALTH_TIMEOUT)
             try:
-                connection.execute("SELECT 1 FROM event LIMIT 1")
+                with self.watchdog.watching(connection, HEALTH_TIMEOUT + POSTGRES_GRACE):
+                    with connection.transaction():
+                        connection.execute("LOCK TABLE event IN ROW EXCLUSIVE MODE")
             finally:
                 connection.close()
         except self.psycopg.Error as error:
-            return str(error).strip() or type(error).__name__
+            problem = self.describe(error)
+            detail = str(error).strip() or type(error).__name__
+            if detail != self._told:
+                log.warning("health check: %s: %s", problem, detail)
+                self._told = detail
+            return problem
+        self._told = None
         return None
+
+    def describe(self, error):
+        """`error` in general words, for clients and /healthz: the driver's own text names hosts,
+        ports, users and databases, and belongs in the log."""
+        errors = self.psycopg.errors
+        if isinstance(error, errors.LockNotAvailable):
+            return "the event table is locked by another session"
+        if isinstance(error, errors.QueryCanceled):
+            return "the database did not answer in time"
+        if isinstance(error, (errors.ReadOnlySqlTransaction, errors.UndefinedTable)):
+            return "the database does not take events (read-only, or no event table)"
+        if isinstance(error, self.psycopg.IntegrityError):
+            return "the database refused the events as a conflict (the log says which)"
+        if isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError, ConnectionError)):
+            return "the database cannot be reached"
+        return "the database refused the request (the log says why)"
 
 
 def store_for(config):
@@ -1414,13 +1642,19 @@ class Writer:
 
     def _commit(self, group):
         started = time.monotonic()
+        rows = list(itertools.chain.from_iterable(rows for rows, _ in group))
         try:
-            inserted = self.store.insert(self._connected(), list(itertools.chain.from_iterable(rows for rows, _ in group)))
+            try:
+                inserted = self.store.insert(self._connected(), rows)
+            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                self._forget_lost(lost)
+                self._reconnect_at = 0
+                inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
-            log.error("could not store %d events: %s", sum(len(rows) for rows, _ in group), failure)
+            log.error("could not store %d events: %s", len(rows), failure)
             self.last_error = failure
             self._forget_lost(failure)
-            return ServiceUnavailable(f"the events could not be stored ({failure}); send them again shortly", 5)
+            return ServiceUnavailable("the database could not store the events; send them again shortly", 5)
         self.last_error = None
         self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         return None
@@ -1439,13 +1673,51 @@ class Writer:
 # The dashboard: /dashboard
 ###############################################################################
 
-# The range the dashboard shows when none is asked for, in days up to today.
+# The range the dashboard and the report show when none is asked for, in days up to today.
 DASHBOARD_DAYS = 30
-# The dashboard keeps the figures of days that ended this many days ago for an hour, and
-# remembers this many days at most (a few hundred bytes each).
-DASHBOARD_SETTLED_DAYS = 2
-DASHBOARD_CACHE_SECONDS = 3600
-DASHBOARD_CACHE_DAYS = 4000
+# The longest range one report reads: a year, leap day included. Each report reads every event
+# of its range, so a longer one would hold a database connection for minutes.
+MAX_REPORT_DAYS = 366
+# The days a report may name: stored times start at the Unix epoch, and the last day leaves room
+# for the day after `until`, the range's end.
+FIRST_REPORT_DAY = datetime.date(1970, 1, 1)
+LAST_REPORT_DAY = datetime.date(9999, 12, 30)
+# Rows of a ranking before the rest is lumped as "(other)": a million distinct versions must
+# not become a million rows of HTML.
+REPORT_TOP = 20
+# The days after a cohort's first that the API reports, and the columns of the dashboard's triangle.
+RETENTION_API_DAYS = (1, 7, 30)
+RETENTION_COLUMNS = (1, 2, 3, 4, 5, 6, 7, 14, 30)
+# Steps of one funnel at most; each step's times are held per user while it is counted.
+MAX_FUNNEL_STEPS = 10
+# Characters of one filter at most: more than any stored string may have, so nothing is lost.
+MAX_FILTER_CHARACTERS = 1000
+# Query fields parsed at most: a report has a dozen; more is not a dashboard talking.
+MAX_QUERY_FIELDS = 40
+# Bytes of JSON the report cache keeps; the least recently used report goes first.
+REPORT_CACHE_BYTES = 4 * 1024 * 1024
+# Wrong read keys one client address may present per window before it waits for the next: a
+# person mistyping stays below it, a guesser is held to a few guesses a minute.
+READ_KEY_FAILURES = 5
+READ_KEY_WINDOW = 60
+# Session lengths drawn as bars on the dashboard: (upper bound in seconds, label).
+SESSION_BUCKETS = ((60, "< 1 min"), (300, "1-5 min"), (900, "5-15 min"), (1800, "15-30 min"),
+                   (3600, "30-60 min"), (7200, "1-2 h"), (math.inf, "2 h +"))
+# What the SQL of the two backends says differently: byte order for names (PostgreSQL's default
+# collation sorts by locale, which would rank ties differently from SQLite), and the type and
+# text of one field of `value`.
+REPORT_SQL = {
+    "SQLite": {"collate": "", "kind": "json_type(value, ?)", "item": "json_extract(value, ?)"},
+    "PostgreSQL": {"collate": ' COLLATE "C"', "kind": "jsonb_typeof(value -> %s)", "item": "value ->> %s"},
+}
+# Kinds of JSON values as either backend names them, and what a breakdown of values makes of them.
+VALUE_KINDS = {"integer": "number", "real": "number", "number": "number", "text": "string", "string": "string",
+               "true": "boolean", "false": "boolean", "boolean": "boolean"}
+# The filters of a report: a report with filters is the report of a database that held only the
+# events that match them.
+REPORT_FILTERS = ("application", "event_type", "version", "platform")
+
+ReportQuery = collections.namedtuple("ReportQuery", ("since", "until") + REPORT_FILTERS)
 
 
 def presented_read_key(environ):
@@ -1464,22 +1736,382 @@ def presented_read_key(environ):
     return None
 
 
+class ReadKeyGuard:
+    """Counts wrong read keys per client address, in fixed windows, and holds back a guesser.
+
+    An address that presented READ_KEY_FAILURES wrong keys in a window gets 429 until the window
+    ends, whatever key it presents then. The first failure of each address in a window is logged;
+    the rest are only counted, so a guesser cannot fill the log.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._failures = {}  # address -> [window number, wrong keys in it]
+
+    def check(self, address, now=None):
+        """Raise TooManyRequests if `address` used up its wrong keys in this window."""
+        now = time.monotonic() if now is None else now
+        window = int(now // READ_KEY_WINDOW)
+        with self._lock:
+            counted = self._failures.get(address)
+            blocked = counted is not None and counted[0] == window and counted[1] >= READ_KEY_FAILURES
+        if blocked:
+            wait = max(1, math.ceil((window + 1) * READ_KEY_WINDOW - now))
+            raise TooManyRequests(f"{READ_KEY_FAILURES} wrong read keys in a minute from this address: "
+                                  f"try again in {wait} s", wait)
+
+    def failed(self, address, now=None):
+        now = time.monotonic() if now is None else now
+        window = int(now // READ_KEY_WINDOW)
+        with self._lock:
+            counted = self._failures.get(address)
+            first = counted is None or counted[0] != window
+            if first:
+                if counted is None and len(self._failures) >= MAX_TRACKED_CLIENTS:
+                    self._forget(window)
+                self._failures[address] = [window, 1]
+            else:
+                counted[1] += 1
+        if first:
+            log.warning("a wrong read key from %r (more from it this minute are counted, not logged)", address)
+
+    def _forget(self, window):
+        for address in [address for address, counted in self._failures.items() if counted[0] != window]:
+            del self._failures[address]
+        if len(self._failures) >= MAX_TRACKED_CLIENTS:
+            self._failures.clear()  # this many guessers at once: start over rather than grow
+
+
+class ReportCache:
+    """Reports as JSON bytes by their query, within a budget of bytes; the least recently used goes first.
+
+    The key holds the database's lowest and highest event id, so a new event (late ones too) or
+    a pruning step makes the next request read the database again: a kept report is never stale.
+    """
+
+    def __init__(self, budget=REPORT_CACHE_BYTES):
+        self.budget = budget
+        self.used = 0
+        self._lock = threading.Lock()
+        self._entries = collections.OrderedDict()  # key -> JSON bytes
+
+    def get(self, key):
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+        return found
+
+    def put(self, key, data):
+        size = len(data) + len(repr(key))
+        if size > self.budget:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.used -= len(old) + len(repr(key))
+            self._entries[key] = data
+            self.used += size
+            while self.used > self.budget:
+                oldest, dropped = self._entries.popitem(last=False)
+                self.used -= len(dropped) + len(repr(oldest))
+
+    def __len__(self):
+        return len(self._entries)
+
+
+def _query_fields(query):
+    """{name: last value} and {name: every value} of a query string; 400 for one no dashboard sends."""
+    from urllib.parse import parse_qs  # here: only the dashboard reads a query string
+
+    try:
+        every = parse_qs(query, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        raise BadRequest(f"a report takes at most {MAX_QUERY_FIELDS} query fields") from None
+    for name, values in every.items():
+        for value in values:
+            if len(value) > MAX_FILTER_CHARACTERS or "\x00" in value:
+                raise BadRequest(f"{name[:40]!r} must be at most {MAX_FILTER_CHARACTERS} characters, without NUL")
+    return {name: values[-1] for name, values in every.items()}, every
+
+
+def _report_day(fields, name, default):
+    text = fields.get(name)
+    if not text:
+        return default
+    try:
+        day = datetime.date.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be a date like 2024-05-01, not {text[:40]!r}") from None
+    if not FIRST_REPORT_DAY <= day <= LAST_REPORT_DAY:
+        raise BadRequest(f"{name} must be a day from {FIRST_REPORT_DAY} to {LAST_REPORT_DAY}")
+    return day
+
+
+def report_query(fields, today):
+    """The ReportQuery of the fields of a query string; BadRequest names what is wrong."""
+    until = _report_day(fields, "until", min(today, LAST_REPORT_DAY))
+    default_since = max(FIRST_REPORT_DAY, until - datetime.timedelta(days=DASHBOARD_DAYS - 1))
+    since = _report_day(fields, "since", default_since)
+    if since > until:
+        raise BadRequest(f"since ({since}) must not be after until ({until})")
+    if (until - since).days + 1 > MAX_REPORT_DAYS:
+        raise BadRequest(f"a report covers at most {MAX_REPORT_DAYS} days; since {since} to until {until} "
+                         f"is {(until - since).days + 1}")
+    return ReportQuery(since, until, *(fields.get(name) or None for name in REPORT_FILTERS))
+
+
+def _answer_format(fields, offered):
+    chosen = fields.get("format") or "json"
+    if chosen not in offered:
+        raise BadRequest(f"format must be {' or '.join(offered)}, not {chosen[:40]!r}")
+    return chosen
+
+
+def _funnel_steps(fields, every):
+    """The steps of a funnel: `steps=a,b,c`, or the dashboard's `step` fields when that is empty."""
+    steps = [step.strip() for step in (fields.get("steps") or "").split(",") if step.strip()]
+    steps = steps or [step for step in every.get("step", ()) if step]
+    if not steps:
+        raise BadRequest("a funnel needs steps: event types separated by commas, like steps=tutorial_start,tutorial_end")
+    if len(steps) > MAX_FUNNEL_STEPS:
+        raise BadRequest(f"a funnel has at most {MAX_FUNNEL_STEPS} steps, not {len(steps)}")
+    return tuple(steps)
+
+
+def _value_field(fields):
+    field = fields.get("field")
+    if not field or any(character in field for character in '"\\') or not field.isprintable():
+        raise BadRequest("field must name a key of the events' value, like field=level (no quotes or backslashes)")
+    return field
+
+
+def _percentile(ordered, share):
+    """The nearest-rank percentile of a sorted list of (value, how many times) pairs."""
+    rank, seen = math.ceil(share * sum(times for _, times in ordered)), 0
+    for value, times in ordered:
+        seen += times
+        if seen >= max(1, rank):
+            return value
+    return None
+
+
+def _top(counts, total_events, other_users=None):
+    """The REPORT_TOP largest of (name, events, users) rows sorted by events, then "(other)" for the rest."""
+    rows = [{"name": name, "events": events, "users": users} for name, events, users in counts[:REPORT_TOP]]
+    if len(counts) > REPORT_TOP:
+        rest = {"name": "(other)", "events": total_events - sum(row["events"] for row in rows)}
+        if other_users is not None:
+            rest["users"] = other_users
+        rows.append(rest)
+    return rows
+
+
+class _ReportReader:
+    """The SQL of one report: its range and filters as a WHERE clause, on one connection."""
+
+    def __init__(self, store, connection, query):
+        self.store, self.connection, self.query = store, connection, query
+        self.sql = REPORT_SQL[store.kind]
+        self.end = (query.until + datetime.timedelta(days=1)).isoformat()
+        self.filters, self.filter_values = "", []
+        for name in REPORT_FILTERS:
+            if getattr(query, name) is not None:
+                self.filters += f" AND {name} = {store.parameter}"
+                self.filter_values.append(getattr(query, name))
+        self.where = f"WHERE time >= {store.since} AND time < {store.since}{self.filters}"
+        self.arguments = [query.since.isoformat(), self.end] + self.filter_values
+
+    def rows(self, sql, before=(), after=()):
+        return self.connection.execute(sql, list(before) + self.arguments + list(after))
+
+    def activity(self):
+        """(day, application, user_id, session_id, events, first time, last time) of the range."""
+        day, moment = self.store.day, self.store.time_text
+        return self.rows(f"SELECT {day}, application, user_id, session_id, count(*), min({moment}), max({moment})"
+                         f" FROM event {self.where} GROUP BY 1, 2, 3, 4")
+
+    def first_days(self):
+        """(application, user_id, first day) of the users whose first event ever is in the range."""
+        since = self.store.since
+        return self.connection.execute(
+            f"SELECT application, user_id, {self.store.day} FROM (SELECT application, user_id, min(time) AS time"
+            f" FROM event WHERE time < {since}{self.filters} GROUP BY application, user_id) AS firsts"
+            f" WHERE time >= {since}", [self.end] + self.filter_values + [self.query.since.isoformat()])
+
+    def ranking(self, field, total_events):
+        """The events and users of each value of `field`, the top ones and "(other)"."""
+        counts = [(name, int(events), users) for name, events, users in self.rows(
+            f"SELECT name, sum(events), count(*) FROM (SELECT {field} AS name, application, user_id,"
+            f" count(*) AS events FROM event {self.where} GROUP BY 1, 2, 3) AS per_user"
+            f" GROUP BY name ORDER BY 2 DESC, name{self.sql['collate']} LIMIT {REPORT_TOP + 1}")]
+        other_users = None
+        if len(counts) > REPORT_TOP:
+            marks = ", ".join([self.store.parameter] * REPORT_TOP)
+            other_users = self.rows(
+                f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM event {self.where}"
+                f" AND {field} NOT IN ({marks})) AS rest", after=[name for name, _, _ in counts[:REPORT_TOP]]
+            ).fetchone()[0]
+        return _top(counts, total_events, other_users)
+
+    def funnel(self, steps):
+        """How many users did steps[0], then steps[1] at or after that, and so on."""
+        kinds = sorted(set(steps))
+        marks = ", ".join([self.store.parameter] * len(kinds))
+        times = collections.defaultdict(lambda: collections.defaultdict(list))
+        for application, user_id, event_type, moment in self.rows(
+            f"SELECT application, user_id, event_type, {self.store.time_text} FROM event {self.where}"
+            f" AND event_type IN ({marks})", after=kinds
+        ):
+            times[application, user_id][event_type].append(moment)
+        reached = [0] * len(steps)
+        for per_type in times.values():
+            moment = ""  # every stored time is at or after ""
+            for n, step in enumerate(steps):
+                moment = min((found for found in per_type.get(step, ()) if found >= moment), default=None)
+                if moment is None:
+                    break
+                reached[n] += 1
+        return [{"name": step, "users": users} for step, users in zip(steps, reached)]
+
+    def values(self, field):
+        """{kind: Counter of value -> events} of `field` in the events' value."""
+        path = field if self.store.kind == "PostgreSQL" else f'$."{field}"'
+        found = collections.defaultdict(collections.Counter)
+        for kind, item, events in self.rows(f"SELECT {self.sql['kind']}, {self.sql['item']}, count(*) FROM event"
+                                            f" {self.where} GROUP BY 1, 2", before=[path, path]):
+            kind = VALUE_KINDS.get(kind, "missing")
+            if kind == "number" and isinstance(item, str):
+                item = float(item) if any(mark in item for mark in ".eE") else int(item)
+            elif kind == "boolean":
+                kind, item = "string", "true" if item in (1, "true", True) else "false"
+            elif kind == "missing":
+                item = None
+            found[kind][item] += events
+        return found
+
+
+def _session_seconds(first, last):
+    begun, ended = (datetime.datetime.fromisoformat(text.replace("T", " ")[:26]) for text in (first, last))
+    return round((ended - begun).total_seconds(), 3)
+
+
+def build_report(store, connection, query, today):
+    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
+    reader = _ReportReader(store, connection, query)
+    span = (query.until - query.since).days + 1
+    position = {(query.since + datetime.timedelta(days=n)).isoformat(): n for n in range(span)}
+    columns = {name: [0] * span for name in ("events", "users", "new_users", "sessions")}
+    active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
+    sessions = {}  # (application, session_id) -> [days, first time, last time]
+    for day, application, user_id, session_id, events, first, last in reader.activity():
+        n = position[day]
+        columns["events"][n] += events
+        days = active[application, user_id]
+        if n not in days:
+            days.add(n)
+            columns["users"][n] += 1
+        session = sessions.setdefault((application, session_id), [set(), first, last])
+        if n not in session[0]:
+            session[0].add(n)
+            columns["sessions"][n] += 1
+        session[1], session[2] = min(session[1], first), max(session[2], last)
+    cohorts = collections.defaultdict(list)
+    for application, user_id, day in reader.first_days():
+        columns["new_users"][position[day]] += 1
+        cohorts[position[day]].append((application, user_id))
+    lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
+    total_events = sum(columns["events"])
+    report = {
+        "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+        "totals": {"events": total_events, "users": len(active), "new_users": sum(columns["new_users"]),
+                   "sessions": len(sessions)},
+        "days": [dict(date=day, **{name: columns[name][n] for name in columns}) for day, n in position.items()],
+        "retention": [],
+        "sessions": {"count": len(lengths),
+                     "median_seconds": _percentile([(length, 1) for length in lengths], 0.5) or 0,
+                     "p90_seconds": _percentile([(length, 1) for length in lengths], 0.9) or 0,
+                     "per_user": round(len(lengths) / len(active), 2) if active else 0},
+        "event_types": reader.ranking("event_type", total_events),
+        "versions": reader.ranking("version", total_events),
+        "platforms": reader.ranking("platform", total_events),
+    }
+    observed = (min(query.until, today) - query.since).days  # days after it have not happened yet
+    triangle = []
+    for n in sorted(cohorts):
+        cohort = cohorts[n]
+        shares = [None if n + after > observed else round(sum(n + after in active[user] for user in cohort)
+                                                          / len(cohort), 4) for after in RETENTION_COLUMNS]
+        triangle.append([n, len(cohort), shares])
+        report["retention"].append(dict(
+            {"cohort": (query.since + datetime.timedelta(days=n)).isoformat(), "users": len(cohort)},
+            **{f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS}))
+    histogram = [0] * len(SESSION_BUCKETS)
+    for length in lengths:
+        histogram[next(n for n, (bound, _) in enumerate(SESSION_BUCKETS) if length < bound)] += 1
+    extras = {"triangle": triangle, "session_lengths": histogram,
+              "applications": [row["name"] for row in _ReportReader(store, connection, query._replace(
+                  application=None)).ranking("application", 0) if row["name"] != "(other)"]}
+    return report, extras
+
+
+def build_funnel(store, connection, query, steps):
+    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+            "steps": _ReportReader(store, connection, query).funnel(steps)}
+
+
+def build_values(store, connection, query, field):
+    found = _ReportReader(store, connection, query).values(field)
+    numbers = None
+    if found["number"]:
+        ordered = sorted(found["number"].items())
+        numbers = {"count": sum(found["number"].values()), "min": ordered[0][0], "p50": _percentile(ordered, 0.5),
+                   "p90": _percentile(ordered, 0.9), "max": ordered[-1][0],
+                   "sum": sum(value * times for value, times in ordered)}
+    strings = sorted(found["string"].items(), key=lambda item: (-item[1], item[0]))
+    total = sum(sum(counter.values()) for counter in found.values())
+    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+            "event_type": query.event_type, "field": field, "events": total,
+            "missing": sum(found["missing"].values()), "numbers": numbers,
+            "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
+                [(value, events, None) for value, events in strings], sum(found["string"].values()))]}
+
+
+def _csv(header, rows):
+    lines = [",".join(header)]
+    for row in rows:
+        lines.append(",".join(_csv_cell(row[name]) for name in header))
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def _csv_cell(value):
+    """One CSV cell; text that a spreadsheet would run as a formula starts with a quote (OWASP's advice)."""
+    text = "" if value is None else str(value)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        text = "'" + text
+    if any(mark in text for mark in ',"\r\n'):
+        text = '"' + text.replace('"', '""') + '"'
+    return text
+
+
 class Dashboard:
-    """Charts of the stored events, drawn by the server as inline SVG: no scripts, fonts or CDNs.
+    """The report API (/v1.0/report...) and the dashboard page drawn from it: SVG, no scripts, fonts or CDNs.
 
     Reading needs one of `read_keys`; the write keys that ship inside games never open it.
-    The figures are per day, from three scans of the days not yet cached, through the `time` index.
     """
 
     def __init__(self, config, store):
         self.store = store
         self._read_keys = [key.encode("utf-8") for key in config.read_keys]
-        self._lock = threading.Lock()
-        self._cache = {}  # day -> (when read, its summaries), oldest read first
+        self._trusted_proxies = config.trusted_proxies
+        self._guard = ReadKeyGuard()
+        self.cache = ReportCache()
 
     def authorize(self, environ):
         if not self._read_keys:
             raise Forbidden("the dashboard is off: set read_keys in the configuration to open it")
+        address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted_proxies)
+        self._guard.check(address)
         key = presented_read_key(environ)
         matched = False
         try:
@@ -1489,207 +2121,293 @@ class Dashboard:
         for known in self._read_keys:
             matched |= compare_digest(known, candidate)
         if not key or not matched:
+            if key:  # a browser's first request carries no key: that is not a guess
+                self._guard.failed(address)
             raise Unauthorized("the dashboard needs a read key: as the password of HTTP Basic, or a Bearer token",
                                [("WWW-Authenticate", 'Basic realm="pycolytics dashboard", charset="UTF-8"')])
 
+    def answer(self, environ):
+        """(status, headers, body) for /v1.0/report, /v1.0/report/funnel and /v1.0/report/values."""
+        self.authorize(environ)
+        fields, every = _query_fields(environ.get("QUERY_STRING", ""))
+        query = report_query(fields, _today())
+        kind = (environ.get("PATH_INFO") or "").rpartition("/")[2]
+        if kind == "funnel":
+            chosen = _answer_format(fields, ("json", "csv"))
+            document = self.figures("funnel", query, _funnel_steps(fields, every))
+            rows = (document["steps"], ("name", "users"))
+        elif kind == "values":
+            chosen = _answer_format(fields, ("json",))
+            if not query.event_type:
+                raise BadRequest("values needs event_type: the type of the events whose value to break down")
+            document = self.figures("values", query, _value_field(fields))
+        else:
+            chosen = _answer_format(fields, ("json", "csv"))
+            document = self.figures("report", query)[0]
+            rows = (document["days"], ("date", "events", "users", "new_users", "sessions"))
+        if chosen == "csv":
+            name = f"pycolytics-{kind}-{query.since}-{query.until}.csv"
+            return _ok(_csv(rows[1], rows[0]), ("Content-Type", "text/csv; charset=utf-8"),
+                       ("Content-Disposition", f'attachment; filename="{name}"'), ("Cache-Control", "no-store"))
+        return _ok(json.dumps(document).encode(), ("Content-Type", "application/json"), ("Cache-Control", "no-store"))
+
     def page(self, environ):
         started = time.monotonic()
-        application, since, until = self._filters(environ.get("QUERY_STRING", ""))
+        fields, every = _query_fields(environ.get("QUERY_STRING", ""))
+        query = report_query(fields, _today())
+        report, extras = self.figures("report", query)
+        funnel = values = None
+        if fields.get("steps") or any(every.get("step", ())):
+            funnel = self.figures("funnel", query, _funnel_steps(fields, every))
+        if fields.get("of") and fields.get("field"):
+            values = self.figures("values", query._replace(event_type=fields["of"]), _value_field(fields))
+        parts = {"report": report, "extras": extras, "funnel": funnel, "values": values, "fields": fields,
+                 "query": query}
+        return _dashboard_html(parts, time.monotonic() - started).encode()
+
+    def figures(self, kind, query, *arguments):
+        """build_report, build_funnel or build_values, from the cache while the database has not changed."""
         connection = self.store.read()
         try:
-            figures = self._figures(connection, application, since, until)
+            try:
+                lowest = connection.execute("SELECT min(id) FROM event").fetchone()[0]
+                highest = connection.execute("SELECT max(id) FROM event").fetchone()[0]
+                key = (kind, query, arguments or (_today(),), lowest, highest)
+                kept = self.cache.get(key)
+                if kept is None:
+                    build = {"report": build_report, "funnel": build_funnel, "values": build_values}[kind]
+                    kept = json.dumps(build(self.store, connection, query, *key[2])).encode()
+                    self.cache.put(key, kept)
+            except self.store.errors as error:
+                raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
         finally:
             connection.close()
-        return _dashboard_html(figures, application, since, until, time.monotonic() - started).encode()
-
-    def _filters(self, query):
-        from urllib.parse import parse_qs  # here: only the dashboard reads a query string
-
-        fields = {name: values[-1] for name, values in parse_qs(query).items()}
-        today = datetime.datetime.now(datetime.timezone.utc).date()
-        try:
-            until = datetime.date.fromisoformat(fields["until"]) if fields.get("until") else today
-            since = (datetime.date.fromisoformat(fields["since"]) if fields.get("since")
-                     else until - datetime.timedelta(days=DASHBOARD_DAYS - 1))
-        except ValueError:
-            raise BadRequest("since and until must be dates like 2024-05-01") from None
-        if since > until:
-            raise BadRequest("since must not be after until")
-        return fields.get("application") or None, since, until
-
-    def _figures(self, connection, application, since, until):
-        days = [(since + datetime.timedelta(days=n)).isoformat() for n in range((until - since).days + 1)]
-        summaries = self._summaries(connection, days)
-        chosen = [summaries[day].get(application, _EMPTY_DAY) for day in days]
-        ranked = {"event_type": collections.Counter(), "version": collections.Counter(), "platform": collections.Counter()}
-        for summary in chosen:
-            for (field, value), events in summary[3].items():
-                ranked[field][value] += events
-        applications = {app for day in days for app in summaries[day] if app is not None}
-        return {
-            "days": [(day,) + summary[:3] for day, summary in zip(days, chosen)],
-            "ranked": {name: counter.most_common(10) for name, counter in ranked.items()},
-            "applications": sorted(applications | ({application} if application else set())),
-        }
-
-    def _summaries(self, connection, days):
-        """Each day's figures, per application and for all (key None), from the cache or the database.
-
-        A day that ended DASHBOARD_SETTLED_DAYS ago hardly changes (only late events with old
-        timestamps land in it), so its figures are kept for DASHBOARD_CACHE_SECONDS; the
-        database is read only for the other days, in one range.
-        """
-        now = time.monotonic()
-        settled = (datetime.datetime.now(datetime.timezone.utc).date()
-                   - datetime.timedelta(days=DASHBOARD_SETTLED_DAYS)).isoformat()
-        with self._lock:
-            summaries = {day: self._cache[day][1] for day in days
-                         if day in self._cache and day < settled and now - self._cache[day][0] < DASHBOARD_CACHE_SECONDS}
-        missing = [day for day in days if day not in summaries]
-        if missing:
-            fresh = self._read_days(connection, missing[0], missing[-1])
-            with self._lock:
-                for day in missing:
-                    summaries[day] = fresh.get(day, {})
-                    self._cache[day] = (now, summaries[day])
-                while len(self._cache) > DASHBOARD_CACHE_DAYS:
-                    del self._cache[next(iter(self._cache))]
-        return summaries
-
-    def _read_days(self, connection, first, last):
-        """{day: {application or None: (events, users, sessions, Counter of (field, value))}}."""
-        bounds = [first, (datetime.date.fromisoformat(last) + datetime.timedelta(days=1)).isoformat()]
-        where, day_of = f"WHERE time >= {self.store.since} AND time < {self.store.since}", self.store.day
-        days = collections.defaultdict(dict)
-        for day, application, events, users, sessions in connection.execute(
-            f"SELECT {day_of}, application, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
-            f" FROM event {where} GROUP BY 1, 2", bounds
-        ):
-            days[day][application] = (events, users, sessions, collections.Counter())
-        for day, events, users, sessions in connection.execute(
-            f"SELECT {day_of}, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
-            f" FROM event {where} GROUP BY 1", bounds
-        ):
-            days[day][None] = (events, users, sessions, collections.Counter())
-        for day, application, event_type, version, platform, events in connection.execute(
-            f"SELECT {day_of}, application, event_type, version, platform, count(*) FROM event {where}"
-            " GROUP BY 1, 2, 3, 4, 5", bounds
-        ):
-            for key in (application, None):
-                ranked = days[day][key][3]
-                ranked["event_type", event_type] += events
-                ranked["version", version] += events
-                ranked["platform", platform] += events
-        return days
+        return json.loads(kept)  # the same lists and dicts whether kept or just built
 
 
-_EMPTY_DAY = (0, 0, 0, collections.Counter())
+def _today():
+    return datetime.datetime.now(datetime.timezone.utc).date()
 
 
 def _escape(text):
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def _columns_svg(points, label):
-    """A bar per day: (day, value) points."""
-    width, height, left, bottom = 760, 200, 48, 22
-    top = max((value for _, value in points), default=0) or 1
-    step = (width - left) / max(1, len(points))
+def _link(path, fields):
+    """A URL relative to the page, so the dashboard works under any path prefix."""
+    from urllib.parse import urlencode  # here: only the dashboard writes links
+
+    chosen = {name: value for name, value in fields.items() if value}
+    return _escape(path + ("?" + urlencode(chosen) if chosen else ""))
+
+
+def _day_ticks(days, left, step, y):
+    """Date labels under a chart, about eight of them whatever the range."""
+    every = max(1, math.ceil(len(days) / 8))
+    return "".join(f'<text x="{left + n * step + step / 2:.1f}" y="{y}" text-anchor="middle">{day[5:]}</text>'
+                   for n, day in enumerate(days) if n % every == 0)
+
+
+def _frame(top, width, height, left, bottom, label, inside):
+    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)}">'
+            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
+            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
+            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{inside}</svg>')
+
+
+def _columns_svg(days, series, label):
+    """Stacked bars per day: series is [(name, values)], drawn bottom up in the classes bar0, bar1."""
+    width, height, left, bottom = 760, 200, 56, 24
+    top = max((sum(values[n] for _, values in series) for n in range(len(days))), default=0) or 1
+    step = (width - left) / max(1, len(days))
     bars = []
-    for n, (day, value) in enumerate(points):
-        tall = (height - bottom - 10) * value / top
-        bars.append(f'<rect class="bar" x="{left + n * step + step * 0.1:.1f}" y="{height - bottom - tall:.1f}" '
-                    f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {value:,} {label}</title></rect>')
-    ticks = "".join(
-        f'<text x="{left + n * step + step / 2:.1f}" y="{height - 6}" text-anchor="middle">{day[5:]}</text>'
-        for n, (day, _) in enumerate(points) if n % max(1, len(points) // 8) == 0
-    )
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)} per day">'
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
-            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{"".join(bars)}{ticks}</svg>')
+    for n, day in enumerate(days):
+        base = height - bottom
+        for index, (name, values) in enumerate(series):
+            tall = (height - bottom - 10) * values[n] / top
+            if values[n]:
+                bars.append(f'<rect class="bar bar{index}" x="{left + n * step + step * 0.1:.1f}" y="{base - tall:.1f}" '
+                            f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {values[n]:,} '
+                            f'{_escape(name)}</title></rect>')
+            base -= tall
+    return _frame(top, width, height, left, bottom, label, "".join(bars) + _day_ticks(days, left, step, height - 6))
 
 
-def _lines_svg(series):
-    """A line per series over the days: {name: [(day, value)]}."""
-    width, height, left, bottom = 760, 200, 48, 22
-    top = max((value for points in series.values() for _, value in points), default=0) or 1
-    lines, legend = [], []
-    for n, (name, points) in enumerate(series.items()):
-        step = (width - left - 10) / max(1, len(points) - 1)
-        coordinates = " ".join(f"{left + i * step:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
-                               for i, (_, value) in enumerate(points))
-        lines.append(f'<polyline class="line line{n}" points="{coordinates}"><title>{_escape(name)}</title></polyline>')
-        legend.append(f'<text x="{left + 10 + n * 130}" y="14" class="legend{n}">&#9632; {_escape(name)}</text>')
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="daily users and sessions">'
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
-            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{"".join(lines)}{"".join(legend)}</svg>')
+def _lines_svg(days, series, label):
+    """A line per series over the days: series is [(name, values)], in the classes line0, line1."""
+    width, height, left, bottom = 760, 200, 56, 24
+    top = max((value for _, values in series for value in values), default=0) or 1
+    step = (width - left) / max(1, len(days))
+    lines = []
+    for index, (name, values) in enumerate(series):
+        points = " ".join(f"{left + n * step + step / 2:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
+                          for n, value in enumerate(values))
+        lines.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title></polyline>')
+    return _frame(top, width, height, left, bottom, label, "".join(lines) + _day_ticks(days, left, step, height - 6))
 
 
-def _ranking_svg(items, label):
-    """Horizontal bars for the top (name, count) items."""
+def _legend(names):
+    return '<p class="legend">' + " ".join(f'<span class="key{n}">&#9632; {_escape(name)}</span>'
+                                           for n, name in enumerate(names)) + "</p>"
+
+
+def _ranking_svg(items, label, shares=False):
+    """Horizontal bars for (name, count) items, with their share of the first when `shares`."""
     if not items:
         return '<p class="empty">No events in this range.</p>'
-    width, row = 360, 22
-    top = items[0][1] or 1
+    width, row, names = 420, 26, 150
+    top = max(value for _, value in items) or 1
+    first = items[0][1] or 1
     bars = []
     for n, (name, value) in enumerate(items):
-        y = n * row
+        y, long = n * row, (width - names - 80) * value / top
+        shown = str(name) if len(str(name)) <= 20 else str(name)[:19] + "\u2026"
+        note = f" ({100 * value / first:.0f}%)" if shares else ""
         bars.append(
-            f'<rect class="bar" x="120" y="{y + 4}" width="{(width - 180) * value / top:.1f}" height="{row - 8}">'
-            f'<title>{_escape(name)}: {value:,}</title></rect>'
-            f'<text x="114" y="{y + 16}" text-anchor="end">{_escape(name[:18] or "(empty)")}</text>'
-            f'<text x="{126 + (width - 180) * value / top:.1f}" y="{y + 16}">{value:,}</text>'
+            f'<rect class="bar" x="{names}" y="{y + 4}" width="{long:.1f}" height="{row - 8}">'
+            f'<title>{_escape(name)}: {value:,}{note}</title></rect>'
+            f'<text x="{names - 6}" y="{y + 18}" text-anchor="end">{_escape(shown or "(empty)")}</text>'
+            f'<text x="{names + long + 6:.1f}" y="{y + 18}">{value:,}{note}</text>'
         )
-    return (f'<svg class="chart" viewBox="0 0 {width} {row * len(items)}" role="img" aria-label="{_escape(label)}">'
-            f'{"".join(bars)}</svg>')
+    return (f'<svg class="chart ranking" viewBox="0 0 {width} {row * len(items)}" role="img" '
+            f'aria-label="{_escape(label)}">{"".join(bars)}</svg>')
 
 
-def _dashboard_html(figures, application, since, until, seconds):
-    days = figures["days"]
-    events, sessions = sum(day[1] for day in days), sum(day[3] for day in days)
-    users = round(sum(day[2] for day in days) / len(days))
-    options = "".join(f'<option value="{_escape(name)}"{" selected" if name == application else ""}>{_escape(name)}</option>'
-                      for name in figures["applications"])
-    charts = (_columns_svg([(day, n) for day, n, _, _ in days], "events")
-              if events else '<p class="empty">No events in this range.</p>')
-    activity = _lines_svg({"users": [(day, n) for day, _, n, _ in days],
-                           "sessions": [(day, n) for day, _, _, n in days]}) if events else ""
-    ranked = figures["ranked"]
+def _retention_table(triangle, since):
+    """Cohorts by first day, the share of each back on the days after: a triangle, shaded by share."""
+    if not triangle:
+        return '<p class="empty">No new users in this range.</p>'
+    head = "".join(f"<th>day {after}</th>" for after in RETENTION_COLUMNS)
+    rows = []
+    for n, users, shares in triangle:
+        cells = "".join('<td class="future"></td>' if share is None else
+                        f'<td style="background:rgba(61,123,224,{0.08 + 0.92 * share:.2f})'
+                        f'{";color:#fff" if share > 0.5 else ""}">{100 * share:.0f}%</td>' for share in shares)
+        day = (since + datetime.timedelta(days=n)).isoformat()
+        rows.append(f"<tr><th>{day}</th><td>{users:,}</td>{cells}</tr>")
+    return (f'<div class="scroll"><table class="retention"><tr><th>first day</th><th>new users</th>{head}</tr>'
+            f'{"".join(rows)}</table></div>')
+
+
+def _options(names, chosen):
+    return "".join(f'<option value="{_escape(name)}"{" selected" if name == chosen else ""}>{_escape(name)}</option>'
+                   for name in names)
+
+
+def _seconds_text(seconds):
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+
+
+def _funnel_section(parts, hidden, types):
+    fields, funnel = parts["fields"], parts["funnel"]
+    typed = fields.get("steps", "")
+    picks = "".join(f'<select name="step"><option value="">step {n + 1}</option>{_options(types, None)}</select>'
+                    for n in range(4))
+    form = (f'<form method="get" action="dashboard">{hidden}<label>Steps <input name="steps" size="40" '
+            f'value="{_escape(typed)}" placeholder="tutorial_start,tutorial_step,tutorial_end"></label> or {picks}'
+            f'<button type="submit">Count</button></form>')
+    if funnel is None:
+        return form + '<p class="empty">Type event types separated by commas, or pick them.</p>'
+    items = [(step["name"], step["users"]) for step in funnel["steps"]]
+    return form + _ranking_svg(items, "funnel", shares=True)
+
+
+def _values_section(parts, hidden, types):
+    fields, values = parts["fields"], parts["values"]
+    form = (f'<form method="get" action="dashboard">{hidden}<label>Event type <select name="of">'
+            f'{_options(types, fields.get("of"))}</select></label> <label>value field <input name="field" '
+            f'value="{_escape(fields.get("field", ""))}" placeholder="level"></label><button type="submit">Break down</button>'
+            f'</form>')
+    if values is None:
+        return form + '<p class="empty">What level do players die on? Pick the event type and its value\'s field.</p>'
+    shown = []
+    if values["numbers"]:
+        numbers = values["numbers"]
+        shown.append('<table class="numbers"><tr>' + "".join(f"<th>{name}</th>" for name in numbers) + "</tr><tr>"
+                     + "".join(f"<td>{value:,}</td>" for value in numbers.values()) + "</tr></table>")
+    if values["strings"]:
+        shown.append(_ranking_svg([(row["value"], row["events"]) for row in values["strings"]], "values"))
+    shown.append(f'<p class="empty">{values["events"]:,} events of {_escape(values["event_type"])}; '
+                 f'{values["missing"]:,} without a number or text in {_escape(values["field"])}.</p>')
+    return form + "".join(shown)
+
+
+def _dashboard_html(parts, seconds):
+    report, extras, fields, query = parts["report"], parts["extras"], parts["fields"], parts["query"]
+    totals, days = report["totals"], report["days"]
+    dates = [day["date"] for day in days]
+    column = {name: [day[name] for day in days] for name in ("events", "users", "new_users", "sessions")}
+    filters = {name: fields.get(name, "") for name in REPORT_FILTERS}
+    chosen = dict(filters, since=query.since.isoformat(), until=query.until.isoformat())
+    hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
+                     for name, value in chosen.items() if value)
+    types = [row["name"] for row in report["event_types"] if row["name"] != "(other)"]
+    empty = '<p class="empty">No events in this range.</p>'
+    median = report["sessions"]["median_seconds"]
+    returning = [users - new for users, new in zip(column["users"], column["new_users"])]
+    ranked = {title: _ranking_svg([(row["name"], row["events"]) for row in report[key]], title)
+              for title, key in (("Event types", "event_types"), ("Versions", "versions"), ("Platforms", "platforms"))}
+    lengths = [(label, n) for (_, label), n in zip(SESSION_BUCKETS, extras["session_lengths"])]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Pycolytics dashboard</title>
 <style>
 body{{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}}
-header{{background:#1d2433;color:#fff;padding:12px 24px;display:flex;flex-wrap:wrap;gap:16px;align-items:center}}
-header h1{{font-size:20px;margin:0 16px 0 0}} form{{display:flex;gap:12px;flex-wrap:wrap;align-items:center}}
+header{{background:#1d2433;color:#fff;padding:12px 24px}} header h1{{font-size:20px;margin:0 0 8px}}
+form{{display:flex;gap:10px;flex-wrap:wrap;align-items:center;margin:4px 0 8px}}
 input,select,button{{font:inherit;padding:3px 6px}} main{{max-width:1100px;margin:0 auto;padding:16px 24px}}
-.totals{{display:flex;gap:16px}} .totals div{{background:#fff;border-radius:8px;padding:12px 20px;flex:1}}
-.totals b{{display:block;font-size:28px}} section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
-h2{{font-size:16px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:16px}}
-.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:11px;fill:#5b6477}}
-.bar{{fill:#3d7be0}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}} .line0{{stroke:#3d7be0}}
-.line1{{stroke:#e0793d}} .chart .legend0{{fill:#3d7be0;font-size:13px}} .chart .legend1{{fill:#e0793d;font-size:13px}}
-.empty{{color:#5b6477}}
-footer{{color:#5b6477;font-size:12px;padding:0 24px 24px;text-align:center}}
+.totals{{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}}
+.totals div{{background:#fff;border-radius:8px;padding:12px 20px}} .totals b{{display:block;font-size:28px}}
+section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
+h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:16px}}
+.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:13px;fill:#3b4356}}
+.bar,.bar0{{fill:#3d7be0}} .bar1{{fill:#e0793d}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}}
+.line0{{stroke:#3d7be0}} .line1{{stroke:#e0793d}} .legend{{margin:0 0 4px;font-size:14px}}
+.key0{{color:#3d7be0}} .key1{{color:#e0793d;margin-left:12px}} .empty{{color:#5b6477}}
+.scroll{{overflow-x:auto}} table{{border-collapse:collapse}} td,th{{padding:3px 8px;text-align:right;font-size:14px}}
+.retention td.future{{background:#fafafa}} .numbers td,.numbers th{{border-bottom:1px solid #e3e6eb}}
+header a{{color:#cfe0ff}} footer{{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}}
 </style></head><body>
 <header><h1>Pycolytics</h1>
-<form method="get" action="/dashboard">
-<label>Application <select name="application"><option value="">all</option>{options}</select></label>
-<label>From <input type="date" name="since" value="{since.isoformat()}"></label>
-<label>to <input type="date" name="until" value="{until.isoformat()}"></label>
-<button type="submit">Show</button></form></header>
+<form method="get" action="dashboard">
+<label>Application <select name="application"><option value="">all</option>{_options(
+        sorted(set(extras["applications"]) | ({query.application} if query.application else set())),
+        query.application)}</select></label>
+<label>From <input type="date" name="since" value="{query.since}"></label>
+<label>to <input type="date" name="until" value="{query.until}"></label>
+<label>Event type <input name="event_type" size="12" value="{_escape(filters["event_type"])}"></label>
+<label>Version <input name="version" size="8" value="{_escape(filters["version"])}"></label>
+<label>Platform <input name="platform" size="8" value="{_escape(filters["platform"])}"></label>
+<button type="submit">Show</button></form>
+<a href="{_link("v1.0/report", dict(chosen, format="csv"))}">Download the days as CSV</a> &middot;
+<a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>
 <main>
-<div class="totals"><div><b>{events:,}</b>events</div><div><b>{users:,}</b>daily users, on average</div>
-<div><b>{sessions:,}</b>sessions</div></div>
-<section><h2>Events per day</h2>{charts}</section>
-<section><h2>Daily active users and sessions</h2>{activity or '<p class="empty">No events in this range.</p>'}</section>
+<div class="totals"><div><b>{totals["events"]:,}</b>events</div><div><b>{totals["users"]:,}</b>users</div>
+<div><b>{totals["new_users"]:,}</b>new users</div><div><b>{totals["sessions"]:,}</b>sessions</div>
+<div><b>{_seconds_text(median)}</b>median session</div></div>
+<section><h2>Events per day</h2>{_columns_svg(dates, [("events", column["events"])], "events per day")
+                                   if totals["events"] else empty}</section>
+<section><h2>Users and sessions per day</h2>{_legend(["users", "sessions"]) + _lines_svg(
+    dates, [("users", column["users"]), ("sessions", column["sessions"])], "users and sessions per day")
+    if totals["events"] else empty}</section>
+<section><h2>New and returning users per day</h2>{_legend(["new users", "returning users"]) + _columns_svg(
+    dates, [("new users", column["new_users"]), ("returning users", returning)], "new and returning users per day")
+    if totals["events"] else empty}</section>
+<section><h2>Retention: the share of each day's new users back on the days after</h2>
+{_retention_table(extras["triangle"], query.since)}</section>
 <div class="grid">
-<section><h2>Top event types</h2>{_ranking_svg(ranked["event_type"], "top event types")}</section>
-<section><h2>Versions</h2>{_ranking_svg(ranked["version"], "versions")}</section>
-<section><h2>Platforms</h2>{_ranking_svg(ranked["platform"], "platforms")}</section>
-</div></main>
+<section><h2>Session length</h2>{_ranking_svg(lengths, "session lengths") if totals["sessions"] else empty}
+<p class="empty">median {_seconds_text(median)}, 90% under {_seconds_text(report["sessions"]["p90_seconds"])},
+{report["sessions"]["per_user"]} sessions per user</p></section>
+{"".join(f"<section><h2>{title}</h2>{svg}</section>" for title, svg in ranked.items())}
+</div>
+<section><h2>Funnel</h2>{_funnel_section(parts, hidden, types)}</section>
+<section><h2>Values</h2>{_values_section(parts, hidden, types)}</section>
+</main>
 <footer>Pycolytics {__version__} &middot; days in UTC &middot; drawn in {seconds * 1000:.0f} ms</footer>
 </body></html>
 """
@@ -1762,6 +2480,58 @@ def decompress(body, encoding, limit):
     raise BadRequest(f"the request body is not valid {encoding} data")
 
 
+# What a Host (or X-Forwarded-Host) may be to be written into a page: a name or an address and
+# a port. Anything else is not a host, and the server's own name is used instead.
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+# An X-Forwarded-Prefix: a path of RFC 3986's unreserved characters and percent-escapes, written
+# as is; nothing that needs quoting in HTML or in the shell command the /docs page shows.
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~%-]*)*")
+# Where the cached documentation names the application's own address; each answer puts the
+# address it was asked at (public_url) in its place. RFC 2606 reserves .invalid: no page says it.
+_OWN_ADDRESS = "http://pycolytics.invalid"
+
+
+def _last(header):
+    """The last value of a comma-separated header: the one the nearest proxy, the trusted one, set."""
+    return header.rpartition(",")[2].strip()
+
+
+def public_url(environ, trusted_proxies):
+    """The application's address as the player used it, without a trailing slash.
+
+    Built as wsgiref.util.application_uri builds it (scheme, Host, SCRIPT_NAME), except that a
+    trusted proxy's X-Forwarded-Proto and X-Forwarded-Host win: behind nginx the request that
+    reaches us says nothing of the player's scheme and host.
+    """
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST", "")
+    if environ.get("REMOTE_ADDR") in trusted_proxies:  # the test client_address() makes of a peer
+        proto = _last(environ.get("HTTP_X_FORWARDED_PROTO", "")).lower()
+        scheme = proto if proto in ("http", "https") else scheme
+        host = _last(environ.get("HTTP_X_FORWARDED_HOST", "")) or host
+    if not _HOST.fullmatch(host):
+        host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
+        host = f"[{host}]" if ":" in host else host
+        if port and port != {"http": "80", "https": "443"}[scheme]:
+            host += ":" + port
+    return f"{scheme}://{host}{public_path(environ, trusted_proxies)}"
+
+
+def public_path(environ, trusted_proxies):
+    """The path the application is at, as the player used it: "" at the root, else "/analytics".
+
+    SCRIPT_NAME (where the WSGI server mounted it) after the X-Forwarded-Prefix of a trusted
+    proxy (the path nginx took off before passing the request on).
+    """
+    prefix = ""
+    if environ.get("REMOTE_ADDR") in trusted_proxies:
+        prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
+        prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
+    from urllib.parse import quote  # here: only the answers that name their own address need it
+
+    return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
+
+
 class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
@@ -1779,11 +2549,17 @@ class Pycolytics:
             "/healthz": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
             "/dashboard": {"GET": self.get_dashboard},
+            "/v1.0/report": {"GET": self.get_report},
+            "/v1.0/report/funnel": {"GET": self.get_report},
+            "/v1.0/report/values": {"GET": self.get_report},
             "/": {"GET": self.get_index},
         }
         for methods in self._routes.values():
             if "GET" in methods:
                 methods["HEAD"] = methods["GET"]
+        # What the server's loop must not answer itself: these may wait for the database.
+        self._reads_the_database = {self.get_health, self.get_dashboard}
+        self._turn_rows, self._turn_requests = [], []  # posted in this turn of the server's loop
 
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
@@ -1794,8 +2570,8 @@ class Pycolytics:
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
         if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
             self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
-        self._openapi = json.dumps(openapi_document(config), indent=2).encode()
-        self._docs = docs_page(config).encode()
+        self._openapi = json.dumps(openapi_document(config, _OWN_ADDRESS), indent=2).encode()
+        self._docs = docs_page(config, _OWN_ADDRESS).encode()
         self.config = self.writer.config = config
 
     def open(self):
@@ -1806,16 +2582,82 @@ class Pycolytics:
         self.writer.close()
 
     def __call__(self, environ, start_response):
+        """Plain WSGI: a posted request waits here until its events are committed."""
         try:
-            status, headers, body = self._dispatch(environ)
+            answer = self._route(environ)(environ)
+            if isinstance(answer, list):  # rows to store
+                if answer:
+                    self.writer.start()
+                    self.writer.write(answer)
+                answer = _NO_CONTENT
         except HTTPError as error:
-            status, headers, body = _error_parts(error)
+            answer = _error_parts(error)
         except Exception:
-            log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
-            status, headers, body = _INTERNAL_ERROR
-        self.metrics.request(status)
-        start_response(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")))
+            answer = self._failed(environ)
+        status, headers, body = self._finish(environ, answer)
+        start_response(status, headers)
         return [body]
+
+    def answer_in_loop(self, environ, respond):
+        """The built-in server's loop hook (see Server): answer without blocking, or return False.
+
+        Everything that does not read the database is answered right here; posted events are
+        validated here and answered once the writer has committed them, with every other
+        request that arrived meanwhile (one fsync for all).
+        """
+        try:
+            handler = self._route(environ)
+            if handler in self._reads_the_database:
+                return False
+            answer = handler(environ)
+            if isinstance(answer, list):  # rows to store
+                if answer:
+                    self._turn_rows += answer
+                    self._turn_requests.append((environ, respond))
+                    return True
+                answer = _NO_CONTENT
+        except HTTPError as error:
+            answer = _error_parts(error)
+        except Exception:
+            answer = self._failed(environ)
+        respond(*self._finish(environ, answer))
+        return True
+
+    def loop_turn_ended(self):
+        """The server's hook after each turn of its loop: the rows of every request read in it
+        go to the writer together, to be committed with one fsync."""
+        if not self._turn_requests:
+            return
+        rows, requests = self._turn_rows, self._turn_requests
+        self._turn_rows, self._turn_requests = [], []
+        try:
+            self.writer.start()
+            self.writer.submit(rows, functools.partial(self._committed, requests))
+        except HTTPError as error:
+            self._committed(requests, error)
+
+    def server_answered(self, status):
+        """The server's hook for the answers it gives by itself (bad framing, overload): counted."""
+        self.metrics.request(status)
+
+    def _committed(self, requests, error=None):
+        """Called by the writer thread once a turn's rows are stored, or could not be: answer them all."""
+        status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
+        self.metrics.request(status, len(requests))
+        for environ, respond in requests:
+            respond(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body)
+
+    def _finish(self, environ, answer):
+        """Every answer, whichever way it leaves: counted, and readable by the pages allowed to."""
+        status, headers, body = answer
+        self.metrics.request(status)
+        return status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body
+
+    @staticmethod
+    def _failed(environ):
+        log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"),
+                      environ.get("PATH_INFO", "").encode("unicode_escape").decode("ascii"))
+        return _INTERNAL_ERROR
 
     def cors_headers(self, origin):
         """What lets a page from `origin` read the answer (browser games, web apps), if it may."""
@@ -1833,52 +2675,55 @@ class Pycolytics:
             ("Access-Control-Max-Age", "86400"),
         ], b""
 
-    def _dispatch(self, environ):
+    def _route(self, environ):
+        """The handler for a request; raises NotFound or MethodNotAllowed. The one routing of both ways in."""
         methods = self._routes.get(environ.get("PATH_INFO") or "/")
         if methods is None:
-            raise NotFound(f"no such endpoint: {environ.get('PATH_INFO')}; events go to /v1.0/event or /v1.0/events")
+            root = public_path(environ, self.config.trusted_proxies)
+            raise NotFound(f"no such endpoint: {root}{environ.get('PATH_INFO')}; "
+                           f"events go to {root}/v1.0/event or {root}/v1.0/events")
         handler = methods.get(environ["REQUEST_METHOD"])
         if handler is None:
             allowed = ", ".join(methods)
             raise MethodNotAllowed(f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}", [("Allow", allowed)])
-        return handler(environ)
+        return handler
 
     def post_event(self, environ):
-        return self._ingest(environ, batch=False)
+        return self._rows(environ, batch=False)
 
     def post_events(self, environ):
-        return self._ingest(environ, batch=True)
+        return self._rows(environ, batch=True)
 
-    def _ingest(self, environ, batch):
+    def _rows(self, environ, batch):
+        """The rows a posted request asks to store; raises HTTPError for anything wrong with it."""
         body = read_body(environ, self.config.max_body_bytes)
         client = client_address(
             environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self.config.trusted_proxies
         )
-        rows = self.ingest(body, batch, environ.get("HTTP_CONTENT_ENCODING"), client, environ.get("HTTP_ORIGIN"))
-        if rows:
-            self.writer.start()
-            self.writer.write(rows)
-        return "204 No Content", [], b""
-
-    def ingest(self, body, batch, encoding=None, client=None, origin=None):
-        """The rows to store for a request body to /v1.0/events (batch) or /v1.0/event; raises HTTPError."""
         if self.rate_limiter is not None:
             self.rate_limiter.check(client)
+        encoding = environ.get("HTTP_CONTENT_ENCODING")
         if encoding and encoding.lower() != "identity":
             body = decompress(body, encoding.lower(), self.config.max_body_bytes)
         received = datetime.datetime.now(datetime.timezone.utc)
-        return self.validator.rows(parse_json(body), batch, body, received, origin)
+        return self.validator.rows(parse_json(body), batch, body, received, environ.get("HTTP_ORIGIN"))
 
     def get_docs(self, environ):
-        return _ok(self._docs, HTML_TYPE)
+        address = _escape(public_url(environ, self.config.trusted_proxies))
+        return _ok(self._docs.replace(_OWN_ADDRESS.encode(), address.encode()), HTML_TYPE)
 
     def get_openapi(self, environ):
-        return _ok(self._openapi, JSON_TYPE)
+        address = json.dumps(public_url(environ, self.config.trusted_proxies))[1:-1]
+        return _ok(self._openapi.replace(_OWN_ADDRESS.encode(), address.encode()), JSON_TYPE)
 
     def get_health(self, environ):
         problem = self.database_problem()
-        document = {"status": "unavailable" if problem else "ok", "database": problem or "accepts writes",
-                    "version": __version__}
+        server_problem = environ.get("pycolytics.server_problem")  # the built-in server's own trouble
+        document = {"status": "unavailable" if problem or server_problem else "ok",
+                    "database": problem or "accepts writes", "version": __version__}
+        if server_problem:
+            document["server"] = server_problem
+            problem = problem or server_problem
         body = json.dumps(document).encode()
         _, headers, body = _ok(body, JSON_TYPE, ("Cache-Control", "no-store"))
         return ("503 Service Unavailable" if problem else "200 OK"), headers, body
@@ -1886,7 +2731,7 @@ class Pycolytics:
     def database_problem(self):
         """Why the database would not take events now, or None if it would."""
         if self.writer.last_error is not None:
-            return f"the last commit failed: {self.writer.last_error}"
+            return f"the last commit failed: {self.writer.store.describe(self.writer.last_error)}"
         return self.writer.store.problem()
 
     def get_dashboard(self, environ):
@@ -1896,6 +2741,9 @@ class Pycolytics:
                    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
                                                "form-action 'self'; frame-ancestors 'none'"))
 
+    def get_report(self, environ):
+        return self.dashboard.answer(environ)
+
     def get_metrics(self, environ):
         extra = ["# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
                  "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {self.writer.pruned}"]
@@ -1903,7 +2751,10 @@ class Pycolytics:
         return _ok(body, ("Content-Type", "text/plain; version=0.0.4"))
 
     def get_index(self, environ):
-        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": "/docs"}).encode()
+        # Paths, not addresses: a client that reached this page can reach them the same way.
+        root = public_path(environ, self.config.trusted_proxies)
+        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": root + "/docs",
+                           "openapi": root + "/openapi.json", "dashboard": root + "/dashboard"}).encode()
         return _ok(body, JSON_TYPE)
 
 
@@ -1974,7 +2825,8 @@ def _client_time_schema(description):
     ]}
 
 
-def openapi_document(config):
+def openapi_document(config, url):
+    """The OpenAPI 3 description of the API served at `url` (as public_url() gives it)."""
     error = {"$ref": "#/components/schemas/Error"}
     answers = {
         "204": {"description": "Stored: the events are committed to the database."},
@@ -2001,6 +2853,7 @@ def openapi_document(config):
     return {
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
+        "servers": [{"url": url}],
         "paths": {
             "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
             "/v1.0/events": post("Store a batch of events, all or nothing", batch),
@@ -2012,7 +2865,8 @@ def openapi_document(config):
     }
 
 
-def docs_page(config):
+def docs_page(config, url):
+    """The /docs page of the API served at `url` (as public_url() gives it, HTML-escaped)."""
     example = json.dumps({
         "event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
         "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY,
@@ -2027,7 +2881,7 @@ def docs_page(config):
 code,pre{{background:#f4f4f4}}pre{{padding:1em;overflow:auto}}td{{padding:.2em .8em;vertical-align:top}}</style>
 </head><body>
 <h1>Pycolytics Event API {API_VERSION}</h1>
-<p>Pycolytics {__version__}. The machine-readable description is <a href="/openapi.json">/openapi.json</a>.</p>
+<p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
 <h2>POST /v1.0/event</h2><p>One event, as a JSON object:</p>
 <pre>{example}</pre>
 <h2>POST /v1.0/events</h2>
@@ -2089,7 +2943,7 @@ that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
 key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
 <h2>Example</h2>
-<pre>curl -i http://127.0.0.1:8000/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
+<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>
 """
 
@@ -2391,6 +3245,34 @@ def client_script(environ):
 # The built-in HTTP/1.1 server
 ###############################################################################
 
+# Blank lines a client may send before a request line: RFC 9112 (section 2.2) asks servers
+# to skip at least one; more than a few is a client that wants to hold a slot for nothing.
+MAX_BLANK_LINES = 8
+
+# How many times per turn of the loop each connection with pipelined requests starts its
+# next one: connections take turns, so one that pipelines a thousand waits its turn.
+PIPELINE_ROUNDS = 16
+
+# How long the server stops accepting when it is out of file descriptors, for the ones in
+# use to be closed; meanwhile the kernel's backlog holds newcomers.
+ACCEPT_PAUSE_SECONDS = 1.0
+
+# What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
+# beyond it are dropped and counted, so that logging never blocks or stops the server.
+LOG_BUFFER_BYTES = 1 << 20
+
+# Bytes that may not appear in a request head once its CRLFs are blanked out: control
+# characters (tab aside), so also a bare CR or LF. RFC 9112 (section 2.2) allows taking a
+# bare LF as a line end, but proxies that read it otherwise are how requests get smuggled.
+_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+# A method or a header name: RFC 9110's token (section 5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+# What a log line may show of client text: control characters become \xNN, so that a
+# request line cannot forge log lines or reach a terminal as escape sequences.
+_PRINTABLE = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
+
 
 def tls_context(config):
     """An SSLContext for HTTPS with config's certificate, or None for plain HTTP.
@@ -2405,11 +3287,23 @@ def tls_context(config):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    for name in ("certfile", "keyfile"):
+        try:
+            open(getattr(config, name), "rb").close()
+        except OSError as error:
+            raise ConfigError(f"cannot load {name} {getattr(config, name)}: {error.strerror} (a PEM file is needed)") from None
     try:
-        context.load_cert_chain(config.certfile, config.keyfile)
+        context.load_cert_chain(config.certfile, config.keyfile, password=functools.partial(_no_pass_phrase, config))
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(f"cannot load certfile {config.certfile} with keyfile {config.keyfile}: {error}") from None
     return context
+
+
+def _no_pass_phrase(config):
+    """Called by OpenSSL for an encrypted key, instead of its prompt on the terminal (which would
+    stop the event loop, or wait forever under systemd)."""
+    raise ConfigError(f"keyfile {config.keyfile} is encrypted; give it unencrypted, readable only by the server "
+                      "(openssl pkey -in ENCRYPTED.pem -out KEY.pem)")
 
 
 def notify_systemd(state):
@@ -2427,23 +3321,91 @@ def notify_systemd(state):
         log.warning("cannot notify systemd at %s: %s", address, error)
 
 
+class LogSink:
+    """A stream for log lines that never blocks and never raises: what a server writes its log to.
+
+    stderr can stall (a pipe nobody reads) or break (`| tee` died); either would stop an event
+    loop that wrote to it directly. Lines wait in a bounded buffer for a thread of their own;
+    when the buffer is full they are dropped, and the next line that fits says how many.
+    """
+
+    def __init__(self, stream, limit=LOG_BUFFER_BYTES):
+        self._stream = stream
+        self._limit = limit
+        self._lines = collections.deque()
+        self._size = 0
+        self._dropped = 0
+        self._ready = threading.Condition(threading.Lock())
+        self._thread = threading.Thread(target=self._run, name="pycolytics-log", daemon=True)
+        self._thread.start()
+
+    def write(self, text):
+        with self._ready:
+            if self._size + len(text) > self._limit:
+                self._dropped += 1
+                return
+            if self._dropped:
+                text = f"[{self._dropped} log lines dropped: the log could not keep up]\n{text}"
+                self._dropped = 0
+            if not self._lines:
+                self._ready.notify()
+            self._lines.append(text)
+            self._size += len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass  # the thread flushes; a caller must not wait for stderr
+
+    def drain(self, timeout=1.0):
+        """Give the thread a moment to write what is buffered (at exit)."""
+        deadline = time.monotonic() + timeout
+        while self._lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self):
+        while True:
+            with self._ready:
+                while not self._lines:
+                    self._ready.wait()
+                text = "".join(self._lines)
+                self._lines.clear()
+                self._size = 0
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr is closed or broken: the server goes on without its log
+
+
+def _printable(text):
+    """Client text fit for one log line."""
+    return text.translate(_PRINTABLE)
+
+
 class _Request:
-    __slots__ = ("method", "target", "version", "headers", "body", "keep_alive", "line")
+    __slots__ = ("method", "path", "query", "version", "headers", "length", "body", "keep_alive", "line")
 
 
 class _Connection:
     """One client connection, owned by the server's event loop."""
 
-    __slots__ = ("sock", "peer", "buffer", "deadline", "request", "body_start", "continued",
-                 "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking")
+    __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
+                 "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
+                 "closed", "limited")
 
-    def __init__(self, sock, peer, deadline):
+    def __init__(self, sock, peer, deadline, limited):
         self.sock = sock
         self.peer = peer
         self.buffer = bytearray()
+        self.scanned = 0  # how much of the buffer is known to hold no end of head: heads are searched once
+        self.blank_lines = 0
         self.deadline = deadline  # when the loop gives up on it; None while its request is answered
         self.request = None  # a request whose head has arrived and whose body has not, yet
         self.body_start = 0
+        self.reserved = 0  # body bytes counted against max_buffered_bytes
         self.continued = False
         self.busy = False  # a whole request is being answered
         self.keep_alive = True
@@ -2451,36 +3413,63 @@ class _Connection:
         self.writing = False
         self.lingering = False
         self.handshaking = False
+        self.closed = False
+        self.limited = limited  # counted against max_connections_per_address
+
+
+def _split_target(target, method):
+    """(path, query) of a request target: a path, an absolute URL (RFC 9112 3.2.2) or OPTIONS' *."""
+    if target[0] != "/":
+        if target == "*" and method == "OPTIONS":
+            return "*", ""
+        scheme, sep, rest = target.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            raise BadRequest("the request target must be a path, an http(s) URL, or * for OPTIONS")
+        ends = [found for found in (rest.find("/"), rest.find("?")) if found >= 0]
+        target = rest[min(ends):] if ends else "/"
+        if target[0] != "/":
+            target = "/" + target
+    path, _, query = target.partition("?")
+    return path, query
 
 
 def _parse_head(head, config):
     """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
+    bad = _FORBIDDEN_IN_HEAD.search(head.replace(b"\r\n", b"  "))
+    if bad:
+        raise BadRequest(f"the request head holds the byte {bad.group()[:1]!r} at offset {bad.start()}: "
+                         "lines end with CRLF and hold no control characters")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
         raise BadRequest("malformed request line")
     request = _Request()
-    request.method, request.target, request.version = parts
+    request.method, target, request.version = parts
     request.line = lines[0]
     if request.version not in ("HTTP/1.1", "HTTP/1.0"):
         if request.version.startswith("HTTP/"):
             raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served")
         raise BadRequest("malformed request line")
+    request.path, request.query = _split_target(target, request.method)
     if len(lines) - 1 > config.max_header_fields:
         raise HeaderFieldsTooLarge(f"at most {config.max_header_fields} header fields are accepted")
-    headers = {}
+    request.headers = headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or line[0] in " \t":
-            raise BadRequest(f"malformed header line {line[:40]!r}")
+        if not sep or not _TOKEN.match(name):
+            raise BadRequest(f"malformed header line {_printable(line[:40])!r}")
         if len(line) > config.max_header_field:
             raise HeaderFieldsTooLarge(f"the header {name} is over {config.max_header_field} bytes")
-        name, value = name.lower(), value.strip()
+        name, value = name.lower(), value.strip(" \t")
         if name in headers:
+            if name == "host":
+                raise BadRequest("more than one Host header")
             if name == "content-length" and value != headers[name]:
                 raise BadRequest("conflicting Content-Length headers")
             value = value if name == "content-length" else headers[name] + ", " + value
         headers[name] = value
+    if request.version == "HTTP/1.1" and "host" not in headers:
+        raise BadRequest("an HTTP/1.1 request needs a Host header")
     if "transfer-encoding" in headers:
         if "content-length" in headers:
             raise BadRequest("both Transfer-Encoding and Content-Length: send one")
@@ -2488,20 +3477,17 @@ def _parse_head(head, config):
     length = headers.get("content-length", "0")
     if not (length.isdigit() and length.isascii()) or len(length) > 18:
         raise BadRequest("Content-Length must be a whole number of bytes")
+    request.length = int(length)
     tokens = headers.get("connection", "").lower()
     if request.version == "HTTP/1.1":
         request.keep_alive = "close" not in tokens
     else:
         request.keep_alive = "keep-alive" in tokens
-    request.headers = headers
     return request
 
 
 class _HTTPDate:
-    """The Date header (RFC 9110's IMF-fixdate), formatted once a second rather than once a request."""
-
-    _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-    _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+    """The Date header, formatted by wsgiref once a second rather than once a request."""
 
     def __init__(self):
         self._second = None
@@ -2510,30 +3496,45 @@ class _HTTPDate:
     def __call__(self):
         second = int(time.time())
         if second != self._second:
-            t = time.gmtime(second)
-            self._text = (f"{self._DAYS[t.tm_wday]}, {t.tm_mday:02d} {self._MONTHS[t.tm_mon - 1]} {t.tm_year} "
-                          f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+            self._text = format_date_time(second)
             self._second = second
         return self._text
 
 
 class Server:
-    """An HTTP/1.1 server for one WSGI application, from the standard library only.
+    """An HTTP/1.1 server for a WSGI application, from the standard library only.
 
     One thread, the event loop (the caller of serve_forever), owns every socket: it reads
     without blocking until a request is whole, so slow, idle and silent clients cost a
-    buffer each and never a thread, and it writes every answer. Events posted to Pycolytics
-    are validated right in the loop, and the rows of all requests that arrived together go
-    to the writer as one group; when the writer has committed them, the loop answers them
-    all. Nothing else switches threads on that path, which is what makes it fast under the
-    GIL. Any other request runs the WSGI application in a bounded pool of worker threads.
-    Connections, threads and buffers are all bounded.
+    buffer each and never a thread, and it writes every answer. Every other thread hands its
+    answers to the loop. A request runs the WSGI application in a bounded pool of worker
+    threads, unless the application takes it in the loop through its hook:
+
+    The loop hook. An application may offer `answer_in_loop(environ, respond)`. The loop calls
+    it with each whole request's WSGI environ; the application either returns False (the
+    request then runs as plain WSGI in a worker thread) or takes the request and calls
+    `respond(status, headers, body)` exactly once, now or later and from any thread, never
+    blocking the loop meanwhile. If it also offers `loop_turn_ended()`, the loop calls that
+    after each turn, once every request read in the turn was handed over: Pycolytics gathers
+    the events posted in a turn and commits them together (so a wrapper that passes one of
+    the two hooks on must pass both). With a middleware in between (no
+    hook), every request takes a worker thread, which is correct and slower. An application
+    may also offer `server_answered(status)`, to hear of the answers the server gives by itself
+    (bad framing, timeouts, overload), so that its metrics count every answer.
+
+    Everything a client can make it hold is bounded: connections (in all, and per address),
+    buffered bodies, head sizes, the time a request may take to arrive, and the work one
+    turn of the loop does for one connection. Nothing a client sends is handled by recursion,
+    and no error while serving one connection leaves the loop: that connection is closed.
     """
 
     def __init__(self, app, config, host=None, port=None, reload=None):
         self.app = app
         self.config = config
         self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
+        self._answer_in_loop = getattr(app, "answer_in_loop", None)
+        self._turn_ended = getattr(app, "loop_turn_ended", None)
+        self._server_answered = getattr(app, "server_answered", None)
         self._reload_requested = False
         self._tls = tls_context(config)
         self._tls_pending = self._tls_errors()
@@ -2543,21 +3544,27 @@ class Server:
         self.listener = socket.create_server((host, port), family=family, backlog=1024)
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()[:2]
-        self._ingest_paths = {"/v1.0/event": False, "/v1.0/events": True} if isinstance(app, Pycolytics) else {}
+        self.problem = None  # what keeps the server from serving as it should now; /healthz tells
+        self.log = sys.stderr
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
+        self._loop_thread = None
         self._jobs = queue.SimpleQueue()
-        self._finished = collections.deque()  # (connection, request, status, headers, body) to send
-        self._group = []  # rows of the requests read in this turn of the loop
-        self._group_members = []  # and their (connection, request)
+        self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
+        self._ready = collections.deque()  # connections whose buffer may hold their next request
+        self._idle = collections.OrderedDict()  # connections waiting for a request or lingering, oldest first
         self._connections = {}
+        self._per_address = collections.Counter()
+        self._reserved = 0  # body bytes announced by requests being read or answered
         self._busy = 0
         self._listening = False
+        self._accept_again = 0.0  # when to accept again after running out of file descriptors
         self._stopping = False
         self._date = _HTTPDate()
         self._workers = []
+        self._failures_logged = set()
         self._log_requests = not config.quiet
 
     @property
@@ -2599,31 +3606,27 @@ class Server:
     # -- the event loop ----------------------------------------------------------------------
 
     def serve_forever(self):
-        if self._ingest_paths:
-            self.app.writer.start()
-        self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}") for n in range(self.config.threads)]
+        self._loop_thread = threading.get_ident()
+        self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}", daemon=True)
+                         for n in range(self.config.threads)]
         for worker in self._workers:
-            worker.daemon = True
             worker.start()
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, (self._take_wake_ups, None))
         self._listen(True)
         next_sweep = time.monotonic() + 1
         drain_by = None
         try:
             while True:
-                for key, events in self._selector.select(timeout=1.0):
-                    if key.data is None:
-                        self._take_finished()
-                    elif key.data is self.listener:
-                        self._accept()
-                    elif events & selectors.EVENT_WRITE:
-                        self._flush(key.data)
-                    else:
-                        self._read(key.data)
-                self._submit_group()
+                timeout = 0 if self._ready or self._finished else 1.0
+                for key, _ in self._selector.select(timeout):
+                    callback, connection = key.data
+                    self._guarded(callback, connection)
+                self._serve_ready()
+                if self._turn_ended is not None:
+                    self._guarded(self._turn_ended)
                 if self._reload_requested and self.reload is not None:
                     self._reload_requested = False
-                    self.reload()
+                    self._guarded(self.reload)
                 now = time.monotonic()
                 if self._stopping:
                     if drain_by is None:
@@ -2632,37 +3635,123 @@ class Server:
                     if not self._busy or now > drain_by:
                         return
                 if now >= next_sweep:
-                    self._sweep(now)
+                    self._guarded(self._sweep, None, now)
                     next_sweep = now + 1
         finally:
             self._close_everything()
 
+    def _guarded(self, function, connection=None, *arguments):
+        """Call function(connection, *arguments); an error closes that connection, never the loop."""
+        try:
+            if connection is None:
+                function(*arguments)
+            else:
+                function(connection, *arguments)
+        except Exception as error:  # a bug, or an OS error nobody foresaw: one connection pays, not all
+            where = (type(error), getattr(error.__traceback__, "tb_lineno", 0))
+            first = where not in self._failures_logged and len(self._failures_logged) < 100
+            self._failures_logged.add(where)
+            log.error("unexpected %r while serving %s; closing the connection", error,
+                      connection.peer if connection is not None else "the server", exc_info=first)
+            if connection is not None:
+                try:
+                    self._close(connection)
+                except Exception:  # its socket is beyond saving; forget it
+                    self._connections.pop(connection.sock, None)
+
+    def _serve_ready(self):
+        """Send finished answers and start pipelined requests: each connection a few per turn."""
+        for _ in range(PIPELINE_ROUNDS):
+            while self._finished:
+                self._guarded(self._answer, *self._finished.popleft())
+            if not self._ready:
+                return
+            for _ in range(len(self._ready)):
+                self._guarded(self._advance, self._ready.popleft())
+
+    def _take_wake_ups(self):
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
     def _listen(self, on):
+        on = on and not self._stopping and time.monotonic() >= self._accept_again
         if on and not self._listening:
-            self._selector.register(self.listener, selectors.EVENT_READ, self.listener)
+            self._selector.register(self.listener, selectors.EVENT_READ, (self._accept, None))
         elif not on and self._listening:
             self._selector.unregister(self.listener)
         self._listening = on
 
     def _accept(self):
-        deadline = time.monotonic() + self.config.request_timeout
-        while len(self._connections) < self.config.max_connections:
+        for _ in range(64):  # a few per turn: a flood of newcomers must not starve the rest
+            if len(self._connections) >= self.config.max_connections and not self._make_room():
+                self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
+                return
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as error:  # out of file descriptors, or a connection reset while queued
-                log.warning("accept failed: %s", error)
-                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(error)
+                    return
+                continue  # a connection reset while it waited in the backlog
+            self._welcome(sock, peer[0])
+
+    def _welcome(self, sock, address):
+        """Take a new connection into the loop, or turn it away if its address holds too many."""
+        limited = address not in self.config.trusted_proxies  # a proxy speaks for many clients
+        if limited and self._per_address[address] >= self.config.max_connections_per_address:
+            self._turn_away(sock)
+            return
+        try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            connection = _Connection(sock, peer[0], deadline)
-            connection.handshaking = self._tls is not None
-            self._connections[sock] = connection
-            self._selector.register(sock, selectors.EVENT_READ, connection)
-        self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
+        except OSError:  # reset already (some Pythons read from the socket in wrap_socket)
+            sock.close()
+            return
+        connection = _Connection(sock, address, time.monotonic() + self.config.request_timeout, limited)
+        connection.handshaking = self._tls is not None
+        if limited:
+            self._per_address[address] += 1
+        self._connections[sock] = connection
+        self._idle[sock] = connection
+        self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
+
+    def _turn_away(self, sock):
+        """Close a connection at once, with a 503 if it speaks plain HTTP: nothing of it is kept."""
+        self._answered("503")
+        try:
+            if self._tls is None:
+                sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+                          b"Connection: close\r\n\r\n")
+        except OSError:
+            pass  # it left already
+        sock.close()
+
+    def _answered(self, status):
+        if self._server_answered is not None:
+            self._server_answered(status)
+
+    def _make_room(self):
+        """Close the connection that has waited longest for a request (or lingered), if any."""
+        if not self._idle:
+            return False
+        _, connection = self._idle.popitem(last=False)
+        self._close(connection)
+        return True
+
+    def _pause_accepting(self, error):
+        if self.problem is None:
+            log.warning("cannot accept connections: %s; trying again in %s s", error.strerror, ACCEPT_PAUSE_SECONDS)
+        self.problem = f"out of file descriptors ({error.strerror}): new connections wait"
+        self._accept_again = time.monotonic() + ACCEPT_PAUSE_SECONDS
+        self._listen(False)
+        self._make_room()  # one idle connection's descriptor lets the next request in
 
     def _read(self, connection):
         sock = connection.sock
@@ -2682,13 +3771,15 @@ class Server:
         if not data:
             self._close(connection)
         elif not connection.lingering:
-            if not connection.buffer and connection.request is None:
+            if self._idle.pop(sock, None) is not None:  # a request begins: it has request_timeout to arrive
                 connection.deadline = time.monotonic() + self.config.request_timeout
             connection.buffer += data
             self._advance(connection)
 
     def _advance(self, connection):
         """Start answering the connection's next request if it is whole; refuse bad framing at once."""
+        if connection.closed or connection.busy:
+            return
         try:
             request = self._whole_request(connection)
         except HTTPError as error:
@@ -2700,41 +3791,44 @@ class Server:
         connection.busy = True
         connection.deadline = None
         self._busy += 1
-        batch = self._ingest_paths.get(request.target)
-        if batch is not None and request.method == "POST":
-            self._ingest(connection, request, batch)
-        else:
-            self._jobs.put((connection, request))
+        if request.path == "*":  # OPTIONS *: a question about the server, which answers it
+            self._answered("200")
+            self._respond(connection, request, "200 OK", [("Allow", "GET, HEAD, POST, OPTIONS")], b"")
+            return
+        environ = self._environ(connection, request)
+        respond = functools.partial(self._respond, connection, request)
+        if self._answer_in_loop is None or not self._answer_in_loop(environ, respond):
+            self._jobs.put((connection, request, environ))
 
     def _whole_request(self, connection):
+        """The connection's next request if all of it has arrived, else None; raises HTTPError."""
         buffer, config = connection.buffer, self.config
         if connection.request is None:
-            while buffer[:2] == b"\r\n":  # stray line ends between requests are allowed
+            while buffer[:2] == b"\r\n":
                 del buffer[:2]
-            end = buffer.find(b"\r\n\r\n")
+                connection.blank_lines += 1
+                if connection.blank_lines > MAX_BLANK_LINES:
+                    raise BadRequest("too many blank lines before the request line")
+            end = buffer.find(b"\r\n\r\n", max(connection.scanned - 3, 0))
+            line_end = buffer.find(b"\r\n", 0, config.max_request_line + 2)
+            if line_end < 0 and len(buffer) > config.max_request_line:
+                raise URITooLong(f"the request line is over {config.max_request_line} bytes")
             if end < 0:
-                line_end = buffer.find(b"\r\n")
-                if line_end > config.max_request_line or line_end < 0 and len(buffer) > config.max_request_line:
-                    raise URITooLong(f"the request line is over {config.max_request_line} bytes")
+                connection.scanned = len(buffer)
                 if len(buffer) > config.max_head_bytes:
                     raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
                 return None
-            if buffer.find(b"\r\n", 0, end + 2) > config.max_request_line:
-                raise URITooLong(f"the request line is over {config.max_request_line} bytes")
             if end > config.max_head_bytes:
                 raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
             request = _parse_head(bytes(buffer[:end]), config)
-            length = int(request.headers.get("content-length", "0"))
-            if length > self.config.max_body_bytes:
-                raise PayloadTooLarge(
-                    f"the request body is {length} bytes; at most {self.config.max_body_bytes} are accepted"
-                )
+            self._reserve(connection, request.length)
             connection.request = request
             connection.body_start = end + 4
         request = connection.request
-        end = connection.body_start + int(request.headers.get("content-length", "0"))
+        end = connection.body_start + request.length
         if len(buffer) < end:
-            if not connection.continued and request.headers.get("expect", "").lower() == "100-continue":
+            if not connection.continued and request.version == "HTTP/1.1" and \
+                    request.headers.get("expect", "").lower() == "100-continue":
                 connection.continued = True
                 self._send_now(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
@@ -2742,64 +3836,38 @@ class Server:
         del buffer[:end]
         connection.request = None
         connection.continued = False
+        connection.scanned = connection.blank_lines = 0
         return request
 
-    def _ingest(self, connection, request, batch):
-        try:
-            headers = request.headers
-            client = client_address(connection.peer, headers.get("x-forwarded-for"), self.config.trusted_proxies)
-            rows = self.app.ingest(request.body, batch, headers.get("content-encoding"), client, headers.get("origin"))
-        except HTTPError as error:
-            self._answer_event(connection, request, _error_parts(error))
-        except Exception:
-            log.exception("error while answering %s", request.line)
-            self._answer_event(connection, request, _INTERNAL_ERROR)
-        else:
-            if rows:
-                self._group.extend(rows)
-                self._group_members.append((connection, request))
-            else:
-                self._answer_event(connection, request, _NO_CONTENT)
+    def _reserve(self, connection, length):
+        """Count a body against the limits before it is read: one body, and all bodies together.
 
-    def _answer_event(self, connection, request, answer):
-        status, headers, body = answer
-        self.app.metrics.request(status)
-        self._answer(connection, request, status, headers + self.app.cors_headers(request.headers.get("origin")), body)
+        A body that one recv() takes whole is not refused for the total: it costs no more than a
+        head, which max_connections already bounds, and so clients with small batches are still
+        served while large bodies fill the budget.
+        """
+        if length > self.config.max_body_bytes:
+            raise PayloadTooLarge(f"the request body is {length} bytes; at most {self.config.max_body_bytes} "
+                                  "are accepted")
+        if length > RECV_BYTES and self._reserved + length > self.config.max_buffered_bytes:
+            raise ServiceUnavailable("the server is receiving too many request bodies at once; "
+                                     "send this again shortly")
+        self._reserved += length
+        connection.reserved = length
 
-    def _submit_group(self):
-        """Hand the rows read in this turn of the loop to the writer, to be committed together."""
-        if not self._group_members:
-            return
-        members = self._group_members
-        try:
-            self.app.writer.submit(self._group, functools.partial(self._committed, members))
-        except HTTPError as error:
-            for connection, request in members:
-                self._answer_event(connection, request, _error_parts(error))
-        self._group, self._group_members = [], []
+    def _release(self, connection):
+        self._reserved -= connection.reserved
+        connection.reserved = 0
 
-    def _committed(self, members, error=None):
-        """Called by the writer thread: queue the answers for the loop, and wake it."""
-        status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
-        self.app.metrics.request(status, len(members))
-        self._finished.extend(
-            (connection, request, status, headers + self.app.cors_headers(request.headers.get("origin")), body)
-            for connection, request in members
-        )
-        self._wake()
-
-    def _take_finished(self):
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while self._finished:
-            self._answer(*self._finished.popleft())
+    def _respond(self, connection, request, status, headers, body):
+        """The answer to a request, from any thread: the loop sends it."""
+        self._finished.append((connection, request, status, headers, body))
+        if threading.get_ident() != self._loop_thread:
+            self._wake()
 
     def _answer(self, connection, request, status, headers, body):
-        if not connection.busy:
-            return  # closed while it was answered (the drain gave up on it)
+        if connection.closed or not connection.busy:
+            return  # closed while it was answered (the client left, or the drain gave up on it)
         connection.keep_alive = keep_alive = request.keep_alive and not self._stopping
         head = [f"HTTP/1.1 {status}", f"Date: {self._date()}", f"Server: pycolytics/{__version__}"]
         head += [f"{name}: {value}" for name, value in headers]
@@ -2816,7 +3884,7 @@ class Server:
         self._flush(connection)
 
     def _flush(self, connection):
-        """Send what the connection's answer still has to send; then read its next request, or close."""
+        """Send what the connection's answer still has to send; then wait for its next request."""
         try:
             sent = connection.sock.send(connection.outbox)
         except (BlockingIOError, InterruptedError) + self._tls_pending:
@@ -2829,20 +3897,24 @@ class Server:
             if not connection.writing:  # the client reads slowly: wait until it can take more
                 connection.writing = True
                 connection.deadline = time.monotonic() + self.config.request_timeout
-                self._selector.register(connection.sock, selectors.EVENT_WRITE, connection)
+                self._selector.register(connection.sock, selectors.EVENT_WRITE, (self._flush, connection))
             return
         if connection.writing:
             connection.writing = False
             self._selector.unregister(connection.sock)
         connection.busy = False
         self._busy -= 1
+        self._release(connection)
         if not connection.keep_alive:
             self._close(connection)
             return
-        connection.deadline = time.monotonic() + self.config.idle_timeout
-        self._selector.register(connection.sock, selectors.EVENT_READ, connection)
-        if connection.buffer:  # a pipelined request arrived with the previous one
-            self._advance(connection)
+        self._selector.register(connection.sock, selectors.EVENT_READ, (self._read, connection))
+        if connection.buffer:  # a pipelined request arrived with this one: its turn comes in the loop
+            connection.deadline = time.monotonic() + self.config.request_timeout
+            self._ready.append(connection)
+        else:
+            connection.deadline = time.monotonic() + self.config.idle_timeout
+            self._idle[connection.sock] = connection
 
     def _send_now(self, connection, data):
         try:
@@ -2858,6 +3930,7 @@ class Server:
         for a moment (a "lingering close", as Apache and nginx do).
         """
         status, headers, body = _error_parts(error)
+        self._answered(status)
         head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
         try:
             connection.sock.send(("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body)
@@ -2865,13 +3938,15 @@ class Server:
         except OSError:
             self._close(connection)
             return
+        self._release(connection)
         connection.lingering = True
-        connection.buffer.clear()
+        connection.buffer = bytearray()
         connection.request = None
         connection.deadline = time.monotonic() + LINGER_SECONDS
+        self._idle[connection.sock] = connection  # the first to go when slots run out
 
     def _sweep(self, now):
-        """Close connections that idled, dawdled or lingered past their deadline."""
+        """Close connections that idled, dawdled or lingered past their deadline; accept again."""
         for connection in list(self._connections.values()):
             if connection.deadline is not None and connection.deadline < now:
                 if connection.lingering or connection.writing:
@@ -2880,20 +3955,31 @@ class Server:
                     self._refuse(connection, RequestTimeout("the request took too long to arrive"))
                 else:
                     self._close(connection)
+        if not self._listening and len(self._connections) < self.config.max_connections:
+            self._listen(True)
+        if self.problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
+            log.info("accepting connections again")
+            self.problem = None
 
     def _close(self, connection):
         if self._connections.pop(connection.sock, None) is None:
             return
+        connection.closed = True
+        self._idle.pop(connection.sock, None)
         if connection.busy:
             connection.busy = False
             self._busy -= 1
+        self._release(connection)
+        if connection.limited:
+            self._per_address[connection.peer] -= 1
+            if not self._per_address[connection.peer]:
+                del self._per_address[connection.peer]
         try:
             self._selector.unregister(connection.sock)
         except (KeyError, ValueError):
             pass  # it was not registered: its request was being answered
         connection.sock.close()
-        if not self._stopping:
-            self._listen(True)
+        self._listen(True)
 
     def _stop_reading(self):
         """The start of a stop: no new connections, and none that has not sent a whole request."""
@@ -2914,38 +4000,51 @@ class Server:
         self._wake_reader.close()
         self._wake_writer.close()
 
-    # -- the worker threads, for everything but posted events ------------------------------
+    # -- the worker threads, for requests the application does not take in the loop -------
 
     def _work(self):
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            connection, request = job
+            connection, request, environ = job
             try:
-                answer = self._call_application(connection, request)
+                answer = self._call_application(environ, request.method)
             except Exception:
-                log.exception("error while answering %s", request.line)
+                log.exception("error while answering %s", _printable(request.line))
                 answer = _INTERNAL_ERROR
-            self._finished.append((connection, request) + answer)
-            self._wake()
+            self._respond(connection, request, *answer)
 
-    def _call_application(self, connection, request):
+    def _call_application(self, environ, method):
+        """Run the WSGI application (PEP 3333) for one request: (status, headers, body)."""
         answer = []
+        written = []
 
         def start_response(status, headers, exc_info=None):
+            if exc_info is not None:
+                exc_info = None  # nothing is sent before the application returns: the new answer wins
+            elif answer:
+                raise AssertionError("start_response called a second time without exc_info")
             answer[:] = [status, headers]
+            return written.append
 
-        chunks = self.app(self._environ(connection, request), start_response)
+        chunks = self.app(environ, start_response)
         try:
-            body = b"".join(chunks)
+            for chunk in chunks:
+                written.append(chunk)
         finally:
             if hasattr(chunks, "close"):
                 chunks.close()
-        return answer[0], answer[1], body
+        status, headers = answer
+        headers = [(name, value) for name, value in headers if not is_hop_by_hop(name)]
+        body = b"".join(written)
+        if method != "HEAD" or not any(name.lower() == "content-length" for name, _ in headers):
+            headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(body))))
+        return status, headers, body
 
     def _environ(self, connection, request):
-        path, _, query = request.target.partition("?")
+        path = request.path
         if "%" in path:
             from urllib.parse import unquote_to_bytes  # here: it costs memory that plain paths never need
 
@@ -2955,7 +4054,7 @@ class Server:
             "REQUEST_METHOD": request.method,
             "SCRIPT_NAME": "",
             "PATH_INFO": path,
-            "QUERY_STRING": query,
+            "QUERY_STRING": request.query,
             "SERVER_NAME": host,
             "SERVER_PORT": str(port),
             "SERVER_PROTOCOL": request.version,
@@ -2963,10 +4062,11 @@ class Server:
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "https" if self._tls else "http",
             "wsgi.input": io.BytesIO(request.body),
-            "wsgi.errors": sys.stderr,
+            "wsgi.errors": self.log,
             "wsgi.multithread": True,
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
+            "pycolytics.server_problem": self.problem,
         }
         for name, value in request.headers.items():
             if name == "content-length":
@@ -2978,8 +4078,12 @@ class Server:
         return environ
 
     def _log(self, connection, request, status, length):
+        client = client_address(connection.peer, request.headers.get("x-forwarded-for"), self.config.trusted_proxies)
         when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
-        sys.stderr.write(f'{connection.peer} - - [{when}] "{request.line}" {status[:3]} {length}\n')
+        try:
+            self.log.write(f'{_printable(client)} - - [{when}] "{_printable(request.line)}" {status[:3]} {length}\n')
+        except (OSError, ValueError):
+            pass  # stderr is broken; serve() logs through a LogSink, which never raises
 
 
 ###############################################################################
@@ -3003,10 +4107,14 @@ def serve(config, load=None):
         return 1
     try:
         server = Server(app, config, reload=lambda: _reload(app, server, load))
-    except (OSError, ConfigError) as error:
+    except ConfigError:
+        app.close()
+        raise
+    except OSError as error:
         log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         app.close()
         return 1
+    server.log = sink = _log_to_sink()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, server.shutdown)
     if load is not None and hasattr(signal, "SIGHUP"):
@@ -3020,7 +4128,17 @@ def serve(config, load=None):
         notify_systemd("STOPPING=1")
         app.close()
     log.info("stopped; every acknowledged event is committed")
+    sink.drain()
     return 0
+
+
+def _log_to_sink():
+    """Route the log's stderr handlers through a LogSink, so that no log line can block or stop serving."""
+    sink = LogSink(sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(sink)
+    return sink
 
 
 def _redacted(database):
@@ -3036,25 +4154,48 @@ def _warn_about_keys(config):
                     "Set api_keys before you ship a game.", DEV_KEY)
 
 
+def _restart_only_changes(config, in_force):
+    """Warnings for what `config` changes that only a restart puts in force; `config` keeps the
+    values in force instead, so it says what the server does and the next reload compares with that."""
+    warnings = []
+    for name in RESTART_SETTINGS:
+        if getattr(config, name) != getattr(in_force, name):
+            warnings.append(f"{name} changed to {getattr(config, name)!r}; that takes a restart, "
+                            f"the server keeps {getattr(in_force, name)!r}")
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    if bool(config.certfile) != bool(in_force.certfile):
+        now, then = ("HTTPS", "plain HTTP") if in_force.certfile else ("plain HTTP", "HTTPS")
+        warnings.append(f"certfile and keyfile switch to {then}; that takes a restart, the server keeps serving {now}")
+        for name in ("certfile", "keyfile"):
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    return warnings
+
+
 def _reload(app, server, load):
     """Read the configuration again and put it in force; a bad one changes nothing."""
     notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         config = load()
+        warnings = _restart_only_changes(config, app.config)
         tls = tls_context(config)
     except ConfigError as error:
         log.error("reload failed; the configuration in force stays: %s", error)
     else:
-        for name in RESTART_SETTINGS:
-            if getattr(config, name) != getattr(app.config, name):
-                log.warning("%s changed; that takes a restart, the server keeps %r", name, getattr(app.config, name))
+        for warning in warnings:
+            log.warning("%s", warning)
         app.reconfigure(config)
         server.reconfigure(config, tls)
         if config.retention_days:
             app.writer.prune_soon()
         _warn_about_keys(config)
-        log.info("configuration reloaded")
+        log.info("configuration reloaded" + (" except what takes a restart" if warnings else ""))
     notify_systemd("READY=1")
+
+
+class UsageError(Exception):
+    """A command line that cannot work as given (exit status 2); the message says what to change."""
 
 
 def keygen(arguments, config):
@@ -3073,24 +4214,48 @@ def _moment(text, option):
     """A stored-time text from a command line time (ISO 8601 or Unix seconds)."""
     moment = _client_time(float(text) if re.fullmatch(r"-?\d+(\.\d*)?", text) else text)
     if moment is None:
-        raise ConfigError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
+        raise UsageError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
     return moment.strftime(TIME_FORMAT)
+
+
+def _existing_store(config):
+    """The store of config.database, which must exist: only the server creates a database, so a
+    typo in --database is an error, not a new empty file."""
+    store = store_for(config)
+    if isinstance(store, SQLiteStore) and not os.path.exists(config.database):
+        raise UsageError(f"there is no database {os.path.abspath(config.database)}: check --database "
+                         "or the configuration's database (only the server creates a database)")
+    return store
+
+
+# What a spreadsheet takes for the start of a formula; OWASP's advice for CSV injection is a
+# quote in front: https://owasp.org/www-community/attacks/CSV_Injection
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(cell):
+    """A CSV cell that a spreadsheet shows as text instead of running it as a formula."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
 
 
 def export(arguments, config):
     """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
     import csv
 
-    store = store_for(config)
+    moments = {option: _moment(getattr(arguments, option), f"--{option}")
+               for option in ("since", "until") if getattr(arguments, option)}
+    if arguments.output and os.path.exists(arguments.output) and not arguments.force:
+        raise UsageError(f"{arguments.output} exists; pass --force to overwrite it")
+    store = _existing_store(config)
     conditions, parameters = [], []
     if arguments.application is not None:
         conditions.append(f"application = {store.parameter}")
         parameters.append(arguments.application)
     # "+time" (SQLite): read in id order without the time index, so nothing is sorted in memory
     for option, operator_ in (("since", ">="), ("until", "<")):
-        if getattr(arguments, option):
+        if option in moments:
             conditions.append(f"{'+' if store.parameter == '?' else ''}time {operator_} {store.since}")
-            parameters.append(_moment(getattr(arguments, option), f"--{option}"))
+            parameters.append(moments[option])
     connection = store.read()
     present = store.columns(connection)
     texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
@@ -3111,7 +4276,7 @@ def export(arguments, config):
             writer = csv.writer(output)
             writer.writerow(EXPORT_COLUMNS)
             for row in rows:
-                writer.writerow(row)
+                writer.writerow([_inert(cell) for cell in row])
                 count += 1
         else:
             value = EXPORT_COLUMNS.index("value")
@@ -3120,6 +4285,11 @@ def export(arguments, config):
                 record["value"] = json.loads(row[value])
                 output.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
+        output.flush()
+    except BrokenPipeError:  # the reader has what it wanted (`export | head`)
+        if output is not sys.stdout:
+            raise
+        return 0
     finally:
         if output is not sys.stdout:
             output.close()
@@ -3128,10 +4298,33 @@ def export(arguments, config):
     return 0
 
 
+def _confirmed(question):
+    """True if the person at the terminal answers yes; without a terminal, nobody can."""
+    if not sys.stdin.isatty():
+        return None
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def prune(arguments, config):
     """Delete events older than --before, in small steps that never hold up a running server."""
     before = _moment(arguments.before, "--before")
-    store = store_for(config)
+    store = _existing_store(config)
+    connection = store.read()
+    try:
+        found = connection.execute(f"SELECT count(*) FROM event WHERE time < {store.since}", (before,)).fetchone()[0]
+    finally:
+        connection.close()
+    log.info("%d events are from before %s", found, before)
+    if arguments.dry_run or not found:
+        return 0
+    if not arguments.yes:
+        answer = _confirmed(f"Delete {found} events from before {before}?")
+        if answer is None:
+            raise UsageError(f"this would delete {found} events; pass --yes to delete them without a question "
+                             "(standard input is not a terminal to ask on)")
+        if not answer:
+            log.info("deleted nothing")
+            return 1
     connection = store.connect()
     deleted = 0
     try:
@@ -3149,9 +4342,11 @@ def prune(arguments, config):
 
 def backup(arguments, config):
     """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
-    if isinstance(store_for(config), PostgresStore):
-        raise ConfigError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
+    if isinstance(_existing_store(config), PostgresStore):
+        raise UsageError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
     target = arguments.file
+    if os.path.exists(target) and not arguments.force:
+        raise UsageError(f"{target} exists; pass --force to overwrite it")
     partial = target + ".partial"
     source = read_only(config.database)
     try:
@@ -3170,26 +4365,61 @@ def backup(arguments, config):
 
 # Events one step of `copy` moves, in one PostgreSQL transaction with its progress mark.
 COPY_STEP_ROWS = 5000
+# `copy` knows a source database by an id kept inside it (made by its first copy, in a table
+# of its own), not by its path: a moved database resumes, another one at the same path is new.
+COPY_IDENTITY = "CREATE TABLE IF NOT EXISTS pycolytics_identity (id VARCHAR NOT NULL)"
+# In the target, how far each source has been copied (its highest copied row id).
+COPY_PROGRESS = "CREATE TABLE IF NOT EXISTS pycolytics_copied (source VARCHAR PRIMARY KEY, last_id BIGINT NOT NULL)"
+
+
+def _identity(path, busy_timeout):
+    """The id of the SQLite database at `path`, made and stored in it if it has none yet."""
+    reader = read_only(path)
+    try:
+        if reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'pycolytics_identity'").fetchone():
+            found = reader.execute("SELECT id FROM pycolytics_identity").fetchone()
+            if found:
+                return found[0]
+    finally:
+        reader.close()
+    uri = "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
+    writer = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # two copies starting together make one id
+        try:
+            writer.execute(COPY_IDENTITY)
+            found = writer.execute("SELECT id FROM pycolytics_identity").fetchone()
+            if not found:
+                found = (os.urandom(16).hex(),)
+                writer.execute("INSERT INTO pycolytics_identity (id) VALUES (?)", found)
+            writer.execute("COMMIT")
+        except BaseException:
+            writer.execute("ROLLBACK")
+            raise
+    finally:
+        writer.close()
+    return found[0]
 
 
 def copy_events(arguments, config):
     """Move an SQLite database's events into PostgreSQL. Run again, it resumes where it stopped
-    and copies each event once: progress is committed with every step, in the target."""
-    if not isinstance(store_for(config), SQLiteStore):
-        raise ConfigError("copy reads an SQLite database: name it with --database FILE")
+    and copies each event once, wherever the database lies now: progress is committed with
+    every step, in the target, under the id the source keeps."""
+    if not isinstance(_existing_store(config), SQLiteStore):
+        raise UsageError("copy reads an SQLite database: name it with --database FILE")
     target_config = copy_module.copy(config)
     target_config.database = arguments.to
     target = store_for(target_config)
     if not isinstance(target, PostgresStore):
-        raise ConfigError(f"--to {arguments.to!r} is not a postgresql:// URL")
+        raise UsageError(f"--to {arguments.to!r} is not a postgresql:// URL")
+    origin = _identity(config.database, config.busy_timeout)
     source = read_only(config.database)
     destination = target.connect()
-    origin = os.path.abspath(config.database)
     copied = seen = 0
     try:
         with destination.transaction():
-            destination.execute("CREATE TABLE IF NOT EXISTS pycolytics_copy (source VARCHAR PRIMARY KEY, last_id BIGINT NOT NULL)")
-        mark = destination.execute("SELECT last_id FROM pycolytics_copy WHERE source = %s", (origin,)).fetchone()
+            destination.execute(COPY_PROGRESS)
+        mark = destination.execute("SELECT last_id FROM pycolytics_copied WHERE source = %s", (origin,)).fetchone()
         last = mark[0] if mark else 0
         present = _columns(source)
         optional = ", ".join(name if name in present else f"NULL AS {name}" for name, _ in ADDED_COLUMNS)
@@ -3206,65 +4436,105 @@ def copy_events(arguments, config):
                     cursor.executemany(POSTGRES_INSERT, [row[1:] for row in rows])
                     copied += max(0, cursor.rowcount)
                 destination.execute(
-                    "INSERT INTO pycolytics_copy (source, last_id) VALUES (%s, %s)"
+                    "INSERT INTO pycolytics_copied (source, last_id) VALUES (%s, %s)"
                     " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id", (origin, last))
             seen += len(rows)
     finally:
         source.close()
         destination.close()
-    log.info("copied %d events into %s (%d more were there already)", copied, _redacted(arguments.to), seen - copied)
+    log.info("copied %d events of database %s into %s (%d more were there already)",
+             copied, origin, _redacted(arguments.to), seen - copied)
     return 0
+
+
+def _global_options(default):
+    """The options of every command, accepted before or after the command's name; `default`
+    SUPPRESS for a command's copy, so that an option given before the name still counts."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", metavar="FILE", default=default,
+                         help="the ini file to read (sections [pycolytics], [app:NAME])")
+    options.add_argument("--host", default=default,
+                         help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    options.add_argument("--port", default=default, help="the port to listen on (default 8000)")
+    options.add_argument("--database", metavar="FILE_OR_URL", default=default,
+                         help="the SQLite database file, or a postgresql:// URL (default pycolytics.db)")
+    options.add_argument("--quiet", action="store_const", const="yes", default=default, help="do not log each request")
+    return options
+
+
+# Each command: (function, one line for the list of commands, a description for its --help).
+COMMANDS = {
+    "keygen": (keygen, "print a new random API key",
+               "Print a new random key, 32 bytes from the operating system's random source, for api_keys or read_keys."),
+    "export": (export, "write events as CSV or JSON lines (pandas reads both)",
+               "Write events in the order they were stored, as CSV (a header line, then one line an event) or JSON "
+               "lines, row by row in constant memory. In CSV, a text cell that starts with = + - @, a tab or a "
+               "carriage return gets a ' in front, so that a spreadsheet shows it rather than running it as a "
+               "formula; JSON lines hold every value exactly."),
+    "prune": (prune, "delete events older than a time, in small steps",
+              "Delete the events whose time is before T, 500 at a time so that a running server is never held up. "
+              "It says first how many events that is, and asks before deleting them (on a terminal) unless --yes "
+              "is given; --dry-run only counts."),
+    "backup": (backup, "copy the database consistently, while the server runs",
+               "Copy the SQLite database into FILE with SQLite's online backup: consistent even while the server "
+               "writes. An existing FILE is replaced only with --force."),
+    "copy": (copy_events, "move an SQLite database's events into PostgreSQL (resumable)",
+             "Copy the events of the SQLite database (--database FILE) into a PostgreSQL database (--to URL) in "
+             "steps of 5000, each committed with its progress in the target: run it again after an interruption "
+             "(or for newer events) and it resumes, copying each event once."),
+}
 
 
 def _parser():
     parser = argparse.ArgumentParser(
         prog="pycolytics.py",
-        description="Collect analytics events over HTTP into an SQLite database. With no command, serve.",
+        parents=[_global_options(None)],
+        description="Collect analytics events over HTTP into an SQLite or PostgreSQL database. With no command, serve.",
         epilog=(
+            "The options above work before or after a command (pycolytics.py prune --database events.db ...). "
             "Settings come from, strongest first: these options, PYCOLYTICS_<KEY> environment variables "
             "(and the original Pycolytics' SQLITE_FILE_PATH, API_KEYS and RATE_LIMIT), the ini file, the defaults. "
             "The ini file is --config, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini if present; "
             "pycolytics.ini in the repository documents every key."
         ),
     )
-    parser.add_argument("--config", metavar="FILE", help="the ini file to read (sections [pycolytics], [app:NAME])")
-    parser.add_argument("--host", help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", help="the port to listen on (default 8000)")
-    parser.add_argument("--database", metavar="FILE", help="the SQLite database file (default pycolytics.db)")
-    parser.add_argument("--quiet", action="store_const", const="yes", help="do not log each request")
     parser.add_argument("--version", action="version", version=f"pycolytics {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("keygen", help="print a new random API key")
-    exporting = commands.add_parser("export", help="write events as CSV or JSON lines (pandas reads both)")
+    made = {name: commands.add_parser(name, help=summary, description=description,
+                                      parents=[_global_options(argparse.SUPPRESS)])
+            for name, (_, summary, description) in COMMANDS.items()}
+    exporting = made["export"]
     exporting.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
     exporting.add_argument("--application", metavar="NAME", help="only this application's events")
     exporting.add_argument("--since", metavar="T", help="only events at or after T (ISO 8601 or Unix seconds, UTC)")
     exporting.add_argument("--until", metavar="T", help="only events before T")
     exporting.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
-    pruning = commands.add_parser("prune", help="delete events older than a time, in small steps")
+    exporting.add_argument("--force", action="store_true", help="overwrite --output FILE if it exists")
+    pruning = made["prune"]
     pruning.add_argument("--before", metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")
-    backing_up = commands.add_parser("backup", help="copy the database consistently, while the server runs")
-    backing_up.add_argument("file", metavar="FILE", help="where to write the copy")
-    copying = commands.add_parser("copy", help="move an SQLite database's events into PostgreSQL (resumable)")
-    copying.add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
+    pruning.add_argument("--dry-run", action="store_true", help="only say how many events would be deleted")
+    pruning.add_argument("--yes", action="store_true", help="delete without asking (needed when not on a terminal)")
+    made["backup"].add_argument("file", metavar="FILE", help="where to write the copy")
+    made["backup"].add_argument("--force", action="store_true", help="replace FILE if it exists")
+    made["copy"].add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
     return parser
-
-
-COMMANDS = {"keygen": keygen, "export": export, "prune": prune, "backup": backup, "copy": copy_events}
 
 
 def main(argv=None):
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    overrides = {"host": arguments.host, "port": arguments.port, "database": arguments.database, "quiet": arguments.quiet}
+    overrides = {name: getattr(arguments, name) for name in ("host", "port", "database", "quiet")}
     load = functools.partial(load_config, arguments.config, overrides=overrides)
     try:
         config = load()
         if arguments.command is None:
             return serve(config, load)
-        return COMMANDS[arguments.command](arguments, config)
+        return COMMANDS[arguments.command][0](arguments, config)
     except ConfigError as error:
         log.error("bad configuration: %s", error)
+        return 2
+    except UsageError as error:
+        log.error("%s: %s", arguments.command, error)
         return 2
     except Exception as error:  # OSError, or the database's own errors
         log.error("%s failed: %s", arguments.command or "serving", error)

@@ -9,10 +9,12 @@ import datetime
 import decimal
 import functools
 import gzip
+import html
 import http.client
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -21,10 +23,16 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import types
+import urllib.parse
+import warnings
+import wsgiref.validate
 import zlib
 
 import hypothesis
@@ -93,7 +101,8 @@ def count(database):
         return connection.execute("SELECT count(*) FROM event").fetchone()[0]
 
 
-POSTGRES_SERVER = "postgresql://127.0.0.1:5432/test"
+# The shared PostgreSQL server the tests make their schemas in; other programs use it too.
+POSTGRES_SERVER = os.environ.get("PYCOLYTICS_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
 
 
 @pytest.fixture
@@ -117,7 +126,9 @@ def postgres_schema():
         if os.environ.get("CI"):
             pytest.fail(f"the PostgreSQL server at {POSTGRES_SERVER} must run in CI: {error}")
         pytest.skip(f"no PostgreSQL server at {POSTGRES_SERVER}")
-    yield f"{POSTGRES_SERVER}?options=-csearch_path%3D{schema}"
+    # the schema's name is its collectors' application_name too: a test cuts only its own connections
+    joint = "&" if "?" in POSTGRES_SERVER else "?"
+    yield f"{POSTGRES_SERVER}{joint}options=-csearch_path%3D{schema}&application_name={schema}"
     with psycopg.connect(POSTGRES_SERVER, autocommit=True) as connection:
         connection.execute(f"DROP SCHEMA {schema} CASCADE")
 
@@ -1118,14 +1129,14 @@ def test_export_refuses_a_bad_time_and_a_missing_database(tmp_path, database):
     result = run_cli(tmp_path, "--database", database, "export", "--since", "last tuesday")
     assert result.returncode == 2 and "--since 'last tuesday' is not a time" in result.stderr
     result = run_cli(tmp_path, "--database", str(tmp_path / "absent.db"), "export")
-    assert result.returncode == 1 and not (tmp_path / "absent.db").exists()
+    assert result.returncode == 2 and "there is no database" in result.stderr and not (tmp_path / "absent.db").exists()
 
 
 def test_prune_deletes_old_events_only(client, database, tmp_path):
     seed(client)
     for _ in range(2):
         post(client, "/v1.0/events", [event(timestamp=f"2023-06-{day:02d}") for day in range(1, 29)] * 20)
-    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-01-15")
+    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-01-15", "--yes")
     assert result.returncode == 0, result.stderr
     assert "deleted 1121 events" in result.stderr
     assert [row[0] for row in stored(database, "time")] == ["2024-02-01 10:00:00.000000", "2024-03-01 10:00:00.000000"]
@@ -1215,8 +1226,8 @@ def test_the_dashboard_needs_a_read_key_and_write_keys_do_not_open_it(reading, h
 def test_the_dashboard_draws_its_charts_as_inline_svg(reading, headers):
     page = reading.get("/dashboard", headers=headers)
     assert page.content_type == "text/html" and "default-src 'none'" in page.headers["Content-Security-Policy"]
-    assert page.text.count("<svg") == 5 and page.text.count('<rect class="bar"') >= 30
-    assert "<b>300</b>events" in page.text and "daily users, on average" in page.text
+    assert page.text.count("<svg") == 7 and page.text.count('<rect class="bar') >= 30
+    assert "<b>300</b>events" in page.text and "<b>80</b>users" in page.text
     assert not re.search(r"<script|<link|https?://", page.text)
 
 
@@ -1225,7 +1236,7 @@ def test_the_dashboard_filters_by_application_and_dates(reading):
     assert "<b>100</b>events" in page.text and '<option value="space-game">' in page.text
     today = datetime.datetime.now(datetime.timezone.utc).date()
     page = reading.get(f"/dashboard?since={today}&until={today}", headers=basic("reader-key"))
-    assert page.text.count('<rect class="bar"') >= 1
+    assert page.text.count('<rect class="bar') >= 1
     assert reading.get("/dashboard?since=yesterday", headers=basic("reader-key"), status=400)
 
 
@@ -1271,10 +1282,383 @@ def test_the_dashboard_renders_in_a_real_browser(tmp_path, settings, database):
         server.shutdown()
         thread.join(10)
         app.close()
-    assert dom.count("<svg") == 5 and dom.count("<polyline") == 2 and "Events per day" in dom
+    assert dom.count("<svg") == 7 and dom.count("<polyline") == 2 and "Events per day" in dom
+    assert "Retention" in dom and dom.count("<form") == 3 and 'href="v1.0/report?' in dom
     assert png_colours(shot) > 40
     if os.environ.get("SCREENSHOT_TO"):
         shutil.copyfile(shot, os.environ["SCREENSHOT_TO"])
+
+
+# -- Reports: retention, sessions, funnels ---------------------------------------------------------------
+
+TODAY = datetime.datetime.now(datetime.timezone.utc).date()
+READER = {"Authorization": "Bearer reader-key"}
+
+
+def history(seed=7):
+    """Events of a made-up month and a half, as (application, user, session, type, version, time, value).
+
+    Players arrive on different days (some before any range asked, so they are not new in it),
+    come back on chosen days, play sessions of known lengths and drop out of the tutorial at known
+    steps; another game's events share user and session ids and must count only for it.
+    Days run up to yesterday: the server never stores a time in the future.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for n in range(60):
+        application = "my-game" if n % 4 else "other-game"
+        first = rng.randint(1, 45)  # days before today
+        returns = sorted({first} | {first - gap for gap in (1, 2, 7, 14, 30) if gap < first and rng.random() < 0.5})
+        for visit, back in enumerate(sorted(returns, reverse=True)):
+            start = datetime.datetime.combine(TODAY - datetime.timedelta(days=back), datetime.time(8 + n % 10),
+                                              tzinfo=datetime.timezone.utc) + datetime.timedelta(seconds=rng.randint(0, 3000))
+            length = rng.choice([0, 45, 300, 1250.5, 3600, 7300])
+            session = f"s{n % 30}-{visit}"  # the other game reuses the same ids
+            steps = ["tutorial_start", "tutorial_step", "tutorial_end"][:1 + n % 3] if visit == 0 else ["level_start"]
+            for index, kind in enumerate(steps + ["session_end"]):
+                moment = start + datetime.timedelta(seconds=length * index / len(steps))
+                value = {"level": rng.randint(1, 9)} if kind == "level_start" else {"item": f"item{rng.randint(0, 30)}"}
+                rows.append((application, f"u{n % 30}", session, kind, f"1.{rng.randint(0, 24)}", moment, value))
+    return rows
+
+
+def post_history(client, rows):
+    batch = [event(application=application, user_id=user, session_id=session, event_type=kind, version=version,
+                   timestamp=moment.isoformat(), value=value)
+             for application, user, session, kind, version, moment, value in rows]
+    for start in range(0, len(batch), 500):
+        post(client, "/v1.0/events", batch[start:start + 500])
+
+
+def nearest_rank(ordered, share):
+    return ordered[max(1, math.ceil(share * len(ordered))) - 1] if ordered else 0
+
+
+def top_rows(rows, key, total_events):
+    """The oracle's ranking: (name -> events, users), top 20 then "(other)"."""
+    events, users = collections.Counter(), collections.defaultdict(set)
+    for row in rows:
+        events[key(row)] += 1
+        users[key(row)].add((row[0], row[1]))
+    ordered = sorted(events, key=lambda name: (-events[name], name))
+    ranked = [{"name": name, "events": events[name], "users": len(users[name])} for name in ordered[:20]]
+    if len(ordered) > 20:
+        rest = set().union(*(users[name] for name in ordered[20:]))
+        ranked.append({"name": "(other)", "events": total_events - sum(row["events"] for row in ranked),
+                       "users": len(rest)})
+    return ranked
+
+
+def oracle_report(rows, since, until, application=None, today=TODAY):
+    """The report computed in plain Python from the posted events, following README.md's definitions."""
+    chosen = [row for row in rows if application in (None, row[0])]
+    first_day = {}
+    for row in chosen:
+        user = (row[0], row[1])
+        first_day[user] = min(first_day.get(user, row[5].date()), row[5].date())
+    inside = [row for row in chosen if since <= row[5].date() <= until]
+    days = [since + datetime.timedelta(days=n) for n in range((until - since).days + 1)]
+    active = {(row[0], row[1], row[5].date()) for row in inside}
+    sessions = collections.defaultdict(list)
+    for row in inside:
+        sessions[row[0], row[2]].append(row[5])
+    lengths = sorted(round((max(times) - min(times)).total_seconds(), 3) for times in sessions.values())
+    users = {(row[0], row[1]) for row in inside}
+    table = [{"date": day.isoformat(), "events": sum(row[5].date() == day for row in inside),
+              "users": len({(row[0], row[1]) for row in inside if row[5].date() == day}),
+              "new_users": sum(first == day for first in first_day.values()),
+              "sessions": len({(row[0], row[2]) for row in inside if row[5].date() == day})} for day in days]
+    retention = []
+    for day in days:
+        cohort = [user for user, first in first_day.items() if first == day]
+        if cohort:
+            retention.append(dict({"cohort": day.isoformat(), "users": len(cohort)}, **{
+                f"day_{n}": None if day + datetime.timedelta(days=n) > min(until, today) else round(
+                    sum((*user, day + datetime.timedelta(days=n)) in active for user in cohort) / len(cohort), 4)
+                for n in (1, 7, 30)}))
+    return {
+        "since": since.isoformat(), "until": until.isoformat(), "application": application,
+        "totals": {"events": len(inside), "users": len(users),
+                   "new_users": sum(since <= first <= until for first in first_day.values()), "sessions": len(sessions)},
+        "days": table, "retention": retention,
+        "sessions": {"count": len(lengths), "median_seconds": nearest_rank(lengths, 0.5),
+                     "p90_seconds": nearest_rank(lengths, 0.9), "per_user": round(len(lengths) / len(users), 2) if users else 0},
+        "event_types": top_rows(inside, lambda row: row[3], len(inside)),
+        "versions": top_rows(inside, lambda row: row[4], len(inside)),
+        "platforms": top_rows(inside, lambda row: "Linux", len(inside)),
+    }
+
+
+def oracle_funnel(rows, since, until, steps, application=None):
+    times = collections.defaultdict(lambda: collections.defaultdict(list))
+    for row in rows:
+        if application in (None, row[0]) and since <= row[5].date() <= until:
+            times[row[0], row[1]][row[3]].append(row[5])
+    reached = []
+    for n in range(len(steps)):
+        count = 0
+        for per_type in times.values():
+            moment = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+            for step in steps[:n + 1]:
+                later = [found for found in per_type[step] if found >= moment]
+                if not later:
+                    break
+                moment = min(later)
+            else:
+                count += 1
+        reached.append({"name": steps[n], "users": count})
+    return reached
+
+
+@pytest.fixture
+def reports(settings, database):
+    """A client with a read key, over the generated history; yields (client, the history)."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    rows = history()
+    post_history(client, rows)
+    yield client, rows
+    app.close()
+
+
+def day_text(days_ago):
+    return (TODAY - datetime.timedelta(days=days_ago)).isoformat()
+
+
+@pytest.mark.parametrize("days_ago, length, application", [
+    ((1, 30), None, None), ((1, 30), None, "my-game"), ((1, 30), None, "other-game"), ((10, 40), None, "my-game"),
+    ((3, 3), None, None), ((0, 45), None, "my-game"), ((-5, 20), None, None), ((50, 60), None, "my-game"),
+])
+def test_every_figure_of_the_report_matches_a_plain_python_oracle(reports, days_ago, length, application):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=days_ago[1]), TODAY - datetime.timedelta(days=days_ago[0])
+    query = f"/v1.0/report?since={since}&until={until}" + (f"&application={application}" if application else "")
+    assert client.get(query, headers=READER).json == oracle_report(rows, since, until, application)
+
+
+def test_the_report_defaults_to_the_last_30_days_up_to_today(reports):
+    client, rows = reports
+    assert client.get("/v1.0/report", headers=READER).json == oracle_report(
+        rows, TODAY - datetime.timedelta(days=29), TODAY)
+
+
+def test_the_history_has_what_the_oracle_tests_need(reports):
+    """A check on the generator: a test whose data lacked returns or an "(other)" row could not fail."""
+    _, rows = reports
+    report = oracle_report(rows, TODAY - datetime.timedelta(days=45), TODAY - datetime.timedelta(days=1), "my-game")
+    assert any(row["day_1"] for row in report["retention"]) and any(row["day_7"] for row in report["retention"])
+    assert report["versions"][-1]["name"] == "(other)" and 0 < report["totals"]["new_users"] < report["totals"]["users"] + 1
+    assert len(set(report["days"][n]["new_users"] for n in range(45))) > 2
+    later = oracle_report(rows, TODAY - datetime.timedelta(days=20), TODAY - datetime.timedelta(days=1), "my-game")
+    assert later["totals"]["new_users"] < later["totals"]["users"]  # some came before the range
+    funnel = oracle_funnel(rows, TODAY - datetime.timedelta(days=45), TODAY, ["tutorial_start", "tutorial_step", "tutorial_end"])
+    assert funnel[0]["users"] > funnel[1]["users"] > funnel[2]["users"] > 0
+
+
+@pytest.mark.parametrize("steps", [["tutorial_start", "tutorial_step", "tutorial_end"], ["tutorial_end", "tutorial_start"],
+                                   ["level_start", "session_end", "level_start"], ["tutorial_start", "no_such_event"]])
+@pytest.mark.parametrize("application", [None, "my-game"])
+def test_the_funnel_counts_users_who_did_each_step_at_or_after_the_last(reports, steps, application):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=40), TODAY - datetime.timedelta(days=2)
+    query = f"/v1.0/report/funnel?since={since}&until={until}&steps={','.join(steps)}"
+    answer = client.get(query + (f"&application={application}" if application else ""), headers=READER).json
+    assert answer["steps"] == oracle_funnel(rows, since, until, steps, application)
+
+
+def test_a_value_breakdown_gives_numbers_as_statistics_and_strings_as_a_ranking(reports):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
+    inside = [row for row in rows if since <= row[5].date() <= until and row[0] == "my-game"]
+    levels = sorted(row[6]["level"] for row in inside if row[3] == "level_start")
+    answer = client.get(f"/v1.0/report/values?since={since}&until={until}&application=my-game"
+                        "&event_type=level_start&field=level", headers=READER).json
+    assert answer["numbers"] == {"count": len(levels), "min": levels[0], "p50": nearest_rank(levels, 0.5),
+                                 "p90": nearest_rank(levels, 0.9), "max": levels[-1], "sum": sum(levels)}
+    assert answer["strings"] == [] and answer["missing"] == 0 and answer["events"] == len(levels)
+    items = collections.Counter(row[6]["item"] for row in inside if row[3] == "session_end")
+    answer = client.get(f"/v1.0/report/values?since={since}&until={until}&application=my-game"
+                        "&event_type=session_end&field=item", headers=READER).json
+    ranked = [{"value": name, "events": items[name]} for name in sorted(items, key=lambda name: (-items[name], name))]
+    assert answer["numbers"] is None and answer["strings"][:20] == ranked[:20]
+    assert answer["strings"][20] == {"value": "(other)", "events": sum(items.values()) - sum(r["events"] for r in ranked[:20])}
+
+
+def test_filters_make_the_report_of_only_the_matching_events(reports):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
+    only = [row for row in rows if row[3] == "level_start"]
+    answer = client.get(f"/v1.0/report?since={since}&until={until}&event_type=level_start", headers=READER).json
+    assert answer == oracle_report(only, since, until)
+
+
+def test_the_csv_report_is_the_days_table(reports):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=10), TODAY - datetime.timedelta(days=1)
+    answer = client.get(f"/v1.0/report?since={since}&until={until}&format=csv", headers=READER)
+    assert answer.content_type == "text/csv" and "attachment" in answer.headers["Content-Disposition"]
+    table = list(csv.DictReader(io.StringIO(answer.text)))
+    assert [{name: str(value) for name, value in day.items()} for day in oracle_report(rows, since, until)["days"]] == table
+    assert answer.text.startswith("date,events,users,new_users,sessions\r\n")
+
+
+def test_a_late_event_and_a_prune_change_the_next_report(reports, config):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
+    query = f"/v1.0/report?since={since}&until={until}"
+    assert client.get(query, headers=READER).json == oracle_report(rows, since, until)
+    late = ("my-game", "u1", "late", "tutorial_start", "1.0",
+            datetime.datetime.combine(since - datetime.timedelta(days=5), datetime.time(9), tzinfo=datetime.timezone.utc), {})
+    rows.append(late)
+    post_history(client, [late])  # u1's first event is now before the range: no longer new in it
+    assert client.get(query, headers=READER).json == oracle_report(rows, since, until)
+    store = client.app.writer.store
+    cutoff = datetime.datetime.combine(TODAY - datetime.timedelta(days=20), datetime.time(0))
+    connection = store.connect()
+    try:
+        while store.prune(connection, cutoff.strftime(pycolytics.TIME_FORMAT)):
+            pass
+    finally:
+        connection.close()
+    kept = [row for row in rows if row[5].replace(tzinfo=None) >= cutoff]
+    assert client.get(query, headers=READER).json == oracle_report(kept, since, until)
+
+
+def test_sqlite_and_postgresql_give_the_same_report(tmp_path, postgres_url):
+    answers = []
+    for database in (str(tmp_path / "events.db"), postgres_url):
+        config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                               "read_keys": "reader-key"})
+        app = pycolytics.create_app(config)
+        client = webtest.TestApp(app)
+        post_history(client, history(seed=11))
+        since, until = day_text(45), day_text(0)
+        answers.append([client.get(f"/v1.0/report{path}?since={since}&until={until}&{query}", headers=READER).json
+                        for path, query in [("", ""), ("", "application=my-game"),
+                                            ("/funnel", "steps=tutorial_start,tutorial_step,tutorial_end"),
+                                            ("/values", "event_type=level_start&field=level"),
+                                            ("/values", "event_type=session_end&field=item")]])
+        app.close()
+    assert answers[0] == answers[1] and answers[0][0]["totals"]["events"] > 100
+
+
+def test_a_report_of_a_database_made_by_the_original(config, database, sqlite_only):
+    with sqlite3.connect(database) as connection:
+        connection.executescript(ORIGINAL_SCHEMA)
+    config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                           "read_keys": "reader-key"})
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    answer = client.get("/v1.0/report?since=2024-04-30&until=2024-05-02", headers=READER).json
+    app.close()
+    assert answer["totals"] == {"events": 1, "users": 1, "new_users": 1, "sessions": 1}
+    assert answer["days"][1] == {"date": "2024-05-01", "events": 1, "users": 1, "new_users": 1, "sessions": 1}
+
+
+def test_the_dashboard_shows_the_reports_figures_with_relative_links(reports):
+    client, rows = reports
+    since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
+    figures = oracle_report(rows, since, until, "my-game")
+    page = client.get(f"/dashboard?since={since}&until={until}&application=my-game&steps=tutorial_start,tutorial_end"
+                      "&of=level_start&field=level", headers=READER).text
+    for name in ("events", "users", "new_users", "sessions"):
+        assert f"<b>{figures['totals'][name]:,}</b>{name.replace('_', ' ')}" in page
+    assert page.count('<table class="retention">') == 1 and page.count("<tr>") >= len(figures["retention"])
+    assert 'action="dashboard"' in page and f'href="v1.0/report?application=my-game&amp;since={since}&amp;until={until}' in page
+    assert "format=csv" in page and not re.search(r'(href|action)="/', page)
+    assert "(other)" in page and "tutorial_end" in page and "<th>p90</th>" in page
+
+
+HOSTILE_QUERIES = [
+    "until=9999-12-31", "since=0001-01-01", "until=0001-01-05", "since=9999-12-31&until=9999-12-31",
+    "since=2024-01-01&until=2025-06-01", "since=2024-02-30", "since=%ff%fe", "since=2024-05-01T00:00",
+    "until=1969-12-31", "since=2025-01-02&until=2025-01-01", "application=%00", "version=" + "v" * 2000,
+    "format=xml", "format=", "application=%3Cscript%3E", "event_type=%E2%80%AE", "&" * 5000, "a=1&" * 100,
+    "since=+2024-05-01", "since=2024-05-01%00", "steps=" + ",".join("x" * 11), "steps=,,,", "field=%22x",
+    "field=", "event_type=x&field=a%5C", "of=x&field=%0a", "since[]=2024", "%", "=&=&==", "format=csv&steps=a",
+]
+
+
+@pytest.mark.parametrize("path", ["/dashboard", "/v1.0/report", "/v1.0/report/funnel", "/v1.0/report/values"])
+@pytest.mark.parametrize("query", HOSTILE_QUERIES)
+def test_no_query_string_makes_the_report_fail(reading, path, query):
+    answer = reading.get(f"{path}?{query}", headers=READER, expect_errors=True)
+    assert answer.status_int == 200 or (400 <= answer.status_int < 500 and answer.json["detail"])
+
+
+@pytest.mark.parametrize("query, words", [
+    ("since=2024-01-01&until=2025-01-01", "at most 366 days"), ("until=9999-12-31", "until must be a day"),
+    ("since=yesterday", "since must be a date"), ("format=xml", "format must be json or csv"),
+])
+def test_a_bad_report_query_is_a_400_that_says_why(reading, query, words):
+    assert words in reading.get(f"/v1.0/report?{query}", headers=READER, status=400).json["detail"]
+
+
+def test_a_year_is_the_longest_range(reading):
+    assert len(reading.get("/v1.0/report?since=2024-01-01&until=2024-12-31", headers=READER).json["days"]) == 366
+    reading.get("/v1.0/report?since=2024-01-01&until=2025-01-01", headers=READER, status=400)
+
+
+def test_the_report_needs_a_read_key(reading):
+    reading.get("/v1.0/report", status=401)
+    reading.get("/v1.0/report/funnel?steps=a", headers={"Authorization": f"Bearer {KEY}"}, status=401)
+    assert reading.get("/v1.0/report", headers=basic("reader-key")).json["totals"]["events"] == 300
+
+
+def test_wrong_read_keys_are_throttled_per_address_and_logged_once(reading, caplog):
+    guesser, other = {"REMOTE_ADDR": "127.0.0.2"}, {"REMOTE_ADDR": "127.0.0.3"}
+    with caplog.at_level("WARNING", logger="pycolytics"):
+        for _ in range(pycolytics.READ_KEY_FAILURES):
+            reading.get("/v1.0/report", headers=basic("guess"), extra_environ=guesser, status=401)
+        refused = reading.get("/dashboard", headers=READER, extra_environ=guesser, status=429)
+    assert int(refused.headers["Retry-After"]) >= 1 and "wrong read keys" in refused.json["detail"]
+    assert reading.get("/v1.0/report", headers=READER, extra_environ=other).json["totals"]["events"] == 300
+    assert [record.getMessage() for record in caplog.records].count(
+        "a wrong read key from '127.0.0.2' (more from it this minute are counted, not logged)") == 1
+
+
+def test_the_read_key_guard_forgets_old_windows_and_bounds_its_memory(monkeypatch):
+    monkeypatch.setattr(pycolytics, "MAX_TRACKED_CLIENTS", 100)
+    guard = pycolytics.ReadKeyGuard()
+    for n in range(1000):
+        guard.failed(f"10.0.{n // 250}.{n % 250}", now=n // 200 * 60)
+    assert len(guard._failures) <= 100
+    for _ in range(pycolytics.READ_KEY_FAILURES):
+        guard.failed("10.9.9.9", now=0)
+    with pytest.raises(pycolytics.TooManyRequests):
+        guard.check("10.9.9.9", now=30)
+    guard.check("10.9.9.9", now=60)  # a new window
+
+
+def test_the_report_cache_stays_within_its_bytes_and_drops_the_least_recently_used():
+    cache = pycolytics.ReportCache(budget=1000)
+    for n in range(10):
+        cache.put(("report", n), b"x" * 150)
+        cache.get(("report", 0))  # kept in use
+    assert cache.used <= 1000 and cache.get(("report", 0)) is not None
+    assert cache.get(("report", 1)) is None and cache.get(("report", 9)) is not None
+    cache.put(("report", "huge"), b"x" * 5000)
+    assert cache.get(("report", "huge")) is None and cache.used <= 1000
+
+
+def test_a_cached_report_is_read_again_once_an_event_arrives(reading):
+    first = reading.get("/v1.0/report", headers=READER).json["totals"]["events"]
+    assert reading.get("/v1.0/report", headers=READER).json["totals"]["events"] == first
+    post(reading, "/v1.0/event", event())
+    assert reading.get("/v1.0/report", headers=READER).json["totals"]["events"] == first + 1
+
+
+def test_every_ranking_lumps_the_rest_as_other(reading):
+    post(reading, "/v1.0/events", [event(application=f"app{n}", version=f"v{n}", platform=f"p{n}", event_type=f"t{n}")
+                                   for n in range(30)])
+    report = reading.get("/v1.0/report", headers=READER).json
+    for name in ("event_types", "versions", "platforms"):
+        assert len(report[name]) == 21 and report[name][-1]["name"] == "(other)"
+        assert sum(row["events"] for row in report[name]) == report["totals"]["events"]
+    page = reading.get("/dashboard", headers=READER).text
+    applications = re.search(r'<select name="application">(.*?)</select>', page).group(1)
+    assert applications.count("<option value=") == 21 and '<option value="space-game">' in applications  # all, top 20
 
 
 # -- Rate limits -------------------------------------------------------------------------------------
@@ -1570,11 +1954,282 @@ def test_the_shipped_ini_documents_every_key_with_its_default():
         text = file.read()
     parser.read_string(text)
     documented = dict(parser.items("pycolytics"))
-    for name, default in pycolytics.DEFAULTS.items():
+    for name, default, _, _ in pycolytics.SETTINGS:
         if name in documented:
             assert documented[name] == default, name
         else:
             assert re.search(rf"^# ?{name} = {re.escape(default)}$", text, re.M), name
+
+
+# -- Configuration that cannot mislead, and the command line --------------------------------------
+
+SECRET = "k3y-0f-my-g4me-f0r-testing"
+
+
+@pytest.mark.parametrize("ini, words", [
+    ("[pycolytics]\nmax_body_bytes = 1MB\n", ["max_body_bytes = '1MB'", "whole number", "without a unit"]),
+    ("[pycolytics]\nport = abc\n", ["port = 'abc'", "from 0 to 65535"]),
+    ("[pycolytics]\nthreads = 2.5\n", ["threads = '2.5'", "whole number of at least 1"]),
+    ("[pycolytics]\nidle_timeout = 5s\n", ["idle_timeout = '5s'", "number of seconds"]),
+    ("[pycolytics]\nrequest_timeout = nan\n", ["request_timeout = 'nan'", "number of seconds"]),
+    ("[pycolytics]\nretention_days = forever\n", ["retention_days = 'forever'", "number of days"]),
+    ("[pycolytics]\ntrusted_proxies = not-an-ip\n", ["trusted_proxies", "'not-an-ip'", "IP address", "network"]),
+    ("[pycolytics]\ntrusted_proxies = 10.0.0.0/33\n", ["trusted_proxies", "'10.0.0.0/33'", "10.0.0.0/8"]),
+    ("[pycolytics]\ntrusted_proxies = 10.0.0.1 10.0.0.2\n", ["trusted_proxies", "'10.0.0.1 10.0.0.2'"]),
+    (f"[pycolytics]\napi_keys = {SECRET} other\n", ["api_keys is not valid", "'k3y-'", "holds a space", "commas"]),
+    (f"[pycolytics]\nread_keys = {SECRET}\x07\n", ["read_keys is not valid", "control character"]),
+    (f"[app:space]\napi_keys = {SECRET}\tx\n", ["[app:space] api_keys is not valid", "holds a space"]),
+    (f"[pycolytics]\napi_keys = {SECRET}\nread_keys = {SECRET}\n",
+     ["'k3y-'", "in read_keys", "in api_keys", "dashboard"]),
+    (f"[app:space]\napi_keys = {SECRET}\n[app:farm]\napi_keys = one, {SECRET}\n",
+     ["[app:space] api_keys", "[app:farm] api_keys", "one place"]),
+    (f"[pycolytics]\napi_keys = {SECRET}\n[app:space]\napi_keys = {SECRET}\n", ["[app:space] api_keys", "and in api_keys"]),
+    (f"[app:space]\napi_keys = {SECRET}\n[pycolytics]\nread_keys = {SECRET}\n", ["[app:space] api_keys", "read_keys"]),
+])
+def test_a_bad_value_is_refused_in_plain_words_naming_key_value_and_what_is_accepted(tmp_path, ini, words):
+    (tmp_path / "bad.ini").write_text(ini)
+    with pytest.raises(pycolytics.ConfigError) as error:
+        pycolytics.load_config(str(tmp_path / "bad.ini"), environ={})
+    message = str(error.value)
+    for word in words:
+        assert word in message
+    assert str(tmp_path / "bad.ini") in message
+    assert "invalid literal" not in message and "could not convert" not in message
+    assert SECRET not in message  # a message ends up in logs: at most a glimpse of a key
+
+
+def test_a_bad_value_stops_the_server_with_status_2_and_creates_nothing(tmp_path):
+    (tmp_path / "pycolytics.ini").write_text("[pycolytics]\nmax_body_bytes = 1MB\n")
+    result = run_cli(tmp_path, "--port", "0")
+    assert result.returncode == 2
+    assert "bad configuration" in result.stderr and "max_body_bytes = '1MB'" in result.stderr
+    assert os.listdir(tmp_path) == ["pycolytics.ini"]
+
+
+def test_inline_comments_are_stripped_as_the_readme_writes_them(tmp_path):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        example = re.search(r"```ini\n(\[app:.*?)```", file.read(), re.S).group(1)
+    assert " ; " in example  # the README's example has the comment this test is about
+    (tmp_path / "pycolytics.ini").write_text(example + "[pycolytics]\nport = 9000  # the test port\n")
+    config = pycolytics.load_config(str(tmp_path / "pycolytics.ini"), environ={})
+    (application, settings), = config.apps.items()
+    assert len(settings["api_keys"]) == 1 and ";" not in settings["api_keys"][0]
+    assert config.port == 9000
+
+
+@pytest.mark.parametrize("trusted, peer, forwarded, sender", [
+    ("10.0.0.0/8", "10.1.2.3", "203.0.113.9", "203.0.113.9"),
+    ("10.0.0.0/8", "192.168.1.1", "203.0.113.9", "192.168.1.1"),
+    ("10.0.0.0/8", "::ffff:10.1.2.3", "203.0.113.9", "203.0.113.9"),
+    ("10.0.0.0/8", "10.0.0.1", "198.51.100.7, 10.0.0.2", "198.51.100.7"),
+    ("10.0.0.0/8", "10.0.0.1", "198.51.100.7, 11.0.0.2", "11.0.0.2"),
+    ("fd00::/8, 127.0.0.1", "fd00::5", "198.51.100.7", "198.51.100.7"),
+    ("fd00::/8, 127.0.0.1", "127.0.0.1", "198.51.100.7", "198.51.100.7"),
+    ("0:0:0:0:0:0:0:1", "::1", "198.51.100.7", "198.51.100.7"),
+    ("10.0.0.7", "10.0.0.70", "198.51.100.7", "10.0.0.70"),
+])
+def test_trusted_proxies_are_addresses_and_networks(trusted, peer, forwarded, sender):
+    config = pycolytics.load_config(environ={"PYCOLYTICS_TRUSTED_PROXIES": trusted}, dotenv=None)
+    assert pycolytics.client_address(peer, forwarded, config.trusted_proxies) == sender
+
+
+def test_a_reload_warns_about_every_restart_only_change_and_compares_with_what_is_in_force(tmp_path, notifications):
+    certificate, key = make_certificate(tmp_path)
+    listener, path = notifications
+    ini = tmp_path / "pycolytics.ini"
+    ini.write_text(f"[pycolytics]\ndatabase = first.db\napi_keys = {KEY}\n")
+    process, address, _, _ = start_server(tmp_path, "--quiet", environ=dict(os.environ, NOTIFY_SOCKET=path))
+    try:
+        assert listener.recv(100) == b"READY=1"
+        ini.write_text(f"[pycolytics]\ndatabase = second.db\nthreads = 3\ncertfile = {certificate}\n"
+                       f"keyfile = {key}\napi_keys = {KEY}\n")
+        for _ in range(2):  # the second reload compares with the configuration in force, not the first reload's
+            process.send_signal(signal.SIGHUP)
+            assert listener.recv(100).startswith(b"RELOADING=1")
+            assert listener.recv(100) == b"READY=1"
+        connection = http.client.HTTPConnection(*address, timeout=10)
+        assert post_over(connection, event()) == 204  # still plain HTTP, still the first database
+        connection.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=15)
+    assert process.returncode == 0
+    assert errors.count("database changed to 'second.db'; that takes a restart, the server keeps 'first.db'") == 2
+    assert errors.count("threads changed to 3; that takes a restart, the server keeps 8") == 2
+    assert errors.count("switch to HTTPS; that takes a restart, the server keeps serving plain HTTP") == 2
+    assert count(str(tmp_path / "first.db")) == 1 and not (tmp_path / "second.db").exists()
+
+
+def test_an_encrypted_private_key_is_refused_without_asking_for_a_pass_phrase(tmp_path):
+    certificate, key = make_certificate(tmp_path)
+    subprocess.run(["openssl", "pkey", "-in", key, "-out", "locked.pem", "-aes256", "-passout", "pass:secret"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\ncertfile = {certificate}\nkeyfile = locked.pem\n")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "keyfile locked.pem is encrypted" in result.stderr and "openssl pkey" in result.stderr
+    assert "pass phrase" not in result.stderr.lower()
+
+
+def test_gunicorn_with_create_app_stops_at_once_on_a_bad_setting_and_serves_a_good_one(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = probe.getsockname()
+    command = [sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"{address[0]}:{address[1]}", "pycolytics:create_app()"]
+    (tmp_path / "bad.ini").write_text("[pycolytics]\nmax_body_bytes = 1MB\n")
+    environ = dict(os.environ, PYCOLYTICS_CONFIG=str(tmp_path / "bad.ini"), PYCOLYTICS_DATABASE=str(tmp_path / "g.db"))
+    result = subprocess.run(command, cwd=HERE, env=environ, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "max_body_bytes = '1MB'" in result.stderr
+    assert not (tmp_path / "g.db").exists()
+    (tmp_path / "good.ini").write_text(f"[pycolytics]\napi_keys = {KEY}\n")
+    environ["PYCOLYTICS_CONFIG"] = str(tmp_path / "good.ini")
+    process = subprocess.Popen(command, cwd=HERE, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until_serving(address) == 204
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert count(str(tmp_path / "g.db")) == 1
+
+
+@pytest.fixture
+def seeded(client, database):
+    """The database holds seed()'s three events, of 2024-01, 2024-02 and 2024-03."""
+    seed(client)
+    return database
+
+
+@pytest.mark.parametrize("arguments, status, words, left", [
+    (["prune", "--before", "2024-02-15", "--database", "{db}", "--yes"], 0, ["deleted 2 events"], 1),
+    (["--database", "{db}", "prune", "--before", "2024-02-15", "--dry-run"], 0, ["2 events are from before"], 3),
+    (["prune", "--before", "2024-02-15", "--database", "{db}"], 2, ["2 events", "pass --yes"], 3),
+    (["prune", "--before", "last week", "--database", "{db}", "--yes"], 2, ["prune: --before 'last week' is not a time"], 3),
+    (["prune", "--before", "2030-01-01", "--database", "typo.db", "--yes"], 2, ["there is no database", "typo.db"], 3),
+    (["--database", "typo.db", "export"], 2, ["there is no database", "typo.db"], 3),
+    (["--database", "typo.db", "backup", "copy.db"], 2, ["there is no database"], 3),
+    (["copy", "--database", "typo.db", "--to", "postgresql://127.0.0.1/x"], 2, ["there is no database"], 3),
+    (["export", "--database", "{db}", "--until", "2024-01-15", "--output", "out.csv"], 0, ["exported 1 events"], 3),
+    (["export", "--database", "{db}", "--output", "existing.csv"], 2, ["existing.csv exists", "--force"], 3),
+    (["export", "--database", "{db}", "--output", "existing.csv", "--force"], 0, ["exported 3 events"], 3),
+])
+def test_the_command_line_takes_options_anywhere_and_never_creates_or_loses_by_surprise(
+        tmp_path, seeded, arguments, status, words, left):
+    (tmp_path / "existing.csv").write_text("precious\n")
+    result = run_cli(tmp_path, *(argument.replace("{db}", seeded) for argument in arguments))
+    assert result.returncode == status, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert "bad configuration" not in result.stderr and "Traceback" not in result.stderr
+    assert count(seeded) == left
+    assert not (tmp_path / "typo.db").exists() and not (tmp_path / "copy.db").exists()
+    kept = "existing.csv" not in arguments or "--force" not in arguments
+    assert ((tmp_path / "existing.csv").read_text() == "precious\n") == kept
+
+
+def answer_on_a_terminal(arguments, answer, cwd):
+    """Run the command line on a pseudo-terminal, answer its question, return (status, output)."""
+    import pty
+    import select
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: nothing of the test may run here
+        os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments])
+    output, deadline = b"", time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([terminal], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the child has gone
+                break
+            if not chunk:
+                break
+            output += chunk
+            if output.endswith(b"[y/N] "):
+                os.write(terminal, answer + b"\n")
+    finally:
+        os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+@pytest.mark.parametrize("answer, status, left", [(b"n", 1, 3), (b"y", 0, 1)])
+def test_prune_on_a_terminal_asks_first_and_deletes_only_on_yes(tmp_path, seeded, answer, status, left):
+    code, output = answer_on_a_terminal(["prune", "--before", "2024-02-15", "--database", seeded], answer, tmp_path)
+    assert "Delete 2 events from before 2024-02-15" in output
+    assert code == status
+    assert count(seeded) == left
+
+
+def test_backup_refuses_to_overwrite_without_force(tmp_path, seeded, sqlite_only):
+    (tmp_path / "copy.db").write_text("precious")
+    result = run_cli(tmp_path, "backup", "copy.db", "--database", seeded)
+    assert result.returncode == 2 and "copy.db exists; pass --force" in result.stderr
+    assert (tmp_path / "copy.db").read_text() == "precious"
+    result = run_cli(tmp_path, "backup", "copy.db", "--database", seeded, "--force")
+    assert result.returncode == 0, result.stderr
+    assert count(str(tmp_path / "copy.db")) == 3
+
+
+def test_copy_to_a_url_that_is_not_postgresql_is_an_argument_error(tmp_path, seeded, sqlite_only):
+    result = run_cli(tmp_path, "copy", "--to", "other.db", "--database", seeded)
+    assert result.returncode == 2 and "copy: --to 'other.db' is not a postgresql:// URL" in result.stderr
+    assert "bad configuration" not in result.stderr and not (tmp_path / "other.db").exists()
+
+
+def test_every_command_has_a_description_and_the_global_options(capsys):
+    for name, (_, _, description) in pycolytics.COMMANDS.items():
+        with pytest.raises(SystemExit):
+            pycolytics.main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert description.split(".")[0] in text, name
+        assert "--database FILE_OR_URL" in text and "--config FILE" in text, name
+
+
+def test_export_csv_neutralises_formula_cells_and_jsonl_keeps_them_exact(client, database, tmp_path):
+    dangerous = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "\tx", "\rx"]
+    post(client, "/v1.0/events", [event(user_id=text, event_type="plain") for text in dangerous])
+    result = run_cli(tmp_path, "--database", database, "export", "--output", "out.csv")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "out.csv", encoding="utf-8", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["user_id"] for row in rows] == ["'" + text for text in dangerous]
+    assert {row["event_type"] for row in rows} == {"plain"} and json.loads(rows[0]["value"]) == {"level": 3}
+    result = run_cli(tmp_path, "--database", database, "export", "--format", "jsonl")
+    assert [json.loads(line)["user_id"] for line in result.stdout.splitlines()] == dangerous
+
+
+def test_export_into_a_pipe_closed_early_ends_quietly_with_status_0(client, database, tmp_path):
+    post(client, "/v1.0/events", [event(user_id=f"player-{n}") for n in range(1000)])
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "pycolytics.py"), "--database", database, "export"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b"id,time")
+    process.stdout.close()  # as `| head -1` does: far more than a pipe's buffer is still to come
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert b"Broken pipe" not in errors and b"ERROR" not in errors and b"Exception" not in errors
+
+
+def test_a_new_database_is_created_whole_and_only_an_old_one_is_upgraded(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pycolytics")
+    pycolytics.connect(str(tmp_path / "new.db")).close()
+    assert "upgraded" not in caplog.text
+    with sqlite3.connect(tmp_path / "old.db") as old:
+        old.executescript(pycolytics.SCHEMA)  # the original's table, without the added columns
+    old.close()
+    pycolytics.connect(str(tmp_path / "old.db")).close()
+    assert "upgraded the database: added the column event.received_at" in caplog.text
+
+
+
+def test_a_json_syntax_error_names_its_place_once(client):
+    response = client.post("/v1.0/event", b'{"event_type": "tab\x01"}', expect_errors=True)
+    assert " at at " not in response.text
+    if response.status_int == 400:
+        assert "Invalid control character at line 1 column" in response.json["detail"]
 
 
 # -- The WSGI callable ----------------------------------------------------------------------------
@@ -1602,15 +2257,28 @@ def test_importing_the_module_opens_and_reads_nothing(tmp_path):
 # -- The built-in server, over real sockets --------------------------------------------------------
 
 
-@pytest.fixture
-def server(config, app):
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
+@contextlib.contextmanager
+def serving(settings, wrap=None, **changes):
+    """A built-in server on a free port with these settings changed, stopped when the block ends."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
+    app = pycolytics.create_app(config)
+    server = pycolytics.Server(wrap(app) if wrap else app, config, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
-    yield server
-    server.shutdown()
-    thread.join(10)
-    assert not thread.is_alive()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(20)
+        app.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def server(settings, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with serving(settings) as server:
+        yield server
 
 
 def exchange(server, raw, read_until_close=True):
@@ -1663,8 +2331,8 @@ def test_http_1_0_clients_are_served_and_closed(server, database):
 def test_pipelined_requests_are_answered_in_order(server, database):
     one = body(event(event_type="p1"))
     two = body(event(event_type="p2"))
-    raw = (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one)
-           + b"POST /v1.0/event HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(two), two))
+    raw = (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(one), one)
+           + b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(two), two))
     answer = exchange(server, raw)
     assert answer.count(b"HTTP/1.1 204") == 2
     assert [row[0] for row in stored(database)] == ["p1", "p2"]
@@ -1673,7 +2341,7 @@ def test_pipelined_requests_are_answered_in_order(server, database):
 def test_expect_100_continue_is_honoured(server, database):
     payload = body(event())
     with socket.create_connection(server.server_address, timeout=10) as sock:
-        sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(payload))
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(payload)
@@ -1682,45 +2350,36 @@ def test_expect_100_continue_is_honoured(server, database):
 
 
 @pytest.mark.parametrize("raw, status", [
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n{", b"413"),
-    (b"POST /v1.0/event HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"411"),
-    (b"POST /v1.0/event HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", b"400"),
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", b"400"),
-    (b"POST /v1.0/event HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),
-    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", b"414"),
-    (b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"b" * 9000 + b"\r\n\r\n", b"431"),
-    (b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", b"431"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999\r\n\r\n{", b"413"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"411"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", b"400"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", b"400"),
+    (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: -5\r\n\r\n", b"400"),
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", b"414"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Big: " + b"b" * 9000 + b"\r\n\r\n", b"431"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", b"431"),
     (b"GET / HTTP/2.0\r\n\r\n", b"505"),
     (b"NONSENSE\r\n\r\n", b"400"),
-    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n", b"400"),
 ], ids=lambda value: value[:24].decode("latin-1") if isinstance(value, bytes) else None)
 def test_bad_framing_is_refused_and_the_server_keeps_serving(server, database, raw, status):
     answer = exchange(server, raw)
     assert answer.split(b" ")[1] == status
     assert b'"detail"' in answer
     follow_up = body(event())
-    good = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+    good = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                     % (len(follow_up), follow_up))
     assert good.startswith(b"HTTP/1.1 204")
     assert count(database) == 1
 
 
 def test_the_framing_limits_are_settings(settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, max_request_line=100, max_header_fields=3))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
-        assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
-        assert exchange(server, b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
-        assert exchange(server, b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
+    with serving(settings, max_request_line=100, max_header_fields=3) as server:
+        assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\nHost: t\r\n\r\n").startswith(b"HTTP/1.1 414")
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 4 + b"\r\n").startswith(b"HTTP/1.1 431")
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 3 + b"Connection: close\r\n\r\n"
                         ).startswith(b"HTTP/1.1 431")
-        assert exchange(server, b"GET / HTTP/1.1\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
-    finally:
-        server.shutdown()
-        thread.join(10)
-        app.close()
+        assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\nX: 1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
 
 
 def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
@@ -1742,18 +2401,20 @@ def test_many_concurrent_clients_are_all_stored_exactly_once(server, database):
     assert len({row[0] for row in stored(database, "user_id")}) == 2400
 
 
-def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings):
-    config = pycolytics.load_config(environ={}, overrides=dict(settings, threads=2, idle_timeout=1, request_timeout=2))
-    app = pycolytics.create_app(config)
-    server = pycolytics.Server(app, config, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
+def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, settings, database):
+    with serving(settings, threads=2, idle_timeout=1, request_timeout=2) as server:
+        talk_past(server)
+    assert count(database) == 10
+
+
+def talk_past(server):
+    """Ten normal requests while 200 silent and 20 trickling connections hold their slots."""
     silent = [socket.create_connection(server.server_address) for _ in range(200)]
     tricklers = [socket.create_connection(server.server_address) for _ in range(20)]
     trickling = threading.Event()
 
     def trickle():
-        request = b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"{" * 100
+        request = b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + b"{" * 100
         for byte in range(len(request)):
             for sock in tricklers:
                 try:
@@ -1768,7 +2429,7 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
     try:
         payload = body(event())
         for _ in range(10):
-            answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            answer = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(payload), payload))
             assert answer.startswith(b"HTTP/1.1 204")
         tricklers[0].settimeout(10)
@@ -1780,10 +2441,508 @@ def test_silent_and_trickling_connections_do_not_delay_other_clients(tmp_path, s
         trickler.join(10)
         for sock in silent + tricklers:
             sock.close()
-        server.shutdown()
+
+
+# -- Hostile clients against a live server -------------------------------------------------------
+#
+# Each attack runs against the built-in server on 127.0.0.1, and each test then checks the two
+# promises that matter: the server is still alive, and a normal client is served meanwhile.
+
+
+def one_event_request(event_type="normal", path="/v1.0/event", close=True):
+    payload = body(event(event_type=event_type))
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path.encode(), len(payload), b"Connection: close\r\n" if close else b"", payload))
+
+
+def normal_client_is_served(address, event_type="normal", timeout=10, source=None):
+    """A well-behaved client posts one event on a new connection; True if it got 204."""
+    with socket.create_connection(address, timeout=timeout, source_address=source) as sock:
+        sock.sendall(one_event_request(event_type))
+        return read_all(sock).startswith(b"HTTP/1.1 204")
+
+
+def read_all(sock, answers=None):
+    """What the server sends until it closes (or until `answers` answers have arrived)."""
+    chunks = []
+    with contextlib.suppress(socket.timeout, ConnectionError):
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+            if answers is not None and b"".join(chunks).count(b"HTTP/1.1 ") >= answers:
+                break
+    return b"".join(chunks)
+
+
+def start_configured_server(tmp_path, ini="", **popen):
+    """pycolytics.py in a process of its own, with KEY as its key and `ini` added; (process, address)."""
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\napi_keys = {KEY}\n{ini}")
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0", "--config", "pycolytics.ini"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, **popen,
+    )
+    for line in process.stderr:
+        found = re.search(r"listening on http://([\d.]+):(\d+)", line)
+        if found:
+            return process, (found.group(1), int(found.group(2)))
+    process.wait(10)
+    raise AssertionError("the server did not start")
+
+
+@contextlib.contextmanager
+def stopped_at_the_end(process):
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stderr.close()
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        user, system = stat.read().rsplit(")", 1)[1].split()[11:13]
+    return (int(user) + int(system)) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_thousand_pipelined_requests_answered_at_once_are_all_answered_in_order(server, database):
+    empty = b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n[]"
+    unauthorized = (b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body(event(api_key="wrong"))), body(event(api_key="wrong"))))
+    broken = b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n{"
+    with socket.create_connection(server.server_address, timeout=20) as sock:
+        sock.sendall((empty + unauthorized + broken) * 334)
+        answers = read_all(sock, answers=1002)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3})", answers)
+    assert statuses == [b"204", b"401", b"400"] * 334
+    assert normal_client_is_served(server.server_address)
+    assert [row[0] for row in stored(database)] == ["normal"]
+
+
+def test_an_error_while_serving_one_connection_closes_it_and_the_loop_goes_on(settings, database):
+    class Exploding:
+        """An application whose loop hook fails for one path, as a bug would."""
+
+        def __init__(self, app):
+            self.app = app
+
+        def __call__(self, environ, start_response):
+            return self.app(environ, start_response)
+
+        def answer_in_loop(self, environ, respond):
+            if environ["PATH_INFO"] == "/boom":
+                raise RuntimeError("a bug")
+            return self.app.answer_in_loop(environ, respond)
+
+        def loop_turn_ended(self):
+            self.app.loop_turn_ended()
+
+    with serving(settings, wrap=Exploding) as server:
+        for _ in range(3):
+            with socket.create_connection(server.server_address, timeout=10) as sock:
+                sock.sendall(b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert read_all(sock) == b""  # closed without an answer
+        assert normal_client_is_served(server.server_address)
+    assert count(database) == 1
+
+
+def test_a_middleware_in_between_turns_the_loop_hook_off_and_everything_still_works(settings, database):
+    def middleware(app):
+        def call(environ, start_response):
+            return app(environ, start_response)
+        return call
+
+    with serving(settings, wrap=middleware) as server:
+        assert normal_client_is_served(server.server_address)
+        docs = exchange(server, b"GET /docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert docs.startswith(b"HTTP/1.1 200") and b"<html" in docs
+    assert count(database) == 1
+
+
+def test_a_query_string_or_percent_encoding_never_sends_events_to_a_worker_thread(settings, database, sqlite_only):
+    with serving(settings, threads=1, busy_timeout=20) as server:
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the writer now waits for the lock
+        try:
+            posts = [socket.create_connection(server.server_address, timeout=30) for _ in range(3)]
+            for sock, path in zip(posts, ["/v1.0/event?source=web", "/v1.0/%65vent", "/v1.0/event?x=%00"]):
+                sock.sendall(one_event_request(path=path))
+            time.sleep(0.5)  # the posts wait for the database now; were one in the only worker thread...
+            with socket.create_connection(server.server_address, timeout=10) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                health = read_all(sock)  # ...this would wait for the lock too, and time out
+            assert health.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503"))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert [read_all(sock)[:12] for sock in posts] == [b"HTTP/1.1 204"] * 3
+        for sock in posts:
+            sock.close()
+    assert count(database) == 3
+
+
+def test_a_broken_stderr_does_not_stop_the_server(tmp_path):
+    process, address = start_configured_server(tmp_path)  # access log on: every request writes a line
+    with stopped_at_the_end(process):
+        process.stderr.close()  # as when `| tee` dies: every write to stderr now fails
+        for n in range(20):
+            assert normal_client_is_served(address, f"e{n}")
+        assert process.poll() is None
+
+
+def test_a_stderr_nobody_reads_does_not_block_the_server(tmp_path):
+    process, address = start_configured_server(tmp_path)  # nobody reads its stderr from here on
+    with stopped_at_the_end(process):
+        request = one_event_request(close=False)
+        with socket.create_connection(address, timeout=20) as sock:  # 3,000 log lines: far over a pipe's 64 KiB
+            for _ in range(30):
+                sock.sendall(request * 100)
+                assert read_all(sock, answers=100).count(b"HTTP/1.1 204") == 100
+
+
+def test_tls_connections_reset_right_after_connect_do_not_stop_the_server(tmp_path, settings, database):
+    certificate, key = make_certificate(tmp_path)
+    import ssl
+
+    with serving(settings, certfile=certificate, keyfile=key) as server:
+        for _ in range(30):
+            sock = socket.create_connection(server.server_address)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, before any handshake
+        context = ssl.create_default_context(cafile=certificate)
+        connection = http.client.HTTPSConnection(*server.server_address, context=context, timeout=10)
+        connection.request("POST", "/v1.0/event", body(event()))
+        assert connection.getresponse().status == 204
+        connection.close()
+    assert count(database) == 1
+
+
+def test_blank_lines_cannot_keep_a_connection_open_past_request_timeout(settings):
+    with serving(settings, request_timeout=1, idle_timeout=1) as server:
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            closed = False
+            for _ in range(8):  # one blank line every 0.4 s: each one used to re-arm the deadline
+                try:
+                    sock.sendall(b"\r\n")
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.4)
+            closed = closed or read_all(sock) == b""
+        assert closed
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            sock.sendall(b"\r\n" * (pycolytics.MAX_BLANK_LINES + 1) + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 400") and b"blank lines" in answer
+        assert normal_client_is_served(server.server_address)
+
+
+def test_one_address_cannot_take_more_than_its_share_of_connections(settings, database):
+    with serving(settings, max_connections_per_address=5) as server:
+        attackers = [socket.create_connection(server.server_address, source_address=("127.0.0.2", 0))
+                     for _ in range(5)]
+        try:
+            with socket.create_connection(server.server_address, timeout=10,
+                                          source_address=("127.0.0.2", 0)) as sixth:
+                answer = read_all(sixth)
+            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After:" in answer
+            assert normal_client_is_served(server.server_address, source=("127.0.0.3", 0))
+            attackers.pop().close()  # a slot of its own frees up again
+            time.sleep(0.2)
+            assert normal_client_is_served(server.server_address, "again", source=("127.0.0.2", 0))
+        finally:
+            for sock in attackers:
+                sock.close()
+    assert count(database) == 2
+
+
+def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(settings, database):
+    with serving(settings, max_connections=10, idle_timeout=60, request_timeout=60) as server:
+        silent = [socket.create_connection(server.server_address, timeout=10, source_address=(f"127.0.1.{n}", 0))
+                  for n in range(10)]
+        try:
+            time.sleep(0.2)
+            assert normal_client_is_served(server.server_address)
+            assert read_all(silent[0]) == b""  # the oldest silent connection was closed for it
+        finally:
+            for sock in silent:
+                sock.close()
+    assert count(database) == 1
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
+
+
+def test_bodies_over_the_buffer_budget_get_503_and_memory_stays_bounded(tmp_path):
+    process, address = start_configured_server(tmp_path, "max_buffered_bytes = 8388608\nquiet = yes\n")
+    with stopped_at_the_end(process):
+        before = rss_kib(process.pid)
+        head = b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n"
+        hogs = []
+        for n in range(40):  # 40 MiB announced, 8 MiB allowed: the rest are refused before they are read
+            sock = socket.create_connection(address, timeout=10, source_address=(f"127.0.2.{n}", 0))
+            with contextlib.suppress(OSError):
+                sock.sendall(head + b"[" + b" " * 1_040_000)
+            hogs.append(sock)
+        assert normal_client_is_served(address)  # small bodies are still taken meanwhile
+        grown = rss_kib(process.pid) - before
+        answers = []
+        for sock in hogs:
+            sock.settimeout(0.5)
+            answers.append(read_all(sock, answers=1))
+            sock.close()
+        refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503")]
+        assert len(refused) == 32 and all(b"Retry-After: " in answer for answer in refused)
+        assert grown < 24 * 1024, f"RSS grew by {grown} KiB while 40 bodies were announced"
+        assert process.poll() is None
+
+
+def test_out_of_file_descriptors_the_server_pauses_accepting_and_recovers(tmp_path):
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    process, address = start_configured_server(tmp_path, "quiet = yes\n", preexec_fn=few_descriptors)
+    with stopped_at_the_end(process):
+        crowd = [socket.create_connection(address, timeout=10, source_address=(f"127.0.3.{n}", 0))
+                 for n in range(100)]
+        time.sleep(0.5)
+        spent = cpu_seconds(process.pid)
+        time.sleep(2)
+        spent = cpu_seconds(process.pid) - spent
+        assert spent < 0.5, f"the loop spun: {spent:.2f} s of CPU in 2 s"  # it used to take a whole core
+        for sock in crowd:
+            sock.close()
+        deadline = time.monotonic() + 15
+        while not normal_client_is_served(address):  # it recovers by itself once descriptors are free
+            assert time.monotonic() < deadline, "the server did not recover"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        log = process.stderr.read()
+        assert 1 <= log.count("cannot accept connections") <= 5, log[:2000]
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b"GET / HTTP/1.1\r\nHost: t\nX-Smuggled: 1\r\n\r\n", "CRLF"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Smuggled: a\rb\r\n\r\n", "CRLF"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Nul: a\x00b\r\n\r\n", "control"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Escape: \x1b[31m\r\n\r\n", "control"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nBad Name: 1\r\n\r\n", "malformed header"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n Folded: 1\r\n\r\n", "malformed header"),
+    (b"GET / HTTP/1.1\r\n\r\n", "Host"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "Host"),
+    (b"GET\x01 / HTTP/1.1\r\nHost: t\r\n\r\n", "control"),
+    (b"G(T / HTTP/1.1\r\nHost: t\r\n\r\n", "request line"),
+    (b"GET ftp://host/ HTTP/1.1\r\nHost: t\r\n\r\n", "request target"),
+    (b"GET * HTTP/1.1\r\nHost: t\r\n\r\n", "request target"),
+], ids=["bare-LF", "bare-CR", "NUL", "ESC", "space-in-name", "obs-fold", "no-Host", "two-Hosts",
+        "control-in-method", "bad-method", "ftp-target", "asterisk-not-OPTIONS"])
+def test_framing_as_strict_as_rfc_9112_asks(server, database, raw, words):
+    answer = exchange(server, raw)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert words in json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"]
+    assert normal_client_is_served(server.server_address)
+    assert count(database) == 1
+
+
+def test_an_http_1_0_client_is_never_sent_100_continue(server, database):
+    payload = body(event())
+    with socket.create_connection(server.server_address, timeout=10) as sock:
+        sock.sendall(b"POST /v1.0/event HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            sock.recv(100)  # RFC 9110: a 1.0 client would take "100 Continue" for its answer
+        sock.settimeout(10)
+        sock.sendall(payload)
+        assert read_all(sock).startswith(b"HTTP/1.1 204")
+    assert count(database) == 1
+
+
+def test_absolute_form_targets_are_served_as_their_path(server, database):
+    docs = exchange(server, b"GET http://collector.example/docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert docs.startswith(b"HTTP/1.1 200") and b"<html" in docs
+    answer = exchange(server, one_event_request(path="http://collector.example/v1.0/event?from=proxy"))
+    assert answer.startswith(b"HTTP/1.1 204")
+    assert count(database) == 1
+
+
+def test_options_asterisk_is_answered_by_the_server(server):
+    answer = exchange(server, b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nAllow: GET, HEAD, POST, OPTIONS\r\n" in answer and b"\r\nContent-Length: 0\r\n" in answer
+
+
+def test_answers_the_server_gives_itself_are_counted_in_metrics(server):
+    for raw in (b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
+                b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"):
+        exchange(server, raw)
+    metrics = exchange(server, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").decode()
+    assert 'pycolytics_requests_total{status="400"} 1' in metrics
+    assert 'pycolytics_requests_total{status="431"} 1' in metrics
+    assert 'pycolytics_requests_total{status="200"} 1' in metrics  # OPTIONS *; /metrics counts itself after
+
+
+def test_the_access_log_escapes_control_characters_and_names_the_forwarded_client(settings):
+    with serving(settings, quiet="no") as server:
+        lines = []
+        server.log = types.SimpleNamespace(write=lines.append)
+        exchange(server, b"GET /\x9b31m\xff HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.9\r\n"
+                         b"Connection: close\r\n\r\n")
+        exchange(server, b"GET /docs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert len(lines) == 2
+    assert lines[0].startswith("203.0.113.9 - - [")  # 127.0.0.1 is a trusted proxy by default
+    assert '"GET /\\x9b31m\xff HTTP/1.1" 404' in lines[0]
+    assert all(line.count("\n") == 1 and "\x9b" not in line for line in lines)
+
+
+def test_healthz_reports_the_servers_own_trouble(client):
+    answer = client.get("/healthz", extra_environ={"pycolytics.server_problem": "out of file descriptors"},
+                        status=503)
+    assert answer.json["status"] == "unavailable" and "file descriptors" in answer.json["server"]
+    assert client.get("/healthz").json["status"] == "ok"
+
+
+# -- PEP 3333, checked by wsgiref itself ---------------------------------------------------------
+
+UNUSUAL_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"HEAD /docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /openapi.json?x=1&y=%20 HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET http://t/docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /%64ocs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"DELETE /docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"OPTIONS /v1.0/events HTTP/1.1\r\nHost: t\r\nOrigin: https://game.example\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /dashboard HTTP/1.1\r\nHost: t\r\n\r\n",
+]
+
+
+def post_request(path, document, headers=b""):
+    payload = body(document)
+    return b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (path, len(payload), headers, payload)
+
+
+class Validated:
+    """The application behind wsgiref's PEP 3333 checker; any warning it gives fails the request.
+
+    With `hooked`, the loop hook is offered too, and the environ it gets is checked the same way.
+    """
+
+    def __init__(self, app, hooked=False):
+        self.app = app
+        self.checked = wsgiref.validate.validator(app)
+        if hooked:
+            self.answer_in_loop = self._answer_in_loop
+            self.loop_turn_ended = app.loop_turn_ended
+
+    def __call__(self, environ, start_response):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", wsgiref.validate.WSGIWarning)
+            chunks = self.checked(environ, start_response)
+            try:
+                return [b"".join(chunks)]
+            finally:
+                chunks.close()
+
+    def _answer_in_loop(self, environ, respond):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", wsgiref.validate.WSGIWarning)
+            wsgiref.validate.check_environ(environ)
+        return self.app.answer_in_loop(environ, respond)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain-wsgi", "loop-hook"])
+def test_the_built_in_server_passes_wsgirefs_validator(settings, database, hooked):
+    requests = UNUSUAL_REQUESTS + [
+        post_request(b"/v1.0/event?source=web", event()),
+        post_request(b"/v1.0/events", [event(), event()], b"Content-Type: application/json\r\n"),
+        post_request(b"/v1.0/event", event(api_key="wrong")),
+    ]
+    with serving(settings, wrap=functools.partial(Validated, hooked=hooked)) as server:
+        with socket.create_connection(server.server_address, timeout=20) as sock:
+            sock.sendall(b"".join(requests) + b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            answers = read_all(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\nDate: ", answers)
+    assert statuses == [b"200", b"200", b"200", b"200", b"200", b"404", b"405", b"204", b"200", b"200", b"403",
+                        b"204", b"204", b"401", b"200"]
+    assert count(database) == 3
+
+
+def test_the_application_passes_wsgirefs_validator_under_wsgiref_simple_server(app, database):
+    import wsgiref.simple_server
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = wsgiref.simple_server.make_server("127.0.0.1", 0, Validated(app), handler_class=Quiet)
+    thread = threading.Thread(target=httpd.serve_forever)
+    thread.start()
+    try:
+        connection = http.client.HTTPConnection(*httpd.server_address, timeout=10)
+        for method, path, payload, status in [
+            ("GET", "/docs", None, 200), ("HEAD", "/openapi.json", None, 200), ("GET", "/x?y", None, 404),
+            ("POST", "/v1.0/event?source=web", body(event()), 204), ("POST", "/v1.0/events", b"{", 400),
+            ("OPTIONS", "/v1.0/event", None, 204), ("GET", "/healthz", None, 200),
+        ]:
+            connection.request(method, path, payload)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == status, (method, path)
+            connection.close()
+    finally:
+        httpd.shutdown()
         thread.join(10)
-        app.close()
-    assert count(config.database) == 10
+        httpd.server_close()
+    assert count(database) == 1
+
+
+# -- HTTP framing, fuzzed against a live server --------------------------------------------------
+
+_HEAD_PARTS = st.sampled_from([
+    b"GET", b"POST", b"HEAD", b"OPTIONS", b"PUT", b"G\x00T", b" ", b"/", b"/v1.0/event", b"/v1.0/events",
+    b"http://h/v1.0/event", b"*", b"?a=%00", b"%2e%2e", b" HTTP/1.1", b" HTTP/1.0", b" HTTP/2", b"\r\n", b"\n",
+    b"\r", b"Host: t", b"Host:", b"Content-Length: 2", b"Content-Length: 99999999", b"Content-Length: -1",
+    b"Content-Length: 2, 2", b"Transfer-Encoding: chunked", b"Expect: 100-continue", b"Connection: close",
+    b"Connection: keep-alive", b"Content-Encoding: gzip", b"X-Forwarded-For: 1.2.3.4", b":", b"\t", b"\xff",
+    b"[]", b"{}", b"\r\n\r\n",
+])
+
+
+@hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(parts=st.lists(st.one_of(_HEAD_PARTS, st.binary(max_size=20)), max_size=40),
+                  cuts=st.lists(st.integers(0, 400), max_size=4))
+def test_any_bytes_get_a_well_formed_answer_or_a_close_and_never_a_5xx(fuzzed_server, parts, cuts):
+    data = b"".join(parts)
+    with socket.create_connection(fuzzed_server.server_address, timeout=10) as sock:
+        start = 0
+        for cut in sorted(cuts) + [len(data)]:  # the same bytes, split where hypothesis says
+            with contextlib.suppress(OSError):
+                sock.sendall(data[start:cut])
+            start = max(start, cut)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        answers = read_all(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) [A-Z]", answers)
+    assert len(statuses) == answers.count(b"HTTP/1.1 ")
+    assert [status for status in statuses if status[:1] not in b"124"] == []
+    assert normal_client_is_served(fuzzed_server.server_address)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzzed")
+    settings = {"database": str(folder / "events.db"), "api_keys": KEY, "quiet": "yes", "request_timeout": "2"}
+    with serving(settings) as server:
+        yield server
 
 
 # -- The command line and signals ---------------------------------------------------------------
@@ -1890,6 +3049,372 @@ def test_a_bad_configuration_stops_start_up_with_exit_2(tmp_path):
     assert "port = 'x' is not valid" in result.stderr
 
 
+# -- Behind nginx, and under a path prefix ---------------------------------------------------------
+
+
+def mounted(prefix, app):
+    """A WSGI dispatcher, as uwsgi's `mount` or werkzeug's DispatcherMiddleware: `app` under `prefix`."""
+
+    def dispatch(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path != prefix and not path.startswith(prefix + "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"outside the mount"]
+        environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + prefix
+        environ["PATH_INFO"] = path[len(prefix):]
+        return app(environ, start_response)
+
+    return dispatch
+
+
+def links(response):
+    """Every URL a page names: href and action in HTML, the curl example, path-like strings and servers in JSON."""
+    if response.content_type == "text/html":
+        text = response.text
+        found = re.findall(r'(?:href|action)="([^"]*)"', text) + re.findall(r"curl -i (\S+)", text)
+        return [html.unescape(link) for link in found]
+    document = response.json
+    found = [value for value in document.values() if isinstance(value, str) and value.startswith("/")]
+    for server in document.get("servers", []):
+        found += [server["url"] + path for path in document["paths"]]
+    return found
+
+
+def test_every_page_and_link_resolves_under_a_wsgi_mount(tmp_path, monkeypatch):
+    from urllib.parse import urljoin, urlsplit
+
+    monkeypatch.chdir(tmp_path)
+    config = pycolytics.load_config(environ={}, overrides={"database": "events.db", "api_keys": KEY,
+                                                           "read_keys": "reader-key", "quiet": "yes"})
+    app = pycolytics.create_app(config)
+    try:
+        client = webtest.TestApp(mounted("/analytics", app))
+        client.authorization = ("Basic", ("viewer", "reader-key"))
+        seen, waiting = set(), ["http://localhost:80/analytics", "http://localhost:80/analytics/"]
+        while waiting:
+            assert len(seen) < 50, seen  # the pages name a handful of addresses, not an endless chain
+            url = waiting.pop()
+            if url in seen:
+                continue
+            seen.add(url)
+            parts = urlsplit(url)
+            assert (parts.netloc, parts.path.startswith("/analytics")) == ("localhost:80", True), url
+            if parts.path in ("/analytics/v1.0/event", "/analytics/v1.0/events"):
+                payload = [event()] if parts.path.endswith("/events") else event()
+                response = client.post(parts.path, body(payload), status="*")
+                assert response.status_int == 204, (url, response.text)
+                continue
+            response = client.get(parts.path + ("?" + parts.query if parts.query else ""), status="*")
+            if parts.path.startswith("/analytics/v1.0/report/") and not parts.query:
+                assert response.status_int == 400 and response.json["detail"], url  # it needs its steps or field
+                continue
+            assert response.status_int == 200, (url, response.text[:200])
+            if not response.content_type.startswith(("text/html", "application/json")):
+                continue  # the CSV download
+            waiting += [urljoin(url, link) for link in links(response)]
+            if "<form" in response.text:
+                waiting.append(urljoin(url, re.search(r'action="([^"]*)"', response.text).group(1)) + "?application=my-game")
+    finally:
+        app.close()
+    assert {urlsplit(url).path for url in seen} >= {
+        "/analytics", "/analytics/", "/analytics/docs", "/analytics/openapi.json", "/analytics/dashboard",
+        "/analytics/v1.0/event", "/analytics/v1.0/events"}
+    assert "http://localhost:80/analytics/dashboard?application=my-game" in seen
+    assert count(str(tmp_path / "events.db")) == 2  # each endpoint once
+
+
+@pytest.mark.parametrize("peer, headers, address", [
+    ("127.0.0.1", {}, "http://localhost:80"),
+    ("127.0.0.1", {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "games.example:8443",
+                   "X-Forwarded-Prefix": "/analytics/"}, "https://games.example:8443/analytics"),
+    ("127.0.0.1", {"X-Forwarded-Proto": "http, https", "X-Forwarded-Host": "a.example, b.example"},
+     "https://b.example"),
+    ("203.0.113.9", {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example",
+                     "X-Forwarded-Prefix": "/phish"}, "http://localhost:80"),
+    ("127.0.0.1", {"X-Forwarded-Proto": "gopher", "X-Forwarded-Prefix": "/a b<script>"}, "http://localhost:80"),
+    ("127.0.0.1", {"X-Forwarded-Host": 'x"><script>alert(1)</script>'}, "http://localhost"),
+    ("203.0.113.9", {"Host": 'x"><script>alert(1)</script>'}, "http://localhost"),
+])
+def test_forwarded_scheme_host_and_prefix_are_believed_only_from_a_trusted_proxy(client, peer, headers, address):
+    environ = {"REMOTE_ADDR": peer}
+    document = client.get("/openapi.json", headers=headers, extra_environ=environ).json
+    docs = client.get("/docs", headers=headers, extra_environ=environ).text
+    assert document["servers"] == [{"url": address}]
+    assert f"curl -i {address}/v1.0/event " in docs
+    assert "<script>" not in docs
+
+
+def test_the_application_mounted_by_gunicorns_script_name_links_under_it(client):
+    environ = {"SCRIPT_NAME": "/games/stats", "REMOTE_ADDR": "203.0.113.9"}
+    assert client.get("/", extra_environ=environ).json["docs"] == "/games/stats/docs"
+    assert client.get("/openapi.json", extra_environ=environ).json["servers"] == [
+        {"url": "http://localhost:80/games/stats"}]
+    assert client.get("/v1.0/evnet", extra_environ=environ, status=404).json["detail"] == (
+        "no such endpoint: /games/stats/v1.0/evnet; events go to /games/stats/v1.0/event or /games/stats/v1.0/events")
+
+
+NGINX_CERTIFICATE = "/etc/letsencrypt/live/analytics.example.com/fullchain.pem"
+NGINX_KEY = "/etc/letsencrypt/live/analytics.example.com/privkey.pem"
+PLAYERS = (f"127.0.1.{n}" for n in itertools.count(2))  # each test's own address: its own rate limit
+
+
+def readme_nginx_configurations():
+    """README.md's nginx blocks by the file each names in its first line, exactly as written there."""
+    with open(os.path.join(HERE, "README.md")) as readme:
+        blocks = re.findall(r"```nginx\n(.*?)```", readme.read(), re.S)
+    return {block.split("\n", 1)[0].lstrip("# "): block for block in blocks}
+
+
+def replaced(text, old, new):
+    assert text.count(old) == 1, f"the README's configuration no longer says {old!r} once"
+    return text.replace(old, new)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def nginx_command():
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install nginx (Debian's package, by .ci/run) for the tests behind nginx")
+        pytest.skip("nginx is not installed")
+    return found
+
+
+def wait_for_port(port, process, log):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode}:\n" + log.read_text()[-3000:])
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise AssertionError("did not listen within 20 s:\n" + log.read_text()[-3000:])
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def start_upstream(kind, folder, port):
+    """The built-in server or gunicorn on 127.0.0.1:port, logging to folder/upstream.log."""
+    (folder / "pycolytics.ini").write_text(
+        f"[pycolytics]\napi_keys = {KEY}\nread_keys = reader-key\nrate_limit = 5/day\n"
+        f"database = {folder / 'events.db'}\n")
+    log = folder / "upstream.log"
+    if kind == "pycolytics":
+        command = [sys.executable, os.path.join(HERE, "pycolytics.py"), "--config", "pycolytics.ini", "--port", str(port)]
+    else:  # one worker: each worker would keep its own count for the rate limit
+        command = [sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "4",
+                   "-b", f"127.0.0.1:{port}", "--chdir", HERE, "pycolytics:application"]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=folder, stdout=output, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, PYCOLYTICS_CONFIG=str(folder / "pycolytics.ini")))
+    wait_for_port(port, process, log)
+    return process
+
+
+def start_nginx(folder, upstream_port, certificate, key):
+    """Debian's nginx with the README's configurations, on ports of its own: {name: address}."""
+    configurations = readme_nginx_configurations()
+    ports = {name: free_port() for name in ("root", "prefix", "https")}
+    (folder / "snippets").mkdir()
+    (folder / "snippets" / "pycolytics.conf").write_text(configurations["/etc/nginx/snippets/pycolytics.conf"])
+    root = replaced(configurations["/etc/nginx/conf.d/pycolytics.conf"], "server 127.0.0.1:8000;",
+                    f"server 127.0.0.1:{upstream_port};")
+    root = replaced(root, "listen 80;", f"listen 127.0.0.1:{ports['root']};")
+    prefix = configurations["/etc/nginx/sites-enabled/www.example.com, with Pycolytics at /analytics/"]
+    prefix = replaced(prefix, "listen 80;", f"listen 127.0.0.1:{ports['prefix']};")
+    https = replaced(configurations["/etc/nginx/conf.d/pycolytics-https.conf"], "listen 443 ssl;",
+                     f"listen 127.0.0.1:{ports['https']} ssl;")
+    https = replaced(replaced(https, NGINX_CERTIFICATE, certificate), NGINX_KEY, key)
+    temporary = "".join(f"    {kind}_temp_path {folder / kind};\n" for kind in ("client_body", "proxy", "fastcgi",
+                                                                                 "uwsgi", "scgi"))
+    (folder / "nginx.conf").write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")  # workers must reach this test's private folder
+        + f"daemon off;\npid {folder / 'nginx.pid'};\nworker_processes 1;\nevents {{ worker_connections 256; }}\n"
+        f"http {{\n    access_log {folder / 'access.log'};\n{temporary}{root}\n{prefix}\n{https}\n}}\n")
+    log = folder / "error.log"
+    process = subprocess.Popen([nginx_command(), "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(log)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        for port in ports.values():
+            wait_for_port(port, process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return process, {"root": f"http://127.0.0.1:{ports['root']}",
+                     "prefix": f"http://127.0.0.1:{ports['prefix']}/analytics",
+                     "https": f"https://127.0.0.1:{ports['https']}"}
+
+
+class BehindNginx:
+    def __init__(self, kind, folder, upstream_port, addresses, certificate):
+        self.kind, self.folder, self.upstream_port = kind, folder, upstream_port
+        self.addresses, self.certificate = addresses, certificate
+
+    def request(self, url, method="GET", payload=None, headers=(), player=None):
+        """(status, headers, body) of one request from `player`'s address (127.0.0.1 by default)."""
+        import ssl
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        source = (player or "127.0.0.1", 0)
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=self.certificate)
+            connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30, context=context,
+                                                     source_address=source)
+        else:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30, source_address=source)
+        try:
+            target = parts.path + ("?" + parts.query if parts.query else "")
+            connection.request(method, target, payload, dict(headers))
+            response = connection.getresponse()
+            return response.status, response, response.read()
+        finally:
+            connection.close()
+
+    def stored(self, event_type):
+        with sqlite3.connect(self.folder / "events.db") as connection:
+            return connection.execute("SELECT count(*) FROM event WHERE event_type = ?", (event_type,)).fetchone()[0]
+
+
+@pytest.fixture(scope="module", params=["pycolytics", "gunicorn"])
+def behind_nginx(request, tmp_path_factory):
+    """The README's nginx configurations in front of the built-in server, or of gunicorn."""
+    nginx_command()
+    folder = tmp_path_factory.mktemp(f"nginx-{request.param}")
+    certificate, key = make_certificate(folder)
+    upstream_port = free_port()
+    upstream = start_upstream(request.param, folder, upstream_port)
+    try:
+        nginx, addresses = start_nginx(folder, upstream_port, certificate, key)
+        try:
+            yield BehindNginx(request.param, folder, upstream_port, addresses, certificate)
+        finally:
+            stop(nginx)
+    finally:
+        stop(upstream)
+
+
+MOUNTS = ["root", "prefix", "https"]
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_events_batches_and_gzip_bodies_are_stored_through_nginx(behind_nginx, mount):
+    address, player, kind = behind_nginx.addresses[mount], next(PLAYERS), f"through-{mount}"
+    answers = [
+        behind_nginx.request(address + "/v1.0/event", "POST", body(event(event_type=kind)), player=player)[0],
+        behind_nginx.request(address + "/v1.0/events", "POST", body([event(event_type=kind)] * 500),
+                             player=player)[0],
+        behind_nginx.request(address + "/v1.0/events", "POST", gzip.compress(body([event(event_type=kind)] * 20)),
+                             {"Content-Encoding": "gzip"}, player=player)[0],
+    ]
+    assert answers == [204, 204, 204]
+    assert behind_nginx.stored(kind) == 521
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_nginx_refuses_a_body_over_its_limit_with_json_and_stores_nothing(behind_nginx, mount):
+    kind = f"too-large-{mount}"
+    payload = body([event(event_type=kind, value={"padding": "x" * 1000})] * 1000)
+    assert len(payload) > 1024 * 1024
+    status, response, answer = behind_nginx.request(behind_nginx.addresses[mount] + "/v1.0/events", "POST", payload,
+                                                     player=next(PLAYERS))
+    assert (status, response.getheader("Content-Type")) == (413, "application/json")
+    assert response.getheader("Access-Control-Allow-Origin") == "*"
+    assert "over 1 MiB" in json.loads(answer)["detail"]
+    assert behind_nginx.stored(kind) == 0
+
+
+def test_nginx_sends_the_prefix_without_its_slash_to_the_prefix_with_it(behind_nginx):
+    status, response, _ = behind_nginx.request(behind_nginx.addresses["prefix"])
+    assert (status, response.getheader("Location")) == (301, behind_nginx.addresses["prefix"] + "/")
+
+
+def test_the_players_address_reaches_the_rate_limiter_through_nginx(behind_nginx):
+    address, player, neighbour = behind_nginx.addresses["prefix"], next(PLAYERS), next(PLAYERS)
+
+    def send(who, headers=()):
+        return behind_nginx.request(address + "/v1.0/event", "POST", body(event(event_type="limited")), headers,
+                                    player=who)[0]
+
+    assert [send(player) for _ in range(5)] == [204] * 5
+    assert send(player) == 429
+    assert send(player, {"X-Forwarded-For": "198.51.100.7"}) == 429  # nginx appends the real address
+    assert send(neighbour) == 204
+
+
+@pytest.mark.parametrize("behind_nginx", ["pycolytics"], indirect=True)
+def test_the_built_in_servers_access_log_names_the_player_behind_nginx(behind_nginx):
+    player = next(PLAYERS)
+    status = behind_nginx.request(behind_nginx.addresses["prefix"] + "/v1.0/event", "POST",
+                                  body(event(event_type="logged")), player=player)[0]
+    assert status == 204
+    line = f'{player} - - ['
+    deadline = time.monotonic() + 10  # the log is written by a thread of its own
+    while line not in (behind_nginx.folder / "upstream.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = [text for text in (behind_nginx.folder / "upstream.log").read_text().splitlines() if text.startswith(line)]
+    assert len(logged) == 1 and '"POST /v1.0/event HTTP/1.1" 204' in logged[0]
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_the_docs_dashboard_and_every_address_they_write_work_through_nginx(behind_nginx, mount):
+    from urllib.parse import urljoin
+
+    address, player = behind_nginx.addresses[mount], next(PLAYERS)
+    status, _, index = behind_nginx.request(address + "/")
+    assert status == 200
+    status, _, docs = behind_nginx.request(urljoin(address + "/", json.loads(index)["docs"]))
+    assert status == 200
+    docs_url = address + "/docs"
+    status, _, document = behind_nginx.request(urljoin(docs_url, re.search(rb'href="([^"]+)"', docs).group(1).decode()))
+    assert status == 200
+    assert json.loads(document)["servers"] == [{"url": address}]
+    example = re.search(rb"curl -i (\S+)", docs).group(1).decode()
+    assert example == address + "/v1.0/event"
+    assert behind_nginx.request(example, "POST", body(event(event_type=f"from-docs-{mount}")), player=player)[0] == 204
+
+    reader = {"Authorization": "Basic " + base64.b64encode(b"viewer:reader-key").decode()}
+    status, _, page = behind_nginx.request(urljoin(address + "/", json.loads(index)["dashboard"]), headers=reader)
+    assert status == 200
+    form = urljoin(address + "/dashboard", re.search(rb'action="([^"]+)"', page).group(1).decode())
+    status, _, page = behind_nginx.request(form + "?application=my-game", headers=reader)
+    assert status == 200 and b'<option value="my-game" selected>' in page
+
+
+def upstream_connections(port):
+    """{client port: TCP state} of the connections to 127.0.0.1:port, open (01) or recently closed (06)."""
+    found = {}
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state in ("01", "06") and local == f"0100007F:{port:04X}":
+                found[remote] = state
+    return found
+
+
+def test_nginx_keeps_its_connections_to_the_upstream_open(behind_nginx):
+    before = upstream_connections(behind_nginx.upstream_port)
+    for _ in range(20):
+        assert behind_nginx.request(behind_nginx.addresses["root"] + "/openapi.json")[0] == 200
+    after = upstream_connections(behind_nginx.upstream_port)
+    # Without keep-alive: 20, one per request. A few more than one is allowed: an upstream may
+    # close a connection that idled (gunicorn after 2 s) on a machine that stalls for that long.
+    assert len(after.keys() - before.keys()) < 10, after
+    assert "01" in after.values()
+
+
 # -- Operations: systemd, reload, HTTPS --------------------------------------------------------------
 
 
@@ -1969,7 +3494,7 @@ def test_https_serves_events_with_keep_alive_and_survives_plain_http_on_its_port
     try:
         assert server.url.startswith("https://")
         try:
-            plain = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            plain = exchange(server, b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
         except ConnectionResetError:
             plain = b""
         assert b"204" not in plain
@@ -1990,7 +3515,7 @@ def test_a_certificate_that_cannot_be_loaded_stops_start_up(tmp_path):
     (tmp_path / "pycolytics.ini").write_text("[pycolytics]\ncertfile = missing.pem\nkeyfile = missing.key\n")
     result = subprocess.run([sys.executable, os.path.join(HERE, "pycolytics.py"), "--port", "0"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=20)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "cannot load certfile missing.pem" in result.stderr
 
 
@@ -2230,7 +3755,8 @@ def test_two_collectors_store_every_acknowledged_event_once_and_share_event_ids(
     assert len(users) == 12 * 20 * 4 == len(set(users))
 
 
-def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_acknowledged(tmp_path, postgres_url):
+def test_lost_database_connections_under_load_recover_by_themselves_and_lose_nothing_acknowledged(
+        tmp_path, postgres_url):
     environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
     process, address, _, _ = start_server(tmp_path, "--quiet", environ=environ)
     acknowledged, statuses, stop = set(), [], threading.Event()
@@ -2252,9 +3778,7 @@ def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_ac
     try:
         time.sleep(0.5)
         cut_at = len(statuses)
-        with psycopg.connect(POSTGRES_SERVER, autocommit=True) as admin:
-            cut = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                " WHERE application_name = 'pycolytics'").fetchone()[0]
+        cut = cut_connections(postgres_url)
         time.sleep(2.5)
     finally:
         stop.set()
@@ -2264,8 +3788,17 @@ def test_a_lost_database_connection_gives_503_then_recovers_and_loses_nothing_ac
         assert process.wait(15) == 0
     after = statuses[cut_at:]
     assert cut >= 1
-    assert 503 in after and after[-1] == 204 and set(after) <= {204, 503}
+    # a 503 only if a commit itself was cut; every other group goes on afresh
+    assert after and after[-1] == 204 and set(after) <= {204, 503}
     assert acknowledged <= {row[0] for row in stored(postgres_url, "user_id")}
+
+
+def cut_connections(url):
+    """Terminate the connections of this test's collectors (named after its schema), and none other."""
+    name = re.search(r"application_name=(\w+)", url).group(1)
+    with psycopg.connect(POSTGRES_SERVER, autocommit=True) as admin:
+        return admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                             " WHERE application_name = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
 
 
 def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path, postgres_url):
@@ -2289,3 +3822,436 @@ def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path
         for where in (postgres_url, source)
     )
     assert copied == original and len(copied) == 32
+
+
+# -- PostgreSQL that never hangs, and high availability ------------------------------------------------
+
+
+@pytest.fixture
+def postgres_client(tmp_path, monkeypatch, postgres_url):
+    """A collector on this test's schema whose database waits end after one second."""
+    monkeypatch.chdir(tmp_path)
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": postgres_url, "api_keys": KEY, "quiet": "yes", "busy_timeout": "1"})
+    app = pycolytics.create_app(config)
+    yield webtest.TestApp(app)
+    app.close()
+
+
+def within(seconds, function, *arguments, **keywords):
+    """function(...)'s result, or a failure if it has none after `seconds`: a hang, not a slow machine."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(function, *arguments, **keywords).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+@contextlib.contextmanager
+def table_locked(url):
+    """The event table held as a non-concurrent CREATE INDEX or an ALTER TABLE holds it."""
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE event IN ACCESS EXCLUSIVE MODE")
+        yield
+        locker.rollback()
+
+
+def test_an_idle_connection_the_server_dropped_costs_no_batch(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    assert cut_connections(postgres_url) >= 1  # a database restart, a pooler, an idle timeout
+    post(postgres_client, "/v1.0/events", [event(user_id="after"), event(user_id="after too")])
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after", "after too"]
+
+
+def test_a_locked_table_gives_503_after_busy_timeout_and_healthz_answers_at_once(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    with table_locked(postgres_url):
+        health = within(20, postgres_client.get, "/healthz", status=503)
+        refused = within(20, post, postgres_client, "/v1.0/events", [event(user_id="locked out")] * 2, status=503)
+        after = within(20, postgres_client.get, "/healthz", status=503)
+    assert health.json["database"] == "the event table is locked by another session"
+    assert "the event table is locked" in after.json["database"] and "statement" not in after.text  # driver words
+    assert refused.json["detail"] == "the database could not store the events; send them again shortly"
+    assert refused.headers["Retry-After"]
+    post(postgres_client, "/v1.0/event", event(user_id="after"))
+    assert postgres_client.get("/healthz").json["status"] == "ok"
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def test_healthz_says_in_general_words_that_the_database_is_unreachable(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    config = pycolytics.load_config(environ={}, overrides={"database": f"postgresql://127.0.0.1:{port}/secret_db"})
+    store = pycolytics.PostgresStore(config)
+    assert within(20, store.problem) == "the database cannot be reached"
+    assert f"{port}" in caplog.text and "secret_db" not in store.problem()
+
+
+def test_sessions_commit_synchronously_whatever_the_server_default(postgres_url):
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": postgres_url + "&options=-csynchronous_commit%3Doff", "busy_timeout": "3"})
+    store = pycolytics.PostgresStore(config)
+    with store.connect() as connection:
+        settings = connection.execute("SELECT current_setting('synchronous_commit'), current_setting('lock_timeout'),"
+                                      " current_setting('statement_timeout')").fetchone()
+    assert settings == ("on", "3s", "4s")
+
+
+def test_rows_imported_with_their_ids_give_503_never_a_204_for_events_not_stored(postgres_client, postgres_url, caplog):
+    post(postgres_client, "/v1.0/event", event(user_id="first"))
+    with psycopg.connect(postgres_url) as connection:  # a data-only restore: ids set, the sequence behind
+        connection.execute(
+            "INSERT INTO event (id, event_type, application, version, platform, user_id, session_id, value, time)"
+            " SELECT n, 'imported', 'my-game', '1', 'Linux', 'imported', 's', '{}', now() FROM generate_series(2, 21) n")
+    for n in range(3):
+        post(postgres_client, "/v1.0/events", [event(user_id=f"new-{n}", event_id=f"new-{n}")] * 2, status=503)
+    assert count(postgres_url) == 21 and "new-0" not in {row[0] for row in stored(postgres_url, "user_id")}
+    assert "event_pkey" in caplog.text
+
+
+def test_the_same_event_id_in_two_applications_is_two_events(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/events", [event(application="game-a", event_id="e-1"),
+                                           event(application="game-b", event_id="e-1"),
+                                           event(application="game-a", event_id="e-1")])
+    assert stored(postgres_url, "application, event_id") == [("game-a", "e-1"), ("game-b", "e-1")]
+
+
+class FreezingProxy:
+    """A TCP proxy to the PostgreSQL server that can stop forwarding while its sockets stay
+    open: a hung server, a stuck NAT or proxy; TCP goes on acknowledging, nothing answers."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.frozen = threading.Event()
+        self.closing = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            server = socket.create_connection(self.upstream, timeout=10)
+            for source, sink in ((client, server), (server, client)):
+                source.settimeout(0.1)
+                thread = threading.Thread(target=self._pump, args=(source, sink))
+                thread.start()
+                self.threads.append(thread)
+
+    def _pump(self, source, sink):
+        with source:
+            while not self.closing.is_set():
+                if self.frozen.is_set():
+                    time.sleep(0.05)
+                    continue
+                try:
+                    data = source.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    with contextlib.suppress(OSError):
+                        sink.shutdown(socket.SHUT_WR)
+                    return
+                with contextlib.suppress(OSError):
+                    sink.sendall(data)
+
+    def close(self):
+        self.closing.set()
+        for thread in self.threads:
+            thread.join(10)
+        self.listener.close()
+
+
+def test_a_database_that_stops_answering_mid_request_gives_503_not_a_hang(tmp_path, monkeypatch, postgres_url):
+    server = urllib.parse.urlsplit(POSTGRES_SERVER)
+    proxy = FreezingProxy((server.hostname, server.port or 5432))
+    monkeypatch.chdir(tmp_path)
+    url = urllib.parse.urlsplit(postgres_url)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": url, "api_keys": KEY, "quiet": "yes", "busy_timeout": "1"})
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    try:
+        post(client, "/v1.0/event", event(user_id="before"))
+        proxy.frozen.set()
+        # busy_timeout and the watchdog's grace: far below the writer's own patience (31 s)
+        refused = within(25, post, client, "/v1.0/event", event(user_id="unanswered"), status=503)
+        proxy.frozen.clear()
+        post(client, "/v1.0/event", event(user_id="after"))
+    finally:
+        proxy.close()  # first: it frees a writer that would be stuck on it
+        app.close()
+    assert refused.json["detail"] == "the database could not store the events; send them again shortly"
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def sqlite_events(path, users):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": str(path), "api_keys": KEY}))
+    post(webtest.TestApp(app), "/v1.0/events", [event(user_id=user) for user in users])
+    app.close()
+
+
+def copy_into(url, path):
+    command = [sys.executable, os.path.join(HERE, "pycolytics.py"), "--database", str(path), "copy", "--to", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return int(re.search(r"copied (\d+) events", result.stderr).group(1))
+
+
+def test_copy_takes_a_second_collectors_database_found_at_the_same_path(tmp_path, postgres_url):
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    for machine, users in (("first", ["a1", "a2"]), ("second", ["b1", "b2", "b3"])):
+        sqlite_events(tmp_path / machine / "pycolytics.db", users)
+    path = tmp_path / "pycolytics.db"  # /var/lib/pycolytics/pycolytics.db on each machine
+    copies = []
+    for machine in ("first", "second"):
+        shutil.copy(tmp_path / machine / "pycolytics.db", path)
+        copies.append(copy_into(postgres_url, path))
+    assert copies == [2, 3]
+    assert sorted(row[0] for row in stored(postgres_url, "user_id")) == ["a1", "a2", "b1", "b2", "b3"]
+
+
+def test_a_moved_database_resumes_its_copy_and_no_event_is_copied_twice(tmp_path, postgres_url):
+    sqlite_events(tmp_path / "old.db", ["u1", "u2"])
+    assert copy_into(postgres_url, tmp_path / "old.db") == 2
+    os.rename(tmp_path / "old.db", tmp_path / "moved.db")
+    sqlite_events(tmp_path / "moved.db", ["u3"])
+    shutil.copy(tmp_path / "moved.db", tmp_path / "backup.db")
+    assert [copy_into(postgres_url, tmp_path / name) for name in ("moved.db", "backup.db", "moved.db")] == [1, 0, 0]
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["u1", "u2", "u3"]
+
+
+def test_serving_a_database_never_gives_it_a_copy_identity(tmp_path):
+    sqlite_events(tmp_path / "events.db", ["u1"])
+    with sqlite3.connect(tmp_path / "events.db") as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "pycolytics_identity" not in tables
+
+
+# PostgreSQL's server programs, for the tests that make clusters of their own.
+POSTGRES_BIN = os.environ.get("PYCOLYTICS_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin")
+
+
+def required(program):
+    """The path of `program`; without it the test is skipped, or fails in CI (which installs it)."""
+    found = shutil.which(program)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install {program} (.ci/run does)")
+        pytest.skip(f"{program} is not installed")
+    return found
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def as_postgres(command, **keywords):
+    """Run a PostgreSQL server program; initdb refuses root, so root runs it as the postgres user."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run(prefix + command, capture_output=True, text=True, timeout=120, check=True, **keywords)
+
+
+def start_cluster(directory, port, settings):
+    with open(os.path.join(directory, "postgresql.conf"), "a") as conf:
+        conf.write(f"\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n{settings}\n")
+    as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", directory, "-l", directory + ".log", "-w", "-t", "60",
+                 "start"])
+
+
+def stop_cluster(directory):
+    if os.path.exists(os.path.join(directory, "postmaster.pid")):
+        subprocess.run(["runuser", "-u", "postgres", "--"] * (os.geteuid() == 0) +
+                       [os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", directory, "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def replicated():
+    """A primary and a synchronous streaming standby of its own, on free ports: (primary, standby)
+    as (data directory, port)."""
+    required(os.path.join(POSTGRES_BIN, "initdb"))
+    if psycopg is None:
+        pytest.fail("psycopg is needed (requirements-dev.txt)") if os.environ.get("CI") else pytest.skip("no psycopg")
+    base = tempfile.mkdtemp(prefix="pycolytics-ha-")  # not tmp_path: the postgres user must enter it
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    primary, standby = os.path.join(base, "primary"), os.path.join(base, "standby")
+    ports = free_port(), free_port()
+    try:
+        as_postgres([os.path.join(POSTGRES_BIN, "initdb"), "-D", primary, "-U", "postgres", "--auth=trust",
+                     "--no-sync", "-E", "UTF8"])
+        # every commit waits until the standby has it on disk: what a promotion keeps
+        start_cluster(primary, ports[0], "synchronous_standby_names = '*'")
+        as_postgres([os.path.join(POSTGRES_BIN, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(ports[0]),
+                     "-U", "postgres", "-D", standby, "-R", "-X", "stream", "--checkpoint=fast"])
+        # once promoted it stands alone: waiting for a standby of its own would block every commit
+        start_cluster(standby, ports[1], "synchronous_standby_names = ''")
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{ports[0]}/postgres", autocommit=True) as connection:
+            for _ in range(300):
+                if connection.execute("SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the standby did not become synchronous within 30 s")
+        yield (primary, ports[0]), (standby, ports[1])
+    finally:
+        for directory in (standby, primary):
+            stop_cluster(directory)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start_collector(tmp_path, environ):
+    """A collector process whose log is read all along (a full pipe would block its writer)."""
+    process, address, _, lines = start_server(tmp_path, "--quiet", environ=environ)
+    reader = threading.Thread(target=lines.extend, args=(process.stderr,), daemon=True)
+    reader.start()
+    return process, address, lines
+
+
+class Load:
+    """Clients posting batches of 3 events, each with a user_id of its own, until stopped."""
+
+    def __init__(self, addresses, clients=6):
+        self.addresses = addresses
+        self.answers = []  # (monotonic time sent, time answered, collector, status or error, users)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exception):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in self.threads), "a client hung"
+
+    def _client(self, n):
+        for i in itertools.count():
+            if self.stopping.is_set():
+                return
+            address = self.addresses[(n + i) % len(self.addresses)]
+            users = [f"{n}-{i}-{k}" for k in range(3)]
+            sent = time.monotonic()
+            try:
+                connection = http.client.HTTPConnection(*address, timeout=30)
+                status = post_over(connection, [event(user_id=user) for user in users], "/v1.0/events")
+                connection.close()
+            except (OSError, http.client.HTTPException) as error:
+                status = type(error).__name__
+            self.answers.append((sent, time.monotonic(), address, status, users))
+
+    def acknowledged(self):
+        return {user for *_, status, users in self.answers if status == 204 for user in users}
+
+    def wait_for(self, condition, seconds=60):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, "the load never reached the expected state"
+            time.sleep(0.05)
+
+
+def test_failover_to_a_promoted_standby_loses_no_acknowledged_event_and_needs_no_restart(tmp_path, replicated):
+    (primary, primary_port), (standby, standby_port) = replicated
+    url = (f"postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{standby_port}/postgres"
+           "?target_session_attrs=read-write")
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=url, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_BUSY_TIMEOUT="2")
+    collectors = [start_collector(tmp_path, environ) for _ in range(2)]
+    try:
+        with Load([address for _, address, _ in collectors]) as load:
+            load.wait_for(lambda: len(load.answers) >= 60)
+            stopped = time.monotonic()
+            as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", primary, "-m", "immediate", "-w", "stop"])
+            load.wait_for(lambda: any(at > stopped and status == 503 for _, at, _, status, _ in load.answers))
+            as_postgres([os.path.join(POSTGRES_BIN, "pg_ctl"), "-D", standby, "-w", "promote"])
+            promoted = time.monotonic()
+            # both collectors recover by themselves
+            load.wait_for(lambda: {address for sent, _, address, status, _ in load.answers
+                                   if sent > promoted and status == 204} == {a for _, a, _ in collectors})
+            recovered = time.monotonic()
+            load.wait_for(lambda: len(load.answers) > 0 and load.answers[-1][0] > recovered + 0.5)
+    finally:
+        for process, _, _ in collectors:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    statuses = collections.Counter(status for *_, status, _ in load.answers)
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{standby_port}/postgres") as connection:
+        users = [row[0] for row in connection.execute("SELECT user_id FROM event")]
+    sent = {user for *_, users_sent in load.answers for user in users_sent}
+    acknowledged = load.acknowledged()
+    refused = [answer for answer in load.answers if answer[3] == 503]
+    first_204 = min(at for _, at, _, status, _ in load.answers if status == 204 and at > promoted)
+    print(f"\nfailover: {len(load.answers)} requests, {dict(statuses)}; primary stopped at 0 s, standby promoted at "
+          f"+{promoted - stopped:.2f} s, first 204 after it at +{first_204 - stopped:.2f} s; {len(refused)} requests "
+          f"({3 * len(refused)} events) refused with 503; {len(acknowledged - set(users))} acknowledged events lost")
+    assert set(statuses) == {204, 503}  # never a hang, never a dropped connection
+    assert acknowledged <= set(users)  # every 204 is in the new primary
+    assert len(users) == len(set(users)) and set(users) <= sent  # none twice
+    assert all(process.returncode == 0 for process, _, _ in collectors)
+
+
+def balancer_ready(port):
+    try:
+        return post_over(http.client.HTTPConnection("127.0.0.1", port, timeout=10), event(user_id="ready")) == 204
+    except OSError:
+        return False
+
+
+def test_behind_haproxy_a_stopped_collector_costs_only_its_requests_in_flight(tmp_path, postgres_url):
+    haproxy = required("haproxy")
+    environ = dict(os.environ, PYCOLYTICS_DATABASE=postgres_url, PYCOLYTICS_API_KEYS=KEY)
+    collectors = [start_collector(tmp_path, environ) for _ in range(2)]
+    port = free_port()
+    servers = "".join(f"    server c{n} {host}:{number} check\n" for n, (_, (host, number), _) in enumerate(collectors))
+    (tmp_path / "haproxy.cfg").write_text(
+        "global\n    maxconn 256\n"
+        "defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
+        "    retries 3\n    option redispatch\n"
+        f"frontend players\n    bind 127.0.0.1:{port}\n    default_backend collectors\n"
+        "backend collectors\n    balance roundrobin\n    option http-server-close\n"
+        "    option httpchk GET /healthz\n    http-check expect status 200\n"
+        "    default-server inter 500ms fall 2 rise 2\n" + servers)
+    balancer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not balancer_ready(port):
+            assert time.monotonic() < deadline and balancer.poll() is None, "haproxy did not start"
+            time.sleep(0.1)
+        with Load([("127.0.0.1", port)]) as load:
+            load.wait_for(lambda: len(load.answers) >= 100)
+            crashed = collectors[0][0]
+            crashed.kill()  # no goodbye: what a balancer is for
+            crashed.wait(30)
+            lost = time.monotonic()  # requests sent before this were in flight, or may have been
+            load.wait_for(lambda: len([answer for answer in load.answers if answer[0] > lost]) >= 200)
+    finally:
+        balancer.terminate()
+        balancer.wait(30)
+        for process, _, _ in collectors:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    failed = [answer for answer in load.answers if answer[3] != 204]
+    print(f"\nhaproxy: {len(load.answers)} requests, one collector killed: {len(failed)} failed "
+          f"({collections.Counter(answer[3] for answer in failed)})")
+    # each client has one request in flight at most: only those were on the killed collector
+    assert all(answer[0] < lost for answer in failed) and len(failed) <= 2 * len(load.threads)
+    assert all(answer[3] == 204 for answer in load.answers if answer[0] > lost)
+    assert load.acknowledged() <= {row[0] for row in stored(postgres_url, "user_id")}
