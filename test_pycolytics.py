@@ -601,6 +601,7 @@ class DevTools:
         self._closed = False
         self.quitted = False
         self.console = []  # (session, type, texts) of every console call
+        self.crashed = set()  # sessions whose tab crashed
         self._reader = threading.Thread(target=self._read)
         self._reader.start()
 
@@ -618,18 +619,24 @@ class DevTools:
                         params = message["params"]
                         texts = [argument.get("value", argument.get("description")) for argument in params["args"]]
                         self.console.append((message.get("sessionId"), params["type"], texts))
+                    elif message.get("method") == "Inspector.targetCrashed":
+                        self.crashed.add(message["sessionId"])
                 self._closed = not data
                 self._received.notify_all()
             if not data:
                 os.close(self._answers)
                 return
 
-    def call(self, method, session=None, timeout=60, **params):
+    def send(self, method, session=None, **params):
         number = next(self._numbers)
         message = {"id": number, "method": method, "params": params, **({"sessionId": session} if session else {})}
         data = json.dumps(message).encode() + b"\0"
         while data:
             data = data[os.write(self._commands, data):]
+        return number
+
+    def call(self, method, session=None, timeout=60, **params):
+        number = self.send(method, session, **params)
         with self._received:
             self._received.wait_for(lambda: number in self._results or self._closed, timeout)
             answer = self._results.pop(number, None)
@@ -659,6 +666,13 @@ class DevTools:
 
     def close_tab(self, target):
         self.call("Target.closeTarget", targetId=target)
+
+    def crash_tab(self, session, timeout=60):
+        """Kills the tab's renderer, as a crash would: no pagehide, no beacon."""
+        self.call("Inspector.enable", session)  # which reports the crash
+        self.send("Page.crash", session)  # never answered
+        with self._received:
+            assert self._received.wait_for(lambda: session in self.crashed, timeout), "the tab did not crash"
 
     def quit(self):
         """Close the browser as a user would, so it writes its profile (localStorage) to disk."""
@@ -940,9 +954,8 @@ def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(
             game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
         devtools = browsers()
         _, session = devtools.open(page)
-        queued, stats = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
-            [JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n),
-             Pycolytics.stats()]""")
+        stats, queued = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
+            [Pycolytics.stats(), JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n)]""")
         devtools.wait(session, "Pycolytics.stats().queued === 0")
         _, session = devtools.open(page)
         dropped = devtools.evaluate(session, "Pycolytics.stats().dropped")
@@ -991,6 +1004,19 @@ def test_a_per_session_user_id_is_new_with_each_page_load_and_neither_read_nor_s
     users = {user_id for _, _, user_id, _, _, _ in stored_by_id(str(tmp_path / "events.db")).values()}
     assert len(users) == 2 and "from-an-earlier-build" not in users
 
+
+
+def test_events_tracked_before_the_tab_crashes_are_sent_by_the_next_page(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page + '?{"interval": 600}')
+        tracked = [event_id for event_id, _ in track(devtools, session, "crashed", range(3))]
+        devtools.crash_tab(session)
+        _, session = devtools.open(page)
+        assert devtools.evaluate(session, "window.leftover.map(event => event.event_id)") == tracked
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
 # -- Keys per game ---------------------------------------------------------------------------------------
 
