@@ -3219,10 +3219,6 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   global.document.addEventListener("visibilitychange", () => {
     if (global.document.visibilityState === "hidden") beacon();
   });
-  global.addEventListener("online", () => {
-    retryAt = 0;
-    if (settings) schedule(0);
-  });
 
   global.Pycolytics = {
     init,

@@ -989,6 +989,17 @@ def test_the_browser_client_sends_a_full_batch_without_waiting_for_its_interval(
     assert [event_ids for _, _, event_ids in posts] == [tracked]
 
 
+def test_flush_sends_the_queue_now(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, interval=600) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "level_ended", range(2))]
+        devtools.evaluate(session, "Pycolytics.flush()")
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert [event_ids for _, _, event_ids in posts] == [tracked]
+
+
 def test_a_per_session_user_id_is_new_with_each_page_load_and_neither_read_nor_stored(tmp_path, browsers, sqlite_app):
     earlier = "localStorage.setItem('pycolytics:web-game:user', 'from-an-earlier-build');"
     with scripted_collector(sqlite_app, []) as (url, _), \
