@@ -951,18 +951,20 @@ def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path,
 
 def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers, sqlite_app):
     with scripted_collector(sqlite_app, []) as (url, _), \
-            game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5, interval=600) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         stats, queued = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
             [Pycolytics.stats(), JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n)]""")
+        track(devtools, session, "full", [8])  # in a task of its own
+        devtools.evaluate(session, "Pycolytics.flush()")
         devtools.wait(session, "Pycolytics.stats().queued === 0")
         _, session = devtools.open(page)
         dropped = devtools.evaluate(session, "Pycolytics.stats().dropped")
-    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 3)
+    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 4)
     with sqlite3.connect(tmp_path / "events.db") as connection:
         values = connection.execute("SELECT value FROM event ORDER BY id").fetchall()
-    assert values == [(f'{{"n":{n}}}',) for n in range(3, 8)]
+    assert [json.loads(value)["n"] for value, in values] == [4, 5, 6, 7, 8]
     warnings = [texts for _, kind, texts in devtools.console if kind == "warning"]
     assert len(warnings) == 1 and "the queue is full" in warnings[0][0]
 
