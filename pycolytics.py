@@ -3433,6 +3433,9 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   let settings = null, keys = null, local = null, userId = null, sessionId = null;
   let sending = false, timer = null, timerAt = 0, retryAt = 0, failures = 0, refused = 0;
   let complained = false, warned = false;  // each once per page: a game may track thousands of events
+  // Events tracked during the current task, saved together when it ends: rewriting the queue in
+  // localStorage takes milliseconds when it is long, and a game may track many events in one frame.
+  let unsaved = [], size = 0;
   const memory = new Map();  // the queue when localStorage is blocked (storage off, sandboxed frame)
 
   function localStorageOrNull() {
@@ -3465,13 +3468,24 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     }
   }
 
-  function queued() {
+  function stored() {
     try {
       const events = JSON.parse(read(keys.queue) || "[]");
       return Array.isArray(events) ? events : [];
     } catch (error) {
       return [];
     }
+  }
+
+  function queued() {
+    if (unsaved.length) save();
+    return stored();
+  }
+
+  function save() {
+    const events = stored().concat(unsaved);
+    unsaved = [];
+    keep(events);
   }
 
   function keep(events) {
@@ -3483,6 +3497,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
       dropped += oldest;
       events = events.slice(oldest);
     }
+    size = events.length;
     if (dropped) {
       write(keys.dropped, String((Number(read(keys.dropped)) || 0) + dropped));
       if (!warned) console.warn("Pycolytics: the queue is full; the oldest events are dropped (see Pycolytics.stats())");
@@ -3528,6 +3543,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     userId = options.persistentUser === false ? newId() : read(keys.user) || newId();
     if (options.persistentUser !== false) write(keys.user, userId);
     sessionId = newId();
+    size = stored().length;
     schedule(0);  // what earlier pages left unacknowledged
   }
 
@@ -3543,10 +3559,8 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
       value: JSON.parse(JSON.stringify(value)), api_key: settings.apiKey,
       timestamp: new Date().toISOString(), event_id: newId(),
     };
-    const events = queued();
-    events.push(event);
-    keep(events);
-    schedule(events.length >= settings.batchSize ? 0 : settings.interval);
+    if (unsaved.push(event) === 1) Promise.resolve().then(save);
+    schedule(size + unsaved.length >= settings.batchSize ? 0 : settings.interval);
     return event.event_id;
   }
 
@@ -3666,10 +3680,6 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   global.addEventListener("pagehide", beacon);
   global.document.addEventListener("visibilitychange", () => {
     if (global.document.visibilityState === "hidden") beacon();
-  });
-  global.addEventListener("online", () => {
-    retryAt = 0;
-    if (settings) schedule(0);
   });
 
   global.Pycolytics = {

@@ -611,6 +611,7 @@ class DevTools:
         self._closed = False
         self.quitted = False
         self.console = []  # (session, type, texts) of every console call
+        self.crashed = set()  # sessions whose tab crashed
         self._reader = threading.Thread(target=self._read)
         self._reader.start()
 
@@ -628,18 +629,24 @@ class DevTools:
                         params = message["params"]
                         texts = [argument.get("value", argument.get("description")) for argument in params["args"]]
                         self.console.append((message.get("sessionId"), params["type"], texts))
+                    elif message.get("method") == "Inspector.targetCrashed":
+                        self.crashed.add(message["sessionId"])
                 self._closed = not data
                 self._received.notify_all()
             if not data:
                 os.close(self._answers)
                 return
 
-    def call(self, method, session=None, timeout=60, **params):
+    def send(self, method, session=None, **params):
         number = next(self._numbers)
         message = {"id": number, "method": method, "params": params, **({"sessionId": session} if session else {})}
         data = json.dumps(message).encode() + b"\0"
         while data:
             data = data[os.write(self._commands, data):]
+        return number
+
+    def call(self, method, session=None, timeout=60, **params):
+        number = self.send(method, session, **params)
         with self._received:
             self._received.wait_for(lambda: number in self._results or self._closed, timeout)
             answer = self._results.pop(number, None)
@@ -669,6 +676,13 @@ class DevTools:
 
     def close_tab(self, target):
         self.call("Target.closeTarget", targetId=target)
+
+    def crash_tab(self, session, timeout=60):
+        """Kills the tab's renderer, as a crash would: no pagehide, no beacon."""
+        self.call("Inspector.enable", session)  # which reports the crash
+        self.send("Page.crash", session)  # never answered
+        with self._received:
+            assert self._received.wait_for(lambda: session in self.crashed, timeout), "the tab did not crash"
 
     def quit(self):
         """Close the browser as a user would, so it writes its profile (localStorage) to disk."""
@@ -702,10 +716,10 @@ def browsers(tmp_path):
 
 
 @contextlib.contextmanager
-def game_page(script_url, collector_url, **options):
+def game_page(script_url, collector_url, prelude="", **options):
     """A web server of a game's page, which loads the client from the collector and starts it with
     `options` and those of the page's query (?{"interval": 600}); first it notes what an earlier page
-    left in localStorage, in window.leftover."""
+    left in localStorage, in window.leftover, and runs the script `prelude`."""
     import http.server
     import urllib.parse
 
@@ -715,7 +729,7 @@ def game_page(script_url, collector_url, **options):
             settings = dict({"url": collector_url, "application": "web-game", "version": "1.0", "interval": 0.3},
                             **options, **json.loads(asked))
             page = (f'<!doctype html><meta charset="utf-8"><title>game</title><script>window.leftover = JSON.parse('
-                    f'localStorage.getItem("pycolytics:web-game:queue") || "[]")</script>'
+                    f'localStorage.getItem("pycolytics:web-game:queue") || "[]"); {prelude}</script>'
                     f'<script src="{script_url}"></script><script>Pycolytics.init({json.dumps(settings)})</script>')
             data = page.encode()
             self.send_response(200)
@@ -843,9 +857,19 @@ def test_the_browser_client_stores_every_event_once_across_collector_restarts_an
     for event_id, (_, _, _, _, moment, _) in rows.items():
         assert abs(moment - tracked[event_id][2]) < CLOCK_TOLERANCE, tracked[event_id]
     assert len({user_id for _, _, user_id, _, _, _ in rows.values()}) == 1  # localStorage kept it
-    sessions = {event_type: {row[3] for row in rows.values() if row[0] == event_type} for event_type, _, _ in tracked.values()}
+    sessions = {event_type: {row[3] for row in rows.values() if row[0] == event_type}
+                for event_type, _, _ in tracked.values()}
     assert all(len(ids) == 1 for ids in sessions.values()) and len(set.union(*sessions.values())) == 2
     assert [entry for devtools in opened for entry in devtools.console if entry[1] in ("error", "warning")] == []
+
+@pytest.fixture
+def sqlite_app(tmp_path):
+    """The collector's application on an SQLite file of the test's own, at tmp_path / events.db."""
+    app = pycolytics.create_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    yield app
+    app.close()
+
 
 @contextlib.contextmanager
 def scripted_collector(app, refusals):
@@ -892,25 +916,23 @@ def scripted_collector(app, refusals):
     (pycolytics.ServiceUnavailable("busy", 1), 1),
     (pycolytics.TooManyRequests("over the rate limit", 3), 3),
 ])
-def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, refusal, seconds):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, [refusal]) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, sqlite_app, refusal,
+                                                                              seconds):
+    with scripted_collector(sqlite_app, [refusal]) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         tracked = [event_id for event_id, _ in track(devtools, session, "retried", range(3), pad=400)]
         devtools.wait(session, "Pycolytics.stats().queued === 0")
-    app.close()
     assert [event_ids for _, _, event_ids in posts] == [tracked, tracked]
     assert posts[1][0] - posts[0][0] >= seconds
     assert posts[0][1] == ("text/plain", "gzip")
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
 
-def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey="wrong") as page:
+def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey="wrong") as page:
         devtools = browsers()
         _, session = devtools.open(page)
         first = [event_id for event_id, _ in track(devtools, session, "refused", range(3))]
@@ -918,46 +940,106 @@ def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_
         second = [event_id for event_id, _ in track(devtools, session, "refused", range(3, 6))]
         devtools.wait(session, "Pycolytics.stats().refused === 6")
         assert devtools.evaluate(session, "Pycolytics.stats().queued") == 0
-    app.close()
     assert [event_ids for _, _, event_ids in posts] == [first, second]  # not again, not with the next batch
     errors = [texts for _, kind, texts in devtools.console if kind == "error"]
     assert len(errors) == 1 and "HTTP 401" in errors[0][0]
     assert count(str(tmp_path / "events.db")) == 0
 
 
-def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         tracked = devtools.evaluate(session, """[Pycolytics.track("fine", {n: 0}), Pycolytics.track("fine", {n: 1}),
             Pycolytics.track("x".repeat(300), {n: 2}), Pycolytics.track("fine", {n: 3})]""")  # one too long
         devtools.wait(session, "Pycolytics.stats().queued === 0")
-    app.close()
     good = tracked[:2] + tracked[3:]
     assert [event_ids for _, _, event_ids in posts] == [tracked, good]
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(good)
 
 
-
-def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, _), game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
+def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5, interval=600) as page:
         devtools = browsers()
         _, session = devtools.open(page)
-        queued, stats = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
-            [JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n), Pycolytics.stats()]""")
+        stats, queued = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
+            [Pycolytics.stats(), JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n)]""")
+        track(devtools, session, "full", [8])  # in a task of its own
+        devtools.evaluate(session, "Pycolytics.flush()")
         devtools.wait(session, "Pycolytics.stats().queued === 0")
         _, session = devtools.open(page)
         dropped = devtools.evaluate(session, "Pycolytics.stats().dropped")
-    app.close()
-    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 3)
+    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 4)
     with sqlite3.connect(tmp_path / "events.db") as connection:
-        assert connection.execute("SELECT value FROM event ORDER BY id").fetchall() == [(f'{{"n":{n}}}',) for n in range(3, 8)]
+        values = connection.execute("SELECT value FROM event ORDER BY id").fetchall()
+    assert [json.loads(value)["n"] for value, in values] == [4, 5, 6, 7, 8]
     warnings = [texts for _, kind, texts in devtools.console if kind == "warning"]
     assert len(warnings) == 1 and "the queue is full" in warnings[0][0]
+
+
+def test_the_browser_client_works_where_local_storage_is_blocked(tmp_path, browsers, sqlite_app):
+    blocked = 'Object.defineProperty(window, "localStorage", {get() { throw new DOMException("", "SecurityError"); }});'
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, blocked, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "no-storage", range(3))]
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
+
+
+def test_the_browser_client_sends_a_full_batch_without_waiting_for_its_interval(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, interval=600, batchSize=3) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "batched", range(2))]
+        tracked += [event_id for event_id, _ in track(devtools, session, "batched", [2])]
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert [event_ids for _, _, event_ids in posts] == [tracked]
+
+
+def test_flush_sends_the_queue_now(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, interval=600) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "level_ended", range(2))]
+        devtools.evaluate(session, "Pycolytics.flush()")
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert [event_ids for _, _, event_ids in posts] == [tracked]
+
+
+def test_a_per_session_user_id_is_new_with_each_page_load_and_neither_read_nor_stored(tmp_path, browsers, sqlite_app):
+    earlier = "localStorage.setItem('pycolytics:web-game:user', 'from-an-earlier-build');"
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, earlier, apiKey=KEY, persistentUser=False) as page:
+        devtools = browsers()
+        for _ in range(2):
+            target, session = devtools.open(page)
+            track(devtools, session, "anonymous", [0])
+            devtools.wait(session, "Pycolytics.stats().queued === 0")
+            kept = devtools.evaluate(session, "localStorage.getItem('pycolytics:web-game:user')")
+            devtools.close_tab(target)
+            assert kept == "from-an-earlier-build"
+    users = {user_id for _, _, user_id, _, _, _ in stored_by_id(str(tmp_path / "events.db")).values()}
+    assert len(users) == 2 and "from-an-earlier-build" not in users
+
+
+
+def test_events_tracked_before_the_tab_crashes_are_sent_by_the_next_page(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page + '?{"interval": 600}')
+        tracked = [event_id for event_id, _ in track(devtools, session, "crashed", range(3))]
+        devtools.crash_tab(session)
+        _, session = devtools.open(page)
+        assert devtools.evaluate(session, "window.leftover.map(event => event.event_id)") == tracked
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
 # -- Keys per game ---------------------------------------------------------------------------------------
 
