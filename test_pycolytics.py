@@ -915,7 +915,7 @@ def scripted_collector(app, refusals):
 @pytest.mark.parametrize("refusal, seconds", [
     (pycolytics.ServiceUnavailable("busy", 1), 1),
     (pycolytics.TooManyRequests("over the rate limit", 3), 3),
-])
+], ids=["503", "429"])
 def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, sqlite_app, refusal,
                                                                               seconds):
     with scripted_collector(sqlite_app, [refusal]) as (url, posts), \
