@@ -3897,6 +3897,14 @@ class _Connection:
         self.since = time.monotonic()  # when it connected, or began its request
 
 
+def _cgi_name(name):
+    """The environ key of a header (PEP 3333), or "" for one left out: a name with an underscore
+    would be confused with the same name with a dash (a spoofing trick)."""
+    if name in ("content-length", "content-type"):
+        return name.upper().replace("-", "_")
+    return "" if "_" in name else "HTTP_" + name.upper().replace("-", "_")
+
+
 def _split_target(target, method):
     """(path, query) of a request target: a path, an absolute URL (RFC 9112 3.2.2) or OPTIONS' *."""
     if target[0] != "/":
@@ -3936,7 +3944,7 @@ def _parse_head(head, config):
     request.headers = headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.match(name):
+        if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
             raise BadRequest(f"malformed header line {_printable(line[:40])!r}")
         if len(line) > config.max_header_field:
             raise HeaderFieldsTooLarge(f"the header {name} is over {config.max_header_field} bytes")
@@ -4047,6 +4055,7 @@ class Server:
         self._date = _HTTPDate()
         self._workers = []
         self._failures_logged = set()
+        self._cgi_names = {}  # header name -> its environ key, for the names seen most
         self._log_requests = not config.quiet
 
     @property
@@ -4575,13 +4584,15 @@ class Server:
             "wsgi.run_once": False,
             "pycolytics.server_problem": self.problem,
         }
+        names = self._cgi_names
         for name, value in request.headers.items():
-            if name == "content-length":
-                environ["CONTENT_LENGTH"] = value
-            elif name == "content-type":
-                environ["CONTENT_TYPE"] = value
-            elif "_" not in name:  # underscores would be confused with dashes (a spoofing trick)
-                environ["HTTP_" + name.upper().replace("-", "_")] = value
+            key = names.get(name)
+            if key is None:
+                key = _cgi_name(name)
+                if len(names) < 256:  # the headers clients send are few: remember their names
+                    names[name] = key
+            if key:
+                environ[key] = value
         return environ
 
     def _log(self, connection, request, status, length):
