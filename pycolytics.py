@@ -4111,7 +4111,10 @@ class Server:
                 timeout = 0 if self._ready or self._finished else 1.0
                 for key, _ in self._selector.select(timeout):
                     callback, connection = key.data
-                    self._guarded(callback, connection)
+                    try:  # _guarded, written out on the hottest path
+                        callback() if connection is None else callback(connection)
+                    except Exception as error:
+                        self._connection_failed(connection, error)
                 self._serve_ready()
                 if self._turn_ended is not None:
                     self._guarded(self._turn_ended)
@@ -4139,16 +4142,20 @@ class Server:
             else:
                 function(connection, *arguments)
         except Exception as error:  # a bug, or an OS error nobody foresaw: one connection pays, not all
-            where = (type(error), getattr(error.__traceback__, "tb_lineno", 0))
-            first = where not in self._failures_logged and len(self._failures_logged) < 100
-            self._failures_logged.add(where)
-            log.error("unexpected %r while serving %s; closing the connection", error,
-                      connection.peer if connection is not None else "the server", exc_info=first)
-            if connection is not None:
-                try:
-                    self._close(connection)
-                except Exception:  # its socket is beyond saving; forget it
-                    self._connections.pop(connection.sock, None)
+            self._connection_failed(connection, error)
+
+    def _connection_failed(self, connection, error):
+        """Log an unexpected error once (its traceback the first time), and close its connection."""
+        where = (type(error), getattr(error.__traceback__, "tb_lineno", 0))
+        first = where not in self._failures_logged and len(self._failures_logged) < 100
+        self._failures_logged.add(where)
+        log.error("unexpected %r while serving %s; closing the connection", error,
+                  connection.peer if connection is not None else "the server", exc_info=first)
+        if connection is not None:
+            try:
+                self._close(connection)
+            except Exception:  # its socket is beyond saving; forget it
+                self._connections.pop(connection.sock, None)
 
     def _serve_ready(self):
         """Send finished answers and start pipelined requests: each connection a few per turn."""
