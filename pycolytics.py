@@ -2734,6 +2734,26 @@ def _values_section(parts, hidden, types):
     return form + "".join(shown)
 
 
+# The dashboard's style sheet: one page, no files to serve, no scripts.
+DASHBOARD_CSS = """\
+body{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}
+header{background:#1d2433;color:#fff;padding:12px 24px} header h1{font-size:20px;margin:0 0 8px}
+form{display:flex;gap:10px;flex-wrap:wrap;align-items:center;margin:4px 0 8px}
+input,select,button{font:inherit;padding:3px 6px} main{max-width:1100px;margin:0 auto;padding:16px 24px}
+.totals{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}
+.totals div{background:#fff;border-radius:8px;padding:12px 20px} .totals b{display:block;font-size:28px}
+section{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}
+h2{font-size:17px;margin:4px 0 8px} .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}
+.grid section{margin:0} .chart{width:100%;height:auto} .ranking{max-width:560px} .chart text{font-size:13px;fill:#3b4356}
+.bar,.bar0{fill:#3d7be0} .bar1{fill:#e0793d} .axis{stroke:#c5cad3} .line{fill:none;stroke-width:2.5}
+.line0{stroke:#3d7be0} .line1{stroke:#e0793d} .legend{margin:0 0 4px;font-size:14px}
+.key0{color:#3d7be0} .key1{color:#e0793d;margin-left:12px} .empty{color:#5b6477}
+.scroll{overflow-x:auto} table{border-collapse:collapse} td,th{padding:3px 8px;text-align:right;font-size:14px}
+.retention td.future{background:#fafafa} .numbers td,.numbers th{border-bottom:1px solid #e3e6eb}
+header a{color:#cfe0ff} footer{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}
+"""
+
+
 def _dashboard_html(parts, seconds):
     report, extras, fields, query = parts["report"], parts["extras"], parts["fields"], parts["query"]
     totals, days = report["totals"], report["days"]
@@ -2756,22 +2776,7 @@ def _dashboard_html(parts, seconds):
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Pycolytics dashboard</title>
 <style>
-body{{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}}
-header{{background:#1d2433;color:#fff;padding:12px 24px}} header h1{{font-size:20px;margin:0 0 8px}}
-form{{display:flex;gap:10px;flex-wrap:wrap;align-items:center;margin:4px 0 8px}}
-input,select,button{{font:inherit;padding:3px 6px}} main{{max-width:1100px;margin:0 auto;padding:16px 24px}}
-.totals{{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}}
-.totals div{{background:#fff;border-radius:8px;padding:12px 20px}} .totals b{{display:block;font-size:28px}}
-section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
-h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}}
-.grid section{{margin:0}} .chart{{width:100%;height:auto}} .ranking{{max-width:560px}} .chart text{{font-size:13px;fill:#3b4356}}
-.bar,.bar0{{fill:#3d7be0}} .bar1{{fill:#e0793d}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}}
-.line0{{stroke:#3d7be0}} .line1{{stroke:#e0793d}} .legend{{margin:0 0 4px;font-size:14px}}
-.key0{{color:#3d7be0}} .key1{{color:#e0793d;margin-left:12px}} .empty{{color:#5b6477}}
-.scroll{{overflow-x:auto}} table{{border-collapse:collapse}} td,th{{padding:3px 8px;text-align:right;font-size:14px}}
-.retention td.future{{background:#fafafa}} .numbers td,.numbers th{{border-bottom:1px solid #e3e6eb}}
-header a{{color:#cfe0ff}} footer{{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}}
-</style></head><body>
+{DASHBOARD_CSS}</style></head><body>
 <header><h1>Pycolytics</h1>
 <form method="get" action="dashboard">
 <label>Application <select name="application"><option value="">all</option>{_options(
@@ -3312,6 +3317,10 @@ def _report_paths(error):
     }
 
 
+DOCS_CSS = ("body{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}"
+            "code,pre{background:#f4f4f4}pre{padding:1em;overflow:auto}td{padding:.2em .8em;vertical-align:top}")
+
+
 def docs_page(config, url):
     """The /docs page of the API served at `url` (as public_url() gives it, HTML-escaped)."""
     example = json.dumps({
@@ -3325,8 +3334,7 @@ def docs_page(config, url):
     answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
-<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}}
-code,pre{{background:#f4f4f4}}pre{{padding:1em;overflow:auto}}td{{padding:.2em .8em;vertical-align:top}}</style>
+<style>{DOCS_CSS}</style>
 </head><body>
 <h1>Pycolytics Event API {API_VERSION}</h1>
 <p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
