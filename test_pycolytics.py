@@ -160,12 +160,12 @@ def config(tmp_path, monkeypatch, settings):
 
 
 @pytest.fixture
-def make_app(settings):
-    """The app factory: make_app(config), or make_app(**changes to the settings); all it made are closed."""
+def make_app():
+    """The app factory: make_app(config) opens an application; every one it made is closed at the end."""
     made = []
 
-    def make(config=None, **changes):
-        made.append(pycolytics.create_app(config or pycolytics.load_config(environ={}, overrides=dict(settings, **changes))))
+    def make(config):
+        made.append(pycolytics.create_app(config))
         return made[-1]
 
     yield make
@@ -571,12 +571,11 @@ def test_the_docs_page_documents_the_browser_client(client):
     assert 'Pycolytics.track("level_started", {level: 3})' in page
 
 
-def test_a_429_lets_a_pages_script_read_its_retry_after(settings):
-    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="1/minute")))
+def test_a_429_lets_a_pages_script_read_its_retry_after(settings, make_app):
+    app = make_app(pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="1/minute")))
     client = webtest.TestApp(app)
     post(client, "/v1.0/event", event())
     refused = post(client, "/v1.0/event", event(), status=429, headers={"Origin": "https://games.example"})
-    app.close()
     assert refused.headers["Access-Control-Allow-Origin"] == "*"
     assert "Retry-After" in refused.headers["Access-Control-Expose-Headers"].split(", ")
 
@@ -863,12 +862,11 @@ def test_the_browser_client_stores_every_event_once_across_collector_restarts_an
     assert [entry for devtools in opened for entry in devtools.console if entry[1] in ("error", "warning")] == []
 
 @pytest.fixture
-def sqlite_app(tmp_path):
+def sqlite_app(tmp_path, make_app):
     """The collector's application on an SQLite file of the test's own, at tmp_path / events.db."""
-    app = pycolytics.create_app(pycolytics.load_config(
+    app = make_app(pycolytics.load_config(
         environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
     yield app
-    app.close()
 
 
 @contextlib.contextmanager
@@ -1232,13 +1230,12 @@ def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database,
 
 
 @pytest.fixture
-def reading(settings, database):
+def reading(settings, database, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     seed_recent(client)
     yield client
-    app.close()
 
 
 def seed_recent(client):
@@ -1458,15 +1455,14 @@ def oracle_funnel(rows, since, until, steps, application=None):
 
 
 @pytest.fixture
-def reports(settings, database):
+def reports(settings, database, make_app):
     """A client with a read key, over the generated history; yields (client, the history)."""
     config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     rows = history()
     post_history(client, rows)
     yield client, rows
-    app.close()
 
 
 def day_text(days_ago):
@@ -1590,15 +1586,14 @@ def test_sqlite_and_postgresql_give_the_same_report(tmp_path, postgres_url):
     assert answers[0] == answers[1] and answers[0][0]["totals"]["events"] > 100
 
 
-def test_a_report_of_a_database_made_by_the_original(config, database, sqlite_only):
+def test_a_report_of_a_database_made_by_the_original(config, database, sqlite_only, make_app):
     with sqlite3.connect(database) as connection:
         connection.executescript(ORIGINAL_SCHEMA)
     config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
                                                            "read_keys": "reader-key"})
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     answer = client.get("/v1.0/report?since=2024-04-30&until=2024-05-02", headers=READER).json
-    app.close()
     assert answer["totals"] == {"events": 1, "users": 1, "new_users": 1, "sessions": 1}
     assert answer["days"][1] == {"date": "2024-05-01", "events": 1, "users": 1, "new_users": 1, "sessions": 1}
 
@@ -2250,19 +2245,16 @@ def test_an_older_database_whose_event_ids_were_unique_across_applications_is_mi
     assert sum("unique per application" in record.getMessage() for record in caplog.records) == 1
 
 
-def test_retention_pruning_logs_one_line_per_pass_with_its_count(settings, database, caplog):
+def test_retention_pruning_logs_one_line_per_pass_with_its_count(settings, database, caplog, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, retention_days=30))
-    app = pycolytics.create_app(config)
-    try:
-        post(webtest.TestApp(app), "/v1.0/events", [event(timestamp="2020-01-01")] * 700 + [event()])
-        with caplog.at_level("INFO", "pycolytics"):
-            app.writer.prune_soon()
-            deadline = time.monotonic() + 20
-            while not any("deleted" in record.getMessage() for record in caplog.records) \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
-    finally:
-        app.close()
+    app = make_app(config)
+    post(webtest.TestApp(app), "/v1.0/events", [event(timestamp="2020-01-01")] * 700 + [event()])
+    with caplog.at_level("INFO", "pycolytics"):
+        app.writer.prune_soon()
+        deadline = time.monotonic() + 20
+        while not any("deleted" in record.getMessage() for record in caplog.records) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
     lines = [record.getMessage() for record in caplog.records if "retention_days" in record.getMessage()]
     assert lines == [lines[0]] and "deleted 700 events from before" in lines[0]
     assert count(database) == 1
@@ -3535,42 +3527,39 @@ def links(response):
     return found
 
 
-def test_every_page_and_link_resolves_under_a_wsgi_mount(tmp_path, monkeypatch):
+def test_every_page_and_link_resolves_under_a_wsgi_mount(tmp_path, monkeypatch, make_app):
     from urllib.parse import urljoin, urlsplit
 
     monkeypatch.chdir(tmp_path)
     config = pycolytics.load_config(environ={}, overrides={"database": "events.db", "api_keys": KEY,
                                                            "read_keys": "reader-key", "quiet": "yes"})
-    app = pycolytics.create_app(config)
-    try:
-        client = webtest.TestApp(mounted("/analytics", app))
-        client.authorization = ("Basic", ("viewer", "reader-key"))
-        seen, waiting = set(), ["http://localhost:80/analytics", "http://localhost:80/analytics/"]
-        while waiting:
-            assert len(seen) < 50, seen  # the pages name a handful of addresses, not an endless chain
-            url = waiting.pop()
-            if url in seen:
-                continue
-            seen.add(url)
-            parts = urlsplit(url)
-            assert (parts.netloc, parts.path.startswith("/analytics")) == ("localhost:80", True), url
-            if parts.path in ("/analytics/v1.0/event", "/analytics/v1.0/events"):
-                payload = [event()] if parts.path.endswith("/events") else event()
-                response = client.post(parts.path, body(payload), status="*")
-                assert response.status_int == 204, (url, response.text)
-                continue
-            response = client.get(parts.path + ("?" + parts.query if parts.query else ""), status="*")
-            if parts.path.startswith("/analytics/v1.0/report/") and not parts.query:
-                assert response.status_int == 400 and response.json["detail"], url  # it needs its steps or field
-                continue
-            assert response.status_int == 200, (url, response.text[:200])
-            if not response.content_type.startswith(("text/html", "application/json")):
-                continue  # the CSV download
-            waiting += [urljoin(url, link) for link in links(response)]
-            if "<form" in response.text:
-                waiting.append(urljoin(url, re.search(r'action="([^"]*)"', response.text).group(1)) + "?application=my-game")
-    finally:
-        app.close()
+    app = make_app(config)
+    client = webtest.TestApp(mounted("/analytics", app))
+    client.authorization = ("Basic", ("viewer", "reader-key"))
+    seen, waiting = set(), ["http://localhost:80/analytics", "http://localhost:80/analytics/"]
+    while waiting:
+        assert len(seen) < 50, seen  # the pages name a handful of addresses, not an endless chain
+        url = waiting.pop()
+        if url in seen:
+            continue
+        seen.add(url)
+        parts = urlsplit(url)
+        assert (parts.netloc, parts.path.startswith("/analytics")) == ("localhost:80", True), url
+        if parts.path in ("/analytics/v1.0/event", "/analytics/v1.0/events"):
+            payload = [event()] if parts.path.endswith("/events") else event()
+            response = client.post(parts.path, body(payload), status="*")
+            assert response.status_int == 204, (url, response.text)
+            continue
+        response = client.get(parts.path + ("?" + parts.query if parts.query else ""), status="*")
+        if parts.path.startswith("/analytics/v1.0/report/") and not parts.query:
+            assert response.status_int == 400 and response.json["detail"], url  # it needs its steps or field
+            continue
+        assert response.status_int == 200, (url, response.text[:200])
+        if not response.content_type.startswith(("text/html", "application/json")):
+            continue  # the CSV download
+        waiting += [urljoin(url, link) for link in links(response)]
+        if "<form" in response.text:
+            waiting.append(urljoin(url, re.search(r'action="([^"]*)"', response.text).group(1)) + "?application=my-game")
     assert {urlsplit(url).path for url in seen} >= {
         "/analytics", "/analytics/", "/analytics/docs", "/analytics/openapi.json", "/analytics/dashboard",
         "/analytics/v1.0/event", "/analytics/v1.0/events"}
