@@ -160,10 +160,22 @@ def config(tmp_path, monkeypatch, settings):
 
 
 @pytest.fixture
-def app(config):
-    app = pycolytics.create_app(config)
-    yield app
-    app.close()
+def make_app():
+    """The app factory: make_app(config) opens an application; every one it made is closed at the end."""
+    made = []
+
+    def make(config):
+        made.append(pycolytics.create_app(config))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.close()
+
+
+@pytest.fixture
+def app(config, make_app):
+    return make_app(config)
 
 
 @pytest.fixture
@@ -324,13 +336,12 @@ def test_a_key_is_never_echoed_in_an_error(client):
     assert secret not in response.text
 
 
-def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path, settings, database):
-    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, max_body_bytes=100)))
+def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path, settings, database, make_app):
+    app = make_app(pycolytics.load_config(environ={}, overrides=dict(settings, max_body_bytes=100)))
     client = webtest.TestApp(app)
     response = post(client, "/v1.0/events", [event()] * 3, status=413)
     assert "at most 100" in response.json["detail"]
     assert count(database) == 0
-    app.close()
 
 
 def test_an_unknown_content_encoding_is_refused_with_415(client, database):
@@ -453,14 +464,13 @@ def test_bad_client_fields_are_refused_naming_them(client, database, changes, wo
     assert count(database) == 0
 
 
-def test_a_database_without_the_added_columns_is_upgraded_in_place(config, database, sqlite_only):
+def test_a_database_without_the_added_columns_is_upgraded_in_place(config, database, sqlite_only, make_app):
     with sqlite3.connect(database) as connection:
         connection.executescript(ORIGINAL_SCHEMA)
         connection.executemany("INSERT INTO event VALUES ('old', 'g', '1', 'L', 'u', 's', '{}', ?, '2024-05-01 12:00:00')",
                                [(n,) for n in range(2, 1002)])
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     post(webtest.TestApp(app), "/v1.0/events", [event(event_id="e-1"), event(event_id="e-1")])
-    app.close()
     assert count(database) == 1001 + 1
     assert stored(database, "event_id")[-2:] == [(None,), ("e-1",)]
 
@@ -486,9 +496,9 @@ def test_a_preflight_is_answered_for_a_day(client, path):
     assert int(response.headers["Access-Control-Max-Age"]) >= 3600
 
 
-def test_listed_origins_are_echoed_and_others_refused(settings, database):
+def test_listed_origins_are_echoed_and_others_refused(settings, database, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, cors_origins="https://a.example, http://localhost:8060"))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     response = post(client, "/v1.0/event", event(), headers={"Origin": "http://localhost:8060"})
     assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:8060"
@@ -496,7 +506,6 @@ def test_listed_origins_are_echoed_and_others_refused(settings, database):
     assert "Access-Control-Allow-Origin" not in refused.headers
     assert "pages from https://evil.example may not send events" in refused.json["detail"]
     post(client, "/v1.0/event", event())  # no Origin: a game, a script, curl
-    app.close()
     assert count(database) == 2
 
 
@@ -562,12 +571,11 @@ def test_the_docs_page_documents_the_browser_client(client):
     assert 'Pycolytics.track("level_started", {level: 3})' in page
 
 
-def test_a_429_lets_a_pages_script_read_its_retry_after(settings):
-    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="1/minute")))
+def test_a_429_lets_a_pages_script_read_its_retry_after(settings, make_app):
+    app = make_app(pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="1/minute")))
     client = webtest.TestApp(app)
     post(client, "/v1.0/event", event())
     refused = post(client, "/v1.0/event", event(), status=429, headers={"Origin": "https://games.example"})
-    app.close()
     assert refused.headers["Access-Control-Allow-Origin"] == "*"
     assert "Retry-After" in refused.headers["Access-Control-Expose-Headers"].split(", ")
 
@@ -602,6 +610,7 @@ class DevTools:
         self._closed = False
         self.quitted = False
         self.console = []  # (session, type, texts) of every console call
+        self.crashed = set()  # sessions whose tab crashed
         self._reader = threading.Thread(target=self._read)
         self._reader.start()
 
@@ -619,18 +628,24 @@ class DevTools:
                         params = message["params"]
                         texts = [argument.get("value", argument.get("description")) for argument in params["args"]]
                         self.console.append((message.get("sessionId"), params["type"], texts))
+                    elif message.get("method") == "Inspector.targetCrashed":
+                        self.crashed.add(message["sessionId"])
                 self._closed = not data
                 self._received.notify_all()
             if not data:
                 os.close(self._answers)
                 return
 
-    def call(self, method, session=None, timeout=60, **params):
+    def send(self, method, session=None, **params):
         number = next(self._numbers)
         message = {"id": number, "method": method, "params": params, **({"sessionId": session} if session else {})}
         data = json.dumps(message).encode() + b"\0"
         while data:
             data = data[os.write(self._commands, data):]
+        return number
+
+    def call(self, method, session=None, timeout=60, **params):
+        number = self.send(method, session, **params)
         with self._received:
             self._received.wait_for(lambda: number in self._results or self._closed, timeout)
             answer = self._results.pop(number, None)
@@ -660,6 +675,13 @@ class DevTools:
 
     def close_tab(self, target):
         self.call("Target.closeTarget", targetId=target)
+
+    def crash_tab(self, session, timeout=60):
+        """Kills the tab's renderer, as a crash would: no pagehide, no beacon."""
+        self.call("Inspector.enable", session)  # which reports the crash
+        self.send("Page.crash", session)  # never answered
+        with self._received:
+            assert self._received.wait_for(lambda: session in self.crashed, timeout), "the tab did not crash"
 
     def quit(self):
         """Close the browser as a user would, so it writes its profile (localStorage) to disk."""
@@ -693,10 +715,10 @@ def browsers(tmp_path):
 
 
 @contextlib.contextmanager
-def game_page(script_url, collector_url, **options):
+def game_page(script_url, collector_url, prelude="", **options):
     """A web server of a game's page, which loads the client from the collector and starts it with
     `options` and those of the page's query (?{"interval": 600}); first it notes what an earlier page
-    left in localStorage, in window.leftover."""
+    left in localStorage, in window.leftover, and runs the script `prelude`."""
     import http.server
     import urllib.parse
 
@@ -706,7 +728,7 @@ def game_page(script_url, collector_url, **options):
             settings = dict({"url": collector_url, "application": "web-game", "version": "1.0", "interval": 0.3},
                             **options, **json.loads(asked))
             page = (f'<!doctype html><meta charset="utf-8"><title>game</title><script>window.leftover = JSON.parse('
-                    f'localStorage.getItem("pycolytics:web-game:queue") || "[]")</script>'
+                    f'localStorage.getItem("pycolytics:web-game:queue") || "[]"); {prelude}</script>'
                     f'<script src="{script_url}"></script><script>Pycolytics.init({json.dumps(settings)})</script>')
             data = page.encode()
             self.send_response(200)
@@ -834,9 +856,18 @@ def test_the_browser_client_stores_every_event_once_across_collector_restarts_an
     for event_id, (_, _, _, _, moment, _) in rows.items():
         assert abs(moment - tracked[event_id][2]) < CLOCK_TOLERANCE, tracked[event_id]
     assert len({user_id for _, _, user_id, _, _, _ in rows.values()}) == 1  # localStorage kept it
-    sessions = {event_type: {row[3] for row in rows.values() if row[0] == event_type} for event_type, _, _ in tracked.values()}
+    sessions = {event_type: {row[3] for row in rows.values() if row[0] == event_type}
+                for event_type, _, _ in tracked.values()}
     assert all(len(ids) == 1 for ids in sessions.values()) and len(set.union(*sessions.values())) == 2
     assert [entry for devtools in opened for entry in devtools.console if entry[1] in ("error", "warning")] == []
+
+@pytest.fixture
+def sqlite_app(tmp_path, make_app):
+    """The collector's application on an SQLite file of the test's own, at tmp_path / events.db."""
+    app = make_app(pycolytics.load_config(
+        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
+    yield app
+
 
 @contextlib.contextmanager
 def scripted_collector(app, refusals):
@@ -882,26 +913,24 @@ def scripted_collector(app, refusals):
 @pytest.mark.parametrize("refusal, seconds", [
     (pycolytics.ServiceUnavailable("busy", 1), 1),
     (pycolytics.TooManyRequests("over the rate limit", 3), 3),
-])
-def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, refusal, seconds):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, [refusal]) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+], ids=["503", "429"])
+def test_the_browser_client_sends_a_503_or_429_batch_again_after_retry_after(tmp_path, browsers, sqlite_app, refusal,
+                                                                              seconds):
+    with scripted_collector(sqlite_app, [refusal]) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         tracked = [event_id for event_id, _ in track(devtools, session, "retried", range(3), pad=400)]
         devtools.wait(session, "Pycolytics.stats().queued === 0")
-    app.close()
     assert [event_ids for _, _, event_ids in posts] == [tracked, tracked]
     assert posts[1][0] - posts[0][0] >= seconds
     assert posts[0][1] == ("text/plain", "gzip")
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
 
-def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey="wrong") as page:
+def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey="wrong") as page:
         devtools = browsers()
         _, session = devtools.open(page)
         first = [event_id for event_id, _ in track(devtools, session, "refused", range(3))]
@@ -909,46 +938,106 @@ def test_the_browser_client_drops_a_batch_refused_with_401_and_says_so_once(tmp_
         second = [event_id for event_id, _ in track(devtools, session, "refused", range(3, 6))]
         devtools.wait(session, "Pycolytics.stats().refused === 6")
         assert devtools.evaluate(session, "Pycolytics.stats().queued") == 0
-    app.close()
     assert [event_ids for _, _, event_ids in posts] == [first, second]  # not again, not with the next batch
     errors = [texts for _, kind, texts in devtools.console if kind == "error"]
     assert len(errors) == 1 and "HTTP 401" in errors[0][0]
     assert count(str(tmp_path / "events.db")) == 0
 
 
-def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, posts), game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+def test_the_browser_client_sends_again_the_events_a_422_does_not_name(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
         devtools = browsers()
         _, session = devtools.open(page)
         tracked = devtools.evaluate(session, """[Pycolytics.track("fine", {n: 0}), Pycolytics.track("fine", {n: 1}),
             Pycolytics.track("x".repeat(300), {n: 2}), Pycolytics.track("fine", {n: 3})]""")  # one too long
         devtools.wait(session, "Pycolytics.stats().queued === 0")
-    app.close()
     good = tracked[:2] + tracked[3:]
     assert [event_ids for _, _, event_ids in posts] == [tracked, good]
     assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(good)
 
 
-
-def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers):
-    app = pycolytics.create_app(pycolytics.load_config(
-        environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"}))
-    with scripted_collector(app, []) as (url, _), game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5) as page:
+def test_the_browser_clients_full_queue_drops_the_oldest_events_and_counts_them(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, maxQueue=5, interval=600) as page:
         devtools = browsers()
         _, session = devtools.open(page)
-        queued, stats = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
-            [JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n), Pycolytics.stats()]""")
+        stats, queued = devtools.evaluate(session, """[...Array(8).keys()].forEach(n => Pycolytics.track("full", {n}));
+            [Pycolytics.stats(), JSON.parse(localStorage.getItem("pycolytics:web-game:queue")).map(event => event.value.n)]""")
+        track(devtools, session, "full", [8])  # in a task of its own
+        devtools.evaluate(session, "Pycolytics.flush()")
         devtools.wait(session, "Pycolytics.stats().queued === 0")
         _, session = devtools.open(page)
         dropped = devtools.evaluate(session, "Pycolytics.stats().dropped")
-    app.close()
-    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 3)
+    assert queued == [3, 4, 5, 6, 7] and (stats["queued"], stats["dropped"], dropped) == (5, 3, 4)
     with sqlite3.connect(tmp_path / "events.db") as connection:
-        assert connection.execute("SELECT value FROM event ORDER BY id").fetchall() == [(f'{{"n":{n}}}',) for n in range(3, 8)]
+        values = connection.execute("SELECT value FROM event ORDER BY id").fetchall()
+    assert [json.loads(value)["n"] for value, in values] == [4, 5, 6, 7, 8]
     warnings = [texts for _, kind, texts in devtools.console if kind == "warning"]
     assert len(warnings) == 1 and "the queue is full" in warnings[0][0]
+
+
+def test_the_browser_client_works_where_local_storage_is_blocked(tmp_path, browsers, sqlite_app):
+    blocked = 'Object.defineProperty(window, "localStorage", {get() { throw new DOMException("", "SecurityError"); }});'
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, blocked, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "no-storage", range(3))]
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
+
+
+def test_the_browser_client_sends_a_full_batch_without_waiting_for_its_interval(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, interval=600, batchSize=3) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "batched", range(2))]
+        tracked += [event_id for event_id, _ in track(devtools, session, "batched", [2])]
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert [event_ids for _, _, event_ids in posts] == [tracked]
+
+
+def test_flush_sends_the_queue_now(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, posts), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY, interval=600) as page:
+        devtools = browsers()
+        _, session = devtools.open(page)
+        tracked = [event_id for event_id, _ in track(devtools, session, "level_ended", range(2))]
+        devtools.evaluate(session, "Pycolytics.flush()")
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert [event_ids for _, _, event_ids in posts] == [tracked]
+
+
+def test_a_per_session_user_id_is_new_with_each_page_load_and_neither_read_nor_stored(tmp_path, browsers, sqlite_app):
+    earlier = "localStorage.setItem('pycolytics:web-game:user', 'from-an-earlier-build');"
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, earlier, apiKey=KEY, persistentUser=False) as page:
+        devtools = browsers()
+        for _ in range(2):
+            target, session = devtools.open(page)
+            track(devtools, session, "anonymous", [0])
+            devtools.wait(session, "Pycolytics.stats().queued === 0")
+            kept = devtools.evaluate(session, "localStorage.getItem('pycolytics:web-game:user')")
+            devtools.close_tab(target)
+            assert kept == "from-an-earlier-build"
+    users = {user_id for _, _, user_id, _, _, _ in stored_by_id(str(tmp_path / "events.db")).values()}
+    assert len(users) == 2 and "from-an-earlier-build" not in users
+
+
+
+def test_events_tracked_before_the_tab_crashes_are_sent_by_the_next_page(tmp_path, browsers, sqlite_app):
+    with scripted_collector(sqlite_app, []) as (url, _), \
+            game_page(url + "/v1.0/client.js", url, apiKey=KEY) as page:
+        devtools = browsers()
+        _, session = devtools.open(page + '?{"interval": 600}')
+        tracked = [event_id for event_id, _ in track(devtools, session, "crashed", range(3))]
+        devtools.crash_tab(session)
+        _, session = devtools.open(page)
+        assert devtools.evaluate(session, "window.leftover.map(event => event.event_id)") == tracked
+        devtools.wait(session, "Pycolytics.stats().queued === 0")
+    assert sorted(stored_by_id(str(tmp_path / "events.db"))) == sorted(tracked)
 
 # -- Keys per game ---------------------------------------------------------------------------------------
 
@@ -963,12 +1052,11 @@ api_keys = farm-key, farm-key-2
 
 
 @pytest.fixture
-def per_game(tmp_path, database):
+def per_game(tmp_path, database, make_app):
     (tmp_path / "games.ini").write_text(PER_GAME)
     config = pycolytics.load_config(str(tmp_path / "games.ini"), environ={}, overrides={"database": database})
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     yield webtest.TestApp(app)
-    app.close()
 
 
 def test_a_games_key_works_for_that_game_only(per_game, database):
@@ -1100,9 +1188,9 @@ def test_prune_deletes_old_events_only(client, database, tmp_path):
     assert [row[0] for row in stored(database, "time")] == ["2024-02-01 10:00:00.000000", "2024-03-01 10:00:00.000000"]
 
 
-def test_retention_days_prunes_in_the_running_server(settings, database):
+def test_retention_days_prunes_in_the_running_server(settings, database, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, retention_days=30))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     post(client, "/v1.0/events", [event(timestamp="2020-01-01")] * 600)
     post(client, "/v1.0/events", [event(timestamp="2020-01-01")] * 600 + [event()])
@@ -1113,7 +1201,6 @@ def test_retention_days_prunes_in_the_running_server(settings, database):
     assert count(database) == 1
     assert app.writer.pruned == 1200
     assert "pycolytics_events_pruned_total 1200" in client.get("/metrics").text
-    app.close()
 
 
 def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database, sqlite_only, tmp_path):
@@ -1143,13 +1230,12 @@ def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database,
 
 
 @pytest.fixture
-def reading(settings, database):
+def reading(settings, database, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     seed_recent(client)
     yield client
-    app.close()
 
 
 def seed_recent(client):
@@ -1369,15 +1455,14 @@ def oracle_funnel(rows, since, until, steps, application=None):
 
 
 @pytest.fixture
-def reports(settings, database):
+def reports(settings, database, make_app):
     """A client with a read key, over the generated history; yields (client, the history)."""
     config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     rows = history()
     post_history(client, rows)
     yield client, rows
-    app.close()
 
 
 def day_text(days_ago):
@@ -1501,15 +1586,14 @@ def test_sqlite_and_postgresql_give_the_same_report(tmp_path, postgres_url):
     assert answers[0] == answers[1] and answers[0][0]["totals"]["events"] > 100
 
 
-def test_a_report_of_a_database_made_by_the_original(config, database, sqlite_only):
+def test_a_report_of_a_database_made_by_the_original(config, database, sqlite_only, make_app):
     with sqlite3.connect(database) as connection:
         connection.executescript(ORIGINAL_SCHEMA)
     config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
                                                            "read_keys": "reader-key"})
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     client = webtest.TestApp(app)
     answer = client.get("/v1.0/report?since=2024-04-30&until=2024-05-02", headers=READER).json
-    app.close()
     assert answer["totals"] == {"events": 1, "users": 1, "new_users": 1, "sessions": 1}
     assert answer["days"][1] == {"date": "2024-05-01", "events": 1, "users": 1, "new_users": 1, "sessions": 1}
 
@@ -1526,6 +1610,22 @@ def test_the_dashboard_shows_the_reports_figures_with_relative_links(reports):
     assert 'action="dashboard"' in page and f'href="v1.0/report?application=my-game&amp;since={since}&amp;until={until}' in page
     assert "format=csv" in page and not re.search(r'(href|action)="/', page)
     assert "(other)" in page and "tutorial_end" in page and "<th>p90</th>" in page
+
+
+def test_a_database_that_cannot_be_read_is_a_503_not_a_500(reading, database, sqlite_only):
+    os.rename(database, database + ".moved")
+    try:
+        answer = reading.get("/v1.0/report", headers=READER, status=503)
+    finally:
+        os.rename(database + ".moved", database)
+    assert "could not be read" in answer.json["detail"] and answer.headers["Retry-After"]
+
+
+def test_the_dashboard_filters_by_event_type_version_and_platform(reading):
+    page = reading.get("/dashboard?event_type=death&platform=Linux", headers=READER).text
+    assert "<b>100</b>events" in page and 'value="death"' in page and '<datalist id="versions">' in page
+    page = reading.get("/dashboard?version=1.1&platform=Windows", headers=READER).text
+    assert "<b>25</b>events" in page
 
 
 HOSTILE_QUERIES = [
@@ -1623,11 +1723,10 @@ def test_every_ranking_lumps_the_rest_as_other(reading):
 
 
 @pytest.fixture
-def limited(settings):
+def limited(settings, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, rate_limit="3/minute"))
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     yield webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "203.0.113.7"})
-    app.close()
 
 
 def test_over_the_rate_limit_a_client_gets_429_with_retry_after_and_nothing_is_stored(limited, database):
@@ -1743,7 +1842,8 @@ def test_docs_page_is_self_contained_html(client):
 def test_openapi_describes_both_endpoints_and_the_limits(client):
     document = client.get("/openapi.json").json
     assert document["openapi"].startswith("3.")
-    assert set(document["paths"]) == {"/v1.0/event", "/v1.0/events"}
+    assert set(document["paths"]) == {"/v1.0/event", "/v1.0/events", "/v1.0/report", "/v1.0/report/funnel",
+                                      "/v1.0/report/values"}
     schema = document["components"]["schemas"]["Event"]
     assert set(schema["required"]) == set(pycolytics.EVENT_FIELDS)
     assert schema["properties"]["user_id"]["maxLength"] == 255
@@ -1782,12 +1882,11 @@ INSERT INTO event VALUES ('old', 'my-game', '0.9', 'Linux', 'u', 's', '{"a": 1}'
 """
 
 
-def test_a_database_made_by_the_original_opens_and_keeps_working(config, database, sqlite_only):
+def test_a_database_made_by_the_original_opens_and_keeps_working(config, database, sqlite_only, make_app):
     with sqlite3.connect(database) as connection:
         connection.executescript(ORIGINAL_SCHEMA)
-    app = pycolytics.create_app(config)
+    app = make_app(config)
     post(webtest.TestApp(app), "/v1.0/events", [event(event_type="new")])
-    app.close()
     assert stored(database, "id, event_type, received_at IS NULL") == [(1, "old", 1), (2, "new", 0)]
     with sqlite3.connect(database) as connection:
         indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -1946,8 +2045,7 @@ def test_a_live_server_recovers_from_a_lock_timeout_with_no_traffic(impatient, d
 
 def test_a_flood_of_healthz_checks_the_database_once_a_second_at_most(client, monkeypatch):
     checks = []
-    real = pycolytics.SQLiteStore.problem if isinstance(client.app.store, pycolytics.SQLiteStore) \
-        else pycolytics.PostgresStore.problem
+    real = type(client.app.store).problem
     monkeypatch.setattr(type(client.app.store), "problem", lambda store: checks.append(1) or real(store))
     started = time.monotonic()
     for _ in range(300):
@@ -2014,7 +2112,8 @@ def test_a_database_deleted_during_a_commit_is_answered_503(client, database, sq
 
 def test_a_database_put_back_while_the_server_runs_is_opened_again(client, database, sqlite_only, tmp_path):
     post(client, "/v1.0/events", [event(user_id="before")])
-    with sqlite3.connect(database) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+    with contextlib.closing(sqlite3.connect(database)) as source, \
+            contextlib.closing(sqlite3.connect(tmp_path / "backup.db")) as copy:
         source.backup(copy)
     for suffix in ("", "-wal", "-shm"):
         os.remove(database + suffix)
@@ -2037,11 +2136,16 @@ def test_a_deleted_wal_file_loses_no_acknowledged_event(client, database, sqlite
 
 def test_a_database_put_back_beside_the_deleted_ones_wal_is_not_opened(client, database, sqlite_only, tmp_path):
     post(client, "/v1.0/event", event())
-    with sqlite3.connect(database) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+    with contextlib.closing(sqlite3.connect(database)) as source, \
+            contextlib.closing(sqlite3.connect(tmp_path / "backup.db")) as copy:
         source.backup(copy)
     os.replace(tmp_path / "backup.db", database)  # its old -wal and -shm stay
-    post(client, "/v1.0/event", event(), status=503)
+    post(client, "/v1.0/event", event(user_id="refused"), status=503)
     assert "-wal" in client.get("/healthz", status=503).json["database"]
+    client.app.close()
+    for suffix in ("-wal", "-shm"):
+        os.remove(database + suffix)
+    assert stored(database, "user_id") == [("3f2a9c1e",)]  # the backup's event, not the refused one
 
 
 def test_a_live_server_refuses_events_into_a_deleted_database_and_loses_none_it_acknowledged(tmp_path):
@@ -2141,19 +2245,16 @@ def test_an_older_database_whose_event_ids_were_unique_across_applications_is_mi
     assert sum("unique per application" in record.getMessage() for record in caplog.records) == 1
 
 
-def test_retention_pruning_logs_one_line_per_pass_with_its_count(settings, database, caplog):
+def test_retention_pruning_logs_one_line_per_pass_with_its_count(settings, database, caplog, make_app):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, retention_days=30))
-    app = pycolytics.create_app(config)
-    try:
-        post(webtest.TestApp(app), "/v1.0/events", [event(timestamp="2020-01-01")] * 700 + [event()])
-        with caplog.at_level("INFO", "pycolytics"):
-            app.writer.prune_soon()
-            deadline = time.monotonic() + 20
-            while not any("deleted" in record.getMessage() for record in caplog.records) \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
-    finally:
-        app.close()
+    app = make_app(config)
+    post(webtest.TestApp(app), "/v1.0/events", [event(timestamp="2020-01-01")] * 700 + [event()])
+    with caplog.at_level("INFO", "pycolytics"):
+        app.writer.prune_soon()
+        deadline = time.monotonic() + 20
+        while not any("deleted" in record.getMessage() for record in caplog.records) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
     lines = [record.getMessage() for record in caplog.records if "retention_days" in record.getMessage()]
     assert lines == [lines[0]] and "deleted 700 events from before" in lines[0]
     assert count(database) == 1
@@ -2961,6 +3062,21 @@ def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(sett
     assert count(database) == 1
 
 
+def test_when_slow_requests_hold_every_slot_the_oldest_makes_room_with_a_408(settings, database):
+    with serving(settings, max_connections=4, request_timeout=60) as server:
+        holders = [socket.create_connection(server.server_address, timeout=20, source_address=(f"127.0.5.{n}", 0))
+                   for n in range(4)]
+        try:
+            for sock in holders:
+                sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\n")  # and never the rest
+            assert normal_client_is_served(server.server_address, timeout=20)  # not after request_timeout
+            assert b"408 Request Timeout" in read_all(holders[0])
+        finally:
+            for sock in holders:
+                sock.close()
+    assert count(database) == 1
+
+
 def test_events_waiting_for_the_database_are_bounded_in_bytes_too(settings, database, sqlite_only):
     batch = [event(value={"blob": "x" * 60_000}, user_id=str(n)) for n in range(2)]
     compressed = gzip.compress(body(batch))  # a kilobyte on the wire, 120 kB of values once read
@@ -3578,42 +3694,39 @@ def links(response):
     return found
 
 
-def test_every_page_and_link_resolves_under_a_wsgi_mount(tmp_path, monkeypatch):
+def test_every_page_and_link_resolves_under_a_wsgi_mount(tmp_path, monkeypatch, make_app):
     from urllib.parse import urljoin, urlsplit
 
     monkeypatch.chdir(tmp_path)
     config = pycolytics.load_config(environ={}, overrides={"database": "events.db", "api_keys": KEY,
                                                            "read_keys": "reader-key", "quiet": "yes"})
-    app = pycolytics.create_app(config)
-    try:
-        client = webtest.TestApp(mounted("/analytics", app))
-        client.authorization = ("Basic", ("viewer", "reader-key"))
-        seen, waiting = set(), ["http://localhost:80/analytics", "http://localhost:80/analytics/"]
-        while waiting:
-            assert len(seen) < 50, seen  # the pages name a handful of addresses, not an endless chain
-            url = waiting.pop()
-            if url in seen:
-                continue
-            seen.add(url)
-            parts = urlsplit(url)
-            assert (parts.netloc, parts.path.startswith("/analytics")) == ("localhost:80", True), url
-            if parts.path in ("/analytics/v1.0/event", "/analytics/v1.0/events"):
-                payload = [event()] if parts.path.endswith("/events") else event()
-                response = client.post(parts.path, body(payload), status="*")
-                assert response.status_int == 204, (url, response.text)
-                continue
-            response = client.get(parts.path + ("?" + parts.query if parts.query else ""), status="*")
-            if parts.path.startswith("/analytics/v1.0/report/") and not parts.query:
-                assert response.status_int == 400 and response.json["detail"], url  # it needs its steps or field
-                continue
-            assert response.status_int == 200, (url, response.text[:200])
-            if not response.content_type.startswith(("text/html", "application/json")):
-                continue  # the CSV download
-            waiting += [urljoin(url, link) for link in links(response)]
-            if "<form" in response.text:
-                waiting.append(urljoin(url, re.search(r'action="([^"]*)"', response.text).group(1)) + "?application=my-game")
-    finally:
-        app.close()
+    app = make_app(config)
+    client = webtest.TestApp(mounted("/analytics", app))
+    client.authorization = ("Basic", ("viewer", "reader-key"))
+    seen, waiting = set(), ["http://localhost:80/analytics", "http://localhost:80/analytics/"]
+    while waiting:
+        assert len(seen) < 50, seen  # the pages name a handful of addresses, not an endless chain
+        url = waiting.pop()
+        if url in seen:
+            continue
+        seen.add(url)
+        parts = urlsplit(url)
+        assert (parts.netloc, parts.path.startswith("/analytics")) == ("localhost:80", True), url
+        if parts.path in ("/analytics/v1.0/event", "/analytics/v1.0/events"):
+            payload = [event()] if parts.path.endswith("/events") else event()
+            response = client.post(parts.path, body(payload), status="*")
+            assert response.status_int == 204, (url, response.text)
+            continue
+        response = client.get(parts.path + ("?" + parts.query if parts.query else ""), status="*")
+        if parts.path.startswith("/analytics/v1.0/report/") and not parts.query:
+            assert response.status_int == 400 and response.json["detail"], url  # it needs its steps or field
+            continue
+        assert response.status_int == 200, (url, response.text[:200])
+        if not response.content_type.startswith(("text/html", "application/json")):
+            continue  # the CSV download
+        waiting += [urljoin(url, link) for link in links(response)]
+        if "<form" in response.text:
+            waiting.append(urljoin(url, re.search(r'action="([^"]*)"', response.text).group(1)) + "?application=my-game")
     assert {urlsplit(url).path for url in seen} >= {
         "/analytics", "/analytics/", "/analytics/docs", "/analytics/openapi.json", "/analytics/dashboard",
         "/analytics/v1.0/event", "/analytics/v1.0/events"}
