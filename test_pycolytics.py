@@ -3650,6 +3650,30 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_the_server_keeps_serving(t
     assert count(database) == 400
 
 
+def test_the_workers_commit_lock_excludes_and_is_released_when_its_holder_is_killed():
+    import fcntl
+
+    lock = pycolytics.CommitLock()
+    taken, done = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        with lock:
+            os.write(done, b"x")
+            time.sleep(60)  # killed long before this ends
+        os._exit(0)
+    try:
+        assert os.read(taken, 1) == b"x"
+        with pytest.raises(OSError):  # held by the other process: no second commit meanwhile
+            fcntl.lockf(lock._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    taker = threading.Thread(target=lock.__enter__, daemon=True)
+    taker.start()
+    taker.join(10)
+    assert not taker.is_alive()  # the kernel let go of the dead holder's lock
+
+
 def test_workers_that_keep_dying_are_replaced_at_most_5_times_a_minute(two_workers):
     process, address, database, log_lines = two_workers
     for _ in range(pycolytics.WORKER_RESTARTS_PER_MINUTE):
