@@ -3567,7 +3567,13 @@ def test_any_body_gets_a_4xx_or_204_and_never_a_server_error(shared, raw):
 
 @pytest.fixture
 def api_schema(app):
-    return schemathesis.openapi.from_wsgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
+    # A body over max_body_bytes is answered 413 (documented in the OpenAPI responses) before its
+    # events are read, whether or not they match the schema: a generated batch can be both over
+    # maxItems and over 1 MiB. Both checks get 413 added to their own defaults, nothing else.
+    for check in (schema.config.checks.negative_data_rejection, schema.config.checks.positive_data_acceptance):
+        check.expected_statuses = check.expected_statuses + ["413"]
+    return schema
 
 
 fuzzed = schemathesis.pytest.from_fixture("api_schema")
@@ -4212,3 +4218,239 @@ def test_behind_haproxy_a_stopped_collector_costs_only_its_requests_in_flight(tm
     assert all(answer[0] < lost for answer in failed) and len(failed) <= 2 * len(load.threads)
     assert all(answer[3] == 204 for answer in load.answers if answer[0] > lost)
     assert load.acknowledged() <= {row[0] for row in stored(postgres_url, "user_id")}
+
+
+# -- Promises at their exact edges (mutation-tested) -------------------------------------------------
+# bench/mutate.py puts one small bug at a time into the code that carries a promise and runs the
+# tests that map to it; the tests here kill mutants the others let live, so each asserts the exact
+# value where the promise is exact. Fast on purpose: they run once per mutant.
+
+
+@pytest.mark.parametrize("synchronous, in_force", [("off", 0), ("normal", 1), ("full", 2), ("extra", 3)])
+def test_the_running_writer_commits_with_the_synchronous_setting_in_force(settings, sqlite_only, synchronous, in_force):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, synchronous=synchronous)))
+    try:
+        post(webtest.TestApp(app), "/v1.0/event", event())
+        # the writer's own connection, the one that commits every event, not a new one made here
+        assert app.writer._connection.execute("PRAGMA synchronous").fetchone()[0] == in_force
+    finally:
+        app.close()
+
+
+def writer_row(user_id):
+    moment = "2024-05-01 12:00:00.000000"
+    return ("level_started", "my-game", "1.0", "Linux", user_id, "s1", "{}", moment, moment, None)
+
+
+def test_a_full_writer_queue_refuses_exactly_past_max_pending_events_and_stores_nothing_refused(settings, database):
+    writer = pycolytics.Writer(pycolytics.load_config(environ={}, overrides=dict(settings, max_pending_events=5)))
+    outcomes = []
+    writer.submit([writer_row("a1"), writer_row("a2"), writer_row("a3")], outcomes.append)  # not started: it queues
+    with pytest.raises(pycolytics.ServiceUnavailable) as refused:
+        writer.submit([writer_row("b1"), writer_row("b2"), writer_row("b3")], outcomes.append)
+    assert dict(refused.value.headers)["Retry-After"] == "1" and "busy" in refused.value.detail
+    writer.submit([writer_row("c1"), writer_row("c2")], outcomes.append)  # exactly max_pending_events queued
+    with pytest.raises(pycolytics.ServiceUnavailable):
+        writer.submit([writer_row("d1")], outcomes.append)
+    writer.start()
+    writer.close()
+    assert outcomes == [None, None]
+    assert [row[0] for row in stored(database, "user_id")] == ["a1", "a2", "a3", "c1", "c2"]
+    with pytest.raises(pycolytics.ServiceUnavailable) as closed:
+        writer.submit([writer_row("e1")], outcomes.append)
+    assert dict(closed.value.headers)["Retry-After"] == "5"
+
+
+def test_one_batch_larger_than_max_pending_events_is_still_taken_by_an_idle_writer(settings, database):
+    writer = pycolytics.Writer(pycolytics.load_config(environ={}, overrides=dict(settings, max_pending_events=2)))
+    outcomes = []
+    writer.submit([writer_row("a1"), writer_row("a2"), writer_row("a3")], outcomes.append)
+    writer.start()
+    writer.close()
+    assert outcomes == [None] and count(database) == 3
+
+
+def test_a_database_failure_answers_503_with_retry_after_5_and_stores_nothing(tmp_path, settings, sqlite_only):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, database=str(tmp_path / "events.db")))
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    try:
+        post(client, "/v1.0/event", event())
+        with sqlite3.connect(config.database) as connection:
+            connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event BEGIN SELECT RAISE(ABORT, 'full'); END")
+        response = post(client, "/v1.0/events", [event(), event()], status=503)
+        assert response.headers["Retry-After"] == "5"
+        assert client.get("/healthz", status=503)
+    finally:
+        app.close()
+    assert count(config.database) == 1
+
+
+@pytest.mark.parametrize("limit, now, wait", [
+    ((3, 60), 135.5, 45), ((3, 60), 179.2, 1), ((3, 60), 120.0, 60), ((2, 1), 10.25, 1), ((1, 3600), 18001.5, 3599),
+])
+def test_retry_after_is_exactly_the_whole_seconds_to_the_next_window(limit, now, wait):
+    limiter = pycolytics.RateLimiter(limit)
+    for _ in range(limit[0]):
+        limiter.check("203.0.113.7", now)  # exactly the limit: every one taken
+    with pytest.raises(pycolytics.TooManyRequests) as refused:
+        limiter.check("203.0.113.7", now)
+    assert dict(refused.value.headers)["Retry-After"] == str(wait)
+    assert f"send again in {wait} s" in refused.value.detail
+    limiter.check("203.0.113.7", now + wait)  # and then it is the next window
+
+
+def test_a_429_answers_the_retry_after_its_detail_states(limited, database):
+    for _ in range(3):
+        post(limited, "/v1.0/event", event())
+    response = post(limited, "/v1.0/event", event(), status=429)
+    assert f"send again in {response.headers['Retry-After']} s" in response.json["detail"]
+    assert response.headers["Access-Control-Expose-Headers"] == "Retry-After"
+    assert count(database) == 3
+
+
+def test_sigterm_answers_exactly_what_it_committed(tmp_path):
+    process, address, path, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
+    answered, stop = [], threading.Event()
+
+    def client(n):
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            try:
+                connection = http.client.HTTPConnection(*address, timeout=30)
+                connection.request("POST", "/v1.0/events",
+                                   body([event(user_id=f"{n}-{i}-{k}", api_key=pycolytics.DEV_KEY) for k in range(3)]))
+                status = connection.getresponse().status
+                connection.close()
+            except OSError:  # refused or closed before an answer: nothing was acknowledged
+                return
+            answered.append(status)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert answered.count(204) > 0
+    # every committed batch was answered 204 before the process ended: not one more, not one less
+    assert count(path) == 3 * answered.count(204)
+
+
+def users_exported(tmp_path, database, *options):
+    result = run_cli(tmp_path, "--database", database, "export", "--format", "jsonl", *options)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line)["user_id"] for line in result.stdout.splitlines()]
+
+
+def test_export_until_is_exclusive_so_months_split_every_event_once(client, database, tmp_path):
+    post(client, "/v1.0/events", [
+        event(user_id="last-of-january", timestamp="2024-01-31T23:59:59.999999Z"),
+        event(user_id="date-alone", timestamp="2024-02-01"),
+        event(user_id="midnight", timestamp="2024-02-01T00:00:00Z"),
+        event(user_id="end-of-february", timestamp="2024-02-29T23:59:59Z"),
+        event(user_id="march", timestamp="2024-03-01"),
+    ])
+    # a date alone is stored at midnight exactly, so it sits on the boundary of a monthly export
+    assert stored(database, "user_id, time")[1] == ("date-alone", "2024-02-01 00:00:00.000000")
+    assert users_exported(tmp_path, database, "--until", "2024-02-01") == ["last-of-january"]
+    february = users_exported(tmp_path, database, "--since", "2024-02-01", "--until", "2024-03-01")
+    assert february == ["date-alone", "midnight", "end-of-february"]
+    # Unix seconds name the same instant: 1706745600 is 2024-02-01T00:00:00Z
+    assert users_exported(tmp_path, database, "--since", "1706745600", "--until", "1709251200") == february
+
+
+def test_prune_before_deletes_only_what_is_strictly_earlier(client, database, tmp_path):
+    post(client, "/v1.0/events", [event(user_id="old", timestamp="2024-01-31T23:59:59.999999Z"),
+                                  event(user_id="boundary", timestamp="2024-02-01")])
+    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-02-01", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert stored(database, "user_id") == [("boundary",)]
+
+
+def test_export_csv_makes_only_formula_starts_inert(client, database, tmp_path):
+    post(client, "/v1.0/events", [event(user_id=text) for text in ("=1+1", "+1", "-1", "@x", "a=b", "1-2")])
+    result = run_cli(tmp_path, "--database", database, "export")
+    assert result.returncode == 0, result.stderr
+    assert [row["user_id"] for row in csv.DictReader(io.StringIO(result.stdout))] == [
+        "'=1+1", "'+1", "'-1", "'@x", "a=b", "1-2"]
+
+
+# Each rendered name holds markup and a quote (the value field may not: a & instead), short enough
+# that no ranking shortens it.
+HOSTILE = {"application": '<i>app"</i>', "event_type": '<i>type"</i>', "version": '<i>ver"</i>',
+           "platform": '<i>os"</i>', "user_id": '<i>user"</i>', "value": '<i>val"</i>', "field": '<i>f&</i>'}
+
+
+@pytest.fixture
+def hostile_dashboard(settings, database):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key")))
+    client = webtest.TestApp(app)
+    names = {name: HOSTILE[name] for name in ("application", "event_type", "version", "platform", "user_id")}
+    post(client, "/v1.0/events", [event(**names, value={HOSTILE["field"]: HOSTILE["value"]}),
+                                  event(event_type="plain", value={HOSTILE["field"]: 7})])
+    query = urllib.parse.urlencode({"application": HOSTILE["application"], "of": HOSTILE["event_type"],
+                                    "field": HOSTILE["field"], "steps": HOSTILE["event_type"] + ",plain"})
+    page = client.get("/dashboard?" + query, headers=basic("reader-key")).text
+    yield page
+    app.close()
+
+
+@pytest.mark.parametrize("field", sorted(HOSTILE))
+def test_the_dashboard_escapes_every_rendered_field(hostile_dashboard, field):
+    name = HOSTILE[field]
+    if field != "user_id":  # users are counted, never named
+        assert html.escape(name, quote=True) in hostile_dashboard
+    assert name not in hostile_dashboard and "<i>" not in hostile_dashboard
+
+
+def live_post(server, payload, path="/v1.0/events"):
+    """(status, detail or None) of one request over a real socket."""
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    answer = exchange(server, head.encode() + payload)
+    status = int(answer.split(b" ", 2)[1])
+    text = answer.split(b"\r\n\r\n", 1)[1]
+    return status, json.loads(text)["detail"] if text else None
+
+
+def spaced(document, size):
+    """`document` as JSON followed by spaces: exactly `size` bytes."""
+    text = body(document)
+    assert len(text) <= size
+    return text + b" " * (size - len(text))
+
+
+def short_event(**changes):
+    return event(**dict(dict(event_type="start", application="game", version="1.0", user_id="u1"), **changes))
+
+
+LIVE_LIMITS = [
+    # (setting, its value, a body at the limit, the body one past it, status, words)
+    ("max_body_bytes", 600, spaced([event()], 600), spaced([event()], 601), 413, "at most 600"),
+    ("max_batch_events", 3, body([event()] * 3), body([event()] * 4), 422, "at most 3 events and this one has 4"),
+    ("max_string_length", 6, body([short_event(platform="x" * 6)]), body([short_event(platform="x" * 7)]), 422,
+     "'platform' is longer than 6 characters"),
+    ("max_value_depth", 4, body([event(value={"a": [[[]]]})]), body([event(value={"a": [[[[]]]]})]), 422,
+     "more than 4 deep"),
+    ("max_value_bytes", 20, body([event(value={"a": "x" * 12})]), body([event(value={"a": "x" * 13})]), 422,
+     "21 bytes as JSON; at most 20"),
+]
+
+
+@pytest.mark.parametrize("setting, limit, at_limit, past_limit, status, words", LIVE_LIMITS,
+                         ids=[case[0] for case in LIVE_LIMITS])
+def test_a_live_server_stores_a_body_at_each_limit_and_refuses_one_past_it(settings, database, tmp_path, monkeypatch,
+                                                                           setting, limit, at_limit, past_limit,
+                                                                           status, words):
+    monkeypatch.chdir(tmp_path)
+    with serving(settings, **{setting: limit}) as server:
+        assert live_post(server, at_limit) == (204, None)
+        stored_at_limit = count(database)
+        assert stored_at_limit >= 1
+        refused, detail = live_post(server, past_limit)
+    assert refused == status and words in json.dumps(detail)
+    assert count(database) == stored_at_limit
