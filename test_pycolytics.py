@@ -4454,3 +4454,13 @@ def test_a_live_server_stores_a_body_at_each_limit_and_refuses_one_past_it(setti
         refused, detail = live_post(server, past_limit)
     assert refused == status and words in json.dumps(detail)
     assert count(database) == stored_at_limit
+
+
+def test_the_dashboards_funnel_gives_each_steps_share_of_the_first(reading):
+    today = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    steps = [("u1", "tutorial_start", 3), ("u1", "tutorial_end", 2), ("u2", "tutorial_start", 3),
+             ("u3", "tutorial_start", 3), ("u4", "tutorial_start", 3)]
+    post(reading, "/v1.0/events", [event(user_id=user, event_type=kind, timestamp=(today - datetime.timedelta(
+        minutes=minutes)).isoformat()) for user, kind, minutes in steps])
+    page = reading.get("/dashboard?steps=tutorial_start,tutorial_end", headers=basic("reader-key")).text
+    assert "4 (100%)</text>" in page and "1 (25%)</text>" in page

@@ -75,7 +75,7 @@ GROUPS = {
     "dashboard": (
         ["_escape", "_dashboard_html", "_options", "_ranking_svg", "_legend", "_retention_table",
          "_funnel_section", "_values_section", "Dashboard.authorize"],
-        f"dashboard and {SQLITE} and not real_browser and not nginx and not mount",
+        f"(dashboard or read_key) and {SQLITE} and not real_browser and not nginx and not mount",
     ),
     "retry": (
         ["_retry_after", "RateLimiter.check"],
@@ -211,7 +211,9 @@ def mutants(source, group_names, cap, seed):
             picks = sorted(random.Random(f"{seed}:{name}").sample(range(len(found)), min(cap, len(found))))
             for pick in picks:
                 site = found[pick]
-                before = ast.unparse(site[0]).splitlines()[0][:70]
+                node, kind, detail = site
+                changed = getattr(node, detail[0])[detail[1]] if kind == "delete" else node
+                before = ast.unparse(changed).splitlines()[0][:70]
                 description, undo = mutate(tree, function, site)
                 # The key names the function, the change and the code it changed, not a line
                 # number: other work moves lines, and a survivor's verdict must follow it.
@@ -221,44 +223,112 @@ def mutants(source, group_names, cap, seed):
     return chosen
 
 
-def run_one(workdir, mutated, selection, timeout):
-    """True if the tests fail (or hang) against `mutated`: the mutant is killed."""
+def run_one(workdir, mutated, items, timeout):
+    """(killed, the test that failed) for `mutated` against `items`; a hang counts as killed."""
+    from _pytest.runner import runtestprotocol  # pytest-forked runs items the same way
+
     with open(os.path.join(workdir, "pycolytics.py"), "w", encoding="utf-8") as file:
         file.write(mutated)
+    reading, writing = os.pipe()
     child = os.fork()
     if child == 0:
         status = 3
         try:
+            os.close(reading)
             os.setpgid(0, 0)
-            import pytest  # imported by the parent already: free here
-            import pycolytics
+            import pycolytics  # the module the tests hold: its contents become the mutant's
             for name in [name for name in pycolytics.__dict__ if not name.startswith("__")]:
                 del pycolytics.__dict__[name]
             exec(compile(mutated, pycolytics.__file__, "exec"), pycolytics.__dict__)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            status = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-k", selection,
-                                  os.path.join(workdir, "test_pycolytics.py")])
+            status = 0
+            for item in items:
+                if any(report.failed for report in runtestprotocol(item, log=False, nextitem=None)):
+                    os.write(writing, item.nodeid.encode())
+                    status = 1
+                    break
         except BaseException:
             status = 3
         finally:
-            os._exit(int(status))
+            os._exit(status)
+    os.close(writing)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(child, os.WNOHANG)
-        if done:
-            code = os.waitstatus_to_exitcode(status)
-            if code == 5:  # no test selected: a mapping mistake, not a verdict
-                raise SystemExit(f"no test matches -k {selection!r}")
-            return code != 0
-        time.sleep(0.05)
     try:
-        os.killpg(child, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    os.waitpid(child, 0)
-    return True
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(child, os.WNOHANG)
+            if done:
+                killer = os.read(reading, 4096).decode()
+                return os.waitstatus_to_exitcode(status) != 0, killer or "(the mutated module does not load)"
+            time.sleep(0.02)
+        try:
+            os.killpg(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(child, 0)
+        return True, "(timeout)"
+    finally:
+        os.close(reading)
+
+
+class Runner:
+    """A pytest plugin: the tests are collected once, then each mutant runs its group's items in a fork."""
+
+    def __init__(self, arguments, source, chosen, verdicts, workdir):
+        self.arguments, self.source, self.chosen, self.verdicts, self.workdir = (
+            arguments, source, chosen, verdicts, workdir)
+
+    def pytest_runtestloop(self, session):
+        from _pytest.mark.expression import Expression
+        from _pytest.mark import KeywordMatcher
+
+        arguments = self.arguments
+        groups = arguments.group or list(GROUPS)
+        selected = {}
+        for group in groups:
+            expression = Expression.compile(GROUPS[group][1])
+            selected[group] = [item for item in session.items
+                               if expression.evaluate(KeywordMatcher.from_item(item))]
+            if not selected[group]:
+                raise SystemExit(f"no test matches group {group}: -k {GROUPS[group][1]!r}")
+        started = time.monotonic()
+        # The unmutated code must pass each group's selection, or every verdict would be void.
+        budget = {}
+        for group in groups:
+            began = time.monotonic()
+            failed, test = run_one(self.workdir, self.source, selected[group], arguments.timeout)
+            # A mutant may take twice what the real code took, and 10 s more, before it counts as hung.
+            budget[group] = min(arguments.timeout, 2 * (time.monotonic() - began) + 10)
+            if failed:
+                raise SystemExit(f"the tests of group {group} fail on the unmutated code: {test}")
+            print(f"group {group}: its {len(selected[group])} tests pass on the unmutated code"
+                  f" ({time.monotonic() - started:.0f} s)", flush=True)
+        results, survivors, killers = {}, [], {}
+        for number, (group, name, key, description, mutated) in enumerate(self.chosen, 1):
+            # The test that killed this function's last mutant goes first: it often kills the next.
+            first = killers.get(name)
+            items = sorted(selected[group], key=lambda item: item.nodeid != first)
+            killed, test = run_one(self.workdir, mutated, items, budget[group])
+            if killed and test.startswith(os.path.basename("test_pycolytics.py")):
+                killers[name] = test
+            results.setdefault(group, []).append(killed)
+            if not killed or self.verdicts.get(key, "").startswith("killed by"):
+                survivors.append((group, key, description))
+            print(f"[{number}/{len(self.chosen)}] {'killed  ' if killed else 'SURVIVED'} {group}: {description}"
+                  f" ({name}){' by ' + test if killed else ''}", flush=True)
+        equivalent = sum(1 for _, key, _ in survivors if self.verdicts.get(key, "").startswith("equivalent"))
+        total = sum(len(outcomes) for outcomes in results.values())
+        killed = sum(sum(outcomes) for outcomes in results.values())
+        lines = [f"{group}: {sum(outcomes)} / {len(outcomes)} killed" for group, outcomes in results.items()]
+        share = 100 * killed / max(1, total - equivalent)
+        figures = (f"{killed} of {total} mutants killed, {equivalent} equivalent: {share:.1f} % of the"
+                   f" non-equivalent ones killed, in {time.monotonic() - started:.0f} s"
+                   f" (--max {arguments.max} --seed {arguments.seed})")
+        print("\n".join(lines + [figures]), flush=True)
+        write_survivors(arguments.survivors, survivors, self.verdicts,
+                        "\n".join(f"- {line}" for line in lines + [figures]))
+        return True
 
 
 def read_verdicts(path):
@@ -288,7 +358,7 @@ def main(argv=None):
     parser.add_argument("--group", action="append", choices=sorted(GROUPS), help="only these groups")
     parser.add_argument("--max", type=int, default=12, help="mutants per function at most (default 12)")
     parser.add_argument("--seed", default="pycolytics", help="seed of the sampling (default pycolytics)")
-    parser.add_argument("--timeout", type=float, default=120, help="seconds per mutant (default 120)")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds per mutant at most (default 120; else twice what the real code's tests take, +10 s)")
     parser.add_argument("--survivors", default=os.path.join(HERE, "mutation-survivors.md"))
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     arguments = parser.parse_args(argv)
@@ -302,40 +372,22 @@ def main(argv=None):
         print(f"{len(chosen)} mutants")
         return 0
     verdicts = read_verdicts(arguments.survivors)
-    workdir = tempfile.mkdtemp(prefix="pycolytics-mutants-")
+    # On tmpfs when there is one: every test database commits with fsync, which a busy disk makes slow.
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    workdir = tempfile.mkdtemp(prefix="pycolytics-mutants-", dir=shm)
     try:
         for name in COPIED:
             shutil.copy(os.path.join(ROOT, name), workdir)
-        sys.path.insert(0, workdir)
         os.chdir(workdir)
-        import pytest  # noqa: F401  (loaded once, then shared by every forked child)
-        import test_pycolytics  # noqa: F401
-        started = time.monotonic()
-        # The unmutated code must pass each group's selection, or every verdict would be void.
-        for group in groups:
-            if run_one(workdir, source, GROUPS[group][1], arguments.timeout):
-                raise SystemExit(f"the tests of group {group} fail on the unmutated code")
-            print(f"group {group}: its tests pass on the unmutated code ({time.monotonic() - started:.0f} s)", flush=True)
-        results, survivors = {}, []
-        for number, (group, name, key, description, mutated) in enumerate(chosen, 1):
-            killed = run_one(workdir, mutated, GROUPS[group][1], arguments.timeout)
-            results.setdefault(group, []).append(killed)
-            if not killed or verdicts.get(key, "").startswith("killed by"):
-                survivors.append((group, key, description))
-            print(f"[{number}/{len(chosen)}] {'killed  ' if killed else 'SURVIVED'} {group}: {description} ({name})",
-                  flush=True)
+        sys.path.insert(0, workdir)
+        import pytest
+
+        runner = Runner(arguments, source, chosen, verdicts, workdir)
+        status = pytest.main(["-q", "-s", "-p", "no:cacheprovider", "--basetemp", os.path.join(workdir, "tmp"),
+                              "test_pycolytics.py"], plugins=[runner])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    equivalent = sum(1 for _, key, _ in survivors if verdicts.get(key, "").startswith("equivalent"))
-    total = sum(len(outcomes) for outcomes in results.values())
-    killed = sum(sum(outcomes) for outcomes in results.values())
-    lines = [f"{group}: {sum(outcomes)} / {len(outcomes)} killed" for group, outcomes in results.items()]
-    share = 100 * killed / max(1, total - equivalent)
-    figures = (f"{killed} of {total} mutants killed, {equivalent} equivalent: {share:.1f} % of the non-equivalent"
-               f" ones killed, in {time.monotonic() - started:.0f} s (--max {arguments.max} --seed {arguments.seed})")
-    print("\n".join(lines + [figures]))
-    write_survivors(arguments.survivors, survivors, verdicts, "\n".join(f"- {line}" for line in lines + [figures]))
-    return 0
+    return 0 if status in (0, 5) else status
 
 
 if __name__ == "__main__":
