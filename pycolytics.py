@@ -47,8 +47,9 @@ import time
 from wsgiref.handlers import format_date_time
 from wsgiref.util import is_hop_by_hop
 
-# hmac.compare_digest is this function, but importing hmac loads OpenSSL: 3.5 MB of memory
-# (a fifth of the idle footprint) for one comparison.
+# The constant-time comparison behind hmac.compare_digest when Python has no OpenSSL (with
+# OpenSSL, hmac uses _hashlib's, which is just as constant-time); importing hmac loads OpenSSL:
+# 3.5 MB of memory (a fifth of the idle footprint) for one comparison.
 from _operator import _compare_digest as compare_digest
 
 log = logging.getLogger("pycolytics")
@@ -79,12 +80,16 @@ MAX_TRACKED_CLIENTS = 50_000
 # the write lock cannot be had within HEALTH_TIMEOUT seconds.
 MIN_FREE_DISK = 16 * 2**20
 HEALTH_TIMEOUT = 2
+# A /healthz answer may be this old, so a flood of them costs the database nothing; after a
+# failed write, the writer tries a small one this often, so health recovers with no traffic.
+HEALTH_CACHE_SECONDS = 1
+HEALTH_PROBE_SECONDS = 3
 
 # Characters in a client-made event_id at most: room for a UUID, a ULID or a hash.
 MAX_EVENT_ID = 100
 
-# Digits in one integer of a request body at most. Python 3.11+ refuses to convert longer
-# ones (a quadratic-time conversion); older Pythons would spend seconds on one number.
+# Digits in one integer of a request body at most: converting one is quadratic in its length,
+# and the interpreter's own limit (sys.get_int_max_str_digits) is this number unless changed.
 MAX_INTEGER_DIGITS = 4300
 
 # What an [app:NAME] section may set, for that application's events only.
@@ -365,7 +370,8 @@ SETTINGS = (
     Setting("max_header_field", "8190", _count, "bytes in one header field (431)"),
     Setting("max_head_bytes", "65536", _count, "bytes in a whole request head (431)"),
     Setting("max_body_bytes", "1048576", _count, "bytes in one request body (413)"),
-    Setting("max_buffered_bytes", "33554432", _count, "bytes of request bodies held at once, all together (503)"),
+    Setting("max_buffered_bytes", "33554432", _count,
+            "bytes of request bodies held at once, and of values waiting for the database (503)"),
     Setting("max_batch_events", "1000", _count, "events in one batch (422)"),
     Setting("max_string_length", "255", _count, "characters in each string field of an event (422)"),
     Setting("max_value_bytes", "65536", _count, "bytes of one event's value as compact JSON (422)"),
@@ -541,28 +547,28 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
 # Validation: from request bytes to rows
 ###############################################################################
 
-# A JSON string, or a bare nan/inf outside strings: what Godot's JSON.stringify writes for
-# non-finite floats. Used only when a body fails to parse, to accept exactly Godot's quirks.
-_GODOT_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?\b(?:nan|inf)\b', re.S)
-_STRING_ESCAPE = re.compile(r"\\(.)", re.S)
+# Stand-ins for an escaped backslash and an escaped quote while a body's strings are told
+# apart from the rest: lone surrogates, which no text decoded from UTF-8 can hold.
+_ESCAPED_BACKSLASH, _ESCAPED_QUOTE = "\ud800", "\ud801"
 # An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not
 # valid Unicode (a lone surrogate). Bodies without one skip the per-string check.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _MISSING = object()
 
 
-def _compact_encoder():
-    """A function writing compact JSON (no spaces, Unicode as is, no NaN) through the C encoder.
+def _compact_encoder(allow_nan=False):
+    """A function writing compact JSON (no spaces, Unicode as is) through the C encoder.
 
     json.dumps() builds a new C encoder at every call, which costs more than encoding a
     typical event's value; this one is built once. Values come from json.loads, so they
     hold no cycles and need no cycle check (markers=None).
     """
-    options = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    options = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=allow_nan)
     make_encoder = getattr(json.encoder, "c_make_encoder", None)
     if make_encoder is None:  # a Python without the C accelerator
         return options.encode
-    encode = make_encoder(None, options.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    encode = make_encoder(None, options.default, json.encoder.encode_basestring, None, ":", ",", False, False,
+                          allow_nan)
 
     def compact_json(value):
         return "".join(encode(value, 0))
@@ -571,18 +577,32 @@ def _compact_encoder():
 
 
 _compact_json = _compact_encoder()
+_json_with_non_finite = _compact_encoder(allow_nan=True)  # NaN, Infinity: for a value about to be mended
 
 
-def _godot_string(match):
-    # Godot escapes a vertical tab as \v, which JSON lacks.
-    return "\\u000b" if match.group(1) == "v" else match.group(0)
+def _mend_godot(text):
+    """`text` with Godot's JSON quirks made JSON: bare nan, inf and -inf (its non-finite
+    floats) as null, and \\v in strings as \\u000b.
 
-
-def _godot_token(match):
-    token = match.group(0)
-    if token[0] != '"':
-        return "null"
-    return _STRING_ESCAPE.sub(_godot_string, token) if "\\v" in token else token
+    A few passes of C string methods, each linear: no regular expression over the strings, so
+    nothing can backtrack. Replacing escaped backslashes first, left to right, pairs up every
+    run of them, so each backslash left starts an escape; once escaped quotes are replaced too,
+    every quote opens or closes a string. In a text that is not JSON the pairing may be wrong,
+    but quotes and backslashes stay where they were, so the mended text is not JSON either.
+    """
+    text = text.replace("\\\\", _ESCAPED_BACKSLASH)
+    if "\\v" in text:  # Godot escapes a vertical tab as \v, which JSON lacks
+        text = text.replace("\\v", "\\u000b")
+    if "nan" in text or "inf" in text:
+        pieces = text.replace('\\"', _ESCAPED_QUOTE).split('"')
+        # Even pieces lie outside strings, where no JSON word holds nan or inf: replacing them
+        # where they are part of a longer word leaves that word as wrong as it was.
+        outside = '"'.join(pieces[::2])
+        for word in ("-nan", "-inf", "nan", "inf"):
+            outside = outside.replace(word, "null")
+        pieces[::2] = outside.split('"')
+        text = '"'.join(pieces).replace(_ESCAPED_QUOTE, '\\"')
+    return text.replace(_ESCAPED_BACKSLASH, "\\\\")
 
 
 def _non_finite_to_null(name):
@@ -595,9 +615,13 @@ def _bounded_int(digits):
     return int(digits)
 
 
-# Python 3.11 and newer refuse to convert longer integers by themselves, in C; older ones
-# would spend seconds on one huge number, so there every integer's length is checked first.
-_PARSE_INT = None if sys.version_info >= (3, 11) else _bounded_int
+# Python 3.9.14+, 3.10.7+ and 3.11+ refuse to convert integers of over 4300 digits (a quadratic
+# conversion) by themselves, in C: sys.get_int_max_str_digits(). Elsewhere, or where that limit
+# is lifted (PYTHONINTMAXSTRDIGITS=0), every integer's length is checked first, in Python,
+# which doubles the parse time of a body full of numbers.
+_C_INT_DIGITS = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+_PARSE_INT = None if 0 < _C_INT_DIGITS <= MAX_INTEGER_DIGITS else _bounded_int
+_INT_DIGITS = _C_INT_DIGITS if _PARSE_INT is None else MAX_INTEGER_DIGITS  # the limit in force
 
 
 def parse_json(body):
@@ -611,34 +635,43 @@ def parse_json(body):
     if text[0] == "\ufeff":
         text = text[1:]
     try:
-        return json.loads(text, parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
+        return _loads(text, strict=True)
     except json.JSONDecodeError as error:
         first_error = error
-    except RecursionError:
-        raise BadRequest("the request body nests arrays or objects too deeply") from None
-    except ValueError as error:  # an integer too long to convert
-        raise BadRequest(f"the request body holds an integer of over {MAX_INTEGER_DIGITS} digits") from None
+    # Godot's JSON: its quirks mended, and control characters other than \b\f\n\r\t\v raw in strings.
     try:
-        return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
-    except (ValueError, RecursionError):
-        error = first_error
-        message = re.sub(r" at$", "", error.msg)  # json's "Invalid control character at" says "at" itself
-        raise BadRequest(
-            f"the request body is not valid JSON: {message} at line {error.lineno} column {error.colno}"
-        ) from None
+        return _loads(_mend_godot(text), strict=False)
+    except json.JSONDecodeError:
+        message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
+        raise BadRequest(f"the request body is not valid JSON: {message} "
+                         f"at line {first_error.lineno} column {first_error.colno}") from None
 
 
-def _json_depth(document):
-    """How deeply arrays and objects nest in `document`, without recursion."""
-    deepest, stack = 0, [(document, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
-        deepest = max(deepest, depth)
-    return deepest
+def _loads(text, strict):
+    """json.loads with non-finite numbers as None; BadRequest for what json.loads cannot convert."""
+    try:
+        return json.loads(text, parse_constant=_non_finite_to_null, parse_int=_PARSE_INT, strict=strict)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:  # json.loads recurses in C, as deep as the interpreter lets it
+        raise BadRequest("the request body nests arrays or objects too deeply") from None
+    except ValueError:  # an integer too long to convert
+        raise BadRequest(f"the request body holds an integer of over {_INT_DIGITS} digits") from None
+
+
+def _nests_deeper(document, limit):
+    """Whether arrays and objects nest more than `limit` deep in `document`.
+
+    A loop over the levels, no recursion; each level is one comprehension, about five times
+    faster than a stack of nodes, which matters for a value of thousands of small arrays.
+    """
+    level = [document]
+    for _ in range(limit):
+        level = [child for node in level for child in (node.values() if type(node) is dict else node)
+                 if type(child) is dict or type(child) is list]
+        if not level:
+            return False
+    return True
 
 
 def _holds_nul(document):
@@ -655,17 +688,6 @@ def _holds_nul(document):
         elif isinstance(node, list):
             stack.extend(node)
     return False
-
-
-def _finite(document):
-    """`document` with every non-finite float (1e999 parses as inf) replaced by None."""
-    if isinstance(document, float):
-        return document if math.isfinite(document) else None
-    if isinstance(document, dict):
-        return {key: _finite(value) for key, value in document.items()}
-    if isinstance(document, list):
-        return [_finite(value) for value in document]
-    return document
 
 
 def _is_unicode(text):
@@ -758,12 +780,18 @@ class Keyring:
         return ALL_APPLICATIONS if everything else frozenset(names) or None
 
 
+# Problems one refusal lists at most. Enough to fix a client from; all of them could cost 50 ms
+# and a 1.2 MB answer for 150 kB of events with every field wrong (1 kB once gzipped).
+MAX_PROBLEMS = 100
+
+
 class Validator:
     """Turns a parsed request body into rows for the `event` table, or says what is wrong.
 
     Every event first takes a fast path that only decides "valid" with C-speed checks. A
     request with any invalid event is then examined again, event by event and field by
-    field, to list every problem; that slow path is the authority on what is wrong.
+    field, to list its problems (the first MAX_PROBLEMS); that slow path is the authority on
+    what is wrong.
     """
 
     def __init__(self, config, keyring):
@@ -794,8 +822,9 @@ class Validator:
         check_unicode = _SURROGATE_ESCAPE.search(body) is not None
         times = (received, received.strftime(TIME_FORMAT))
         rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, False
+        value_problems = {}  # id(event) -> what is wrong with its value, as the fast path found it
         for index, event in enumerate(events):
-            row = self._fast_row(event, shallow, check_unicode, times)
+            row = self._fast_row(event, shallow, check_unicode, times, value_problems)
             if row is None:
                 invalid = True
                 if type(event) is not dict:
@@ -816,14 +845,25 @@ class Validator:
             which = f" in events {', '.join(map(str, unauthorized))}" if batch else ""
             raise Unauthorized(f"invalid or missing api_key{which}")
         if forbidden:
-            raise Forbidden("; ".join(forbidden))
+            more = f"; and {len(forbidden) - MAX_PROBLEMS} more events" if len(forbidden) > MAX_PROBLEMS else ""
+            raise Forbidden("; ".join(forbidden[:MAX_PROBLEMS]) + more)
         if invalid:
-            problems = []
-            for index, event in enumerate(events):
-                where = ["body", index] if batch else ["body"]
-                problems += self._problems(event, where, shallow, check_unicode, received)
-            raise UnprocessableEntity(problems)
+            raise UnprocessableEntity(
+                self._listed_problems(events, batch, shallow, check_unicode, received, value_problems)
+            )
         return rows
+
+    def _listed_problems(self, events, batch, shallow, check_unicode, received, value_problems):
+        """The problems of a request's events, in order, at most MAX_PROBLEMS of them and then a note."""
+        problems = []
+        for index, event in enumerate(events):
+            where = ["body", index] if batch else ["body"]
+            problems += self._problems(event, where, shallow, check_unicode, received, value_problems)
+            if len(problems) > MAX_PROBLEMS or len(problems) == MAX_PROBLEMS and index + 1 < len(events):
+                message = (f"at most {MAX_PROBLEMS} problems are listed and this list stops at event {index}: "
+                           "fix these and send again")
+                return problems[:MAX_PROBLEMS] + [_problem(["body"], message, "too_many_problems")]
+        return problems
 
     def _refusal(self, index, application, allowed, origin, batch):
         """Why an event with a good key is still refused ([] if it is not): its application's rules."""
@@ -836,8 +876,8 @@ class Validator:
             return [f"{where}pages from {origin} may not send events for application {application!r}"]
         return []
 
-    def _fast_row(self, event, shallow, check_unicode, times):
-        """The event's row if it is valid, else None (without saying why)."""
+    def _fast_row(self, event, shallow, check_unicode, times, value_problems):
+        """The event's row if it is valid, else None (noting only a problem of its value)."""
         try:
             fields = self._fields(event)
             joined = "".join(fields)  # raises TypeError unless every field is a string
@@ -849,14 +889,18 @@ class Validator:
         if key is not None and type(key) is not str:
             return None
         text, problem = self._value_text(event.get("value", _MISSING), shallow, check_unicode)
-        if problem or check_unicode and not _is_unicode(joined):
+        if problem:
+            # Finding it may have cost an encoding of a megabyte of value: the list reuses it.
+            value_problems[id(event)] = problem
+            return None
+        if check_unicode and not _is_unicode(joined):
             return None
         if "timestamp" in event or "sent_at" in event or "event_id" in event:
             when, event_id, problems = _client_fields(event, times[0], check_unicode)
             return None if problems else fields + (text, when, times[1], event_id)
         return fields + (text, times[1], times[1], None)
 
-    def _problems(self, event, where, shallow, check_unicode, received):
+    def _problems(self, event, where, shallow, check_unicode, received, value_problems):
         """Every problem of one event, each naming its field."""
         if not isinstance(event, dict):
             return [_problem(where, "expected a JSON object (one event)", "object_type")]
@@ -879,7 +923,8 @@ class Validator:
         key = event.get("api_key")
         if key is not None and type(key) is not str:
             problems.append(_problem(where + ["api_key"], "must be a string", "string_type"))
-        _, problem = self._value_text(event.get("value", _MISSING), shallow, check_unicode)
+        problem = value_problems.get(id(event)) or self._value_text(event.get("value", _MISSING), shallow,
+                                                                     check_unicode)[1]
         if problem:
             problems.append(_problem(where + ["value"], *problem))
         for name, message, kind in _client_fields(event, received, check_unicode)[2]:
@@ -895,14 +940,14 @@ class Validator:
         try:
             text = _compact_json(value)
         except ValueError:  # a non-finite float, as from 1e999
-            text = _compact_json(_finite(value))
+            text = self._finite_json(value)
         except RecursionError:
             text = None
         # A text of n characters nests at most n/2 deep, and at most as deep as it has brackets.
         if text is None or (
             not shallow and len(text) > 2 * self.max_value_depth
             and text.count("{") + text.count("[") > self.max_value_depth
-            and _json_depth(value) > self.max_value_depth
+            and _nests_deeper(value, self.max_value_depth)
         ):
             return None, (f"nests objects and arrays more than {self.max_value_depth} deep", "too_deep")
         if len(text) * 4 > self.max_value_bytes or check_unicode:
@@ -918,11 +963,28 @@ class Validator:
             return None, ("holds a NUL character (\\u0000) in a string", "nul")
         return text, None
 
+    def _finite_json(self, value):
+        """Compact JSON of a value holding NaN or Infinity, stored as null; None if it nests too deep.
+
+        Rare, and written twice, in C: with NaN and Infinity, then parsed with them as None and
+        written again. Both recurse, so the depth is checked first, by a loop.
+        """
+        if _nests_deeper(value, self.max_value_depth):
+            return None
+        try:
+            return _compact_json(json.loads(_json_with_non_finite(value), parse_constant=_non_finite_to_null))
+        except RecursionError:  # a max_value_depth deeper than the interpreter's C code goes
+            return None
+
 
 # The range of client times taken as given: the Unix epoch to the end of year 9999.
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _LAST_SECOND = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
 
+
+# Characters in a client's time written as text, at most: ISO 8601 with nanoseconds and a zone
+# takes 35. Longer text is refused unread, so a time costs the pattern below a bounded effort.
+MAX_TIME_TEXT = 64
 
 # ISO 8601 / RFC 3339 as clients write it: a date, maybe a time (T or space) with seconds and
 # a fraction, maybe a zone (none means UTC). Parsed here because datetime.fromisoformat reads
@@ -938,7 +1000,7 @@ def _client_time(value):
     try:
         if type(value) in (int, float):
             moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
-        elif type(value) is str and _ISO_8601.fullmatch(value.strip()):
+        elif type(value) is str and len(value) <= MAX_TIME_TEXT and _ISO_8601.fullmatch(value.strip()):
             year, month, day, hour, minute, second, fraction, _, sign, zone_hours, zone_minutes = (
                 _ISO_8601.fullmatch(value.strip()).groups()
             )
@@ -977,11 +1039,14 @@ def _client_fields(event, received, check_unicode):
             when = received if sent < happened else _EPOCH
         when = min(max(when, _EPOCH), received)
     event_id = event.get("event_id")
-    if event_id is not None and (
-        type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID or "\0" in event_id
-        or check_unicode and not _is_unicode(event_id)
-    ):
+    if event_id is None:
+        pass
+    elif type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID:
         problems.append(("event_id", f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"))
+    elif "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
+        problems.append(("event_id", "holds a NUL character (\\u0000)", "nul"))
+    elif check_unicode and not _is_unicode(event_id):
+        problems.append(("event_id", "holds an unpaired UTF-16 surrogate", "unicode"))
     return when.strftime(TIME_FORMAT), event_id, problems
 
 
@@ -1000,8 +1065,9 @@ def _problem(location, message, kind):
 
 # The original Pycolytics' table, column for column as SQLModel created it, so databases made
 # by either program open in the other. Only a new table gets Pycolytics' own index, on `time`
-# (README.md, "Indexes", has the measurements behind that choice): an existing database keeps
-# its indexes and only gains the ADDED_COLUMNS, with no migration step to run.
+# (README.md, "Indexes", has the measurements behind that choice). An existing database keeps
+# its indexes; at start-up it gains the ADDED_COLUMNS and the EVENT_ID_INDEX (replacing the
+# older index on event_id alone), with no migration step to run.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
     event_type VARCHAR NOT NULL,
@@ -1025,23 +1091,73 @@ ADDED_COLUMNS = (
     ("received_at", "DATETIME"),  # the server's receive time, when `time` is the client's
     ("event_id", "VARCHAR"),  # a client-made id: a retried event is stored once
 )
-# Unique among the rows that have one; rows without an event_id cost this index nothing.
-EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL"
+# An event_id is unique per application, among the rows that have one (rows without cost this
+# index nothing): two games that both number their events 1, 2, 3 keep all of them.
+EVENT_ID_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
+                  " WHERE event_id IS NOT NULL")
+# Older Pycolytics made event_id unique across applications: replaced at start-up.
+OLD_EVENT_ID_INDEX = "ix_event_event_id"
 
-# OR IGNORE: an event_id that is already stored makes its row a no-op, so the retry of an
-# acknowledged event is acknowledged again and stored once.
+# Only a conflict on EVENT_ID_INDEX is ignored: the retry of an acknowledged event is
+# acknowledged again and stored once. Any other constraint a row breaks (one an operator
+# added) fails the commit, and its clients get 503, never a 204 for a row not stored.
 INSERT = (
-    "INSERT OR IGNORE INTO event"
+    "INSERT INTO event"
     " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
 )
 
 # Times as stored: UTC, as text that SQLite's date functions and pandas read.
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
+# The files of one SQLite database in WAL mode: deleting or replacing any of them under a
+# running server loses what is committed to it (https://www.sqlite.org/howtocorrupt.html).
+DATABASE_FILES = ("", "-wal", "-shm")
 
-def connect(path, synchronous="full", busy_timeout=30.0):
-    """A connection with Pycolytics' pragmas; creates the database and its table if missing.
+
+@contextlib.contextmanager
+def transaction(connection):
+    """BEGIN IMMEDIATE ... COMMIT around the block, ROLLBACK if anything in it fails.
+
+    IMMEDIATE takes the write lock at BEGIN, waiting busy_timeout for it, so a transaction never
+    fails half-way for want of it: https://www.sqlite.org/lang_transaction.html. After some
+    errors (SQLITE_FULL, SQLITE_IOERR, a read-only database) SQLite has rolled back already and
+    a ROLLBACK would fail with "no transaction is active": the error raised is always the first.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            try:
+                connection.execute("ROLLBACK")
+            except sqlite3.Error as error:  # the first error is the one to report; this one only hides it
+                log.warning("rollback failed too: %s", error)
+        raise
+
+
+class SQLiteConnection(sqlite3.Connection):
+    """A connection that remembers which files it opened: (suffix, st_dev, st_ino) of each."""
+
+    files = ()
+
+
+def _file_ids(path):
+    """(suffix, st_dev, st_ino) of each of the database's files that exists now."""
+    found = []
+    for suffix in DATABASE_FILES:
+        try:
+            status = os.stat(path + suffix)
+        except FileNotFoundError:
+            continue
+        found.append((suffix, status.st_dev, status.st_ino))
+    return tuple(found)
+
+
+def connect(path, synchronous="full", busy_timeout=30.0, create=True):
+    """A connection with Pycolytics' pragmas; creates the database (unless not `create`) and its table if missing.
 
     WAL lets readers (pandas, the dashboard) work while events are written, and makes a
     commit one append to the log: https://www.sqlite.org/wal.html
@@ -1051,7 +1167,9 @@ def connect(path, synchronous="full", busy_timeout=30.0):
     The busy timeout makes writers in other processes (gunicorn workers) wait their turn
     instead of failing with "database is locked": https://www.sqlite.org/c3ref/busy_timeout.html
     """
-    connection = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    target = path if create else "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
+    connection = sqlite3.connect(target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
+                                 uri=not create, factory=SQLiteConnection)
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
@@ -1064,7 +1182,8 @@ def connect(path, synchronous="full", busy_timeout=30.0):
             raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
         if any(name not in columns for name, _ in ADDED_COLUMNS):
             _add_columns(connection, announce=bool(exists))
-        connection.execute(EVENT_ID_INDEX)
+        _index_event_ids(connection)
+        connection.files = _file_ids(path)
     except BaseException:
         connection.close()
         raise
@@ -1077,18 +1196,34 @@ def _columns(connection):
 
 def _add_columns(connection, announce=True):
     """Give the table the columns Pycolytics added; another process may be doing the same."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(connection):
         columns = _columns(connection)
         for name, kind in ADDED_COLUMNS:
             if name not in columns:
                 connection.execute(f"ALTER TABLE event ADD COLUMN {name} {kind}")
                 if announce:
                     log.info("upgraded the database: added the column event.%s", name)
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
+
+
+def _indexes(connection):
+    return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+
+
+def _index_event_ids(connection):
+    """Make event_id unique per application; an older database's index on event_id alone goes.
+
+    The old index guarantees that no two rows share an event_id, so the new one is always
+    created; both happen in one transaction, so no moment lets a duplicate in.
+    """
+    present = _indexes(connection)
+    if "ix_event_application_event_id" in present and OLD_EVENT_ID_INDEX not in present:
+        return  # the usual case: no write lock taken at each start
+    with transaction(connection):
+        connection.execute(EVENT_ID_INDEX)
+        if OLD_EVENT_ID_INDEX in _indexes(connection):
+            connection.execute(f"DROP INDEX {OLD_EVENT_ID_INDEX}")
+            log.info("upgraded the database: event_id is unique per application (index %s replaces %s)",
+                     "ix_event_application_event_id", OLD_EVENT_ID_INDEX)
 
 
 class Metrics:
@@ -1146,7 +1281,7 @@ PRUNE_STEP_ROWS = 500
 
 
 def urllib_quote(path):
-    from urllib.parse import quote  # here: only health checks and exports need it
+    from urllib.parse import quote  # here: only connections opened by URI (read-only, or never creating) need it
 
     return quote(path)
 
@@ -1156,12 +1291,90 @@ def read_only(path):
     return sqlite3.connect("file:" + urllib_quote(os.path.abspath(path)) + "?mode=ro", uri=True, isolation_level=None)
 
 
-class SQLiteStore:
-    """Events in an SQLite file: the default, standard library only."""
+class DatabaseGone(sqlite3.OperationalError):
+    """The database file the server opened was deleted or replaced, or has not come back."""
+
+
+def _user():
+    try:
+        import pwd  # here: only a refusal to start names the user
+
+        return f"the user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except (ImportError, KeyError):
+        return f"the user id {os.geteuid()}"
+
+
+def unwritable(path):
+    """Why this process could not write an SQLite database at `path`, in plain words, or None."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        return f"{path} is a directory, not a database file (name a file in it, such as {os.path.join(path, 'pycolytics.db')})"
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist (create it, or name a database in an existing folder)"
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"the folder {folder} is on a read-only file system"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"{_user()} may not write in the folder {folder}: SQLite creates the database's -wal and -shm "
+                "files beside it, so the folder needs write (w) and search (x) permission")
+    for name in (path + suffix for suffix in DATABASE_FILES):
+        if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
+            return f"{_user()} may not write the file {name}: it needs read (r) and write (w) permission"
+    return None
+
+
+class Store:
+    """What a storage backend provides: SQLiteStore and PostgresStore. The writer, /healthz, the
+    dashboard, export and prune use only this, never asking which backend it is (backup and copy
+    do ask: they are SQLite's backup and a move from SQLite into PostgreSQL).
+
+    SQL fragments, for queries written once for both:
+      kind          the backend's name, for messages
+      errors        the driver's exception classes
+      parameter     a query parameter (? or %s)
+      since         a time parameter compared with `time`
+      scan_time     `time` in a condition that must not pick the time index (export reads in id order)
+      day           a row's day as YYYY-MM-DD text
+      time_text, received_text, value_text    those columns as the text SQLite stores
+    Methods:
+      connect()                    the write connection; makes or upgrades the schema
+      read()                       a connection for reading only; never creates a database
+      insert(connection, rows)     store rows in one transaction; how many were new (not a known event_id)
+      prune(connection, before, limit)   delete at most `limit` events older than `before`, in one transaction; how many
+      probe(connection)            make one small write, raising whatever stops it (health recovering)
+      detached(connection)         why `connection` no longer reaches the configured database, or None
+      lost(error)                  whether `error` means the connection is gone and a new one is needed
+      columns(connection)          the event table's column names
+      rows(connection, query, parameters)   the rows of a SELECT, streamed in constant memory
+      problem()                    why the database would not take events now, or None; waits HEALTH_TIMEOUT at most
+      describe(error)              `error` in words that /healthz may show (no hosts, users or passwords)
+      exists()                     whether the database is there already (commands never create one)
+    """
+
+    scan_time = "time"
+
+    def exists(self):
+        return True
+
+    def detached(self, connection):
+        return None
+
+    def rows(self, connection, query, parameters):
+        return connection.execute(query, parameters)
+
+
+class SQLiteStore(Store):
+    """Events in an SQLite file: the default, standard library only.
+
+    Only the first connection may create the file: if it is deleted or replaced while the server
+    runs, the writer reopens the path only when a database is there again (put back, or
+    restored from a backup), and events get 503 meanwhile. A restart creates a new, empty one.
+    """
 
     kind = "SQLite"
     parameter = "?"  # how a query's parameters are written
     since = "?"  # a time parameter compared with `time`
+    scan_time = "+time"  # the unary + keeps SQLite from reading through the time index
     day = "substr(time, 1, 10)"
     time_text = "time"
     received_text = "received_at"
@@ -1170,39 +1383,81 @@ class SQLiteStore:
     def __init__(self, config):
         self.config = config
         self.errors = (sqlite3.Error,)
+        self._files = None  # the files the last connect() opened
 
     def connect(self):
-        return connect(self.config.database, self.config.synchronous, self.config.busy_timeout)
+        path = self.config.database
+        if self._files is None:
+            problem = unwritable(path)
+            if problem:
+                raise ConfigError(f"{self.config.sources['database']}: cannot write the database {path}: {problem}")
+        elif not os.path.exists(path):
+            raise DatabaseGone(f"the database file {os.path.abspath(path)} is gone (deleted or moved while the "
+                               "server ran): put it back, or restart the server to start a new, empty one")
+        else:
+            self._refuse_a_stale_log(path)
+        connection = connect(path, self.config.synchronous, self.config.busy_timeout, create=self._files is None)
+        self._files = connection.files
+        return connection
+
+    def _refuse_a_stale_log(self, path):
+        """A database put back beside the -wal of the one deleted would take that log's pages as its own."""
+        before = {suffix: (device, inode) for suffix, device, inode in self._files}
+        now = {suffix: (device, inode) for suffix, device, inode in _file_ids(path)}
+        if before.get("") != now.get("") and before.get("-wal") is not None and before.get("-wal") == now.get("-wal"):
+            raise DatabaseGone(f"the database file {os.path.abspath(path)} was replaced, but its -wal file is the "
+                               "deleted database's: move the -wal and -shm files away, then it is opened again")
+
+    def exists(self):
+        return os.path.exists(self.config.database)
+
+    def detached(self, connection):
+        """Why `connection` no longer writes into the file at the configured path, or None."""
+        path = os.path.abspath(self.config.database)
+        for suffix, device, inode in connection.files:
+            try:
+                status = os.stat(path + suffix)
+            except FileNotFoundError:
+                return f"the database file {path + suffix} was deleted while the server ran"
+            if (status.st_dev, status.st_ino) != (device, inode):
+                return f"the database file {path + suffix} was replaced while the server ran"
+        return None
 
     def insert(self, connection, rows):
-        """Insert `rows` in one transaction; return how many were new (not an event_id already stored)."""
+        """Insert `rows` in one transaction; return how many were new (not an event_id already stored).
+
+        Raises DatabaseGone if the file was deleted or replaced meanwhile: the rows went to a
+        file nobody will open again.
+        """
         changes = connection.total_changes
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(connection):
             connection.executemany(INSERT, rows)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        self._still_there(connection)
         return connection.total_changes - changes
+
+    def _still_there(self, connection):
+        problem = self.detached(connection)
+        if problem:
+            raise DatabaseGone(problem)
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
         """Delete at most `limit` events older than `before` (stored time text); return how many."""
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            deleted = connection.execute(
+        with transaction(connection):
+            return connection.execute(
                 "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)",
                 (before, limit),
             ).rowcount
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        return deleted
+
+    def probe(self, connection):
+        """Commit a write that changes nothing (user_version rewritten as it is): lock, log and fsync all work."""
+        with transaction(connection):
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            connection.execute(f"PRAGMA user_version = {int(version)}")
+        self._still_there(connection)
 
     def lost(self, error):
-        """Whether `error` means the connection is gone and a new one is needed: never, for a file."""
-        return False
+        """Whether `error` means the connection must be replaced: only when its file was."""
+        return isinstance(error, DatabaseGone)
 
     def describe(self, error):
         """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
@@ -1224,8 +1479,8 @@ class SQLiteStore:
             uri = "file:" + urllib_quote(os.path.abspath(self.config.database)) + "?mode=rw"
             connection = sqlite3.connect(uri, uri=True, timeout=HEALTH_TIMEOUT, isolation_level=None)
             try:
-                connection.execute("BEGIN IMMEDIATE")  # can we take the write lock?
-                connection.execute("ROLLBACK")
+                with transaction(connection):  # can we take the write lock?
+                    pass
             finally:
                 connection.close()
         except (OSError, sqlite3.Error) as error:
@@ -1349,7 +1604,7 @@ class Watchdog:
                     self._changed.wait(max(0.01, min(waiting)))
 
 
-class PostgresStore:
+class PostgresStore(Store):
     """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
 
     The driver, psycopg 3, is imported only here: SQLite users never need it. Every wait is
@@ -1492,6 +1747,17 @@ class PostgresStore:
         self._told = None
         return None
 
+    def probe(self, connection):
+        with connection.transaction():
+            connection.execute("LOCK TABLE event IN ROW EXCLUSIVE MODE")  # the lock an insert takes
+
+    def rows(self, connection, query, parameters):
+        """Through a server-side cursor, in a read-only transaction of its own: PostgreSQL streams them."""
+        with connection.transaction():
+            connection.execute("SET TRANSACTION READ ONLY")
+            with connection.cursor("export") as cursor:
+                yield from cursor.execute(query, parameters)
+
     def describe(self, error):
         """`error` in general words, for clients and /healthz: the driver's own text names hosts,
         ports, users and databases, and belongs in the log."""
@@ -1516,6 +1782,10 @@ def store_for(config):
     return SQLiteStore(config)
 
 
+# A row's value, as compact JSON text: rows are EVENT_FIELDS, then value, time, received_at, event_id.
+_VALUE_TEXT = operator.itemgetter(len(EVENT_FIELDS))
+
+
 class Writer:
     """The one thread that writes: commits the rows of many requests in one transaction.
 
@@ -1526,20 +1796,27 @@ class Writer:
     held in memory.
     """
 
-    def __init__(self, config, metrics=None):
+    def __init__(self, config, store, metrics):
         self.config = config
-        self.store = store_for(config)
-        self.metrics = metrics or Metrics()
-        self.last_error = None
+        self.store = store
+        self.metrics = metrics
+        self.last_error = None  # what the last write (a commit or a probe) failed with
+        self._probe_due = 0.0
+        self._wrote_at = -HEALTH_CACHE_SECONDS  # when a write last succeeded
+        self._health_lock = threading.Lock()
+        self._checked, self._checked_at, self._checking = None, -HEALTH_CACHE_SECONDS, False
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._queue = []
         self._queued_rows = 0
+        self._queued_bytes = 0  # of values: what a queue of few but huge events holds
         self._closed = False
         self._thread = None
         self._connection = None
         self._reconnect_at = 0.0
+        self._unreachable = None  # why the last reconnection failed
         self.pruned = 0
+        self._pass_pruned = 0  # by the steps of this pass, so far
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
@@ -1558,10 +1835,13 @@ class Writer:
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the server is shutting down; send the events again shortly", 5)
-            if self._queued_rows and self._queued_rows + len(rows) > self.config.max_pending_events:
+            size = sum(map(len, map(_VALUE_TEXT, rows)))
+            if self._queued_rows and (self._queued_rows + len(rows) > self.config.max_pending_events
+                                      or self._queued_bytes + size > self.config.max_buffered_bytes):
                 raise ServiceUnavailable("the server is busy writing other events; send these again shortly")
             self._queue.append((rows, committed))
             self._queued_rows += len(rows)
+            self._queued_bytes += size
             self._wakeup.notify()
 
     def write(self, rows):
@@ -1600,45 +1880,119 @@ class Writer:
             while True:
                 with self._lock:
                     while not self._queue and not self._closed:
-                        if self.config.retention_days and time.monotonic() >= self._prune_due:
+                        wait = self._idle_wait()
+                        if wait is not None and wait <= 0:
                             break
-                        wait = max(0.0, self._prune_due - time.monotonic()) if self.config.retention_days else None
                         self._wakeup.wait(wait)
                     if not self._queue and self._closed:
                         return
-                    group, self._queue, self._queued_rows = self._queue, [], 0
+                    group, self._queue, self._queued_rows, self._queued_bytes = self._queue, [], 0, 0
                 if group:
                     error = self._commit(group)
                     for _, committed in group:
                         committed(error)
+                elif self.last_error is not None and time.monotonic() >= self._probe_due:
+                    self._probe()
                 else:
                     self._prune_due = self._prune()
         finally:
             if self._connection is not None:
                 self._connection.close()
 
+    def _idle_wait(self):
+        """Seconds until the writer has work besides commits (a probe, a pruning step), or None."""
+        due = [self._probe_due] if self.last_error is not None else []
+        if self.config.retention_days:
+            due.append(self._prune_due)
+        return min(due) - time.monotonic() if due else None
+
     def _connected(self):
-        """The writer's connection, opened again if it was lost (not more than once a second)."""
+        """The writer's connection, opened again if it was lost or its file replaced (once a second at most)."""
+        if self._connection is not None:
+            problem = self.store.detached(self._connection)
+            if problem:
+                log.error("%s: opening the database again", problem)
+                self._drop()
         if self._connection is None:
             if time.monotonic() < self._reconnect_at:
-                raise ConnectionError("the database connection is lost; reconnecting")
+                raise ConnectionError(self._unreachable or "the database connection is lost; reconnecting")
             self._reconnect_at = time.monotonic() + 1
-            self._connection = self.store.connect()
+            try:
+                self._connection = self.store.connect()
+            except Exception as error:  # the database's errors, or its file still gone
+                self._unreachable = str(error)
+                raise
             log.info("reconnected to the database")
         return self._connection
+
+    def health(self):
+        """Why the database would not take events now, or None; waits HEALTH_TIMEOUT at most.
+
+        Mostly instant, so that a flood of /healthz costs the database nothing: a failed write
+        is known (and probed again every HEALTH_PROBE_SECONDS), a write that succeeded in the
+        last HEALTH_CACHE_SECONDS says enough, and otherwise a check of its own runs once in
+        HEALTH_CACHE_SECONDS at most, one at a time, while other callers get the last result.
+        """
+        error = self.last_error
+        if error is not None:
+            return f"the last write failed: {self.store.describe(error)}"
+        with self._health_lock:
+            now = time.monotonic()
+            if now - self._wrote_at < HEALTH_CACHE_SECONDS:
+                return None
+            if self._checking or now - self._checked_at < HEALTH_CACHE_SECONDS:
+                return self._checked
+            self._checking = True
+        problem = None
+        try:
+            connection = self._connection
+            problem = (connection is not None and self.store.detached(connection)) or self.store.problem()
+        finally:
+            with self._health_lock:
+                self._checked, self._checked_at, self._checking = problem, time.monotonic(), False
+        return problem
+
+    def _probe(self):
+        """A small write while the last one failed: health recovers without waiting for events."""
+        before = str(self.last_error)
+        try:
+            self.store.probe(self._connected())
+        except Exception as error:  # still failing, for any of a commit's reasons
+            if str(error) != before:
+                log.error("the database still takes no writes: %s", error)
+            self._failed(error)
+            return
+        self._succeeded()
+        log.info("the database takes writes again")
+
+    def _failed(self, error):
+        self.last_error = error
+        self._probe_due = time.monotonic() + HEALTH_PROBE_SECONDS
+        self._forget_lost(error)
+
+    def _succeeded(self):
+        self.last_error = None
+        self._wrote_at = time.monotonic()
 
     def _prune(self):
         """One small step of deleting events past retention_days, between commits; when to step next."""
         cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=self.config.retention_days)
+        before = cutoff.strftime(TIME_FORMAT)
         try:
-            deleted = self.store.prune(self._connected(), cutoff.strftime(TIME_FORMAT))
+            deleted = self.store.prune(self._connected(), before)
         except Exception as error:  # the database's errors, or a lost connection
             self._forget_lost(error)
-            log.warning("could not prune old events: %s", error)
+            log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
+            self._pass_pruned = 0
             return time.monotonic() + 3600
-        if deleted:
-            self.pruned += deleted
-        return time.monotonic() + (0 if deleted == PRUNE_STEP_ROWS else 3600)
+        self.pruned += deleted
+        self._pass_pruned += deleted
+        if deleted == PRUNE_STEP_ROWS:
+            return time.monotonic()  # more to delete: the next step comes between commits
+        log.info("retention_days = %d: deleted %d events from before %s", self.config.retention_days,
+                 self._pass_pruned, before[:19])
+        self._pass_pruned = 0
+        return time.monotonic() + 3600
 
     def _commit(self, group):
         started = time.monotonic()
@@ -1652,21 +2006,23 @@ class Writer:
                 inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
             log.error("could not store %d events: %s", len(rows), failure)
-            self.last_error = failure
-            self._forget_lost(failure)
+            self._failed(failure)
             return ServiceUnavailable("the database could not store the events; send them again shortly", 5)
-        self.last_error = None
+        self._succeeded()
         self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         return None
 
     def _forget_lost(self, error):
         """Drop a connection that `error` says is gone, so the next commit opens a new one."""
         if self._connection is not None and (isinstance(error, ConnectionError) or self.store.lost(error)):
-            try:
-                self._connection.close()
-            except Exception:  # closing what is already broken: nothing more to learn
-                pass
-            self._connection = None
+            self._drop()
+
+    def _drop(self):
+        try:
+            self._connection.close()
+        except Exception:  # closing what is already broken: nothing more to learn
+            pass
+        self._connection = None
 
 
 ###############################################################################
@@ -2536,8 +2892,9 @@ class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
     def __init__(self, config):
-        self.writer = Writer(config)
-        self.metrics = self.writer.metrics
+        self.store = store_for(config)
+        self.metrics = Metrics()
+        self.writer = Writer(config, self.store, self.metrics)
         self.rate_limiter = None
         self.reconfigure(config)
         self._routes = {
@@ -2564,7 +2921,7 @@ class Pycolytics:
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
         self.validator = Validator(config, Keyring(config))
-        self.dashboard = Dashboard(config, self.writer.store)
+        self.dashboard = Dashboard(config, self.store)
         origins = [config.cors_origins] + [app["cors_origins"] for app in config.apps.values() if "cors_origins" in app]
         self._every_origin = [("Access-Control-Allow-Origin", "*")] if ANY_ORIGIN in origins else None
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
@@ -2730,9 +3087,7 @@ class Pycolytics:
 
     def database_problem(self):
         """Why the database would not take events now, or None if it would."""
-        if self.writer.last_error is not None:
-            return f"the last commit failed: {self.writer.store.describe(self.writer.last_error)}"
-        return self.writer.store.problem()
+        return self.writer.health()
 
     def get_dashboard(self, environ):
         self.dashboard.authorize(environ)
@@ -2812,7 +3167,7 @@ def _event_schema(config):
             timestamp=_client_time_schema("When the event happened, by the client's clock."),
             sent_at=_client_time_schema("When the client sent the request, by its clock: corrects a wrong clock."),
             event_id={"type": "string", "minLength": 1, "maxLength": MAX_EVENT_ID,
-                      "description": "A unique id made by the client: an event whose id is stored is not stored again."},
+                      "description": "A unique id made by the client: an event whose id is stored for the same application is not stored again."},
         ),
         "additionalProperties": True,
     }
@@ -2825,22 +3180,33 @@ def _client_time_schema(description):
     ]}
 
 
+# Every answer the event endpoints give, written once: /docs and /openapi.json show this table,
+# and a test holds README.md's table to the same statuses. (Framing refusals, 404 and 405 come
+# from any path; they are here because a client of the event endpoints meets them too.)
+EVENT_ANSWERS = (
+    ("204", "Stored: the events are committed to the database."),
+    ("400", "The body is empty, not UTF-8 or not JSON (the detail says where), or the request is malformed."),
+    ("401", "A missing or unknown api_key (the detail names the events of a batch)."),
+    ("403", "A key of another game, or a web page from an origin that may not send this game's events."),
+    ("404", "No such path."),
+    ("405", "A method this path does not take (Allow lists those it does)."),
+    ("411", "A chunked body: send a Content-Length."),
+    ("413", "The body is over its size limit, also once decompressed."),
+    ("414", "The request line is over its size limit."),
+    ("415", "A Content-Encoding other than gzip, deflate or identity."),
+    ("422", "Invalid events, or too many in a batch: the detail lists every problem with its event and field."),
+    ("429", "Over the rate limit: send again after Retry-After seconds."),
+    ("431", "Too many header fields, or one too large."),
+    ("503", "Busy, stopping, or the database cannot take events now: send again after Retry-After seconds."),
+)
+
+
 def openapi_document(config, url):
     """The OpenAPI 3 description of the API served at `url` (as public_url() gives it)."""
     error = {"$ref": "#/components/schemas/Error"}
-    answers = {
-        "204": {"description": "Stored: the events are committed to the database."},
-        "400": {"description": "The body is not JSON or not UTF-8.", "content": {"application/json": {"schema": error}}},
-        "401": {"description": "A missing or unknown api_key.", "content": {"application/json": {"schema": error}}},
-        "403": {"description": "A key of another application, or a page from an origin it does not allow.",
-                "content": {"application/json": {"schema": error}}},
-        "413": {"description": "Over the size limits.", "content": {"application/json": {"schema": error}}},
-        "415": {"description": "An unsupported Content-Encoding.", "content": {"application/json": {"schema": error}}},
-        "422": {"description": "Events that are not valid.", "content": {"application/json": {"schema": error}}},
-        "429": {"description": "Over the rate limit: retry after Retry-After seconds.",
-                "content": {"application/json": {"schema": error}}},
-        "503": {"description": "Busy or shutting down: retry later.", "content": {"application/json": {"schema": error}}},
-    }
+    answers = {status: {"description": text} if status == "204" else
+               {"description": text, "content": {"application/json": {"schema": error}}}
+               for status, text in EVENT_ANSWERS}
 
     def post(summary, schema):
         return {"post": {
@@ -2875,6 +3241,7 @@ def docs_page(config, url):
         f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} characters</td></tr>"
         for name in EVENT_FIELDS
     )
+    answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
 <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}}
@@ -2896,22 +3263,14 @@ bytes as JSON and {config.max_value_depth} levels deep</td></tr>
 corrects the clock's error. The stored <code>time</code> is the best estimate of when the event happened, never in
 the future; <code>received_at</code> keeps the receive time.</td></tr>
 <tr><td><code>event_id</code></td><td>optional: a unique string of at most {MAX_EVENT_ID} characters made by the client;
-an event whose id is already stored is acknowledged and not stored again, so retries are safe</td></tr></table>
+an event whose id is already stored for the same application is acknowledged and not stored again, so retries
+are safe</td></tr></table>
 <p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes, also after decompression
 (<code>Content-Encoding: gzip</code> or <code>deflate</code>); any Content-Type is accepted, so browsers can post
 <code>text/plain</code> without a preflight. Every answer carries CORS headers for allowed origins, and
 <code>OPTIONS</code> answers preflights.</p>
 <h2>Answers</h2><table>
-<tr><td>204</td><td>Stored: the events are committed to the database.</td></tr>
-<tr><td>400</td><td>The body is not JSON or not UTF-8.</td></tr>
-<tr><td>401</td><td>A missing or unknown <code>api_key</code> (the answer names the events).</td></tr>
-<tr><td>403</td><td>A key of another game, or a web page from an origin that may not send this game's events.</td></tr>
-<tr><td>413</td><td>The body is over its size limit.</td></tr>
-<tr><td>415</td><td>A Content-Encoding other than gzip, deflate or identity.</td></tr>
-<tr><td>429</td><td>Over the rate limit: send again after <code>Retry-After</code> seconds.</td></tr>
-<tr><td>422</td><td>Invalid events, or too many in a batch; <code>detail</code> lists every problem with its event and field.</td></tr>
-<tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
-</table>
+{answers}</table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
 <h2>GET /v1.0/client.js: the browser client</h2>
 <p>A small script without dependencies, for games and apps in a browser (Godot and Unity web exports, for
@@ -3257,6 +3616,13 @@ PIPELINE_ROUNDS = 16
 # use to be closed; meanwhile the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
 
+# How long a connection that has sent nothing, or only part of a request, is safe from being
+# closed to make room for a newcomer when every slot is taken. A client sends a whole request
+# within a round trip or two; closing one whose request is unread would reset it (newcomers
+# would evict each other before anyone is served), and a slowloris that started its request
+# earlier than this gives its slot up long before request_timeout.
+GRACE_SECONDS = 2.0
+
 # What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
 # beyond it are dropped and counted, so that logging never blocks or stops the server.
 LOG_BUFFER_BYTES = 1 << 20
@@ -3394,7 +3760,7 @@ class _Connection:
 
     __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
                  "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
-                 "closed", "limited")
+                 "closed", "limited", "since")
 
     def __init__(self, sock, peer, deadline, limited):
         self.sock = sock
@@ -3415,6 +3781,7 @@ class _Connection:
         self.handshaking = False
         self.closed = False
         self.limited = limited  # counted against max_connections_per_address
+        self.since = time.monotonic()  # when it connected, or began its request
 
 
 def _split_target(target, method):
@@ -3554,7 +3921,9 @@ class Server:
         self._jobs = queue.SimpleQueue()
         self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
         self._ready = collections.deque()  # connections whose buffer may hold their next request
-        self._idle = collections.OrderedDict()  # connections waiting for a request or lingering, oldest first
+        self._idle = collections.OrderedDict()  # served connections waiting for the next request, or lingering
+        self._fresh = collections.OrderedDict()  # connections that have sent nothing yet, oldest first
+        self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
         self._connections = {}
         self._per_address = collections.Counter()
         self._reserved = 0  # body bytes announced by requests being read or answered
@@ -3719,7 +4088,7 @@ class Server:
         if limited:
             self._per_address[address] += 1
         self._connections[sock] = connection
-        self._idle[sock] = connection
+        self._fresh[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
 
     def _turn_away(self, sock):
@@ -3738,12 +4107,22 @@ class Server:
             self._server_answered(status)
 
     def _make_room(self):
-        """Close the connection that has waited longest for a request (or lingered), if any."""
-        if not self._idle:
-            return False
-        _, connection = self._idle.popitem(last=False)
-        self._close(connection)
-        return True
+        """Close the connection that has waited longest for its next request (or lingered), else
+        the oldest that has sent nothing, or only part of a request, for GRACE_SECONDS (a 408
+        for that one); False if none may go."""
+        if self._idle:
+            self._close(self._idle.popitem(last=False)[1])
+            return True
+        expired = time.monotonic() - GRACE_SECONDS
+        for waiting in (self._fresh, self._reading):
+            if waiting and next(iter(waiting.values())).since < expired:
+                connection = waiting.popitem(last=False)[1]
+                if connection.buffer or connection.request is not None:
+                    self._send_now(connection, self._refusal(RequestTimeout(
+                        "the server is full and this request was too slow to arrive")))
+                self._close(connection)
+                return True
+        return False
 
     def _pause_accepting(self, error):
         if self.problem is None:
@@ -3771,8 +4150,8 @@ class Server:
         if not data:
             self._close(connection)
         elif not connection.lingering:
-            if self._idle.pop(sock, None) is not None:  # a request begins: it has request_timeout to arrive
-                connection.deadline = time.monotonic() + self.config.request_timeout
+            if self._idle.pop(sock, None) or self._fresh.pop(sock, None):  # a request begins
+                self._begin_request(connection)
             connection.buffer += data
             self._advance(connection)
 
@@ -3787,6 +4166,7 @@ class Server:
             return
         if request is None:
             return
+        self._reading.pop(connection.sock, None)
         self._selector.unregister(connection.sock)  # nothing more is read until this is answered
         connection.busy = True
         connection.deadline = None
@@ -3838,6 +4218,12 @@ class Server:
         connection.continued = False
         connection.scanned = connection.blank_lines = 0
         return request
+
+    def _begin_request(self, connection):
+        """The first bytes of a request have come: from now it has request_timeout to arrive whole."""
+        connection.since = time.monotonic()
+        connection.deadline = connection.since + self.config.request_timeout
+        self._reading[connection.sock] = connection
 
     def _reserve(self, connection, length):
         """Count a body against the limits before it is read: one body, and all bodies together.
@@ -3910,7 +4296,7 @@ class Server:
             return
         self._selector.register(connection.sock, selectors.EVENT_READ, (self._read, connection))
         if connection.buffer:  # a pipelined request arrived with this one: its turn comes in the loop
-            connection.deadline = time.monotonic() + self.config.request_timeout
+            self._begin_request(connection)
             self._ready.append(connection)
         else:
             connection.deadline = time.monotonic() + self.config.idle_timeout
@@ -3929,21 +4315,26 @@ class Server:
         answer before the client reads it; so shut down our side and discard what still comes
         for a moment (a "lingering close", as Apache and nginx do).
         """
-        status, headers, body = _error_parts(error)
-        self._answered(status)
-        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
         try:
-            connection.sock.send(("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body)
+            connection.sock.send(self._refusal(error))
             connection.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(connection)
             return
         self._release(connection)
+        self._reading.pop(connection.sock, None)
         connection.lingering = True
         connection.buffer = bytearray()
         connection.request = None
         connection.deadline = time.monotonic() + LINGER_SECONDS
         self._idle[connection.sock] = connection  # the first to go when slots run out
+
+    def _refusal(self, error):
+        """The bytes of the answer to a request the server refuses by itself (counted as answered)."""
+        status, headers, body = _error_parts(error)
+        self._answered(status)
+        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
+        return ("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body
 
     def _sweep(self, now):
         """Close connections that idled, dawdled or lingered past their deadline; accept again."""
@@ -3955,8 +4346,8 @@ class Server:
                     self._refuse(connection, RequestTimeout("the request took too long to arrive"))
                 else:
                     self._close(connection)
-        if not self._listening and len(self._connections) < self.config.max_connections:
-            self._listen(True)
+        if not self._listening:
+            self._listen(True)  # when full, the next accept sees whether a newcomer's grace is over
         if self.problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
             log.info("accepting connections again")
             self.problem = None
@@ -3966,6 +4357,8 @@ class Server:
             return
         connection.closed = True
         self._idle.pop(connection.sock, None)
+        self._fresh.pop(connection.sock, None)
+        self._reading.pop(connection.sock, None)
         if connection.busy:
             connection.busy = False
             self._busy -= 1
@@ -3991,8 +4384,9 @@ class Server:
     def _close_everything(self):
         for _ in self._workers:
             self._jobs.put(None)
+        give_up = time.monotonic() + 1  # the drain has waited already; a worker still busy is a daemon
         for worker in self._workers:
-            worker.join(self.config.request_timeout)
+            worker.join(max(0.0, give_up - time.monotonic()))
         for connection in list(self._connections.values()):
             self._close(connection)
         self.listener.close()
@@ -4222,7 +4616,7 @@ def _existing_store(config):
     """The store of config.database, which must exist: only the server creates a database, so a
     typo in --database is an error, not a new empty file."""
     store = store_for(config)
-    if isinstance(store, SQLiteStore) and not os.path.exists(config.database):
+    if not store.exists():
         raise UsageError(f"there is no database {os.path.abspath(config.database)}: check --database "
                          "or the configuration's database (only the server creates a database)")
     return store
@@ -4251,24 +4645,17 @@ def export(arguments, config):
     if arguments.application is not None:
         conditions.append(f"application = {store.parameter}")
         parameters.append(arguments.application)
-    # "+time" (SQLite): read in id order without the time index, so nothing is sorted in memory
+    # scan_time: read in id order without the time index, so nothing is sorted in memory
     for option, operator_ in (("since", ">="), ("until", "<")):
         if option in moments:
-            conditions.append(f"{'+' if store.parameter == '?' else ''}time {operator_} {store.since}")
+            conditions.append(f"{store.scan_time} {operator_} {store.since}")
             parameters.append(moments[option])
     connection = store.read()
     present = store.columns(connection)
     texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
     selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    if isinstance(store, PostgresStore):
-        # a named (server-side) cursor streams from PostgreSQL, inside a transaction of its own;
-        # SQLite's cursors stream anyway
-        connection.execute("BEGIN READ ONLY")
-        cursor = connection.cursor("export")
-    else:
-        cursor = connection.cursor()
-    rows = cursor.execute(f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
+    rows = store.rows(connection, f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0
     try:
@@ -4293,6 +4680,7 @@ def export(arguments, config):
     finally:
         if output is not sys.stdout:
             output.close()
+        rows.close()
         connection.close()
     log.info("exported %d events", count)
     return 0
@@ -4385,17 +4773,12 @@ def _identity(path, busy_timeout):
     uri = "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
     writer = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
     try:
-        writer.execute("BEGIN IMMEDIATE")  # two copies starting together make one id
-        try:
+        with transaction(writer):  # IMMEDIATE: two copies starting together make one id
             writer.execute(COPY_IDENTITY)
             found = writer.execute("SELECT id FROM pycolytics_identity").fetchone()
             if not found:
                 found = (os.urandom(16).hex(),)
                 writer.execute("INSERT INTO pycolytics_identity (id) VALUES (?)", found)
-            writer.execute("COMMIT")
-        except BaseException:
-            writer.execute("ROLLBACK")
-            raise
     finally:
         writer.close()
     return found[0]

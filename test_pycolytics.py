@@ -297,7 +297,8 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("path, payload, status, words", BAD_REQUESTS, ids=[f"{case[2]}-{n}" for n, case in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize("path, payload, status, words", BAD_REQUESTS,
+                         ids=[f"{status} {path.rsplit('/', 1)[1]}: {words[-1]}" for path, _, status, words in BAD_REQUESTS])
 def test_bad_requests_are_refused_with_a_clear_detail_and_store_nothing(client, database, path, payload, status, words):
     post(client, "/v1.0/event", event(event_type="before"))  # the database exists and holds one row
     response = client.post(path, payload, status=status)
@@ -1019,7 +1020,7 @@ def test_healthz_is_503_while_the_database_is_locked(client, database, sqlite_on
         blocker.execute("ROLLBACK")
         blocker.close()
     assert response.json["status"] == "unavailable" and "locked" in response.json["database"]
-    assert client.get("/healthz").json["status"] == "ok"
+    assert healthz_once_settled(client)["status"] == "ok"  # an answer may be HEALTH_CACHE_SECONDS old
 
 
 def test_healthz_is_503_after_a_failed_commit(client, database, sqlite_only):
@@ -1749,6 +1750,16 @@ def test_openapi_describes_both_endpoints_and_the_limits(client):
     assert document["paths"]["/v1.0/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]["maxItems"] == 1000
 
 
+def test_the_answers_table_is_one_table_on_docs_openapi_and_in_the_readme(client):
+    statuses = [status for status, _ in pycolytics.EVENT_ANSWERS]
+    docs = client.get("/docs").text
+    assert re.findall(r"<tr><td>(\d{3})</td>", docs) == statuses
+    assert list(client.get("/openapi.json").json["paths"]["/v1.0/event"]["post"]["responses"]) == statuses
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        table = readme.read().split("| answer | when |", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"`(\d{3})`", table) == statuses
+
+
 def test_index_points_to_the_docs(client):
     assert client.get("/").json["docs"] == "/docs"
 
@@ -1781,7 +1792,7 @@ def test_a_database_made_by_the_original_opens_and_keeps_working(config, databas
     with sqlite3.connect(database) as connection:
         indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert indexes == {"ix_event_event_type", "ix_event_application", "ix_event_version", "ix_event_platform",
-                       "ix_event_user_id", "ix_event_event_id"}
+                       "ix_event_user_id", "ix_event_application_event_id"}
 
 
 def test_a_new_database_has_the_original_columns_in_wal_mode(client, database, sqlite_only):
@@ -1829,6 +1840,333 @@ def test_concurrent_requests_in_threads_are_all_stored(app, database):
         statuses = [status for result in pool.map(send, range(16)) for status in result]
     assert statuses == ["204 No Content"] * 320
     assert count(database) == 1600
+
+
+# -- A 204 means stored, and health that recovers ------------------------------------------------
+
+
+def healthz_once_settled(client, status="ok", seconds=20):
+    """/healthz once it says `status`, or its last answer after `seconds`: answers may be a
+    second old, and the writer probes a failed database every HEALTH_PROBE_SECONDS."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = client.get("/healthz", expect_errors=True).json
+        if answer["status"] == status or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.1)
+
+
+def refuse_inserts(database, message="disk I/O"):
+    """Make every insert into the event table fail, on either backend."""
+    if is_postgres(database):
+        with psycopg.connect(database, autocommit=True) as connection:
+            connection.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                               f" $$ BEGIN RAISE EXCEPTION '{message}'; END $$")
+            connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event EXECUTE FUNCTION refuse()")
+    else:
+        with sqlite3.connect(database) as connection:
+            connection.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON event BEGIN SELECT RAISE(ABORT, '{message}'); END")
+
+
+def allow_inserts(database):
+    if is_postgres(database):
+        with psycopg.connect(database, autocommit=True) as connection:
+            connection.execute("DROP TRIGGER refuse ON event")
+    else:
+        with sqlite3.connect(database) as connection:
+            connection.execute("DROP TRIGGER refuse")
+
+
+def execute(database, statement):
+    if is_postgres(database):
+        with psycopg.connect(database, autocommit=True) as connection:
+            connection.execute(statement)
+    else:
+        with sqlite3.connect(database) as connection:
+            connection.execute(statement)
+
+
+def test_two_applications_may_number_their_events_alike_and_each_keeps_them_once(client, database):
+    post(client, "/v1.0/events", [event(application="space", event_id=str(n)) for n in (1, 2, 3)])
+    post(client, "/v1.0/events", [event(application="farm", event_id=str(n)) for n in (1, 2, 3)])
+    post(client, "/v1.0/events", [event(application="farm", event_id="2"), event(application="space", event_id="3")])
+    assert stored(database, "application, event_id") == [
+        ("space", "1"), ("space", "2"), ("space", "3"), ("farm", "1"), ("farm", "2"), ("farm", "3")]
+
+
+def test_a_row_breaking_an_operators_own_constraint_is_503_and_its_batch_is_not_stored(client, database):
+    post(client, "/v1.0/event", event(user_id="u1", session_id="s1"))
+    execute(database, "CREATE UNIQUE INDEX operators_own ON event (user_id, session_id, event_type)")
+    response = post(client, "/v1.0/events", [event(user_id="u2"), event(user_id="u1", session_id="s1")], status=503)
+    assert response.headers["Retry-After"] and "send them again" in response.json["detail"]
+    assert stored(database, "user_id") == [("u1",)]
+    post(client, "/v1.0/events", [event(user_id="u2")])
+    assert stored(database, "user_id") == [("u1",), ("u2",)]
+
+
+def test_health_recovers_by_itself_once_the_database_takes_writes_again(client, database):
+    refuse_inserts(database)
+    post(client, "/v1.0/event", event(), status=503)
+    assert "the last write failed" in client.get("/healthz", status=503).json["database"]
+    allow_inserts(database)
+    assert healthz_once_settled(client)["status"] == "ok"  # no event was sent meanwhile
+    assert count(database) == 0
+
+
+@pytest.fixture
+def impatient(settings):
+    """A server whose commits give up on a locked database after a quarter of a second."""
+    return dict(settings, busy_timeout="0.25")
+
+
+def get_over(connection, path):
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.getheader("Retry-After"), json.loads(response.read())
+
+
+def test_a_live_server_recovers_from_a_lock_timeout_with_no_traffic(impatient, database, sqlite_only):
+    with serving(impatient) as server:
+        connection = http.client.HTTPConnection(*server.server_address, timeout=30)
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            assert post_over(connection, event()) == 503
+            status, _, answer = get_over(connection, "/healthz")
+            assert status == 503 and "locked" in answer["database"]
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        deadline = time.monotonic() + 20
+        while get_over(connection, "/healthz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert get_over(connection, "/healthz")[:1] == (200,)
+    assert count(database) == 0
+
+
+def test_a_flood_of_healthz_checks_the_database_once_a_second_at_most(client, monkeypatch):
+    checks = []
+    real = type(client.app.store).problem
+    monkeypatch.setattr(type(client.app.store), "problem", lambda store: checks.append(1) or real(store))
+    started = time.monotonic()
+    for _ in range(300):
+        assert client.get("/healthz").json["status"] == "ok"
+    seconds = time.monotonic() - started
+    assert 1 <= len(checks) <= 1 + seconds / pycolytics.HEALTH_CACHE_SECONDS
+
+
+def test_a_commit_proves_health_without_a_check_of_its_own(client, monkeypatch):
+    checks = []
+    monkeypatch.setattr(type(client.app.store), "problem", lambda store: checks.append(1))
+    post(client, "/v1.0/event", event())
+    assert client.get("/healthz").json["status"] == "ok" and checks == []
+
+
+@pytest.mark.parametrize("pragma, words", [
+    ("max_page_count = {pages}", "database or disk is full"),
+    ("query_only = 1", "attempt to write a readonly database"),
+])
+def test_a_failed_commit_reports_its_first_cause_not_the_failed_rollback(client, database, sqlite_only, pragma, words):
+    post(client, "/v1.0/event", event())
+    writer = client.app.writer._connection
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute("PRAGMA " + pragma.format(pages=pages))
+    post(client, "/v1.0/events", [event(value={"pad": "x" * 60000})] * 10, status=503)
+    health = client.get("/healthz", status=503).json["database"]
+    assert words in health and "rollback" not in health
+    assert count(database) == 1
+
+
+def test_the_transaction_helper_raises_the_first_error_when_the_rollback_fails_too():
+    class Failing:
+        in_transaction = True
+
+        def execute(self, statement):
+            if statement == "ROLLBACK":
+                raise sqlite3.OperationalError("cannot rollback - no transaction is active")
+
+    with pytest.raises(ValueError, match="the first cause"):
+        with pycolytics.transaction(Failing()):
+            raise ValueError("the first cause")
+
+
+def test_a_deleted_database_gets_503_and_healthz_says_so_and_no_new_file_is_made(client, database, sqlite_only):
+    post(client, "/v1.0/event", event())
+    for suffix in ("", "-wal", "-shm"):
+        os.remove(database + suffix)
+    response = post(client, "/v1.0/events", [event(), event()], status=503)
+    assert response.headers["Retry-After"] and "send them again" in response.json["detail"]
+    answer = client.get("/healthz", status=503).json
+    assert "was deleted" in answer["database"] or "is gone" in answer["database"]
+    post(client, "/v1.0/event", event(), status=503)
+    assert not os.path.exists(database)
+
+
+def test_a_database_deleted_during_a_commit_is_answered_503(client, database, sqlite_only):
+    post(client, "/v1.0/event", event(user_id="kept"))
+    client.app.writer._connection.create_function("delete_the_database", 0, lambda: os.remove(database))
+    execute(database, "CREATE TRIGGER deleting AFTER INSERT ON event BEGIN SELECT delete_the_database(); END")
+    post(client, "/v1.0/event", event(user_id="lost"), status=503)
+    assert "deleted" in client.get("/healthz", status=503).json["database"]
+    assert not os.path.exists(database)
+
+
+def test_a_database_put_back_while_the_server_runs_is_opened_again(client, database, sqlite_only, tmp_path):
+    post(client, "/v1.0/events", [event(user_id="before")])
+    with contextlib.closing(sqlite3.connect(database)) as source, \
+            contextlib.closing(sqlite3.connect(tmp_path / "backup.db")) as copy:
+        source.backup(copy)
+    for suffix in ("", "-wal", "-shm"):
+        os.remove(database + suffix)
+    post(client, "/v1.0/event", event(user_id="refused"), status=503)
+    os.replace(tmp_path / "backup.db", database)
+    assert healthz_once_settled(client)["status"] == "ok"
+    post(client, "/v1.0/event", event(user_id="after"))
+    client.app.close()
+    assert stored(database, "user_id") == [("before",), ("after",)]
+
+
+def test_a_deleted_wal_file_loses_no_acknowledged_event(client, database, sqlite_only):
+    post(client, "/v1.0/events", [event(user_id=str(n)) for n in range(3)])
+    os.remove(database + "-wal")
+    post(client, "/v1.0/event", event(user_id="3"))
+    assert stored(database, "user_id") == [(str(n),) for n in range(4)]  # what a reader sees meanwhile
+    client.app.close()
+    assert stored(database, "user_id") == [(str(n),) for n in range(4)]
+
+
+def test_a_database_put_back_beside_the_deleted_ones_wal_is_not_opened(client, database, sqlite_only, tmp_path):
+    post(client, "/v1.0/event", event())
+    with contextlib.closing(sqlite3.connect(database)) as source, \
+            contextlib.closing(sqlite3.connect(tmp_path / "backup.db")) as copy:
+        source.backup(copy)
+    os.replace(tmp_path / "backup.db", database)  # its old -wal and -shm stay
+    post(client, "/v1.0/event", event(user_id="refused"), status=503)
+    assert "-wal" in client.get("/healthz", status=503).json["database"]
+    client.app.close()
+    for suffix in ("-wal", "-shm"):
+        os.remove(database + suffix)
+    assert stored(database, "user_id") == [("3f2a9c1e",)]  # the backup's event, not the refused one
+
+
+def test_a_live_server_refuses_events_into_a_deleted_database_and_loses_none_it_acknowledged(tmp_path):
+    acknowledged = []
+    process, address, path, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
+    try:
+        connection = http.client.HTTPConnection(*address, timeout=30)
+        for n in range(3):
+            if post_over(connection, event(event_id=f"kept-{n}", api_key=pycolytics.DEV_KEY)) == 204:
+                acknowledged.append(f"kept-{n}")
+        for suffix in ("", "-wal", "-shm"):
+            os.remove(path + suffix)
+        connection.request("POST", "/v1.0/event", body(event(event_id="lost", api_key=pycolytics.DEV_KEY)))
+        response = connection.getresponse()
+        assert response.status == 503
+        answer = json.loads(response.read())
+        assert response.getheader("Retry-After") and "send them again" in answer["detail"]
+        status, _, health = get_over(connection, "/healthz")
+        assert status == 503 and "deleted" in health["database"]
+        assert not os.path.exists(path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    assert len(acknowledged) == 3
+    process, address, path, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
+    try:
+        connection = http.client.HTTPConnection(*address, timeout=30)
+        assert post_over(connection, event(event_id="new", api_key=pycolytics.DEV_KEY)) == 204
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    assert stored(path, "event_id") == [("new",)]  # every 204 of the server that had the file
+
+
+@contextlib.contextmanager
+def unwritable(path):
+    """`path` (a file or a folder) that this process cannot write: chmod, or for root chattr +i."""
+    if os.geteuid() != 0:
+        mode = os.stat(path).st_mode
+        os.chmod(path, 0o555 if os.path.isdir(path) else 0o444)
+        try:
+            yield
+        finally:
+            os.chmod(path, mode)
+        return
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def make_database(path):
+    pycolytics.connect(str(path)).close()
+
+
+@pytest.mark.parametrize("where, prepare, protect, words", [
+    ("missing/events.db", None, None, ["the folder", "missing", "does not exist"]),
+    ("folder", "folder", None, ["is a directory"]),
+    ("events.db", "database", "events.db", ["events.db", "read (r) and write (w) permission"]),
+    ("locked/events.db", "folder", "locked", ["locked", "write (w) and search (x) permission"]),
+])
+def test_the_server_refuses_to_start_on_a_database_it_cannot_write(tmp_path, where, prepare, protect, words):
+    path = tmp_path / where
+    if prepare == "folder":
+        os.mkdir(path if where == "folder" else path.parent)
+    elif prepare == "database":
+        make_database(path)
+    with unwritable(tmp_path / protect) if protect else contextlib.nullcontext():
+        result = run_cli(tmp_path, "--port", "0", "--database", str(path))
+    assert result.returncode == 2, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+    assert "unable to open database file" not in result.stderr
+    assert prepare == "database" or not os.path.isfile(path)
+
+
+def test_an_older_database_whose_event_ids_were_unique_across_applications_is_migrated(config, database, sqlite_only,
+                                                                                      caplog):
+    with sqlite3.connect(database) as connection:
+        connection.executescript(ORIGINAL_SCHEMA + """
+            ALTER TABLE event ADD COLUMN received_at DATETIME;
+            ALTER TABLE event ADD COLUMN event_id VARCHAR;
+            CREATE UNIQUE INDEX ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL;
+            UPDATE event SET event_id = '1';
+        """)
+    with caplog.at_level("INFO", "pycolytics"):
+        app = pycolytics.create_app(config)
+    try:
+        post(webtest.TestApp(app), "/v1.0/events", [event(application="other", event_id="1"),
+                                                    event(application="my-game", event_id="1")])
+    finally:
+        app.close()
+    assert stored(database, "application, event_id") == [("my-game", "1"), ("other", "1")]
+    with sqlite3.connect(database) as connection:
+        indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "ix_event_application_event_id" in indexes and "ix_event_event_id" not in indexes
+    assert sum("unique per application" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_retention_pruning_logs_one_line_per_pass_with_its_count(settings, database, caplog):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, retention_days=30))
+    app = pycolytics.create_app(config)
+    try:
+        post(webtest.TestApp(app), "/v1.0/events", [event(timestamp="2020-01-01")] * 700 + [event()])
+        with caplog.at_level("INFO", "pycolytics"):
+            app.writer.prune_soon()
+            deadline = time.monotonic() + 20
+            while not any("deleted" in record.getMessage() for record in caplog.records) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        app.close()
+    lines = [record.getMessage() for record in caplog.records if "retention_days" in record.getMessage()]
+    assert lines == [lines[0]] and "deleted 700 events from before" in lines[0]
+    assert count(database) == 1
+
+
+def test_the_app_makes_the_store_metrics_and_writer_and_lends_them(app):
+    assert app.writer.store is app.store and app.dashboard.store is app.store
+    assert app.writer.metrics is app.metrics
 
 
 # -- Configuration --------------------------------------------------------------------------------
@@ -2089,10 +2427,10 @@ def answer_on_a_terminal(arguments, answer, cwd):
     import pty
     import select
 
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: nothing of the test may run here
-        os.chdir(cwd)
-        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments])
+    terminal, other_end = pty.openpty()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "pycolytics.py"), *arguments], cwd=cwd,
+                               stdin=other_end, stdout=other_end, stderr=other_end, start_new_session=True)
+    os.close(other_end)
     output, deadline = b"", time.monotonic() + 30
     try:
         while time.monotonic() < deadline:
@@ -2100,7 +2438,7 @@ def answer_on_a_terminal(arguments, answer, cwd):
                 continue
             try:
                 chunk = os.read(terminal, 4096)
-            except OSError:  # the child has gone
+            except OSError:  # every writer has gone
                 break
             if not chunk:
                 break
@@ -2109,8 +2447,7 @@ def answer_on_a_terminal(arguments, answer, cwd):
                 os.write(terminal, answer + b"\n")
     finally:
         os.close(terminal)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), output.decode()
+    return process.wait(30), output.decode()
 
 
 @pytest.mark.parametrize("answer, status, left", [(b"n", 1, 3), (b"y", 0, 1)])
@@ -2627,6 +2964,63 @@ def test_when_every_slot_is_taken_the_longest_waiting_connection_makes_room(sett
             for sock in silent:
                 sock.close()
     assert count(database) == 1
+
+
+def test_when_slow_requests_hold_every_slot_the_oldest_makes_room_with_a_408(settings, database):
+    with serving(settings, max_connections=4, request_timeout=60) as server:
+        holders = [socket.create_connection(server.server_address, timeout=20, source_address=(f"127.0.5.{n}", 0))
+                   for n in range(4)]
+        try:
+            for sock in holders:
+                sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\n")  # and never the rest
+            assert normal_client_is_served(server.server_address, timeout=20)  # not after request_timeout
+            assert b"408 Request Timeout" in read_all(holders[0])
+        finally:
+            for sock in holders:
+                sock.close()
+    assert count(database) == 1
+
+
+def test_events_waiting_for_the_database_are_bounded_in_bytes_too(settings, database, sqlite_only):
+    batch = [event(value={"blob": "x" * 60_000}, user_id=str(n)) for n in range(2)]
+    compressed = gzip.compress(body(batch))  # a kilobyte on the wire, 120 kB of values once read
+    request = (b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(compressed), compressed))
+    with serving(settings, max_buffered_bytes=300_000, busy_timeout=30) as server:
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the writer waits: everything posted now queues
+        try:
+            posts = []
+            for _ in range(5):
+                posts.append(socket.create_connection(server.server_address, timeout=20))
+                posts[-1].sendall(request)
+                time.sleep(0.3)
+            refused = [read_all(sock, answers=1) for sock in posts[3:]]  # answered before the lock goes
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        stored_ones = [read_all(sock, answers=1) for sock in posts[:3]]
+        for sock in posts:
+            sock.close()
+    assert all(answer.startswith(b"HTTP/1.1 503") and b"Retry-After: " in answer for answer in refused)
+    assert [answer[:12] for answer in stored_ones] == [b"HTTP/1.1 204"] * 3
+    assert count(database) == 6
+
+
+def test_a_newcomer_is_never_closed_unread_to_make_room_for_the_next(settings, database):
+    with serving(settings, max_connections=2, request_timeout=30) as server:
+        with socket.create_connection(server.server_address, timeout=10) as holder:
+            holder.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\n")  # half a head: it holds a slot
+            time.sleep(0.2)
+            first = socket.create_connection(server.server_address, timeout=10)
+            time.sleep(0.2)  # the server has accepted it, and has nothing of it to read yet
+            second = socket.create_connection(server.server_address, timeout=10)
+            with first, second:
+                first.sendall(one_event_request("first"))
+                second.sendall(one_event_request("second"))
+                answers = [read_all(first), read_all(second)]
+    assert [answer[:12] for answer in answers] == [b"HTTP/1.1 204"] * 2
+    assert sorted(row[0] for row in stored(database)) == ["first", "second"]
 
 
 def rss_kib(pid):
@@ -3483,15 +3877,42 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
+# Client times: Unix seconds and ISO 8601 text, mostly from 1970 to 9999, some not, some not times at all.
+valid_times = (
+    st.integers(min_value=0, max_value=253402300000) | st.floats(min_value=0, max_value=2.5e11)
+    | st.datetimes(min_value=datetime.datetime(1970, 1, 2), max_value=datetime.datetime(9999, 12, 30), timezones=st.sampled_from(
+        [None, datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=-5, minutes=-30))])).map(datetime.datetime.isoformat)
+)
+client_times = st.one_of(valid_times, valid_times, valid_times, st.integers(max_value=-1) | st.text(max_size=30) | st.booleans())
 valid_events = st.fixed_dictionaries(
     dict({name: st.text(max_size=40) for name in pycolytics.EVENT_FIELDS}, api_key=st.just(KEY)),
-    optional={"value": st.dictionaries(st.text(max_size=8), json_values, max_size=5), "extra": json_values},
+    optional={"value": st.dictionaries(st.text(max_size=8), json_values, max_size=5), "extra": json_values,
+              # event_id made unique per example by the test; a NUL may still make it wrong
+              "timestamp": client_times, "sent_at": client_times, "event_id": st.text(max_size=60)},
 )
 # A valid event with one field made wrong: missing, null, not a string, too long, or a wrong key.
 spoiled_events = st.tuples(
-    valid_events, st.sampled_from(pycolytics.EVENT_FIELDS + ("value", "api_key")),
+    valid_events, st.sampled_from(pycolytics.EVENT_FIELDS + ("value", "api_key", "timestamp", "sent_at", "event_id")),
     st.none() | st.integers() | st.text(min_size=256, max_size=300) | json_values | st.just(...),
 ).map(lambda spoil: {name: value for name, value in dict(spoil[0], **{spoil[1]: spoil[2]}).items() if value is not ...})
+
+
+def unique_event_ids(batch):
+    """`batch` with every string event_id made unique to this example (and still at most 100 long
+    when it was at most 60), so that no earlier example's row makes a stored event a duplicate."""
+    prefix = os.urandom(6).hex()
+    return [dict(event, event_id=f"{prefix}-{index}-{event['event_id']}")
+            if isinstance(event, dict) and isinstance(event.get("event_id"), str) else event
+            for index, event in enumerate(batch)]
+
+
+def assert_refusal_says_why(response):
+    """A refusal's detail: a non-empty list of problems for a 422, a sentence otherwise."""
+    detail = response.json["detail"]
+    if response.status_int == 422:
+        assert isinstance(detail, list) and detail and all(problem["msg"] and problem["loc"] for problem in detail)
+    else:
+        assert isinstance(detail, str) and detail
 generated_events = st.one_of(valid_events, valid_events, valid_events, spoiled_events)
 
 
@@ -3533,14 +3954,20 @@ def same_json(document):
 @hypothesis.given(batch=st.lists(generated_events, max_size=6))
 def test_generated_batches_are_stored_exactly_when_acknowledged(shared, batch):
     client, database = shared
+    batch = unique_event_ids(batch)
     before = count(database)
     response = client.post("/v1.0/events", json.dumps(batch).encode(), expect_errors=True)
     hypothesis.event(f"answered {response.status_int}")
     assert response.status_int in (204, 401, 422), response.text
-    rows = stored(database)[before:]
+    rows = stored(database, "event_type, application, version, platform, user_id, session_id, value, "
+                            "event_id, time, received_at")[before:]
     if response.status_int != 204:
+        assert_refusal_says_why(response)
         assert rows == []
         return
+    hypothesis.event(f"stored with {sum('timestamp' in event for event in batch)} client times")
+    assert [row[7] for row in rows] == [event.get("event_id") for event in batch]
+    assert all("1970-01-01" <= when <= received for *_, when, received in rows)
     if not is_postgres(database):  # PostgreSQL's jsonb holds nothing else
         with sqlite3.connect(database) as connection:
             assert connection.execute("SELECT count(*) FROM event WHERE NOT json_valid(value)").fetchone() == (0,)
@@ -3557,9 +3984,231 @@ def test_any_body_gets_a_4xx_or_204_and_never_a_server_error(shared, raw):
     before = count(database)
     response = client.post("/v1.0/events", raw, expect_errors=True)
     assert response.status_int in (204, 400, 401, 422)
-    assert "detail" in response.json if response.status_int != 204 else response.body == b""
     if response.status_int != 204:
+        assert_refusal_says_why(response)
         assert count(database) == before
+    else:
+        assert response.body == b""
+
+
+# -- Hostile bodies: linear time, no recursion ----------------------------------------------------
+
+ANSWER_IN_A_CHILD = """
+import json, logging, sys, webtest, pycolytics
+logging.basicConfig(stream=sys.stderr)
+database, key, path, encoding = sys.argv[1:]
+app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": key}))
+headers = {"Content-Encoding": encoding} if encoding else {}
+response = webtest.TestApp(app).post(path, sys.stdin.buffer.read(), headers=headers, expect_errors=True)
+app.close()
+print(json.dumps({"status": response.status_int, "detail": response.json["detail"] if response.body else None}))
+"""
+
+
+def answer_in_a_child(database, path, payload, encoding="", timeout=60, **environ):
+    """The application's answer to one request, asked in a process of its own that must answer
+    within `timeout` seconds: a body that freezes the application cannot freeze the test run
+    (a regular expression holds the GIL, so no thread could be waited for)."""
+    result = subprocess.run([sys.executable, "-c", ANSWER_IN_A_CHILD, database, KEY, path, encoding], input=payload,
+                            capture_output=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=HERE, **environ))
+    assert "Traceback" not in result.stderr.decode(errors="replace")
+    return json.loads(result.stdout)
+
+
+def test_a_godot_string_of_escaped_quotes_is_refused_in_linear_time(client, database):
+    # "\"\"\"... never closed. The fallback's regex once tried it again from every quote: 8 s
+    # for 64 kB, about half an hour for this megabyte, before any key was looked at.
+    post(client, "/v1.0/event", event(event_type="before"))
+    payload = gzip.compress(b'"' + b'\\"' * (2**19 - 1))
+    assert len(payload) < 2048
+    answer = answer_in_a_child(database, "/v1.0/events", payload, "gzip")
+    assert answer == {"status": 400, "detail": "the request body is not valid JSON: "
+                                               "Unterminated string starting at line 1 column 1"}
+    assert stored(database, "event_type") == [("before",)]
+
+
+@pytest.mark.parametrize("depth", [900, 990, 2500, 10000])
+def test_a_non_finite_number_nested_deep_is_refused_without_a_traceback(client, database, caplog, depth):
+    # 1e999 parses as inf; the value was once rebuilt by recursion: a 500, and a 3,000-line
+    # traceback in the log for every such request. How deep json.loads itself goes depends on
+    # the Python (about 1,000 levels before 3.12, more after): deeper than that is a 400.
+    nested = b'{"a":' * depth + b"1e999" + b"}" * depth
+    caplog.set_level(logging.DEBUG, logger="pycolytics")
+    for key, status, words in (("wrong", 401, "invalid or missing api_key"), (KEY, 422, "'value' nests")):
+        payload = b'{"api_key":"' + key.encode() + b'","value":' + nested + b"}"
+        response = client.post("/v1.0/event", payload, expect_errors=True)
+        answer = (response.status_int, json.dumps(response.json["detail"]))
+        assert answer[0] in (status, 400)
+        assert (words if answer[0] == status else "nests arrays or objects too deeply") in answer[1]
+    assert caplog.records == []
+    assert count(database) == 0
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 100000, b'{"a":' * 100000,
+    b"[nan," + b"[" * 100000,  # too deep for the second try, after Godot's quirks are mended
+    b'["\x1b",' + b'{"a":' * 100000,  # a raw control character: the second try too
+], ids=["arrays", "objects", "arrays after nan", "objects after a raw escape"])
+def test_nesting_deeper_than_the_parser_goes_is_a_400_that_says_so(client, database, payload):
+    response = post(client, "/v1.0/events", payload, status=400)
+    assert response.json["detail"] == "the request body nests arrays or objects too deeply"
+    assert count(database) == 0
+
+
+def test_an_unterminated_string_is_reported_in_plain_words(client):
+    response = post(client, "/v1.0/event", b'{"event_type": "startup', status=400)
+    assert response.json["detail"] == ("the request body is not valid JSON: "
+                                       "Unterminated string starting at line 1 column 16")
+
+
+def godot_event(**changes):
+    """One event as the addon writes it, with some fields' JSON text changed."""
+    fields = dict(event_type='"startup"', application='"My Game"', version='""', platform='"Linux"',
+                  user_id='"1a2b3c4d"', session_id='"s1"', value="{}", api_key=json.dumps(KEY))
+    fields.update(changes)
+    return godot_json(**fields)
+
+
+# Godot's JSON.stringify escapes only \b \f \n \r \t \v (and " and \); the rest it writes raw.
+RAW_CONTROLS = "".join(chr(code) for code in range(1, 32) if chr(code) not in "\b\f\n\r\t\v")
+
+
+@pytest.mark.parametrize("speed", ["1.5", "nan"])
+def test_control_characters_godot_leaves_raw_in_strings_are_stored_escaped(client, database, speed):
+    name = "Esc\x1bape " + RAW_CONTROLS
+    payload = godot_event(user_id=f'"{name}"', value=f'{{"name":"{name}","speed":{speed}}}')
+    post(client, "/v1.0/events", f"[{payload}]".encode())
+    (user_id, value), = stored(database, "user_id, value")
+    assert user_id == name
+    assert value == json.dumps({"name": name, "speed": None if speed == "nan" else 1.5}, separators=(",", ":"))
+    assert "\x1b" not in value and "\\u001b" in value
+
+
+def test_godot_words_are_mended_only_outside_strings(client, database):
+    # Escaped quotes and backslashes decide where strings end; nan, inf and \v inside strings stay text.
+    value = r'{"a":"nan\"inf\\","b":nan,"c":"\\","d":-inf,"e":"\\\"nan\v","f":[inf,"-inf",-nan],"g":"\\v"}'
+    post(client, "/v1.0/events", f"[{godot_event(value=value)}]".encode())
+    assert json.loads(stored(database, "value")[0][0]) == {
+        "a": 'nan"inf\\', "b": None, "c": "\\", "d": None, "e": '\\"nan\x0b', "f": [None, "-inf", None], "g": "\\v",
+    }
+
+
+@pytest.mark.parametrize("payload", [
+    b"[nanx]", b"[infinity]", b'["a" nan]', b"[1nan]", b'["\\"]nan', b"[nan]\\", b'{"a":nan\\"}',
+])
+def test_words_that_only_contain_godot_quirks_are_still_not_json(client, payload):
+    assert "not valid JSON" in post(client, "/v1.0/events", payload, status=400).json["detail"]
+
+
+def test_integers_over_4300_digits_are_refused_where_the_interpreter_would_convert_them(client, database):
+    # With the interpreter's own limit lifted, the module checks every integer's length itself.
+    post(client, "/v1.0/event", event(event_type="before"))
+    for digits, status in ((4300, 204), (4301, 400)):
+        payload = json.dumps(event(value={"n": 1})).replace('"n": 1', '"n": -' + "7" * digits).encode()
+        answer = answer_in_a_child(database, "/v1.0/event", payload, PYTHONINTMAXSTRDIGITS="0")
+        assert answer["status"] == status
+    assert "over 4300 digits" in answer["detail"]
+    assert count(database) == 2
+
+
+@pytest.mark.parametrize("events, listed", [(100, 100), (101, 100), (1000, 100)])
+def test_a_refusal_lists_at_most_100_problems_and_says_where_it_stopped(client, database, events, listed):
+    # Every field wrong in a thousand events would be 11,000 problems: a 1.2 MB answer to 1 kB of gzip.
+    batch = godot_batch(*[godot_event(user_id="5")] * events)
+    detail = post(client, "/v1.0/events", batch, status=422).json["detail"]
+    assert [problem["loc"] for problem in detail[:listed]] == [["body", index, "user_id"] for index in range(listed)]
+    notes = detail[listed:]
+    assert notes == ([] if events == listed else [{
+        "loc": ["body"], "type": "too_many_problems",
+        "msg": "at most 100 problems are listed and this list stops at event 99: fix these and send again"}])
+    assert count(database) == 0
+
+
+def test_a_forbidden_batch_names_at_most_100_events(per_game, database):
+    batch = [event(application="farm-game", api_key="space-key")] * 150
+    detail = post(per_game, "/v1.0/events", batch, status=403).json["detail"]
+    assert detail.count("this api_key is for application 'space-game'") == 100
+    assert "event 99: " in detail and "event 100: " not in detail and detail.endswith("; and 50 more events")
+    assert count(database) == 0
+
+# -- Every validation limit, at the limit and one past it ------------------------------------------
+
+
+def padded(document, size):
+    """`document` as JSON text followed by spaces, `size` bytes in all."""
+    text = document.encode()
+    return text + b" " * (size - len(text))
+
+
+def value_of_bytes(size, character="x"):
+    """A value whose compact JSON is `size` bytes of UTF-8, made of `character` and, if need be, one x."""
+    room = size - len('{"b":""}')
+    count, rest = divmod(room, len(character.encode()))
+    return '{"b":"' + character * count + "x" * rest + '"}'
+
+
+def godot_batch(*events):
+    return ("[" + ",".join(events) + "]").encode()
+
+
+LIMITS = [
+    # (what, the batch at the limit, events in it, the batch one past, headers, status, words)
+    *[(f"{field} of 255 characters", godot_batch(godot_event(**{field: json.dumps("é" * 255)})), 1,
+       godot_batch(godot_event(**{field: json.dumps("é" * 256)})), {}, 422,
+       f"'{field}' is longer than 255 characters") for field in pycolytics.EVENT_FIELDS],
+    # Each with a bracket to spare: a value with no more brackets than the limit skips the walk.
+    ("value 32 objects deep", godot_batch(godot_event(value='{"b":[],"a":' + '{"a":' * 30 + "{}" + "}" * 31)), 1,
+     godot_batch(godot_event(value='{"b":[],"a":' + '{"a":' * 31 + "{}" + "}" * 32)), {}, 422,
+     "'value' nests objects and arrays more than 32"),
+    ("value 32 deep in arrays", godot_batch(godot_event(value='{"b":{},"a":' + "[" * 31 + "]" * 31 + "}")), 1,
+     godot_batch(godot_event(value='{"b":{},"a":' + "[" * 32 + "]" * 32 + "}")), {}, 422, "more than 32 deep"),
+    ("value of 65536 bytes", godot_batch(godot_event(value=value_of_bytes(65536))), 1,
+     godot_batch(godot_event(value=value_of_bytes(65537))), {}, 422, "'value' is 65537 bytes as JSON; at most 65536"),
+    ("value of 65536 bytes in two-byte characters", godot_batch(godot_event(value=value_of_bytes(65536, "é"))), 1,
+     godot_batch(godot_event(value=value_of_bytes(65537, "é"))), {}, 422, "'value' is 65537 bytes"),
+    ("1000 events", godot_batch(*[godot_event()] * 1000), 1000,
+     godot_batch(*[godot_event()] * 1001), {}, 422, "a batch holds at most 1000 events and this one has 1001"),
+    ("event_id of 100 characters", godot_batch(godot_event(event_id=json.dumps("é" * 100))), 1,
+     godot_batch(godot_event(event_id=json.dumps("é" * 101))), {}, 422, "'event_id' must be a string of 1 to 100"),
+    ("timestamp text of 64 characters",
+     godot_batch(godot_event(timestamp='"2024-05-01T12:00:00.' + "1" * 43 + 'Z"')), 1,
+     godot_batch(godot_event(timestamp='"2024-05-01T12:00:00.' + "1" * 44 + 'Z"')), {}, 422, "'timestamp' must be ISO 8601"),
+    ("integer of 4300 digits", godot_batch(godot_event(value='{"n":' + "7" * 4300 + "}")), 1,
+     godot_batch(godot_event(value='{"n":' + "7" * 4301 + "}")), {}, 400, "an integer of over 4300 digits"),
+    ("body of 1048576 bytes", padded("[" + godot_event() + "]", 1048576), 1,
+     padded("[" + godot_event() + "]", 1048577), {}, 413, "at most 1048576 are accepted"),
+    ("body of 1048576 bytes once decompressed", gzip.compress(padded("[" + godot_event() + "]", 1048576)), 1,
+     gzip.compress(padded("[" + godot_event() + "]", 1048577)), {"Content-Encoding": "gzip"}, 413,
+     "decompresses to over 1048576 bytes"),
+]
+
+
+@pytest.mark.parametrize("what, at_limit, events, past_limit, headers, status, words", LIMITS,
+                         ids=[case[0] for case in LIMITS])
+def test_a_godot_batch_at_a_limit_is_stored_and_one_past_it_is_refused(client, database, what, at_limit, events,
+                                                                        past_limit, headers, status, words):
+    post(client, "/v1.0/events", at_limit, headers=headers)
+    assert count(database) == events
+    response = post(client, "/v1.0/events", past_limit, status=status, headers=headers)
+    assert response.json["detail"] and words in json.dumps(response.json["detail"], ensure_ascii=False)
+    assert count(database) == events
+
+
+def test_a_literal_1e999_written_by_hand_is_stored_as_null(client, database):
+    payload = godot_batch(godot_event(value='{"big":1e999,"small":-1e999,"fine":1.5,"deep":[[1E400]]}'))
+    post(client, "/v1.0/events", payload)
+    (text,), = stored(database, "value")
+    assert json.loads(text) == {"big": None, "small": None, "fine": 1.5, "deep": [[None]]}
+    assert "Infinity" not in text
+
+
+def test_a_nul_in_event_id_is_refused_naming_it_and_nothing_is_stored(client, database):
+    batch = godot_batch(godot_event(event_id='"fine"'), godot_event(event_id='"a\\u0000b"'))
+    detail = post(client, "/v1.0/events", batch, status=422).json["detail"]
+    assert [(problem["loc"], problem["type"]) for problem in detail] == [(["body", 1, "event_id"], "nul")]
+    assert "NUL" in detail[0]["msg"]
+    assert count(database) == 0
+
 
 
 # -- The API fuzzed from its OpenAPI document (schemathesis) -------------------------------------------
@@ -3829,10 +4478,10 @@ def test_an_idle_connection_the_server_dropped_costs_no_batch(postgres_client, p
 def test_a_locked_table_gives_503_after_busy_timeout_and_healthz_answers_at_once(postgres_client, postgres_url):
     post(postgres_client, "/v1.0/event", event(user_id="before"))
     with table_locked(postgres_url):
-        health = within(20, postgres_client.get, "/healthz", status=503)
+        health = healthz_once_settled(postgres_client, "unavailable")  # the commit above proves health for a second
         refused = within(20, post, postgres_client, "/v1.0/events", [event(user_id="locked out")] * 2, status=503)
         after = within(20, postgres_client.get, "/healthz", status=503)
-    assert health.json["database"] == "the event table is locked by another session"
+    assert health["database"] == "the event table is locked by another session"
     assert "the event table is locked" in after.json["database"] and "statement" not in after.text  # driver words
     assert refused.json["detail"] == "the database could not store the events; send them again shortly"
     assert refused.headers["Retry-After"]
