@@ -4886,13 +4886,19 @@ def test_the_running_writer_commits_with_the_synchronous_setting_in_force(settin
         app.close()
 
 
-def writer_row(user_id):
+def writer_row(user_id, value="{}"):
     moment = "2024-05-01 12:00:00.000000"
-    return ("level_started", "my-game", "1.0", "Linux", user_id, "s1", "{}", moment, moment, None)
+    return ("level_started", "my-game", "1.0", "Linux", user_id, "s1", value, moment, moment, None)
+
+
+def new_writer(settings, **changes):
+    """A writer of its own, not started: what is submitted waits in its queue until start()."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
+    return pycolytics.Writer(config, pycolytics.store_for(config), pycolytics.Metrics())
 
 
 def test_a_full_writer_queue_refuses_exactly_past_max_pending_events_and_stores_nothing_refused(settings, database):
-    writer = pycolytics.Writer(pycolytics.load_config(environ={}, overrides=dict(settings, max_pending_events=5)))
+    writer = new_writer(settings, max_pending_events=5)
     outcomes = []
     writer.submit([writer_row("a1"), writer_row("a2"), writer_row("a3")], outcomes.append)  # not started: it queues
     with pytest.raises(pycolytics.ServiceUnavailable) as refused:
@@ -4911,12 +4917,25 @@ def test_a_full_writer_queue_refuses_exactly_past_max_pending_events_and_stores_
 
 
 def test_one_batch_larger_than_max_pending_events_is_still_taken_by_an_idle_writer(settings, database):
-    writer = pycolytics.Writer(pycolytics.load_config(environ={}, overrides=dict(settings, max_pending_events=2)))
+    writer = new_writer(settings, max_pending_events=2, max_buffered_bytes=4)
     outcomes = []
-    writer.submit([writer_row("a1"), writer_row("a2"), writer_row("a3")], outcomes.append)
+    writer.submit([writer_row("a1", '"ab"'), writer_row("a2", '"ab"'), writer_row("a3", '"ab"')], outcomes.append)
     writer.start()
     writer.close()
     assert outcomes == [None] and count(database) == 3
+
+
+def test_the_writer_queue_holds_exactly_max_buffered_bytes_of_values(settings, database):
+    writer = new_writer(settings, max_buffered_bytes=8)
+    outcomes = []
+    writer.submit([writer_row("a1", '"ab"')], outcomes.append)  # 4 bytes of value
+    writer.submit([writer_row("a2", '"cd"')], outcomes.append)  # 8: exactly the bound
+    with pytest.raises(pycolytics.ServiceUnavailable) as refused:
+        writer.submit([writer_row("a3", '"e"')], outcomes.append)
+    assert dict(refused.value.headers)["Retry-After"] == "1"
+    writer.start()
+    writer.close()
+    assert outcomes == [None, None] and [row[0] for row in stored(database, "user_id")] == ["a1", "a2"]
 
 
 def test_a_database_failure_answers_503_with_retry_after_5_and_stores_nothing(tmp_path, settings, sqlite_only):
