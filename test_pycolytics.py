@@ -5132,3 +5132,90 @@ def test_the_dashboards_funnel_gives_each_steps_share_of_the_first(reading):
         minutes=minutes)).isoformat()) for user, kind, minutes in steps])
     page = reading.get("/dashboard?steps=tutorial_start,tutorial_end", headers=basic("reader-key")).text
     assert "4 (100%)</text>" in page and "1 (25%)</text>" in page
+
+
+def test_a_nul_in_a_key_of_the_value_is_refused_naming_it_and_nothing_is_stored(client, database):
+    batch = [event(value={"fine": "yes"}), event(value={"nested": [{"a\u0000b": 1}]})]
+    detail = post(client, "/v1.0/events", batch, status=422).json["detail"]
+    assert [(problem["loc"], problem["type"]) for problem in detail] == [(["body", 1, "value"], "nul")]
+    assert count(database) == 0
+
+
+def test_the_rate_limiter_never_tracks_more_than_max_tracked_clients(monkeypatch):
+    monkeypatch.setattr(pycolytics, "MAX_TRACKED_CLIENTS", 3)
+    limiter = pycolytics.RateLimiter((2, 60))
+    for n in range(10):
+        limiter.check(f"198.51.100.{n}", now=n * 60)  # a new window each time: the old ones can go
+        assert len(limiter._windows) <= 3
+
+
+def raw_request(head, body_bytes=b"", blank_lines=0):
+    return b"\r\n" * blank_lines + head.encode() + f"Content-Length: {len(body_bytes)}\r\n\r\n".encode() + body_bytes
+
+
+EVENT_HEAD = "POST /v1.0/events {version}\r\nHost: test\r\nConnection: close\r\n{extra}"
+FRAMING_EDGES = [
+    # (what, settings, request, status)
+    ("8 blank lines before the request", {}, raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra=""),
+                                                         body([event()]), 8), 204),
+    ("9 blank lines before the request", {}, raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra=""),
+                                                         body([event()]), 9), 400),
+    ("a header line of max_header_field bytes", {"max_header_field": 100},
+     raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra="X-Pad: " + "a" * 93 + "\r\n"), body([event()])), 204),
+    ("a header line one byte longer", {"max_header_field": 100},
+     raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra="X-Pad: " + "a" * 94 + "\r\n"), body([event()])), 431),
+    ("a version that is not HTTP", {}, raw_request(EVENT_HEAD.format(version="XTTP/1.1", extra=""),
+                                                   body([event()])), 400),
+    ("a body larger than one recv", {}, raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra=""),
+                                                    spaced([event()], 200_000)), 204),
+]
+
+
+@pytest.mark.parametrize("what, changes, raw, status", FRAMING_EDGES, ids=[case[0] for case in FRAMING_EDGES])
+def test_framing_limits_of_a_live_server_hold_at_their_exact_edge(settings, database, tmp_path, monkeypatch,
+                                                                   what, changes, raw, status):
+    monkeypatch.chdir(tmp_path)
+    with serving(settings, **changes) as server:
+        answer = exchange(server, raw)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    assert count(database) == (1 if status == 204 else 0)
+
+
+@pytest.mark.parametrize("name, lowest, below, highest, above", [
+    ("port", "0", "-1", "65535", "65536"),
+    ("max_batch_events", "1", "0", None, None),
+    ("request_timeout", "0.001", "0.0009", "1000000", "1000001"),
+    ("retention_days", "0", "-1", "999999", "1000000"),
+])
+def test_a_setting_at_either_end_of_its_range_is_taken_and_one_past_it_is_refused(tmp_path, name, lowest, below,
+                                                                                  highest, above):
+    for taken in filter(None, (lowest, highest)):
+        config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), name: taken})
+        assert getattr(config, name) == float(taken)
+    for refused in filter(None, (below, above)):
+        with pytest.raises(pycolytics.ConfigError, match=name):
+            pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), name: refused})
+
+
+def wsgi_post(app, payload, **environ):
+    """(status, body) of one POST straight to the WSGI callable, with an environ made here."""
+    request = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1.0/events", "SERVER_NAME": "test", "SERVER_PORT": "80",
+               "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(payload),
+               "wsgi.errors": io.StringIO(), "SERVER_PROTOCOL": "HTTP/1.1", **environ}
+    answer = []
+    data = b"".join(app(request, lambda status, headers, exc_info=None: answer.append(status)))
+    return int(answer[0].split()[0]), data
+
+
+@pytest.mark.parametrize("payload, environ, status", [
+    (body([event()]), {"CONTENT_LENGTH": "500"}, 400),  # shorter than announced
+    (spaced([event()], 600), {"wsgi.input_terminated": True}, 204),  # a server that ends the input itself
+    (spaced([event()], 601), {"wsgi.input_terminated": True}, 413),
+])
+def test_a_wsgi_body_is_read_to_its_exact_length_and_no_further(settings, database, payload, environ, status):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, max_body_bytes=600)))
+    try:
+        assert wsgi_post(app, payload, **environ)[0] == status
+    finally:
+        app.close()
+    assert count(database) == (1 if status == 204 else 0)

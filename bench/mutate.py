@@ -23,11 +23,13 @@ each one does not count, and the figure printed at the end is killed / (total - 
 
 import argparse
 import ast
+import json
 import os
 import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -60,7 +62,7 @@ GROUPS = {
     ),
     "framing": (
         ["_parse_head", "_split_target", "Server._whole_request", "Server._reserve", "read_body", "decompress"],
-        f"(framing or keep_alive or pipelined or expect or http_1_0 or absolute or body or compressed or bomb"
+        f"(framing or keep_alive or pipelined or expect or http_1_0 or absolute or body or compressed or bomb or encoding"
         f" or chunked) and {SQLITE} and not generated and not browser and not nginx and not fuzzed",
     ),
     "configuration": (
@@ -72,7 +74,7 @@ GROUPS = {
     ),
     "export": (
         ["export", "prune", "_moment", "_inert", "SQLiteStore.prune"],
-        f"(export or prune) and {SQLITE}",
+        f"(export or prune or command_line) and {SQLITE}",
     ),
     "dashboard": (
         ["_escape", "_dashboard_html", "_options", "_ranking_svg", "_legend", "_retention_table",
@@ -316,20 +318,15 @@ class Runner:
                 killers[name] = test
             results.setdefault(group, []).append(killed)
             if not killed or self.verdicts.get(key, "").startswith("killed by"):
-                survivors.append((group, key, description))
+                survivors.append((group, key, description, killed))
             print(f"[{number}/{len(self.chosen)}] {'killed  ' if killed else 'SURVIVED'} {group}: {description}"
                   f" ({name}){' by ' + test if killed else ''}", flush=True)
-        equivalent = sum(1 for _, key, _ in survivors if self.verdicts.get(key, "").startswith("equivalent"))
-        total = sum(len(outcomes) for outcomes in results.values())
-        killed = sum(sum(outcomes) for outcomes in results.values())
-        lines = [f"{group}: {sum(outcomes)} / {len(outcomes)} killed" for group, outcomes in results.items()]
-        share = 100 * killed / max(1, total - equivalent)
-        figures = (f"{killed} of {total} mutants killed, {equivalent} equivalent: {share:.1f} % of the"
-                   f" non-equivalent ones killed, in {time.monotonic() - started:.0f} s"
-                   f" (--max {arguments.max} --seed {arguments.seed})")
-        print("\n".join(lines + [figures]), flush=True)
-        write_survivors(arguments.survivors, survivors, self.verdicts,
-                        "\n".join(f"- {line}" for line in lines + [figures]))
+        outcome = {"results": results, "survivors": survivors, "seconds": time.monotonic() - started}
+        if arguments.results:  # one job of several: the parent reports
+            with open(arguments.results, "w", encoding="utf-8") as file:
+                json.dump(outcome, file)
+        else:
+            report([outcome], self.verdicts, arguments)
         return True
 
 
@@ -345,14 +342,58 @@ def read_verdicts(path):
     return verdicts
 
 
-def write_survivors(path, survivors, verdicts, figures):
-    with open(path, "w", encoding="utf-8") as file:
+def report(outcomes, verdicts, arguments):
+    """Print the figures and write the survivors' file from the outcomes of one job or several."""
+    results, survivors = {}, []
+    for outcome in outcomes:
+        results.update(outcome["results"])
+        survivors += [tuple(survivor) for survivor in outcome["survivors"]]
+    seconds = max(outcome["seconds"] for outcome in outcomes)
+    equivalent = sum(1 for _, key, _, _ in survivors if verdicts.get(key, "").startswith("equivalent"))
+    total = sum(len(kills) for kills in results.values())
+    killed = sum(sum(kills) for kills in results.values())
+    lines = [f"{group}: {sum(kills)} / {len(kills)} killed" for group, kills in results.items()]
+    share = 100 * killed / max(1, total - equivalent)
+    figures = (f"{killed} of {total} mutants killed, {equivalent} equivalent: {share:.1f} % of the"
+               f" non-equivalent ones killed, in {seconds / 60:.0f} min"
+               f" (--max {arguments.max} --seed {arguments.seed} --jobs {arguments.jobs})")
+    print("\n".join(lines + [figures]), flush=True)
+    with open(arguments.survivors, "w", encoding="utf-8") as file:
         file.write("# Mutants the fast test selection did not kill\n\n")
         file.write("Written by `bench/mutate.py`; the verdict after the last `|` is kept from run to run.\n")
         file.write("A survivor is either killed by a test added since (named) or equivalent (the reason).\n\n")
-        file.write(figures + "\n\n")
-        for group, key, description in survivors:
-            file.write(f"- {key} | {group}, {description} | {verdicts.get(key, 'TODO')}\n")
+        file.write("\n".join(f"- {line}" for line in lines + [figures]) + "\n\n")
+        for group, key, description, killed in survivors:
+            verdict = verdicts.get(key, "TODO")
+            if not killed and verdict.startswith("killed by"):
+                verdict = f"TODO: survives again (was {verdict})"
+            file.write(f"- {key} | {group}, {description} | {verdict}\n")
+
+
+def run_jobs(arguments):
+    """Split the groups between --jobs processes (most of a mutant's time is waiting), then report."""
+    groups = arguments.group or list(GROUPS)
+    shares = [groups[job::arguments.jobs] for job in range(arguments.jobs)]
+    folder = tempfile.mkdtemp(prefix="pycolytics-mutation-jobs-")
+    try:
+        processes = []
+        for job, share in enumerate(share for share in shares if share):
+            command = [sys.executable, os.path.abspath(__file__), "--max", str(arguments.max), "--seed", arguments.seed,
+                       "--timeout", str(arguments.timeout), "--survivors", arguments.survivors,
+                       "--results", os.path.join(folder, f"{job}.json")]
+            for group in share:
+                command += ["--group", group]
+            processes.append(subprocess.Popen(command))
+        if any(process.wait() != 0 for process in processes):
+            raise SystemExit("a job failed: see its output above")
+        outcomes = []
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), encoding="utf-8") as file:
+                outcomes.append(json.load(file))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    report(outcomes, read_verdicts(arguments.survivors), arguments)
+    return 0
 
 
 def main(argv=None):
@@ -362,6 +403,8 @@ def main(argv=None):
     parser.add_argument("--seed", default="pycolytics", help="seed of the sampling (default pycolytics)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per mutant at most (default 120; else twice what the real code's tests take, +10 s)")
     parser.add_argument("--survivors", default=os.path.join(HERE, "mutation-survivors.md"))
+    parser.add_argument("--jobs", type=int, default=1, help="processes sharing the groups (default 1)")
+    parser.add_argument("--results", help=argparse.SUPPRESS)  # where a job of --jobs writes its outcome
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     arguments = parser.parse_args(argv)
     groups = arguments.group or list(GROUPS)
@@ -373,6 +416,8 @@ def main(argv=None):
             print(f"{group:14} {description:40} {key}")
         print(f"{len(chosen)} mutants")
         return 0
+    if arguments.jobs > 1:
+        return run_jobs(arguments)
     verdicts = read_verdicts(arguments.survivors)
     # On tmpfs when there is one: every test database commits with fsync, which a busy disk makes slow.
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
