@@ -5219,3 +5219,19 @@ def test_a_wsgi_body_is_read_to_its_exact_length_and_no_further(settings, databa
     finally:
         app.close()
     assert count(database) == (1 if status == 204 else 0)
+
+
+@pytest.mark.parametrize("words, meaning", [(("1", "yes", "true", "on", " Yes "), True),
+                                            (("0", "no", "false", "off", "OFF"), False)])
+def test_a_yes_or_no_setting_reads_every_word_it_documents(tmp_path, words, meaning):
+    for word in words:
+        config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), "quiet": word})
+        assert config.quiet is meaning
+
+
+def test_a_writer_commit_that_never_comes_is_answered_503_with_retry_after_5(settings, database):
+    writer = new_writer(settings)  # never started: nothing will commit
+    writer._patience = 0.2  # in place of busy_timeout + 30 s
+    with pytest.raises(pycolytics.ServiceUnavailable) as refused:
+        writer.write([writer_row("a1")])
+    assert dict(refused.value.headers)["Retry-After"] == "5" and "did not answer in time" in refused.value.detail
