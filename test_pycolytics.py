@@ -5235,3 +5235,16 @@ def test_a_writer_commit_that_never_comes_is_answered_503_with_retry_after_5(set
     with pytest.raises(pycolytics.ServiceUnavailable) as refused:
         writer.write([writer_row("a1")])
     assert dict(refused.value.headers)["Retry-After"] == "5" and "did not answer in time" in refused.value.detail
+
+
+def test_the_originals_dotenv_may_space_its_equals_sign_and_quote_its_value_either_way(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("SQLITE_FILE_PATH = 'databases/one.db'\nAPI_KEYS= [\"spaced\"] \n")
+    config = pycolytics.load_config(environ={})
+    assert config.database == "databases/one.db" and config.api_keys == ("spaced",)
+
+
+@pytest.mark.parametrize("origins", ["example.com", "https://example.com/page", "ftp://example.com"])
+def test_a_cors_origin_setting_that_is_not_an_origin_is_refused_naming_it(tmp_path, origins):
+    with pytest.raises(pycolytics.ConfigError, match="cors_origins.*is not an origin"):
+        pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), "cors_origins": origins})
