@@ -5248,3 +5248,41 @@ def test_the_originals_dotenv_may_space_its_equals_sign_and_quote_its_value_eith
 def test_a_cors_origin_setting_that_is_not_an_origin_is_refused_naming_it(tmp_path, origins):
     with pytest.raises(pycolytics.ConfigError, match="cors_origins.*is not an origin"):
         pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), "cors_origins": origins})
+
+
+def test_two_lost_postgresql_connections_within_a_second_cost_no_batch(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="first"))
+    for user in ("second", "third"):  # the second loss comes within the reconnect's one-second pause
+        assert cut_connections(postgres_url) >= 1
+        post(postgres_client, "/v1.0/event", event(user_id=user))
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["first", "second", "third"]
+
+
+def test_a_postgresql_commit_lost_after_it_was_sent_is_a_503_and_never_stored_twice(postgres_client, postgres_url,
+                                                                                    monkeypatch):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    # the COMMIT reaches the server, then the connection dies before its answer comes back
+    monkeypatch.setattr(pycolytics, "POSTGRES_COMMIT", pycolytics.POSTGRES_COMMIT
+                        + "; SELECT pg_terminate_backend(pg_backend_pid())")
+    post(postgres_client, "/v1.0/event", event(user_id="unknown outcome"), status=503)
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "unknown outcome"]
+
+
+def test_after_a_refused_postgresql_insert_the_next_batch_is_stored(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.user_id = 'bad' THEN"
+                           " RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+        connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event FOR EACH ROW EXECUTE FUNCTION refuse()")
+    post(postgres_client, "/v1.0/events", [event(user_id="ok"), event(user_id="bad")], status=503)
+    post(postgres_client, "/v1.0/events", [event(user_id="after")])
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def test_a_postgresql_schema_that_keeps_clashing_stops_the_connection_after_three_attempts(postgres_url, monkeypatch):
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE clash ()")
+    monkeypatch.setattr(pycolytics, "POSTGRES_SCHEMA", pycolytics.POSTGRES_SCHEMA + ("CREATE TABLE clash ()",))
+    store = pycolytics.PostgresStore(pycolytics.load_config(environ={}, overrides={"database": postgres_url}))
+    with pytest.raises(psycopg.errors.DuplicateTable):
+        store.connect()
