@@ -96,7 +96,15 @@ MAX_INTEGER_DIGITS = 4300
 APP_SETTINGS = ("api_keys", "cors_origins")
 
 # Settings that only a restart changes; a reload (SIGHUP) says so when they differ.
-RESTART_SETTINGS = ("database", "host", "port", "threads", "synchronous", "busy_timeout")
+RESTART_SETTINGS = ("database", "host", "port", "threads", "workers", "synchronous", "busy_timeout")
+
+# Worker processes at most (workers = N): each holds its own connections, threads and writer,
+# and more than a few per core only adds memory and lock waits at the database.
+MAX_WORKERS = 64
+
+# A worker process that dies is replaced, but at most this many times per minute: a worker
+# that crashes at start must not become a fork loop. Beyond it, replacements wait their turn.
+WORKER_RESTARTS_PER_MINUTE = 5
 
 ###############################################################################
 # Errors
@@ -247,6 +255,12 @@ def _days(value):
     return _number(value, float, 0, 999_999, "a number of days, or 0 to keep events forever")
 
 
+def _workers(value):
+    if value.strip().lower() == "auto":
+        return min(os.cpu_count() or 1, MAX_WORKERS)
+    return _number(value, int, 1, MAX_WORKERS, f"auto, or a whole number from 1 to {MAX_WORKERS}")
+
+
 def _flag(value):
     word = value.strip().lower()
     if word in ("1", "yes", "true", "on"):
@@ -358,6 +372,7 @@ SETTINGS = (
     Setting("synchronous", "full", _synchronous, "SQLite's synchronous pragma: what a power cut may lose"),
     Setting("quiet", "no", _flag, "no log line per request"),
     Setting("threads", "8", _count, "worker threads of the built-in server for requests that may wait"),
+    Setting("workers", "1", _workers, "processes of the built-in server, each with its own loop; auto: one per core"),
     Setting("max_connections", "512", _count, "open connections at most; the longest idle makes room"),
     Setting("max_connections_per_address", "64", _count, "open connections from one client address at most (503)"),
     Setting("idle_timeout", "5", _seconds, "seconds a kept-alive connection may sit idle"),
@@ -1837,6 +1852,7 @@ class Writer:
         self._unreachable = None  # why the last reconnection failed
         self.pruned = 0
         self._pass_pruned = 0  # by the steps of this pass, so far
+        self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Supervisor)
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
@@ -2018,12 +2034,13 @@ class Writer:
         started = time.monotonic()
         rows = list(itertools.chain.from_iterable(rows for rows, _ in group))
         try:
-            try:
-                inserted = self.store.insert(self._connected(), rows)
-            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
-                self._forget_lost(lost)
-                self._reconnect_at = 0
-                inserted = self.store.insert(self._connected(), rows)
+            with self.commit_lock:
+                try:
+                    inserted = self.store.insert(self._connected(), rows)
+                except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                    self._forget_lost(lost)
+                    self._reconnect_at = 0
+                    inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
             log.error("could not store %d events: %s", len(rows), failure)
             self._failed(failure)
@@ -3997,6 +4014,11 @@ class _HTTPDate:
         return self._text
 
 
+def listening_socket(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
 class Server:
     """An HTTP/1.1 server for a WSGI application, from the standard library only.
 
@@ -4024,7 +4046,9 @@ class Server:
     and no error while serving one connection leaves the loop: that connection is closed.
     """
 
-    def __init__(self, app, config, host=None, port=None, reload=None):
+    def __init__(self, app, config, host=None, port=None, reload=None, listener=None):
+        """`listener`: a socket already bound and listening (one that worker processes share),
+        instead of binding host and port here."""
         self.app = app
         self.config = config
         self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
@@ -4034,10 +4058,9 @@ class Server:
         self._reload_requested = False
         self._tls = tls_context(config)
         self._tls_pending = self._tls_errors()
-        host = config.host if host is None else host
-        port = config.port if port is None else port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, backlog=1024)
+        if listener is None:
+            listener = listening_socket(config.host if host is None else host, config.port if port is None else port)
+        self.listener = listener
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()[:2]
         self.problem = None  # what keeps the server from serving as it should now; /healthz tells
@@ -4624,14 +4647,21 @@ class Server:
 ###############################################################################
 
 
-def serve(config, load=None):
+def serve(config, load=None, listener=None, worker=None, commit_lock=None):
     """Run the built-in server until SIGTERM or SIGINT; return the exit status.
 
     `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
-    configuration in force if the new one is bad.
+    configuration in force if the new one is bad. With `workers` above 1, the processes of a
+    Supervisor serve instead; each of them calls this with the `listener` its parent bound and
+    its `worker` number (and the `commit_lock` they share), and leaves telling systemd and the
+    log about the whole server to it.
     """
+    if config.workers > 1 and listener is None:
+        return Supervisor(config, load).run()
     try:
         app = Pycolytics(config)
+        if commit_lock is not None:
+            app.writer.commit_lock = commit_lock
         app.open()
     except ConfigError:
         raise
@@ -4639,7 +4669,7 @@ def serve(config, load=None):
         log.error("cannot open the database %s: %s", _redacted(config.database), error)
         return 1
     try:
-        server = Server(app, config, reload=lambda: _reload(app, server, load))
+        server = Server(app, config, reload=lambda: _reload(app, server, load), listener=listener)
     except ConfigError:
         app.close()
         raise
@@ -4652,17 +4682,270 @@ def serve(config, load=None):
         signal.signal(signum, server.shutdown)
     if load is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, server.request_reload)
-    _warn_about_keys(config)
-    log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, _redacted(config.database))
-    notify_systemd("READY=1")
+    if worker is None:
+        _warn_about_keys(config)
+        log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, _redacted(config.database))
+        notify_systemd("READY=1")
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)  # blocked since the fork, now handled
+        log.info("worker %d (pid %d) serving", worker, os.getpid())
     try:
         server.serve_forever()
     finally:
-        notify_systemd("STOPPING=1")
+        if worker is None:
+            notify_systemd("STOPPING=1")
         app.close()
-    log.info("stopped; every acknowledged event is committed")
+    log.info("%sstopped; every acknowledged event is committed", "" if worker is None else f"worker {worker}: ")
     sink.drain()
     return 0
+
+
+###############################################################################
+# Worker processes: workers = N
+###############################################################################
+
+# What the parent passes on to its workers; blocked across a fork, so that a worker hears
+# them only once it has its own handlers.
+_FORWARDED_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+def _worker_config(config, workers):
+    """A worker's share of `config`: max_connections is divided between the workers, so that
+    together they hold no more than configured. Everything else is per worker."""
+    share = copy_module.copy(config)
+    share.max_connections = max(1, config.max_connections // workers)
+    return share
+
+
+class CommitLock:
+    """What the writers of worker processes take in turn to commit into one SQLite database.
+
+    SQLite would serialise them too, but its busy handler sleeps and polls (1, 2, 5, 10 ms and
+    longer; https://www.sqlite.org/c3ref/busy_timeout.html), so two writers that meet wait far
+    longer than the commit takes. This lock waits in the kernel and wakes at once. It is a
+    POSIX record lock (fcntl.lockf) on a nameless file the parent opened: record locks belong to
+    a process, not to the file descriptor a fork shares, and the kernel releases them when the
+    process dies, so a worker killed mid-commit never leaves the others locked out.
+    """
+
+    def __init__(self):
+        import tempfile  # here: only a server with worker processes needs it
+
+        self._file = tempfile.TemporaryFile()
+
+    def __enter__(self):
+        import fcntl  # here: only a server with worker processes needs it (and only POSIX has it)
+
+        fcntl.lockf(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *_exception):
+        import fcntl
+
+        fcntl.lockf(self._file, fcntl.LOCK_UN)
+
+
+def _load_worker_config(load, workers):
+    return _worker_config(load(), workers)
+
+
+class Supervisor:
+    """The parent of the worker processes of `workers = N`, which does not serve.
+
+    It binds the listening socket, then forks N workers that each serve it with their own
+    loop, threads and writer; the kernel gives each new connection to one of them. They share
+    the database as separate collectors do (SQLite's WAL and busy_timeout, one UNIQUE index
+    on event_id for all). The parent passes SIGTERM and SIGINT on (each worker drains) and
+    SIGHUP (each reloads), replaces a worker that dies (WORKER_RESTARTS_PER_MINUTE at most),
+    and exits 0 only when every worker has drained and exited 0. It never starts a thread, so
+    forking stays safe, and it writes its few log lines to stderr itself.
+    """
+
+    def __init__(self, config, load):
+        self.config = config
+        self.load = load
+        self.listener = None
+        self._children = {}  # pid: worker number
+        self._vacant = collections.deque()  # numbers of the workers to replace
+        self._replaced = collections.deque()  # when replacements started, for the last minute
+        self._held_back = False
+        self._stopping = False
+        self._reload_requested = False
+        self._failed = False
+        self._wake_reader = self._wake_writer = None
+        # Several PostgreSQL writers commit side by side; SQLite takes one at a time.
+        self._commit_lock = None if "://" in config.database else CommitLock()
+
+    def run(self):
+        tls_context(self.config)  # a certificate that cannot work stops start-up here, with exit status 2
+        try:
+            app = Pycolytics(self.config)
+            app.open()  # once here, so a database that cannot be opened stops start-up, not N workers
+            app.close()
+        except Exception as error:  # the database's own errors, whichever it is
+            log.error("cannot open the database %s: %s", _redacted(self.config.database), error)
+            return 1
+        try:
+            self.listener = listening_socket(self.config.host, self.config.port)
+        except OSError as error:
+            log.error("cannot serve on %s:%s: %s", self.config.host, self.config.port, error)
+            return 1
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)  # as set_wakeup_fd needs
+        handlers = {signal.SIGTERM: self._stop, signal.SIGINT: self._stop, signal.SIGCHLD: self._child_exited,
+                    signal.SIGHUP: self._request_reload if self.load is not None else signal.SIG_IGN}
+        before = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+        signal.set_wakeup_fd(self._wake_writer.fileno())
+        try:
+            for number in range(1, self.config.workers + 1):
+                self._start(number)
+            _warn_about_keys(self.config)
+            host, port = self.listener.getsockname()[:2]
+            log.info("Pycolytics %s listening on %s://%s:%s (database: %s) in %d worker processes", __version__,
+                     "https" if self.config.certfile else "http", f"[{host}]" if ":" in host else host, port,
+                     _redacted(self.config.database), self.config.workers)
+            notify_systemd("READY=1")
+            return self._supervise()
+        finally:
+            signal.set_wakeup_fd(-1)
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
+            for sock in (self.listener, self._wake_reader, self._wake_writer):
+                sock.close()
+
+    def _stop(self, *_signal_args):
+        self._stopping = True
+
+    def _request_reload(self, *_signal_args):
+        self._reload_requested = True
+
+    def _child_exited(self, *_signal_args):
+        pass  # the wake-up fd has woken the loop, which reaps
+
+    def _start(self, number):
+        """Fork worker `number`; with the forwarded signals blocked until it has its own handlers."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            log.error("cannot start worker %d: %s", number, error)
+            self._vacant.append(number)
+            return
+        if pid == 0:
+            self._work(number)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self._children[pid] = number
+
+    def _work(self, number):
+        """The forked worker: serve on the shared socket, then leave without running the parent's exit code."""
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() takes it, if it reloads at all
+            self._wake_reader.close()
+            self._wake_writer.close()
+            os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the parent, the main process only
+            workers = self.config.workers
+            load = None if self.load is None else functools.partial(_load_worker_config, self.load, workers)
+            status = serve(_worker_config(self.config, workers), load, self.listener, number, self._commit_lock)
+        except BaseException:  # whatever it is, the parent must see an exit status, not a second parent
+            log.exception("worker %d failed", number)
+        finally:
+            os._exit(status)
+
+    def _supervise(self):
+        deadline = None
+        while True:
+            self._wait(1.0)
+            self._reap()
+            if self._stopping:
+                if deadline is None:
+                    deadline = time.monotonic() + self.config.request_timeout + self.config.busy_timeout + 30
+                    self._signal_all(signal.SIGTERM)
+                if not self._children:
+                    log.info("stopped; every acknowledged event is committed" if not self._failed else
+                             "stopped, but a worker failed; see above")
+                    notify_systemd("STOPPING=1")
+                    return 1 if self._failed else 0
+                if time.monotonic() > deadline:
+                    log.error("workers still running after %d s; killing them", self.config.request_timeout
+                              + self.config.busy_timeout + 30)
+                    self._signal_all(signal.SIGKILL)
+                    self._failed = True
+                    deadline = math.inf
+                continue
+            if self._reload_requested:
+                self._reload()
+            self._replace()
+
+    def _wait(self, timeout):
+        """Sleep until a signal arrives (the wake-up fd hears of each) or `timeout` passes."""
+        self._wake_reader.settimeout(timeout)
+        try:
+            self._wake_reader.recv(4096)
+        except OSError:  # the timeout
+            pass
+
+    def _reap(self):
+        while self._children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            number = self._children.pop(pid, None)
+            if number is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
+            if self._stopping:
+                if code != 0:
+                    self._failed = True
+                    log.error("worker %d (pid %d) %s while stopping", number, pid, how)
+            else:
+                log.error("worker %d (pid %d) %s; starting another", number, pid, how)
+                self._vacant.append(number)
+
+    def _replace(self):
+        now = time.monotonic()
+        while self._replaced and self._replaced[0] < now - 60:
+            self._replaced.popleft()
+        while self._vacant:
+            if len(self._replaced) >= WORKER_RESTARTS_PER_MINUTE:
+                if not self._held_back:
+                    log.error("%d workers replaced in the last minute; the next waits until that is fewer",
+                              len(self._replaced))
+                    self._held_back = True
+                return
+            self._held_back = False
+            self._replaced.append(now)
+            self._start(self._vacant.popleft())
+
+    def _reload(self):
+        """Check the new configuration, keep it for the workers started later, and pass SIGHUP on:
+        each worker reloads and logs what changed (a bad configuration is only said once, here)."""
+        self._reload_requested = False
+        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            config = self.load()
+            _restart_only_changes(config, self.config)
+            tls_context(config)
+        except ConfigError as error:
+            log.error("reload failed; the configuration in force stays: %s", error)
+        else:
+            self.config = config
+            self._signal_all(signal.SIGHUP)
+        notify_systemd("READY=1")
+
+    def _signal_all(self, signum):
+        for pid in self._children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # it has exited; the next reap sees it
 
 
 def _log_to_sink():

@@ -3496,6 +3496,173 @@ def test_a_bad_configuration_stops_start_up_with_exit_2(tmp_path):
     assert "port = 'x' is not valid" in result.stderr
 
 
+# -- Every core: several worker processes -------------------------------------------------------------
+
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as file:
+        return [int(child) for child in file.read().split()]
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def until(condition, seconds=20):
+    """Wait for condition() to hold, at most `seconds`; its last value."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+class LogLines:
+    """The server's stderr, read by a thread so that a test can wait for a line without blocking forever."""
+
+    def __init__(self, process, lines):
+        self.lines = list(lines)
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append(line)
+
+    def count(self, text):
+        return sum(text in line for line in list(self.lines))
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    """A server started as the README says, with workers = 2 in its ini; stopped by SIGTERM (exit 0)."""
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\nworkers = 2\napi_keys = {KEY}\n")
+    process, address, database, lines = start_server(tmp_path, "--quiet", "--database", "events.db")
+    try:
+        log_lines = LogLines(process, lines)
+        assert until(lambda: log_lines.count("serving") == 2)
+        yield process, address, database, log_lines
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                assert process.wait(60) == 0
+            finally:
+                for pid in [process.pid] + children(process.pid) if process.poll() is None else ():
+                    os.kill(pid, signal.SIGKILL)
+
+
+def post_batches(address, prefix, clients=16, batches=20, size=5):
+    """Each client posts its batches on a new connection each (so the kernel spreads them over
+    the workers); the statuses, by client."""
+    def client(n):
+        statuses = []
+        for i in range(batches):
+            connection = http.client.HTTPConnection(*address, timeout=60)
+            events = [event(user_id=f"{prefix}-{n}-{i}-{k}", event_id=f"{prefix}-{n}-{i}-{k}") for k in range(size)]
+            statuses.append(post_over(connection, events, "/v1.0/events"))
+            connection.close()
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return [status for result in pool.map(client, range(clients)) for status in result]
+
+
+def test_workers_1_serves_in_one_process_without_forking(tmp_path):
+    process, address, database, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
+    try:
+        assert post_over(http.client.HTTPConnection(*address, timeout=10), event(api_key=pycolytics.DEV_KEY)) == 204
+        assert children(process.pid) == []
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+
+
+def test_two_workers_both_serve_and_store_every_event_of_many_clients_exactly_once(two_workers):
+    process, address, database, _ = two_workers
+    workers = children(process.pid)
+    assert len(workers) == 2
+    before = {pid: cpu_ticks(pid) for pid in workers}
+    assert post_batches(address, "a") == [204] * 320
+    assert post_batches(address, "a", clients=4, batches=5) == [204] * 20  # the same event_ids again
+    assert all(cpu_ticks(pid) > before[pid] for pid in workers)  # each worker took its share
+    assert children(process.pid) == workers
+    users = [user for user, in stored(database, "user_id")]
+    assert len(users) == 1600 and len(set(users)) == 1600
+
+
+def test_sigterm_to_the_parent_drains_every_worker_and_exits_0_with_every_acknowledged_event(two_workers):
+    process, address, database, _ = two_workers
+    workers = children(process.pid)
+    acknowledged = []
+    stop = threading.Event()
+
+    def client(n):
+        for i in itertools.count():
+            ids = [f"{n}-{i}-{k}" for k in range(3)]
+            try:
+                connection = http.client.HTTPConnection(*address, timeout=30)
+                status = post_over(connection, [event(user_id=user) for user in ids], "/v1.0/events")
+                connection.close()
+            except (OSError, http.client.HTTPException):
+                return
+            if status == 204:
+                acknowledged.extend(ids)
+            if stop.is_set():
+                return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    assert until(lambda: len(acknowledged) > 300)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)  # reaped: the parent waited for each
+    users = [user for user, in stored(database, "user_id")]
+    assert sorted(users) == sorted(acknowledged)
+
+
+def test_sighup_to_the_parent_reloads_every_worker_for_new_connections(two_workers, tmp_path):
+    process, address, database, log_lines = two_workers
+    new_key = "a-second-key-for-testing"
+    assert post_over(http.client.HTTPConnection(*address, timeout=10), event(api_key=new_key)) == 401
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\nworkers = 2\napi_keys = {KEY}, {new_key}\n")
+    process.send_signal(signal.SIGHUP)
+    assert until(lambda: log_lines.count("configuration reloaded") == 2)
+    statuses = [post_over(http.client.HTTPConnection(*address, timeout=10), event(api_key=new_key))
+                for _ in range(40)]
+    assert statuses == [204] * 40
+    assert count(database) == 40
+
+
+def test_a_worker_killed_with_sigkill_is_replaced_and_the_server_keeps_serving(two_workers):
+    process, address, database, log_lines = two_workers
+    first, second = children(process.pid)
+    os.kill(first, signal.SIGKILL)
+    assert until(lambda: len(children(process.pid)) == 2 and first not in children(process.pid))
+    assert second in children(process.pid)
+    assert log_lines.count(f"(pid {first}) was killed by signal 9; starting another") == 1
+    assert post_batches(address, "b", clients=8, batches=10) == [204] * 80
+    assert count(database) == 400
+
+
+def test_workers_that_keep_dying_are_replaced_at_most_5_times_a_minute(two_workers):
+    process, address, database, log_lines = two_workers
+    for _ in range(pycolytics.WORKER_RESTARTS_PER_MINUTE):
+        victim = children(process.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert until(lambda: len(children(process.pid)) == 2 and victim not in children(process.pid))
+    os.kill(children(process.pid)[0], signal.SIGKILL)
+    assert until(lambda: log_lines.count("the next waits") == 1)
+    time.sleep(1)  # the supervisor's loop turns at least once a second: it would have replaced the worker by now
+    assert len(children(process.pid)) == 1
+    assert post_over(http.client.HTTPConnection(*address, timeout=10), event()) == 204  # the other one serves
+
+
 # -- Behind nginx, and under a path prefix ---------------------------------------------------------
 
 
