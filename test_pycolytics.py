@@ -4500,7 +4500,13 @@ def test_a_nul_in_event_id_is_refused_naming_it_and_nothing_is_stored(client, da
 
 @pytest.fixture
 def api_schema(app):
-    return schemathesis.openapi.from_wsgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
+    # A body over max_body_bytes is answered 413 (documented in the OpenAPI responses) before its
+    # events are read, whether or not they match the schema: a generated batch can be both over
+    # maxItems and over 1 MiB. Both checks get 413 added to their own defaults, nothing else.
+    for check in (schema.config.checks.negative_data_rejection, schema.config.checks.positive_data_acceptance):
+        check.expected_statuses = check.expected_statuses + ["413"]
+    return schema
 
 
 fuzzed = schemathesis.pytest.from_fixture("api_schema")
@@ -5145,3 +5151,422 @@ def test_behind_haproxy_a_stopped_collector_costs_only_its_requests_in_flight(tm
     assert all(answer[0] < lost for answer in failed) and len(failed) <= 2 * len(load.threads)
     assert all(answer[3] == 204 for answer in load.answers if answer[0] > lost)
     assert load.acknowledged() <= {row[0] for row in stored(postgres_url, "user_id")}
+
+
+# -- Promises at their exact edges (mutation-tested) -------------------------------------------------
+# bench/mutate.py puts one small bug at a time into the code that carries a promise and runs the
+# tests that map to it; the tests here kill mutants the others let live, so each asserts the exact
+# value where the promise is exact. Fast on purpose: they run once per mutant.
+
+
+@pytest.mark.parametrize("synchronous, in_force", [("off", 0), ("normal", 1), ("full", 2), ("extra", 3)])
+def test_the_running_writer_commits_with_the_synchronous_setting_in_force(settings, sqlite_only, synchronous, in_force):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, synchronous=synchronous)))
+    try:
+        post(webtest.TestApp(app), "/v1.0/event", event())
+        # the writer's own connection, the one that commits every event, not a new one made here
+        assert app.writer._connection.execute("PRAGMA synchronous").fetchone()[0] == in_force
+    finally:
+        app.close()
+
+
+def writer_row(user_id, value="{}"):
+    moment = "2024-05-01 12:00:00.000000"
+    return ("level_started", "my-game", "1.0", "Linux", user_id, "s1", value, moment, moment, None)
+
+
+def new_writer(settings, **changes):
+    """A writer of its own, not started: what is submitted waits in its queue until start()."""
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, **changes))
+    return pycolytics.Writer(config, pycolytics.store_for(config), pycolytics.Metrics())
+
+
+def test_a_full_writer_queue_refuses_exactly_past_max_pending_events_and_stores_nothing_refused(settings, database):
+    writer = new_writer(settings, max_pending_events=5)
+    outcomes = []
+    writer.submit([writer_row("a1"), writer_row("a2"), writer_row("a3")], outcomes.append)  # not started: it queues
+    with pytest.raises(pycolytics.ServiceUnavailable) as refused:
+        writer.submit([writer_row("b1"), writer_row("b2"), writer_row("b3")], outcomes.append)
+    assert dict(refused.value.headers)["Retry-After"] == "1" and "busy" in refused.value.detail
+    writer.submit([writer_row("c1"), writer_row("c2")], outcomes.append)  # exactly max_pending_events queued
+    with pytest.raises(pycolytics.ServiceUnavailable):
+        writer.submit([writer_row("d1")], outcomes.append)
+    writer.start()
+    writer.close()
+    assert outcomes == [None, None]
+    assert [row[0] for row in stored(database, "user_id")] == ["a1", "a2", "a3", "c1", "c2"]
+    with pytest.raises(pycolytics.ServiceUnavailable) as closed:
+        writer.submit([writer_row("e1")], outcomes.append)
+    assert dict(closed.value.headers)["Retry-After"] == "5"
+
+
+def test_one_batch_larger_than_max_pending_events_is_still_taken_by_an_idle_writer(settings, database):
+    writer = new_writer(settings, max_pending_events=2, max_buffered_bytes=4)
+    outcomes = []
+    writer.submit([writer_row("a1", '"ab"'), writer_row("a2", '"ab"'), writer_row("a3", '"ab"')], outcomes.append)
+    writer.start()
+    writer.close()
+    assert outcomes == [None] and count(database) == 3
+
+
+def test_the_writer_queue_holds_exactly_max_buffered_bytes_of_values(settings, database):
+    writer = new_writer(settings, max_buffered_bytes=8)
+    outcomes = []
+    writer.submit([writer_row("a1", '"ab"')], outcomes.append)  # 4 bytes of value
+    writer.submit([writer_row("a2", '"cd"')], outcomes.append)  # 8: exactly the bound
+    with pytest.raises(pycolytics.ServiceUnavailable) as refused:
+        writer.submit([writer_row("a3", '"e"')], outcomes.append)
+    assert dict(refused.value.headers)["Retry-After"] == "1"
+    writer.start()
+    writer.close()
+    assert outcomes == [None, None] and [row[0] for row in stored(database, "user_id")] == ["a1", "a2"]
+
+
+def test_a_database_failure_answers_503_with_retry_after_5_and_stores_nothing(tmp_path, settings, sqlite_only):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, database=str(tmp_path / "events.db")))
+    app = pycolytics.create_app(config)
+    client = webtest.TestApp(app)
+    try:
+        post(client, "/v1.0/event", event())
+        with sqlite3.connect(config.database) as connection:
+            connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event BEGIN SELECT RAISE(ABORT, 'full'); END")
+        response = post(client, "/v1.0/events", [event(), event()], status=503)
+        assert response.headers["Retry-After"] == "5"
+        assert client.get("/healthz", status=503)
+    finally:
+        app.close()
+    assert count(config.database) == 1
+
+
+@pytest.mark.parametrize("limit, now, wait", [
+    ((3, 60), 135.5, 45), ((3, 60), 179.2, 1), ((3, 60), 120.0, 60), ((2, 1), 10.25, 1), ((1, 3600), 18001.5, 3599),
+])
+def test_retry_after_is_exactly_the_whole_seconds_to_the_next_window(limit, now, wait):
+    limiter = pycolytics.RateLimiter(limit)
+    for _ in range(limit[0]):
+        limiter.check("203.0.113.7", now)  # exactly the limit: every one taken
+    with pytest.raises(pycolytics.TooManyRequests) as refused:
+        limiter.check("203.0.113.7", now)
+    assert dict(refused.value.headers)["Retry-After"] == str(wait)
+    assert f"send again in {wait} s" in refused.value.detail
+    limiter.check("203.0.113.7", now + wait)  # and then it is the next window
+
+
+def test_a_429_answers_the_retry_after_its_detail_states(limited, database):
+    for _ in range(3):
+        post(limited, "/v1.0/event", event())
+    response = post(limited, "/v1.0/event", event(), status=429)
+    assert f"send again in {response.headers['Retry-After']} s" in response.json["detail"]
+    assert response.headers["Access-Control-Expose-Headers"] == "Retry-After"
+    assert count(database) == 3
+
+
+def test_sigterm_answers_exactly_what_it_committed(tmp_path):
+    process, address, path, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
+    answered, stop = [], threading.Event()
+
+    def client(n):
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            try:
+                connection = http.client.HTTPConnection(*address, timeout=30)
+                connection.request("POST", "/v1.0/events",
+                                   body([event(user_id=f"{n}-{i}-{k}", api_key=pycolytics.DEV_KEY) for k in range(3)]))
+                status = connection.getresponse().status
+                connection.close()
+            except OSError:  # refused or closed before an answer: nothing was acknowledged
+                return
+            answered.append(status)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert answered.count(204) > 0
+    # every committed batch was answered 204 before the process ended: not one more, not one less
+    assert count(path) == 3 * answered.count(204)
+
+
+def users_exported(tmp_path, database, *options):
+    result = run_cli(tmp_path, "--database", database, "export", "--format", "jsonl", *options)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line)["user_id"] for line in result.stdout.splitlines()]
+
+
+def test_export_until_is_exclusive_so_months_split_every_event_once(client, database, tmp_path):
+    post(client, "/v1.0/events", [
+        event(user_id="last-of-january", timestamp="2024-01-31T23:59:59.999999Z"),
+        event(user_id="date-alone", timestamp="2024-02-01"),
+        event(user_id="midnight", timestamp="2024-02-01T00:00:00Z"),
+        event(user_id="end-of-february", timestamp="2024-02-29T23:59:59Z"),
+        event(user_id="march", timestamp="2024-03-01"),
+    ])
+    # a date alone is stored at midnight exactly, so it sits on the boundary of a monthly export
+    assert stored(database, "user_id, time")[1] == ("date-alone", "2024-02-01 00:00:00.000000")
+    assert users_exported(tmp_path, database, "--until", "2024-02-01") == ["last-of-january"]
+    february = users_exported(tmp_path, database, "--since", "2024-02-01", "--until", "2024-03-01")
+    assert february == ["date-alone", "midnight", "end-of-february"]
+    # Unix seconds name the same instant: 1706745600 is 2024-02-01T00:00:00Z
+    assert users_exported(tmp_path, database, "--since", "1706745600", "--until", "1709251200") == february
+
+
+def test_prune_before_deletes_only_what_is_strictly_earlier(client, database, tmp_path):
+    post(client, "/v1.0/events", [event(user_id="old", timestamp="2024-01-31T23:59:59.999999Z"),
+                                  event(user_id="boundary", timestamp="2024-02-01")])
+    result = run_cli(tmp_path, "--database", database, "prune", "--before", "2024-02-01", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert stored(database, "user_id") == [("boundary",)]
+
+
+def test_export_csv_makes_only_formula_starts_inert(client, database, tmp_path):
+    post(client, "/v1.0/events", [event(user_id=text) for text in ("=1+1", "+1", "-1", "@x", "a=b", "1-2")])
+    result = run_cli(tmp_path, "--database", database, "export")
+    assert result.returncode == 0, result.stderr
+    assert [row["user_id"] for row in csv.DictReader(io.StringIO(result.stdout))] == [
+        "'=1+1", "'+1", "'-1", "'@x", "a=b", "1-2"]
+
+
+# Each rendered name holds markup and a quote (the value field may not: a & instead), short enough
+# that no ranking shortens it.
+HOSTILE = {"application": '<i>app"</i>', "event_type": '<i>type"</i>', "version": '<i>ver"</i>',
+           "platform": '<i>os"</i>', "user_id": '<i>user"</i>', "value": '<i>val"</i>', "field": '<i>f&</i>'}
+
+
+@pytest.fixture
+def hostile_dashboard(settings, database):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key")))
+    client = webtest.TestApp(app)
+    names = {name: HOSTILE[name] for name in ("application", "event_type", "version", "platform", "user_id")}
+    post(client, "/v1.0/events", [event(**names, value={HOSTILE["field"]: HOSTILE["value"]}),
+                                  event(event_type="plain", value={HOSTILE["field"]: 7})])
+    query = urllib.parse.urlencode({"application": HOSTILE["application"], "of": HOSTILE["event_type"],
+                                    "field": HOSTILE["field"], "steps": HOSTILE["event_type"] + ",plain"})
+    page = client.get("/dashboard?" + query, headers=basic("reader-key")).text
+    yield page
+    app.close()
+
+
+@pytest.mark.parametrize("field", sorted(HOSTILE))
+def test_the_dashboard_escapes_every_rendered_field(hostile_dashboard, field):
+    name = HOSTILE[field]
+    if field != "user_id":  # users are counted, never named
+        assert html.escape(name, quote=True) in hostile_dashboard
+    assert name not in hostile_dashboard and "<i>" not in hostile_dashboard
+
+
+def live_post(server, payload, path="/v1.0/events"):
+    """(status, detail or None) of one request over a real socket."""
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    answer = exchange(server, head.encode() + payload)
+    status = int(answer.split(b" ", 2)[1])
+    text = answer.split(b"\r\n\r\n", 1)[1]
+    return status, json.loads(text)["detail"] if text else None
+
+
+def spaced(document, size):
+    """`document` as JSON followed by spaces: exactly `size` bytes."""
+    text = body(document)
+    assert len(text) <= size
+    return text + b" " * (size - len(text))
+
+
+def short_event(**changes):
+    return event(**dict(dict(event_type="start", application="game", version="1.0", user_id="u1"), **changes))
+
+
+LIVE_LIMITS = [
+    # (setting, its value, a body at the limit, the body one past it, status, words)
+    ("max_body_bytes", 600, spaced([event()], 600), spaced([event()], 601), 413, "at most 600"),
+    ("max_batch_events", 3, body([event()] * 3), body([event()] * 4), 422, "at most 3 events and this one has 4"),
+    ("max_string_length", 6, body([short_event(platform="x" * 6)]), body([short_event(platform="x" * 7)]), 422,
+     "'platform' is longer than 6 characters"),
+    ("max_value_depth", 4, body([event(value={"a": [[[]]]})]), body([event(value={"a": [[[[]]]]})]), 422,
+     "more than 4 deep"),
+    ("max_value_bytes", 20, body([event(value={"a": "x" * 12})]), body([event(value={"a": "x" * 13})]), 422,
+     "21 bytes as JSON; at most 20"),
+]
+
+
+@pytest.mark.parametrize("setting, limit, at_limit, past_limit, status, words", LIVE_LIMITS,
+                         ids=[case[0] for case in LIVE_LIMITS])
+def test_a_live_server_stores_a_body_at_each_limit_and_refuses_one_past_it(settings, database, tmp_path, monkeypatch,
+                                                                           setting, limit, at_limit, past_limit,
+                                                                           status, words):
+    monkeypatch.chdir(tmp_path)
+    with serving(settings, **{setting: limit}) as server:
+        assert live_post(server, at_limit) == (204, None)
+        stored_at_limit = count(database)
+        assert stored_at_limit >= 1
+        refused, detail = live_post(server, past_limit)
+    assert refused == status and words in json.dumps(detail)
+    assert count(database) == stored_at_limit
+
+
+def test_the_dashboards_funnel_gives_each_steps_share_of_the_first(reading):
+    today = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    steps = [("u1", "tutorial_start", 3), ("u1", "tutorial_end", 2), ("u2", "tutorial_start", 3),
+             ("u3", "tutorial_start", 3), ("u4", "tutorial_start", 3)]
+    post(reading, "/v1.0/events", [event(user_id=user, event_type=kind, timestamp=(today - datetime.timedelta(
+        minutes=minutes)).isoformat()) for user, kind, minutes in steps])
+    page = reading.get("/dashboard?steps=tutorial_start,tutorial_end", headers=basic("reader-key")).text
+    assert "4 (100%)</text>" in page and "1 (25%)</text>" in page
+
+
+def test_a_nul_in_a_key_of_the_value_is_refused_naming_it_and_nothing_is_stored(client, database):
+    batch = [event(value={"fine": "yes"}), event(value={"nested": [{"a\u0000b": 1}]})]
+    detail = post(client, "/v1.0/events", batch, status=422).json["detail"]
+    assert [(problem["loc"], problem["type"]) for problem in detail] == [(["body", 1, "value"], "nul")]
+    assert count(database) == 0
+
+
+def test_the_rate_limiter_never_tracks_more_than_max_tracked_clients(monkeypatch):
+    monkeypatch.setattr(pycolytics, "MAX_TRACKED_CLIENTS", 3)
+    limiter = pycolytics.RateLimiter((2, 60))
+    for n in range(10):
+        limiter.check(f"198.51.100.{n}", now=n * 60)  # a new window each time: the old ones can go
+        assert len(limiter._windows) <= 3
+
+
+def raw_request(head, body_bytes=b"", blank_lines=0):
+    return b"\r\n" * blank_lines + head.encode() + f"Content-Length: {len(body_bytes)}\r\n\r\n".encode() + body_bytes
+
+
+EVENT_HEAD = "POST /v1.0/events {version}\r\nHost: test\r\nConnection: close\r\n{extra}"
+FRAMING_EDGES = [
+    # (what, settings, request, status)
+    ("8 blank lines before the request", {}, raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra=""),
+                                                         body([event()]), 8), 204),
+    ("9 blank lines before the request", {}, raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra=""),
+                                                         body([event()]), 9), 400),
+    ("a header line of max_header_field bytes", {"max_header_field": 100},
+     raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra="X-Pad: " + "a" * 93 + "\r\n"), body([event()])), 204),
+    ("a header line one byte longer", {"max_header_field": 100},
+     raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra="X-Pad: " + "a" * 94 + "\r\n"), body([event()])), 431),
+    ("a version that is not HTTP", {}, raw_request(EVENT_HEAD.format(version="XTTP/1.1", extra=""),
+                                                   body([event()])), 400),
+    ("a body larger than one recv", {}, raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra=""),
+                                                    spaced([event()], 200_000)), 204),
+]
+
+
+@pytest.mark.parametrize("what, changes, raw, status", FRAMING_EDGES, ids=[case[0] for case in FRAMING_EDGES])
+def test_framing_limits_of_a_live_server_hold_at_their_exact_edge(settings, database, tmp_path, monkeypatch,
+                                                                   what, changes, raw, status):
+    monkeypatch.chdir(tmp_path)
+    with serving(settings, **changes) as server:
+        answer = exchange(server, raw)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    assert count(database) == (1 if status == 204 else 0)
+
+
+@pytest.mark.parametrize("name, lowest, below, highest, above", [
+    ("port", "0", "-1", "65535", "65536"),
+    ("max_batch_events", "1", "0", None, None),
+    ("request_timeout", "0.001", "0.0009", "1000000", "1000001"),
+    ("retention_days", "0", "-1", "999999", "1000000"),
+])
+def test_a_setting_at_either_end_of_its_range_is_taken_and_one_past_it_is_refused(tmp_path, name, lowest, below,
+                                                                                  highest, above):
+    for taken in filter(None, (lowest, highest)):
+        config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), name: taken})
+        assert getattr(config, name) == float(taken)
+    for refused in filter(None, (below, above)):
+        with pytest.raises(pycolytics.ConfigError, match=name):
+            pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), name: refused})
+
+
+def wsgi_post(app, payload, **environ):
+    """(status, body) of one POST straight to the WSGI callable, with an environ made here."""
+    request = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1.0/events", "SERVER_NAME": "test", "SERVER_PORT": "80",
+               "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(payload),
+               "wsgi.errors": io.StringIO(), "SERVER_PROTOCOL": "HTTP/1.1", **environ}
+    answer = []
+    data = b"".join(app(request, lambda status, headers, exc_info=None: answer.append(status)))
+    return int(answer[0].split()[0]), data
+
+
+@pytest.mark.parametrize("payload, environ, status", [
+    (body([event()]), {"CONTENT_LENGTH": "500"}, 400),  # shorter than announced
+    (spaced([event()], 600), {"wsgi.input_terminated": True}, 204),  # a server that ends the input itself
+    (spaced([event()], 601), {"wsgi.input_terminated": True}, 413),
+])
+def test_a_wsgi_body_is_read_to_its_exact_length_and_no_further(settings, database, payload, environ, status):
+    app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, max_body_bytes=600)))
+    try:
+        assert wsgi_post(app, payload, **environ)[0] == status
+    finally:
+        app.close()
+    assert count(database) == (1 if status == 204 else 0)
+
+
+@pytest.mark.parametrize("words, meaning", [(("1", "yes", "true", "on", " Yes "), True),
+                                            (("0", "no", "false", "off", "OFF"), False)])
+def test_a_yes_or_no_setting_reads_every_word_it_documents(tmp_path, words, meaning):
+    for word in words:
+        config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), "quiet": word})
+        assert config.quiet is meaning
+
+
+def test_a_writer_commit_that_never_comes_is_answered_503_with_retry_after_5(settings, database):
+    writer = new_writer(settings)  # never started: nothing will commit
+    writer._patience = 0.2  # in place of busy_timeout + 30 s
+    with pytest.raises(pycolytics.ServiceUnavailable) as refused:
+        writer.write([writer_row("a1")])
+    assert dict(refused.value.headers)["Retry-After"] == "5" and "did not answer in time" in refused.value.detail
+
+
+def test_the_originals_dotenv_may_space_its_equals_sign_and_quote_its_value_either_way(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("SQLITE_FILE_PATH = 'databases/one.db'\nAPI_KEYS= [\"spaced\"] \n")
+    config = pycolytics.load_config(environ={})
+    assert config.database == "databases/one.db" and config.api_keys == ("spaced",)
+
+
+@pytest.mark.parametrize("origins", ["example.com", "https://example.com/page", "ftp://example.com"])
+def test_a_cors_origin_setting_that_is_not_an_origin_is_refused_naming_it(tmp_path, origins):
+    with pytest.raises(pycolytics.ConfigError, match="cors_origins.*is not an origin"):
+        pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db"), "cors_origins": origins})
+
+
+def test_two_lost_postgresql_connections_within_a_second_cost_no_batch(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="first"))
+    for user in ("second", "third"):  # the second loss comes within the reconnect's one-second pause
+        assert cut_connections(postgres_url) >= 1
+        post(postgres_client, "/v1.0/event", event(user_id=user))
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["first", "second", "third"]
+
+
+def test_a_postgresql_commit_lost_after_it_was_sent_is_a_503_and_never_stored_twice(postgres_client, postgres_url,
+                                                                                    monkeypatch):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    # the COMMIT reaches the server, then the connection dies before its answer comes back
+    monkeypatch.setattr(pycolytics, "POSTGRES_COMMIT", pycolytics.POSTGRES_COMMIT
+                        + "; SELECT pg_terminate_backend(pg_backend_pid())")
+    post(postgres_client, "/v1.0/event", event(user_id="unknown outcome"), status=503)
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "unknown outcome"]
+
+
+def test_after_a_refused_postgresql_insert_the_next_batch_is_stored(postgres_client, postgres_url):
+    post(postgres_client, "/v1.0/event", event(user_id="before"))
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.user_id = 'bad' THEN"
+                           " RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+        connection.execute("CREATE TRIGGER refuse BEFORE INSERT ON event FOR EACH ROW EXECUTE FUNCTION refuse()")
+    post(postgres_client, "/v1.0/events", [event(user_id="ok"), event(user_id="bad")], status=503)
+    post(postgres_client, "/v1.0/events", [event(user_id="after")])
+    assert [row[0] for row in stored(postgres_url, "user_id")] == ["before", "after"]
+
+
+def test_a_postgresql_schema_that_keeps_clashing_stops_the_connection_after_three_attempts(postgres_url, monkeypatch):
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE clash ()")
+    monkeypatch.setattr(pycolytics, "POSTGRES_SCHEMA", pycolytics.POSTGRES_SCHEMA + ("CREATE TABLE clash ()",))
+    store = pycolytics.PostgresStore(pycolytics.load_config(environ={}, overrides={"database": postgres_url}))
+    with pytest.raises(psycopg.errors.DuplicateTable):
+        store.connect()
