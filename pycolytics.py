@@ -8,7 +8,7 @@ unchanged.
 
 Run it:          python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
 Look after it:   python3 pycolytics.py keygen | export | prune | backup | copy   (--help says how)
-Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn pycolytics:application
+Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn 'pycolytics:create_app()'
 
 One file, standard library only, Python 3.9 or newer; a postgresql:// database (several
 collectors, one database) also needs psycopg 3, imported only then. Importing this module
@@ -20,6 +20,7 @@ __version__ = "2.0.0"
 __all__ = ["Config", "ConfigError", "Pycolytics", "Server", "application", "create_app", "load_config", "main"]
 
 import argparse
+import binascii
 import collections
 import configparser
 import contextlib
@@ -46,8 +47,9 @@ import time
 from wsgiref.handlers import format_date_time
 from wsgiref.util import is_hop_by_hop
 
-# hmac.compare_digest is this function, but importing hmac loads OpenSSL: 3.5 MB of memory
-# (a fifth of the idle footprint) for one comparison.
+# The constant-time comparison behind hmac.compare_digest when Python has no OpenSSL (with
+# OpenSSL, hmac uses _hashlib's, which is just as constant-time); importing hmac loads OpenSSL:
+# 3.5 MB of memory (a fifth of the idle footprint) for one comparison.
 from _operator import _compare_digest as compare_digest
 
 log = logging.getLogger("pycolytics")
@@ -78,6 +80,10 @@ MAX_TRACKED_CLIENTS = 50_000
 # the write lock cannot be had within HEALTH_TIMEOUT seconds.
 MIN_FREE_DISK = 16 * 2**20
 HEALTH_TIMEOUT = 2
+# A /healthz answer may be this old, so a flood of them costs the database nothing; after a
+# failed write, the writer tries a small one this often, so health recovers with no traffic.
+HEALTH_CACHE_SECONDS = 1
+HEALTH_PROBE_SECONDS = 3
 
 # Characters in a client-made event_id at most: room for a UUID, a ULID or a hash.
 MAX_EVENT_ID = 100
@@ -148,11 +154,17 @@ class UnprocessableEntity(HTTPError):
     status = "422 Unprocessable Entity"
 
 
+def _retry_after(seconds):
+    # Browsers show a page's scripts only a few answer headers unless told; a client must
+    # read this one to know when to send again.
+    return [("Retry-After", str(seconds)), ("Access-Control-Expose-Headers", "Retry-After")]
+
+
 class TooManyRequests(HTTPError):
     status = "429 Too Many Requests"
 
     def __init__(self, detail, retry_after):
-        super().__init__(detail, [("Retry-After", str(retry_after))])
+        super().__init__(detail, _retry_after(retry_after))
 
 
 class HeaderFieldsTooLarge(HTTPError):
@@ -167,7 +179,7 @@ class ServiceUnavailable(HTTPError):
     status = "503 Service Unavailable"
 
     def __init__(self, detail, retry_after=1):
-        super().__init__(detail, [("Retry-After", str(retry_after))])
+        super().__init__(detail, _retry_after(retry_after))
 
 
 class VersionNotSupported(HTTPError):
@@ -187,36 +199,52 @@ def _text(value):
     return value.strip()
 
 
+def _items(value):
+    """The entries of a list setting: one per line, or separated by commas."""
+    return tuple(item for line in value.splitlines() for item in (part.strip() for part in line.split(",")) if item)
+
+
+def _glimpse(key):
+    """A key as a message may show it: never whole, since messages end up in logs."""
+    return f"{key[:4]!r}... ({len(key)} characters)"
+
+
 def _keys(value):
-    return tuple(key for line in value.splitlines() for key in (part.strip() for part in line.split(",")) if key)
+    keys = _items(value)
+    for key in keys:
+        if not key.isprintable() or any(character.isspace() for character in key):
+            raise ValueError(
+                f"the key {_glimpse(key)} holds a space or a control character; separate keys with commas "
+                "or new lines, and start a comment after a key with a space and ; or #"
+            )
+    return keys
+
+
+def _number(value, convert, lowest, highest, accepted):
+    """`value` as a number from `lowest` to `highest`, or a ValueError saying what is accepted."""
+    try:
+        number = convert(value)
+    except ValueError:
+        number = None
+    if number is None or not lowest <= number <= highest:  # NaN fails the comparison too
+        raise ValueError(f"must be {accepted}")
+    return number
 
 
 def _port(value):
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError("a port is a number from 0 to 65535")
-    return port
+    return _number(value, int, 0, 65535, "a whole number from 0 to 65535")
 
 
 def _count(value):
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be a whole number of at least 1")
-    return number
+    return _number(value, int, 1, math.inf, "a whole number of at least 1, without a unit (like 1000, or 1048576 for 1 MiB)")
 
 
 def _seconds(value):
-    number = float(value)
-    if not number > 0 or math.isinf(number):
-        raise ValueError("must be a positive number of seconds")
-    return number
+    return _number(value, float, 0.001, 1e6, "a number of seconds from 0.001 to 1000000, like 5 or 0.5")
 
 
 def _days(value):
-    days = float(value)
-    if not 0 <= days < 1e6:
-        raise ValueError("must be a number of days, or 0 to keep events forever")
-    return days
+    return _number(value, float, 0, 999_999, "a number of days, or 0 to keep events forever")
 
 
 def _flag(value):
@@ -235,13 +263,60 @@ def _synchronous(value):
     return word
 
 
-def _addresses(value):
-    return frozenset(_keys(value))
+class TrustedProxies:
+    """The addresses and networks (CIDR) of our own reverse proxies; `address in proxies` says
+    whether a peer is one. Exact addresses are one set lookup: the common case stays one hash."""
+
+    __slots__ = ("addresses", "networks")
+
+    def __init__(self, addresses, networks):
+        self.addresses = frozenset(addresses)
+        self.networks = tuple(networks)
+
+    def __contains__(self, address):
+        if address in self.addresses:
+            return True
+        if not self.networks:
+            return False
+        import ipaddress  # imported already by _proxies, which made the networks
+
+        try:
+            found = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
+        return any(found in network for network in self.networks)
+
+
+def _address(text):
+    """An IP address written as sockets report peers (::1, not 0:0::1); ValueError if not one."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except OSError:
+        raise ValueError(text) from None
+
+
+def _proxies(value):
+    addresses, networks = set(), []
+    for entry in _items(value):
+        try:
+            if "/" in entry:
+                import ipaddress  # here: 1 MB of memory that only configured networks need
+
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            else:
+                addresses.add(_address(entry))
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is neither an IP address (10.0.0.2, ::1) nor a network (10.0.0.0/8, fd00::/8)"
+            ) from None
+    return TrustedProxies(addresses, networks)
 
 
 def _origins(value):
     """ANY_ORIGIN for "*", else the set of origins (scheme://host[:port]) named."""
-    origins = _keys(value)
+    origins = _items(value)
     if "*" in origins:
         return ANY_ORIGIN
     for origin in origins:
@@ -303,7 +378,7 @@ SETTINGS = (
     Setting("max_pending_events", "100000", _count, "events waiting for the database at most (then 503)"),
     Setting("busy_timeout", "30", _seconds, "seconds a write waits for another process holding the database"),
     Setting("rate_limit", "off", _rate, "requests to the event endpoints per client address, like 60/minute"),
-    Setting("trusted_proxies", "127.0.0.1, ::1", _addresses, "reverse proxies whose X-Forwarded-For is believed"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "reverse proxies whose X-Forwarded-For is believed"),
     Setting("certfile", "", _text, "the PEM certificate chain for HTTPS"),
     Setting("keyfile", "", _text, "the PEM private key for HTTPS"),
     Setting("cors_origins", "*", _origins, "the web pages (origins) that may post events"),
@@ -313,6 +388,20 @@ SETTINGS = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
+# Settings whose values are keys: a message about them shows a glimpse of one key, not the value.
+SECRET_SETTINGS = ("api_keys", "read_keys")
+
+
+def _parse(name, text, where):
+    """A setting's value parsed, or a ConfigError naming `where` it came from, the key, the value
+    and what is accepted."""
+    try:
+        return SETTINGS_BY_NAME[name].parse(text)
+    except ValueError as error:
+        shown = "" if name in SECRET_SETTINGS else f" = {text!r}"
+        raise ConfigError(f"{where}{name}{shown} is not valid: {error}") from None
+
+
 class Config:
     """The settings in force, parsed and checked; attributes are named after the ini keys."""
 
@@ -320,20 +409,20 @@ class Config:
         """`raw` maps each ini key to (text, where it came from); `apps` each [app:NAME] to its raw keys."""
         self.sources = {}
         self.apps = {}
+        places = {}  # where each key is configured, to refuse a key given two roles
         for application, settings in (apps or {}).items():
             self.apps[application] = {}
             for name, (text, source) in settings.items():
-                try:
-                    self.apps[application][name] = SETTINGS_BY_NAME[name].parse(text)
-                except ValueError as error:
-                    raise ConfigError(f"{source}: [app:{application}] {name} = {text!r} is not valid: {error}") from None
-        for name, _, parse, _ in SETTINGS:
+                self.apps[application][name] = _parse(name, text, f"{source}: [app:{application}] ")
+            for key in self.apps[application].get("api_keys", ()):
+                _one_place(places, key, f"[app:{application}] api_keys ({settings['api_keys'][1]})")
+        for name, _, _, _ in SETTINGS:
             text, source = raw[name]
-            try:
-                setattr(self, name, parse(text))
-            except ValueError as error:
-                raise ConfigError(f"{source}: {name} = {text!r} is not valid: {error}") from None
+            setattr(self, name, _parse(name, text, f"{source}: "))
             self.sources[name] = source
+        for name in SECRET_SETTINGS:
+            for key in getattr(self, name):
+                _one_place(places, key, f"{name} ({self.sources[name]})")
         if not self.database:
             raise ConfigError(f"{self.sources['database']}: database must name a file")
         if bool(self.certfile) != bool(self.keyfile):
@@ -344,8 +433,20 @@ class Config:
         return not self.api_keys and not any(app.get("api_keys") for app in self.apps.values())
 
 
+def _one_place(places, key, place):
+    """Record where `key` is configured; a key in two places (a write key that also opens the
+    dashboard, or that two games share) would quietly grant more than either place says."""
+    first = places.setdefault(key, place)
+    if first != place:
+        raise ConfigError(
+            f"the key {_glimpse(key)} is in {first} and in {place}: each key belongs in one place, "
+            "either api_keys (any game), one [app:NAME] (that game), or read_keys (the dashboard)"
+        )
+
+
 def _read_ini(path, raw, apps):
-    parser = configparser.ConfigParser(interpolation=None)
+    # A comment may follow a value after a space (`key = value  ; why`), as in the README.
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as file:
             parser.read_file(file)
@@ -526,8 +627,9 @@ def parse_json(body):
         return json.loads(_GODOT_TOKEN.sub(_godot_token, text), parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
     except (ValueError, RecursionError):
         error = first_error
+        message = re.sub(r" at$", "", error.msg)  # json's "Invalid control character at" says "at" itself
         raise BadRequest(
-            f"the request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+            f"the request body is not valid JSON: {message} at line {error.lineno} column {error.colno}"
         ) from None
 
 
@@ -903,8 +1005,9 @@ def _problem(location, message, kind):
 
 # The original Pycolytics' table, column for column as SQLModel created it, so databases made
 # by either program open in the other. Only a new table gets Pycolytics' own index, on `time`
-# (README.md, "Indexes", has the measurements behind that choice): an existing database keeps
-# its indexes and only gains the ADDED_COLUMNS, with no migration step to run.
+# (README.md, "Indexes", has the measurements behind that choice). An existing database keeps
+# its indexes; at start-up it gains the ADDED_COLUMNS and the EVENT_ID_INDEX (replacing the
+# older index on event_id alone), with no migration step to run.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
     event_type VARCHAR NOT NULL,
@@ -928,23 +1031,73 @@ ADDED_COLUMNS = (
     ("received_at", "DATETIME"),  # the server's receive time, when `time` is the client's
     ("event_id", "VARCHAR"),  # a client-made id: a retried event is stored once
 )
-# Unique among the rows that have one; rows without an event_id cost this index nothing.
-EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_event_id ON event (event_id) WHERE event_id IS NOT NULL"
+# An event_id is unique per application, among the rows that have one (rows without cost this
+# index nothing): two games that both number their events 1, 2, 3 keep all of them.
+EVENT_ID_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
+                  " WHERE event_id IS NOT NULL")
+# Older Pycolytics made event_id unique across applications: replaced at start-up.
+OLD_EVENT_ID_INDEX = "ix_event_event_id"
 
-# OR IGNORE: an event_id that is already stored makes its row a no-op, so the retry of an
-# acknowledged event is acknowledged again and stored once.
+# Only a conflict on EVENT_ID_INDEX is ignored: the retry of an acknowledged event is
+# acknowledged again and stored once. Any other constraint a row breaks (one an operator
+# added) fails the commit, and its clients get 503, never a 204 for a row not stored.
 INSERT = (
-    "INSERT OR IGNORE INTO event"
+    "INSERT INTO event"
     " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
 )
 
 # Times as stored: UTC, as text that SQLite's date functions and pandas read.
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
+# The files of one SQLite database in WAL mode: deleting or replacing any of them under a
+# running server loses what is committed to it (https://www.sqlite.org/howtocorrupt.html).
+DATABASE_FILES = ("", "-wal", "-shm")
 
-def connect(path, synchronous="full", busy_timeout=30.0):
-    """A connection with Pycolytics' pragmas; creates the database and its table if missing.
+
+@contextlib.contextmanager
+def transaction(connection):
+    """BEGIN IMMEDIATE ... COMMIT around the block, ROLLBACK if anything in it fails.
+
+    IMMEDIATE takes the write lock at BEGIN, waiting busy_timeout for it, so a transaction never
+    fails half-way for want of it: https://www.sqlite.org/lang_transaction.html. After some
+    errors (SQLITE_FULL, SQLITE_IOERR, a read-only database) SQLite has rolled back already and
+    a ROLLBACK would fail with "no transaction is active": the error raised is always the first.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            try:
+                connection.execute("ROLLBACK")
+            except sqlite3.Error as error:  # the first error is the one to report; this one only hides it
+                log.warning("rollback failed too: %s", error)
+        raise
+
+
+class SQLiteConnection(sqlite3.Connection):
+    """A connection that remembers which files it opened: (suffix, st_dev, st_ino) of each."""
+
+    files = ()
+
+
+def _file_ids(path):
+    """(suffix, st_dev, st_ino) of each of the database's files that exists now."""
+    found = []
+    for suffix in DATABASE_FILES:
+        try:
+            status = os.stat(path + suffix)
+        except FileNotFoundError:
+            continue
+        found.append((suffix, status.st_dev, status.st_ino))
+    return tuple(found)
+
+
+def connect(path, synchronous="full", busy_timeout=30.0, create=True):
+    """A connection with Pycolytics' pragmas; creates the database (unless not `create`) and its table if missing.
 
     WAL lets readers (pandas, the dashboard) work while events are written, and makes a
     commit one append to the log: https://www.sqlite.org/wal.html
@@ -954,7 +1107,9 @@ def connect(path, synchronous="full", busy_timeout=30.0):
     The busy timeout makes writers in other processes (gunicorn workers) wait their turn
     instead of failing with "database is locked": https://www.sqlite.org/c3ref/busy_timeout.html
     """
-    connection = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    target = path if create else "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
+    connection = sqlite3.connect(target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
+                                 uri=not create, factory=SQLiteConnection)
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
@@ -966,8 +1121,9 @@ def connect(path, synchronous="full", busy_timeout=30.0):
         if missing:
             raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
         if any(name not in columns for name, _ in ADDED_COLUMNS):
-            _add_columns(connection)
-        connection.execute(EVENT_ID_INDEX)
+            _add_columns(connection, announce=bool(exists))
+        _index_event_ids(connection)
+        connection.files = _file_ids(path)
     except BaseException:
         connection.close()
         raise
@@ -978,19 +1134,36 @@ def _columns(connection):
     return {row[1] for row in connection.execute("PRAGMA table_info(event)")}
 
 
-def _add_columns(connection):
+def _add_columns(connection, announce=True):
     """Give the table the columns Pycolytics added; another process may be doing the same."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(connection):
         columns = _columns(connection)
         for name, kind in ADDED_COLUMNS:
             if name not in columns:
                 connection.execute(f"ALTER TABLE event ADD COLUMN {name} {kind}")
-                log.info("upgraded the database: added the column event.%s", name)
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
+                if announce:
+                    log.info("upgraded the database: added the column event.%s", name)
+
+
+def _indexes(connection):
+    return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+
+
+def _index_event_ids(connection):
+    """Make event_id unique per application; an older database's index on event_id alone goes.
+
+    The old index guarantees that no two rows share an event_id, so the new one is always
+    created; both happen in one transaction, so no moment lets a duplicate in.
+    """
+    present = _indexes(connection)
+    if "ix_event_application_event_id" in present and OLD_EVENT_ID_INDEX not in present:
+        return  # the usual case: no write lock taken at each start
+    with transaction(connection):
+        connection.execute(EVENT_ID_INDEX)
+        if OLD_EVENT_ID_INDEX in _indexes(connection):
+            connection.execute(f"DROP INDEX {OLD_EVENT_ID_INDEX}")
+            log.info("upgraded the database: event_id is unique per application (index %s replaces %s)",
+                     "ix_event_application_event_id", OLD_EVENT_ID_INDEX)
 
 
 class Metrics:
@@ -1048,7 +1221,7 @@ PRUNE_STEP_ROWS = 500
 
 
 def urllib_quote(path):
-    from urllib.parse import quote  # here: only health checks and exports need it
+    from urllib.parse import quote  # here: only connections opened by URI (read-only, or never creating) need it
 
     return quote(path)
 
@@ -1058,12 +1231,90 @@ def read_only(path):
     return sqlite3.connect("file:" + urllib_quote(os.path.abspath(path)) + "?mode=ro", uri=True, isolation_level=None)
 
 
-class SQLiteStore:
-    """Events in an SQLite file: the default, standard library only."""
+class DatabaseGone(sqlite3.OperationalError):
+    """The database file the server opened was deleted or replaced, or has not come back."""
+
+
+def _user():
+    try:
+        import pwd  # here: only a refusal to start names the user
+
+        return f"the user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except (ImportError, KeyError):
+        return f"the user id {os.geteuid()}"
+
+
+def unwritable(path):
+    """Why this process could not write an SQLite database at `path`, in plain words, or None."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        return f"{path} is a directory, not a database file (name a file in it, such as {os.path.join(path, 'pycolytics.db')})"
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist (create it, or name a database in an existing folder)"
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"the folder {folder} is on a read-only file system"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"{_user()} may not write in the folder {folder}: SQLite creates the database's -wal and -shm "
+                "files beside it, so the folder needs write (w) and search (x) permission")
+    for name in (path + suffix for suffix in DATABASE_FILES):
+        if os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
+            return f"{_user()} may not write the file {name}: it needs read (r) and write (w) permission"
+    return None
+
+
+class Store:
+    """What a storage backend provides: SQLiteStore and PostgresStore. The writer, /healthz, the
+    dashboard, export and prune use only this, never asking which backend it is (backup and copy
+    do ask: they are SQLite's backup and a move from SQLite into PostgreSQL).
+
+    SQL fragments, for queries written once for both:
+      kind          the backend's name, for messages
+      errors        the driver's exception classes
+      parameter     a query parameter (? or %s)
+      since         a time parameter compared with `time`
+      scan_time     `time` in a condition that must not pick the time index (export reads in id order)
+      day           a row's day as YYYY-MM-DD text
+      time_text, received_text, value_text    those columns as the text SQLite stores
+    Methods:
+      connect()                    the write connection; makes or upgrades the schema
+      read()                       a connection for reading only; never creates a database
+      insert(connection, rows)     store rows in one transaction; how many were new (not a known event_id)
+      prune(connection, before, limit)   delete at most `limit` events older than `before`, in one transaction; how many
+      probe(connection)            make one small write, raising whatever stops it (health recovering)
+      detached(connection)         why `connection` no longer reaches the configured database, or None
+      lost(error)                  whether `error` means the connection is gone and a new one is needed
+      columns(connection)          the event table's column names
+      rows(connection, query, parameters)   the rows of a SELECT, streamed in constant memory
+      problem()                    why the database would not take events now, or None; waits HEALTH_TIMEOUT at most
+      describe(error)              `error` in words that /healthz may show (no hosts, users or passwords)
+      exists()                     whether the database is there already (commands never create one)
+    """
+
+    scan_time = "time"
+
+    def exists(self):
+        return True
+
+    def detached(self, connection):
+        return None
+
+    def rows(self, connection, query, parameters):
+        return connection.execute(query, parameters)
+
+
+class SQLiteStore(Store):
+    """Events in an SQLite file: the default, standard library only.
+
+    Only the first connection may create the file: if it is deleted or replaced while the server
+    runs, the writer reopens the path only when a database is there again (put back, or
+    restored from a backup), and events get 503 meanwhile. A restart creates a new, empty one.
+    """
 
     kind = "SQLite"
     parameter = "?"  # how a query's parameters are written
     since = "?"  # a time parameter compared with `time`
+    scan_time = "+time"  # the unary + keeps SQLite from reading through the time index
     day = "substr(time, 1, 10)"
     time_text = "time"
     received_text = "received_at"
@@ -1072,39 +1323,81 @@ class SQLiteStore:
     def __init__(self, config):
         self.config = config
         self.errors = (sqlite3.Error,)
+        self._files = None  # the files the last connect() opened
 
     def connect(self):
-        return connect(self.config.database, self.config.synchronous, self.config.busy_timeout)
+        path = self.config.database
+        if self._files is None:
+            problem = unwritable(path)
+            if problem:
+                raise ConfigError(f"{self.config.sources['database']}: cannot write the database {path}: {problem}")
+        elif not os.path.exists(path):
+            raise DatabaseGone(f"the database file {os.path.abspath(path)} is gone (deleted or moved while the "
+                               "server ran): put it back, or restart the server to start a new, empty one")
+        else:
+            self._refuse_a_stale_log(path)
+        connection = connect(path, self.config.synchronous, self.config.busy_timeout, create=self._files is None)
+        self._files = connection.files
+        return connection
+
+    def _refuse_a_stale_log(self, path):
+        """A database put back beside the -wal of the one deleted would take that log's pages as its own."""
+        before = {suffix: (device, inode) for suffix, device, inode in self._files}
+        now = {suffix: (device, inode) for suffix, device, inode in _file_ids(path)}
+        if before.get("") != now.get("") and before.get("-wal") is not None and before.get("-wal") == now.get("-wal"):
+            raise DatabaseGone(f"the database file {os.path.abspath(path)} was replaced, but its -wal file is the "
+                               "deleted database's: move the -wal and -shm files away, then it is opened again")
+
+    def exists(self):
+        return os.path.exists(self.config.database)
+
+    def detached(self, connection):
+        """Why `connection` no longer writes into the file at the configured path, or None."""
+        path = os.path.abspath(self.config.database)
+        for suffix, device, inode in connection.files:
+            try:
+                status = os.stat(path + suffix)
+            except FileNotFoundError:
+                return f"the database file {path + suffix} was deleted while the server ran"
+            if (status.st_dev, status.st_ino) != (device, inode):
+                return f"the database file {path + suffix} was replaced while the server ran"
+        return None
 
     def insert(self, connection, rows):
-        """Insert `rows` in one transaction; return how many were new (not an event_id already stored)."""
+        """Insert `rows` in one transaction; return how many were new (not an event_id already stored).
+
+        Raises DatabaseGone if the file was deleted or replaced meanwhile: the rows went to a
+        file nobody will open again.
+        """
         changes = connection.total_changes
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(connection):
             connection.executemany(INSERT, rows)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        self._still_there(connection)
         return connection.total_changes - changes
+
+    def _still_there(self, connection):
+        problem = self.detached(connection)
+        if problem:
+            raise DatabaseGone(problem)
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
         """Delete at most `limit` events older than `before` (stored time text); return how many."""
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            deleted = connection.execute(
+        with transaction(connection):
+            return connection.execute(
                 "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)",
                 (before, limit),
             ).rowcount
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        return deleted
+
+    def probe(self, connection):
+        """Commit a write that changes nothing (user_version rewritten as it is): lock, log and fsync all work."""
+        with transaction(connection):
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            connection.execute(f"PRAGMA user_version = {int(version)}")
+        self._still_there(connection)
 
     def lost(self, error):
-        """Whether `error` means the connection is gone and a new one is needed: never, for a file."""
-        return False
+        """Whether `error` means the connection must be replaced: only when its file was."""
+        return isinstance(error, DatabaseGone)
 
     def describe(self, error):
         """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
@@ -1126,8 +1419,8 @@ class SQLiteStore:
             uri = "file:" + urllib_quote(os.path.abspath(self.config.database)) + "?mode=rw"
             connection = sqlite3.connect(uri, uri=True, timeout=HEALTH_TIMEOUT, isolation_level=None)
             try:
-                connection.execute("BEGIN IMMEDIATE")  # can we take the write lock?
-                connection.execute("ROLLBACK")
+                with transaction(connection):  # can we take the write lock?
+                    pass
             finally:
                 connection.close()
         except (OSError, sqlite3.Error) as error:
@@ -1247,7 +1540,7 @@ class Watchdog:
                     self._changed.wait(max(0.01, min(waiting)))
 
 
-class PostgresStore:
+class PostgresStore(Store):
     """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
 
     The driver, psycopg 3, is imported only here: SQLite users never need it. Every wait is
@@ -1393,6 +1686,17 @@ class PostgresStore:
         self._told = None
         return None
 
+    def probe(self, connection):
+        with connection.transaction():
+            connection.execute("LOCK TABLE event IN ROW EXCLUSIVE MODE")  # the lock an insert takes
+
+    def rows(self, connection, query, parameters):
+        """Through a server-side cursor, in a read-only transaction of its own: PostgreSQL streams them."""
+        with connection.transaction():
+            connection.execute("SET TRANSACTION READ ONLY")
+            with connection.cursor("export") as cursor:
+                yield from cursor.execute(query, parameters)
+
     def describe(self, error):
         """`error` in general words, for clients and /healthz: the driver's own text names hosts,
         ports, users and databases, and belongs in the log."""
@@ -1427,11 +1731,15 @@ class Writer:
     held in memory.
     """
 
-    def __init__(self, config, metrics=None):
+    def __init__(self, config, store, metrics):
         self.config = config
-        self.store = store_for(config)
-        self.metrics = metrics or Metrics()
-        self.last_error = None
+        self.store = store
+        self.metrics = metrics
+        self.last_error = None  # what the last write (a commit or a probe) failed with
+        self._probe_due = 0.0
+        self._wrote_at = -HEALTH_CACHE_SECONDS  # when a write last succeeded
+        self._health_lock = threading.Lock()
+        self._checked, self._checked_at, self._checking = None, -HEALTH_CACHE_SECONDS, False
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._queue = []
@@ -1440,7 +1748,9 @@ class Writer:
         self._thread = None
         self._connection = None
         self._reconnect_at = 0.0
+        self._unreachable = None  # why the last reconnection failed
         self.pruned = 0
+        self._pass_pruned = 0  # by the steps of this pass, so far
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
@@ -1501,9 +1811,9 @@ class Writer:
             while True:
                 with self._lock:
                     while not self._queue and not self._closed:
-                        if self.config.retention_days and time.monotonic() >= self._prune_due:
+                        wait = self._idle_wait()
+                        if wait is not None and wait <= 0:
                             break
-                        wait = max(0.0, self._prune_due - time.monotonic()) if self.config.retention_days else None
                         self._wakeup.wait(wait)
                     if not self._queue and self._closed:
                         return
@@ -1512,34 +1822,108 @@ class Writer:
                     error = self._commit(group)
                     for _, committed in group:
                         committed(error)
+                elif self.last_error is not None and time.monotonic() >= self._probe_due:
+                    self._probe()
                 else:
                     self._prune_due = self._prune()
         finally:
             if self._connection is not None:
                 self._connection.close()
 
+    def _idle_wait(self):
+        """Seconds until the writer has work besides commits (a probe, a pruning step), or None."""
+        due = [self._probe_due] if self.last_error is not None else []
+        if self.config.retention_days:
+            due.append(self._prune_due)
+        return min(due) - time.monotonic() if due else None
+
     def _connected(self):
-        """The writer's connection, opened again if it was lost (not more than once a second)."""
+        """The writer's connection, opened again if it was lost or its file replaced (once a second at most)."""
+        if self._connection is not None:
+            problem = self.store.detached(self._connection)
+            if problem:
+                log.error("%s: opening the database again", problem)
+                self._drop()
         if self._connection is None:
             if time.monotonic() < self._reconnect_at:
-                raise ConnectionError("the database connection is lost; reconnecting")
+                raise ConnectionError(self._unreachable or "the database connection is lost; reconnecting")
             self._reconnect_at = time.monotonic() + 1
-            self._connection = self.store.connect()
+            try:
+                self._connection = self.store.connect()
+            except Exception as error:  # the database's errors, or its file still gone
+                self._unreachable = str(error)
+                raise
             log.info("reconnected to the database")
         return self._connection
+
+    def health(self):
+        """Why the database would not take events now, or None; waits HEALTH_TIMEOUT at most.
+
+        Mostly instant, so that a flood of /healthz costs the database nothing: a failed write
+        is known (and probed again every HEALTH_PROBE_SECONDS), a write that succeeded in the
+        last HEALTH_CACHE_SECONDS says enough, and otherwise a check of its own runs once in
+        HEALTH_CACHE_SECONDS at most, one at a time, while other callers get the last result.
+        """
+        error = self.last_error
+        if error is not None:
+            return f"the last write failed: {self.store.describe(error)}"
+        with self._health_lock:
+            now = time.monotonic()
+            if now - self._wrote_at < HEALTH_CACHE_SECONDS:
+                return None
+            if self._checking or now - self._checked_at < HEALTH_CACHE_SECONDS:
+                return self._checked
+            self._checking = True
+        problem = None
+        try:
+            connection = self._connection
+            problem = (connection is not None and self.store.detached(connection)) or self.store.problem()
+        finally:
+            with self._health_lock:
+                self._checked, self._checked_at, self._checking = problem, time.monotonic(), False
+        return problem
+
+    def _probe(self):
+        """A small write while the last one failed: health recovers without waiting for events."""
+        before = str(self.last_error)
+        try:
+            self.store.probe(self._connected())
+        except Exception as error:  # still failing, for any of a commit's reasons
+            if str(error) != before:
+                log.error("the database still takes no writes: %s", error)
+            self._failed(error)
+            return
+        self._succeeded()
+        log.info("the database takes writes again")
+
+    def _failed(self, error):
+        self.last_error = error
+        self._probe_due = time.monotonic() + HEALTH_PROBE_SECONDS
+        self._forget_lost(error)
+
+    def _succeeded(self):
+        self.last_error = None
+        self._wrote_at = time.monotonic()
 
     def _prune(self):
         """One small step of deleting events past retention_days, between commits; when to step next."""
         cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=self.config.retention_days)
+        before = cutoff.strftime(TIME_FORMAT)
         try:
-            deleted = self.store.prune(self._connected(), cutoff.strftime(TIME_FORMAT))
+            deleted = self.store.prune(self._connected(), before)
         except Exception as error:  # the database's errors, or a lost connection
             self._forget_lost(error)
-            log.warning("could not prune old events: %s", error)
+            log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
+            self._pass_pruned = 0
             return time.monotonic() + 3600
-        if deleted:
-            self.pruned += deleted
-        return time.monotonic() + (0 if deleted == PRUNE_STEP_ROWS else 3600)
+        self.pruned += deleted
+        self._pass_pruned += deleted
+        if deleted == PRUNE_STEP_ROWS:
+            return time.monotonic()  # more to delete: the next step comes between commits
+        log.info("retention_days = %d: deleted %d events from before %s", self.config.retention_days,
+                 self._pass_pruned, before[:19])
+        self._pass_pruned = 0
+        return time.monotonic() + 3600
 
     def _commit(self, group):
         started = time.monotonic()
@@ -1553,34 +1937,74 @@ class Writer:
                 inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
             log.error("could not store %d events: %s", len(rows), failure)
-            self.last_error = failure
-            self._forget_lost(failure)
+            self._failed(failure)
             return ServiceUnavailable("the database could not store the events; send them again shortly", 5)
-        self.last_error = None
+        self._succeeded()
         self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         return None
 
     def _forget_lost(self, error):
         """Drop a connection that `error` says is gone, so the next commit opens a new one."""
         if self._connection is not None and (isinstance(error, ConnectionError) or self.store.lost(error)):
-            try:
-                self._connection.close()
-            except Exception:  # closing what is already broken: nothing more to learn
-                pass
-            self._connection = None
+            self._drop()
+
+    def _drop(self):
+        try:
+            self._connection.close()
+        except Exception:  # closing what is already broken: nothing more to learn
+            pass
+        self._connection = None
 
 
 ###############################################################################
 # The dashboard: /dashboard
 ###############################################################################
 
-# The range the dashboard shows when none is asked for, in days up to today.
+# The range the dashboard and the report show when none is asked for, in days up to today.
 DASHBOARD_DAYS = 30
-# The dashboard keeps the figures of days that ended this many days ago for an hour, and
-# remembers this many days at most (a few hundred bytes each).
-DASHBOARD_SETTLED_DAYS = 2
-DASHBOARD_CACHE_SECONDS = 3600
-DASHBOARD_CACHE_DAYS = 4000
+# The longest range one report reads: a year, leap day included. Each report reads every event
+# of its range, so a longer one would hold a database connection for minutes.
+MAX_REPORT_DAYS = 366
+# The days a report may name: stored times start at the Unix epoch, and the last day leaves room
+# for the day after `until`, the range's end.
+FIRST_REPORT_DAY = datetime.date(1970, 1, 1)
+LAST_REPORT_DAY = datetime.date(9999, 12, 30)
+# Rows of a ranking before the rest is lumped as "(other)": a million distinct versions must
+# not become a million rows of HTML.
+REPORT_TOP = 20
+# The days after a cohort's first that the API reports, and the columns of the dashboard's triangle.
+RETENTION_API_DAYS = (1, 7, 30)
+RETENTION_COLUMNS = (1, 2, 3, 4, 5, 6, 7, 14, 30)
+# Steps of one funnel at most; each step's times are held per user while it is counted.
+MAX_FUNNEL_STEPS = 10
+# Characters of one filter at most: more than any stored string may have, so nothing is lost.
+MAX_FILTER_CHARACTERS = 1000
+# Query fields parsed at most: a report has a dozen; more is not a dashboard talking.
+MAX_QUERY_FIELDS = 40
+# Bytes of JSON the report cache keeps; the least recently used report goes first.
+REPORT_CACHE_BYTES = 4 * 1024 * 1024
+# Wrong read keys one client address may present per window before it waits for the next: a
+# person mistyping stays below it, a guesser is held to a few guesses a minute.
+READ_KEY_FAILURES = 5
+READ_KEY_WINDOW = 60
+# Session lengths drawn as bars on the dashboard: (upper bound in seconds, label).
+SESSION_BUCKETS = ((60, "< 1 min"), (300, "1-5 min"), (900, "5-15 min"), (1800, "15-30 min"),
+                   (3600, "30-60 min"), (7200, "1-2 h"), (math.inf, "2 h +"))
+# What the SQL of the two backends says differently: byte order for names (PostgreSQL's default
+# collation sorts by locale, which would rank ties differently from SQLite), and the type and
+# text of one field of `value`.
+REPORT_SQL = {
+    "SQLite": {"collate": "", "kind": "json_type(value, ?)", "item": "json_extract(value, ?)"},
+    "PostgreSQL": {"collate": ' COLLATE "C"', "kind": "jsonb_typeof(value -> %s)", "item": "value ->> %s"},
+}
+# Kinds of JSON values as either backend names them, and what a breakdown of values makes of them.
+VALUE_KINDS = {"integer": "number", "real": "number", "number": "number", "text": "string", "string": "string",
+               "true": "boolean", "false": "boolean", "boolean": "boolean"}
+# The filters of a report: a report with filters is the report of a database that held only the
+# events that match them.
+REPORT_FILTERS = ("application", "event_type", "version", "platform")
+
+ReportQuery = collections.namedtuple("ReportQuery", ("since", "until") + REPORT_FILTERS)
 
 
 def presented_read_key(environ):
@@ -1599,22 +2023,382 @@ def presented_read_key(environ):
     return None
 
 
+class ReadKeyGuard:
+    """Counts wrong read keys per client address, in fixed windows, and holds back a guesser.
+
+    An address that presented READ_KEY_FAILURES wrong keys in a window gets 429 until the window
+    ends, whatever key it presents then. The first failure of each address in a window is logged;
+    the rest are only counted, so a guesser cannot fill the log.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._failures = {}  # address -> [window number, wrong keys in it]
+
+    def check(self, address, now=None):
+        """Raise TooManyRequests if `address` used up its wrong keys in this window."""
+        now = time.monotonic() if now is None else now
+        window = int(now // READ_KEY_WINDOW)
+        with self._lock:
+            counted = self._failures.get(address)
+            blocked = counted is not None and counted[0] == window and counted[1] >= READ_KEY_FAILURES
+        if blocked:
+            wait = max(1, math.ceil((window + 1) * READ_KEY_WINDOW - now))
+            raise TooManyRequests(f"{READ_KEY_FAILURES} wrong read keys in a minute from this address: "
+                                  f"try again in {wait} s", wait)
+
+    def failed(self, address, now=None):
+        now = time.monotonic() if now is None else now
+        window = int(now // READ_KEY_WINDOW)
+        with self._lock:
+            counted = self._failures.get(address)
+            first = counted is None or counted[0] != window
+            if first:
+                if counted is None and len(self._failures) >= MAX_TRACKED_CLIENTS:
+                    self._forget(window)
+                self._failures[address] = [window, 1]
+            else:
+                counted[1] += 1
+        if first:
+            log.warning("a wrong read key from %r (more from it this minute are counted, not logged)", address)
+
+    def _forget(self, window):
+        for address in [address for address, counted in self._failures.items() if counted[0] != window]:
+            del self._failures[address]
+        if len(self._failures) >= MAX_TRACKED_CLIENTS:
+            self._failures.clear()  # this many guessers at once: start over rather than grow
+
+
+class ReportCache:
+    """Reports as JSON bytes by their query, within a budget of bytes; the least recently used goes first.
+
+    The key holds the database's lowest and highest event id, so a new event (late ones too) or
+    a pruning step makes the next request read the database again: a kept report is never stale.
+    """
+
+    def __init__(self, budget=REPORT_CACHE_BYTES):
+        self.budget = budget
+        self.used = 0
+        self._lock = threading.Lock()
+        self._entries = collections.OrderedDict()  # key -> JSON bytes
+
+    def get(self, key):
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+        return found
+
+    def put(self, key, data):
+        size = len(data) + len(repr(key))
+        if size > self.budget:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.used -= len(old) + len(repr(key))
+            self._entries[key] = data
+            self.used += size
+            while self.used > self.budget:
+                oldest, dropped = self._entries.popitem(last=False)
+                self.used -= len(dropped) + len(repr(oldest))
+
+    def __len__(self):
+        return len(self._entries)
+
+
+def _query_fields(query):
+    """{name: last value} and {name: every value} of a query string; 400 for one no dashboard sends."""
+    from urllib.parse import parse_qs  # here: only the dashboard reads a query string
+
+    try:
+        every = parse_qs(query, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        raise BadRequest(f"a report takes at most {MAX_QUERY_FIELDS} query fields") from None
+    for name, values in every.items():
+        for value in values:
+            if len(value) > MAX_FILTER_CHARACTERS or "\x00" in value:
+                raise BadRequest(f"{name[:40]!r} must be at most {MAX_FILTER_CHARACTERS} characters, without NUL")
+    return {name: values[-1] for name, values in every.items()}, every
+
+
+def _report_day(fields, name, default):
+    text = fields.get(name)
+    if not text:
+        return default
+    try:
+        day = datetime.date.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be a date like 2024-05-01, not {text[:40]!r}") from None
+    if not FIRST_REPORT_DAY <= day <= LAST_REPORT_DAY:
+        raise BadRequest(f"{name} must be a day from {FIRST_REPORT_DAY} to {LAST_REPORT_DAY}")
+    return day
+
+
+def report_query(fields, today):
+    """The ReportQuery of the fields of a query string; BadRequest names what is wrong."""
+    until = _report_day(fields, "until", min(today, LAST_REPORT_DAY))
+    default_since = max(FIRST_REPORT_DAY, until - datetime.timedelta(days=DASHBOARD_DAYS - 1))
+    since = _report_day(fields, "since", default_since)
+    if since > until:
+        raise BadRequest(f"since ({since}) must not be after until ({until})")
+    if (until - since).days + 1 > MAX_REPORT_DAYS:
+        raise BadRequest(f"a report covers at most {MAX_REPORT_DAYS} days; since {since} to until {until} "
+                         f"is {(until - since).days + 1}")
+    return ReportQuery(since, until, *(fields.get(name) or None for name in REPORT_FILTERS))
+
+
+def _answer_format(fields, offered):
+    chosen = fields.get("format") or "json"
+    if chosen not in offered:
+        raise BadRequest(f"format must be {' or '.join(offered)}, not {chosen[:40]!r}")
+    return chosen
+
+
+def _funnel_steps(fields, every):
+    """The steps of a funnel: `steps=a,b,c`, or the dashboard's `step` fields when that is empty."""
+    steps = [step.strip() for step in (fields.get("steps") or "").split(",") if step.strip()]
+    steps = steps or [step for step in every.get("step", ()) if step]
+    if not steps:
+        raise BadRequest("a funnel needs steps: event types separated by commas, like steps=tutorial_start,tutorial_end")
+    if len(steps) > MAX_FUNNEL_STEPS:
+        raise BadRequest(f"a funnel has at most {MAX_FUNNEL_STEPS} steps, not {len(steps)}")
+    return tuple(steps)
+
+
+def _value_field(fields):
+    field = fields.get("field")
+    if not field or any(character in field for character in '"\\') or not field.isprintable():
+        raise BadRequest("field must name a key of the events' value, like field=level (no quotes or backslashes)")
+    return field
+
+
+def _percentile(ordered, share):
+    """The nearest-rank percentile of a sorted list of (value, how many times) pairs."""
+    rank, seen = math.ceil(share * sum(times for _, times in ordered)), 0
+    for value, times in ordered:
+        seen += times
+        if seen >= max(1, rank):
+            return value
+    return None
+
+
+def _top(counts, total_events, other_users=None):
+    """The REPORT_TOP largest of (name, events, users) rows sorted by events, then "(other)" for the rest."""
+    rows = [{"name": name, "events": events, "users": users} for name, events, users in counts[:REPORT_TOP]]
+    if len(counts) > REPORT_TOP:
+        rest = {"name": "(other)", "events": total_events - sum(row["events"] for row in rows)}
+        if other_users is not None:
+            rest["users"] = other_users
+        rows.append(rest)
+    return rows
+
+
+class _ReportReader:
+    """The SQL of one report: its range and filters as a WHERE clause, on one connection."""
+
+    def __init__(self, store, connection, query):
+        self.store, self.connection, self.query = store, connection, query
+        self.sql = REPORT_SQL[store.kind]
+        self.end = (query.until + datetime.timedelta(days=1)).isoformat()
+        self.filters, self.filter_values = "", []
+        for name in REPORT_FILTERS:
+            if getattr(query, name) is not None:
+                self.filters += f" AND {name} = {store.parameter}"
+                self.filter_values.append(getattr(query, name))
+        self.where = f"WHERE time >= {store.since} AND time < {store.since}{self.filters}"
+        self.arguments = [query.since.isoformat(), self.end] + self.filter_values
+
+    def rows(self, sql, before=(), after=()):
+        return self.connection.execute(sql, list(before) + self.arguments + list(after))
+
+    def activity(self):
+        """(day, application, user_id, session_id, events, first time, last time) of the range."""
+        day, moment = self.store.day, self.store.time_text
+        return self.rows(f"SELECT {day}, application, user_id, session_id, count(*), min({moment}), max({moment})"
+                         f" FROM event {self.where} GROUP BY 1, 2, 3, 4")
+
+    def first_days(self):
+        """(application, user_id, first day) of the users whose first event ever is in the range."""
+        since = self.store.since
+        return self.connection.execute(
+            f"SELECT application, user_id, {self.store.day} FROM (SELECT application, user_id, min(time) AS time"
+            f" FROM event WHERE time < {since}{self.filters} GROUP BY application, user_id) AS firsts"
+            f" WHERE time >= {since}", [self.end] + self.filter_values + [self.query.since.isoformat()])
+
+    def ranking(self, field, total_events):
+        """The events and users of each value of `field`, the top ones and "(other)"."""
+        counts = [(name, int(events), users) for name, events, users in self.rows(
+            f"SELECT name, sum(events), count(*) FROM (SELECT {field} AS name, application, user_id,"
+            f" count(*) AS events FROM event {self.where} GROUP BY 1, 2, 3) AS per_user"
+            f" GROUP BY name ORDER BY 2 DESC, name{self.sql['collate']} LIMIT {REPORT_TOP + 1}")]
+        other_users = None
+        if len(counts) > REPORT_TOP:
+            marks = ", ".join([self.store.parameter] * REPORT_TOP)
+            other_users = self.rows(
+                f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM event {self.where}"
+                f" AND {field} NOT IN ({marks})) AS rest", after=[name for name, _, _ in counts[:REPORT_TOP]]
+            ).fetchone()[0]
+        return _top(counts, total_events, other_users)
+
+    def funnel(self, steps):
+        """How many users did steps[0], then steps[1] at or after that, and so on."""
+        kinds = sorted(set(steps))
+        marks = ", ".join([self.store.parameter] * len(kinds))
+        times = collections.defaultdict(lambda: collections.defaultdict(list))
+        for application, user_id, event_type, moment in self.rows(
+            f"SELECT application, user_id, event_type, {self.store.time_text} FROM event {self.where}"
+            f" AND event_type IN ({marks})", after=kinds
+        ):
+            times[application, user_id][event_type].append(moment)
+        reached = [0] * len(steps)
+        for per_type in times.values():
+            moment = ""  # every stored time is at or after ""
+            for n, step in enumerate(steps):
+                moment = min((found for found in per_type.get(step, ()) if found >= moment), default=None)
+                if moment is None:
+                    break
+                reached[n] += 1
+        return [{"name": step, "users": users} for step, users in zip(steps, reached)]
+
+    def values(self, field):
+        """{kind: Counter of value -> events} of `field` in the events' value."""
+        path = field if self.store.kind == "PostgreSQL" else f'$."{field}"'
+        found = collections.defaultdict(collections.Counter)
+        for kind, item, events in self.rows(f"SELECT {self.sql['kind']}, {self.sql['item']}, count(*) FROM event"
+                                            f" {self.where} GROUP BY 1, 2", before=[path, path]):
+            kind = VALUE_KINDS.get(kind, "missing")
+            if kind == "number" and isinstance(item, str):
+                item = float(item) if any(mark in item for mark in ".eE") else int(item)
+            elif kind == "boolean":
+                kind, item = "string", "true" if item in (1, "true", True) else "false"
+            elif kind == "missing":
+                item = None
+            found[kind][item] += events
+        return found
+
+
+def _session_seconds(first, last):
+    begun, ended = (datetime.datetime.fromisoformat(text.replace("T", " ")[:26]) for text in (first, last))
+    return round((ended - begun).total_seconds(), 3)
+
+
+def build_report(store, connection, query, today):
+    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
+    reader = _ReportReader(store, connection, query)
+    span = (query.until - query.since).days + 1
+    position = {(query.since + datetime.timedelta(days=n)).isoformat(): n for n in range(span)}
+    columns = {name: [0] * span for name in ("events", "users", "new_users", "sessions")}
+    active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
+    sessions = {}  # (application, session_id) -> [days, first time, last time]
+    for day, application, user_id, session_id, events, first, last in reader.activity():
+        n = position[day]
+        columns["events"][n] += events
+        days = active[application, user_id]
+        if n not in days:
+            days.add(n)
+            columns["users"][n] += 1
+        session = sessions.setdefault((application, session_id), [set(), first, last])
+        if n not in session[0]:
+            session[0].add(n)
+            columns["sessions"][n] += 1
+        session[1], session[2] = min(session[1], first), max(session[2], last)
+    cohorts = collections.defaultdict(list)
+    for application, user_id, day in reader.first_days():
+        columns["new_users"][position[day]] += 1
+        cohorts[position[day]].append((application, user_id))
+    lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
+    total_events = sum(columns["events"])
+    report = {
+        "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+        "totals": {"events": total_events, "users": len(active), "new_users": sum(columns["new_users"]),
+                   "sessions": len(sessions)},
+        "days": [dict(date=day, **{name: columns[name][n] for name in columns}) for day, n in position.items()],
+        "retention": [],
+        "sessions": {"count": len(lengths),
+                     "median_seconds": _percentile([(length, 1) for length in lengths], 0.5) or 0,
+                     "p90_seconds": _percentile([(length, 1) for length in lengths], 0.9) or 0,
+                     "per_user": round(len(lengths) / len(active), 2) if active else 0},
+        "event_types": reader.ranking("event_type", total_events),
+        "versions": reader.ranking("version", total_events),
+        "platforms": reader.ranking("platform", total_events),
+    }
+    observed = (min(query.until, today) - query.since).days  # days after it have not happened yet
+    triangle = []
+    for n in sorted(cohorts):
+        cohort = cohorts[n]
+        shares = [None if n + after > observed else round(sum(n + after in active[user] for user in cohort)
+                                                          / len(cohort), 4) for after in RETENTION_COLUMNS]
+        triangle.append([n, len(cohort), shares])
+        report["retention"].append(dict(
+            {"cohort": (query.since + datetime.timedelta(days=n)).isoformat(), "users": len(cohort)},
+            **{f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS}))
+    histogram = [0] * len(SESSION_BUCKETS)
+    for length in lengths:
+        histogram[next(n for n, (bound, _) in enumerate(SESSION_BUCKETS) if length < bound)] += 1
+    extras = {"triangle": triangle, "session_lengths": histogram,
+              "applications": [row["name"] for row in _ReportReader(store, connection, query._replace(
+                  application=None)).ranking("application", 0) if row["name"] != "(other)"]}
+    return report, extras
+
+
+def build_funnel(store, connection, query, steps):
+    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+            "steps": _ReportReader(store, connection, query).funnel(steps)}
+
+
+def build_values(store, connection, query, field):
+    found = _ReportReader(store, connection, query).values(field)
+    numbers = None
+    if found["number"]:
+        ordered = sorted(found["number"].items())
+        numbers = {"count": sum(found["number"].values()), "min": ordered[0][0], "p50": _percentile(ordered, 0.5),
+                   "p90": _percentile(ordered, 0.9), "max": ordered[-1][0],
+                   "sum": sum(value * times for value, times in ordered)}
+    strings = sorted(found["string"].items(), key=lambda item: (-item[1], item[0]))
+    total = sum(sum(counter.values()) for counter in found.values())
+    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+            "event_type": query.event_type, "field": field, "events": total,
+            "missing": sum(found["missing"].values()), "numbers": numbers,
+            "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
+                [(value, events, None) for value, events in strings], sum(found["string"].values()))]}
+
+
+def _csv(header, rows):
+    lines = [",".join(header)]
+    for row in rows:
+        lines.append(",".join(_csv_cell(row[name]) for name in header))
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def _csv_cell(value):
+    """One CSV cell; text that a spreadsheet would run as a formula starts with a quote (OWASP's advice)."""
+    text = "" if value is None else str(value)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        text = "'" + text
+    if any(mark in text for mark in ',"\r\n'):
+        text = '"' + text.replace('"', '""') + '"'
+    return text
+
+
 class Dashboard:
-    """Charts of the stored events, drawn by the server as inline SVG: no scripts, fonts or CDNs.
+    """The report API (/v1.0/report...) and the dashboard page drawn from it: SVG, no scripts, fonts or CDNs.
 
     Reading needs one of `read_keys`; the write keys that ship inside games never open it.
-    The figures are per day, from three scans of the days not yet cached, through the `time` index.
     """
 
     def __init__(self, config, store):
         self.store = store
         self._read_keys = [key.encode("utf-8") for key in config.read_keys]
-        self._lock = threading.Lock()
-        self._cache = {}  # day -> (when read, its summaries), oldest read first
+        self._trusted_proxies = config.trusted_proxies
+        self._guard = ReadKeyGuard()
+        self.cache = ReportCache()
 
     def authorize(self, environ):
         if not self._read_keys:
             raise Forbidden("the dashboard is off: set read_keys in the configuration to open it")
+        address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted_proxies)
+        self._guard.check(address)
         key = presented_read_key(environ)
         matched = False
         try:
@@ -1624,207 +2408,293 @@ class Dashboard:
         for known in self._read_keys:
             matched |= compare_digest(known, candidate)
         if not key or not matched:
+            if key:  # a browser's first request carries no key: that is not a guess
+                self._guard.failed(address)
             raise Unauthorized("the dashboard needs a read key: as the password of HTTP Basic, or a Bearer token",
                                [("WWW-Authenticate", 'Basic realm="pycolytics dashboard", charset="UTF-8"')])
 
+    def answer(self, environ):
+        """(status, headers, body) for /v1.0/report, /v1.0/report/funnel and /v1.0/report/values."""
+        self.authorize(environ)
+        fields, every = _query_fields(environ.get("QUERY_STRING", ""))
+        query = report_query(fields, _today())
+        kind = (environ.get("PATH_INFO") or "").rpartition("/")[2]
+        if kind == "funnel":
+            chosen = _answer_format(fields, ("json", "csv"))
+            document = self.figures("funnel", query, _funnel_steps(fields, every))
+            rows = (document["steps"], ("name", "users"))
+        elif kind == "values":
+            chosen = _answer_format(fields, ("json",))
+            if not query.event_type:
+                raise BadRequest("values needs event_type: the type of the events whose value to break down")
+            document = self.figures("values", query, _value_field(fields))
+        else:
+            chosen = _answer_format(fields, ("json", "csv"))
+            document = self.figures("report", query)[0]
+            rows = (document["days"], ("date", "events", "users", "new_users", "sessions"))
+        if chosen == "csv":
+            name = f"pycolytics-{kind}-{query.since}-{query.until}.csv"
+            return _ok(_csv(rows[1], rows[0]), ("Content-Type", "text/csv; charset=utf-8"),
+                       ("Content-Disposition", f'attachment; filename="{name}"'), ("Cache-Control", "no-store"))
+        return _ok(json.dumps(document).encode(), ("Content-Type", "application/json"), ("Cache-Control", "no-store"))
+
     def page(self, environ):
         started = time.monotonic()
-        application, since, until = self._filters(environ.get("QUERY_STRING", ""))
+        fields, every = _query_fields(environ.get("QUERY_STRING", ""))
+        query = report_query(fields, _today())
+        report, extras = self.figures("report", query)
+        funnel = values = None
+        if fields.get("steps") or any(every.get("step", ())):
+            funnel = self.figures("funnel", query, _funnel_steps(fields, every))
+        if fields.get("of") and fields.get("field"):
+            values = self.figures("values", query._replace(event_type=fields["of"]), _value_field(fields))
+        parts = {"report": report, "extras": extras, "funnel": funnel, "values": values, "fields": fields,
+                 "query": query}
+        return _dashboard_html(parts, time.monotonic() - started).encode()
+
+    def figures(self, kind, query, *arguments):
+        """build_report, build_funnel or build_values, from the cache while the database has not changed."""
         connection = self.store.read()
         try:
-            figures = self._figures(connection, application, since, until)
+            try:
+                lowest = connection.execute("SELECT min(id) FROM event").fetchone()[0]
+                highest = connection.execute("SELECT max(id) FROM event").fetchone()[0]
+                key = (kind, query, arguments or (_today(),), lowest, highest)
+                kept = self.cache.get(key)
+                if kept is None:
+                    build = {"report": build_report, "funnel": build_funnel, "values": build_values}[kind]
+                    kept = json.dumps(build(self.store, connection, query, *key[2])).encode()
+                    self.cache.put(key, kept)
+            except self.store.errors as error:
+                raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
         finally:
             connection.close()
-        return _dashboard_html(figures, application, since, until, time.monotonic() - started).encode()
-
-    def _filters(self, query):
-        from urllib.parse import parse_qs  # here: only the dashboard reads a query string
-
-        fields = {name: values[-1] for name, values in parse_qs(query).items()}
-        today = datetime.datetime.now(datetime.timezone.utc).date()
-        try:
-            until = datetime.date.fromisoformat(fields["until"]) if fields.get("until") else today
-            since = (datetime.date.fromisoformat(fields["since"]) if fields.get("since")
-                     else until - datetime.timedelta(days=DASHBOARD_DAYS - 1))
-        except ValueError:
-            raise BadRequest("since and until must be dates like 2024-05-01") from None
-        if since > until:
-            raise BadRequest("since must not be after until")
-        return fields.get("application") or None, since, until
-
-    def _figures(self, connection, application, since, until):
-        days = [(since + datetime.timedelta(days=n)).isoformat() for n in range((until - since).days + 1)]
-        summaries = self._summaries(connection, days)
-        chosen = [summaries[day].get(application, _EMPTY_DAY) for day in days]
-        ranked = {"event_type": collections.Counter(), "version": collections.Counter(), "platform": collections.Counter()}
-        for summary in chosen:
-            for (field, value), events in summary[3].items():
-                ranked[field][value] += events
-        applications = {app for day in days for app in summaries[day] if app is not None}
-        return {
-            "days": [(day,) + summary[:3] for day, summary in zip(days, chosen)],
-            "ranked": {name: counter.most_common(10) for name, counter in ranked.items()},
-            "applications": sorted(applications | ({application} if application else set())),
-        }
-
-    def _summaries(self, connection, days):
-        """Each day's figures, per application and for all (key None), from the cache or the database.
-
-        A day that ended DASHBOARD_SETTLED_DAYS ago hardly changes (only late events with old
-        timestamps land in it), so its figures are kept for DASHBOARD_CACHE_SECONDS; the
-        database is read only for the other days, in one range.
-        """
-        now = time.monotonic()
-        settled = (datetime.datetime.now(datetime.timezone.utc).date()
-                   - datetime.timedelta(days=DASHBOARD_SETTLED_DAYS)).isoformat()
-        with self._lock:
-            summaries = {day: self._cache[day][1] for day in days
-                         if day in self._cache and day < settled and now - self._cache[day][0] < DASHBOARD_CACHE_SECONDS}
-        missing = [day for day in days if day not in summaries]
-        if missing:
-            fresh = self._read_days(connection, missing[0], missing[-1])
-            with self._lock:
-                for day in missing:
-                    summaries[day] = fresh.get(day, {})
-                    self._cache[day] = (now, summaries[day])
-                while len(self._cache) > DASHBOARD_CACHE_DAYS:
-                    del self._cache[next(iter(self._cache))]
-        return summaries
-
-    def _read_days(self, connection, first, last):
-        """{day: {application or None: (events, users, sessions, Counter of (field, value))}}."""
-        bounds = [first, (datetime.date.fromisoformat(last) + datetime.timedelta(days=1)).isoformat()]
-        where, day_of = f"WHERE time >= {self.store.since} AND time < {self.store.since}", self.store.day
-        days = collections.defaultdict(dict)
-        for day, application, events, users, sessions in connection.execute(
-            f"SELECT {day_of}, application, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
-            f" FROM event {where} GROUP BY 1, 2", bounds
-        ):
-            days[day][application] = (events, users, sessions, collections.Counter())
-        for day, events, users, sessions in connection.execute(
-            f"SELECT {day_of}, count(*), count(DISTINCT user_id), count(DISTINCT session_id)"
-            f" FROM event {where} GROUP BY 1", bounds
-        ):
-            days[day][None] = (events, users, sessions, collections.Counter())
-        for day, application, event_type, version, platform, events in connection.execute(
-            f"SELECT {day_of}, application, event_type, version, platform, count(*) FROM event {where}"
-            " GROUP BY 1, 2, 3, 4, 5", bounds
-        ):
-            for key in (application, None):
-                ranked = days[day][key][3]
-                ranked["event_type", event_type] += events
-                ranked["version", version] += events
-                ranked["platform", platform] += events
-        return days
+        return json.loads(kept)  # the same lists and dicts whether kept or just built
 
 
-_EMPTY_DAY = (0, 0, 0, collections.Counter())
+def _today():
+    return datetime.datetime.now(datetime.timezone.utc).date()
 
 
 def _escape(text):
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def _columns_svg(points, label):
-    """A bar per day: (day, value) points."""
-    width, height, left, bottom = 760, 200, 48, 22
-    top = max((value for _, value in points), default=0) or 1
-    step = (width - left) / max(1, len(points))
+def _link(path, fields):
+    """A URL relative to the page, so the dashboard works under any path prefix."""
+    from urllib.parse import urlencode  # here: only the dashboard writes links
+
+    chosen = {name: value for name, value in fields.items() if value}
+    return _escape(path + ("?" + urlencode(chosen) if chosen else ""))
+
+
+def _day_ticks(days, left, step, y):
+    """Date labels under a chart, about eight of them whatever the range."""
+    every = max(1, math.ceil(len(days) / 8))
+    return "".join(f'<text x="{left + n * step + step / 2:.1f}" y="{y}" text-anchor="middle">{day[5:]}</text>'
+                   for n, day in enumerate(days) if n % every == 0)
+
+
+def _frame(top, width, height, left, bottom, label, inside):
+    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)}">'
+            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
+            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
+            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{inside}</svg>')
+
+
+def _columns_svg(days, series, label):
+    """Stacked bars per day: series is [(name, values)], drawn bottom up in the classes bar0, bar1."""
+    width, height, left, bottom = 760, 200, 56, 24
+    top = max((sum(values[n] for _, values in series) for n in range(len(days))), default=0) or 1
+    step = (width - left) / max(1, len(days))
     bars = []
-    for n, (day, value) in enumerate(points):
-        tall = (height - bottom - 10) * value / top
-        bars.append(f'<rect class="bar" x="{left + n * step + step * 0.1:.1f}" y="{height - bottom - tall:.1f}" '
-                    f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {value:,} {label}</title></rect>')
-    ticks = "".join(
-        f'<text x="{left + n * step + step / 2:.1f}" y="{height - 6}" text-anchor="middle">{day[5:]}</text>'
-        for n, (day, _) in enumerate(points) if n % max(1, len(points) // 8) == 0
-    )
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)} per day">'
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
-            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{"".join(bars)}{ticks}</svg>')
+    for n, day in enumerate(days):
+        base = height - bottom
+        for index, (name, values) in enumerate(series):
+            tall = (height - bottom - 10) * values[n] / top
+            if values[n]:
+                bars.append(f'<rect class="bar bar{index}" x="{left + n * step + step * 0.1:.1f}" y="{base - tall:.1f}" '
+                            f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {values[n]:,} '
+                            f'{_escape(name)}</title></rect>')
+            base -= tall
+    return _frame(top, width, height, left, bottom, label, "".join(bars) + _day_ticks(days, left, step, height - 6))
 
 
-def _lines_svg(series):
-    """A line per series over the days: {name: [(day, value)]}."""
-    width, height, left, bottom = 760, 200, 48, 22
-    top = max((value for points in series.values() for _, value in points), default=0) or 1
-    lines, legend = [], []
-    for n, (name, points) in enumerate(series.items()):
-        step = (width - left - 10) / max(1, len(points) - 1)
-        coordinates = " ".join(f"{left + i * step:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
-                               for i, (_, value) in enumerate(points))
-        lines.append(f'<polyline class="line line{n}" points="{coordinates}"><title>{_escape(name)}</title></polyline>')
-        legend.append(f'<text x="{left + 10 + n * 130}" y="14" class="legend{n}">&#9632; {_escape(name)}</text>')
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="daily users and sessions">'
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
-            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{"".join(lines)}{"".join(legend)}</svg>')
+def _lines_svg(days, series, label):
+    """A line per series over the days: series is [(name, values)], in the classes line0, line1."""
+    width, height, left, bottom = 760, 200, 56, 24
+    top = max((value for _, values in series for value in values), default=0) or 1
+    step = (width - left) / max(1, len(days))
+    lines = []
+    for index, (name, values) in enumerate(series):
+        points = " ".join(f"{left + n * step + step / 2:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
+                          for n, value in enumerate(values))
+        lines.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title></polyline>')
+    return _frame(top, width, height, left, bottom, label, "".join(lines) + _day_ticks(days, left, step, height - 6))
 
 
-def _ranking_svg(items, label):
-    """Horizontal bars for the top (name, count) items."""
+def _legend(names):
+    return '<p class="legend">' + " ".join(f'<span class="key{n}">&#9632; {_escape(name)}</span>'
+                                           for n, name in enumerate(names)) + "</p>"
+
+
+def _ranking_svg(items, label, shares=False):
+    """Horizontal bars for (name, count) items, with their share of the first when `shares`."""
     if not items:
         return '<p class="empty">No events in this range.</p>'
-    width, row = 360, 22
-    top = items[0][1] or 1
+    width, row, names = 420, 26, 150
+    top = max(value for _, value in items) or 1
+    first = items[0][1] or 1
     bars = []
     for n, (name, value) in enumerate(items):
-        y = n * row
+        y, long = n * row, (width - names - 80) * value / top
+        shown = str(name) if len(str(name)) <= 20 else str(name)[:19] + "\u2026"
+        note = f" ({100 * value / first:.0f}%)" if shares else ""
         bars.append(
-            f'<rect class="bar" x="120" y="{y + 4}" width="{(width - 180) * value / top:.1f}" height="{row - 8}">'
-            f'<title>{_escape(name)}: {value:,}</title></rect>'
-            f'<text x="114" y="{y + 16}" text-anchor="end">{_escape(name[:18] or "(empty)")}</text>'
-            f'<text x="{126 + (width - 180) * value / top:.1f}" y="{y + 16}">{value:,}</text>'
+            f'<rect class="bar" x="{names}" y="{y + 4}" width="{long:.1f}" height="{row - 8}">'
+            f'<title>{_escape(name)}: {value:,}{note}</title></rect>'
+            f'<text x="{names - 6}" y="{y + 18}" text-anchor="end">{_escape(shown or "(empty)")}</text>'
+            f'<text x="{names + long + 6:.1f}" y="{y + 18}">{value:,}{note}</text>'
         )
-    return (f'<svg class="chart" viewBox="0 0 {width} {row * len(items)}" role="img" aria-label="{_escape(label)}">'
-            f'{"".join(bars)}</svg>')
+    return (f'<svg class="chart ranking" viewBox="0 0 {width} {row * len(items)}" role="img" '
+            f'aria-label="{_escape(label)}">{"".join(bars)}</svg>')
 
 
-def _dashboard_html(figures, application, since, until, seconds):
-    days = figures["days"]
-    events, sessions = sum(day[1] for day in days), sum(day[3] for day in days)
-    users = round(sum(day[2] for day in days) / len(days))
-    options = "".join(f'<option value="{_escape(name)}"{" selected" if name == application else ""}>{_escape(name)}</option>'
-                      for name in figures["applications"])
-    charts = (_columns_svg([(day, n) for day, n, _, _ in days], "events")
-              if events else '<p class="empty">No events in this range.</p>')
-    activity = _lines_svg({"users": [(day, n) for day, _, n, _ in days],
-                           "sessions": [(day, n) for day, _, _, n in days]}) if events else ""
-    ranked = figures["ranked"]
+def _retention_table(triangle, since):
+    """Cohorts by first day, the share of each back on the days after: a triangle, shaded by share."""
+    if not triangle:
+        return '<p class="empty">No new users in this range.</p>'
+    head = "".join(f"<th>day {after}</th>" for after in RETENTION_COLUMNS)
+    rows = []
+    for n, users, shares in triangle:
+        cells = "".join('<td class="future"></td>' if share is None else
+                        f'<td style="background:rgba(61,123,224,{0.08 + 0.92 * share:.2f})'
+                        f'{";color:#fff" if share > 0.5 else ""}">{100 * share:.0f}%</td>' for share in shares)
+        day = (since + datetime.timedelta(days=n)).isoformat()
+        rows.append(f"<tr><th>{day}</th><td>{users:,}</td>{cells}</tr>")
+    return (f'<div class="scroll"><table class="retention"><tr><th>first day</th><th>new users</th>{head}</tr>'
+            f'{"".join(rows)}</table></div>')
+
+
+def _options(names, chosen):
+    return "".join(f'<option value="{_escape(name)}"{" selected" if name == chosen else ""}>{_escape(name)}</option>'
+                   for name in names)
+
+
+def _seconds_text(seconds):
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+
+
+def _funnel_section(parts, hidden, types):
+    fields, funnel = parts["fields"], parts["funnel"]
+    typed = fields.get("steps", "")
+    picks = "".join(f'<select name="step"><option value="">step {n + 1}</option>{_options(types, None)}</select>'
+                    for n in range(4))
+    form = (f'<form method="get" action="dashboard">{hidden}<label>Steps <input name="steps" size="40" '
+            f'value="{_escape(typed)}" placeholder="tutorial_start,tutorial_step,tutorial_end"></label> or {picks}'
+            f'<button type="submit">Count</button></form>')
+    if funnel is None:
+        return form + '<p class="empty">Type event types separated by commas, or pick them.</p>'
+    items = [(step["name"], step["users"]) for step in funnel["steps"]]
+    return form + _ranking_svg(items, "funnel", shares=True)
+
+
+def _values_section(parts, hidden, types):
+    fields, values = parts["fields"], parts["values"]
+    form = (f'<form method="get" action="dashboard">{hidden}<label>Event type <select name="of">'
+            f'{_options(types, fields.get("of"))}</select></label> <label>value field <input name="field" '
+            f'value="{_escape(fields.get("field", ""))}" placeholder="level"></label><button type="submit">Break down</button>'
+            f'</form>')
+    if values is None:
+        return form + '<p class="empty">What level do players die on? Pick the event type and its value\'s field.</p>'
+    shown = []
+    if values["numbers"]:
+        numbers = values["numbers"]
+        shown.append('<table class="numbers"><tr>' + "".join(f"<th>{name}</th>" for name in numbers) + "</tr><tr>"
+                     + "".join(f"<td>{value:,}</td>" for value in numbers.values()) + "</tr></table>")
+    if values["strings"]:
+        shown.append(_ranking_svg([(row["value"], row["events"]) for row in values["strings"]], "values"))
+    shown.append(f'<p class="empty">{values["events"]:,} events of {_escape(values["event_type"])}; '
+                 f'{values["missing"]:,} without a number or text in {_escape(values["field"])}.</p>')
+    return form + "".join(shown)
+
+
+def _dashboard_html(parts, seconds):
+    report, extras, fields, query = parts["report"], parts["extras"], parts["fields"], parts["query"]
+    totals, days = report["totals"], report["days"]
+    dates = [day["date"] for day in days]
+    column = {name: [day[name] for day in days] for name in ("events", "users", "new_users", "sessions")}
+    filters = {name: fields.get(name, "") for name in REPORT_FILTERS}
+    chosen = dict(filters, since=query.since.isoformat(), until=query.until.isoformat())
+    hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
+                     for name, value in chosen.items() if value)
+    types = [row["name"] for row in report["event_types"] if row["name"] != "(other)"]
+    empty = '<p class="empty">No events in this range.</p>'
+    median = report["sessions"]["median_seconds"]
+    returning = [users - new for users, new in zip(column["users"], column["new_users"])]
+    ranked = {title: _ranking_svg([(row["name"], row["events"]) for row in report[key]], title)
+              for title, key in (("Event types", "event_types"), ("Versions", "versions"), ("Platforms", "platforms"))}
+    lengths = [(label, n) for (_, label), n in zip(SESSION_BUCKETS, extras["session_lengths"])]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Pycolytics dashboard</title>
 <style>
 body{{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}}
-header{{background:#1d2433;color:#fff;padding:12px 24px;display:flex;flex-wrap:wrap;gap:16px;align-items:center}}
-header h1{{font-size:20px;margin:0 16px 0 0}} form{{display:flex;gap:12px;flex-wrap:wrap;align-items:center}}
+header{{background:#1d2433;color:#fff;padding:12px 24px}} header h1{{font-size:20px;margin:0 0 8px}}
+form{{display:flex;gap:10px;flex-wrap:wrap;align-items:center;margin:4px 0 8px}}
 input,select,button{{font:inherit;padding:3px 6px}} main{{max-width:1100px;margin:0 auto;padding:16px 24px}}
-.totals{{display:flex;gap:16px}} .totals div{{background:#fff;border-radius:8px;padding:12px 20px;flex:1}}
-.totals b{{display:block;font-size:28px}} section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
-h2{{font-size:16px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:16px}}
-.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:11px;fill:#5b6477}}
-.bar{{fill:#3d7be0}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}} .line0{{stroke:#3d7be0}}
-.line1{{stroke:#e0793d}} .chart .legend0{{fill:#3d7be0;font-size:13px}} .chart .legend1{{fill:#e0793d;font-size:13px}}
-.empty{{color:#5b6477}}
-footer{{color:#5b6477;font-size:12px;padding:0 24px 24px;text-align:center}}
+.totals{{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}}
+.totals div{{background:#fff;border-radius:8px;padding:12px 20px}} .totals b{{display:block;font-size:28px}}
+section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
+h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:16px}}
+.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:13px;fill:#3b4356}}
+.bar,.bar0{{fill:#3d7be0}} .bar1{{fill:#e0793d}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}}
+.line0{{stroke:#3d7be0}} .line1{{stroke:#e0793d}} .legend{{margin:0 0 4px;font-size:14px}}
+.key0{{color:#3d7be0}} .key1{{color:#e0793d;margin-left:12px}} .empty{{color:#5b6477}}
+.scroll{{overflow-x:auto}} table{{border-collapse:collapse}} td,th{{padding:3px 8px;text-align:right;font-size:14px}}
+.retention td.future{{background:#fafafa}} .numbers td,.numbers th{{border-bottom:1px solid #e3e6eb}}
+header a{{color:#cfe0ff}} footer{{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}}
 </style></head><body>
 <header><h1>Pycolytics</h1>
-<form method="get" action="/dashboard">
-<label>Application <select name="application"><option value="">all</option>{options}</select></label>
-<label>From <input type="date" name="since" value="{since.isoformat()}"></label>
-<label>to <input type="date" name="until" value="{until.isoformat()}"></label>
-<button type="submit">Show</button></form></header>
+<form method="get" action="dashboard">
+<label>Application <select name="application"><option value="">all</option>{_options(
+        sorted(set(extras["applications"]) | ({query.application} if query.application else set())),
+        query.application)}</select></label>
+<label>From <input type="date" name="since" value="{query.since}"></label>
+<label>to <input type="date" name="until" value="{query.until}"></label>
+<label>Event type <input name="event_type" size="12" value="{_escape(filters["event_type"])}"></label>
+<label>Version <input name="version" size="8" value="{_escape(filters["version"])}"></label>
+<label>Platform <input name="platform" size="8" value="{_escape(filters["platform"])}"></label>
+<button type="submit">Show</button></form>
+<a href="{_link("v1.0/report", dict(chosen, format="csv"))}">Download the days as CSV</a> &middot;
+<a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>
 <main>
-<div class="totals"><div><b>{events:,}</b>events</div><div><b>{users:,}</b>daily users, on average</div>
-<div><b>{sessions:,}</b>sessions</div></div>
-<section><h2>Events per day</h2>{charts}</section>
-<section><h2>Daily active users and sessions</h2>{activity or '<p class="empty">No events in this range.</p>'}</section>
+<div class="totals"><div><b>{totals["events"]:,}</b>events</div><div><b>{totals["users"]:,}</b>users</div>
+<div><b>{totals["new_users"]:,}</b>new users</div><div><b>{totals["sessions"]:,}</b>sessions</div>
+<div><b>{_seconds_text(median)}</b>median session</div></div>
+<section><h2>Events per day</h2>{_columns_svg(dates, [("events", column["events"])], "events per day")
+                                   if totals["events"] else empty}</section>
+<section><h2>Users and sessions per day</h2>{_legend(["users", "sessions"]) + _lines_svg(
+    dates, [("users", column["users"]), ("sessions", column["sessions"])], "users and sessions per day")
+    if totals["events"] else empty}</section>
+<section><h2>New and returning users per day</h2>{_legend(["new users", "returning users"]) + _columns_svg(
+    dates, [("new users", column["new_users"]), ("returning users", returning)], "new and returning users per day")
+    if totals["events"] else empty}</section>
+<section><h2>Retention: the share of each day's new users back on the days after</h2>
+{_retention_table(extras["triangle"], query.since)}</section>
 <div class="grid">
-<section><h2>Top event types</h2>{_ranking_svg(ranked["event_type"], "top event types")}</section>
-<section><h2>Versions</h2>{_ranking_svg(ranked["version"], "versions")}</section>
-<section><h2>Platforms</h2>{_ranking_svg(ranked["platform"], "platforms")}</section>
-</div></main>
+<section><h2>Session length</h2>{_ranking_svg(lengths, "session lengths") if totals["sessions"] else empty}
+<p class="empty">median {_seconds_text(median)}, 90% under {_seconds_text(report["sessions"]["p90_seconds"])},
+{report["sessions"]["per_user"]} sessions per user</p></section>
+{"".join(f"<section><h2>{title}</h2>{svg}</section>" for title, svg in ranked.items())}
+</div>
+<section><h2>Funnel</h2>{_funnel_section(parts, hidden, types)}</section>
+<section><h2>Values</h2>{_values_section(parts, hidden, types)}</section>
+</main>
 <footer>Pycolytics {__version__} &middot; days in UTC &middot; drawn in {seconds * 1000:.0f} ms</footer>
 </body></html>
 """
@@ -1897,22 +2767,79 @@ def decompress(body, encoding, limit):
     raise BadRequest(f"the request body is not valid {encoding} data")
 
 
+# What a Host (or X-Forwarded-Host) may be to be written into a page: a name or an address and
+# a port. Anything else is not a host, and the server's own name is used instead.
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+# An X-Forwarded-Prefix: a path of RFC 3986's unreserved characters and percent-escapes, written
+# as is; nothing that needs quoting in HTML or in the shell command the /docs page shows.
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~%-]*)*")
+# Where the cached documentation names the application's own address; each answer puts the
+# address it was asked at (public_url) in its place. RFC 2606 reserves .invalid: no page says it.
+_OWN_ADDRESS = "http://pycolytics.invalid"
+
+
+def _last(header):
+    """The last value of a comma-separated header: the one the nearest proxy, the trusted one, set."""
+    return header.rpartition(",")[2].strip()
+
+
+def public_url(environ, trusted_proxies):
+    """The application's address as the player used it, without a trailing slash.
+
+    Built as wsgiref.util.application_uri builds it (scheme, Host, SCRIPT_NAME), except that a
+    trusted proxy's X-Forwarded-Proto and X-Forwarded-Host win: behind nginx the request that
+    reaches us says nothing of the player's scheme and host.
+    """
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST", "")
+    if environ.get("REMOTE_ADDR") in trusted_proxies:  # the test client_address() makes of a peer
+        proto = _last(environ.get("HTTP_X_FORWARDED_PROTO", "")).lower()
+        scheme = proto if proto in ("http", "https") else scheme
+        host = _last(environ.get("HTTP_X_FORWARDED_HOST", "")) or host
+    if not _HOST.fullmatch(host):
+        host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
+        host = f"[{host}]" if ":" in host else host
+        if port and port != {"http": "80", "https": "443"}[scheme]:
+            host += ":" + port
+    return f"{scheme}://{host}{public_path(environ, trusted_proxies)}"
+
+
+def public_path(environ, trusted_proxies):
+    """The path the application is at, as the player used it: "" at the root, else "/analytics".
+
+    SCRIPT_NAME (where the WSGI server mounted it) after the X-Forwarded-Prefix of a trusted
+    proxy (the path nginx took off before passing the request on).
+    """
+    prefix = ""
+    if environ.get("REMOTE_ADDR") in trusted_proxies:
+        prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
+        prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
+    from urllib.parse import quote  # here: only the answers that name their own address need it
+
+    return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
+
+
 class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
     def __init__(self, config):
-        self.writer = Writer(config)
-        self.metrics = self.writer.metrics
+        self.store = store_for(config)
+        self.metrics = Metrics()
+        self.writer = Writer(config, self.store, self.metrics)
         self.rate_limiter = None
         self.reconfigure(config)
         self._routes = {
             "/v1.0/event": {"POST": self.post_event, "OPTIONS": self.preflight},
             "/v1.0/events": {"POST": self.post_events, "OPTIONS": self.preflight},
+            "/v1.0/client.js": {"GET": client_script},
             "/docs": {"GET": self.get_docs},
             "/openapi.json": {"GET": self.get_openapi},
             "/healthz": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
             "/dashboard": {"GET": self.get_dashboard},
+            "/v1.0/report": {"GET": self.get_report},
+            "/v1.0/report/funnel": {"GET": self.get_report},
+            "/v1.0/report/values": {"GET": self.get_report},
             "/": {"GET": self.get_index},
         }
         for methods in self._routes.values():
@@ -1920,18 +2847,19 @@ class Pycolytics:
                 methods["HEAD"] = methods["GET"]
         # What the server's loop must not answer itself: these may wait for the database.
         self._reads_the_database = {self.get_health, self.get_dashboard}
+        self._turn_rows, self._turn_requests = [], []  # posted in this turn of the server's loop
 
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
         self.validator = Validator(config, Keyring(config))
-        self.dashboard = Dashboard(config, self.writer.store)
+        self.dashboard = Dashboard(config, self.store)
         origins = [config.cors_origins] + [app["cors_origins"] for app in config.apps.values() if "cors_origins" in app]
         self._every_origin = [("Access-Control-Allow-Origin", "*")] if ANY_ORIGIN in origins else None
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
         if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
             self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
-        self._openapi = json.dumps(openapi_document(config), indent=2).encode()
-        self._docs = docs_page(config).encode()
+        self._openapi = json.dumps(openapi_document(config, _OWN_ADDRESS), indent=2).encode()
+        self._docs = docs_page(config, _OWN_ADDRESS).encode()
         self.config = self.writer.config = config
 
     def open(self):
@@ -1972,8 +2900,8 @@ class Pycolytics:
             answer = handler(environ)
             if isinstance(answer, list):  # rows to store
                 if answer:
-                    self.writer.start()
-                    self.writer.submit(answer, functools.partial(self._committed, environ, respond))
+                    self._turn_rows += answer
+                    self._turn_requests.append((environ, respond))
                     return True
                 answer = _NO_CONTENT
         except HTTPError as error:
@@ -1983,13 +2911,29 @@ class Pycolytics:
         respond(*self._finish(environ, answer))
         return True
 
+    def loop_turn_ended(self):
+        """The server's hook after each turn of its loop: the rows of every request read in it
+        go to the writer together, to be committed with one fsync."""
+        if not self._turn_requests:
+            return
+        rows, requests = self._turn_rows, self._turn_requests
+        self._turn_rows, self._turn_requests = [], []
+        try:
+            self.writer.start()
+            self.writer.submit(rows, functools.partial(self._committed, requests))
+        except HTTPError as error:
+            self._committed(requests, error)
+
     def server_answered(self, status):
         """The server's hook for the answers it gives by itself (bad framing, overload): counted."""
         self.metrics.request(status)
 
-    def _committed(self, environ, respond, error=None):
-        """Called by the writer thread once a posted request's rows are stored, or could not be."""
-        respond(*self._finish(environ, _NO_CONTENT if error is None else _error_parts(error)))
+    def _committed(self, requests, error=None):
+        """Called by the writer thread once a turn's rows are stored, or could not be: answer them all."""
+        status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
+        self.metrics.request(status, len(requests))
+        for environ, respond in requests:
+            respond(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body)
 
     def _finish(self, environ, answer):
         """Every answer, whichever way it leaves: counted, and readable by the pages allowed to."""
@@ -2023,7 +2967,9 @@ class Pycolytics:
         """The handler for a request; raises NotFound or MethodNotAllowed. The one routing of both ways in."""
         methods = self._routes.get(environ.get("PATH_INFO") or "/")
         if methods is None:
-            raise NotFound(f"no such endpoint: {environ.get('PATH_INFO')}; events go to /v1.0/event or /v1.0/events")
+            root = public_path(environ, self.config.trusted_proxies)
+            raise NotFound(f"no such endpoint: {root}{environ.get('PATH_INFO')}; "
+                           f"events go to {root}/v1.0/event or {root}/v1.0/events")
         handler = methods.get(environ["REQUEST_METHOD"])
         if handler is None:
             allowed = ", ".join(methods)
@@ -2051,10 +2997,12 @@ class Pycolytics:
         return self.validator.rows(parse_json(body), batch, body, received, environ.get("HTTP_ORIGIN"))
 
     def get_docs(self, environ):
-        return _ok(self._docs, HTML_TYPE)
+        address = _escape(public_url(environ, self.config.trusted_proxies))
+        return _ok(self._docs.replace(_OWN_ADDRESS.encode(), address.encode()), HTML_TYPE)
 
     def get_openapi(self, environ):
-        return _ok(self._openapi, JSON_TYPE)
+        address = json.dumps(public_url(environ, self.config.trusted_proxies))[1:-1]
+        return _ok(self._openapi.replace(_OWN_ADDRESS.encode(), address.encode()), JSON_TYPE)
 
     def get_health(self, environ):
         problem = self.database_problem()
@@ -2070,9 +3018,7 @@ class Pycolytics:
 
     def database_problem(self):
         """Why the database would not take events now, or None if it would."""
-        if self.writer.last_error is not None:
-            return f"the last commit failed: {self.writer.store.describe(self.writer.last_error)}"
-        return self.writer.store.problem()
+        return self.writer.health()
 
     def get_dashboard(self, environ):
         self.dashboard.authorize(environ)
@@ -2081,6 +3027,9 @@ class Pycolytics:
                    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
                                                "form-action 'self'; frame-ancestors 'none'"))
 
+    def get_report(self, environ):
+        return self.dashboard.answer(environ)
+
     def get_metrics(self, environ):
         extra = ["# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
                  "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {self.writer.pruned}"]
@@ -2088,7 +3037,10 @@ class Pycolytics:
         return _ok(body, ("Content-Type", "text/plain; version=0.0.4"))
 
     def get_index(self, environ):
-        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": "/docs"}).encode()
+        # Paths, not addresses: a client that reached this page can reach them the same way.
+        root = public_path(environ, self.config.trusted_proxies)
+        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": root + "/docs",
+                           "openapi": root + "/openapi.json", "dashboard": root + "/dashboard"}).encode()
         return _ok(body, JSON_TYPE)
 
 
@@ -2159,21 +3111,33 @@ def _client_time_schema(description):
     ]}
 
 
-def openapi_document(config):
+# Every answer the event endpoints give, written once: /docs and /openapi.json show this table,
+# and a test holds README.md's table to the same statuses. (Framing refusals, 404 and 405 come
+# from any path; they are here because a client of the event endpoints meets them too.)
+EVENT_ANSWERS = (
+    ("204", "Stored: the events are committed to the database."),
+    ("400", "The body is empty, not UTF-8 or not JSON (the detail says where), or the request is malformed."),
+    ("401", "A missing or unknown api_key (the detail names the events of a batch)."),
+    ("403", "A key of another game, or a web page from an origin that may not send this game's events."),
+    ("404", "No such path."),
+    ("405", "A method this path does not take (Allow lists those it does)."),
+    ("411", "A chunked body: send a Content-Length."),
+    ("413", "The body is over its size limit, also once decompressed."),
+    ("414", "The request line is over its size limit."),
+    ("415", "A Content-Encoding other than gzip, deflate or identity."),
+    ("422", "Invalid events, or too many in a batch: the detail lists every problem with its event and field."),
+    ("429", "Over the rate limit: send again after Retry-After seconds."),
+    ("431", "Too many header fields, or one too large."),
+    ("503", "Busy, stopping, or the database cannot take events now: send again after Retry-After seconds."),
+)
+
+
+def openapi_document(config, url):
+    """The OpenAPI 3 description of the API served at `url` (as public_url() gives it)."""
     error = {"$ref": "#/components/schemas/Error"}
-    answers = {
-        "204": {"description": "Stored: the events are committed to the database."},
-        "400": {"description": "The body is not JSON or not UTF-8.", "content": {"application/json": {"schema": error}}},
-        "401": {"description": "A missing or unknown api_key.", "content": {"application/json": {"schema": error}}},
-        "403": {"description": "A key of another application, or a page from an origin it does not allow.",
-                "content": {"application/json": {"schema": error}}},
-        "413": {"description": "Over the size limits.", "content": {"application/json": {"schema": error}}},
-        "415": {"description": "An unsupported Content-Encoding.", "content": {"application/json": {"schema": error}}},
-        "422": {"description": "Events that are not valid.", "content": {"application/json": {"schema": error}}},
-        "429": {"description": "Over the rate limit: retry after Retry-After seconds.",
-                "content": {"application/json": {"schema": error}}},
-        "503": {"description": "Busy or shutting down: retry later.", "content": {"application/json": {"schema": error}}},
-    }
+    answers = {status: {"description": text} if status == "204" else
+               {"description": text, "content": {"application/json": {"schema": error}}}
+               for status, text in EVENT_ANSWERS}
 
     def post(summary, schema):
         return {"post": {
@@ -2186,6 +3150,7 @@ def openapi_document(config):
     return {
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
+        "servers": [{"url": url}],
         "paths": {
             "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
             "/v1.0/events": post("Store a batch of events, all or nothing", batch),
@@ -2197,7 +3162,8 @@ def openapi_document(config):
     }
 
 
-def docs_page(config):
+def docs_page(config, url):
+    """The /docs page of the API served at `url` (as public_url() gives it, HTML-escaped)."""
     example = json.dumps({
         "event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
         "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY,
@@ -2206,13 +3172,14 @@ def docs_page(config):
         f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} characters</td></tr>"
         for name in EVENT_FIELDS
     )
+    answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
 <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}}
 code,pre{{background:#f4f4f4}}pre{{padding:1em;overflow:auto}}td{{padding:.2em .8em;vertical-align:top}}</style>
 </head><body>
 <h1>Pycolytics Event API {API_VERSION}</h1>
-<p>Pycolytics {__version__}. The machine-readable description is <a href="/openapi.json">/openapi.json</a>.</p>
+<p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
 <h2>POST /v1.0/event</h2><p>One event, as a JSON object:</p>
 <pre>{example}</pre>
 <h2>POST /v1.0/events</h2>
@@ -2233,25 +3200,334 @@ an event whose id is already stored is acknowledged and not stored again, so ret
 <code>text/plain</code> without a preflight. Every answer carries CORS headers for allowed origins, and
 <code>OPTIONS</code> answers preflights.</p>
 <h2>Answers</h2><table>
-<tr><td>204</td><td>Stored: the events are committed to the database.</td></tr>
-<tr><td>400</td><td>The body is not JSON or not UTF-8.</td></tr>
-<tr><td>401</td><td>A missing or unknown <code>api_key</code> (the answer names the events).</td></tr>
-<tr><td>403</td><td>A key of another game, or a web page from an origin that may not send this game's events.</td></tr>
-<tr><td>413</td><td>The body is over its size limit.</td></tr>
-<tr><td>415</td><td>A Content-Encoding other than gzip, deflate or identity.</td></tr>
-<tr><td>429</td><td>Over the rate limit: send again after <code>Retry-After</code> seconds.</td></tr>
-<tr><td>422</td><td>Invalid events, or too many in a batch; <code>detail</code> lists every problem with its event and field.</td></tr>
-<tr><td>503</td><td>Busy or shutting down: send again after <code>Retry-After</code> seconds.</td></tr>
-</table>
+{answers}</table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
+<h2>GET /v1.0/client.js: the browser client</h2>
+<p>A small script without dependencies, for games and apps in a browser (Godot and Unity web exports, for
+example). No key is needed to load it; browsers cache it and revalidate it by its ETag.</p>
+<pre>&lt;script src="https://analytics.example.com/v1.0/client.js"&gt;&lt;/script&gt;
+&lt;script&gt;
+  Pycolytics.init({{url: "https://analytics.example.com", apiKey: "...", application: "my-game",
+                   version: "1.0.2", platform: "Web"}});
+  Pycolytics.track("level_started", {{level: 3}});
+&lt;/script&gt;</pre>
+<p><code>url</code> is the collector's base address (a trailing slash does not matter). Each event gets the
+<code>user_id</code> kept in localStorage (with <code>persistentUser: false</code>, a new one per page load), a
+<code>session_id</code> new with each page load, its <code>timestamp</code> and a fresh <code>event_id</code>.
+Events go in batches of <code>batchSize</code> (default 20) or every <code>interval</code> seconds (default 5),
+with <code>sent_at</code>; bodies over 1 KiB are gzip-compressed where the browser has
+<code>CompressionStream</code> (which costs one preflight, which the browser then caches); smaller ones go as
+<code>text/plain</code> without a preflight.</p>
+<p>Nothing is lost and nothing is stored twice: events wait in localStorage until the collector acknowledges
+them (at most <code>maxQueue</code>, default 1000; when it is full the oldest are dropped and counted). A network
+error, 408, 429 or 5xx is sent again with the same <code>event_id</code>s, after an exponential backoff (1 s,
+doubling, at most 60 s, with jitter) and never before <code>Retry-After</code>. Any other 4xx is not sent again
+and is logged to the console once per page; after a 422 only the events it names are dropped. When the page is
+hidden or closed the queue also goes out with <code>navigator.sendBeacon</code> (up to 60 kB) and stays queued,
+since a beacon's answer is never seen: the next page load sends it again, and its <code>event_id</code>s make
+that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</code> says how many events are
+<code>queued</code>, <code>dropped</code> (in total) and <code>refused</code> (by this page).</p>
 <h2>Operations</h2>
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
 key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
 <h2>Example</h2>
-<pre>curl -i http://127.0.0.1:8000/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
+<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>
 """
+
+
+###############################################################################
+# The browser client: /v1.0/client.js
+###############################################################################
+
+# Kept here, like the dashboard's markup, so that the collector stays one file.
+CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/client.js (documented at /docs).
+   Pycolytics.init({url, apiKey, application, version, platform}); Pycolytics.track(type, value);
+   Events wait in localStorage until the collector acknowledges them; each carries an event_id,
+   so a request sent again after a lost answer is stored once. */
+(function (global) {
+  "use strict";
+  if (global.Pycolytics) return;
+
+  const MAX_BATCH_BYTES = 262144;  // a quarter of the collector's default body limit
+  const BEACON_BYTES = 60000;  // browsers refuse beacons beyond 64 KiB in flight
+  const COMPRESS_FROM = 1024;  // smaller bodies go as they are: gzip would save little
+  const REQUEST_TIMEOUT = 30000;  // ms before a request without an answer counts as failed
+  const MAX_BACKOFF = 60000;  // ms between retries at most, before jitter
+  const MAX_RETRY_AFTER = 600;  // seconds of a Retry-After taken at most
+
+  let settings = null, keys = null, local = null, userId = null, sessionId = null;
+  let sending = false, timer = null, timerAt = 0, retryAt = 0, failures = 0, refused = 0;
+  let complained = false, warned = false;  // each once per page: a game may track thousands of events
+  const memory = new Map();  // the queue when localStorage is blocked (storage off, sandboxed frame)
+
+  function localStorageOrNull() {
+    try {
+      global.localStorage.getItem(keys.queue);
+      return global.localStorage;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function read(key) {
+    try {
+      return local ? local.getItem(key) : (memory.has(key) ? memory.get(key) : null);
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function write(key, text) {
+    if (!local) {
+      memory.set(key, text);
+      return true;
+    }
+    try {
+      local.setItem(key, text);
+      return true;
+    } catch (error) {
+      return false;  // over the storage quota
+    }
+  }
+
+  function queued() {
+    try {
+      const events = JSON.parse(read(keys.queue) || "[]");
+      return Array.isArray(events) ? events : [];
+    } catch (error) {
+      return [];
+    }
+  }
+
+  function keep(events) {
+    let dropped = Math.max(0, events.length - settings.maxQueue);
+    events = events.slice(dropped);
+    while (!write(keys.queue, JSON.stringify(events))) {
+      if (!events.length) local = null;  // not even an empty queue fits: keep it in memory
+      const oldest = Math.ceil(events.length / 2);
+      dropped += oldest;
+      events = events.slice(oldest);
+    }
+    if (dropped) {
+      write(keys.dropped, String((Number(read(keys.dropped)) || 0) + dropped));
+      if (!warned) console.warn("Pycolytics: the queue is full; the oldest events are dropped (see Pycolytics.stats())");
+      warned = true;
+    }
+  }
+
+  function forget(batch) {
+    const ids = new Set(batch.map((event) => event.event_id));
+    keep(queued().filter((event) => !ids.has(event.event_id)));
+    return ids.size;
+  }
+
+  function newId() {
+    const bytes = new Uint8Array(16);
+    if (global.crypto && global.crypto.getRandomValues) global.crypto.getRandomValues(bytes);
+    else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+    return Array.from(bytes, (byte) => (byte + 256).toString(16).slice(1)).join("");
+  }
+
+  function positive(value, otherwise) {
+    return typeof value === "number" && value > 0 ? value : otherwise;
+  }
+
+  function init(options) {
+    options = options || {};
+    for (const name of ["url", "apiKey", "application"]) {
+      if (typeof options[name] !== "string" || !options[name]) throw new TypeError("Pycolytics.init: " + name + " is required");
+    }
+    settings = {
+      url: options.url.replace(/\/+$/, "") + "/v1.0/events",
+      apiKey: options.apiKey,
+      application: options.application,
+      version: String(options.version == null ? "" : options.version),
+      platform: String(options.platform == null ? "Web" : options.platform),
+      batchSize: Math.min(positive(options.batchSize, 20), 1000),
+      interval: positive(options.interval, 5) * 1000,
+      maxQueue: positive(options.maxQueue, 1000),
+    };
+    const prefix = "pycolytics:" + options.application + ":";
+    keys = {queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
+    local = localStorageOrNull();
+    userId = options.persistentUser === false ? newId() : read(keys.user) || newId();
+    if (options.persistentUser !== false) write(keys.user, userId);
+    sessionId = newId();
+    schedule(0);  // what earlier pages left unacknowledged
+  }
+
+  function track(type, value) {
+    if (!settings) throw new Error("Pycolytics.track: call Pycolytics.init first");
+    if (value === undefined) value = {};
+    if (value === null || typeof value !== "object" || Array.isArray(value)) {
+      throw new TypeError("Pycolytics.track: value must be an object, like {level: 3}");
+    }
+    const event = {
+      event_type: String(type), application: settings.application, version: settings.version,
+      platform: settings.platform, user_id: userId, session_id: sessionId,
+      value: JSON.parse(JSON.stringify(value)), api_key: settings.apiKey,
+      timestamp: new Date().toISOString(), event_id: newId(),
+    };
+    const events = queued();
+    events.push(event);
+    keep(events);
+    schedule(events.length >= settings.batchSize ? 0 : settings.interval);
+    return event.event_id;
+  }
+
+  function schedule(delay) {
+    const at = Math.max(Date.now() + delay, retryAt);
+    if (sending || (timer !== null && timerAt <= at)) return;
+    clearTimeout(timer);
+    timerAt = at;
+    timer = setTimeout(send, at - Date.now());
+  }
+
+  function send() {
+    timer = null;
+    const batch = nextBatch(queued());
+    if (!batch.length) return;
+    sending = true;
+    Promise.resolve(batch).then(post)
+      .then((response) => answered(batch, response), () => later(null))
+      .catch(() => later(null))
+      .then((retrying) => {
+        sending = false;
+        const left = queued().length;
+        if (left) schedule(retrying || left >= settings.batchSize ? 0 : settings.interval);
+      });
+  }
+
+  function nextBatch(events) {
+    const batch = [];
+    let bytes = 2;
+    for (const event of events) {
+      bytes += JSON.stringify(event).length + 1;
+      if (batch.length >= settings.batchSize || (batch.length && bytes > MAX_BATCH_BYTES)) break;
+      batch.push(event);
+    }
+    return batch;
+  }
+
+  function stamped(event, sentAt) {
+    return Object.assign({}, event, {sent_at: sentAt});
+  }
+
+  function post(batch) {
+    const sentAt = new Date().toISOString();
+    const text = JSON.stringify(batch.map((event) => stamped(event, sentAt)));
+    return compressed(text).then((body) => {
+      // text/plain needs no preflight; Content-Encoding does, which the browser then caches
+      const headers = {"Content-Type": "text/plain"};
+      if (typeof body !== "string") headers["Content-Encoding"] = "gzip";
+      const abort = new AbortController();
+      const timeout = setTimeout(() => abort.abort(), REQUEST_TIMEOUT);
+      return fetch(settings.url, {method: "POST", headers, body, credentials: "omit", signal: abort.signal})
+        .finally(() => clearTimeout(timeout));
+    });
+  }
+
+  function compressed(text) {
+    if (text.length < COMPRESS_FROM || typeof CompressionStream !== "function") return Promise.resolve(text);
+    const stream = new Blob([text]).stream().pipeThrough(new CompressionStream("gzip"));
+    return new Response(stream).arrayBuffer().catch(() => text);
+  }
+
+  // true when the batch is to be sent again (after retryAt), false when it is done with
+  function answered(batch, response) {
+    const status = response.status;
+    if (status < 300) {
+      forget(batch);
+      failures = 0;
+      return false;
+    }
+    if (status === 408 || status === 429 || status >= 500) return later(response.headers.get("Retry-After"));
+    return response.json().catch(() => null).then((answer) => {
+      refuse(status === 422 ? namedEvents(answer, batch) : batch, status, answer);
+      return false;
+    });
+  }
+
+  function later(retryAfter) {
+    failures += 1;
+    const backoff = Math.min(MAX_BACKOFF, 1000 * 2 ** (failures - 1)) * (0.5 + Math.random());
+    let asked = /^\s*\d+\s*$/.test(retryAfter || "") ? Number(retryAfter) : (Date.parse(retryAfter) - Date.now()) / 1000;
+    asked = Math.min(asked > 0 ? asked : 0, MAX_RETRY_AFTER) * 1000;
+    retryAt = Date.now() + Math.max(backoff, asked ? asked + Math.random() * 1000 : 0);
+    return true;
+  }
+
+  // A 422 names the events it refuses; the others go again.
+  function namedEvents(answer, batch) {
+    const problems = answer && Array.isArray(answer.detail) ? answer.detail : [];
+    const named = problems.map((problem) => problem && Array.isArray(problem.loc) && batch[problem.loc[1]]);
+    return named.some(Boolean) ? named.filter(Boolean) : batch;
+  }
+
+  function refuse(events, status, answer) {
+    refused += forget(events);
+    failures = 0;
+    if (complained) return;
+    complained = true;
+    console.error("Pycolytics: the collector refused " + events.length + " event(s) with HTTP " + status +
+                  "; they are dropped, not sent again. Later refusals are not logged.", answer && answer.detail);
+  }
+
+  // The page is going away, or may be killed in the background: a beacon is the last chance.
+  // Its answer is never seen, so the events stay queued and the next page sends them again.
+  function beacon() {
+    if (!settings || !navigator.sendBeacon) return;
+    const sentAt = new Date().toISOString(), parts = [];
+    let bytes = 2;
+    for (const event of queued()) {
+      const text = JSON.stringify(stamped(event, sentAt));
+      bytes += new Blob([text]).size + 1;
+      if (bytes > BEACON_BYTES) break;
+      parts.push(text);
+    }
+    if (parts.length) navigator.sendBeacon(settings.url, new Blob(["[" + parts.join(",") + "]"], {type: "text/plain"}));
+  }
+
+  global.addEventListener("pagehide", beacon);
+  global.document.addEventListener("visibilitychange", () => {
+    if (global.document.visibilityState === "hidden") beacon();
+  });
+  global.addEventListener("online", () => {
+    retryAt = 0;
+    if (settings) schedule(0);
+  });
+
+  global.Pycolytics = {
+    init,
+    track,
+    flush: () => settings && schedule(0),
+    stats: () => ({queued: settings ? queued().length : 0, dropped: settings ? Number(read(keys.dropped)) || 0 : 0,
+                   refused, failures}),
+  };
+})(window);
+"""
+
+_CLIENT_BODY = CLIENT_JS.encode()
+# A page keeps the script for an hour; then the browser asks again with the ETag and gets a
+# 304 until the script changes (with a new Pycolytics).
+_CLIENT_HEADERS = [
+    ("ETag", f'"{binascii.crc32(_CLIENT_BODY):08x}"'),
+    ("Cache-Control", "public, max-age=3600"),
+    # A cross-origin isolated page (COEP require-corp, as Godot 4's threaded web export needs)
+    # loads a script from another origin only if the script says it may.
+    ("Cross-Origin-Resource-Policy", "cross-origin"),
+]
+
+
+def client_script(environ):
+    """GET /v1.0/client.js: the script, or a 304 when the browser's copy is this one."""
+    etag = _CLIENT_HEADERS[0][1]
+    tags = (environ.get("HTTP_IF_NONE_MATCH") or "").split(",")
+    if any(tag.strip() in ("*", etag, "W/" + etag) for tag in tags):
+        return "304 Not Modified", list(_CLIENT_HEADERS), b""
+    return _ok(_CLIENT_BODY, ("Content-Type", "text/javascript; charset=utf-8"), *_CLIENT_HEADERS)
 
 
 ###############################################################################
@@ -2270,14 +3546,20 @@ PIPELINE_ROUNDS = 16
 # use to be closed; meanwhile the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
 
+# How long a new connection that has sent nothing is safe from being closed to make room for
+# another: a client sends its request within a round trip or two of connecting, and closing
+# a connection whose request is unread would reset it (a flood of newcomers would otherwise
+# evict each other before anyone is served).
+NEWCOMER_GRACE_SECONDS = 2.0
+
 # What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
 # beyond it are dropped and counted, so that logging never blocks or stops the server.
 LOG_BUFFER_BYTES = 1 << 20
 
-# Bytes that may not appear in a request head: control characters (tab aside), and a CR or
-# LF anywhere but in the CRLF that ends a line. RFC 9112 (section 2.2) allows taking a bare LF
-# as a line end, but proxies that read it otherwise are how requests get smuggled.
-_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# Bytes that may not appear in a request head once its CRLFs are blanked out: control
+# characters (tab aside), so also a bare CR or LF. RFC 9112 (section 2.2) allows taking a
+# bare LF as a line end, but proxies that read it otherwise are how requests get smuggled.
+_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 # A method or a header name: RFC 9110's token (section 5.6.2).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -2300,11 +3582,23 @@ def tls_context(config):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    for name in ("certfile", "keyfile"):
+        try:
+            open(getattr(config, name), "rb").close()
+        except OSError as error:
+            raise ConfigError(f"cannot load {name} {getattr(config, name)}: {error.strerror} (a PEM file is needed)") from None
     try:
-        context.load_cert_chain(config.certfile, config.keyfile)
+        context.load_cert_chain(config.certfile, config.keyfile, password=functools.partial(_no_pass_phrase, config))
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(f"cannot load certfile {config.certfile} with keyfile {config.keyfile}: {error}") from None
     return context
+
+
+def _no_pass_phrase(config):
+    """Called by OpenSSL for an encrypted key, instead of its prompt on the terminal (which would
+    stop the event loop, or wait forever under systemd)."""
+    raise ConfigError(f"keyfile {config.keyfile} is encrypted; give it unencrypted, readable only by the server "
+                      "(openssl pkey -in ENCRYPTED.pem -out KEY.pem)")
 
 
 def notify_systemd(state):
@@ -2395,7 +3689,7 @@ class _Connection:
 
     __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
                  "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
-                 "closed", "limited")
+                 "closed", "limited", "accepted")
 
     def __init__(self, sock, peer, deadline, limited):
         self.sock = sock
@@ -2416,6 +3710,7 @@ class _Connection:
         self.handshaking = False
         self.closed = False
         self.limited = limited  # counted against max_connections_per_address
+        self.accepted = time.monotonic()
 
 
 def _split_target(target, method):
@@ -2436,7 +3731,7 @@ def _split_target(target, method):
 
 def _parse_head(head, config):
     """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
-    bad = _FORBIDDEN_IN_HEAD.search(head)
+    bad = _FORBIDDEN_IN_HEAD.search(head.replace(b"\r\n", b"  "))
     if bad:
         raise BadRequest(f"the request head holds the byte {bad.group()[:1]!r} at offset {bad.start()}: "
                          "lines end with CRLF and hold no control characters")
@@ -2515,11 +3810,13 @@ class Server:
     it with each whole request's WSGI environ; the application either returns False (the
     request then runs as plain WSGI in a worker thread) or takes the request and calls
     `respond(status, headers, body)` exactly once, now or later and from any thread, never
-    blocking the loop meanwhile. Pycolytics answers most requests this way, and posted events
-    once its writer has committed them; with a middleware in between (no hook), every request
-    takes a worker thread, which is correct and slower. An application may also offer
-    `server_answered(status)`, to hear of the answers the server gives by itself (bad framing,
-    timeouts, overload), so that its metrics count every answer.
+    blocking the loop meanwhile. If it also offers `loop_turn_ended()`, the loop calls that
+    after each turn, once every request read in the turn was handed over: Pycolytics gathers
+    the events posted in a turn and commits them together (so a wrapper that passes one of
+    the two hooks on must pass both). With a middleware in between (no
+    hook), every request takes a worker thread, which is correct and slower. An application
+    may also offer `server_answered(status)`, to hear of the answers the server gives by itself
+    (bad framing, timeouts, overload), so that its metrics count every answer.
 
     Everything a client can make it hold is bounded: connections (in all, and per address),
     buffered bodies, head sizes, the time a request may take to arrive, and the work one
@@ -2532,6 +3829,7 @@ class Server:
         self.config = config
         self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
         self._answer_in_loop = getattr(app, "answer_in_loop", None)
+        self._turn_ended = getattr(app, "loop_turn_ended", None)
         self._server_answered = getattr(app, "server_answered", None)
         self._reload_requested = False
         self._tls = tls_context(config)
@@ -2552,7 +3850,8 @@ class Server:
         self._jobs = queue.SimpleQueue()
         self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
         self._ready = collections.deque()  # connections whose buffer may hold their next request
-        self._idle = collections.OrderedDict()  # connections waiting for a request or lingering, oldest first
+        self._idle = collections.OrderedDict()  # served connections waiting for the next request, or lingering
+        self._fresh = collections.OrderedDict()  # connections that have sent nothing yet, oldest first
         self._connections = {}
         self._per_address = collections.Counter()
         self._reserved = 0  # body bytes announced by requests being read or answered
@@ -2620,6 +3919,8 @@ class Server:
                     callback, connection = key.data
                     self._guarded(callback, connection)
                 self._serve_ready()
+                if self._turn_ended is not None:
+                    self._guarded(self._turn_ended)
                 if self._reload_requested and self.reload is not None:
                     self._reload_requested = False
                     self._guarded(self.reload)
@@ -2715,7 +4016,7 @@ class Server:
         if limited:
             self._per_address[address] += 1
         self._connections[sock] = connection
-        self._idle[sock] = connection
+        self._fresh[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
 
     def _turn_away(self, sock):
@@ -2734,10 +4035,14 @@ class Server:
             self._server_answered(status)
 
     def _make_room(self):
-        """Close the connection that has waited longest for a request (or lingered), if any."""
-        if not self._idle:
+        """Close the connection that has waited longest for its next request (or lingered), else
+        the oldest newcomer that has said nothing for NEWCOMER_GRACE_SECONDS; False if none may go."""
+        if self._idle:
+            _, connection = self._idle.popitem(last=False)
+        elif self._fresh and next(iter(self._fresh.values())).accepted < time.monotonic() - NEWCOMER_GRACE_SECONDS:
+            _, connection = self._fresh.popitem(last=False)
+        else:
             return False
-        _, connection = self._idle.popitem(last=False)
         self._close(connection)
         return True
 
@@ -2767,8 +4072,8 @@ class Server:
         if not data:
             self._close(connection)
         elif not connection.lingering:
-            if self._idle.pop(sock, None) is not None:  # a request begins: it has request_timeout to arrive
-                connection.deadline = time.monotonic() + self.config.request_timeout
+            if self._idle.pop(sock, None) or self._fresh.pop(sock, None):  # a request begins: it has
+                connection.deadline = time.monotonic() + self.config.request_timeout  # this long to arrive
             connection.buffer += data
             self._advance(connection)
 
@@ -2951,8 +4256,8 @@ class Server:
                     self._refuse(connection, RequestTimeout("the request took too long to arrive"))
                 else:
                     self._close(connection)
-        if not self._listening and len(self._connections) < self.config.max_connections:
-            self._listen(True)
+        if not self._listening:
+            self._listen(True)  # when full, the next accept sees whether a newcomer's grace is over
         if self.problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
             log.info("accepting connections again")
             self.problem = None
@@ -2962,6 +4267,7 @@ class Server:
             return
         connection.closed = True
         self._idle.pop(connection.sock, None)
+        self._fresh.pop(connection.sock, None)
         if connection.busy:
             connection.busy = False
             self._busy -= 1
@@ -2987,8 +4293,9 @@ class Server:
     def _close_everything(self):
         for _ in self._workers:
             self._jobs.put(None)
+        give_up = time.monotonic() + 1  # the drain has waited already; a worker still busy is a daemon
         for worker in self._workers:
-            worker.join(self.config.request_timeout)
+            worker.join(max(0.0, give_up - time.monotonic()))
         for connection in list(self._connections.values()):
             self._close(connection)
         self.listener.close()
@@ -3103,7 +4410,10 @@ def serve(config, load=None):
         return 1
     try:
         server = Server(app, config, reload=lambda: _reload(app, server, load))
-    except (OSError, ConfigError) as error:
+    except ConfigError:
+        app.close()
+        raise
+    except OSError as error:
         log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         app.close()
         return 1
@@ -3147,25 +4457,48 @@ def _warn_about_keys(config):
                     "Set api_keys before you ship a game.", DEV_KEY)
 
 
+def _restart_only_changes(config, in_force):
+    """Warnings for what `config` changes that only a restart puts in force; `config` keeps the
+    values in force instead, so it says what the server does and the next reload compares with that."""
+    warnings = []
+    for name in RESTART_SETTINGS:
+        if getattr(config, name) != getattr(in_force, name):
+            warnings.append(f"{name} changed to {getattr(config, name)!r}; that takes a restart, "
+                            f"the server keeps {getattr(in_force, name)!r}")
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    if bool(config.certfile) != bool(in_force.certfile):
+        now, then = ("HTTPS", "plain HTTP") if in_force.certfile else ("plain HTTP", "HTTPS")
+        warnings.append(f"certfile and keyfile switch to {then}; that takes a restart, the server keeps serving {now}")
+        for name in ("certfile", "keyfile"):
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    return warnings
+
+
 def _reload(app, server, load):
     """Read the configuration again and put it in force; a bad one changes nothing."""
     notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         config = load()
+        warnings = _restart_only_changes(config, app.config)
         tls = tls_context(config)
     except ConfigError as error:
         log.error("reload failed; the configuration in force stays: %s", error)
     else:
-        for name in RESTART_SETTINGS:
-            if getattr(config, name) != getattr(app.config, name):
-                log.warning("%s changed; that takes a restart, the server keeps %r", name, getattr(app.config, name))
+        for warning in warnings:
+            log.warning("%s", warning)
         app.reconfigure(config)
         server.reconfigure(config, tls)
         if config.retention_days:
             app.writer.prune_soon()
         _warn_about_keys(config)
-        log.info("configuration reloaded")
+        log.info("configuration reloaded" + (" except what takes a restart" if warnings else ""))
     notify_systemd("READY=1")
+
+
+class UsageError(Exception):
+    """A command line that cannot work as given (exit status 2); the message says what to change."""
 
 
 def keygen(arguments, config):
@@ -3184,37 +4517,54 @@ def _moment(text, option):
     """A stored-time text from a command line time (ISO 8601 or Unix seconds)."""
     moment = _client_time(float(text) if re.fullmatch(r"-?\d+(\.\d*)?", text) else text)
     if moment is None:
-        raise ConfigError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
+        raise UsageError(f"{option} {text!r} is not a time: give ISO 8601 (2024-05-01, 2024-05-01T12:00Z) or Unix seconds")
     return moment.strftime(TIME_FORMAT)
+
+
+def _existing_store(config):
+    """The store of config.database, which must exist: only the server creates a database, so a
+    typo in --database is an error, not a new empty file."""
+    store = store_for(config)
+    if not store.exists():
+        raise UsageError(f"there is no database {os.path.abspath(config.database)}: check --database "
+                         "or the configuration's database (only the server creates a database)")
+    return store
+
+
+# What a spreadsheet takes for the start of a formula; OWASP's advice for CSV injection is a
+# quote in front: https://owasp.org/www-community/attacks/CSV_Injection
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(cell):
+    """A CSV cell that a spreadsheet shows as text instead of running it as a formula."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
 
 
 def export(arguments, config):
     """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
     import csv
 
-    store = store_for(config)
+    moments = {option: _moment(getattr(arguments, option), f"--{option}")
+               for option in ("since", "until") if getattr(arguments, option)}
+    if arguments.output and os.path.exists(arguments.output) and not arguments.force:
+        raise UsageError(f"{arguments.output} exists; pass --force to overwrite it")
+    store = _existing_store(config)
     conditions, parameters = [], []
     if arguments.application is not None:
         conditions.append(f"application = {store.parameter}")
         parameters.append(arguments.application)
-    # "+time" (SQLite): read in id order without the time index, so nothing is sorted in memory
+    # scan_time: read in id order without the time index, so nothing is sorted in memory
     for option, operator_ in (("since", ">="), ("until", "<")):
-        if getattr(arguments, option):
-            conditions.append(f"{'+' if store.parameter == '?' else ''}time {operator_} {store.since}")
-            parameters.append(_moment(getattr(arguments, option), f"--{option}"))
+        if option in moments:
+            conditions.append(f"{store.scan_time} {operator_} {store.since}")
+            parameters.append(moments[option])
     connection = store.read()
     present = store.columns(connection)
     texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
     selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    if isinstance(store, PostgresStore):
-        # a named (server-side) cursor streams from PostgreSQL, inside a transaction of its own;
-        # SQLite's cursors stream anyway
-        connection.execute("BEGIN READ ONLY")
-        cursor = connection.cursor("export")
-    else:
-        cursor = connection.cursor()
-    rows = cursor.execute(f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
+    rows = store.rows(connection, f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0
     try:
@@ -3222,7 +4572,7 @@ def export(arguments, config):
             writer = csv.writer(output)
             writer.writerow(EXPORT_COLUMNS)
             for row in rows:
-                writer.writerow(row)
+                writer.writerow([_inert(cell) for cell in row])
                 count += 1
         else:
             value = EXPORT_COLUMNS.index("value")
@@ -3231,18 +4581,47 @@ def export(arguments, config):
                 record["value"] = json.loads(row[value])
                 output.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
+        output.flush()
+    except BrokenPipeError:  # the reader has what it wanted (`export | head`)
+        if output is not sys.stdout:
+            raise
+        return 0
     finally:
         if output is not sys.stdout:
             output.close()
+        rows.close()
         connection.close()
     log.info("exported %d events", count)
     return 0
 
 
+def _confirmed(question):
+    """True if the person at the terminal answers yes; without a terminal, nobody can."""
+    if not sys.stdin.isatty():
+        return None
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def prune(arguments, config):
     """Delete events older than --before, in small steps that never hold up a running server."""
     before = _moment(arguments.before, "--before")
-    store = store_for(config)
+    store = _existing_store(config)
+    connection = store.read()
+    try:
+        found = connection.execute(f"SELECT count(*) FROM event WHERE time < {store.since}", (before,)).fetchone()[0]
+    finally:
+        connection.close()
+    log.info("%d events are from before %s", found, before)
+    if arguments.dry_run or not found:
+        return 0
+    if not arguments.yes:
+        answer = _confirmed(f"Delete {found} events from before {before}?")
+        if answer is None:
+            raise UsageError(f"this would delete {found} events; pass --yes to delete them without a question "
+                             "(standard input is not a terminal to ask on)")
+        if not answer:
+            log.info("deleted nothing")
+            return 1
     connection = store.connect()
     deleted = 0
     try:
@@ -3260,9 +4639,11 @@ def prune(arguments, config):
 
 def backup(arguments, config):
     """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
-    if isinstance(store_for(config), PostgresStore):
-        raise ConfigError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
+    if isinstance(_existing_store(config), PostgresStore):
+        raise UsageError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
     target = arguments.file
+    if os.path.exists(target) and not arguments.force:
+        raise UsageError(f"{target} exists; pass --force to overwrite it")
     partial = target + ".partial"
     source = read_only(config.database)
     try:
@@ -3301,17 +4682,12 @@ def _identity(path, busy_timeout):
     uri = "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
     writer = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
     try:
-        writer.execute("BEGIN IMMEDIATE")  # two copies starting together make one id
-        try:
+        with transaction(writer):  # IMMEDIATE: two copies starting together make one id
             writer.execute(COPY_IDENTITY)
             found = writer.execute("SELECT id FROM pycolytics_identity").fetchone()
             if not found:
                 found = (os.urandom(16).hex(),)
                 writer.execute("INSERT INTO pycolytics_identity (id) VALUES (?)", found)
-            writer.execute("COMMIT")
-        except BaseException:
-            writer.execute("ROLLBACK")
-            raise
     finally:
         writer.close()
     return found[0]
@@ -3321,13 +4697,13 @@ def copy_events(arguments, config):
     """Move an SQLite database's events into PostgreSQL. Run again, it resumes where it stopped
     and copies each event once, wherever the database lies now: progress is committed with
     every step, in the target, under the id the source keeps."""
-    if not isinstance(store_for(config), SQLiteStore):
-        raise ConfigError("copy reads an SQLite database: name it with --database FILE")
+    if not isinstance(_existing_store(config), SQLiteStore):
+        raise UsageError("copy reads an SQLite database: name it with --database FILE")
     target_config = copy_module.copy(config)
     target_config.database = arguments.to
     target = store_for(target_config)
     if not isinstance(target, PostgresStore):
-        raise ConfigError(f"--to {arguments.to!r} is not a postgresql:// URL")
+        raise UsageError(f"--to {arguments.to!r} is not a postgresql:// URL")
     origin = _identity(config.database, config.busy_timeout)
     source = read_only(config.database)
     destination = target.connect()
@@ -3363,55 +4739,94 @@ def copy_events(arguments, config):
     return 0
 
 
+def _global_options(default):
+    """The options of every command, accepted before or after the command's name; `default`
+    SUPPRESS for a command's copy, so that an option given before the name still counts."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", metavar="FILE", default=default,
+                         help="the ini file to read (sections [pycolytics], [app:NAME])")
+    options.add_argument("--host", default=default,
+                         help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    options.add_argument("--port", default=default, help="the port to listen on (default 8000)")
+    options.add_argument("--database", metavar="FILE_OR_URL", default=default,
+                         help="the SQLite database file, or a postgresql:// URL (default pycolytics.db)")
+    options.add_argument("--quiet", action="store_const", const="yes", default=default, help="do not log each request")
+    return options
+
+
+# Each command: (function, one line for the list of commands, a description for its --help).
+COMMANDS = {
+    "keygen": (keygen, "print a new random API key",
+               "Print a new random key, 32 bytes from the operating system's random source, for api_keys or read_keys."),
+    "export": (export, "write events as CSV or JSON lines (pandas reads both)",
+               "Write events in the order they were stored, as CSV (a header line, then one line an event) or JSON "
+               "lines, row by row in constant memory. In CSV, a text cell that starts with = + - @, a tab or a "
+               "carriage return gets a ' in front, so that a spreadsheet shows it rather than running it as a "
+               "formula; JSON lines hold every value exactly."),
+    "prune": (prune, "delete events older than a time, in small steps",
+              "Delete the events whose time is before T, 500 at a time so that a running server is never held up. "
+              "It says first how many events that is, and asks before deleting them (on a terminal) unless --yes "
+              "is given; --dry-run only counts."),
+    "backup": (backup, "copy the database consistently, while the server runs",
+               "Copy the SQLite database into FILE with SQLite's online backup: consistent even while the server "
+               "writes. An existing FILE is replaced only with --force."),
+    "copy": (copy_events, "move an SQLite database's events into PostgreSQL (resumable)",
+             "Copy the events of the SQLite database (--database FILE) into a PostgreSQL database (--to URL) in "
+             "steps of 5000, each committed with its progress in the target: run it again after an interruption "
+             "(or for newer events) and it resumes, copying each event once."),
+}
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="pycolytics.py",
-        description="Collect analytics events over HTTP into an SQLite database. With no command, serve.",
+        parents=[_global_options(None)],
+        description="Collect analytics events over HTTP into an SQLite or PostgreSQL database. With no command, serve.",
         epilog=(
+            "The options above work before or after a command (pycolytics.py prune --database events.db ...). "
             "Settings come from, strongest first: these options, PYCOLYTICS_<KEY> environment variables "
             "(and the original Pycolytics' SQLITE_FILE_PATH, API_KEYS and RATE_LIMIT), the ini file, the defaults. "
             "The ini file is --config, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini if present; "
             "pycolytics.ini in the repository documents every key."
         ),
     )
-    parser.add_argument("--config", metavar="FILE", help="the ini file to read (sections [pycolytics], [app:NAME])")
-    parser.add_argument("--host", help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", help="the port to listen on (default 8000)")
-    parser.add_argument("--database", metavar="FILE", help="the SQLite database file (default pycolytics.db)")
-    parser.add_argument("--quiet", action="store_const", const="yes", help="do not log each request")
     parser.add_argument("--version", action="version", version=f"pycolytics {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("keygen", help="print a new random API key")
-    exporting = commands.add_parser("export", help="write events as CSV or JSON lines (pandas reads both)")
+    made = {name: commands.add_parser(name, help=summary, description=description,
+                                      parents=[_global_options(argparse.SUPPRESS)])
+            for name, (_, summary, description) in COMMANDS.items()}
+    exporting = made["export"]
     exporting.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
     exporting.add_argument("--application", metavar="NAME", help="only this application's events")
     exporting.add_argument("--since", metavar="T", help="only events at or after T (ISO 8601 or Unix seconds, UTC)")
     exporting.add_argument("--until", metavar="T", help="only events before T")
     exporting.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
-    pruning = commands.add_parser("prune", help="delete events older than a time, in small steps")
+    exporting.add_argument("--force", action="store_true", help="overwrite --output FILE if it exists")
+    pruning = made["prune"]
     pruning.add_argument("--before", metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")
-    backing_up = commands.add_parser("backup", help="copy the database consistently, while the server runs")
-    backing_up.add_argument("file", metavar="FILE", help="where to write the copy")
-    copying = commands.add_parser("copy", help="move an SQLite database's events into PostgreSQL (resumable)")
-    copying.add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
+    pruning.add_argument("--dry-run", action="store_true", help="only say how many events would be deleted")
+    pruning.add_argument("--yes", action="store_true", help="delete without asking (needed when not on a terminal)")
+    made["backup"].add_argument("file", metavar="FILE", help="where to write the copy")
+    made["backup"].add_argument("--force", action="store_true", help="replace FILE if it exists")
+    made["copy"].add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
     return parser
-
-
-COMMANDS = {"keygen": keygen, "export": export, "prune": prune, "backup": backup, "copy": copy_events}
 
 
 def main(argv=None):
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    overrides = {"host": arguments.host, "port": arguments.port, "database": arguments.database, "quiet": arguments.quiet}
+    overrides = {name: getattr(arguments, name) for name in ("host", "port", "database", "quiet")}
     load = functools.partial(load_config, arguments.config, overrides=overrides)
     try:
         config = load()
         if arguments.command is None:
             return serve(config, load)
-        return COMMANDS[arguments.command](arguments, config)
+        return COMMANDS[arguments.command][0](arguments, config)
     except ConfigError as error:
         log.error("bad configuration: %s", error)
+        return 2
+    except UsageError as error:
+        log.error("%s: %s", arguments.command, error)
         return 2
     except Exception as error:  # OSError, or the database's own errors
         log.error("%s failed: %s", arguments.command or "serving", error)
