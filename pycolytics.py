@@ -369,7 +369,7 @@ SETTINGS = (
     Setting("api_keys", "", _keys, "the keys clients send in each event's api_key"),
     Setting("host", "127.0.0.1", _text, "the address the built-in server listens on"),
     Setting("port", "8000", _port, "the port the built-in server listens on"),
-    Setting("synchronous", "full", _synchronous, "SQLite's synchronous pragma: what a power cut may lose"),
+    Setting("synchronous", "full", _synchronous, "what a power cut may lose (also PostgreSQL's synchronous_commit)"),
     Setting("quiet", "no", _flag, "no log line per request"),
     Setting("threads", "8", _count, "worker threads of the built-in server for requests that may wait"),
     Setting("workers", "1", _workers, "processes of the built-in server, each with its own loop; auto: one per core"),
@@ -1569,10 +1569,6 @@ POSTGRES_SESSION = (
 # synchronous = normal (or off) relaxes commits as on SQLite: a crash of the database server
 # may lose the last commits, a crash of the collector loses nothing.
 POSTGRES_SYNCHRONOUS_COMMIT = {"full": "on", "normal": "off", "off": "off"}
-# A statement_timeout would also cancel a commit's wait for its synchronous standby, and the
-# server then reports success for a commit only the primary holds: the commit is bounded by
-# the watchdog instead (a connection cut, and 503), never by a cancel that turns into a 204.
-POSTGRES_COMMIT = "SET LOCAL statement_timeout = 0; COMMIT"
 # Seconds beyond busy_timeout before the watchdog cuts a connection: time for the server's
 # own timeout error to arrive first.
 POSTGRES_GRACE = 5
@@ -1696,8 +1692,9 @@ class PostgresStore(Store):
     def connect(self):
         connection = self._open(self.config.busy_timeout)
         try:
-            if not connection.execute(POSTGRES_SCHEMA_READY).fetchone()[0]:
-                self._create_schema(connection)
+            with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE):
+                if not connection.execute(POSTGRES_SCHEMA_READY).fetchone()[0]:
+                    self._create_schema(connection)
         except BaseException:
             connection.close()
             raise
@@ -1725,7 +1722,9 @@ class PostgresStore(Store):
                     cursor.executemany(POSTGRES_INSERT, rows)
                     inserted = max(0, cursor.rowcount)
                     committing = True
-                    cursor.execute(POSTGRES_COMMIT)
+                    # statement_timeout never covers a commit (the server disables it first):
+                    # a wait for a synchronous standby is bounded by the watchdog
+                    cursor.execute("COMMIT")
             except self.psycopg.Error as error:
                 if committing or watch[2]:
                     raise  # the commit's outcome is unknown, or the database hung: 503
