@@ -57,8 +57,10 @@ GROUPS = {
     ),
     "storage": (
         ["connect", "SQLiteStore.insert", "Writer.submit", "Writer.write", "Writer._run", "Writer._commit"],
-        f"(stored or batch or database or synchronous or pending or writer or sigterm) and {SQLITE}"
-        " and not generated and not browser and not gunicorn and not copy and not sigkill and not two_",
+        f"((stored or batch or database or synchronous or pending or writer or sigterm) and {SQLITE}"
+        " and not generated and not browser and not gunicorn and not copy and not sigkill and not two_)"
+        # the writer's retry after a connection lost before the commit: PostgreSQL's alone
+        " or within_a_second",
     ),
     "framing": (
         ["_parse_head", "_split_target", "Server._whole_request", "Server._reserve", "read_body", "decompress"],
