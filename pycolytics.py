@@ -96,7 +96,15 @@ MAX_INTEGER_DIGITS = 4300
 APP_SETTINGS = ("api_keys", "cors_origins")
 
 # Settings that only a restart changes; a reload (SIGHUP) says so when they differ.
-RESTART_SETTINGS = ("database", "host", "port", "threads", "synchronous", "busy_timeout")
+RESTART_SETTINGS = ("database", "host", "port", "threads", "workers", "synchronous", "busy_timeout")
+
+# Worker processes at most (workers = N): each holds its own connections, threads and writer,
+# and more than a few per core only adds memory and lock waits at the database.
+MAX_WORKERS = 64
+
+# A worker process that dies is replaced, but at most this many times per minute: a worker
+# that crashes at start must not become a fork loop. Beyond it, replacements wait their turn.
+WORKER_RESTARTS_PER_MINUTE = 5
 
 ###############################################################################
 # Errors
@@ -247,6 +255,12 @@ def _days(value):
     return _number(value, float, 0, 999_999, "a number of days, or 0 to keep events forever")
 
 
+def _workers(value):
+    if value.strip().lower() == "auto":
+        return min(os.cpu_count() or 1, MAX_WORKERS)
+    return _number(value, int, 1, MAX_WORKERS, f"auto, or a whole number from 1 to {MAX_WORKERS}")
+
+
 def _flag(value):
     word = value.strip().lower()
     if word in ("1", "yes", "true", "on"):
@@ -358,6 +372,7 @@ SETTINGS = (
     Setting("synchronous", "full", _synchronous, "SQLite's synchronous pragma: what a power cut may lose"),
     Setting("quiet", "no", _flag, "no log line per request"),
     Setting("threads", "8", _count, "worker threads of the built-in server for requests that may wait"),
+    Setting("workers", "1", _workers, "processes of the built-in server, each with its own loop; auto: one per core"),
     Setting("max_connections", "512", _count, "open connections at most; the longest idle makes room"),
     Setting("max_connections_per_address", "64", _count, "open connections from one client address at most (503)"),
     Setting("idle_timeout", "5", _seconds, "seconds a kept-alive connection may sit idle"),
@@ -548,7 +563,8 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
 ###############################################################################
 
 # Stand-ins for an escaped backslash and an escaped quote while a body's strings are told
-# apart from the rest: lone surrogates, which no text decoded from UTF-8 can hold.
+# apart from the rest (see _nulls_outside_strings): lone surrogates, which no text decoded
+# from UTF-8 can hold.
 _ESCAPED_BACKSLASH, _ESCAPED_QUOTE = "\ud800", "\ud801"
 # An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not
 # valid Unicode (a lone surrogate). Bodies without one skip the per-string check.
@@ -580,29 +596,48 @@ _compact_json = _compact_encoder()
 _json_with_non_finite = _compact_encoder(allow_nan=True)  # NaN, Infinity: for a value about to be mended
 
 
+def _nulls_outside_strings(text, words, escaped_backslash, escaped_quote):
+    """JSON-like `text` with each of `words` replaced by null wherever it lies outside strings.
+
+    A few passes of C string methods, each linear: no regular expression, so nothing can
+    backtrack. Replacing escaped backslashes first, left to right, pairs up every run of
+    them; once escaped quotes are replaced too, every quote left opens or closes a string,
+    and the even pieces between quotes lie outside strings. The two stand-ins are characters
+    `text` cannot hold. Outside strings no JSON word holds any of `words`, so replacing one
+    that is part of a longer word leaves that word as wrong as it was.
+    """
+    pieces = text.replace("\\\\", escaped_backslash).replace('\\"', escaped_quote).split('"')
+    outside = '"'.join(pieces[::2])
+    for word in words:
+        outside = outside.replace(word, "null")
+    pieces[::2] = outside.split('"')
+    return '"'.join(pieces).replace(escaped_quote, '\\"').replace(escaped_backslash, "\\\\")
+
+
 def _mend_godot(text):
     """`text` with Godot's JSON quirks made JSON: bare nan, inf and -inf (its non-finite
     floats) as null, and \\v in strings as \\u000b.
 
-    A few passes of C string methods, each linear: no regular expression over the strings, so
-    nothing can backtrack. Replacing escaped backslashes first, left to right, pairs up every
-    run of them, so each backslash left starts an escape; once escaped quotes are replaced too,
-    every quote opens or closes a string. In a text that is not JSON the pairing may be wrong,
-    but quotes and backslashes stay where they were, so the mended text is not JSON either.
+    In a text that is not JSON the escapes may be paired wrongly, but quotes and backslashes
+    stay where they were, so the mended text is not JSON either.
     """
-    text = text.replace("\\\\", _ESCAPED_BACKSLASH)
     if "\\v" in text:  # Godot escapes a vertical tab as \v, which JSON lacks
-        text = text.replace("\\v", "\\u000b")
+        text = text.replace("\\\\", _ESCAPED_BACKSLASH).replace("\\v", "\\u000b")
+        text = text.replace(_ESCAPED_BACKSLASH, "\\\\")
     if "nan" in text or "inf" in text:
-        pieces = text.replace('\\"', _ESCAPED_QUOTE).split('"')
-        # Even pieces lie outside strings, where no JSON word holds nan or inf: replacing them
-        # where they are part of a longer word leaves that word as wrong as it was.
-        outside = '"'.join(pieces[::2])
-        for word in ("-nan", "-inf", "nan", "inf"):
-            outside = outside.replace(word, "null")
-        pieces[::2] = outside.split('"')
-        text = '"'.join(pieces).replace(_ESCAPED_QUOTE, '\\"')
-    return text.replace(_ESCAPED_BACKSLASH, "\\\\")
+        text = _nulls_outside_strings(text, ("-nan", "-inf", "nan", "inf"), _ESCAPED_BACKSLASH, _ESCAPED_QUOTE)
+    return text
+
+
+def _finite_json(value):
+    """Compact JSON of a value holding NaN or Infinity, each written as null; None if the
+    interpreter's C encoder cannot go as deep as the value nests."""
+    try:
+        text = _json_with_non_finite(value)
+    except RecursionError:
+        return None
+    # The encoder escapes every control character, so NUL and SOH can stand in for escapes.
+    return _nulls_outside_strings(text, ("-Infinity", "Infinity", "NaN"), "\0", "\1")
 
 
 def _non_finite_to_null(name):
@@ -624,6 +659,13 @@ _PARSE_INT = None if 0 < _C_INT_DIGITS <= MAX_INTEGER_DIGITS else _bounded_int
 _INT_DIGITS = _C_INT_DIGITS if _PARSE_INT is None else MAX_INTEGER_DIGITS  # the limit in force
 
 
+# Built once: json.loads() given any option builds a decoder and its C scanner at every call,
+# which cost a sixth of validating a single event. Shared by threads as json.loads() shares its own.
+_DECODER = json.JSONDecoder(parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
+# Godot's JSON: control characters other than \b\f\n\r\t\v raw in strings.
+_LENIENT_DECODER = json.JSONDecoder(parse_constant=_non_finite_to_null, parse_int=_PARSE_INT, strict=False)
+
+
 def parse_json(body):
     """The document in a request body; non-finite numbers become None. Raises BadRequest."""
     if not body:
@@ -635,25 +677,24 @@ def parse_json(body):
     if text[0] == "\ufeff":
         text = text[1:]
     try:
-        return _loads(text, strict=True)
+        return _decode(_DECODER, text)
     except json.JSONDecodeError as error:
         first_error = error
-    # Godot's JSON: its quirks mended, and control characters other than \b\f\n\r\t\v raw in strings.
     try:
-        return _loads(_mend_godot(text), strict=False)
+        return _decode(_LENIENT_DECODER, _mend_godot(text))
     except json.JSONDecodeError:
         message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
         raise BadRequest(f"the request body is not valid JSON: {message} "
                          f"at line {first_error.lineno} column {first_error.colno}") from None
 
 
-def _loads(text, strict):
-    """json.loads with non-finite numbers as None; BadRequest for what json.loads cannot convert."""
+def _decode(decoder, text):
+    """decoder.decode(text); BadRequest for what it cannot convert, JSONDecodeError for what is not JSON."""
     try:
-        return json.loads(text, parse_constant=_non_finite_to_null, parse_int=_PARSE_INT, strict=strict)
+        return decoder.decode(text)
     except json.JSONDecodeError:
         raise
-    except RecursionError:  # json.loads recurses in C, as deep as the interpreter lets it
+    except RecursionError:  # the decoder recurses in C, as deep as the interpreter lets it
         raise BadRequest("the request body nests arrays or objects too deeply") from None
     except ValueError:  # an integer too long to convert
         raise BadRequest(f"the request body holds an integer of over {_INT_DIGITS} digits") from None
@@ -788,10 +829,9 @@ MAX_PROBLEMS = 100
 class Validator:
     """Turns a parsed request body into rows for the `event` table, or says what is wrong.
 
-    Every event first takes a fast path that only decides "valid" with C-speed checks. A
-    request with any invalid event is then examined again, event by event and field by
-    field, to list its problems (the first MAX_PROBLEMS); that slow path is the authority on
-    what is wrong.
+    Every event first takes a fast path that only decides "valid" with C-speed checks. The
+    events it refuses are then examined again, field by field, to list their problems (the
+    first MAX_PROBLEMS); that slow path is the authority on what is wrong.
     """
 
     def __init__(self, config, keyring):
@@ -821,12 +861,12 @@ class Validator:
         shallow = body.count(b"{") + body.count(b"[") <= self.max_value_depth
         check_unicode = _SURROGATE_ESCAPE.search(body) is not None
         times = (received, received.strftime(TIME_FORMAT))
-        rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, False
+        rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, []
         value_problems = {}  # id(event) -> what is wrong with its value, as the fast path found it
         for index, event in enumerate(events):
             row = self._fast_row(event, shallow, check_unicode, times, value_problems)
             if row is None:
-                invalid = True
+                invalid.append(index)
                 if type(event) is not dict:
                     continue
             else:
@@ -849,17 +889,19 @@ class Validator:
             raise Forbidden("; ".join(forbidden[:MAX_PROBLEMS]) + more)
         if invalid:
             raise UnprocessableEntity(
-                self._listed_problems(events, batch, shallow, check_unicode, received, value_problems)
+                self._listed_problems(events, invalid, batch, shallow, check_unicode, received, value_problems)
             )
         return rows
 
-    def _listed_problems(self, events, batch, shallow, check_unicode, received, value_problems):
-        """The problems of a request's events, in order, at most MAX_PROBLEMS of them and then a note."""
+    def _listed_problems(self, events, invalid, batch, shallow, check_unicode, received, value_problems):
+        """The problems of the `invalid` events (indexes), at most MAX_PROBLEMS of them and then a note.
+
+        Events the fast path found valid have none, and are not examined again."""
         problems = []
-        for index, event in enumerate(events):
+        for index in invalid:
             where = ["body", index] if batch else ["body"]
-            problems += self._problems(event, where, shallow, check_unicode, received, value_problems)
-            if len(problems) > MAX_PROBLEMS or len(problems) == MAX_PROBLEMS and index + 1 < len(events):
+            problems += self._problems(events[index], where, shallow, check_unicode, received, value_problems)
+            if len(problems) > MAX_PROBLEMS or len(problems) == MAX_PROBLEMS and index != invalid[-1]:
                 message = (f"at most {MAX_PROBLEMS} problems are listed and this list stops at event {index}: "
                            "fix these and send again")
                 return problems[:MAX_PROBLEMS] + [_problem(["body"], message, "too_many_problems")]
@@ -940,7 +982,7 @@ class Validator:
         try:
             text = _compact_json(value)
         except ValueError:  # a non-finite float, as from 1e999
-            text = self._finite_json(value)
+            text = _finite_json(value)
         except RecursionError:
             text = None
         # A text of n characters nests at most n/2 deep, and at most as deep as it has brackets.
@@ -962,19 +1004,6 @@ class Validator:
         if "\\u0000" in text and _holds_nul(value):
             return None, ("holds a NUL character (\\u0000) in a string", "nul")
         return text, None
-
-    def _finite_json(self, value):
-        """Compact JSON of a value holding NaN or Infinity, stored as null; None if it nests too deep.
-
-        Rare, and written twice, in C: with NaN and Infinity, then parsed with them as None and
-        written again. Both recurse, so the depth is checked first, by a loop.
-        """
-        if _nests_deeper(value, self.max_value_depth):
-            return None
-        try:
-            return _compact_json(json.loads(_json_with_non_finite(value), parse_constant=_non_finite_to_null))
-        except RecursionError:  # a max_value_depth deeper than the interpreter's C code goes
-            return None
 
 
 # The range of client times taken as given: the Unix epoch to the end of year 9999.
@@ -1039,15 +1068,21 @@ def _client_fields(event, received, check_unicode):
             when = received if sent < happened else _EPOCH
         when = min(max(when, _EPOCH), received)
     event_id = event.get("event_id")
-    if event_id is None:
-        pass
-    elif type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID:
-        problems.append(("event_id", f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"))
-    elif "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
-        problems.append(("event_id", "holds a NUL character (\\u0000)", "nul"))
-    elif check_unicode and not _is_unicode(event_id):
-        problems.append(("event_id", "holds an unpaired UTF-16 surrogate", "unicode"))
+    problem = None if event_id is None else _event_id_problem(event_id, check_unicode)
+    if problem:
+        problems.append(("event_id", *problem))
     return when.strftime(TIME_FORMAT), event_id, problems
+
+
+def _event_id_problem(event_id, check_unicode):
+    """(message, kind) if a client's `event_id` cannot be stored, else None."""
+    if type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_ID:
+        return f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"
+    if "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
+        return "holds a NUL character (\\u0000)", "nul"
+    if check_unicode and not _is_unicode(event_id):
+        return "holds an unpaired UTF-16 surrogate", "unicode"
+    return None
 
 
 def _problem(location, message, kind):
@@ -1817,6 +1852,7 @@ class Writer:
         self._unreachable = None  # why the last reconnection failed
         self.pruned = 0
         self._pass_pruned = 0  # by the steps of this pass, so far
+        self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Supervisor)
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
@@ -1998,12 +2034,13 @@ class Writer:
         started = time.monotonic()
         rows = list(itertools.chain.from_iterable(rows for rows, _ in group))
         try:
-            try:
-                inserted = self.store.insert(self._connected(), rows)
-            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
-                self._forget_lost(lost)
-                self._reconnect_at = 0
-                inserted = self.store.insert(self._connected(), rows)
+            with self.commit_lock:
+                try:
+                    inserted = self.store.insert(self._connected(), rows)
+                except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                    self._forget_lost(lost)
+                    self._reconnect_at = 0
+                    inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
             log.error("could not store %d events: %s", len(rows), failure)
             self._failed(failure)
@@ -2069,6 +2106,8 @@ REPORT_SQL = {
 # Kinds of JSON values as either backend names them, and what a breakdown of values makes of them.
 VALUE_KINDS = {"integer": "number", "real": "number", "number": "number", "text": "string", "string": "string",
                "true": "boolean", "false": "boolean", "boolean": "boolean"}
+# The fields a report ranks: its lists are named after them, with an s.
+RANKED = ("event_type", "version", "platform")
 # The filters of a report: a report with filters is the report of a database that held only the
 # events that match them.
 REPORT_FILTERS = ("application", "event_type", "version", "platform")
@@ -2287,28 +2326,40 @@ class _ReportReader:
         return self.rows(f"SELECT {day}, application, user_id, session_id, count(*), min({moment}), max({moment})"
                          f" FROM event {self.where} GROUP BY 1, 2, 3, 4")
 
-    def first_days(self):
-        """(application, user_id, first day) of the users whose first event ever is in the range."""
-        since = self.store.since
-        return self.connection.execute(
-            f"SELECT application, user_id, {self.store.day} FROM (SELECT application, user_id, min(time) AS time"
-            f" FROM event WHERE time < {since}{self.filters} GROUP BY application, user_id) AS firsts"
-            f" WHERE time >= {since}", [self.end] + self.filter_values + [self.query.since.isoformat()])
+    def seen_before(self):
+        """The (application, user_id) pairs with an event before the range: its users who are not new.
 
-    def ranking(self, field, total_events):
-        """The events and users of each value of `field`, the top ones and "(other)"."""
-        counts = [(name, int(events), users) for name, events, users in self.rows(
-            f"SELECT name, sum(events), count(*) FROM (SELECT {field} AS name, application, user_id,"
-            f" count(*) AS events FROM event {self.where} GROUP BY 1, 2, 3) AS per_user"
-            f" GROUP BY name ORDER BY 2 DESC, name{self.sql['collate']} LIMIT {REPORT_TOP + 1}")]
-        other_users = None
-        if len(counts) > REPORT_TOP:
-            marks = ", ".join([self.store.parameter] * REPORT_TOP)
-            other_users = self.rows(
-                f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM event {self.where}"
-                f" AND {field} NOT IN ({marks})) AS rest", after=[name for name, _, _ in counts[:REPORT_TOP]]
-            ).fetchone()[0]
-        return _top(counts, total_events, other_users)
+        A user's first event ever is in the range exactly when none is before it, so this scan of
+        the days before the range (no aggregate, only the pairs) is all that new users cost.
+        """
+        return self.connection.execute(
+            f"SELECT DISTINCT application, user_id FROM event WHERE time < {self.store.since}{self.filters}",
+            [self.query.since.isoformat()] + self.filter_values)
+
+    def rankings(self):
+        """{field: its ranking} for event_type, version and platform, from one pass over the range."""
+        events = {field: collections.Counter() for field in RANKED}
+        users = {field: collections.defaultdict(set) for field in RANKED}
+        for event_type, version, platform, application, user_id, count in self.rows(
+            f"SELECT event_type, version, platform, application, user_id, count(*) FROM event {self.where}"
+            " GROUP BY 1, 2, 3, 4, 5"
+        ):
+            for field, name in zip(RANKED, (event_type, version, platform)):
+                events[field][name] += count
+                users[field][name].add((application, user_id))
+        rankings = {}
+        for field in RANKED:
+            ordered = sorted(events[field], key=lambda name: (-events[field][name], name.encode()))
+            rest = set().union(*(users[field][name] for name in ordered[REPORT_TOP:]))
+            rankings[field] = _top([(name, events[field][name], len(users[field][name])) for name in ordered],
+                                   sum(events[field].values()), len(rest))
+        return rankings
+
+    def applications(self):
+        """The names of the busiest applications of the range, for the dashboard's choice."""
+        return [name for name, _ in self.connection.execute(
+            f"SELECT application, count(*) FROM event WHERE time >= {self.store.since} AND time < {self.store.since}"
+            f" GROUP BY 1 ORDER BY 2 DESC, application{self.sql['collate']} LIMIT {REPORT_TOP}", self.arguments[:2])]
 
     def funnel(self, steps):
         """How many users did steps[0], then steps[1] at or after that, and so on."""
@@ -2352,14 +2403,11 @@ def _session_seconds(first, last):
     return round((ended - begun).total_seconds(), 3)
 
 
-def build_report(store, connection, query, today):
-    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
-    reader = _ReportReader(store, connection, query)
-    span = (query.until - query.since).days + 1
-    position = {(query.since + datetime.timedelta(days=n)).isoformat(): n for n in range(span)}
-    columns = {name: [0] * span for name in ("events", "users", "new_users", "sessions")}
+def _daily_activity(reader, position):
+    """Per-day columns, each user's days with events and each session's [days, first, last] time."""
+    columns = {name: [0] * len(position) for name in ("events", "users", "new_users", "sessions")}
     active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
-    sessions = {}  # (application, session_id) -> [days, first time, last time]
+    sessions = {}  # (application, session_id) -> [positions of its days, first time, last time]
     for day, application, user_id, session_id, events, first, last in reader.activity():
         n = position[day]
         columns["events"][n] += events
@@ -2372,43 +2420,54 @@ def build_report(store, connection, query, today):
             session[0].add(n)
             columns["sessions"][n] += 1
         session[1], session[2] = min(session[1], first), max(session[2], last)
-    cohorts = collections.defaultdict(list)
-    for application, user_id, day in reader.first_days():
-        columns["new_users"][position[day]] += 1
-        cohorts[position[day]].append((application, user_id))
-    lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
-    total_events = sum(columns["events"])
-    report = {
-        "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
-        "totals": {"events": total_events, "users": len(active), "new_users": sum(columns["new_users"]),
-                   "sessions": len(sessions)},
-        "days": [dict(date=day, **{name: columns[name][n] for name in columns}) for day, n in position.items()],
-        "retention": [],
-        "sessions": {"count": len(lengths),
-                     "median_seconds": _percentile([(length, 1) for length in lengths], 0.5) or 0,
-                     "p90_seconds": _percentile([(length, 1) for length in lengths], 0.9) or 0,
-                     "per_user": round(len(lengths) / len(active), 2) if active else 0},
-        "event_types": reader.ranking("event_type", total_events),
-        "versions": reader.ranking("version", total_events),
-        "platforms": reader.ranking("platform", total_events),
-    }
-    observed = (min(query.until, today) - query.since).days  # days after it have not happened yet
+    return columns, active, sessions
+
+
+def _retention(cohorts, active, observed):
+    """[position, users, [share back on each of RETENTION_COLUMNS' days after, or None]] per cohort."""
     triangle = []
     for n in sorted(cohorts):
         cohort = cohorts[n]
-        shares = [None if n + after > observed else round(sum(n + after in active[user] for user in cohort)
-                                                          / len(cohort), 4) for after in RETENTION_COLUMNS]
-        triangle.append([n, len(cohort), shares])
-        report["retention"].append(dict(
-            {"cohort": (query.since + datetime.timedelta(days=n)).isoformat(), "users": len(cohort)},
-            **{f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS}))
+        triangle.append([n, len(cohort), [
+            None if n + after > observed else round(sum(n + after in active[user] for user in cohort) / len(cohort), 4)
+            for after in RETENTION_COLUMNS]])
+    return triangle
+
+
+def _session_figures(lengths, users):
+    ordered = [(length, 1) for length in lengths]
+    return {"count": len(lengths), "median_seconds": _percentile(ordered, 0.5) or 0,
+            "p90_seconds": _percentile(ordered, 0.9) or 0, "per_user": round(len(lengths) / users, 2) if users else 0}
+
+
+def build_report(store, connection, query, today):
+    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
+    reader = _ReportReader(store, connection, query)
+    dates = [(query.since + datetime.timedelta(days=n)).isoformat() for n in range((query.until - query.since).days + 1)]
+    columns, active, sessions = _daily_activity(reader, {day: n for n, day in enumerate(dates)})
+    cohorts = collections.defaultdict(list)
+    returning = {tuple(user) for user in reader.seen_before()}
+    for user, days in active.items():
+        if user not in returning:
+            columns["new_users"][min(days)] += 1
+            cohorts[min(days)].append(user)
+    lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
+    triangle = _retention(cohorts, active, (min(query.until, today) - query.since).days)
+    report = {
+        "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
+        "totals": {"events": sum(columns["events"]), "users": len(active), "new_users": sum(columns["new_users"]),
+                   "sessions": len(sessions)},
+        "days": [dict(date=day, **{name: values[n] for name, values in columns.items()}) for n, day in enumerate(dates)],
+        "retention": [dict({"cohort": dates[n], "users": users}, **{
+            f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS})
+            for n, users, shares in triangle],
+        "sessions": _session_figures(lengths, len(active)),
+        **{f"{field}s": ranking for field, ranking in reader.rankings().items()},
+    }
     histogram = [0] * len(SESSION_BUCKETS)
     for length in lengths:
         histogram[next(n for n, (bound, _) in enumerate(SESSION_BUCKETS) if length < bound)] += 1
-    extras = {"triangle": triangle, "session_lengths": histogram,
-              "applications": [row["name"] for row in _ReportReader(store, connection, query._replace(
-                  application=None)).ranking("application", 0) if row["name"] != "(other)"]}
-    return report, extras
+    return report, {"triangle": triangle, "session_lengths": histogram, "applications": reader.applications()}
 
 
 def build_funnel(store, connection, query, steps):
@@ -2523,8 +2582,8 @@ class Dashboard:
 
     def figures(self, kind, query, *arguments):
         """build_report, build_funnel or build_values, from the cache while the database has not changed."""
-        connection = self.store.read()
         try:
+            connection = self.store.read()
             try:
                 lowest = connection.execute("SELECT min(id) FROM event").fetchone()[0]
                 highest = connection.execute("SELECT max(id) FROM event").fetchone()[0]
@@ -2534,10 +2593,10 @@ class Dashboard:
                     build = {"report": build_report, "funnel": build_funnel, "values": build_values}[kind]
                     kept = json.dumps(build(self.store, connection, query, *key[2])).encode()
                     self.cache.put(key, kept)
-            except self.store.errors as error:
-                raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
-        finally:
-            connection.close()
+            finally:
+                connection.close()
+        except self.store.errors as error:
+            raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
         return json.loads(kept)  # the same lists and dicts whether kept or just built
 
 
@@ -2616,7 +2675,7 @@ def _ranking_svg(items, label, shares=False):
     first = items[0][1] or 1
     bars = []
     for n, (name, value) in enumerate(items):
-        y, long = n * row, (width - names - 80) * value / top
+        y, long = n * row, (width - names - 110) * value / top
         shown = str(name) if len(str(name)) <= 20 else str(name)[:19] + "\u2026"
         note = f" ({100 * value / first:.0f}%)" if shares else ""
         bars.append(
@@ -2654,8 +2713,8 @@ def _seconds_text(seconds):
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:
-        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _funnel_section(parts, hidden, types):
@@ -2692,6 +2751,26 @@ def _values_section(parts, hidden, types):
     return form + "".join(shown)
 
 
+# The dashboard's style sheet: one page, no files to serve, no scripts.
+DASHBOARD_CSS = """\
+body{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}
+header{background:#1d2433;color:#fff;padding:12px 24px} header h1{font-size:20px;margin:0 0 8px}
+form{display:flex;gap:10px;flex-wrap:wrap;align-items:center;margin:4px 0 8px}
+input,select,button{font:inherit;padding:3px 6px} main{max-width:1100px;margin:0 auto;padding:16px 24px}
+.totals{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}
+.totals div{background:#fff;border-radius:8px;padding:12px 20px} .totals b{display:block;font-size:28px}
+section{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}
+h2{font-size:17px;margin:4px 0 8px} .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}
+.grid section{margin:0} .chart{width:100%;height:auto} .ranking{max-width:560px} .chart text{font-size:13px;fill:#3b4356}
+.bar,.bar0{fill:#3d7be0} .bar1{fill:#e0793d} .axis{stroke:#c5cad3} .line{fill:none;stroke-width:2.5}
+.line0{stroke:#3d7be0} .line1{stroke:#e0793d} .legend{margin:0 0 4px;font-size:14px}
+.key0{color:#3d7be0} .key1{color:#e0793d;margin-left:12px} .empty{color:#5b6477}
+.scroll{overflow-x:auto} table{border-collapse:collapse} td,th{padding:3px 8px;text-align:right;font-size:14px}
+.retention td.future{background:#fafafa} .numbers td,.numbers th{border-bottom:1px solid #e3e6eb}
+header a{color:#cfe0ff} footer{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}
+"""
+
+
 def _dashboard_html(parts, seconds):
     report, extras, fields, query = parts["report"], parts["extras"], parts["fields"], parts["query"]
     totals, days = report["totals"], report["days"]
@@ -2701,7 +2780,9 @@ def _dashboard_html(parts, seconds):
     chosen = dict(filters, since=query.since.isoformat(), until=query.until.isoformat())
     hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
                      for name, value in chosen.items() if value)
-    types = [row["name"] for row in report["event_types"] if row["name"] != "(other)"]
+    choices = {key: [row["name"] for row in report[key] if row["name"] != "(other)"]
+               for key in ("event_types", "versions", "platforms")}
+    types = choices["event_types"]
     empty = '<p class="empty">No events in this range.</p>'
     median = report["sessions"]["median_seconds"]
     returning = [users - new for users, new in zip(column["users"], column["new_users"])]
@@ -2712,22 +2793,7 @@ def _dashboard_html(parts, seconds):
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Pycolytics dashboard</title>
 <style>
-body{{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}}
-header{{background:#1d2433;color:#fff;padding:12px 24px}} header h1{{font-size:20px;margin:0 0 8px}}
-form{{display:flex;gap:10px;flex-wrap:wrap;align-items:center;margin:4px 0 8px}}
-input,select,button{{font:inherit;padding:3px 6px}} main{{max-width:1100px;margin:0 auto;padding:16px 24px}}
-.totals{{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:16px}}
-.totals div{{background:#fff;border-radius:8px;padding:12px 20px}} .totals b{{display:block;font-size:28px}}
-section{{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}}
-h2{{font-size:17px;margin:4px 0 8px}} .grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:16px}}
-.grid section{{margin:0}} .chart{{width:100%;height:auto}} .chart text{{font-size:13px;fill:#3b4356}}
-.bar,.bar0{{fill:#3d7be0}} .bar1{{fill:#e0793d}} .axis{{stroke:#c5cad3}} .line{{fill:none;stroke-width:2.5}}
-.line0{{stroke:#3d7be0}} .line1{{stroke:#e0793d}} .legend{{margin:0 0 4px;font-size:14px}}
-.key0{{color:#3d7be0}} .key1{{color:#e0793d;margin-left:12px}} .empty{{color:#5b6477}}
-.scroll{{overflow-x:auto}} table{{border-collapse:collapse}} td,th{{padding:3px 8px;text-align:right;font-size:14px}}
-.retention td.future{{background:#fafafa}} .numbers td,.numbers th{{border-bottom:1px solid #e3e6eb}}
-header a{{color:#cfe0ff}} footer{{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}}
-</style></head><body>
+{DASHBOARD_CSS}</style></head><body>
 <header><h1>Pycolytics</h1>
 <form method="get" action="dashboard">
 <label>Application <select name="application"><option value="">all</option>{_options(
@@ -2735,10 +2801,11 @@ header a{{color:#cfe0ff}} footer{{color:#5b6477;font-size:13px;padding:0 24px 24
         query.application)}</select></label>
 <label>From <input type="date" name="since" value="{query.since}"></label>
 <label>to <input type="date" name="until" value="{query.until}"></label>
-<label>Event type <input name="event_type" size="12" value="{_escape(filters["event_type"])}"></label>
-<label>Version <input name="version" size="8" value="{_escape(filters["version"])}"></label>
-<label>Platform <input name="platform" size="8" value="{_escape(filters["platform"])}"></label>
-<button type="submit">Show</button></form>
+<label>Event type <input name="event_type" list="event_types" size="12" value="{_escape(filters["event_type"])}">
+</label><label>Version <input name="version" list="versions" size="8" value="{_escape(filters["version"])}"></label>
+<label>Platform <input name="platform" list="platforms" size="8" value="{_escape(filters["platform"])}"></label>
+<button type="submit">Show</button>{"".join(f'<datalist id="{key}">{_options(names, None)}</datalist>'
+                                            for key, names in choices.items())}</form>
 <a href="{_link("v1.0/report", dict(chosen, format="csv"))}">Download the days as CSV</a> &middot;
 <a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>
 <main>
@@ -3220,15 +3287,55 @@ def openapi_document(config, url):
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
         "servers": [{"url": url}],
-        "paths": {
+        "paths": dict({
             "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
             "/v1.0/events": post("Store a batch of events, all or nothing", batch),
-        },
+        }, **_report_paths(error)),
         "components": {"schemas": {
             "Event": _event_schema(config),
             "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
-        }},
+        }, "securitySchemes": {"readKey": {"type": "http", "scheme": "bearer"},
+                               "readKeyAsPassword": {"type": "http", "scheme": "basic"}}},
     }
+
+
+def _report_paths(error):
+    """The report API's paths: a read key, a range of days and filters; README.md defines every figure."""
+    def parameter(name, description, required=False):
+        return {"name": name, "in": "query", "required": required, "description": description,
+                "schema": {"type": "string", "maxLength": MAX_FILTER_CHARACTERS}}
+
+    common = [parameter("since", "First day (UTC, YYYY-MM-DD, inclusive); default 29 days before until."),
+              parameter("until", "Last day (inclusive); default today. At most 366 days from since."),
+              parameter("application", "Only this application's events; a user is then a user_id."),
+              parameter("event_type", "Only events of this type."), parameter("version", "Only this version."),
+              parameter("platform", "Only this platform.")]
+    failures = {code: {"description": text, "content": {"application/json": {"schema": error}}} for code, text in (
+        ("400", "A bad query: a date, a range over 366 days, a format, missing steps or field."),
+        ("401", "No read key, or a wrong one."), ("403", "The report is off: no read_keys are configured."),
+        ("429", "Too many wrong read keys from this address: retry after Retry-After seconds."),
+        ("503", "The database could not be read."))}
+    json_answer = {"application/json": {"schema": {"type": "object"}}}
+
+    def get(summary, parameters, content):
+        return {"get": {"summary": summary, "parameters": common + parameters,
+                        "security": [{"readKey": []}, {"readKeyAsPassword": []}],
+                        "responses": dict({"200": {"description": summary, "content": content}}, **failures)}}
+
+    formats = parameter("format", "json (the default) or csv")
+    return {
+        "/v1.0/report": get("Events, users, new users, sessions per day; retention; session lengths; rankings",
+                            [formats], dict(json_answer, **{"text/csv": {"schema": {"type": "string"}}})),
+        "/v1.0/report/funnel": get("Users who did each step at or after the one before", [
+            parameter("steps", "Event types separated by commas, at most 10.", True), formats],
+            dict(json_answer, **{"text/csv": {"schema": {"type": "string"}}})),
+        "/v1.0/report/values": get("The distribution of one field of the value of one event type", [
+            parameter("field", "A key of the events' value.", True)], json_answer),
+    }
+
+
+DOCS_CSS = ("body{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}"
+            "code,pre{background:#f4f4f4}pre{padding:1em;overflow:auto}td{padding:.2em .8em;vertical-align:top}")
 
 
 def docs_page(config, url):
@@ -3244,8 +3351,7 @@ def docs_page(config, url):
     answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
-<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}}
-code,pre{{background:#f4f4f4}}pre{{padding:1em;overflow:auto}}td{{padding:.2em .8em;vertical-align:top}}</style>
+<style>{DOCS_CSS}</style>
 </head><body>
 <h1>Pycolytics Event API {API_VERSION}</h1>
 <p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
@@ -3301,6 +3407,28 @@ that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
 key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
+<h2>Reports: GET /v1.0/report, /v1.0/report/funnel, /v1.0/report/values</h2>
+<p>The figures behind the dashboard, as JSON (or CSV with <code>format=csv</code>), with the same read key. Query:
+<code>since</code> and <code>until</code> (UTC days, inclusive; default the last {DASHBOARD_DAYS} days up to today;
+at most {MAX_REPORT_DAYS} days), <code>application</code>, and the filters <code>event_type</code>,
+<code>version</code>, <code>platform</code> (a filtered report is that of a database holding only the matching
+events). Any bad query is a 400 with <code>detail</code>.</p>
+<ul><li><code>days</code>: one row per day of the range, zeros included. A user is a <code>user_id</code> within
+the application when one is given, an (application, user_id) pair otherwise; a session likewise.</li>
+<li><code>new_users</code> of a day: users whose first event ever (in the whole database) falls on that day;
+<code>totals.new_users</code> counts those whose first day is in the range.</li>
+<li><code>retention</code>: a row per day of the range on which new users arrived; <code>day_N</code> is the share
+of them with an event on exactly the N-th day after (<code>null</code> while that day is after until or today).</li>
+<li><code>sessions</code>: distinct session_ids (per day: those with an event that day); a session lasts from its
+first to its last event in the range; <code>median_seconds</code> and <code>p90_seconds</code> are nearest-rank
+percentiles; <code>per_user</code> is sessions / users.</li>
+<li><code>event_types</code>, <code>versions</code>, <code>platforms</code>: the top {REPORT_TOP} by events, then one
+<code>"(other)"</code> row for the rest. CSV gives the days: <code>date,events,users,new_users,sessions</code>.</li>
+<li><code>/funnel?steps=a,b,c</code>: the users who did <code>a</code>, then <code>b</code> at or after their first
+<code>a</code>, then <code>c</code> at or after that <code>b</code>, within the range.</li>
+<li><code>/values?event_type=E&amp;field=F</code>: <code>value[F]</code> of the events of type E: numbers as
+count, min, p50, p90, max and sum; strings (and true/false) as the top {REPORT_TOP} with "(other)";
+<code>missing</code> counts events without a number or string there.</li></ul>
 <h2>Example</h2>
 <pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>
@@ -3330,6 +3458,9 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   let settings = null, keys = null, local = null, userId = null, sessionId = null;
   let sending = false, timer = null, timerAt = 0, retryAt = 0, failures = 0, refused = 0;
   let complained = false, warned = false;  // each once per page: a game may track thousands of events
+  // Events tracked during the current task, saved together when it ends: rewriting the queue in
+  // localStorage takes milliseconds when it is long, and a game may track many events in one frame.
+  let unsaved = [], size = 0;
   const memory = new Map();  // the queue when localStorage is blocked (storage off, sandboxed frame)
 
   function localStorageOrNull() {
@@ -3362,13 +3493,24 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     }
   }
 
-  function queued() {
+  function stored() {
     try {
       const events = JSON.parse(read(keys.queue) || "[]");
       return Array.isArray(events) ? events : [];
     } catch (error) {
       return [];
     }
+  }
+
+  function queued() {
+    if (unsaved.length) save();
+    return stored();
+  }
+
+  function save() {
+    const events = stored().concat(unsaved);
+    unsaved = [];
+    keep(events);
   }
 
   function keep(events) {
@@ -3380,6 +3522,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
       dropped += oldest;
       events = events.slice(oldest);
     }
+    size = events.length;
     if (dropped) {
       write(keys.dropped, String((Number(read(keys.dropped)) || 0) + dropped));
       if (!warned) console.warn("Pycolytics: the queue is full; the oldest events are dropped (see Pycolytics.stats())");
@@ -3425,6 +3568,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     userId = options.persistentUser === false ? newId() : read(keys.user) || newId();
     if (options.persistentUser !== false) write(keys.user, userId);
     sessionId = newId();
+    size = stored().length;
     schedule(0);  // what earlier pages left unacknowledged
   }
 
@@ -3440,10 +3584,8 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
       value: JSON.parse(JSON.stringify(value)), api_key: settings.apiKey,
       timestamp: new Date().toISOString(), event_id: newId(),
     };
-    const events = queued();
-    events.push(event);
-    keep(events);
-    schedule(events.length >= settings.batchSize ? 0 : settings.interval);
+    if (unsaved.push(event) === 1) Promise.resolve().then(save);
+    schedule(size + unsaved.length >= settings.batchSize ? 0 : settings.interval);
     return event.event_id;
   }
 
@@ -3563,10 +3705,6 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   global.addEventListener("pagehide", beacon);
   global.document.addEventListener("visibilitychange", () => {
     if (global.document.visibilityState === "hidden") beacon();
-  });
-  global.addEventListener("online", () => {
-    retryAt = 0;
-    if (settings) schedule(0);
   });
 
   global.Pycolytics = {
@@ -3784,6 +3922,14 @@ class _Connection:
         self.since = time.monotonic()  # when it connected, or began its request
 
 
+def _cgi_name(name):
+    """The environ key of a header (PEP 3333), or "" for one left out: a name with an underscore
+    would be confused with the same name with a dash (a spoofing trick)."""
+    if name in ("content-length", "content-type"):
+        return name.upper().replace("-", "_")
+    return "" if "_" in name else "HTTP_" + name.upper().replace("-", "_")
+
+
 def _split_target(target, method):
     """(path, query) of a request target: a path, an absolute URL (RFC 9112 3.2.2) or OPTIONS' *."""
     if target[0] != "/":
@@ -3823,7 +3969,7 @@ def _parse_head(head, config):
     request.headers = headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.match(name):
+        if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
             raise BadRequest(f"malformed header line {_printable(line[:40])!r}")
         if len(line) > config.max_header_field:
             raise HeaderFieldsTooLarge(f"the header {name} is over {config.max_header_field} bytes")
@@ -3868,6 +4014,11 @@ class _HTTPDate:
         return self._text
 
 
+def listening_socket(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
 class Server:
     """An HTTP/1.1 server for a WSGI application, from the standard library only.
 
@@ -3895,7 +4046,9 @@ class Server:
     and no error while serving one connection leaves the loop: that connection is closed.
     """
 
-    def __init__(self, app, config, host=None, port=None, reload=None):
+    def __init__(self, app, config, host=None, port=None, reload=None, listener=None):
+        """`listener`: a socket already bound and listening (one that worker processes share),
+        instead of binding host and port here."""
         self.app = app
         self.config = config
         self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
@@ -3905,10 +4058,9 @@ class Server:
         self._reload_requested = False
         self._tls = tls_context(config)
         self._tls_pending = self._tls_errors()
-        host = config.host if host is None else host
-        port = config.port if port is None else port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, backlog=1024)
+        if listener is None:
+            listener = listening_socket(config.host if host is None else host, config.port if port is None else port)
+        self.listener = listener
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()[:2]
         self.problem = None  # what keeps the server from serving as it should now; /healthz tells
@@ -3934,6 +4086,7 @@ class Server:
         self._date = _HTTPDate()
         self._workers = []
         self._failures_logged = set()
+        self._cgi_names = {}  # header name -> its environ key, for the names seen most
         self._log_requests = not config.quiet
 
     @property
@@ -3989,7 +4142,10 @@ class Server:
                 timeout = 0 if self._ready or self._finished else 1.0
                 for key, _ in self._selector.select(timeout):
                     callback, connection = key.data
-                    self._guarded(callback, connection)
+                    try:  # _guarded, written out on the hottest path
+                        callback() if connection is None else callback(connection)
+                    except Exception as error:
+                        self._connection_failed(connection, error)
                 self._serve_ready()
                 if self._turn_ended is not None:
                     self._guarded(self._turn_ended)
@@ -4017,16 +4173,20 @@ class Server:
             else:
                 function(connection, *arguments)
         except Exception as error:  # a bug, or an OS error nobody foresaw: one connection pays, not all
-            where = (type(error), getattr(error.__traceback__, "tb_lineno", 0))
-            first = where not in self._failures_logged and len(self._failures_logged) < 100
-            self._failures_logged.add(where)
-            log.error("unexpected %r while serving %s; closing the connection", error,
-                      connection.peer if connection is not None else "the server", exc_info=first)
-            if connection is not None:
-                try:
-                    self._close(connection)
-                except Exception:  # its socket is beyond saving; forget it
-                    self._connections.pop(connection.sock, None)
+            self._connection_failed(connection, error)
+
+    def _connection_failed(self, connection, error):
+        """Log an unexpected error once (its traceback the first time), and close its connection."""
+        where = (type(error), getattr(error.__traceback__, "tb_lineno", 0))
+        first = where not in self._failures_logged and len(self._failures_logged) < 100
+        self._failures_logged.add(where)
+        log.error("unexpected %r while serving %s; closing the connection", error,
+                  connection.peer if connection is not None else "the server", exc_info=first)
+        if connection is not None:
+            try:
+                self._close(connection)
+            except Exception:  # its socket is beyond saving; forget it
+                self._connections.pop(connection.sock, None)
 
     def _serve_ready(self):
         """Send finished answers and start pipelined requests: each connection a few per turn."""
@@ -4462,13 +4622,15 @@ class Server:
             "wsgi.run_once": False,
             "pycolytics.server_problem": self.problem,
         }
+        names = self._cgi_names
         for name, value in request.headers.items():
-            if name == "content-length":
-                environ["CONTENT_LENGTH"] = value
-            elif name == "content-type":
-                environ["CONTENT_TYPE"] = value
-            elif "_" not in name:  # underscores would be confused with dashes (a spoofing trick)
-                environ["HTTP_" + name.upper().replace("-", "_")] = value
+            key = names.get(name)
+            if key is None:
+                key = _cgi_name(name)
+                if len(names) < 256:  # the headers clients send are few: remember their names
+                    names[name] = key
+            if key:
+                environ[key] = value
         return environ
 
     def _log(self, connection, request, status, length):
@@ -4485,14 +4647,21 @@ class Server:
 ###############################################################################
 
 
-def serve(config, load=None):
+def serve(config, load=None, listener=None, worker=None, commit_lock=None):
     """Run the built-in server until SIGTERM or SIGINT; return the exit status.
 
     `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
-    configuration in force if the new one is bad.
+    configuration in force if the new one is bad. With `workers` above 1, the processes of a
+    Supervisor serve instead; each of them calls this with the `listener` its parent bound and
+    its `worker` number (and the `commit_lock` they share), and leaves telling systemd and the
+    log about the whole server to it.
     """
+    if config.workers > 1 and listener is None:
+        return Supervisor(config, load).run()
     try:
         app = Pycolytics(config)
+        if commit_lock is not None:
+            app.writer.commit_lock = commit_lock
         app.open()
     except ConfigError:
         raise
@@ -4500,7 +4669,7 @@ def serve(config, load=None):
         log.error("cannot open the database %s: %s", _redacted(config.database), error)
         return 1
     try:
-        server = Server(app, config, reload=lambda: _reload(app, server, load))
+        server = Server(app, config, reload=lambda: _reload(app, server, load), listener=listener)
     except ConfigError:
         app.close()
         raise
@@ -4513,17 +4682,270 @@ def serve(config, load=None):
         signal.signal(signum, server.shutdown)
     if load is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, server.request_reload)
-    _warn_about_keys(config)
-    log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, _redacted(config.database))
-    notify_systemd("READY=1")
+    if worker is None:
+        _warn_about_keys(config)
+        log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, _redacted(config.database))
+        notify_systemd("READY=1")
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)  # blocked since the fork, now handled
+        log.info("worker %d (pid %d) serving", worker, os.getpid())
     try:
         server.serve_forever()
     finally:
-        notify_systemd("STOPPING=1")
+        if worker is None:
+            notify_systemd("STOPPING=1")
         app.close()
-    log.info("stopped; every acknowledged event is committed")
+    log.info("%sstopped; every acknowledged event is committed", "" if worker is None else f"worker {worker}: ")
     sink.drain()
     return 0
+
+
+###############################################################################
+# Worker processes: workers = N
+###############################################################################
+
+# What the parent passes on to its workers; blocked across a fork, so that a worker hears
+# them only once it has its own handlers.
+_FORWARDED_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+def _worker_config(config, workers):
+    """A worker's share of `config`: max_connections is divided between the workers, so that
+    together they hold no more than configured. Everything else is per worker."""
+    share = copy_module.copy(config)
+    share.max_connections = max(1, config.max_connections // workers)
+    return share
+
+
+class CommitLock:
+    """What the writers of worker processes take in turn to commit into one SQLite database.
+
+    SQLite would serialise them too, but its busy handler sleeps and polls (1, 2, 5, 10 ms and
+    longer; https://www.sqlite.org/c3ref/busy_timeout.html), so two writers that meet wait far
+    longer than the commit takes. This lock waits in the kernel and wakes at once. It is a
+    POSIX record lock (fcntl.lockf) on a nameless file the parent opened: record locks belong to
+    a process, not to the file descriptor a fork shares, and the kernel releases them when the
+    process dies, so a worker killed mid-commit never leaves the others locked out.
+    """
+
+    def __init__(self):
+        import tempfile  # here: only a server with worker processes needs it
+
+        self._file = tempfile.TemporaryFile()
+
+    def __enter__(self):
+        import fcntl  # here: only a server with worker processes needs it (and only POSIX has it)
+
+        fcntl.lockf(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *_exception):
+        import fcntl
+
+        fcntl.lockf(self._file, fcntl.LOCK_UN)
+
+
+def _load_worker_config(load, workers):
+    return _worker_config(load(), workers)
+
+
+class Supervisor:
+    """The parent of the worker processes of `workers = N`, which does not serve.
+
+    It binds the listening socket, then forks N workers that each serve it with their own
+    loop, threads and writer; the kernel gives each new connection to one of them. They share
+    the database as separate collectors do (SQLite's WAL and busy_timeout, one UNIQUE index
+    on event_id for all). The parent passes SIGTERM and SIGINT on (each worker drains) and
+    SIGHUP (each reloads), replaces a worker that dies (WORKER_RESTARTS_PER_MINUTE at most),
+    and exits 0 only when every worker has drained and exited 0. It never starts a thread, so
+    forking stays safe, and it writes its few log lines to stderr itself.
+    """
+
+    def __init__(self, config, load):
+        self.config = config
+        self.load = load
+        self.listener = None
+        self._children = {}  # pid: worker number
+        self._vacant = collections.deque()  # numbers of the workers to replace
+        self._replaced = collections.deque()  # when replacements started, for the last minute
+        self._held_back = False
+        self._stopping = False
+        self._reload_requested = False
+        self._failed = False
+        self._wake_reader = self._wake_writer = None
+        # Several PostgreSQL writers commit side by side; SQLite takes one at a time.
+        self._commit_lock = None if "://" in config.database else CommitLock()
+
+    def run(self):
+        tls_context(self.config)  # a certificate that cannot work stops start-up here, with exit status 2
+        try:
+            app = Pycolytics(self.config)
+            app.open()  # once here, so a database that cannot be opened stops start-up, not N workers
+            app.close()
+        except Exception as error:  # the database's own errors, whichever it is
+            log.error("cannot open the database %s: %s", _redacted(self.config.database), error)
+            return 1
+        try:
+            self.listener = listening_socket(self.config.host, self.config.port)
+        except OSError as error:
+            log.error("cannot serve on %s:%s: %s", self.config.host, self.config.port, error)
+            return 1
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)  # as set_wakeup_fd needs
+        handlers = {signal.SIGTERM: self._stop, signal.SIGINT: self._stop, signal.SIGCHLD: self._child_exited,
+                    signal.SIGHUP: self._request_reload if self.load is not None else signal.SIG_IGN}
+        before = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+        signal.set_wakeup_fd(self._wake_writer.fileno())
+        try:
+            for number in range(1, self.config.workers + 1):
+                self._start(number)
+            _warn_about_keys(self.config)
+            host, port = self.listener.getsockname()[:2]
+            log.info("Pycolytics %s listening on %s://%s:%s (database: %s) in %d worker processes", __version__,
+                     "https" if self.config.certfile else "http", f"[{host}]" if ":" in host else host, port,
+                     _redacted(self.config.database), self.config.workers)
+            notify_systemd("READY=1")
+            return self._supervise()
+        finally:
+            signal.set_wakeup_fd(-1)
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
+            for sock in (self.listener, self._wake_reader, self._wake_writer):
+                sock.close()
+
+    def _stop(self, *_signal_args):
+        self._stopping = True
+
+    def _request_reload(self, *_signal_args):
+        self._reload_requested = True
+
+    def _child_exited(self, *_signal_args):
+        pass  # the wake-up fd has woken the loop, which reaps
+
+    def _start(self, number):
+        """Fork worker `number`; with the forwarded signals blocked until it has its own handlers."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            log.error("cannot start worker %d: %s", number, error)
+            self._vacant.append(number)
+            return
+        if pid == 0:
+            self._work(number)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self._children[pid] = number
+
+    def _work(self, number):
+        """The forked worker: serve on the shared socket, then leave without running the parent's exit code."""
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() takes it, if it reloads at all
+            self._wake_reader.close()
+            self._wake_writer.close()
+            os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the parent, the main process only
+            workers = self.config.workers
+            load = None if self.load is None else functools.partial(_load_worker_config, self.load, workers)
+            status = serve(_worker_config(self.config, workers), load, self.listener, number, self._commit_lock)
+        except BaseException:  # whatever it is, the parent must see an exit status, not a second parent
+            log.exception("worker %d failed", number)
+        finally:
+            os._exit(status)
+
+    def _supervise(self):
+        deadline = None
+        while True:
+            self._wait(1.0)
+            self._reap()
+            if self._stopping:
+                if deadline is None:
+                    deadline = time.monotonic() + self.config.request_timeout + self.config.busy_timeout + 30
+                    self._signal_all(signal.SIGTERM)
+                if not self._children:
+                    log.info("stopped; every acknowledged event is committed" if not self._failed else
+                             "stopped, but a worker failed; see above")
+                    notify_systemd("STOPPING=1")
+                    return 1 if self._failed else 0
+                if time.monotonic() > deadline:
+                    log.error("workers still running after %d s; killing them", self.config.request_timeout
+                              + self.config.busy_timeout + 30)
+                    self._signal_all(signal.SIGKILL)
+                    self._failed = True
+                    deadline = math.inf
+                continue
+            if self._reload_requested:
+                self._reload()
+            self._replace()
+
+    def _wait(self, timeout):
+        """Sleep until a signal arrives (the wake-up fd hears of each) or `timeout` passes."""
+        self._wake_reader.settimeout(timeout)
+        try:
+            self._wake_reader.recv(4096)
+        except OSError:  # the timeout
+            pass
+
+    def _reap(self):
+        while self._children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            number = self._children.pop(pid, None)
+            if number is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
+            if self._stopping:
+                if code != 0:
+                    self._failed = True
+                    log.error("worker %d (pid %d) %s while stopping", number, pid, how)
+            else:
+                log.error("worker %d (pid %d) %s; starting another", number, pid, how)
+                self._vacant.append(number)
+
+    def _replace(self):
+        now = time.monotonic()
+        while self._replaced and self._replaced[0] < now - 60:
+            self._replaced.popleft()
+        while self._vacant:
+            if len(self._replaced) >= WORKER_RESTARTS_PER_MINUTE:
+                if not self._held_back:
+                    log.error("%d workers replaced in the last minute; the next waits until that is fewer",
+                              len(self._replaced))
+                    self._held_back = True
+                return
+            self._held_back = False
+            self._replaced.append(now)
+            self._start(self._vacant.popleft())
+
+    def _reload(self):
+        """Check the new configuration, keep it for the workers started later, and pass SIGHUP on:
+        each worker reloads and logs what changed (a bad configuration is only said once, here)."""
+        self._reload_requested = False
+        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            config = self.load()
+            _restart_only_changes(config, self.config)
+            tls_context(config)
+        except ConfigError as error:
+            log.error("reload failed; the configuration in force stays: %s", error)
+        else:
+            self.config = config
+            self._signal_all(signal.SIGHUP)
+        notify_systemd("READY=1")
+
+    def _signal_all(self, signum):
+        for pid in self._children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # it has exited; the next reap sees it
 
 
 def _log_to_sink():

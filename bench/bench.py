@@ -95,6 +95,30 @@ def rss_kib(pid, field="VmRSS"):
     return total
 
 
+def workers_memory(pid):
+    """A note on the memory of a server with workers: RSS of each process, and their PSS together
+    (which counts the pages a fork shares once, so it is what they cost the machine)."""
+    pids = [pid] + children(pid)
+    pss = 0
+    for each in pids:
+        try:
+            with open(f"/proc/{each}/smaps_rollup") as rollup:
+                pss += int(re.search(r"Pss:\s+(\d+)", rollup.read()).group(1))
+        except (OSError, AttributeError):
+            pass
+    each_rss = ", ".join(f"{rss_kib_one(worker) / 1024:.1f}" for worker in pids[1:])
+    return (f"idle with workers = 2, after the first 204: the parent {rss_kib_one(pid) / 1024:.1f} MiB RSS, "
+            f"the workers {each_rss} MiB each; all three together {pss / 1024:.1f} MiB PSS")
+
+
+def rss_kib_one(pid, field="VmRSS"):
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return int(re.search(rf"{field}:\s+(\d+)", status.read()).group(1))
+    except (OSError, AttributeError):
+        return 0
+
+
 def children(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as file:
@@ -426,7 +450,7 @@ def main(argv=None):
         compiled.stop()
 
         single, batch100, batch12 = single_body(), batch_body(100), batch_body(12)
-        base = run_load(noop.port, "/v1.0/event", single, connections, seconds)
+        base = keep_alive_base = run_load(noop.port, "/v1.0/event", single, connections, seconds)
         mine = measured(ours, database, "/v1.0/event", single, 1, connections, seconds)
         cell("single event, keep-alive", mine["rate"], "do-nothing http.server", base["rate"], 0.70)
         peak = mine
@@ -435,6 +459,7 @@ def main(argv=None):
         base = run_load(noop.port, "/v1.0/event", single, connections, seconds, close=True)
         mine = measured(ours, database, "/v1.0/event", single, 1, connections, seconds, close=True)
         cell("single event, new connection each", mine["rate"], "do-nothing http.server", base["rate"], 0.70)
+        one_worker = {"single": sqlite_single, "close": mine["rate"]}
 
         half = peak["rate"] / 2
         paced = run_load(ours.port, "/v1.0/event", single, connections, seconds, delay_ms=connections / half * 1000)
@@ -452,7 +477,26 @@ def main(argv=None):
 
         mine = measured(ours, database, "/v1.0/events", batch12, 12, connections, seconds, close=True)
         cell("batches of 12, new connection each (Godot)", mine["events"], "", None, None, "events/s")
+        one_worker.update(batch=empty_rate, godot=mine["events"])
         ours.stop()
+
+        two_database = os.path.join(folder, "two.db")
+        two = start_pycolytics(two_database, environ={"PYCOLYTICS_WORKERS": "2"})
+        time.sleep(0.5)  # the second worker may still be starting
+        notes.append(workers_memory(two.process.pid))
+        mine = measured(two, two_database, "/v1.0/event", single, 1, connections, seconds)
+        cell("workers = 2: single event, keep-alive", mine["rate"], "do-nothing http.server", keep_alive_base["rate"])
+        cell("  the same against one worker", mine["rate"], "one worker", one_worker["single"])
+        mine = measured(two, two_database, "/v1.0/event", single, 1, connections, seconds, close=True)
+        cell("workers = 2: single event, new connection each", mine["rate"], "one worker", one_worker["close"])
+        mine = measured(two, two_database, "/v1.0/events", batch100, 100, connections, seconds)
+        cell("workers = 2: batches of 100, keep-alive", mine["events"], "raw SQLite, 1000 rows/commit", raw_big,
+             0.60, "events/s")
+        cell("  the same against one worker", mine["events"], "one worker", one_worker["batch"], None, "events/s")
+        mine = measured(two, two_database, "/v1.0/events", batch12, 12, connections, seconds, close=True)
+        cell("workers = 2: batches of 12, new connection each (Godot)", mine["events"], "one worker",
+             one_worker["godot"], None, "events/s")
+        two.stop()
         noop.stop()
 
         if have_module("gunicorn"):
