@@ -45,7 +45,7 @@ SQLITE = "not postgresql"
 GROUPS = {
     "validation": (
         ["Validator.rows", "Validator._fast_row", "Validator._problems", "Validator._value_text",
-         "Validator._finite_json", "Validator._listed_problems", "_client_time", "_client_fields", "_nests_deeper",
+         "_finite_json", "Validator._listed_problems", "_client_time", "_client_fields", "_nests_deeper",
          "_holds_nul"],
         f"(stored or batch or refused or godot or client or time or sent_at or event_id or integer or backslash"
         f" or digits or limit or nul or 1e999 or nest or finite or problems) and {SQLITE} and not generated"
