@@ -1569,6 +1569,10 @@ POSTGRES_SESSION = (
 # synchronous = normal (or off) relaxes commits as on SQLite: a crash of the database server
 # may lose the last commits, a crash of the collector loses nothing.
 POSTGRES_SYNCHRONOUS_COMMIT = {"full": "on", "normal": "off", "off": "off"}
+
+# The statement that ends a group's transaction: after it is sent, a lost connection leaves the
+# outcome unknown (a 503; a retry with event_ids is safe), never a silent second try.
+POSTGRES_COMMIT = "COMMIT"
 # Seconds beyond busy_timeout before the watchdog cuts a connection: time for the server's
 # own timeout error to arrive first.
 POSTGRES_GRACE = 5
@@ -1724,7 +1728,7 @@ class PostgresStore(Store):
                     committing = True
                     # statement_timeout never covers a commit (the server disables it first):
                     # a wait for a synchronous standby is bounded by the watchdog
-                    cursor.execute("COMMIT")
+                    cursor.execute(POSTGRES_COMMIT)
             except self.psycopg.Error as error:
                 if committing or watch[2]:
                     raise  # the commit's outcome is unknown, or the database hung: 503
