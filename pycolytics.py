@@ -2529,8 +2529,9 @@ class Dashboard:
         if not self._read_keys:
             raise Forbidden("the dashboard is off: set read_keys in the configuration to open it")
         address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted_proxies)
-        self._guard.check(address)
         key = presented_read_key(environ)
+        if key:  # a request without a key is asked for one (401), throttled or not: it guesses nothing
+            self._guard.check(address)
         matched = False
         try:
             candidate = (key or "").encode("utf-8")
