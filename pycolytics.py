@@ -1218,6 +1218,8 @@ def connect(path, synchronous="full", busy_timeout=30.0, create=True):
         if any(name not in columns for name, _ in ADDED_COLUMNS):
             _add_columns(connection, announce=bool(exists))
         _index_event_ids(connection)
+        if not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'pycolytics_name_events'").fetchone():
+            connection.executescript(SUMMARY_SCHEMA)  # an original's or an older Pycolytics' database
         connection.files = _file_ids(path)
     except BaseException:
         connection.close()
@@ -1358,6 +1360,200 @@ def unwritable(path):
     return None
 
 
+###############################################################################
+# Summaries: what a report reads instead of every event (SQLite)
+###############################################################################
+
+# A report of a year reads every event of it, minutes on a Raspberry Pi with millions of them.
+# So the writer keeps, in small steps between commits, a summary of the events stored so far
+# in tables of its own beside `event` (pycolytics_*: a notebook may ignore them):
+#   pycolytics_summarised   the id (and time) of the last event summarised: events come in id
+#                           order, so a late event (an old timestamp) is summarised like any other;
+#                           and how many events were pruned, which the report cache's key holds
+#   pycolytics_sessions     per day and session: its user, events, first and last time
+#   pycolytics_presence     per user ("user", ""), and per user and event type, version or
+#                           platform: the first and last day, and the days in between as bits
+#   pycolytics_name_events  per day, application and event type, version or platform: events
+# A report reads the summaries and, live, the events after the last one summarised. Pruning
+# deletes whole days, which the summaries then forget; anything else that takes summarised
+# events away (a prune --before a moment that is not midnight; the newest events deleted, so
+# that their ids are given again, which the last summarised event's time tells) starts the
+# summaries over. Other events deleted by hand stay in them: `restart_summaries` forgets all. PostgreSQL keeps none: with several
+# collectors its ids commit out of order, so "every id up to n is summarised" could skip one.
+SUMMARY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pycolytics_summarised (last_id INTEGER NOT NULL, last_time, pruned INTEGER NOT NULL);
+INSERT INTO pycolytics_summarised SELECT 0, NULL, 0 WHERE NOT EXISTS (SELECT 1 FROM pycolytics_summarised);
+CREATE TABLE IF NOT EXISTS pycolytics_sessions (
+    day TEXT NOT NULL, application TEXT NOT NULL, user_id TEXT NOT NULL, session_id TEXT NOT NULL,
+    events INTEGER NOT NULL, first_time TEXT NOT NULL, last_time TEXT NOT NULL,
+    PRIMARY KEY (day, application, user_id, session_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pycolytics_presence (
+    field TEXT NOT NULL, name TEXT NOT NULL, application TEXT NOT NULL, user_id TEXT NOT NULL,
+    first_day TEXT NOT NULL, last_day TEXT NOT NULL, days BLOB NOT NULL,
+    PRIMARY KEY (field, name, application, user_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ix_presence_first_day ON pycolytics_presence (field, first_day);
+CREATE TABLE IF NOT EXISTS pycolytics_name_events (
+    day TEXT NOT NULL, application TEXT NOT NULL, field TEXT NOT NULL, name TEXT NOT NULL, events INTEGER NOT NULL,
+    PRIMARY KEY (day, application, field, name)
+) WITHOUT ROWID;
+"""
+SUMMARY_TABLES = ("pycolytics_sessions", "pycolytics_presence", "pycolytics_name_events")
+# Events per summarising step: a few milliseconds of the writer's time, as a pruning step.
+SUMMARY_STEP_ROWS = 2000
+# Share of the writer's time that summarising may take while events keep coming: the rest
+# is for commits (when no event waits, the writer summarises until it has caught up).
+SUMMARY_SHARE = 0.05
+# Days a presence row keeps as bits, back from its last day: 512 bytes at most, so that a
+# client sending times centuries apart cannot make rows grow. A report asking about days
+# before that (over 11 years before a user's last day) reads the events instead.
+PRESENCE_DAYS = 4096
+# Events after the last summarised one that a report still reads live; beyond that (the
+# summaries are being built, of an original database say) the whole report is read live.
+MAX_LIVE_TAIL = 20_000
+# A user in the presence table, beside the fields a report ranks.
+PRESENCE_FIELDS = ("user", "event_type", "version", "platform")
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_number(text):
+    """The proleptic ordinal of a stored time's day (its first 10 characters), or None if not a day."""
+    try:
+        return datetime.date.fromisoformat(text).toordinal() if len(text) == 10 else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _day_text(number):
+    return datetime.date.fromordinal(number).isoformat()
+
+
+def _summarised(connection):
+    """(id, time) of the last event summarised; (0, None) before the first."""
+    return connection.execute("SELECT last_id, last_time FROM pycolytics_summarised").fetchone() or (0, None)
+
+
+def _summaries_hold(connection, last_id, last_time):
+    """Whether the last summarised event is still there: else events were deleted or their ids given again."""
+    return not last_id or connection.execute("SELECT time FROM event WHERE id = ?", (last_id,)).fetchone() == (last_time,)
+
+
+def _set_summarised(connection, last_id, last_time):
+    connection.execute("UPDATE pycolytics_summarised SET last_id = ?, last_time = ?", (last_id, last_time))
+
+
+def restart_summaries(connection):
+    """Forget every summary, in the caller's transaction: they are built again from the first event."""
+    for table in SUMMARY_TABLES:
+        connection.execute(f"DELETE FROM {table}")
+    _set_summarised(connection, 0, None)
+
+
+def summarise(connection, limit=SUMMARY_STEP_ROWS):
+    """Add up to `limit` events after the last summarised one to the summaries, in the caller's
+    transaction; return how many were read."""
+    last_id, last_time = _summarised(connection)
+    if not _summaries_hold(connection, last_id, last_time):
+        log.info("the last summarised event was deleted: summarising every event again")
+        restart_summaries(connection)
+        last_id = 0
+    rows = connection.execute(
+        "SELECT id, application, user_id, session_id, event_type, version, platform, time FROM event"
+        " WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()
+    if not rows:
+        return 0
+    sessions, presence, events = {}, collections.defaultdict(set), collections.Counter()
+    for _, application, user_id, session_id, event_type, version, platform, moment in rows:
+        number = _day_number(moment[:10]) if type(moment) is str else None
+        if number is None:
+            continue  # not a time a report can place on a day (a hand-made row)
+        day = moment[:10]
+        session = sessions.get((day, application, user_id, session_id))
+        if session is None:
+            sessions[day, application, user_id, session_id] = [1, moment, moment]
+        else:
+            session[0] += 1
+            session[1], session[2] = min(session[1], moment), max(session[2], moment)
+        presence["user", "", application, user_id].add(number)
+        for field, name in zip(PRESENCE_FIELDS[1:], (event_type, version, platform)):
+            presence[field, name, application, user_id].add(number)
+            events[day, application, field, name] += 1
+    connection.executemany(
+        "INSERT INTO pycolytics_sessions VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (day, application, user_id, session_id) DO UPDATE SET"
+        " events = events + excluded.events, first_time = min(first_time, excluded.first_time),"
+        " last_time = max(last_time, excluded.last_time)",
+        [key + tuple(figures) for key, figures in sessions.items()])
+    connection.executemany(
+        "INSERT INTO pycolytics_name_events VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (day, application, field, name) DO UPDATE SET"
+        " events = events + excluded.events", [key + (count,) for key, count in events.items()])
+    stored = _stored_presence(connection, list(presence))
+    changed = []
+    for key, numbers in presence.items():
+        row = _presence(stored.get(key), numbers)
+        if row != stored.get(key):  # a user already seen that day, as most are: nothing to write
+            changed.append(key + row)
+    connection.executemany("INSERT OR REPLACE INTO pycolytics_presence VALUES (?, ?, ?, ?, ?, ?, ?)", changed)
+    _set_summarised(connection, rows[-1][0], rows[-1][-1])
+    return len(rows)
+
+
+def _stored_presence(connection, keys):
+    """{key: (first day, last day, days)} of the presence rows of `keys` that exist."""
+    found = {}
+    for key in keys:  # one lookup each: SQLite's IN over row values would scan the table
+        row = connection.execute("SELECT first_day, last_day, days FROM pycolytics_presence WHERE field = ?"
+                                 " AND name = ? AND application = ? AND user_id = ?", key).fetchone()
+        if row is not None:
+            found[key] = row
+    return found
+
+
+def _presence(stored, numbers):
+    """(first day, last day, bits) of a presence row (None: a new one) with the days `numbers` added."""
+    first, last, bits = min(numbers), max(numbers), 0
+    if stored is not None:
+        stored_last = _day_number(stored[1])
+        first, last = min(first, _day_number(stored[0])), max(last, stored_last)
+        bits = int.from_bytes(stored[2], "little") << (last - stored_last)
+    for number in numbers:
+        if last - number < PRESENCE_DAYS:
+            bits |= 1 << (last - number)  # bit n: the day n days before the last
+    bits &= (1 << PRESENCE_DAYS) - 1
+    return _day_text(first), _day_text(last), bits.to_bytes((bits.bit_length() + 7) // 8, "little")
+
+
+def forget_days_before(connection, day, limit=SUMMARY_STEP_ROWS):
+    """Take the days before `day` (a date) out of the summaries, up to `limit` presence rows at a
+    time, in the caller's transaction; return how many presence rows were changed."""
+    text, number = day.isoformat(), day.toordinal()
+    for table in ("pycolytics_sessions", "pycolytics_name_events"):
+        connection.execute(f"DELETE FROM {table} WHERE day < ?", (text,))
+    changed = 0
+    for field in PRESENCE_FIELDS:
+        rows = connection.execute(
+            "SELECT name, application, user_id, last_day, days FROM pycolytics_presence WHERE field = ?"
+            " AND first_day < ? LIMIT ?", (field, text, limit - changed)).fetchall()
+        for name, application, user_id, last_day, days in rows:
+            last = _day_number(last_day)
+            kept = int.from_bytes(days, "little") & ((1 << max(0, last - number + 1)) - 1)
+            key = (field, name, application, user_id)
+            if kept:
+                first = last - kept.bit_length() + 1
+                connection.execute("UPDATE pycolytics_presence SET first_day = ?, days = ? WHERE field = ?"
+                                   " AND name = ? AND application = ? AND user_id = ?",
+                                   (_day_text(first), kept.to_bytes((kept.bit_length() + 7) // 8, "little")) + key)
+            else:
+                connection.execute("DELETE FROM pycolytics_presence WHERE field = ? AND name = ?"
+                                   " AND application = ? AND user_id = ?", key)
+        changed += len(rows)
+        if changed >= limit:
+            break
+    return changed
+
+
 class Store:
     """What a storage backend provides: SQLiteStore and PostgresStore. The writer, /healthz, the
     dashboard, export and prune use only this, never asking which backend it is (backup and copy
@@ -1384,9 +1580,22 @@ class Store:
       problem()                    why the database would not take events now, or None; waits HEALTH_TIMEOUT at most
       describe(error)              `error` in words that /healthz may show (no hosts, users or passwords)
       exists()                     whether the database is there already (commands never create one)
+      generation(connection)       what changes whenever events are stored or pruned (the report cache's key)
+      summarise(connection)        one step of keeping the summaries reports read; how many events it read
+      forget(connection, before)   one step of taking events pruned before `before` out of them; rows changed
     """
 
     scan_time = "time"
+    summaries = False  # whether the store keeps summaries ("Summaries")
+
+    def summarise(self, connection):
+        return 0
+
+    def forget(self, connection, before):
+        return 0
+
+    def generation(self, connection):
+        return tuple(connection.execute("SELECT min(id), max(id) FROM event").fetchone())
 
     def exists(self):
         return True
@@ -1407,6 +1616,7 @@ class SQLiteStore(Store):
     """
 
     kind = "SQLite"
+    summaries = True
     parameter = "?"  # how a query's parameters are written
     since = "?"  # a time parameter compared with `time`
     scan_time = "+time"  # the unary + keeps SQLite from reading through the time index
@@ -1478,10 +1688,45 @@ class SQLiteStore(Store):
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
         """Delete at most `limit` events older than `before` (stored time text); return how many."""
         with transaction(connection):
-            return connection.execute(
+            deleted = connection.execute(
                 "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)",
                 (before, limit),
             ).rowcount
+            connection.execute("UPDATE pycolytics_summarised SET pruned = pruned + ?", (deleted,))
+            return deleted
+
+    def generation(self, connection):
+        """What changes whenever events are stored or deleted: the report cache's key."""
+        lowest, highest = connection.execute("SELECT min(id), max(id) FROM event").fetchone()
+        try:
+            pruned = connection.execute("SELECT pruned FROM pycolytics_summarised").fetchone()
+        except sqlite3.OperationalError:  # a database no collector of this version has opened
+            pruned = None
+        return lowest, highest, pruned and pruned[0]
+
+    def summarise(self, connection):
+        """One step of summarising new events (see "Summaries"); how many were read.
+
+        Without an fsync of its own: a summary lost to a power cut is made again from the events,
+        and the next commit's fsync makes it durable with that commit.
+        """
+        if _synchronous(self.config.synchronous) != "off":
+            connection.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with transaction(connection):
+                read = summarise(connection)
+        finally:
+            connection.execute(f"PRAGMA synchronous={_synchronous(self.config.synchronous)}")
+        self._still_there(connection)
+        return read
+
+    def forget(self, connection, before):
+        """One step of taking pruned events out of the summaries; how many summary rows changed."""
+        with transaction(connection):
+            if before.endswith(" 00:00:00.000000"):
+                return forget_days_before(connection, datetime.date.fromisoformat(before[:10]))
+            restart_summaries(connection)  # part of a day was deleted: its figures are gone
+            return 0
 
     def probe(self, connection):
         """Commit a write that changes nothing (user_version rewritten as it is): lock, log and fsync all work."""
@@ -1857,6 +2102,9 @@ class Writer:
         self._pass_pruned = 0  # by the steps of this pass, so far
         self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Supervisor)
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
+        self._summary_behind = store.summaries  # whether events may wait to be summarised
+        self._summary_next = 0.0  # under load, summarising takes SUMMARY_SHARE of the time at most
+        self._summary_retry_at = 0.0  # after a step failed
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
 
@@ -1926,14 +2174,20 @@ class Writer:
                     if not self._queue and self._closed:
                         return
                     group, self._queue, self._queued_rows, self._queued_bytes = self._queue, [], 0, 0
+                now = time.monotonic()
                 if group:
                     error = self._commit(group)
+                    self._summary_behind = self.store.summaries
                     for _, committed in group:
                         committed(error)
-                elif self.last_error is not None and time.monotonic() >= self._probe_due:
+                    if error is None and time.monotonic() >= max(self._summary_next, self._summary_retry_at):
+                        self._summarise()
+                elif self.last_error is not None and now >= self._probe_due:
                     self._probe()
-                else:
+                elif self.config.retention_days and now >= self._prune_due:
                     self._prune_due = self._prune()
+                elif self._summary_behind and self.last_error is None and now >= self._summary_retry_at:
+                    self._summarise()
         finally:
             if self._connection is not None:
                 self._connection.close()
@@ -1943,6 +2197,8 @@ class Writer:
         due = [self._probe_due] if self.last_error is not None else []
         if self.config.retention_days:
             due.append(self._prune_due)
+        if self._summary_behind and self.last_error is None:
+            due.append(self._summary_retry_at)
         return min(due) - time.monotonic() if due else None
 
     def _connected(self):
@@ -2013,12 +2269,31 @@ class Writer:
         self.last_error = None
         self._wrote_at = time.monotonic()
 
+    def _summarise(self):
+        """One step of summarising new events for reports; under load, SUMMARY_SHARE of the time at most."""
+        started = time.monotonic()
+        try:
+            read = self.store.summarise(self._connected())
+        except Exception as error:  # the database's errors, or a lost connection: reports read live meanwhile
+            self._forget_lost(error)
+            log.warning("could not summarise events for reports (trying again in a minute): %s", error)
+            self._summary_retry_at = time.monotonic() + 60
+            return
+        self._summary_behind = read == SUMMARY_STEP_ROWS
+        took = time.monotonic() - started
+        self._summary_next = time.monotonic() + took * (1 - SUMMARY_SHARE) / SUMMARY_SHARE
+
     def _prune(self):
-        """One small step of deleting events past retention_days, between commits; when to step next."""
-        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=self.config.retention_days)
-        before = cutoff.strftime(TIME_FORMAT)
+        """One small step of deleting events past retention_days, between commits; when to step next.
+
+        Whole days go, those before the midnight retention_days before today's, so that the
+        summaries reports read forget whole days too ("Summaries").
+        """
+        today = datetime.datetime.now(datetime.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        before = (today - datetime.timedelta(days=self.config.retention_days)).strftime(TIME_FORMAT)
         try:
             deleted = self.store.prune(self._connected(), before)
+            forgotten = self.store.forget(self._connected(), before) if deleted < PRUNE_STEP_ROWS else 0
         except Exception as error:  # the database's errors, or a lost connection
             self._forget_lost(error)
             log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
@@ -2026,7 +2301,7 @@ class Writer:
             return time.monotonic() + 3600
         self.pruned += deleted
         self._pass_pruned += deleted
-        if deleted == PRUNE_STEP_ROWS:
+        if deleted == PRUNE_STEP_ROWS or forgotten == SUMMARY_STEP_ROWS:
             return time.monotonic()  # more to delete: the next step comes between commits
         log.info("retention_days = %d: deleted %d events from before %s", self.config.retention_days,
                  self._pass_pruned, before[:19])
@@ -2183,8 +2458,11 @@ class ReadKeyGuard:
 class ReportCache:
     """Reports as JSON bytes by their query, within a budget of bytes; the least recently used goes first.
 
-    The key holds the database's lowest and highest event id, so a new event (late ones too) or
-    a pruning step makes the next request read the database again: a kept report is never stale.
+    The key holds the store's generation: the lowest and highest event id, and on SQLite how many
+    events were ever pruned, so a new event (late ones too) or a pruning step (of events that are
+    not the oldest ids too) makes the next request read the database again. On PostgreSQL a prune
+    by another process that deletes neither the lowest nor the highest id goes unseen until the
+    next event arrives.
     """
 
     def __init__(self, budget=REPORT_CACHE_BYTES):
@@ -2306,13 +2584,18 @@ def _top(counts, total_events, other_users=None):
 
 
 class _ReportReader:
-    """The SQL of one report: its range and filters as a WHERE clause, on one connection."""
+    """The SQL of one report: its range and filters as a WHERE clause, on one connection.
 
-    def __init__(self, store, connection, query):
+    With `after_id`, only the events after that id: the ones not summarised yet (_SummaryReader).
+    """
+
+    def __init__(self, store, connection, query, after_id=None):
         self.store, self.connection, self.query = store, connection, query
         self.sql = REPORT_SQL[store.kind]
         self.end = (query.until + datetime.timedelta(days=1)).isoformat()
         self.filters, self.filter_values = "", []
+        if after_id is not None:
+            self.filters, self.filter_values = f" AND id > {store.parameter}", [after_id]
         for name in REPORT_FILTERS:
             if getattr(query, name) is not None:
                 self.filters += f" AND {name} = {store.parameter}"
@@ -2339,6 +2622,11 @@ class _ReportReader:
             f"SELECT DISTINCT application, user_id FROM event WHERE time < {self.store.since}{self.filters}",
             [self.query.since.isoformat()] + self.filter_values)
 
+    def newcomers(self, active):
+        """{user: the day of the range they first came}, for the users in `active` with no event before it."""
+        returning = {tuple(user) for user in self.seen_before()}
+        return {user: min(days) for user, days in active.items() if user not in returning}
+
     def rankings(self):
         """{field: its ranking} for event_type, version and platform, from one pass over the range."""
         events = {field: collections.Counter() for field in RANKED}
@@ -2360,9 +2648,13 @@ class _ReportReader:
 
     def applications(self):
         """The names of the busiest applications of the range, for the dashboard's choice."""
-        return [name for name, _ in self.connection.execute(
+        return [name for name, _ in self.application_events()]
+
+    def application_events(self):
+        """(application, events) of the busiest applications of the range."""
+        return self.connection.execute(
             f"SELECT application, count(*) FROM event WHERE time >= {self.store.since} AND time < {self.store.since}"
-            f" GROUP BY 1 ORDER BY 2 DESC, application{self.sql['collate']} LIMIT {REPORT_TOP}", self.arguments[:2])]
+            f" GROUP BY 1 ORDER BY 2 DESC, application{self.sql['collate']} LIMIT {REPORT_TOP}", self.arguments[:2])
 
     def funnel(self, steps):
         """How many users did steps[0], then steps[1] at or after that, and so on."""
@@ -2401,6 +2693,142 @@ class _ReportReader:
         return found
 
 
+class _ReadLive(Exception):
+    """The summaries cannot answer a report (it asks about days their bits no longer keep)."""
+
+
+def _summary_reader(store, connection, query):
+    """A _SummaryReader for `query`, or None when the report must read the events themselves."""
+    if not store.summaries or any(getattr(query, name) is not None for name in RANKED):
+        return None  # summaries are kept per application, not per event type, version or platform
+    try:
+        connection.execute("BEGIN")  # one snapshot of the summaries and of the events after them
+        last_id, last_time = _summarised(connection)
+        tail = connection.execute("SELECT count(*) FROM (SELECT 1 FROM event WHERE id > ? LIMIT ?)",
+                                  (last_id, MAX_LIVE_TAIL + 1)).fetchone()[0]
+        if tail > MAX_LIVE_TAIL or not _summaries_hold(connection, last_id, last_time):
+            return None  # the summaries are being built, or will be built again
+    except sqlite3.OperationalError:  # no summaries: a database no collector of this version has opened
+        return None
+    return _SummaryReader(store, connection, query, last_id)
+
+
+def _present(first_day, last_day, days, since, until):
+    """Whether a presence row has a day from `since` to `until` (day numbers)."""
+    first, last = _day_number(first_day), _day_number(last_day)
+    if last < since or first > until:
+        return False
+    if first >= since or last <= until:
+        return True  # its first or its last day is in the range
+    if last - since >= PRESENCE_DAYS:
+        raise _ReadLive
+    return int.from_bytes(days, "little") >> (last - until) & ((1 << (until - since + 1)) - 1) != 0
+
+
+class _SummaryReader:
+    """The figures of a report from the summaries ("Summaries"), and from the events after them.
+
+    It answers what _ReportReader answers, for a report without filters but `application`.
+    """
+
+    def __init__(self, store, connection, query, last_id):
+        self.connection, self.query, self.last_id = connection, query, last_id
+        self.live = _ReportReader(store, connection, query, after_id=last_id)
+        self.since, self.until = query.since.toordinal(), query.until.toordinal()
+        self.days = [query.since.isoformat(), query.until.isoformat()]
+        self.application, self.application_value = "", []
+        if query.application is not None:
+            self.application, self.application_value = " AND application = ?", [query.application]
+
+    def rows(self, sql, arguments, group=""):
+        """The rows of `sql` WHERE ..., with the application's condition and then `group` added."""
+        return self.connection.execute(sql + self.application + group, list(arguments) + self.application_value)
+
+    def activity(self):
+        return itertools.chain(self.rows(
+            "SELECT day, application, user_id, session_id, events, first_time, last_time FROM pycolytics_sessions"
+            " WHERE day >= ? AND day <= ?", self.days), self.live.activity())
+
+    def _stored(self, field, name, user):
+        """(first day, last day, days) of a presence row, or None."""
+        return self.connection.execute(
+            "SELECT first_day, last_day, days FROM pycolytics_presence WHERE field = ? AND name = ?"
+            " AND application = ? AND user_id = ?", (field, name) + tuple(user)).fetchone()
+
+    def newcomers(self, active):
+        """{user: the day of the range they first came}, for the users in `active` with no event before it."""
+        first = {(application, user_id): day for application, user_id, day in self.rows(
+            "SELECT application, user_id, first_day FROM pycolytics_presence WHERE field = 'user'"
+            " AND first_day >= ? AND first_day <= ?", self.days)}
+        for application, user_id, day in self.rows(
+                "SELECT application, user_id, min(substr(time, 1, 10)) FROM event WHERE id > ?", [self.last_id],
+                " GROUP BY 1, 2").fetchall():
+            user = (application, user_id)
+            stored = (user in first and (first[user],)) or self._stored("user", "", user)
+            first[user] = min(day, stored[0]) if stored else day
+        return {user: _day_number(day) - self.since for user, day in first.items()
+                if user in active and _day_number(day) is not None and self.since <= _day_number(day) <= self.until}
+
+    def rankings(self):
+        """{field: its ranking}, as _ReportReader.rankings."""
+        events = {field: collections.Counter() for field in RANKED}
+        users = {field: collections.Counter() for field in RANKED}
+        for field, name, count in self.rows("SELECT field, name, sum(events) FROM pycolytics_name_events"
+                                            " WHERE day >= ? AND day <= ?", self.days, " GROUP BY 1, 2"):
+            events[field][name] += count
+        for field, name, count in self.rows(  # a first or last day in the range says enough
+                "SELECT field, name, count(*) FROM pycolytics_presence WHERE field != 'user' AND last_day >= ?"
+                " AND first_day <= ? AND (first_day >= ? OR last_day <= ?)", self.days * 2, " GROUP BY 1, 2"):
+            users[field][name] += count
+        for field, name, first_day, last_day, days in self.rows(  # the range between them: the bits tell
+                "SELECT field, name, first_day, last_day, days FROM pycolytics_presence WHERE field != 'user'"
+                " AND first_day < ? AND last_day > ?", self.days):
+            users[field][name] += _present(first_day, last_day, days, self.since, self.until)
+        for field, name, user in self._live_pairs(events):
+            stored = self._stored(field, name, user)
+            users[field][name] += not (stored and _present(*stored, self.since, self.until))
+        rankings = {}
+        for field in RANKED:
+            ordered = sorted(events[field], key=lambda name: (-events[field][name], name.encode()))
+            rest = self._users_of(field, set(ordered[REPORT_TOP:]), events) if ordered[REPORT_TOP:] else ()
+            rankings[field] = _top([(name, events[field][name], users[field][name]) for name in ordered],
+                                   sum(events[field].values()), len(rest))
+        return rankings
+
+    def _live_pairs(self, events=None):
+        """(field, name, user) of the events after the summarised ones, in the range; counts them in `events`."""
+        pairs = set()
+        for event_type, version, platform, application, user_id, count in self.live.rows(
+                f"SELECT event_type, version, platform, application, user_id, count(*) FROM event"
+                f" {self.live.where} GROUP BY 1, 2, 3, 4, 5"):
+            for field, name in zip(RANKED, (event_type, version, platform)):
+                if events is not None:
+                    events[field][name] += count
+                pairs.add((field, name, (application, user_id)))
+        return pairs
+
+    def _users_of(self, field, names, events):
+        """The users with events of any of `names` (of `field`) in the range: for "(other)"."""
+        found = {(application, user_id) for name, application, user_id, first_day, last_day, days in self.rows(
+            "SELECT name, application, user_id, first_day, last_day, days FROM pycolytics_presence"
+            " WHERE field = ? AND last_day >= ? AND first_day <= ?", [field] + self.days)
+            if name in names and _present(first_day, last_day, days, self.since, self.until)}
+        return found | {user for kind, name, user in self._live_pairs() if kind == field and name in names}
+
+    def applications(self):
+        """The names of the busiest applications of the range, as _ReportReader.applications."""
+        events = collections.Counter()
+        for application, count in self.connection.execute(  # every event has one platform
+                "SELECT application, sum(events) FROM pycolytics_name_events WHERE day >= ? AND day <= ?"
+                " AND field = 'platform' GROUP BY 1", self.days):
+            events[application] += count
+        for application, count in self.connection.execute(
+                f"SELECT application, count(*) FROM event WHERE time >= ? AND time < ? AND id > ? GROUP BY 1",
+                self.live.arguments[:2] + [self.last_id]):
+            events[application] += count
+        return sorted(events, key=lambda name: (-events[name], name.encode()))[:REPORT_TOP]
+
+
 def _session_seconds(first, last):
     begun, ended = (datetime.datetime.fromisoformat(text.replace("T", " ")[:26]) for text in (first, last))
     return round((ended - begun).total_seconds(), 3)
@@ -2412,7 +2840,9 @@ def _daily_activity(reader, position):
     active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
     sessions = {}  # (application, session_id) -> [positions of its days, first time, last time]
     for day, application, user_id, session_id, events, first, last in reader.activity():
-        n = position[day]
+        n = position.get(day)
+        if n is None:
+            continue  # a time that is not a day's (a hand-made row): in the range as text only
         columns["events"][n] += events
         days = active[application, user_id]
         if n not in days:
@@ -2445,15 +2875,20 @@ def _session_figures(lengths, users):
 
 def build_report(store, connection, query, today):
     """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
-    reader = _ReportReader(store, connection, query)
+    reader = _summary_reader(store, connection, query) or _ReportReader(store, connection, query)
+    try:
+        return _report(reader, query, today)
+    except _ReadLive:
+        return _report(_ReportReader(store, connection, query), query, today)
+
+
+def _report(reader, query, today):
     dates = [(query.since + datetime.timedelta(days=n)).isoformat() for n in range((query.until - query.since).days + 1)]
     columns, active, sessions = _daily_activity(reader, {day: n for n, day in enumerate(dates)})
     cohorts = collections.defaultdict(list)
-    returning = {tuple(user) for user in reader.seen_before()}
-    for user, days in active.items():
-        if user not in returning:
-            columns["new_users"][min(days)] += 1
-            cohorts[min(days)].append(user)
+    for user, first in reader.newcomers(active).items():
+        columns["new_users"][first] += 1
+        cohorts[first].append(user)
     lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
     triangle = _retention(cohorts, active, (min(query.until, today) - query.since).days)
     report = {
@@ -2589,9 +3024,7 @@ class Dashboard:
         try:
             connection = self.store.read()
             try:
-                lowest = connection.execute("SELECT min(id) FROM event").fetchone()[0]
-                highest = connection.execute("SELECT max(id) FROM event").fetchone()[0]
-                key = (kind, query, arguments or (_today(),), lowest, highest)
+                key = (kind, query, arguments or (_today(),), self.store.generation(connection))
                 kept = self.cache.get(key)
                 if kept is None:
                     build = {"report": build_report, "funnel": build_funnel, "values": build_values}[kind]
@@ -5145,7 +5578,7 @@ def prune(arguments, config):
         while True:
             step = store.prune(connection, before)
             deleted += step
-            if step < PRUNE_STEP_ROWS:
+            if step < PRUNE_STEP_ROWS and store.forget(connection, before) < SUMMARY_STEP_ROWS:
                 break
             time.sleep(0.01)  # let the server's writer in between steps
     finally:

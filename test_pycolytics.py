@@ -1454,14 +1454,44 @@ def oracle_funnel(rows, since, until, steps, application=None):
     return reached
 
 
+def summarise(database, limit=None, restart=False):
+    """Bring an SQLite database's summaries up to date (or `limit` events further), as the writer does."""
+    connection = pycolytics.connect(database)
+    try:
+        with pycolytics.transaction(connection):
+            if restart:
+                pycolytics.restart_summaries(connection)
+            if limit is not None:
+                return pycolytics.summarise(connection, limit)
+            while pycolytics.summarise(connection) == pycolytics.SUMMARY_STEP_ROWS:
+                pass
+    finally:
+        connection.close()
+
+
+@pytest.fixture(params=["summarised", "half-summarised", "live"])
+def summaries(request, database, monkeypatch):
+    """How an SQLite report is read: all from the summaries, half from them and half from the events
+    after them, or all from the events. The writer's own steps are held back: the test takes them."""
+    if is_postgres(database) and request.param != "summarised":
+        pytest.skip("PostgreSQL keeps no summaries")
+    if request.param != "summarised":
+        monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection: 0)
+    if request.param == "live":
+        monkeypatch.setattr(pycolytics, "MAX_LIVE_TAIL", -1)
+    return request.param
+
+
 @pytest.fixture
-def reports(settings, database, make_app):
+def reports(settings, database, make_app, summaries):
     """A client with a read key, over the generated history; yields (client, the history)."""
     config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
     app = make_app(config)
     client = webtest.TestApp(app)
     rows = history()
     post_history(client, rows)
+    if not is_postgres(database) and summaries != "live":
+        summarise(database, len(rows) // 2 if summaries == "half-summarised" else None, restart=True)
     yield client, rows
 
 
@@ -1562,12 +1592,81 @@ def test_a_late_event_and_a_prune_change_the_next_report(reports, config):
     try:
         while store.prune(connection, cutoff.strftime(pycolytics.TIME_FORMAT)):
             pass
+        while store.forget(connection, cutoff.strftime(pycolytics.TIME_FORMAT)):
+            pass
     finally:
         connection.close()
     kept = [row for row in rows if row[5].replace(tzinfo=None) >= cutoff]
     assert client.get(query, headers=READER).json == oracle_report(kept, since, until)
 
 
+REPORT_RANGES = [((1, 30), None), ((1, 30), "my-game"), ((10, 40), None), ((12, 14), "my-game"), ((0, 45), None),
+                 ((25, 26), None), ((3, 3), "other-game")]
+
+
+def assert_reports_match(client, rows):
+    for (recent, old), application in REPORT_RANGES:
+        since, until = TODAY - datetime.timedelta(days=old), TODAY - datetime.timedelta(days=recent)
+        query = f"/v1.0/report?since={since}&until={until}" + (f"&application={application}" if application else "")
+        assert client.get(query, headers=READER).json == oracle_report(rows, since, until, application), query
+
+
+def test_summaries_stay_right_through_late_events_prunes_and_deleted_events(tmp_path, make_app, monkeypatch):
+    """Events summarised in id order, out of time order, a step at a time; then late events, a prune of
+    whole days, a prune of part of a day, and the newest events deleted by hand (their ids used again)."""
+    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection: 0)  # the test steps
+    database = str(tmp_path / "events.db")
+    config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                           "read_keys": "reader-key"})
+    client = webtest.TestApp(make_app(config))
+    rows = history(seed=3)
+    random.Random(5).shuffle(rows)  # a session's events arrive in any order, in different steps
+    post_history(client, rows)
+    for step in (37, 150, 400):
+        summarise(database, step)
+        assert_reports_match(client, rows)
+    summarise(database)
+    assert_reports_match(client, rows)
+    late = [(application, user, session, kind, version, moment - datetime.timedelta(days=9, seconds=1), value)
+            for application, user, session, kind, version, moment, value in rows[::7]]
+    rows += late
+    post_history(client, late)  # older than their sessions' first events, some before their users' first
+    assert_reports_match(client, rows)
+    summarise(database)
+    assert_reports_match(client, rows)
+    for cutoff in (datetime.datetime.combine(TODAY - datetime.timedelta(days=35), datetime.time(0)),
+                   datetime.datetime.combine(TODAY - datetime.timedelta(days=28), datetime.time(13, 30))):
+        assert pycolytics.main(["--database", database, "prune", "--yes",
+                                "--before", cutoff.isoformat()]) == 0
+        rows = [row for row in rows if row[5].replace(tzinfo=None) >= cutoff]
+        assert_reports_match(client, rows)
+        summarise(database)
+        assert_reports_match(client, rows)
+    connection = pycolytics.connect(database)
+    newest = connection.execute("SELECT max(id) FROM event").fetchone()[0]
+    deleted = collections.Counter(connection.execute(
+        "SELECT application, user_id, session_id, event_type, time FROM event WHERE id > ?", (newest - 40,)))
+    connection.execute("DELETE FROM event WHERE id > ?", (newest - 40,))
+    connection.close()
+    for row in list(rows):
+        key = row[:4] + (row[5].astimezone(datetime.timezone.utc).strftime(pycolytics.TIME_FORMAT),)
+        if deleted[key]:
+            deleted[key] -= 1
+            rows.remove(row)
+    assert not +deleted
+    more = [("my-game", f"n{n}", f"t{n}", "level_start", "2.0",
+             datetime.datetime.combine(TODAY - datetime.timedelta(days=n % 20), datetime.time(7),
+                                       tzinfo=datetime.timezone.utc), {}) for n in range(50)]
+    rows += more
+    post_history(client, more)  # their ids are the deleted events' and 10 more
+    assert_reports_match(client, rows)
+    summarise(database)
+    assert_reports_match(client, rows)
+    connection = pycolytics.connect(database)  # ...from the summaries, built again, not from the events
+    assert connection.execute("SELECT sum(events) FROM pycolytics_sessions").fetchone() == (len(rows),)
+    assert connection.execute("SELECT last_id FROM pycolytics_summarised").fetchone() == connection.execute(
+        "SELECT max(id) FROM event").fetchone() and newest < connection.execute("SELECT max(id) FROM event").fetchone()[0]
+    connection.close()
 def test_sqlite_and_postgresql_give_the_same_report(tmp_path, postgres_url):
     answers = []
     for database in (str(tmp_path / "events.db"), postgres_url):
@@ -5205,6 +5304,7 @@ def test_the_running_writer_commits_with_the_synchronous_setting_in_force(settin
     app = pycolytics.create_app(pycolytics.load_config(environ={}, overrides=dict(settings, synchronous=synchronous)))
     try:
         post(webtest.TestApp(app), "/v1.0/event", event())
+        wait_for(lambda: not app.writer._summary_behind)  # its summarising step (no fsync of its own) is over
         # the writer's own connection, the one that commits every event, not a new one made here
         assert app.writer._connection.execute("PRAGMA synchronous").fetchone()[0] == in_force
     finally:
