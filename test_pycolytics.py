@@ -1697,6 +1697,49 @@ def test_a_report_of_a_database_made_by_the_original(config, database, sqlite_on
     assert answer["days"][1] == {"date": "2024-05-01", "events": 1, "users": 1, "new_users": 1, "sessions": 1}
 
 
+def test_an_original_database_is_summarised_in_the_background_and_reports_right_meanwhile(tmp_path, make_app,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(pycolytics, "MAX_LIVE_TAIL", 100)  # beyond 100 events not summarised, a report reads them all
+    database = str(tmp_path / "original.db")
+    rows = history(seed=9)
+    with sqlite3.connect(database) as connection:
+        connection.executescript(ORIGINAL_SCHEMA)
+        connection.execute("DELETE FROM event")
+        connection.executemany(
+            "INSERT INTO event (event_type, application, version, platform, user_id, session_id, value, time)"
+            " VALUES (?, ?, ?, 'Linux', ?, ?, '{}', ?)",
+            [(kind, application, version, user, session,
+              moment.astimezone(datetime.timezone.utc).strftime(pycolytics.TIME_FORMAT))
+             for application, user, session, kind, version, moment, _ in rows])
+    stepped = []
+    real = pycolytics.SQLiteStore.summarise
+    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection: stepped.append(1) or real(
+        store, connection) if len(stepped) < 1 else 0)  # one step of the writer's, then the test's
+    monkeypatch.setattr(pycolytics, "SUMMARY_STEP_ROWS", 150)
+    config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                           "read_keys": "reader-key"})
+    client = webtest.TestApp(make_app(config))
+    wait_for(lambda: stepped)
+    for _ in range(len(rows) // 150 + 1):
+        assert_reports_match(client, rows)  # live while more than 100 are left, then from the summaries
+        summarise(database, 150)
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT last_id FROM pycolytics_summarised").fetchone() == (len(rows),)
+    assert_reports_match(client, rows)
+
+
+def test_a_report_about_days_the_presence_bits_no_longer_keep_reads_the_events(tmp_path, make_app, monkeypatch):
+    monkeypatch.setattr(pycolytics, "PRESENCE_DAYS", 4)  # as if every user had played for over 11 years
+    database = str(tmp_path / "events.db")
+    config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                           "read_keys": "reader-key"})
+    client = webtest.TestApp(make_app(config))
+    rows = history(seed=4)
+    post_history(client, rows)
+    summarise(database)
+    assert_reports_match(client, rows)
+
+
 def test_the_dashboard_shows_the_reports_figures_with_relative_links(reports):
     client, rows = reports
     since, until = TODAY - datetime.timedelta(days=30), TODAY - datetime.timedelta(days=1)
@@ -1988,7 +2031,8 @@ def test_a_database_made_by_the_original_opens_and_keeps_working(config, databas
     post(webtest.TestApp(app), "/v1.0/events", [event(event_type="new")])
     assert stored(database, "id, event_type, received_at IS NULL") == [(1, "old", 1), (2, "new", 0)]
     with sqlite3.connect(database) as connection:
-        indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        indexes = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'event'")}
     assert indexes == {"ix_event_event_type", "ix_event_application", "ix_event_version", "ix_event_platform",
                        "ix_event_user_id", "ix_event_application_event_id"}
 

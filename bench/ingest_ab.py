@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Ingestion of this pycolytics.py against another one (an older commit's), in turns, in one run.
+
+    git show 407b488:pycolytics.py > /tmp/before.py
+    python3 bench/ingest_ab.py /tmp/before.py [--rounds 3] [--seconds 3]
+
+Each round starts each server on a new SQLite database (synchronous = full, as by default) and
+drives it with batches of 100 events from 100 players in their own sessions, then with single
+events; the two servers take turns, A B A B, so that a drift of the machine's speed falls on
+both. Every cell checks the database against what was acknowledged (bench.py's `measured`).
+Prints each round's events per second and the ratio this/other; quote the median ratio.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+TYPES = ["session_start", "level_start", "level_end", "death", "purchase"]
+
+
+def varied_batch(size):
+    """Events of `size` players, each in a session of their own: what the summaries keep per user."""
+    return json.dumps([dict(bench.EVENT, user_id=f"p{n}", session_id=f"s{n}", event_type=TYPES[n % len(TYPES)])
+                       for n in range(size)]).encode()
+
+
+def one_round(program, seconds, connections):
+    figures = {}
+    with tempfile.TemporaryDirectory() as folder:
+        database = os.path.join(folder, "events.db")
+        service = bench.start_pycolytics(database, program=[program])
+        try:
+            batch = bench.measured(service, database, "/v1.0/events", varied_batch(100), 100, connections, seconds)
+            single = bench.measured(service, database, "/v1.0/event", bench.single_body(), 1, connections, seconds)
+        finally:
+            service.stop()
+    figures["batches of 100"] = batch["events"]
+    figures["single events"] = single["events"]
+    return figures
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("other", help="the other pycolytics.py (B)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    arguments = parser.parse_args()
+    this = os.path.join(bench.ROOT, "pycolytics.py")
+    ratios = {}
+    for number in range(arguments.rounds):
+        a = one_round(this, arguments.seconds, arguments.connections)
+        b = one_round(os.path.abspath(arguments.other), arguments.seconds, arguments.connections)
+        for cell in a:
+            ratios.setdefault(cell, []).append(a[cell] / b[cell])
+            print(f"round {number + 1} {cell:<16} this {a[cell]:>9,.0f}  other {b[cell]:>9,.0f} events/s"
+                  f"  this/other {a[cell] / b[cell]:.2f}", flush=True)
+    for cell, values in ratios.items():
+        print(f"median this/other, {cell}: {statistics.median(values):.2f}  (from {len(values)} rounds)")
+    print("every cell's database held what was acknowledged" if all(bench.VERIFIED) else "!! A CELL LOST EVENTS")
+
+
+if __name__ == "__main__":
+    main()
