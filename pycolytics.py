@@ -21,6 +21,7 @@ __all__ = ["Config", "ConfigError", "Pycolytics", "Server", "application", "crea
 
 import argparse
 import binascii
+import bisect
 import collections
 import configparser
 import contextlib
@@ -2384,6 +2385,8 @@ REPORT_SQL = {
 # Kinds of JSON values as either backend names them, and what a breakdown of values makes of them.
 VALUE_KINDS = {"integer": "number", "real": "number", "number": "number", "text": "string", "string": "string",
                "true": "boolean", "false": "boolean", "boolean": "boolean"}
+# The columns of a report's days, in the order of its JSON and CSV.
+DAY_COLUMNS = ("events", "users", "new_users", "sessions")
 # The fields a report ranks: its lists are named after them, with an s.
 RANKED = ("event_type", "version", "platform")
 # The filters of a report: a report with filters is the report of a database that held only the
@@ -2600,7 +2603,9 @@ class _ReportReader:
             if getattr(query, name) is not None:
                 self.filters += f" AND {name} = {store.parameter}"
                 self.filter_values.append(getattr(query, name))
-        self.where = f"WHERE time >= {store.since} AND time < {store.since}{self.filters}"
+        # the events after an id are found by id, not through the time index, which holds the range's every event
+        moment = "time" if after_id is None else store.scan_time
+        self.where = f"WHERE {moment} >= {store.since} AND {moment} < {store.since}{self.filters}"
         self.arguments = [query.since.isoformat(), self.end] + self.filter_values
 
     def rows(self, sql, before=(), after=()):
@@ -2622,10 +2627,16 @@ class _ReportReader:
             f"SELECT DISTINCT application, user_id FROM event WHERE time < {self.store.since}{self.filters}",
             [self.query.since.isoformat()] + self.filter_values)
 
-    def newcomers(self, active):
-        """{user: the day of the range they first came}, for the users in `active` with no event before it."""
+    def daily(self, dates):
+        """Per-day columns (events, users, sessions), the range's users, and its sessions' lengths, sorted."""
+        columns, self.active, sessions = _daily_activity(self, {day: n for n, day in enumerate(dates)})
+        return columns, len(self.active), sorted(_session_seconds(first, last) for _, first, last in sessions.values())
+
+    def newcomers(self):
+        """{user: the day of the range they first came} for the users with no event before it, and
+        {user: the days of the range they came} for them (after daily)."""
         returning = {tuple(user) for user in self.seen_before()}
-        return {user: min(days) for user, days in active.items() if user not in returning}
+        return {user: min(days) for user, days in self.active.items() if user not in returning}, self.active
 
     def rankings(self):
         """{field: its ranking} for event_type, version and platform, from one pass over the range."""
@@ -2725,6 +2736,11 @@ def _present(first_day, last_day, days, since, until):
     return int.from_bytes(days, "little") >> (last - until) & ((1 << (until - since + 1)) - 1) != 0
 
 
+# A stored time as microseconds since the epoch, in SQLite, exactly (no float): {} is the time.
+_MICROSECONDS = ("(CAST(strftime('%s', {0}) AS INTEGER) * 1000000"
+                 " + CAST(substr(substr({0}, 21) || '000000', 1, 6) AS INTEGER))")
+
+
 class _SummaryReader:
     """The figures of a report from the summaries ("Summaries"), and from the events after them.
 
@@ -2744,10 +2760,31 @@ class _SummaryReader:
         """The rows of `sql` WHERE ..., with the application's condition and then `group` added."""
         return self.connection.execute(sql + self.application + group, list(arguments) + self.application_value)
 
-    def activity(self):
-        return itertools.chain(self.rows(
-            "SELECT day, application, user_id, session_id, events, first_time, last_time FROM pycolytics_sessions"
-            " WHERE day >= ? AND day <= ?", self.days), self.live.activity())
+    def _activity(self):
+        """A WITH clause naming `activity` the (day, application, user_id, session_id, events, first_time,
+        last_time) rows of the range, the summaries' and the events' after them; and its arguments."""
+        return ("WITH activity AS (SELECT day, application, user_id, session_id, events, first_time, last_time"
+                " FROM pycolytics_sessions WHERE day >= ? AND day <= ?" + self.application + " UNION ALL"
+                " SELECT substr(time, 1, 10), application, user_id, session_id, count(*), min(time), max(time)"
+                f" FROM event {self.live.where} GROUP BY 1, 2, 3, 4) "), self.days + self.application_value + self.live.arguments
+
+    def daily(self, dates):
+        """As _ReportReader.daily, counted by SQLite: no row per user or session comes to Python."""
+        position = {day: n for n, day in enumerate(dates)}
+        columns = {name: [0] * len(dates) for name in ("events", "users", "sessions")}
+        activity, arguments = self._activity()
+        for day, events, users, sessions in self.connection.execute(
+                activity + "SELECT day, sum(events), count(DISTINCT application || char(0) || user_id),"
+                " count(DISTINCT application || char(0) || session_id) FROM activity GROUP BY day", arguments):
+            if day in position:
+                columns["events"][position[day]], columns["users"][position[day]] = events, users
+                columns["sessions"][position[day]] = sessions
+        users = self.connection.execute(
+            activity + "SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM activity)", arguments).fetchone()[0]
+        lengths = [round(microseconds / 1_000_000, 3) for microseconds, in self.connection.execute(
+            activity + f"SELECT {_MICROSECONDS.format('max(last_time)')} - {_MICROSECONDS.format('min(first_time)')}"
+            " FROM activity GROUP BY application, session_id ORDER BY 1", arguments)]
+        return columns, users, lengths
 
     def _stored(self, field, name, user):
         """(first day, last day, days) of a presence row, or None."""
@@ -2755,19 +2792,35 @@ class _SummaryReader:
             "SELECT first_day, last_day, days FROM pycolytics_presence WHERE field = ? AND name = ?"
             " AND application = ? AND user_id = ?", (field, name) + tuple(user)).fetchone()
 
-    def newcomers(self, active):
-        """{user: the day of the range they first came}, for the users in `active` with no event before it."""
-        first = {(application, user_id): day for application, user_id, day in self.rows(
-            "SELECT application, user_id, first_day FROM pycolytics_presence WHERE field = 'user'"
+    def newcomers(self):
+        """As _ReportReader.newcomers, with each newcomer's days those that retention asks about."""
+        stored = {(application, user_id): row for application, user_id, *row in self.rows(
+            "SELECT application, user_id, first_day, last_day, days FROM pycolytics_presence WHERE field = 'user'"
             " AND first_day >= ? AND first_day <= ?", self.days)}
+        first = {user: row[0] for user, row in stored.items()}
         for application, user_id, day in self.rows(
                 "SELECT application, user_id, min(substr(time, 1, 10)) FROM event WHERE id > ?", [self.last_id],
                 " GROUP BY 1, 2").fetchall():
             user = (application, user_id)
-            stored = (user in first and (first[user],)) or self._stored("user", "", user)
-            first[user] = min(day, stored[0]) if stored else day
-        return {user: _day_number(day) - self.since for user, day in first.items()
-                if user in active and _day_number(day) is not None and self.since <= _day_number(day) <= self.until}
+            if user not in stored:
+                stored[user] = self._stored("user", "", user)
+            first[user] = min(day, stored[user][0]) if stored[user] else day
+        newcomers = {user: _day_number(day) - self.since for user, day in first.items()
+                     if _day_number(day) is not None and self.since <= _day_number(day) <= self.until}
+        active = {user: {n} for user, n in newcomers.items()}
+        for user, n in newcomers.items():  # the days retention asks about, from the summaries' bits
+            if stored[user]:
+                first_day, last_day, days = stored[user]
+                last, bits = _day_number(last_day), int.from_bytes(days, "little")
+                for later in (n + after for after in RETENTION_COLUMNS if self.since + n + after <= last):
+                    if last - self.since - later >= PRESENCE_DAYS:
+                        raise _ReadLive
+                    if bits >> (last - self.since - later) & 1:
+                        active[user].add(later)
+        for day, application, user_id, *_ in self.live.activity():  # ...and from the events after them
+            if (application, user_id) in active and _day_number(day) is not None:
+                active[application, user_id].add(_day_number(day) - self.since)
+        return newcomers, active
 
     def rankings(self):
         """{field: its ranking}, as _ReportReader.rankings."""
@@ -2823,7 +2876,7 @@ class _SummaryReader:
                 " AND field = 'platform' GROUP BY 1", self.days):
             events[application] += count
         for application, count in self.connection.execute(
-                f"SELECT application, count(*) FROM event WHERE time >= ? AND time < ? AND id > ? GROUP BY 1",
+                "SELECT application, count(*) FROM event WHERE +time >= ? AND +time < ? AND id > ? GROUP BY 1",
                 self.live.arguments[:2] + [self.last_id]):
             events[application] += count
         return sorted(events, key=lambda name: (-events[name], name.encode()))[:REPORT_TOP]
@@ -2836,7 +2889,7 @@ def _session_seconds(first, last):
 
 def _daily_activity(reader, position):
     """Per-day columns, each user's days with events and each session's [days, first, last] time."""
-    columns = {name: [0] * len(position) for name in ("events", "users", "new_users", "sessions")}
+    columns = {name: [0] * len(position) for name in ("events", "users", "sessions")}
     active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
     sessions = {}  # (application, session_id) -> [positions of its days, first time, last time]
     for day, application, user_id, session_id, events, first, last in reader.activity():
@@ -2868,9 +2921,12 @@ def _retention(cohorts, active, observed):
 
 
 def _session_figures(lengths, users):
-    ordered = [(length, 1) for length in lengths]
-    return {"count": len(lengths), "median_seconds": _percentile(ordered, 0.5) or 0,
-            "p90_seconds": _percentile(ordered, 0.9) or 0, "per_user": round(len(lengths) / users, 2) if users else 0}
+    """Count, nearest-rank median and 90th percentile of the sorted `lengths`, and sessions per user."""
+    def rank(share):
+        return (lengths[max(1, math.ceil(share * len(lengths))) - 1] if lengths else 0) or 0  # 0, not 0.0
+
+    return {"count": len(lengths), "median_seconds": rank(0.5), "p90_seconds": rank(0.9),
+            "per_user": round(len(lengths) / users, 2) if users else 0}
 
 
 def build_report(store, connection, query, today):
@@ -2884,27 +2940,27 @@ def build_report(store, connection, query, today):
 
 def _report(reader, query, today):
     dates = [(query.since + datetime.timedelta(days=n)).isoformat() for n in range((query.until - query.since).days + 1)]
-    columns, active, sessions = _daily_activity(reader, {day: n for n, day in enumerate(dates)})
+    columns, users, lengths = reader.daily(dates)
+    columns["new_users"] = [0] * len(dates)
     cohorts = collections.defaultdict(list)
-    for user, first in reader.newcomers(active).items():
+    newcomers, active = reader.newcomers()
+    for user, first in newcomers.items():
         columns["new_users"][first] += 1
         cohorts[first].append(user)
-    lengths = sorted(_session_seconds(first, last) for _, first, last in sessions.values())
     triangle = _retention(cohorts, active, (min(query.until, today) - query.since).days)
     report = {
         "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
-        "totals": {"events": sum(columns["events"]), "users": len(active), "new_users": sum(columns["new_users"]),
-                   "sessions": len(sessions)},
-        "days": [dict(date=day, **{name: values[n] for name, values in columns.items()}) for n, day in enumerate(dates)],
+        "totals": {"events": sum(columns["events"]), "users": users, "new_users": sum(columns["new_users"]),
+                   "sessions": len(lengths)},
+        "days": [dict(date=day, **{name: columns[name][n] for name in DAY_COLUMNS}) for n, day in enumerate(dates)],
         "retention": [dict({"cohort": dates[n], "users": users}, **{
             f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS})
             for n, users, shares in triangle],
-        "sessions": _session_figures(lengths, len(active)),
+        "sessions": _session_figures(lengths, users),
         **{f"{field}s": ranking for field, ranking in reader.rankings().items()},
     }
-    histogram = [0] * len(SESSION_BUCKETS)
-    for length in lengths:
-        histogram[next(n for n, (bound, _) in enumerate(SESSION_BUCKETS) if length < bound)] += 1
+    shorter = [0] + [bisect.bisect_left(lengths, bound) for bound, _ in SESSION_BUCKETS]  # lengths are sorted
+    histogram = [shorter[n + 1] - shorter[n] for n in range(len(SESSION_BUCKETS))]
     return report, {"triangle": triangle, "session_lengths": histogram, "applications": reader.applications()}
 
 
