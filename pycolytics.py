@@ -1371,7 +1371,9 @@ def unwritable(path):
 #   pycolytics_summarised   the id (and time) of the last event summarised: events come in id
 #                           order, so a late event (an old timestamp) is summarised like any other;
 #                           and how many events were pruned, which the report cache's key holds
-#   pycolytics_sessions     per day and session: its user, events, first and last time
+#   pycolytics_days         per day and application: events, users and sessions
+#   pycolytics_sessions     per day and session: its user, events, first and last time (in
+#                           microseconds since 1970, so that SQLite finds lengths as numbers)
 #   pycolytics_presence     per user ("user", ""), and per user and event type, version or
 #                           platform: the first and last day, and the days in between as bits
 #   pycolytics_name_events  per day, application and event type, version or platform: events
@@ -1384,11 +1386,16 @@ def unwritable(path):
 SUMMARY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pycolytics_summarised (last_id INTEGER NOT NULL, last_time, pruned INTEGER NOT NULL);
 INSERT INTO pycolytics_summarised SELECT 0, NULL, 0 WHERE NOT EXISTS (SELECT 1 FROM pycolytics_summarised);
+CREATE TABLE IF NOT EXISTS pycolytics_days (
+    day TEXT NOT NULL, application TEXT NOT NULL, events INTEGER NOT NULL, users INTEGER NOT NULL,
+    sessions INTEGER NOT NULL, PRIMARY KEY (day, application)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pycolytics_sessions (
     day TEXT NOT NULL, application TEXT NOT NULL, user_id TEXT NOT NULL, session_id TEXT NOT NULL,
-    events INTEGER NOT NULL, first_time TEXT NOT NULL, last_time TEXT NOT NULL,
+    events INTEGER NOT NULL, first_us INTEGER NOT NULL, last_us INTEGER NOT NULL,
     PRIMARY KEY (day, application, user_id, session_id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ix_sessions_session ON pycolytics_sessions (application, session_id, day, first_us, last_us);
 CREATE TABLE IF NOT EXISTS pycolytics_presence (
     field TEXT NOT NULL, name TEXT NOT NULL, application TEXT NOT NULL, user_id TEXT NOT NULL,
     first_day TEXT NOT NULL, last_day TEXT NOT NULL, days BLOB NOT NULL,
@@ -1400,7 +1407,7 @@ CREATE TABLE IF NOT EXISTS pycolytics_name_events (
     PRIMARY KEY (day, application, field, name)
 ) WITHOUT ROWID;
 """
-SUMMARY_TABLES = ("pycolytics_sessions", "pycolytics_presence", "pycolytics_name_events")
+SUMMARY_TABLES = ("pycolytics_days", "pycolytics_sessions", "pycolytics_presence", "pycolytics_name_events")
 # Events per summarising step: a few milliseconds of the writer's time, as a pruning step.
 SUMMARY_STEP_ROWS = 2000
 # Share of the writer's time that summarising may take while events keep coming: the rest
@@ -1428,6 +1435,15 @@ def _day_number(text):
 
 def _day_text(number):
     return datetime.date.fromordinal(number).isoformat()
+
+
+_EPOCH_NAIVE = datetime.datetime(1970, 1, 1)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+
+
+def _microseconds(text):
+    """A stored time as microseconds since 1970: exact, so that lengths match to the microsecond."""
+    return (datetime.datetime.fromisoformat(text.replace("T", " ")[:26]) - _EPOCH_NAIVE) // _MICROSECOND
 
 
 def _summarised(connection):
@@ -1465,40 +1481,76 @@ def summarise(connection, limit=SUMMARY_STEP_ROWS):
     if not rows:
         return 0
     sessions, presence, events = {}, collections.defaultdict(set), collections.Counter()
+    days = collections.defaultdict(lambda: [0, 0, 0])  # (day, application) -> new [events, users, sessions]
     for _, application, user_id, session_id, event_type, version, platform, moment in rows:
-        number = _day_number(moment[:10]) if type(moment) is str else None
+        try:
+            number, microseconds = _day_number(moment[:10]), _microseconds(moment)
+        except (TypeError, ValueError):
+            number = None
         if number is None:
             continue  # not a time a report can place on a day (a hand-made row)
         day = moment[:10]
         session = sessions.get((day, application, user_id, session_id))
         if session is None:
-            sessions[day, application, user_id, session_id] = [1, moment, moment]
+            sessions[day, application, user_id, session_id] = [1, microseconds, microseconds]
         else:
             session[0] += 1
-            session[1], session[2] = min(session[1], moment), max(session[2], moment)
+            session[1], session[2] = min(session[1], microseconds), max(session[2], microseconds)
+        days[day, application][0] += 1
         presence["user", "", application, user_id].add(number)
         for field, name in zip(PRESENCE_FIELDS[1:], (event_type, version, platform)):
             presence[field, name, application, user_id].add(number)
             events[day, application, field, name] += 1
-    connection.executemany(
-        "INSERT INTO pycolytics_sessions VALUES (?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (day, application, user_id, session_id) DO UPDATE SET"
-        " events = events + excluded.events, first_time = min(first_time, excluded.first_time),"
-        " last_time = max(last_time, excluded.last_time)",
-        [key + tuple(figures) for key, figures in sessions.items()])
-    connection.executemany(
-        "INSERT INTO pycolytics_name_events VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (day, application, field, name) DO UPDATE SET"
-        " events = events + excluded.events", [key + (count,) for key, count in events.items()])
+    for day, application, session_id in {(day, application, session_id) for day, application, _, session_id in sessions}:
+        if not _had_session(connection, application, session_id, day):
+            days[day, application][2] += 1
     stored = _stored_presence(connection, list(presence))
     changed = []
     for key, numbers in presence.items():
         row = _presence(stored.get(key), numbers)
         if row != stored.get(key):  # a user already seen that day, as most are: nothing to write
             changed.append(key + row)
+        if key[0] == "user":
+            for number in numbers:
+                if not _had_user(connection, stored.get(key), key[2], key[3], number):
+                    days[_day_text(number), key[2]][1] += 1
+    connection.executemany(
+        "INSERT INTO pycolytics_sessions VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (day, application, user_id, session_id) DO UPDATE SET"
+        " events = events + excluded.events, first_us = min(first_us, excluded.first_us),"
+        " last_us = max(last_us, excluded.last_us)",
+        [key + tuple(figures) for key, figures in sessions.items()])
+    connection.executemany(
+        "INSERT INTO pycolytics_days VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, application) DO UPDATE SET"
+        " events = events + excluded.events, users = users + excluded.users, sessions = sessions + excluded.sessions",
+        [key + tuple(figures) for key, figures in days.items()])
+    connection.executemany(
+        "INSERT INTO pycolytics_name_events VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (day, application, field, name) DO UPDATE SET"
+        " events = events + excluded.events", [key + (count,) for key, count in events.items()])
     connection.executemany("INSERT OR REPLACE INTO pycolytics_presence VALUES (?, ?, ?, ?, ?, ?, ?)", changed)
     _set_summarised(connection, rows[-1][0], rows[-1][-1])
     return len(rows)
+
+
+def _had_session(connection, application, session_id, day):
+    """Whether the summaries have the session on that day already."""
+    return connection.execute("SELECT 1 FROM pycolytics_sessions WHERE application = ? AND session_id = ?"
+                              " AND day = ? LIMIT 1", (application, session_id, day)).fetchone() is not None
+
+
+def _had_user(connection, stored, application, user_id, number):
+    """Whether the summaries have the user on day `number` already, from their presence row `stored`."""
+    if stored is None:
+        return False
+    last = _day_number(stored[1])
+    if number > last or number < _day_number(stored[0]):
+        return False
+    if last - number < PRESENCE_DAYS:
+        return bool(int.from_bytes(stored[2], "little") >> (last - number) & 1)
+    return connection.execute(  # a day older than the bits keep: the sessions tell
+        "SELECT 1 FROM pycolytics_sessions WHERE day = ? AND application = ? AND user_id = ? LIMIT 1",
+        (_day_text(number), application, user_id)).fetchone() is not None
 
 
 def _stored_presence(connection, keys):
@@ -1530,7 +1582,7 @@ def forget_days_before(connection, day, limit=SUMMARY_STEP_ROWS):
     """Take the days before `day` (a date) out of the summaries, up to `limit` presence rows at a
     time, in the caller's transaction; return how many presence rows were changed."""
     text, number = day.isoformat(), day.toordinal()
-    for table in ("pycolytics_sessions", "pycolytics_name_events"):
+    for table in ("pycolytics_days", "pycolytics_sessions", "pycolytics_name_events"):
         connection.execute(f"DELETE FROM {table} WHERE day < ?", (text,))
     changed = 0
     for field in PRESENCE_FIELDS:
@@ -2736,11 +2788,6 @@ def _present(first_day, last_day, days, since, until):
     return int.from_bytes(days, "little") >> (last - until) & ((1 << (until - since + 1)) - 1) != 0
 
 
-# A stored time as microseconds since the epoch, in SQLite, exactly (no float): {} is the time.
-_MICROSECONDS = ("(CAST(strftime('%s', {0}) AS INTEGER) * 1000000"
-                 " + CAST(substr(substr({0}, 21) || '000000', 1, 6) AS INTEGER))")
-
-
 class _SummaryReader:
     """The figures of a report from the summaries ("Summaries"), and from the events after them.
 
@@ -2760,31 +2807,71 @@ class _SummaryReader:
         """The rows of `sql` WHERE ..., with the application's condition and then `group` added."""
         return self.connection.execute(sql + self.application + group, list(arguments) + self.application_value)
 
-    def _activity(self):
-        """A WITH clause naming `activity` the (day, application, user_id, session_id, events, first_time,
-        last_time) rows of the range, the summaries' and the events' after them; and its arguments."""
-        return ("WITH activity AS (SELECT day, application, user_id, session_id, events, first_time, last_time"
-                " FROM pycolytics_sessions WHERE day >= ? AND day <= ?" + self.application + " UNION ALL"
-                " SELECT substr(time, 1, 10), application, user_id, session_id, count(*), min(time), max(time)"
-                f" FROM event {self.live.where} GROUP BY 1, 2, 3, 4) "), self.days + self.application_value + self.live.arguments
-
     def daily(self, dates):
-        """As _ReportReader.daily, counted by SQLite: no row per user or session comes to Python."""
+        """As _ReportReader.daily: the days' figures as summarised, the events after them added."""
         position = {day: n for n, day in enumerate(dates)}
         columns = {name: [0] * len(dates) for name in ("events", "users", "sessions")}
-        activity, arguments = self._activity()
-        for day, events, users, sessions in self.connection.execute(
-                activity + "SELECT day, sum(events), count(DISTINCT application || char(0) || user_id),"
-                " count(DISTINCT application || char(0) || session_id) FROM activity GROUP BY day", arguments):
+        for day, *figures in self.rows("SELECT day, sum(events), sum(users), sum(sessions) FROM pycolytics_days"
+                                       " WHERE day >= ? AND day <= ?", self.days, " GROUP BY day"):
             if day in position:
-                columns["events"][position[day]], columns["users"][position[day]] = events, users
-                columns["sessions"][position[day]] = sessions
-        users = self.connection.execute(
-            activity + "SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM activity)", arguments).fetchone()[0]
-        lengths = [round(microseconds / 1_000_000, 3) for microseconds, in self.connection.execute(
-            activity + f"SELECT {_MICROSECONDS.format('max(last_time)')} - {_MICROSECONDS.format('min(first_time)')}"
-            " FROM activity GROUP BY application, session_id ORDER BY 1", arguments)]
-        return columns, users, lengths
+                for name, figure in zip(columns, figures):
+                    columns[name][position[day]] = figure
+        live = [row for row in self.live.activity() if row[0] in position]
+        seen = set()
+        for day, application, user_id, session_id, events, _, _ in live:
+            n = position[day]
+            columns["events"][n] += events
+            if (day, application, user_id) not in seen and not _had_user(
+                    self.connection, self._stored("user", "", (application, user_id)), application, user_id,
+                    _day_number(day)):
+                columns["users"][n] += 1
+            if (day, application, None, session_id) not in seen and not _had_session(
+                    self.connection, application, session_id, day):
+                columns["sessions"][n] += 1
+            seen |= {(day, application, user_id), (day, application, None, session_id)}
+        return columns, self._users(live), self._lengths(live)
+
+    def _users(self, live):
+        """The range's users: those the presence rows put in it, and those of the events after them."""
+        users = self.rows("SELECT count(*) FROM pycolytics_presence WHERE field = 'user' AND last_day >= ?"
+                          " AND first_day <= ? AND (first_day >= ? OR last_day <= ?)", self.days * 2).fetchone()[0]
+        for first_day, last_day, days in self.rows(
+                "SELECT first_day, last_day, days FROM pycolytics_presence WHERE field = 'user'"
+                " AND first_day < ? AND last_day > ?", self.days):
+            users += _present(first_day, last_day, days, self.since, self.until)
+        for user in {(application, user_id) for _, application, user_id, *_ in live}:
+            stored = self._stored("user", "", user)
+            users += not (stored and _present(*stored, self.since, self.until))
+        return users
+
+    def _lengths(self, live):
+        """The range's sessions' lengths in seconds, sorted: from the summaries, with the events after them."""
+        lengths = [length for length, in self.rows(
+            "SELECT max(last_us) - min(first_us) FROM pycolytics_sessions WHERE day >= ? AND day <= ?", self.days,
+            " GROUP BY application, session_id")]
+        spans = {}  # (application, session_id) -> [first, last] microseconds of the events after the summarised
+        for _, application, _, session_id, _, first, last in live:
+            span = spans.setdefault((application, session_id), [_microseconds(first), _microseconds(last)])
+            span[0], span[1] = min(span[0], _microseconds(first)), max(span[1], _microseconds(last))
+        replaced = collections.Counter()
+        for (application, session_id), span in spans.items():
+            first, last = self.connection.execute(
+                "SELECT min(first_us), max(last_us) FROM pycolytics_sessions WHERE application = ? AND session_id = ?"
+                " AND day >= ? AND day <= ?", [application, session_id] + self.days).fetchone()
+            if first is not None:
+                replaced[last - first] += 1
+                span[0], span[1] = min(span[0], first), max(span[1], last)
+            lengths.append(span[1] - span[0])
+        if replaced:
+            kept = []
+            for length in lengths[:len(lengths) - len(spans)]:
+                if replaced[length]:
+                    replaced[length] -= 1
+                else:
+                    kept.append(length)
+            lengths = kept + lengths[len(lengths) - len(spans):]
+        lengths.sort()
+        return [round(microseconds / 1_000_000, 3) for microseconds in lengths]
 
     def _stored(self, field, name, user):
         """(first day, last day, days) of a presence row, or None."""
@@ -2883,8 +2970,7 @@ class _SummaryReader:
 
 
 def _session_seconds(first, last):
-    begun, ended = (datetime.datetime.fromisoformat(text.replace("T", " ")[:26]) for text in (first, last))
-    return round((ended - begun).total_seconds(), 3)
+    return round((_microseconds(last) - _microseconds(first)) / 1_000_000, 3)
 
 
 def _daily_activity(reader, position):
