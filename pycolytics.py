@@ -1262,52 +1262,75 @@ def _index_event_ids(connection):
 
 
 class Metrics:
-    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe."""
+    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe.
+
+    The counts are one row of integers: a list of this process's own, or with `workers = N` this
+    worker's row of the Scoreboard, in memory every worker shares. text() adds up `rows`, every
+    worker's, so any worker's answer counts the whole server.
+    """
 
     # Commit latency buckets, in seconds: an fsync on an SSD is ~1 ms, on an SD card ~10-100 ms.
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    # Where each count lives in a row. Commits are counted in the one bucket each falls in (the
+    # last is past every bound) and added up when shown: one increment per commit, so that another
+    # worker reading meanwhile never sees a histogram whose buckets disagree with its count.
+    STORED, PRUNED, COMMIT_MICROSECONDS, COMMITS = 0, 1, 2, 3
+    REQUESTS = COMMITS + len(BUCKETS) + 1  # requests by status, from 100 to 599
+    REQUESTS_AT = dict(zip(map(str, range(100, 600)), range(REQUESTS, REQUESTS + 500)))  # status -> where
+    FAILING = REQUESTS + 500  # not a metric: 1 while this process's last write failed (Scoreboard)
+    WIDTH = FAILING + 1
 
-    def __init__(self):
+    def __init__(self, rows=None, row=None):
         self._lock = threading.Lock()
-        self.requests = collections.Counter()  # by status code
-        self.stored = 0
-        self.commit_buckets = [0] * len(self.BUCKETS)
-        self.commits = 0
-        self.commit_seconds = 0.0
+        self._row = [0] * self.WIDTH if row is None else row
+        self._rows = [self._row] if rows is None else rows
+        self._row[self.FAILING] = 0  # a worker that replaces one that died has not failed yet
 
     def request(self, status, count=1):
         with self._lock:
-            self.requests[status[:3]] += count
+            self._row[self.REQUESTS_AT[status[:3]]] += count
 
     def commit(self, seconds, stored):
+        bucket = sum(seconds > bound for bound in self.BUCKETS)
         with self._lock:
-            self.stored += stored
-            self.commits += 1
-            self.commit_seconds += seconds
-            for index, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    self.commit_buckets[index] += 1
+            self._row[self.STORED] += stored
+            self._row[self.COMMIT_MICROSECONDS] += round(seconds * 1e6)
+            self._row[self.COMMITS + bucket] += 1
 
-    def text(self, extra=()):
+    def pruned(self, deleted):
         with self._lock:
-            lines = [
-                "# HELP pycolytics_events_stored_total Events committed to the database.",
-                "# TYPE pycolytics_events_stored_total counter",
-                f"pycolytics_events_stored_total {self.stored}",
-                "# HELP pycolytics_requests_total Requests answered, by HTTP status.",
-                "# TYPE pycolytics_requests_total counter",
-            ]
-            lines += [f'pycolytics_requests_total{{status="{code}"}} {n}' for code, n in sorted(self.requests.items())]
-            lines += [
-                "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
-                "# TYPE pycolytics_commit_seconds histogram",
-            ]
-            lines += [f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}'
-                      for bound, n in zip(self.BUCKETS, self.commit_buckets)]
-            lines += [f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {self.commits}',
-                      f"pycolytics_commit_seconds_sum {self.commit_seconds:.6f}",
-                      f"pycolytics_commit_seconds_count {self.commits}"]
-        return "\n".join(lines + list(extra)) + "\n"
+            self._row[self.PRUNED] += deleted
+
+    def failing(self, failing):
+        """Whether the last write failed: every worker's /healthz reads it (Scoreboard)."""
+        self._row[self.FAILING] = int(failing)
+
+    def text(self):
+        with self._lock:
+            rows = [list(row) for row in self._rows]
+        total = [sum(column) for column in zip(*rows)]
+        commits = list(itertools.accumulate(total[self.COMMITS:self.REQUESTS]))
+        lines = [
+            "# HELP pycolytics_events_stored_total Events committed to the database.",
+            "# TYPE pycolytics_events_stored_total counter",
+            f"pycolytics_events_stored_total {total[self.STORED]}",
+            "# HELP pycolytics_requests_total Requests answered, by HTTP status.",
+            "# TYPE pycolytics_requests_total counter",
+        ]
+        lines += [f'pycolytics_requests_total{{status="{status}"}} {total[self.REQUESTS - 100 + status]}'
+                  for status in range(100, 600) if total[self.REQUESTS - 100 + status]]
+        lines += [
+            "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
+            "# TYPE pycolytics_commit_seconds histogram",
+        ]
+        lines += [f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.BUCKETS, commits)]
+        lines += [f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {commits[-1]}',
+                  f"pycolytics_commit_seconds_sum {total[self.COMMIT_MICROSECONDS] / 1e6:.6f}",
+                  f"pycolytics_commit_seconds_count {commits[-1]}",
+                  "# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
+                  "# TYPE pycolytics_events_pruned_total counter",
+                  f"pycolytics_events_pruned_total {total[self.PRUNED]}"]
+        return "\n".join(lines) + "\n"
 
 
 # Rows one pruning step deletes: a transaction this small holds the write lock for
@@ -1853,7 +1876,6 @@ class Writer:
         self._connection = None
         self._reconnect_at = 0.0
         self._unreachable = None  # why the last reconnection failed
-        self.pruned = 0
         self._pass_pruned = 0  # by the steps of this pass, so far
         self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Supervisor)
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
@@ -2006,11 +2028,13 @@ class Writer:
 
     def _failed(self, error):
         self.last_error = error
+        self.metrics.failing(True)
         self._probe_due = time.monotonic() + HEALTH_PROBE_SECONDS
         self._forget_lost(error)
 
     def _succeeded(self):
         self.last_error = None
+        self.metrics.failing(False)
         self._wrote_at = time.monotonic()
 
     def _prune(self):
@@ -2024,7 +2048,7 @@ class Writer:
             log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
             self._pass_pruned = 0
             return time.monotonic() + 3600
-        self.pruned += deleted
+        self.metrics.pruned(deleted)
         self._pass_pruned += deleted
         if deleted == PRUNE_STEP_ROWS:
             return time.monotonic()  # more to delete: the next step comes between commits
@@ -3171,10 +3195,7 @@ class Pycolytics:
         return self.dashboard.answer(environ)
 
     def get_metrics(self, environ):
-        extra = ["# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
-                 "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {self.writer.pruned}"]
-        body = self.metrics.text(extra).encode()
-        return _ok(body, ("Content-Type", "text/plain; version=0.0.4"))
+        return _ok(self.metrics.text().encode(), ("Content-Type", "text/plain; version=0.0.4"))
 
     def get_index(self, environ):
         # Paths, not addresses: a client that reached this page can reach them the same way.
