@@ -3654,7 +3654,7 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_the_server_keeps_serving(t
 def test_the_workers_commit_lock_excludes_and_is_released_when_its_holder_is_killed():
     import fcntl
 
-    lock = pycolytics.CommitLock()
+    lock = pycolytics.ProcessLock()
     taken, done = os.pipe()
     holder = os.fork()
     if holder == 0:
