@@ -4882,14 +4882,19 @@ class AddressCounts:
         key, entries = self._set(address)
         table = self._entries
         with self._lock:
-            if sum(table[at + 2] for at in entries if table[at] == key) >= limit:
+            held, mine, room = 0, None, None
+            for at in entries:
+                if table[at] == key:
+                    held += table[at + 2]
+                    if table[at + 1] == worker:
+                        mine = at
+                elif room is None and not table[at + 2]:
+                    room = at
+            at = room if mine is None else mine
+            if held >= limit or at is None:  # None: its set is full of others' (see Scoreboard for how rare)
                 return False
-            mine = [at for at in entries if table[at] == key and table[at + 1] == worker]
-            mine = mine or [at for at in entries if not table[at + 2]]
-            if not mine:
-                return False  # its set is full of other addresses' connections: see Scoreboard for how rare
-            table[mine[0]], table[mine[0] + 1] = key, worker
-            table[mine[0] + 2] += 1
+            table[at], table[at + 1] = key, worker
+            table[at + 2] += 1
             return True
 
     def disconnected(self, address, worker):
