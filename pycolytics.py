@@ -103,6 +103,11 @@ RESTART_SETTINGS = ("database", "host", "port", "threads", "workers", "synchrono
 # and more than a few per core only adds memory and lock waits at the database.
 MAX_WORKERS = 64
 
+# With workers = N, the counts by client address of rate_limit and max_connections_per_address
+# live in fixed tables that every worker shares: an address's hash picks a set of this many
+# entries, and a lookup reads that set only (plus one entry per worker for connections).
+ADDRESS_SET_ENTRIES = 8
+
 # A worker process that dies is replaced, but at most this many times per minute: a worker
 # that crashes at start must not become a fork loop. Beyond it, replacements wait their turn.
 WORKER_RESTARTS_PER_MINUTE = 5
@@ -756,31 +761,43 @@ def client_address(peer, forwarded_for, trusted_proxies):
 
 
 class RateLimiter:
-    """At most `requests` per `seconds` from one client address, counted in fixed windows."""
+    """At most `requests` per `seconds` from one client address, counted in fixed windows.
 
-    def __init__(self, limit):
+    `shared`: with workers = N, the counts of every worker (the Scoreboard's AddressCounts), so
+    that the limit is the whole server's; by default this process's own.
+    """
+
+    def __init__(self, limit, shared=None):
         self.requests, self.seconds = limit
         self.per = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}[self.seconds]
         self._lock = threading.Lock()
         self._windows = {}  # address -> [window number, requests so far in it]
+        self._shared = shared
 
     def check(self, address, now=None):
         """Count one request from `address`; raise TooManyRequests if it is one too many."""
-        now = time.monotonic() if now is None else now
+        now = time.monotonic() if now is None else now  # CLOCK_MONOTONIC: one clock for every process
         window = int(now // self.seconds)
         with self._lock:
-            counted = self._windows.get(address)
-            if counted is not None and counted[0] == window:
-                counted[1] += 1
-                if counted[1] > self.requests:
-                    wait = max(1, math.ceil((window + 1) * self.seconds - now))
-                    raise TooManyRequests(
-                        f"more than {self.requests} requests per {self.per} from {address}: send again in {wait} s", wait
-                    )
-                return
-            if counted is None and len(self._windows) >= MAX_TRACKED_CLIENTS:
-                self._forget(window)
-            self._windows[address] = [window, 1]
+            counted = self._count(address, window)
+        if counted > self.requests:
+            wait = max(1, math.ceil((window + 1) * self.seconds - now))
+            raise TooManyRequests(
+                f"more than {self.requests} requests per {self.per} from {address}: send again in {wait} s", wait
+            )
+
+    def _count(self, address, window):
+        """Count one request from `address` in `window`: how many it has sent in it."""
+        if self._shared is not None:
+            return self._shared.count(address, window)
+        counted = self._windows.get(address)
+        if counted is not None and counted[0] == window:
+            counted[1] += 1
+            return counted[1]
+        if counted is None and len(self._windows) >= MAX_TRACKED_CLIENTS:
+            self._forget(window)
+        self._windows[address] = [window, 1]
+        return 1
 
     def _forget(self, window):
         for address in [address for address, counted in self._windows.items() if counted[0] != window]:
@@ -1265,52 +1282,75 @@ def _index_event_ids(connection):
 
 
 class Metrics:
-    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe."""
+    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe.
+
+    The counts are one row of integers: a list of this process's own, or with `workers = N` this
+    worker's row of the Scoreboard, in memory every worker shares. text() adds up `rows`, every
+    worker's, so any worker's answer counts the whole server.
+    """
 
     # Commit latency buckets, in seconds: an fsync on an SSD is ~1 ms, on an SD card ~10-100 ms.
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    # Where each count lives in a row. Commits are counted in the one bucket each falls in (the
+    # last is past every bound) and added up when shown: one increment per commit, so that another
+    # worker reading meanwhile never sees a histogram whose buckets disagree with its count.
+    STORED, PRUNED, COMMIT_MICROSECONDS, COMMITS = 0, 1, 2, 3
+    REQUESTS = COMMITS + len(BUCKETS) + 1  # requests by status, from 100 to 599
+    REQUESTS_AT = dict(zip(map(str, range(100, 600)), range(REQUESTS, REQUESTS + 500)))  # status -> where
+    FAILING = REQUESTS + 500  # not a metric: 1 while this process's last write failed (Scoreboard)
+    WIDTH = FAILING + 1
 
-    def __init__(self):
+    def __init__(self, rows=None, row=None):
         self._lock = threading.Lock()
-        self.requests = collections.Counter()  # by status code
-        self.stored = 0
-        self.commit_buckets = [0] * len(self.BUCKETS)
-        self.commits = 0
-        self.commit_seconds = 0.0
+        self._row = [0] * self.WIDTH if row is None else row
+        self._rows = [self._row] if rows is None else rows
+        self._row[self.FAILING] = 0  # a worker that replaces one that died has not failed yet
 
     def request(self, status, count=1):
         with self._lock:
-            self.requests[status[:3]] += count
+            self._row[self.REQUESTS_AT[status[:3]]] += count
 
     def commit(self, seconds, stored):
+        bucket = sum(seconds > bound for bound in self.BUCKETS)
         with self._lock:
-            self.stored += stored
-            self.commits += 1
-            self.commit_seconds += seconds
-            for index, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    self.commit_buckets[index] += 1
+            self._row[self.STORED] += stored
+            self._row[self.COMMIT_MICROSECONDS] += round(seconds * 1e6)
+            self._row[self.COMMITS + bucket] += 1
 
-    def text(self, extra=()):
+    def pruned(self, deleted):
         with self._lock:
-            lines = [
-                "# HELP pycolytics_events_stored_total Events committed to the database.",
-                "# TYPE pycolytics_events_stored_total counter",
-                f"pycolytics_events_stored_total {self.stored}",
-                "# HELP pycolytics_requests_total Requests answered, by HTTP status.",
-                "# TYPE pycolytics_requests_total counter",
-            ]
-            lines += [f'pycolytics_requests_total{{status="{code}"}} {n}' for code, n in sorted(self.requests.items())]
-            lines += [
-                "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
-                "# TYPE pycolytics_commit_seconds histogram",
-            ]
-            lines += [f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}'
-                      for bound, n in zip(self.BUCKETS, self.commit_buckets)]
-            lines += [f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {self.commits}',
-                      f"pycolytics_commit_seconds_sum {self.commit_seconds:.6f}",
-                      f"pycolytics_commit_seconds_count {self.commits}"]
-        return "\n".join(lines + list(extra)) + "\n"
+            self._row[self.PRUNED] += deleted
+
+    def failing(self, failing):
+        """Whether the last write failed: every worker's /healthz reads it (Scoreboard)."""
+        self._row[self.FAILING] = int(failing)
+
+    def text(self):
+        with self._lock:
+            rows = [list(row) for row in self._rows]
+        total = [sum(column) for column in zip(*rows)]
+        commits = list(itertools.accumulate(total[self.COMMITS:self.REQUESTS]))
+        lines = [
+            "# HELP pycolytics_events_stored_total Events committed to the database.",
+            "# TYPE pycolytics_events_stored_total counter",
+            f"pycolytics_events_stored_total {total[self.STORED]}",
+            "# HELP pycolytics_requests_total Requests answered, by HTTP status.",
+            "# TYPE pycolytics_requests_total counter",
+        ]
+        lines += [f'pycolytics_requests_total{{status="{status}"}} {total[self.REQUESTS - 100 + status]}'
+                  for status in range(100, 600) if total[self.REQUESTS - 100 + status]]
+        lines += [
+            "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
+            "# TYPE pycolytics_commit_seconds histogram",
+        ]
+        lines += [f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.BUCKETS, commits)]
+        lines += [f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {commits[-1]}',
+                  f"pycolytics_commit_seconds_sum {total[self.COMMIT_MICROSECONDS] / 1e6:.6f}",
+                  f"pycolytics_commit_seconds_count {commits[-1]}",
+                  "# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
+                  "# TYPE pycolytics_events_pruned_total counter",
+                  f"pycolytics_events_pruned_total {total[self.PRUNED]}"]
+        return "\n".join(lines) + "\n"
 
 
 # Rows one pruning step deletes: a transaction this small holds the write lock for
@@ -2151,9 +2191,8 @@ class Writer:
         self._connection = None
         self._reconnect_at = 0.0
         self._unreachable = None  # why the last reconnection failed
-        self.pruned = 0
         self._pass_pruned = 0  # by the steps of this pass, so far
-        self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Supervisor)
+        self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Scoreboard)
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         self._summary_behind = store.summaries  # whether events may wait to be summarised
         self._summary_next = 0.0  # under load, summarising takes SUMMARY_SHARE of the time at most
@@ -2315,11 +2354,13 @@ class Writer:
 
     def _failed(self, error):
         self.last_error = error
+        self.metrics.failing(True)
         self._probe_due = time.monotonic() + HEALTH_PROBE_SECONDS
         self._forget_lost(error)
 
     def _succeeded(self):
         self.last_error = None
+        self.metrics.failing(False)
         self._wrote_at = time.monotonic()
 
     def _summarise(self):
@@ -2352,7 +2393,7 @@ class Writer:
             log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
             self._pass_pruned = 0
             return time.monotonic() + 3600
-        self.pruned += deleted
+        self.metrics.pruned(deleted)
         self._pass_pruned += deleted
         if deleted == PRUNE_STEP_ROWS or forgotten == SUMMARY_STEP_ROWS:
             return time.monotonic()  # more to delete: the next step comes between commits
@@ -3537,10 +3578,15 @@ def public_path(environ, trusted_proxies):
 class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
 
-    def __init__(self, config):
+    def __init__(self, config, scoreboard=None):
+        """`scoreboard`: a worker process's seat on the Scoreboard that the workers of `workers = N`
+        share, so that its metrics, health and rate limit are the whole server's."""
+        self.scoreboard = scoreboard
         self.store = store_for(config)
-        self.metrics = Metrics()
+        self.metrics = Metrics() if scoreboard is None else Metrics(scoreboard.rows, scoreboard.row)
         self.writer = Writer(config, self.store, self.metrics)
+        if scoreboard is not None and scoreboard.commit_lock is not None:
+            self.writer.commit_lock = scoreboard.commit_lock
         self.rate_limiter = None
         self.reconfigure(config)
         self._routes = {
@@ -3572,7 +3618,8 @@ class Pycolytics:
         self._every_origin = [("Access-Control-Allow-Origin", "*")] if ANY_ORIGIN in origins else None
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
         if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
-            self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+            shared = None if self.scoreboard is None else self.scoreboard.requests
+            self.rate_limiter = RateLimiter(config.rate_limit, shared) if config.rate_limit else None
         self._openapi = json.dumps(openapi_document(config, _OWN_ADDRESS), indent=2).encode()
         self._docs = docs_page(config, _OWN_ADDRESS).encode()
         self.config = self.writer.config = config
@@ -3727,13 +3774,21 @@ class Pycolytics:
         if server_problem:
             document["server"] = server_problem
             problem = problem or server_problem
+        if self.scoreboard is not None:
+            document["workers"] = self.scoreboard.workers()
         body = json.dumps(document).encode()
         _, headers, body = _ok(body, JSON_TYPE, ("Cache-Control", "no-store"))
         return ("503 Service Unavailable" if problem else "200 OK"), headers, body
 
     def database_problem(self):
-        """Why the database would not take events now, or None if it would."""
-        return self.writer.health()
+        """Why the database would not take events now, or None if it would; with workers = N, from
+        any worker: one whose last write failed answers 503 to some of the events sent now."""
+        problem = self.writer.health()
+        if problem is None and self.scoreboard is not None:
+            failing = self.scoreboard.failing()
+            if failing:
+                problem = f"the last write of worker {failing[0]} failed (its log says why)"
+        return problem
 
     def get_dashboard(self, environ):
         self.dashboard.authorize(environ)
@@ -3746,10 +3801,7 @@ class Pycolytics:
         return self.dashboard.answer(environ)
 
     def get_metrics(self, environ):
-        extra = ["# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
-                 "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {self.writer.pruned}"]
-        body = self.metrics.text(extra).encode()
-        return _ok(body, ("Content-Type", "text/plain; version=0.0.4"))
+        return _ok(self.metrics.text().encode(), ("Content-Type", "text/plain; version=0.0.4"))
 
     def get_index(self, environ):
         # Paths, not addresses: a client that reached this page can reach them the same way.
@@ -4593,6 +4645,26 @@ class _HTTPDate:
         return self._text
 
 
+class OpenConnections:
+    """Open connections by client address, for max_connections_per_address: one server's own.
+    (With workers = N, the Scoreboard counts them for the whole server, with the same two methods.)"""
+
+    def __init__(self):
+        self._open = collections.Counter()
+
+    def connected(self, address, limit):
+        """Count a new connection from `address`, unless it holds `limit` already; whether it was counted."""
+        if self._open[address] >= limit:
+            return False
+        self._open[address] += 1
+        return True
+
+    def disconnected(self, address):
+        self._open[address] -= 1
+        if not self._open[address]:
+            del self._open[address]
+
+
 def listening_socket(host, port):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=1024)
@@ -4625,9 +4697,10 @@ class Server:
     and no error while serving one connection leaves the loop: that connection is closed.
     """
 
-    def __init__(self, app, config, host=None, port=None, reload=None, listener=None):
+    def __init__(self, app, config, host=None, port=None, reload=None, listener=None, open_connections=None):
         """`listener`: a socket already bound and listening (one that worker processes share),
-        instead of binding host and port here."""
+        instead of binding host and port here; `open_connections`: what counts them by address
+        for max_connections_per_address (the Scoreboard of worker processes), if not this server."""
         self.app = app
         self.config = config
         self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
@@ -4656,7 +4729,7 @@ class Server:
         self._fresh = collections.OrderedDict()  # connections that have sent nothing yet, oldest first
         self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
         self._connections = {}
-        self._per_address = collections.Counter()
+        self._per_address = OpenConnections() if open_connections is None else open_connections
         self._reserved = 0  # body bytes announced by requests being read or answered
         self._busy = 0
         self._listening = False
@@ -4811,7 +4884,7 @@ class Server:
     def _welcome(self, sock, address):
         """Take a new connection into the loop, or turn it away if its address holds too many."""
         limited = address not in self.config.trusted_proxies  # a proxy speaks for many clients
-        if limited and self._per_address[address] >= self.config.max_connections_per_address:
+        if limited and not self._per_address.connected(address, self.config.max_connections_per_address):
             self._turn_away(sock)
             return
         try:
@@ -4821,11 +4894,11 @@ class Server:
                 sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except OSError:  # reset already (some Pythons read from the socket in wrap_socket)
             sock.close()
+            if limited:
+                self._per_address.disconnected(address)
             return
         connection = _Connection(sock, address, time.monotonic() + self.config.request_timeout, limited)
         connection.handshaking = self._tls is not None
-        if limited:
-            self._per_address[address] += 1
         self._connections[sock] = connection
         self._fresh[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
@@ -5103,9 +5176,7 @@ class Server:
             self._busy -= 1
         self._release(connection)
         if connection.limited:
-            self._per_address[connection.peer] -= 1
-            if not self._per_address[connection.peer]:
-                del self._per_address[connection.peer]
+            self._per_address.disconnected(connection.peer)
         try:
             self._selector.unregister(connection.sock)
         except (KeyError, ValueError):
@@ -5226,21 +5297,19 @@ class Server:
 ###############################################################################
 
 
-def serve(config, load=None, listener=None, worker=None, commit_lock=None):
+def serve(config, load=None, listener=None, scoreboard=None):
     """Run the built-in server until SIGTERM or SIGINT; return the exit status.
 
     `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
     configuration in force if the new one is bad. With `workers` above 1, the processes of a
     Supervisor serve instead; each of them calls this with the `listener` its parent bound and
-    its `worker` number (and the `commit_lock` they share), and leaves telling systemd and the
-    log about the whole server to it.
+    its seat on the `scoreboard` they share (which says its worker number), and leaves telling
+    systemd and the log about the whole server to it.
     """
     if config.workers > 1 and listener is None:
         return Supervisor(config, load).run()
     try:
-        app = Pycolytics(config)
-        if commit_lock is not None:
-            app.writer.commit_lock = commit_lock
+        app = Pycolytics(config, scoreboard)
         app.open()
     except ConfigError:
         raise
@@ -5248,7 +5317,8 @@ def serve(config, load=None, listener=None, worker=None, commit_lock=None):
         log.error("cannot open the database %s: %s", _redacted(config.database), error)
         return 1
     try:
-        server = Server(app, config, reload=lambda: _reload(app, server, load), listener=listener)
+        server = Server(app, config, reload=lambda: _reload(app, server, load), listener=listener,
+                        open_connections=scoreboard)
     except ConfigError:
         app.close()
         raise
@@ -5261,20 +5331,22 @@ def serve(config, load=None, listener=None, worker=None, commit_lock=None):
         signal.signal(signum, server.shutdown)
     if load is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, server.request_reload)
-    if worker is None:
+    if scoreboard is None:
         _warn_about_keys(config)
         log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, _redacted(config.database))
         notify_systemd("READY=1")
     else:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)  # blocked since the fork, now handled
-        log.info("worker %d (pid %d) serving", worker, os.getpid())
+        scoreboard.serving()
+        log.info("worker %d (pid %d) serving", scoreboard.worker, os.getpid())
     try:
         server.serve_forever()
     finally:
-        if worker is None:
+        if scoreboard is None:
             notify_systemd("STOPPING=1")
         app.close()
-    log.info("%sstopped; every acknowledged event is committed", "" if worker is None else f"worker {worker}: ")
+    log.info("%sstopped; every acknowledged event is committed",
+             "" if scoreboard is None else f"worker {scoreboard.worker}: ")
     sink.drain()
     return 0
 
@@ -5290,38 +5362,202 @@ _FORWARDED_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SI
 
 def _worker_config(config, workers):
     """A worker's share of `config`: max_connections is divided between the workers, so that
-    together they hold no more than configured. Everything else is per worker."""
+    together they hold no more than configured. The other limits are each worker's own, but for
+    max_connections_per_address and rate_limit, which the Scoreboard counts for all of them."""
     share = copy_module.copy(config)
     share.max_connections = max(1, config.max_connections // workers)
     return share
 
 
-class CommitLock:
-    """What the writers of worker processes take in turn to commit into one SQLite database.
+class ProcessLock:
+    """A lock that the worker processes of one Supervisor take in turn (and each one's threads).
 
-    SQLite would serialise them too, but its busy handler sleeps and polls (1, 2, 5, 10 ms and
-    longer; https://www.sqlite.org/c3ref/busy_timeout.html), so two writers that meet wait far
-    longer than the commit takes. This lock waits in the kernel and wakes at once. It is a
-    POSIX record lock (fcntl.lockf) on a nameless file the parent opened: record locks belong to
+    A POSIX record lock (fcntl.lockf) on a nameless file the parent opened: record locks belong to
     a process, not to the file descriptor a fork shares, and the kernel releases them when the
-    process dies, so a worker killed mid-commit never leaves the others locked out.
+    process dies, so a worker killed while it holds the lock never leaves the others locked out.
+    Since the lock is the process's, its threads take turns on a threading.Lock first.
     """
 
     def __init__(self):
-        import tempfile  # here: only a server with worker processes needs it
+        import fcntl  # here: only a server with worker processes needs it (and only POSIX has it)
+        import tempfile
 
         self._file = tempfile.TemporaryFile()
+        self._lockf, self._exclusive, self._unlock = fcntl.lockf, fcntl.LOCK_EX, fcntl.LOCK_UN
+        self._threads = threading.Lock()
 
     def __enter__(self):
-        import fcntl  # here: only a server with worker processes needs it (and only POSIX has it)
-
-        fcntl.lockf(self._file, fcntl.LOCK_EX)
+        self._threads.acquire()
+        try:
+            self._lockf(self._file, self._exclusive)
+        except BaseException:
+            self._threads.release()
+            raise
         return self
 
     def __exit__(self, *_exception):
-        import fcntl
+        try:
+            self._lockf(self._file, self._unlock)
+        finally:
+            self._threads.release()
 
-        fcntl.lockf(self._file, fcntl.LOCK_UN)
+
+def _shared_integers(count):
+    """`count` 8-byte integers, all 0, in memory that the processes forked afterwards share."""
+    import mmap  # here: only a server with worker processes needs it
+
+    return memoryview(mmap.mmap(-1, 8 * count)).cast("q")
+
+
+class AddressCounts:
+    """Counts by client address that every worker process reads and changes, under a ProcessLock:
+    requests per rate-limit window, or open connections per worker.
+
+    A fixed table of [hash, tag, count] entries in shared memory, where the tag is the window or
+    the worker. An address's hash picks a set of `ways` entries and a lookup reads that set only.
+    Python's hash of a str is the same in every worker (they are forks of one interpreter), and
+    two addresses with one 64-bit hash in one set are too unlikely to matter.
+    """
+
+    def __init__(self, sets, ways):
+        self._sets, self._ways = sets, ways
+        self._entries = _shared_integers(3 * ways * sets)
+        self._lock = ProcessLock()
+
+    def _set(self, address):
+        """The hash of `address`, and where the entries of its set begin."""
+        key = hash(address)
+        start = key % self._sets * 3 * self._ways
+        return key, range(start, start + 3 * self._ways, 3)
+
+    def count(self, address, window):
+        """Count one request from `address` in rate-limit `window`: how many it has sent in it.
+
+        An address that finds its set full of others' requests in this window is not counted (0),
+        as one process's RateLimiter forgets every address once it tracks MAX_TRACKED_CLIENTS:
+        the limit holds a few heavy senders back, not a crowd of addresses.
+        """
+        key, entries = self._set(address)
+        table = self._entries
+        with self._lock:
+            room = None
+            for at in entries:
+                if table[at] == key and table[at + 1] == window:
+                    table[at + 2] += 1
+                    return table[at + 2]
+                if room is None and (table[at + 1] != window or not table[at + 2]):
+                    room = at  # another window's count, over now, or never used
+            if room is None:
+                return 0
+            table[room], table[room + 1], table[room + 2] = key, window, 1
+            return 1
+
+    def connected(self, address, worker, limit):
+        """Count a connection from `address` to `worker`, unless it holds `limit` to them all; whether counted."""
+        key, entries = self._set(address)
+        table = self._entries
+        with self._lock:
+            held, mine, room = 0, None, None
+            for at in entries:
+                if table[at] == key:
+                    held += table[at + 2]
+                    if table[at + 1] == worker:
+                        mine = at
+                elif room is None and not table[at + 2]:
+                    room = at
+            at = room if mine is None else mine
+            if held >= limit or at is None:  # None: its set is full of others' (see Scoreboard for how rare)
+                return False
+            table[at], table[at + 1] = key, worker
+            table[at + 2] += 1
+            return True
+
+    def disconnected(self, address, worker):
+        key, entries = self._set(address)
+        table = self._entries
+        with self._lock:
+            for at in entries:
+                if table[at] == key and table[at + 1] == worker and table[at + 2]:
+                    table[at + 2] -= 1
+                    return
+
+    def forget(self, worker):
+        """Drop every count of `worker`, which died: its connections died with it."""
+        table = self._entries
+        with self._lock:
+            for at in range(0, len(table), 3):
+                if table[at + 1] == worker:
+                    table[at + 2] = 0
+
+
+class Scoreboard:
+    """What the worker processes of `workers = N` share, so that the server answers as one
+    (Apache httpd's scoreboard is the same idea). Made by the Supervisor before it forks them:
+
+    - each worker's row of Metrics, which every worker's /metrics adds up. A worker writes only
+      its own row, and an aligned 8-byte integer is written whole, so readers need no lock. The
+      worker that replaces one that died counts on in its row: counters never go down.
+    - what each worker does, for /healthz: its pid while it serves, 0 before it first does,
+      -1 once it died (until its replacement serves); and whether its last write failed.
+    - the counts behind rate_limit and max_connections_per_address (AddressCounts), so each
+      limit is the whole server's, whichever worker a client's connections reach.
+    - the lock that the writers take in turn to commit into one SQLite database. SQLite would
+      serialise them too, but its busy handler sleeps and polls (1, 2, 5, 10 ms and longer;
+      https://www.sqlite.org/c3ref/busy_timeout.html), so two writers that meet wait far longer
+      than the commit takes; this lock waits in the kernel and wakes at once. PostgreSQL takes
+      several commits side by side.
+
+    In a worker, seat(number) is the same scoreboard with `worker` set to its number.
+    """
+
+    def __init__(self, config):
+        workers = config.workers
+        self.worker = self.row = None  # a seat's
+        memory = _shared_integers(workers * (Metrics.WIDTH + 1))
+        self.rows = [memory[n * Metrics.WIDTH:(n + 1) * Metrics.WIDTH] for n in range(workers)]
+        self.states = memory[workers * Metrics.WIDTH:]
+        self.requests = AddressCounts(MAX_TRACKED_CLIENTS // ADDRESS_SET_ENTRIES, ADDRESS_SET_ENTRIES)
+        # A set per connection the server may hold, each with room for one address in every worker
+        # and ADDRESS_SET_ENTRIES more: for a set to be full, more than that many of the
+        # connections open at once would have to hash into the same one of max_connections sets.
+        self.connections = AddressCounts(config.max_connections, ADDRESS_SET_ENTRIES + workers)
+        self.commit_lock = None if "://" in config.database else ProcessLock()
+
+    def seat(self, number):
+        seat = copy_module.copy(self)
+        seat.worker = number
+        seat.row = self.rows[number - 1]
+        return seat
+
+    def serving(self):
+        self.states[self.worker - 1] = os.getpid()
+
+    def gone(self, number):
+        """Worker `number` died (the Supervisor, once it reaped it)."""
+        self.states[number - 1] = -1
+        self.connections.forget(number)
+
+    def workers(self):
+        """What each worker does, by number: /healthz shows it."""
+        said = {}
+        for number, (state, row) in enumerate(zip(self.states, self.rows), 1):
+            if state > 0:
+                said[str(number)] = "serving; its last write failed" if row[Metrics.FAILING] else "serving"
+            else:
+                said[str(number)] = "starting" if state == 0 else "died; being replaced"
+        return said
+
+    def failing(self):
+        """The numbers of the serving workers whose last write failed."""
+        return [number for number, (state, row) in enumerate(zip(self.states, self.rows), 1)
+                if state > 0 and row[Metrics.FAILING]]
+
+    def connected(self, address, limit):
+        """As OpenConnections.connected, for the whole server."""
+        return self.connections.connected(address, self.worker, limit)
+
+    def disconnected(self, address):
+        self.connections.disconnected(address, self.worker)
 
 
 def _load_worker_config(load, workers):
@@ -5334,7 +5570,7 @@ class Supervisor:
     It binds the listening socket, then forks N workers that each serve it with their own
     loop, threads and writer; the kernel gives each new connection to one of them. They share
     the database as separate collectors do (SQLite's WAL and busy_timeout, one UNIQUE index
-    on event_id for all). The parent passes SIGTERM and SIGINT on (each worker drains) and
+    on event_id for all), and a Scoreboard: metrics, health and limits of the whole server. The parent passes SIGTERM and SIGINT on (each worker drains) and
     SIGHUP (each reloads), replaces a worker that dies (WORKER_RESTARTS_PER_MINUTE at most),
     and exits 0 only when every worker has drained and exited 0. It never starts a thread, so
     forking stays safe, and it writes its few log lines to stderr itself.
@@ -5352,8 +5588,7 @@ class Supervisor:
         self._reload_requested = False
         self._failed = False
         self._wake_reader = self._wake_writer = None
-        # Several PostgreSQL writers commit side by side; SQLite takes one at a time.
-        self._commit_lock = None if "://" in config.database else CommitLock()
+        self.scoreboard = Scoreboard(config)
 
     def run(self):
         tls_context(self.config)  # a certificate that cannot work stops start-up here, with exit status 2
@@ -5428,7 +5663,7 @@ class Supervisor:
             os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the parent, the main process only
             workers = self.config.workers
             load = None if self.load is None else functools.partial(_load_worker_config, self.load, workers)
-            status = serve(_worker_config(self.config, workers), load, self.listener, number, self._commit_lock)
+            status = serve(_worker_config(self.config, workers), load, self.listener, self.scoreboard.seat(number))
         except BaseException:  # whatever it is, the parent must see an exit status, not a second parent
             log.exception("worker %d failed", number)
         finally:
@@ -5478,6 +5713,7 @@ class Supervisor:
             number = self._children.pop(pid, None)
             if number is None:
                 continue
+            self.scoreboard.gone(number)
             code = os.waitstatus_to_exitcode(status)
             how = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
             if self._stopping:

@@ -1199,7 +1199,6 @@ def test_retention_days_prunes_in_the_running_server(settings, database, make_ap
     while count(database) > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert count(database) == 1
-    assert app.writer.pruned == 1200
     assert "pycolytics_events_pruned_total 1200" in client.get("/metrics").text
 
 
@@ -3679,8 +3678,14 @@ class LogLines:
 
 @pytest.fixture
 def two_workers(tmp_path):
-    """A server started as the README says, with workers = 2 in its ini; stopped by SIGTERM (exit 0)."""
-    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\nworkers = 2\napi_keys = {KEY}\n")
+    with workers_serving(tmp_path) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def workers_serving(tmp_path, settings=""):
+    """A server started as the README says, with workers = 2 (and `settings`) in its ini; stopped by SIGTERM (exit 0)."""
+    (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\nworkers = 2\napi_keys = {KEY}\n{settings}")
     process, address, database, lines = start_server(tmp_path, "--quiet", "--database", "events.db")
     try:
         log_lines = LogLines(process, lines)
@@ -3798,7 +3803,7 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_the_server_keeps_serving(t
 def test_the_workers_commit_lock_excludes_and_is_released_when_its_holder_is_killed():
     import fcntl
 
-    lock = pycolytics.CommitLock()
+    lock = pycolytics.ProcessLock()
     taken, done = os.pipe()
     holder = os.fork()
     if holder == 0:
@@ -3819,20 +3824,132 @@ def test_the_workers_commit_lock_excludes_and_is_released_when_its_holder_is_kil
     assert not taker.is_alive()  # the kernel let go of the dead holder's lock
 
 
+def kill_and_see_replaced(process, log_lines, victim=None):
+    """SIGKILL one worker (the first, unless `victim`) and wait until another serves in its place."""
+    victim = victim or children(process.pid)[0]
+    serving = log_lines.count("serving")
+    os.kill(victim, signal.SIGKILL)
+    assert until(lambda: log_lines.count(f"(pid {victim}) was killed by signal 9; starting another") == 1)
+    assert until(lambda: log_lines.count("serving") == serving + 1)
+    assert until(lambda: len(children(process.pid)) == 2)
+    assert victim not in children(process.pid)
+
+
 def test_workers_that_keep_dying_are_replaced_at_most_5_times_a_minute(two_workers):
     process, address, database, log_lines = two_workers
-    for replaced in range(1, pycolytics.WORKER_RESTARTS_PER_MINUTE + 1):
-        victim = children(process.pid)[0]
-        os.kill(victim, signal.SIGKILL)
-        assert until(lambda: log_lines.count(f"(pid {victim}) was killed by signal 9; starting another") == 1)
-        assert until(lambda: log_lines.count("serving") == 2 + replaced)
-        assert until(lambda: len(children(process.pid)) == 2)
-        assert victim not in children(process.pid)
+    for _ in range(pycolytics.WORKER_RESTARTS_PER_MINUTE):
+        kill_and_see_replaced(process, log_lines)
     os.kill(children(process.pid)[0], signal.SIGKILL)
     assert until(lambda: log_lines.count("the next waits") == 1)
     time.sleep(1)  # the supervisor's loop turns at least once a second: it would have replaced the worker by now
     assert len(children(process.pid)) == 1
     assert post_over(http.client.HTTPConnection(*address, timeout=10), event()) == 204  # the other one serves
+
+
+def scrape(address):
+    """/metrics on a new connection (which either worker may take): {metric: value}."""
+    connection = http.client.HTTPConnection(*address, timeout=10)
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    connection.close()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines())
+            if not name.startswith("#")}
+
+
+def health(address):
+    """/healthz on a new connection (which either worker may take): (status, document)."""
+    status, _, document = get_over(http.client.HTTPConnection(*address, timeout=10), "/healthz")
+    return status, document
+
+
+def test_metrics_from_either_worker_count_every_workers_requests_and_events(two_workers):
+    process, address, database, _ = two_workers
+    workers = children(process.pid)
+    before = {pid: cpu_ticks(pid) for pid in workers}
+    assert post_batches(address, "m") == [204] * 320
+    assert all(cpu_ticks(pid) > before[pid] for pid in workers)  # each worker answered some
+    for _ in range(10):
+        metrics = scrape(address)
+        assert metrics['pycolytics_requests_total{status="204"}'] == 320
+        assert metrics["pycolytics_events_stored_total"] == 1600
+        assert metrics["pycolytics_commit_seconds_count"] == metrics['pycolytics_commit_seconds_bucket{le="+Inf"}'] > 0
+
+
+def test_the_counts_of_workers_that_died_stay_in_metrics(two_workers):
+    process, address, database, log_lines = two_workers
+    assert post_batches(address, "d", clients=8, batches=10) == [204] * 80
+    for victim in children(process.pid):  # both: whichever took the posts
+        kill_and_see_replaced(process, log_lines, victim)
+    assert post_batches(address, "e", clients=2, batches=5) == [204] * 10
+    for _ in range(5):
+        metrics = scrape(address)
+        assert metrics['pycolytics_requests_total{status="204"}'] == 90
+        assert metrics["pycolytics_events_stored_total"] == 450
+
+
+def test_rate_limit_holds_for_the_whole_server_whichever_worker_a_request_reaches(tmp_path):
+    with workers_serving(tmp_path, "rate_limit = 30/day\n") as (process, address, database, _):
+        statuses = [post_over(http.client.HTTPConnection(*address, timeout=10), event(user_id=str(n)))
+                    for n in range(60)]  # a new connection each: the kernel hands them to either worker
+        assert statuses == [204] * 30 + [429] * 30
+        assert count(database) == 30
+
+
+def test_max_connections_per_address_holds_for_the_whole_server_and_frees_a_dead_workers_share(tmp_path):
+    with workers_serving(tmp_path, "max_connections_per_address = 4\nidle_timeout = 60\n") as served:
+        process, address, database, log_lines = served
+
+        def connect():
+            """A connection from 127.0.0.2, served once (so counted) and held open; None if refused."""
+            connection = http.client.HTTPConnection(*address, timeout=10, source_address=("127.0.0.2", 0))
+            try:
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                response.read()
+            except (ConnectionError, http.client.RemoteDisconnected):
+                return None
+            return connection if response.status == 200 else None
+
+        held = [connect() for _ in range(6)]
+        assert [connection is not None for connection in held] == [True] * 4 + [False] * 2
+        assert normal_client_is_served(address, source=("127.0.0.3", 0))  # another address is not held back
+        for victim in children(process.pid):  # every connection dies with its worker, and its count with it
+            kill_and_see_replaced(process, log_lines, victim)
+        held = [connect() for _ in range(5)]
+        assert [connection is not None for connection in held] == [True] * 4 + [False]
+
+
+def test_healthz_names_a_worker_being_replaced_and_stays_200_while_another_serves(two_workers):
+    process, address, database, log_lines = two_workers
+    assert health(address) == (200, {"status": "ok", "database": "accepts writes", "version": pycolytics.__version__,
+                                     "workers": {"1": "serving", "2": "serving"}})
+    for _ in range(pycolytics.WORKER_RESTARTS_PER_MINUTE):
+        kill_and_see_replaced(process, log_lines)
+    os.kill(children(process.pid)[0], signal.SIGKILL)
+    assert until(lambda: log_lines.count("the next waits") == 1)
+    for _ in range(5):
+        status, answer = health(address)
+        assert status == 200 and sorted(answer["workers"].values()) == ["died; being replaced", "serving"]
+
+
+def test_healthz_of_either_worker_is_503_while_one_workers_last_write_failed(tmp_path):
+    with workers_serving(tmp_path, "busy_timeout = 1\n") as (process, address, database, _):
+        locker = sqlite3.connect(database, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            assert post_over(http.client.HTTPConnection(*address, timeout=30), event()) == 503
+        finally:
+            locker.rollback()
+            locker.close()
+        failed_at = time.monotonic()  # the failed worker tries a write again in HEALTH_PROBE_SECONDS
+        answers = []
+        while len(answers) < 10 and time.monotonic() < failed_at + pycolytics.HEALTH_PROBE_SECONDS - 1:
+            answers.append(health(address))
+        assert answers and all(status == 503 for status, _ in answers)
+        assert all(sorted(answer["workers"].values()) == ["serving", "serving; its last write failed"]
+                   for _, answer in answers)
+        assert until(lambda: health(address)[0] == 200)  # the probe succeeded: no events needed
+        assert post_over(http.client.HTTPConnection(*address, timeout=30), event()) == 204
 
 
 # -- Behind nginx, and under a path prefix ---------------------------------------------------------
