@@ -1410,12 +1410,15 @@ def unwritable(path):
 # in tables of its own beside `event` (pycolytics_*: a notebook may ignore them):
 #   pycolytics_summarised   the id (and time) of the last event summarised: events come in id
 #                           order, so a late event (an old timestamp) is summarised like any other;
-#                           and how many events were pruned, which the report cache's key holds
+#                           and how often events or summaries were deleted: the report cache's key
 #   pycolytics_days         per day and application: events, users and sessions
 #   pycolytics_sessions     per day and session: its user, events, first and last time (in
 #                           microseconds since 1970, so that SQLite finds lengths as numbers)
 #   pycolytics_presence     per user ("user", ""), and per user and event type, version or
 #                           platform: the first and last day, and the days in between as bits
+#   pycolytics_spans        per presence row's field, name and application and per day: how
+#                           many rows begin and how many end that day, so that the users of a
+#                           range are counted without reading the rows (_SummaryReader._present)
 #   pycolytics_name_events  per day, application and event type, version or platform: events
 # A report reads the summaries and, live, the events after the last one summarised. Pruning
 # deletes whole days, which the summaries then forget; anything else that takes summarised
@@ -1424,7 +1427,7 @@ def unwritable(path):
 # summaries over. Other events deleted by hand stay in them: `restart_summaries` forgets all. PostgreSQL keeps none: with several
 # collectors its ids commit out of order, so "every id up to n is summarised" could skip one.
 SUMMARY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pycolytics_summarised (last_id INTEGER NOT NULL, last_time, pruned INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pycolytics_summarised (last_id INTEGER NOT NULL, last_time, deletions INTEGER NOT NULL);
 INSERT INTO pycolytics_summarised SELECT 0, NULL, 0 WHERE NOT EXISTS (SELECT 1 FROM pycolytics_summarised);
 CREATE TABLE IF NOT EXISTS pycolytics_days (
     day TEXT NOT NULL, application TEXT NOT NULL, events INTEGER NOT NULL, users INTEGER NOT NULL,
@@ -1442,12 +1445,17 @@ CREATE TABLE IF NOT EXISTS pycolytics_presence (
     PRIMARY KEY (field, name, application, user_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ix_presence_first_day ON pycolytics_presence (field, first_day);
+CREATE TABLE IF NOT EXISTS pycolytics_spans (
+    field TEXT NOT NULL, name TEXT NOT NULL, application TEXT NOT NULL, day TEXT NOT NULL,
+    firsts INTEGER NOT NULL, lasts INTEGER NOT NULL, PRIMARY KEY (field, name, application, day)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pycolytics_name_events (
     day TEXT NOT NULL, application TEXT NOT NULL, field TEXT NOT NULL, name TEXT NOT NULL, events INTEGER NOT NULL,
     PRIMARY KEY (day, application, field, name)
 ) WITHOUT ROWID;
 """
-SUMMARY_TABLES = ("pycolytics_days", "pycolytics_sessions", "pycolytics_presence", "pycolytics_name_events")
+SUMMARY_TABLES = ("pycolytics_days", "pycolytics_sessions", "pycolytics_presence", "pycolytics_spans",
+                  "pycolytics_name_events")
 # Events per summarising step: a few milliseconds of the writer's time, as a pruning step.
 SUMMARY_STEP_ROWS = 2000
 # Share of the writer's time that summarising may take while events keep coming: the rest
@@ -1473,6 +1481,7 @@ def _day_number(text):
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _day_text(number):
     return datetime.date.fromordinal(number).isoformat()
 
@@ -1545,11 +1554,12 @@ def summarise(connection, limit=SUMMARY_STEP_ROWS):
         if not _had_session(connection, application, session_id, day):
             days[day, application][2] += 1
     stored = _stored_presence(connection, list(presence))
-    changed = []
+    changed, spans = [], collections.defaultdict(lambda: [0, 0])
     for key, numbers in presence.items():
         row = _presence(stored.get(key), numbers)
         if row != stored.get(key):  # a user already seen that day, as most are: nothing to write
             changed.append(key + row)
+            _span_moved(spans, key, stored.get(key), row)
         if key[0] == "user":
             for number in numbers:
                 if not _had_user(connection, stored.get(key), key[2], key[3], number):
@@ -1569,8 +1579,24 @@ def summarise(connection, limit=SUMMARY_STEP_ROWS):
         " ON CONFLICT (day, application, field, name) DO UPDATE SET"
         " events = events + excluded.events", [key + (count,) for key, count in events.items()])
     connection.executemany("INSERT OR REPLACE INTO pycolytics_presence VALUES (?, ?, ?, ?, ?, ?, ?)", changed)
+    _count_spans(connection, spans)
     _set_summarised(connection, rows[-1][0], rows[-1][-1])
     return len(rows)
+
+
+def _span_moved(spans, key, before, after):
+    """Count in `spans` a presence row whose (first day, last day, ...) went from `before` to `after`."""
+    for row, step in ((before, -1), (after, 1)):
+        if row is not None and (before is None or after is None or before[:2] != after[:2]):
+            spans[key[:3] + (row[0],)][0] += step
+            spans[key[:3] + (row[1],)][1] += step
+
+
+def _count_spans(connection, spans):
+    connection.executemany(
+        "INSERT INTO pycolytics_spans VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (field, name, application, day)"
+        " DO UPDATE SET firsts = firsts + excluded.firsts, lasts = lasts + excluded.lasts",
+        [key + tuple(counts) for key, counts in spans.items() if any(counts)])
 
 
 def _had_session(connection, application, session_id, day):
@@ -1622,28 +1648,32 @@ def forget_days_before(connection, day, limit=SUMMARY_STEP_ROWS):
     """Take the days before `day` (a date) out of the summaries, up to `limit` presence rows at a
     time, in the caller's transaction; return how many presence rows were changed."""
     text, number = day.isoformat(), day.toordinal()
-    for table in ("pycolytics_days", "pycolytics_sessions", "pycolytics_name_events"):
-        connection.execute(f"DELETE FROM {table} WHERE day < ?", (text,))
-    changed = 0
+    changed, spans = 0, collections.defaultdict(lambda: [0, 0])
     for field in PRESENCE_FIELDS:
         rows = connection.execute(
-            "SELECT name, application, user_id, last_day, days FROM pycolytics_presence WHERE field = ?"
+            "SELECT name, application, user_id, first_day, last_day, days FROM pycolytics_presence WHERE field = ?"
             " AND first_day < ? LIMIT ?", (field, text, limit - changed)).fetchall()
-        for name, application, user_id, last_day, days in rows:
+        for name, application, user_id, first_day, last_day, days in rows:
             last = _day_number(last_day)
             kept = int.from_bytes(days, "little") & ((1 << max(0, last - number + 1)) - 1)
             key = (field, name, application, user_id)
             if kept:
-                first = last - kept.bit_length() + 1
+                row = (_day_text(last - kept.bit_length() + 1), last_day, kept.to_bytes((kept.bit_length() + 7) // 8,
+                                                                                        "little"))
                 connection.execute("UPDATE pycolytics_presence SET first_day = ?, days = ? WHERE field = ?"
-                                   " AND name = ? AND application = ? AND user_id = ?",
-                                   (_day_text(first), kept.to_bytes((kept.bit_length() + 7) // 8, "little")) + key)
+                                   " AND name = ? AND application = ? AND user_id = ?", (row[0], row[2]) + key)
             else:
+                row = None
                 connection.execute("DELETE FROM pycolytics_presence WHERE field = ? AND name = ?"
                                    " AND application = ? AND user_id = ?", key)
+            _span_moved(spans, key, (first_day, last_day), row)
         changed += len(rows)
         if changed >= limit:
             break
+    _count_spans(connection, spans)
+    for table in ("pycolytics_days", "pycolytics_sessions", "pycolytics_name_events", "pycolytics_spans"):
+        connection.execute(f"DELETE FROM {table} WHERE day < ?", (text,))
+    connection.execute("UPDATE pycolytics_summarised SET deletions = deletions + ?", (changed,))
     return changed
 
 
@@ -1785,14 +1815,14 @@ class SQLiteStore(Store):
                 "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)",
                 (before, limit),
             ).rowcount
-            connection.execute("UPDATE pycolytics_summarised SET pruned = pruned + ?", (deleted,))
+            connection.execute("UPDATE pycolytics_summarised SET deletions = deletions + ?", (deleted,))
             return deleted
 
     def generation(self, connection):
         """What changes whenever events are stored or deleted: the report cache's key."""
         lowest, highest = connection.execute("SELECT min(id), max(id) FROM event").fetchone()
         try:
-            pruned = connection.execute("SELECT pruned FROM pycolytics_summarised").fetchone()
+            pruned = connection.execute("SELECT deletions FROM pycolytics_summarised").fetchone()
         except sqlite3.OperationalError:  # a database no collector of this version has opened
             pruned = None
         return lowest, highest, pruned and pruned[0]
@@ -2838,6 +2868,7 @@ class _SummaryReader:
     def __init__(self, store, connection, query, last_id):
         self.connection, self.query, self.last_id = connection, query, last_id
         self.live = _ReportReader(store, connection, query, after_id=last_id)
+        self._counts = None
         self.since, self.until = query.since.toordinal(), query.until.toordinal()
         self.days = [query.since.isoformat(), query.until.isoformat()]
         self.application, self.application_value = "", []
@@ -2872,14 +2903,31 @@ class _SummaryReader:
             seen |= {(day, application, user_id), (day, application, None, session_id)}
         return columns, self._users(live), self._lengths(live)
 
+    def _present(self):
+        """{field: {name: presence rows with a day in the range}} ("user" and the ranked fields), once.
+
+        The rows that end in the range or after it, less those that begin after it, are the rows
+        that overlap it (pycolytics_spans has both as counts per day); of these, a row that began
+        before the range and ends after it may have no day in it: its bits tell. Such rows exist
+        only when the summaries have days after the range.
+        """
+        if self._counts is None:
+            self._counts = {field: collections.Counter() for field in PRESENCE_FIELDS}
+            for field, name, rows in self.rows(
+                    "SELECT field, name, sum(CASE WHEN day >= ? THEN lasts ELSE 0 END)"
+                    " - sum(CASE WHEN day > ? THEN firsts ELSE 0 END) FROM pycolytics_spans WHERE 1 = 1", self.days,
+                    " GROUP BY field, name"):
+                self._counts[field][name] += rows
+            if self.connection.execute("SELECT 1 FROM pycolytics_days WHERE day > ? LIMIT 1", self.days[1:]).fetchone():
+                for field, name, first_day, last_day, days in self.rows(
+                        "SELECT field, name, first_day, last_day, days FROM pycolytics_presence"
+                        " WHERE first_day < ? AND last_day > ?", self.days):
+                    self._counts[field][name] -= not _present(first_day, last_day, days, self.since, self.until)
+        return self._counts
+
     def _users(self, live):
         """The range's users: those the presence rows put in it, and those of the events after them."""
-        users = self.rows("SELECT count(*) FROM pycolytics_presence WHERE field = 'user' AND last_day >= ?"
-                          " AND first_day <= ? AND (first_day >= ? OR last_day <= ?)", self.days * 2).fetchone()[0]
-        for first_day, last_day, days in self.rows(
-                "SELECT first_day, last_day, days FROM pycolytics_presence WHERE field = 'user'"
-                " AND first_day < ? AND last_day > ?", self.days):
-            users += _present(first_day, last_day, days, self.since, self.until)
+        users = self._present()["user"][""]
         for user in {(application, user_id) for _, application, user_id, *_ in live}:
             stored = self._stored("user", "", user)
             users += not (stored and _present(*stored, self.since, self.until))
@@ -2957,14 +3005,8 @@ class _SummaryReader:
         for field, name, count in self.rows("SELECT field, name, sum(events) FROM pycolytics_name_events"
                                             " WHERE day >= ? AND day <= ?", self.days, " GROUP BY 1, 2"):
             events[field][name] += count
-        for field, name, count in self.rows(  # a first or last day in the range says enough
-                "SELECT field, name, count(*) FROM pycolytics_presence WHERE field != 'user' AND last_day >= ?"
-                " AND first_day <= ? AND (first_day >= ? OR last_day <= ?)", self.days * 2, " GROUP BY 1, 2"):
-            users[field][name] += count
-        for field, name, first_day, last_day, days in self.rows(  # the range between them: the bits tell
-                "SELECT field, name, first_day, last_day, days FROM pycolytics_presence WHERE field != 'user'"
-                " AND first_day < ? AND last_day > ?", self.days):
-            users[field][name] += _present(first_day, last_day, days, self.since, self.until)
+        for field in RANKED:
+            users[field].update(self._present()[field])
         for field, name, user in self._live_pairs(events):
             stored = self._stored(field, name, user)
             users[field][name] += not (stored and _present(*stored, self.since, self.until))
