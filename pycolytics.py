@@ -404,7 +404,7 @@ SETTINGS = (
     Setting("certfile", "", _text, "the PEM certificate chain for HTTPS"),
     Setting("keyfile", "", _text, "the PEM private key for HTTPS"),
     Setting("cors_origins", "*", _origins, "the web pages (origins) that may post events"),
-    Setting("retention_days", "0", _days, "delete events older than this many days (0 keeps them)"),
+    Setting("retention_days", "0", _days, "delete the days older than this many days, hourly (0 keeps every event)"),
     Setting("read_keys", "", _keys, "the keys that open the dashboard"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -1457,9 +1457,12 @@ CREATE TABLE IF NOT EXISTS pycolytics_name_events (
 SUMMARY_TABLES = ("pycolytics_days", "pycolytics_sessions", "pycolytics_presence", "pycolytics_spans",
                   "pycolytics_name_events")
 # Events per summarising step: a few milliseconds of the writer's time, as a pruning step.
-SUMMARY_STEP_ROWS = 2000
-# Share of the writer's time that summarising may take while events keep coming: the rest
-# is for commits (when no event waits, the writer summarises until it has caught up).
+SUMMARY_STEP_ROWS = 500
+# Summarising waits for a pause in the events: this long without a commit. A commit that
+# comes during a step waits for it, so steps are kept to the pauses...
+SUMMARY_IDLE_SECONDS = 0.05
+# ...unless events keep coming until reports would read too many of them live: then steps
+# take this share of the writer's time at most, the rest is for commits.
 SUMMARY_SHARE = 0.05
 # Days a presence row keeps as bits, back from its last day: 512 bytes at most, so that a
 # client sending times centuries apart cannot make rows grow. A report asking about days
@@ -2225,8 +2228,10 @@ class Writer:
         self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Scoreboard)
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         self._summary_behind = store.summaries  # whether events may wait to be summarised
+        self._unsummarised = MAX_LIVE_TAIL  # events committed since the summaries caught up (a guess at start)
         self._summary_next = 0.0  # under load, summarising takes SUMMARY_SHARE of the time at most
         self._summary_retry_at = 0.0  # after a step failed
+        self._committed_at = -SUMMARY_IDLE_SECONDS  # when the last group was committed
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
         self._patience = config.busy_timeout + 30
 
@@ -2302,13 +2307,14 @@ class Writer:
                     self._summary_behind = self.store.summaries
                     for _, committed in group:
                         committed(error)
-                    if error is None and time.monotonic() >= max(self._summary_next, self._summary_retry_at):
-                        self._summarise()
+                    if error is None and self._unsummarised > MAX_LIVE_TAIL // 2 and time.monotonic() >= max(
+                            self._summary_next, self._summary_retry_at):
+                        self._summarise()  # under load, and reports would soon read the events: a paced step
                 elif self.last_error is not None and now >= self._probe_due:
                     self._probe()
                 elif self.config.retention_days and now >= self._prune_due:
                     self._prune_due = self._prune()
-                elif self._summary_behind and self.last_error is None and now >= self._summary_retry_at:
+                elif self._summary_due() is not None and now >= self._summary_due():
                     self._summarise()
         finally:
             if self._connection is not None:
@@ -2319,8 +2325,8 @@ class Writer:
         due = [self._probe_due] if self.last_error is not None else []
         if self.config.retention_days:
             due.append(self._prune_due)
-        if self._summary_behind and self.last_error is None:
-            due.append(self._summary_retry_at)
+        if self._summary_due() is not None:
+            due.append(self._summary_due())
         return min(due) - time.monotonic() if due else None
 
     def _connected(self):
@@ -2393,6 +2399,13 @@ class Writer:
         self.metrics.failing(False)
         self._wrote_at = time.monotonic()
 
+    def _summary_due(self):
+        """When the next summarising step between commits may come, or None: none is needed, or the
+        database fails. Once no commit came for SUMMARY_IDLE_SECONDS, steps follow each other."""
+        if not self._summary_behind or self.last_error is not None:
+            return None
+        return max(self._summary_retry_at, self._committed_at + SUMMARY_IDLE_SECONDS)
+
     def _summarise(self):
         """One step of summarising new events for reports; under load, SUMMARY_SHARE of the time at most."""
         started = time.monotonic()
@@ -2402,8 +2415,10 @@ class Writer:
             self._forget_lost(error)
             log.warning("could not summarise events for reports (trying again in a minute): %s", error)
             self._summary_retry_at = time.monotonic() + 60
+            self._summary_behind = False  # the next commit says so again
             return
         self._summary_behind = read == SUMMARY_STEP_ROWS
+        self._unsummarised = max(0, self._unsummarised - read) if self._summary_behind else 0
         took = time.monotonic() - started
         self._summary_next = time.monotonic() + took * (1 - SUMMARY_SHARE) / SUMMARY_SHARE
 
@@ -2448,6 +2463,8 @@ class Writer:
             self._failed(failure)
             return ServiceUnavailable("the database could not store the events; send them again shortly", 5)
         self._succeeded()
+        self._committed_at = time.monotonic()
+        self._unsummarised += inserted
         self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         return None
 
