@@ -1236,7 +1236,10 @@ def connect(path, synchronous="full", busy_timeout=30.0, create=True):
         if any(name not in columns for name, _ in ADDED_COLUMNS):
             _add_columns(connection, announce=bool(exists))
         _index_event_ids(connection)
-        if not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'pycolytics_name_events'").fetchone():
+        present = connection.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN"
+                                     f" ({', '.join('?' * len(SUMMARY_TABLES))}, 'pycolytics_summarised')",
+                                     SUMMARY_TABLES).fetchone()[0]
+        if present < len(SUMMARY_TABLES) + 1:
             connection.executescript(SUMMARY_SCHEMA)  # an original's or an older Pycolytics' database
         connection.files = _file_ids(path)
     except BaseException:
@@ -1424,8 +1427,9 @@ def unwritable(path):
 # deletes whole days, which the summaries then forget; anything else that takes summarised
 # events away (a prune --before a moment that is not midnight; the newest events deleted, so
 # that their ids are given again, which the last summarised event's time tells) starts the
-# summaries over. Other events deleted by hand stay in them: `restart_summaries` forgets all. PostgreSQL keeps none: with several
-# collectors its ids commit out of order, so "every id up to n is summarised" could skip one.
+# summaries over. Other events deleted by hand stay in them (README.md says how to start them
+# over). PostgreSQL keeps none: with several collectors its ids commit out of order, so "every
+# id up to n is summarised" could skip one.
 SUMMARY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pycolytics_summarised (last_id INTEGER NOT NULL, last_time, deletions INTEGER NOT NULL);
 INSERT INTO pycolytics_summarised SELECT 0, NULL, 0 WHERE NOT EXISTS (SELECT 1 FROM pycolytics_summarised);
@@ -1721,7 +1725,8 @@ class Store:
         return 0
 
     def generation(self, connection):
-        return tuple(connection.execute("SELECT min(id), max(id) FROM event").fetchone())
+        # one aggregate a statement: SQLite answers min(id) or max(id) from the index, both together by a scan
+        return tuple(connection.execute(f"SELECT {end}(id) FROM event").fetchone()[0] for end in ("min", "max"))
 
     def exists(self):
         return True
@@ -1823,7 +1828,7 @@ class SQLiteStore(Store):
 
     def generation(self, connection):
         """What changes whenever events are stored or deleted: the report cache's key."""
-        lowest, highest = connection.execute("SELECT min(id), max(id) FROM event").fetchone()
+        lowest, highest = super().generation(connection)
         try:
             pruned = connection.execute("SELECT deletions FROM pycolytics_summarised").fetchone()
         except sqlite3.OperationalError:  # a database no collector of this version has opened
