@@ -1202,6 +1202,25 @@ def test_retention_days_prunes_in_the_running_server(settings, database, make_ap
     assert "pycolytics_events_pruned_total 1200" in client.get("/metrics").text
 
 
+def test_retention_days_deletes_whole_days_and_the_reports_forget_them(settings, database, make_app):
+    config = pycolytics.load_config(environ={}, overrides=dict(settings, retention_days=30, read_keys="reader-key"))
+    app = make_app(config)
+    client = webtest.TestApp(app)
+    kept = datetime.datetime.combine(TODAY - datetime.timedelta(days=30), datetime.time(0), tzinfo=datetime.timezone.utc)
+    rows = [("my-game", "gone", "s1", "start", "1.0", kept - datetime.timedelta(microseconds=1), {}),
+            ("my-game", "both", "s2", "start", "1.0", kept - datetime.timedelta(hours=30), {}),
+            ("my-game", "both", "s3", "start", "1.0", kept + datetime.timedelta(days=2), {}),
+            ("my-game", "kept", "s4", "start", "1.0", kept, {})]
+    post_history(client, rows)
+    wait_for(lambda: not app.writer._summary_behind)  # the summaries hold the days about to go
+    app.writer.prune_soon()
+    wait_for(lambda: count(database) == 2)
+    since = TODAY - datetime.timedelta(days=40)
+    answer = client.get(f"/v1.0/report?since={since}&until={TODAY}", headers=READER).json
+    assert answer == oracle_report(rows[2:], since, TODAY)  # "both" is new on their first day still stored
+    assert answer["totals"] == {"events": 2, "users": 2, "new_users": 2, "sessions": 2}
+
+
 def test_backup_is_a_consistent_copy_taken_while_events_arrive(server, database, sqlite_only, tmp_path):
     stop = threading.Event()
 
