@@ -4802,6 +4802,24 @@ def test_postgresql_group_inserts_count_only_new_rows_and_keep_the_first_of_an_e
     assert {row[8] for row in rows} == {"2026-11-28 12:00:00.123456"}
 
 
+@pytest.mark.parametrize("largest_group", [pycolytics.MAX_JSON_GROUP_CHARS, 0], ids=["one-text", "row-by-row"])
+def test_a_postgresql_group_with_one_row_the_database_refuses_stores_none_of_it(monkeypatch, postgres_url,
+                                                                                largest_group):
+    monkeypatch.setattr(pycolytics, "MAX_JSON_GROUP_CHARS", largest_group)
+    config = pycolytics.load_config(environ={}, overrides={"database": postgres_url, "api_keys": KEY, "quiet": "yes"})
+    store = pycolytics.store_for(config)
+    connection = store.connect()
+    try:  # a constraint an operator added: the last row of the group breaks it
+        connection.execute("ALTER TABLE event ADD CONSTRAINT no_refused CHECK (event_type <> 'refused')")
+        rows = rows_of(config, [event(event_id=str(n)) for n in range(5)] + [event(event_type="refused")])
+        with pytest.raises(psycopg.errors.CheckViolation):
+            store.insert(connection, rows)
+        assert store.insert(connection, rows[:-1]) == 5  # the connection still takes the rest
+    finally:
+        connection.close()
+    assert count(postgres_url) == 5
+
+
 def test_a_postgresql_group_within_the_limit_never_goes_row_by_row(monkeypatch, postgres_url):
     monkeypatch.setattr(pycolytics, "POSTGRES_INSERT", "not a statement")
     assert insert_tricky_batches(postgres_url)[0] == NEW_ROWS

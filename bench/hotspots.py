@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
+# (named so as not to shadow the standard library's `profile`, which cProfile imports: bench/ is
+# first on sys.path when a script here runs)
 """Where one worker's time goes under bench.py's batch load: py-spy samples, summed per thread.
 
     python3 -m venv /tmp/spy && /tmp/spy/bin/pip install py-spy
-    python3 bench/profile.py --py-spy /tmp/spy/bin/py-spy            # every sample of a busy thread
-    python3 bench/profile.py --py-spy /tmp/spy/bin/py-spy --gil      # only samples holding the GIL
+    python3 bench/hotspots.py --py-spy /tmp/spy/bin/py-spy            # every sample of a busy thread
+    python3 bench/hotspots.py --py-spy /tmp/spy/bin/py-spy --gil      # only samples holding the GIL
 
 Starts pycolytics (one worker, synchronous=full) on a new database in a temporary folder, drives
 batches of 100 events over 16 keep-alive connections (bench.py's load, checked against the
