@@ -5008,6 +5008,102 @@ def test_copy_moves_an_sqlite_database_into_postgresql_once_and_resumes(tmp_path
     assert copied == original and len(copied) == 32
 
 
+# -- PostgreSQL: a group in one statement, or row by row ----------------------------------------------
+
+# Batches whose rows test how they travel: as one JSON text (the group insert) or as parameters.
+TRICKY_BATCHES = [
+    [
+        event(event_type="é漢字😀", event_id="a", value={
+            "a": [{"b": {"c": ['"q"', "\\", "\x1f\t\n", "\u2028"]}}], "f": 1.5e-07, "g": 1e300,
+            "big": int("9" * 4000), "t": True, "n": None, "😀": "",
+        }),
+        event(user_id='say "hi" \\ and \\\\ back', value={}),  # no event_id: NULL
+        event(event_type="duplicate within the group", event_id="a"),
+        event(platform="\x01\x1f\x7f\u2028\u2029", event_id='é😀"\\'),
+        event(event_id="b", timestamp="2026-01-02T03:04:05.123456Z", value={"nested": [[[[{}]]]]}),
+    ],
+    [
+        event(event_type="duplicate of a stored row", event_id="b"),
+        event(event_id="c"),
+        event(event_type="duplicate within the group", event_id="c"),
+        event(application="another-game", event_id="a"),  # another game's "a": stored
+        event(version="", session_id="\\u0041 stays six characters"),
+    ],
+]
+NEW_ROWS = [4, 3]
+EVERY_COLUMN = "event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id"
+
+
+def rows_of(config, document):
+    """The rows the event loop would hand the writer for `document`, received at a fixed time."""
+    validator = pycolytics.Validator(config, pycolytics.Keyring(config))
+    raw = body(document)
+    received = datetime.datetime(2026, 11, 28, 12, 0, 0, 123456, tzinfo=datetime.timezone.utc)
+    return validator.rows(pycolytics.parse_json(raw), True, raw, received)
+
+
+def insert_tricky_batches(url):
+    """Insert TRICKY_BATCHES as the writer does; the new rows counted, and every column as PostgreSQL's text."""
+    config = pycolytics.load_config(environ={}, overrides={"database": url, "api_keys": KEY, "quiet": "yes"})
+    store = pycolytics.store_for(config)
+    connection = store.connect()
+    try:
+        counted = [store.insert(connection, rows_of(config, batch)) for batch in TRICKY_BATCHES]
+        text = re.sub(r"\b(time|received_at|value)\b", lambda found: POSTGRES_TEXT[found.group(1)], EVERY_COLUMN)
+        return counted, connection.execute(f"SELECT {text} FROM event ORDER BY id").fetchall()
+    finally:
+        connection.close()
+
+
+def test_postgresql_stores_a_group_sent_as_one_json_text_exactly_as_row_by_row(monkeypatch):
+    with postgres_schema() as as_one_text, postgres_schema() as row_by_row:
+        counted, rows = insert_tricky_batches(as_one_text)
+        monkeypatch.setattr(pycolytics, "MAX_JSON_GROUP_CHARS", 0)  # every group too big: row by row
+        counted_one_by_one, rows_one_by_one = insert_tricky_batches(row_by_row)
+    assert counted == counted_one_by_one == NEW_ROWS
+    assert rows == rows_one_by_one
+    assert [row[0] for row in rows] == ["é漢字😀", "level_started", "level_started", "level_started",
+                                        "level_started", "level_started", "level_started"]
+    assert [row[-1] for row in rows] == ["a", None, 'é😀"\\', "b", "c", "a", None]
+    assert json.loads(rows[0][6])["big"] == int("9" * 4000)
+
+
+@pytest.mark.parametrize("largest_group", [pycolytics.MAX_JSON_GROUP_CHARS, 0], ids=["one-text", "row-by-row"])
+def test_postgresql_group_inserts_count_only_new_rows_and_keep_the_first_of_an_event_id(
+        monkeypatch, postgres_url, largest_group):
+    monkeypatch.setattr(pycolytics, "MAX_JSON_GROUP_CHARS", largest_group)
+    counted, rows = insert_tricky_batches(postgres_url)
+    assert counted == NEW_ROWS
+    kept = [(row[0], row[1], row[-1]) for row in rows if row[-1] is not None]
+    assert kept == [("é漢字😀", "my-game", "a"), ("level_started", "my-game", 'é😀"\\'), ("level_started", "my-game", "b"),
+                    ("level_started", "my-game", "c"), ("level_started", "another-game", "a")]
+    assert [row[7] for row in rows][3] == "2026-01-02 03:04:05.123456"
+    assert {row[8] for row in rows} == {"2026-11-28 12:00:00.123456"}
+
+
+@pytest.mark.parametrize("largest_group", [pycolytics.MAX_JSON_GROUP_CHARS, 0], ids=["one-text", "row-by-row"])
+def test_a_postgresql_group_with_one_row_the_database_refuses_stores_none_of_it(monkeypatch, postgres_url,
+                                                                                largest_group):
+    monkeypatch.setattr(pycolytics, "MAX_JSON_GROUP_CHARS", largest_group)
+    config = pycolytics.load_config(environ={}, overrides={"database": postgres_url, "api_keys": KEY, "quiet": "yes"})
+    store = pycolytics.store_for(config)
+    connection = store.connect()
+    try:  # a constraint an operator added: the last row of the group breaks it
+        connection.execute("ALTER TABLE event ADD CONSTRAINT no_refused CHECK (event_type <> 'refused')")
+        rows = rows_of(config, [event(event_id=str(n)) for n in range(5)] + [event(event_type="refused")])
+        with pytest.raises(psycopg.errors.CheckViolation):
+            store.insert(connection, rows)
+        assert store.insert(connection, rows[:-1]) == 5  # the connection still takes the rest
+    finally:
+        connection.close()
+    assert count(postgres_url) == 5
+
+
+def test_a_postgresql_group_within_the_limit_never_goes_row_by_row(monkeypatch, postgres_url):
+    monkeypatch.setattr(pycolytics, "POSTGRES_INSERT", "not a statement")
+    assert insert_tricky_batches(postgres_url)[0] == NEW_ROWS
+
+
 # -- PostgreSQL that never hangs, and high availability ------------------------------------------------
 
 

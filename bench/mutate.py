@@ -89,7 +89,7 @@ GROUPS = {
     ),
     "postgresql": (
         ["PostgresStore.insert", "PostgresStore.prune", "PostgresStore._create_schema"],
-        "postgresql and (stored or batch or event_id or prune or schema) and not generated and not copy",
+        "postgresql and (stored or batch or event_id or prune or schema or group) and not generated and not copy",
     ),
 }
 
