@@ -2794,9 +2794,11 @@ class _ReportReader:
             [self.query.since.isoformat()] + self.filter_values)
 
     def daily(self, dates):
-        """Per-day columns (events, users, sessions), the range's users, and its sessions' lengths, sorted."""
+        """Per-day columns (events, users, sessions), the range's users, and its sessions' lengths in
+        microseconds, sorted."""
         columns, self.active, sessions = _daily_activity(self, {day: n for n, day in enumerate(dates)})
-        return columns, len(self.active), sorted(_session_seconds(first, last) for _, first, last in sessions.values())
+        return columns, len(self.active), sorted(_microseconds(last) - _microseconds(first)
+                                                 for _, first, last in sessions.values())
 
     def newcomers(self):
         """{user: the day of the range they first came} for the users with no event before it, and
@@ -2977,7 +2979,7 @@ class _SummaryReader:
         return users
 
     def _lengths(self, live):
-        """The range's sessions' lengths in seconds, sorted: from the summaries, with the events after them."""
+        """The range's sessions' lengths in microseconds, sorted: from the summaries, with the events after them."""
         lengths = [length for length, in self.rows(
             "SELECT max(last_us) - min(first_us) FROM pycolytics_sessions WHERE day >= ? AND day <= ?", self.days,
             " GROUP BY application, session_id")]
@@ -3003,7 +3005,7 @@ class _SummaryReader:
                     kept.append(length)
             lengths = kept + lengths[len(lengths) - len(spans):]
         lengths.sort()
-        return [round(microseconds / 1_000_000, 3) for microseconds in lengths]
+        return lengths
 
     def _stored(self, field, name, user):
         """(first day, last day, days) of a presence row, or None."""
@@ -3095,8 +3097,17 @@ class _SummaryReader:
         return sorted(events, key=lambda name: (-events[name], name.encode()))[:REPORT_TOP]
 
 
-def _session_seconds(first, last):
-    return round((_microseconds(last) - _microseconds(first)) / 1_000_000, 3)
+def _seconds(microseconds):
+    """A session's length as the report gives it: seconds, to the millisecond."""
+    return round(microseconds / 1_000_000, 3)
+
+
+def _shorter_than(lengths, seconds):
+    """How many of the sorted `lengths` (microseconds) are under `seconds` once given as _seconds."""
+    count = bisect.bisect_left(lengths, seconds * 1_000_000 - 600)  # rounding moves a length by 500 at most
+    while count < len(lengths) and _seconds(lengths[count]) < seconds:
+        count += 1
+    return count
 
 
 def _daily_activity(reader, position):
@@ -3135,7 +3146,7 @@ def _retention(cohorts, active, observed):
 def _session_figures(lengths, users):
     """Count, nearest-rank median and 90th percentile of the sorted `lengths`, and sessions per user."""
     def rank(share):
-        return (lengths[max(1, math.ceil(share * len(lengths))) - 1] if lengths else 0) or 0  # 0, not 0.0
+        return (_seconds(lengths[max(1, math.ceil(share * len(lengths))) - 1]) if lengths else 0) or 0  # 0, not 0.0
 
     return {"count": len(lengths), "median_seconds": rank(0.5), "p90_seconds": rank(0.9),
             "per_user": round(len(lengths) / users, 2) if users else 0}
@@ -3171,7 +3182,7 @@ def _report(reader, query, today):
         "sessions": _session_figures(lengths, users),
         **{f"{field}s": ranking for field, ranking in reader.rankings().items()},
     }
-    shorter = [0] + [bisect.bisect_left(lengths, bound) for bound, _ in SESSION_BUCKETS]  # lengths are sorted
+    shorter = [0] + [_shorter_than(lengths, bound) for bound, _ in SESSION_BUCKETS]
     histogram = [shorter[n + 1] - shorter[n] for n in range(len(SESSION_BUCKETS))]
     return report, {"triangle": triangle, "session_lengths": histogram, "applications": reader.applications()}
 

@@ -1715,6 +1715,31 @@ def test_a_report_of_a_database_made_by_the_original(config, database, sqlite_on
     assert answer["days"][1] == {"date": "2024-05-01", "events": 1, "users": 1, "new_users": 1, "sessions": 1}
 
 
+@pytest.mark.parametrize("live", [False, True])
+def test_session_lengths_at_the_edges_of_the_dashboards_bars_fall_as_their_rounded_seconds(tmp_path, make_app,
+                                                                                           monkeypatch, live):
+    if live:
+        monkeypatch.setattr(pycolytics, "MAX_LIVE_TAIL", -1)
+    database = str(tmp_path / "events.db")
+    config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                           "read_keys": "reader-key"})
+    client = webtest.TestApp(make_app(config))
+    start = datetime.datetime.combine(TODAY - datetime.timedelta(days=2), datetime.time(1), tzinfo=datetime.timezone.utc)
+    lengths = [59.9994, 59.9995, 59.999501, 60, 299.9995, 299.9994, 7199.9996, 0]
+    rows = [row for n, length in enumerate(lengths) for row in (
+        ("my-game", f"u{n}", f"s{n}", "start", "1.0", start, {}),
+        ("my-game", f"u{n}", f"s{n}", "end", "1.0", start + datetime.timedelta(seconds=length), {}))]
+    post_history(client, rows)
+    summarise(database)
+    since = TODAY - datetime.timedelta(days=3)
+    page = client.get(f"/dashboard?since={since}&until={TODAY}", headers=READER).text
+    rounded = [round(round(length * 1_000_000) / 1_000_000, 3) for length in lengths]
+    bars = [sum(1 for length in rounded if low <= length < high) for low, high in zip(
+        [0] + [bound for bound, _ in pycolytics.SESSION_BUCKETS[:-1]], [bound for bound, _ in pycolytics.SESSION_BUCKETS])]
+    for (_, label), bar in zip(pycolytics.SESSION_BUCKETS, bars):
+        assert f"<title>{html.escape(label)}: {bar}</title>" in page, (label, bar)
+
+
 def test_an_original_database_is_summarised_in_the_background_and_reports_right_meanwhile(tmp_path, make_app,
                                                                                         monkeypatch):
     monkeypatch.setattr(pycolytics, "MAX_LIVE_TAIL", 100)  # beyond 100 events not summarised, a report reads them all

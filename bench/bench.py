@@ -14,6 +14,7 @@ apart on the same machine; the machines are shared and noisy, so compare ratios,
 """
 
 import argparse
+import datetime
 import http.client
 import json
 import multiprocessing
@@ -415,6 +416,8 @@ def main(argv=None):
     parser.add_argument("--original-python", metavar="PYTHON", help="the Python of the original's virtualenv")
     parser.add_argument("--postgres", metavar="URL", help="also measure collectors writing into this PostgreSQL "
                         "database (a schema of their own, dropped after), e.g. postgresql://127.0.0.1:5432/test")
+    parser.add_argument("--report-database", metavar="FILE", help="also time the first report of 30 days and of a "
+                        "year after a start, on a database made by bench/report.py")
     parser.add_argument("--noop-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.noop_server:
@@ -565,6 +568,8 @@ def main(argv=None):
             service.stop()
             cell(f"batches of 100 into {arguments.big_rows:,} rows", mine["events"], "the same into an empty database",
                  empty_rate, 0.70, "events/s")
+        if arguments.report_database:
+            notes.extend(report_times(arguments.report_database))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -579,6 +584,29 @@ def have_module(name):
 def bare_interpreter_rss(*options):
     probe = "import re; print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
     return int(subprocess.run([sys.executable, *options, "-c", probe], capture_output=True, text=True).stdout)
+
+
+def report_times(database):
+    """The first report of the last 30 days and of a year, each from a server just started on `database`."""
+    with sqlite3.connect(database) as connection:
+        events, last = connection.execute("SELECT count(*), max(time) FROM event").fetchone()
+    until = datetime.date.fromisoformat(last[:10])
+    notes = []
+    for days, target in ((30, 1), (365, 3)):
+        service = start_pycolytics(database, environ={"PYCOLYTICS_READ_KEYS": "bench-reader"})
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=600)
+            started = time.monotonic()
+            connection.request("GET", f"/v1.0/report?since={until - datetime.timedelta(days=days - 1)}&until={until}",
+                               headers={"Authorization": "Bearer bench-reader"})
+            answer = connection.getresponse()
+            answer.read()
+            took = time.monotonic() - started
+        finally:
+            service.stop()
+        notes.append(f"the report of {days} days on {events:,} events ({os.path.basename(database)}), the first request "
+                     f"after a start: {took:.2f} s, status {answer.status} (target <= {target} s)")
+    return notes
 
 
 def print_table(rows, notes, connections, seconds):
