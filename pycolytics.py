@@ -1516,6 +1516,10 @@ def _set_summarised(connection, last_id, last_time):
     connection.execute("UPDATE pycolytics_summarised SET last_id = ?, last_time = ?", (last_id, last_time))
 
 
+class SummaryPostponed(Exception):
+    """Another connection holds the write lock: the summarising step waits for the next pause."""
+
+
 def restart_summaries(connection):
     """Forget every summary, in the caller's transaction: they are built again from the first event."""
     for table in SUMMARY_TABLES:
@@ -1839,15 +1843,25 @@ class SQLiteStore(Store):
         """One step of summarising new events (see "Summaries"); how many were read.
 
         Without an fsync of its own: a summary lost to a power cut is made again from the events,
-        and the next commit's fsync makes it durable with that commit.
+        and the next commit's fsync makes it durable with that commit. It never waits for the write
+        lock, which another process may hold for long (a backup, a notebook): SummaryPostponed,
+        the writer's commits come first. With nothing new to read it takes no lock at all.
         """
+        if (connection.execute("SELECT max(id) FROM event").fetchone()[0] or 0) == _summarised(connection)[0]:
+            return 0
         if _synchronous(self.config.synchronous) != "off":
             connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=0")
         try:
             with transaction(connection):
                 read = summarise(connection)
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                raise SummaryPostponed(str(error)) from None
+            raise
         finally:
             connection.execute(f"PRAGMA synchronous={_synchronous(self.config.synchronous)}")
+            connection.execute(f"PRAGMA busy_timeout={int(self.config.busy_timeout * 1000)}")
         self._still_there(connection)
         return read
 
@@ -2437,6 +2451,9 @@ class Writer:
         started = time.monotonic()
         try:
             read = self.store.summarise(self._connected())
+        except SummaryPostponed:
+            self._summary_retry_at = time.monotonic() + 1
+            return
         except Exception as error:  # the database's errors, or a lost connection: reports read live meanwhile
             self._forget_lost(error)
             log.warning("could not summarise events for reports (trying again in a minute): %s", error)

@@ -1771,6 +1771,30 @@ def test_an_original_database_is_summarised_in_the_background_and_reports_right_
     assert_reports_match(client, rows)
 
 
+def test_summarising_never_waits_for_a_write_lock_another_process_holds(tmp_path, make_app, monkeypatch):
+    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection: 0)  # the test steps
+    database = str(tmp_path / "events.db")
+    config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
+                                                           "busy_timeout": 30})
+    app = make_app(config)
+    post(webtest.TestApp(app), "/v1.0/events", [event()] * 3)
+    monkeypatch.undo()
+    store, connection = app.writer.store, app.writer.store.connect()
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # a backup, a notebook writing
+    try:
+        started = time.monotonic()
+        with pytest.raises(pycolytics.SummaryPostponed):
+            store.summarise(connection)
+        assert time.monotonic() - started < 1  # not the 30 s a commit would wait
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert connection.execute("PRAGMA busy_timeout").fetchone() == (30000,)  # commits still wait their turn
+    assert store.summarise(connection) == 3
+    connection.close()
+
+
 def test_a_report_about_days_the_presence_bits_no_longer_keep_reads_the_events(tmp_path, make_app, monkeypatch):
     monkeypatch.setattr(pycolytics, "PRESENCE_DAYS", 4)  # as if every user had played for over 11 years
     database = str(tmp_path / "events.db")

@@ -84,8 +84,16 @@ GROUPS = {
         f"(dashboard or read_key) and {SQLITE} and not real_browser and not nginx and not mount",
     ),
     "retry": (
-        ["_retry_after", "RateLimiter.check"],
+        ["_retry_after", "RateLimiter.check", "RateLimiter._count"],
         f"(rate or retry_after or throttle) and {SQLITE} and not browser and not nginx",
+    ),
+    "summaries": (
+        ["summarise", "_presence", "_had_session", "_had_user", "_span_moved", "forget_days_before",
+         "_summaries_hold", "_summary_reader", "_present", "_SummaryReader.daily", "_SummaryReader._users",
+         "_SummaryReader._lengths", "_SummaryReader.newcomers", "_SummaryReader.rankings",
+         "_SummaryReader._present", "_shorter_than", "SQLiteStore.forget", "Writer._prune"],
+        f"(report or summar or retention_days or edges or synchronous) and {SQLITE} and not browser and not nginx"
+        " and not fuzz",
     ),
     "postgresql": (
         ["PostgresStore.insert", "PostgresStore.prune", "PostgresStore._create_schema"],
