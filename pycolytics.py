@@ -1828,6 +1828,8 @@ class SQLiteStore(Store):
                 (before, limit),
             ).rowcount
             connection.execute("UPDATE pycolytics_summarised SET deletions = deletions + ?", (deleted,))
+            if deleted < limit:  # the pass's last step: no report sees the events gone but still summarised
+                self._forget(connection, before)
             return deleted
 
     def generation(self, connection):
@@ -1866,12 +1868,19 @@ class SQLiteStore(Store):
         return read
 
     def forget(self, connection, before):
-        """One step of taking pruned events out of the summaries; how many summary rows changed."""
+        """One step of taking pruned events out of the summaries; how many summary rows changed.
+
+        The last step of a prune takes the first one itself, in its own transaction.
+        """
         with transaction(connection):
-            if before.endswith(" 00:00:00.000000"):
-                return forget_days_before(connection, datetime.date.fromisoformat(before[:10]))
+            return self._forget(connection, before)
+
+    def _forget(self, connection, before):
+        if before.endswith(" 00:00:00.000000"):
+            return forget_days_before(connection, datetime.date.fromisoformat(before[:10]))
+        if _summarised(connection)[0]:
             restart_summaries(connection)  # part of a day was deleted: its figures are gone
-            return 0
+        return 0
 
     def probe(self, connection):
         """Commit a write that changes nothing (user_version rewritten as it is): lock, log and fsync all work."""
