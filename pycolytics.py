@@ -2853,13 +2853,9 @@ class _ReportReader:
 
     def applications(self):
         """The names of the busiest applications of the range, for the dashboard's choice."""
-        return [name for name, _ in self.application_events()]
-
-    def application_events(self):
-        """(application, events) of the busiest applications of the range."""
-        return self.connection.execute(
+        return [name for name, _ in self.connection.execute(
             f"SELECT application, count(*) FROM event WHERE time >= {self.store.since} AND time < {self.store.since}"
-            f" GROUP BY 1 ORDER BY 2 DESC, application{self.sql['collate']} LIMIT {REPORT_TOP}", self.arguments[:2])
+            f" GROUP BY 1 ORDER BY 2 DESC, application{self.sql['collate']} LIMIT {REPORT_TOP}", self.arguments[:2])]
 
     def funnel(self, steps):
         """How many users did steps[0], then steps[1] at or after that, and so on."""
