@@ -5476,6 +5476,14 @@ def test_a_commit_waiting_for_a_missing_synchronous_standby_gives_503_not_a_hang
             with psycopg.connect(url, autocommit=True) as admin:  # its synchronous standby is gone
                 admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'gone'")
                 admin.execute("SELECT pg_reload_conf()")
+            # The reload reaches each process in its own time; the one that makes commits wait for a
+            # standby (the checkpointer) too: a commit at once could still go through.
+            def in_force():
+                with psycopg.connect(url, autocommit=True) as check:
+                    return check.execute("SHOW synchronous_standby_names").fetchone() == ("gone",)
+
+            wait_for(in_force)
+            time.sleep(1)
             refused = within(25, post, client, "/v1.0/event", event(user_id="unreplicated"), status=503)
         finally:
             app.close()
