@@ -3074,36 +3074,37 @@ class _SummaryReader:
             events[field][name] += count
         for field in RANKED:
             users[field].update(self._present()[field])
-        for field, name, user in self._live_pairs(events):
+        live = self._live_pairs(events)
+        for field, name, user in live:
             stored = self._stored(field, name, user)
             users[field][name] += not (stored and _present(*stored, self.since, self.until))
         rankings = {}
         for field in RANKED:
             ordered = sorted(events[field], key=lambda name: (-events[field][name], name.encode()))
-            rest = self._users_of(field, set(ordered[REPORT_TOP:]), events) if ordered[REPORT_TOP:] else ()
+            rest = self._users_of(field, set(ordered[REPORT_TOP:]), live) if ordered[REPORT_TOP:] else ()
             rankings[field] = _top([(name, events[field][name], users[field][name]) for name in ordered],
                                    sum(events[field].values()), len(rest))
         return rankings
 
-    def _live_pairs(self, events=None):
+    def _live_pairs(self, events):
         """(field, name, user) of the events after the summarised ones, in the range; counts them in `events`."""
         pairs = set()
         for event_type, version, platform, application, user_id, count in self.live.rows(
                 f"SELECT event_type, version, platform, application, user_id, count(*) FROM event"
                 f" {self.live.where} GROUP BY 1, 2, 3, 4, 5"):
             for field, name in zip(RANKED, (event_type, version, platform)):
-                if events is not None:
-                    events[field][name] += count
+                events[field][name] += count
                 pairs.add((field, name, (application, user_id)))
         return pairs
 
-    def _users_of(self, field, names, events):
-        """The users with events of any of `names` (of `field`) in the range: for "(other)"."""
+    def _users_of(self, field, names, live):
+        """The users with events of any of `names` (of `field`) in the range: for "(other)"; `live` is
+        _live_pairs' answer."""
         found = {(application, user_id) for name, application, user_id, first_day, last_day, days in self.rows(
             "SELECT name, application, user_id, first_day, last_day, days FROM pycolytics_presence"
             " WHERE field = ? AND last_day >= ? AND first_day <= ?", [field] + self.days)
             if name in names and _present(first_day, last_day, days, self.since, self.until)}
-        return found | {user for kind, name, user in self._live_pairs() if kind == field and name in names}
+        return found | {user for kind, name, user in live if kind == field and name in names}
 
     def applications(self):
         """The names of the busiest applications of the range, as _ReportReader.applications."""
