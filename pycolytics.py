@@ -1161,6 +1161,31 @@ INSERT = (
     " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
 )
 
+# SQLite takes a group as INSERTs of many rows each (VALUES (...), (...), ...): the driver binds
+# a statement's parameters in one C call and gives the GIL up once per statement, where
+# executemany gives it up and takes it back at every row, each time waiting for the event loop
+# to let go. 64 rows are 640 parameters, within the 999 of SQLite before 3.32. bench/README.md
+# has the measurements ("Multi-row INSERT").
+INSERT_CHUNK_ROWS = 64
+
+
+@functools.lru_cache(maxsize=None)  # one statement per size: INSERT_CHUNK_ROWS and its halves
+def _insert_rows(count):
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count)
+    return INSERT.replace("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+
+def _chunks(count):
+    """(start, size) pieces of `count` rows: whole INSERT_CHUNK_ROWS, then powers of two, so
+    that a group of any size is a few statements of at most 7 shapes."""
+    start = 0
+    size = INSERT_CHUNK_ROWS
+    while start < count:
+        while size > count - start:
+            size //= 2
+        yield start, size
+        start += size
+
 # Times as stored: UTC, as text that SQLite's date functions and pandas read.
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -1811,7 +1836,8 @@ class SQLiteStore(Store):
         """
         changes = connection.total_changes
         with transaction(connection):
-            connection.executemany(INSERT, rows)
+            for start, size in _chunks(len(rows)):
+                connection.execute(_insert_rows(size), list(itertools.chain.from_iterable(rows[start:start + size])))
         self._still_there(connection)
         return connection.total_changes - changes
 

@@ -5112,6 +5112,36 @@ def insert_tricky_batches(url):
         connection.close()
 
 
+def test_sqlite_stores_groups_of_every_size_as_executemany_would(tmp_path):
+    """SQLiteStore.insert sends a group as INSERTs of many rows each: groups of every size around
+    the statements' sizes, with event_ids repeated within a group and across groups, end as the
+    same rows in the same order as one executemany of the single-row INSERT would leave them."""
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes"})
+    store = pycolytics.store_for(config)
+    chunk = pycolytics.INSERT_CHUNK_ROWS
+    sizes = [0, 1, 2, 3, chunk - 1, chunk, chunk + 1, 2 * chunk - 1, 2 * chunk, 2 * chunk + 37]
+    groups = [rows_of(config, [event(user_id=f"u{size}-{n}", event_id=f"e{size * n % 50}" if n % 3 else None)
+                               for n in range(size)]) for size in sizes]
+    groups += [rows_of(config, batch) for batch in TRICKY_BATCHES]
+    connection = store.connect()
+    reference = pycolytics.connect(str(tmp_path / "reference.db"))
+    try:
+        counted = [store.insert(connection, rows) for rows in groups]
+        expected = []
+        for rows in groups:
+            changes = reference.total_changes
+            with pycolytics.transaction(reference):
+                reference.executemany(pycolytics.INSERT, rows)
+            expected.append(reference.total_changes - changes)
+        columns = f"SELECT {EVERY_COLUMN}, typeof(value), typeof(event_id) FROM event ORDER BY id"
+        assert counted == expected and sum(counted) > 0
+        assert connection.execute(columns).fetchall() == reference.execute(columns).fetchall()
+    finally:
+        connection.close()
+        reference.close()
+
+
 def test_postgresql_stores_a_group_sent_as_one_json_text_exactly_as_row_by_row(monkeypatch):
     with postgres_schema() as as_one_text, postgres_schema() as row_by_row:
         counted, rows = insert_tricky_batches(as_one_text)
