@@ -33,6 +33,7 @@ import io
 import itertools
 import json
 import logging
+import marshal
 import math
 import operator
 import os
@@ -99,8 +100,8 @@ APP_SETTINGS = ("api_keys", "cors_origins")
 # Settings that only a restart changes; a reload (SIGHUP) says so when they differ.
 RESTART_SETTINGS = ("database", "host", "port", "threads", "workers", "synchronous", "busy_timeout")
 
-# Worker processes at most (workers = N): each holds its own connections, threads and writer,
-# and more than a few per core only adds memory and lock waits at the database.
+# Worker processes at most (workers = N): each holds its own connections and threads, and
+# more than a few per core only adds memory.
 MAX_WORKERS = 64
 
 # With workers = N, the counts by client address of rate_limit and max_connections_per_address
@@ -111,6 +112,13 @@ ADDRESS_SET_ENTRIES = 8
 # A worker process that dies is replaced, but at most this many times per minute: a worker
 # that crashes at start must not become a fork loop. Beyond it, replacements wait their turn.
 WORKER_RESTARTS_PER_MINUTE = 5
+
+# With workers = N on SQLite, the workers hand their rows to one writer process over a Unix
+# socket. A send or an answer that waits longer than this means the other side is stuck: the
+# connection is dropped and the events it carried get 503.
+WRITER_TIMEOUT = 10
+# Why the shared writer's last write failed, as /healthz of every worker shows it: at most this.
+WRITER_PROBLEM_BYTES = 1024
 
 ###############################################################################
 # Errors
@@ -2300,7 +2308,6 @@ class Writer:
         self._reconnect_at = 0.0
         self._unreachable = None  # why the last reconnection failed
         self._pass_pruned = 0  # by the steps of this pass, so far
-        self.commit_lock = contextlib.nullcontext()  # what worker processes take in turn to commit (Scoreboard)
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
         self._summary_behind = store.summaries  # whether events may wait to be summarised
         self._unsummarised = MAX_LIVE_TAIL  # events committed since the summaries caught up (a guess at start)
@@ -2529,13 +2536,12 @@ class Writer:
         started = time.monotonic()
         rows = list(itertools.chain.from_iterable(rows for rows, _ in group))
         try:
-            with self.commit_lock:
-                try:
-                    inserted = self.store.insert(self._connected(), rows)
-                except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
-                    self._forget_lost(lost)
-                    self._reconnect_at = 0
-                    inserted = self.store.insert(self._connected(), rows)
+            try:
+                inserted = self.store.insert(self._connected(), rows)
+            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                self._forget_lost(lost)
+                self._reconnect_at = 0
+                inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable or locked for too long
             log.error("could not store %d events: %s", len(rows), failure)
             self._failed(failure)
@@ -3729,9 +3735,10 @@ class Pycolytics:
         self.scoreboard = scoreboard
         self.store = store_for(config)
         self.metrics = Metrics() if scoreboard is None else Metrics(scoreboard.rows, scoreboard.row)
-        self.writer = Writer(config, self.store, self.metrics)
-        if scoreboard is not None and scoreboard.commit_lock is not None:
-            self.writer.commit_lock = scoreboard.commit_lock
+        if scoreboard is not None and scoreboard.writer_address is not None:
+            self.writer = RemoteWriter(config, self.store, self.metrics, scoreboard)
+        else:
+            self.writer = Writer(config, self.store, self.metrics)
         self.rate_limiter = None
         self.reconfigure(config)
         self._routes = {
@@ -3921,6 +3928,8 @@ class Pycolytics:
             problem = problem or server_problem
         if self.scoreboard is not None:
             document["workers"] = self.scoreboard.workers()
+            if self.scoreboard.writer_address is not None:
+                document["writer"] = self.scoreboard.writer_state()
         body = json.dumps(document).encode()
         _, headers, body = _ok(body, JSON_TYPE, ("Cache-Control", "no-store"))
         return ("503 Service Unavailable" if problem else "200 OK"), headers, body
@@ -5547,6 +5556,13 @@ class ProcessLock:
             self._threads.release()
 
 
+def _shared_bytes(size):
+    """`size` bytes, all 0, in memory that the processes forked afterwards share."""
+    import mmap  # here: only a server with worker processes needs it
+
+    return mmap.mmap(-1, size)
+
+
 def _shared_integers(count):
     """`count` 8-byte integers, all 0, in memory that the processes forked afterwards share."""
     import mmap  # here: only a server with worker processes needs it
@@ -5636,56 +5652,61 @@ class AddressCounts:
 
 
 class Scoreboard:
-    """What the worker processes of `workers = N` share, so that the server answers as one
-    (Apache httpd's scoreboard is the same idea). Made by the Supervisor before it forks them:
+    """What the processes of `workers = N` share, so that the server answers as one (Apache
+    httpd's scoreboard is the same idea). Made by the Supervisor before it forks them:
 
-    - each worker's row of Metrics, which every worker's /metrics adds up. A worker writes only
-      its own row, and an aligned 8-byte integer is written whole, so readers need no lock. The
-      worker that replaces one that died counts on in its row: counters never go down.
+    - each worker's row of Metrics, and the shared writer's, which every worker's /metrics adds
+      up. A process writes only its own row, and an aligned 8-byte integer is written whole, so
+      readers need no lock. The process that replaces one that died counts on in its row:
+      counters never go down.
     - what each worker does, for /healthz: its pid while it serves, 0 before it first does,
-      -1 once it died (until its replacement serves); and whether its last write failed.
+      -1 once it died (until its replacement serves); and whether its last write failed. The
+      same for the shared writer, with why its last write failed.
     - the counts behind rate_limit and max_connections_per_address (AddressCounts), so each
       limit is the whole server's, whichever worker a client's connections reach.
-    - the lock that the writers take in turn to commit into one SQLite database. SQLite would
-      serialise them too, but its busy handler sleeps and polls (1, 2, 5, 10 ms and longer;
-      https://www.sqlite.org/c3ref/busy_timeout.html), so two writers that meet wait far longer
-      than the commit takes; this lock waits in the kernel and wakes at once. PostgreSQL takes
-      several commits side by side.
+    - on SQLite, `writer_address`: where the shared writer takes the workers' rows (set by the
+      Supervisor; None on PostgreSQL, where each worker writes, as separate collectors do).
 
-    In a worker, seat(number) is the same scoreboard with `worker` set to its number.
+    In a worker, seat(number) is the same scoreboard with `worker` set to its number; the shared
+    writer's seat is number 0.
     """
 
     def __init__(self, config):
         workers = config.workers
+        self.workers_count = workers
         self.worker = self.row = None  # a seat's
-        memory = _shared_integers(workers * (Metrics.WIDTH + 1))
-        self.rows = [memory[n * Metrics.WIDTH:(n + 1) * Metrics.WIDTH] for n in range(workers)]
-        self.states = memory[workers * Metrics.WIDTH:]
+        memory = _shared_integers((workers + 1) * (Metrics.WIDTH + 1))
+        self.rows = [memory[n * Metrics.WIDTH:(n + 1) * Metrics.WIDTH] for n in range(workers + 1)]
+        self.states = memory[(workers + 1) * Metrics.WIDTH:]  # the workers', then the writer's
         self.requests = AddressCounts(MAX_TRACKED_CLIENTS // ADDRESS_SET_ENTRIES, ADDRESS_SET_ENTRIES)
         # A set per connection the server may hold, each with room for one address in every worker
         # and ADDRESS_SET_ENTRIES more: for a set to be full, more than that many of the
         # connections open at once would have to hash into the same one of max_connections sets.
         self.connections = AddressCounts(config.max_connections, ADDRESS_SET_ENTRIES + workers)
-        self.commit_lock = None if "://" in config.database else ProcessLock()
+        self.writer_address = None
+        self._problem = _shared_bytes(WRITER_PROBLEM_BYTES)
 
     def seat(self, number):
         seat = copy_module.copy(self)
         seat.worker = number
-        seat.row = self.rows[number - 1]
+        seat.row = self.rows[number - 1] if number else self.rows[-1]
         return seat
 
     def serving(self):
-        self.states[self.worker - 1] = os.getpid()
+        self.states[self.worker - 1 if self.worker else -1] = os.getpid()
 
     def gone(self, number):
-        """Worker `number` died (the Supervisor, once it reaped it)."""
+        """Worker `number`, or the shared writer (0), died (the Supervisor, once it reaped it)."""
+        if number == 0:
+            self.states[-1] = -1
+            return
         self.states[number - 1] = -1
         self.connections.forget(number)
 
     def workers(self):
         """What each worker does, by number: /healthz shows it."""
         said = {}
-        for number, (state, row) in enumerate(zip(self.states, self.rows), 1):
+        for number, (state, row) in enumerate(zip(self.states[:-1], self.rows), 1):
             if state > 0:
                 said[str(number)] = "serving; its last write failed" if row[Metrics.FAILING] else "serving"
             else:
@@ -5694,8 +5715,28 @@ class Scoreboard:
 
     def failing(self):
         """The numbers of the serving workers whose last write failed."""
-        return [number for number, (state, row) in enumerate(zip(self.states, self.rows), 1)
+        return [number for number, (state, row) in enumerate(zip(self.states[:-1], self.rows), 1)
                 if state > 0 and row[Metrics.FAILING]]
+
+    def writer_state(self):
+        """What the shared writer does: /healthz shows it."""
+        state = self.states[-1]
+        if state > 0:
+            return "its last write failed" if self.rows[-1][Metrics.FAILING] else "writing"
+        return "starting" if state == 0 else "died; being replaced"
+
+    def writer_problem(self):
+        """Why the shared writer's last write failed, or None if it did not (or it is not running)."""
+        if self.states[-1] <= 0 or not self.rows[-1][Metrics.FAILING]:
+            return None
+        size = int.from_bytes(self._problem[:2], "big")
+        return bytes(self._problem[2:2 + size]).decode("utf-8", "replace") or "(its log says why)"
+
+    def writer_failed(self, problem):
+        """The shared writer's own: say why its last write failed (before its row says that it did)."""
+        text = problem.encode("utf-8")[:WRITER_PROBLEM_BYTES - 2]
+        self._problem[2:2 + len(text)] = text
+        self._problem[:2] = len(text).to_bytes(2, "big")
 
     def connected(self, address, limit):
         """As OpenConnections.connected, for the whole server."""
@@ -5703,6 +5744,289 @@ class Scoreboard:
 
     def disconnected(self, address):
         self.connections.disconnected(address, self.worker)
+
+
+# -- The shared writer: workers = N on SQLite --------------------------------------------------------
+#
+# SQLite commits one transaction at a time, and with synchronous = full each one waits for an
+# fsync: writers in every worker would take turns, each fsync serving one worker's requests.
+# So one process writes for all of them, as the Writer thread does for one process: every
+# worker's rows that arrive while a commit runs go into the next one, under one fsync. The
+# workers reach it over a Unix socket in a folder only the server's user may enter, with
+# messages of a 4-byte length and marshal's encoding of (number, rows) one way and
+# (number, None or (detail, retry_after)) back. (marshal is for trusted data only: whoever may
+# connect to that socket runs as the server's user, and could write the database file itself.)
+
+
+def _message(content):
+    data = marshal.dumps(content)
+    return len(data).to_bytes(4, "big") + data
+
+
+def _messages(buffer, largest):
+    """The whole messages at the start of `buffer` (a bytearray), taken out of it; ValueError if
+    one is not a pair or announces over `largest` bytes (then the connection is no good)."""
+    found = []
+    while len(buffer) >= 4:
+        end = 4 + int.from_bytes(buffer[:4], "big")
+        if end > largest:
+            raise ValueError(f"a message of {end} bytes")
+        if len(buffer) < end:
+            break
+        try:
+            message = marshal.loads(memoryview(buffer)[4:end])
+        except (EOFError, TypeError) as error:
+            raise ValueError(str(error)) from None
+        if type(message) is not tuple or len(message) != 2:
+            raise ValueError("not a pair")
+        found.append(message)
+        del buffer[:end]
+    return found
+
+
+class RemoteWriter(Writer):
+    """A worker's Writer when another process writes: submit() sends the rows to the shared writer
+    and committed(error) is called when it answers. Whatever was sent to a writer that went away
+    unanswered gets 503, never a 204: it may or may not be stored, and a retry with its event_id
+    is safe either way."""
+
+    def __init__(self, config, store, metrics, scoreboard):
+        super().__init__(config, store, metrics)
+        self._scoreboard = scoreboard
+        self._sock = None
+        self._unanswered = {}  # message number: (committed, when it was sent)
+        self._numbers = itertools.count()
+        self._send_lock = threading.Lock()
+
+    def start(self):
+        """Nothing to open: the shared writer holds the database."""
+
+    def submit(self, rows, committed):
+        with self._send_lock:
+            if self._closed:
+                raise ServiceUnavailable("the server is shutting down; send the events again shortly", 5)
+            sock = self._sock or self._connect()
+            number = next(self._numbers)
+            self._unanswered[number] = committed, time.monotonic()
+            try:
+                sock.sendall(_message((number, rows)))
+            except OSError as error:
+                log.error("the database writer does not take events: %s", error)
+                self._unanswered.pop(number)
+                self._lost(sock)
+                raise ServiceUnavailable("the database writer is not answering; send the events again shortly")
+
+    def _connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(WRITER_TIMEOUT)
+        try:
+            sock.connect(self._scoreboard.writer_address)
+        except OSError:
+            sock.close()
+            raise ServiceUnavailable("the database writer is starting; send the events again shortly") from None
+        self._sock = sock
+        threading.Thread(target=self._read_answers, args=(sock,), name="pycolytics-answers", daemon=True).start()
+        return sock
+
+    def _read_answers(self, sock):
+        buffer = bytearray()
+        while True:
+            try:
+                data = sock.recv(RECV_BYTES)
+            except socket.timeout:  # nothing answered for a while: nothing due, or a writer stuck
+                if not self._overdue():
+                    continue
+                log.error("the database writer has not answered for %d s; connecting again", self._patience)
+                data = b""
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            try:
+                answers = _messages(buffer, RECV_BYTES)
+            except ValueError as error:
+                log.error("the database writer's answer is garbled (%s); connecting again", error)
+                break
+            for number, error in answers:
+                committed, _ = self._unanswered.pop(number, (None, None))
+                if committed is not None:
+                    if error is None:
+                        self._wrote_at = time.monotonic()
+                    committed(None if error is None else ServiceUnavailable(*error))
+        with self._send_lock:
+            self._lost(sock)
+
+    def _lost(self, sock):
+        """The shared writer went away (or stopped reading): what it did not answer gets 503."""
+        sock.close()
+        if self._sock is not sock:
+            return
+        self._sock = None
+        unanswered, self._unanswered = self._unanswered, {}
+        error = ServiceUnavailable("the database writer restarted before it answered; send the events again shortly")
+        for committed, _ in unanswered.values():
+            committed(error)
+
+    def _overdue(self):
+        """Whether an answer is due for longer than a commit may take (a writer that died, or
+        whose replacement cannot open the database, leaves the workers' messages in its socket)."""
+        sent = [when for _, when in list(self._unanswered.values())]
+        return bool(sent) and time.monotonic() - min(sent) > self._patience
+
+    def close(self):
+        """Wait for the answers still due (the server has drained), then disconnect."""
+        with self._send_lock:
+            self._closed = True
+        deadline = time.monotonic() + self._patience
+        while self._unanswered and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._send_lock:
+            if self._sock is not None:
+                self._lost(self._sock)
+
+    def prune_soon(self):
+        """The shared writer prunes: it reloads on SIGHUP too."""
+
+    def health(self):
+        problem = self._scoreboard.writer_problem()
+        if problem is not None:
+            return f"the last write failed: {problem}"
+        if self._scoreboard.states[-1] <= 0:
+            return "the database writer is not running yet (starting, or being replaced)"
+        return super().health()
+
+
+class SharedWriter(Writer):
+    """The Writer of the writer process, which tells every worker why its last write failed."""
+
+    def __init__(self, config, store, metrics, scoreboard):
+        super().__init__(config, store, metrics)
+        self._scoreboard = scoreboard
+
+    def _failed(self, error):
+        self._scoreboard.writer_failed(self.store.describe(error))
+        super()._failed(error)
+
+
+class _WorkerLink:
+    """The shared writer's end of one worker's connection."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.lock = threading.Lock()  # answers come from the writer thread
+
+    def answer(self, number, error):
+        """Tell the worker how its message `number` went."""
+        content = None if error is None else (error.detail, int(dict(error.headers).get("Retry-After", 1)))
+        with self.lock:
+            try:
+                self.sock.sendall(_message((number, content)))
+            except OSError:  # the worker died, or stopped reading: its clients got no 204
+                self.hang_up()
+
+    def hang_up(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the loop reads the end of it, and closes it
+        except OSError:
+            pass
+
+    def close(self):
+        with self.lock:
+            self.sock.close()
+
+
+def write_for_workers(config, load, scoreboard, listener):
+    """The shared writer's process: commit what the workers send until SIGTERM; the exit status."""
+    stopping, reloading = [], []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGHUP, lambda *_: reloading.append(True))
+    wake_reader, wake_writer = socket.socketpair()
+    wake_writer.setblocking(False)
+    signal.set_wakeup_fd(wake_writer.fileno())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)
+    sink = _log_to_sink()
+    writer = SharedWriter(config, store_for(config), Metrics(scoreboard.rows, scoreboard.row), scoreboard)
+    try:
+        writer.start()
+    except Exception as error:  # the database's own errors, whichever it is
+        log.error("the database writer cannot open the database %s: %s", _redacted(config.database), error)
+        return 1
+    scoreboard.serving()
+    log.info("the database writer (pid %d) writes for the workers", os.getpid())
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(wake_reader, selectors.EVENT_READ)
+    links = {}
+    while not stopping:
+        for key, _ in selector.select(1.0):
+            if key.fileobj is wake_reader:
+                wake_reader.recv(4096)
+            elif key.fileobj is listener:
+                _welcome_worker(listener, selector, links)
+            else:
+                _take_rows(links[key.fileobj], writer, selector, links)
+        if reloading:
+            reloading.clear()
+            _reload_writer(writer, load)
+    writer.close()  # the workers have stopped: what they sent last is committed now
+    for link in links.values():
+        link.close()
+    log.info("the database writer stopped; every acknowledged event is committed")
+    sink.drain()
+    return 0
+
+
+def _welcome_worker(listener, selector, links):
+    try:
+        sock, _ = listener.accept()
+    except OSError:
+        return
+    sock.settimeout(WRITER_TIMEOUT)
+    links[sock] = _WorkerLink(sock)
+    selector.register(sock, selectors.EVENT_READ)
+
+
+def _take_rows(link, writer, selector, links):
+    """Read what a worker sent; hand each whole message's rows to the writer."""
+    try:
+        data = link.sock.recv(RECV_BYTES)
+    except (socket.timeout, OSError):
+        data = b""
+    if not data:  # the worker is gone: half a message of its stays unstored, and unanswered
+        selector.unregister(link.sock)
+        del links[link.sock]
+        link.close()
+        return
+    link.buffer += data
+    try:
+        messages = _messages(link.buffer, 2 * writer.config.max_buffered_bytes + RECV_BYTES)
+    except ValueError as error:  # only a worker connects, but not every bug may stop the writer
+        log.error("a worker's message is garbled (%s): its connection is closed", error)
+        messages = []
+        link.hang_up()
+    for number, rows in messages:
+        try:
+            writer.submit(rows, functools.partial(link.answer, number))
+        except ServiceUnavailable as error:
+            link.answer(number, error)
+
+
+def _reload_writer(writer, load):
+    """SIGHUP: the settings a writer uses (retention_days, max_pending_events, ...) from the new
+    configuration; a bad one changes nothing (the Supervisor has said so)."""
+    if load is None:
+        return
+    try:
+        config = load()
+    except ConfigError:
+        return
+    _restart_only_changes(config, writer.config)
+    writer.config = config
+    if config.retention_days:
+        writer.prune_soon()
 
 
 def _load_worker_config(load, workers):
@@ -5713,18 +6037,21 @@ class Supervisor:
     """The parent of the worker processes of `workers = N`, which does not serve.
 
     It binds the listening socket, then forks N workers that each serve it with their own
-    loop, threads and writer; the kernel gives each new connection to one of them. They share
-    the database as separate collectors do (SQLite's WAL and busy_timeout, one UNIQUE index
-    on event_id for all), and a Scoreboard: metrics, health and limits of the whole server. The parent passes SIGTERM and SIGINT on (each worker drains) and
-    SIGHUP (each reloads), replaces a worker that dies (WORKER_RESTARTS_PER_MINUTE at most),
-    and exits 0 only when every worker has drained and exited 0. It never starts a thread, so
-    forking stays safe, and it writes its few log lines to stderr itself.
+    loop and threads; the kernel gives each new connection to one of them. On SQLite it first
+    forks the database writer (number 0), which commits what every worker sends it; on
+    PostgreSQL each worker writes, as separate collectors do. They share a Scoreboard: metrics,
+    health and limits of the whole server. The parent passes SIGTERM and SIGINT on (each worker
+    drains, then the writer commits what they sent last) and SIGHUP (each reloads), replaces a
+    process that dies (WORKER_RESTARTS_PER_MINUTE at most), and exits 0 only when every one has
+    drained and exited 0. It never starts a thread, so forking stays safe, and it writes its
+    few log lines to stderr itself.
     """
 
     def __init__(self, config, load):
         self.config = config
         self.load = load
         self.listener = None
+        self._writes = None  # on SQLite: the Unix socket where the shared writer (number 0) takes rows
         self._children = {}  # pid: worker number
         self._vacant = collections.deque()  # numbers of the workers to replace
         self._replaced = collections.deque()  # when replacements started, for the last minute
@@ -5749,6 +6076,14 @@ class Supervisor:
         except OSError as error:
             log.error("cannot serve on %s:%s: %s", self.config.host, self.config.port, error)
             return 1
+        if "://" not in self.config.database:
+            try:
+                self._writes = _writer_socket()
+            except OSError as error:
+                log.error("cannot make the socket of the database writer: %s", error)
+                self.listener.close()
+                return 1
+            self.scoreboard.writer_address = self._writes.getsockname()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)  # as set_wakeup_fd needs
         handlers = {signal.SIGTERM: self._stop, signal.SIGINT: self._stop, signal.SIGCHLD: self._child_exited,
@@ -5756,7 +6091,7 @@ class Supervisor:
         before = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
         signal.set_wakeup_fd(self._wake_writer.fileno())
         try:
-            for number in range(1, self.config.workers + 1):
+            for number in range(0 if self._writes else 1, self.config.workers + 1):
                 self._start(number)
             _warn_about_keys(self.config)
             host, port = self.listener.getsockname()[:2]
@@ -5771,6 +6106,8 @@ class Supervisor:
                 signal.signal(signum, handler)
             for sock in (self.listener, self._wake_reader, self._wake_writer):
                 sock.close()
+            if self._writes is not None:
+                _remove_writer_socket(self._writes)
 
     def _stop(self, *_signal_args):
         self._stopping = True
@@ -5797,7 +6134,8 @@ class Supervisor:
         self._children[pid] = number
 
     def _work(self, number):
-        """The forked worker: serve on the shared socket, then leave without running the parent's exit code."""
+        """The forked worker: serve on the shared socket (or, number 0, write for the workers),
+        then leave without running the parent's exit code."""
         status = 1
         try:
             signal.set_wakeup_fd(-1)
@@ -5806,6 +6144,12 @@ class Supervisor:
             self._wake_reader.close()
             self._wake_writer.close()
             os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the parent, the main process only
+            if number == 0:
+                self.listener.close()  # the writer takes no connections but the workers'
+                status = write_for_workers(self.config, self.load, self.scoreboard.seat(0), self._writes)
+                return
+            if self._writes is not None:
+                self._writes.close()
             workers = self.config.workers
             load = None if self.load is None else functools.partial(_load_worker_config, self.load, workers)
             status = serve(_worker_config(self.config, workers), load, self.listener, self.scoreboard.seat(number))
@@ -5822,6 +6166,8 @@ class Supervisor:
             if self._stopping:
                 if deadline is None:
                     deadline = time.monotonic() + self.config.request_timeout + self.config.busy_timeout + 30
+                    self._signal_all(signal.SIGTERM, writer=False)  # it commits what the workers still send
+                if set(self._children.values()) == {0}:
                     self._signal_all(signal.SIGTERM)
                 if not self._children:
                     log.info("stopped; every acknowledged event is committed" if not self._failed else
@@ -5864,9 +6210,11 @@ class Supervisor:
             if self._stopping:
                 if code != 0:
                     self._failed = True
-                    log.error("worker %d (pid %d) %s while stopping", number, pid, how)
+                    who = f"worker {number}" if number else "the database writer"
+                    log.error("%s (pid %d) %s while stopping", who, pid, how)
             else:
-                log.error("worker %d (pid %d) %s; starting another", number, pid, how)
+                who = f"worker {number}" if number else "the database writer"
+                log.error("%s (pid %d) %s; starting another", who, pid, how)
                 self._vacant.append(number)
 
     def _replace(self):
@@ -5900,12 +6248,41 @@ class Supervisor:
             self._signal_all(signal.SIGHUP)
         notify_systemd("READY=1")
 
-    def _signal_all(self, signum):
-        for pid in self._children:
+    def _signal_all(self, signum, writer=True):
+        for pid, number in list(self._children.items()):
+            if number == 0 and not writer:
+                continue
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass  # it has exited; the next reap sees it
+
+
+def _writer_socket():
+    """A listening Unix socket for the shared writer, in a new folder only this user may enter."""
+    import tempfile  # here: only a server with worker processes needs it
+
+    folder = tempfile.mkdtemp(prefix="pycolytics-")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.path.join(folder, "writer"))
+        sock.listen(MAX_WORKERS)
+    except OSError:
+        sock.close()
+        os.rmdir(folder)
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _remove_writer_socket(sock):
+    path = sock.getsockname()
+    sock.close()
+    try:
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass
 
 
 def _log_to_sink():

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -3722,6 +3723,12 @@ def children(pid):
         return [int(child) for child in file.read().split()]
 
 
+def workers_of(process, log_lines):
+    """The worker processes of a server with workers = N: its children but the database writer."""
+    writers = re.findall(r"the database writer \(pid (\d+)\) writes", "".join(log_lines.lines))
+    return [pid for pid in children(process.pid) if str(pid) not in writers]
+
+
 def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as file:
         fields = file.read().rsplit(")", 1)[1].split()
@@ -3765,7 +3772,7 @@ def workers_serving(tmp_path, settings=""):
     process, address, database, lines = start_server(tmp_path, "--quiet", "--database", "events.db")
     try:
         log_lines = LogLines(process, lines)
-        assert until(lambda: log_lines.count("serving") == 2)
+        assert until(lambda: log_lines.count("serving") == 2 and log_lines.count("writes for the workers") == 1)
         yield process, address, database, log_lines
     finally:
         if process.poll() is None:
@@ -3804,14 +3811,14 @@ def test_workers_1_serves_in_one_process_without_forking(tmp_path):
 
 
 def test_two_workers_both_serve_and_store_every_event_of_many_clients_exactly_once(two_workers):
-    process, address, database, _ = two_workers
-    workers = children(process.pid)
-    assert len(workers) == 2
+    process, address, database, log_lines = two_workers
+    workers = workers_of(process, log_lines)
+    assert len(workers) == 2 and len(children(process.pid)) == 3  # and the database writer
     before = {pid: cpu_ticks(pid) for pid in workers}
     assert post_batches(address, "a") == [204] * 320
     assert post_batches(address, "a", clients=4, batches=5) == [204] * 20  # the same event_ids again
     assert all(cpu_ticks(pid) > before[pid] for pid in workers)  # each worker took its share
-    assert children(process.pid) == workers
+    assert workers_of(process, log_lines) == workers
     users = [user for user, in stored(database, "user_id")]
     assert len(users) == 1600 and len(set(users)) == 1600
 
@@ -3865,13 +3872,13 @@ def test_sighup_to_the_parent_reloads_every_worker_for_new_connections(two_worke
 
 def test_a_worker_killed_with_sigkill_is_replaced_and_the_server_keeps_serving(two_workers):
     process, address, database, log_lines = two_workers
-    first, second = children(process.pid)
+    first, second = workers_of(process, log_lines)
     os.kill(first, signal.SIGKILL)
     # the supervisor's own account first (its log), then what the kernel says of its children
     assert until(lambda: log_lines.count(f"(pid {first}) was killed by signal 9; starting another") == 1)
     assert until(lambda: log_lines.count("serving") == 3)
-    assert until(lambda: len(children(process.pid)) == 2)
-    assert first not in children(process.pid) and second in children(process.pid)
+    assert until(lambda: len(workers_of(process, log_lines)) == 2)
+    assert first not in workers_of(process, log_lines) and second in workers_of(process, log_lines)
     assert post_batches(address, "b", clients=8, batches=10) == [204] * 80
     assert count(database) == 400
 
@@ -3902,23 +3909,23 @@ def test_the_workers_commit_lock_excludes_and_is_released_when_its_holder_is_kil
 
 def kill_and_see_replaced(process, log_lines, victim=None):
     """SIGKILL one worker (the first, unless `victim`) and wait until another serves in its place."""
-    victim = victim or children(process.pid)[0]
+    victim = victim or workers_of(process, log_lines)[0]
     serving = log_lines.count("serving")
     os.kill(victim, signal.SIGKILL)
     assert until(lambda: log_lines.count(f"(pid {victim}) was killed by signal 9; starting another") == 1)
     assert until(lambda: log_lines.count("serving") == serving + 1)
-    assert until(lambda: len(children(process.pid)) == 2)
-    assert victim not in children(process.pid)
+    assert until(lambda: len(workers_of(process, log_lines)) == 2)
+    assert victim not in workers_of(process, log_lines)
 
 
 def test_workers_that_keep_dying_are_replaced_at_most_5_times_a_minute(two_workers):
     process, address, database, log_lines = two_workers
     for _ in range(pycolytics.WORKER_RESTARTS_PER_MINUTE):
         kill_and_see_replaced(process, log_lines)
-    os.kill(children(process.pid)[0], signal.SIGKILL)
+    os.kill(workers_of(process, log_lines)[0], signal.SIGKILL)
     assert until(lambda: log_lines.count("the next waits") == 1)
     time.sleep(1)  # the supervisor's loop turns at least once a second: it would have replaced the worker by now
-    assert len(children(process.pid)) == 1
+    assert len(workers_of(process, log_lines)) == 1
     assert post_over(http.client.HTTPConnection(*address, timeout=10), event()) == 204  # the other one serves
 
 
@@ -3939,8 +3946,8 @@ def health(address):
 
 
 def test_metrics_from_either_worker_count_every_workers_requests_and_events(two_workers):
-    process, address, database, _ = two_workers
-    workers = children(process.pid)
+    process, address, database, log_lines = two_workers
+    workers = workers_of(process, log_lines)
     before = {pid: cpu_ticks(pid) for pid in workers}
     assert post_batches(address, "m") == [204] * 320
     assert all(cpu_ticks(pid) > before[pid] for pid in workers)  # each worker answered some
@@ -3954,7 +3961,7 @@ def test_metrics_from_either_worker_count_every_workers_requests_and_events(two_
 def test_the_counts_of_workers_that_died_stay_in_metrics(two_workers):
     process, address, database, log_lines = two_workers
     assert post_batches(address, "d", clients=8, batches=10) == [204] * 80
-    for victim in children(process.pid):  # both: whichever took the posts
+    for victim in workers_of(process, log_lines):  # both: whichever took the posts
         kill_and_see_replaced(process, log_lines, victim)
     assert post_batches(address, "e", clients=2, batches=5) == [204] * 10
     for _ in range(5):
@@ -3989,7 +3996,7 @@ def test_max_connections_per_address_holds_for_the_whole_server_and_frees_a_dead
         held = [connect() for _ in range(6)]
         assert [connection is not None for connection in held] == [True] * 4 + [False] * 2
         assert normal_client_is_served(address, source=("127.0.0.3", 0))  # another address is not held back
-        for victim in children(process.pid):  # every connection dies with its worker, and its count with it
+        for victim in workers_of(process, log_lines):  # every connection dies with its worker, and its count with it
             kill_and_see_replaced(process, log_lines, victim)
         held = [connect() for _ in range(5)]
         assert [connection is not None for connection in held] == [True] * 4 + [False]
@@ -3998,17 +4005,17 @@ def test_max_connections_per_address_holds_for_the_whole_server_and_frees_a_dead
 def test_healthz_names_a_worker_being_replaced_and_stays_200_while_another_serves(two_workers):
     process, address, database, log_lines = two_workers
     assert health(address) == (200, {"status": "ok", "database": "accepts writes", "version": pycolytics.__version__,
-                                     "workers": {"1": "serving", "2": "serving"}})
+                                     "workers": {"1": "serving", "2": "serving"}, "writer": "writing"})
     for _ in range(pycolytics.WORKER_RESTARTS_PER_MINUTE):
         kill_and_see_replaced(process, log_lines)
-    os.kill(children(process.pid)[0], signal.SIGKILL)
+    os.kill(workers_of(process, log_lines)[0], signal.SIGKILL)
     assert until(lambda: log_lines.count("the next waits") == 1)
     for _ in range(5):
         status, answer = health(address)
         assert status == 200 and sorted(answer["workers"].values()) == ["died; being replaced", "serving"]
 
 
-def test_healthz_of_either_worker_is_503_while_one_workers_last_write_failed(tmp_path):
+def test_healthz_of_either_worker_is_503_while_the_writers_last_write_failed(tmp_path):
     with workers_serving(tmp_path, "busy_timeout = 1\n") as (process, address, database, _):
         locker = sqlite3.connect(database, isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")
@@ -4017,15 +4024,107 @@ def test_healthz_of_either_worker_is_503_while_one_workers_last_write_failed(tmp
         finally:
             locker.rollback()
             locker.close()
-        failed_at = time.monotonic()  # the failed worker tries a write again in HEALTH_PROBE_SECONDS
+        failed_at = time.monotonic()  # the writer tries a write again in HEALTH_PROBE_SECONDS
         answers = []
         while len(answers) < 10 and time.monotonic() < failed_at + pycolytics.HEALTH_PROBE_SECONDS - 1:
             answers.append(health(address))
         assert answers and all(status == 503 for status, _ in answers)
-        assert all(sorted(answer["workers"].values()) == ["serving", "serving; its last write failed"]
-                   for _, answer in answers)
+        assert all(answer["database"] == "the last write failed: database is locked"
+                   and answer["writer"] == "its last write failed"
+                   and answer["workers"] == {"1": "serving", "2": "serving"} for _, answer in answers)
         assert until(lambda: health(address)[0] == 200)  # the probe succeeded: no events needed
         assert post_over(http.client.HTTPConnection(*address, timeout=30), event()) == 204
+
+
+def writer_of(log_lines):
+    """The pid of the database writer of workers = N now running, from the server's log."""
+    return int(re.findall(r"the database writer \(pid (\d+)\) writes", "".join(log_lines.lines))[-1])
+
+
+def test_the_database_writer_killed_is_replaced_and_no_event_it_lost_got_a_204(two_workers):
+    process, address, database, log_lines = two_workers
+    acknowledged, statuses = [], collections.Counter()
+    stop = threading.Event()
+
+    def client(n):
+        for i in itertools.count():
+            ids = [f"{n}-{i}-{k}" for k in range(3)]
+            connection = http.client.HTTPConnection(*address, timeout=30)
+            status = post_over(connection, [event(user_id=user, event_id=user) for user in ids], "/v1.0/events")
+            connection.close()
+            statuses[status] += 1
+            if status == 204:
+                acknowledged.extend(ids)
+            if stop.is_set():
+                return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert until(lambda: len(acknowledged) > 300)
+        writer = writer_of(log_lines)
+        os.kill(writer, signal.SIGKILL)
+        assert until(lambda: log_lines.count(f"database writer (pid {writer}) was killed by signal 9; starting another"))
+        assert until(lambda: log_lines.count("writes for the workers") == 2)
+        served = len(acknowledged)
+        assert until(lambda: len(acknowledged) > served + 300)  # the new writer takes events
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert set(statuses) <= {204, 503}
+    assert set(acknowledged) <= {user for user, in stored(database, "user_id")}
+    assert until(lambda: health(address)[1]["writer"] == "writing")
+
+
+def test_sighup_puts_a_new_retention_in_force_in_the_database_writer(tmp_path):
+    with workers_serving(tmp_path) as (process, address, database, log_lines):
+        long_ago = time.time() - 100 * 86400
+        batch = [event(user_id=str(n), timestamp=long_ago) for n in range(5)] + [event(user_id="today")]
+        assert post_over(http.client.HTTPConnection(*address, timeout=10), batch, "/v1.0/events") == 204
+        assert count(database) == 6
+        (tmp_path / "pycolytics.ini").write_text(f"[pycolytics]\nworkers = 2\napi_keys = {KEY}\nretention_days = 30\n")
+        process.send_signal(signal.SIGHUP)
+        assert until(lambda: log_lines.count("configuration reloaded") == 2)
+        assert until(lambda: count(database) == 1)  # the writer prunes at once, not in an hour
+        assert stored(database, "user_id") == [("today",)]
+
+
+def unix_socket_path(pid):
+    """The path of the Unix socket that process `pid` holds open (one only)."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    with open("/proc/net/unix") as table:
+        paths = [line.split()[7] for line in table.read().splitlines()[1:]
+                 if len(line.split()) > 7 and line.split()[6] in inodes]
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_the_database_writers_socket_is_the_servers_users_only_and_goes_with_it(two_workers):
+    process, address, database, log_lines = two_workers
+    path = unix_socket_path(writer_of(log_lines))
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    assert not os.path.exists(os.path.dirname(path))
+
+
+@pytest.mark.parametrize("sent", [b"\0\0\0\x40half a message", b"\0\0\0\x03xyz", b"\xff\xff\xff\xffhuge",
+                                  b"\0\0\0\x02N." + bytes(8)], ids=["half", "not-marshal", "huge", "not-a-pair"])
+def test_a_garbled_message_on_the_writers_socket_stops_neither_the_writer_nor_serving(two_workers, sent):
+    process, address, database, log_lines = two_workers
+    writer = writer_of(log_lines)
+    with socket.socket(socket.AF_UNIX) as intruder:
+        intruder.settimeout(10)
+        intruder.connect(unix_socket_path(writer))
+        intruder.sendall(sent)
+        if sent != b"\0\0\0\x40half a message":
+            assert intruder.recv(4096) == b""  # the writer hangs up on it
+    assert [normal_client_is_served(address) for _ in range(10)] == [True] * 10
+    assert writer_of(log_lines) == writer and writer in children(process.pid)
+    assert count(database) == 10
 
 
 # -- Behind nginx, and under a path prefix ---------------------------------------------------------

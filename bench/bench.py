@@ -99,7 +99,7 @@ def rss_kib(pid, field="VmRSS"):
 def workers_memory(pid, started_as):
     """A note on the memory of a server with workers: RSS of each process, and their PSS together
     (which counts the pages a fork shares once, so it is what they cost the machine)."""
-    pids = [pid] + children(pid)
+    pids = [pid] + children(pid)  # on SQLite, the database writer is the first child
     pss = 0
     for each in pids:
         try:
@@ -107,10 +107,10 @@ def workers_memory(pid, started_as):
                 pss += int(re.search(r"Pss:\s+(\d+)", rollup.read()).group(1))
         except (OSError, AttributeError):
             pass
-    each_rss = ", ".join(f"{rss_kib_one(worker) / 1024:.1f}" for worker in pids[1:])
+    each_rss = ", ".join(f"{rss_kib_one(child) / 1024:.1f}" for child in pids[1:])
     return (f"idle with workers = 2, started as {started_as}, after the first 204: "
-            f"the parent {rss_kib_one(pid) / 1024:.1f} MiB RSS, "
-            f"the workers {each_rss} MiB each; all three together {pss / 1024:.1f} MiB PSS")
+            f"the parent {rss_kib_one(pid) / 1024:.1f} MiB RSS, the database writer and the workers "
+            f"{each_rss} MiB each; all {len(pids)} together {pss / 1024:.1f} MiB PSS")
 
 
 def rss_kib_one(pid, field="VmRSS"):

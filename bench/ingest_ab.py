@@ -2,7 +2,7 @@
 """Ingestion of this pycolytics.py against another one (an older commit's), in turns, in one run.
 
     git show 407b488:pycolytics.py > /tmp/before.py
-    python3 bench/ingest_ab.py /tmp/before.py [--rounds 3] [--seconds 3]
+    python3 bench/ingest_ab.py /tmp/before.py [--rounds 3] [--seconds 3] [--workers 2]
 
 Each round starts each server on a new SQLite database (synchronous = full, as by default) and
 drives it with batches of 100 events from 100 players in their own sessions, then with single
@@ -30,11 +30,11 @@ def varied_batch(size):
                        for n in range(size)]).encode()
 
 
-def one_round(program, seconds, connections):
+def one_round(program, seconds, connections, workers):
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
         database = os.path.join(folder, "events.db")
-        service = bench.start_pycolytics(database, program=[program])
+        service = bench.start_pycolytics(database, program=[program], environ={"PYCOLYTICS_WORKERS": str(workers)})
         try:
             batch = bench.measured(service, database, "/v1.0/events", varied_batch(100), 100, connections, seconds)
             single = bench.measured(service, database, "/v1.0/event", bench.single_body(), 1, connections, seconds)
@@ -51,12 +51,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="the workers setting of both servers (default 1)")
     arguments = parser.parse_args()
     this = os.path.join(bench.ROOT, "pycolytics.py")
     ratios = {}
     for number in range(arguments.rounds):
-        a = one_round(this, arguments.seconds, arguments.connections)
-        b = one_round(os.path.abspath(arguments.other), arguments.seconds, arguments.connections)
+        a = one_round(this, arguments.seconds, arguments.connections, arguments.workers)
+        b = one_round(os.path.abspath(arguments.other), arguments.seconds, arguments.connections, arguments.workers)
         for cell in a:
             ratios.setdefault(cell, []).append(a[cell] / b[cell])
             print(f"round {number + 1} {cell:<16} this {a[cell]:>9,.0f}  other {b[cell]:>9,.0f} events/s"
