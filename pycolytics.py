@@ -4707,6 +4707,11 @@ class _Connection:
         self.since = time.monotonic()  # when it connected, or began its request
 
 
+def _origin(connection):
+    """The Origin header of the request the connection is reading, if its head has arrived."""
+    return connection.request.headers.get("origin") if connection.request is not None else None
+
+
 def _cgi_name(name):
     """The environ key of a header (PEP 3333), or "" for one left out: a name with an underscore
     would be confused with the same name with a dash (a spoofing trick)."""
@@ -4861,6 +4866,7 @@ class Server:
         self._answer_in_loop = getattr(app, "answer_in_loop", None)
         self._turn_ended = getattr(app, "loop_turn_ended", None)
         self._server_answered = getattr(app, "server_answered", None)
+        self._cors_headers = getattr(app, "cors_headers", None)
         self._reload_requested = False
         self._tls = tls_context(config)
         self._tls_pending = self._tls_errors()
@@ -5085,7 +5091,7 @@ class Server:
                 connection = waiting.popitem(last=False)[1]
                 if connection.buffer or connection.request is not None:
                     self._send_now(connection, self._refusal(RequestTimeout(
-                        "the server is full and this request was too slow to arrive")))
+                        "the server is full and this request was too slow to arrive"), _origin(connection)))
                 self._close(connection)
                 return True
         return False
@@ -5166,9 +5172,8 @@ class Server:
                 return None
             if end > config.max_head_bytes:
                 raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
-            request = _parse_head(bytes(buffer[:end]), config)
-            self._reserve(connection, request.length)
-            connection.request = request
+            connection.request = request = _parse_head(bytes(buffer[:end]), config)
+            self._reserve(connection, request.length)  # a refusal may read the request's Origin
             connection.body_start = end + 4
         request = connection.request
         end = connection.body_start + request.length
@@ -5282,7 +5287,7 @@ class Server:
         for a moment (a "lingering close", as Apache and nginx do).
         """
         try:
-            connection.sock.send(self._refusal(error))
+            connection.sock.send(self._refusal(error, _origin(connection)))
             connection.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(connection)
@@ -5295,9 +5300,12 @@ class Server:
         connection.deadline = time.monotonic() + LINGER_SECONDS
         self._idle[connection.sock] = connection  # the first to go when slots run out
 
-    def _refusal(self, error):
-        """The bytes of the answer to a request the server refuses by itself (counted as answered)."""
+    def _refusal(self, error, origin=None):
+        """The bytes of the answer to a request the server refuses by itself (counted as answered),
+        readable by the page that sent it if it may post here (`origin`, when the head was read)."""
         status, headers, body = _error_parts(error)
+        if self._cors_headers is not None:
+            headers = headers + self._cors_headers(origin)
         self._answered(status)
         head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
         return ("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body

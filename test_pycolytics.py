@@ -2982,6 +2982,28 @@ def test_bad_framing_is_refused_and_the_server_keeps_serving(server, database, r
     assert count(database) == 1
 
 
+@pytest.mark.parametrize("origins, origin, allowed", [
+    ("https://game.example", b"https://game.example", b"Access-Control-Allow-Origin: https://game.example\r\n"),
+    ("https://game.example", b"https://elsewhere.example", None),
+    ("*", b"https://elsewhere.example", b"Access-Control-Allow-Origin: *\r\n"),
+])
+def test_the_servers_own_refusals_are_readable_by_the_pages_that_may_post(settings, origins, origin, allowed):
+    """A browser game whose batch is too large, or whose request dawdles, can read why (413, 408):
+    the server's own refusals carry the same CORS headers as the application's answers."""
+    with serving(settings, cors_origins=origins, request_timeout=1) as server:
+        too_large = exchange(server, b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\n"
+                                     b"Content-Length: 99999999\r\n\r\n[" % origin)
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            sock.sendall(b"POST /v1.0/event HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\nContent-Length: 50\r\n\r\n{" % origin)
+            too_slow = read_all(sock)
+    assert too_large.startswith(b"HTTP/1.1 413") and too_slow.startswith(b"HTTP/1.1 408")
+    for answer in (too_large, too_slow):
+        head = answer.split(b"\r\n\r\n")[0] + b"\r\n"
+        assert (b"Access-Control-Allow-Origin" in head) == (allowed is not None)
+        assert allowed is None or allowed in head
+        assert b'"detail"' in answer
+
+
 def test_the_framing_limits_are_settings(settings):
     with serving(settings, max_request_line=100, max_header_fields=3) as server:
         assert exchange(server, b"GET /" + b"a" * 120 + b" HTTP/1.1\r\nHost: t\r\n\r\n").startswith(b"HTTP/1.1 414")
