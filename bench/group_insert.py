@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""One group of rows into SQLite: executemany (what SQLiteStore.insert does) against one
-INSERT ... SELECT FROM json_each(?) that takes the whole group as one JSON text.
+"""One group of rows into SQLite, three ways: executemany of the one-row INSERT (what
+SQLiteStore.insert did until issue 14's second round), INSERTs of up to 64 rows each (what it
+does now), and one INSERT ... SELECT FROM json_each(?) that takes the whole group as one JSON text.
 
     python3 bench/group_insert.py                   # groups of 100 and 1600 rows, 2 s per cell
     python3 bench/group_insert.py --seconds 5
@@ -11,10 +12,11 @@ synchronous=OFF (so no fsync hides the CPU), first alone, then beside a thread t
 re-encodes batches as the event loop does (the two share the GIL). CPU is the writer thread's own.
 Before timing, both ways store the same tricky rows (unicode, quotes, backslashes, control
 characters, a 4300-digit integer, duplicate event_ids within a group and against stored rows),
-and the two databases are compared row by row: a way that stored anything else is not timed.
+and the databases are compared row by row: a way that stored anything else is not timed.
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -47,7 +49,12 @@ def json_each(connection, rows):
     connection.execute(JSON_EACH_INSERT, (pycolytics._compact_json(rows),))
 
 
-WAYS = {"executemany": executemany, "json_each": json_each}
+def multi_row(connection, rows):
+    for start, size in pycolytics._chunks(len(rows)):
+        connection.execute(pycolytics._insert_rows(size), list(itertools.chain.from_iterable(rows[start:start + size])))
+
+
+WAYS = {"executemany": executemany, "multi-row": multi_row, "json_each": json_each}
 
 
 def tricky_groups():
@@ -77,8 +84,9 @@ def same_rows(folder):
         counts[way] = [insert(connection, way, group) for group in tricky_groups()]
         stored[way] = connection.execute("SELECT *, typeof(value), typeof(event_id) FROM event ORDER BY id").fetchall()
         connection.close()
-    if stored["executemany"] != stored["json_each"] or counts["executemany"] != counts["json_each"]:
-        raise SystemExit(f"the two ways stored different rows:\n{stored}\n{counts}")
+    for way in WAYS:
+        if stored[way] != stored["executemany"] or counts[way] != counts["executemany"]:
+            raise SystemExit(f"{way} and executemany stored different rows:\n{stored}\n{counts}")
     return len(stored["executemany"])
 
 
@@ -124,7 +132,7 @@ def main(argv=None):
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pycolytics-group-") as folder:
         checked = same_rows(folder)
-        print(f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}: both ways stored the same "
+        print(f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}: every way stored the same "
               f"{checked} tricky rows")
         print()
         print("| rows per group | event loop beside | way | rows/s | writer CPU per row | event loop's events/s |")
