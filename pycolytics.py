@@ -4538,6 +4538,9 @@ PIPELINE_ROUNDS = 16
 # How long the server stops accepting when it is out of file descriptors, for the ones in
 # use to be closed; meanwhile the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
+# With workers = N, how long a worker that holds more connections than another leaves a
+# newcomer to that one before it takes it itself (the other may be busy, or stuck).
+ACCEPT_YIELD_SECONDS = 0.002
 
 # How long a connection that has sent nothing, or only part of a request, is safe from being
 # closed to make room for a newcomer when every slot is taken. A client sends a whole request
@@ -4890,6 +4893,13 @@ class Server:
         self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
         self._connections = {}
         self._per_address = OpenConnections() if open_connections is None else open_connections
+        # Worker processes share the listening socket, and the kernel wakes every one of them for
+        # a newcomer: the first awake would take a whole burst of connections (a client pool's,
+        # a proxy's), and keep them. So each says how many it holds, and yields to one with fewer.
+        self._holding = getattr(open_connections, "holding", None)
+        self._crowded = getattr(open_connections, "crowded", None)
+        self._yield_until = 0.0  # while it leaves newcomers to another worker
+        self._yielded = False  # then it takes the next newcomer itself, whatever the others hold
         self._reserved = 0  # body bytes announced by requests being read or answered
         self._busy = 0
         self._listening = False
@@ -4952,6 +4962,8 @@ class Server:
         try:
             while True:
                 timeout = 0 if self._ready or self._finished else 1.0
+                if self._yield_until:
+                    timeout = min(timeout, max(0.0, self._yield_until - time.monotonic()))
                 for key, _ in self._selector.select(timeout):
                     callback, connection = key.data
                     try:  # _guarded, written out on the hottest path
@@ -4965,6 +4977,9 @@ class Server:
                     self._reload_requested = False
                     self._guarded(self.reload)
                 now = time.monotonic()
+                if self._yield_until and now >= self._yield_until:
+                    self._yield_until, self._yielded = 0.0, True
+                    self._listen(True)
                 if self._stopping:
                     if drain_by is None:
                         drain_by = now + self.config.request_timeout + self.config.busy_timeout
@@ -5027,6 +5042,11 @@ class Server:
 
     def _accept(self):
         for _ in range(64):  # a few per turn: a flood of newcomers must not starve the rest
+            if self._crowded is not None and not self._yielded and self._crowded():
+                self._yield_until = time.monotonic() + ACCEPT_YIELD_SECONDS
+                self._listen(False)
+                return
+            self._yielded = False
             if len(self._connections) >= self.config.max_connections and not self._make_room():
                 self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
                 return
@@ -5062,6 +5082,8 @@ class Server:
         self._connections[sock] = connection
         self._fresh[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
+        if self._holding is not None:
+            self._holding(len(self._connections))
 
     def _turn_away(self, sock):
         """Close a connection at once, with a 503 if it speaks plain HTTP: nothing of it is kept."""
@@ -5339,6 +5361,8 @@ class Server:
         self._release(connection)
         if connection.limited:
             self._per_address.disconnected(connection.peer)
+        if self._holding is not None:
+            self._holding(len(self._connections))
         try:
             self._selector.unregister(connection.sock)
         except (KeyError, ValueError):
@@ -5671,7 +5695,8 @@ class Scoreboard:
       -1 once it died (until its replacement serves); and whether its last write failed. The
       same for the shared writer, with why its last write failed.
     - the counts behind rate_limit and max_connections_per_address (AddressCounts), so each
-      limit is the whole server's, whichever worker a client's connections reach.
+      limit is the whole server's, whichever worker a client's connections reach; and how many
+      connections each worker holds, so that newcomers go to the one with fewest.
     - on SQLite, `writer_address`: where the shared writer takes the workers' rows (set by the
       Supervisor; None on PostgreSQL, where each worker writes, as separate collectors do).
 
@@ -5683,9 +5708,10 @@ class Scoreboard:
         workers = config.workers
         self.workers_count = workers
         self.worker = self.row = None  # a seat's
-        memory = _shared_integers((workers + 1) * (Metrics.WIDTH + 1))
+        memory = _shared_integers((workers + 1) * (Metrics.WIDTH + 1) + workers)
         self.rows = [memory[n * Metrics.WIDTH:(n + 1) * Metrics.WIDTH] for n in range(workers + 1)]
-        self.states = memory[(workers + 1) * Metrics.WIDTH:]  # the workers', then the writer's
+        self.states = memory[(workers + 1) * Metrics.WIDTH:(workers + 1) * (Metrics.WIDTH + 1)]  # the writer's last
+        self.held = memory[(workers + 1) * (Metrics.WIDTH + 1):]  # each worker's open connections
         self.requests = AddressCounts(MAX_TRACKED_CLIENTS // ADDRESS_SET_ENTRIES, ADDRESS_SET_ENTRIES)
         # A set per connection the server may hold, each with room for one address in every worker
         # and ADDRESS_SET_ENTRIES more: for a set to be full, more than that many of the
@@ -5709,6 +5735,7 @@ class Scoreboard:
             self.states[-1] = -1
             return
         self.states[number - 1] = -1
+        self.held[number - 1] = 0
         self.connections.forget(number)
 
     def workers(self):
@@ -5745,6 +5772,15 @@ class Scoreboard:
         text = problem.encode("utf-8")[:WRITER_PROBLEM_BYTES - 2]
         self._problem[2:2 + len(text)] = text
         self._problem[:2] = len(text).to_bytes(2, "big")
+
+    def holding(self, count):
+        """This worker holds `count` open connections now."""
+        self.held[self.worker - 1] = count
+
+    def crowded(self):
+        """Whether another serving worker holds fewer connections than this one (so it takes the next)."""
+        mine = self.held[self.worker - 1]
+        return any(state > 0 and held < mine for state, held in zip(self.states[:-1], self.held))
 
     def connected(self, address, limit):
         """As OpenConnections.connected, for the whole server."""

@@ -3845,6 +3845,60 @@ def test_two_workers_both_serve_and_store_every_event_of_many_clients_exactly_on
     assert len(users) == 1600 and len(set(users)) == 1600
 
 
+def open_sockets(pid):
+    """How many sockets process `pid` holds open."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:  # closed meanwhile
+            pass
+    return count
+
+
+def test_a_burst_of_kept_alive_connections_is_spread_over_the_workers(two_workers):
+    """A client pool (or a proxy) opens its connections at once and keeps them: the kernel wakes
+    every worker for each, and the first awake would take them all and serve all their requests."""
+    process, address, database, log_lines = two_workers
+    workers = workers_of(process, log_lines)
+    for _ in range(3):
+        before = {pid: open_sockets(pid) for pid in workers}
+        pool = [socket.create_connection(address, timeout=10) for _ in range(16)]
+        try:
+            assert until(lambda: sum(open_sockets(pid) - before[pid] for pid in workers) == 16)
+            held = sorted(open_sockets(pid) - before[pid] for pid in workers)
+            assert held[0] >= 6, held
+            for sock in pool:
+                sock.sendall(one_event_request("pooled", close=False))
+            assert all(read_all(sock, answers=1).startswith(b"HTTP/1.1 204") for sock in pool)
+        finally:
+            for sock in pool:
+                sock.close()
+        # all closed again (a worker's first event also opened its connection to the database writer)
+        assert until(lambda: all(open_sockets(pid) <= before[pid] + 1 for pid in workers))
+    assert count(database) == 48
+
+
+def test_a_worker_that_holds_more_connections_still_serves_newcomers_while_the_other_is_stopped(two_workers):
+    """A worker yields newcomers to one that holds fewer connections, but only for a moment: the
+    other may be busy, or stuck (here: stopped), and then it takes them itself."""
+    process, address, database, log_lines = two_workers
+    stopped, _ = workers_of(process, log_lines)
+    held = [socket.create_connection(address, timeout=10) for _ in range(8)]  # four each
+    time.sleep(0.5)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        held += [socket.create_connection(address, timeout=10) for _ in range(4)]  # the other holds more now
+        started = time.monotonic()
+        assert [normal_client_is_served(address, timeout=5) for _ in range(20)] == [True] * 20
+        assert time.monotonic() - started < 5
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        for sock in held:
+            sock.close()
+    assert count(database) == 20
+
+
 def test_sigterm_to_the_parent_drains_every_worker_and_exits_0_with_every_acknowledged_event(two_workers):
     process, address, database, _ = two_workers
     workers = children(process.pid)
