@@ -56,7 +56,8 @@ GROUPS = {
         f"(key or origin or games) and {SQLITE} and not keygen and not browser and not nginx",
     ),
     "storage": (
-        ["connect", "SQLiteStore.insert", "Writer.submit", "Writer.write", "Writer._run", "Writer._commit"],
+        ["connect", "SQLiteStore.insert", "_chunks", "Writer.submit", "Writer.write", "Writer._run",
+         "Writer._commit"],
         f"((stored or batch or database or synchronous or pending or writer or sigterm) and {SQLITE}"
         " and not generated and not browser and not gunicorn and not copy and not sigkill and not two_)"
         # the writer's retry after a connection lost before the commit: PostgreSQL's alone
@@ -94,6 +95,12 @@ GROUPS = {
          "_SummaryReader._present", "_shorter_than", "SQLiteStore.forget", "Writer._prune"],
         f"(report or summar or retention_days or edges or synchronous) and {SQLITE} and not browser and not nginx"
         " and not fuzz",
+    ),
+    "workers": (  # worker processes and their database writer: the tests run live servers, so few mutants
+        ["_messages", "RemoteWriter.submit", "RemoteWriter._read_answers", "RemoteWriter._lost",
+         "RemoteWriter._overdue", "RemoteWriter.health", "_take_rows", "_reload_writer", "Scoreboard.crowded",
+         "Scoreboard.writer_problem", "Server._accept", "Supervisor._supervise", "Supervisor._reap"],
+        f"(worker or writer or garbled or burst) and {SQLITE} and not browser and not nginx and not gunicorn",
     ),
     "postgresql": (
         ["PostgresStore.insert", "PostgresStore.prune", "PostgresStore._create_schema"],
