@@ -3899,35 +3899,46 @@ def test_a_worker_that_holds_more_connections_still_serves_newcomers_while_the_o
     assert count(database) == 20
 
 
-def test_sigterm_to_the_parent_drains_every_worker_and_exits_0_with_every_acknowledged_event(two_workers):
-    process, address, database, _ = two_workers
-    workers = children(process.pid)
-    acknowledged = []
-    stop = threading.Event()
+@contextlib.contextmanager
+def clients_posting(address, clients):
+    """`clients` threads posting batches of 3 events (each with an event_id), a new connection
+    each, until the block ends or the server stops answering; yields (acknowledged user ids,
+    statuses counted)."""
+    acknowledged, statuses, stop = [], collections.Counter(), threading.Event()
 
     def client(n):
         for i in itertools.count():
             ids = [f"{n}-{i}-{k}" for k in range(3)]
             try:
                 connection = http.client.HTTPConnection(*address, timeout=30)
-                status = post_over(connection, [event(user_id=user) for user in ids], "/v1.0/events")
+                status = post_over(connection, [event(user_id=user, event_id=user) for user in ids], "/v1.0/events")
                 connection.close()
             except (OSError, http.client.HTTPException):
                 return
+            statuses[status] += 1
             if status == 204:
                 acknowledged.extend(ids)
             if stop.is_set():
                 return
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     for thread in threads:
         thread.start()
-    assert until(lambda: len(acknowledged) > 300)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0
-    stop.set()
-    for thread in threads:
-        thread.join(30)
+    try:
+        yield acknowledged, statuses
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+
+def test_sigterm_to_the_parent_drains_every_worker_and_exits_0_with_every_acknowledged_event(two_workers):
+    process, address, database, _ = two_workers
+    workers = children(process.pid)
+    with clients_posting(address, 8) as (acknowledged, _):
+        assert until(lambda: len(acknowledged) > 300)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)  # reaped: the parent waited for each
     users = [user for user, in stored(database, "user_id")]
     assert sorted(users) == sorted(acknowledged)
@@ -4119,25 +4130,7 @@ def writer_of(log_lines):
 
 def test_the_database_writer_killed_is_replaced_and_no_event_it_lost_got_a_204(two_workers):
     process, address, database, log_lines = two_workers
-    acknowledged, statuses = [], collections.Counter()
-    stop = threading.Event()
-
-    def client(n):
-        for i in itertools.count():
-            ids = [f"{n}-{i}-{k}" for k in range(3)]
-            connection = http.client.HTTPConnection(*address, timeout=30)
-            status = post_over(connection, [event(user_id=user, event_id=user) for user in ids], "/v1.0/events")
-            connection.close()
-            statuses[status] += 1
-            if status == 204:
-                acknowledged.extend(ids)
-            if stop.is_set():
-                return
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    try:
+    with clients_posting(address, 6) as (acknowledged, statuses):
         assert until(lambda: len(acknowledged) > 300)
         writer = writer_of(log_lines)
         os.kill(writer, signal.SIGKILL)
@@ -4145,10 +4138,6 @@ def test_the_database_writer_killed_is_replaced_and_no_event_it_lost_got_a_204(t
         assert until(lambda: log_lines.count("writes for the workers") == 2)
         served = len(acknowledged)
         assert until(lambda: len(acknowledged) > served + 300)  # the new writer takes events
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
     assert set(statuses) <= {204, 503}
     assert set(acknowledged) <= {user for user, in stored(database, "user_id")}
     assert until(lambda: health(address)[1]["writer"] == "writing")
