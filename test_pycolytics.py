@@ -4143,6 +4143,19 @@ def test_the_database_writer_killed_is_replaced_and_no_event_it_lost_got_a_204(t
     assert until(lambda: health(address)[1]["writer"] == "writing")
 
 
+def test_healthz_of_every_worker_is_503_while_the_database_writer_is_not_running(two_workers):
+    process, address, database, log_lines = two_workers
+    for replaced in range(1, pycolytics.WORKER_RESTARTS_PER_MINUTE + 2):
+        os.kill(writer_of(log_lines), signal.SIGKILL)
+        if replaced <= pycolytics.WORKER_RESTARTS_PER_MINUTE:
+            assert until(lambda: log_lines.count("writes for the workers") == replaced + 1)
+    assert until(lambda: log_lines.count("the next waits") == 1)  # no writer for the rest of the minute
+    for _ in range(6):
+        status, answer = health(address)
+        assert status == 503 and answer["writer"] == "died; being replaced"
+        assert answer["database"] == "the database writer is not running yet (starting, or being replaced)"
+
+
 def test_sighup_puts_a_new_retention_in_force_in_the_database_writer(tmp_path):
     with workers_serving(tmp_path) as (process, address, database, log_lines):
         long_ago = time.time() - 100 * 86400
