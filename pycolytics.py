@@ -114,9 +114,12 @@ ADDRESS_SET_ENTRIES = 8
 WORKER_RESTARTS_PER_MINUTE = 5
 
 # With workers = N on SQLite, the workers hand their rows to one writer process over a Unix
-# socket. A send or an answer that waits longer than this means the other side is stuck: the
-# connection is dropped and the events it carried get 503.
+# socket. A send that waits longer than this means the other side is stuck: the connection is
+# dropped and the events it carried get 503.
 WRITER_TIMEOUT = 10
+# A database writer that has left a message unanswered this long makes /healthz 503 (its
+# events wait, and get 503 after busy_timeout + 30 s).
+WRITER_SILENT_SECONDS = 5
 # Why the shared writer's last write failed, as /healthz of every worker shows it: at most this.
 WRITER_PROBLEM_BYTES = 1024
 
@@ -5829,18 +5832,21 @@ def _messages(buffer, largest):
 
 
 class RemoteWriter(Writer):
-    """A worker's Writer when another process writes: submit() sends the rows to the shared writer
-    and committed(error) is called when it answers. Whatever was sent to a writer that went away
-    unanswered gets 503, never a 204: it may or may not be stored, and a retry with its event_id
-    is safe either way."""
+    """A worker's Writer when another process writes: submit() queues the rows for a thread that
+    sends them to the database writer, and committed(error) is called when it answers. The event
+    loop never waits for that process: what it has not taken yet is bounded by max_buffered_bytes
+    (beyond, 503 at once). Whatever was sent to a writer that went away unanswered gets 503, never
+    a 204: it may or may not be stored, and a retry with its event_id is safe either way."""
 
     def __init__(self, config, store, metrics, scoreboard):
         super().__init__(config, store, metrics)
         self._scoreboard = scoreboard
         self._sock = None
-        self._unanswered = {}  # message number: (committed, when it was sent)
+        self._unanswered = {}  # message number: (committed, when it was queued)
         self._numbers = itertools.count()
         self._send_lock = threading.Lock()
+        self._outbox, self._outbox_bytes = [], 0  # messages not handed to the socket yet
+        self._outbox_filled = threading.Condition(self._send_lock)
 
     def start(self):
         """Nothing to open: the shared writer holds the database."""
@@ -5849,16 +5855,16 @@ class RemoteWriter(Writer):
         with self._send_lock:
             if self._closed:
                 raise ServiceUnavailable("the server is shutting down; send the events again shortly", 5)
-            sock = self._sock or self._connect()
+            if self._sock is None:
+                self._connect()
             number = next(self._numbers)
+            message = _message((number, rows))
+            if self._outbox and self._outbox_bytes + len(message) > self.config.max_buffered_bytes:
+                raise ServiceUnavailable("the database writer is not keeping up; send the events again shortly")
             self._unanswered[number] = committed, time.monotonic()
-            try:
-                sock.sendall(_message((number, rows)))
-            except OSError as error:
-                log.error("the database writer does not take events: %s", error)
-                self._unanswered.pop(number)
-                self._lost(sock)
-                raise ServiceUnavailable("the database writer is not answering; send the events again shortly")
+            self._outbox.append(message)
+            self._outbox_bytes += len(message)
+            self._outbox_filled.notify()
 
     def _connect(self):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -5869,8 +5875,26 @@ class RemoteWriter(Writer):
             sock.close()
             raise ServiceUnavailable("the database writer is starting; send the events again shortly") from None
         self._sock = sock
+        threading.Thread(target=self._send, args=(sock,), name="pycolytics-sender", daemon=True).start()
         threading.Thread(target=self._read_answers, args=(sock,), name="pycolytics-answers", daemon=True).start()
-        return sock
+
+    def _send(self, sock):
+        """The sender thread of one connection: hands queued messages to the socket, which may wait."""
+        while True:
+            with self._send_lock:
+                while not self._outbox and self._sock is sock:
+                    self._outbox_filled.wait()
+                if self._sock is not sock:
+                    return
+                data = b"".join(self._outbox)
+                self._outbox, self._outbox_bytes = [], 0
+            try:
+                sock.sendall(data)
+            except OSError as error:
+                log.error("the database writer does not take events (%s); connecting again", error)
+                with self._send_lock:
+                    self._lost(sock)
+                return
 
     def _read_answers(self, sock):
         buffer = bytearray()
@@ -5907,6 +5931,8 @@ class RemoteWriter(Writer):
         if self._sock is not sock:
             return
         self._sock = None
+        self._outbox, self._outbox_bytes = [], 0
+        self._outbox_filled.notify_all()  # its sender thread ends
         unanswered, self._unanswered = self._unanswered, {}
         error = ServiceUnavailable("the database writer restarted before it answered; send the events again shortly")
         for committed, _ in unanswered.values():
@@ -5915,8 +5941,12 @@ class RemoteWriter(Writer):
     def _overdue(self):
         """Whether an answer is due for longer than a commit may take (a writer that died, or
         whose replacement cannot open the database, leaves the workers' messages in its socket)."""
-        sent = [when for _, when in list(self._unanswered.values())]
-        return bool(sent) and time.monotonic() - min(sent) > self._patience
+        return self._silent_for() > self._patience
+
+    def _silent_for(self):
+        """Seconds since the oldest message still unanswered was queued (0 if none is)."""
+        queued = [when for _, when in list(self._unanswered.values())]
+        return time.monotonic() - min(queued) if queued else 0.0
 
     def close(self):
         """Wait for the answers still due (the server has drained), then disconnect."""
@@ -5938,6 +5968,9 @@ class RemoteWriter(Writer):
             return f"the last write failed: {problem}"
         if self._scoreboard.states[-1] <= 0:
             return "the database writer is not running yet (starting, or being replaced)"
+        silent = self._silent_for()
+        if silent > WRITER_SILENT_SECONDS:
+            return f"the database writer has not answered for {silent:.0f} s"
         return super().health()
 
 

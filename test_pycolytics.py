@@ -4156,6 +4156,35 @@ def test_healthz_of_every_worker_is_503_while_the_database_writer_is_not_running
         assert answer["database"] == "the database writer is not running yet (starting, or being replaced)"
 
 
+def test_a_stopped_database_writer_freezes_no_worker_and_healthz_says_so(two_workers):
+    """SIGSTOP the writer (a hung disk would do the same): the workers keep answering at once,
+    /healthz turns 503 once an answer is overdue, and the events sent meanwhile are stored and
+    answered 204 when it goes on."""
+    process, address, database, log_lines = two_workers
+    writer = writer_of(log_lines)
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            batch = [event()] * 100  # 40 batches: more than the socket between them holds
+            posted = [pool.submit(lambda: post_over(http.client.HTTPConnection(*address, timeout=60), batch,
+                                                    "/v1.0/events")) for _ in range(40)]
+            time.sleep(1)
+            answers, end = [], time.monotonic() + pycolytics.WRITER_SILENT_SECONDS + 1
+            while time.monotonic() < end:
+                before = time.monotonic()
+                answers.append(health(address))
+                assert time.monotonic() - before < 1  # no worker waits for the writer
+                time.sleep(0.2)
+            assert answers[0][0] == 200 and answers[-1][0] == 503
+            assert answers[-1][1]["database"].startswith("the database writer has not answered for ")
+            os.kill(writer, signal.SIGCONT)
+            assert [future.result() for future in posted] == [204] * 40
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    assert count(database) == 4000
+    assert until(lambda: health(address)[0] == 200)
+
+
 def test_sighup_puts_a_new_retention_in_force_in_the_database_writer(tmp_path):
     with workers_serving(tmp_path) as (process, address, database, log_lines):
         long_ago = time.time() - 100 * 86400
