@@ -5847,6 +5847,8 @@ class RemoteWriter(Writer):
         self._send_lock = threading.Lock()
         self._outbox, self._outbox_bytes = [], 0  # messages not handed to the socket yet
         self._outbox_filled = threading.Condition(self._send_lock)
+        self._sending = False  # while the sender thread waits for the socket to take some
+        self._at_once = None  # the socket again, never waiting: for what it takes at once
 
     def start(self):
         """Nothing to open: the shared writer holds the database."""
@@ -5862,6 +5864,15 @@ class RemoteWriter(Writer):
             if self._outbox and self._outbox_bytes + len(message) > self.config.max_buffered_bytes:
                 raise ServiceUnavailable("the database writer is not keeping up; send the events again shortly")
             self._unanswered[number] = committed, time.monotonic()
+            if not self._outbox and not self._sending:  # mostly the socket takes it all, with no thread woken
+                try:
+                    message = message[self._at_once.send(message):]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:  # the writer went away: the sender thread finds out and says so
+                    pass
+                if not message:
+                    return
             self._outbox.append(message)
             self._outbox_bytes += len(message)
             self._outbox_filled.notify()
@@ -5875,6 +5886,8 @@ class RemoteWriter(Writer):
             sock.close()
             raise ServiceUnavailable("the database writer is starting; send the events again shortly") from None
         self._sock = sock
+        self._at_once = sock.dup()
+        self._at_once.setblocking(False)
         threading.Thread(target=self._send, args=(sock,), name="pycolytics-sender", daemon=True).start()
         threading.Thread(target=self._read_answers, args=(sock,), name="pycolytics-answers", daemon=True).start()
 
@@ -5887,7 +5900,7 @@ class RemoteWriter(Writer):
                 if self._sock is not sock:
                     return
                 data = b"".join(self._outbox)
-                self._outbox, self._outbox_bytes = [], 0
+                self._outbox, self._outbox_bytes, self._sending = [], 0, True
             try:
                 sock.sendall(data)
             except OSError as error:
@@ -5895,6 +5908,8 @@ class RemoteWriter(Writer):
                 with self._send_lock:
                     self._lost(sock)
                 return
+            finally:
+                self._sending = False
 
     def _read_answers(self, sock):
         buffer = bytearray()
@@ -5931,6 +5946,7 @@ class RemoteWriter(Writer):
         if self._sock is not sock:
             return
         self._sock = None
+        self._at_once.close()
         self._outbox, self._outbox_bytes = [], 0
         self._outbox_filled.notify_all()  # its sender thread ends
         unanswered, self._unanswered = self._unanswered, {}
