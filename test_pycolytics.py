@@ -4186,6 +4186,52 @@ def test_a_stopped_database_writer_freezes_no_worker_and_healthz_says_so(two_wor
     assert until(lambda: health(address)[0] == 200)
 
 
+def test_a_message_the_database_writer_never_answers_gets_a_503_in_bounded_time(tmp_path, monkeypatch):
+    """A writer that takes a worker's connection but never answers (hung): the worker's events
+    get 503 once busy_timeout + 30 s have passed (here shortened), never a wait without end."""
+    monkeypatch.setattr(pycolytics, "WRITER_TIMEOUT", 0.2)  # how often the worker looks
+    config = pycolytics.load_config(environ={}, overrides={
+        "database": str(tmp_path / "events.db"), "api_keys": KEY, "quiet": "yes", "workers": "2"})
+    scoreboard = pycolytics.Scoreboard(config)
+    scoreboard.writer_address = str(tmp_path / "writer")
+    with socket.socket(socket.AF_UNIX) as hung:  # listens, never accepts, never answers
+        hung.bind(scoreboard.writer_address)
+        hung.listen(4)
+        seat = scoreboard.seat(1)
+        writer = pycolytics.RemoteWriter(config, pycolytics.store_for(config), pycolytics.Metrics(seat.rows, seat.row),
+                                         seat)
+        writer._patience = 1
+        answers = []
+        started = time.monotonic()
+        writer.submit(rows_of(config, [event()]), answers.append)
+        assert until(lambda: answers, seconds=10)
+        assert isinstance(answers[0], pycolytics.ServiceUnavailable) and time.monotonic() - started >= 1
+        writer.close()
+
+
+def test_a_bad_configuration_on_sighup_leaves_the_database_writer_writing(tmp_path):
+    with workers_serving(tmp_path) as (process, address, database, log_lines):
+        writer = writer_of(log_lines)
+        (tmp_path / "pycolytics.ini").write_text("[pycolytics]\nworkers = 2\nretention_days = soon\n")
+        process.send_signal(signal.SIGHUP)
+        assert until(lambda: log_lines.count("reload failed") == 1)
+        time.sleep(1)  # the writer has had its SIGHUP too
+        assert writer_of(log_lines) == writer and writer in children(process.pid)
+        assert [normal_client_is_served(address) for _ in range(5)] == [True] * 5
+        assert count(database) == 5
+
+
+def test_a_worker_killed_while_the_server_stops_makes_the_parent_exit_1(two_workers):
+    process, address, database, log_lines = two_workers
+    victim = workers_of(process, log_lines)[0]
+    os.kill(victim, signal.SIGSTOP)  # so that it cannot drain and exit 0 first
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
+    assert process.wait(60) == 1
+    assert until(lambda: log_lines.count(f"(pid {victim}) was killed by signal 9 while stopping") == 1)
+
+
 def test_sighup_puts_a_new_retention_in_force_in_the_database_writer(tmp_path):
     with workers_serving(tmp_path) as (process, address, database, log_lines):
         long_ago = time.time() - 100 * 86400
