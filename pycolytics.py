@@ -5950,7 +5950,8 @@ class RemoteWriter(Writer):
         self._outbox, self._outbox_bytes = [], 0
         self._outbox_filled.notify_all()  # its sender thread ends
         unanswered, self._unanswered = self._unanswered, {}
-        error = ServiceUnavailable("the database writer restarted before it answered; send the events again shortly")
+        error = ServiceUnavailable("the database writer did not answer (it went away, or hangs); "
+                                 "send the events again shortly")
         for committed, _ in unanswered.values():
             committed(error)
 
