@@ -6010,15 +6010,22 @@ class _WorkerLink:
         self.sock = sock
         self.buffer = bytearray()
         self.lock = threading.Lock()  # answers come from the writer thread
+        self._at_once = sock.dup()  # for answers, which never wait: a few bytes each
+        self._at_once.setblocking(False)
 
     def answer(self, number, error):
-        """Tell the worker how its message `number` went."""
+        """Tell the worker how its message `number` went. A worker whose socket cannot take a few
+        bytes more has stopped reading (hung): it is hung up on rather than waited for, since
+        every worker's commits would wait with it (its events get 503 when it reads again)."""
         content = None if error is None else (error.detail, int(dict(error.headers).get("Retry-After", 1)))
+        message = _message((number, content))
         with self.lock:
             try:
-                self.sock.sendall(_message((number, content)))
+                if self._at_once.send(message) == len(message):
+                    return
             except OSError:  # the worker died, or stopped reading: its clients got no 204
-                self.hang_up()
+                pass
+            self.hang_up()
 
     def hang_up(self):
         try:
@@ -6029,6 +6036,7 @@ class _WorkerLink:
     def close(self):
         with self.lock:
             self.sock.close()
+            self._at_once.close()
 
 
 def write_for_workers(config, load, scoreboard, listener):

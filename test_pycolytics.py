@@ -4232,6 +4232,22 @@ def test_a_worker_killed_while_the_server_stops_makes_the_parent_exit_1(two_work
     assert until(lambda: log_lines.count(f"(pid {victim}) was killed by signal 9 while stopping") == 1)
 
 
+def test_a_worker_that_stops_reading_its_answers_does_not_hold_up_the_database_writer(two_workers):
+    """One stuck worker (here a fake one that sends and never reads) must not make every other
+    worker's events wait for it: the writer hangs up on it instead of waiting for its socket."""
+    process, address, database, log_lines = two_workers
+    with socket.socket(socket.AF_UNIX) as stuck:
+        stuck.settimeout(30)
+        stuck.connect(unix_socket_path(writer_of(log_lines)))
+        with contextlib.suppress(OSError):  # the writer may hang up on it before it has sent them all
+            stuck.sendall(b"".join(pycolytics._message((number, [])) for number in range(60_000)))  # ~0.8 MB of answers
+        time.sleep(1)  # the writer has answered all it could
+        started = time.monotonic()
+        assert [normal_client_is_served(address, timeout=5) for _ in range(5)] == [True] * 5
+        assert time.monotonic() - started < 4
+    assert count(database) == 5
+
+
 def test_sighup_puts_a_new_retention_in_force_in_the_database_writer(tmp_path):
     with workers_serving(tmp_path) as (process, address, database, log_lines):
         long_ago = time.time() - 100 * 86400
