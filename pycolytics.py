@@ -1176,7 +1176,7 @@ INSERT = (
 # a statement's parameters in one C call and gives the GIL up once per statement, where
 # executemany gives it up and takes it back at every row, each time waiting for the event loop
 # to let go. 64 rows are 640 parameters, within the 999 of SQLite before 3.32. bench/README.md
-# has the measurements ("Multi-row INSERT").
+# has the measurements ("Issue 14, second round").
 INSERT_CHUNK_ROWS = 64
 
 
@@ -5709,7 +5709,6 @@ class Scoreboard:
 
     def __init__(self, config):
         workers = config.workers
-        self.workers_count = workers
         self.worker = self.row = None  # a seat's
         memory = _shared_integers((workers + 1) * (Metrics.WIDTH + 1) + workers)
         self.rows = [memory[n * Metrics.WIDTH:(n + 1) * Metrics.WIDTH] for n in range(workers + 1)]
