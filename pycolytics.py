@@ -5600,9 +5600,7 @@ def _shared_bytes(size):
 
 def _shared_integers(count):
     """`count` 8-byte integers, all 0, in memory that the processes forked afterwards share."""
-    import mmap  # here: only a server with worker processes needs it
-
-    return memoryview(mmap.mmap(-1, 8 * count)).cast("q")
+    return memoryview(_shared_bytes(8 * count)).cast("q")
 
 
 class AddressCounts:
