@@ -4689,7 +4689,7 @@ class _Connection:
 
     __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
                  "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
-                 "closed", "limited", "since")
+                 "closed", "limited", "since", "watched")
 
     def __init__(self, sock, peer, deadline, limited):
         self.sock = sock
@@ -4711,6 +4711,7 @@ class _Connection:
         self.closed = False
         self.limited = limited  # counted against max_connections_per_address
         self.since = time.monotonic()  # when it connected, or began its request
+        self.watched = False  # registered with the loop's selector
 
 
 def _origin(connection):
@@ -5084,7 +5085,7 @@ class Server:
         connection.handshaking = self._tls is not None
         self._connections[sock] = connection
         self._fresh[sock] = connection
-        self._selector.register(sock, selectors.EVENT_READ, (self._read, connection))
+        self._watch(connection, selectors.EVENT_READ, self._read)
         if self._holding is not None:
             self._holding(len(self._connections))
 
@@ -5129,8 +5130,20 @@ class Server:
         self._listen(False)
         self._make_room()  # one idle connection's descriptor lets the next request in
 
+    def _watch(self, connection, events, callback):
+        """Have the loop call callback(connection) when its socket is ready for `events`."""
+        if connection.watched:
+            self._selector.modify(connection.sock, events, (callback, connection))  # no system call if the same
+        else:
+            self._selector.register(connection.sock, events, (callback, connection))
+            connection.watched = True
+
     def _read(self, connection):
         sock = connection.sock
+        if connection.busy:  # more came while a request is answered: it waits in the kernel till then
+            self._selector.unregister(sock)
+            connection.watched = False
+            return
         try:
             if connection.handshaking:
                 sock.do_handshake()
@@ -5164,8 +5177,7 @@ class Server:
         if request is None:
             return
         self._reading.pop(connection.sock, None)
-        self._selector.unregister(connection.sock)  # nothing more is read until this is answered
-        connection.busy = True
+        connection.busy = True  # nothing more is read until this is answered (see _read)
         connection.deadline = None
         self._busy += 1
         if request.path == "*":  # OPTIONS *: a question about the server, which answers it
@@ -5279,18 +5291,16 @@ class Server:
             if not connection.writing:  # the client reads slowly: wait until it can take more
                 connection.writing = True
                 connection.deadline = time.monotonic() + self.config.request_timeout
-                self._selector.register(connection.sock, selectors.EVENT_WRITE, (self._flush, connection))
+                self._watch(connection, selectors.EVENT_WRITE, self._flush)
             return
-        if connection.writing:
-            connection.writing = False
-            self._selector.unregister(connection.sock)
+        connection.writing = False
         connection.busy = False
         self._busy -= 1
         self._release(connection)
         if not connection.keep_alive:
             self._close(connection)
             return
-        self._selector.register(connection.sock, selectors.EVENT_READ, (self._read, connection))
+        self._watch(connection, selectors.EVENT_READ, self._read)
         if connection.buffer:  # a pipelined request arrived with this one: its turn comes in the loop
             self._begin_request(connection)
             self._ready.append(connection)
@@ -5366,10 +5376,8 @@ class Server:
             self._per_address.disconnected(connection.peer)
         if self._holding is not None:
             self._holding(len(self._connections))
-        try:
+        if connection.watched:
             self._selector.unregister(connection.sock)
-        except (KeyError, ValueError):
-            pass  # it was not registered: its request was being answered
         connection.sock.close()
         self._listen(True)
 

@@ -2947,6 +2947,56 @@ def test_pipelined_requests_are_answered_in_order(server, database):
     assert [row[0] for row in stored(database)] == ["p1", "p2"]
 
 
+@contextlib.contextmanager
+def database_locked(database):
+    """Another program holds the SQLite database's write lock: commits wait until the block ends."""
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_a_request_sent_while_the_one_before_is_answered_is_answered_after_it(settings, database, sqlite_only):
+    with serving(settings, busy_timeout=30) as server:
+        with socket.create_connection(server.server_address, timeout=20) as sock:
+            with database_locked(database):
+                sock.sendall(one_event_request("first", close=False))
+                time.sleep(0.3)  # the first waits for the database now
+                before = time.process_time()
+                sock.sendall(one_event_request("second"))
+                time.sleep(0.5)
+                waiting = time.process_time() - before
+            answers = read_all(sock)
+    assert re.findall(rb"HTTP/1\.1 (\d{3})", answers) == [b"204", b"204"]
+    assert waiting < 0.25  # seconds of CPU: the loop sleeps while the second waits (no busy polling)
+    assert [row[0] for row in stored(database)] == ["first", "second"]
+
+
+def test_what_a_client_sends_while_its_request_is_answered_stays_unread_till_then(settings, database, sqlite_only):
+    flood = b"POST /v1.0/events HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999\r\n\r\n" + b"[" * (1 << 20)
+    with serving(settings, busy_timeout=30) as server:
+        with socket.create_connection(server.server_address, timeout=20) as sock:
+            with database_locked(database):
+                sock.sendall(one_event_request("first", close=False))
+                time.sleep(0.3)  # the first waits for the database now
+                sock.setblocking(False)
+                taken, until = 0, time.monotonic() + 2
+                while time.monotonic() < until and taken < 64 * len(flood):
+                    try:
+                        taken += sock.send(flood)
+                    except BlockingIOError:
+                        time.sleep(0.01)
+                sock.settimeout(20)
+            answers = read_all(sock)
+            assert normal_client_is_served(server.server_address)
+    assert taken < 24 * len(flood)  # what the kernel's buffers hold; a server reading on would take all 64 MiB
+    assert re.findall(rb"HTTP/1\.1 (\d{3})", answers) == [b"204", b"413"]
+    assert [row[0] for row in stored(database)] == ["first", "normal"]
+
+
 def test_expect_100_continue_is_honoured(server, database):
     payload = body(event())
     with socket.create_connection(server.server_address, timeout=10) as sock:
