@@ -4888,6 +4888,7 @@ class Server:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
+        self._answers_announced = False  # a wake-up for answers from other threads is pending
         self._loop_thread = None
         self._jobs = queue.SimpleQueue()
         self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
@@ -5035,6 +5036,9 @@ class Server:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        # After the wake-ups are read and before the answers are taken (in _serve_ready): an
+        # answer queued from now on wakes the loop again, and one queued before is taken.
+        self._answers_announced = False
 
     def _listen(self, on):
         on = on and not self._stopping and time.monotonic() >= self._accept_again
@@ -5256,7 +5260,8 @@ class Server:
     def _respond(self, connection, request, status, headers, body):
         """The answer to a request, from any thread: the loop sends it."""
         self._finished.append((connection, request, status, headers, body))
-        if threading.get_ident() != self._loop_thread:
+        if not self._answers_announced and threading.get_ident() != self._loop_thread:
+            self._answers_announced = True  # one wake-up for a commit's many answers
             self._wake()
 
     def _answer(self, connection, request, status, headers, body):

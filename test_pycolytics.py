@@ -2997,6 +2997,30 @@ def test_what_a_client_sends_while_its_request_is_answered_stays_unread_till_the
     assert [row[0] for row in stored(database)] == ["first", "normal"]
 
 
+def test_answers_committed_together_each_reach_their_client_without_a_stall(settings, database):
+    """Many keep-alive clients at once: the writer thread hands each commit's answers to the
+    loop with one wake-up; an answer whose wake-up got lost would wait for the loop's 1 s timeout."""
+    slowest, statuses = [], collections.Counter()
+
+    def client(n):
+        connection = http.client.HTTPConnection(*server.server_address, timeout=30)
+        for i in range(40):
+            started = time.monotonic()
+            statuses[post_over(connection, event(user_id=f"{n}-{i}"))] += 1
+            slowest.append(time.monotonic() - started)
+        connection.close()
+
+    with serving(settings) as server:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert statuses == {204: 480}
+    assert count(database) == 480
+    assert max(slowest) < 0.9  # seconds: no answer waited for the loop's timeout
+
+
 def test_expect_100_continue_is_honoured(server, database):
     payload = body(event())
     with socket.create_connection(server.server_address, timeout=10) as sock:
