@@ -5094,12 +5094,14 @@ class Server:
             self._holding(len(self._connections))
 
     def _turn_away(self, sock):
-        """Close a connection at once, with a 503 if it speaks plain HTTP: nothing of it is kept."""
-        self._answered("503")
+        """Close a connection at once, with a 503 if it speaks plain HTTP: nothing of it is kept,
+        not even its head (so only a page allowed from any origin may read why)."""
+        refusal = self._refusal(ServiceUnavailable(
+            f"too many connections from your address at once (max_connections_per_address = "
+            f"{self.config.max_connections_per_address}); close one, or connect again shortly", 5))
         try:
             if self._tls is None:
-                sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
-                          b"Connection: close\r\n\r\n")
+                sock.send(refusal)
         except OSError:
             pass  # it left already
         sock.close()

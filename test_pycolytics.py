@@ -3353,6 +3353,8 @@ def test_one_address_cannot_take_more_than_its_share_of_connections(settings, da
                                           source_address=("127.0.0.2", 0)) as sixth:
                 answer = read_all(sixth)
             assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After:" in answer
+            assert b"Access-Control-Allow-Origin: *" in answer  # a browser game may read why
+            assert "max_connections_per_address = 5" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"]
             assert normal_client_is_served(server.server_address, source=("127.0.0.3", 0))
             attackers.pop().close()  # a slot of its own frees up again
             time.sleep(0.2)
