@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -4203,6 +4204,55 @@ def test_healthz_of_either_worker_is_503_while_the_writers_last_write_failed(tmp
 def writer_of(log_lines):
     """The pid of the database writer of workers = N now running, from the server's log."""
     return int(re.findall(r"the database writer \(pid (\d+)\) writes", "".join(log_lines.lines))[-1])
+
+
+def test_with_workers_a_deleted_database_gets_503_from_every_worker_until_it_is_put_back(tmp_path):
+    def post(event_id):  # a new connection each: both workers answer some
+        return post_over(http.client.HTTPConnection(*address, timeout=30), event(event_id=event_id))
+
+    def health():
+        return get_over(http.client.HTTPConnection(*address, timeout=30), "/healthz")
+
+    with workers_serving(tmp_path) as (process, address, path, _):
+        assert [post(f"kept-{n}") for n in range(4)] == [204] * 4
+        backup = str(tmp_path / "backup.db")
+        with contextlib.closing(sqlite3.connect(path)) as source, contextlib.closing(sqlite3.connect(backup)) as copy:
+            source.backup(copy)
+        for suffix in ("", "-wal", "-shm"):
+            os.remove(path + suffix)
+        assert [post(f"lost-{n}") for n in range(8)] == [503] * 8
+        for status, _, answer in [health() for _ in range(6)]:
+            assert status == 503 and "deleted" in answer["database"]
+        assert not os.path.exists(path)  # no empty database was made in its place
+        shutil.copy(backup, path)  # put back from the backup: health recovers with no event sent
+        assert until(lambda: health()[0] == 200)
+        assert [post(f"after-{n}") for n in range(4)] == [204] * 4
+    assert sorted(stored(path, "event_id")) == [(f"after-{n}",) for n in range(4)] + [(f"kept-{n}",) for n in range(4)]
+
+
+def test_with_workers_a_full_disk_gets_503_stores_no_refused_event_and_health_recovers_with_room(tmp_path):
+    def post(prefix):  # a new connection each: both workers answer some
+        events = [event(event_id=f"{prefix}-{k}", value={"pad": "x" * 60000}) for k in range(3)]
+        return post_over(http.client.HTTPConnection(*address, timeout=30), events, "/v1.0/events")
+
+    def health():
+        return get_over(http.client.HTTPConnection(*address, timeout=30), "/healthz")
+
+    with workers_serving(tmp_path) as (process, address, path, log_lines):
+        assert post("kept") == 204
+        writer = writer_of(log_lines)
+        room = os.path.getsize(path + "-wal") + 32 * 1024  # as on a full disk, no file of the writer's grows past this
+        limits = resource.prlimit(writer, resource.RLIMIT_FSIZE)
+        resource.prlimit(writer, resource.RLIMIT_FSIZE, (room, limits[1]))
+        statuses = {f"full-{n}": post(f"full-{n}") for n in range(6)}
+        assert set(statuses.values()) == {503}
+        status, _, answer = health()
+        assert status == 503 and answer["database"].startswith("the last write failed: disk")  # I/O error, or full
+        resource.prlimit(writer, resource.RLIMIT_FSIZE, limits)  # room again
+        assert until(lambda: health()[0] == 200)  # the writer's probe finds room again, with no event sent
+        assert post("after") == 204
+        assert process.poll() is None and writer_of(log_lines) == writer  # nothing had to be restarted
+    assert sorted(stored(path, "event_id")) == [(f"{prefix}-{k}",) for prefix in ("after", "kept") for k in range(3)]
 
 
 def test_the_database_writer_killed_is_replaced_and_no_event_it_lost_got_a_204(two_workers):
