@@ -6,6 +6,8 @@
     python3 -m venv /tmp/spy && /tmp/spy/bin/pip install py-spy
     python3 bench/hotspots.py --py-spy /tmp/spy/bin/py-spy            # every sample of a busy thread
     python3 bench/hotspots.py --py-spy /tmp/spy/bin/py-spy --gil      # only samples holding the GIL
+    python3 bench/hotspots.py --py-spy /tmp/spy/bin/py-spy --single   # single events, not batches
+    python3 bench/hotspots.py --py-spy /tmp/spy/bin/py-spy --writer   # workers = 2: the database writer
 
 Starts pycolytics (one worker, synchronous=full) on a new database in a temporary folder, drives
 batches of 100 events over 16 keep-alive connections (bench.py's load, checked against the
@@ -21,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -51,21 +54,30 @@ def main(argv=None):
     parser.add_argument("--seconds", type=int, default=8, help="length of the load and the recording (default 8)")
     parser.add_argument("--gil", action="store_true", help="count only samples of the thread holding the GIL")
     parser.add_argument("--top", type=int, default=40, help="frames listed (default 40)")
+    parser.add_argument("--single", action="store_true", help="single events instead of batches of 100")
+    parser.add_argument("--writer", action="store_true",
+                        help="workers = 2, and sample the database writer process instead")
     arguments = parser.parse_args(argv)
+    path, body, events = ("/v1.0/event", bench.single_body(), 1) if arguments.single else \
+        ("/v1.0/events", bench.batch_body(100), 100)
     with tempfile.TemporaryDirectory(prefix="pycolytics-profile-") as folder:
         database, raw = os.path.join(folder, "events.db"), os.path.join(folder, "samples.txt")
-        service = bench.start_pycolytics(database)
+        service = bench.start_pycolytics(database, environ={"PYCOLYTICS_WORKERS": "2"} if arguments.writer else None)
         try:
-            spy = subprocess.Popen([arguments.py_spy, "record", "--pid", str(service.process.pid), "--threads",
+            pid = service.process.pid
+            if arguments.writer:
+                time.sleep(0.5)  # the second worker may still be starting
+                pid = min(bench.children(pid))  # forked first: the database writer (its threads say so below)
+            spy = subprocess.Popen([arguments.py_spy, "record", "--pid", str(pid), "--threads",
                                     "--nonblocking", "--format", "raw", "--duration", str(arguments.seconds),
                                     "--output", raw] + (["--gil"] if arguments.gil else []),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            result = bench.measured(service, database, "/v1.0/events", bench.batch_body(100), 100, 16,
-                                    arguments.seconds)
+            result = bench.measured(service, database, path, body, events, 16, arguments.seconds)
             spy.wait()
         finally:
             service.stop()
-        print(f"batches of 100: {result['events']:,.0f} events/s, database checked: {result['verified']}")
+        load = "single events" if arguments.single else "batches of 100"
+        print(f"{load}: {result['events']:,.0f} events/s, database checked: {result['verified']}")
         with open(raw) as samples:
             print("\n".join(summary(samples.read(), arguments.top)))
     return 0 if result["verified"] else 1
