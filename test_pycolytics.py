@@ -2998,6 +2998,28 @@ def test_what_a_client_sends_while_its_request_is_answered_stays_unread_till_the
     assert [row[0] for row in stored(database)] == ["first", "normal"]
 
 
+def test_clients_that_half_close_or_reset_while_answered_leave_the_server_serving(settings, database, sqlite_only):
+    """Both make the socket readable while its request waits for the database: the half-closed
+    one still gets its answer, and neither is left counted as busy (the stop would wait for it)."""
+    with serving(settings, busy_timeout=30) as server:
+        half = socket.create_connection(server.server_address, timeout=20)
+        reset = socket.create_connection(server.server_address, timeout=20)
+        with database_locked(database):
+            half.sendall(one_event_request("half", close=False))
+            reset.sendall(one_event_request("reset", close=False) + one_event_request("unread"))
+            time.sleep(0.3)  # both wait for the database now
+            half.shutdown(socket.SHUT_WR)
+            reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset.close()
+            time.sleep(0.3)
+        with half:
+            assert re.findall(rb"HTTP/1\.1 (\d{3})", read_all(half)) == [b"204"]
+        assert normal_client_is_served(server.server_address)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    assert sorted(row[0] for row in stored(database)) == ["half", "normal", "reset"]
+
+
 def test_answers_committed_together_each_reach_their_client_without_a_stall(settings, database):
     """Many keep-alive clients at once: the writer thread hands each commit's answers to the
     loop with one wake-up; an answer whose wake-up got lost would wait for the loop's 1 s timeout."""
