@@ -3020,6 +3020,52 @@ def test_clients_that_half_close_or_reset_while_answered_leave_the_server_servin
     assert sorted(row[0] for row in stored(database)) == ["half", "normal", "reset"]
 
 
+def test_answers_waiting_for_a_client_that_does_not_read_hold_up_no_one_and_arrive_whole(settings, database, caplog):
+    """18 MB of pipelined answers: far more than the kernel's buffers take, so the loop sends
+    each answer as the client makes room, and meanwhile serves everyone else."""
+    docs = b"GET /docs HTTP/1.1\r\nHost: t\r\n\r\n"
+    with serving(settings) as server:
+        one = exchange(server, docs[:-2] + b"Connection: close\r\n\r\n")
+        with socket.create_connection(server.server_address, timeout=20) as greedy:
+            greedy.sendall(docs * 1999 + docs[:-2] + b"Connection: close\r\n\r\n")
+            time.sleep(0.5)  # its answers fill the buffers; it reads none yet
+            assert normal_client_is_served(server.server_address)
+            answers = read_all(greedy)
+    kept_alive = len(one) + len("keep-alive") - len("close")  # the others say Connection: keep-alive
+    assert len(answers) == 1999 * kept_alive + len(one) and answers.count(b"HTTP/1.1 200 OK") == 2000
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert count(database) == 1
+
+
+def test_an_answer_read_too_slowly_is_given_up_after_request_timeout(settings, database):
+    """A client that reads an answer a trickle at a time holds its slot request_timeout at most
+    from when the server had to wait for it, however steadily it reads (else one byte every few
+    seconds would keep a slot for ever)."""
+    reading = threading.Event()
+
+    def trickle(sock):
+        with contextlib.suppress(OSError):
+            while reading.is_set() and sock.recv(256):  # about 2.5 kB a second: an answer (9 kB) takes 4 s
+                time.sleep(0.1)
+
+    with serving(settings, request_timeout=1, max_connections=1) as server:
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            slow.connect(server.server_address)
+            slow.settimeout(10)
+            slow.sendall(b"GET /docs HTTP/1.1\r\nHost: t\r\n\r\n" * 2000)  # 18 MB of answers: over any buffer
+            reading.set()
+            reader = threading.Thread(target=trickle, args=(slow,))
+            reader.start()
+            try:
+                time.sleep(0.5)  # the buffers are full: the server waits for the slow reader now
+                assert normal_client_is_served(server.server_address, timeout=8)  # its slot was given up
+            finally:
+                reading.clear()
+                reader.join(10)
+    assert count(database) == 1
+
+
 def test_answers_committed_together_each_reach_their_client_without_a_stall(settings, database):
     """Many keep-alive clients at once: the writer thread hands each commit's answers to the
     loop with one wake-up; an answer whose wake-up got lost would wait for the loop's 1 s timeout."""
@@ -3375,7 +3421,7 @@ def test_one_address_cannot_take_more_than_its_share_of_connections(settings, da
             with socket.create_connection(server.server_address, timeout=10,
                                           source_address=("127.0.0.2", 0)) as sixth:
                 answer = read_all(sixth)
-            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After:" in answer
+            assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 5\r\n" in answer
             assert b"Access-Control-Allow-Origin: *" in answer  # a browser game may read why
             assert "max_connections_per_address = 5" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"]
             assert normal_client_is_served(server.server_address, source=("127.0.0.3", 0))

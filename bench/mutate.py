@@ -96,6 +96,13 @@ GROUPS = {
         f"(report or summar or retention_days or edges or synchronous) and {SQLITE} and not browser and not nginx"
         " and not fuzz",
     ),
+    "connections": (  # the event loop's own bookkeeping of a connection, from accept to close
+        ["Server._read", "Server._advance", "Server._flush", "Server._watch", "Server._close", "Server._respond",
+         "Server._take_wake_ups", "Server._turn_away", "Server._welcome"],
+        f"(answered or pipelined or stall or unread or connections or slow or linger or keep_alive or idle"
+        f" or slot or room or share) and {SQLITE} and not browser and not nginx and not gunicorn and not workers"
+        " and not generated",
+    ),
     "workers": (  # worker processes and their database writer: the tests run live servers, so few mutants
         ["_messages", "RemoteWriter.submit", "RemoteWriter._read_answers", "RemoteWriter._lost",
          "RemoteWriter._overdue", "RemoteWriter.health", "_take_rows", "_reload_writer", "Scoreboard.crowded",
