@@ -1203,6 +1203,12 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 # The files of one SQLite database in WAL mode: deleting or replacing any of them under a
 # running server loses what is committed to it (https://www.sqlite.org/howtocorrupt.html).
 DATABASE_FILES = ("", "-wal", "-shm")
+# How far apart two changes of a folder may be and still leave it the same mtime: a file
+# system that keeps fractions of a second takes them from a clock that ticks every few
+# milliseconds (1/HZ on Linux); one that keeps whole seconds (2 s on FAT) gives an mtime
+# without a fraction, as a fine one does about once in a hundred.
+FOLDER_TICK_NS = 50_000_000
+COARSE_FOLDER_TICK_NS = 3_000_000_000
 
 
 @contextlib.contextmanager
@@ -1228,9 +1234,12 @@ def transaction(connection):
 
 
 class SQLiteConnection(sqlite3.Connection):
-    """A connection that remembers which files it opened: (suffix, st_dev, st_ino) of each."""
+    """A connection that remembers which files it opened: (suffix, st_dev, st_ino) of each;
+    and the stamp of their folder when they were last found in place (SQLiteStore.detached)."""
 
     files = ()
+    folder_stamp = None
+    linked = False  # the path is a symbolic link
 
 
 def _file_ids(path):
@@ -1278,6 +1287,7 @@ def connect(path, synchronous="full", busy_timeout=30.0, create=True):
         if present < len(SUMMARY_TABLES) + 1:
             connection.executescript(SUMMARY_SCHEMA)  # an original's or an older Pycolytics' database
         connection.files = _file_ids(path)
+        connection.linked = os.path.islink(path)
     except BaseException:
         connection.close()
         raise
@@ -1828,8 +1838,23 @@ class SQLiteStore(Store):
         return os.path.exists(self.config.database)
 
     def detached(self, connection):
-        """Why `connection` no longer writes into the file at the configured path, or None."""
+        """Why `connection` no longer writes into the file at the configured path, or None.
+
+        Asked before and after every commit, so mostly answered by one stat, of the folder:
+        deleting, replacing or renaming a file in it changes its mtime. The file system takes
+        that time from a coarse clock, though, so a change within the same tick as the one
+        before leaves it as it was: only an mtime a tick older than the check that found the
+        files in place vouches for them later. A symbolic link's folder vouches for nothing.
+        """
         path = os.path.abspath(self.config.database)
+        checked_at = time.time_ns()
+        try:
+            folder = os.stat(os.path.dirname(path))
+        except FileNotFoundError:
+            return f"the folder of the database file {path} was deleted or moved while the server ran"
+        stamp = (folder.st_dev, folder.st_ino, folder.st_mtime_ns)
+        if stamp == connection.folder_stamp:
+            return None
         for suffix, device, inode in connection.files:
             try:
                 status = os.stat(path + suffix)
@@ -1837,6 +1862,9 @@ class SQLiteStore(Store):
                 return f"the database file {path + suffix} was deleted while the server ran"
             if (status.st_dev, status.st_ino) != (device, inode):
                 return f"the database file {path + suffix} was replaced while the server ran"
+        tick = COARSE_FOLDER_TICK_NS if folder.st_mtime_ns % 1_000_000_000 == 0 else FOLDER_TICK_NS
+        if not connection.linked and checked_at - folder.st_mtime_ns > tick:
+            connection.folder_stamp = stamp
         return None
 
     def insert(self, connection, rows):
@@ -5032,7 +5060,7 @@ class Server:
 
     def _take_wake_ups(self):
         try:
-            while self._wake_reader.recv(4096):
+            while len(self._wake_reader.recv(4096)) == 4096:  # a shorter read took them all
                 pass
         except (BlockingIOError, InterruptedError):
             pass

@@ -2368,6 +2368,59 @@ def test_a_database_put_back_beside_the_deleted_ones_wal_is_not_opened(client, d
     assert stored(database, "user_id") == [("3f2a9c1e",)]  # the backup's event, not the refused one
 
 
+def set_mtime(path, nanoseconds):
+    os.utime(path, ns=(nanoseconds, nanoseconds))
+
+
+def test_a_database_deleted_from_a_folder_unchanged_for_an_hour_gets_503(client, database, sqlite_only):
+    folder = os.path.dirname(database)
+    post(client, "/v1.0/event", event(user_id="before"))
+    set_mtime(folder, time.time_ns() - 3600 * 10**9)
+    post(client, "/v1.0/event", event(user_id="vouched for"))  # by the folder's mtime, from now on
+    for suffix in ("", "-wal", "-shm"):
+        os.remove(database + suffix)
+    post(client, "/v1.0/event", event(user_id="refused"), status=503)
+    assert "is gone" in client.get("/healthz", status=503).json["database"]
+    assert not os.path.exists(database)
+
+
+def replaced_behind_the_same_mtime(database):
+    """Replace the database file as a change within one tick of the file system's clock
+    would: its folder's mtime stays as it was."""
+    folder = os.path.dirname(database)
+    before = os.stat(folder).st_mtime_ns
+    shutil.copyfile(database, database + ".copy")
+    os.replace(database + ".copy", database)
+    set_mtime(folder, before)
+
+
+@pytest.mark.parametrize("age, whole_second", [(0.01, False), (1.0, True)],
+                         ids=["10 ms ago", "a whole second, 1 s ago (as FAT keeps them)"])
+def test_a_folder_changed_within_a_tick_of_the_check_does_not_vouch_for_the_database(tmp_path, age, whole_second):
+    config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "events.db")})
+    store = pycolytics.SQLiteStore(config)
+    with contextlib.closing(store.connect()) as connection:
+        moment = time.time_ns() - int(age * 10**9)
+        set_mtime(tmp_path, moment - moment % 10**9 if whole_second else moment)
+        assert store.detached(connection) is None
+        replaced_behind_the_same_mtime(config.database)
+        assert "was replaced" in store.detached(connection)
+
+
+def test_a_database_reached_through_a_symbolic_link_is_checked_file_by_file(tmp_path):
+    (tmp_path / "disk").mkdir()
+    os.symlink(tmp_path / "disk" / "events.db", tmp_path / "events.db")
+    config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "events.db")})
+    store = pycolytics.SQLiteStore(config)
+    with contextlib.closing(store.connect()) as connection:
+        an_hour_ago = time.time_ns() - 3600 * 10**9
+        set_mtime(tmp_path, an_hour_ago)
+        assert store.detached(connection) is None
+        replaced_behind_the_same_mtime(str(tmp_path / "disk" / "events.db"))
+        assert os.stat(tmp_path).st_mtime_ns == an_hour_ago  # the link's folder says nothing...
+        assert "was replaced" in store.detached(connection)  # ...and is not trusted to
+
+
 def test_a_live_server_refuses_events_into_a_deleted_database_and_loses_none_it_acknowledged(tmp_path):
     acknowledged = []
     process, address, path, _ = start_server(tmp_path, "--quiet", "--database", "events.db")
