@@ -1176,11 +1176,13 @@ INSERT = (
 # a statement's parameters in one C call and gives the GIL up once per statement, where
 # executemany gives it up and takes it back at every row, each time waiting for the event loop
 # to let go. 64 rows are 640 parameters, within the 999 of SQLite before 3.32. bench/README.md
-# has the measurements ("Issue 14, second round").
+# has the measurements ("Issue 14, second round"). A group of up to 64 rows is one statement
+# of its own size, and SQLite commits it by itself: no BEGIN and COMMIT, two steps of the
+# driver fewer, each a wait for the GIL ("Issue 14, fourth round").
 INSERT_CHUNK_ROWS = 64
 
 
-@functools.lru_cache(maxsize=None)  # one statement per size: INSERT_CHUNK_ROWS and its halves
+@functools.lru_cache(maxsize=None)  # one statement per size: INSERT_CHUNK_ROWS of them at most
 def _insert_rows(count):
     values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count)
     return INSERT.replace("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
@@ -1874,9 +1876,13 @@ class SQLiteStore(Store):
         file nobody will open again.
         """
         changes = connection.total_changes
-        with transaction(connection):
-            for start, size in _chunks(len(rows)):
-                connection.execute(_insert_rows(size), list(itertools.chain.from_iterable(rows[start:start + size])))
+        if 0 < len(rows) <= INSERT_CHUNK_ROWS:  # one statement: a transaction by itself, atomic
+            connection.execute(_insert_rows(len(rows)), list(itertools.chain.from_iterable(rows)))
+        else:
+            with transaction(connection):
+                for start, size in _chunks(len(rows)):
+                    connection.execute(_insert_rows(size),
+                                       list(itertools.chain.from_iterable(rows[start:start + size])))
         self._still_there(connection)
         return connection.total_changes - changes
 

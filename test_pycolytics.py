@@ -5684,6 +5684,21 @@ def test_postgresql_group_inserts_count_only_new_rows_and_keep_the_first_of_an_e
     assert {row[8] for row in rows} == {"2026-11-28 12:00:00.123456"}
 
 
+@pytest.mark.parametrize("size", [6, 100], ids=["one statement", "in chunks"])
+def test_an_sqlite_group_with_one_row_the_database_refuses_stores_none_of_it(tmp_path, size):
+    config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "events.db"), "api_keys": KEY})
+    store = pycolytics.store_for(config)
+    with contextlib.closing(store.connect()) as connection:  # a rule an operator added: the last row breaks it
+        connection.execute("CREATE TRIGGER no_refused BEFORE INSERT ON event WHEN NEW.event_type = 'refused'"
+                           " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        rows = rows_of(config, [event(event_id=str(n)) for n in range(size - 1)] + [event(event_type="refused")])
+        with pytest.raises(sqlite3.IntegrityError, match="refused"):
+            store.insert(connection, rows)
+        assert count(config.database) == 0
+        assert store.insert(connection, rows[:-1]) == size - 1  # the connection still takes the rest
+    assert count(config.database) == size - 1
+
+
 @pytest.mark.parametrize("largest_group", [pycolytics.MAX_JSON_GROUP_CHARS, 0], ids=["one-text", "row-by-row"])
 def test_a_postgresql_group_with_one_row_the_database_refuses_stores_none_of_it(monkeypatch, postgres_url,
                                                                                 largest_group):
