@@ -1510,6 +1510,11 @@ SUMMARY_TABLES = ("pycolytics_days", "pycolytics_sessions", "pycolytics_presence
                   "pycolytics_name_events")
 # Events per summarising step: a few milliseconds of the writer's time, as a pruning step.
 SUMMARY_STEP_ROWS = 500
+# A commit that comes during a step waits for it, and a step of 500 events from as many new
+# users takes 30 ms here (bench/README.md, "Issue 14, fourth round"), more on a Raspberry Pi:
+# the writer's steps read as many events as the last one took this long for, 20 at least.
+SUMMARY_STEP_SECONDS = 0.002
+SUMMARY_MIN_ROWS = 20
 # Summarising waits for a pause in the events: this long without a commit. A commit that
 # comes during a step waits for it, so steps are kept to the pauses...
 SUMMARY_IDLE_SECONDS = 0.05
@@ -1770,7 +1775,7 @@ class Store:
     scan_time = "time"
     summaries = False  # whether the store keeps summaries ("Summaries")
 
-    def summarise(self, connection):
+    def summarise(self, connection, limit=SUMMARY_STEP_ROWS):
         return 0
 
     def forget(self, connection, before):
@@ -1912,8 +1917,8 @@ class SQLiteStore(Store):
             pruned = None
         return lowest, highest, pruned and pruned[0]
 
-    def summarise(self, connection):
-        """One step of summarising new events (see "Summaries"); how many were read.
+    def summarise(self, connection, limit=SUMMARY_STEP_ROWS):
+        """One step of summarising up to `limit` new events (see "Summaries"); how many were read.
 
         Without an fsync of its own: a summary lost to a power cut is made again from the events,
         and the next commit's fsync makes it durable with that commit. It never waits for the write
@@ -1927,7 +1932,7 @@ class SQLiteStore(Store):
         connection.execute("PRAGMA busy_timeout=0")
         try:
             with transaction(connection):
-                read = summarise(connection)
+                read = summarise(connection, limit)
         except sqlite3.OperationalError as error:
             if "locked" in str(error) or "busy" in str(error):
                 raise SummaryPostponed(str(error)) from None
@@ -2349,6 +2354,7 @@ class Writer:
         self._summary_behind = store.summaries  # whether events may wait to be summarised
         self._unsummarised = MAX_LIVE_TAIL  # events committed since the summaries caught up (a guess at start)
         self._summary_next = 0.0  # under load, summarising takes SUMMARY_SHARE of the time at most
+        self._summary_rows = SUMMARY_STEP_ROWS  # events a step reads: fewer where they take long
         self._summary_retry_at = 0.0  # after a step failed
         self._committed_at = -SUMMARY_IDLE_SECONDS  # when the last group was committed
         # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
@@ -2527,9 +2533,9 @@ class Writer:
 
     def _summarise(self):
         """One step of summarising new events for reports; under load, SUMMARY_SHARE of the time at most."""
-        started = time.monotonic()
+        started, limit = time.monotonic(), self._summary_rows
         try:
-            read = self.store.summarise(self._connected())
+            read = self.store.summarise(self._connected(), limit)
         except SummaryPostponed:
             self._summary_retry_at = time.monotonic() + 1
             return
@@ -2539,9 +2545,12 @@ class Writer:
             self._summary_retry_at = time.monotonic() + 60
             self._summary_behind = False  # the next commit says so again
             return
-        self._summary_behind = read == SUMMARY_STEP_ROWS
+        self._summary_behind = read == limit
         self._unsummarised = max(0, self._unsummarised - read) if self._summary_behind else 0
         took = time.monotonic() - started
+        if self._summary_behind:  # a whole step: its time per event says how many fit in the next
+            fit = int(SUMMARY_STEP_SECONDS * read / max(took, 1e-9))
+            self._summary_rows = max(SUMMARY_MIN_ROWS, min(SUMMARY_STEP_ROWS, fit))
         self._summary_next = time.monotonic() + took * (1 - SUMMARY_SHARE) / SUMMARY_SHARE
 
     def _prune(self):

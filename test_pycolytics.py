@@ -1496,7 +1496,7 @@ def summaries(request, database, monkeypatch):
     if is_postgres(database) and request.param != "summarised":
         pytest.skip("PostgreSQL keeps no summaries")
     if request.param != "summarised":
-        monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection: 0)
+        monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection, limit=0: 0)
     if request.param == "live":
         monkeypatch.setattr(pycolytics, "MAX_LIVE_TAIL", -1)
     return request.param
@@ -1634,7 +1634,7 @@ def assert_reports_match(client, rows):
 def test_summaries_stay_right_through_late_events_prunes_and_deleted_events(tmp_path, make_app, monkeypatch):
     """Events summarised in id order, out of time order, a step at a time; then late events, a prune of
     whole days, a prune of part of a day, and the newest events deleted by hand (their ids used again)."""
-    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection: 0)  # the test steps
+    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection, limit=0: 0)  # the test steps
     database = str(tmp_path / "events.db")
     config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
                                                            "read_keys": "reader-key"})
@@ -1758,8 +1758,8 @@ def test_an_original_database_is_summarised_in_the_background_and_reports_right_
              for application, user, session, kind, version, moment, _ in rows])
     stepped = []
     real = pycolytics.SQLiteStore.summarise
-    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection: stepped.append(1) or real(
-        store, connection) if len(stepped) < 1 else 0)  # one step of the writer's, then the test's
+    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection, limit: stepped.append(1) or real(
+        store, connection, limit) if len(stepped) < 1 else 0)  # one step of the writer's, then the test's
     monkeypatch.setattr(pycolytics, "SUMMARY_STEP_ROWS", 150)
     config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
                                                            "read_keys": "reader-key"})
@@ -1773,8 +1773,34 @@ def test_an_original_database_is_summarised_in_the_background_and_reports_right_
     assert_reports_match(client, rows)
 
 
+def test_summarising_steps_that_take_long_read_fewer_events_and_still_catch_up(tmp_path, make_app, monkeypatch):
+    steps = []  # (limit, events read)
+    real = pycolytics.SQLiteStore.summarise
+
+    def step(store, connection, limit):
+        steps.append((limit, real(store, connection, limit)))
+        return steps[-1][1]
+
+    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", step)
+    monkeypatch.setattr(pycolytics, "SUMMARY_STEP_SECONDS", 1e-9)  # every step took too long
+    database = str(tmp_path / "events.db")
+    config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes"})
+    client = webtest.TestApp(make_app(config))
+    post(client, "/v1.0/events", [event(user_id=f"u{n}") for n in range(540)])
+
+    def summarised():
+        with sqlite3.connect(database) as connection:
+            return connection.execute("SELECT last_id FROM pycolytics_summarised").fetchone()[0]
+
+    wait_for(lambda: summarised() == 540)
+    whole = steps.index((pycolytics.SUMMARY_STEP_ROWS, pycolytics.SUMMARY_STEP_ROWS))  # the first 500 events
+    assert {limit for limit, _ in steps[whole + 1:]} == {pycolytics.SUMMARY_MIN_ROWS}  # the other 40, 20 a step
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT sum(events), sum(users) FROM pycolytics_days").fetchone() == (540, 540)
+
+
 def test_summarising_never_waits_for_a_write_lock_another_process_holds(tmp_path, make_app, monkeypatch):
-    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection: 0)  # the test steps
+    monkeypatch.setattr(pycolytics.SQLiteStore, "summarise", lambda store, connection, limit=0: 0)  # the test steps
     database = str(tmp_path / "events.db")
     config = pycolytics.load_config(environ={}, overrides={"database": database, "api_keys": KEY, "quiet": "yes",
                                                            "busy_timeout": 30})
