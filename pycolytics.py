@@ -1508,7 +1508,7 @@ CREATE TABLE IF NOT EXISTS pycolytics_name_events (
 """
 SUMMARY_TABLES = ("pycolytics_days", "pycolytics_sessions", "pycolytics_presence", "pycolytics_spans",
                   "pycolytics_name_events")
-# Events per summarising step: a few milliseconds of the writer's time, as a pruning step.
+# Events per summarising step at most: a few milliseconds of the writer's time, as a pruning step.
 SUMMARY_STEP_ROWS = 500
 # A commit that comes during a step waits for it, and a step of 500 events from as many new
 # users takes 30 ms here (bench/README.md, "Issue 14, fourth round"), more on a Raspberry Pi:

@@ -2410,6 +2410,22 @@ def test_a_database_deleted_from_a_folder_unchanged_for_an_hour_gets_503(client,
     assert not os.path.exists(database)
 
 
+def test_a_database_whose_folder_is_moved_away_gets_503_until_it_is_back(tmp_path, make_app, caplog):
+    (tmp_path / "data").mkdir()
+    database = str(tmp_path / "data" / "events.db")
+    client = webtest.TestApp(make_app(pycolytics.load_config(environ={}, overrides={
+        "database": database, "api_keys": KEY, "quiet": "yes"})))
+    post(client, "/v1.0/event", event(user_id="before"))
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    post(client, "/v1.0/event", event(user_id="refused"), status=503)
+    assert "is gone (deleted or moved" in healthz_once_settled(client, "unavailable")["database"]
+    assert "the folder of the database file" in caplog.text and "was deleted or moved" in caplog.text
+    os.rename(tmp_path / "moved", tmp_path / "data")
+    assert healthz_once_settled(client)["status"] == "ok"
+    post(client, "/v1.0/event", event(user_id="after"))
+    assert stored(database, "user_id") == [("before",), ("after",)]
+
+
 def replaced_behind_the_same_mtime(database):
     """Replace the database file as a change within one tick of the file system's clock
     would: its folder's mtime stays as it was."""
