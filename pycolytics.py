@@ -1817,6 +1817,9 @@ class SQLiteStore(Store):
         self.config = config
         self.errors = (sqlite3.Error,)
         self._files = None  # the files the last connect() opened
+        # As SQLite resolves it, once: os.path.abspath of a relative path asks for the working
+        # directory, a system call before and after every commit.
+        self._path = os.path.abspath(config.database)
 
     def connect(self):
         path = self.config.database
@@ -1853,7 +1856,7 @@ class SQLiteStore(Store):
         before leaves it as it was: only an mtime a tick older than the check that found the
         files in place vouches for them later. A symbolic link's folder vouches for nothing.
         """
-        path = os.path.abspath(self.config.database)
+        path = self._path
         checked_at = time.time_ns()
         try:
             folder = os.stat(os.path.dirname(path))
