@@ -6550,6 +6550,15 @@ def test_framing_limits_of_a_live_server_hold_at_their_exact_edge(settings, data
     assert count(database) == (1 if status == 204 else 0)
 
 
+def test_stored_time_text_is_what_strftime_writes_across_seconds_minutes_days_and_years():
+    start = datetime.datetime(2026, 1, 1, 12, 0, 5, tzinfo=datetime.timezone.utc)
+    moments = [start, start.replace(microsecond=7), start.replace(microsecond=999_999)]
+    moments += [start + datetime.timedelta(**{unit: 1}) for unit in ("minutes", "hours", "days", "weeks")]
+    moments += [start.replace(month=2), start.replace(year=2027), pycolytics._EPOCH, pycolytics._LAST_SECOND]
+    for moment in moments:  # one after the other: each second's text is kept for the next
+        assert pycolytics._time_text(moment) == moment.strftime(pycolytics.TIME_FORMAT)
+
+
 @pytest.mark.parametrize("name, lowest, below, highest, above", [
     ("port", "0", "-1", "65535", "65536"),
     ("max_batch_events", "1", "0", None, None),
