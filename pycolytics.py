@@ -4808,6 +4808,28 @@ def _split_target(target, method):
     return path, query
 
 
+# Header lines as clients repeat them, request after request ("Host: ...", "User-Agent: ..."),
+# each checked once: (name in lower case, value). Short lines only, and a few hundred of them.
+_HEADER_LINES = {}
+HEADER_LINES_KEPT = 512
+HEADER_LINE_KEPT_CHARS = 256
+
+
+def _header_field(line, config):
+    """(name in lower case, value) of one header line; raises HTTPError if it is malformed or too long."""
+    name, sep, value = line.partition(":")
+    if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
+        raise BadRequest(f"malformed header line {_printable(line[:40])!r}")
+    if len(line) > config.max_header_field:
+        raise HeaderFieldsTooLarge(f"the header {name} is over {config.max_header_field} bytes")
+    field = name.lower(), value.strip(" \t")
+    if len(line) <= HEADER_LINE_KEPT_CHARS:
+        if len(_HEADER_LINES) >= HEADER_LINES_KEPT:
+            _HEADER_LINES.clear()  # new clients' lines take the place of those gone
+        _HEADER_LINES[line] = field
+    return field
+
+
 def _parse_head(head, config):
     """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
     bad = _FORBIDDEN_IN_HEAD.search(head.replace(b"\r\n", b"  "))
@@ -4830,12 +4852,8 @@ def _parse_head(head, config):
         raise HeaderFieldsTooLarge(f"at most {config.max_header_fields} header fields are accepted")
     request.headers = headers = {}
     for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
-            raise BadRequest(f"malformed header line {_printable(line[:40])!r}")
-        if len(line) > config.max_header_field:
-            raise HeaderFieldsTooLarge(f"the header {name} is over {config.max_header_field} bytes")
-        name, value = name.lower(), value.strip(" \t")
+        known = _HEADER_LINES.get(line)
+        name, value = _header_field(line, config) if known is None or len(line) > config.max_header_field else known
         if name in headers:
             if name == "host":
                 raise BadRequest("more than one Host header")

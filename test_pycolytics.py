@@ -6550,6 +6550,28 @@ def test_framing_limits_of_a_live_server_hold_at_their_exact_edge(settings, data
     assert count(database) == (1 if status == 204 else 0)
 
 
+def test_a_header_line_checked_once_is_still_held_to_each_servers_max_header_field(settings, database, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = raw_request(EVENT_HEAD.format(version="HTTP/1.1", extra="X-Pad: " + "a" * 73 + "\r\n"), body([event()]))
+    with serving(settings, max_header_field=100) as server:
+        assert exchange(server, raw).startswith(b"HTTP/1.1 204 ")  # the 80-byte line is kept as checked
+    with serving(settings, max_header_field=79) as server:
+        assert exchange(server, raw).startswith(b"HTTP/1.1 431 ")
+    assert count(database) == 1
+
+
+def test_the_header_lines_kept_as_checked_are_few_and_short(tmp_path):
+    config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "e.db")})
+    for n in range(3 * pycolytics.HEADER_LINES_KEPT):
+        request = pycolytics._parse_head(f"GET / HTTP/1.1\r\nHost: a\r\nX-Count: {n}".encode(), config)
+        assert request.headers == {"host": "a", "x-count": str(n)}
+        assert len(pycolytics._HEADER_LINES) <= pycolytics.HEADER_LINES_KEPT
+    long_line = "X-Long: " + "b" * pycolytics.HEADER_LINE_KEPT_CHARS
+    assert pycolytics._parse_head(f"GET / HTTP/1.1\r\nHost: a\r\n{long_line}".encode(), config).headers["x-long"]
+    assert long_line not in pycolytics._HEADER_LINES
+
+
 def test_stored_time_text_is_what_strftime_writes_across_seconds_minutes_days_and_years():
     start = datetime.datetime(2026, 1, 1, 12, 0, 5, tzinfo=datetime.timezone.utc)
     moments = [start, start.replace(microsecond=7), start.replace(microsecond=999_999)]
