@@ -888,7 +888,8 @@ class Validator:
             events = (document,)
         # Cheap facts about the whole body that let most events skip checks: a body with few
         # brackets cannot nest deeply, and one without \uD800-style escapes holds no surrogates.
-        shallow = body.count(b"{") + body.count(b"[") <= self.max_value_depth
+        # (A batch of more events than that has too many brackets: not worth counting them all.)
+        shallow = len(events) <= self.max_value_depth and body.count(b"{") + body.count(b"[") <= self.max_value_depth
         check_unicode = _SURROGATE_ESCAPE.search(body) is not None
         times = (received, _time_text(received))
         rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, []
