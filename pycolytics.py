@@ -1384,7 +1384,7 @@ class Metrics:
             self._row[self.REQUESTS_AT[status[:3]]] += count
 
     def commit(self, seconds, stored):
-        bucket = sum(seconds > bound for bound in self.BUCKETS)
+        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # how many bounds it is over
         with self._lock:
             self._row[self.STORED] += stored
             self._row[self.COMMIT_MICROSECONDS] += round(seconds * 1e6)

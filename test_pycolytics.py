@@ -1133,6 +1133,16 @@ def test_metrics_count_requests_stored_events_and_commit_time(client):
     assert re.search(r"^pycolytics_commit_seconds_count 2$", text, re.M)
 
 
+def test_each_commit_time_is_counted_in_every_bucket_at_or_over_it():
+    metrics = pycolytics.Metrics()
+    for seconds in (0.0004, 0.001, 0.003, 0.3, 7.0):
+        metrics.commit(seconds, stored=1)
+    text = metrics.text()
+    buckets = dict(re.findall(r'^pycolytics_commit_seconds_bucket\{le="([^"]+)"\} (\d+)$', text, re.M))
+    assert buckets == {"0.001": "2", "0.0025": "2", "0.005": "3", "0.01": "3", "0.025": "3", "0.05": "3",
+                       "0.1": "3", "0.25": "3", "0.5": "4", "1.0": "4", "2.5": "4", "5.0": "4", "+Inf": "5"}
+
+
 def test_metrics_count_the_built_in_servers_fast_path(server):
     connection = http.client.HTTPConnection(*server.server_address, timeout=10)
     statuses = [post_over(connection, event()), post_over(connection, event(api_key="nope"))]
