@@ -1842,6 +1842,7 @@ class SQLiteStore(Store):
         # As SQLite resolves it, once: os.path.abspath of a relative path asks for the working
         # directory, a system call before and after every commit.
         self._path = os.path.abspath(config.database)
+        self._folder = os.path.dirname(self._path)
 
     def connect(self):
         path = self.config.database
@@ -1881,7 +1882,7 @@ class SQLiteStore(Store):
         path = self._path
         checked_at = time.time_ns()
         try:
-            folder = os.stat(os.path.dirname(path))
+            folder = os.stat(self._folder)
         except FileNotFoundError:
             return f"the folder of the database file {path} was deleted or moved while the server ran"
         stamp = (folder.st_dev, folder.st_ino, folder.st_mtime_ns)
