@@ -39,7 +39,6 @@ import operator
 import os
 import queue
 import re
-import select
 import selectors
 import signal
 import socket
@@ -4985,10 +4984,9 @@ class Server:
         self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
         self._connections = {}
         self._per_address = OpenConnections() if open_connections is None else open_connections
-        # Worker processes share the listening socket, and the kernel wakes one of them for a
-        # newcomer (every one without EPOLLEXCLUSIVE), the first that waits: it would take a whole
-        # burst of connections (a client pool's, a proxy's), and keep them. So each says how many
-        # it holds, and yields to one with fewer.
+        # Worker processes share the listening socket, and the kernel wakes every one of them for
+        # a newcomer: the first awake would take a whole burst of connections (a client pool's,
+        # a proxy's), and keep them. So each says how many it holds, and yields to one with fewer.
         self._holding = getattr(open_connections, "holding", None)
         self._crowded = getattr(open_connections, "crowded", None)
         self._yield_until = 0.0  # while it leaves newcomers to another worker
@@ -5132,19 +5130,9 @@ class Server:
         on = on and not self._stopping and time.monotonic() >= self._accept_again
         if on and not self._listening:
             self._selector.register(self.listener, selectors.EVENT_READ, (self._accept, None))
-            self._wake_one_for_newcomers()
         elif not on and self._listening:
             self._selector.unregister(self.listener)
         self._listening = on
-
-    def _wake_one_for_newcomers(self):
-        """With workers = N every worker's loop watches the one listening socket, and Linux wakes
-        them all for each newcomer, all but one to find nothing to accept; EPOLLEXCLUSIVE wakes one.
-        selectors has no word for it, so its epoll object is asked directly (elsewhere all wake)."""
-        epoll = getattr(self._selector, "_selector", None)
-        if hasattr(select, "EPOLLEXCLUSIVE") and isinstance(epoll, select.epoll):
-            epoll.unregister(self.listener.fileno())
-            epoll.register(self.listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
 
     def _accept(self):
         for _ in range(64):  # a few per turn: a flood of newcomers must not starve the rest

@@ -20,7 +20,6 @@ import os
 import random
 import re
 import resource
-import select
 import shutil
 import signal
 import socket
@@ -4109,7 +4108,7 @@ def open_sockets(pid):
 
 def test_a_burst_of_kept_alive_connections_is_spread_over_the_workers(two_workers):
     """A client pool (or a proxy) opens its connections at once and keeps them: the kernel wakes
-    the first worker that waits for each, and it would take them all and serve all their requests."""
+    every worker for each, and the first awake would take them all and serve all their requests."""
     process, address, database, log_lines = two_workers
     workers = workers_of(process, log_lines)
     for _ in range(3):
@@ -4129,30 +4128,6 @@ def test_a_burst_of_kept_alive_connections_is_spread_over_the_workers(two_worker
         # writer: a socket, and a second descriptor of it that never waits)
         assert until(lambda: all(open_sockets(pid) <= before[pid] + 2 for pid in workers))
     assert count(database) == 48
-
-
-@pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="Linux's epoll only")
-def test_a_newcomer_wakes_one_of_the_loops_that_watch_the_same_listening_socket(tmp_path):
-    """Every worker's loop watches the one listening socket: woken all for each newcomer, all but
-    one would find nothing to accept, and a burst of new connections would cost each worker CPU."""
-    config = pycolytics.load_config(environ={}, overrides={"database": str(tmp_path / "events.db")})
-    listener = pycolytics.listening_socket("127.0.0.1", 0)
-    loops = [pycolytics.Server(lambda environ, start_response: [], config, listener=listener) for _ in range(3)]
-    woken = []
-
-    def wait(loop):
-        loop._listen(True)
-        woken.extend(key.fileobj for key, _ in loop._selector.select(timeout=3) if key.fileobj is listener)
-
-    waiting = [threading.Thread(target=wait, args=(loop,)) for loop in loops]
-    for thread in waiting:
-        thread.start()
-    time.sleep(0.5)  # every loop inside epoll_wait
-    with socket.create_connection(listener.getsockname(), timeout=5):
-        for thread in waiting:
-            thread.join()
-    listener.close()
-    assert woken == [listener]
 
 
 def test_a_worker_that_holds_more_connections_still_serves_newcomers_while_the_other_is_stopped(two_workers):
