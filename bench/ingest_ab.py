@@ -2,12 +2,13 @@
 """Ingestion of this pycolytics.py against another one (an older commit's), in turns, in one run.
 
     git show 407b488:pycolytics.py > /tmp/before.py
-    python3 bench/ingest_ab.py /tmp/before.py [--rounds 3] [--seconds 3] [--workers 2]
+    python3 bench/ingest_ab.py /tmp/before.py [--rounds 3] [--seconds 3] [--workers 2] [--new-connections]
 
 Each round starts each server on a new SQLite database (synchronous = full, as by default) and
 drives it with batches of 100 events from 100 players in their own sessions, then with single
-events; the two servers take turns, A B A B, so that a drift of the machine's speed falls on
-both. Every cell checks the database against what was acknowledged (bench.py's `measured`).
+events (with --new-connections: single events and the Godot client's batches of 12, each on a
+connection of its own); the two servers take turns, A B A B, so that a drift of the machine's
+speed falls on both. Every cell checks the database against what was acknowledged (bench.py's `measured`).
 Prints each round's events per second and the ratio this/other; quote the median ratio.
 """
 
@@ -30,18 +31,20 @@ def varied_batch(size):
                        for n in range(size)]).encode()
 
 
-def one_round(program, seconds, connections, workers):
+def one_round(program, seconds, connections, workers, new_connections):
+    cells = [("single events", "/v1.0/event", bench.single_body(), 1)]
+    cells.insert(0, ("batches of 12", "/v1.0/events", bench.batch_body(12), 12) if new_connections else
+                 ("batches of 100", "/v1.0/events", varied_batch(100), 100))
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
         database = os.path.join(folder, "events.db")
         service = bench.start_pycolytics(database, program=[program], environ={"PYCOLYTICS_WORKERS": str(workers)})
         try:
-            batch = bench.measured(service, database, "/v1.0/events", varied_batch(100), 100, connections, seconds)
-            single = bench.measured(service, database, "/v1.0/event", bench.single_body(), 1, connections, seconds)
+            for name, path, body, events in cells:
+                figures[name] = bench.measured(service, database, path, body, events, connections, seconds,
+                                               close=new_connections)["events"]
         finally:
             service.stop()
-    figures["batches of 100"] = batch["events"]
-    figures["single events"] = single["events"]
     return figures
 
 
@@ -52,12 +55,13 @@ def main():
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="the workers setting of both servers (default 1)")
+    parser.add_argument("--new-connections", action="store_true", help="a new connection for each request")
     arguments = parser.parse_args()
     this = os.path.join(bench.ROOT, "pycolytics.py")
     ratios = {}
     for number in range(arguments.rounds):
-        a = one_round(this, arguments.seconds, arguments.connections, arguments.workers)
-        b = one_round(os.path.abspath(arguments.other), arguments.seconds, arguments.connections, arguments.workers)
+        a, b = (one_round(program, arguments.seconds, arguments.connections, arguments.workers,
+                          arguments.new_connections) for program in (this, os.path.abspath(arguments.other)))
         for cell in a:
             ratios.setdefault(cell, []).append(a[cell] / b[cell])
             print(f"round {number + 1} {cell:<16} this {a[cell]:>9,.0f}  other {b[cell]:>9,.0f} events/s"
