@@ -4703,8 +4703,8 @@ PLAYERS = (f"127.0.1.{n}" for n in itertools.count(2))  # each test's own addres
 
 
 def readme_nginx_configurations():
-    """README.md's nginx blocks by the file each names in its first line, exactly as written there."""
-    with open(os.path.join(HERE, "README.md")) as readme:
+    """docs/deployment.md's nginx blocks by the file each names in its first line, exactly as written there."""
+    with open(os.path.join(HERE, "docs", "deployment.md")) as readme:
         blocks = re.findall(r"```nginx\n(.*?)```", readme.read(), re.S)
     return {block.split("\n", 1)[0].lstrip("# "): block for block in blocks}
 
