@@ -3,25 +3,37 @@
 
 Clients POST JSON events over HTTP; Pycolytics checks their API key, validates them and
 stores them in an SQLite database that you later open with pandas, Jupyter or any SQLite
-browser. It speaks the API of the original Pycolytics (v1.0), so its Godot addon works
-unchanged.
+browser, and draws a dashboard of them. It speaks the API of the original Pycolytics (v1.0),
+so its Godot addon works unchanged.
 
 Run it:          python3 pycolytics.py [--config FILE] [--host HOST] [--port PORT]
-Look after it:   python3 pycolytics.py keygen | export | prune | backup | copy   (--help says how)
+Look after it:   python3 pycolytics.py keygen | export | prune | forget | backup | copy | privacy | rebuild-summaries
 Under gunicorn:  PYCOLYTICS_CONFIG=/etc/pycolytics.ini gunicorn 'pycolytics:create_app()'
 
 One file, standard library only, Python 3.9 or newer; a postgresql:// database (several
 collectors, one database) also needs psycopg 3, imported only then. Importing this module
 does nothing: no file is read, no database opened and no socket bound until a server
 starts or the WSGI callable `application` answers its first request.
+
+The hops of one POST, in the order of this file's sections:
+  1. Server._read           the event loop reads the bytes (no thread per connection)
+  2. Server._whole_request  frames a request: head limits, Content-Length, pipelining
+  3. LoopHooks.take         the application takes it in the loop (WSGI callers: Pycolytics.__call__)
+  4. Pycolytics.post_*      rate limit, body read and decompressed
+  5. Validator.rows         keys checked, events validated into rows, all or nothing
+  6. LoopHooks.turn_ended   every request of the loop's turn goes to the writer together
+  7. Writer._commit         one transaction, one fsync, for all of them (SQLiteStore.insert)
+  8. Server._answer         each client gets its 204 (or the 503 of a failed commit)
+Reads (reports, the dashboard, a player's export) run in the application's ReadPool, off
+the loop, each within report_timeout; summaries (section "Summaries") keep them fast.
 """
 
-__version__ = "2.0.0"
-__all__ = ["Config", "ConfigError", "Pycolytics", "Server", "application", "create_app", "load_config", "main"]
+__version__ = "3.0.0"
+__all__ = ["Config", "ConfigError", "HTTPError", "Pycolytics", "Server", "application", "create_app",
+           "load_config", "main"]
 
 import argparse
 import binascii
-import bisect
 import collections
 import configparser
 import contextlib
@@ -29,11 +41,12 @@ import copy as copy_module
 import datetime
 import errno
 import functools
+import hashlib
+import hmac
 import io
 import itertools
 import json
 import logging
-import marshal
 import math
 import operator
 import os
@@ -46,13 +59,9 @@ import sqlite3
 import sys
 import threading
 import time
+from http import HTTPStatus
 from wsgiref.handlers import format_date_time
 from wsgiref.util import is_hop_by_hop
-
-# The constant-time comparison behind hmac.compare_digest when Python has no OpenSSL (with
-# OpenSSL, hmac uses _hashlib's, which is just as constant-time); importing hmac loads OpenSSL:
-# 3.5 MB of memory (a fifth of the idle footprint) for one comparison.
-from _operator import _compare_digest as compare_digest
 
 log = logging.getLogger("pycolytics")
 
@@ -68,24 +77,9 @@ DEV_KEY = "I-am-an-unsecure-dev-key-REPLACE_ME"
 
 EVENT_FIELDS = ("event_type", "application", "version", "platform", "user_id", "session_id")
 
-# How long a refused connection is drained before it is closed; see Server._refuse.
-LINGER_SECONDS = 2
-
-# How many bytes one recv() asks for; larger buffers would cost an mmap() per call.
-RECV_BYTES = 64 * 1024
-
-# Client addresses the rate limiter remembers at most: about 100 bytes each, so a flood of
-# addresses costs a few MB before the limiter forgets them all and starts counting afresh.
+# Client addresses a counter (rate limit, wrong keys) remembers at most: about 100 bytes each,
+# so a flood of addresses costs a few MB before the counter forgets them all and starts afresh.
 MAX_TRACKED_CLIENTS = 50_000
-
-# /healthz answers 503 when the database's disk has less free space than this, and when
-# the write lock cannot be had within HEALTH_TIMEOUT seconds.
-MIN_FREE_DISK = 16 * 2**20
-HEALTH_TIMEOUT = 2
-# A /healthz answer may be this old, so a flood of them costs the database nothing; after a
-# failed write, the writer tries a small one this often, so health recovers with no traffic.
-HEALTH_CACHE_SECONDS = 1
-HEALTH_PROBE_SECONDS = 3
 
 # Characters in a client-made event_id at most: room for a UUID, a ULID or a hash.
 MAX_EVENT_ID = 100
@@ -94,34 +88,12 @@ MAX_EVENT_ID = 100
 # and the interpreter's own limit (sys.get_int_max_str_digits) is this number unless changed.
 MAX_INTEGER_DIGITS = 4300
 
-# What an [app:NAME] section may set, for that application's events only.
-APP_SETTINGS = ("api_keys", "cors_origins")
-
-# Settings that only a restart changes; a reload (SIGHUP) says so when they differ.
-RESTART_SETTINGS = ("database", "host", "port", "threads", "workers", "synchronous", "busy_timeout")
-
 # Worker processes at most (workers = N): each holds its own connections and threads, and
 # more than a few per core only adds memory.
 MAX_WORKERS = 64
 
-# With workers = N, the counts by client address of rate_limit and max_connections_per_address
-# live in fixed tables that every worker shares: an address's hash picks a set of this many
-# entries, and a lookup reads that set only (plus one entry per worker for connections).
-ADDRESS_SET_ENTRIES = 8
-
-# A worker process that dies is replaced, but at most this many times per minute: a worker
-# that crashes at start must not become a fork loop. Beyond it, replacements wait their turn.
-WORKER_RESTARTS_PER_MINUTE = 5
-
-# With workers = N on SQLite, the workers hand their rows to one writer process over a Unix
-# socket. A send that waits longer than this means the other side is stuck: the connection is
-# dropped and the events it carried get 503.
-WRITER_TIMEOUT = 10
-# A database writer that has left a message unanswered this long makes /healthz 503 (its
-# events wait, and get 503 after busy_timeout + 30 s).
-WRITER_SILENT_SECONDS = 5
-# Why the shared writer's last write failed, as /healthz of every worker shows it: at most this.
-WRITER_PROBLEM_BYTES = 1024
+# Times as stored: UTC, as text that SQLite's date functions and pandas read.
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 ###############################################################################
 # Errors
@@ -129,90 +101,41 @@ WRITER_PROBLEM_BYTES = 1024
 
 
 class HTTPError(Exception):
-    """An answer to a request that went wrong; `status` says how, `detail` says what to fix."""
+    """An answer to a request that went wrong: its `status` (a number), `detail` (what to fix:
+    text, or the list of a 422's problems) and any headers it needs."""
 
-    status = "500 Internal Server Error"
-
-    def __init__(self, detail, headers=()):
+    def __init__(self, status, detail, headers=(), retry_after=None):
         super().__init__(detail)
+        self.status = f"{status} {HTTPStatus(status).phrase}"
         self.detail = detail
         self.headers = list(headers)
+        if retry_after is not None:
+            # Browsers show a page's scripts only a few answer headers unless told; a client
+            # must read this one to know when to send again.
+            self.headers += [("Retry-After", str(retry_after)), ("Access-Control-Expose-Headers", "Retry-After")]
 
 
-class BadRequest(HTTPError):
-    status = "400 Bad Request"
+def busy(detail, retry_after=1):
+    """A 503 that says when to try again."""
+    return HTTPError(503, detail, retry_after=retry_after)
 
 
-class Unauthorized(HTTPError):
-    status = "401 Unauthorized"
+def error_answer(error):
+    """(status, headers, body) of the JSON answer to an HTTPError: the one format of every refusal,
+    the application's and the built-in server's."""
+    body = json.dumps({"detail": error.detail}).encode()
+    return error.status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))] + error.headers, body
 
 
-class Forbidden(HTTPError):
-    status = "403 Forbidden"
-
-
-class NotFound(HTTPError):
-    status = "404 Not Found"
-
-
-class MethodNotAllowed(HTTPError):
-    status = "405 Method Not Allowed"
-
-
-class LengthRequired(HTTPError):
-    status = "411 Length Required"
-
-
-class PayloadTooLarge(HTTPError):
-    status = "413 Payload Too Large"
-
-
-class URITooLong(HTTPError):
-    status = "414 URI Too Long"
-
-
-class UnsupportedMediaType(HTTPError):
-    status = "415 Unsupported Media Type"
-
-
-class UnprocessableEntity(HTTPError):
-    status = "422 Unprocessable Entity"
-
-
-def _retry_after(seconds):
-    # Browsers show a page's scripts only a few answer headers unless told; a client must
-    # read this one to know when to send again.
-    return [("Retry-After", str(seconds)), ("Access-Control-Expose-Headers", "Retry-After")]
-
-
-class TooManyRequests(HTTPError):
-    status = "429 Too Many Requests"
-
-    def __init__(self, detail, retry_after):
-        super().__init__(detail, _retry_after(retry_after))
-
-
-class HeaderFieldsTooLarge(HTTPError):
-    status = "431 Request Header Fields Too Large"
-
-
-class RequestTimeout(HTTPError):
-    status = "408 Request Timeout"
-
-
-class ServiceUnavailable(HTTPError):
-    status = "503 Service Unavailable"
-
-    def __init__(self, detail, retry_after=1):
-        super().__init__(detail, _retry_after(retry_after))
-
-
-class VersionNotSupported(HTTPError):
-    status = "505 HTTP Version Not Supported"
+INTERNAL_ERROR = error_answer(HTTPError(500, "internal server error"))  # never says more: no tracebacks out
 
 
 class ConfigError(Exception):
     """A configuration that cannot work; the message names the key and where it came from."""
+
+
+class UsageError(Exception):
+    """A command line that cannot work as given (exit status 2); the message says what to change."""
 
 
 ###############################################################################
@@ -245,37 +168,28 @@ def _keys(value):
     return keys
 
 
-def _number(value, convert, lowest, highest, accepted):
-    """`value` as a number from `lowest` to `highest`, or a ValueError saying what is accepted."""
-    try:
-        number = convert(value)
-    except ValueError:
-        number = None
-    if number is None or not lowest <= number <= highest:  # NaN fails the comparison too
-        raise ValueError(f"must be {accepted}")
-    return number
+def _number(convert, lowest, highest, accepted):
+    """A parser of numbers from `lowest` to `highest`, raising a ValueError saying what is accepted."""
+    def parse(value):
+        try:
+            number = convert(value)
+        except ValueError:
+            number = None
+        if number is None or not lowest <= number <= highest:  # NaN fails the comparison too
+            raise ValueError(f"must be {accepted}")
+        return number
+    return parse
 
 
-def _port(value):
-    return _number(value, int, 0, 65535, "a whole number from 0 to 65535")
-
-
-def _count(value):
-    return _number(value, int, 1, math.inf, "a whole number of at least 1, without a unit (like 1000, or 1048576 for 1 MiB)")
-
-
-def _seconds(value):
-    return _number(value, float, 0.001, 1e6, "a number of seconds from 0.001 to 1000000, like 5 or 0.5")
-
-
-def _days(value):
-    return _number(value, float, 0, 999_999, "a number of days, or 0 to keep events forever")
+_port = _number(int, 0, 65535, "a whole number from 0 to 65535")
+_count = _number(int, 1, math.inf, "a whole number of at least 1, without a unit (like 1000, or 1048576 for 1 MiB)")
+_seconds = _number(float, 0.001, 1e6, "a number of seconds from 0.001 to 1000000, like 5 or 0.5")
+_days = _number(float, 0, 999_999, "a number of days, or 0 to keep events forever")
+_worker_count = _number(int, 1, MAX_WORKERS, f"auto, or a whole number from 1 to {MAX_WORKERS}")
 
 
 def _workers(value):
-    if value.strip().lower() == "auto":
-        return min(os.cpu_count() or 1, MAX_WORKERS)
-    return _number(value, int, 1, MAX_WORKERS, f"auto, or a whole number from 1 to {MAX_WORKERS}")
+    return min(os.cpu_count() or 1, MAX_WORKERS) if value.strip().lower() == "auto" else _worker_count(value)
 
 
 def _flag(value):
@@ -294,11 +208,24 @@ def _synchronous(value):
     return word
 
 
+def _secret(value):
+    keys = _keys(value)
+    if len(keys) > 1:
+        raise ValueError("must be one secret, without commas")
+    return keys[0] if keys else ""
+
+
+def _field_name(value):
+    """A key of events' values, as the game-analytics conventions name them."""
+    name = value.strip()
+    if not name or not name.isprintable() or any(character in name for character in '"\\'):
+        raise ValueError("must be a key of the events' value, without quotes or backslashes")
+    return name
+
+
 class TrustedProxies:
     """The addresses and networks (CIDR) of our own reverse proxies; `address in proxies` says
-    whether a peer is one. Exact addresses are one set lookup: the common case stays one hash."""
-
-    __slots__ = ("addresses", "networks")
+    whether a peer is one."""
 
     def __init__(self, addresses, networks):
         self.addresses = frozenset(addresses)
@@ -345,6 +272,9 @@ def _proxies(value):
     return TrustedProxies(addresses, networks)
 
 
+ANY_ORIGIN = "*"
+
+
 def _origins(value):
     """ANY_ORIGIN for "*", else the set of origins (scheme://host[:port]) named."""
     origins = _items(value)
@@ -354,9 +284,6 @@ def _origins(value):
         if not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ValueError(f"{origin!r} is not an origin like https://example.com or http://localhost:8060")
     return frozenset(origins)
-
-
-ANY_ORIGIN = "*"
 
 
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -373,56 +300,77 @@ def _rate(value):
     return int(found.group(1)), _PERIODS[found.group(2)]
 
 
-class Setting(collections.namedtuple("Setting", "name default parse description")):
-    """One ini key: its default (as the ini would write it), the function that parses and checks
-    a value (raising ValueError with what is accepted), and one line about it."""
+class Setting(collections.namedtuple("Setting", "name default parse scope description")):
+    """One ini key: its default (as the ini would write it), the function that parses and checks a
+    value (raising ValueError with what is accepted), where it may be set and what it does.
+
+    scope: "restart" ([pycolytics] only, and only a restart changes it), "server" ([pycolytics]
+    only; SIGHUP reloads it), "app" (also in an [app:NAME] section, for that game's events)."""
 
     __slots__ = ()
 
 
 # Every ini key, in the order pycolytics.ini documents them (it shows each with its default).
 SETTINGS = (
-    Setting("database", "pycolytics.db", _text, "the SQLite database file, or a postgresql:// URL"),
-    Setting("api_keys", "", _keys, "the keys clients send in each event's api_key"),
-    Setting("host", "127.0.0.1", _text, "the address the built-in server listens on"),
-    Setting("port", "8000", _port, "the port the built-in server listens on"),
-    Setting("synchronous", "full", _synchronous, "what a power cut may lose (also PostgreSQL's synchronous_commit)"),
-    Setting("quiet", "no", _flag, "no log line per request"),
-    Setting("threads", "8", _count, "worker threads of the built-in server for requests that may wait"),
-    Setting("workers", "1", _workers, "processes of the built-in server, each with its own loop; auto: one per core"),
-    Setting("max_connections", "512", _count, "open connections at most; the longest idle makes room"),
-    Setting("max_connections_per_address", "64", _count, "open connections from one client address at most (503)"),
-    Setting("idle_timeout", "5", _seconds, "seconds a kept-alive connection may sit idle"),
-    Setting("request_timeout", "10", _seconds, "seconds a client has to send a whole request"),
+    Setting("database", "pycolytics.db", _text, "restart", "the SQLite database file, or a postgresql:// URL"),
+    Setting("api_keys", "", _keys, "app", "the keys clients send in each event's api_key"),
+    Setting("host", "127.0.0.1", _text, "restart", "the address the built-in server listens on"),
+    Setting("port", "8000", _port, "restart", "the port the built-in server listens on"),
+    Setting("synchronous", "full", _synchronous, "restart",
+            "what a power cut may lose (also PostgreSQL's synchronous_commit)"),
+    Setting("quiet", "no", _flag, "server", "no log line per request"),
+    Setting("log_addresses", "yes", _flag, "server", "client addresses in the log (no: '-' instead)"),
+    Setting("threads", "8", _count, "restart", "threads of the built-in server for requests that may wait"),
+    Setting("workers", "1", _workers, "restart", "processes of the built-in server; auto: one per core"),
+    Setting("max_connections", "512", _count, "server", "open connections at most; the longest idle makes room"),
+    Setting("max_connections_per_address", "64", _count, "server", "open connections from one address at most (503)"),
+    Setting("idle_timeout", "5", _seconds, "server", "seconds a kept-alive connection may sit idle"),
+    Setting("request_timeout", "10", _seconds, "server",
+            "seconds a client has to send a whole request, and to read a whole answer"),
     # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
     # whole head, which a hundred full-size headers would exceed): no client of an event
     # collector comes near them, and they bound what one connection can pin.
-    Setting("max_request_line", "4094", _count, "bytes in the request line (414)"),
-    Setting("max_header_fields", "100", _count, "header fields in one request (431)"),
-    Setting("max_header_field", "8190", _count, "bytes in one header field (431)"),
-    Setting("max_head_bytes", "65536", _count, "bytes in a whole request head (431)"),
-    Setting("max_body_bytes", "1048576", _count, "bytes in one request body (413)"),
-    Setting("max_buffered_bytes", "33554432", _count,
+    Setting("max_request_line", "4094", _count, "server", "bytes in the request line (414)"),
+    Setting("max_header_fields", "100", _count, "server", "header fields in one request (431)"),
+    Setting("max_header_field", "8190", _count, "server", "bytes in one header field (431)"),
+    Setting("max_head_bytes", "65536", _count, "server", "bytes in a whole request head (431)"),
+    Setting("max_body_bytes", "1048576", _count, "server", "bytes in one request body (413)"),
+    Setting("max_buffered_bytes", "33554432", _count, "server",
             "bytes of request bodies held at once, and of values waiting for the database (503)"),
-    Setting("max_batch_events", "1000", _count, "events in one batch (422)"),
-    Setting("max_string_length", "255", _count, "characters in each string field of an event (422)"),
-    Setting("max_value_bytes", "65536", _count, "bytes of one event's value as compact JSON (422)"),
-    Setting("max_value_depth", "32", _count, "nesting of objects and arrays in one event's value (422)"),
-    Setting("max_pending_events", "100000", _count, "events waiting for the database at most (then 503)"),
-    Setting("busy_timeout", "30", _seconds, "seconds a write waits for another process holding the database"),
-    Setting("rate_limit", "off", _rate, "requests to the event endpoints per client address, like 60/minute"),
-    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "reverse proxies whose X-Forwarded-For is believed"),
-    Setting("certfile", "", _text, "the PEM certificate chain for HTTPS"),
-    Setting("keyfile", "", _text, "the PEM private key for HTTPS"),
-    Setting("cors_origins", "*", _origins, "the web pages (origins) that may post events"),
-    Setting("retention_days", "0", _days, "delete the days older than this many days, hourly (0 keeps every event)"),
-    Setting("read_keys", "", _keys, "the keys that open the dashboard"),
+    Setting("max_batch_events", "1000", _count, "server", "events in one batch (422)"),
+    Setting("max_string_length", "255", _count, "server", "characters in each string field of an event (422)"),
+    Setting("max_value_bytes", "65536", _count, "server", "bytes of one event's value as compact JSON (422)"),
+    Setting("max_value_depth", "32", _count, "server", "nesting of objects and arrays in one event's value (422)"),
+    Setting("max_pending_events", "100000", _count, "server", "events waiting for the database at most (then 503)"),
+    Setting("busy_timeout", "30", _seconds, "restart",
+            "seconds an event waits for its commit at most (a lock, a slow disk), then 503"),
+    Setting("rate_limit", "off", _rate, "server", "requests to the event endpoints per client address, like 60/minute"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "server", "reverse proxies whose X-Forwarded-For is believed"),
+    Setting("certfile", "", _text, "server", "the PEM certificate chain for HTTPS"),
+    Setting("keyfile", "", _text, "server", "the PEM private key for HTTPS"),
+    Setting("cors_origins", "*", _origins, "app", "the web pages (origins) that may post events"),
+    Setting("retention_days", "0", _days, "server", "delete the days older than this many days (0 keeps every event)"),
+    Setting("read_keys", "", _keys, "server", "the keys that open the dashboard and the report API"),
+    Setting("admin_keys", "", _keys, "server", "the keys that erase and export one player's events"),
+    Setting("hash_user_ids", "no", _flag, "app", "store user_id and session_id as keyed hashes (needs id_secret)"),
+    Setting("id_secret", "", _secret, "server", "the secret of hash_user_ids; changing it splits every player in two"),
+    Setting("report_timeout", "10", _seconds, "server", "seconds a report may read the database (then 503)"),
+    Setting("report_threads", "2", _count, "restart", "reports read at once; more wait, up to 8 each (then 503)"),
+    Setting("purchase_event", "purchase", _text, "app", "the event_type of a purchase"),
+    Setting("price_field", "price", _field_name, "app", "the key of a purchase's price in its value"),
+    Setting("currency_field", "currency", _field_name, "app", "the key of a purchase's currency in its value"),
+    Setting("item_field", "item", _field_name, "app", "the key of what was bought in a purchase's value"),
+    Setting("level_start_event", "level_start", _text, "app", "the event_type of a level started"),
+    Setting("level_complete_event", "level_complete", _text, "app", "the event_type of a level completed"),
+    Setting("level_fail_event", "level_fail", _text, "app", "the event_type of a level failed"),
+    Setting("level_field", "level", _field_name, "app", "the key of the level in those events' value"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
-
+APP_SETTINGS = tuple(setting.name for setting in SETTINGS if setting.scope == "app")
+CONVENTIONS = APP_SETTINGS[APP_SETTINGS.index("purchase_event"):]  # what the game-analytics views read
 
 # Settings whose values are keys: a message about them shows a glimpse of one key, not the value.
-SECRET_SETTINGS = ("api_keys", "read_keys")
+SECRET_SETTINGS = ("api_keys", "read_keys", "admin_keys", "id_secret")
 
 
 def _parse(name, text, where):
@@ -436,7 +384,8 @@ def _parse(name, text, where):
 
 
 class Config:
-    """The settings in force, parsed and checked; attributes are named after the ini keys."""
+    """The settings in force, parsed and checked; attributes are named after the ini keys, and
+    `apps` holds each [app:NAME] section's own (for_app() reads them, falling back on these)."""
 
     def __init__(self, raw, apps=None):
         """`raw` maps each ini key to (text, where it came from); `apps` each [app:NAME] to its raw keys."""
@@ -444,22 +393,31 @@ class Config:
         self.apps = {}
         places = {}  # where each key is configured, to refuse a key given two roles
         for application, settings in (apps or {}).items():
-            self.apps[application] = {}
-            for name, (text, source) in settings.items():
-                self.apps[application][name] = _parse(name, text, f"{source}: [app:{application}] ")
+            self.apps[application] = {name: _parse(name, text, f"{source}: [app:{application}] ")
+                                      for name, (text, source) in settings.items()}
             for key in self.apps[application].get("api_keys", ()):
                 _one_place(places, key, f"[app:{application}] api_keys ({settings['api_keys'][1]})")
-        for name, _, _, _ in SETTINGS:
-            text, source = raw[name]
-            setattr(self, name, _parse(name, text, f"{source}: "))
-            self.sources[name] = source
-        for name in SECRET_SETTINGS:
+        for setting in SETTINGS:
+            text, source = raw[setting.name]
+            setattr(self, setting.name, _parse(setting.name, text, f"{source}: "))
+            self.sources[setting.name] = source
+        for name in SECRET_SETTINGS[:3]:
             for key in getattr(self, name):
                 _one_place(places, key, f"{name} ({self.sources[name]})")
         if not self.database:
             raise ConfigError(f"{self.sources['database']}: database must name a file")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("HTTPS needs both certfile and keyfile (or neither, for plain HTTP)")
+        hashing = [name for name in [None, *self.apps] if self.for_app(name, "hash_user_ids")]
+        if hashing and not self.id_secret:
+            raise ConfigError("hash_user_ids needs id_secret, a secret of at least 16 characters "
+                              "(python3 pycolytics.py keygen makes one); keep it: a new one makes new ids")
+        if self.id_secret and len(self.id_secret) < 16:
+            raise ConfigError(f"{self.sources['id_secret']}: id_secret must be at least 16 characters long")
+
+    def for_app(self, application, name):
+        """The setting `name` for events of `application`: its [app:NAME] section's, else the global one."""
+        return self.apps.get(application, {}).get(name, getattr(self, name))
 
     @property
     def dev_key_active(self):
@@ -472,8 +430,8 @@ def _one_place(places, key, place):
     first = places.setdefault(key, place)
     if first != place:
         raise ConfigError(
-            f"the key {_glimpse(key)} is in {first} and in {place}: each key belongs in one place, "
-            "either api_keys (any game), one [app:NAME] (that game), or read_keys (the dashboard)"
+            f"the key {_glimpse(key)} is in {first} and in {place}: each key belongs in one place, either "
+            "api_keys (any game), one [app:NAME] (that game), read_keys (the dashboard) or admin_keys (erasure)"
         )
 
 
@@ -521,10 +479,9 @@ def _original_variables(environ, dotenv_path):
     variables = {}
     if dotenv_path and os.path.isfile(dotenv_path):
         try:
-            variables.update(_read_dotenv(dotenv_path))
+            variables = {name: (value, dotenv_path) for name, value in _read_dotenv(dotenv_path).items()}
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read {dotenv_path}: {error}") from None
-        variables = {name: (value, dotenv_path) for name, value in variables.items()}
     for name in ("SQLITE_FILE_NAME", "SQLITE_FILE_PATH", "API_KEYS", "RATE_LIMIT"):
         if name in environ:
             variables[name] = (environ[name], f"environment variable {name}")
@@ -573,6 +530,1537 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
         if value is not None:
             raw[name] = (str(value), f"--{name.replace('_', '-')}")
     return Config(raw, apps)
+
+
+def restart_only_changes(config, in_force):
+    """Warnings for what `config` changes that only a restart puts in force; `config` keeps the
+    values in force instead, so it says what the server does and the next reload compares with that."""
+    warnings = []
+    for setting in SETTINGS:
+        name = setting.name
+        if setting.scope == "restart" and getattr(config, name) != getattr(in_force, name):
+            warnings.append(f"{name} changed to {getattr(config, name)!r}; that takes a restart, "
+                            f"the server keeps {getattr(in_force, name)!r}")
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    if bool(config.certfile) != bool(in_force.certfile):
+        now, then = ("HTTPS", "plain HTTP") if in_force.certfile else ("plain HTTP", "HTTPS")
+        warnings.append(f"certfile and keyfile switch to {then}; that takes a restart, the server keeps serving {now}")
+        for name in ("certfile", "keyfile"):
+            setattr(config, name, getattr(in_force, name))
+            config.sources[name] = in_force.sources[name]
+    return warnings
+
+
+###############################################################################
+# The built-in HTTP/1.1 server
+###############################################################################
+
+# How long a refused connection is drained before it is closed; see Server._refuse.
+LINGER_SECONDS = 2
+
+# How many bytes one recv() asks for; larger buffers would cost an mmap() per call.
+RECV_BYTES = 64 * 1024
+
+# Blank lines a client may send before a request line: RFC 9112 (section 2.2) asks servers
+# to skip at least one; more than a few is a client that wants to hold a slot for nothing.
+MAX_BLANK_LINES = 8
+
+# How many times per turn of the loop each connection with pipelined requests starts its
+# next one: connections take turns, so one that pipelines a thousand waits its turn.
+PIPELINE_ROUNDS = 16
+
+# How long the server stops accepting when it is out of file descriptors, for the ones in
+# use to be closed; meanwhile the kernel's backlog holds newcomers.
+ACCEPT_PAUSE_SECONDS = 1.0
+
+# With workers = N, how long a worker that holds more connections than another leaves a
+# newcomer to that one before it takes it itself (the other may be busy, or stuck).
+ACCEPT_YIELD_SECONDS = 0.002
+
+# How long a connection that has sent nothing, only part of a request, or has not read its
+# answer, is safe from being closed to make room for a newcomer when every slot is taken. A client sends a whole request
+# within a round trip or two; closing one whose request is unread would reset it (newcomers
+# would evict each other before anyone is served), and a slowloris that started its request
+# earlier than this gives its slot up long before request_timeout.
+GRACE_SECONDS = 2.0
+
+# What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
+# beyond it are dropped and counted, so that logging never blocks or stops the server.
+LOG_BUFFER_BYTES = 1 << 20
+
+# Bytes that may not appear in a request head once its CRLFs are blanked out: control
+# characters (tab aside), so also a bare CR or LF. RFC 9112 (section 2.2) allows taking a
+# bare LF as a line end, but proxies that read it otherwise are how requests get smuggled.
+_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+# A method or a header name: RFC 9110's token (section 5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+# What a log line may show of client text: control characters become \xNN, so that a
+# request line cannot forge log lines or reach a terminal as escape sequences.
+_PRINTABLE = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
+
+
+def _printable(text):
+    """Client text fit for one log line."""
+    return text.translate(_PRINTABLE)
+
+
+class _Request:
+    __slots__ = ("method", "path", "query", "version", "headers", "length", "body", "keep_alive", "line")
+
+
+class _Connection:
+    """One client connection, owned by the server's event loop."""
+
+    __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
+                 "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
+                 "closed", "limited", "since", "watched")
+
+    def __init__(self, sock, peer, deadline, limited):
+        self.sock = sock
+        self.peer = peer
+        self.buffer = bytearray()
+        self.scanned = 0  # how much of the buffer is known to hold no end of head: heads are searched once
+        self.blank_lines = 0
+        self.deadline = deadline  # when the loop gives up on it; None while its request is answered
+        self.request = None  # a request whose head has arrived and whose body has not, yet
+        self.body_start = 0
+        self.reserved = 0  # body bytes counted against max_buffered_bytes
+        self.continued = False
+        self.busy = False  # a whole request is being answered
+        self.keep_alive = True
+        self.outbox = b""
+        self.writing = False
+        self.lingering = False
+        self.handshaking = False
+        self.closed = False
+        self.limited = limited  # counted against max_connections_per_address
+        self.since = time.monotonic()  # when it connected, or began its request
+        self.watched = False  # registered with the loop's selector
+
+
+def _origin(connection):
+    """The Origin header of the request the connection is reading, if its head has arrived."""
+    return connection.request.headers.get("origin") if connection.request is not None else None
+
+
+def _cgi_name(name):
+    """The environ key of a header (PEP 3333), or "" for one left out: a name with an underscore
+    would be confused with the same name with a dash (a spoofing trick)."""
+    if name in ("content-length", "content-type"):
+        return name.upper().replace("-", "_")
+    return "" if "_" in name else "HTTP_" + name.upper().replace("-", "_")
+
+
+def _split_target(target, method):
+    """(path, query) of a request target: a path, an absolute URL (RFC 9112 3.2.2) or OPTIONS' *."""
+    if target[0] != "/":
+        if target == "*" and method == "OPTIONS":
+            return "*", ""
+        scheme, sep, rest = target.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            raise HTTPError(400, "the request target must be a path, an http(s) URL, or * for OPTIONS")
+        ends = [found for found in (rest.find("/"), rest.find("?")) if found >= 0]
+        target = rest[min(ends):] if ends else "/"
+        if target[0] != "/":
+            target = "/" + target
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def _header_field(line, limits):
+    """(name in lower case, value) of one header line; raises HTTPError if it is malformed or too long."""
+    name, sep, value = line.partition(":")
+    if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
+        raise HTTPError(400, f"malformed header line {_printable(line[:40])!r}")
+    if len(line) > limits.max_header_field:
+        raise HTTPError(431, f"the header {name} is over {limits.max_header_field} bytes")
+    return name.lower(), value.strip(" \t")
+
+
+def _parse_head(head, limits):
+    """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
+    bad = _FORBIDDEN_IN_HEAD.search(head.replace(b"\r\n", b"  "))
+    if bad:
+        raise HTTPError(400, f"the request head holds the byte {bad.group()[:1]!r} at offset {bad.start()}: "
+                         "lines end with CRLF and hold no control characters")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+        raise HTTPError(400, "malformed request line")
+    request = _Request()
+    request.method, target, request.version = parts
+    request.line = lines[0]
+    if request.version not in ("HTTP/1.1", "HTTP/1.0"):
+        if request.version.startswith("HTTP/"):
+            raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        raise HTTPError(400, "malformed request line")
+    request.path, request.query = _split_target(target, request.method)
+    if len(lines) - 1 > limits.max_header_fields:
+        raise HTTPError(431, f"at most {limits.max_header_fields} header fields are accepted")
+    request.headers = headers = {}
+    for line in lines[1:]:
+        name, value = _header_field(line, limits)
+        if name in headers:
+            if name == "host":
+                raise HTTPError(400, "more than one Host header")
+            if name == "content-length" and value != headers[name]:
+                raise HTTPError(400, "conflicting Content-Length headers")
+            value = value if name == "content-length" else headers[name] + ", " + value
+        headers[name] = value
+    if request.version == "HTTP/1.1" and "host" not in headers:
+        raise HTTPError(400, "an HTTP/1.1 request needs a Host header")
+    if "transfer-encoding" in headers:
+        if "content-length" in headers:
+            raise HTTPError(400, "both Transfer-Encoding and Content-Length: send one")
+        raise HTTPError(411, "send the body with a Content-Length; Transfer-Encoding is not accepted")
+    length = headers.get("content-length", "0")
+    if not (length.isdigit() and length.isascii()) or len(length) > 18:
+        raise HTTPError(400, "Content-Length must be a whole number of bytes")
+    request.length = int(length)
+    tokens = headers.get("connection", "").lower()
+    if request.version == "HTTP/1.1":
+        request.keep_alive = "close" not in tokens
+    else:
+        request.keep_alive = "keep-alive" in tokens
+    return request
+
+
+class OpenConnections:
+    """Open connections by client address, for max_connections_per_address: one server's own.
+    (With workers = N, the Scoreboard counts them for the whole server, with the same two methods.)"""
+
+    def __init__(self):
+        self._open = collections.Counter()
+
+    def connected(self, address, limit):
+        """Count a new connection from `address`, unless it holds `limit` already; whether it was counted."""
+        if self._open[address] >= limit:
+            return False
+        self._open[address] += 1
+        return True
+
+    def disconnected(self, address):
+        self._open[address] -= 1
+        if not self._open[address]:
+            del self._open[address]
+
+
+def listening_socket(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
+# What the built-in server needs to know of the configuration, and nothing more.
+ServerLimits = collections.namedtuple("ServerLimits", (
+    "threads", "max_connections", "max_connections_per_address", "idle_timeout", "request_timeout",
+    "max_request_line", "max_header_fields", "max_header_field", "max_head_bytes", "max_body_bytes",
+    "max_buffered_bytes", "drain_seconds", "log_requests", "log_addresses", "trusted_proxies"))
+
+
+class Server:
+    """An HTTP/1.1 server for a WSGI application, from the standard library only.
+
+    One thread, the event loop (the caller of serve_forever), owns every socket: it reads
+    without blocking until a request is whole, so slow, idle and silent clients cost a
+    buffer each and never a thread, and it writes every answer. Every other thread hands its
+    answers to the loop. A request runs the WSGI application in a bounded pool of `threads`,
+    unless the application takes it in the loop through its hooks.
+
+    The hooks: an application may offer `app.loop_hooks`, an object with four methods (see
+    LoopHooks, Pycolytics' own). take(environ, respond) either returns False (the request then
+    runs as plain WSGI in a thread) or takes the request and calls respond(status, headers,
+    body) exactly once, now or later and from any thread, never blocking the loop meanwhile.
+    turn_ended() is called after each turn of the loop, once every request read in the turn
+    was handed over. server_answered(status, origin) hears of each answer the server gives by
+    itself (bad framing, timeouts, overload) and returns the headers to add to it (CORS).
+    server_trouble(problem) hears what keeps the server from serving as it should (out of file
+    descriptors), or None once it serves again. With a middleware in between (no hooks), every
+    request takes a thread, which is correct and slower.
+
+    Everything a client can make it hold is bounded: connections (in all, and per address),
+    buffered bodies, head sizes, the time a request may take to arrive and its answers to be
+    read, and the work one turn of the loop does for one connection. Nothing a client sends is
+    handled by recursion, and no error while serving one connection leaves the loop: that
+    connection is closed.
+    """
+
+    def __init__(self, app, limits, listener, tls=None, reload=None, open_connections=None):
+        """`listener`: a bound, listening socket; `tls`: an SSLContext for HTTPS; `reload`: called
+        in the loop after request_reload() (SIGHUP); `open_connections`: what counts connections by
+        address (the Scoreboard of worker processes, which also balances newcomers), if not this server."""
+        self.app = app
+        self.limits = limits
+        self.reload = reload
+        self.hooks = getattr(app, "loop_hooks", None)
+        self._reload_requested = False
+        self._tls = tls
+        self._tls_pending = self._tls_errors()
+        self.listener = listener
+        self.listener.setblocking(False)
+        self.server_address = self.listener.getsockname()[:2]
+        self._problem = None  # what keeps the server from serving as it should now
+        self.log = sys.stderr
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._answers_announced = False  # a wake-up for answers from other threads is pending
+        self._loop_thread = None
+        self._jobs = queue.SimpleQueue()
+        self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
+        self._ready = collections.deque()  # connections whose buffer may hold their next request
+        self._idle = collections.OrderedDict()  # served connections waiting for the next request, or lingering
+        self._fresh = collections.OrderedDict()  # connections that have sent nothing yet, oldest first
+        self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
+        self._stalled = collections.OrderedDict()  # connections with answers they are slow to read, oldest first
+        self._connections = {}
+        self._per_address = OpenConnections() if open_connections is None else open_connections
+        # Worker processes wake together for a newcomer on their shared socket, and the first awake
+        # would take a whole burst (a client pool's, a proxy's) and keep it: each says how many it
+        # holds, and yields a newcomer for a moment to one that holds fewer.
+        self._holding = getattr(open_connections, "holding", None)
+        self._crowded = getattr(open_connections, "crowded", None)
+        self._yield_until, self._yielded = 0.0, False
+        self._reserved = 0  # body bytes announced by requests being read or answered
+        self._busy = 0
+        self._listening = False
+        self._accept_again = 0.0  # when to accept again after running out of file descriptors
+        self._stopping = False
+        self._workers = []
+        self._failures_logged = set()
+
+    @property
+    def url(self):
+        host, port = self.server_address
+        return f"{'https' if self._tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def _tls_errors(self):
+        """The TLS errors that mean "not yet" on a non-blocking socket (none without TLS)."""
+        if self._tls is None:
+            return ()
+        import ssl
+
+        return (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+    def reconfigure(self, limits, tls):
+        """New limits for what comes next, and the certificate (HTTPS stays on or off until a restart)."""
+        self.limits = limits
+        if (tls is None) == (self._tls is None):
+            self._tls = tls
+
+    def request_reload(self, *_signal_args):
+        """Ask the loop to call `reload` soon. Any thread, or a signal handler."""
+        self._reload_requested = True
+        self._wake()
+
+    def shutdown(self, *_signal_args):
+        """Stop accepting; serve_forever answers what it has read, then returns. Any thread."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass  # a wake-up is already pending, or the server is closed
+
+    # -- the event loop ----------------------------------------------------------------------
+
+    def serve_forever(self):
+        self._loop_thread = threading.get_ident()
+        self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}", daemon=True)
+                         for n in range(self.limits.threads)]
+        for worker in self._workers:
+            worker.start()
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, (self._take_wake_ups, None))
+        self._listen(True)
+        next_sweep = time.monotonic() + 1
+        drain_by = None
+        try:
+            while True:
+                timeout = 0 if self._ready or self._finished else 1.0
+                if self._yield_until:
+                    timeout = min(timeout, max(0.0, self._yield_until - time.monotonic()))
+                for key, _ in self._selector.select(timeout):
+                    callback, connection = key.data
+                    try:  # _guarded, written out on the hottest path
+                        callback() if connection is None else callback(connection)
+                    except Exception as error:
+                        self._connection_failed(connection, error)
+                self._serve_ready()
+                if self.hooks is not None:
+                    self._guarded(self.hooks.turn_ended)
+                if self._reload_requested and self.reload is not None:
+                    self._reload_requested = False
+                    self._guarded(self.reload)
+                now = time.monotonic()
+                if self._yield_until and now >= self._yield_until:
+                    self._yield_until, self._yielded = 0.0, True
+                    self._listen(True)
+                if self._stopping:
+                    if drain_by is None:
+                        drain_by = now + self.limits.drain_seconds
+                        self._stop_reading()
+                    if not self._busy or now > drain_by:
+                        return
+                if now >= next_sweep:
+                    self._guarded(self._sweep, None, now)
+                    next_sweep = now + 1
+        finally:
+            self._close_everything()
+
+    def _guarded(self, function, connection=None, *arguments):
+        """Call function(connection, *arguments); an error closes that connection, never the loop."""
+        try:
+            if connection is None:
+                function(*arguments)
+            else:
+                function(connection, *arguments)
+        except Exception as error:  # a bug, or an OS error nobody foresaw: one connection pays, not all
+            self._connection_failed(connection, error)
+
+    def _connection_failed(self, connection, error):
+        """Log an unexpected error once (its traceback the first time), and close its connection."""
+        where = (type(error), getattr(error.__traceback__, "tb_lineno", 0))
+        first = where not in self._failures_logged and len(self._failures_logged) < 100
+        self._failures_logged.add(where)
+        log.error("unexpected %r while serving %s; closing the connection", error,
+                  connection.peer if connection is not None else "the server", exc_info=first)
+        if connection is not None:
+            try:
+                self._close(connection)
+            except Exception:  # its socket is beyond saving; forget it
+                self._connections.pop(connection.sock, None)
+
+    def _serve_ready(self):
+        """Send finished answers and start pipelined requests: each connection a few per turn."""
+        for _ in range(PIPELINE_ROUNDS):
+            while self._finished:
+                self._guarded(self._answer, *self._finished.popleft())
+            if not self._ready:
+                return
+            for _ in range(len(self._ready)):
+                self._guarded(self._advance, self._ready.popleft())
+
+    def _take_wake_ups(self):
+        try:
+            while len(self._wake_reader.recv(4096)) == 4096:  # a shorter read took them all
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        # After the wake-ups are read and before the answers are taken (in _serve_ready): an
+        # answer queued from now on wakes the loop again, and one queued before is taken.
+        self._answers_announced = False
+
+    def _listen(self, on):
+        on = on and not self._stopping and time.monotonic() >= self._accept_again
+        if on and not self._listening:
+            self._selector.register(self.listener, selectors.EVENT_READ, (self._accept, None))
+        elif not on and self._listening:
+            self._selector.unregister(self.listener)
+        self._listening = on
+
+    def _accept(self):
+        for _ in range(64):  # a few per turn: a flood of newcomers must not starve the rest
+            if self._crowded is not None and not self._yielded and self._crowded():
+                self._yield_until = time.monotonic() + ACCEPT_YIELD_SECONDS
+                self._listen(False)
+                return
+            self._yielded = False
+            if len(self._connections) >= self.limits.max_connections and not self._make_room():
+                self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
+                return
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(error)
+                    return
+                continue  # a connection reset while it waited in the backlog
+            self._welcome(sock, peer[0])
+
+    def _welcome(self, sock, address):
+        """Take a new connection into the loop, or turn it away if its address holds too many."""
+        limited = address not in self.limits.trusted_proxies  # a proxy speaks for many clients
+        if limited and not self._per_address.connected(address, self.limits.max_connections_per_address):
+            self._turn_away(sock)
+            return
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError:  # reset already (some Pythons read from the socket in wrap_socket)
+            sock.close()
+            if limited:
+                self._per_address.disconnected(address)
+            return
+        connection = _Connection(sock, address, time.monotonic() + self.limits.request_timeout, limited)
+        connection.handshaking = self._tls is not None
+        self._connections[sock] = connection
+        self._fresh[sock] = connection
+        self._watch(connection, selectors.EVENT_READ, self._read)
+        if self._holding is not None:
+            self._holding(len(self._connections))
+
+    def _turn_away(self, sock):
+        """Close a connection at once, with a 503 if it speaks plain HTTP: nothing of it is kept,
+        not even its head (so only a page allowed from any origin may read why)."""
+        refusal = self._refusal(busy(
+            f"too many connections from your address at once (max_connections_per_address = "
+            f"{self.limits.max_connections_per_address}); close one, or connect again shortly", 5))
+        try:
+            if self._tls is None:
+                sock.send(refusal)
+        except OSError:
+            pass  # it left already
+        sock.close()
+
+    def _make_room(self):
+        """Close the connection that has waited longest for its next request (or lingered), else
+        the oldest that has sent nothing or part of a request (a 408 for that one), or has not
+        read its answers, for GRACE_SECONDS; False if none may go."""
+        if self._idle:
+            self._close(self._idle.popitem(last=False)[1])
+            return True
+        expired = time.monotonic() - GRACE_SECONDS
+        for waiting in (self._fresh, self._reading, self._stalled):
+            if waiting and next(iter(waiting.values())).since < expired:
+                connection = waiting.popitem(last=False)[1]
+                if waiting is not self._stalled and (connection.buffer or connection.request is not None):
+                    self._send_now(connection, self._refusal(HTTPError(
+                        408, "the server is full and this request was too slow to arrive"), _origin(connection)))
+                self._close(connection)
+                return True
+        return False
+
+    def _trouble(self, problem):
+        self._problem = problem
+        if self.hooks is not None:
+            self.hooks.server_trouble(problem)
+
+    def _pause_accepting(self, error):
+        if self._problem is None:
+            log.warning("cannot accept connections: %s; trying again in %s s", error.strerror, ACCEPT_PAUSE_SECONDS)
+            self._trouble(f"out of file descriptors ({error.strerror}): new connections wait")
+        self._accept_again = time.monotonic() + ACCEPT_PAUSE_SECONDS
+        self._listen(False)
+        self._make_room()  # one idle connection's descriptor lets the next request in
+
+    def _watch(self, connection, events, callback):
+        """Have the loop call callback(connection) when its socket is ready for `events`."""
+        if connection.watched:
+            self._selector.modify(connection.sock, events, (callback, connection))  # no system call if the same
+        else:
+            self._selector.register(connection.sock, events, (callback, connection))
+            connection.watched = True
+
+    def _read(self, connection):
+        sock = connection.sock
+        if connection.busy:  # more came while a request is answered: it waits in the kernel till then
+            self._selector.unregister(sock)
+            connection.watched = False
+            return
+        try:
+            if connection.handshaking:
+                sock.do_handshake()
+                connection.handshaking = False
+            data = sock.recv(RECV_BYTES)
+            while self._tls and data and sock.pending():  # decrypted bytes that select() cannot see
+                data += sock.recv(RECV_BYTES)
+        except self._tls_pending:  # half a TLS record, or a handshake that needs more
+            return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # also a failed handshake or a broken TLS record (ssl.SSLError)
+            data = b""
+        if not data:
+            self._close(connection)
+        elif not connection.lingering:
+            if self._idle.pop(sock, None) or self._fresh.pop(sock, None):  # a request begins
+                self._begin_request(connection)
+            connection.buffer += data
+            self._advance(connection)
+
+    def _advance(self, connection):
+        """Start answering the connection's next request if it is whole; refuse bad framing at once."""
+        if connection.closed or connection.busy:
+            return
+        try:
+            request = self._whole_request(connection)
+        except HTTPError as error:
+            self._refuse(connection, error)
+            return
+        if request is None:
+            return
+        self._reading.pop(connection.sock, None)
+        connection.busy = True  # nothing more is read until this is answered (see _read)
+        connection.deadline = None
+        self._busy += 1
+        if request.path == "*":  # OPTIONS *: a question about the server, which answers it
+            if self.hooks is not None:
+                self.hooks.server_answered("200 OK", None)
+            self._respond(connection, request, "200 OK", [("Allow", "GET, HEAD, POST, OPTIONS")], b"")
+            return
+        environ = self._environ(connection, request)
+        respond = functools.partial(self._respond, connection, request)
+        if self.hooks is None or not self.hooks.take(environ, respond):
+            self._jobs.put((connection, request, environ))
+
+    def _whole_request(self, connection):
+        """The connection's next request if all of it has arrived, else None; raises HTTPError."""
+        buffer, limits = connection.buffer, self.limits
+        if connection.request is None:
+            while buffer[:2] == b"\r\n":
+                del buffer[:2]
+                connection.blank_lines += 1
+                if connection.blank_lines > MAX_BLANK_LINES:
+                    raise HTTPError(400, "too many blank lines before the request line")
+            end = buffer.find(b"\r\n\r\n", max(connection.scanned - 3, 0))
+            line_end = buffer.find(b"\r\n", 0, limits.max_request_line + 2)
+            if line_end < 0 and len(buffer) > limits.max_request_line:
+                raise HTTPError(414, f"the request line is over {limits.max_request_line} bytes")
+            if end < 0:
+                connection.scanned = len(buffer)
+                if len(buffer) > limits.max_head_bytes:
+                    raise HTTPError(431, f"the request head is over {limits.max_head_bytes} bytes")
+                return None
+            if end > limits.max_head_bytes:
+                raise HTTPError(431, f"the request head is over {limits.max_head_bytes} bytes")
+            connection.request = request = _parse_head(bytes(buffer[:end]), limits)
+            self._reserve(connection, request.length)  # a refusal may read the request's Origin
+            connection.body_start = end + 4
+        request = connection.request
+        end = connection.body_start + request.length
+        if len(buffer) < end:
+            if not connection.continued and request.version == "HTTP/1.1" and \
+                    request.headers.get("expect", "").lower() == "100-continue":
+                connection.continued = True
+                self._send_now(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
+            return None
+        request.body = bytes(buffer[connection.body_start:end])
+        del buffer[:end]
+        connection.request = None
+        connection.continued = False
+        connection.scanned = connection.blank_lines = 0
+        return request
+
+    def _begin_request(self, connection):
+        """The first bytes of a request have come: from now it has request_timeout to arrive whole."""
+        connection.since = time.monotonic()
+        connection.deadline = connection.since + self.limits.request_timeout
+        self._reading[connection.sock] = connection
+
+    def _reserve(self, connection, length):
+        """Count a body against the limits before it is read: one body, and all bodies together.
+
+        A body that one recv() takes whole is not refused for the total: it costs no more than a
+        head, which max_connections already bounds, and so clients with small batches are still
+        served while large bodies fill the budget.
+        """
+        if length > self.limits.max_body_bytes:
+            raise HTTPError(413, f"the request body is {length} bytes; at most {self.limits.max_body_bytes} "
+                                 "are accepted")
+        if length > RECV_BYTES and self._reserved + length > self.limits.max_buffered_bytes:
+            raise busy("the server is receiving too many request bodies at once; send this again shortly")
+        self._reserved += length
+        connection.reserved = length
+
+    def _release(self, connection):
+        self._reserved -= connection.reserved
+        connection.reserved = 0
+
+    def _respond(self, connection, request, status, headers, body):
+        """The answer to a request, from any thread: the loop sends it."""
+        self._finished.append((connection, request, status, headers, body))
+        if not self._answers_announced and threading.get_ident() != self._loop_thread:
+            self._answers_announced = True  # one wake-up for a commit's many answers
+            self._wake()
+
+    def _answer(self, connection, request, status, headers, body):
+        if connection.closed or not connection.busy:
+            return  # closed while it was answered (the client left, or the drain gave up on it)
+        connection.keep_alive = keep_alive = request.keep_alive and not self._stopping
+        head = [f"HTTP/1.1 {status}", f"Date: {format_date_time(time.time())}", f"Server: pycolytics/{__version__}"]
+        head += [f"{name}: {value}" for name, value in headers]
+        if status[0] != "1" and status[:3] not in ("204", "304") and not any(
+            name.lower() == "content-length" for name, _ in headers
+        ):
+            head.append(f"Content-Length: {len(body)}")
+        head.append("Connection: keep-alive" if keep_alive else "Connection: close")
+        if self.limits.log_requests:
+            self._log(connection, request, status, len(body))
+        if request.method == "HEAD":
+            body = b""
+        connection.outbox = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        self._flush(connection)
+
+    def _flush(self, connection):
+        """Send what the connection's answer still has to send; then wait for its next request.
+
+        A client that reads slowly has request_timeout to read everything it asked for, counted
+        from the first answer it did not take at once: pipelining more requests buys no time."""
+        try:
+            sent = connection.sock.send(connection.outbox)
+        except (BlockingIOError, InterruptedError) + self._tls_pending:
+            sent = 0
+        except OSError:
+            self._close(connection)
+            return
+        connection.outbox = connection.outbox[sent:]
+        if connection.outbox:
+            if not connection.writing:  # the client reads slowly: wait until it can take more
+                connection.writing = True
+                if connection.sock not in self._stalled:
+                    connection.since = time.monotonic()
+                    self._stalled[connection.sock] = connection
+                connection.deadline = connection.since + self.limits.request_timeout
+                self._watch(connection, selectors.EVENT_WRITE, self._flush)
+            return
+        connection.writing = False
+        connection.busy = False
+        self._busy -= 1
+        self._release(connection)
+        if not connection.keep_alive:
+            self._close(connection)
+            return
+        self._watch(connection, selectors.EVENT_READ, self._read)
+        if connection.buffer:  # a pipelined request arrived with this one: its turn comes in the loop
+            if connection.sock not in self._stalled:
+                self._begin_request(connection)
+            self._ready.append(connection)
+        else:
+            self._stalled.pop(connection.sock, None)
+            connection.deadline = time.monotonic() + self.limits.idle_timeout
+            self._idle[connection.sock] = connection
+
+    def _send_now(self, connection, data):
+        try:
+            connection.sock.send(data)
+        except OSError:
+            pass  # the client is gone or not reading; the loop notices soon enough
+
+    def _refuse(self, connection, error):
+        """Answer a request that will not be read, then close without resetting the answer away.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the
+        answer before the client reads it; so shut down our side and discard what still comes
+        for a moment (a "lingering close", as Apache and nginx do).
+        """
+        try:
+            connection.sock.send(self._refusal(error, _origin(connection)))
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(connection)
+            return
+        self._release(connection)
+        self._reading.pop(connection.sock, None)
+        self._stalled.pop(connection.sock, None)
+        connection.lingering = True
+        connection.buffer = bytearray()
+        connection.request = None
+        connection.deadline = time.monotonic() + LINGER_SECONDS
+        self._idle[connection.sock] = connection  # the first to go when slots run out
+
+    def _refusal(self, error, origin=None):
+        """The bytes of the answer to a request the server refuses by itself (counted as answered),
+        readable by the page that sent it if it may post here (`origin`, when the head was read)."""
+        status, headers, body = error_answer(error)
+        if self.hooks is not None:
+            headers = headers + self.hooks.server_answered(status, origin)
+        head = [f"HTTP/1.1 {status}", f"Date: {format_date_time(time.time())}"]
+        head += [f"{name}: {value}" for name, value in headers]
+        return ("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body
+
+    def _sweep(self, now):
+        """Close connections that idled, dawdled or lingered past their deadline; accept again."""
+        for connection in list(self._connections.values()):
+            if connection.deadline is not None and connection.deadline < now:
+                if connection.lingering or connection.writing:
+                    self._close(connection)
+                elif connection.buffer or connection.request is not None:
+                    self._refuse(connection, HTTPError(408, "the request took too long to arrive"))
+                else:
+                    self._close(connection)
+        if not self._listening:
+            self._listen(True)  # when full, the next accept sees whether a newcomer's grace is over
+        if self._problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
+            log.info("accepting connections again")
+            self._trouble(None)
+
+    def _close(self, connection):
+        if self._connections.pop(connection.sock, None) is None:
+            return
+        connection.closed = True
+        self._idle.pop(connection.sock, None)
+        self._fresh.pop(connection.sock, None)
+        self._reading.pop(connection.sock, None)
+        self._stalled.pop(connection.sock, None)
+        if connection.busy:
+            connection.busy = False
+            self._busy -= 1
+        self._release(connection)
+        if connection.limited:
+            self._per_address.disconnected(connection.peer)
+        if self._holding is not None:
+            self._holding(len(self._connections))
+        if connection.watched:
+            self._selector.unregister(connection.sock)
+        connection.sock.close()
+        self._listen(True)
+
+    def _stop_reading(self):
+        """The start of a stop: no new connections, and none that has not sent a whole request."""
+        self._listen(False)
+        for connection in list(self._connections.values()):
+            if not connection.busy:
+                self._close(connection)
+
+    def _close_everything(self):
+        for _ in self._workers:
+            self._jobs.put(None)
+        give_up = time.monotonic() + 1  # the drain has waited already; a worker still busy is a daemon
+        for worker in self._workers:
+            worker.join(max(0.0, give_up - time.monotonic()))
+        for connection in list(self._connections.values()):
+            self._close(connection)
+        self.listener.close()
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    # -- the worker threads, for requests the application does not take in the loop -------
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            connection, request, environ = job
+            try:
+                answer = self._call_application(environ, request.method)
+            except Exception:
+                log.exception("error while answering %s", _printable(request.line))
+                answer = INTERNAL_ERROR
+            self._respond(connection, request, *answer)
+
+    def _call_application(self, environ, method):
+        """Run the WSGI application (PEP 3333) for one request: (status, headers, body)."""
+        answer = []
+        written = []
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info is not None:
+                exc_info = None  # nothing is sent before the application returns: the new answer wins
+            elif answer:
+                raise AssertionError("start_response called a second time without exc_info")
+            answer[:] = [status, headers]
+            return written.append
+
+        chunks = self.app(environ, start_response)
+        try:
+            for chunk in chunks:
+                written.append(chunk)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        status, headers = answer
+        headers = [(name, value) for name, value in headers if not is_hop_by_hop(name)]
+        body = b"".join(written)
+        if method != "HEAD" or not any(name.lower() == "content-length" for name, _ in headers):
+            headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(body))))
+        return status, headers, body
+
+    def _environ(self, connection, request):
+        path = request.path
+        if "%" in path:
+            from urllib.parse import unquote_to_bytes  # here: it costs memory that plain paths never need
+
+            path = unquote_to_bytes(path).decode("latin-1")
+        host, port = self.server_address
+        environ = {
+            "REQUEST_METHOD": request.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": path,
+            "QUERY_STRING": request.query,
+            "SERVER_NAME": host,
+            "SERVER_PORT": str(port),
+            "SERVER_PROTOCOL": request.version,
+            "REMOTE_ADDR": connection.peer,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "https" if self._tls else "http",
+            "wsgi.input": io.BytesIO(request.body),
+            "wsgi.errors": self.log,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for name, value in request.headers.items():
+            key = _cgi_name(name)
+            if key:
+                environ[key] = value
+        return environ
+
+    def _log(self, connection, request, status, length):
+        client = "-"
+        if self.limits.log_addresses:
+            client = client_address(connection.peer, request.headers.get("x-forwarded-for"), self.limits.trusted_proxies)
+        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
+        try:
+            self.log.write(f'{_printable(client)} - - [{when}] "{_printable(request.line)}" {status[:3]} {length}\n')
+        except (OSError, ValueError):
+            pass  # stderr is broken; serve() logs through a LogSink, which never raises
+
+
+###############################################################################
+# The WSGI application
+###############################################################################
+
+JSON_TYPE = ("Content-Type", "application/json")
+HTML_TYPE = ("Content-Type", "text/html; charset=utf-8")
+NO_CONTENT = ("204 No Content", [], b"")
+_VARY_ORIGIN = [("Vary", "Origin")]
+
+# How a route runs: in the server's loop (it never waits), in the application's ReadPool (it
+# reads the database, within report_timeout), or in a thread of the server's (it may wait a
+# little: /healthz).
+IN_LOOP, READS, WAITS = "in the loop", "reads", "waits"
+
+
+def _ok(body, content_type, *headers):
+    """(status, headers, body) of a 200 answer."""
+    return "200 OK", [content_type, ("Content-Length", str(len(body))), *headers], body
+
+
+def read_body(environ, limit):
+    """The request body, at most `limit` bytes; never reads more than limit + 1."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    stream = environ["wsgi.input"]
+    if length:
+        if not length.isdigit():
+            raise HTTPError(400, "Content-Length must be a whole number of bytes")
+        if int(length) > limit:
+            raise HTTPError(413, f"the request body is {length} bytes; at most {limit} are accepted")
+        body = stream.read(int(length))
+        if len(body) < int(length):
+            raise HTTPError(400, "the request body is shorter than its Content-Length")
+        return body
+    if not environ.get("wsgi.input_terminated"):
+        return b""
+    body = stream.read(limit + 1)
+    if len(body) > limit:
+        raise HTTPError(413, f"the request body is over {limit} bytes; at most {limit} are accepted")
+    return body
+
+
+def decompress(body, encoding, limit):
+    """A gzip or deflate body decompressed, to at most `limit` bytes: a bomb is refused early.
+
+    Every member of a gzip body is read (gzip allows several back to back); bytes after the end
+    of a deflate stream, or after the last gzip member, are a 400: what is acknowledged is read.
+    """
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise HTTPError(415, f"Content-Encoding {encoding} is not supported: send gzip, deflate or identity")
+    import zlib  # here: most servers never see a compressed body
+
+    # 47 reads a gzip or a zlib header; -15 is raw deflate, which some clients send as "deflate".
+    for window in (47, -15) if encoding == "deflate" else (47,):
+        data, rest = b"", body
+        try:
+            while True:
+                decompressor = zlib.decompressobj(window)
+                data += decompressor.decompress(rest, limit + 1 - len(data))
+                if len(data) > limit or decompressor.unconsumed_tail:
+                    raise HTTPError(413, f"the request body decompresses to over {limit} bytes; "
+                                         f"at most {limit} are accepted")
+                if not decompressor.eof:
+                    raise HTTPError(400, f"the {encoding} body is cut short")
+                rest = decompressor.unused_data
+                if not rest or not encoding.endswith("gzip"):
+                    break
+        except zlib.error:
+            if rest is not body:  # a member read whole, then bytes that are not one
+                raise HTTPError(400, f"the {encoding} body holds bytes after its end") from None
+            continue
+        if rest:
+            raise HTTPError(400, f"the {encoding} body holds {len(rest)} bytes after its end")
+        return data
+    raise HTTPError(400, f"the request body is not valid {encoding} data")
+
+
+# What a Host (or X-Forwarded-Host) may be to be written into a page: a name or an address and
+# a port. Anything else is not a host, and the server's own name is used instead.
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+# An X-Forwarded-Prefix: a path of RFC 3986's unreserved characters and percent-escapes, written
+# as is; nothing that needs quoting in HTML or in the shell command the /docs page shows.
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~%-]*)*")
+# Where the cached documentation names the application's own address; each answer puts the
+# address it was asked at (public_url) in its place. RFC 2606 reserves .invalid: no page says it.
+_OWN_ADDRESS = "http://pycolytics.invalid"
+
+
+def _last(header):
+    """The last value of a comma-separated header: the one the nearest proxy, the trusted one, set."""
+    return header.rpartition(",")[2].strip()
+
+
+def public_url(environ, trusted_proxies):
+    """The application's address as the player used it, without a trailing slash.
+
+    Built as wsgiref.util.application_uri builds it (scheme, Host, SCRIPT_NAME), except that a
+    trusted proxy's X-Forwarded-Proto and X-Forwarded-Host win: behind nginx the request that
+    reaches us says nothing of the player's scheme and host.
+    """
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST", "")
+    if environ.get("REMOTE_ADDR") in trusted_proxies:  # the test client_address() makes of a peer
+        proto = _last(environ.get("HTTP_X_FORWARDED_PROTO", "")).lower()
+        scheme = proto if proto in ("http", "https") else scheme
+        host = _last(environ.get("HTTP_X_FORWARDED_HOST", "")) or host
+    if not _HOST.fullmatch(host):
+        host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
+        host = f"[{host}]" if ":" in host else host
+        if port and port != {"http": "80", "https": "443"}[scheme]:
+            host += ":" + port
+    return f"{scheme}://{host}{public_path(environ, trusted_proxies)}"
+
+
+def public_path(environ, trusted_proxies):
+    """The path the application is at, as the player used it: "" at the root, else "/analytics".
+
+    SCRIPT_NAME (where the WSGI server mounted it) after the X-Forwarded-Prefix of a trusted
+    proxy (the path nginx took off before passing the request on).
+    """
+    prefix = ""
+    if environ.get("REMOTE_ADDR") in trusted_proxies:
+        prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
+        prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
+    from urllib.parse import quote  # here: only the answers that name their own address need it
+
+    return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
+
+
+class Pycolytics:
+    """The WSGI application: `Pycolytics(config)(environ, start_response)`; the built-in server
+    comes in through `loop_hooks` instead (LoopHooks), with the same answers."""
+
+    def __init__(self, config, scoreboard=None):
+        """`scoreboard`: a worker process's seat on the Scoreboard that the workers of `workers = N`
+        share, so that its metrics, health and limits are the whole server's."""
+        self.scoreboard = scoreboard
+        self.store = store_for(config)
+        self.metrics = Metrics() if scoreboard is None else Metrics(scoreboard.rows, scoreboard.row)
+        self.writer = Writer(config, self.store, self.metrics, prunes=scoreboard is None or scoreboard.worker == 1)
+        self.reads = ReadPool(config.report_threads)
+        self.loop_hooks = LoopHooks(self)
+        self.server_problem = None  # the built-in server's own trouble, which /healthz tells
+        self.config = config
+        self.reconfigure(config)
+        self._routes = {
+            "/v1.0/event": {"POST": (self.post_event, IN_LOOP), "OPTIONS": (self.preflight, IN_LOOP)},
+            "/v1.0/events": {"POST": (self.post_events, IN_LOOP), "OPTIONS": (self.preflight, IN_LOOP)},
+            "/v1.0/client.js": {"GET": (client_script, IN_LOOP)},
+            "/docs": {"GET": (self.get_docs, IN_LOOP)},
+            "/openapi.json": {"GET": (self.get_openapi, IN_LOOP)},
+            "/metrics": {"GET": (self.get_metrics, IN_LOOP)},
+            "/": {"GET": (self.get_index, IN_LOOP)},
+            "/healthz": {"GET": (self.get_health, WAITS)},
+            "/dashboard": {"GET": (self.get_dashboard, READS)},
+            "/v1.0/player/erase": {"POST": (self.post_player, READS)},
+            "/v1.0/player/export": {"POST": (self.post_player, READS)},
+            **{f"/v1.0/report{view}": {"GET": (self.get_report, READS)} for view in REPORT_VIEWS},
+        }
+        for methods in self._routes.values():
+            if "GET" in methods:
+                methods["HEAD"] = methods["GET"]
+        self._turn_rows, self._turn_requests = [], []  # posted in this turn of the server's loop
+
+    def reconfigure(self, config):
+        """Put new settings in force (keys, limits, documentation); the database stays as it is."""
+        keyring = Keyring(config)
+        counts = None if self.scoreboard is None else self.scoreboard.requests
+        self.validator = Validator(config, keyring)
+        self.rate_limiter = RateLimiter(config.rate_limit, counts) if config.rate_limit else None
+        self.reports = Reports(config, self.store, self.writer, keyring)
+        self.players = Players(config, self.store, keyring)
+        origins = [config.for_app(name, "cors_origins") for name in (None, *config.apps)]
+        self._every_origin = [("Access-Control-Allow-Origin", "*")] if ANY_ORIGIN in origins else None
+        self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
+        self._openapi = json.dumps(openapi_document(config, _OWN_ADDRESS), indent=2).encode()
+        self._docs = docs_page(config, _OWN_ADDRESS).encode()
+        self.config = self.writer.config = config
+
+    def open(self):
+        """Open the database now instead of at the first event, so a bad path stops start-up."""
+        self.writer.start()
+
+    def close(self):
+        self.writer.close()
+        self.reads.close()
+
+    def __call__(self, environ, start_response):
+        """Plain WSGI: a posted request waits here until its events are committed."""
+        answer = self.answer(environ)
+        if isinstance(answer, list):  # rows to store
+            try:
+                self.writer.start()
+                self.writer.write(answer)
+                answer = NO_CONTENT
+            except HTTPError as error:
+                answer = error_answer(error)
+        status, headers, body = self.finish(environ, answer)
+        start_response(status, headers)
+        return [body]
+
+    def answer(self, environ, runs=None):
+        """The answer to a request, (status, headers, body), or the rows it asks to store: the one
+        way in of both WSGI and the loop hooks. `runs`: answer only a route that runs so."""
+        try:
+            handler, how = self.route(environ)
+            if runs is not None and how != runs:
+                return how
+            return handler(environ)
+        except HTTPError as error:
+            return error_answer(error)
+        except Exception:
+            log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"),
+                          environ.get("PATH_INFO", "").encode("unicode_escape").decode("ascii"))
+            return INTERNAL_ERROR
+
+    def finish(self, environ, answer):
+        """Every answer, whichever way it leaves: counted, readable by the pages allowed to, and
+        without a body for HEAD (its headers stay those of GET: RFC 9110, section 9.3.2)."""
+        status, headers, body = answer
+        self.metrics.request(status)
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            body = b""
+        return status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body
+
+    def cors_headers(self, origin):
+        """What lets a page from `origin` read the answer (browser games, web apps), if it may."""
+        if self._every_origin:
+            return self._every_origin  # the same list for every answer: callers only add it to theirs
+        if origin in self._origins:
+            return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return _VARY_ORIGIN
+
+    def route(self, environ):
+        """(handler, how it runs) for a request; raises 404 or 405."""
+        methods = self._routes.get(environ.get("PATH_INFO") or "/")
+        if methods is None:
+            root = public_path(environ, self.config.trusted_proxies)
+            raise HTTPError(404, f"no such endpoint: {root}{environ.get('PATH_INFO')}; "
+                                 f"events go to {root}/v1.0/event or {root}/v1.0/events")
+        found = methods.get(environ["REQUEST_METHOD"])
+        if found is None:
+            allowed = ", ".join(methods)
+            raise HTTPError(405, f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}", [("Allow", allowed)])
+        return found
+
+    def preflight(self, environ):
+        """A browser asking whether it may POST here: yes, for a day, with these headers."""
+        return "204 No Content", [
+            ("Access-Control-Allow-Methods", "POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", "Content-Type, Content-Encoding"),
+            ("Access-Control-Max-Age", "86400"),
+        ], b""
+
+    def post_event(self, environ):
+        return self._rows(environ, batch=False)
+
+    def post_events(self, environ):
+        return self._rows(environ, batch=True)
+
+    def _rows(self, environ, batch):
+        """The rows a posted request asks to store; raises HTTPError for anything wrong with it."""
+        body = read_body(environ, self.config.max_body_bytes)
+        if self.rate_limiter is not None:
+            self.rate_limiter.check(client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
+                                                   self.config.trusted_proxies))
+        encoding = environ.get("HTTP_CONTENT_ENCODING")
+        if encoding and encoding.lower() != "identity":
+            body = decompress(body, encoding.lower(), self.config.max_body_bytes)
+        received = datetime.datetime.now(datetime.timezone.utc)
+        return self.validator.rows(parse_json(body), batch, body, received, environ.get("HTTP_ORIGIN"))
+
+    def get_docs(self, environ):
+        address = _escape(public_url(environ, self.config.trusted_proxies))
+        return _ok(self._docs.replace(_OWN_ADDRESS.encode(), address.encode()), HTML_TYPE)
+
+    def get_openapi(self, environ):
+        address = json.dumps(public_url(environ, self.config.trusted_proxies))[1:-1]
+        return _ok(self._openapi.replace(_OWN_ADDRESS.encode(), address.encode()), JSON_TYPE)
+
+    def get_health(self, environ):
+        problem = self.writer.health()
+        if problem is None and self.scoreboard is not None:
+            failing = self.scoreboard.failing()
+            if failing:
+                problem = f"the last write of worker {failing[0]} failed (its log says why)"
+        document = {"status": "unavailable" if problem or self.server_problem else "ok",
+                    "database": problem or "accepts writes", "writer": self.writer.state(), "version": __version__}
+        if self.server_problem:
+            document["server"] = self.server_problem
+        if self.scoreboard is not None:
+            document["workers"] = self.scoreboard.workers()
+        _, headers, body = _ok(json.dumps(document).encode(), JSON_TYPE, ("Cache-Control", "no-store"))
+        return ("503 Service Unavailable" if problem or self.server_problem else "200 OK"), headers, body
+
+    def get_dashboard(self, environ):
+        return self.reports.dashboard(environ)
+
+    def get_report(self, environ):
+        return self.reports.answer(environ)
+
+    def post_player(self, environ):
+        return self.players.answer(environ)
+
+    def get_metrics(self, environ):
+        return _ok(self.metrics.text().encode(), ("Content-Type", "text/plain; version=0.0.4"))
+
+    def get_index(self, environ):
+        # Paths, not addresses: a client that reached this page can reach them the same way.
+        root = public_path(environ, self.config.trusted_proxies)
+        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": root + "/docs",
+                           "openapi": root + "/openapi.json", "dashboard": root + "/dashboard"}).encode()
+        return _ok(body, JSON_TYPE)
+
+
+class LoopHooks:
+    """The built-in server's way into Pycolytics (the hooks Server documents): what never waits
+    is answered in the loop; reads go to the ReadPool; the events posted in one turn of the loop
+    go to the writer together, to be committed with one fsync."""
+
+    def __init__(self, app):
+        self.app = app
+        self._rows, self._requests = [], []
+
+    def take(self, environ, respond):
+        app = self.app
+        answer = app.answer(environ, runs=IN_LOOP)
+        if answer == WAITS:
+            return False
+        if answer == READS:
+            try:
+                app.reads.submit(functools.partial(self._read, environ, respond))
+                return True
+            except HTTPError as error:
+                answer = error_answer(error)
+        elif isinstance(answer, list):  # rows to store
+            if answer:
+                self._rows += answer
+                self._requests.append((environ, respond))
+                return True
+            answer = NO_CONTENT
+        respond(*app.finish(environ, answer))
+        return True
+
+    def _read(self, environ, respond):
+        respond(*self.app.finish(environ, self.app.answer(environ)))
+
+    def turn_ended(self):
+        if not self._requests:
+            return
+        rows, requests = self._rows, self._requests
+        self._rows, self._requests = [], []
+        try:
+            self.app.writer.start()
+            self.app.writer.submit(rows, functools.partial(self._committed, requests))
+        except HTTPError as error:
+            self._committed(requests, error)
+
+    def _committed(self, requests, error=None):
+        """Called by the writer thread once a turn's rows are stored, or could not be: answer them all."""
+        status, headers, body = NO_CONTENT if error is None else error_answer(error)
+        self.app.metrics.request(status, len(requests))
+        for environ, respond in requests:
+            respond(status, headers + self.app.cors_headers(environ.get("HTTP_ORIGIN")), body)
+
+    def server_answered(self, status, origin):
+        self.app.metrics.request(status)
+        return self.app.cors_headers(origin)
+
+    def server_trouble(self, problem):
+        self.app.server_problem = problem
+
+
+# Reads waiting for a thread of the ReadPool, per thread, at most: a dashboard reloaded in a
+# hurry waits its turn; a flood of reports gets 503 rather than a queue that grows.
+READS_WAITING = 8
+
+
+class ReadPool:
+    """The threads that answer the requests that read the database, off the server's loop:
+    `threads` at once and READS_WAITING more in line each; beyond that, 503 at once."""
+
+    def __init__(self, threads):
+        self.threads = threads
+        self._jobs = queue.Queue(maxsize=threads * READS_WAITING)
+        self._started = []
+        self._lock = threading.Lock()
+
+    def submit(self, job):
+        with self._lock:
+            if len(self._started) < self.threads:
+                thread = threading.Thread(target=self._work, name=f"pycolytics-reader-{len(self._started)}", daemon=True)
+                self._started.append(thread)
+                thread.start()
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise busy(f"{self.threads * (READS_WAITING + 1)} reports are being read or waiting: "
+                       "ask again shortly", 5) from None
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # a job answers its own errors: this is a bug, and the next job still runs
+                log.exception("a read failed")
+
+    def close(self):
+        for _ in self._started:
+            try:
+                self._jobs.put_nowait(None)
+            except queue.Full:
+                break  # daemons: they end with the process
+
+
+def create_app(config=None):
+    """A ready application; for `gunicorn 'pycolytics:create_app()'`, which then fails fast on bad settings."""
+    app = Pycolytics(config or load_config())
+    app.open()
+    return app
+
+
+class _LazyApplication:
+    """The module's `application`: builds the real one from the environment at its first request.
+
+    Servers that fork workers import the module first, so nothing may be opened at import.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._app = None
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self):
+        # A forked child must not share its parent's writer thread (which did not survive the fork).
+        self._lock = threading.Lock()
+        self._app = None
+
+    def __call__(self, environ, start_response):
+        app = self._app
+        if app is None:
+            with self._lock:
+                if self._app is None:
+                    self._app = create_app()
+                app = self._app
+        return app(environ, start_response)
+
+
+application = _LazyApplication()
+
+
+###############################################################################
+# Keys and limits
+###############################################################################
+
+# Wrong keys (read or admin) one client address may present per minute before it waits for the
+# next: a person mistyping stays below it, a guesser is held to a few guesses a minute...
+KEY_FAILURES = 5
+# ...and all addresses together: guessing from many addresses stops after this many a minute
+# (a key then waits up to a minute too; keygen's keys are 256 bits, so guessing is hopeless anyway).
+KEY_FAILURES_IN_ALL = 100
+KEY_WINDOW = 60
+
+
+def client_address(peer, forwarded_for, trusted_proxies):
+    """The sender of a request: its peer, unless that is a trusted proxy that names another.
+
+    Each proxy appends the address it received from to X-Forwarded-For, so the sender is the
+    last address in it that is not one of our own proxies; anything before it could be forged.
+    """
+    if not forwarded_for or peer not in trusted_proxies:
+        return peer
+    for hop in reversed(forwarded_for.split(",")):
+        hop = hop.strip()
+        if hop not in trusted_proxies:
+            return hop or peer
+    return peer
+
+
+class WindowCounts:
+    """How many times each key (a client address) was counted in the current fixed window, for
+    MAX_TRACKED_CLIENTS keys at most: past that, the keys of earlier windows are forgotten, and if
+    they all count in this one, every count starts afresh rather than grow. (With workers = N,
+    AddressCounts counts for every process, with the same method.)"""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = {}  # key -> [window number, count in it]
+
+    def count(self, key, window, add=1):
+        """Add `add` to the count of `key` in `window`; the count."""
+        with self._lock:
+            counted = self._counts.get(key)
+            if counted is None or counted[0] != window:
+                if counted is None and len(self._counts) >= MAX_TRACKED_CLIENTS:
+                    for old in [old for old, (seen, _) in self._counts.items() if seen != window]:
+                        del self._counts[old]
+                    if len(self._counts) >= MAX_TRACKED_CLIENTS:
+                        self._counts.clear()
+                counted = self._counts[key] = [window, 0]
+            counted[1] += add
+            return counted[1]
+
+
+def _window(seconds, now):
+    """(the window's number, seconds until the next one, at least 1) of fixed windows of `seconds`."""
+    window = int(now // seconds)
+    return window, max(1, math.ceil((window + 1) * seconds - now))
+
+
+class RateLimiter:
+    """At most `requests` per `seconds` from one client address, counted in fixed windows."""
+
+    def __init__(self, limit, counts=None):
+        self.requests, self.seconds = limit
+        self.per = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}[self.seconds]
+        self._counts = WindowCounts() if counts is None else counts
+
+    def check(self, address, now=None):
+        """Count one request from `address`; raise a 429 if it is one too many."""
+        window, wait = _window(self.seconds, time.monotonic() if now is None else now)  # one clock for every process
+        if self._counts.count(address, window) > self.requests:
+            raise HTTPError(429, f"more than {self.requests} requests per {self.per} from {address}: "
+                                 f"send again in {wait} s", retry_after=wait)
+
+
+class KeyGuard:
+    """Holds back guessers of keys: an address that presented KEY_FAILURES wrong keys in a minute
+    gets 429 until the minute ends, whatever it presents; so does everyone once KEY_FAILURES_IN_ALL
+    wrong keys came in a minute. The first wrong key of each address in a minute is logged (its
+    address only if log_addresses); the rest are only counted, so guessers cannot fill the log."""
+
+    def __init__(self, what, log_addresses=True):
+        self.what = what
+        self.log_addresses = log_addresses
+        self._counts = WindowCounts()
+
+    def check(self, address, now=None):
+        window, wait = _window(KEY_WINDOW, time.monotonic() if now is None else now)
+        if self._counts.count(address, window, 0) >= KEY_FAILURES:
+            raise HTTPError(429, f"{KEY_FAILURES} wrong {self.what} keys in a minute from this address: "
+                                 f"try again in {wait} s", retry_after=wait)
+        if self._counts.count(None, window, 0) >= KEY_FAILURES_IN_ALL:
+            raise HTTPError(429, f"over {KEY_FAILURES_IN_ALL} wrong {self.what} keys in a minute from all addresses "
+                                 f"together: try again in {wait} s", retry_after=wait)
+
+    def failed(self, address, now=None):
+        window, _ = _window(KEY_WINDOW, time.monotonic() if now is None else now)
+        if self._counts.count(None, window) == KEY_FAILURES_IN_ALL:
+            log.warning("%d wrong %s keys in a minute: every address waits for the next", KEY_FAILURES_IN_ALL, self.what)
+        if self._counts.count(address, window) == 1:
+            log.warning("a wrong %s key from %s (more from it this minute are counted, not logged)", self.what,
+                        repr(address) if self.log_addresses else "a client")
+
+
+ALL_APPLICATIONS = frozenset({"*"})  # what a global key may send events for
+
+
+def presented_key(environ):
+    """The key a request presents: an HTTP Basic password (any user name) or a Bearer token."""
+    scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip()
+    if scheme.lower() == "basic":
+        import base64  # here: only the dashboard reads credentials
+
+        try:
+            return base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
+def _matches(known, key):
+    """Whether `key` (str) is one of `known` (bytes), compared in constant time against every one."""
+    try:
+        candidate = key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    matched = False
+    for each in known:
+        matched |= hmac.compare_digest(each, candidate)
+    return matched
+
+
+class Keyring:
+    """The keys a server accepts, compared in constant time, and what each is for.
+
+    A key of api_keys is good for any application's events; a key of [app:NAME] only for NAME's,
+    so a key that leaks out of one game cannot write into another's data. read_keys open the
+    dashboard and the report API; admin_keys erase and export one player's events. No key is
+    good for two of these (Config refuses it).
+    """
+
+    def __init__(self, config):
+        entries = [(key, None) for key in config.api_keys]
+        entries += [(key, name) for name, app in config.apps.items() for key in app.get("api_keys", ())]
+        self.dev_key_active = not entries
+        self._writes = [(key.encode("utf-8"), name) for key, name in (entries or [(DEV_KEY, None)])]
+        self._known = {"read": [key.encode() for key in config.read_keys],
+                       "admin": [key.encode() for key in config.admin_keys]}
+        self._guards = {kind: KeyGuard(kind, config.log_addresses) for kind in self._known}
+        self._trusted_proxies = config.trusted_proxies
+
+    def applications(self, key):
+        """The applications `key` may send events for: ALL_APPLICATIONS, a set of names, or None if unknown."""
+        if key is None:
+            # The original treated a missing key as its development key.
+            return ALL_APPLICATIONS if self.dev_key_active else None
+        try:
+            candidate = key.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        names, everything = set(), False
+        for known, name in self._writes:
+            if hmac.compare_digest(known, candidate):
+                everything |= name is None
+                names.add(name)
+        return ALL_APPLICATIONS if everything else frozenset(names) or None
+
+    def authorize(self, environ, kind, off):
+        """Let the request through if it presents one of the `kind` keys ("read" or "admin"); else
+        403 (none configured: `off` says how to turn it on; or a key of another kind), 401 or 429."""
+        if not self._known[kind]:
+            raise HTTPError(403, off)
+        guard = self._guards[kind]
+        address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted_proxies)
+        key = presented_key(environ)
+        if key:  # a request without a key is asked for one (401), throttled or not: it guesses nothing
+            guard.check(address)
+        if key and _matches(self._known[kind], key):
+            return
+        others = [other for other in self._known if other != kind]
+        if key and (_matches([known for known, _ in self._writes], key) or _matches(self._known[others[0]], key)):
+            raise HTTPError(403, f"this key may not do this: it needs one of {kind}_keys")
+        if key:  # a browser's first request carries no key: that is not a guess
+            guard.failed(address)
+        realm = "pycolytics dashboard" if kind == "read" else "pycolytics admin"
+        raise HTTPError(401, f"this needs one of {kind}_keys: as the password of HTTP Basic, or a Bearer token",
+                        [("WWW-Authenticate", f'Basic realm="{realm}", charset="UTF-8"')])
 
 
 ###############################################################################
@@ -684,13 +2172,13 @@ _LENIENT_DECODER = json.JSONDecoder(parse_constant=_non_finite_to_null, parse_in
 
 
 def parse_json(body):
-    """The document in a request body; non-finite numbers become None. Raises BadRequest."""
+    """The document in a request body; non-finite numbers become None. Raises a 400."""
     if not body:
-        raise BadRequest("the request body is empty: send a JSON object (or, to /v1.0/events, an array of them)")
+        raise HTTPError(400, "the request body is empty: send a JSON object (or, to /v1.0/events, an array of them)")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise BadRequest(f"the request body is not UTF-8 (bad byte at offset {error.start})") from None
+        raise HTTPError(400, f"the request body is not UTF-8 (bad byte at offset {error.start})") from None
     if text[0] == "\ufeff":
         text = text[1:]
     try:
@@ -701,20 +2189,20 @@ def parse_json(body):
         return _decode(_LENIENT_DECODER, _mend_godot(text))
     except json.JSONDecodeError:
         message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
-        raise BadRequest(f"the request body is not valid JSON: {message} "
+        raise HTTPError(400, f"the request body is not valid JSON: {message} "
                          f"at line {first_error.lineno} column {first_error.colno}") from None
 
 
 def _decode(decoder, text):
-    """decoder.decode(text); BadRequest for what it cannot convert, JSONDecodeError for what is not JSON."""
+    """decoder.decode(text); a 400 for what it cannot convert, JSONDecodeError for what is not JSON."""
     try:
         return decoder.decode(text)
     except json.JSONDecodeError:
         raise
     except RecursionError:  # the decoder recurses in C, as deep as the interpreter lets it
-        raise BadRequest("the request body nests arrays or objects too deeply") from None
+        raise HTTPError(400, "the request body nests arrays or objects too deeply") from None
     except ValueError:  # an integer too long to convert
-        raise BadRequest(f"the request body holds an integer of over {_INT_DIGITS} digits") from None
+        raise HTTPError(400, f"the request body holds an integer of over {_INT_DIGITS} digits") from None
 
 
 def _nests_deeper(document, limit):
@@ -756,100 +2244,6 @@ def _is_unicode(text):
     return True
 
 
-def client_address(peer, forwarded_for, trusted_proxies):
-    """The sender of a request: its peer, unless that is a trusted proxy that names another.
-
-    Each proxy appends the address it received from to X-Forwarded-For, so the sender is the
-    last address in it that is not one of our own proxies; anything before it could be forged.
-    """
-    if not forwarded_for or peer not in trusted_proxies:
-        return peer
-    for hop in reversed(forwarded_for.split(",")):
-        hop = hop.strip()
-        if hop not in trusted_proxies:
-            return hop or peer
-    return peer
-
-
-class RateLimiter:
-    """At most `requests` per `seconds` from one client address, counted in fixed windows.
-
-    `shared`: with workers = N, the counts of every worker (the Scoreboard's AddressCounts), so
-    that the limit is the whole server's; by default this process's own.
-    """
-
-    def __init__(self, limit, shared=None):
-        self.requests, self.seconds = limit
-        self.per = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}[self.seconds]
-        self._lock = threading.Lock()
-        self._windows = {}  # address -> [window number, requests so far in it]
-        self._shared = shared
-
-    def check(self, address, now=None):
-        """Count one request from `address`; raise TooManyRequests if it is one too many."""
-        now = time.monotonic() if now is None else now  # CLOCK_MONOTONIC: one clock for every process
-        window = int(now // self.seconds)
-        with self._lock:
-            counted = self._count(address, window)
-        if counted > self.requests:
-            wait = max(1, math.ceil((window + 1) * self.seconds - now))
-            raise TooManyRequests(
-                f"more than {self.requests} requests per {self.per} from {address}: send again in {wait} s", wait
-            )
-
-    def _count(self, address, window):
-        """Count one request from `address` in `window`: how many it has sent in it."""
-        if self._shared is not None:
-            return self._shared.count(address, window)
-        counted = self._windows.get(address)
-        if counted is not None and counted[0] == window:
-            counted[1] += 1
-            return counted[1]
-        if counted is None and len(self._windows) >= MAX_TRACKED_CLIENTS:
-            self._forget(window)
-        self._windows[address] = [window, 1]
-        return 1
-
-    def _forget(self, window):
-        for address in [address for address, counted in self._windows.items() if counted[0] != window]:
-            del self._windows[address]
-        if len(self._windows) >= MAX_TRACKED_CLIENTS:
-            self._windows.clear()  # this many senders at once: start over rather than grow
-
-
-ALL_APPLICATIONS = frozenset({"*"})  # what a global key may send events for
-
-
-class Keyring:
-    """The API keys a server accepts, compared in constant time, and what each is for.
-
-    A key of [pycolytics] is good for any application; a key of [app:NAME] only for NAME,
-    so a key that leaks out of one game cannot write into another's data.
-    """
-
-    def __init__(self, config):
-        entries = [(key, None) for key in config.api_keys]
-        entries += [(key, name) for name, app in config.apps.items() for key in app.get("api_keys", ())]
-        self.dev_key_active = not entries
-        self._keys = [(key.encode("utf-8"), name) for key, name in (entries or [(DEV_KEY, None)])]
-
-    def applications(self, key):
-        """The applications `key` may send events for: ALL_APPLICATIONS, a set of names, or None if unknown."""
-        if key is None:
-            # The original treated a missing key as its development key.
-            return ALL_APPLICATIONS if self.dev_key_active else None
-        try:
-            candidate = key.encode("utf-8")
-        except UnicodeEncodeError:
-            return None
-        names, everything = set(), False
-        for known, name in self._keys:
-            if compare_digest(known, candidate):
-                everything |= name is None
-                names.add(name)
-        return ALL_APPLICATIONS if everything else frozenset(names) or None
-
-
 # Problems one refusal lists at most. Enough to fix a client from; all of them could cost 50 ms
 # and a 1.2 MB answer for 150 kB of events with every field wrong (1 kB once gzipped).
 MAX_PROBLEMS = 100
@@ -867,6 +2261,7 @@ class Validator:
         self.keyring = keyring
         self.default_origins = config.cors_origins
         self.app_origins = {name: app["cors_origins"] for name, app in config.apps.items() if "cors_origins" in app}
+        self.hash_ids = id_hasher(config)
         self.max_batch_events = config.max_batch_events
         self.max_string_length = config.max_string_length
         self.max_value_bytes = config.max_value_bytes
@@ -877,11 +2272,11 @@ class Validator:
         """Row tuples (the six strings, value JSON, time, received_at, event_id), or an HTTPError for the lot."""
         if batch:
             if not isinstance(document, list):
-                raise UnprocessableEntity([_problem(["body"], "expected a JSON array of events", "array_type")])
+                raise HTTPError(422, [_problem(["body"], "expected a JSON array of events", "array_type")])
             if len(document) > self.max_batch_events:
                 message = (f"a batch holds at most {self.max_batch_events} events and this one has {len(document)}: "
                            "send it in smaller batches")
-                raise UnprocessableEntity([_problem(["body"], message, "too_long")])
+                raise HTTPError(422, [_problem(["body"], message, "too_long")])
             events = document
         else:
             events = (document,)
@@ -891,7 +2286,7 @@ class Validator:
         shallow = len(events) <= self.max_value_depth and body.count(b"{") + body.count(b"[") <= self.max_value_depth
         # (memchr finds no backslash in a batch of 100 in 1 us; the pattern took 20 looking for escapes.)
         check_unicode = b"\\" in body and _SURROGATE_ESCAPE.search(body) is not None
-        times = (received, _time_text(received))
+        times = (received, received.strftime(TIME_FORMAT))
         rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, []
         value_problems = {}  # id(event) -> what is wrong with its value, as the fast path found it
         for index, event in enumerate(events):
@@ -914,12 +2309,12 @@ class Validator:
         # Keys first: a sender without a valid key learns nothing about its events.
         if unauthorized:
             which = f" in events {', '.join(map(str, unauthorized))}" if batch else ""
-            raise Unauthorized(f"invalid or missing api_key{which}")
+            raise HTTPError(401, f"invalid or missing api_key{which}")
         if forbidden:
             more = f"; and {len(forbidden) - MAX_PROBLEMS} more events" if len(forbidden) > MAX_PROBLEMS else ""
-            raise Forbidden("; ".join(forbidden[:MAX_PROBLEMS]) + more)
+            raise HTTPError(403, "; ".join(forbidden[:MAX_PROBLEMS]) + more)
         if invalid:
-            raise UnprocessableEntity(
+            raise HTTPError(422, 
                 self._listed_problems(events, invalid, batch, shallow, check_unicode, received, value_problems)
             )
         return rows
@@ -968,6 +2363,8 @@ class Validator:
             return None
         if check_unicode and not _is_unicode(joined):
             return None
+        if self.hash_ids is not None:
+            fields = self.hash_ids(fields)
         if "timestamp" in event or "sent_at" in event or "event_id" in event:
             when, event_id, problems = _client_fields(event, times[0], check_unicode)
             return None if problems else fields + (text, when, times[1], event_id)
@@ -1037,27 +2434,6 @@ class Validator:
         return text, None
 
 
-# Times as stored: UTC, as text that SQLite's date functions and pandas read.
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-
-
-class _TimeText:
-    """moment.strftime(TIME_FORMAT), formatting each second only once: for every event stored,
-    strftime took about 3 us here, this takes under 1 us."""
-
-    def __init__(self):
-        self._last = (None, "")  # (the second, its text): one object, so threads never mix two
-
-    def __call__(self, moment):
-        second = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
-        last = self._last
-        if last[0] != second:
-            last = self._last = (second, moment.strftime("%Y-%m-%d %H:%M:%S."))
-        return f"{last[1]}{moment.microsecond:06d}"
-
-
-_time_text = _TimeText()
-
 # The range of client times taken as given: the Unix epoch to the end of year 9999.
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _LAST_SECOND = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
@@ -1123,7 +2499,7 @@ def _client_fields(event, received, check_unicode):
     problem = None if event_id is None else _event_id_problem(event_id, check_unicode)
     if problem:
         problems.append(("event_id", *problem))
-    return _time_text(when), event_id, problems
+    return when.strftime(TIME_FORMAT), event_id, problems
 
 
 def _event_id_problem(event_id, check_unicode):
@@ -1146,13 +2522,525 @@ def _problem(location, message, kind):
     return {"loc": location, "msg": message, "type": kind}
 
 
+def id_hasher(config):
+    """None when no application hashes its players' ids, else a function that takes the six string
+    fields of an event and gives them with user_id and session_id hashed where its application
+    says so (hash_user_ids): HMAC-SHA256 with id_secret, the first 32 hex digits (128 bits).
+    The same id always gives the same hash, so players, sessions and retention still count."""
+    hashing = {name for name in [None, *config.apps] if config.for_app(name, "hash_user_ids")}
+    if not hashing:
+        return None
+    secret, named = config.id_secret.encode(), set(config.apps)
+
+    def hashed(fields):
+        if (fields[1] if fields[1] in named else None) in hashing:
+            return fields[:4] + (hash_id(secret, fields[4]), hash_id(secret, fields[5]))
+        return fields
+
+    return hashed
+
+
+def hash_id(secret, text):
+    return hmac.new(secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
+
+
 ###############################################################################
-# Storage: SQLite and the group-commit writer
+# The writer: one thread commits the events of many requests together
+###############################################################################
+
+# A /healthz answer may be this old, so a flood of them costs the database nothing; after a
+# failed write, the writer tries a small one this often, so health recovers with no traffic.
+HEALTH_CACHE_SECONDS = 1
+HEALTH_PROBE_SECONDS = 3
+# A commit that has run this long makes /healthz 503: the writer is stuck (a lock, a dying disk).
+WRITER_STUCK_SECONDS = 5
+# Seconds beyond busy_timeout before the writer gives up on a commit: time for the database's own
+# timeout error (a lock, a statement) to come first, and say why.
+WRITE_GRACE = 2
+# Rows one pruning or erasing step deletes: a transaction this small holds the write lock for
+# milliseconds, so ingestion waits no longer than for a commit.
+PRUNE_STEP_ROWS = 500
+# Summarising waits for a pause in the events: this long without a commit. A commit that comes
+# during a step waits for it, so steps are kept to the pauses...
+SUMMARY_IDLE_SECONDS = 0.05
+# ...unless events keep coming: then steps take this share of the writer's time at most, the rest
+# is for commits (a report asks the writer to catch up first: Writer.catch_up).
+SUMMARY_SHARE = 0.05
+# Events one summarising step reads: as many as the last step took SUMMARY_STEP_SECONDS for, from
+# SUMMARY_MIN_ROWS to SUMMARY_STEP_ROWS. 2,000 events from as many new players took 25 ms here
+# (bench/README.md, "Summaries in SQL"); a commit that comes during a step waits for it.
+SUMMARY_STEP_SECONDS = 0.005
+SUMMARY_MIN_ROWS = 50
+SUMMARY_STEP_ROWS = 2000
+
+def _value_size(rows):
+    """Characters of the rows' values (rows are EVENT_FIELDS, then value, time, received_at, event_id)."""
+    return sum(len(row[6]) for row in rows)
+
+
+class _Waiting:
+    """Rows waiting for their commit, and the function to call once with how it went."""
+
+    __slots__ = ("rows", "committed", "since", "answered")
+
+    def __init__(self, rows, committed):
+        self.rows, self.committed, self.since, self.answered = rows, committed, time.monotonic(), False
+
+    def answer(self, error):
+        if not self.answered:  # a commit given up on answers 503 once, even if it ends later
+            self.answered = True
+            self.committed(error)
+
+
+class Writer:
+    """The one thread that writes: commits the rows of many requests in one transaction.
+
+    Requests hand their rows over with a function to call once they are committed. The writer
+    takes everything queued, commits it with one fsync, calls every function, and meanwhile the
+    next group gathers: under load, one fsync serves many requests. The queue is bounded: when
+    it is full, requests are refused with 503 and Retry-After rather than held in memory. No
+    event waits longer than busy_timeout for its answer: a commit that runs longer is
+    interrupted (or its connection cut), and what waited is answered 503 and not committed later
+    (but an fsync the disk never finishes: those rows may still be stored, and a retry with an
+    event_id stores them once). Between commits it summarises new events for reports, prunes
+    (retention_days) and probes a database that failed.
+    """
+
+    def __init__(self, config, store, metrics, prunes=True):
+        """`prunes`: applies retention_days (with workers = N, only worker 1 does)."""
+        self.config = config
+        self.prunes = prunes
+        self.store = store
+        self.metrics = metrics
+        self.last_error = None  # what the last write (a commit or a probe) failed with
+        self._probe_due = 0.0
+        self._wrote_at = -HEALTH_CACHE_SECONDS  # when a write last succeeded
+        self._health_lock = threading.Lock()
+        self._checked, self._checked_at, self._checking = None, -HEALTH_CACHE_SECONDS, False
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._summarised = threading.Condition(self._lock)
+        self._queue, self._queued_rows, self._queued_bytes = [], 0, 0
+        self._closed = False
+        self._thread = None
+        self._connection = None
+        self._reconnect_at = 0.0
+        self._unreachable = None  # why the last reconnection failed
+        self._committing_since = None  # while a commit runs
+        self._stuck = False  # a commit ran past busy_timeout: new rows get 503 until it ends
+        self._pass_pruned = 0  # by the steps of this pass, so far
+        self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
+        self._summary_behind = store.summaries  # whether events may wait to be summarised
+        self._summary_next = 0.0  # under load, summarising takes SUMMARY_SHARE of the time at most
+        self._summary_rows = SUMMARY_STEP_ROWS
+        self._summary_retry_at = 0.0  # after a step failed
+        self._summary_upto = 0  # the last event id summarised, as this writer knows
+        self._catch_up_to = 0  # a reader waits for the summaries to reach this id
+        self._committed_at = -SUMMARY_IDLE_SECONDS  # when the last group was committed
+
+    def start(self):
+        """Open the database (raising if it cannot be) and start the writer thread."""
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._connection = self.store.connect()
+                self._thread = threading.Thread(target=self._run, name="pycolytics-writer", daemon=True)
+                self._thread.start()
+
+    def submit(self, rows, committed):
+        """Queue `rows`; the writer thread calls committed(error) once they are stored (error None) or not."""
+        with self._lock:
+            if self._closed:
+                raise busy("the server is shutting down; send the events again shortly", 5)
+            if self._stuck:
+                raise busy(f"the database has not finished a commit for {self.config.busy_timeout:g} s; "
+                           "send the events again shortly", 5)
+            size = _value_size(rows)
+            if self._queued_rows and (self._queued_rows + len(rows) > self.config.max_pending_events
+                                      or self._queued_bytes + size > self.config.max_buffered_bytes):
+                raise busy("the server is busy writing other events; send these again shortly")
+            waiting = _Waiting(rows, committed)
+            self._queue.append(waiting)
+            self._queued_rows += len(rows)
+            self._queued_bytes += size
+            self._wakeup.notify()
+        return waiting
+
+    def write(self, rows):
+        """Return once `rows` are committed; raise a 503 if they cannot be (WSGI's way)."""
+        done, outcome = threading.Event(), []
+
+        def committed(error):
+            outcome.append(error)
+            done.set()
+
+        waiting = self.submit(rows, committed)
+        if not done.wait(self.config.busy_timeout + WRITE_GRACE + 1):  # the writer answers by then, if it runs
+            self._drop_waiting(waiting)
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _drop_waiting(self, waiting):
+        """Answer 503 to rows that waited too long, and take them out of the queue if still there."""
+        with self._lock:
+            if waiting in self._queue:
+                self._queue.remove(waiting)
+                self._queued_rows -= len(waiting.rows)
+                self._queued_bytes -= _value_size(waiting.rows)
+        waiting.answer(busy("the database did not answer in time; send the events again shortly", 5))
+
+    def close(self):
+        """Commit everything queued, then stop the thread and close the database."""
+        with self._lock:
+            self._closed = True
+            self._wakeup.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def prune_soon(self):
+        """Apply retention_days now rather than at the next hourly round (after a reload, say)."""
+        with self._lock:
+            self._prune_due = 0
+            self._wakeup.notify()
+
+    def catch_up(self, last_id, timeout):
+        """Summarise up to event `last_id` before anything but commits; whether that was done in
+        `timeout` seconds (a report then reads the summaries)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._thread is None or self.last_error is not None:
+                return False
+            self._catch_up_to = max(self._catch_up_to, last_id)
+            self._summary_behind = True
+            self._wakeup.notify()
+            while self._summary_upto < last_id:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._summarised.wait(left):
+                    return self._summary_upto >= last_id
+        return True
+
+    def _run(self):
+        try:
+            while True:
+                with self._lock:
+                    while not self._queue and not self._closed:
+                        wait = self._idle_wait()
+                        if wait is not None and wait <= 0:
+                            break
+                        self._wakeup.wait(wait)
+                    if not self._queue and self._closed:
+                        return
+                    group, self._queue, self._queued_rows, self._queued_bytes = self._queue, [], 0, 0
+                now = time.monotonic()
+                if group:
+                    self._commit(group)
+                    if self._summary_due() is not None and now >= max(self._summary_retry_at, 0 if (
+                            self._catch_up_to > self._summary_upto) else self._summary_next):
+                        self._summarise()  # under load, a step between commits: paced, unless a report waits
+                elif self.last_error is not None and now >= self._probe_due:
+                    self._probe()
+                elif self.config.retention_days and self.prunes and now >= self._prune_due:
+                    self._prune_due = self._prune()
+                elif self._summary_due() is not None and now >= self._summary_due():
+                    self._summarise()
+        finally:
+            if self._connection is not None:
+                self._connection.close()
+
+    def _idle_wait(self):
+        """Seconds until the writer has work besides commits (a probe, a pruning step), or None."""
+        due = [self._probe_due] if self.last_error is not None else []
+        if self.config.retention_days and self.prunes:
+            due.append(self._prune_due)
+        if self._summary_due() is not None:
+            due.append(self._summary_due())
+        return min(due) - time.monotonic() if due else None
+
+    def _connected(self):
+        """The writer's connection, opened again if it was lost or its file replaced (once a second at most)."""
+        if self._connection is not None:
+            problem = self.store.detached(self._connection)
+            if problem:
+                log.error("%s: opening the database again", problem)
+                self._drop()
+        if self._connection is None:
+            if time.monotonic() < self._reconnect_at:
+                raise ConnectionError(self._unreachable or "the database connection is lost; reconnecting")
+            self._reconnect_at = time.monotonic() + 1
+            try:
+                self._connection = self.store.connect()
+            except Exception as error:  # the database's errors, or its file still gone
+                self._unreachable = str(error)
+                raise
+            log.info("reconnected to the database")
+        return self._connection
+
+    def health(self):
+        """Why the database would not take events now, or None; waits a few seconds at most.
+
+        Mostly instant, so that a flood of /healthz costs the database nothing: a failed write
+        is known (and probed again every HEALTH_PROBE_SECONDS), a write that succeeded in the
+        last HEALTH_CACHE_SECONDS says enough, and otherwise a check of its own runs once in
+        HEALTH_CACHE_SECONDS at most, one at a time, while other callers get the last result.
+        """
+        since = self._committing_since
+        if since is not None and time.monotonic() - since > WRITER_STUCK_SECONDS:
+            return f"a commit has been running for {time.monotonic() - since:.0f} s (a lock, or a slow disk)"
+        error = self.last_error
+        if error is not None:
+            return f"the last write failed: {self.store.describe(error)}"
+        with self._health_lock:
+            now = time.monotonic()
+            if now - self._wrote_at < HEALTH_CACHE_SECONDS:
+                return None
+            if self._checking or now - self._checked_at < HEALTH_CACHE_SECONDS:
+                return self._checked
+            self._checking = True
+        problem = None
+        try:
+            connection = self._connection
+            problem = (connection is not None and self.store.detached(connection)) or self.store.problem()
+        finally:
+            with self._health_lock:
+                self._checked, self._checked_at, self._checking = problem, time.monotonic(), False
+        return problem
+
+    def state(self):
+        """What the writer does, in words, for /healthz."""
+        since = self._committing_since
+        if since is not None:
+            return f"committing for {time.monotonic() - since:.1f} s"
+        if self.last_error is not None:
+            return "its last write failed; it tries again every few seconds"
+        return "waiting for events" if self._thread is not None else "not started"
+
+    def _probe(self):
+        """A small write while the last one failed: health recovers without waiting for events."""
+        before = str(self.last_error)
+        try:
+            self.store.probe(self._connected())
+        except Exception as error:  # still failing, for any of a commit's reasons
+            if str(error) != before:
+                log.error("the database still takes no writes: %s", error)
+            self._failed(error)
+            return
+        self._succeeded()
+        log.info("the database takes writes again")
+
+    def _failed(self, error):
+        self.last_error = error
+        self.metrics.failing(True)
+        self._probe_due = time.monotonic() + HEALTH_PROBE_SECONDS
+        self._forget_lost(error)
+
+    def _succeeded(self):
+        self.last_error = None
+        self.metrics.failing(False)
+        self._wrote_at = time.monotonic()
+
+    def _summary_due(self):
+        """When the next summarising step may come, or None: none is needed, or the database fails.
+        Now, while a report waits for it; else once no commit came for SUMMARY_IDLE_SECONDS."""
+        if self.last_error is not None:
+            return None
+        if self._catch_up_to > self._summary_upto:
+            return self._summary_retry_at
+        if not self._summary_behind:
+            return None
+        return max(self._summary_retry_at, self._committed_at + SUMMARY_IDLE_SECONDS)
+
+    def _summarise(self):
+        """One step of summarising new events for reports; under load, SUMMARY_SHARE of the time at most."""
+        started, limit = time.monotonic(), self._summary_rows
+        try:
+            read, upto = self.store.summarise(self._connected(), limit, self.config)
+        except SummaryPostponed:
+            self._summary_retry_at = time.monotonic() + 1
+            return
+        except Exception as error:  # the database's errors, or a lost connection: reports read the events meanwhile
+            self._forget_lost(error)
+            log.warning("could not summarise events for reports (trying again in a minute): %s", error)
+            self._summary_retry_at = time.monotonic() + 60
+            self._summary_behind = False  # the next commit says so again
+            return
+        took = time.monotonic() - started
+        with self._lock:
+            self._summary_behind = read == limit
+            self._summary_upto = upto
+            self._summarised.notify_all()
+        if self._summary_behind:  # a whole step: its time per event says how many fit in the next
+            fit = int(SUMMARY_STEP_SECONDS * read / max(took, 1e-9))
+            self._summary_rows = max(SUMMARY_MIN_ROWS, min(SUMMARY_STEP_ROWS, fit))
+        self._summary_next = time.monotonic() + took * (1 - SUMMARY_SHARE) / SUMMARY_SHARE
+
+    def _prune(self):
+        """One small step of deleting events past retention_days, between commits; when to step next.
+
+        Whole days go, those before the midnight retention_days before today's, so that the
+        summaries reports read forget whole days too ("Summaries").
+        """
+        today = datetime.datetime.now(datetime.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        before = (today - datetime.timedelta(days=self.config.retention_days)).strftime(TIME_FORMAT)
+        try:
+            deleted, changed = self.store.prune(self._connected(), before)
+        except Exception as error:  # the database's errors, or a lost connection
+            self._forget_lost(error)
+            log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
+            self._pass_pruned = 0
+            return time.monotonic() + 3600
+        self.metrics.pruned(deleted)
+        self._pass_pruned += deleted
+        if deleted or changed:
+            return time.monotonic()  # more to delete: the next step comes between commits
+        log.info("retention_days = %g: deleted %d events from before %s", self.config.retention_days,
+                 self._pass_pruned, before[:19])
+        self._pass_pruned = 0
+        return time.monotonic() + 3600
+
+    def _commit(self, group):
+        """Commit the rows of `group` in one transaction and answer each request; within busy_timeout
+        of the oldest one's arrival, or 503 for all of them (and for what queued meanwhile)."""
+        started = self._committing_since = time.monotonic()
+        rows = list(itertools.chain.from_iterable(waiting.rows for waiting in group))
+        left = group[0].since + self.config.busy_timeout + WRITE_GRACE - started
+        error, inserted = None, 0
+        try:
+            if left <= 0:  # they waited for a commit before theirs that took nearly busy_timeout
+                raise TimeoutError(f"the events waited over busy_timeout = {self.config.busy_timeout:g} s")
+            connection = self._connected()
+            with self.store.deadlines.after(left, functools.partial(self._give_up, connection, group)):
+                try:
+                    inserted = self.store.insert(connection, rows)
+                except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                    if any(waiting.answered for waiting in group):
+                        raise  # given up on and answered 503 already: not stored later
+                    self._forget_lost(lost)
+                    self._reconnect_at = 0
+                    inserted = self.store.insert(self._connected(), rows)
+        except Exception as failure:  # the database is full, gone, unreachable, locked or too slow
+            log.error("could not store %d events: %s", len(rows), failure)
+            self._failed(failure)
+            error = busy("the database could not store the events; send them again shortly", 5)
+        finally:
+            self._committing_since = None
+            with self._lock:
+                self._stuck = False
+        if error is None:
+            if any(waiting.answered for waiting in group):
+                log.warning("%d events were answered 503 but their commit, given up on, ended in the end: "
+                            "a retry with their event_ids is stored once", len(rows))
+            self._succeeded()
+            self._committed_at = time.monotonic()
+            self._summary_behind = self.store.summaries
+            self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
+        for waiting in group:
+            waiting.answer(error)
+
+    def _give_up(self, connection, group):
+        """busy_timeout has passed for the oldest rows of a running commit (another thread's
+        call): interrupt it, answer its rows and what is queued 503, and take no rows till it ends."""
+        log.error("a commit of %d requests' events ran past busy_timeout = %g s: interrupting it",
+                  len(group), self.config.busy_timeout)
+        self.store.interrupt(connection)
+        error = busy(f"the database did not commit within busy_timeout = {self.config.busy_timeout:g} s; "
+                     "send the events again shortly", 5)
+        with self._lock:
+            self._stuck = True
+            queued, self._queue, self._queued_rows, self._queued_bytes = self._queue, [], 0, 0
+        for waiting in group + queued:
+            waiting.answer(error)
+
+    def _forget_lost(self, error):
+        """Drop a connection that `error` says is gone, so the next commit opens a new one."""
+        if self._connection is not None and (isinstance(error, ConnectionError) or self.store.lost(error)):
+            self._drop()
+
+    def _drop(self):
+        try:
+            self._connection.close()
+        except Exception:  # closing what is already broken: nothing more to learn
+            pass
+        self._connection = None
+
+
+class Metrics:
+    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe.
+
+    The counts are one row of integers: a list of this process's own, or with `workers = N` this
+    worker's row of the Scoreboard, in memory every worker shares. text() adds up `rows`, every
+    worker's, so any worker's answer counts the whole server.
+    """
+
+    # Commit latency buckets, in seconds: an fsync on an SSD is ~1 ms, on an SD card ~10-100 ms.
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    # Where each count lives in a row. Commits are counted in the one bucket each falls in (the
+    # last is past every bound) and added up when shown: one increment per commit, so that another
+    # worker reading meanwhile never sees a histogram whose buckets disagree with its count.
+    STORED, PRUNED, COMMIT_MICROSECONDS, COMMITS = 0, 1, 2, 3
+    REQUESTS = COMMITS + len(BUCKETS) + 1  # requests by status, from 100 to 599
+    FAILING = REQUESTS + 500  # not a metric: 1 while this process's last write failed (Scoreboard)
+    WIDTH = FAILING + 1
+
+    def __init__(self, rows=None, row=None):
+        self._lock = threading.Lock()
+        self._row = [0] * self.WIDTH if row is None else row
+        self._rows = [self._row] if rows is None else rows
+        self._row[self.FAILING] = 0  # a worker that replaces one that died has not failed yet
+
+    def request(self, status, count=1):
+        with self._lock:
+            self._row[self.REQUESTS - 100 + int(status[:3])] += count
+
+    def commit(self, seconds, stored):
+        bucket = sum(seconds > bound for bound in self.BUCKETS)  # how many bounds it is over
+        with self._lock:
+            self._row[self.STORED] += stored
+            self._row[self.COMMIT_MICROSECONDS] += round(seconds * 1e6)
+            self._row[self.COMMITS + bucket] += 1
+
+    def pruned(self, deleted):
+        with self._lock:
+            self._row[self.PRUNED] += deleted
+
+    def failing(self, failing):
+        """Whether the last write failed: every worker's /healthz reads it (Scoreboard)."""
+        self._row[self.FAILING] = int(failing)
+
+    def text(self):
+        with self._lock:
+            rows = [list(row) for row in self._rows]
+        total = [sum(column) for column in zip(*rows)]
+        commits = list(itertools.accumulate(total[self.COMMITS:self.REQUESTS]))
+        lines = [
+            "# HELP pycolytics_events_stored_total Events committed to the database.",
+            "# TYPE pycolytics_events_stored_total counter",
+            f"pycolytics_events_stored_total {total[self.STORED]}",
+            "# HELP pycolytics_requests_total Requests answered, by HTTP status.",
+            "# TYPE pycolytics_requests_total counter",
+        ]
+        lines += [f'pycolytics_requests_total{{status="{status}"}} {total[self.REQUESTS - 100 + status]}'
+                  for status in range(100, 600) if total[self.REQUESTS - 100 + status]]
+        lines += [
+            "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
+            "# TYPE pycolytics_commit_seconds histogram",
+        ]
+        lines += [f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.BUCKETS, commits)]
+        lines += [f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {commits[-1]}',
+                  f"pycolytics_commit_seconds_sum {total[self.COMMIT_MICROSECONDS] / 1e6:.6f}",
+                  f"pycolytics_commit_seconds_count {commits[-1]}",
+                  "# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
+                  "# TYPE pycolytics_events_pruned_total counter",
+                  f"pycolytics_events_pruned_total {total[self.PRUNED]}"]
+        return "\n".join(lines) + "\n"
+
+
+###############################################################################
+# Storage: SQLite and PostgreSQL
 ###############################################################################
 
 # The original Pycolytics' table, column for column as SQLModel created it, so databases made
 # by either program open in the other. Only a new table gets Pycolytics' own index, on `time`
-# (README.md, "Indexes", has the measurements behind that choice). An existing database keeps
+# (docs/storage.md, "Indexes", has the measurements behind that choice). An existing database keeps
 # its indexes; at start-up it gains the ADDED_COLUMNS and the EVENT_ID_INDEX (replacing the
 # older index on event_id alone), with no migration step to run.
 SCHEMA = """
@@ -1226,12 +3114,6 @@ def _chunks(count):
 # The files of one SQLite database in WAL mode: deleting or replacing any of them under a
 # running server loses what is committed to it (https://www.sqlite.org/howtocorrupt.html).
 DATABASE_FILES = ("", "-wal", "-shm")
-# How far apart two changes of a folder may be and still leave it the same mtime: a file
-# system that keeps fractions of a second takes them from a clock that ticks every few
-# milliseconds (1/HZ on Linux); one that keeps whole seconds (2 s on FAT) gives an mtime
-# without a fraction, as a fine one does about once in a hundred.
-FOLDER_TICK_NS = 50_000_000
-COARSE_FOLDER_TICK_NS = 3_000_000_000
 
 
 @contextlib.contextmanager
@@ -1257,12 +3139,10 @@ def transaction(connection):
 
 
 class SQLiteConnection(sqlite3.Connection):
-    """A connection that remembers which files it opened: (suffix, st_dev, st_ino) of each;
-    and the stamp of their folder when they were last found in place (SQLiteStore.detached)."""
+    """A connection that remembers which files it opened: (suffix, st_dev, st_ino) of each."""
 
     files = ()
-    folder_stamp = None
-    linked = False  # the path is a symbolic link
+    conventions = None  # the game-analytics conventions its summaries were last made with
 
 
 def _file_ids(path):
@@ -1304,13 +3184,8 @@ def connect(path, synchronous="full", busy_timeout=30.0, create=True):
         if any(name not in columns for name, _ in ADDED_COLUMNS):
             _add_columns(connection, announce=bool(exists))
         _index_event_ids(connection)
-        present = connection.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN"
-                                     f" ({', '.join('?' * len(SUMMARY_TABLES))}, 'pycolytics_summarised')",
-                                     SUMMARY_TABLES).fetchone()[0]
-        if present < len(SUMMARY_TABLES) + 1:
-            connection.executescript(SUMMARY_SCHEMA)  # an original's or an older Pycolytics' database
+        ensure_summaries(connection, SQLITE)
         connection.files = _file_ids(path)
-        connection.linked = os.path.islink(path)
     except BaseException:
         connection.close()
         raise
@@ -1351,83 +3226,6 @@ def _index_event_ids(connection):
             connection.execute(f"DROP INDEX {OLD_EVENT_ID_INDEX}")
             log.info("upgraded the database: event_id is unique per application (index %s replaces %s)",
                      "ix_event_application_event_id", OLD_EVENT_ID_INDEX)
-
-
-class Metrics:
-    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe.
-
-    The counts are one row of integers: a list of this process's own, or with `workers = N` this
-    worker's row of the Scoreboard, in memory every worker shares. text() adds up `rows`, every
-    worker's, so any worker's answer counts the whole server.
-    """
-
-    # Commit latency buckets, in seconds: an fsync on an SSD is ~1 ms, on an SD card ~10-100 ms.
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-    # Where each count lives in a row. Commits are counted in the one bucket each falls in (the
-    # last is past every bound) and added up when shown: one increment per commit, so that another
-    # worker reading meanwhile never sees a histogram whose buckets disagree with its count.
-    STORED, PRUNED, COMMIT_MICROSECONDS, COMMITS = 0, 1, 2, 3
-    REQUESTS = COMMITS + len(BUCKETS) + 1  # requests by status, from 100 to 599
-    REQUESTS_AT = dict(zip(map(str, range(100, 600)), range(REQUESTS, REQUESTS + 500)))  # status -> where
-    FAILING = REQUESTS + 500  # not a metric: 1 while this process's last write failed (Scoreboard)
-    WIDTH = FAILING + 1
-
-    def __init__(self, rows=None, row=None):
-        self._lock = threading.Lock()
-        self._row = [0] * self.WIDTH if row is None else row
-        self._rows = [self._row] if rows is None else rows
-        self._row[self.FAILING] = 0  # a worker that replaces one that died has not failed yet
-
-    def request(self, status, count=1):
-        with self._lock:
-            self._row[self.REQUESTS_AT[status[:3]]] += count
-
-    def commit(self, seconds, stored):
-        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # how many bounds it is over
-        with self._lock:
-            self._row[self.STORED] += stored
-            self._row[self.COMMIT_MICROSECONDS] += round(seconds * 1e6)
-            self._row[self.COMMITS + bucket] += 1
-
-    def pruned(self, deleted):
-        with self._lock:
-            self._row[self.PRUNED] += deleted
-
-    def failing(self, failing):
-        """Whether the last write failed: every worker's /healthz reads it (Scoreboard)."""
-        self._row[self.FAILING] = int(failing)
-
-    def text(self):
-        with self._lock:
-            rows = [list(row) for row in self._rows]
-        total = [sum(column) for column in zip(*rows)]
-        commits = list(itertools.accumulate(total[self.COMMITS:self.REQUESTS]))
-        lines = [
-            "# HELP pycolytics_events_stored_total Events committed to the database.",
-            "# TYPE pycolytics_events_stored_total counter",
-            f"pycolytics_events_stored_total {total[self.STORED]}",
-            "# HELP pycolytics_requests_total Requests answered, by HTTP status.",
-            "# TYPE pycolytics_requests_total counter",
-        ]
-        lines += [f'pycolytics_requests_total{{status="{status}"}} {total[self.REQUESTS - 100 + status]}'
-                  for status in range(100, 600) if total[self.REQUESTS - 100 + status]]
-        lines += [
-            "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
-            "# TYPE pycolytics_commit_seconds histogram",
-        ]
-        lines += [f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.BUCKETS, commits)]
-        lines += [f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {commits[-1]}',
-                  f"pycolytics_commit_seconds_sum {total[self.COMMIT_MICROSECONDS] / 1e6:.6f}",
-                  f"pycolytics_commit_seconds_count {commits[-1]}",
-                  "# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
-                  "# TYPE pycolytics_events_pruned_total counter",
-                  f"pycolytics_events_pruned_total {total[self.PRUNED]}"]
-        return "\n".join(lines) + "\n"
-
-
-# Rows one pruning step deletes: a transaction this small holds the write lock for
-# milliseconds, so ingestion waits no longer than for a commit.
-PRUNE_STEP_ROWS = 500
 
 
 def urllib_quote(path):
@@ -1473,338 +3271,89 @@ def unwritable(path):
     return None
 
 
-###############################################################################
-# Summaries: what a report reads instead of every event (SQLite)
-###############################################################################
+class Deadlines:
+    """Calls a function once its deadline passes, from one thread of its own: what bounds a wait
+    that cannot bound itself (a commit, a report's statements, libpq on a peer that acknowledges
+    TCP but never answers: keepalives and tcp_user_timeout only notice one that stops acknowledging)."""
 
-# A report of a year reads every event of it, minutes on a Raspberry Pi with millions of them.
-# So the writer keeps, in small steps between commits, a summary of the events stored so far
-# in tables of its own beside `event` (pycolytics_*: a notebook may ignore them):
-#   pycolytics_summarised   the id (and time) of the last event summarised: events come in id
-#                           order, so a late event (an old timestamp) is summarised like any other;
-#                           and how often events or summaries were deleted: the report cache's key
-#   pycolytics_days         per day and application: events, users and sessions
-#   pycolytics_sessions     per day and session: its user, events, first and last time (in
-#                           microseconds since 1970, so that SQLite finds lengths as numbers)
-#   pycolytics_presence     per user ("user", ""), and per user and event type, version or
-#                           platform: the first and last day, and the days in between as bits
-#   pycolytics_spans        per presence row's field, name and application and per day: how
-#                           many rows begin and how many end that day, so that the users of a
-#                           range are counted without reading the rows (_SummaryReader._present)
-#   pycolytics_name_events  per day, application and event type, version or platform: events
-# A report reads the summaries and, live, the events after the last one summarised. Pruning
-# deletes whole days, which the summaries then forget; anything else that takes summarised
-# events away (a prune --before a moment that is not midnight; the newest events deleted, so
-# that their ids are given again, which the last summarised event's time tells) starts the
-# summaries over. Other events deleted by hand stay in them (README.md says how to start them
-# over). PostgreSQL keeps none: with several collectors its ids commit out of order, so "every
-# id up to n is summarised" could skip one.
-SUMMARY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pycolytics_summarised (last_id INTEGER NOT NULL, last_time, deletions INTEGER NOT NULL);
-INSERT INTO pycolytics_summarised SELECT 0, NULL, 0 WHERE NOT EXISTS (SELECT 1 FROM pycolytics_summarised);
-CREATE TABLE IF NOT EXISTS pycolytics_days (
-    day TEXT NOT NULL, application TEXT NOT NULL, events INTEGER NOT NULL, users INTEGER NOT NULL,
-    sessions INTEGER NOT NULL, PRIMARY KEY (day, application)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS pycolytics_sessions (
-    day TEXT NOT NULL, application TEXT NOT NULL, user_id TEXT NOT NULL, session_id TEXT NOT NULL,
-    events INTEGER NOT NULL, first_us INTEGER NOT NULL, last_us INTEGER NOT NULL,
-    PRIMARY KEY (day, application, user_id, session_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS ix_sessions_session ON pycolytics_sessions (application, session_id, day, first_us, last_us);
-CREATE TABLE IF NOT EXISTS pycolytics_presence (
-    field TEXT NOT NULL, name TEXT NOT NULL, application TEXT NOT NULL, user_id TEXT NOT NULL,
-    first_day TEXT NOT NULL, last_day TEXT NOT NULL, days BLOB NOT NULL,
-    PRIMARY KEY (field, name, application, user_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS ix_presence_first_day ON pycolytics_presence (field, first_day);
-CREATE TABLE IF NOT EXISTS pycolytics_spans (
-    field TEXT NOT NULL, name TEXT NOT NULL, application TEXT NOT NULL, day TEXT NOT NULL,
-    firsts INTEGER NOT NULL, lasts INTEGER NOT NULL, PRIMARY KEY (field, name, application, day)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS pycolytics_name_events (
-    day TEXT NOT NULL, application TEXT NOT NULL, field TEXT NOT NULL, name TEXT NOT NULL, events INTEGER NOT NULL,
-    PRIMARY KEY (day, application, field, name)
-) WITHOUT ROWID;
-"""
-SUMMARY_TABLES = ("pycolytics_days", "pycolytics_sessions", "pycolytics_presence", "pycolytics_spans",
-                  "pycolytics_name_events")
-# Events per summarising step at most: a few milliseconds of the writer's time, as a pruning step.
-SUMMARY_STEP_ROWS = 500
-# A commit that comes during a step waits for it, and a step of 500 events from as many new
-# users takes 30 ms here (bench/README.md, "Issue 14, fourth round"), more on a Raspberry Pi:
-# the writer's steps read as many events as the last one took this long for, 20 at least.
-SUMMARY_STEP_SECONDS = 0.002
-SUMMARY_MIN_ROWS = 20
-# Summarising waits for a pause in the events: this long without a commit. A commit that
-# comes during a step waits for it, so steps are kept to the pauses...
-SUMMARY_IDLE_SECONDS = 0.05
-# ...unless events keep coming until reports would read too many of them live: then steps
-# take this share of the writer's time at most, the rest is for commits.
-SUMMARY_SHARE = 0.05
-# Days a presence row keeps as bits, back from its last day: 512 bytes at most, so that a
-# client sending times centuries apart cannot make rows grow. A report asking about days
-# before that (over 11 years before a user's last day) reads the events instead.
-PRESENCE_DAYS = 4096
-# Events after the last summarised one that a report still reads live; beyond that (the
-# summaries are being built, of an original database say) the whole report is read live.
-MAX_LIVE_TAIL = 20_000
-# A user in the presence table, beside the fields a report ranks.
-PRESENCE_FIELDS = ("user", "event_type", "version", "platform")
+    IDLE_SECONDS = 60  # the thread ends after this long with nothing to watch
 
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._watched = {}  # token: [deadline, function, fired]
+        self._thread = None
 
-@functools.lru_cache(maxsize=4096)
-def _day_number(text):
-    """The proleptic ordinal of a stored time's day (its first 10 characters), or None if not a day."""
-    try:
-        return datetime.date.fromisoformat(text).toordinal() if len(text) == 10 else None
-    except (TypeError, ValueError):
-        return None
-
-
-@functools.lru_cache(maxsize=4096)
-def _day_text(number):
-    return datetime.date.fromordinal(number).isoformat()
-
-
-_EPOCH_NAIVE = datetime.datetime(1970, 1, 1)
-_MICROSECOND = datetime.timedelta(microseconds=1)
-
-
-def _microseconds(text):
-    """A stored time as microseconds since 1970: exact, so that lengths match to the microsecond."""
-    return (datetime.datetime.fromisoformat(text.replace("T", " ")[:26]) - _EPOCH_NAIVE) // _MICROSECOND
-
-
-def _summarised(connection):
-    """(id, time) of the last event summarised; (0, None) before the first."""
-    return connection.execute("SELECT last_id, last_time FROM pycolytics_summarised").fetchone() or (0, None)
-
-
-def _summaries_hold(connection, last_id, last_time):
-    """Whether the last summarised event is still there: else events were deleted or their ids given again."""
-    return not last_id or connection.execute("SELECT time FROM event WHERE id = ?", (last_id,)).fetchone() == (last_time,)
-
-
-def _set_summarised(connection, last_id, last_time):
-    connection.execute("UPDATE pycolytics_summarised SET last_id = ?, last_time = ?", (last_id, last_time))
-
-
-class SummaryPostponed(Exception):
-    """Another connection holds the write lock: the summarising step waits for the next pause."""
-
-
-def restart_summaries(connection):
-    """Forget every summary, in the caller's transaction: they are built again from the first event."""
-    for table in SUMMARY_TABLES:
-        connection.execute(f"DELETE FROM {table}")
-    _set_summarised(connection, 0, None)
-
-
-def summarise(connection, limit=SUMMARY_STEP_ROWS):
-    """Add up to `limit` events after the last summarised one to the summaries, in the caller's
-    transaction; return how many were read."""
-    last_id, last_time = _summarised(connection)
-    if not _summaries_hold(connection, last_id, last_time):
-        log.info("the last summarised event was deleted: summarising every event again")
-        restart_summaries(connection)
-        last_id = 0
-    rows = connection.execute(
-        "SELECT id, application, user_id, session_id, event_type, version, platform, time FROM event"
-        " WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()
-    if not rows:
-        return 0
-    sessions, presence, events = {}, collections.defaultdict(set), collections.Counter()
-    days = collections.defaultdict(lambda: [0, 0, 0])  # (day, application) -> new [events, users, sessions]
-    for _, application, user_id, session_id, event_type, version, platform, moment in rows:
+    @contextlib.contextmanager
+    def after(self, seconds, function):
+        """Within the block, function() is called `seconds` from now, once; yields a list whose
+        last item is True once it was."""
+        entry, token = [time.monotonic() + seconds, function, False], object()
+        with self._changed:
+            self._watched[token] = entry
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pycolytics-deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
         try:
-            number, microseconds = _day_number(moment[:10]), _microseconds(moment)
-        except (TypeError, ValueError):
-            number = None
-        if number is None:
-            continue  # not a time a report can place on a day (a hand-made row)
-        day = moment[:10]
-        session = sessions.get((day, application, user_id, session_id))
-        if session is None:
-            sessions[day, application, user_id, session_id] = [1, microseconds, microseconds]
-        else:
-            session[0] += 1
-            session[1], session[2] = min(session[1], microseconds), max(session[2], microseconds)
-        days[day, application][0] += 1
-        presence["user", "", application, user_id].add(number)
-        for field, name in zip(PRESENCE_FIELDS[1:], (event_type, version, platform)):
-            presence[field, name, application, user_id].add(number)
-            events[day, application, field, name] += 1
-    for day, application, session_id in {(day, application, session_id) for day, application, _, session_id in sessions}:
-        if not _had_session(connection, application, session_id, day):
-            days[day, application][2] += 1
-    stored = _stored_presence(connection, list(presence))
-    changed, spans = [], collections.defaultdict(lambda: [0, 0])
-    for key, numbers in presence.items():
-        row = _presence(stored.get(key), numbers)
-        if row != stored.get(key):  # a user already seen that day, as most are: nothing to write
-            changed.append(key + row)
-            _span_moved(spans, key, stored.get(key), row)
-        if key[0] == "user":
-            for number in numbers:
-                if not _had_user(connection, stored.get(key), key[2], key[3], number):
-                    days[_day_text(number), key[2]][1] += 1
-    connection.executemany(
-        "INSERT INTO pycolytics_sessions VALUES (?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (day, application, user_id, session_id) DO UPDATE SET"
-        " events = events + excluded.events, first_us = min(first_us, excluded.first_us),"
-        " last_us = max(last_us, excluded.last_us)",
-        [key + tuple(figures) for key, figures in sessions.items()])
-    connection.executemany(
-        "INSERT INTO pycolytics_days VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, application) DO UPDATE SET"
-        " events = events + excluded.events, users = users + excluded.users, sessions = sessions + excluded.sessions",
-        [key + tuple(figures) for key, figures in days.items()])
-    connection.executemany(
-        "INSERT INTO pycolytics_name_events VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (day, application, field, name) DO UPDATE SET"
-        " events = events + excluded.events", [key + (count,) for key, count in events.items()])
-    connection.executemany("INSERT OR REPLACE INTO pycolytics_presence VALUES (?, ?, ?, ?, ?, ?, ?)", changed)
-    _count_spans(connection, spans)
-    _set_summarised(connection, rows[-1][0], rows[-1][-1])
-    return len(rows)
+            yield entry
+        finally:
+            with self._changed:
+                del self._watched[token]
+
+    def _run(self):
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                due = [entry for entry in self._watched.values() if entry[0] <= now and not entry[2]]
+                for entry in due:
+                    entry[2] = True
+                waiting = [entry[0] - now for entry in self._watched.values() if not entry[2]]
+                if not due:
+                    if not waiting and not self._changed.wait(self.IDLE_SECONDS) and not self._watched:
+                        self._thread = None
+                        return
+                    if waiting:
+                        self._changed.wait(max(0.01, min(waiting)))
+            for entry in due:  # outside the lock: a function may take locks of its own
+                try:
+                    entry[1]()
+                except Exception:  # one broken function must not stop the others' deadlines
+                    log.exception("a deadline's function failed")
 
 
-def _span_moved(spans, key, before, after):
-    """Count in `spans` a presence row whose (first day, last day, ...) went from `before` to `after`."""
-    for row, step in ((before, -1), (after, 1)):
-        if row is not None and (before is None or after is None or before[:2] != after[:2]):
-            spans[key[:3] + (row[0],)][0] += step
-            spans[key[:3] + (row[1],)][1] += step
-
-
-def _count_spans(connection, spans):
-    connection.executemany(
-        "INSERT INTO pycolytics_spans VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (field, name, application, day)"
-        " DO UPDATE SET firsts = firsts + excluded.firsts, lasts = lasts + excluded.lasts",
-        [key + tuple(counts) for key, counts in spans.items() if any(counts)])
-
-
-def _had_session(connection, application, session_id, day):
-    """Whether the summaries have the session on that day already."""
-    return connection.execute("SELECT 1 FROM pycolytics_sessions WHERE application = ? AND session_id = ?"
-                              " AND day = ? LIMIT 1", (application, session_id, day)).fetchone() is not None
-
-
-def _had_user(connection, stored, application, user_id, number):
-    """Whether the summaries have the user on day `number` already, from their presence row `stored`."""
-    if stored is None:
-        return False
-    last = _day_number(stored[1])
-    if number > last or number < _day_number(stored[0]):
-        return False
-    if last - number < PRESENCE_DAYS:
-        return bool(int.from_bytes(stored[2], "little") >> (last - number) & 1)
-    return connection.execute(  # a day older than the bits keep: the sessions tell
-        "SELECT 1 FROM pycolytics_sessions WHERE day = ? AND application = ? AND user_id = ? LIMIT 1",
-        (_day_text(number), application, user_id)).fetchone() is not None
-
-
-def _stored_presence(connection, keys):
-    """{key: (first day, last day, days)} of the presence rows of `keys` that exist."""
-    found = {}
-    for key in keys:  # one lookup each: SQLite's IN over row values would scan the table
-        row = connection.execute("SELECT first_day, last_day, days FROM pycolytics_presence WHERE field = ?"
-                                 " AND name = ? AND application = ? AND user_id = ?", key).fetchone()
-        if row is not None:
-            found[key] = row
-    return found
-
-
-def _presence(stored, numbers):
-    """(first day, last day, bits) of a presence row (None: a new one) with the days `numbers` added."""
-    first, last, bits = min(numbers), max(numbers), 0
-    if stored is not None:
-        stored_last = _day_number(stored[1])
-        first, last = min(first, _day_number(stored[0])), max(last, stored_last)
-        bits = int.from_bytes(stored[2], "little") << (last - stored_last)
-    for number in numbers:
-        if last - number < PRESENCE_DAYS:
-            bits |= 1 << (last - number)  # bit n: the day n days before the last
-    bits &= (1 << PRESENCE_DAYS) - 1
-    return _day_text(first), _day_text(last), bits.to_bytes((bits.bit_length() + 7) // 8, "little")
-
-
-def forget_days_before(connection, day, limit=SUMMARY_STEP_ROWS):
-    """Take the days before `day` (a date) out of the summaries, up to `limit` presence rows at a
-    time, in the caller's transaction; return how many presence rows were changed."""
-    text, number = day.isoformat(), day.toordinal()
-    changed, spans = 0, collections.defaultdict(lambda: [0, 0])
-    for field in PRESENCE_FIELDS:
-        rows = connection.execute(
-            "SELECT name, application, user_id, first_day, last_day, days FROM pycolytics_presence WHERE field = ?"
-            " AND first_day < ? LIMIT ?", (field, text, limit - changed)).fetchall()
-        for name, application, user_id, first_day, last_day, days in rows:
-            last = _day_number(last_day)
-            kept = int.from_bytes(days, "little") & ((1 << max(0, last - number + 1)) - 1)
-            key = (field, name, application, user_id)
-            if kept:
-                row = (_day_text(last - kept.bit_length() + 1), last_day, kept.to_bytes((kept.bit_length() + 7) // 8,
-                                                                                        "little"))
-                connection.execute("UPDATE pycolytics_presence SET first_day = ?, days = ? WHERE field = ?"
-                                   " AND name = ? AND application = ? AND user_id = ?", (row[0], row[2]) + key)
-            else:
-                row = None
-                connection.execute("DELETE FROM pycolytics_presence WHERE field = ? AND name = ?"
-                                   " AND application = ? AND user_id = ?", key)
-            _span_moved(spans, key, (first_day, last_day), row)
-        changed += len(rows)
-        if changed >= limit:
-            break
-    _count_spans(connection, spans)
-    for table in ("pycolytics_days", "pycolytics_sessions", "pycolytics_name_events", "pycolytics_spans"):
-        connection.execute(f"DELETE FROM {table} WHERE day < ?", (text,))
-    connection.execute("UPDATE pycolytics_summarised SET deletions = deletions + ?", (changed,))
-    return changed
+class ReportTooSlow(Exception):
+    """A read ran past its time budget and was interrupted."""
 
 
 class Store:
     """What a storage backend provides: SQLiteStore and PostgresStore. The writer, /healthz, the
-    dashboard, export and prune use only this, never asking which backend it is (backup and copy
-    do ask: they are SQLite's backup and a move from SQLite into PostgreSQL).
+    reports, export, prune and forget use only this, never asking which backend it is (backup and
+    copy do ask: they are SQLite's backup and a move from SQLite into PostgreSQL).
 
-    SQL fragments, for queries written once for both:
-      kind          the backend's name, for messages
-      errors        the driver's exception classes
-      parameter     a query parameter (? or %s)
-      since         a time parameter compared with `time`
-      scan_time     `time` in a condition that must not pick the time index (export reads in id order)
-      day           a row's day as YYYY-MM-DD text
-      time_text, received_text, value_text    those columns as the text SQLite stores
-    Methods:
+      kind, dialect                the backend's name, for messages, and its SQL (SQLITE, POSTGRESQL)
+      errors                       the driver's exception classes
+      summaries                    whether it keeps summaries between reports ("Summaries")
       connect()                    the write connection; makes or upgrades the schema
-      read()                       a connection for reading only; never creates a database
+      reading(seconds)             a context: a connection for reading only, interrupted after `seconds`
       insert(connection, rows)     store rows in one transaction; how many were new (not a known event_id)
-      prune(connection, before, limit)   delete at most `limit` events older than `before`, in one transaction; how many
+      prune(connection, before)    one small step of deleting what is older than `before`; what it deleted
+      summarise(connection, limit, config)  one step of keeping the summaries: (events read, last id summarised)
       probe(connection)            make one small write, raising whatever stops it (health recovering)
+      interrupt(connection)        make a call on `connection` in another thread fail now
       detached(connection)         why `connection` no longer reaches the configured database, or None
       lost(error)                  whether `error` means the connection is gone and a new one is needed
       columns(connection)          the event table's column names
       rows(connection, query, parameters)   the rows of a SELECT, streamed in constant memory
-      problem()                    why the database would not take events now, or None; waits HEALTH_TIMEOUT at most
+      problem()                    why the database would not take events now, or None; waits a few seconds at most
       describe(error)              `error` in words that /healthz may show (no hosts, users or passwords)
       exists()                     whether the database is there already (commands never create one)
-      generation(connection)       what changes whenever events are stored or pruned (the report cache's key)
-      summarise(connection)        one step of keeping the summaries reports read; how many events it read
-      forget(connection, before)   one step of taking events pruned before `before` out of them; rows changed
     """
 
-    scan_time = "time"
-    summaries = False  # whether the store keeps summaries ("Summaries")
+    summaries = False
 
-    def summarise(self, connection, limit=SUMMARY_STEP_ROWS):
-        return 0
-
-    def forget(self, connection, before):
-        return 0
-
-    def generation(self, connection):
-        # one aggregate a statement: SQLite answers min(id) or max(id) from the index, both together by a scan
-        return tuple(connection.execute(f"SELECT {end}(id) FROM event").fetchone()[0] for end in ("min", "max"))
+    def __init__(self, config):
+        self.config = config
+        self.deadlines = Deadlines()
 
     def exists(self):
         return True
@@ -1812,8 +3361,31 @@ class Store:
     def detached(self, connection):
         return None
 
+    def summarise(self, connection, limit, config):
+        return 0, 0
+
     def rows(self, connection, query, parameters):
         return connection.execute(query, parameters)
+
+    @contextlib.contextmanager
+    def reading(self, seconds):
+        connection = self.read(seconds)
+        try:
+            with self.deadlines.after(seconds, functools.partial(self.interrupt, connection)) as watch:
+                try:
+                    yield connection
+                except self.errors as error:
+                    if watch[2]:
+                        raise ReportTooSlow(str(error)) from None
+                    raise
+        finally:
+            connection.close()
+
+
+# /healthz answers 503 when the database's disk has less free space than this, and when the
+# write lock cannot be had within HEALTH_TIMEOUT seconds.
+MIN_FREE_DISK = 16 * 2**20
+HEALTH_TIMEOUT = 2
 
 
 class SQLiteStore(Store):
@@ -1826,22 +3398,13 @@ class SQLiteStore(Store):
 
     kind = "SQLite"
     summaries = True
-    parameter = "?"  # how a query's parameters are written
-    since = "?"  # a time parameter compared with `time`
-    scan_time = "+time"  # the unary + keeps SQLite from reading through the time index
-    day = "substr(time, 1, 10)"
-    time_text = "time"
-    received_text = "received_at"
-    value_text = "value"
 
     def __init__(self, config):
-        self.config = config
+        super().__init__(config)
+        self.dialect = SQLITE
         self.errors = (sqlite3.Error,)
         self._files = None  # the files the last connect() opened
-        # As SQLite resolves it, once: os.path.abspath of a relative path asks for the working
-        # directory, a system call before and after every commit.
         self._path = os.path.abspath(config.database)
-        self._folder = os.path.dirname(self._path)
 
     def connect(self):
         path = self.config.database
@@ -1850,7 +3413,7 @@ class SQLiteStore(Store):
             if problem:
                 raise ConfigError(f"{self.config.sources['database']}: cannot write the database {path}: {problem}")
         elif not os.path.exists(path):
-            raise DatabaseGone(f"the database file {os.path.abspath(path)} is gone (deleted or moved while the "
+            raise DatabaseGone(f"the database file {self._path} is gone (deleted or moved while the "
                                "server ran): put it back, or restart the server to start a new, empty one")
         else:
             self._refuse_a_stale_log(path)
@@ -1863,40 +3426,24 @@ class SQLiteStore(Store):
         before = {suffix: (device, inode) for suffix, device, inode in self._files}
         now = {suffix: (device, inode) for suffix, device, inode in _file_ids(path)}
         if before.get("") != now.get("") and before.get("-wal") is not None and before.get("-wal") == now.get("-wal"):
-            raise DatabaseGone(f"the database file {os.path.abspath(path)} was replaced, but its -wal file is the "
+            raise DatabaseGone(f"the database file {self._path} was replaced, but its -wal file is the "
                                "deleted database's: move the -wal and -shm files away, then it is opened again")
 
     def exists(self):
         return os.path.exists(self.config.database)
 
     def detached(self, connection):
-        """Why `connection` no longer writes into the file at the configured path, or None.
-
-        Asked before and after every commit, so mostly answered by one stat, of the folder:
-        deleting, replacing or renaming a file in it changes its mtime. The file system takes
-        that time from a coarse clock, though, so a change within the same tick as the one
-        before leaves it as it was: only an mtime a tick older than the check that found the
-        files in place vouches for them later. A symbolic link's folder vouches for nothing.
-        """
-        path = self._path
-        checked_at = time.time_ns()
-        try:
-            folder = os.stat(self._folder)
-        except FileNotFoundError:
-            return f"the folder of the database file {path} was deleted or moved while the server ran"
-        stamp = (folder.st_dev, folder.st_ino, folder.st_mtime_ns)
-        if stamp == connection.folder_stamp:
-            return None
+        """Why `connection` no longer writes into the file at the configured path, or None: asked
+        before and after every commit, three stat() calls."""
         for suffix, device, inode in connection.files:
             try:
-                status = os.stat(path + suffix)
+                status = os.stat(self._path + suffix)
             except FileNotFoundError:
-                return f"the database file {path + suffix} was deleted while the server ran"
+                if not os.path.isdir(os.path.dirname(self._path)):
+                    return f"the folder of the database file {self._path} was deleted or moved while the server ran"
+                return f"the database file {self._path + suffix} was deleted while the server ran"
             if (status.st_dev, status.st_ino) != (device, inode):
-                return f"the database file {path + suffix} was replaced while the server ran"
-        tick = COARSE_FOLDER_TICK_NS if folder.st_mtime_ns % 1_000_000_000 == 0 else FOLDER_TICK_NS
-        if not connection.linked and checked_at - folder.st_mtime_ns > tick:
-            connection.folder_stamp = stamp
+                return f"the database file {self._path + suffix} was replaced while the server ran"
         return None
 
     def insert(self, connection, rows):
@@ -1922,42 +3469,29 @@ class SQLiteStore(Store):
             raise DatabaseGone(problem)
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
-        """Delete at most `limit` events older than `before` (stored time text); return how many."""
+        """One step of deleting events older than `before` (stored time text) and then, a day at
+        a time, the summaries of the days before its day: (events deleted, summary rows changed)."""
         with transaction(connection):
             deleted = connection.execute(
                 "DELETE FROM event WHERE id IN (SELECT id FROM event WHERE time < ? ORDER BY id LIMIT ?)",
-                (before, limit),
-            ).rowcount
-            connection.execute("UPDATE pycolytics_summarised SET deletions = deletions + ?", (deleted,))
-            if deleted < limit:  # the pass's last step: no report sees the events gone but still summarised
-                self._forget(connection, before)
-            return deleted
+                (before, limit)).rowcount
+            changed = 0 if deleted == limit else forget_before(connection, SQLITE, before, limit)
+        return deleted, changed
 
-    def generation(self, connection):
-        """What changes whenever events are stored or deleted: the report cache's key."""
-        lowest, highest = super().generation(connection)
-        try:
-            pruned = connection.execute("SELECT deletions FROM pycolytics_summarised").fetchone()
-        except sqlite3.OperationalError:  # a database no collector of this version has opened
-            pruned = None
-        return lowest, highest, pruned and pruned[0]
-
-    def summarise(self, connection, limit=SUMMARY_STEP_ROWS):
-        """One step of summarising up to `limit` new events (see "Summaries"); how many were read.
+    def summarise(self, connection, limit, config):
+        """One step of summarising up to `limit` new events (see "Summaries"): (read, last id summarised).
 
         Without an fsync of its own: a summary lost to a power cut is made again from the events,
         and the next commit's fsync makes it durable with that commit. It never waits for the write
         lock, which another process may hold for long (a backup, a notebook): SummaryPostponed,
-        the writer's commits come first. With nothing new to read it takes no lock at all.
+        the writer's commits come first.
         """
-        if (connection.execute("SELECT max(id) FROM event").fetchone()[0] or 0) == _summarised(connection)[0]:
-            return 0
         if _synchronous(self.config.synchronous) != "off":
             connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA busy_timeout=0")
         try:
             with transaction(connection):
-                read = summarise(connection, limit)
+                found = summarise(connection, SQLITE, limit, config)
         except sqlite3.OperationalError as error:
             if "locked" in str(error) or "busy" in str(error):
                 raise SummaryPostponed(str(error)) from None
@@ -1966,22 +3500,7 @@ class SQLiteStore(Store):
             connection.execute(f"PRAGMA synchronous={_synchronous(self.config.synchronous)}")
             connection.execute(f"PRAGMA busy_timeout={int(self.config.busy_timeout * 1000)}")
         self._still_there(connection)
-        return read
-
-    def forget(self, connection, before):
-        """One step of taking pruned events out of the summaries; how many summary rows changed.
-
-        The last step of a prune takes the first one itself, in its own transaction.
-        """
-        with transaction(connection):
-            return self._forget(connection, before)
-
-    def _forget(self, connection, before):
-        if before.endswith(" 00:00:00.000000"):
-            return forget_days_before(connection, datetime.date.fromisoformat(before[:10]))
-        if _summarised(connection)[0]:
-            restart_summaries(connection)  # part of a day was deleted: its figures are gone
-        return 0
+        return found
 
     def probe(self, connection):
         """Commit a write that changes nothing (user_version rewritten as it is): lock, log and fsync all work."""
@@ -1989,6 +3508,9 @@ class SQLiteStore(Store):
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             connection.execute(f"PRAGMA user_version = {int(version)}")
         self._still_there(connection)
+
+    def interrupt(self, connection):
+        connection.interrupt()
 
     def lost(self, error):
         """Whether `error` means the connection must be replaced: only when its file was."""
@@ -1998,9 +3520,13 @@ class SQLiteStore(Store):
         """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
         return str(error)
 
-    def read(self):
-        """A connection for reading only; it never creates a missing database."""
-        return read_only(self.config.database)
+    def read(self, seconds=None):
+        """A connection for reading only; it never creates a missing database. Its temporary tables
+        (a report's) go to a file, its page cache is 8 MiB: memory stays small on any database."""
+        connection = read_only(self.config.database)
+        connection.execute("PRAGMA temp_store=FILE")
+        connection.execute("PRAGMA cache_size=-8192")
+        return connection
 
     def columns(self, connection):
         return _columns(connection)
@@ -2008,10 +3534,10 @@ class SQLiteStore(Store):
     def problem(self):
         """Why the database would not take events now, or None if it would."""
         try:
-            space = os.statvfs(os.path.dirname(os.path.abspath(self.config.database)))
+            space = os.statvfs(os.path.dirname(self._path))
             if space.f_bavail * space.f_frsize < MIN_FREE_DISK:
                 return "the disk is almost full"
-            uri = "file:" + urllib_quote(os.path.abspath(self.config.database)) + "?mode=rw"
+            uri = "file:" + urllib_quote(self._path) + "?mode=rw"
             connection = sqlite3.connect(uri, uri=True, timeout=HEALTH_TIMEOUT, isolation_level=None)
             try:
                 with transaction(connection):  # can we take the write lock?
@@ -2041,11 +3567,8 @@ POSTGRES_SCHEMA = (
     "CREATE INDEX IF NOT EXISTS ix_event_time ON event (time)",
     "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
     " WHERE event_id IS NOT NULL",
-    # an event_id is unique per application: two games may make the same ids
     "DROP INDEX IF EXISTS ix_event_event_id",
 )
-# The indexes a ready schema has: when they are there, connecting takes no lock on the table
-# (CREATE INDEX IF NOT EXISTS would take one, and wait behind every other collector's insert).
 POSTGRES_SCHEMA_READY = (
     "SELECT to_regclass('event') IS NOT NULL AND to_regclass('ix_event_time') IS NOT NULL"
     " AND to_regclass('ix_event_application_event_id') IS NOT NULL AND to_regclass('ix_event_event_id') IS NULL"
@@ -2061,9 +3584,9 @@ POSTGRES_INSERT = (
 )
 # The same for a whole group in one statement, its rows as one JSON array of arrays: the driver
 # adapts one parameter instead of ten per row, and the collector spends less than half the CPU
-# on a batch (bench/README.md, "PostgreSQL: one JSON argument per group"). ->> gives back each
-# string as encoded and null as NULL; rows go in in the array's order, so of two rows with one
-# event_id the first is stored and the second skipped, as one statement after another would do.
+# on a batch (docs/scale-out.md). ->> gives back each string as encoded and null as NULL; rows
+# go in in the array's order, so of two rows with one event_id the first is stored and the
+# second skipped, as one statement after another would do.
 POSTGRES_INSERT_GROUP = (
     "INSERT INTO event"
     " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
@@ -2086,12 +3609,11 @@ POSTGRES_SESSION = (
 # synchronous = normal (or off) relaxes commits as on SQLite: a crash of the database server
 # may lose the last commits, a crash of the collector loses nothing.
 POSTGRES_SYNCHRONOUS_COMMIT = {"full": "on", "normal": "off", "off": "off"}
-
 # The statement that ends a group's transaction: after it is sent, a lost connection leaves the
 # outcome unknown (a 503; a retry with event_ids is safe), never a silent second try.
 POSTGRES_COMMIT = "COMMIT"
-# Seconds beyond busy_timeout before the watchdog cuts a connection: time for the server's
-# own timeout error to arrive first.
+# Seconds beyond busy_timeout before a connection is cut: time for the server's own timeout
+# error to arrive first.
 POSTGRES_GRACE = 5
 
 
@@ -2109,70 +3631,20 @@ def _cut(connection):
         pass
 
 
-class Watchdog:
-    """Cuts a connection whose call outlives its deadline. libpq waits forever for a peer that
-    acknowledges TCP but never answers (a frozen proxy, a hung server): keepalives and
-    tcp_user_timeout only notice a peer that stops acknowledging."""
-
-    IDLE_SECONDS = 60  # the thread ends after this long with nothing to watch
-
-    def __init__(self):
-        self._changed = threading.Condition()
-        self._watched = {}  # token: [deadline, connection, fired]
-        self._thread = None
-
-    @contextlib.contextmanager
-    def watching(self, connection, seconds):
-        """Within the block, `connection` is cut `seconds` from now; yields a list that holds
-        True once it was."""
-        entry = [time.monotonic() + seconds, connection, False]
-        token = object()
-        with self._changed:
-            self._watched[token] = entry
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pycolytics-watchdog", daemon=True)
-                self._thread.start()
-            self._changed.notify()
-        try:
-            yield entry
-        finally:
-            with self._changed:
-                del self._watched[token]
-
-    def _run(self):
-        with self._changed:
-            while True:
-                now = time.monotonic()
-                for entry in self._watched.values():
-                    if entry[0] <= now and not entry[2]:
-                        entry[2] = True
-                        log.error("the database did not answer in time: cutting the connection")
-                        _cut(entry[1])
-                waiting = [entry[0] - now for entry in self._watched.values() if not entry[2]]
-                if not waiting and not self._changed.wait(self.IDLE_SECONDS) and not self._watched:
-                    self._thread = None
-                    return
-                if waiting:
-                    self._changed.wait(max(0.01, min(waiting)))
-
-
 class PostgresStore(Store):
     """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
 
     The driver, psycopg 3, is imported only here: SQLite users never need it. Every wait is
     bounded by busy_timeout: connecting, a lock, a statement, a silent network (keepalives,
-    tcp_user_timeout) and a peer that answers TCP but nothing else (the Watchdog).
+    tcp_user_timeout) and a peer that answers TCP but nothing else (Deadlines cuts it). It keeps
+    no summaries: with several collectors its ids commit out of order, so "every id up to n is
+    summarised" could skip one; its reports summarise the events they read ("Summaries").
     """
 
     kind = "PostgreSQL"
-    parameter = "%s"
-    since = "%s::timestamptz"
-    day = "to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-    time_text = "to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
-    received_text = "to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
-    value_text = "value::text"
 
     def __init__(self, config):
+        super().__init__(config)
         try:
             import psycopg
         except ImportError:
@@ -2181,9 +3653,8 @@ class PostgresStore(Store):
                 'python3 -m pip install "psycopg[binary]"'
             ) from None
         self.psycopg = psycopg
-        self.config = config
+        self.dialect = POSTGRESQL
         self.errors = (psycopg.Error,)
-        self.watchdog = Watchdog()
         self._told = None  # the last health problem logged, so a polling balancer logs it once
 
     def _open(self, seconds, statements=True):
@@ -2203,17 +3674,21 @@ class PostgresStore(Store):
             # a second more for a statement, so that a lock wait fails as one (and says so)
             statement = str(locks + 1000) if statements else "0"
             synchronous = POSTGRES_SYNCHRONOUS_COMMIT.get(self.config.synchronous, "on")
-            with self.watchdog.watching(connection, seconds + POSTGRES_GRACE):
+            with self.deadlines.after(seconds + POSTGRES_GRACE, functools.partial(_cut, connection)):
                 connection.execute(POSTGRES_SESSION, (str(locks), statement, synchronous))
         except BaseException:
             connection.close()
             raise
         return connection
 
+    def _watched(self, connection, seconds=None):
+        return self.deadlines.after((seconds or self.config.busy_timeout) + POSTGRES_GRACE,
+                                    functools.partial(_cut, connection))
+
     def connect(self):
         connection = self._open(self.config.busy_timeout)
         try:
-            with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE):
+            with self._watched(connection):
                 if not connection.execute(POSTGRES_SCHEMA_READY).fetchone()[0]:
                     self._create_schema(connection)
         except BaseException:
@@ -2237,7 +3712,7 @@ class PostgresStore(Store):
         stored). LostBeforeCommit: the connection was gone before COMMIT was sent."""
         committing = False
         group = _compact_json(rows)
-        with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE) as watch:
+        with self._watched(connection) as watch:
             try:
                 with connection.cursor() as cursor:
                     cursor.execute("BEGIN")
@@ -2248,7 +3723,7 @@ class PostgresStore(Store):
                     inserted = max(0, cursor.rowcount)
                     committing = True
                     # statement_timeout never covers a commit (the server disables it first):
-                    # a wait for a synchronous standby is bounded by the watchdog
+                    # a wait for a synchronous standby is bounded by the deadline
                     cursor.execute(POSTGRES_COMMIT)
             except self.psycopg.Error as error:
                 if committing or watch[2]:
@@ -2266,18 +3741,31 @@ class PostgresStore(Store):
             pass
 
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
-        with self.watchdog.watching(connection, self.config.busy_timeout + POSTGRES_GRACE):
+        with self._watched(connection):
             with connection.transaction():
                 return connection.execute(
                     "DELETE FROM event WHERE id IN"
                     " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
-                ).rowcount
+                ).rowcount, 0
+
+    def interrupt(self, connection):
+        _cut(connection)
 
     def lost(self, error):
         return isinstance(error, (self.psycopg.OperationalError, self.psycopg.InterfaceError))
 
-    def read(self):
-        return self._open(self.config.busy_timeout, statements=False)
+    def read(self, seconds=None):
+        """A connection for reading; with `seconds`, each statement is bounded by it (a report's). Its
+        numerics (sums of integers) come as int, or float, as SQLite gives them, not as Decimal."""
+        connection = self._open(seconds or self.config.busy_timeout, statements=seconds is not None)
+
+        class Number(self.psycopg.adapt.Loader):
+            def load(self, data):
+                text = bytes(data).decode()
+                return int(text) if text.lstrip("-").isdigit() else float(text)
+
+        connection.adapters.register_loader("numeric", Number)
+        return connection
 
     def columns(self, connection):
         return {row[0] for row in connection.execute(
@@ -2291,9 +3779,8 @@ class PostgresStore(Store):
         try:
             connection = self._open(HEALTH_TIMEOUT)
             try:
-                with self.watchdog.watching(connection, HEALTH_TIMEOUT + POSTGRES_GRACE):
-                    with connection.transaction():
-                        connection.execute("LOCK TABLE event IN ROW EXCLUSIVE MODE")
+                with self._watched(connection, HEALTH_TIMEOUT):
+                    self.probe(connection)
             finally:
                 connection.close()
         except self.psycopg.Error as error:
@@ -2341,309 +3828,330 @@ def store_for(config):
     return SQLiteStore(config)
 
 
-# A row's value, as compact JSON text: rows are EVENT_FIELDS, then value, time, received_at, event_id.
-_VALUE_TEXT = operator.itemgetter(len(EVENT_FIELDS))
+###############################################################################
+# Summaries: what reports read instead of every event
+###############################################################################
+
+# A report of a year would read every event of it: minutes on a Raspberry Pi with millions of
+# them, and memory that grows with its players. So reports read summaries, made by SQL from the
+# events in small steps, one row per player and what they did (players are what reports count):
+#   pycolytics_users        per player: the first and the last day with an event
+#   pycolytics_user_days    per player and day with an event: its version and platform
+#   pycolytics_sessions     per player, session and day: the first and last event's time (us)
+#   pycolytics_type_users   per player and event type: the last day with one
+#   pycolytics_levels       per player, level and day: starts, completions, failures, first times
+#   pycolytics_purchases    per purchase: when, its currency, item and price
+#   pycolytics_names        per day and event type, version or platform: events (for rankings)
+# Days are numbers (days since 1970-01-01, UTC), times microseconds since then. Every row but
+# those of pycolytics_names belongs to one player, so erasing a player deletes rows, and a
+# report's counts of players are SQL's (COUNT, GROUP BY, temporary tables on disk), never sets
+# held in Python: memory does not grow with the players.
+#
+# On SQLite the writer keeps them, between commits, for the events after pycolytics_summary's
+# last_id (events come in id order, so a late event with an old timestamp is summarised like
+# any other); a report first asks it to catch up (Writer.catch_up). A report with filters
+# (event_type, version, platform), a PostgreSQL database (whose ids several collectors commit
+# out of order) and an SQLite database whose summaries are far behind summarise the events they
+# read into temporary tables of the same names, with the same SQL, and read those.
+SUMMARY_VERSION = 3
+SUMMARY_TABLES = (
+    ("pycolytics_users", "application TEXT, user_id TEXT, first_day INT, last_day INT", "application, user_id"),
+    ("pycolytics_user_days", "application TEXT, user_id TEXT, day INT, version TEXT, platform TEXT",
+     "application, user_id, day, version, platform"),
+    ("pycolytics_sessions", "application TEXT, user_id TEXT, session_id TEXT, day INT, first_us INT, last_us INT",
+     "application, user_id, session_id, day"),
+    ("pycolytics_type_users", "application TEXT, user_id TEXT, event_type TEXT, last_day INT",
+     "application, user_id, event_type"),
+    ("pycolytics_levels", "application TEXT, user_id TEXT, level TEXT, day INT, starts INT, completes INT, fails INT,"
+                          " first_start_us INT NULL, first_complete_us INT NULL", "application, user_id, level, day"),
+    ("pycolytics_purchases", "application TEXT, user_id TEXT, us INT, event INT, day INT, currency TEXT, item TEXT,"
+                             " price REAL", "application, user_id, us, event"),
+    ("pycolytics_names", "day INT, application TEXT, field TEXT, name TEXT, events INT", "day, application, field, name"),
+)
+SUMMARY_INDEXES = ("CREATE INDEX IF NOT EXISTS ix_pycolytics_users_first_day ON pycolytics_users (first_day)",)
+# The tables of summaries that earlier Pycolytics kept: dropped when the database is opened.
+OLD_SUMMARY_TABLES = ("pycolytics_summarised", "pycolytics_days", "pycolytics_sessions", "pycolytics_presence",
+                      "pycolytics_spans", "pycolytics_name_events")
+# The events of one step, with what the game-analytics conventions read from their values.
+STEP_COLUMNS = ("id INT, application TEXT, user_id TEXT, session_id TEXT, event_type TEXT, version TEXT,"
+                " platform TEXT, day INT NULL, us INT NULL, kind TEXT NULL, level TEXT NULL, price REAL NULL,"
+                " currency TEXT, item TEXT")
+# Which kind of event each event_type is, per application ("" for those without a section).
+CONVENTION_KINDS = (("start", "level_start_event"), ("complete", "level_complete_event"),
+                    ("fail", "level_fail_event"), ("purchase", "purchase_event"))
+EPOCH_DAY = datetime.date(1970, 1, 1)
 
 
-class Writer:
-    """The one thread that writes: commits the rows of many requests in one transaction.
+class Dialect(collections.namedtuple("Dialect", "name mark time day microseconds least greatest number text label "
+                                                "integer real table_options time_text received_text value_text")):
+    """What the SQL of the two backends says differently. Fields with {0}, {1} are templates of
+    expressions; `mark` is a query parameter, `time` one compared with a stored time."""
 
-    Requests hand their rows over with a function to call once they are committed. The
-    writer takes everything queued, commits it with one fsync, calls every function, and
-    meanwhile the next group gathers: under load, one fsync serves many requests. The queue
-    is bounded: when it is full, requests are refused with 503 and Retry-After rather than
-    held in memory.
-    """
+    __slots__ = ()
 
-    def __init__(self, config, store, metrics):
-        self.config = config
-        self.store = store
-        self.metrics = metrics
-        self.last_error = None  # what the last write (a commit or a probe) failed with
-        self._probe_due = 0.0
-        self._wrote_at = -HEALTH_CACHE_SECONDS  # when a write last succeeded
-        self._health_lock = threading.Lock()
-        self._checked, self._checked_at, self._checking = None, -HEALTH_CACHE_SECONDS, False
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._queue = []
-        self._queued_rows = 0
-        self._queued_bytes = 0  # of values: what a queue of few but huge events holds
-        self._closed = False
-        self._thread = None
-        self._connection = None
-        self._reconnect_at = 0.0
-        self._unreachable = None  # why the last reconnection failed
-        self._pass_pruned = 0  # by the steps of this pass, so far
-        self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
-        self._summary_behind = store.summaries  # whether events may wait to be summarised
-        self._unsummarised = MAX_LIVE_TAIL  # events committed since the summaries caught up (a guess at start)
-        self._summary_next = 0.0  # under load, summarising takes SUMMARY_SHARE of the time at most
-        self._summary_rows = SUMMARY_STEP_ROWS  # events a step reads: fewer where they take long
-        self._summary_retry_at = 0.0  # after a step failed
-        self._committed_at = -SUMMARY_IDLE_SECONDS  # when the last group was committed
-        # How long a blocking write waits for its commit before answering 503: beyond any busy wait.
-        self._patience = config.busy_timeout + 30
+    def sql(self, text):
+        """`text` with ? as this dialect's parameter marks."""
+        return text if self.mark == "?" else text.replace("?", self.mark)
 
-    def start(self):
-        """Open the database (raising if it cannot be) and start the writer thread."""
-        with self._lock:
-            if self._thread is None and not self._closed:
-                self._connection = self.store.connect()
-                self._thread = threading.Thread(target=self._run, name="pycolytics-writer")
-                self._thread.daemon = True
-                self._thread.start()
 
-    def submit(self, rows, committed):
-        """Queue `rows`; the writer thread calls committed(error) once they are stored (error None) or not."""
-        with self._lock:
-            if self._closed:
-                raise ServiceUnavailable("the server is shutting down; send the events again shortly", 5)
-            size = sum(map(len, map(_VALUE_TEXT, rows)))
-            if self._queued_rows and (self._queued_rows + len(rows) > self.config.max_pending_events
-                                      or self._queued_bytes + size > self.config.max_buffered_bytes):
-                raise ServiceUnavailable("the server is busy writing other events; send these again shortly")
-            self._queue.append((rows, committed))
-            self._queued_rows += len(rows)
-            self._queued_bytes += size
-            self._wakeup.notify()
+_SQLITE_PATH = "'$.\"' || {1} || '\"'"  # a key of `value` as a JSON path; keys hold no quotes (_field_name)
+SQLITE = Dialect(
+    name="SQLite", mark="?", time="?",
+    day="CAST(strftime('%s', substr({0}, 1, 10)) AS INTEGER) / 86400",
+    microseconds="CAST(strftime('%s', substr({0}, 1, 19)) AS INTEGER) * 1000000 + CAST(substr({0}, 21, 6) AS INTEGER)",
+    least="min(coalesce({0}, {1}), coalesce({1}, {0}))", greatest="max(coalesce({0}, {1}), coalesce({1}, {0}))",
+    number=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real') THEN json_extract({{0}}, {_SQLITE_PATH}) END",
+    text=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) = 'text' THEN json_extract({{0}}, {_SQLITE_PATH}) END",
+    label=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real', 'text')"
+          f" THEN CAST(json_extract({{0}}, {_SQLITE_PATH}) AS TEXT) END",
+    integer="INTEGER", real="REAL", table_options=" WITHOUT ROWID", time_text="time", received_text="received_at",
+    value_text="value")
+POSTGRESQL = Dialect(
+    name="PostgreSQL", mark="%s", time="%s::timestamptz",
+    day="((({0}) AT TIME ZONE 'UTC')::date - DATE '1970-01-01')",
+    microseconds="CAST(EXTRACT(EPOCH FROM {0}) * 1000000 AS BIGINT)",
+    least="LEAST({0}, {1})", greatest="GREATEST({0}, {1})",
+    number="CASE WHEN jsonb_typeof({0} -> {1}) = 'number' THEN ({0} ->> {1})::float8 END",
+    text="CASE WHEN jsonb_typeof({0} -> {1}) = 'string' THEN {0} ->> {1} END",
+    label="CASE WHEN jsonb_typeof({0} -> {1}) IN ('number', 'string') THEN {0} ->> {1} END",
+    integer="BIGINT", real="DOUBLE PRECISION", table_options="",
+    time_text="to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
+    received_text="to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')", value_text="value::text")
 
-    def write(self, rows):
-        """Return once `rows` are committed; raise ServiceUnavailable if they cannot be."""
-        done = threading.Lock()
-        done.acquire()
-        outcome = []
 
-        def committed(error):
-            outcome.append(error)
-            done.release()
+def _day_number(day):
+    return (day - EPOCH_DAY).days
 
-        self.submit(rows, committed)
-        if not done.acquire(timeout=self._patience):
-            raise ServiceUnavailable("the database did not answer in time; send the events again shortly", 5)
-        if outcome[0] is not None:
-            raise outcome[0]
 
-    def close(self):
-        """Commit everything queued, then stop the thread and close the database."""
-        with self._lock:
-            self._closed = True
-            self._wakeup.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
+def _day(number):
+    return EPOCH_DAY + datetime.timedelta(days=number)
 
-    def prune_soon(self):
-        """Apply retention_days now rather than at the next hourly round (after a reload, say)."""
-        with self._lock:
-            self._prune_due = 0
-            self._wakeup.notify()
 
-    def _run(self):
-        try:
-            while True:
-                with self._lock:
-                    while not self._queue and not self._closed:
-                        wait = self._idle_wait()
-                        if wait is not None and wait <= 0:
-                            break
-                        self._wakeup.wait(wait)
-                    if not self._queue and self._closed:
-                        return
-                    group, self._queue, self._queued_rows, self._queued_bytes = self._queue, [], 0, 0
-                now = time.monotonic()
-                if group:
-                    error = self._commit(group)
-                    self._summary_behind = self.store.summaries
-                    for _, committed in group:
-                        committed(error)
-                    if error is None and self._unsummarised > MAX_LIVE_TAIL // 2 and time.monotonic() >= max(
-                            self._summary_next, self._summary_retry_at):
-                        self._summarise()  # under load, and reports would soon read the events: a paced step
-                elif self.last_error is not None and now >= self._probe_due:
-                    self._probe()
-                elif self.config.retention_days and now >= self._prune_due:
-                    self._prune_due = self._prune()
-                elif self._summary_due() is not None and now >= self._summary_due():
-                    self._summarise()
-        finally:
-            if self._connection is not None:
-                self._connection.close()
+def _typed(dialect, columns):
+    """Column definitions ("name TYPE[ NULL], ...") in the dialect's types, NOT NULL unless NULL."""
+    return ", ".join(column.replace(" INT", " " + dialect.integer).replace(" REAL", " " + dialect.real)
+                     + ("" if column.endswith("NULL") else " NOT NULL") for column in columns.split(", "))
 
-    def _idle_wait(self):
-        """Seconds until the writer has work besides commits (a probe, a pruning step), or None."""
-        due = [self._probe_due] if self.last_error is not None else []
-        if self.config.retention_days:
-            due.append(self._prune_due)
-        if self._summary_due() is not None:
-            due.append(self._summary_due())
-        return min(due) - time.monotonic() if due else None
 
-    def _connected(self):
-        """The writer's connection, opened again if it was lost or its file replaced (once a second at most)."""
-        if self._connection is not None:
-            problem = self.store.detached(self._connection)
-            if problem:
-                log.error("%s: opening the database again", problem)
-                self._drop()
-        if self._connection is None:
-            if time.monotonic() < self._reconnect_at:
-                raise ConnectionError(self._unreachable or "the database connection is lost; reconnecting")
-            self._reconnect_at = time.monotonic() + 1
-            try:
-                self._connection = self.store.connect()
-            except Exception as error:  # the database's errors, or its file still gone
-                self._unreachable = str(error)
-                raise
-            log.info("reconnected to the database")
-        return self._connection
+def _create_tables(connection, dialect, temporary=False):
+    """The summary tables, or temporary ones of the same names (which then hide the others)."""
+    kind = "TEMP TABLE" if temporary else "TABLE"
+    for name, columns, key in SUMMARY_TABLES:
+        connection.execute(f"CREATE {kind} IF NOT EXISTS {name} ({_typed(dialect, columns)}, PRIMARY KEY ({key}))"
+                           f"{dialect.table_options}")
+    for statement in () if temporary else SUMMARY_INDEXES:
+        connection.execute(statement)
 
-    def health(self):
-        """Why the database would not take events now, or None; waits HEALTH_TIMEOUT at most.
 
-        Mostly instant, so that a flood of /healthz costs the database nothing: a failed write
-        is known (and probed again every HEALTH_PROBE_SECONDS), a write that succeeded in the
-        last HEALTH_CACHE_SECONDS says enough, and otherwise a check of its own runs once in
-        HEALTH_CACHE_SECONDS at most, one at a time, while other callers get the last result.
-        """
-        error = self.last_error
-        if error is not None:
-            return f"the last write failed: {self.store.describe(error)}"
-        with self._health_lock:
-            now = time.monotonic()
-            if now - self._wrote_at < HEALTH_CACHE_SECONDS:
-                return None
-            if self._checking or now - self._checked_at < HEALTH_CACHE_SECONDS:
-                return self._checked
-            self._checking = True
-        problem = None
-        try:
-            connection = self._connection
-            problem = (connection is not None and self.store.detached(connection)) or self.store.problem()
-        finally:
-            with self._health_lock:
-                self._checked, self._checked_at, self._checking = problem, time.monotonic(), False
-        return problem
+def ensure_summaries(connection, dialect):
+    """Give an SQLite database its summary tables; rebuild them if some are missing or are an
+    earlier Pycolytics' (dropping tables by hand must not leave reports silently wrong)."""
+    present = {name for name, in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    ours = {name for name, _, _ in SUMMARY_TABLES} | {"pycolytics_summary"}
+    state = connection.execute("SELECT version FROM pycolytics_summary").fetchone() if "pycolytics_summary" in present else None
+    if ours <= present and state == (SUMMARY_VERSION,):
+        return
+    stale = (present & ours) | (present & set(OLD_SUMMARY_TABLES))
+    with transaction(connection):
+        if stale:
+            log.warning("the summaries for reports are incomplete or an older version's (%d of %d tables): "
+                        "building them again from the events", len(present & ours), len(ours))
+        for name in stale:
+            connection.execute(f"DROP TABLE {name}")
+        _create_tables(connection, dialect)
+        connection.execute("CREATE TABLE pycolytics_summary (version INTEGER NOT NULL, last_id INTEGER NOT NULL,"
+                           " last_time TEXT, conventions TEXT)")
+        connection.execute("INSERT INTO pycolytics_summary VALUES (?, 0, NULL, NULL)", (SUMMARY_VERSION,))
 
-    def _probe(self):
-        """A small write while the last one failed: health recovers without waiting for events."""
-        before = str(self.last_error)
-        try:
-            self.store.probe(self._connected())
-        except Exception as error:  # still failing, for any of a commit's reasons
-            if str(error) != before:
-                log.error("the database still takes no writes: %s", error)
-            self._failed(error)
-            return
-        self._succeeded()
-        log.info("the database takes writes again")
 
-    def _failed(self, error):
-        self.last_error = error
-        self.metrics.failing(True)
-        self._probe_due = time.monotonic() + HEALTH_PROBE_SECONDS
-        self._forget_lost(error)
+def conventions(config):
+    """Each application's conventions as rows (application, kind, event_type, level, price,
+    currency, item field), "" for the applications without a section of their own."""
+    rows = []
+    for application in (None, *sorted(config.apps)):
+        fields = [config.for_app(application, name) for name in ("level_field", "price_field", "currency_field",
+                                                                 "item_field")]
+        rows += [(application or "", kind, config.for_app(application, name), *fields)
+                 for kind, name in CONVENTION_KINDS]
+    return rows
 
-    def _succeeded(self):
-        self.last_error = None
-        self.metrics.failing(False)
-        self._wrote_at = time.monotonic()
 
-    def _summary_due(self):
-        """When the next summarising step between commits may come, or None: none is needed, or the
-        database fails. Once no commit came for SUMMARY_IDLE_SECONDS, steps follow each other."""
-        if not self._summary_behind or self.last_error is not None:
-            return None
-        return max(self._summary_retry_at, self._committed_at + SUMMARY_IDLE_SECONDS)
+def _use_conventions(connection, dialect, config):
+    """Fill the connection's temporary table of conventions; their text, to keep with the summaries."""
+    rows = conventions(config)
+    text = json.dumps(rows)
+    if getattr(connection, "conventions", None) != text:
+        connection.execute("CREATE TEMP TABLE IF NOT EXISTS pycolytics_conventions (application TEXT, kind TEXT,"
+                           " event_type TEXT, level_field TEXT, price_field TEXT, currency_field TEXT, item_field TEXT)")
+        connection.execute("DELETE FROM pycolytics_conventions")
+        for row in rows:
+            connection.execute(dialect.sql("INSERT INTO pycolytics_conventions VALUES (?, ?, ?, ?, ?, ?, ?)"), row)
+        with contextlib.suppress(AttributeError):  # psycopg's connections take no attributes
+            connection.conventions = text
+    return text
 
-    def _summarise(self):
-        """One step of summarising new events for reports; under load, SUMMARY_SHARE of the time at most."""
-        started, limit = time.monotonic(), self._summary_rows
-        try:
-            read = self.store.summarise(self._connected(), limit)
-        except SummaryPostponed:
-            self._summary_retry_at = time.monotonic() + 1
-            return
-        except Exception as error:  # the database's errors, or a lost connection: reports read live meanwhile
-            self._forget_lost(error)
-            log.warning("could not summarise events for reports (trying again in a minute): %s", error)
-            self._summary_retry_at = time.monotonic() + 60
-            self._summary_behind = False  # the next commit says so again
-            return
-        self._summary_behind = read == limit
-        self._unsummarised = max(0, self._unsummarised - read) if self._summary_behind else 0
-        took = time.monotonic() - started
-        if self._summary_behind:  # a whole step: its time per event says how many fit in the next
-            fit = int(SUMMARY_STEP_SECONDS * read / max(took, 1e-9))
-            self._summary_rows = max(SUMMARY_MIN_ROWS, min(SUMMARY_STEP_ROWS, fit))
-        self._summary_next = time.monotonic() + took * (1 - SUMMARY_SHARE) / SUMMARY_SHARE
 
-    def _prune(self):
-        """One small step of deleting events past retention_days, between commits; when to step next.
+def _fill_step(connection, dialect, where, parameters):
+    """The events `where` picks (a condition on `event AS e`) into the temporary table pycolytics_step."""
+    connection.execute(f"CREATE TEMP TABLE IF NOT EXISTS pycolytics_step ({_typed(dialect, STEP_COLUMNS)})")
+    connection.execute("DELETE FROM pycolytics_step")
+    value = "e.value"
+    connection.execute(dialect.sql(
+        f"INSERT INTO pycolytics_step SELECT e.id, e.application, e.user_id, e.session_id, e.event_type, e.version,"
+        f" e.platform, {dialect.day.format('e.time')}, {dialect.microseconds.format('e.time')}, c.kind,"
+        f" {dialect.label.format(value, 'c.level_field')}, {dialect.number.format(value, 'c.price_field')},"
+        f" coalesce({dialect.text.format(value, 'c.currency_field')}, ''),"
+        f" coalesce({dialect.text.format(value, 'c.item_field')}, '')"
+        f" FROM event AS e LEFT JOIN pycolytics_conventions AS c ON c.event_type = e.event_type"
+        f" AND c.application = CASE WHEN EXISTS (SELECT 1 FROM pycolytics_conventions AS n"
+        f" WHERE n.application = e.application) THEN e.application ELSE '' END WHERE {where}"), parameters)
 
-        Whole days go, those before the midnight retention_days before today's, so that the
-        summaries reports read forget whole days too ("Summaries").
-        """
-        today = datetime.datetime.now(datetime.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-        before = (today - datetime.timedelta(days=self.config.retention_days)).strftime(TIME_FORMAT)
-        try:
-            deleted = self.store.prune(self._connected(), before)
-            forgotten = self.store.forget(self._connected(), before) if deleted < PRUNE_STEP_ROWS else 0
-        except Exception as error:  # the database's errors, or a lost connection
-            self._forget_lost(error)
-            log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
-            self._pass_pruned = 0
-            return time.monotonic() + 3600
-        self.metrics.pruned(deleted)
-        self._pass_pruned += deleted
-        if deleted == PRUNE_STEP_ROWS or forgotten == SUMMARY_STEP_ROWS:
-            return time.monotonic()  # more to delete: the next step comes between commits
-        log.info("retention_days = %d: deleted %d events from before %s", self.config.retention_days,
-                 self._pass_pruned, before[:19])
-        self._pass_pruned = 0
-        return time.monotonic() + 3600
 
-    def _commit(self, group):
-        started = time.monotonic()
-        rows = list(itertools.chain.from_iterable(rows for rows, _ in group))
-        try:
-            try:
-                inserted = self.store.insert(self._connected(), rows)
-            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
-                self._forget_lost(lost)
-                self._reconnect_at = 0
-                inserted = self.store.insert(self._connected(), rows)
-        except Exception as failure:  # the database is full, gone, unreachable or locked for too long
-            log.error("could not store %d events: %s", len(rows), failure)
-            self._failed(failure)
-            return ServiceUnavailable("the database could not store the events; send them again shortly", 5)
-        self._succeeded()
-        self._committed_at = time.monotonic()
-        self._unsummarised += inserted
-        self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
-        return None
+def _add_step(connection, dialect):
+    """Add the events of pycolytics_step to the summaries (or to the temporary tables hiding them)."""
+    least, greatest = dialect.least.format, dialect.greatest.format
+    connection.execute(
+        "INSERT INTO pycolytics_users SELECT application, user_id, min(day), max(day) FROM pycolytics_step"
+        " WHERE day IS NOT NULL GROUP BY application, user_id ON CONFLICT (application, user_id) DO UPDATE SET"
+        f" first_day = {least('pycolytics_users.first_day', 'excluded.first_day')},"
+        f" last_day = {greatest('pycolytics_users.last_day', 'excluded.last_day')}")
+    connection.execute(
+        "INSERT INTO pycolytics_user_days SELECT DISTINCT application, user_id, day, version, platform"
+        " FROM pycolytics_step WHERE day IS NOT NULL ON CONFLICT DO NOTHING")
+    connection.execute(
+        "INSERT INTO pycolytics_sessions SELECT application, user_id, session_id, day, min(us), max(us)"
+        " FROM pycolytics_step WHERE day IS NOT NULL GROUP BY application, user_id, session_id, day"
+        " ON CONFLICT (application, user_id, session_id, day) DO UPDATE SET"
+        f" first_us = {least('pycolytics_sessions.first_us', 'excluded.first_us')},"
+        f" last_us = {greatest('pycolytics_sessions.last_us', 'excluded.last_us')}")
+    connection.execute(
+        "INSERT INTO pycolytics_type_users SELECT application, user_id, event_type, max(day) FROM pycolytics_step"
+        " WHERE day IS NOT NULL GROUP BY application, user_id, event_type"
+        " ON CONFLICT (application, user_id, event_type) DO UPDATE SET"
+        f" last_day = {greatest('pycolytics_type_users.last_day', 'excluded.last_day')}")
+    connection.execute(
+        "INSERT INTO pycolytics_levels SELECT application, user_id, level, day,"
+        " sum(CASE WHEN kind = 'start' THEN 1 ELSE 0 END), sum(CASE WHEN kind = 'complete' THEN 1 ELSE 0 END),"
+        " sum(CASE WHEN kind = 'fail' THEN 1 ELSE 0 END), min(CASE WHEN kind = 'start' THEN us END),"
+        " min(CASE WHEN kind = 'complete' THEN us END) FROM pycolytics_step WHERE day IS NOT NULL"
+        " AND kind IN ('start', 'complete', 'fail') AND level IS NOT NULL GROUP BY application, user_id, level, day"
+        " ON CONFLICT (application, user_id, level, day) DO UPDATE SET starts = pycolytics_levels.starts + excluded.starts,"
+        " completes = pycolytics_levels.completes + excluded.completes, fails = pycolytics_levels.fails + excluded.fails,"
+        f" first_start_us = {least('pycolytics_levels.first_start_us', 'excluded.first_start_us')},"
+        f" first_complete_us = {least('pycolytics_levels.first_complete_us', 'excluded.first_complete_us')}")
+    connection.execute(
+        "INSERT INTO pycolytics_purchases SELECT application, user_id, us, id, day, currency, item, price"
+        " FROM pycolytics_step WHERE day IS NOT NULL AND kind = 'purchase' AND price IS NOT NULL ON CONFLICT DO NOTHING")
+    for field in RANKED:
+        connection.execute(
+            f"INSERT INTO pycolytics_names SELECT day, application, '{field}', {field}, count(*) FROM pycolytics_step"
+            f" WHERE day IS NOT NULL GROUP BY day, application, {field} ON CONFLICT (day, application, field, name)"
+            " DO UPDATE SET events = pycolytics_names.events + excluded.events")
 
-    def _forget_lost(self, error):
-        """Drop a connection that `error` says is gone, so the next commit opens a new one."""
-        if self._connection is not None and (isinstance(error, ConnectionError) or self.store.lost(error)):
-            self._drop()
 
-    def _drop(self):
-        try:
-            self._connection.close()
-        except Exception:  # closing what is already broken: nothing more to learn
-            pass
-        self._connection = None
+class SummaryPostponed(Exception):
+    """Another connection holds the write lock: the summarising step waits for the next pause."""
+
+
+def summarise(connection, dialect, limit, config):
+    """One step of keeping an SQLite database's summaries, in the caller's transaction: up to
+    `limit` events after the last one summarised, or, while they are being made again, up to
+    `limit` rows of the old ones deleted. (events read or rows deleted, the last id summarised)."""
+    made_with = _use_conventions(connection, dialect, config)
+    last_id, last_time, kept_with = connection.execute(
+        "SELECT last_id, last_time, conventions FROM pycolytics_summary").fetchone()
+    if last_id > 0 and kept_with != made_with:
+        log.info("the game-analytics conventions (purchase_event, level_field, ...) changed: summarising every "
+                 "event again; reports read the events meanwhile")
+        last_id = restart_summaries(connection)
+    elif last_id > 0 and connection.execute("SELECT time FROM event WHERE id = ?", (last_id,)).fetchone() != (last_time,):
+        log.info("the last summarised event was deleted: summarising every event again")
+        last_id = restart_summaries(connection)
+    if last_id < 0:  # being made again: first the old rows go, in steps
+        cleared = sum(_delete_some(connection, name, "1 = 1", (), limit) for name, _, _ in SUMMARY_TABLES)
+        if cleared:
+            return cleared, -1
+        connection.execute("UPDATE pycolytics_summary SET last_id = 0, last_time = NULL")
+        last_id = 0
+    _fill_step(connection, dialect, "e.id IN (SELECT id FROM event WHERE id > ? ORDER BY id LIMIT ?)", (last_id, limit))
+    read, top = connection.execute("SELECT count(*), max(id) FROM pycolytics_step").fetchone()
+    if not read:
+        connection.execute("UPDATE pycolytics_summary SET conventions = ?", (made_with,))
+        return 0, last_id
+    _add_step(connection, dialect)
+    top_time, = connection.execute("SELECT time FROM event WHERE id = ?", (top,)).fetchone()
+    connection.execute("UPDATE pycolytics_summary SET last_id = ?, last_time = ?, conventions = ?",
+                       (top, top_time, made_with))
+    return read, top
+
+
+def restart_summaries(connection):
+    """Have the summaries made again from the first event, in steps (the caller's transaction)."""
+    connection.execute("UPDATE pycolytics_summary SET last_id = -1, last_time = NULL")
+    return -1
+
+
+def summarised_up_to(connection):
+    """The last event id the summaries hold (-1 while they are being made again)."""
+    return connection.execute("SELECT last_id FROM pycolytics_summary").fetchone()[0]
+
+
+def _delete_some(connection, table, condition, parameters, limit):
+    """Delete up to `limit` rows of `table` that meet `condition`; how many."""
+    key = next(key for name, _, key in SUMMARY_TABLES if name == table)
+    return connection.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {condition}"
+                              " LIMIT ?)", (*parameters, limit)).rowcount
+
+
+def forget_before(connection, dialect, before, limit):
+    """One step of taking the events pruned before `before` out of the summaries, in the caller's
+    transaction; how many rows changed. A prune of whole days (retention_days) takes their rows
+    out; a prune up to a moment within a day has the summaries made again."""
+    if not before.endswith(" 00:00:00.000000"):
+        if summarised_up_to(connection) > 0:
+            restart_summaries(connection)
+        return 0
+    day = _day_number(datetime.date.fromisoformat(before[:10]))
+    changed = 0
+    for table, condition in (("pycolytics_names", "day < ?"), ("pycolytics_user_days", "day < ?"),
+                             ("pycolytics_sessions", "day < ?"), ("pycolytics_levels", "day < ?"),
+                             ("pycolytics_purchases", "day < ?"), ("pycolytics_type_users", "last_day < ?"),
+                             ("pycolytics_users", "last_day < ?")):
+        changed += _delete_some(connection, table, condition, (day,), limit - changed)
+        if changed >= limit:
+            return changed
+    moved = connection.execute("SELECT application, user_id FROM pycolytics_users WHERE first_day < ? LIMIT ?",
+                               (day, limit - changed)).fetchall()
+    for player in moved:  # the first day left: they have one, or their last day went too
+        connection.execute("UPDATE pycolytics_users SET first_day = (SELECT min(day) FROM pycolytics_user_days"
+                           " WHERE application = ? AND user_id = ?) WHERE application = ? AND user_id = ?", player * 2)
+    return changed + len(moved)
+
+
+def summarise_events(connection, dialect, config, query):
+    """Summaries of the events a report reads, in temporary tables that hide the kept ones: every
+    event up to the end of the report's last day that its filters but the application pick (a
+    filtered report is the report of a database that held only those events)."""
+    _create_tables(connection, dialect, temporary=True)
+    for name, _, _ in SUMMARY_TABLES:
+        connection.execute(f"DELETE FROM {name}")  # on SQLite, the temporary one
+    _use_conventions(connection, dialect, config)
+    where, parameters = [f"e.time < {dialect.time}"], [(query.until + datetime.timedelta(days=1)).isoformat()]
+    for name in RANKED:  # not the application: the report's Reader chooses it (and lists the others)
+        if getattr(query, name) is not None:
+            where.append(f"e.{name} = ?")
+            parameters.append(getattr(query, name))
+    _fill_step(connection, dialect, " AND ".join(where), parameters)
+    _add_step(connection, dialect)
 
 
 ###############################################################################
-# The dashboard: /dashboard
+# Reports: the figures of the report API and the dashboard
 ###############################################################################
 
 # The range the dashboard and the report show when none is asked for, in days up to today.
 DASHBOARD_DAYS = 30
-# The longest range one report reads: a year, leap day included. Each report reads every event
-# of its range, so a longer one would hold a database connection for minutes.
+# The longest range one report reads: a year, leap day included.
 MAX_REPORT_DAYS = 366
 # The days a report may name: stored times start at the Unix epoch, and the last day leaves room
 # for the day after `until`, the range's end.
@@ -2652,34 +4160,33 @@ LAST_REPORT_DAY = datetime.date(9999, 12, 30)
 # Rows of a ranking before the rest is lumped as "(other)": a million distinct versions must
 # not become a million rows of HTML.
 REPORT_TOP = 20
-# The days after a cohort's first that the API reports, and the columns of the dashboard's triangle.
-RETENTION_API_DAYS = (1, 7, 30)
-RETENTION_COLUMNS = (1, 2, 3, 4, 5, 6, 7, 14, 30)
-# Steps of one funnel at most; each step's times are held per user while it is counted.
+# The days after a player's first that retention looks at, in the API as on the dashboard.
+RETENTION_DAYS = (1, 2, 3, 4, 5, 6, 7, 14, 30)
+# Weekly cohorts smaller than this are folded into the next (the last into the one before), unless
+# the query says min_cohort: a share of three players says nothing.
+MIN_COHORT = 10
+# A player without an event in this many days up to the range's end has stopped playing (churned),
+# unless the query says churn_days.
+CHURN_DAYS = 7
+# Levels a progression lists at most, and bins of a histogram at most; a numeric field with at most
+# FEW_VALUES distinct values is also given value by value (levels 1 to 40).
+MAX_LEVELS = 200
+HISTOGRAM_BINS = 20
+FEW_VALUES = 40
+# Steps of one funnel at most.
 MAX_FUNNEL_STEPS = 10
-# Characters of one filter at most: more than any stored string may have, so nothing is lost.
-MAX_FILTER_CHARACTERS = 1000
 # Query fields parsed at most: a report has a dozen; more is not a dashboard talking.
 MAX_QUERY_FIELDS = 40
-# Bytes of JSON the report cache keeps; the least recently used report goes first.
-REPORT_CACHE_BYTES = 4 * 1024 * 1024
-# Wrong read keys one client address may present per window before it waits for the next: a
-# person mistyping stays below it, a guesser is held to a few guesses a minute.
-READ_KEY_FAILURES = 5
-READ_KEY_WINDOW = 60
+# A report first has the writer summarise what came since the summaries were last made, if that is
+# at most CATCH_UP_EVENTS events and takes at most CATCH_UP_SECONDS; otherwise (the summaries are
+# being made, of an imported database say) it summarises the events it reads itself.
+CATCH_UP_EVENTS = 100_000
+CATCH_UP_SECONDS = 2.0
 # Session lengths drawn as bars on the dashboard: (upper bound in seconds, label).
 SESSION_BUCKETS = ((60, "< 1 min"), (300, "1-5 min"), (900, "5-15 min"), (1800, "15-30 min"),
                    (3600, "30-60 min"), (7200, "1-2 h"), (math.inf, "2 h +"))
-# What the SQL of the two backends says differently: byte order for names (PostgreSQL's default
-# collation sorts by locale, which would rank ties differently from SQLite), and the type and
-# text of one field of `value`.
-REPORT_SQL = {
-    "SQLite": {"collate": "", "kind": "json_type(value, ?)", "item": "json_extract(value, ?)"},
-    "PostgreSQL": {"collate": ' COLLATE "C"', "kind": "jsonb_typeof(value -> %s)", "item": "value ->> %s"},
-}
-# Kinds of JSON values as either backend names them, and what a breakdown of values makes of them.
-VALUE_KINDS = {"integer": "number", "real": "number", "number": "number", "text": "string", "string": "string",
-               "true": "boolean", "false": "boolean", "boolean": "boolean"}
+# The days (since a player's first) of their first purchase, as the revenue view groups them.
+FIRST_PURCHASE_DAYS = ((0, "day 0"), (1, "day 1"), (7, "days 2-7"), (30, "days 8-30"), (math.inf, "after day 30"))
 # The columns of a report's days, in the order of its JSON and CSV.
 DAY_COLUMNS = ("events", "users", "new_users", "sessions")
 # The fields a report ranks: its lists are named after them, with an s.
@@ -2687,125 +4194,24 @@ RANKED = ("event_type", "version", "platform")
 # The filters of a report: a report with filters is the report of a database that held only the
 # events that match them.
 REPORT_FILTERS = ("application", "event_type", "version", "platform")
+# The report API's paths after /v1.0/report.
+REPORT_VIEWS = ("", "/funnel", "/values", "/retention", "/revenue", "/progression", "/stickiness", "/versions")
 
 ReportQuery = collections.namedtuple("ReportQuery", ("since", "until") + REPORT_FILTERS)
 
 
-def presented_read_key(environ):
-    """The key a request presents: an HTTP Basic password (any user name) or a Bearer token."""
-    scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-    if scheme.lower() == "bearer":
-        return credentials.strip()
-    if scheme.lower() == "basic":
-        import base64  # here: only the dashboard reads credentials
-        import binascii
-
-        try:
-            return base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-    return None
-
-
-class ReadKeyGuard:
-    """Counts wrong read keys per client address, in fixed windows, and holds back a guesser.
-
-    An address that presented READ_KEY_FAILURES wrong keys in a window gets 429 until the window
-    ends, whatever key it presents then. The first failure of each address in a window is logged;
-    the rest are only counted, so a guesser cannot fill the log.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._failures = {}  # address -> [window number, wrong keys in it]
-
-    def check(self, address, now=None):
-        """Raise TooManyRequests if `address` used up its wrong keys in this window."""
-        now = time.monotonic() if now is None else now
-        window = int(now // READ_KEY_WINDOW)
-        with self._lock:
-            counted = self._failures.get(address)
-            blocked = counted is not None and counted[0] == window and counted[1] >= READ_KEY_FAILURES
-        if blocked:
-            wait = max(1, math.ceil((window + 1) * READ_KEY_WINDOW - now))
-            raise TooManyRequests(f"{READ_KEY_FAILURES} wrong read keys in a minute from this address: "
-                                  f"try again in {wait} s", wait)
-
-    def failed(self, address, now=None):
-        now = time.monotonic() if now is None else now
-        window = int(now // READ_KEY_WINDOW)
-        with self._lock:
-            counted = self._failures.get(address)
-            first = counted is None or counted[0] != window
-            if first:
-                if counted is None and len(self._failures) >= MAX_TRACKED_CLIENTS:
-                    self._forget(window)
-                self._failures[address] = [window, 1]
-            else:
-                counted[1] += 1
-        if first:
-            log.warning("a wrong read key from %r (more from it this minute are counted, not logged)", address)
-
-    def _forget(self, window):
-        for address in [address for address, counted in self._failures.items() if counted[0] != window]:
-            del self._failures[address]
-        if len(self._failures) >= MAX_TRACKED_CLIENTS:
-            self._failures.clear()  # this many guessers at once: start over rather than grow
-
-
-class ReportCache:
-    """Reports as JSON bytes by their query, within a budget of bytes; the least recently used goes first.
-
-    The key holds the store's generation: the lowest and highest event id, and on SQLite how many
-    events were ever pruned, so a new event (late ones too) or a pruning step (of events that are
-    not the oldest ids too) makes the next request read the database again. On PostgreSQL a prune
-    by another process that deletes neither the lowest nor the highest id goes unseen until the
-    next event arrives.
-    """
-
-    def __init__(self, budget=REPORT_CACHE_BYTES):
-        self.budget = budget
-        self.used = 0
-        self._lock = threading.Lock()
-        self._entries = collections.OrderedDict()  # key -> JSON bytes
-
-    def get(self, key):
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-        return found
-
-    def put(self, key, data):
-        size = len(data) + len(repr(key))
-        if size > self.budget:
-            return
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.used -= len(old) + len(repr(key))
-            self._entries[key] = data
-            self.used += size
-            while self.used > self.budget:
-                oldest, dropped = self._entries.popitem(last=False)
-                self.used -= len(dropped) + len(repr(oldest))
-
-    def __len__(self):
-        return len(self._entries)
-
-
-def _query_fields(query):
+def _query_fields(query, longest):
     """{name: last value} and {name: every value} of a query string; 400 for one no dashboard sends."""
-    from urllib.parse import parse_qs  # here: only the dashboard reads a query string
+    from urllib.parse import parse_qs  # here: only the reports read a query string
 
     try:
-        every = parse_qs(query, max_num_fields=MAX_QUERY_FIELDS)
+        every = parse_qs(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
     except ValueError:
-        raise BadRequest(f"a report takes at most {MAX_QUERY_FIELDS} query fields") from None
+        raise HTTPError(400, f"a report takes at most {MAX_QUERY_FIELDS} query fields") from None
     for name, values in every.items():
         for value in values:
-            if len(value) > MAX_FILTER_CHARACTERS or "\x00" in value:
-                raise BadRequest(f"{name[:40]!r} must be at most {MAX_FILTER_CHARACTERS} characters, without NUL")
+            if len(value) > longest or "\x00" in value:
+                raise HTTPError(400, f"{name[:40]!r} must be at most {longest} characters, without NUL")
     return {name: values[-1] for name, values in every.items()}, every
 
 
@@ -2816,30 +4222,36 @@ def _report_day(fields, name, default):
     try:
         day = datetime.date.fromisoformat(text)
     except ValueError:
-        raise BadRequest(f"{name} must be a date like 2024-05-01, not {text[:40]!r}") from None
+        raise HTTPError(400, f"{name} must be a date like 2024-05-01, not {text[:40]!r}") from None
     if not FIRST_REPORT_DAY <= day <= LAST_REPORT_DAY:
-        raise BadRequest(f"{name} must be a day from {FIRST_REPORT_DAY} to {LAST_REPORT_DAY}")
+        raise HTTPError(400, f"{name} must be a day from {FIRST_REPORT_DAY} to {LAST_REPORT_DAY}")
     return day
 
 
 def report_query(fields, today):
-    """The ReportQuery of the fields of a query string; BadRequest names what is wrong."""
+    """The ReportQuery of the fields of a query string; a 400 names what is wrong."""
     until = _report_day(fields, "until", min(today, LAST_REPORT_DAY))
-    default_since = max(FIRST_REPORT_DAY, until - datetime.timedelta(days=DASHBOARD_DAYS - 1))
-    since = _report_day(fields, "since", default_since)
+    since = _report_day(fields, "since", max(FIRST_REPORT_DAY, until - datetime.timedelta(days=DASHBOARD_DAYS - 1)))
     if since > until:
-        raise BadRequest(f"since ({since}) must not be after until ({until})")
+        raise HTTPError(400, f"since ({since}) must not be after until ({until})")
     if (until - since).days + 1 > MAX_REPORT_DAYS:
-        raise BadRequest(f"a report covers at most {MAX_REPORT_DAYS} days; since {since} to until {until} "
-                         f"is {(until - since).days + 1}")
+        raise HTTPError(400, f"a report covers at most {MAX_REPORT_DAYS} days; since {since} to until {until} "
+                             f"is {(until - since).days + 1}")
     return ReportQuery(since, until, *(fields.get(name) or None for name in REPORT_FILTERS))
 
 
-def _answer_format(fields, offered):
-    chosen = fields.get("format") or "json"
+def _choice(fields, name, offered):
+    chosen = fields.get(name) or offered[0]
     if chosen not in offered:
-        raise BadRequest(f"format must be {' or '.join(offered)}, not {chosen[:40]!r}")
+        raise HTTPError(400, f"{name} must be {' or '.join(offered)}, not {chosen[:40]!r}")
     return chosen
+
+
+def _whole(fields, name, default, highest):
+    text = fields.get(name) or str(default)
+    if not text.isdigit() or not 1 <= int(text) <= highest:
+        raise HTTPError(400, f"{name} must be a whole number from 1 to {highest}, not {text[:40]!r}")
+    return int(text)
 
 
 def _funnel_steps(fields, every):
@@ -2847,27 +4259,161 @@ def _funnel_steps(fields, every):
     steps = [step.strip() for step in (fields.get("steps") or "").split(",") if step.strip()]
     steps = steps or [step for step in every.get("step", ()) if step]
     if not steps:
-        raise BadRequest("a funnel needs steps: event types separated by commas, like steps=tutorial_start,tutorial_end")
+        raise HTTPError(400, "a funnel needs steps: event types separated by commas, like "
+                             "steps=tutorial_start,tutorial_end")
     if len(steps) > MAX_FUNNEL_STEPS:
-        raise BadRequest(f"a funnel has at most {MAX_FUNNEL_STEPS} steps, not {len(steps)}")
+        raise HTTPError(400, f"a funnel has at most {MAX_FUNNEL_STEPS} steps, not {len(steps)}")
     return tuple(steps)
 
 
 def _value_field(fields):
     field = fields.get("field")
     if not field or any(character in field for character in '"\\') or not field.isprintable():
-        raise BadRequest("field must name a key of the events' value, like field=level (no quotes or backslashes)")
+        raise HTTPError(400, "field must name a key of the events' value, like field=level "
+                             "(no quotes or backslashes)")
     return field
 
 
-def _percentile(ordered, share):
-    """The nearest-rank percentile of a sorted list of (value, how many times) pairs."""
-    rank, seen = math.ceil(share * sum(times for _, times in ordered)), 0
-    for value, times in ordered:
-        seen += times
-        if seen >= max(1, rank):
-            return value
-    return None
+def _today():
+    return datetime.datetime.now(datetime.timezone.utc).date()
+
+
+def _seconds(microseconds):
+    """A length as the reports give it: seconds, to the millisecond (0, not 0.0)."""
+    return round(microseconds / 1_000_000, 3) or 0
+
+
+def _shorter_than(seconds):
+    """The microseconds below which a length is given (by _seconds) as under `seconds`."""
+    near = round(seconds * 1_000_000) - 500
+    return next(length for length in range(near - 2, near + 3) if _seconds(length) >= seconds)
+
+
+def _share(part, whole):
+    return round(part / whole, 4) if whole else None
+
+
+def _sorted_levels(levels):
+    """Levels as a game numbers them: numbers by value first, then names."""
+    def order(level):
+        try:
+            return 0, float(level), ""
+        except ValueError:
+            return 1, 0.0, level
+    return sorted(levels, key=order)
+
+
+class Reader:
+    """The SQL of one report over the summaries (or the temporary tables that hide them): its days
+    as numbers and its application as a condition. Every count is SQL's; what comes back to
+    Python is a few rows per day, per name or per level, never per player."""
+
+    def __init__(self, connection, dialect, query, today):
+        self.connection, self.dialect, self.query, self.today = connection, dialect, query, today
+        self.first, self.last = _day_number(query.since), _day_number(query.until)
+        self.observed = _day_number(min(query.until, today))  # the last day whose returns are known
+        self.days = [query.since + datetime.timedelta(days=n) for n in range(self.last - self.first + 1)]
+        self.app, self.app_value = ("", []) if query.application is None else (" AND application = ?",
+                                                                               [query.application])
+
+    def _sql(self, sql, parameters):
+        """`sql` with each {app} (or {app:alias}) the application's condition, and its parameters:
+        an {app} comes after every other parameter of the statement."""
+        found = re.findall(r"\{app(?::(\w+))?\}", sql)
+        for alias in found:
+            sql = sql.replace("{app:%s}" % alias if alias else "{app}",
+                              self.app.replace("application", f"{alias}.application") if alias else self.app, 1)
+        return self.dialect.sql(sql), list(parameters) + self.app_value * len(found)
+
+    def filters(self):
+        """The conditions of the filters but the application's, on `event`, and their values."""
+        chosen = [name for name in RANKED if getattr(self.query, name) is not None]
+        return "".join(f" AND {name} = ?" for name in chosen), [getattr(self.query, name) for name in chosen]
+
+    def rows(self, sql, *parameters):
+        return self.connection.execute(*self._sql(sql, parameters)).fetchall()
+
+    def one(self, sql, *parameters):
+        return self.rows(sql, *parameters)[0][0]
+
+    def per_day(self, sql, *parameters):
+        """[figure of each day of the range] from (day number, figure) rows."""
+        found = dict(self.rows(sql, *parameters))
+        return [found.get(self.first + n, 0) or 0 for n in range(len(self.days))]
+
+    def temporary(self, name, select, *parameters):
+        """A temporary table `name` filled by `select` (on disk on SQLite, in work_mem on PostgreSQL)."""
+        self.connection.execute(f"DROP TABLE IF EXISTS {name}")
+        self.connection.execute(*self._sql(f"CREATE TEMP TABLE {name} AS {select}", parameters))
+
+
+def _daily(reader):
+    """The per-day columns of a report."""
+    first, last = reader.first, reader.last
+    return {
+        "events": reader.per_day("SELECT day, sum(events) FROM pycolytics_names WHERE field = 'platform'"
+                                 " AND day BETWEEN ? AND ?{app} GROUP BY day", first, last),
+        "users": reader.per_day("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
+                                " pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d GROUP BY day", first, last),
+        "new_users": reader.per_day("SELECT first_day, count(*) FROM pycolytics_users WHERE first_day BETWEEN ? AND ?"
+                                    "{app} GROUP BY first_day", first, last),
+        "sessions": reader.per_day("SELECT day, count(*) FROM (SELECT DISTINCT application, session_id, day FROM"
+                                   " pycolytics_sessions WHERE day BETWEEN ? AND ?{app}) AS s GROUP BY day", first, last),
+    }
+
+
+def _players(reader):
+    return reader.one("SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM pycolytics_user_days"
+                      " WHERE day BETWEEN ? AND ?{app}) AS p", reader.first, reader.last)
+
+
+def _returns(reader):
+    """{(first day, days after): players back that day} for the players who first came in the range."""
+    days = ", ".join(str(after) for after in RETENTION_DAYS)
+    return {(first, after): count for first, after, count in reader.rows(
+        "SELECT first_day, after, count(*) FROM (SELECT DISTINCT u.application, u.user_id, u.first_day,"
+        " r.day - u.first_day AS after FROM pycolytics_users AS u JOIN pycolytics_user_days AS r"
+        " ON r.application = u.application AND r.user_id = u.user_id AND r.day > u.first_day"
+        f" AND r.day <= u.first_day + {RETENTION_DAYS[-1]} WHERE u.first_day BETWEEN ? AND ? AND r.day <= ?{{app:u}})"
+        f" AS returned WHERE after IN ({days}) GROUP BY first_day, after", reader.first, reader.last, reader.observed)}
+
+
+def _retention_rows(reader, cohorts, returns):
+    """Per cohort of first days [(first, last day number)]: its players and the share back on each day."""
+    sizes = dict(reader.rows("SELECT first_day, count(*) FROM pycolytics_users WHERE first_day BETWEEN ? AND ?{app}"
+                             " GROUP BY first_day", reader.first, reader.last))
+    rows = []
+    for first, last in cohorts:
+        players = sum(sizes.get(day, 0) for day in range(first, last + 1))
+        row = {"cohort": _day(first).isoformat(), "users": players}
+        for after in RETENTION_DAYS:
+            seen = [day for day in range(first, last + 1) if day + after <= reader.observed]
+            row[f"day_{after}"] = _share(sum(returns.get((day, after), 0) for day in seen),
+                                         sum(sizes.get(day, 0) for day in seen)) if seen else None
+        rows.append(row)
+    return rows, sizes
+
+
+def _sessions(reader):
+    """Count, nearest-rank median and 90th percentile of the range's sessions' lengths, sessions per
+    player, and how many fall in each of SESSION_BUCKETS; lengths sorted by SQL in a temporary table."""
+    reader.temporary("pycolytics_lengths", "SELECT max(last_us) - min(first_us) AS length FROM pycolytics_sessions"
+                                           " WHERE day BETWEEN ? AND ?{app} GROUP BY application, session_id",
+                     reader.first, reader.last)
+    count = reader.one("SELECT count(*) FROM pycolytics_lengths")
+
+    def rank(share):
+        if not count:
+            return 0
+        return _seconds(reader.one("SELECT length FROM pycolytics_lengths ORDER BY length LIMIT 1 OFFSET ?",
+                                   max(1, math.ceil(share * count)) - 1))
+
+    bounds = [_shorter_than(bound) for bound, _ in SESSION_BUCKETS[:-1]]
+    shorter = reader.rows("SELECT " + ", ".join(f"sum(CASE WHEN length < {bound} THEN 1 ELSE 0 END)" for bound in bounds)
+                          + " FROM pycolytics_lengths")[0] if count else [0] * len(bounds)
+    cumulative = [0] + [n or 0 for n in shorter] + [count]
+    return {"count": count, "median_seconds": rank(0.5), "p90_seconds": rank(0.9)}, [
+        cumulative[n + 1] - cumulative[n] for n in range(len(SESSION_BUCKETS))]
 
 
 def _top(counts, total_events, other_users=None):
@@ -2881,570 +4427,585 @@ def _top(counts, total_events, other_users=None):
     return rows
 
 
-class _ReportReader:
-    """The SQL of one report: its range and filters as a WHERE clause, on one connection.
-
-    With `after_id`, only the events after that id: the ones not summarised yet (_SummaryReader).
-    """
-
-    def __init__(self, store, connection, query, after_id=None):
-        self.store, self.connection, self.query = store, connection, query
-        self.sql = REPORT_SQL[store.kind]
-        self.end = (query.until + datetime.timedelta(days=1)).isoformat()
-        self.filters, self.filter_values = "", []
-        if after_id is not None:
-            self.filters, self.filter_values = f" AND id > {store.parameter}", [after_id]
-        for name in REPORT_FILTERS:
-            if getattr(query, name) is not None:
-                self.filters += f" AND {name} = {store.parameter}"
-                self.filter_values.append(getattr(query, name))
-        # the events after an id are found by id, not through the time index, which holds the range's every event
-        moment = "time" if after_id is None else store.scan_time
-        self.where = f"WHERE {moment} >= {store.since} AND {moment} < {store.since}{self.filters}"
-        self.arguments = [query.since.isoformat(), self.end] + self.filter_values
-
-    def rows(self, sql, before=(), after=()):
-        return self.connection.execute(sql, list(before) + self.arguments + list(after))
-
-    def activity(self):
-        """(day, application, user_id, session_id, events, first time, last time) of the range."""
-        day, moment = self.store.day, self.store.time_text
-        return self.rows(f"SELECT {day}, application, user_id, session_id, count(*), min({moment}), max({moment})"
-                         f" FROM event {self.where} GROUP BY 1, 2, 3, 4")
-
-    def seen_before(self):
-        """The (application, user_id) pairs with an event before the range: its users who are not new.
-
-        A user's first event ever is in the range exactly when none is before it, so this scan of
-        the days before the range (no aggregate, only the pairs) is all that new users cost.
-        """
-        return self.connection.execute(
-            f"SELECT DISTINCT application, user_id FROM event WHERE time < {self.store.since}{self.filters}",
-            [self.query.since.isoformat()] + self.filter_values)
-
-    def daily(self, dates):
-        """Per-day columns (events, users, sessions), the range's users, and its sessions' lengths in
-        microseconds, sorted."""
-        columns, self.active, sessions = _daily_activity(self, {day: n for n, day in enumerate(dates)})
-        return columns, len(self.active), sorted(_microseconds(last) - _microseconds(first)
-                                                 for _, first, last in sessions.values())
-
-    def newcomers(self):
-        """{user: the day of the range they first came} for the users with no event before it, and
-        {user: the days of the range they came} for them (after daily)."""
-        returning = {tuple(user) for user in self.seen_before()}
-        return {user: min(days) for user, days in self.active.items() if user not in returning}, self.active
-
-    def rankings(self):
-        """{field: its ranking} for event_type, version and platform, from one pass over the range."""
-        events = {field: collections.Counter() for field in RANKED}
-        users = {field: collections.defaultdict(set) for field in RANKED}
-        for event_type, version, platform, application, user_id, count in self.rows(
-            f"SELECT event_type, version, platform, application, user_id, count(*) FROM event {self.where}"
-            " GROUP BY 1, 2, 3, 4, 5"
-        ):
-            for field, name in zip(RANKED, (event_type, version, platform)):
-                events[field][name] += count
-                users[field][name].add((application, user_id))
-        rankings = {}
-        for field in RANKED:
-            ordered = sorted(events[field], key=lambda name: (-events[field][name], name.encode()))
-            rest = set().union(*(users[field][name] for name in ordered[REPORT_TOP:]))
-            rankings[field] = _top([(name, events[field][name], len(users[field][name])) for name in ordered],
-                                   sum(events[field].values()), len(rest))
-        return rankings
-
-    def applications(self):
-        """The names of the busiest applications of the range, for the dashboard's choice."""
-        return [name for name, _ in self.connection.execute(
-            f"SELECT application, count(*) FROM event WHERE time >= {self.store.since} AND time < {self.store.since}"
-            f" GROUP BY 1 ORDER BY 2 DESC, application{self.sql['collate']} LIMIT {REPORT_TOP}", self.arguments[:2])]
-
-    def funnel(self, steps):
-        """How many users did steps[0], then steps[1] at or after that, and so on."""
-        kinds = sorted(set(steps))
-        marks = ", ".join([self.store.parameter] * len(kinds))
-        times = collections.defaultdict(lambda: collections.defaultdict(list))
-        for application, user_id, event_type, moment in self.rows(
-            f"SELECT application, user_id, event_type, {self.store.time_text} FROM event {self.where}"
-            f" AND event_type IN ({marks})", after=kinds
-        ):
-            times[application, user_id][event_type].append(moment)
-        reached = [0] * len(steps)
-        for per_type in times.values():
-            moment = ""  # every stored time is at or after ""
-            for n, step in enumerate(steps):
-                moment = min((found for found in per_type.get(step, ()) if found >= moment), default=None)
-                if moment is None:
-                    break
-                reached[n] += 1
-        return [{"name": step, "users": users} for step, users in zip(steps, reached)]
-
-    def values(self, field):
-        """{kind: Counter of value -> events} of `field` in the events' value."""
-        path = field if self.store.kind == "PostgreSQL" else f'$."{field}"'
-        found = collections.defaultdict(collections.Counter)
-        for kind, item, events in self.rows(f"SELECT {self.sql['kind']}, {self.sql['item']}, count(*) FROM event"
-                                            f" {self.where} GROUP BY 1, 2", before=[path, path]):
-            kind = VALUE_KINDS.get(kind, "missing")
-            if kind == "number" and isinstance(item, str):
-                item = float(item) if any(mark in item for mark in ".eE") else int(item)
-            elif kind == "boolean":
-                kind, item = "string", "true" if item in (1, "true", True) else "false"
-            elif kind == "missing":
-                item = None
-            found[kind][item] += events
-        return found
+def _ranking(reader, field, newest):
+    """The top names of `field` by events, with their players, and "(other)" for the rest."""
+    events = reader.rows("SELECT name, sum(events) FROM pycolytics_names WHERE field = ? AND day BETWEEN ? AND ?{app}"
+                         " GROUP BY name", field, reader.first, reader.last)
+    events.sort(key=lambda row: (-row[1], row[0].encode("utf-8", "surrogatepass")))
+    top = [name for name, _ in events[:REPORT_TOP]]
+    if not top:
+        return []
+    marks = ", ".join("?" * len(top))
+    if field != "event_type":
+        table, where, parameters = "pycolytics_user_days", "day BETWEEN ? AND ?", [reader.first, reader.last]
+    elif reader.last >= newest:  # no day after the range: a last day in it or later means a day in it
+        table, where, parameters = "pycolytics_type_users", "last_day >= ?", [reader.first]
+    else:
+        table, where = "event", f"time >= {reader.dialect.time} AND time < {reader.dialect.time}"
+        parameters = [reader.query.since.isoformat(), (reader.query.until + datetime.timedelta(days=1)).isoformat()]
+    users = dict(reader.rows(f"SELECT {field}, count(*) FROM (SELECT DISTINCT application, user_id, {field} FROM"
+                             f" {table} WHERE {where} AND {field} IN ({marks}){{app}}) AS p GROUP BY {field}",
+                             *parameters, *top))
+    other = None
+    if len(events) > REPORT_TOP:
+        other = reader.one(f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM {table} WHERE {where}"
+                           f" AND {field} NOT IN ({marks}){{app}}) AS p", *parameters, *top)
+    return _top([(name, count, users.get(name, 0)) for name, count in events], sum(n for _, n in events), other)
 
 
-class _ReadLive(Exception):
-    """The summaries cannot answer a report (it asks about days their bits no longer keep)."""
-
-
-def _summary_reader(store, connection, query):
-    """A _SummaryReader for `query`, or None when the report must read the events themselves."""
-    if not store.summaries or any(getattr(query, name) is not None for name in RANKED):
-        return None  # summaries are kept per application, not per event type, version or platform
-    try:
-        connection.execute("BEGIN")  # one snapshot of the summaries and of the events after them
-        last_id, last_time = _summarised(connection)
-        tail = connection.execute("SELECT count(*) FROM (SELECT 1 FROM event WHERE id > ? LIMIT ?)",
-                                  (last_id, MAX_LIVE_TAIL + 1)).fetchone()[0]
-        if tail > MAX_LIVE_TAIL or not _summaries_hold(connection, last_id, last_time):
-            return None  # the summaries are being built, or will be built again
-    except sqlite3.OperationalError:  # no summaries: a database no collector of this version has opened
-        return None
-    return _SummaryReader(store, connection, query, last_id)
-
-
-def _present(first_day, last_day, days, since, until):
-    """Whether a presence row has a day from `since` to `until` (day numbers)."""
-    first, last = _day_number(first_day), _day_number(last_day)
-    if last < since or first > until:
-        return False
-    if first >= since or last <= until:
-        return True  # its first or its last day is in the range
-    if last - since >= PRESENCE_DAYS:
-        raise _ReadLive
-    return int.from_bytes(days, "little") >> (last - until) & ((1 << (until - since + 1)) - 1) != 0
-
-
-class _SummaryReader:
-    """The figures of a report from the summaries ("Summaries"), and from the events after them.
-
-    It answers what _ReportReader answers, for a report without filters but `application`.
-    """
-
-    def __init__(self, store, connection, query, last_id):
-        self.connection, self.query, self.last_id = connection, query, last_id
-        self.live = _ReportReader(store, connection, query, after_id=last_id)
-        self._counts = None
-        self.since, self.until = query.since.toordinal(), query.until.toordinal()
-        self.days = [query.since.isoformat(), query.until.isoformat()]
-        self.application, self.application_value = "", []
-        if query.application is not None:
-            self.application, self.application_value = " AND application = ?", [query.application]
-
-    def rows(self, sql, arguments, group=""):
-        """The rows of `sql` WHERE ..., with the application's condition and then `group` added."""
-        return self.connection.execute(sql + self.application + group, list(arguments) + self.application_value)
-
-    def daily(self, dates):
-        """As _ReportReader.daily: the days' figures as summarised, the events after them added."""
-        position = {day: n for n, day in enumerate(dates)}
-        columns = {name: [0] * len(dates) for name in ("events", "users", "sessions")}
-        for day, *figures in self.rows("SELECT day, sum(events), sum(users), sum(sessions) FROM pycolytics_days"
-                                       " WHERE day >= ? AND day <= ?", self.days, " GROUP BY day"):
-            if day in position:
-                for name, figure in zip(columns, figures):
-                    columns[name][position[day]] = figure
-        live = [row for row in self.live.activity() if row[0] in position]
-        seen = set()
-        for day, application, user_id, session_id, events, _, _ in live:
-            n = position[day]
-            columns["events"][n] += events
-            if (day, application, user_id) not in seen and not _had_user(
-                    self.connection, self._stored("user", "", (application, user_id)), application, user_id,
-                    _day_number(day)):
-                columns["users"][n] += 1
-            if (day, application, None, session_id) not in seen and not _had_session(
-                    self.connection, application, session_id, day):
-                columns["sessions"][n] += 1
-            seen |= {(day, application, user_id), (day, application, None, session_id)}
-        return columns, self._users(live), self._lengths(live)
-
-    def _present(self):
-        """{field: {name: presence rows with a day in the range}} ("user" and the ranked fields), once.
-
-        The rows that end in the range or after it, less those that begin after it, are the rows
-        that overlap it (pycolytics_spans has both as counts per day); of these, a row that began
-        before the range and ends after it may have no day in it: its bits tell. Such rows exist
-        only when the summaries have days after the range.
-        """
-        if self._counts is None:
-            self._counts = {field: collections.Counter() for field in PRESENCE_FIELDS}
-            for field, name, rows in self.rows(
-                    "SELECT field, name, sum(CASE WHEN day >= ? THEN lasts ELSE 0 END)"
-                    " - sum(CASE WHEN day > ? THEN firsts ELSE 0 END) FROM pycolytics_spans WHERE 1 = 1", self.days,
-                    " GROUP BY field, name"):
-                self._counts[field][name] += rows
-            if self.connection.execute("SELECT 1 FROM pycolytics_days WHERE day > ? LIMIT 1", self.days[1:]).fetchone():
-                for field, name, first_day, last_day, days in self.rows(
-                        "SELECT field, name, first_day, last_day, days FROM pycolytics_presence"
-                        " WHERE first_day < ? AND last_day > ?", self.days):
-                    self._counts[field][name] -= not _present(first_day, last_day, days, self.since, self.until)
-        return self._counts
-
-    def _users(self, live):
-        """The range's users: those the presence rows put in it, and those of the events after them."""
-        users = self._present()["user"][""]
-        for user in {(application, user_id) for _, application, user_id, *_ in live}:
-            stored = self._stored("user", "", user)
-            users += not (stored and _present(*stored, self.since, self.until))
-        return users
-
-    def _lengths(self, live):
-        """The range's sessions' lengths in microseconds, sorted: from the summaries, with the events after them."""
-        lengths = [length for length, in self.rows(
-            "SELECT max(last_us) - min(first_us) FROM pycolytics_sessions WHERE day >= ? AND day <= ?", self.days,
-            " GROUP BY application, session_id")]
-        spans = {}  # (application, session_id) -> [first, last] microseconds of the events after the summarised
-        for _, application, _, session_id, _, first, last in live:
-            span = spans.setdefault((application, session_id), [_microseconds(first), _microseconds(last)])
-            span[0], span[1] = min(span[0], _microseconds(first)), max(span[1], _microseconds(last))
-        replaced = collections.Counter()
-        for (application, session_id), span in spans.items():
-            first, last = self.connection.execute(
-                "SELECT min(first_us), max(last_us) FROM pycolytics_sessions WHERE application = ? AND session_id = ?"
-                " AND day >= ? AND day <= ?", [application, session_id] + self.days).fetchone()
-            if first is not None:
-                replaced[last - first] += 1
-                span[0], span[1] = min(span[0], first), max(span[1], last)
-            lengths.append(span[1] - span[0])
-        if replaced:
-            kept = []
-            for length in lengths[:len(lengths) - len(spans)]:
-                if replaced[length]:
-                    replaced[length] -= 1
-                else:
-                    kept.append(length)
-            lengths = kept + lengths[len(lengths) - len(spans):]
-        lengths.sort()
-        return lengths
-
-    def _stored(self, field, name, user):
-        """(first day, last day, days) of a presence row, or None."""
-        return self.connection.execute(
-            "SELECT first_day, last_day, days FROM pycolytics_presence WHERE field = ? AND name = ?"
-            " AND application = ? AND user_id = ?", (field, name) + tuple(user)).fetchone()
-
-    def newcomers(self):
-        """As _ReportReader.newcomers, with each newcomer's days those that retention asks about."""
-        stored = {(application, user_id): row for application, user_id, *row in self.rows(
-            "SELECT application, user_id, first_day, last_day, days FROM pycolytics_presence WHERE field = 'user'"
-            " AND first_day >= ? AND first_day <= ?", self.days)}
-        first = {user: row[0] for user, row in stored.items()}
-        for application, user_id, day in self.rows(
-                "SELECT application, user_id, min(substr(time, 1, 10)) FROM event WHERE id > ?", [self.last_id],
-                " GROUP BY 1, 2").fetchall():
-            user = (application, user_id)
-            if user not in stored:
-                stored[user] = self._stored("user", "", user)
-            first[user] = min(day, stored[user][0]) if stored[user] else day
-        newcomers = {user: _day_number(day) - self.since for user, day in first.items()
-                     if _day_number(day) is not None and self.since <= _day_number(day) <= self.until}
-        active = {user: {n} for user, n in newcomers.items()}
-        for user, n in newcomers.items():  # the days retention asks about, from the summaries' bits
-            if stored[user]:
-                first_day, last_day, days = stored[user]
-                last, bits = _day_number(last_day), int.from_bytes(days, "little")
-                for later in (n + after for after in RETENTION_COLUMNS if self.since + n + after <= last):
-                    if last - self.since - later >= PRESENCE_DAYS:
-                        raise _ReadLive
-                    if bits >> (last - self.since - later) & 1:
-                        active[user].add(later)
-        for day, application, user_id, *_ in self.live.activity():  # ...and from the events after them
-            if (application, user_id) in active and _day_number(day) is not None:
-                active[application, user_id].add(_day_number(day) - self.since)
-        return newcomers, active
-
-    def rankings(self):
-        """{field: its ranking}, as _ReportReader.rankings."""
-        events = {field: collections.Counter() for field in RANKED}
-        users = {field: collections.Counter() for field in RANKED}
-        for field, name, count in self.rows("SELECT field, name, sum(events) FROM pycolytics_name_events"
-                                            " WHERE day >= ? AND day <= ?", self.days, " GROUP BY 1, 2"):
-            events[field][name] += count
-        for field in RANKED:
-            users[field].update(self._present()[field])
-        live = self._live_pairs(events)
-        for field, name, user in live:
-            stored = self._stored(field, name, user)
-            users[field][name] += not (stored and _present(*stored, self.since, self.until))
-        rankings = {}
-        for field in RANKED:
-            ordered = sorted(events[field], key=lambda name: (-events[field][name], name.encode()))
-            rest = self._users_of(field, set(ordered[REPORT_TOP:]), live) if ordered[REPORT_TOP:] else ()
-            rankings[field] = _top([(name, events[field][name], users[field][name]) for name in ordered],
-                                   sum(events[field].values()), len(rest))
-        return rankings
-
-    def _live_pairs(self, events):
-        """(field, name, user) of the events after the summarised ones, in the range; counts them in `events`."""
-        pairs = set()
-        for event_type, version, platform, application, user_id, count in self.live.rows(
-                f"SELECT event_type, version, platform, application, user_id, count(*) FROM event"
-                f" {self.live.where} GROUP BY 1, 2, 3, 4, 5"):
-            for field, name in zip(RANKED, (event_type, version, platform)):
-                events[field][name] += count
-                pairs.add((field, name, (application, user_id)))
-        return pairs
-
-    def _users_of(self, field, names, live):
-        """The users with events of any of `names` (of `field`) in the range: for "(other)"; `live` is
-        _live_pairs' answer."""
-        found = {(application, user_id) for name, application, user_id, first_day, last_day, days in self.rows(
-            "SELECT name, application, user_id, first_day, last_day, days FROM pycolytics_presence"
-            " WHERE field = ? AND last_day >= ? AND first_day <= ?", [field] + self.days)
-            if name in names and _present(first_day, last_day, days, self.since, self.until)}
-        return found | {user for kind, name, user in live if kind == field and name in names}
-
-    def applications(self):
-        """The names of the busiest applications of the range, as _ReportReader.applications."""
-        events = collections.Counter()
-        for application, count in self.connection.execute(  # every event has one platform
-                "SELECT application, sum(events) FROM pycolytics_name_events WHERE day >= ? AND day <= ?"
-                " AND field = 'platform' GROUP BY 1", self.days):
-            events[application] += count
-        for application, count in self.connection.execute(
-                "SELECT application, count(*) FROM event WHERE +time >= ? AND +time < ? AND id > ? GROUP BY 1",
-                self.live.arguments[:2] + [self.last_id]):
-            events[application] += count
-        return sorted(events, key=lambda name: (-events[name], name.encode()))[:REPORT_TOP]
-
-
-def _seconds(microseconds):
-    """A session's length as the report gives it: seconds, to the millisecond."""
-    return round(microseconds / 1_000_000, 3)
-
-
-def _shorter_than(lengths, seconds):
-    """How many of the sorted `lengths` (microseconds) are under `seconds` once given as _seconds."""
-    count = bisect.bisect_left(lengths, seconds * 1_000_000 - 600)  # rounding moves a length by 500 at most
-    while count < len(lengths) and _seconds(lengths[count]) < seconds:
-        count += 1
-    return count
-
-
-def _daily_activity(reader, position):
-    """Per-day columns, each user's days with events and each session's [days, first, last] time."""
-    columns = {name: [0] * len(position) for name in ("events", "users", "sessions")}
-    active = collections.defaultdict(set)  # (application, user_id) -> positions of the days with events
-    sessions = {}  # (application, session_id) -> [positions of its days, first time, last time]
-    for day, application, user_id, session_id, events, first, last in reader.activity():
-        n = position.get(day)
-        if n is None:
-            continue  # a time that is not a day's (a hand-made row): in the range as text only
-        columns["events"][n] += events
-        days = active[application, user_id]
-        if n not in days:
-            days.add(n)
-            columns["users"][n] += 1
-        session = sessions.setdefault((application, session_id), [set(), first, last])
-        if n not in session[0]:
-            session[0].add(n)
-            columns["sessions"][n] += 1
-        session[1], session[2] = min(session[1], first), max(session[2], last)
-    return columns, active, sessions
-
-
-def _retention(cohorts, active, observed):
-    """[position, users, [share back on each of RETENTION_COLUMNS' days after, or None]] per cohort."""
-    triangle = []
-    for n in sorted(cohorts):
-        cohort = cohorts[n]
-        triangle.append([n, len(cohort), [
-            None if n + after > observed else round(sum(n + after in active[user] for user in cohort) / len(cohort), 4)
-            for after in RETENTION_COLUMNS]])
-    return triangle
-
-
-def _session_figures(lengths, users):
-    """Count, nearest-rank median and 90th percentile of the sorted `lengths`, and sessions per user."""
-    def rank(share):
-        return (_seconds(lengths[max(1, math.ceil(share * len(lengths))) - 1]) if lengths else 0) or 0  # 0, not 0.0
-
-    return {"count": len(lengths), "median_seconds": rank(0.5), "p90_seconds": rank(0.9),
-            "per_user": round(len(lengths) / users, 2) if users else 0}
-
-
-def build_report(store, connection, query, today):
-    """The report of `query` (see README.md, "The report API"), and the extra figures the dashboard draws."""
-    reader = _summary_reader(store, connection, query) or _ReportReader(store, connection, query)
-    try:
-        return _report(reader, query, today)
-    except _ReadLive:
-        return _report(_ReportReader(store, connection, query), query, today)
-
-
-def _report(reader, query, today):
-    dates = [(query.since + datetime.timedelta(days=n)).isoformat() for n in range((query.until - query.since).days + 1)]
-    columns, users, lengths = reader.daily(dates)
-    columns["new_users"] = [0] * len(dates)
-    cohorts = collections.defaultdict(list)
-    newcomers, active = reader.newcomers()
-    for user, first in newcomers.items():
-        columns["new_users"][first] += 1
-        cohorts[first].append(user)
-    triangle = _retention(cohorts, active, (min(query.until, today) - query.since).days)
+def build_report(reader):
+    """The report (see docs/reports.md), and the extra figures the dashboard draws."""
+    columns = _daily(reader)
+    players = _players(reader)
+    returns = _returns(reader)
+    retention, _ = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
+    sessions, lengths = _sessions(reader)
+    sessions["per_user"] = round(sessions["count"] / players, 2) if players else 0
+    newest = reader.one("SELECT max(day) FROM pycolytics_names") or 0
     report = {
-        "since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
-        "totals": {"events": sum(columns["events"]), "users": users, "new_users": sum(columns["new_users"]),
-                   "sessions": len(lengths)},
-        "days": [dict(date=day, **{name: columns[name][n] for name in DAY_COLUMNS}) for n, day in enumerate(dates)],
-        "retention": [dict({"cohort": dates[n], "users": users}, **{
-            f"day_{after}": shares[RETENTION_COLUMNS.index(after)] for after in RETENTION_API_DAYS})
-            for n, users, shares in triangle],
-        "sessions": _session_figures(lengths, users),
-        **{f"{field}s": ranking for field, ranking in reader.rankings().items()},
+        "since": reader.query.since.isoformat(), "until": reader.query.until.isoformat(),
+        "application": reader.query.application,
+        "totals": {"events": sum(columns["events"]), "users": players, "new_users": sum(columns["new_users"]),
+                   "sessions": sessions["count"]},
+        "days": [dict(date=day.isoformat(), **{name: columns[name][n] for name in DAY_COLUMNS})
+                 for n, day in enumerate(reader.days)],
+        "retention": [row for row in retention if row["users"]],
+        "sessions": sessions,
+        **{f"{field}s": _ranking(reader, field, newest) for field in RANKED},
     }
-    shorter = [0] + [_shorter_than(lengths, bound) for bound, _ in SESSION_BUCKETS]
-    histogram = [shorter[n + 1] - shorter[n] for n in range(len(SESSION_BUCKETS))]
-    return report, {"triangle": triangle, "session_lengths": histogram, "applications": reader.applications()}
+    return report, {"session_lengths": lengths}
 
 
-def build_funnel(store, connection, query, steps):
-    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
-            "steps": _ReportReader(store, connection, query).funnel(steps)}
+def _applications(reader):
+    """The REPORT_TOP applications with most events in the range, busiest first."""
+    events = reader.connection.execute(reader.dialect.sql(
+        "SELECT application, sum(events) FROM pycolytics_names WHERE field = 'platform' AND day BETWEEN ? AND ?"
+        " GROUP BY application"), (reader.first, reader.last)).fetchall()
+    return [name for name, _ in sorted(events, key=lambda row: (-row[1], row[0].encode()))[:REPORT_TOP]]
 
 
-def build_values(store, connection, query, field):
-    found = _ReportReader(store, connection, query).values(field)
-    numbers = None
-    if found["number"]:
-        ordered = sorted(found["number"].items())
-        numbers = {"count": sum(found["number"].values()), "min": ordered[0][0], "p50": _percentile(ordered, 0.5),
-                   "p90": _percentile(ordered, 0.9), "max": ordered[-1][0],
-                   "sum": sum(value * times for value, times in ordered)}
-    strings = sorted(found["string"].items(), key=lambda item: (-item[1], item[0]))
-    total = sum(sum(counter.values()) for counter in found.values())
-    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application,
-            "event_type": query.event_type, "field": field, "events": total,
-            "missing": sum(found["missing"].values()), "numbers": numbers,
-            "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
-                [(value, events, None) for value, events in strings], sum(found["string"].values()))]}
+def build_retention(reader, minimum):
+    """Daily and weekly cohorts, and D1, D7, D30 of the whole range (each cohort weighted by its players)."""
+    returns = _returns(reader)
+    daily, sizes = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
+    weeks = [[start, min(start + 6, reader.last)] for start in range(reader.first, reader.last + 1, 7)]
+    folded = []
+    for week in weeks:  # a small cohort joins the next one; the last small one joins the one before
+        players = sum(sizes.get(day, 0) for day in range(week[0], week[1] + 1))
+        if folded and folded[-1][2] < minimum:
+            folded[-1][1], folded[-1][2] = week[1], folded[-1][2] + players
+        else:
+            folded.append([week[0], week[1], players])
+    if len(folded) > 1 and folded[-1][2] < minimum:
+        folded[-2][1], folded[-2][2] = folded[-1][1], folded[-2][2] + folded[-1][2]
+        folded.pop()
+    weekly, _ = _retention_rows(reader, [(first, last) for first, last, _ in folded], returns)
+    whole, _ = _retention_rows(reader, [(reader.first, reader.last)], returns)
+    averages = {name: value for name, value in whole[0].items() if name.startswith("day_")}
+    return {**_range_of(reader), "min_cohort": minimum, "new_users": whole[0]["users"], "average": averages,
+            "weekly": [row for row in weekly if row["users"]], "daily": [row for row in daily if row["users"]]}
+
+
+def _range_of(reader):
+    query = reader.query
+    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application}
+
+
+def build_stickiness(reader):
+    """DAU, WAU (players of the 7 days up to each day), MAU (30 days) and DAU/MAU, per day."""
+    gaps = reader.rows(
+        "SELECT day, CASE WHEN next IS NULL OR next - day > 30 THEN 30 ELSE next - day END AS gap, count(*) FROM"
+        " (SELECT day, lead(day) OVER (PARTITION BY application, user_id ORDER BY day) AS next FROM"
+        " (SELECT DISTINCT application, user_id, day FROM pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d)"
+        " AS n GROUP BY 1, 2", reader.first - 29, reader.last)
+    size = len(reader.days)
+    counts = {window: [0] * (size + 1) for window in (1, 7, 30)}
+    for day, gap, players in gaps:  # a player counts for each day from this one until the next they play
+        for window, changes in counts.items():
+            start, stop = max(day, reader.first) - reader.first, min(day + min(gap, window), reader.last + 1) - reader.first
+            if start < stop:
+                changes[start] += players
+                changes[stop] -= players
+    totals = {window: list(itertools.accumulate(changes))[:size] for window, changes in counts.items()}
+    return {**_range_of(reader), "days": [
+        {"date": day.isoformat(), "dau": totals[1][n], "wau": totals[7][n], "mau": totals[30][n],
+         "dau_mau": _share(totals[1][n], totals[30][n])} for n, day in enumerate(reader.days)]}
+
+
+def build_versions(reader):
+    """Events and players per version and day, for the REPORT_TOP versions with most events."""
+    ranking = _ranking(reader, "version", 0)
+    top = [row["name"] for row in ranking if row["name"] != "(other)"]
+    if not top:
+        return {**_range_of(reader), "versions": [], "days": []}
+    marks = ", ".join("?" * len(top))
+    events = {(day, name): count for day, name, count in reader.rows(
+        "SELECT day, name, sum(events) FROM pycolytics_names WHERE field = 'version' AND day BETWEEN ? AND ?"
+        f" AND name IN ({marks}){{app}} GROUP BY day, name", reader.first, reader.last, *top)}
+    users = {(day, name): count for day, name, count in reader.rows(
+        "SELECT day, version, count(*) FROM (SELECT DISTINCT application, user_id, day, version FROM"
+        f" pycolytics_user_days WHERE day BETWEEN ? AND ? AND version IN ({marks}){{app}}) AS v GROUP BY day, version",
+        reader.first, reader.last, *top)}
+    rows = [{"date": day.isoformat(), "version": name, "events": events.get((reader.first + n, name), 0),
+             "users": users.get((reader.first + n, name), 0)} for n, day in enumerate(reader.days) for name in top]
+    return {**_range_of(reader), "versions": ranking, "days": rows}
+
+
+def build_revenue(reader):
+    """Revenue per day and currency, paying players, conversion, ARPDAU, ARPPU, first purchases and
+    the top items, from the purchases of the range (see docs/reports.md). No currency is converted."""
+    first, last = reader.first, reader.last
+    players = _players(reader)
+    active_days = dict(reader.rows("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
+                                   " pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d GROUP BY day", first, last))
+    player_days = sum(active_days.values())
+    per_day = reader.rows("SELECT day, currency, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
+                          "{app} GROUP BY day, currency", first, last)
+    buyers = {(day, currency): count for day, currency, count in reader.rows(
+        "SELECT day, currency, count(*) FROM (SELECT DISTINCT application, user_id, day, currency FROM"
+        " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY day, currency", first, last)}
+    payers_per_day = dict(reader.rows("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
+                                      " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY day",
+                                      first, last))
+    currencies = reader.rows("SELECT currency, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
+                             "{app} GROUP BY currency ORDER BY 2 DESC", first, last)
+    payers = dict(reader.rows("SELECT currency, count(*) FROM (SELECT DISTINCT application, user_id, currency FROM"
+                              " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY currency", first, last))
+    paying = reader.one("SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM pycolytics_purchases"
+                        " WHERE day BETWEEN ? AND ?{app}) AS p", first, last)
+    items = reader.rows("SELECT currency, item, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
+                        "{app} GROUP BY currency, item", first, last)
+    items.sort(key=lambda row: (-row[2], row[0], row[1]))
+    return {**_range_of(reader), "players": players, "paying_users": paying, "conversion": _share(paying, players),
+            "currencies": [{"currency": currency, "revenue": round(total, 6), "purchases": count,
+                            "paying_users": payers.get(currency, 0), "arppu": round(total / payers[currency], 6),
+                            "arpdau": round(total / player_days, 6) if player_days else None}
+                           for currency, total, count in currencies],
+            "days": [{"date": _day(day).isoformat(), "currency": currency, "revenue": round(total, 6),
+                      "purchases": count, "paying_users": buyers[day, currency], "active_users": active_days.get(day, 0),
+                      "conversion": _share(payers_per_day.get(day, 0), active_days.get(day, 0)),
+                      "arpdau": round(total / active_days[day], 6) if active_days.get(day) else None}
+                     for day, currency, total, count in sorted(per_day)],
+            "first_purchase": _first_purchases(reader),
+            "items": [{"currency": currency, "item": item, "revenue": round(total, 6), "purchases": count}
+                      for currency, item, total, count in items[:REPORT_TOP]]}
+
+
+def _first_purchases(reader):
+    """How many players made their first purchase ever in the range, by days since their first day."""
+    bounds = [bound for bound, _ in FIRST_PURCHASE_DAYS[:-1]]
+    bucket = "CASE " + " ".join(f"WHEN f.day - u.first_day <= {bound} THEN {n}" for n, bound in enumerate(bounds))
+    found = dict(reader.rows(
+        f"SELECT {bucket} ELSE {len(bounds)} END, count(*) FROM (SELECT application, user_id, min(day) AS day FROM"
+        " pycolytics_purchases GROUP BY application, user_id) AS f JOIN pycolytics_users AS u ON u.application ="
+        " f.application AND u.user_id = f.user_id WHERE f.day BETWEEN ? AND ?{app:f} GROUP BY 1", reader.first, reader.last))
+    return [{"days": label, "users": found.get(n, 0)} for n, (_, label) in enumerate(FIRST_PURCHASE_DAYS)]
+
+
+def build_progression(reader, churn_days):
+    """Per level: players who started, completed and failed it, the completion rate, the median
+    attempts per completion and time to complete, and how many of the players who stopped playing
+    had it as their last level (see docs/reports.md)."""
+    reader.temporary("pycolytics_progress", "SELECT application, user_id, level, sum(starts) AS starts, sum(completes)"
+                     " AS completes, sum(fails) AS fails, min(first_start_us) AS first_start, min(first_complete_us)"
+                     " AS first_complete, coalesce(min(first_start_us), min(first_complete_us)) AS reached FROM"
+                     " pycolytics_levels WHERE day BETWEEN ? AND ?{app} GROUP BY application, user_id, level",
+                     reader.first, reader.last)
+    counts = {level: figures for level, *figures in reader.rows(
+        "SELECT level, sum(CASE WHEN starts > 0 THEN 1 ELSE 0 END), sum(CASE WHEN completes > 0 THEN 1 ELSE 0 END),"
+        " sum(CASE WHEN fails > 0 THEN 1 ELSE 0 END) FROM pycolytics_progress GROUP BY level")}
+    attempts = dict(reader.rows(_median_per_level(f"CAST(starts AS {reader.dialect.real}) / completes", "completes > 0")))
+    times = dict(reader.rows(_median_per_level("first_complete - first_start",
+                                               "first_complete IS NOT NULL AND first_start IS NOT NULL")))
+    end = min(reader.last, reader.observed)
+    stopped = dict(reader.rows(
+        "SELECT level, count(*) FROM (SELECT level, row_number() OVER (PARTITION BY application, user_id ORDER BY reached"
+        " DESC, level) AS n FROM pycolytics_progress AS p WHERE NOT EXISTS (SELECT 1 FROM pycolytics_user_days AS d"
+        " WHERE d.application = p.application AND d.user_id = p.user_id AND d.day > ? AND d.day <= ?)) AS last_levels"
+        " WHERE n = 1 GROUP BY level", end - churn_days, end))
+    levels = _sorted_levels(counts)
+    rows = [{"level": level, "started": started, "completed": completed, "failed": failed,
+             "completion_rate": _share(completed, started),
+             "median_attempts": round(attempts[level], 2) if level in attempts else None,
+             "median_seconds_to_complete": _seconds(max(0, times[level])) if level in times else None,
+             "last_level_of_churned": stopped.get(level, 0)}
+            for level in levels[:MAX_LEVELS] for started, completed, failed in [counts[level]]]
+    return {**_range_of(reader), "churn_days": churn_days, "churned": sum(stopped.values()),
+            "more_levels": max(0, len(levels) - MAX_LEVELS), "levels": rows}
+
+
+def _median_per_level(figure, condition):
+    """SQL of (level, the nearest-rank median of `figure`) over the players of pycolytics_progress."""
+    return (f"SELECT level, x FROM (SELECT level, x, row_number() OVER (PARTITION BY level ORDER BY x) AS n,"
+            f" count(*) OVER (PARTITION BY level) AS total FROM (SELECT level, {figure} AS x FROM pycolytics_progress"
+            f" WHERE {condition}) AS figures) AS ranked WHERE n = (total + 1) / 2")
+
+
+def build_funnel(reader, steps):
+    """How many players did steps[0], then steps[1] at or after that, and so on, in the range:
+    each step's first time per player after the one before, in temporary tables."""
+    end = (reader.query.until + datetime.timedelta(days=1)).isoformat()
+    time, since = reader.dialect.time, reader.query.since.isoformat()
+    filters, values = reader.filters()
+    reached = []
+    for n, step in enumerate(steps):
+        reader.temporary(f"pycolytics_funnel_{n}",
+                         f"SELECT application, user_id, time FROM event WHERE time >= {time} AND time < {time}"
+                         f" AND event_type = ?{filters}{{app}}", since, end, step, *values)
+        if n == 0:
+            reader.temporary("pycolytics_reached", "SELECT application, user_id, min(time) AS time FROM"
+                                                   " pycolytics_funnel_0 GROUP BY application, user_id")
+        else:
+            reader.connection.execute(f"CREATE INDEX pycolytics_funnel_index_{n} ON pycolytics_funnel_{n}"
+                                      " (application, user_id, time)")
+            reader.temporary("pycolytics_next", f"SELECT r.application, r.user_id, min(s.time) AS time FROM"
+                                                f" pycolytics_reached AS r JOIN pycolytics_funnel_{n} AS s ON"
+                                                " s.application = r.application AND s.user_id = r.user_id AND"
+                                                " s.time >= r.time GROUP BY r.application, r.user_id")
+            reader.temporary("pycolytics_reached", "SELECT * FROM pycolytics_next")
+        reached.append({"name": step, "users": reader.one("SELECT count(*) FROM pycolytics_reached")})
+    return {**_range_of(reader), "steps": reached}
+
+
+def build_values(reader, field):
+    """value[field] of the range's events of one type: numbers as count, min, p50, p90, max, sum, a
+    histogram and, when they are few, value by value; strings and true/false as a ranking."""
+    path = [field] if reader.dialect is POSTGRESQL else [f'$."{field}"']
+    kind = "jsonb_typeof(value -> ?)" if reader.dialect is POSTGRESQL else "json_type(value, ?)"
+    item = "value ->> ?" if reader.dialect is POSTGRESQL else "json_extract(value, ?)"
+    end = (reader.query.until + datetime.timedelta(days=1)).isoformat()
+    time = reader.dialect.time
+    filters, values = reader.filters()
+    reader.temporary("pycolytics_values", f"SELECT {kind} AS kind, CAST({item} AS TEXT) AS item FROM event"
+                                          f" WHERE time >= {time} AND time < {time}{filters}{{app}}",
+                     *path, *path, reader.query.since.isoformat(), end, *values)
+    kinds = dict(reader.rows("SELECT kind, count(*) FROM pycolytics_values GROUP BY kind"))
+    number_kinds = "('integer', 'real', 'number')"
+    numbers = _numbers(reader, number_kinds) if any(kinds.get(kind) for kind in ("integer", "real", "number")) else None
+    strings = reader.rows("SELECT CASE WHEN kind IN ('true', 'false') THEN kind ELSE item END AS name,"
+                          " count(*) FROM pycolytics_values WHERE kind IN ('text', 'string', 'true', 'false', 'boolean')"
+                          " GROUP BY 1")
+    strings.sort(key=lambda row: (-row[1], row[0]))
+    total = sum(kinds.values())
+    return {**_range_of(reader), "event_type": reader.query.event_type, "field": field, "events": total,
+            "missing": total - sum(count for kind, count in kinds.items() if kind in (
+                "integer", "real", "number", "text", "string", "true", "false", "boolean")),
+            "numbers": numbers, "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
+                [(value, events, None) for value, events in strings], sum(count for _, count in strings))]}
+
+
+def _numbers(reader, kinds):
+    """Statistics of the numbers of pycolytics_values, its histogram and (if few) its values."""
+    reader.temporary("pycolytics_numbers", f"SELECT CAST(item AS {reader.dialect.real}) AS x FROM pycolytics_values"
+                                           f" WHERE kind IN {kinds}")
+    count, lowest, highest, total = reader.rows("SELECT count(*), min(x), max(x), sum(x) FROM pycolytics_numbers")[0]
+
+    def rank(share):
+        return reader.one("SELECT x FROM pycolytics_numbers ORDER BY x LIMIT 1 OFFSET ?", max(1, math.ceil(share * count)) - 1)
+
+    def plain(number):
+        return int(number) if float(number).is_integer() and abs(number) < 2**53 else number
+
+    stats = {"count": count, "min": plain(lowest), "p50": plain(rank(0.5)), "p90": plain(rank(0.9)),
+             "max": plain(highest), "sum": plain(total)}
+    few = reader.rows(f"SELECT x, count(*) FROM pycolytics_numbers GROUP BY x ORDER BY x LIMIT {FEW_VALUES + 1}")
+    stats["values"] = [{"value": plain(x), "events": n} for x, n in few] if len(few) <= FEW_VALUES else None
+    whole = not reader.one("SELECT count(*) FROM pycolytics_numbers WHERE x <> round(x)")
+    width = _bin_width(lowest, highest, whole)
+    bins = reader.rows("SELECT CAST((x - ?) / ? AS INTEGER) AS bin, count(*) FROM pycolytics_numbers GROUP BY 1",
+                       lowest, width)
+    counted = dict(bins)
+    stats["histogram"] = [{"from": plain(lowest + n * width), "to": plain(lowest + (n + 1) * width),
+                           "events": counted.get(n, 0)} for n in range(max(counted, default=0) + 1)]
+    return stats
+
+
+def _bin_width(lowest, highest, whole):
+    """A round width (1, 2 or 5 times a power of ten; whole numbers for whole numbers) that cuts
+    lowest..highest into HISTOGRAM_BINS bins at most."""
+    spread = highest - lowest
+    width = 10 ** math.floor(math.log10(spread / HISTOGRAM_BINS)) if spread > 0 else 1
+    width = next(width * step for step in (1, 2, 5, 10) if spread / (width * step) < HISTOGRAM_BINS)
+    return max(1, round(width)) if whole else width
 
 
 def _csv(header, rows):
-    lines = [",".join(header)]
-    for row in rows:
-        lines.append(",".join(_csv_cell(row[name]) for name in header))
-    return ("\r\n".join(lines) + "\r\n").encode()
+    """CSV bytes of dict rows; a text cell that a spreadsheet would run as a formula starts with a
+    quote (OWASP's advice: https://owasp.org/www-community/attacks/CSV_Injection)."""
+    import csv  # here: only CSV answers and exports need it
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows([_inert(row[name]) for name in header] for row in rows)
+    return out.getvalue().encode()
 
 
-def _csv_cell(value):
-    """One CSV cell; text that a spreadsheet would run as a formula starts with a quote (OWASP's advice)."""
-    text = "" if value is None else str(value)
-    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        text = "'" + text
-    if any(mark in text for mark in ',"\r\n'):
-        text = '"' + text.replace('"', '""') + '"'
-    return text
+# What a spreadsheet takes for the start of a formula.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-class Dashboard:
-    """The report API (/v1.0/report...) and the dashboard page drawn from it: SVG, no scripts, fonts or CDNs.
+def _inert(cell):
+    """A CSV cell that a spreadsheet shows as text instead of running it as a formula."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
 
-    Reading needs one of `read_keys`; the write keys that ship inside games never open it.
-    """
 
-    def __init__(self, config, store):
-        self.store = store
-        self._read_keys = [key.encode("utf-8") for key in config.read_keys]
-        self._trusted_proxies = config.trusted_proxies
-        self._guard = ReadKeyGuard()
-        self.cache = ReportCache()
+# Each view of the report API: what builds it from (reader, fields, every), whether it reads the
+# summaries, and the list of its JSON that its CSV gives (None: JSON only), with the columns.
+_RETENTION_COLUMNS = ("cohort", "users") + tuple(f"day_{after}" for after in RETENTION_DAYS)
+VIEWS = {
+    "report": (lambda reader, fields, every: build_report(reader)[0], True, "days", ("date",) + DAY_COLUMNS),
+    "funnel": (lambda reader, fields, every: build_funnel(reader, _funnel_steps(fields, every)), False, "steps",
+               ("name", "users")),
+    "values": (lambda reader, fields, every: build_values(reader, _value_field(fields)), False, None, None),
+    "retention": (lambda reader, fields, every: build_retention(reader, _whole(fields, "min_cohort", MIN_COHORT, 10**9)),
+                  True, "weekly", _RETENTION_COLUMNS),
+    "revenue": (lambda reader, fields, every: build_revenue(reader), True, "days",
+                ("date", "currency", "revenue", "purchases", "paying_users", "active_users", "conversion", "arpdau")),
+    "progression": (lambda reader, fields, every: build_progression(reader, _whole(fields, "churn_days", CHURN_DAYS,
+                                                                                   MAX_REPORT_DAYS)), True, "levels",
+                    ("level", "started", "completed", "failed", "completion_rate", "median_attempts",
+                     "median_seconds_to_complete", "last_level_of_churned")),
+    "stickiness": (lambda reader, fields, every: build_stickiness(reader), True, "days",
+                   ("date", "dau", "wau", "mau", "dau_mau")),
+    "versions": (lambda reader, fields, every: build_versions(reader), True, "days", ("date", "version", "events", "users")),
+}
 
-    def authorize(self, environ):
-        if not self._read_keys:
-            raise Forbidden("the dashboard is off: set read_keys in the configuration to open it")
-        address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted_proxies)
-        key = presented_read_key(environ)
-        if key:  # a request without a key is asked for one (401), throttled or not: it guesses nothing
-            self._guard.check(address)
-        matched = False
-        try:
-            candidate = (key or "").encode("utf-8")
-        except UnicodeEncodeError:
-            candidate = b""
-        for known in self._read_keys:
-            matched |= compare_digest(known, candidate)
-        if not key or not matched:
-            if key:  # a browser's first request carries no key: that is not a guess
-                self._guard.failed(address)
-            raise Unauthorized("the dashboard needs a read key: as the password of HTTP Basic, or a Bearer token",
-                               [("WWW-Authenticate", 'Basic realm="pycolytics dashboard", charset="UTF-8"')])
+
+class Reports:
+    """The report API (/v1.0/report...) and the dashboard: read with one of read_keys (the write
+    keys that ship inside games never open them), each within report_timeout."""
+
+    def __init__(self, config, store, writer, keyring):
+        self.config, self.store, self.writer, self.keyring = config, store, writer, keyring
+
+    def _authorized(self, environ):
+        self.keyring.authorize(environ, "read", "the dashboard and the report API are off: set read_keys "
+                                                "in the configuration to open them")
+        fields, every = _query_fields(environ.get("QUERY_STRING", ""), self.config.max_string_length)
+        return fields, every, report_query(fields, _today())
 
     def answer(self, environ):
-        """(status, headers, body) for /v1.0/report, /v1.0/report/funnel and /v1.0/report/values."""
-        self.authorize(environ)
-        fields, every = _query_fields(environ.get("QUERY_STRING", ""))
-        query = report_query(fields, _today())
-        kind = (environ.get("PATH_INFO") or "").rpartition("/")[2]
-        if kind == "funnel":
-            chosen = _answer_format(fields, ("json", "csv"))
-            document = self.figures("funnel", query, _funnel_steps(fields, every))
-            rows = (document["steps"], ("name", "users"))
-        elif kind == "values":
-            chosen = _answer_format(fields, ("json",))
-            if not query.event_type:
-                raise BadRequest("values needs event_type: the type of the events whose value to break down")
-            document = self.figures("values", query, _value_field(fields))
-        else:
-            chosen = _answer_format(fields, ("json", "csv"))
-            document = self.figures("report", query)[0]
-            rows = (document["days"], ("date", "events", "users", "new_users", "sessions"))
+        """(status, headers, body) for /v1.0/report and its views."""
+        fields, every, query = self._authorized(environ)
+        view = (environ.get("PATH_INFO") or "").rpartition("/v1.0/report")[2].strip("/") or "report"
+        build, summaries, listed, columns = VIEWS[view]
+        chosen = _choice(fields, "format", ("json", "csv") if listed else ("json",))
+        if view == "values" and not query.event_type:
+            raise HTTPError(400, "values needs event_type: the type of the events whose value to break down")
+        document = self.read(query, summaries, lambda reader: build(reader, fields, every))
         if chosen == "csv":
-            name = f"pycolytics-{kind}-{query.since}-{query.until}.csv"
-            return _ok(_csv(rows[1], rows[0]), ("Content-Type", "text/csv; charset=utf-8"),
+            name = f"pycolytics-{view}-{query.since}-{query.until}.csv"
+            return _ok(_csv(columns, document[listed]), ("Content-Type", "text/csv; charset=utf-8"),
                        ("Content-Disposition", f'attachment; filename="{name}"'), ("Cache-Control", "no-store"))
-        return _ok(json.dumps(document).encode(), ("Content-Type", "application/json"), ("Cache-Control", "no-store"))
+        return _ok(json.dumps(document).encode(), JSON_TYPE, ("Cache-Control", "no-store"))
 
-    def page(self, environ):
+    def dashboard(self, environ):
+        """The dashboard page: every view of one application (the busiest, unless one is chosen)."""
         started = time.monotonic()
-        fields, every = _query_fields(environ.get("QUERY_STRING", ""))
-        query = report_query(fields, _today())
-        report, extras = self.figures("report", query)
-        funnel = values = None
-        if fields.get("steps") or any(every.get("step", ())):
-            funnel = self.figures("funnel", query, _funnel_steps(fields, every))
-        if fields.get("of") and fields.get("field"):
-            values = self.figures("values", query._replace(event_type=fields["of"]), _value_field(fields))
-        parts = {"report": report, "extras": extras, "funnel": funnel, "values": values, "fields": fields,
-                 "query": query}
-        return _dashboard_html(parts, time.monotonic() - started).encode()
+        fields, every, query = self._authorized(environ)
 
-    def figures(self, kind, query, *arguments):
-        """build_report, build_funnel or build_values, from the cache while the database has not changed."""
+        def figures(reader):
+            busiest = _applications(reader)
+            if "application" not in fields and busiest:  # one game, not every game mixed
+                reader = Reader(reader.connection, reader.dialect, query._replace(application=busiest[0]), reader.today)
+            report, extras = build_report(reader)
+            found = {"report": report, "query": reader.query, "fields": fields, **extras, "applications": busiest}
+            for name in ("retention", "revenue", "progression", "stickiness", "versions"):
+                found[name] = VIEWS[name][0](reader, fields, every)
+            if fields.get("steps") or any(every.get("step", ())):
+                found["funnel"] = build_funnel(reader, _funnel_steps(fields, every))
+            if fields.get("of") and fields.get("field"):
+                found["values"] = build_values(Reader(reader.connection, reader.dialect, reader.query._replace(
+                    event_type=fields["of"]), reader.today), _value_field(fields))
+            return found
+
+        parts = self.read(query, True, figures)
+        body = dashboard_html(parts, time.monotonic() - started).encode()
+        return _ok(body, HTML_TYPE, ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer"),
+                   ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self';"
+                                               " frame-ancestors 'none'"))
+
+    def read(self, query, summaries, build):
+        """build(a Reader of `query`) within report_timeout; 503 if it takes longer or cannot read."""
+        seconds = self.config.report_timeout
         try:
-            connection = self.store.read()
+            with self.store.reading(seconds) as connection:
+                if summaries:
+                    self._summaries_for(connection, query)
+                return build(Reader(connection, self.store.dialect, query, _today()))
+        except ReportTooSlow:
+            raise busy(f"the report took longer than report_timeout = {seconds:g} s and was stopped: ask for fewer "
+                       "days, or raise report_timeout", 5) from None
+        except self.store.errors as error:
+            log.warning("could not read a report: %s", error)
+            raise busy(f"the database could not be read: {self.store.describe(error)}", 5) from None
+
+    def _summaries_for(self, connection, query):
+        """Read the kept summaries if they can answer `query` and are up to date (the writer catches
+        up first if it is a little behind); else summarise the events into temporary tables."""
+        if self.store.summaries and all(getattr(query, name) is None for name in RANKED):
             try:
-                key = (kind, query, arguments or (_today(),), self.store.generation(connection))
-                kept = self.cache.get(key)
-                if kept is None:
-                    build = {"report": build_report, "funnel": build_funnel, "values": build_values}[kind]
-                    kept = json.dumps(build(self.store, connection, query, *key[2])).encode()
-                    self.cache.put(key, kept)
+                done, made_with = connection.execute("SELECT last_id, conventions FROM pycolytics_summary").fetchone()
+                newest = connection.execute("SELECT max(id) FROM event").fetchone()[0] or 0
+            except sqlite3.OperationalError:  # no summaries yet: a database no server of this version opened
+                done = newest = made_with = -1
+            if made_with not in (None, -1, json.dumps(conventions(self.config))):  # to be made again
+                self.writer.catch_up(newest, 0)  # the writer starts on it; this report reads the events
+                done = -1
+            if 0 <= done and (newest <= done or newest - done <= CATCH_UP_EVENTS
+                              and self.writer.catch_up(newest, CATCH_UP_SECONDS)):
+                connection.execute("BEGIN")  # one snapshot of the summaries for every query of the report
+                return
+        summarise_events(connection, self.store.dialect, self.config, query)
+
+
+###############################################################################
+# Players: erasing and exporting one player's events
+###############################################################################
+
+# Event ids one erasing step looks through (a few milliseconds of SQLite's time), and the events
+# one export answer holds at most (the next answer starts after the id its header gives).
+ERASE_STEP_IDS = 20_000
+MAX_PLAYER_EXPORT = 50_000
+# Tables whose rows belong to one player each, under (application, user_id).
+PLAYER_TABLES = tuple(name for name, _, key in SUMMARY_TABLES if key.startswith("application, user_id"))
+EXPORT_COLUMNS = ("id", "time", "received_at", "event_type", "application", "version", "platform",
+                  "user_id", "session_id", "value", "event_id")
+
+
+def stored_ids(config, user_id, application):
+    """The user_id as the database holds it: itself, or its hash where its application hashes ids."""
+    hashing = {name for name in [None, *config.apps] if config.for_app(name, "hash_user_ids")}
+    if application is not None:
+        hashed = (application if application in config.apps else None) in hashing
+        return [hash_id(config.id_secret.encode(), user_id)] if hashed else [user_id]
+    return [user_id] + ([hash_id(config.id_secret.encode(), user_id)] if hashing else [])
+
+
+def erase_player(store, connection, config, user_id, application=None):
+    """Delete every event of one player (of `application`, or of any), ERASE_STEP_IDS ids a step, each
+    its own short transaction, and their rows of the summaries; how many events went. Asking twice
+    is harmless. Events that arrive after it began are kept (a player who asked should be opted out)."""
+    ids = stored_ids(config, user_id, application)
+    dialect = store.dialect
+    marks = ", ".join("?" * len(ids))
+    where, parameters = f"user_id IN ({marks})", list(ids)
+    if application is not None:
+        where, parameters = where + " AND application = ?", parameters + [application]
+    top = connection.execute("SELECT max(id) FROM event").fetchone()[0] or 0
+    removed, applications = 0, set()
+    for after in range(0, top, ERASE_STEP_IDS):
+        with _write(store, connection):
+            found = connection.execute(dialect.sql(
+                f"SELECT id, {dialect.day.format('time')}, application, event_type, version, platform FROM event"
+                f" WHERE id > ? AND id <= ? AND {where}"), [after, after + ERASE_STEP_IDS] + parameters).fetchall()
+            if not found:
+                continue
+            if store.summaries:
+                _uncount(connection, [row for row in found if row[0] <= summarised_up_to(connection)])
+            connection.execute(dialect.sql(f"DELETE FROM event WHERE id IN ({', '.join('?' * len(found))})"),
+                               [row[0] for row in found])
+        removed += len(found)
+        applications |= {row[2] for row in found}
+    if store.summaries:
+        with _write(store, connection):
+            applications |= {name for name, in connection.execute(f"SELECT DISTINCT application FROM pycolytics_users"
+                                                                  f" WHERE {where}", parameters)}
+            for table, name in itertools.product(PLAYER_TABLES, applications):
+                connection.execute(f"DELETE FROM {table} WHERE application = ? AND user_id IN ({marks})", [name] + ids)
+    log.info("erased a player's events at an admin's request: %d events%s", removed,
+             "" if application is None else f" of application {application!r}")
+    return removed
+
+
+def _write(store, connection):
+    return transaction(connection) if store.summaries else connection.transaction()
+
+
+def _uncount(connection, rows):
+    """Take erased events, summarised already, out of pycolytics_names (the rest of the summaries are per player)."""
+    counts = collections.Counter((day, application, field, name) for _, day, application, *names in rows
+                                 for field, name in zip(RANKED, names))
+    for (day, application, field, name), count in counts.items():
+        connection.execute("UPDATE pycolytics_names SET events = events - ? WHERE day = ? AND application = ?"
+                           " AND field = ? AND name = ?", (count, day, application, field, name))
+    connection.execute("DELETE FROM pycolytics_names WHERE events <= 0")
+
+
+def player_events(store, connection, config, user_id, application=None, after_id=0, limit=None):
+    """The rows (EXPORT_COLUMNS) of one player's events in id order, streamed, after `after_id`."""
+    ids = stored_ids(config, user_id, application)
+    present = store.columns(connection)
+    texts = {"time": store.dialect.time_text, "received_at": store.dialect.received_text,
+             "value": store.dialect.value_text}
+    selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
+    where, parameters = f"user_id IN ({', '.join('?' * len(ids))}) AND id > ?", ids + [after_id]
+    if application is not None:
+        where, parameters = where + " AND application = ?", parameters + [application]
+    limited = f" LIMIT {int(limit)}" if limit else ""
+    return store.rows(connection, store.dialect.sql(f"SELECT {selected} FROM event WHERE {where} ORDER BY id{limited}"),
+                      parameters)
+
+
+def _record(row):
+    record = dict(zip(EXPORT_COLUMNS, row))
+    record["value"] = json.loads(record["value"]) if isinstance(record["value"], str) else record["value"]
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+class Players:
+    """POST /v1.0/player/erase and /v1.0/player/export: one player's events, with one of admin_keys
+    (read and write keys are refused). The body names the player: {"user_id": ..., "application":
+    ... (optional), "after_id": ... (export, optional)}; the raw id, also where it is stored hashed."""
+
+    def __init__(self, config, store, keyring):
+        self.config, self.store, self.keyring = config, store, keyring
+
+    def answer(self, environ):
+        self.keyring.authorize(environ, "admin", "erasing and exporting players is off: set admin_keys in the "
+                                                 "configuration to turn it on")
+        document = parse_json(read_body(environ, self.config.max_body_bytes))
+        user_id, application, after_id = self._player(document)
+        if environ.get("PATH_INFO", "").endswith("/erase"):
+            connection = self.store.connect()
+            try:
+                removed = erase_player(self.store, connection, self.config, user_id, application)
             finally:
                 connection.close()
-        except self.store.errors as error:
-            raise ServiceUnavailable(f"the database could not be read: {error}", 5) from None
-        return json.loads(kept)  # the same lists and dicts whether kept or just built
+            return _ok(json.dumps({"removed": removed, "application": application}).encode(), JSON_TYPE)
+        return self._export(user_id, application, after_id)
 
+    def _player(self, document):
+        if not isinstance(document, dict):
+            raise HTTPError(422, "the body must be a JSON object like {\"user_id\": \"3f2a9c1e\"}")
+        user_id, application, after_id = document.get("user_id"), document.get("application"), document.get("after_id", 0)
+        if type(user_id) is not str or not user_id:
+            raise HTTPError(422, "'user_id' must be the player's id, a non-empty string")
+        if application is not None and type(application) is not str:
+            raise HTTPError(422, "'application' must be a string, or left out for every application")
+        if type(after_id) is not int or after_id < 0:
+            raise HTTPError(422, "'after_id' must be a whole number: the last id of the answer before")
+        return user_id, application, after_id
 
-def _today():
-    return datetime.datetime.now(datetime.timezone.utc).date()
+    def _export(self, user_id, application, after_id):
+        seconds = self.config.report_timeout
+        try:
+            with self.store.reading(seconds) as connection:
+                rows = list(player_events(self.store, connection, self.config, user_id, application, after_id,
+                                          MAX_PLAYER_EXPORT + 1))
+        except ReportTooSlow:
+            raise busy(f"the export took longer than report_timeout = {seconds:g} s", 5) from None
+        headers = [("Cache-Control", "no-store")]
+        if len(rows) > MAX_PLAYER_EXPORT:
+            rows = rows[:MAX_PLAYER_EXPORT]
+            headers.append(("Pycolytics-Next-After-Id", str(rows[-1][0])))
+        body = "".join(map(_record, rows)).encode()
+        return _ok(body, ("Content-Type", "application/x-ndjson; charset=utf-8"), *headers)
 
+###############################################################################
+# The dashboard: /dashboard, drawn by the server as SVG
+###############################################################################
 
 def _escape(text):
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
@@ -3530,22 +5091,6 @@ def _ranking_svg(items, label, shares=False):
             f'aria-label="{_escape(label)}">{"".join(bars)}</svg>')
 
 
-def _retention_table(triangle, since):
-    """Cohorts by first day, the share of each back on the days after: a triangle, shaded by share."""
-    if not triangle:
-        return '<p class="empty">No new users in this range.</p>'
-    head = "".join(f"<th>day {after}</th>" for after in RETENTION_COLUMNS)
-    rows = []
-    for n, users, shares in triangle:
-        cells = "".join('<td class="future"></td>' if share is None else
-                        f'<td style="background:rgba(61,123,224,{0.08 + 0.92 * share:.2f})'
-                        f'{";color:#fff" if share > 0.5 else ""}">{100 * share:.0f}%</td>' for share in shares)
-        day = (since + datetime.timedelta(days=n)).isoformat()
-        rows.append(f"<tr><th>{day}</th><td>{users:,}</td>{cells}</tr>")
-    return (f'<div class="scroll"><table class="retention"><tr><th>first day</th><th>new users</th>{head}</tr>'
-            f'{"".join(rows)}</table></div>')
-
-
 def _options(names, chosen):
     return "".join(f'<option value="{_escape(name)}"{" selected" if name == chosen else ""}>{_escape(name)}</option>'
                    for name in names)
@@ -3560,7 +5105,7 @@ def _seconds_text(seconds):
 
 
 def _funnel_section(parts, hidden, types):
-    fields, funnel = parts["fields"], parts["funnel"]
+    fields, funnel = parts["fields"], parts.get("funnel")
     typed = fields.get("steps", "")
     picks = "".join(f'<select name="step"><option value="">step {n + 1}</option>{_options(types, None)}</select>'
                     for n in range(4))
@@ -3571,26 +5116,6 @@ def _funnel_section(parts, hidden, types):
         return form + '<p class="empty">Type event types separated by commas, or pick them.</p>'
     items = [(step["name"], step["users"]) for step in funnel["steps"]]
     return form + _ranking_svg(items, "funnel", shares=True)
-
-
-def _values_section(parts, hidden, types):
-    fields, values = parts["fields"], parts["values"]
-    form = (f'<form method="get" action="dashboard">{hidden}<label>Event type <select name="of">'
-            f'{_options(types, fields.get("of"))}</select></label> <label>value field <input name="field" '
-            f'value="{_escape(fields.get("field", ""))}" placeholder="level"></label><button type="submit">Break down</button>'
-            f'</form>')
-    if values is None:
-        return form + '<p class="empty">What level do players die on? Pick the event type and its value\'s field.</p>'
-    shown = []
-    if values["numbers"]:
-        numbers = values["numbers"]
-        shown.append('<table class="numbers"><tr>' + "".join(f"<th>{name}</th>" for name in numbers) + "</tr><tr>"
-                     + "".join(f"<td>{value:,}</td>" for value in numbers.values()) + "</tr></table>")
-    if values["strings"]:
-        shown.append(_ranking_svg([(row["value"], row["events"]) for row in values["strings"]], "values"))
-    shown.append(f'<p class="empty">{values["events"]:,} events of {_escape(values["event_type"])}; '
-                 f'{values["missing"]:,} without a number or text in {_escape(values["field"])}.</p>')
-    return form + "".join(shown)
 
 
 # The dashboard's style sheet: one page, no files to serve, no scripts.
@@ -3604,43 +5129,159 @@ input,select,button{font:inherit;padding:3px 6px} main{max-width:1100px;margin:0
 section{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}
 h2{font-size:17px;margin:4px 0 8px} .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}
 .grid section{margin:0} .chart{width:100%;height:auto} .ranking{max-width:560px} .chart text{font-size:13px;fill:#3b4356}
-.bar,.bar0{fill:#3d7be0} .bar1{fill:#e0793d} .axis{stroke:#c5cad3} .line{fill:none;stroke-width:2.5}
-.line0{stroke:#3d7be0} .line1{stroke:#e0793d} .legend{margin:0 0 4px;font-size:14px}
-.key0{color:#3d7be0} .key1{color:#e0793d;margin-left:12px} .empty{color:#5b6477}
+.bar,.bar0{fill:#3d7be0} .bar1{fill:#e0793d} .bar2{fill:#4caf7a} .bar3{fill:#9b6ad6} .bar4{fill:#d6b43d}
+.bar5{fill:#8a93a6} .axis{stroke:#c5cad3} .line{fill:none;stroke-width:2.5} .line0{stroke:#3d7be0}
+.line1{stroke:#e0793d} .line2{stroke:#4caf7a} .legend{margin:0 0 4px;font-size:14px} .legend span{margin-right:12px}
+.key0{color:#3d7be0} .key1{color:#e0793d} .key2{color:#4caf7a} .key3{color:#9b6ad6} .key4{color:#d6b43d}
+.key5{color:#8a93a6} .empty{color:#5b6477}
 .scroll{overflow-x:auto} table{border-collapse:collapse} td,th{padding:3px 8px;text-align:right;font-size:14px}
 .retention td.future{background:#fafafa} .numbers td,.numbers th{border-bottom:1px solid #e3e6eb}
 header a{color:#cfe0ff} footer{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}
 """
 
 
-def _dashboard_html(parts, seconds):
-    report, extras, fields, query = parts["report"], parts["extras"], parts["fields"], parts["query"]
+def _table(header, rows):
+    """An HTML table of already formatted cells (escaped here)."""
+    head = "".join(f"<th>{_escape(name)}</th>" for name in header)
+    body = "".join("<tr>" + "".join(f"<td>{_escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table class="numbers"><tr>{head}</tr>{body}</table></div>'
+
+
+def _percent(share):
+    return "" if share is None else f"{100 * share:.0f}%"
+
+
+def _retention_section(retention):
+    if not retention["weekly"]:
+        return '<p class="empty">No new players in this range.</p>'
+    average = retention["average"]
+    cells = []
+    for row in retention["weekly"]:
+        shares = "".join('<td class="future"></td>' if row[f"day_{after}"] is None else
+                         f'<td style="background:rgba(61,123,224,{0.08 + 0.92 * row[f"day_{after}"]:.2f})'
+                         f'{";color:#fff" if row[f"day_{after}"] > 0.5 else ""}">{_percent(row[f"day_{after}"])}</td>'
+                         for after in RETENTION_DAYS)
+        cells.append(f"<tr><th>{row['cohort']}</th><td>{row['users']:,}</td>{shares}</tr>")
+    head = "".join(f"<th>day {after}</th>" for after in RETENTION_DAYS)
+    return (f'<p>Of the {retention["new_users"]:,} new players of the range, back on day 1: '
+            f'<b>{_percent(average["day_1"]) or "-"}</b>, day 7: <b>{_percent(average["day_7"]) or "-"}</b>, '
+            f'day 30: <b>{_percent(average["day_30"]) or "-"}</b> (each cohort weighted by its players; weeks '
+            f'with fewer than {retention["min_cohort"]} new players are folded into the next).</p>'
+            f'<div class="scroll"><table class="retention"><tr><th>week from</th><th>new players</th>{head}</tr>'
+            f'{"".join(cells)}</table></div>')
+
+
+def _stickiness_section(stickiness, dates):
+    days = stickiness["days"]
+    if not any(day["mau"] for day in days):
+        return '<p class="empty">No players in this range.</p>'
+    shares = [day["dau_mau"] for day in days if day["dau_mau"] is not None]
+    series = [(name.upper(), [day[name] for day in days]) for name in ("dau", "wau", "mau")]
+    return (_legend([name for name, _ in series]) + _lines_svg(dates, series, "daily, weekly and monthly players")
+            + f'<p class="empty">DAU/MAU {_percent(sum(shares) / len(shares))} on average; on the last day '
+              f'{_percent(days[-1]["dau_mau"])}.</p>')
+
+
+def _versions_section(versions, dates):
+    top = [row["name"] for row in versions["versions"] if row["name"] != "(other)"][:5]
+    if not top:
+        return '<p class="empty">No events in this range.</p>'
+    per_day = {(row["date"], row["version"]): row["events"] for row in versions["days"]}
+    series = [(name, [per_day.get((day, name), 0) for day in dates]) for name in top]
+    table = _table(("version", "events", "players"), [(row["name"], f"{row['events']:,}", f"{row.get('users', 0):,}")
+                                                      for row in versions["versions"]])
+    return _legend(top) + _columns_svg(dates, series, "events per version and day") + table
+
+
+def _revenue_section(revenue, dates):
+    if not revenue["currencies"]:
+        return '<p class="empty">No purchases in this range (events of type purchase_event, with a price).</p>'
+    main = revenue["currencies"][0]["currency"]
+    per_day = {row["date"]: row["revenue"] for row in revenue["days"] if row["currency"] == main}
+    table = _table(("currency", "revenue", "purchases", "paying players", "ARPPU", "ARPDAU"), [
+        (row["currency"] or "(none)", f"{row['revenue']:,.2f}", f"{row['purchases']:,}", f"{row['paying_users']:,}",
+         f"{row['arppu']:,.2f}", "" if row["arpdau"] is None else f"{row['arpdau']:,.4f}")
+        for row in revenue["currencies"]])
+    return (f'<p>{revenue["paying_users"]:,} paying players of {revenue["players"]:,}: conversion '
+            f'<b>{_percent(revenue["conversion"]) or "-"}</b>.</p>' + table
+            + f"<h3>Revenue per day ({_escape(main or '(no currency)')})</h3>"
+            + _columns_svg(dates, [(main, [per_day.get(day, 0) for day in dates])], "revenue per day")
+            + '<div class="grid"><div><h3>First purchase, days after the first day</h3>'
+            + _ranking_svg([(row["days"], row["users"]) for row in revenue["first_purchase"]], "first purchases")
+            + "</div><div><h3>Top items</h3>" + _ranking_svg(
+                [(f"{row['item'] or '(none)'} ({row['currency']})", round(row["revenue"], 2)) for row in revenue["items"]],
+                "top items by revenue") + "</div></div>")
+
+
+def _progression_section(progression):
+    levels = progression["levels"]
+    if not levels:
+        return '<p class="empty">No level events in this range (level_start_event, level_complete_event, ...).</p>'
+    table = _table(("level", "started", "completed", "failed", "completion", "attempts (median)", "time to complete",
+                    "stopped here"), [
+        (row["level"], f"{row['started']:,}", f"{row['completed']:,}", f"{row['failed']:,}",
+         _percent(row["completion_rate"]), "" if row["median_attempts"] is None else row["median_attempts"],
+         "" if row["median_seconds_to_complete"] is None else _seconds_text(row["median_seconds_to_complete"]),
+         f"{row['last_level_of_churned']:,}") for row in levels])
+    return (f'<p>{progression["churned"]:,} players stopped playing (no event in the last '
+            f'{progression["churn_days"]} days of the range); their last level:</p>'
+            + _ranking_svg([(row["level"], row["last_level_of_churned"]) for row in levels
+                            if row["last_level_of_churned"]], "where players stop") + table)
+
+
+def _values_section(parts, hidden, types):
+    fields, values = parts["fields"], parts.get("values")
+    form = (f'<form method="get" action="dashboard">{hidden}<label>Event type <select name="of">'
+            f'{_options(types, fields.get("of"))}</select></label> <label>value field <input name="field" '
+            f'value="{_escape(fields.get("field", ""))}" placeholder="level"></label><button type="submit">Break down'
+            f'</button></form>')
+    if values is None:
+        return form + '<p class="empty">What level do players die on? Pick the event type and its value\'s field.</p>'
+    shown = []
+    numbers = values["numbers"]
+    if numbers:
+        stats = {name: numbers[name] for name in ("count", "min", "p50", "p90", "max", "sum")}
+        shown.append(_table(stats, [[f"{value:,}" for value in stats.values()]]))
+        if numbers["values"] is not None:
+            shown.append(_ranking_svg([(row["value"], row["events"]) for row in numbers["values"]], "events per value"))
+        else:
+            shown.append(_ranking_svg([(f"{row['from']:,} to {row['to']:,}", row["events"])
+                                       for row in numbers["histogram"]], "histogram"))
+    if values["strings"]:
+        shown.append(_ranking_svg([(row["value"], row["events"]) for row in values["strings"]], "values"))
+    shown.append(f'<p class="empty">{values["events"]:,} events of {_escape(values["event_type"])}; '
+                 f'{values["missing"]:,} without a number or text in {_escape(values["field"])}.</p>')
+    return form + "".join(shown)
+
+
+def dashboard_html(parts, seconds):
+    report, fields, query = parts["report"], parts["fields"], parts["query"]
     totals, days = report["totals"], report["days"]
     dates = [day["date"] for day in days]
-    column = {name: [day[name] for day in days] for name in ("events", "users", "new_users", "sessions")}
+    column = {name: [day[name] for day in days] for name in DAY_COLUMNS}
     filters = {name: fields.get(name, "") for name in REPORT_FILTERS}
-    chosen = dict(filters, since=query.since.isoformat(), until=query.until.isoformat())
+    chosen = dict(filters, application=query.application or "", since=query.since.isoformat(),
+                  until=query.until.isoformat())
     hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
-                     for name, value in chosen.items() if value)
+                     for name, value in chosen.items() if value or name == "application")
     choices = {key: [row["name"] for row in report[key] if row["name"] != "(other)"]
                for key in ("event_types", "versions", "platforms")}
-    types = choices["event_types"]
     empty = '<p class="empty">No events in this range.</p>'
     median = report["sessions"]["median_seconds"]
     returning = [users - new for users, new in zip(column["users"], column["new_users"])]
     ranked = {title: _ranking_svg([(row["name"], row["events"]) for row in report[key]], title)
-              for title, key in (("Event types", "event_types"), ("Versions", "versions"), ("Platforms", "platforms"))}
-    lengths = [(label, n) for (_, label), n in zip(SESSION_BUCKETS, extras["session_lengths"])]
+              for title, key in (("Event types", "event_types"), ("Platforms", "platforms"))}
+    lengths = [(label, n) for (_, label), n in zip(SESSION_BUCKETS, parts["session_lengths"])]
+    applications = sorted(set(parts["applications"]) | ({query.application} if query.application else set()))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Pycolytics dashboard</title>
 <style>
 {DASHBOARD_CSS}</style></head><body>
-<header><h1>Pycolytics</h1>
+<header><h1>Pycolytics{" &middot; " + _escape(query.application) if query.application else ""}</h1>
 <form method="get" action="dashboard">
-<label>Application <select name="application"><option value="">all</option>{_options(
-        sorted(set(extras["applications"]) | ({query.application} if query.application else set())),
-        query.application)}</select></label>
+<label>Application <select name="application"><option value=""{"" if query.application else " selected"}>all</option>
+{_options(applications, query.application)}</select></label>
 <label>From <input type="date" name="since" value="{query.since}"></label>
 <label>to <input type="date" name="until" value="{query.until}"></label>
 <label>Event type <input name="event_type" list="event_types" size="12" value="{_escape(filters["event_type"])}">
@@ -3651,432 +5292,36 @@ def _dashboard_html(parts, seconds):
 <a href="{_link("v1.0/report", dict(chosen, format="csv"))}">Download the days as CSV</a> &middot;
 <a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>
 <main>
-<div class="totals"><div><b>{totals["events"]:,}</b>events</div><div><b>{totals["users"]:,}</b>users</div>
-<div><b>{totals["new_users"]:,}</b>new users</div><div><b>{totals["sessions"]:,}</b>sessions</div>
+<div class="totals"><div><b>{totals["events"]:,}</b>events</div><div><b>{totals["users"]:,}</b>players</div>
+<div><b>{totals["new_users"]:,}</b>new players</div><div><b>{totals["sessions"]:,}</b>sessions</div>
 <div><b>{_seconds_text(median)}</b>median session</div></div>
 <section><h2>Events per day</h2>{_columns_svg(dates, [("events", column["events"])], "events per day")
                                    if totals["events"] else empty}</section>
-<section><h2>Users and sessions per day</h2>{_legend(["users", "sessions"]) + _lines_svg(
-    dates, [("users", column["users"]), ("sessions", column["sessions"])], "users and sessions per day")
+<section><h2>New and returning players per day</h2>{_legend(["new players", "returning players"]) + _columns_svg(
+    dates, [("new players", column["new_users"]), ("returning players", returning)], "new and returning players")
     if totals["events"] else empty}</section>
-<section><h2>New and returning users per day</h2>{_legend(["new users", "returning users"]) + _columns_svg(
-    dates, [("new users", column["new_users"]), ("returning users", returning)], "new and returning users per day")
-    if totals["events"] else empty}</section>
-<section><h2>Retention: the share of each day's new users back on the days after</h2>
-{_retention_table(extras["triangle"], query.since)}</section>
+<section><h2>Retention: the share of each week's new players back on the days after their first</h2>
+{_retention_section(parts["retention"])}</section>
+<section><h2>Daily, weekly and monthly players</h2>{_stickiness_section(parts["stickiness"], dates)}</section>
+<section><h2>Revenue</h2>{_revenue_section(parts["revenue"], dates)}</section>
+<section><h2>Progression: levels</h2>{_progression_section(parts["progression"])}</section>
+<section><h2>Versions</h2>{_versions_section(parts["versions"], dates)}</section>
 <div class="grid">
 <section><h2>Session length</h2>{_ranking_svg(lengths, "session lengths") if totals["sessions"] else empty}
 <p class="empty">median {_seconds_text(median)}, 90% under {_seconds_text(report["sessions"]["p90_seconds"])},
-{report["sessions"]["per_user"]} sessions per user</p></section>
+{report["sessions"]["per_user"]} sessions per player</p></section>
 {"".join(f"<section><h2>{title}</h2>{svg}</section>" for title, svg in ranked.items())}
 </div>
-<section><h2>Funnel</h2>{_funnel_section(parts, hidden, types)}</section>
-<section><h2>Values</h2>{_values_section(parts, hidden, types)}</section>
+<section><h2>Funnel</h2>{_funnel_section(parts, hidden, choices["event_types"])}</section>
+<section><h2>Values</h2>{_values_section(parts, hidden, choices["event_types"])}</section>
 </main>
 <footer>Pycolytics {__version__} &middot; days in UTC &middot; drawn in {seconds * 1000:.0f} ms</footer>
 </body></html>
 """
 
-
-###############################################################################
-# The WSGI application
-###############################################################################
-
-JSON_TYPE = ("Content-Type", "application/json")
-HTML_TYPE = ("Content-Type", "text/html; charset=utf-8")
-
-def _error_parts(error):
-    """(status, headers, body) of the JSON answer to an HTTPError."""
-    body = json.dumps({"detail": error.detail}).encode()
-    return error.status, [JSON_TYPE, ("Content-Length", str(len(body)))] + error.headers, body
-
-
-_INTERNAL_ERROR = _error_parts(HTTPError("internal server error"))  # never says more: no tracebacks out
-_NO_CONTENT = ("204 No Content", [], b"")
-
-
-_VARY_ORIGIN = [("Vary", "Origin")]
-
-
-def _ok(body, content_type, *headers):
-    """(status, headers, body) of a 200 answer."""
-    return "200 OK", [content_type, ("Content-Length", str(len(body))), *headers], body
-
-
-def read_body(environ, limit):
-    """The request body, at most `limit` bytes; never reads more than limit + 1."""
-    length = environ.get("CONTENT_LENGTH") or ""
-    stream = environ["wsgi.input"]
-    if length:
-        if not length.isdigit():
-            raise BadRequest("Content-Length must be a whole number of bytes")
-        if int(length) > limit:
-            raise PayloadTooLarge(f"the request body is {length} bytes; at most {limit} are accepted")
-        body = stream.read(int(length))
-        if len(body) < int(length):
-            raise BadRequest("the request body is shorter than its Content-Length")
-        return body
-    if not environ.get("wsgi.input_terminated"):
-        return b""
-    body = stream.read(limit + 1)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"the request body is over {limit} bytes; at most {limit} are accepted")
-    return body
-
-
-def decompress(body, encoding, limit):
-    """A gzip or deflate body, decompressed to at most `limit` bytes: a bomb is refused early."""
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not supported: send gzip, deflate or identity")
-    import zlib  # here: most servers never see a compressed body
-
-    # 47 reads a gzip or a zlib header; -15 is raw deflate, which some clients send as "deflate".
-    for window in (47, -15) if encoding == "deflate" else (47,):
-        decompressor = zlib.decompressobj(window)
-        try:
-            data = decompressor.decompress(body, limit + 1)
-        except zlib.error:
-            continue
-        if len(data) > limit or decompressor.unconsumed_tail:
-            raise PayloadTooLarge(f"the request body decompresses to over {limit} bytes; at most {limit} are accepted")
-        if not decompressor.eof:
-            raise BadRequest(f"the {encoding} body is cut short")
-        return data
-    raise BadRequest(f"the request body is not valid {encoding} data")
-
-
-# What a Host (or X-Forwarded-Host) may be to be written into a page: a name or an address and
-# a port. Anything else is not a host, and the server's own name is used instead.
-_HOST = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-# An X-Forwarded-Prefix: a path of RFC 3986's unreserved characters and percent-escapes, written
-# as is; nothing that needs quoting in HTML or in the shell command the /docs page shows.
-_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~%-]*)*")
-# Where the cached documentation names the application's own address; each answer puts the
-# address it was asked at (public_url) in its place. RFC 2606 reserves .invalid: no page says it.
-_OWN_ADDRESS = "http://pycolytics.invalid"
-
-
-def _last(header):
-    """The last value of a comma-separated header: the one the nearest proxy, the trusted one, set."""
-    return header.rpartition(",")[2].strip()
-
-
-def public_url(environ, trusted_proxies):
-    """The application's address as the player used it, without a trailing slash.
-
-    Built as wsgiref.util.application_uri builds it (scheme, Host, SCRIPT_NAME), except that a
-    trusted proxy's X-Forwarded-Proto and X-Forwarded-Host win: behind nginx the request that
-    reaches us says nothing of the player's scheme and host.
-    """
-    scheme = environ.get("wsgi.url_scheme", "http")
-    host = environ.get("HTTP_HOST", "")
-    if environ.get("REMOTE_ADDR") in trusted_proxies:  # the test client_address() makes of a peer
-        proto = _last(environ.get("HTTP_X_FORWARDED_PROTO", "")).lower()
-        scheme = proto if proto in ("http", "https") else scheme
-        host = _last(environ.get("HTTP_X_FORWARDED_HOST", "")) or host
-    if not _HOST.fullmatch(host):
-        host, port = environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "")
-        host = f"[{host}]" if ":" in host else host
-        if port and port != {"http": "80", "https": "443"}[scheme]:
-            host += ":" + port
-    return f"{scheme}://{host}{public_path(environ, trusted_proxies)}"
-
-
-def public_path(environ, trusted_proxies):
-    """The path the application is at, as the player used it: "" at the root, else "/analytics".
-
-    SCRIPT_NAME (where the WSGI server mounted it) after the X-Forwarded-Prefix of a trusted
-    proxy (the path nginx took off before passing the request on).
-    """
-    prefix = ""
-    if environ.get("REMOTE_ADDR") in trusted_proxies:
-        prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
-        prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
-    from urllib.parse import quote  # here: only the answers that name their own address need it
-
-    return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
-
-
-class Pycolytics:
-    """The WSGI application: `Pycolytics(config)(environ, start_response)`."""
-
-    def __init__(self, config, scoreboard=None):
-        """`scoreboard`: a worker process's seat on the Scoreboard that the workers of `workers = N`
-        share, so that its metrics, health and rate limit are the whole server's."""
-        self.scoreboard = scoreboard
-        self.store = store_for(config)
-        self.metrics = Metrics() if scoreboard is None else Metrics(scoreboard.rows, scoreboard.row)
-        if scoreboard is not None and scoreboard.writer_address is not None:
-            self.writer = RemoteWriter(config, self.store, self.metrics, scoreboard)
-        else:
-            self.writer = Writer(config, self.store, self.metrics)
-        self.rate_limiter = None
-        self.reconfigure(config)
-        self._routes = {
-            "/v1.0/event": {"POST": self.post_event, "OPTIONS": self.preflight},
-            "/v1.0/events": {"POST": self.post_events, "OPTIONS": self.preflight},
-            "/v1.0/client.js": {"GET": client_script},
-            "/docs": {"GET": self.get_docs},
-            "/openapi.json": {"GET": self.get_openapi},
-            "/healthz": {"GET": self.get_health},
-            "/metrics": {"GET": self.get_metrics},
-            "/dashboard": {"GET": self.get_dashboard},
-            "/v1.0/report": {"GET": self.get_report},
-            "/v1.0/report/funnel": {"GET": self.get_report},
-            "/v1.0/report/values": {"GET": self.get_report},
-            "/": {"GET": self.get_index},
-        }
-        for methods in self._routes.values():
-            if "GET" in methods:
-                methods["HEAD"] = methods["GET"]
-        # What the server's loop must not answer itself: these may wait for the database.
-        self._reads_the_database = {self.get_health, self.get_dashboard}
-        self._turn_rows, self._turn_requests = [], []  # posted in this turn of the server's loop
-
-    def reconfigure(self, config):
-        """Put new settings in force (keys, limits, documentation); the database stays as it is."""
-        self.validator = Validator(config, Keyring(config))
-        self.dashboard = Dashboard(config, self.store)
-        origins = [config.cors_origins] + [app["cors_origins"] for app in config.apps.values() if "cors_origins" in app]
-        self._every_origin = [("Access-Control-Allow-Origin", "*")] if ANY_ORIGIN in origins else None
-        self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
-        if config.rate_limit != (self.config.rate_limit if self.rate_limiter else None):
-            shared = None if self.scoreboard is None else self.scoreboard.requests
-            self.rate_limiter = RateLimiter(config.rate_limit, shared) if config.rate_limit else None
-        self._openapi = json.dumps(openapi_document(config, _OWN_ADDRESS), indent=2).encode()
-        self._docs = docs_page(config, _OWN_ADDRESS).encode()
-        self.config = self.writer.config = config
-
-    def open(self):
-        """Open the database now instead of at the first event, so a bad path stops start-up."""
-        self.writer.start()
-
-    def close(self):
-        self.writer.close()
-
-    def __call__(self, environ, start_response):
-        """Plain WSGI: a posted request waits here until its events are committed."""
-        try:
-            answer = self._route(environ)(environ)
-            if isinstance(answer, list):  # rows to store
-                if answer:
-                    self.writer.start()
-                    self.writer.write(answer)
-                answer = _NO_CONTENT
-        except HTTPError as error:
-            answer = _error_parts(error)
-        except Exception:
-            answer = self._failed(environ)
-        status, headers, body = self._finish(environ, answer)
-        start_response(status, headers)
-        return [body]
-
-    def answer_in_loop(self, environ, respond):
-        """The built-in server's loop hook (see Server): answer without blocking, or return False.
-
-        Everything that does not read the database is answered right here; posted events are
-        validated here and answered once the writer has committed them, with every other
-        request that arrived meanwhile (one fsync for all).
-        """
-        try:
-            handler = self._route(environ)
-            if handler in self._reads_the_database:
-                return False
-            answer = handler(environ)
-            if isinstance(answer, list):  # rows to store
-                if answer:
-                    self._turn_rows += answer
-                    self._turn_requests.append((environ, respond))
-                    return True
-                answer = _NO_CONTENT
-        except HTTPError as error:
-            answer = _error_parts(error)
-        except Exception:
-            answer = self._failed(environ)
-        respond(*self._finish(environ, answer))
-        return True
-
-    def loop_turn_ended(self):
-        """The server's hook after each turn of its loop: the rows of every request read in it
-        go to the writer together, to be committed with one fsync."""
-        if not self._turn_requests:
-            return
-        rows, requests = self._turn_rows, self._turn_requests
-        self._turn_rows, self._turn_requests = [], []
-        try:
-            self.writer.start()
-            self.writer.submit(rows, functools.partial(self._committed, requests))
-        except HTTPError as error:
-            self._committed(requests, error)
-
-    def server_answered(self, status):
-        """The server's hook for the answers it gives by itself (bad framing, overload): counted."""
-        self.metrics.request(status)
-
-    def _committed(self, requests, error=None):
-        """Called by the writer thread once a turn's rows are stored, or could not be: answer them all."""
-        status, headers, body = _NO_CONTENT if error is None else _error_parts(error)
-        self.metrics.request(status, len(requests))
-        for environ, respond in requests:
-            respond(status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body)
-
-    def _finish(self, environ, answer):
-        """Every answer, whichever way it leaves: counted, and readable by the pages allowed to."""
-        status, headers, body = answer
-        self.metrics.request(status)
-        return status, headers + self.cors_headers(environ.get("HTTP_ORIGIN")), body
-
-    @staticmethod
-    def _failed(environ):
-        log.exception("error while answering %s %s", environ.get("REQUEST_METHOD"),
-                      environ.get("PATH_INFO", "").encode("unicode_escape").decode("ascii"))
-        return _INTERNAL_ERROR
-
-    def cors_headers(self, origin):
-        """What lets a page from `origin` read the answer (browser games, web apps), if it may."""
-        if self._every_origin:
-            return self._every_origin  # the same list for every answer: callers only add it to theirs
-        if origin in self._origins:
-            return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-        return _VARY_ORIGIN
-
-    def preflight(self, environ):
-        """A browser asking whether it may POST here: yes, for a day, with these headers."""
-        return "204 No Content", [
-            ("Access-Control-Allow-Methods", "POST, OPTIONS"),
-            ("Access-Control-Allow-Headers", "Content-Type, Content-Encoding"),
-            ("Access-Control-Max-Age", "86400"),
-        ], b""
-
-    def _route(self, environ):
-        """The handler for a request; raises NotFound or MethodNotAllowed. The one routing of both ways in."""
-        methods = self._routes.get(environ.get("PATH_INFO") or "/")
-        if methods is None:
-            root = public_path(environ, self.config.trusted_proxies)
-            raise NotFound(f"no such endpoint: {root}{environ.get('PATH_INFO')}; "
-                           f"events go to {root}/v1.0/event or {root}/v1.0/events")
-        handler = methods.get(environ["REQUEST_METHOD"])
-        if handler is None:
-            allowed = ", ".join(methods)
-            raise MethodNotAllowed(f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}", [("Allow", allowed)])
-        return handler
-
-    def post_event(self, environ):
-        return self._rows(environ, batch=False)
-
-    def post_events(self, environ):
-        return self._rows(environ, batch=True)
-
-    def _rows(self, environ, batch):
-        """The rows a posted request asks to store; raises HTTPError for anything wrong with it."""
-        body = read_body(environ, self.config.max_body_bytes)
-        client = client_address(
-            environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self.config.trusted_proxies
-        )
-        if self.rate_limiter is not None:
-            self.rate_limiter.check(client)
-        encoding = environ.get("HTTP_CONTENT_ENCODING")
-        if encoding and encoding.lower() != "identity":
-            body = decompress(body, encoding.lower(), self.config.max_body_bytes)
-        received = datetime.datetime.now(datetime.timezone.utc)
-        return self.validator.rows(parse_json(body), batch, body, received, environ.get("HTTP_ORIGIN"))
-
-    def get_docs(self, environ):
-        address = _escape(public_url(environ, self.config.trusted_proxies))
-        return _ok(self._docs.replace(_OWN_ADDRESS.encode(), address.encode()), HTML_TYPE)
-
-    def get_openapi(self, environ):
-        address = json.dumps(public_url(environ, self.config.trusted_proxies))[1:-1]
-        return _ok(self._openapi.replace(_OWN_ADDRESS.encode(), address.encode()), JSON_TYPE)
-
-    def get_health(self, environ):
-        problem = self.database_problem()
-        server_problem = environ.get("pycolytics.server_problem")  # the built-in server's own trouble
-        document = {"status": "unavailable" if problem or server_problem else "ok",
-                    "database": problem or "accepts writes", "version": __version__}
-        if server_problem:
-            document["server"] = server_problem
-            problem = problem or server_problem
-        if self.scoreboard is not None:
-            document["workers"] = self.scoreboard.workers()
-            if self.scoreboard.writer_address is not None:
-                document["writer"] = self.scoreboard.writer_state()
-        body = json.dumps(document).encode()
-        _, headers, body = _ok(body, JSON_TYPE, ("Cache-Control", "no-store"))
-        return ("503 Service Unavailable" if problem else "200 OK"), headers, body
-
-    def database_problem(self):
-        """Why the database would not take events now, or None if it would; with workers = N, from
-        any worker: one whose last write failed answers 503 to some of the events sent now."""
-        problem = self.writer.health()
-        if problem is None and self.scoreboard is not None:
-            failing = self.scoreboard.failing()
-            if failing:
-                problem = f"the last write of worker {failing[0]} failed (its log says why)"
-        return problem
-
-    def get_dashboard(self, environ):
-        self.dashboard.authorize(environ)
-        body = self.dashboard.page(environ)
-        return _ok(body, HTML_TYPE, ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer"),
-                   ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
-                                               "form-action 'self'; frame-ancestors 'none'"))
-
-    def get_report(self, environ):
-        return self.dashboard.answer(environ)
-
-    def get_metrics(self, environ):
-        return _ok(self.metrics.text().encode(), ("Content-Type", "text/plain; version=0.0.4"))
-
-    def get_index(self, environ):
-        # Paths, not addresses: a client that reached this page can reach them the same way.
-        root = public_path(environ, self.config.trusted_proxies)
-        body = json.dumps({"name": "pycolytics", "version": __version__, "api": API_VERSION, "docs": root + "/docs",
-                           "openapi": root + "/openapi.json", "dashboard": root + "/dashboard"}).encode()
-        return _ok(body, JSON_TYPE)
-
-
-def create_app(config=None):
-    """A ready application; for `gunicorn 'pycolytics:create_app()'`, which then fails fast on bad settings."""
-    app = Pycolytics(config or load_config())
-    app.open()
-    return app
-
-
-class _LazyApplication:
-    """The module's `application`: builds the real one from the environment at its first request.
-
-    Servers that fork workers import the module first, so nothing may be opened at import.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._app = None
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self):
-        # A forked child must not share its parent's writer thread (which did not survive the fork).
-        self._lock = threading.Lock()
-        self._app = None
-
-    def __call__(self, environ, start_response):
-        app = self._app
-        if app is None:
-            with self._lock:
-                if self._app is None:
-                    self._app = create_app()
-                app = self._app
-        return app(environ, start_response)
-
-
-application = _LazyApplication()
-
-
 ###############################################################################
 # Documentation: /openapi.json and /docs
 ###############################################################################
-
 
 def _event_schema(config):
     strings = {name: {"type": "string", "maxLength": config.max_string_length} for name in EVENT_FIELDS}
@@ -4146,7 +5391,7 @@ def openapi_document(config, url):
         "paths": dict({
             "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
             "/v1.0/events": post("Store a batch of events, all or nothing", batch),
-        }, **_report_paths(error)),
+        }, **_report_paths(error, config.max_string_length)),
         "components": {"schemas": {
             "Event": _event_schema(config),
             "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
@@ -4155,38 +5400,58 @@ def openapi_document(config, url):
     }
 
 
-def _report_paths(error):
-    """The report API's paths: a read key, a range of days and filters; README.md defines every figure."""
+def _report_paths(error, longest):
+    """The report API's and the player endpoints' paths; /docs defines every figure."""
     def parameter(name, description, required=False):
         return {"name": name, "in": "query", "required": required, "description": description,
-                "schema": {"type": "string", "maxLength": MAX_FILTER_CHARACTERS}}
+                "schema": {"type": "string", "maxLength": longest}}
 
     common = [parameter("since", "First day (UTC, YYYY-MM-DD, inclusive); default 29 days before until."),
               parameter("until", "Last day (inclusive); default today. At most 366 days from since."),
               parameter("application", "Only this application's events; a user is then a user_id."),
               parameter("event_type", "Only events of this type."), parameter("version", "Only this version."),
               parameter("platform", "Only this platform.")]
-    failures = {code: {"description": text, "content": {"application/json": {"schema": error}}} for code, text in (
-        ("400", "A bad query: a date, a range over 366 days, a format, missing steps or field."),
-        ("401", "No read key, or a wrong one."), ("403", "The report is off: no read_keys are configured."),
-        ("429", "Too many wrong read keys from this address: retry after Retry-After seconds."),
-        ("503", "The database could not be read."))}
-    json_answer = {"application/json": {"schema": {"type": "object"}}}
 
-    def get(summary, parameters, content):
-        return {"get": {"summary": summary, "parameters": common + parameters,
-                        "security": [{"readKey": []}, {"readKeyAsPassword": []}],
-                        "responses": dict({"200": {"description": summary, "content": content}}, **failures)}}
+    def failures(kind):
+        return {code: {"description": text, "content": {"application/json": {"schema": error}}} for code, text in (
+            ("400", "A bad query or body: the detail says which field."), ("401", f"No {kind} key, or a wrong one."),
+            ("413", "A body over max_body_bytes."), ("422", "A body that does not name a player as it should."),
+            ("403", f"Off (no {kind}_keys configured), or a key of another kind."),
+            ("429", f"Too many wrong {kind} keys: retry after Retry-After seconds."),
+            ("503", "The database could not be read, or the report took longer than report_timeout."))}
 
-    formats = parameter("format", "json (the default) or csv")
+    answers = {"application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}}
+
+    def get(summary, parameters=()):
+        return {"get": {"summary": summary, "parameters": common + list(parameters) + [
+            parameter("format", "json (the default) or csv")], "security": [{"readKey": []}, {"readKeyAsPassword": []}],
+            "responses": dict({"200": {"description": summary, "content": answers}}, **failures("read"))}}
+
+    def post(summary, content):
+        body = {"type": "object", "required": ["user_id"], "properties": {
+            "user_id": {"type": "string", "minLength": 1}, "application": {"type": "string"},
+            "after_id": {"type": "integer", "minimum": 0}}}
+        return {"post": {"summary": summary, "security": [{"readKey": []}, {"readKeyAsPassword": []}],
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                         "responses": dict({"200": {"description": summary, "content": content}}, **failures("admin"))}}
+
     return {
-        "/v1.0/report": get("Events, users, new users, sessions per day; retention; session lengths; rankings",
-                            [formats], dict(json_answer, **{"text/csv": {"schema": {"type": "string"}}})),
-        "/v1.0/report/funnel": get("Users who did each step at or after the one before", [
-            parameter("steps", "Event types separated by commas, at most 10.", True), formats],
-            dict(json_answer, **{"text/csv": {"schema": {"type": "string"}}})),
+        "/v1.0/report": get("Events, players, new players, sessions per day; retention; session lengths; rankings"),
+        "/v1.0/report/funnel": get("Players who did each step at or after the one before", [
+            parameter("steps", "Event types separated by commas, at most 10.", True)]),
         "/v1.0/report/values": get("The distribution of one field of the value of one event type", [
-            parameter("field", "A key of the events' value.", True)], json_answer),
+            parameter("field", "A key of the events' value.", True)]),
+        "/v1.0/report/retention": get("Daily and weekly cohorts and the range's D1 to D30", [
+            parameter("min_cohort", f"Weekly cohorts with fewer new players join the next; default {MIN_COHORT}.")]),
+        "/v1.0/report/revenue": get("Revenue per day and currency, paying players, conversion, ARPDAU, ARPPU, items"),
+        "/v1.0/report/progression": get("Per level: started, completed, failed, attempts, time, where players stop", [
+            parameter("churn_days", f"Days without an event after which a player has stopped; default {CHURN_DAYS}.")]),
+        "/v1.0/report/stickiness": get("DAU, WAU, MAU and DAU/MAU per day"),
+        "/v1.0/report/versions": get("Events and players per version and day"),
+        "/v1.0/player/erase": post("Erase every event of one player: {\"removed\": N}", {
+            "application/json": {"schema": {"type": "object"}}}),
+        "/v1.0/player/export": post("Every event of one player, as JSON Lines", {
+            "application/x-ndjson": {"schema": {"type": "string"}}}),
     }
 
 
@@ -4263,32 +5528,129 @@ that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
 key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
-<h2>Reports: GET /v1.0/report, /v1.0/report/funnel, /v1.0/report/values</h2>
-<p>The figures behind the dashboard, as JSON (or CSV with <code>format=csv</code>), with the same read key. Query:
-<code>since</code> and <code>until</code> (UTC days, inclusive; default the last {DASHBOARD_DAYS} days up to today;
-at most {MAX_REPORT_DAYS} days), <code>application</code>, and the filters <code>event_type</code>,
-<code>version</code>, <code>platform</code> (a filtered report is that of a database holding only the matching
-events). Any bad query is a 400 with <code>detail</code>.</p>
-<ul><li><code>days</code>: one row per day of the range, zeros included. A user is a <code>user_id</code> within
-the application when one is given, an (application, user_id) pair otherwise; a session likewise.</li>
-<li><code>new_users</code> of a day: users whose first event ever (in the whole database) falls on that day;
-<code>totals.new_users</code> counts those whose first day is in the range.</li>
-<li><code>retention</code>: a row per day of the range on which new users arrived; <code>day_N</code> is the share
-of them with an event on exactly the N-th day after (<code>null</code> while that day is after until or today).</li>
-<li><code>sessions</code>: distinct session_ids (per day: those with an event that day); a session lasts from its
-first to its last event in the range; <code>median_seconds</code> and <code>p90_seconds</code> are nearest-rank
-percentiles; <code>per_user</code> is sessions / users.</li>
-<li><code>event_types</code>, <code>versions</code>, <code>platforms</code>: the top {REPORT_TOP} by events, then one
-<code>"(other)"</code> row for the rest. CSV gives the days: <code>date,events,users,new_users,sessions</code>.</li>
-<li><code>/funnel?steps=a,b,c</code>: the users who did <code>a</code>, then <code>b</code> at or after their first
-<code>a</code>, then <code>c</code> at or after that <code>b</code>, within the range.</li>
-<li><code>/values?event_type=E&amp;field=F</code>: <code>value[F]</code> of the events of type E: numbers as
-count, min, p50, p90, max and sum; strings (and true/false) as the top {REPORT_TOP} with "(other)";
-<code>missing</code> counts events without a number or string there.</li></ul>
+{REPORTS_DOCS.format(days=DASHBOARD_DAYS, longest=MAX_REPORT_DAYS, top=REPORT_TOP, cohort=MIN_COHORT,
+                     churn=CHURN_DAYS, bins=HISTOGRAM_BINS, few=FEW_VALUES, levels=MAX_LEVELS)}
+{_conventions_docs(config)}
+<h2>Players' data: erase, export, and what is kept</h2>
+<p><code>POST /v1.0/player/erase</code> and <code>POST /v1.0/player/export</code>, with one of
+<code>admin_keys</code> (read and write keys get 403), take <code>{{"user_id": "...", "application": "..."}}</code>
+(the application may be left out: every application). Erasing deletes every event of the player, in small steps,
+and their rows of the summaries, and answers <code>{{"removed": N}}</code> (0 for an unknown player; asking twice
+is harmless); the log says an erasure happened, without the id. Exporting answers the player's events as JSON
+Lines, at most {MAX_PLAYER_EXPORT} at a time: when there are more, the header
+<code>Pycolytics-Next-After-Id</code> gives the <code>after_id</code> of the next request. Both take the raw id,
+also where it is stored hashed. The same from the command line:
+<code>python3 pycolytics.py forget --user ID</code> and <code>export --user ID</code>.</p>
+{_privacy_html(config)}
 <h2>Example</h2>
 <pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
 </body></html>
 """
+
+
+REPORTS_DOCS = """<h2>Reports: GET /v1.0/report and its views</h2>
+<p>The figures behind the dashboard, as JSON (or CSV with <code>format=csv</code>: the list each view names), with
+a read key. Query: <code>since</code> and <code>until</code> (UTC days, inclusive; default the last {days} days up to
+today; at most {longest} days), <code>application</code>, and the filters <code>event_type</code>,
+<code>version</code>, <code>platform</code> (a filtered report is that of a database holding only the matching
+events). Any bad query is a 400 with <code>detail</code>. Each list is a list of flat records, so pandas takes it
+as it is: <code>pd.json_normalize(report["days"])</code>, or <code>pd.read_csv(url + "&amp;format=csv",
+storage_options={{"Authorization": "Bearer READ_KEY"}})</code>. Reports read summaries, and each may take
+<code>report_timeout</code> seconds at most (then 503).</p>
+<ul><li><code>/v1.0/report</code>: <code>days</code>, one row per day of the range, zeros included (CSV: these). A
+player (user) is a <code>user_id</code> within the application when one is given, an (application, user_id) pair
+otherwise; a session likewise. <code>new_users</code> of a day: players whose first event ever (in the whole
+database) falls on that day. <code>retention</code>: per day with new players, <code>day_N</code> is the share of
+them with an event on exactly the N-th day after (1 to 7, 14 and 30; <code>null</code> while that day is after until
+or today). <code>sessions</code>: distinct session_ids; a session lasts from its first to its last event in the
+range; <code>median_seconds</code> and <code>p90_seconds</code> are nearest-rank percentiles; <code>per_user</code>
+is sessions / players. <code>event_types</code>, <code>versions</code>, <code>platforms</code>: the top {top} by
+events, with their players, then one <code>"(other)"</code> row for the rest.</li>
+<li><code>/retention?min_cohort=N</code>: the same <code>daily</code> cohorts, <code>weekly</code> ones (the new
+players of each 7 days from since; a week with fewer than N, default {cohort}, joins the next, and the last such
+joins the one before; CSV: these), and <code>average</code>: D1 to D30 of all the range's new players together (each
+cohort weighted by its players; a day counts only the players whose day N has come).</li>
+<li><code>/stickiness</code>: per day <code>dau</code> (players that day), <code>wau</code> and <code>mau</code>
+(players of the 7 and 30 days up to it) and <code>dau_mau</code>.</li>
+<li><code>/versions</code>: the top {top} versions by events, and per day and version its events and players.</li>
+<li><code>/revenue</code>: from purchase events (below). Per day and currency: <code>revenue</code> (the sum of
+prices), <code>purchases</code>, <code>paying_users</code>, <code>active_users</code>, <code>conversion</code>
+(players who paid that day / players that day) and <code>arpdau</code> (revenue / players that day). Per currency
+over the range: the same, <code>arppu</code> (revenue / paying players) and <code>arpdau</code> (revenue / the
+range's player-days). <code>conversion</code> of the range: paying players / players. <code>first_purchase</code>:
+the players whose first purchase ever falls in the range, by days after their first day. <code>items</code>: the
+top {top} (currency, item) by revenue. No currency is converted: one line per currency.</li>
+<li><code>/progression?churn_days=N</code>: per level (numbers by value, then names; {levels} at most): players who
+<code>started</code>, <code>completed</code> and <code>failed</code> it in the range, <code>completion_rate</code>
+(completed / started), <code>median_attempts</code> (per player who completed it: starts / completions),
+<code>median_seconds_to_complete</code> (first completion after first start) and <code>last_level_of_churned</code>:
+of the players with no event in the last N days of the range (default {churn}), how many reached this level last
+(the level they reached, or first completed, latest).</li>
+<li><code>/funnel?steps=a,b,c</code>: the players who did <code>a</code>, then <code>b</code> at or after their
+first <code>a</code>, then <code>c</code> at or after that <code>b</code>, within the range.</li>
+<li><code>/values?event_type=E&amp;field=F</code>: <code>value[F]</code> of the events of type E: numbers as
+count, min, p50, p90, max, sum, a <code>histogram</code> of at most {bins} bins of a round width, and
+<code>values</code>, value by value, when there are {few} distinct values or fewer (levels 1 to 40); strings (and
+true/false) as the top {top} with "(other)"; <code>missing</code> counts events without a number or string
+there.</li></ul>
+"""
+
+
+def _conventions_docs(config):
+    """The game-analytics conventions in force, for /docs."""
+    rows = "".join(f"<tr><td><code>{name}</code></td><td><code>{_escape(getattr(config, name))}</code></td>"
+                   f"<td>{_escape(SETTINGS_BY_NAME[name].description)}</td></tr>" for name in CONVENTIONS)
+    return (f"<h2>Purchases and levels</h2><p>The revenue and progression views read events by these conventions "
+            f"(settings, also per <code>[app:NAME]</code>; a change makes the summaries again):</p><table>{rows}</table>"
+            "<p>A purchase is an event of <code>purchase_event</code> whose value has a number at "
+            "<code>price_field</code>; <code>currency_field</code> and <code>item_field</code> are text (missing: "
+            "empty). A level event's level is the number or text at <code>level_field</code>.</p>")
+
+
+def privacy_facts(config):
+    """What this server keeps of players, as (heading, sentences): for /docs, `pycolytics.py privacy`
+    and the stores' privacy forms."""
+    hashing = sorted(name or "every application without a section" for name in [None, *config.apps]
+                     if config.for_app(name, "hash_user_ids"))
+    kept = (f"Events are deleted {config.retention_days:g} days after the midnight (UTC) of their day, whole days at a "
+            "time, with their summaries." if config.retention_days else
+            "Events are kept until deleted: retention_days = 0. Choose a retention (pycolytics.ini recommends one).")
+    return [
+        ("What is stored, per event", [
+            "event_type, application, version, platform, user_id, session_id and value: as the game sends them "
+            "(value holds whatever the game puts in it).",
+            "time (when it happened, by the client's clock if it says), received_at and event_id (if the client "
+            "makes one).",
+            "Not stored: the api_key, the client's IP address, its headers, cookies or anything else of the request.",
+            "Summaries for reports (tables pycolytics_*) hold per player the days, sessions, levels and purchases "
+            "made from the same events; they go with the events."]),
+        ("Identifiers", [
+            ("user_id and session_id are stored as keyed hashes (HMAC-SHA256 with id_secret) for: "
+             + ", ".join(hashing) + ". They are pseudonymous, not anonymous: the same player gets the same hash."
+             ) if hashing else "user_id and session_id are stored as the game sends them (hash_user_ids = no).",
+            "The browser client keeps a random user id in the browser's localStorage, unless the page asks for "
+            "consent first (Pycolytics.init({consent: \"pending\"})) or opts out."]),
+        ("How long", [kept]),
+        ("Logs", [
+            "The access log names each request's client address." if config.log_addresses and not config.quiet else
+            "The log names no client address." if not config.log_addresses else "No access log (quiet = yes)."]),
+        ("Players' requests", [
+            "Erase one player: python3 pycolytics.py forget --user ID, or POST /v1.0/player/erase with an admin key.",
+            "Give a player their data: python3 pycolytics.py export --user ID, or POST /v1.0/player/export."]),
+        ("For the stores' privacy forms", [
+            "Data collected: app activity (app interactions: the events) and an identifier (the user_id)"
+            + (", stored hashed" if hashing else "") + "; purchase history if the game sends purchase events.",
+            "Shared with third parties: no; it stays on this server. Used for tracking across other companies' apps: "
+            "no. Used for: analytics.",
+            "Encrypted in transit: " + ("yes (HTTPS)." if config.certfile else "only if served over HTTPS "
+                                        "(certfile, or a TLS proxy in front)."),
+            "Players may ask for deletion: yes (above)."]),
+    ]
+
+
+def _privacy_html(config):
+    return "".join(f"<h3>{_escape(heading)}</h3><ul>" + "".join(f"<li>{_escape(line)}</li>" for line in lines) + "</ul>"
+                   for heading, lines in privacy_facts(config))
 
 
 ###############################################################################
@@ -4297,7 +5659,8 @@ count, min, p50, p90, max and sum; strings (and true/false) as the top {REPORT_T
 
 # Kept here, like the dashboard's markup, so that the collector stays one file.
 CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/client.js (documented at /docs).
-   Pycolytics.init({url, apiKey, application, version, platform}); Pycolytics.track(type, value);
+   Pycolytics.init({url, apiKey, application, version, platform, consent}); Pycolytics.track(type, value);
+   Pycolytics.setConsent("granted" | "denied" | "pending"); Pycolytics.optOut() is setConsent("denied").
    Events wait in localStorage until the collector acknowledges them; each carries an event_id,
    so a request sent again after a lost answer is stored once. */
 (function (global) {
@@ -4311,7 +5674,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   const MAX_BACKOFF = 60000;  // ms between retries at most, before jitter
   const MAX_RETRY_AFTER = 600;  // seconds of a Retry-After taken at most
 
-  let settings = null, keys = null, local = null, userId = null, sessionId = null;
+  let settings = null, keys = null, local = null, userId = null, sessionId = null, consent = null;
   let sending = false, timer = null, timerAt = 0, retryAt = 0, failures = 0, refused = 0;
   let complained = false, warned = false;  // each once per page: a game may track thousands of events
   // Events tracked during the current task, saved together when it ends: rewriting the queue in
@@ -4380,10 +5743,14 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     }
     size = events.length;
     if (dropped) {
-      write(keys.dropped, String((Number(read(keys.dropped)) || 0) + dropped));
+      count(dropped);
       if (!warned) console.warn("Pycolytics: the queue is full; the oldest events are dropped (see Pycolytics.stats())");
       warned = true;
     }
+  }
+
+  function count(dropped) {
+    write(keys.dropped, String((Number(read(keys.dropped)) || 0) + dropped));
   }
 
   function forget(batch) {
@@ -4403,11 +5770,18 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     return typeof value === "number" && value > 0 ? value : otherwise;
   }
 
+  function accepted(value, caller) {
+    if (["pending", "granted", "denied"].includes(value)) return value;
+    throw new TypeError(caller + ': consent must be "pending", "granted" or "denied"');
+  }
+
   function init(options) {
     options = options || {};
     for (const name of ["url", "apiKey", "application"]) {
       if (typeof options[name] !== "string" || !options[name]) throw new TypeError("Pycolytics.init: " + name + " is required");
     }
+    // Not given: granted, so that pages written before consent existed keep working as they did.
+    const wanted = options.consent === undefined ? "granted" : accepted(options.consent, "Pycolytics.init");
     settings = {
       url: options.url.replace(/\/+$/, "") + "/v1.0/events",
       apiKey: options.apiKey,
@@ -4417,19 +5791,58 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
       batchSize: Math.min(positive(options.batchSize, 20), 1000),
       interval: positive(options.interval, 5) * 1000,
       maxQueue: positive(options.maxQueue, 1000),
+      persistentUser: options.persistentUser !== false,
     };
     const prefix = "pycolytics:" + options.application + ":";
-    keys = {queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
-    local = localStorageOrNull();
-    userId = options.persistentUser === false ? newId() : read(keys.user) || newId();
-    if (options.persistentUser !== false) write(keys.user, userId);
+    keys = {prefix, queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
+    // Until consent is granted localStorage is neither read nor written: the queue and the user id
+    // live in memory, as where localStorage is blocked.
+    local = null;
+    consent = "pending";
+    userId = newId();
     sessionId = newId();
-    size = stored().length;
-    schedule(0);  // what earlier pages left unacknowledged
+    change(wanted);
+  }
+
+  function setConsent(value) {
+    const wanted = accepted(value, "Pycolytics.setConsent");
+    if (!settings) throw new Error("Pycolytics.setConsent: call Pycolytics.init first");
+    change(wanted);
+  }
+
+  function change(wanted) {
+    const was = consent;
+    consent = wanted;
+    if (wanted === "denied") erase();
+    else if (wanted === "pending") local = null;
+    else if (was !== "granted") grant();
+  }
+
+  function grant() {
+    const waiting = queued(), dropped = Number(read(keys.dropped)) || 0;  // in memory until now
+    memory.delete(keys.queue);  // the user id stays: where localStorage is blocked it is kept there
+    memory.delete(keys.dropped);
+    local = localStorageOrNull();
+    if (settings.persistentUser) write(keys.user, userId = read(keys.user) || userId);
+    if (dropped) count(dropped);
+    // One player is one user: what they did before saying yes goes under the id they have now.
+    unsaved = waiting.map((event) => Object.assign(event, {user_id: userId}));
+    size = queued().length;
+    schedule(0);  // what earlier pages left unacknowledged, and what waited for consent
+  }
+
+  // Every key of this client goes, those of older versions too; the in-memory queue with them.
+  function erase() {
+    unsaved = [];
+    memory.clear();
+    const storage = localStorageOrNull();
+    for (const key of storage ? Object.keys(storage) : []) if (key.startsWith(keys.prefix)) storage.removeItem(key);
+    local = null;  // so that the answer of a request still in flight saves nothing
   }
 
   function track(type, value) {
     if (!settings) throw new Error("Pycolytics.track: call Pycolytics.init first");
+    if (consent === "denied") return null;
     if (value === undefined) value = {};
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
       throw new TypeError("Pycolytics.track: value must be an object, like {level: 3}");
@@ -4455,6 +5868,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
 
   function send() {
     timer = null;
+    if (consent !== "granted") return;  // a timer set before consent was withdrawn
     const batch = nextBatch(queued());
     if (!batch.length) return;
     sending = true;
@@ -4546,7 +5960,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   // The page is going away, or may be killed in the background: a beacon is the last chance.
   // Its answer is never seen, so the events stay queued and the next page sends them again.
   function beacon() {
-    if (!settings || !navigator.sendBeacon) return;
+    if (consent !== "granted" || !navigator.sendBeacon) return;
     const sentAt = new Date().toISOString(), parts = [];
     let bytes = 2;
     for (const event of queued()) {
@@ -4566,9 +5980,11 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   global.Pycolytics = {
     init,
     track,
+    setConsent,
+    optOut: () => setConsent("denied"),
     flush: () => settings && schedule(0),
     stats: () => ({queued: settings ? queued().length : 0, dropped: settings ? Number(read(keys.dropped)) || 0 : 0,
-                   refused, failures}),
+                   refused, failures, consent}),
   };
 })(window);
 """
@@ -4595,46 +6011,111 @@ def client_script(environ):
 
 
 ###############################################################################
-# The built-in HTTP/1.1 server
+# Processes: the server's process, workers = N, signals
 ###############################################################################
 
-# Blank lines a client may send before a request line: RFC 9112 (section 2.2) asks servers
-# to skip at least one; more than a few is a client that wants to hold a slot for nothing.
-MAX_BLANK_LINES = 8
+# A worker process that dies is replaced, but at most this many times per minute while another
+# worker serves: a worker that crashes at start must not become a fork loop. When none serves,
+# one is started anyway, a second apart at most: the listening socket is never left unserved.
+WORKER_RESTARTS_PER_MINUTE = 5
+# What the parent passes on to its workers; blocked across a fork, so that a worker hears
+# them only once it has its own handlers.
+_FORWARDED_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+# With workers = N, the counts by client address of rate_limit and max_connections_per_address
+# live in fixed tables that every worker shares: an address's hash picks a set of this many
+# entries, and a lookup reads that set only (plus one entry per worker for connections).
+ADDRESS_SET_ENTRIES = 8
 
-# How many times per turn of the loop each connection with pipelined requests starts its
-# next one: connections take turns, so one that pipelines a thousand waits its turn.
-PIPELINE_ROUNDS = 16
 
-# How long the server stops accepting when it is out of file descriptors, for the ones in
-# use to be closed; meanwhile the kernel's backlog holds newcomers.
-ACCEPT_PAUSE_SECONDS = 1.0
-# With workers = N, how long a worker that holds more connections than another leaves a
-# newcomer to that one before it takes it itself (the other may be busy, or stuck).
-ACCEPT_YIELD_SECONDS = 0.002
+def server_limits(config, workers=1):
+    """The ServerLimits of `config`; with workers, each holds its share of max_connections."""
+    return ServerLimits(config.threads, max(1, config.max_connections // workers), config.max_connections_per_address,
+                        config.idle_timeout, config.request_timeout, config.max_request_line, config.max_header_fields,
+                        config.max_header_field, config.max_head_bytes, config.max_body_bytes, config.max_buffered_bytes,
+                        config.request_timeout + config.busy_timeout, not config.quiet, config.log_addresses,
+                        config.trusted_proxies)
 
-# How long a connection that has sent nothing, or only part of a request, is safe from being
-# closed to make room for a newcomer when every slot is taken. A client sends a whole request
-# within a round trip or two; closing one whose request is unread would reset it (newcomers
-# would evict each other before anyone is served), and a slowloris that started its request
-# earlier than this gives its slot up long before request_timeout.
-GRACE_SECONDS = 2.0
 
-# What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
-# beyond it are dropped and counted, so that logging never blocks or stops the server.
-LOG_BUFFER_BYTES = 1 << 20
+def serve(config, load=None, listener=None, scoreboard=None):
+    """Run the built-in server until SIGTERM or SIGINT; return the exit status.
 
-# Bytes that may not appear in a request head once its CRLFs are blanked out: control
-# characters (tab aside), so also a bare CR or LF. RFC 9112 (section 2.2) allows taking a
-# bare LF as a line end, but proxies that read it otherwise are how requests get smuggled.
-_FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+    `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
+    configuration in force if the new one is bad. With `workers` above 1, a Supervisor's
+    processes serve instead; each of them calls this with the `listener` its parent bound and
+    its seat on the `scoreboard` they share, and leaves telling systemd and the log about the
+    whole server to it.
+    """
+    if config.workers > 1 and listener is None:
+        return Supervisor(config, load).run()
+    tls = tls_context(config)
+    try:
+        app = Pycolytics(config, scoreboard)
+        app.open()
+    except ConfigError:
+        raise
+    except Exception as error:  # the database's own errors, whichever it is
+        log.error("cannot open the database %s: %s", _redacted(config.database), error)
+        return 1
+    try:
+        server = Server(app, server_limits(config, config.workers if scoreboard else 1),
+                        listener or listening_socket(config.host, config.port), tls=tls,
+                        reload=lambda: _reload(app, server, load, scoreboard), open_connections=scoreboard)
+    except OSError as error:
+        log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
+        app.close()
+        return 1
+    server.log = sink = _log_to_sink()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, server.shutdown)
+    if load is not None and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, server.request_reload)
+    if scoreboard is None:
+        _warn_about(config)
+        log.info("Pycolytics %s listening on %s (database: %s)", __version__, _url(server.server_address, tls),
+                 _redacted(config.database))
+        notify_systemd("READY=1")
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)  # blocked since the fork, now handled
+        scoreboard.serving()
+        log.info("worker %d (pid %d) serving", scoreboard.worker, os.getpid())
+    try:
+        server.serve_forever()
+    finally:
+        if scoreboard is None:
+            notify_systemd("STOPPING=1")
+        app.close()
+    log.info("%sstopped; every acknowledged event is committed",
+             "" if scoreboard is None else f"worker {scoreboard.worker}: ")
+    sink.drain()
+    return 0
 
-# A method or a header name: RFC 9110's token (section 5.6.2).
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
-# What a log line may show of client text: control characters become \xNN, so that a
-# request line cannot forge log lines or reach a terminal as escape sequences.
-_PRINTABLE = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
+def _url(address, tls):
+    host, port = address
+    return f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def _reload(app, server, load, scoreboard=None):
+    """Read the configuration again and put it in force; a bad one changes nothing."""
+    if scoreboard is None:
+        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        config = load()
+        warnings = restart_only_changes(config, app.config)
+        tls = tls_context(config)
+    except ConfigError as error:
+        log.error("reload failed; the configuration in force stays: %s", error)
+    else:
+        for warning in warnings:
+            log.warning("%s", warning)
+        app.reconfigure(config)
+        server.reconfigure(server_limits(config, config.workers if scoreboard else 1), tls)
+        if config.retention_days:
+            app.writer.prune_soon()
+        _warn_about(config)
+        log.info("configuration reloaded" + (" except what takes a restart" if warnings else ""))
+    if scoreboard is None:
+        notify_systemd("READY=1")
 
 
 def tls_context(config):
@@ -4741,922 +6222,6 @@ class LogSink:
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # stderr is closed or broken: the server goes on without its log
-
-
-def _printable(text):
-    """Client text fit for one log line."""
-    return text.translate(_PRINTABLE)
-
-
-class _Request:
-    __slots__ = ("method", "path", "query", "version", "headers", "length", "body", "keep_alive", "line")
-
-
-class _Connection:
-    """One client connection, owned by the server's event loop."""
-
-    __slots__ = ("sock", "peer", "buffer", "scanned", "blank_lines", "deadline", "request", "body_start",
-                 "reserved", "continued", "busy", "keep_alive", "outbox", "writing", "lingering", "handshaking",
-                 "closed", "limited", "since", "watched")
-
-    def __init__(self, sock, peer, deadline, limited):
-        self.sock = sock
-        self.peer = peer
-        self.buffer = bytearray()
-        self.scanned = 0  # how much of the buffer is known to hold no end of head: heads are searched once
-        self.blank_lines = 0
-        self.deadline = deadline  # when the loop gives up on it; None while its request is answered
-        self.request = None  # a request whose head has arrived and whose body has not, yet
-        self.body_start = 0
-        self.reserved = 0  # body bytes counted against max_buffered_bytes
-        self.continued = False
-        self.busy = False  # a whole request is being answered
-        self.keep_alive = True
-        self.outbox = b""
-        self.writing = False
-        self.lingering = False
-        self.handshaking = False
-        self.closed = False
-        self.limited = limited  # counted against max_connections_per_address
-        self.since = time.monotonic()  # when it connected, or began its request
-        self.watched = False  # registered with the loop's selector
-
-
-def _origin(connection):
-    """The Origin header of the request the connection is reading, if its head has arrived."""
-    return connection.request.headers.get("origin") if connection.request is not None else None
-
-
-def _cgi_name(name):
-    """The environ key of a header (PEP 3333), or "" for one left out: a name with an underscore
-    would be confused with the same name with a dash (a spoofing trick)."""
-    if name in ("content-length", "content-type"):
-        return name.upper().replace("-", "_")
-    return "" if "_" in name else "HTTP_" + name.upper().replace("-", "_")
-
-
-def _split_target(target, method):
-    """(path, query) of a request target: a path, an absolute URL (RFC 9112 3.2.2) or OPTIONS' *."""
-    if target[0] != "/":
-        if target == "*" and method == "OPTIONS":
-            return "*", ""
-        scheme, sep, rest = target.partition("://")
-        if not sep or scheme.lower() not in ("http", "https"):
-            raise BadRequest("the request target must be a path, an http(s) URL, or * for OPTIONS")
-        ends = [found for found in (rest.find("/"), rest.find("?")) if found >= 0]
-        target = rest[min(ends):] if ends else "/"
-        if target[0] != "/":
-            target = "/" + target
-    path, _, query = target.partition("?")
-    return path, query
-
-
-# Header lines as clients repeat them, request after request ("Host: ...", "User-Agent: ..."),
-# each checked once: (name in lower case, value). Short lines only, and a few hundred of them.
-_HEADER_LINES = {}
-HEADER_LINES_KEPT = 512
-HEADER_LINE_KEPT_CHARS = 256
-
-
-def _header_field(line, config):
-    """(name in lower case, value) of one header line; raises HTTPError if it is malformed or too long."""
-    name, sep, value = line.partition(":")
-    if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
-        raise BadRequest(f"malformed header line {_printable(line[:40])!r}")
-    if len(line) > config.max_header_field:
-        raise HeaderFieldsTooLarge(f"the header {name} is over {config.max_header_field} bytes")
-    field = name.lower(), value.strip(" \t")
-    if len(line) <= HEADER_LINE_KEPT_CHARS:
-        if len(_HEADER_LINES) >= HEADER_LINES_KEPT:
-            _HEADER_LINES.clear()  # new clients' lines take the place of those gone
-        _HEADER_LINES[line] = field
-    return field
-
-
-def _parse_head(head, config):
-    """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
-    bad = _FORBIDDEN_IN_HEAD.search(head.replace(b"\r\n", b"  "))
-    if bad:
-        raise BadRequest(f"the request head holds the byte {bad.group()[:1]!r} at offset {bad.start()}: "
-                         "lines end with CRLF and hold no control characters")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
-        raise BadRequest("malformed request line")
-    request = _Request()
-    request.method, target, request.version = parts
-    request.line = lines[0]
-    if request.version not in ("HTTP/1.1", "HTTP/1.0"):
-        if request.version.startswith("HTTP/"):
-            raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served")
-        raise BadRequest("malformed request line")
-    request.path, request.query = _split_target(target, request.method)
-    if len(lines) - 1 > config.max_header_fields:
-        raise HeaderFieldsTooLarge(f"at most {config.max_header_fields} header fields are accepted")
-    request.headers = headers = {}
-    for line in lines[1:]:
-        known = _HEADER_LINES.get(line)
-        name, value = _header_field(line, config) if known is None or len(line) > config.max_header_field else known
-        if name in headers:
-            if name == "host":
-                raise BadRequest("more than one Host header")
-            if name == "content-length" and value != headers[name]:
-                raise BadRequest("conflicting Content-Length headers")
-            value = value if name == "content-length" else headers[name] + ", " + value
-        headers[name] = value
-    if request.version == "HTTP/1.1" and "host" not in headers:
-        raise BadRequest("an HTTP/1.1 request needs a Host header")
-    if "transfer-encoding" in headers:
-        if "content-length" in headers:
-            raise BadRequest("both Transfer-Encoding and Content-Length: send one")
-        raise LengthRequired("send the body with a Content-Length; Transfer-Encoding is not accepted")
-    length = headers.get("content-length", "0")
-    if not (length.isdigit() and length.isascii()) or len(length) > 18:
-        raise BadRequest("Content-Length must be a whole number of bytes")
-    request.length = int(length)
-    tokens = headers.get("connection", "").lower()
-    if request.version == "HTTP/1.1":
-        request.keep_alive = "close" not in tokens
-    else:
-        request.keep_alive = "keep-alive" in tokens
-    return request
-
-
-class _HTTPDate:
-    """The Date header, formatted by wsgiref once a second rather than once a request."""
-
-    def __init__(self):
-        self._second = None
-        self._text = ""
-
-    def __call__(self):
-        second = int(time.time())
-        if second != self._second:
-            self._text = format_date_time(second)
-            self._second = second
-        return self._text
-
-
-class OpenConnections:
-    """Open connections by client address, for max_connections_per_address: one server's own.
-    (With workers = N, the Scoreboard counts them for the whole server, with the same two methods.)"""
-
-    def __init__(self):
-        self._open = collections.Counter()
-
-    def connected(self, address, limit):
-        """Count a new connection from `address`, unless it holds `limit` already; whether it was counted."""
-        if self._open[address] >= limit:
-            return False
-        self._open[address] += 1
-        return True
-
-    def disconnected(self, address):
-        self._open[address] -= 1
-        if not self._open[address]:
-            del self._open[address]
-
-
-def listening_socket(host, port):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=1024)
-
-
-class Server:
-    """An HTTP/1.1 server for a WSGI application, from the standard library only.
-
-    One thread, the event loop (the caller of serve_forever), owns every socket: it reads
-    without blocking until a request is whole, so slow, idle and silent clients cost a
-    buffer each and never a thread, and it writes every answer. Every other thread hands its
-    answers to the loop. A request runs the WSGI application in a bounded pool of worker
-    threads, unless the application takes it in the loop through its hook:
-
-    The loop hook. An application may offer `answer_in_loop(environ, respond)`. The loop calls
-    it with each whole request's WSGI environ; the application either returns False (the
-    request then runs as plain WSGI in a worker thread) or takes the request and calls
-    `respond(status, headers, body)` exactly once, now or later and from any thread, never
-    blocking the loop meanwhile. If it also offers `loop_turn_ended()`, the loop calls that
-    after each turn, once every request read in the turn was handed over: Pycolytics gathers
-    the events posted in a turn and commits them together (so a wrapper that passes one of
-    the two hooks on must pass both). With a middleware in between (no
-    hook), every request takes a worker thread, which is correct and slower. An application
-    may also offer `server_answered(status)`, to hear of the answers the server gives by itself
-    (bad framing, timeouts, overload), so that its metrics count every answer.
-
-    Everything a client can make it hold is bounded: connections (in all, and per address),
-    buffered bodies, head sizes, the time a request may take to arrive, and the work one
-    turn of the loop does for one connection. Nothing a client sends is handled by recursion,
-    and no error while serving one connection leaves the loop: that connection is closed.
-    """
-
-    def __init__(self, app, config, host=None, port=None, reload=None, listener=None, open_connections=None):
-        """`listener`: a socket already bound and listening (one that worker processes share),
-        instead of binding host and port here; `open_connections`: what counts them by address
-        for max_connections_per_address (the Scoreboard of worker processes), if not this server."""
-        self.app = app
-        self.config = config
-        self.reload = reload  # called in the loop after a request_reload(), e.g. on SIGHUP
-        self._answer_in_loop = getattr(app, "answer_in_loop", None)
-        self._turn_ended = getattr(app, "loop_turn_ended", None)
-        self._server_answered = getattr(app, "server_answered", None)
-        self._cors_headers = getattr(app, "cors_headers", None)
-        self._reload_requested = False
-        self._tls = tls_context(config)
-        self._tls_pending = self._tls_errors()
-        if listener is None:
-            listener = listening_socket(config.host if host is None else host, config.port if port is None else port)
-        self.listener = listener
-        self.listener.setblocking(False)
-        self.server_address = self.listener.getsockname()[:2]
-        self.problem = None  # what keeps the server from serving as it should now; /healthz tells
-        self.log = sys.stderr
-        self._selector = selectors.DefaultSelector()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
-        self._answers_announced = False  # a wake-up for answers from other threads is pending
-        self._loop_thread = None
-        self._jobs = queue.SimpleQueue()
-        self._finished = collections.deque()  # answers to send: (connection, request, status, headers, body)
-        self._ready = collections.deque()  # connections whose buffer may hold their next request
-        self._idle = collections.OrderedDict()  # served connections waiting for the next request, or lingering
-        self._fresh = collections.OrderedDict()  # connections that have sent nothing yet, oldest first
-        self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
-        self._connections = {}
-        self._per_address = OpenConnections() if open_connections is None else open_connections
-        # Worker processes share the listening socket, and the kernel wakes every one of them for
-        # a newcomer: the first awake would take a whole burst of connections (a client pool's,
-        # a proxy's), and keep them. So each says how many it holds, and yields to one with fewer.
-        self._holding = getattr(open_connections, "holding", None)
-        self._crowded = getattr(open_connections, "crowded", None)
-        self._yield_until = 0.0  # while it leaves newcomers to another worker
-        self._yielded = False  # then it takes the next newcomer itself, whatever the others hold
-        self._reserved = 0  # body bytes announced by requests being read or answered
-        self._busy = 0
-        self._listening = False
-        self._accept_again = 0.0  # when to accept again after running out of file descriptors
-        self._stopping = False
-        self._date = _HTTPDate()
-        self._workers = []
-        self._failures_logged = set()
-        self._cgi_names = {}  # header name -> its environ key, for the names seen most
-        self._log_requests = not config.quiet
-
-    @property
-    def url(self):
-        host, port = self.server_address
-        return f"{'https' if self._tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
-
-    def _tls_errors(self):
-        """The TLS errors that mean "not yet" on a non-blocking socket (none without TLS)."""
-        if self._tls is None:
-            return ()
-        import ssl
-
-        return (ssl.SSLWantReadError, ssl.SSLWantWriteError)
-
-    def reconfigure(self, config, tls):
-        """New settings for what comes next: limits, timeouts, logging, the certificate."""
-        self.config = config
-        self._log_requests = not config.quiet
-        if (tls is None) == (self._tls is None):  # switching HTTPS on or off needs a restart
-            self._tls = tls
-
-    def request_reload(self, *_signal_args):
-        """Ask the loop to call `reload` soon. Any thread, or a signal handler."""
-        self._reload_requested = True
-        self._wake()
-
-    def shutdown(self, *_signal_args):
-        """Stop accepting; serve_forever answers what it has read, then returns. Any thread."""
-        self._stopping = True
-        self._wake()
-
-    def _wake(self):
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:
-            pass  # a wake-up is already pending, or the server is closed
-
-    # -- the event loop ----------------------------------------------------------------------
-
-    def serve_forever(self):
-        self._loop_thread = threading.get_ident()
-        self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}", daemon=True)
-                         for n in range(self.config.threads)]
-        for worker in self._workers:
-            worker.start()
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, (self._take_wake_ups, None))
-        self._listen(True)
-        next_sweep = time.monotonic() + 1
-        drain_by = None
-        try:
-            while True:
-                timeout = 0 if self._ready or self._finished else 1.0
-                if self._yield_until:
-                    timeout = min(timeout, max(0.0, self._yield_until - time.monotonic()))
-                for key, _ in self._selector.select(timeout):
-                    callback, connection = key.data
-                    try:  # _guarded, written out on the hottest path
-                        callback() if connection is None else callback(connection)
-                    except Exception as error:
-                        self._connection_failed(connection, error)
-                self._serve_ready()
-                if self._turn_ended is not None:
-                    self._guarded(self._turn_ended)
-                if self._reload_requested and self.reload is not None:
-                    self._reload_requested = False
-                    self._guarded(self.reload)
-                now = time.monotonic()
-                if self._yield_until and now >= self._yield_until:
-                    self._yield_until, self._yielded = 0.0, True
-                    self._listen(True)
-                if self._stopping:
-                    if drain_by is None:
-                        drain_by = now + self.config.request_timeout + self.config.busy_timeout
-                        self._stop_reading()
-                    if not self._busy or now > drain_by:
-                        return
-                if now >= next_sweep:
-                    self._guarded(self._sweep, None, now)
-                    next_sweep = now + 1
-        finally:
-            self._close_everything()
-
-    def _guarded(self, function, connection=None, *arguments):
-        """Call function(connection, *arguments); an error closes that connection, never the loop."""
-        try:
-            if connection is None:
-                function(*arguments)
-            else:
-                function(connection, *arguments)
-        except Exception as error:  # a bug, or an OS error nobody foresaw: one connection pays, not all
-            self._connection_failed(connection, error)
-
-    def _connection_failed(self, connection, error):
-        """Log an unexpected error once (its traceback the first time), and close its connection."""
-        where = (type(error), getattr(error.__traceback__, "tb_lineno", 0))
-        first = where not in self._failures_logged and len(self._failures_logged) < 100
-        self._failures_logged.add(where)
-        log.error("unexpected %r while serving %s; closing the connection", error,
-                  connection.peer if connection is not None else "the server", exc_info=first)
-        if connection is not None:
-            try:
-                self._close(connection)
-            except Exception:  # its socket is beyond saving; forget it
-                self._connections.pop(connection.sock, None)
-
-    def _serve_ready(self):
-        """Send finished answers and start pipelined requests: each connection a few per turn."""
-        for _ in range(PIPELINE_ROUNDS):
-            while self._finished:
-                self._guarded(self._answer, *self._finished.popleft())
-            if not self._ready:
-                return
-            for _ in range(len(self._ready)):
-                self._guarded(self._advance, self._ready.popleft())
-
-    def _take_wake_ups(self):
-        try:
-            while len(self._wake_reader.recv(4096)) == 4096:  # a shorter read took them all
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        # After the wake-ups are read and before the answers are taken (in _serve_ready): an
-        # answer queued from now on wakes the loop again, and one queued before is taken.
-        self._answers_announced = False
-
-    def _listen(self, on):
-        on = on and not self._stopping and time.monotonic() >= self._accept_again
-        if on and not self._listening:
-            self._selector.register(self.listener, selectors.EVENT_READ, (self._accept, None))
-        elif not on and self._listening:
-            self._selector.unregister(self.listener)
-        self._listening = on
-
-    def _accept(self):
-        for _ in range(64):  # a few per turn: a flood of newcomers must not starve the rest
-            if self._crowded is not None and not self._yielded and self._crowded():
-                self._yield_until = time.monotonic() + ACCEPT_YIELD_SECONDS
-                self._listen(False)
-                return
-            self._yielded = False
-            if len(self._connections) >= self.config.max_connections and not self._make_room():
-                self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
-                return
-            try:
-                sock, peer = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting(error)
-                    return
-                continue  # a connection reset while it waited in the backlog
-            self._welcome(sock, peer[0])
-
-    def _welcome(self, sock, address):
-        """Take a new connection into the loop, or turn it away if its address holds too many."""
-        limited = address not in self.config.trusted_proxies  # a proxy speaks for many clients
-        if limited and not self._per_address.connected(address, self.config.max_connections_per_address):
-            self._turn_away(sock)
-            return
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls is not None:
-                sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        except OSError:  # reset already (some Pythons read from the socket in wrap_socket)
-            sock.close()
-            if limited:
-                self._per_address.disconnected(address)
-            return
-        connection = _Connection(sock, address, time.monotonic() + self.config.request_timeout, limited)
-        connection.handshaking = self._tls is not None
-        self._connections[sock] = connection
-        self._fresh[sock] = connection
-        self._watch(connection, selectors.EVENT_READ, self._read)
-        if self._holding is not None:
-            self._holding(len(self._connections))
-
-    def _turn_away(self, sock):
-        """Close a connection at once, with a 503 if it speaks plain HTTP: nothing of it is kept,
-        not even its head (so only a page allowed from any origin may read why)."""
-        refusal = self._refusal(ServiceUnavailable(
-            f"too many connections from your address at once (max_connections_per_address = "
-            f"{self.config.max_connections_per_address}); close one, or connect again shortly", 5))
-        try:
-            if self._tls is None:
-                sock.send(refusal)
-        except OSError:
-            pass  # it left already
-        sock.close()
-
-    def _answered(self, status):
-        if self._server_answered is not None:
-            self._server_answered(status)
-
-    def _make_room(self):
-        """Close the connection that has waited longest for its next request (or lingered), else
-        the oldest that has sent nothing, or only part of a request, for GRACE_SECONDS (a 408
-        for that one); False if none may go."""
-        if self._idle:
-            self._close(self._idle.popitem(last=False)[1])
-            return True
-        expired = time.monotonic() - GRACE_SECONDS
-        for waiting in (self._fresh, self._reading):
-            if waiting and next(iter(waiting.values())).since < expired:
-                connection = waiting.popitem(last=False)[1]
-                if connection.buffer or connection.request is not None:
-                    self._send_now(connection, self._refusal(RequestTimeout(
-                        "the server is full and this request was too slow to arrive"), _origin(connection)))
-                self._close(connection)
-                return True
-        return False
-
-    def _pause_accepting(self, error):
-        if self.problem is None:
-            log.warning("cannot accept connections: %s; trying again in %s s", error.strerror, ACCEPT_PAUSE_SECONDS)
-        self.problem = f"out of file descriptors ({error.strerror}): new connections wait"
-        self._accept_again = time.monotonic() + ACCEPT_PAUSE_SECONDS
-        self._listen(False)
-        self._make_room()  # one idle connection's descriptor lets the next request in
-
-    def _watch(self, connection, events, callback):
-        """Have the loop call callback(connection) when its socket is ready for `events`."""
-        if connection.watched:
-            self._selector.modify(connection.sock, events, (callback, connection))  # no system call if the same
-        else:
-            self._selector.register(connection.sock, events, (callback, connection))
-            connection.watched = True
-
-    def _read(self, connection):
-        sock = connection.sock
-        if connection.busy:  # more came while a request is answered: it waits in the kernel till then
-            self._selector.unregister(sock)
-            connection.watched = False
-            return
-        try:
-            if connection.handshaking:
-                sock.do_handshake()
-                connection.handshaking = False
-            data = sock.recv(RECV_BYTES)
-            while self._tls and data and sock.pending():  # decrypted bytes that select() cannot see
-                data += sock.recv(RECV_BYTES)
-        except self._tls_pending:  # half a TLS record, or a handshake that needs more
-            return
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:  # also a failed handshake or a broken TLS record (ssl.SSLError)
-            data = b""
-        if not data:
-            self._close(connection)
-        elif not connection.lingering:
-            if self._idle.pop(sock, None) or self._fresh.pop(sock, None):  # a request begins
-                self._begin_request(connection)
-            connection.buffer += data
-            self._advance(connection)
-
-    def _advance(self, connection):
-        """Start answering the connection's next request if it is whole; refuse bad framing at once."""
-        if connection.closed or connection.busy:
-            return
-        try:
-            request = self._whole_request(connection)
-        except HTTPError as error:
-            self._refuse(connection, error)
-            return
-        if request is None:
-            return
-        self._reading.pop(connection.sock, None)
-        connection.busy = True  # nothing more is read until this is answered (see _read)
-        connection.deadline = None
-        self._busy += 1
-        if request.path == "*":  # OPTIONS *: a question about the server, which answers it
-            self._answered("200")
-            self._respond(connection, request, "200 OK", [("Allow", "GET, HEAD, POST, OPTIONS")], b"")
-            return
-        environ = self._environ(connection, request)
-        respond = functools.partial(self._respond, connection, request)
-        if self._answer_in_loop is None or not self._answer_in_loop(environ, respond):
-            self._jobs.put((connection, request, environ))
-
-    def _whole_request(self, connection):
-        """The connection's next request if all of it has arrived, else None; raises HTTPError."""
-        buffer, config = connection.buffer, self.config
-        if connection.request is None:
-            while buffer[:2] == b"\r\n":
-                del buffer[:2]
-                connection.blank_lines += 1
-                if connection.blank_lines > MAX_BLANK_LINES:
-                    raise BadRequest("too many blank lines before the request line")
-            end = buffer.find(b"\r\n\r\n", max(connection.scanned - 3, 0))
-            line_end = buffer.find(b"\r\n", 0, config.max_request_line + 2)
-            if line_end < 0 and len(buffer) > config.max_request_line:
-                raise URITooLong(f"the request line is over {config.max_request_line} bytes")
-            if end < 0:
-                connection.scanned = len(buffer)
-                if len(buffer) > config.max_head_bytes:
-                    raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
-                return None
-            if end > config.max_head_bytes:
-                raise HeaderFieldsTooLarge(f"the request head is over {config.max_head_bytes} bytes")
-            connection.request = request = _parse_head(bytes(buffer[:end]), config)
-            self._reserve(connection, request.length)  # a refusal may read the request's Origin
-            connection.body_start = end + 4
-        request = connection.request
-        end = connection.body_start + request.length
-        if len(buffer) < end:
-            if not connection.continued and request.version == "HTTP/1.1" and \
-                    request.headers.get("expect", "").lower() == "100-continue":
-                connection.continued = True
-                self._send_now(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
-            return None
-        request.body = bytes(buffer[connection.body_start:end])
-        del buffer[:end]
-        connection.request = None
-        connection.continued = False
-        connection.scanned = connection.blank_lines = 0
-        return request
-
-    def _begin_request(self, connection):
-        """The first bytes of a request have come: from now it has request_timeout to arrive whole."""
-        connection.since = time.monotonic()
-        connection.deadline = connection.since + self.config.request_timeout
-        self._reading[connection.sock] = connection
-
-    def _reserve(self, connection, length):
-        """Count a body against the limits before it is read: one body, and all bodies together.
-
-        A body that one recv() takes whole is not refused for the total: it costs no more than a
-        head, which max_connections already bounds, and so clients with small batches are still
-        served while large bodies fill the budget.
-        """
-        if length > self.config.max_body_bytes:
-            raise PayloadTooLarge(f"the request body is {length} bytes; at most {self.config.max_body_bytes} "
-                                  "are accepted")
-        if length > RECV_BYTES and self._reserved + length > self.config.max_buffered_bytes:
-            raise ServiceUnavailable("the server is receiving too many request bodies at once; "
-                                     "send this again shortly")
-        self._reserved += length
-        connection.reserved = length
-
-    def _release(self, connection):
-        self._reserved -= connection.reserved
-        connection.reserved = 0
-
-    def _respond(self, connection, request, status, headers, body):
-        """The answer to a request, from any thread: the loop sends it."""
-        self._finished.append((connection, request, status, headers, body))
-        if not self._answers_announced and threading.get_ident() != self._loop_thread:
-            self._answers_announced = True  # one wake-up for a commit's many answers
-            self._wake()
-
-    def _answer(self, connection, request, status, headers, body):
-        if connection.closed or not connection.busy:
-            return  # closed while it was answered (the client left, or the drain gave up on it)
-        connection.keep_alive = keep_alive = request.keep_alive and not self._stopping
-        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}", f"Server: pycolytics/{__version__}"]
-        head += [f"{name}: {value}" for name, value in headers]
-        if status[0] != "1" and status[:3] not in ("204", "304") and not any(
-            name.lower() == "content-length" for name, _ in headers
-        ):
-            head.append(f"Content-Length: {len(body)}")
-        head.append("Connection: keep-alive" if keep_alive else "Connection: close")
-        if self._log_requests:
-            self._log(connection, request, status, len(body))
-        if request.method == "HEAD":
-            body = b""
-        connection.outbox = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        self._flush(connection)
-
-    def _flush(self, connection):
-        """Send what the connection's answer still has to send; then wait for its next request."""
-        try:
-            sent = connection.sock.send(connection.outbox)
-        except (BlockingIOError, InterruptedError) + self._tls_pending:
-            sent = 0
-        except OSError:
-            self._close(connection)
-            return
-        connection.outbox = connection.outbox[sent:]
-        if connection.outbox:
-            if not connection.writing:  # the client reads slowly: wait until it can take more
-                connection.writing = True
-                connection.deadline = time.monotonic() + self.config.request_timeout
-                self._watch(connection, selectors.EVENT_WRITE, self._flush)
-            return
-        connection.writing = False
-        connection.busy = False
-        self._busy -= 1
-        self._release(connection)
-        if not connection.keep_alive:
-            self._close(connection)
-            return
-        self._watch(connection, selectors.EVENT_READ, self._read)
-        if connection.buffer:  # a pipelined request arrived with this one: its turn comes in the loop
-            self._begin_request(connection)
-            self._ready.append(connection)
-        else:
-            connection.deadline = time.monotonic() + self.config.idle_timeout
-            self._idle[connection.sock] = connection
-
-    def _send_now(self, connection, data):
-        try:
-            connection.sock.send(data)
-        except OSError:
-            pass  # the client is gone or not reading; the loop notices soon enough
-
-    def _refuse(self, connection, error):
-        """Answer a request that will not be read, then close without resetting the answer away.
-
-        Closing a socket with unread input makes the kernel send a reset, which can destroy the
-        answer before the client reads it; so shut down our side and discard what still comes
-        for a moment (a "lingering close", as Apache and nginx do).
-        """
-        try:
-            connection.sock.send(self._refusal(error, _origin(connection)))
-            connection.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(connection)
-            return
-        self._release(connection)
-        self._reading.pop(connection.sock, None)
-        connection.lingering = True
-        connection.buffer = bytearray()
-        connection.request = None
-        connection.deadline = time.monotonic() + LINGER_SECONDS
-        self._idle[connection.sock] = connection  # the first to go when slots run out
-
-    def _refusal(self, error, origin=None):
-        """The bytes of the answer to a request the server refuses by itself (counted as answered),
-        readable by the page that sent it if it may post here (`origin`, when the head was read)."""
-        status, headers, body = _error_parts(error)
-        if self._cors_headers is not None:
-            headers = headers + self._cors_headers(origin)
-        self._answered(status)
-        head = [f"HTTP/1.1 {status}", f"Date: {self._date()}"] + [f"{name}: {value}" for name, value in headers]
-        return ("\r\n".join(head + ["Connection: close"]) + "\r\n\r\n").encode("latin-1") + body
-
-    def _sweep(self, now):
-        """Close connections that idled, dawdled or lingered past their deadline; accept again."""
-        for connection in list(self._connections.values()):
-            if connection.deadline is not None and connection.deadline < now:
-                if connection.lingering or connection.writing:
-                    self._close(connection)
-                elif connection.buffer or connection.request is not None:
-                    self._refuse(connection, RequestTimeout("the request took too long to arrive"))
-                else:
-                    self._close(connection)
-        if not self._listening:
-            self._listen(True)  # when full, the next accept sees whether a newcomer's grace is over
-        if self.problem is not None and now > self._accept_again + 5 * ACCEPT_PAUSE_SECONDS:
-            log.info("accepting connections again")
-            self.problem = None
-
-    def _close(self, connection):
-        if self._connections.pop(connection.sock, None) is None:
-            return
-        connection.closed = True
-        self._idle.pop(connection.sock, None)
-        self._fresh.pop(connection.sock, None)
-        self._reading.pop(connection.sock, None)
-        if connection.busy:
-            connection.busy = False
-            self._busy -= 1
-        self._release(connection)
-        if connection.limited:
-            self._per_address.disconnected(connection.peer)
-        if self._holding is not None:
-            self._holding(len(self._connections))
-        if connection.watched:
-            self._selector.unregister(connection.sock)
-        connection.sock.close()
-        self._listen(True)
-
-    def _stop_reading(self):
-        """The start of a stop: no new connections, and none that has not sent a whole request."""
-        self._listen(False)
-        for connection in list(self._connections.values()):
-            if not connection.busy:
-                self._close(connection)
-
-    def _close_everything(self):
-        for _ in self._workers:
-            self._jobs.put(None)
-        give_up = time.monotonic() + 1  # the drain has waited already; a worker still busy is a daemon
-        for worker in self._workers:
-            worker.join(max(0.0, give_up - time.monotonic()))
-        for connection in list(self._connections.values()):
-            self._close(connection)
-        self.listener.close()
-        self._selector.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
-
-    # -- the worker threads, for requests the application does not take in the loop -------
-
-    def _work(self):
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            connection, request, environ = job
-            try:
-                answer = self._call_application(environ, request.method)
-            except Exception:
-                log.exception("error while answering %s", _printable(request.line))
-                answer = _INTERNAL_ERROR
-            self._respond(connection, request, *answer)
-
-    def _call_application(self, environ, method):
-        """Run the WSGI application (PEP 3333) for one request: (status, headers, body)."""
-        answer = []
-        written = []
-
-        def start_response(status, headers, exc_info=None):
-            if exc_info is not None:
-                exc_info = None  # nothing is sent before the application returns: the new answer wins
-            elif answer:
-                raise AssertionError("start_response called a second time without exc_info")
-            answer[:] = [status, headers]
-            return written.append
-
-        chunks = self.app(environ, start_response)
-        try:
-            for chunk in chunks:
-                written.append(chunk)
-        finally:
-            if hasattr(chunks, "close"):
-                chunks.close()
-        status, headers = answer
-        headers = [(name, value) for name, value in headers if not is_hop_by_hop(name)]
-        body = b"".join(written)
-        if method != "HEAD" or not any(name.lower() == "content-length" for name, _ in headers):
-            headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
-            headers.append(("Content-Length", str(len(body))))
-        return status, headers, body
-
-    def _environ(self, connection, request):
-        path = request.path
-        if "%" in path:
-            from urllib.parse import unquote_to_bytes  # here: it costs memory that plain paths never need
-
-            path = unquote_to_bytes(path).decode("latin-1")
-        host, port = self.server_address
-        environ = {
-            "REQUEST_METHOD": request.method,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": path,
-            "QUERY_STRING": request.query,
-            "SERVER_NAME": host,
-            "SERVER_PORT": str(port),
-            "SERVER_PROTOCOL": request.version,
-            "REMOTE_ADDR": connection.peer,
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "https" if self._tls else "http",
-            "wsgi.input": io.BytesIO(request.body),
-            "wsgi.errors": self.log,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "pycolytics.server_problem": self.problem,
-        }
-        names = self._cgi_names
-        for name, value in request.headers.items():
-            key = names.get(name)
-            if key is None:
-                key = _cgi_name(name)
-                if len(names) < 256:  # the headers clients send are few: remember their names
-                    names[name] = key
-            if key:
-                environ[key] = value
-        return environ
-
-    def _log(self, connection, request, status, length):
-        client = client_address(connection.peer, request.headers.get("x-forwarded-for"), self.config.trusted_proxies)
-        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
-        try:
-            self.log.write(f'{_printable(client)} - - [{when}] "{_printable(request.line)}" {status[:3]} {length}\n')
-        except (OSError, ValueError):
-            pass  # stderr is broken; serve() logs through a LogSink, which never raises
-
-
-###############################################################################
-# The command line
-###############################################################################
-
-
-def serve(config, load=None, listener=None, scoreboard=None):
-    """Run the built-in server until SIGTERM or SIGINT; return the exit status.
-
-    `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
-    configuration in force if the new one is bad. With `workers` above 1, the processes of a
-    Supervisor serve instead; each of them calls this with the `listener` its parent bound and
-    its seat on the `scoreboard` they share (which says its worker number), and leaves telling
-    systemd and the log about the whole server to it.
-    """
-    if config.workers > 1 and listener is None:
-        return Supervisor(config, load).run()
-    try:
-        app = Pycolytics(config, scoreboard)
-        app.open()
-    except ConfigError:
-        raise
-    except Exception as error:  # the database's own errors, whichever it is
-        log.error("cannot open the database %s: %s", _redacted(config.database), error)
-        return 1
-    try:
-        server = Server(app, config, reload=lambda: _reload(app, server, load), listener=listener,
-                        open_connections=scoreboard)
-    except ConfigError:
-        app.close()
-        raise
-    except OSError as error:
-        log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
-        app.close()
-        return 1
-    server.log = sink = _log_to_sink()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, server.shutdown)
-    if load is not None and hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, server.request_reload)
-    if scoreboard is None:
-        _warn_about_keys(config)
-        log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, _redacted(config.database))
-        notify_systemd("READY=1")
-    else:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)  # blocked since the fork, now handled
-        scoreboard.serving()
-        log.info("worker %d (pid %d) serving", scoreboard.worker, os.getpid())
-    try:
-        server.serve_forever()
-    finally:
-        if scoreboard is None:
-            notify_systemd("STOPPING=1")
-        app.close()
-    log.info("%sstopped; every acknowledged event is committed",
-             "" if scoreboard is None else f"worker {scoreboard.worker}: ")
-    sink.drain()
-    return 0
-
-
-###############################################################################
-# Worker processes: workers = N
-###############################################################################
-
-# What the parent passes on to its workers; blocked across a fork, so that a worker hears
-# them only once it has its own handlers.
-_FORWARDED_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
-
-
-def _worker_config(config, workers):
-    """A worker's share of `config`: max_connections is divided between the workers, so that
-    together they hold no more than configured. The other limits are each worker's own, but for
-    max_connections_per_address and rate_limit, which the Scoreboard counts for all of them."""
-    share = copy_module.copy(config)
-    share.max_connections = max(1, config.max_connections // workers)
-    return share
 
 
 class ProcessLock:
@@ -5785,64 +6350,58 @@ class AddressCounts:
                     table[at + 2] = 0
 
 
+
+
 class Scoreboard:
-    """What the processes of `workers = N` share, so that the server answers as one (Apache
-    httpd's scoreboard is the same idea). Made by the Supervisor before it forks them:
+    """What the processes of `workers = N` share, so that the server answers as one (Apache httpd's
+    scoreboard is the same idea). Made by the Supervisor before it forks them:
 
-    - each worker's row of Metrics, and the shared writer's, which every worker's /metrics adds
-      up. A process writes only its own row, and an aligned 8-byte integer is written whole, so
-      readers need no lock. The process that replaces one that died counts on in its row:
-      counters never go down.
-    - what each worker does, for /healthz: its pid while it serves, 0 before it first does,
-      -1 once it died (until its replacement serves); and whether its last write failed. The
-      same for the shared writer, with why its last write failed.
-    - the counts behind rate_limit and max_connections_per_address (AddressCounts), so each
-      limit is the whole server's, whichever worker a client's connections reach; and how many
+    - each worker's row of Metrics, which every worker's /metrics adds up. A process writes only
+      its own row, and an aligned 8-byte integer is written whole, so readers need no lock. The
+      process that replaces one that died counts on in its row: counters never go down.
+    - what each worker does, for /healthz: its pid while it serves, 0 before it first does, -1
+      once it died (until its replacement serves); and whether its last write failed.
+    - the counts behind rate_limit and max_connections_per_address (AddressCounts), so each limit
+      is the whole server's, whichever worker a client's connections reach; and how many
       connections each worker holds, so that newcomers go to the one with fewest.
-    - on SQLite, `writer_address`: where the shared writer takes the workers' rows (set by the
-      Supervisor; None on PostgreSQL, where each worker writes, as separate collectors do).
 
-    In a worker, seat(number) is the same scoreboard with `worker` set to its number; the shared
-    writer's seat is number 0.
+    In a worker, seat(number) is the same scoreboard with `worker` set to its number.
     """
 
     def __init__(self, config):
         workers = config.workers
         self.worker = self.row = None  # a seat's
-        memory = _shared_integers((workers + 1) * (Metrics.WIDTH + 1) + workers)
-        self.rows = [memory[n * Metrics.WIDTH:(n + 1) * Metrics.WIDTH] for n in range(workers + 1)]
-        self.states = memory[(workers + 1) * Metrics.WIDTH:(workers + 1) * (Metrics.WIDTH + 1)]  # the writer's last
-        self.held = memory[(workers + 1) * (Metrics.WIDTH + 1):]  # each worker's open connections
+        memory = _shared_integers(workers * (Metrics.WIDTH + 2))
+        self.rows = [memory[n * Metrics.WIDTH:(n + 1) * Metrics.WIDTH] for n in range(workers)]
+        self.states = memory[workers * Metrics.WIDTH:workers * (Metrics.WIDTH + 1)]
+        self.held = memory[workers * (Metrics.WIDTH + 1):]  # each worker's open connections
         self.requests = AddressCounts(MAX_TRACKED_CLIENTS // ADDRESS_SET_ENTRIES, ADDRESS_SET_ENTRIES)
         # A set per connection the server may hold, each with room for one address in every worker
         # and ADDRESS_SET_ENTRIES more: for a set to be full, more than that many of the
         # connections open at once would have to hash into the same one of max_connections sets.
         self.connections = AddressCounts(config.max_connections, ADDRESS_SET_ENTRIES + workers)
-        self.writer_address = None
-        self._problem = _shared_bytes(WRITER_PROBLEM_BYTES)
 
     def seat(self, number):
         seat = copy_module.copy(self)
-        seat.worker = number
-        seat.row = self.rows[number - 1] if number else self.rows[-1]
+        seat.worker, seat.row = number, self.rows[number - 1]
         return seat
 
     def serving(self):
-        self.states[self.worker - 1 if self.worker else -1] = os.getpid()
+        self.states[self.worker - 1] = os.getpid()
 
     def gone(self, number):
-        """Worker `number`, or the shared writer (0), died (the Supervisor, once it reaped it)."""
-        if number == 0:
-            self.states[-1] = -1
-            return
+        """Worker `number` died (the Supervisor, once it reaped it): its connections died with it."""
         self.states[number - 1] = -1
         self.held[number - 1] = 0
         self.connections.forget(number)
 
+    def serves(self):
+        return any(state > 0 for state in self.states)
+
     def workers(self):
         """What each worker does, by number: /healthz shows it."""
         said = {}
-        for number, (state, row) in enumerate(zip(self.states[:-1], self.rows), 1):
+        for number, (state, row) in enumerate(zip(self.states, self.rows), 1):
             if state > 0:
                 said[str(number)] = "serving; its last write failed" if row[Metrics.FAILING] else "serving"
             else:
@@ -5851,28 +6410,8 @@ class Scoreboard:
 
     def failing(self):
         """The numbers of the serving workers whose last write failed."""
-        return [number for number, (state, row) in enumerate(zip(self.states[:-1], self.rows), 1)
+        return [number for number, (state, row) in enumerate(zip(self.states, self.rows), 1)
                 if state > 0 and row[Metrics.FAILING]]
-
-    def writer_state(self):
-        """What the shared writer does: /healthz shows it."""
-        state = self.states[-1]
-        if state > 0:
-            return "its last write failed" if self.rows[-1][Metrics.FAILING] else "writing"
-        return "starting" if state == 0 else "died; being replaced"
-
-    def writer_problem(self):
-        """Why the shared writer's last write failed, or None if it did not (or it is not running)."""
-        if self.states[-1] <= 0 or not self.rows[-1][Metrics.FAILING]:
-            return None
-        size = int.from_bytes(self._problem[:2], "big")
-        return bytes(self._problem[2:2 + size]).decode("utf-8", "replace") or "(its log says why)"
-
-    def writer_failed(self, problem):
-        """The shared writer's own: say why its last write failed (before its row says that it did)."""
-        text = problem.encode("utf-8")[:WRITER_PROBLEM_BYTES - 2]
-        self._problem[2:2 + len(text)] = text
-        self._problem[:2] = len(text).to_bytes(2, "big")
 
     def holding(self, count):
         """This worker holds `count` open connections now."""
@@ -5881,7 +6420,7 @@ class Scoreboard:
     def crowded(self):
         """Whether another serving worker holds fewer connections than this one (so it takes the next)."""
         mine = self.held[self.worker - 1]
-        return any(state > 0 and held < mine for state, held in zip(self.states[:-1], self.held))
+        return any(state > 0 and held < mine for state, held in zip(self.states, self.held))
 
     def connected(self, address, limit):
         """As OpenConnections.connected, for the whole server."""
@@ -5891,367 +6430,23 @@ class Scoreboard:
         self.connections.disconnected(address, self.worker)
 
 
-# -- The shared writer: workers = N on SQLite --------------------------------------------------------
-#
-# SQLite commits one transaction at a time, and with synchronous = full each one waits for an
-# fsync: writers in every worker would take turns, each fsync serving one worker's requests.
-# So one process writes for all of them, as the Writer thread does for one process: every
-# worker's rows that arrive while a commit runs go into the next one, under one fsync. The
-# workers reach it over a Unix socket in a folder only the server's user may enter, with
-# messages of a 4-byte length and marshal's encoding of (number, rows) one way and
-# (number, None or (detail, retry_after)) back. (marshal is for trusted data only: whoever may
-# connect to that socket runs as the server's user, and could write the database file itself.)
-
-
-def _message(content):
-    data = marshal.dumps(content)
-    return len(data).to_bytes(4, "big") + data
-
-
-def _messages(buffer, largest):
-    """The whole messages at the start of `buffer` (a bytearray), taken out of it; ValueError if
-    one is not a pair or announces over `largest` bytes (then the connection is no good)."""
-    found = []
-    while len(buffer) >= 4:
-        end = 4 + int.from_bytes(buffer[:4], "big")
-        if end > largest:
-            raise ValueError(f"a message of {end} bytes")
-        if len(buffer) < end:
-            break
-        try:
-            message = marshal.loads(memoryview(buffer)[4:end])
-        except (EOFError, TypeError) as error:
-            raise ValueError(str(error)) from None
-        if type(message) is not tuple or len(message) != 2:
-            raise ValueError("not a pair")
-        found.append(message)
-        del buffer[:end]
-    return found
-
-
-class RemoteWriter(Writer):
-    """A worker's Writer when another process writes: submit() queues the rows for a thread that
-    sends them to the database writer, and committed(error) is called when it answers. The event
-    loop never waits for that process: what it has not taken yet is bounded by max_buffered_bytes
-    (beyond, 503 at once). Whatever was sent to a writer that went away unanswered gets 503, never
-    a 204: it may or may not be stored, and a retry with its event_id is safe either way."""
-
-    def __init__(self, config, store, metrics, scoreboard):
-        super().__init__(config, store, metrics)
-        self._scoreboard = scoreboard
-        self._sock = None
-        self._unanswered = {}  # message number: (committed, when it was queued)
-        self._numbers = itertools.count()
-        self._send_lock = threading.Lock()
-        self._outbox, self._outbox_bytes = [], 0  # messages not handed to the socket yet
-        self._outbox_filled = threading.Condition(self._send_lock)
-        self._sending = False  # while the sender thread waits for the socket to take some
-        self._at_once = None  # the socket again, never waiting: for what it takes at once
-
-    def start(self):
-        """Nothing to open: the shared writer holds the database."""
-
-    def submit(self, rows, committed):
-        with self._send_lock:
-            if self._closed:
-                raise ServiceUnavailable("the server is shutting down; send the events again shortly", 5)
-            if self._sock is None:
-                self._connect()
-            number = next(self._numbers)
-            message = _message((number, rows))
-            if self._outbox and self._outbox_bytes + len(message) > self.config.max_buffered_bytes:
-                raise ServiceUnavailable("the database writer is not keeping up; send the events again shortly")
-            self._unanswered[number] = committed, time.monotonic()
-            if not self._outbox and not self._sending:  # mostly the socket takes it all, with no thread woken
-                try:
-                    message = message[self._at_once.send(message):]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError:  # the writer went away: the sender thread finds out and says so
-                    pass
-                if not message:
-                    return
-            self._outbox.append(message)
-            self._outbox_bytes += len(message)
-            self._outbox_filled.notify()
-
-    def _connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(WRITER_TIMEOUT)
-        try:
-            sock.connect(self._scoreboard.writer_address)
-        except OSError:
-            sock.close()
-            raise ServiceUnavailable("the database writer is starting; send the events again shortly") from None
-        self._sock = sock
-        self._at_once = sock.dup()
-        self._at_once.setblocking(False)
-        threading.Thread(target=self._send, args=(sock,), name="pycolytics-sender", daemon=True).start()
-        threading.Thread(target=self._read_answers, args=(sock,), name="pycolytics-answers", daemon=True).start()
-
-    def _send(self, sock):
-        """The sender thread of one connection: hands queued messages to the socket, which may wait."""
-        while True:
-            with self._send_lock:
-                while not self._outbox and self._sock is sock:
-                    self._outbox_filled.wait()
-                if self._sock is not sock:
-                    return
-                data = b"".join(self._outbox)
-                self._outbox, self._outbox_bytes, self._sending = [], 0, True
-            try:
-                sock.sendall(data)
-            except OSError as error:
-                log.error("the database writer does not take events (%s); connecting again", error)
-                with self._send_lock:
-                    self._lost(sock)
-                return
-            finally:
-                self._sending = False
-
-    def _read_answers(self, sock):
-        buffer = bytearray()
-        while True:
-            try:
-                data = sock.recv(RECV_BYTES)
-            except socket.timeout:  # nothing answered for a while: nothing due, or a writer stuck
-                if not self._overdue():
-                    continue
-                log.error("the database writer has not answered for %d s; connecting again", self._patience)
-                data = b""
-            except OSError:
-                data = b""
-            if not data:
-                break
-            buffer += data
-            try:
-                answers = _messages(buffer, RECV_BYTES)
-            except ValueError as error:
-                log.error("the database writer's answer is garbled (%s); connecting again", error)
-                break
-            for number, error in answers:
-                committed, _ = self._unanswered.pop(number, (None, None))
-                if committed is not None:
-                    if error is None:
-                        self._wrote_at = time.monotonic()
-                    committed(None if error is None else ServiceUnavailable(*error))
-        with self._send_lock:
-            self._lost(sock)
-
-    def _lost(self, sock):
-        """The shared writer went away (or stopped reading): what it did not answer gets 503."""
-        sock.close()
-        if self._sock is not sock:
-            return
-        self._sock = None
-        self._at_once.close()
-        self._outbox, self._outbox_bytes = [], 0
-        self._outbox_filled.notify_all()  # its sender thread ends
-        unanswered, self._unanswered = self._unanswered, {}
-        error = ServiceUnavailable("the database writer did not answer (it went away, or hangs); "
-                                 "send the events again shortly")
-        for committed, _ in unanswered.values():
-            committed(error)
-
-    def _overdue(self):
-        """Whether an answer is due for longer than a commit may take (a writer that died, or
-        whose replacement cannot open the database, leaves the workers' messages in its socket)."""
-        return self._silent_for() > self._patience
-
-    def _silent_for(self):
-        """Seconds since the oldest message still unanswered was queued (0 if none is)."""
-        queued = [when for _, when in list(self._unanswered.values())]
-        return time.monotonic() - min(queued) if queued else 0.0
-
-    def close(self):
-        """Wait for the answers still due (the server has drained), then disconnect."""
-        with self._send_lock:
-            self._closed = True
-        deadline = time.monotonic() + self._patience
-        while self._unanswered and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with self._send_lock:
-            if self._sock is not None:
-                self._lost(self._sock)
-
-    def prune_soon(self):
-        """The shared writer prunes: it reloads on SIGHUP too."""
-
-    def health(self):
-        problem = self._scoreboard.writer_problem()
-        if problem is not None:
-            return f"the last write failed: {problem}"
-        if self._scoreboard.states[-1] <= 0:
-            return "the database writer is not running yet (starting, or being replaced)"
-        silent = self._silent_for()
-        if silent > WRITER_SILENT_SECONDS:
-            return f"the database writer has not answered for {silent:.0f} s"
-        return super().health()
-
-
-class SharedWriter(Writer):
-    """The Writer of the writer process, which tells every worker why its last write failed."""
-
-    def __init__(self, config, store, metrics, scoreboard):
-        super().__init__(config, store, metrics)
-        self._scoreboard = scoreboard
-
-    def _failed(self, error):
-        self._scoreboard.writer_failed(self.store.describe(error))
-        super()._failed(error)
-
-
-class _WorkerLink:
-    """The shared writer's end of one worker's connection."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buffer = bytearray()
-        self.lock = threading.Lock()  # answers come from the writer thread
-        self._at_once = sock.dup()  # for answers, which never wait: a few bytes each
-        self._at_once.setblocking(False)
-
-    def answer(self, number, error):
-        """Tell the worker how its message `number` went. A worker whose socket cannot take a few
-        bytes more has stopped reading (hung): it is hung up on rather than waited for, since
-        every worker's commits would wait with it (its events get 503 when it reads again)."""
-        content = None if error is None else (error.detail, int(dict(error.headers).get("Retry-After", 1)))
-        message = _message((number, content))
-        with self.lock:
-            try:
-                if self._at_once.send(message) == len(message):
-                    return
-            except OSError:  # the worker died, or stopped reading: its clients got no 204
-                pass
-            self.hang_up()
-
-    def hang_up(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # the loop reads the end of it, and closes it
-        except OSError:
-            pass
-
-    def close(self):
-        with self.lock:
-            self.sock.close()
-            self._at_once.close()
-
-
-def write_for_workers(config, load, scoreboard, listener):
-    """The shared writer's process: commit what the workers send until SIGTERM; the exit status."""
-    stopping, reloading = [], []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGHUP, lambda *_: reloading.append(True))
-    wake_reader, wake_writer = socket.socketpair()
-    wake_writer.setblocking(False)
-    signal.set_wakeup_fd(wake_writer.fileno())
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)
-    sink = _log_to_sink()
-    writer = SharedWriter(config, store_for(config), Metrics(scoreboard.rows, scoreboard.row), scoreboard)
-    try:
-        writer.start()
-    except Exception as error:  # the database's own errors, whichever it is
-        log.error("the database writer cannot open the database %s: %s", _redacted(config.database), error)
-        return 1
-    scoreboard.serving()
-    log.info("the database writer (pid %d) writes for the workers", os.getpid())
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
-    selector.register(wake_reader, selectors.EVENT_READ)
-    links = {}
-    while not stopping:
-        for key, _ in selector.select(1.0):
-            if key.fileobj is wake_reader:
-                wake_reader.recv(4096)
-            elif key.fileobj is listener:
-                _welcome_worker(listener, selector, links)
-            else:
-                _take_rows(links[key.fileobj], writer, selector, links)
-        if reloading:
-            reloading.clear()
-            _reload_writer(writer, load)
-    writer.close()  # the workers have stopped: what they sent last is committed now
-    for link in links.values():
-        link.close()
-    log.info("the database writer stopped; every acknowledged event is committed")
-    sink.drain()
-    return 0
-
-
-def _welcome_worker(listener, selector, links):
-    try:
-        sock, _ = listener.accept()
-    except OSError:
-        return
-    sock.settimeout(WRITER_TIMEOUT)
-    links[sock] = _WorkerLink(sock)
-    selector.register(sock, selectors.EVENT_READ)
-
-
-def _take_rows(link, writer, selector, links):
-    """Read what a worker sent; hand each whole message's rows to the writer."""
-    try:
-        data = link.sock.recv(RECV_BYTES)
-    except (socket.timeout, OSError):
-        data = b""
-    if not data:  # the worker is gone: half a message of its stays unstored, and unanswered
-        selector.unregister(link.sock)
-        del links[link.sock]
-        link.close()
-        return
-    link.buffer += data
-    try:
-        messages = _messages(link.buffer, 2 * writer.config.max_buffered_bytes + RECV_BYTES)
-    except ValueError as error:  # only a worker connects, but not every bug may stop the writer
-        log.error("a worker's message is garbled (%s): its connection is closed", error)
-        messages = []
-        link.hang_up()
-    for number, rows in messages:
-        try:
-            writer.submit(rows, functools.partial(link.answer, number))
-        except ServiceUnavailable as error:
-            link.answer(number, error)
-
-
-def _reload_writer(writer, load):
-    """SIGHUP: the settings a writer uses (retention_days, max_pending_events, ...) from the new
-    configuration; a bad one changes nothing (the Supervisor has said so)."""
-    if load is None:
-        return
-    try:
-        config = load()
-    except ConfigError:
-        return
-    _restart_only_changes(config, writer.config)
-    writer.config = config
-    if config.retention_days:
-        writer.prune_soon()
-
-
-def _load_worker_config(load, workers):
-    return _worker_config(load(), workers)
-
-
 class Supervisor:
     """The parent of the worker processes of `workers = N`, which does not serve.
 
-    It binds the listening socket, then forks N workers that each serve it with their own
-    loop and threads; the kernel gives each new connection to one of them. On SQLite it first
-    forks the database writer (number 0), which commits what every worker sends it; on
-    PostgreSQL each worker writes, as separate collectors do. They share a Scoreboard: metrics,
-    health and limits of the whole server. The parent passes SIGTERM and SIGINT on (each worker
-    drains, then the writer commits what they sent last) and SIGHUP (each reloads), replaces a
-    process that dies (WORKER_RESTARTS_PER_MINUTE at most), and exits 0 only when every one has
-    drained and exited 0. It never starts a thread, so forking stays safe, and it writes its
-    few log lines to stderr itself.
+    It binds the listening socket, then forks N workers that each serve it with their own loop,
+    threads and writer (on SQLite they take turns for the write lock, each committing what it
+    gathered meanwhile; on PostgreSQL as separate collectors do); the kernel gives each new
+    connection to one of them. They share a Scoreboard: metrics, health and limits of the whole
+    server. The parent passes SIGTERM and SIGINT on (each worker drains), checks a new
+    configuration on SIGHUP and passes it on (each worker reloads), replaces a worker that dies
+    (see WORKER_RESTARTS_PER_MINUTE), and exits 0 only when every one has drained and exited 0.
+    It never starts a thread, so forking stays safe, and it writes its few log lines itself.
     """
 
     def __init__(self, config, load):
         self.config = config
         self.load = load
         self.listener = None
-        self._writes = None  # on SQLite: the Unix socket where the shared writer (number 0) takes rows
         self._children = {}  # pid: worker number
         self._vacant = collections.deque()  # numbers of the workers to replace
         self._replaced = collections.deque()  # when replacements started, for the last minute
@@ -6276,14 +6471,6 @@ class Supervisor:
         except OSError as error:
             log.error("cannot serve on %s:%s: %s", self.config.host, self.config.port, error)
             return 1
-        if "://" not in self.config.database:
-            try:
-                self._writes = _writer_socket()
-            except OSError as error:
-                log.error("cannot make the socket of the database writer: %s", error)
-                self.listener.close()
-                return 1
-            self.scoreboard.writer_address = self._writes.getsockname()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)  # as set_wakeup_fd needs
         handlers = {signal.SIGTERM: self._stop, signal.SIGINT: self._stop, signal.SIGCHLD: self._child_exited,
@@ -6291,13 +6478,12 @@ class Supervisor:
         before = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
         signal.set_wakeup_fd(self._wake_writer.fileno())
         try:
-            for number in range(0 if self._writes else 1, self.config.workers + 1):
+            for number in range(1, self.config.workers + 1):
                 self._start(number)
-            _warn_about_keys(self.config)
-            host, port = self.listener.getsockname()[:2]
-            log.info("Pycolytics %s listening on %s://%s:%s (database: %s) in %d worker processes", __version__,
-                     "https" if self.config.certfile else "http", f"[{host}]" if ":" in host else host, port,
-                     _redacted(self.config.database), self.config.workers)
+            _warn_about(self.config)
+            log.info("Pycolytics %s listening on %s (database: %s) in %d worker processes", __version__,
+                     _url(self.listener.getsockname()[:2], self.config.certfile), _redacted(self.config.database),
+                     self.config.workers)
             notify_systemd("READY=1")
             return self._supervise()
         finally:
@@ -6306,8 +6492,6 @@ class Supervisor:
                 signal.signal(signum, handler)
             for sock in (self.listener, self._wake_reader, self._wake_writer):
                 sock.close()
-            if self._writes is not None:
-                _remove_writer_socket(self._writes)
 
     def _stop(self, *_signal_args):
         self._stopping = True
@@ -6334,8 +6518,7 @@ class Supervisor:
         self._children[pid] = number
 
     def _work(self, number):
-        """The forked worker: serve on the shared socket (or, number 0, write for the workers),
-        then leave without running the parent's exit code."""
+        """The forked worker: serve on the shared socket, then leave without running the parent's exit code."""
         status = 1
         try:
             signal.set_wakeup_fd(-1)
@@ -6344,15 +6527,7 @@ class Supervisor:
             self._wake_reader.close()
             self._wake_writer.close()
             os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the parent, the main process only
-            if number == 0:
-                self.listener.close()  # the writer takes no connections but the workers'
-                status = write_for_workers(self.config, self.load, self.scoreboard.seat(0), self._writes)
-                return
-            if self._writes is not None:
-                self._writes.close()
-            workers = self.config.workers
-            load = None if self.load is None else functools.partial(_load_worker_config, self.load, workers)
-            status = serve(_worker_config(self.config, workers), load, self.listener, self.scoreboard.seat(number))
+            status = serve(self.config, self.load, self.listener, self.scoreboard.seat(number))
         except BaseException:  # whatever it is, the parent must see an exit status, not a second parent
             log.exception("worker %d failed", number)
         finally:
@@ -6366,8 +6541,6 @@ class Supervisor:
             if self._stopping:
                 if deadline is None:
                     deadline = time.monotonic() + self.config.request_timeout + self.config.busy_timeout + 30
-                    self._signal_all(signal.SIGTERM, writer=False)  # it commits what the workers still send
-                if set(self._children.values()) == {0}:
                     self._signal_all(signal.SIGTERM)
                 if not self._children:
                     log.info("stopped; every acknowledged event is committed" if not self._failed else
@@ -6410,11 +6583,9 @@ class Supervisor:
             if self._stopping:
                 if code != 0:
                     self._failed = True
-                    who = f"worker {number}" if number else "the database writer"
-                    log.error("%s (pid %d) %s while stopping", who, pid, how)
+                    log.error("worker %d (pid %d) %s while stopping", number, pid, how)
             else:
-                who = f"worker {number}" if number else "the database writer"
-                log.error("%s (pid %d) %s; starting another", who, pid, how)
+                log.error("worker %d (pid %d) %s; starting another", number, pid, how)
                 self._vacant.append(number)
 
     def _replace(self):
@@ -6423,11 +6594,15 @@ class Supervisor:
             self._replaced.popleft()
         while self._vacant:
             if len(self._replaced) >= WORKER_RESTARTS_PER_MINUTE:
-                if not self._held_back:
-                    log.error("%d workers replaced in the last minute; the next waits until that is fewer",
-                              len(self._replaced))
-                    self._held_back = True
-                return
+                if self.scoreboard.serves() or self._replaced[-1] > now - 1:
+                    if not self._held_back:
+                        log.error("%d workers replaced in the last minute; the next waits until that is fewer%s",
+                                  len(self._replaced), "" if self.scoreboard.serves() else
+                                  " (none serves: one is started each second meanwhile)")
+                        self._held_back = True
+                    return
+                log.error("no worker serves, and %d were replaced in the last minute: starting one anyway, so "
+                          "that the socket is served (see the errors above for why they die)", len(self._replaced))
             self._held_back = False
             self._replaced.append(now)
             self._start(self._vacant.popleft())
@@ -6439,7 +6614,7 @@ class Supervisor:
         notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             config = self.load()
-            _restart_only_changes(config, self.config)
+            restart_only_changes(config, self.config)
             tls_context(config)
         except ConfigError as error:
             log.error("reload failed; the configuration in force stays: %s", error)
@@ -6448,41 +6623,12 @@ class Supervisor:
             self._signal_all(signal.SIGHUP)
         notify_systemd("READY=1")
 
-    def _signal_all(self, signum, writer=True):
-        for pid, number in list(self._children.items()):
-            if number == 0 and not writer:
-                continue
+    def _signal_all(self, signum):
+        for pid in list(self._children):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass  # it has exited; the next reap sees it
-
-
-def _writer_socket():
-    """A listening Unix socket for the shared writer, in a new folder only this user may enter."""
-    import tempfile  # here: only a server with worker processes needs it
-
-    folder = tempfile.mkdtemp(prefix="pycolytics-")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(os.path.join(folder, "writer"))
-        sock.listen(MAX_WORKERS)
-    except OSError:
-        sock.close()
-        os.rmdir(folder)
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _remove_writer_socket(sock):
-    path = sock.getsockname()
-    sock.close()
-    try:
-        os.unlink(path)
-        os.rmdir(os.path.dirname(path))
-    except OSError:
-        pass
 
 
 def _log_to_sink():
@@ -6501,54 +6647,18 @@ def _redacted(database):
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", database)
 
 
-def _warn_about_keys(config):
+def _warn_about(config):
+    """What start-up and each reload warn about: the public development key, keeping events forever."""
     if config.dev_key_active:
         log.warning("no api_keys are configured: accepting the public development key %r. "
                     "Set api_keys before you ship a game.", DEV_KEY)
+    if not config.retention_days:
+        log.info("retention_days = 0: events are kept forever; choose a retention (pycolytics.ini says why)")
 
 
-def _restart_only_changes(config, in_force):
-    """Warnings for what `config` changes that only a restart puts in force; `config` keeps the
-    values in force instead, so it says what the server does and the next reload compares with that."""
-    warnings = []
-    for name in RESTART_SETTINGS:
-        if getattr(config, name) != getattr(in_force, name):
-            warnings.append(f"{name} changed to {getattr(config, name)!r}; that takes a restart, "
-                            f"the server keeps {getattr(in_force, name)!r}")
-            setattr(config, name, getattr(in_force, name))
-            config.sources[name] = in_force.sources[name]
-    if bool(config.certfile) != bool(in_force.certfile):
-        now, then = ("HTTPS", "plain HTTP") if in_force.certfile else ("plain HTTP", "HTTPS")
-        warnings.append(f"certfile and keyfile switch to {then}; that takes a restart, the server keeps serving {now}")
-        for name in ("certfile", "keyfile"):
-            setattr(config, name, getattr(in_force, name))
-            config.sources[name] = in_force.sources[name]
-    return warnings
-
-
-def _reload(app, server, load):
-    """Read the configuration again and put it in force; a bad one changes nothing."""
-    notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-    try:
-        config = load()
-        warnings = _restart_only_changes(config, app.config)
-        tls = tls_context(config)
-    except ConfigError as error:
-        log.error("reload failed; the configuration in force stays: %s", error)
-    else:
-        for warning in warnings:
-            log.warning("%s", warning)
-        app.reconfigure(config)
-        server.reconfigure(config, tls)
-        if config.retention_days:
-            app.writer.prune_soon()
-        _warn_about_keys(config)
-        log.info("configuration reloaded" + (" except what takes a restart" if warnings else ""))
-    notify_systemd("READY=1")
-
-
-class UsageError(Exception):
-    """A command line that cannot work as given (exit status 2); the message says what to change."""
+###############################################################################
+# The command line
+###############################################################################
 
 
 def keygen(arguments, config):
@@ -6557,10 +6667,6 @@ def keygen(arguments, config):
 
     print(secrets.token_urlsafe(32))
     return 0
-
-
-EXPORT_COLUMNS = ("id", "time", "received_at", "event_type", "application", "version", "platform",
-                  "user_id", "session_id", "value", "event_id")
 
 
 def _moment(text, option):
@@ -6581,16 +6687,6 @@ def _existing_store(config):
     return store
 
 
-# What a spreadsheet takes for the start of a formula; OWASP's advice for CSV injection is a
-# quote in front: https://owasp.org/www-community/attacks/CSV_Injection
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _inert(cell):
-    """A CSV cell that a spreadsheet shows as text instead of running it as a formula."""
-    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
-
-
 def export(arguments, config):
     """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
     import csv
@@ -6600,37 +6696,23 @@ def export(arguments, config):
     if arguments.output and os.path.exists(arguments.output) and not arguments.force:
         raise UsageError(f"{arguments.output} exists; pass --force to overwrite it")
     store = _existing_store(config)
-    conditions, parameters = [], []
-    if arguments.application is not None:
-        conditions.append(f"application = {store.parameter}")
-        parameters.append(arguments.application)
-    # scan_time: read in id order without the time index, so nothing is sorted in memory
-    for option, operator_ in (("since", ">="), ("until", "<")):
-        if option in moments:
-            conditions.append(f"{store.scan_time} {operator_} {store.since}")
-            parameters.append(moments[option])
     connection = store.read()
-    present = store.columns(connection)
-    texts = {"time": store.time_text, "received_at": store.received_text, "value": store.value_text}
-    selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
-    where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    rows = store.rows(connection, f"SELECT {selected} FROM event{where} ORDER BY id", parameters)
+    if arguments.user is not None:  # one player's events, to give them their data: JSON lines unless asked
+        rows = player_events(store, connection, config, arguments.user, arguments.application)
+        chosen = arguments.format or "jsonl"
+    else:
+        rows, chosen = _events(store, connection, arguments, moments), arguments.format or "csv"
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0
     try:
-        if arguments.format == "csv":
+        if chosen == "csv":
             writer = csv.writer(output)
             writer.writerow(EXPORT_COLUMNS)
-            for row in rows:
+            for count, row in enumerate(rows, 1):
                 writer.writerow([_inert(cell) for cell in row])
-                count += 1
         else:
-            value = EXPORT_COLUMNS.index("value")
-            for row in rows:
-                record = dict(zip(EXPORT_COLUMNS, row))
-                record["value"] = json.loads(row[value])
-                output.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
+            for count, row in enumerate(rows, 1):
+                output.write(_record(row))
         output.flush()
     except BrokenPipeError:  # the reader has what it wanted (`export | head`)
         if output is not sys.stdout:
@@ -6643,6 +6725,26 @@ def export(arguments, config):
         connection.close()
     log.info("exported %d events", count)
     return 0
+
+
+def _events(store, connection, arguments, moments):
+    """The rows (EXPORT_COLUMNS) of the events an export asks for, in id order, streamed."""
+    conditions, parameters = [], []
+    if arguments.application is not None:
+        conditions.append("application = ?")
+        parameters.append(arguments.application)
+    # the unary + keeps SQLite from the time index: rows come in id order, nothing is sorted in memory
+    scan = "+time" if store.dialect is SQLITE else "time"
+    for option, comparison in (("since", ">="), ("until", "<")):
+        if option in moments:
+            conditions.append(f"{scan} {comparison} {store.dialect.time}")
+            parameters.append(moments[option])
+    present = store.columns(connection)
+    texts = {"time": store.dialect.time_text, "received_at": store.dialect.received_text,
+             "value": store.dialect.value_text}
+    selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
+    where = " WHERE " + " AND ".join(conditions) if conditions else ""
+    return store.rows(connection, store.dialect.sql(f"SELECT {selected} FROM event{where} ORDER BY id"), parameters)
 
 
 def _confirmed(question):
@@ -6658,27 +6760,23 @@ def prune(arguments, config):
     store = _existing_store(config)
     connection = store.read()
     try:
-        found = connection.execute(f"SELECT count(*) FROM event WHERE time < {store.since}", (before,)).fetchone()[0]
+        found = connection.execute(store.dialect.sql(f"SELECT count(*) FROM event WHERE time < {store.dialect.time}"),
+                                   (before,)).fetchone()[0]
     finally:
         connection.close()
     log.info("%d events are from before %s", found, before)
     if arguments.dry_run or not found:
         return 0
-    if not arguments.yes:
-        answer = _confirmed(f"Delete {found} events from before {before}?")
-        if answer is None:
-            raise UsageError(f"this would delete {found} events; pass --yes to delete them without a question "
-                             "(standard input is not a terminal to ask on)")
-        if not answer:
-            log.info("deleted nothing")
-            return 1
+    if not _asked(arguments, f"Delete {found} events from before {before}?",
+                  f"this would delete {found} events; pass --yes to delete them without a question"):
+        return 1
     connection = store.connect()
     deleted = 0
     try:
         while True:
-            step = store.prune(connection, before)
+            step, changed = store.prune(connection, before)
             deleted += step
-            if step < PRUNE_STEP_ROWS and store.forget(connection, before) < SUMMARY_STEP_ROWS:
+            if not step and not changed:
                 break
             time.sleep(0.01)  # let the server's writer in between steps
     finally:
@@ -6687,9 +6785,69 @@ def prune(arguments, config):
     return 0
 
 
+def _asked(arguments, question, refusal):
+    """Whether to go on: --yes, or yes at the terminal; UsageError without a terminal to ask on."""
+    if arguments.yes:
+        return True
+    answer = _confirmed(question)
+    if answer is None:
+        raise UsageError(refusal + " (standard input is not a terminal to ask on)")
+    if not answer:
+        log.info("deleted nothing")
+    return answer
+
+
+def forget(arguments, config):
+    """Erase one player's events (and their summaries), in small steps, while the server runs."""
+    store = _existing_store(config)
+    where = f" of application {arguments.application!r}" if arguments.application else " of every application"
+    if not _asked(arguments, f"Erase every event of this player{where}?",
+                  "this erases a player's events; pass --yes to erase them without a question"):
+        return 1
+    connection = store.connect()
+    try:
+        removed = erase_player(store, connection, config, arguments.user, arguments.application)
+    finally:
+        connection.close()
+    print(json.dumps({"removed": removed, "application": arguments.application}))
+    return 0
+
+
+def privacy(arguments, config):
+    """Print what this configuration keeps of players, for a privacy policy and the stores' forms."""
+    for heading, lines in privacy_facts(config):
+        print(heading)
+        for line in lines:
+            print("  - " + line)
+    return 0
+
+
+def rebuild_summaries(arguments, config):
+    """Make the summaries reports read again from the events, in small steps (a running server goes on)."""
+    store = _existing_store(config)
+    if not store.summaries:
+        raise UsageError("only an SQLite database keeps summaries; PostgreSQL's reports read the events")
+    connection = store.connect()
+    try:
+        with transaction(connection):
+            restart_summaries(connection)
+        log.info("summarising every event again; reports read the events until it is done")
+        read = 1
+        while read:
+            read, upto = store.summarise(connection, SUMMARY_STEP_ROWS, config)
+            time.sleep(0.002)  # let the server's writer in between steps
+    except SummaryPostponed:  # the server's writer holds the lock: it carries on from here
+        log.info("the running server goes on summarising")
+        return 0
+    finally:
+        connection.close()
+    log.info("the summaries are made again, up to event %d", upto)
+    return 0
+
+
 def backup(arguments, config):
     """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
-    if isinstance(_existing_store(config), PostgresStore):
+    if not isinstance(_existing_store(config), SQLiteStore):
         raise UsageError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
     target = arguments.file
     if os.path.exists(target) and not arguments.force:
@@ -6808,11 +6966,22 @@ def _global_options(default):
 COMMANDS = {
     "keygen": (keygen, "print a new random API key",
                "Print a new random key, 32 bytes from the operating system's random source, for api_keys or read_keys."),
-    "export": (export, "write events as CSV or JSON lines (pandas reads both)",
+    "export": (export, "write events as CSV or JSON lines (pandas reads both); --user: one player's",
                "Write events in the order they were stored, as CSV (a header line, then one line an event) or JSON "
                "lines, row by row in constant memory. In CSV, a text cell that starts with = + - @, a tab or a "
                "carriage return gets a ' in front, so that a spreadsheet shows it rather than running it as a "
-               "formula; JSON lines hold every value exactly."),
+               "formula; JSON lines hold every value exactly. --user ID writes one player's events (JSON lines "
+               "unless --format says csv), as a player who asks for their data is given them."),
+    "forget": (forget, "erase one player's events, in small steps",
+               "Erase every event of the player --user ID (of --application NAME, or of every application) and "
+               "their rows of the report summaries, in small steps that never hold up a running server; it prints "
+               "how many events it removed. The raw id is given also where ids are stored hashed."),
+    "privacy": (privacy, "print what is kept of players, and for how long",
+                "Print which fields are stored, for how long, whether ids are hashed, and answers for the stores' "
+                "privacy forms, as this configuration makes them."),
+    "rebuild-summaries": (rebuild_summaries, "make the summaries for reports again from the events",
+                          "Make the summaries that reports read again from the events (after events were deleted by "
+                          "hand, say), in small steps; a running server answers reports from the events meanwhile."),
     "prune": (prune, "delete events older than a time, in small steps",
               "Delete the events whose time is before T, 500 at a time so that a running server is never held up. "
               "It says first how many events that is, and asks before deleting them (on a terminal) unless --yes "
@@ -6846,7 +7015,8 @@ def _parser():
                                       parents=[_global_options(argparse.SUPPRESS)])
             for name, (_, summary, description) in COMMANDS.items()}
     exporting = made["export"]
-    exporting.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
+    exporting.add_argument("--format", choices=("csv", "jsonl"), help="csv (default) or jsonl (default with --user)")
+    exporting.add_argument("--user", metavar="ID", help="only this player's events (their raw user_id)")
     exporting.add_argument("--application", metavar="NAME", help="only this application's events")
     exporting.add_argument("--since", metavar="T", help="only events at or after T (ISO 8601 or Unix seconds, UTC)")
     exporting.add_argument("--until", metavar="T", help="only events before T")
@@ -6859,6 +7029,9 @@ def _parser():
     made["backup"].add_argument("file", metavar="FILE", help="where to write the copy")
     made["backup"].add_argument("--force", action="store_true", help="replace FILE if it exists")
     made["copy"].add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
+    made["forget"].add_argument("--user", metavar="ID", required=True, help="the player's user_id, as the game sends it")
+    made["forget"].add_argument("--application", metavar="NAME", help="only this application's events of the player")
+    made["forget"].add_argument("--yes", action="store_true", help="erase without asking (needed when not on a terminal)")
     return parser
 
 
