@@ -34,6 +34,7 @@ __all__ = ["Config", "ConfigError", "HTTPError", "Pycolytics", "Server", "applic
 
 import argparse
 import binascii
+import bisect
 import collections
 import configparser
 import contextlib
@@ -670,16 +671,6 @@ def _split_target(target, method):
     return path, query
 
 
-def _header_field(line, limits):
-    """(name in lower case, value) of one header line; raises HTTPError if it is malformed or too long."""
-    name, sep, value = line.partition(":")
-    if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
-        raise HTTPError(400, f"malformed header line {_printable(line[:40])!r}")
-    if len(line) > limits.max_header_field:
-        raise HTTPError(431, f"the header {name} is over {limits.max_header_field} bytes")
-    return name.lower(), value.strip(" \t")
-
-
 def _parse_head(head, limits):
     """A _Request from the bytes before the blank line; raises HTTPError on bad framing."""
     bad = _FORBIDDEN_IN_HEAD.search(head.replace(b"\r\n", b"  "))
@@ -702,7 +693,12 @@ def _parse_head(head, limits):
         raise HTTPError(431, f"at most {limits.max_header_fields} header fields are accepted")
     request.headers = headers = {}
     for line in lines[1:]:
-        name, value = _header_field(line, limits)
+        name, sep, value = line.partition(":")
+        if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
+            raise HTTPError(400, f"malformed header line {_printable(line[:40])!r}")
+        if len(line) > limits.max_header_field:
+            raise HTTPError(431, f"the header {name} is over {limits.max_header_field} bytes")
+        name, value = name.lower(), value.strip(" \t")
         if name in headers:
             if name == "host":
                 raise HTTPError(400, "more than one Host header")
@@ -2555,16 +2551,19 @@ HEALTH_PROBE_SECONDS = 3
 # A commit that has run this long makes /healthz 503: the writer is stuck (a lock, a dying disk).
 WRITER_STUCK_SECONDS = 5
 # Seconds beyond busy_timeout before the writer gives up on a commit: time for the database's own
-# timeout error (a lock, a statement) to come first, and say why.
+# timeout error (a lock, a statement) to come first, and say why; and how often it looks.
 WRITE_GRACE = 2
+WATCH_SECONDS = 0.25
 # Rows one pruning or erasing step deletes: a transaction this small holds the write lock for
 # milliseconds, so ingestion waits no longer than for a commit.
 PRUNE_STEP_ROWS = 500
 # Summarising waits for a pause in the events: this long without a commit. A commit that comes
 # during a step waits for it, so steps are kept to the pauses...
 SUMMARY_IDLE_SECONDS = 0.05
-# ...unless events keep coming: then steps take this share of the writer's time at most, the rest
-# is for commits (a report asks the writer to catch up first: Writer.catch_up).
+# ...unless events keep coming and this many wait to be summarised: then steps take SUMMARY_SHARE
+# of the writer's time at most, the rest is for commits (a report asks the writer to catch up
+# first, Writer.catch_up: these it does in under a second).
+SUMMARY_BACKLOG = 20_000
 SUMMARY_SHARE = 0.05
 # Events one summarising step reads: as many as the last step took SUMMARY_STEP_SECONDS for, from
 # SUMMARY_MIN_ROWS to SUMMARY_STEP_ROWS. 2,000 events from as many new players took 25 ms here
@@ -2627,6 +2626,7 @@ class Writer:
         self._reconnect_at = 0.0
         self._unreachable = None  # why the last reconnection failed
         self._committing_since = None  # while a commit runs
+        self._give_up_at = None  # (when, connection, group) while a commit runs
         self._stuck = False  # a commit ran past busy_timeout: new rows get 503 until it ends
         self._pass_pruned = 0  # by the steps of this pass, so far
         self._prune_due = time.monotonic() + 60  # retention_days: a minute after start, then hourly
@@ -2635,6 +2635,7 @@ class Writer:
         self._summary_rows = SUMMARY_STEP_ROWS
         self._summary_retry_at = 0.0  # after a step failed
         self._summary_upto = 0  # the last event id summarised, as this writer knows
+        self._unsummarised = 0  # events committed since its last step (a guess: other processes write too)
         self._catch_up_to = 0  # a reader waits for the summaries to reach this id
         self._committed_at = -SUMMARY_IDLE_SECONDS  # when the last group was committed
 
@@ -2645,6 +2646,7 @@ class Writer:
                 self._connection = self.store.connect()
                 self._thread = threading.Thread(target=self._run, name="pycolytics-writer", daemon=True)
                 self._thread.start()
+                threading.Thread(target=self._watch, name="pycolytics-writer-watch", daemon=True).start()
 
     def submit(self, rows, committed):
         """Queue `rows`; the writer thread calls committed(error) once they are stored (error None) or not."""
@@ -2734,8 +2736,9 @@ class Writer:
                 now = time.monotonic()
                 if group:
                     self._commit(group)
-                    if self._summary_due() is not None and now >= max(self._summary_retry_at, 0 if (
-                            self._catch_up_to > self._summary_upto) else self._summary_next):
+                    waits = self._catch_up_to > self._summary_upto  # a report
+                    if self._summary_due() is not None and now >= self._summary_retry_at and (waits or (
+                            self._unsummarised > SUMMARY_BACKLOG and now >= self._summary_next)):
                         self._summarise()  # under load, a step between commits: paced, unless a report waits
                 elif self.last_error is not None and now >= self._probe_due:
                     self._probe()
@@ -2759,7 +2762,7 @@ class Writer:
     def _connected(self):
         """The writer's connection, opened again if it was lost or its file replaced (once a second at most)."""
         if self._connection is not None:
-            problem = self.store.detached(self._connection)
+            problem = self.store.detached(self._connection, quick=True)
             if problem:
                 log.error("%s: opening the database again", problem)
                 self._drop()
@@ -2867,6 +2870,7 @@ class Writer:
         with self._lock:
             self._summary_behind = read == limit
             self._summary_upto = upto
+            self._unsummarised = max(0, self._unsummarised - read) if self._summary_behind else 0
             self._summarised.notify_all()
         if self._summary_behind:  # a whole step: its time per event says how many fit in the next
             fit = int(SUMMARY_STEP_SECONDS * read / max(took, 1e-9))
@@ -2908,21 +2912,21 @@ class Writer:
             if left <= 0:  # they waited for a commit before theirs that took nearly busy_timeout
                 raise TimeoutError(f"the events waited over busy_timeout = {self.config.busy_timeout:g} s")
             connection = self._connected()
-            with self.store.deadlines.after(left, functools.partial(self._give_up, connection, group)):
-                try:
-                    inserted = self.store.insert(connection, rows)
-                except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
-                    if any(waiting.answered for waiting in group):
-                        raise  # given up on and answered 503 already: not stored later
-                    self._forget_lost(lost)
-                    self._reconnect_at = 0
-                    inserted = self.store.insert(self._connected(), rows)
+            self._give_up_at = (started + left, connection, group)
+            try:
+                inserted = self.store.insert(connection, rows)
+            except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
+                if any(waiting.answered for waiting in group):
+                    raise  # given up on and answered 503 already: not stored later
+                self._forget_lost(lost)
+                self._reconnect_at = 0
+                inserted = self.store.insert(self._connected(), rows)
         except Exception as failure:  # the database is full, gone, unreachable, locked or too slow
             log.error("could not store %d events: %s", len(rows), failure)
             self._failed(failure)
             error = busy("the database could not store the events; send them again shortly", 5)
         finally:
-            self._committing_since = None
+            self._committing_since = self._give_up_at = None
             with self._lock:
                 self._stuck = False
         if error is None:
@@ -2932,9 +2936,19 @@ class Writer:
             self._succeeded()
             self._committed_at = time.monotonic()
             self._summary_behind = self.store.summaries
+            self._unsummarised += inserted
             self.metrics.commit(time.monotonic() - started, inserted)  # new rows, not retried event_ids
         for waiting in group:
             waiting.answer(error)
+
+    def _watch(self):
+        """Gives up on a commit that runs past its time (the writer thread, inside it, cannot)."""
+        while not self._closed:
+            time.sleep(WATCH_SECONDS)
+            running = self._give_up_at
+            if running is not None and time.monotonic() > running[0] and running is self._give_up_at:
+                self._give_up_at = None
+                self._give_up(*running[1:])
 
     def _give_up(self, connection, group):
         """busy_timeout has passed for the oldest rows of a running commit (another thread's
@@ -2992,7 +3006,7 @@ class Metrics:
             self._row[self.REQUESTS - 100 + int(status[:3])] += count
 
     def commit(self, seconds, stored):
-        bucket = sum(seconds > bound for bound in self.BUCKETS)  # how many bounds it is over
+        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # how many bounds it is over
         with self._lock:
             self._row[self.STORED] += stored
             self._row[self.COMMIT_MICROSECONDS] += round(seconds * 1e6)
@@ -3282,6 +3296,7 @@ class Deadlines:
         self._changed = threading.Condition()
         self._watched = {}  # token: [deadline, function, fired]
         self._thread = None
+        self._wakes_at = 0.0  # when the thread wakes next (it looks again then)
 
     @contextlib.contextmanager
     def after(self, seconds, function):
@@ -3293,7 +3308,8 @@ class Deadlines:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pycolytics-deadlines", daemon=True)
                 self._thread.start()
-            self._changed.notify()
+            if entry[0] < self._wakes_at:  # woken only when it must wake sooner: once a commit, it need not
+                self._changed.notify()
         try:
             yield entry
         finally:
@@ -3309,11 +3325,10 @@ class Deadlines:
                     entry[2] = True
                 waiting = [entry[0] - now for entry in self._watched.values() if not entry[2]]
                 if not due:
-                    if not waiting and not self._changed.wait(self.IDLE_SECONDS) and not self._watched:
+                    self._wakes_at = now + (max(0.01, min(waiting)) if waiting else self.IDLE_SECONDS)
+                    if not self._changed.wait(self._wakes_at - now) and not self._watched:
                         self._thread = None
                         return
-                    if waiting:
-                        self._changed.wait(max(0.01, min(waiting)))
             for entry in due:  # outside the lock: a function may take locks of its own
                 try:
                     entry[1]()
@@ -3358,7 +3373,7 @@ class Store:
     def exists(self):
         return True
 
-    def detached(self, connection):
+    def detached(self, connection, quick=False):
         return None
 
     def summarise(self, connection, limit, config):
@@ -3432,10 +3447,10 @@ class SQLiteStore(Store):
     def exists(self):
         return os.path.exists(self.config.database)
 
-    def detached(self, connection):
-        """Why `connection` no longer writes into the file at the configured path, or None: asked
-        before and after every commit, three stat() calls."""
-        for suffix, device, inode in connection.files:
+    def detached(self, connection, quick=False):
+        """Why `connection` no longer writes into the file at the configured path, or None. After a
+        commit all three files are looked at; before one (`quick`) the database file itself."""
+        for suffix, device, inode in connection.files[:1] if quick else connection.files:
             try:
                 status = os.stat(self._path + suffix)
             except FileNotFoundError:

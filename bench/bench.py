@@ -153,7 +153,8 @@ def start_pycolytics(database, synchronous="full", interpreter_options=(), progr
     port = free_port()
     command = [sys.executable, *interpreter_options, *(program or [os.path.join(ROOT, "pycolytics.py")]),
                "--port", str(port), "--database", database, "--quiet"]
-    environ = dict(environ or {}, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_SYNCHRONOUS=synchronous)
+    # an empty ini: the repository's pycolytics.ini has keys an older pycolytics.py (an A/B run's) refuses
+    environ = dict(environ or {}, PYCOLYTICS_API_KEYS=KEY, PYCOLYTICS_SYNCHRONOUS=synchronous, PYCOLYTICS_CONFIG=os.devnull)
     return Service(command, port, environ, cwd=cwd)
 
 
