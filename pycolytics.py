@@ -1552,7 +1552,8 @@ class Pycolytics:
         self.scoreboard = scoreboard
         self.store = store_for(config)
         self.metrics = Metrics() if scoreboard is None else Metrics(scoreboard.rows, scoreboard.row)
-        self.writer = Writer(config, self.store, self.metrics, prunes=scoreboard is None or scoreboard.worker == 1)
+        self.writer = Writer(config, self.store, self.metrics, prunes=scoreboard is None or scoreboard.worker == 1,
+                             commits=scoreboard and self.store.summaries and scoreboard.commits)
         self.reads = ReadPool(config.report_threads)
         self.loop_hooks = LoopHooks(self)
         self.server_problem = None  # the built-in server's own trouble, which /healthz tells
@@ -2605,10 +2606,12 @@ class Writer:
     (retention_days) and probes a database that failed.
     """
 
-    def __init__(self, config, store, metrics, prunes=True):
-        """`prunes`: applies retention_days (with workers = N, only worker 1 does)."""
+    def __init__(self, config, store, metrics, prunes=True, commits=None):
+        """`prunes`: applies retention_days (with workers = N, only worker 1 does); `commits`: a lock
+        the writers of all workers take in turn for each commit (on SQLite, with workers = N)."""
         self.config = config
         self.prunes = prunes
+        self._commits = commits or contextlib.nullcontext()
         self.store = store
         self.metrics = metrics
         self.last_error = None  # what the last write (a commit or a probe) failed with
@@ -2914,7 +2917,8 @@ class Writer:
             connection = self._connected()
             self._give_up_at = (started + left, connection, group)
             try:
-                inserted = self.store.insert(connection, rows)
+                with self._commits:  # SQLite's own wait for the lock sleeps up to 100 ms at a time; this one does not
+                    inserted = self.store.insert(connection, rows)
             except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
                 if any(waiting.answered for waiting in group):
                     raise  # given up on and answered 503 already: not stored later
@@ -6395,6 +6399,9 @@ class Scoreboard:
         # and ADDRESS_SET_ENTRIES more: for a set to be full, more than that many of the
         # connections open at once would have to hash into the same one of max_connections sets.
         self.connections = AddressCounts(config.max_connections, ADDRESS_SET_ENTRIES + workers)
+        # On SQLite the workers' writers take turns for each commit on this lock, where SQLite's
+        # busy handler would sleep (up to 100 ms at a time) and the commits of both would wait.
+        self.commits = ProcessLock()
 
     def seat(self, number):
         seat = copy_module.copy(self)
