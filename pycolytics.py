@@ -89,10 +89,6 @@ MAX_EVENT_ID = 100
 # and the interpreter's own limit (sys.get_int_max_str_digits) is this number unless changed.
 MAX_INTEGER_DIGITS = 4300
 
-# Worker processes at most (workers = N): each holds its own connections and threads, and
-# more than a few per core only adds memory.
-MAX_WORKERS = 64
-
 # Times as stored: UTC, as text that SQLite's date functions and pandas read.
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -186,11 +182,6 @@ _port = _number(int, 0, 65535, "a whole number from 0 to 65535")
 _count = _number(int, 1, math.inf, "a whole number of at least 1, without a unit (like 1000, or 1048576 for 1 MiB)")
 _seconds = _number(float, 0.001, 1e6, "a number of seconds from 0.001 to 1000000, like 5 or 0.5")
 _days = _number(float, 0, 999_999, "a number of days, or 0 to keep events forever")
-_worker_count = _number(int, 1, MAX_WORKERS, f"auto, or a whole number from 1 to {MAX_WORKERS}")
-
-
-def _workers(value):
-    return min(os.cpu_count() or 1, MAX_WORKERS) if value.strip().lower() == "auto" else _worker_count(value)
 
 
 def _flag(value):
@@ -322,7 +313,7 @@ SETTINGS = (
     Setting("quiet", "no", _flag, "server", "no log line per request"),
     Setting("log_addresses", "yes", _flag, "server", "client addresses in the log (no: '-' instead)"),
     Setting("threads", "8", _count, "restart", "threads of the built-in server for requests that may wait"),
-    Setting("workers", "1", _workers, "restart", "processes of the built-in server; auto: one per core"),
+    Setting("workers", "1", _text, "restart", "no longer used: one process serves (start-up says so if it is set)"),
     Setting("max_connections", "512", _count, "server", "open connections at most; the longest idle makes room"),
     Setting("max_connections_per_address", "64", _count, "server", "open connections from one address at most (503)"),
     Setting("idle_timeout", "5", _seconds, "server", "seconds a kept-alive connection may sit idle"),
@@ -575,10 +566,6 @@ PIPELINE_ROUNDS = 16
 # use to be closed; meanwhile the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
 
-# With workers = N, how long a worker that holds more connections than another leaves a
-# newcomer to that one before it takes it itself (the other may be busy, or stuck).
-ACCEPT_YIELD_SECONDS = 0.002
-
 # How long a connection that has sent nothing, only part of a request, or has not read its
 # answer, is safe from being closed to make room for a newcomer when every slot is taken. A client sends a whole request
 # within a round trip or two; closing one whose request is unread would reset it (newcomers
@@ -725,8 +712,7 @@ def _parse_head(head, limits):
 
 
 class OpenConnections:
-    """Open connections by client address, for max_connections_per_address: one server's own.
-    (With workers = N, the Scoreboard counts them for the whole server, with the same two methods.)"""
+    """Open connections by client address, for max_connections_per_address."""
 
     def __init__(self):
         self._open = collections.Counter()
@@ -783,10 +769,9 @@ class Server:
     connection is closed.
     """
 
-    def __init__(self, app, limits, listener, tls=None, reload=None, open_connections=None):
+    def __init__(self, app, limits, listener, tls=None, reload=None):
         """`listener`: a bound, listening socket; `tls`: an SSLContext for HTTPS; `reload`: called
-        in the loop after request_reload() (SIGHUP); `open_connections`: what counts connections by
-        address (the Scoreboard of worker processes, which also balances newcomers), if not this server."""
+        in the loop after request_reload() (SIGHUP)."""
         self.app = app
         self.limits = limits
         self.reload = reload
@@ -813,13 +798,7 @@ class Server:
         self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
         self._stalled = collections.OrderedDict()  # connections with answers they are slow to read, oldest first
         self._connections = {}
-        self._per_address = OpenConnections() if open_connections is None else open_connections
-        # Worker processes wake together for a newcomer on their shared socket, and the first awake
-        # would take a whole burst (a client pool's, a proxy's) and keep it: each says how many it
-        # holds, and yields a newcomer for a moment to one that holds fewer.
-        self._holding = getattr(open_connections, "holding", None)
-        self._crowded = getattr(open_connections, "crowded", None)
-        self._yield_until, self._yielded = 0.0, False
+        self._per_address = OpenConnections()
         self._reserved = 0  # body bytes announced by requests being read or answered
         self._busy = 0
         self._listening = False
@@ -878,8 +857,6 @@ class Server:
         try:
             while True:
                 timeout = 0 if self._ready or self._finished else 1.0
-                if self._yield_until:
-                    timeout = min(timeout, max(0.0, self._yield_until - time.monotonic()))
                 for key, _ in self._selector.select(timeout):
                     callback, connection = key.data
                     try:  # _guarded, written out on the hottest path
@@ -893,9 +870,6 @@ class Server:
                     self._reload_requested = False
                     self._guarded(self.reload)
                 now = time.monotonic()
-                if self._yield_until and now >= self._yield_until:
-                    self._yield_until, self._yielded = 0.0, True
-                    self._listen(True)
                 if self._stopping:
                     if drain_by is None:
                         drain_by = now + self.limits.drain_seconds
@@ -961,11 +935,6 @@ class Server:
 
     def _accept(self):
         for _ in range(64):  # a few per turn: a flood of newcomers must not starve the rest
-            if self._crowded is not None and not self._yielded and self._crowded():
-                self._yield_until = time.monotonic() + ACCEPT_YIELD_SECONDS
-                self._listen(False)
-                return
-            self._yielded = False
             if len(self._connections) >= self.limits.max_connections and not self._make_room():
                 self._listen(False)  # full: the kernel's backlog holds newcomers until a connection closes
                 return
@@ -1001,8 +970,6 @@ class Server:
         self._connections[sock] = connection
         self._fresh[sock] = connection
         self._watch(connection, selectors.EVENT_READ, self._read)
-        if self._holding is not None:
-            self._holding(len(self._connections))
 
     def _turn_away(self, sock):
         """Close a connection at once, with a 503 if it speaks plain HTTP: nothing of it is kept,
@@ -1303,8 +1270,6 @@ class Server:
         self._release(connection)
         if connection.limited:
             self._per_address.disconnected(connection.peer)
-        if self._holding is not None:
-            self._holding(len(self._connections))
         if connection.watched:
             self._selector.unregister(connection.sock)
         connection.sock.close()
@@ -1546,14 +1511,10 @@ class Pycolytics:
     """The WSGI application: `Pycolytics(config)(environ, start_response)`; the built-in server
     comes in through `loop_hooks` instead (LoopHooks), with the same answers."""
 
-    def __init__(self, config, scoreboard=None):
-        """`scoreboard`: a worker process's seat on the Scoreboard that the workers of `workers = N`
-        share, so that its metrics, health and limits are the whole server's."""
-        self.scoreboard = scoreboard
+    def __init__(self, config):
         self.store = store_for(config)
-        self.metrics = Metrics() if scoreboard is None else Metrics(scoreboard.rows, scoreboard.row)
-        self.writer = Writer(config, self.store, self.metrics, prunes=scoreboard is None or scoreboard.worker == 1,
-                             commits=scoreboard and self.store.summaries and scoreboard.commits)
+        self.metrics = Metrics()
+        self.writer = Writer(config, self.store, self.metrics)
         self.reads = ReadPool(config.report_threads)
         self.loop_hooks = LoopHooks(self)
         self.server_problem = None  # the built-in server's own trouble, which /healthz tells
@@ -1581,9 +1542,8 @@ class Pycolytics:
     def reconfigure(self, config):
         """Put new settings in force (keys, limits, documentation); the database stays as it is."""
         keyring = Keyring(config)
-        counts = None if self.scoreboard is None else self.scoreboard.requests
         self.validator = Validator(config, keyring)
-        self.rate_limiter = RateLimiter(config.rate_limit, counts) if config.rate_limit else None
+        self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self.reports = Reports(config, self.store, self.writer, keyring)
         self.players = Players(config, self.store, keyring)
         origins = [config.for_app(name, "cors_origins") for name in (None, *config.apps)]
@@ -1696,16 +1656,10 @@ class Pycolytics:
 
     def get_health(self, environ):
         problem = self.writer.health()
-        if problem is None and self.scoreboard is not None:
-            failing = self.scoreboard.failing()
-            if failing:
-                problem = f"the last write of worker {failing[0]} failed (its log says why)"
         document = {"status": "unavailable" if problem or self.server_problem else "ok",
                     "database": problem or "accepts writes", "writer": self.writer.state(), "version": __version__}
         if self.server_problem:
             document["server"] = self.server_problem
-        if self.scoreboard is not None:
-            document["workers"] = self.scoreboard.workers()
         _, headers, body = _ok(json.dumps(document).encode(), JSON_TYPE, ("Cache-Control", "no-store"))
         return ("503 Service Unavailable" if problem or self.server_problem else "200 OK"), headers, body
 
@@ -1900,8 +1854,7 @@ def client_address(peer, forwarded_for, trusted_proxies):
 class WindowCounts:
     """How many times each key (a client address) was counted in the current fixed window, for
     MAX_TRACKED_CLIENTS keys at most: past that, the keys of earlier windows are forgotten, and if
-    they all count in this one, every count starts afresh rather than grow. (With workers = N,
-    AddressCounts counts for every process, with the same method.)"""
+    they all count in this one, every count starts afresh rather than grow."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -1931,14 +1884,14 @@ def _window(seconds, now):
 class RateLimiter:
     """At most `requests` per `seconds` from one client address, counted in fixed windows."""
 
-    def __init__(self, limit, counts=None):
+    def __init__(self, limit):
         self.requests, self.seconds = limit
         self.per = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}[self.seconds]
-        self._counts = WindowCounts() if counts is None else counts
+        self._counts = WindowCounts()
 
     def check(self, address, now=None):
         """Count one request from `address`; raise a 429 if it is one too many."""
-        window, wait = _window(self.seconds, time.monotonic() if now is None else now)  # one clock for every process
+        window, wait = _window(self.seconds, time.monotonic() if now is None else now)
         if self._counts.count(address, window) > self.requests:
             raise HTTPError(429, f"more than {self.requests} requests per {self.per} from {address}: "
                                  f"send again in {wait} s", retry_after=wait)
@@ -2606,12 +2559,8 @@ class Writer:
     (retention_days) and probes a database that failed.
     """
 
-    def __init__(self, config, store, metrics, prunes=True, commits=None):
-        """`prunes`: applies retention_days (with workers = N, only worker 1 does); `commits`: a lock
-        the writers of all workers take in turn for each commit (on SQLite, with workers = N)."""
+    def __init__(self, config, store, metrics):
         self.config = config
-        self.prunes = prunes
-        self._commits = commits or contextlib.nullcontext()
         self.store = store
         self.metrics = metrics
         self.last_error = None  # what the last write (a commit or a probe) failed with
@@ -2745,7 +2694,7 @@ class Writer:
                         self._summarise()  # under load, a step between commits: paced, unless a report waits
                 elif self.last_error is not None and now >= self._probe_due:
                     self._probe()
-                elif self.config.retention_days and self.prunes and now >= self._prune_due:
+                elif self.config.retention_days and now >= self._prune_due:
                     self._prune_due = self._prune()
                 elif self._summary_due() is not None and now >= self._summary_due():
                     self._summarise()
@@ -2756,7 +2705,7 @@ class Writer:
     def _idle_wait(self):
         """Seconds until the writer has work besides commits (a probe, a pruning step), or None."""
         due = [self._probe_due] if self.last_error is not None else []
-        if self.config.retention_days and self.prunes:
+        if self.config.retention_days:
             due.append(self._prune_due)
         if self._summary_due() is not None:
             due.append(self._summary_due())
@@ -2765,7 +2714,7 @@ class Writer:
     def _connected(self):
         """The writer's connection, opened again if it was lost or its file replaced (once a second at most)."""
         if self._connection is not None:
-            problem = self.store.detached(self._connection, quick=True)
+            problem = self.store.detached(self._connection)
             if problem:
                 log.error("%s: opening the database again", problem)
                 self._drop()
@@ -2835,13 +2784,11 @@ class Writer:
 
     def _failed(self, error):
         self.last_error = error
-        self.metrics.failing(True)
         self._probe_due = time.monotonic() + HEALTH_PROBE_SECONDS
         self._forget_lost(error)
 
     def _succeeded(self):
         self.last_error = None
-        self.metrics.failing(False)
         self._wrote_at = time.monotonic()
 
     def _summary_due(self):
@@ -2895,7 +2842,7 @@ class Writer:
             log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
             self._pass_pruned = 0
             return time.monotonic() + 3600
-        self.metrics.pruned(deleted)
+        self.metrics.prune(deleted)
         self._pass_pruned += deleted
         if deleted or changed:
             return time.monotonic()  # more to delete: the next step comes between commits
@@ -2917,8 +2864,7 @@ class Writer:
             connection = self._connected()
             self._give_up_at = (started + left, connection, group)
             try:
-                with self._commits:  # SQLite's own wait for the lock sleeps up to 100 ms at a time; this one does not
-                    inserted = self.store.insert(connection, rows)
+                inserted = self.store.insert(connection, rows)
             except LostBeforeCommit as lost:  # found dead before anything was committed: once more, afresh
                 if any(waiting.answered for waiting in group):
                     raise  # given up on and answered 503 already: not stored later
@@ -2982,74 +2928,48 @@ class Writer:
 
 
 class Metrics:
-    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe.
-
-    The counts are one row of integers: a list of this process's own, or with `workers = N` this
-    worker's row of the Scoreboard, in memory every worker shares. text() adds up `rows`, every
-    worker's, so any worker's answer counts the whole server.
-    """
+    """Counters and a histogram for /metrics, in Prometheus' text format. Thread-safe."""
 
     # Commit latency buckets, in seconds: an fsync on an SSD is ~1 ms, on an SD card ~10-100 ms.
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-    # Where each count lives in a row. Commits are counted in the one bucket each falls in (the
-    # last is past every bound) and added up when shown: one increment per commit, so that another
-    # worker reading meanwhile never sees a histogram whose buckets disagree with its count.
-    STORED, PRUNED, COMMIT_MICROSECONDS, COMMITS = 0, 1, 2, 3
-    REQUESTS = COMMITS + len(BUCKETS) + 1  # requests by status, from 100 to 599
-    FAILING = REQUESTS + 500  # not a metric: 1 while this process's last write failed (Scoreboard)
-    WIDTH = FAILING + 1
 
-    def __init__(self, rows=None, row=None):
+    def __init__(self):
         self._lock = threading.Lock()
-        self._row = [0] * self.WIDTH if row is None else row
-        self._rows = [self._row] if rows is None else rows
-        self._row[self.FAILING] = 0  # a worker that replaces one that died has not failed yet
+        self.stored = self.pruned = self.commit_seconds = 0
+        self.commits = [0] * (len(self.BUCKETS) + 1)  # in the bucket each falls in; the last is past every bound
+        self.requests = collections.Counter()  # by status
 
     def request(self, status, count=1):
         with self._lock:
-            self._row[self.REQUESTS - 100 + int(status[:3])] += count
+            self.requests[status[:3]] += count
 
     def commit(self, seconds, stored):
-        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # how many bounds it is over
         with self._lock:
-            self._row[self.STORED] += stored
-            self._row[self.COMMIT_MICROSECONDS] += round(seconds * 1e6)
-            self._row[self.COMMITS + bucket] += 1
+            self.stored += stored
+            self.commit_seconds += seconds
+            self.commits[bisect.bisect_left(self.BUCKETS, seconds)] += 1
 
-    def pruned(self, deleted):
+    def prune(self, deleted):
         with self._lock:
-            self._row[self.PRUNED] += deleted
-
-    def failing(self, failing):
-        """Whether the last write failed: every worker's /healthz reads it (Scoreboard)."""
-        self._row[self.FAILING] = int(failing)
+            self.pruned += deleted
 
     def text(self):
         with self._lock:
-            rows = [list(row) for row in self._rows]
-        total = [sum(column) for column in zip(*rows)]
-        commits = list(itertools.accumulate(total[self.COMMITS:self.REQUESTS]))
-        lines = [
+            commits, requests = list(itertools.accumulate(self.commits)), sorted(self.requests.items())
+            stored, pruned, seconds = self.stored, self.pruned, self.commit_seconds
+        return "\n".join([
             "# HELP pycolytics_events_stored_total Events committed to the database.",
-            "# TYPE pycolytics_events_stored_total counter",
-            f"pycolytics_events_stored_total {total[self.STORED]}",
+            "# TYPE pycolytics_events_stored_total counter", f"pycolytics_events_stored_total {stored}",
             "# HELP pycolytics_requests_total Requests answered, by HTTP status.",
             "# TYPE pycolytics_requests_total counter",
-        ]
-        lines += [f'pycolytics_requests_total{{status="{status}"}} {total[self.REQUESTS - 100 + status]}'
-                  for status in range(100, 600) if total[self.REQUESTS - 100 + status]]
-        lines += [
+            *(f'pycolytics_requests_total{{status="{status}"}} {count}' for status, count in requests),
             "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
             "# TYPE pycolytics_commit_seconds histogram",
-        ]
-        lines += [f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.BUCKETS, commits)]
-        lines += [f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {commits[-1]}',
-                  f"pycolytics_commit_seconds_sum {total[self.COMMIT_MICROSECONDS] / 1e6:.6f}",
-                  f"pycolytics_commit_seconds_count {commits[-1]}",
-                  "# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
-                  "# TYPE pycolytics_events_pruned_total counter",
-                  f"pycolytics_events_pruned_total {total[self.PRUNED]}"]
-        return "\n".join(lines) + "\n"
+            *(f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.BUCKETS, commits)),
+            f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {commits[-1]}',
+            f"pycolytics_commit_seconds_sum {seconds:.6f}", f"pycolytics_commit_seconds_count {commits[-1]}",
+            "# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
+            "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {pruned}"]) + "\n"
 
 
 ###############################################################################
@@ -3377,7 +3297,7 @@ class Store:
     def exists(self):
         return True
 
-    def detached(self, connection, quick=False):
+    def detached(self, connection):
         return None
 
     def summarise(self, connection, limit, config):
@@ -3451,10 +3371,10 @@ class SQLiteStore(Store):
     def exists(self):
         return os.path.exists(self.config.database)
 
-    def detached(self, connection, quick=False):
-        """Why `connection` no longer writes into the file at the configured path, or None. After a
-        commit all three files are looked at; before one (`quick`) the database file itself."""
-        for suffix, device, inode in connection.files[:1] if quick else connection.files:
+    def detached(self, connection):
+        """Why `connection` no longer writes into the file at the configured path, or None: asked
+        before and after every commit (a -wal deleted before one is found before it goes there)."""
+        for suffix, device, inode in connection.files:
             try:
                 status = os.stat(self._path + suffix)
             except FileNotFoundError:
@@ -6030,45 +5950,24 @@ def client_script(environ):
 
 
 ###############################################################################
-# Processes: the server's process, workers = N, signals
+# The server's process: signals, reloads, systemd, the log
 ###############################################################################
 
-# A worker process that dies is replaced, but at most this many times per minute while another
-# worker serves: a worker that crashes at start must not become a fork loop. When none serves,
-# one is started anyway, a second apart at most: the listening socket is never left unserved.
-WORKER_RESTARTS_PER_MINUTE = 5
-# What the parent passes on to its workers; blocked across a fork, so that a worker hears
-# them only once it has its own handlers.
-_FORWARDED_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
-# With workers = N, the counts by client address of rate_limit and max_connections_per_address
-# live in fixed tables that every worker shares: an address's hash picks a set of this many
-# entries, and a lookup reads that set only (plus one entry per worker for connections).
-ADDRESS_SET_ENTRIES = 8
-
-
-def server_limits(config, workers=1):
-    """The ServerLimits of `config`; with workers, each holds its share of max_connections."""
-    return ServerLimits(config.threads, max(1, config.max_connections // workers), config.max_connections_per_address,
+def server_limits(config):
+    """The ServerLimits of `config`."""
+    return ServerLimits(config.threads, config.max_connections, config.max_connections_per_address,
                         config.idle_timeout, config.request_timeout, config.max_request_line, config.max_header_fields,
                         config.max_header_field, config.max_head_bytes, config.max_body_bytes, config.max_buffered_bytes,
                         config.request_timeout + config.busy_timeout, not config.quiet, config.log_addresses,
                         config.trusted_proxies)
 
 
-def serve(config, load=None, listener=None, scoreboard=None):
-    """Run the built-in server until SIGTERM or SIGINT; return the exit status.
-
-    `load` makes a fresh Config; SIGHUP calls it and puts the result in force, or keeps the
-    configuration in force if the new one is bad. With `workers` above 1, a Supervisor's
-    processes serve instead; each of them calls this with the `listener` its parent bound and
-    its seat on the `scoreboard` they share, and leaves telling systemd and the log about the
-    whole server to it.
-    """
-    if config.workers > 1 and listener is None:
-        return Supervisor(config, load).run()
+def serve(config, load=None):
+    """Run the built-in server until SIGTERM or SIGINT; return the exit status. `load` makes a fresh
+    Config: SIGHUP calls it and puts the result in force, or keeps the one in force if it is bad."""
     tls = tls_context(config)
     try:
-        app = Pycolytics(config, scoreboard)
+        app = Pycolytics(config)
         app.open()
     except ConfigError:
         raise
@@ -6076,9 +5975,8 @@ def serve(config, load=None, listener=None, scoreboard=None):
         log.error("cannot open the database %s: %s", _redacted(config.database), error)
         return 1
     try:
-        server = Server(app, server_limits(config, config.workers if scoreboard else 1),
-                        listener or listening_socket(config.host, config.port), tls=tls,
-                        reload=lambda: _reload(app, server, load, scoreboard), open_connections=scoreboard)
+        server = Server(app, server_limits(config), listening_socket(config.host, config.port), tls=tls,
+                        reload=lambda: _reload(app, server, load))
     except OSError as error:
         log.error("cannot serve on %s:%s: %s", config.host, config.port, error)
         app.close()
@@ -6088,23 +5986,16 @@ def serve(config, load=None, listener=None, scoreboard=None):
         signal.signal(signum, server.shutdown)
     if load is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, server.request_reload)
-    if scoreboard is None:
-        _warn_about(config)
-        log.info("Pycolytics %s listening on %s (database: %s)", __version__, _url(server.server_address, tls),
-                 _redacted(config.database))
-        notify_systemd("READY=1")
-    else:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)  # blocked since the fork, now handled
-        scoreboard.serving()
-        log.info("worker %d (pid %d) serving", scoreboard.worker, os.getpid())
+    _warn_about(config)
+    log.info("Pycolytics %s listening on %s (database: %s)", __version__, _url(server.server_address, tls),
+             _redacted(config.database))
+    notify_systemd("READY=1")
     try:
         server.serve_forever()
     finally:
-        if scoreboard is None:
-            notify_systemd("STOPPING=1")
+        notify_systemd("STOPPING=1")
         app.close()
-    log.info("%sstopped; every acknowledged event is committed",
-             "" if scoreboard is None else f"worker {scoreboard.worker}: ")
+    log.info("stopped; every acknowledged event is committed")
     sink.drain()
     return 0
 
@@ -6114,10 +6005,9 @@ def _url(address, tls):
     return f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-def _reload(app, server, load, scoreboard=None):
+def _reload(app, server, load):
     """Read the configuration again and put it in force; a bad one changes nothing."""
-    if scoreboard is None:
-        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         config = load()
         warnings = restart_only_changes(config, app.config)
@@ -6128,13 +6018,12 @@ def _reload(app, server, load, scoreboard=None):
         for warning in warnings:
             log.warning("%s", warning)
         app.reconfigure(config)
-        server.reconfigure(server_limits(config, config.workers if scoreboard else 1), tls)
+        server.reconfigure(server_limits(config), tls)
         if config.retention_days:
             app.writer.prune_soon()
         _warn_about(config)
         log.info("configuration reloaded" + (" except what takes a restart" if warnings else ""))
-    if scoreboard is None:
-        notify_systemd("READY=1")
+    notify_systemd("READY=1")
 
 
 def tls_context(config):
@@ -6243,416 +6132,6 @@ class LogSink:
                 pass  # stderr is closed or broken: the server goes on without its log
 
 
-class ProcessLock:
-    """A lock that the worker processes of one Supervisor take in turn (and each one's threads).
-
-    A POSIX record lock (fcntl.lockf) on a nameless file the parent opened: record locks belong to
-    a process, not to the file descriptor a fork shares, and the kernel releases them when the
-    process dies, so a worker killed while it holds the lock never leaves the others locked out.
-    Since the lock is the process's, its threads take turns on a threading.Lock first.
-    """
-
-    def __init__(self):
-        import fcntl  # here: only a server with worker processes needs it (and only POSIX has it)
-        import tempfile
-
-        self._file = tempfile.TemporaryFile()
-        self._lockf, self._exclusive, self._unlock = fcntl.lockf, fcntl.LOCK_EX, fcntl.LOCK_UN
-        self._threads = threading.Lock()
-
-    def __enter__(self):
-        self._threads.acquire()
-        try:
-            self._lockf(self._file, self._exclusive)
-        except BaseException:
-            self._threads.release()
-            raise
-        return self
-
-    def __exit__(self, *_exception):
-        try:
-            self._lockf(self._file, self._unlock)
-        finally:
-            self._threads.release()
-
-
-def _shared_bytes(size):
-    """`size` bytes, all 0, in memory that the processes forked afterwards share."""
-    import mmap  # here: only a server with worker processes needs it
-
-    return mmap.mmap(-1, size)
-
-
-def _shared_integers(count):
-    """`count` 8-byte integers, all 0, in memory that the processes forked afterwards share."""
-    return memoryview(_shared_bytes(8 * count)).cast("q")
-
-
-class AddressCounts:
-    """Counts by client address that every worker process reads and changes, under a ProcessLock:
-    requests per rate-limit window, or open connections per worker.
-
-    A fixed table of [hash, tag, count] entries in shared memory, where the tag is the window or
-    the worker. An address's hash picks a set of `ways` entries and a lookup reads that set only.
-    Python's hash of a str is the same in every worker (they are forks of one interpreter), and
-    two addresses with one 64-bit hash in one set are too unlikely to matter.
-    """
-
-    def __init__(self, sets, ways):
-        self._sets, self._ways = sets, ways
-        self._entries = _shared_integers(3 * ways * sets)
-        self._lock = ProcessLock()
-
-    def _set(self, address):
-        """The hash of `address`, and where the entries of its set begin."""
-        key = hash(address)
-        start = key % self._sets * 3 * self._ways
-        return key, range(start, start + 3 * self._ways, 3)
-
-    def count(self, address, window):
-        """Count one request from `address` in rate-limit `window`: how many it has sent in it.
-
-        An address that finds its set full of others' requests in this window is not counted (0),
-        as one process's RateLimiter forgets every address once it tracks MAX_TRACKED_CLIENTS:
-        the limit holds a few heavy senders back, not a crowd of addresses.
-        """
-        key, entries = self._set(address)
-        table = self._entries
-        with self._lock:
-            room = None
-            for at in entries:
-                if table[at] == key and table[at + 1] == window:
-                    table[at + 2] += 1
-                    return table[at + 2]
-                if room is None and (table[at + 1] != window or not table[at + 2]):
-                    room = at  # another window's count, over now, or never used
-            if room is None:
-                return 0
-            table[room], table[room + 1], table[room + 2] = key, window, 1
-            return 1
-
-    def connected(self, address, worker, limit):
-        """Count a connection from `address` to `worker`, unless it holds `limit` to them all; whether counted."""
-        key, entries = self._set(address)
-        table = self._entries
-        with self._lock:
-            held, mine, room = 0, None, None
-            for at in entries:
-                if table[at] == key:
-                    held += table[at + 2]
-                    if table[at + 1] == worker:
-                        mine = at
-                elif room is None and not table[at + 2]:
-                    room = at
-            at = room if mine is None else mine
-            if held >= limit or at is None:  # None: its set is full of others' (see Scoreboard for how rare)
-                return False
-            table[at], table[at + 1] = key, worker
-            table[at + 2] += 1
-            return True
-
-    def disconnected(self, address, worker):
-        key, entries = self._set(address)
-        table = self._entries
-        with self._lock:
-            for at in entries:
-                if table[at] == key and table[at + 1] == worker and table[at + 2]:
-                    table[at + 2] -= 1
-                    return
-
-    def forget(self, worker):
-        """Drop every count of `worker`, which died: its connections died with it."""
-        table = self._entries
-        with self._lock:
-            for at in range(0, len(table), 3):
-                if table[at + 1] == worker:
-                    table[at + 2] = 0
-
-
-
-
-class Scoreboard:
-    """What the processes of `workers = N` share, so that the server answers as one (Apache httpd's
-    scoreboard is the same idea). Made by the Supervisor before it forks them:
-
-    - each worker's row of Metrics, which every worker's /metrics adds up. A process writes only
-      its own row, and an aligned 8-byte integer is written whole, so readers need no lock. The
-      process that replaces one that died counts on in its row: counters never go down.
-    - what each worker does, for /healthz: its pid while it serves, 0 before it first does, -1
-      once it died (until its replacement serves); and whether its last write failed.
-    - the counts behind rate_limit and max_connections_per_address (AddressCounts), so each limit
-      is the whole server's, whichever worker a client's connections reach; and how many
-      connections each worker holds, so that newcomers go to the one with fewest.
-
-    In a worker, seat(number) is the same scoreboard with `worker` set to its number.
-    """
-
-    def __init__(self, config):
-        workers = config.workers
-        self.worker = self.row = None  # a seat's
-        memory = _shared_integers(workers * (Metrics.WIDTH + 2))
-        self.rows = [memory[n * Metrics.WIDTH:(n + 1) * Metrics.WIDTH] for n in range(workers)]
-        self.states = memory[workers * Metrics.WIDTH:workers * (Metrics.WIDTH + 1)]
-        self.held = memory[workers * (Metrics.WIDTH + 1):]  # each worker's open connections
-        self.requests = AddressCounts(MAX_TRACKED_CLIENTS // ADDRESS_SET_ENTRIES, ADDRESS_SET_ENTRIES)
-        # A set per connection the server may hold, each with room for one address in every worker
-        # and ADDRESS_SET_ENTRIES more: for a set to be full, more than that many of the
-        # connections open at once would have to hash into the same one of max_connections sets.
-        self.connections = AddressCounts(config.max_connections, ADDRESS_SET_ENTRIES + workers)
-        # On SQLite the workers' writers take turns for each commit on this lock, where SQLite's
-        # busy handler would sleep (up to 100 ms at a time) and the commits of both would wait.
-        self.commits = ProcessLock()
-
-    def seat(self, number):
-        seat = copy_module.copy(self)
-        seat.worker, seat.row = number, self.rows[number - 1]
-        return seat
-
-    def serving(self):
-        self.states[self.worker - 1] = os.getpid()
-
-    def gone(self, number):
-        """Worker `number` died (the Supervisor, once it reaped it): its connections died with it."""
-        self.states[number - 1] = -1
-        self.held[number - 1] = 0
-        self.connections.forget(number)
-
-    def serves(self):
-        return any(state > 0 for state in self.states)
-
-    def workers(self):
-        """What each worker does, by number: /healthz shows it."""
-        said = {}
-        for number, (state, row) in enumerate(zip(self.states, self.rows), 1):
-            if state > 0:
-                said[str(number)] = "serving; its last write failed" if row[Metrics.FAILING] else "serving"
-            else:
-                said[str(number)] = "starting" if state == 0 else "died; being replaced"
-        return said
-
-    def failing(self):
-        """The numbers of the serving workers whose last write failed."""
-        return [number for number, (state, row) in enumerate(zip(self.states, self.rows), 1)
-                if state > 0 and row[Metrics.FAILING]]
-
-    def holding(self, count):
-        """This worker holds `count` open connections now."""
-        self.held[self.worker - 1] = count
-
-    def crowded(self):
-        """Whether another serving worker holds fewer connections than this one (so it takes the next)."""
-        mine = self.held[self.worker - 1]
-        return any(state > 0 and held < mine for state, held in zip(self.states, self.held))
-
-    def connected(self, address, limit):
-        """As OpenConnections.connected, for the whole server."""
-        return self.connections.connected(address, self.worker, limit)
-
-    def disconnected(self, address):
-        self.connections.disconnected(address, self.worker)
-
-
-class Supervisor:
-    """The parent of the worker processes of `workers = N`, which does not serve.
-
-    It binds the listening socket, then forks N workers that each serve it with their own loop,
-    threads and writer (on SQLite they take turns for the write lock, each committing what it
-    gathered meanwhile; on PostgreSQL as separate collectors do); the kernel gives each new
-    connection to one of them. They share a Scoreboard: metrics, health and limits of the whole
-    server. The parent passes SIGTERM and SIGINT on (each worker drains), checks a new
-    configuration on SIGHUP and passes it on (each worker reloads), replaces a worker that dies
-    (see WORKER_RESTARTS_PER_MINUTE), and exits 0 only when every one has drained and exited 0.
-    It never starts a thread, so forking stays safe, and it writes its few log lines itself.
-    """
-
-    def __init__(self, config, load):
-        self.config = config
-        self.load = load
-        self.listener = None
-        self._children = {}  # pid: worker number
-        self._vacant = collections.deque()  # numbers of the workers to replace
-        self._replaced = collections.deque()  # when replacements started, for the last minute
-        self._held_back = False
-        self._stopping = False
-        self._reload_requested = False
-        self._failed = False
-        self._wake_reader = self._wake_writer = None
-        self.scoreboard = Scoreboard(config)
-
-    def run(self):
-        tls_context(self.config)  # a certificate that cannot work stops start-up here, with exit status 2
-        try:
-            app = Pycolytics(self.config)
-            app.open()  # once here, so a database that cannot be opened stops start-up, not N workers
-            app.close()
-        except Exception as error:  # the database's own errors, whichever it is
-            log.error("cannot open the database %s: %s", _redacted(self.config.database), error)
-            return 1
-        try:
-            self.listener = listening_socket(self.config.host, self.config.port)
-        except OSError as error:
-            log.error("cannot serve on %s:%s: %s", self.config.host, self.config.port, error)
-            return 1
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_writer.setblocking(False)  # as set_wakeup_fd needs
-        handlers = {signal.SIGTERM: self._stop, signal.SIGINT: self._stop, signal.SIGCHLD: self._child_exited,
-                    signal.SIGHUP: self._request_reload if self.load is not None else signal.SIG_IGN}
-        before = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
-        signal.set_wakeup_fd(self._wake_writer.fileno())
-        try:
-            for number in range(1, self.config.workers + 1):
-                self._start(number)
-            _warn_about(self.config)
-            log.info("Pycolytics %s listening on %s (database: %s) in %d worker processes", __version__,
-                     _url(self.listener.getsockname()[:2], self.config.certfile), _redacted(self.config.database),
-                     self.config.workers)
-            notify_systemd("READY=1")
-            return self._supervise()
-        finally:
-            signal.set_wakeup_fd(-1)
-            for signum, handler in before.items():
-                signal.signal(signum, handler)
-            for sock in (self.listener, self._wake_reader, self._wake_writer):
-                sock.close()
-
-    def _stop(self, *_signal_args):
-        self._stopping = True
-
-    def _request_reload(self, *_signal_args):
-        self._reload_requested = True
-
-    def _child_exited(self, *_signal_args):
-        pass  # the wake-up fd has woken the loop, which reaps
-
-    def _start(self, number):
-        """Fork worker `number`; with the forwarded signals blocked until it has its own handlers."""
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as error:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            log.error("cannot start worker %d: %s", number, error)
-            self._vacant.append(number)
-            return
-        if pid == 0:
-            self._work(number)  # never returns
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        self._children[pid] = number
-
-    def _work(self, number):
-        """The forked worker: serve on the shared socket, then leave without running the parent's exit code."""
-        status = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() takes it, if it reloads at all
-            self._wake_reader.close()
-            self._wake_writer.close()
-            os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the parent, the main process only
-            status = serve(self.config, self.load, self.listener, self.scoreboard.seat(number))
-        except BaseException:  # whatever it is, the parent must see an exit status, not a second parent
-            log.exception("worker %d failed", number)
-        finally:
-            os._exit(status)
-
-    def _supervise(self):
-        deadline = None
-        while True:
-            self._wait(1.0)
-            self._reap()
-            if self._stopping:
-                if deadline is None:
-                    deadline = time.monotonic() + self.config.request_timeout + self.config.busy_timeout + 30
-                    self._signal_all(signal.SIGTERM)
-                if not self._children:
-                    log.info("stopped; every acknowledged event is committed" if not self._failed else
-                             "stopped, but a worker failed; see above")
-                    notify_systemd("STOPPING=1")
-                    return 1 if self._failed else 0
-                if time.monotonic() > deadline:
-                    log.error("workers still running after %d s; killing them", self.config.request_timeout
-                              + self.config.busy_timeout + 30)
-                    self._signal_all(signal.SIGKILL)
-                    self._failed = True
-                    deadline = math.inf
-                continue
-            if self._reload_requested:
-                self._reload()
-            self._replace()
-
-    def _wait(self, timeout):
-        """Sleep until a signal arrives (the wake-up fd hears of each) or `timeout` passes."""
-        self._wake_reader.settimeout(timeout)
-        try:
-            self._wake_reader.recv(4096)
-        except OSError:  # the timeout
-            pass
-
-    def _reap(self):
-        while self._children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            number = self._children.pop(pid, None)
-            if number is None:
-                continue
-            self.scoreboard.gone(number)
-            code = os.waitstatus_to_exitcode(status)
-            how = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
-            if self._stopping:
-                if code != 0:
-                    self._failed = True
-                    log.error("worker %d (pid %d) %s while stopping", number, pid, how)
-            else:
-                log.error("worker %d (pid %d) %s; starting another", number, pid, how)
-                self._vacant.append(number)
-
-    def _replace(self):
-        now = time.monotonic()
-        while self._replaced and self._replaced[0] < now - 60:
-            self._replaced.popleft()
-        while self._vacant:
-            if len(self._replaced) >= WORKER_RESTARTS_PER_MINUTE:
-                if self.scoreboard.serves() or self._replaced[-1] > now - 1:
-                    if not self._held_back:
-                        log.error("%d workers replaced in the last minute; the next waits until that is fewer%s",
-                                  len(self._replaced), "" if self.scoreboard.serves() else
-                                  " (none serves: one is started each second meanwhile)")
-                        self._held_back = True
-                    return
-                log.error("no worker serves, and %d were replaced in the last minute: starting one anyway, so "
-                          "that the socket is served (see the errors above for why they die)", len(self._replaced))
-            self._held_back = False
-            self._replaced.append(now)
-            self._start(self._vacant.popleft())
-
-    def _reload(self):
-        """Check the new configuration, keep it for the workers started later, and pass SIGHUP on:
-        each worker reloads and logs what changed (a bad configuration is only said once, here)."""
-        self._reload_requested = False
-        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            config = self.load()
-            restart_only_changes(config, self.config)
-            tls_context(config)
-        except ConfigError as error:
-            log.error("reload failed; the configuration in force stays: %s", error)
-        else:
-            self.config = config
-            self._signal_all(signal.SIGHUP)
-        notify_systemd("READY=1")
-
-    def _signal_all(self, signum):
-        for pid in list(self._children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass  # it has exited; the next reap sees it
-
-
 def _log_to_sink():
     """Route the log's stderr handlers through a LogSink, so that no log line can block or stop serving."""
     sink = LogSink(sys.stderr)
@@ -6671,6 +6150,9 @@ def _redacted(database):
 
 def _warn_about(config):
     """What start-up and each reload warn about: the public development key, keeping events forever."""
+    if config.workers != "1":
+        log.warning("workers = %s: no longer used, one process serves (it took single events faster than two;"
+                    " docs/performance.md)", config.workers)
     if config.dev_key_active:
         log.warning("no api_keys are configured: accepting the public development key %r. "
                     "Set api_keys before you ship a game.", DEV_KEY)
