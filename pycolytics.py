@@ -6166,8 +6166,8 @@ def _warn_about(config):
 
 
 def keygen(arguments, config):
-    """Print a new random API key: 32 bytes from the operating system's random source."""
-    import secrets  # here: it loads hashlib and OpenSSL, which serving never needs
+    """Print a new random key: 32 bytes from the operating system's random source."""
+    import secrets  # here: serving never needs it
 
     print(secrets.token_urlsafe(32))
     return 0
@@ -6182,8 +6182,7 @@ def _moment(text, option):
 
 
 def _existing_store(config):
-    """The store of config.database, which must exist: only the server creates a database, so a
-    typo in --database is an error, not a new empty file."""
+    """The store of config.database, which must exist: a typo in --database is an error, not a new empty file."""
     store = store_for(config)
     if not store.exists():
         raise UsageError(f"there is no database {os.path.abspath(config.database)}: check --database "
@@ -6201,22 +6200,19 @@ def export(arguments, config):
         raise UsageError(f"{arguments.output} exists; pass --force to overwrite it")
     store = _existing_store(config)
     connection = store.read()
-    if arguments.user is not None:  # one player's events, to give them their data: JSON lines unless asked
-        rows = player_events(store, connection, config, arguments.user, arguments.application)
-        chosen = arguments.format or "jsonl"
+    if arguments.user is not None:  # a player's own data, as they may ask for it: JSON lines unless asked
+        rows, chosen = player_events(store, connection, config, arguments.user, arguments.application), "jsonl"
     else:
-        rows, chosen = _events(store, connection, arguments, moments), arguments.format or "csv"
+        rows, chosen = _events(store, connection, arguments, moments), "csv"
+    chosen = arguments.format or chosen
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0
     try:
-        if chosen == "csv":
-            writer = csv.writer(output)
+        writer = csv.writer(output) if chosen == "csv" else None
+        if writer:
             writer.writerow(EXPORT_COLUMNS)
-            for count, row in enumerate(rows, 1):
-                writer.writerow([_inert(cell) for cell in row])
-        else:
-            for count, row in enumerate(rows, 1):
-                output.write(_record(row))
+        for count, row in enumerate(rows, 1):
+            writer.writerow([_inert(cell) for cell in row]) if writer else output.write(_record(row))
         output.flush()
     except BrokenPipeError:  # the reader has what it wanted (`export | head`)
         if output is not sys.stdout:
@@ -6237,25 +6233,33 @@ def _events(store, connection, arguments, moments):
     if arguments.application is not None:
         conditions.append("application = ?")
         parameters.append(arguments.application)
-    # the unary + keeps SQLite from the time index: rows come in id order, nothing is sorted in memory
-    scan = "+time" if store.dialect is SQLITE else "time"
+    scan = "+time" if store.dialect is SQLITE else "time"  # the unary + keeps SQLite in id order, off the time index
     for option, comparison in (("since", ">="), ("until", "<")):
         if option in moments:
             conditions.append(f"{scan} {comparison} {store.dialect.time}")
             parameters.append(moments[option])
-    present = store.columns(connection)
-    texts = {"time": store.dialect.time_text, "received_at": store.dialect.received_text,
-             "value": store.dialect.value_text}
-    selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
-    return store.rows(connection, store.dialect.sql(f"SELECT {selected} FROM event{where} ORDER BY id"), parameters)
+    return store.rows(connection, store.dialect.sql(f"SELECT {_export_columns(store, connection)} FROM event{where}"
+                                                    " ORDER BY id"), parameters)
 
 
-def _confirmed(question):
-    """True if the person at the terminal answers yes; without a terminal, nobody can."""
+def _export_columns(store, connection):
+    """EXPORT_COLUMNS as text in SQL, NULL for those an older table lacks."""
+    present, dialect = store.columns(connection), store.dialect
+    texts = {"time": dialect.time_text, "received_at": dialect.received_text, "value": dialect.value_text}
+    return ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
+
+
+def _asked(arguments, question, refusal):
+    """Whether to go on: --yes, or yes at the terminal; a UsageError without a terminal to ask on."""
+    if arguments.yes:
+        return True
     if not sys.stdin.isatty():
-        return None
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+        raise UsageError(refusal + " (standard input is not a terminal to ask on)")
+    answer = input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    if not answer:
+        log.info("deleted nothing")
+    return answer
 
 
 def prune(arguments, config):
@@ -6269,36 +6273,22 @@ def prune(arguments, config):
     finally:
         connection.close()
     log.info("%d events are from before %s", found, before)
-    if arguments.dry_run or not found:
-        return 0
-    if not _asked(arguments, f"Delete {found} events from before {before}?",
-                  f"this would delete {found} events; pass --yes to delete them without a question"):
-        return 1
-    connection = store.connect()
-    deleted = 0
+    if arguments.dry_run or not found or not _asked(
+            arguments, f"Delete {found} events from before {before}?",
+            f"this would delete {found} events; pass --yes to delete them without a question"):
+        return 0 if arguments.dry_run or not found else 1
+    connection, deleted = store.connect(), 0
     try:
         while True:
             step, changed = store.prune(connection, before)
             deleted += step
             if not step and not changed:
                 break
-            time.sleep(0.01)  # let the server's writer in between steps
+            time.sleep(0.01)  # the server's writer gets its turn between steps
     finally:
         connection.close()
     log.info("deleted %d events from before %s", deleted, before)
     return 0
-
-
-def _asked(arguments, question, refusal):
-    """Whether to go on: --yes, or yes at the terminal; UsageError without a terminal to ask on."""
-    if arguments.yes:
-        return True
-    answer = _confirmed(question)
-    if answer is None:
-        raise UsageError(refusal + " (standard input is not a terminal to ask on)")
-    if not answer:
-        log.info("deleted nothing")
-    return answer
 
 
 def forget(arguments, config):
@@ -6320,9 +6310,7 @@ def forget(arguments, config):
 def privacy(arguments, config):
     """Print what this configuration keeps of players, for a privacy policy and the stores' forms."""
     for heading, lines in privacy_facts(config):
-        print(heading)
-        for line in lines:
-            print("  - " + line)
+        print(heading + "".join("\n  - " + line for line in lines))
     return 0
 
 
@@ -6331,15 +6319,14 @@ def rebuild_summaries(arguments, config):
     store = _existing_store(config)
     if not store.summaries:
         raise UsageError("only an SQLite database keeps summaries; PostgreSQL's reports read the events")
-    connection = store.connect()
+    connection, read, upto = store.connect(), 1, -1
     try:
         with transaction(connection):
             restart_summaries(connection)
         log.info("summarising every event again; reports read the events until it is done")
-        read = 1
         while read:
             read, upto = store.summarise(connection, SUMMARY_STEP_ROWS, config)
-            time.sleep(0.002)  # let the server's writer in between steps
+            time.sleep(0.002)  # the server's writer gets its turn between steps
     except SummaryPostponed:  # the server's writer holds the lock: it carries on from here
         log.info("the running server goes on summarising")
         return 0
@@ -6353,62 +6340,44 @@ def backup(arguments, config):
     """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
     if not isinstance(_existing_store(config), SQLiteStore):
         raise UsageError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
-    target = arguments.file
-    if os.path.exists(target) and not arguments.force:
-        raise UsageError(f"{target} exists; pass --force to overwrite it")
-    partial = target + ".partial"
-    source = read_only(config.database)
-    try:
-        copy = sqlite3.connect(partial)
-        try:
-            # a few MB a step, so a running server's writer is never locked out for long
-            source.backup(copy, pages=1024, sleep=0.005)
-        finally:
-            copy.close()
-    finally:
-        source.close()
-    os.replace(partial, target)
-    log.info("backed up %s to %s", config.database, target)
+    if os.path.exists(arguments.file) and not arguments.force:
+        raise UsageError(f"{arguments.file} exists; pass --force to overwrite it")
+    partial = arguments.file + ".partial"
+    with contextlib.closing(read_only(config.database)) as source, contextlib.closing(sqlite3.connect(partial)) as copy:
+        source.backup(copy, pages=1024, sleep=0.005)  # a few MB a step: a running server's writer gets its turns
+    os.replace(partial, arguments.file)
+    log.info("backed up %s to %s", config.database, arguments.file)
     return 0
 
 
 # Events one step of `copy` moves, in one PostgreSQL transaction with its progress mark.
 COPY_STEP_ROWS = 5000
-# `copy` knows a source database by an id kept inside it (made by its first copy, in a table
-# of its own), not by its path: a moved database resumes, another one at the same path is new.
+# `copy` knows a source by an id kept inside it, not by its path: a moved database resumes, another one
+# at the same path is new. The target keeps how far each source has been copied.
 COPY_IDENTITY = "CREATE TABLE IF NOT EXISTS pycolytics_identity (id VARCHAR NOT NULL)"
-# In the target, how far each source has been copied (its highest copied row id).
 COPY_PROGRESS = "CREATE TABLE IF NOT EXISTS pycolytics_copied (source VARCHAR PRIMARY KEY, last_id BIGINT NOT NULL)"
 
 
 def _identity(path, busy_timeout):
     """The id of the SQLite database at `path`, made and stored in it if it has none yet."""
-    reader = read_only(path)
-    try:
+    with contextlib.closing(read_only(path)) as reader:
         if reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'pycolytics_identity'").fetchone():
             found = reader.execute("SELECT id FROM pycolytics_identity").fetchone()
             if found:
                 return found[0]
-    finally:
-        reader.close()
     uri = "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
-    writer = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
-    try:
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)) as writer:
         with transaction(writer):  # IMMEDIATE: two copies starting together make one id
             writer.execute(COPY_IDENTITY)
-            found = writer.execute("SELECT id FROM pycolytics_identity").fetchone()
-            if not found:
-                found = (os.urandom(16).hex(),)
-                writer.execute("INSERT INTO pycolytics_identity (id) VALUES (?)", found)
-    finally:
-        writer.close()
+            found = writer.execute("SELECT id FROM pycolytics_identity").fetchone() or (os.urandom(16).hex(),)
+            writer.execute("INSERT INTO pycolytics_identity (id) SELECT ? WHERE NOT EXISTS"
+                           " (SELECT 1 FROM pycolytics_identity)", found)
     return found[0]
 
 
 def copy_events(arguments, config):
-    """Move an SQLite database's events into PostgreSQL. Run again, it resumes where it stopped
-    and copies each event once, wherever the database lies now: progress is committed with
-    every step, in the target, under the id the source keeps."""
+    """Move an SQLite database's events into PostgreSQL. Run again, it resumes and copies each event once:
+    progress is committed with every step, in the target, under the id the source keeps."""
     if not isinstance(_existing_store(config), SQLiteStore):
         raise UsageError("copy reads an SQLite database: name it with --database FILE")
     target_config = copy_module.copy(config)
@@ -6417,31 +6386,25 @@ def copy_events(arguments, config):
     if not isinstance(target, PostgresStore):
         raise UsageError(f"--to {arguments.to!r} is not a postgresql:// URL")
     origin = _identity(config.database, config.busy_timeout)
-    source = read_only(config.database)
-    destination = target.connect()
-    copied = seen = 0
+    source, destination, copied, seen = read_only(config.database), target.connect(), 0, 0
     try:
         with destination.transaction():
             destination.execute(COPY_PROGRESS)
         mark = destination.execute("SELECT last_id FROM pycolytics_copied WHERE source = %s", (origin,)).fetchone()
-        last = mark[0] if mark else 0
-        present = _columns(source)
+        last, present = mark[0] if mark else 0, _columns(source)
         optional = ", ".join(name if name in present else f"NULL AS {name}" for name, _ in ADDED_COLUMNS)
         while True:
-            rows = source.execute(
-                "SELECT id, event_type, application, version, platform, user_id, session_id, value, time,"
-                f" {optional} FROM event WHERE id > ? ORDER BY id LIMIT ?", (last, COPY_STEP_ROWS)
-            ).fetchall()
+            rows = source.execute("SELECT id, event_type, application, version, platform, user_id, session_id, value,"
+                                  f" time, {optional} FROM event WHERE id > ? ORDER BY id LIMIT ?",
+                                  (last, COPY_STEP_ROWS)).fetchall()
             if not rows:
                 break
             last = rows[-1][0]
-            with destination.transaction():
-                with destination.cursor() as cursor:
-                    cursor.executemany(POSTGRES_INSERT, [row[1:] for row in rows])
-                    copied += max(0, cursor.rowcount)
-                destination.execute(
-                    "INSERT INTO pycolytics_copied (source, last_id) VALUES (%s, %s)"
-                    " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id", (origin, last))
+            with destination.transaction(), destination.cursor() as cursor:
+                cursor.executemany(POSTGRES_INSERT, [row[1:] for row in rows])
+                copied += max(0, cursor.rowcount)
+                cursor.execute("INSERT INTO pycolytics_copied (source, last_id) VALUES (%s, %s)"
+                               " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id", (origin, last))
             seen += len(rows)
     finally:
         source.close()
@@ -6452,8 +6415,8 @@ def copy_events(arguments, config):
 
 
 def _global_options(default):
-    """The options of every command, accepted before or after the command's name; `default`
-    SUPPRESS for a command's copy, so that an option given before the name still counts."""
+    """The options of every command, before or after its name; `default` SUPPRESS in a command's copy,
+    so that an option given before the name still counts."""
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--config", metavar="FILE", default=default,
                          help="the ini file to read (sections [pycolytics], [app:NAME])")
@@ -6466,76 +6429,70 @@ def _global_options(default):
     return options
 
 
-# Each command: (function, one line for the list of commands, a description for its --help).
+# Each command: (function, one line for the list of commands, a description for its --help, its own options).
+_YES = ("--yes", dict(action="store_true", help="without asking (needed when not on a terminal)"))
 COMMANDS = {
     "keygen": (keygen, "print a new random API key",
-               "Print a new random key, 32 bytes from the operating system's random source, for api_keys or read_keys."),
+               "Print a new random key, 32 bytes from the operating system's random source, for any *_keys.", []),
     "export": (export, "write events as CSV or JSON lines (pandas reads both); --user: one player's",
-               "Write events in the order they were stored, as CSV (a header line, then one line an event) or JSON "
-               "lines, row by row in constant memory. In CSV, a text cell that starts with = + - @, a tab or a "
-               "carriage return gets a ' in front, so that a spreadsheet shows it rather than running it as a "
-               "formula; JSON lines hold every value exactly. --user ID writes one player's events (JSON lines "
-               "unless --format says csv), as a player who asks for their data is given them."),
+               "Write events in the order they were stored, as CSV or JSON lines, row by row in constant memory. In "
+               "CSV, a text cell that starts with = + - @, a tab or a carriage return gets a ' in front, so that a "
+               "spreadsheet shows it rather than running it as a formula; JSON lines hold every value exactly. "
+               "--user ID writes one player's events (JSON lines unless --format says csv).", [
+                   ("--format", dict(choices=("csv", "jsonl"), help="csv (default) or jsonl (default with --user)")),
+                   ("--user", dict(metavar="ID", help="only this player's events (their raw user_id)")),
+                   ("--application", dict(metavar="NAME", help="only this application's events")),
+                   ("--since", dict(metavar="T", help="only events at or after T (ISO 8601 or Unix seconds, UTC)")),
+                   ("--until", dict(metavar="T", help="only events before T")),
+                   ("--output", dict(metavar="FILE", help="write to FILE instead of standard output")),
+                   ("--force", dict(action="store_true", help="overwrite --output FILE if it exists"))]),
     "forget": (forget, "erase one player's events, in small steps",
-               "Erase every event of the player --user ID (of --application NAME, or of every application) and "
-               "their rows of the report summaries, in small steps that never hold up a running server; it prints "
-               "how many events it removed. The raw id is given also where ids are stored hashed."),
+               "Erase every event of the player --user ID (of --application NAME, or of every application) and their "
+               "rows of the report summaries, in small steps that never hold up a running server; it prints how many "
+               "events it removed. The raw id is given also where ids are stored hashed.", [
+                   ("--user", dict(metavar="ID", required=True, help="the player's user_id, as the game sends it")),
+                   ("--application", dict(metavar="NAME", help="only this application's events of the player")), _YES]),
     "privacy": (privacy, "print what is kept of players, and for how long",
                 "Print which fields are stored, for how long, whether ids are hashed, and answers for the stores' "
-                "privacy forms, as this configuration makes them."),
+                "privacy forms, as this configuration makes them.", []),
     "rebuild-summaries": (rebuild_summaries, "make the summaries for reports again from the events",
                           "Make the summaries that reports read again from the events (after events were deleted by "
-                          "hand, say), in small steps; a running server answers reports from the events meanwhile."),
+                          "hand, say), in small steps; a running server answers reports from the events meanwhile.", []),
     "prune": (prune, "delete events older than a time, in small steps",
-              "Delete the events whose time is before T, 500 at a time so that a running server is never held up. "
-              "It says first how many events that is, and asks before deleting them (on a terminal) unless --yes "
-              "is given; --dry-run only counts."),
+              "Delete the events whose time is before T, 500 at a time so that a running server is never held up. It "
+              "says first how many events that is, and asks before deleting them (on a terminal) unless --yes is "
+              "given; --dry-run only counts.", [
+                  ("--before", dict(metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")),
+                  ("--dry-run", dict(action="store_true", help="only say how many events would be deleted")), _YES]),
     "backup": (backup, "copy the database consistently, while the server runs",
                "Copy the SQLite database into FILE with SQLite's online backup: consistent even while the server "
-               "writes. An existing FILE is replaced only with --force."),
+               "writes. An existing FILE is replaced only with --force.", [
+                   ("file", dict(metavar="FILE", help="where to write the copy")),
+                   ("--force", dict(action="store_true", help="replace FILE if it exists"))]),
     "copy": (copy_events, "move an SQLite database's events into PostgreSQL (resumable)",
-             "Copy the events of the SQLite database (--database FILE) into a PostgreSQL database (--to URL) in "
-             "steps of 5000, each committed with its progress in the target: run it again after an interruption "
-             "(or for newer events) and it resumes, copying each event once."),
+             "Copy the events of the SQLite database (--database FILE) into a PostgreSQL database (--to URL) in steps "
+             "of 5000, each committed with its progress in the target: run it again after an interruption (or for "
+             "newer events) and it resumes, copying each event once.", [
+                 ("--to", dict(metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME"))]),
 }
 
 
 def _parser():
     parser = argparse.ArgumentParser(
-        prog="pycolytics.py",
-        parents=[_global_options(None)],
+        prog="pycolytics.py", parents=[_global_options(None)],
         description="Collect analytics events over HTTP into an SQLite or PostgreSQL database. With no command, serve.",
-        epilog=(
-            "The options above work before or after a command (pycolytics.py prune --database events.db ...). "
-            "Settings come from, strongest first: these options, PYCOLYTICS_<KEY> environment variables "
-            "(and the original Pycolytics' SQLITE_FILE_PATH, API_KEYS and RATE_LIMIT), the ini file, the defaults. "
-            "The ini file is --config, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini if present; "
-            "pycolytics.ini in the repository documents every key."
-        ),
-    )
+        epilog="The options above work before or after a command (pycolytics.py prune --database events.db ...). "
+               "Settings come from, strongest first: these options, PYCOLYTICS_<KEY> environment variables (and the "
+               "original Pycolytics' SQLITE_FILE_PATH, API_KEYS and RATE_LIMIT), the ini file, the defaults. The ini "
+               "file is --config, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini if present; pycolytics.ini in the "
+               "repository documents every key.")
     parser.add_argument("--version", action="version", version=f"pycolytics {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    made = {name: commands.add_parser(name, help=summary, description=description,
+    for name, (_, summary, description, options) in COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=description,
                                       parents=[_global_options(argparse.SUPPRESS)])
-            for name, (_, summary, description) in COMMANDS.items()}
-    exporting = made["export"]
-    exporting.add_argument("--format", choices=("csv", "jsonl"), help="csv (default) or jsonl (default with --user)")
-    exporting.add_argument("--user", metavar="ID", help="only this player's events (their raw user_id)")
-    exporting.add_argument("--application", metavar="NAME", help="only this application's events")
-    exporting.add_argument("--since", metavar="T", help="only events at or after T (ISO 8601 or Unix seconds, UTC)")
-    exporting.add_argument("--until", metavar="T", help="only events before T")
-    exporting.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
-    exporting.add_argument("--force", action="store_true", help="overwrite --output FILE if it exists")
-    pruning = made["prune"]
-    pruning.add_argument("--before", metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")
-    pruning.add_argument("--dry-run", action="store_true", help="only say how many events would be deleted")
-    pruning.add_argument("--yes", action="store_true", help="delete without asking (needed when not on a terminal)")
-    made["backup"].add_argument("file", metavar="FILE", help="where to write the copy")
-    made["backup"].add_argument("--force", action="store_true", help="replace FILE if it exists")
-    made["copy"].add_argument("--to", metavar="URL", required=True, help="postgresql://USER@HOST:PORT/DBNAME")
-    made["forget"].add_argument("--user", metavar="ID", required=True, help="the player's user_id, as the game sends it")
-    made["forget"].add_argument("--application", metavar="NAME", help="only this application's events of the player")
-    made["forget"].add_argument("--yes", action="store_true", help="erase without asking (needed when not on a terminal)")
+        for option, keywords in options:
+            command.add_argument(option, **keywords)
     return parser
 
 
@@ -6546,9 +6503,7 @@ def main(argv=None):
     load = functools.partial(load_config, arguments.config, overrides=overrides)
     try:
         config = load()
-        if arguments.command is None:
-            return serve(config, load)
-        return COMMANDS[arguments.command][0](arguments, config)
+        return serve(config, load) if arguments.command is None else COMMANDS[arguments.command][0](arguments, config)
     except ConfigError as error:
         log.error("bad configuration: %s", error)
         return 2

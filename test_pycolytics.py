@@ -3735,7 +3735,7 @@ def test_copy_to_a_url_that_is_not_postgresql_is_an_argument_error(tmp_path, see
 
 
 def test_every_command_has_a_description_and_the_global_options(capsys):
-    for name, (_, _, description) in pycolytics.COMMANDS.items():
+    for name, (_, _, description, _) in pycolytics.COMMANDS.items():
         with pytest.raises(SystemExit):
             pycolytics.main([name, "--help"])
         text = " ".join(capsys.readouterr().out.split())
