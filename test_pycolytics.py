@@ -1,6 +1,7 @@
 """Tests for pycolytics.py: the WSGI application under WebTest, the built-in server over real sockets."""
 
 import base64
+import binascii
 import collections
 import concurrent.futures
 import contextlib
@@ -4688,6 +4689,99 @@ def test_the_application_passes_wsgirefs_validator_under_wsgiref_simple_server(a
         thread.join(10)
         httpd.server_close()
     assert count(database) == 1
+
+
+# One table of requests, each asked of the WSGI callable (as gunicorn would) and of the built-in
+# server over a socket (through the loop hooks): the same status, headers and body, and the same
+# rows in each one's database afterwards.
+_SAME_ANSWER_HEADERS = ("content-type", "allow", "retry-after", "www-authenticate", "etag", "cache-control",
+                        "access-control-allow-origin", "access-control-allow-methods", "access-control-allow-headers",
+                        "access-control-expose-headers", "pycolytics-next-after-id")
+_ETAG = f'"{binascii.crc32(pycolytics.CLIENT_JS.encode()):08x}"'
+_WRITER = {"Authorization": f"Bearer {KEY}"}
+# Events at fixed times (today's, so that the default range shows them): session lengths alike
+_TODAY = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+_dated = functools.partial(event, timestamp=_TODAY + "T06:00:00Z")
+SAME_ANSWER_REQUESTS = [
+    ("POST", "/v1.0/event", {}, body(_dated())),
+    ("POST", "/v1.0/events", {"Content-Type": "application/json"}, body([_dated(user_id="a"), _dated(user_id="b")])),
+    ("POST", "/v1.0/events", {"Content-Encoding": "gzip"}, gzip.compress(body([_dated(user_id="gz")]))),
+    ("POST", "/v1.0/event", {}, b"{"),
+    ("POST", "/v1.0/event", {}, body(_dated(api_key="wrong-key-0123456789"))),
+    ("POST", "/v1.0/events", {}, body([_dated(), _dated(user_id=3)])),
+    ("POST", "/v1.0/event", {"Content-Encoding": "br"}, body(_dated())),
+    ("POST", "/v1.0/event", {}, body(_dated(value={"pad": "x" * 5000}))),
+    ("POST", "/v1.0/event", {}, b""),
+    ("GET", "/nowhere", {}, None),
+    ("DELETE", "/v1.0/event", {}, None),
+    ("OPTIONS", "/v1.0/events", {"Origin": "https://game.example", "Access-Control-Request-Method": "POST"}, None),
+    ("GET", "/v1.0/client.js", {}, None),
+    ("GET", "/v1.0/client.js", {"If-None-Match": _ETAG}, None),
+    ("HEAD", "/docs", {}, None),
+    ("GET", "/openapi.json", {}, None),
+    ("GET", "/healthz", {}, None),
+    ("GET", "/v1.0/report", {}, None),
+    ("GET", "/v1.0/report", _WRITER, None),
+    ("GET", "/v1.0/report?since=2024-13-01", READER, None),
+    ("GET", "/v1.0/report?application=my-game", READER, None),
+    ("GET", "/v1.0/report/values?application=my-game&event_type=level_started&field=level", READER, None),
+    ("GET", "/v1.0/report/stickiness?application=my-game&format=csv", READER, None),
+    ("GET", "/dashboard?application=my-game", READER, None),
+    ("POST", "/v1.0/player/erase", READER, body({"user_id": "a"})),
+    ("POST", "/v1.0/player/erase", ADMIN, body({"user": "a"})),
+    ("POST", "/v1.0/player/erase", ADMIN, body({"user_id": "a", "application": "my-game"})),
+    ("POST", "/v1.0/player/erase", ADMIN, body({"user_id": "a"})),
+]
+
+
+def wsgi_answer(app, method, path, headers, payload, host="127.0.0.1"):
+    """(status, {header: value}, body) of one request to the WSGI callable, as if sent to `host`."""
+    environ = {"REQUEST_METHOD": method, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "REMOTE_ADDR": "127.0.0.1",
+               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(payload or b""),
+               "wsgi.errors": io.StringIO(), "HTTP_HOST": host}
+    environ["PATH_INFO"], _, environ["QUERY_STRING"] = path.partition("?")
+    if payload is not None:
+        environ["CONTENT_LENGTH"] = str(len(payload))
+    for name, value in headers.items():
+        key = name.upper().replace("-", "_")
+        environ[key if key == "CONTENT_TYPE" else "HTTP_" + key] = value
+    answer = []
+    data = b"".join(app(environ, lambda status, listed, exc_info=None: answer.append((status, listed))))
+    status, listed = answer[0]
+    return int(status.split()[0]), {name.lower(): value for name, value in listed}, data
+
+
+def server_answer(address, method, path, headers, payload):
+    """(status, {header: value}, body) of one request to the built-in server, on a new connection."""
+    connection = http.client.HTTPConnection(*address, timeout=20)
+    try:
+        connection.request(method, path, payload, headers)
+        response = connection.getresponse()
+        return response.status, {name.lower(): value for name, value in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def test_the_wsgi_callable_and_the_built_in_server_give_the_same_answers(tmp_path, monkeypatch, make_app, sqlite_only):
+    monkeypatch.chdir(tmp_path)
+    settings = {"api_keys": KEY, "quiet": "yes", "read_keys": "reader-key", "admin_keys": "admin-key-for-testing",
+                "max_body_bytes": "4096", "cors_origins": "https://game.example"}
+    wsgi_database, server_database = str(tmp_path / "wsgi.db"), str(tmp_path / "server.db")
+    app = make_app(pycolytics.load_config(environ={}, overrides=dict(settings, database=wsgi_database)))
+    statuses = []
+    with serving(dict(settings, database=server_database)) as server:
+        for method, path, headers, payload in SAME_ANSWER_REQUESTS:
+            direct = wsgi_answer(app, method, path, headers, payload, "%s:%d" % server.server_address)
+            statuses.append(direct[0])
+            served = server_answer(server.server_address, method, path, headers, payload)
+            kept = [(answer[0], {name: answer[1][name] for name in _SAME_ANSWER_HEADERS if name in answer[1]},
+                     re.sub(rb"drawn in \d+ ms", b"drawn in - ms", answer[2])) for answer in (direct, served)]
+            assert kept[0] == kept[1], (method, path)
+    assert statuses == [204, 204, 204, 400, 401, 422, 415, 413, 400, 404, 405, 204, 200, 304, 200, 200, 200, 401, 403,
+                        400, 200, 200, 200, 200, 403, 422, 200, 200]
+    columns = "event_type, application, version, platform, user_id, session_id, value"
+    assert stored(wsgi_database, columns) == stored(server_database, columns)
+    assert [row[4] for row in stored(server_database, columns)] == ["3f2a9c1e", "b", "gz"]
 
 
 # -- HTTP framing, fuzzed against a live server --------------------------------------------------
