@@ -5335,7 +5335,9 @@ def openapi_document(config, url):
             "Event": _event_schema(config),
             "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
         }, "securitySchemes": {"readKey": {"type": "http", "scheme": "bearer"},
-                               "readKeyAsPassword": {"type": "http", "scheme": "basic"}}},
+                               "readKeyAsPassword": {"type": "http", "scheme": "basic"},
+                               "adminKey": {"type": "http", "scheme": "bearer"},
+                               "adminKeyAsPassword": {"type": "http", "scheme": "basic"}}},
     }
 
 
@@ -5370,7 +5372,7 @@ def _report_paths(error, longest):
         body = {"type": "object", "required": ["user_id"], "properties": {
             "user_id": {"type": "string", "minLength": 1}, "application": {"type": "string"},
             "after_id": {"type": "integer", "minimum": 0}}}
-        return {"post": {"summary": summary, "security": [{"readKey": []}, {"readKeyAsPassword": []}],
+        return {"post": {"summary": summary, "security": [{"adminKey": []}, {"adminKeyAsPassword": []}],
                          "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
                          "responses": dict({"200": {"description": summary, "content": content}}, **failures("admin"))}}
 

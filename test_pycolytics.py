@@ -5770,9 +5770,10 @@ def test_a_nul_in_event_id_is_refused_naming_it_and_nothing_is_stored(client, da
 
 @pytest.fixture
 def api_schema(settings, make_app):
-    # With a read key set, so that the report endpoints answer as documented (401 without a key),
-    # not 403 for a dashboard that is off.
-    app = make_app(pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="fuzzing-reader-key")))
+    # With a read key and an admin key set, so that the report and player endpoints answer as
+    # documented (401 without a key), not 403 for a feature that is off.
+    app = make_app(pycolytics.load_config(environ={}, overrides=dict(
+        settings, read_keys="fuzzing-reader-key", admin_keys="fuzzing-admin-key")))
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
     # A body over max_body_bytes is answered 413 (documented in the OpenAPI responses) before its
     # events are read, whether or not they match the schema: a generated batch can be both over
