@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import shlex
 import signal
 import socket
 import sqlite3
@@ -4854,6 +4855,30 @@ def test_the_readme_start_command_works_with_defaults(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
     assert count(path) == 1
+
+
+def documented_commands():
+    """Every `python3 pycolytics.py ...` that README.md and docs/ tell a reader to type, as words
+    (up to the end of its code span or line; synopses with [optional] parts and COMMAND left out)."""
+    found = []
+    for name in ["README.md"] + sorted(f"docs/{page}" for page in os.listdir(os.path.join(HERE, "docs"))):
+        with open(os.path.join(HERE, name), encoding="utf-8") as file:
+            for text in re.findall(r"python3 pycolytics\.py([^`\n]*)", file.read()):
+                text = re.split(r"[,;]| or | with ", text)[0]
+                if "[" not in text and "COMMAND" not in text:
+                    found.append((name, shlex.split(text)))
+    return found
+
+
+def test_every_command_in_the_readme_and_docs_is_one_the_command_line_takes():
+    commands = documented_commands()
+    assert len({" ".join(words) for _, words in commands}) >= 10
+    assert {word for _, words in commands for word in words if word in pycolytics.COMMANDS} == set(pycolytics.COMMANDS)
+    for page, words in commands:
+        try:
+            pycolytics._parser().parse_args(words)
+        except SystemExit as exit:  # --help exits 0 after printing; a wrong command or option exits 2
+            assert exit.code == 0, f"{page}: python3 pycolytics.py {' '.join(words)}"
 
 
 def test_sigterm_finishes_acknowledged_requests_and_exits_0(tmp_path):
