@@ -676,23 +676,7 @@ def _parse_head(head, limits):
             raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are served")
         raise HTTPError(400, "malformed request line")
     request.path, request.query = _split_target(target, request.method)
-    if len(lines) - 1 > limits.max_header_fields:
-        raise HTTPError(431, f"at most {limits.max_header_fields} header fields are accepted")
-    request.headers = headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
-            raise HTTPError(400, f"malformed header line {_printable(line[:40])!r}")
-        if len(line) > limits.max_header_field:
-            raise HTTPError(431, f"the header {name} is over {limits.max_header_field} bytes")
-        name, value = name.lower(), value.strip(" \t")
-        if name in headers:
-            if name == "host":
-                raise HTTPError(400, "more than one Host header")
-            if name == "content-length" and value != headers[name]:
-                raise HTTPError(400, "conflicting Content-Length headers")
-            value = value if name == "content-length" else headers[name] + ", " + value
-        headers[name] = value
+    request.headers = headers = _parse_header_lines(lines[1:], limits)
     if request.version == "HTTP/1.1" and "host" not in headers:
         raise HTTPError(400, "an HTTP/1.1 request needs a Host header")
     if "transfer-encoding" in headers:
@@ -709,6 +693,28 @@ def _parse_head(head, limits):
     else:
         request.keep_alive = "keep-alive" in tokens
     return request
+
+
+def _parse_header_lines(lines, limits):
+    """{lowercased name: value} of a head's header lines; repeated fields joined with ", "."""
+    if len(lines) > limits.max_header_fields:
+        raise HTTPError(431, f"at most {limits.max_header_fields} header fields are accepted")
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not (sep and (name.isascii() and name.replace("-", "").isalnum() or _TOKEN.match(name))):
+            raise HTTPError(400, f"malformed header line {_printable(line[:40])!r}")
+        if len(line) > limits.max_header_field:
+            raise HTTPError(431, f"the header {name} is over {limits.max_header_field} bytes")
+        name, value = name.lower(), value.strip(" \t")
+        if name in headers:
+            if name == "host":
+                raise HTTPError(400, "more than one Host header")
+            if name == "content-length" and value != headers[name]:
+                raise HTTPError(400, "conflicting Content-Length headers")
+            value = value if name == "content-length" else headers[name] + ", " + value
+        headers[name] = value
+    return headers
 
 
 class OpenConnections:
@@ -5193,31 +5199,10 @@ def _values_section(parts, hidden, types):
     return form + "".join(shown)
 
 
-def dashboard_html(parts, seconds):
-    report, fields, query = parts["report"], parts["fields"], parts["query"]
-    totals, days = report["totals"], report["days"]
-    dates = [day["date"] for day in days]
-    column = {name: [day[name] for day in days] for name in DAY_COLUMNS}
-    filters = {name: fields.get(name, "") for name in REPORT_FILTERS}
-    chosen = dict(filters, application=query.application or "", since=query.since.isoformat(),
-                  until=query.until.isoformat())
-    hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
-                     for name, value in chosen.items() if value or name == "application")
-    choices = {key: [row["name"] for row in report[key] if row["name"] != "(other)"]
-               for key in ("event_types", "versions", "platforms")}
-    empty = '<p class="empty">No events in this range.</p>'
-    median = report["sessions"]["median_seconds"]
-    returning = [users - new for users, new in zip(column["users"], column["new_users"])]
-    ranked = {title: _ranking_svg([(row["name"], row["events"]) for row in report[key]], title)
-              for title, key in (("Event types", "event_types"), ("Platforms", "platforms"))}
-    lengths = [(label, n) for (_, label), n in zip(SESSION_BUCKETS, parts["session_lengths"])]
-    applications = sorted(set(parts["applications"]) | ({query.application} if query.application else set()))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Pycolytics dashboard</title>
-<style>
-{DASHBOARD_CSS}</style></head><body>
-<header><h1>Pycolytics{" &middot; " + _escape(query.application) if query.application else ""}</h1>
+def _dashboard_header(query, filters, chosen, choices, applications):
+    """The dashboard's title, its form (application, days, filters) and the links to its data."""
+    applications = sorted(set(applications) | ({query.application} if query.application else set()))
+    return f"""<header><h1>Pycolytics{" &middot; " + _escape(query.application) if query.application else ""}</h1>
 <form method="get" action="dashboard">
 <label>Application <select name="application"><option value=""{"" if query.application else " selected"}>all</option>
 {_options(applications, query.application)}</select></label>
@@ -5229,7 +5214,32 @@ def dashboard_html(parts, seconds):
 <button type="submit">Show</button>{"".join(f'<datalist id="{key}">{_options(names, None)}</datalist>'
                                             for key, names in choices.items())}</form>
 <a href="{_link("v1.0/report", dict(chosen, format="csv"))}">Download the days as CSV</a> &middot;
-<a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>
+<a href="{_link("v1.0/report", chosen)}">the report as JSON</a></header>"""
+
+
+def dashboard_html(parts, seconds):
+    report, fields, query = parts["report"], parts["fields"], parts["query"]
+    totals, dates = report["totals"], [day["date"] for day in report["days"]]
+    column = {name: [day[name] for day in report["days"]] for name in DAY_COLUMNS}
+    filters = {name: fields.get(name, "") for name in REPORT_FILTERS}
+    chosen = dict(filters, application=query.application or "", since=query.since.isoformat(),
+                  until=query.until.isoformat())
+    hidden = "".join(f'<input type="hidden" name="{name}" value="{_escape(value)}">'
+                     for name, value in chosen.items() if value or name == "application")
+    choices = {key: [row["name"] for row in report[key] if row["name"] != "(other)"]
+               for key in ("event_types", "versions", "platforms")}
+    empty = '<p class="empty">No events in this range.</p>'
+    median = report["sessions"]["median_seconds"]
+    returning = [users - new for users, new in zip(column["users"], column["new_users"])]
+    lengths = [(label, n) for (_, label), n in zip(SESSION_BUCKETS, parts["session_lengths"])]
+    ranked = {title: _ranking_svg([(row["name"], row["events"]) for row in report[key]], title)
+              for title, key in (("Event types", "event_types"), ("Platforms", "platforms"))}
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Pycolytics dashboard</title>
+<style>
+{DASHBOARD_CSS}</style></head><body>
+{_dashboard_header(query, filters, chosen, choices, parts["applications"])}
 <main>
 <div class="totals"><div><b>{totals["events"]:,}</b>events</div><div><b>{totals["users"]:,}</b>players</div>
 <div><b>{totals["new_users"]:,}</b>new players</div><div><b>{totals["sessions"]:,}</b>sessions</div>
@@ -5341,6 +5351,16 @@ def openapi_document(config, url):
     }
 
 
+def _keyed_failures(kind, error):
+    """The failures documented for an endpoint that takes a `kind` ("read" or "admin") key."""
+    return {code: {"description": text, "content": {"application/json": {"schema": error}}} for code, text in (
+        ("400", "A bad query or body: the detail says which field."), ("401", f"No {kind} key, or a wrong one."),
+        ("413", "A body over max_body_bytes."), ("422", "A body that does not name a player as it should."),
+        ("403", f"Off (no {kind}_keys configured), or a key of another kind."),
+        ("429", f"Too many wrong {kind} keys: retry after Retry-After seconds."),
+        ("503", "The database could not be read, or the report took longer than report_timeout."))}
+
+
 def _report_paths(error, longest):
     """The report API's and the player endpoints' paths; /docs defines every figure."""
     def parameter(name, description, required=False):
@@ -5353,20 +5373,13 @@ def _report_paths(error, longest):
               parameter("event_type", "Only events of this type."), parameter("version", "Only this version."),
               parameter("platform", "Only this platform.")]
 
-    def failures(kind):
-        return {code: {"description": text, "content": {"application/json": {"schema": error}}} for code, text in (
-            ("400", "A bad query or body: the detail says which field."), ("401", f"No {kind} key, or a wrong one."),
-            ("413", "A body over max_body_bytes."), ("422", "A body that does not name a player as it should."),
-            ("403", f"Off (no {kind}_keys configured), or a key of another kind."),
-            ("429", f"Too many wrong {kind} keys: retry after Retry-After seconds."),
-            ("503", "The database could not be read, or the report took longer than report_timeout."))}
-
     answers = {"application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}}
 
     def get(summary, parameters=()):
         return {"get": {"summary": summary, "parameters": common + list(parameters) + [
             parameter("format", "json (the default) or csv")], "security": [{"readKey": []}, {"readKeyAsPassword": []}],
-            "responses": dict({"200": {"description": summary, "content": answers}}, **failures("read"))}}
+            "responses": dict({"200": {"description": summary, "content": answers}},
+                              **_keyed_failures("read", error))}}
 
     def post(summary, content):
         body = {"type": "object", "required": ["user_id"], "properties": {
@@ -5374,7 +5387,8 @@ def _report_paths(error, longest):
             "after_id": {"type": "integer", "minimum": 0}}}
         return {"post": {"summary": summary, "security": [{"adminKey": []}, {"adminKeyAsPassword": []}],
                          "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-                         "responses": dict({"200": {"description": summary, "content": content}}, **failures("admin"))}}
+                         "responses": dict({"200": {"description": summary, "content": content}},
+                                           **_keyed_failures("admin", error))}}
 
     return {
         "/v1.0/report": get("Events, players, new players, sessions per day; retention; session lengths; rankings"),
@@ -5440,14 +5454,26 @@ are safe</td></tr></table>
 <h2>Answers</h2><table>
 {answers}</table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
-<h2>GET /v1.0/client.js: the browser client</h2>
+{CLIENT_AND_OPERATIONS_DOCS}
+{REPORTS_DOCS.format(days=DASHBOARD_DAYS, longest=MAX_REPORT_DAYS, top=REPORT_TOP, cohort=MIN_COHORT,
+                     churn=CHURN_DAYS, bins=HISTOGRAM_BINS, few=FEW_VALUES, levels=MAX_LEVELS)}
+{_conventions_docs(config)}
+{PLAYERS_DOCS.format(export=MAX_PLAYER_EXPORT)}
+{_privacy_html(config)}
+<h2>Example</h2>
+<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
+</body></html>
+"""
+
+
+CLIENT_AND_OPERATIONS_DOCS = """<h2>GET /v1.0/client.js: the browser client</h2>
 <p>A small script without dependencies, for games and apps in a browser (Godot and Unity web exports, for
 example). No key is needed to load it; browsers cache it and revalidate it by its ETag.</p>
 <pre>&lt;script src="https://analytics.example.com/v1.0/client.js"&gt;&lt;/script&gt;
 &lt;script&gt;
-  Pycolytics.init({{url: "https://analytics.example.com", apiKey: "...", application: "my-game",
-                   version: "1.0.2", platform: "Web"}});
-  Pycolytics.track("level_started", {{level: 3}});
+  Pycolytics.init({url: "https://analytics.example.com", apiKey: "...", application: "my-game",
+                   version: "1.0.2", platform: "Web"});
+  Pycolytics.track("level_started", {level: 3});
 &lt;/script&gt;</pre>
 <p><code>url</code> is the collector's base address (a trailing slash does not matter). Each event gets the
 <code>user_id</code> kept in localStorage (with <code>persistentUser: false</code>, a new one per page load), a
@@ -5468,25 +5494,18 @@ that safe. <code>Pycolytics.flush()</code> sends now; <code>Pycolytics.stats()</
 <h2>Operations</h2>
 <p><code>GET /healthz</code>: 200 while the database takes writes, 503 when it does not.
 <code>GET /metrics</code>: Prometheus counters. <code>GET /dashboard</code>: charts of the events, opened with a read
-key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>
-{REPORTS_DOCS.format(days=DASHBOARD_DAYS, longest=MAX_REPORT_DAYS, top=REPORT_TOP, cohort=MIN_COHORT,
-                     churn=CHURN_DAYS, bins=HISTOGRAM_BINS, few=FEW_VALUES, levels=MAX_LEVELS)}
-{_conventions_docs(config)}
-<h2>Players' data: erase, export, and what is kept</h2>
+key (HTTP Basic password or <code>Authorization: Bearer</code>).</p>"""
+
+PLAYERS_DOCS = """<h2>Players' data: erase, export, and what is kept</h2>
 <p><code>POST /v1.0/player/erase</code> and <code>POST /v1.0/player/export</code>, with one of
 <code>admin_keys</code> (read and write keys get 403), take <code>{{"user_id": "...", "application": "..."}}</code>
 (the application may be left out: every application). Erasing deletes every event of the player, in small steps,
 and their rows of the summaries, and answers <code>{{"removed": N}}</code> (0 for an unknown player; asking twice
 is harmless); the log says an erasure happened, without the id. Exporting answers the player's events as JSON
-Lines, at most {MAX_PLAYER_EXPORT} at a time: when there are more, the header
+Lines, at most {export} at a time: when there are more, the header
 <code>Pycolytics-Next-After-Id</code> gives the <code>after_id</code> of the next request. Both take the raw id,
 also where it is stored hashed. The same from the command line:
-<code>python3 pycolytics.py forget --user ID</code> and <code>export --user ID</code>.</p>
-{_privacy_html(config)}
-<h2>Example</h2>
-<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
-</body></html>
-"""
+<code>python3 pycolytics.py forget --user ID</code> and <code>export --user ID</code>.</p>"""
 
 
 REPORTS_DOCS = """<h2>Reports: GET /v1.0/report and its views</h2>

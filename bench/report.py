@@ -1,122 +1,185 @@
 #!/usr/bin/env python3
-"""How long the report API and the dashboard take on a large SQLite database, the first time.
+"""The report API and the dashboard on a big database, against a live server: time, memory, ingestion.
 
-    python3 bench/report.py [--events 2000000] [--players 50000] [--days 365] [--database FILE] [--live]
+    python3 bench/history.py /tmp/h10m.db          # once: a year of 10 M events from 1 M players
+    python3 bench/report.py /tmp/h10m.db [--seconds 10] [--connections 16]
 
-Fills (once; an existing --database is reused) a database with --events events over --days days
-up to yesterday from --players players: each arrives on a random day and plays on random later
-days, in sessions of a few minutes, ten event types, three versions, three platforms. Then brings
-its summaries up to date as the server's writer does, in steps of 2,000 events (timed, once).
-Then times, each with a new Dashboard (an empty cache, as after a restart; the OS page cache is
-warm) the report for the last 30 days and for a year, a funnel and a value breakdown of 30 days,
-and the dashboard page of 30 days. With --live, the two reports are timed a second time read from
-the events, as without summaries, in the same run: the ratio is the summaries' gain.
+1. Summaries. A server starts on the database. If its summaries are not made yet (as in a new
+   database from history.py), it times how long the server takes to make them while serving,
+   asks for a year's report every 20 s meanwhile, and records the server's peak RSS.
+2. First answers after a start. A new server; every view of the report API for the last 30 days
+   and for the last 365, and the dashboard of 30 days, each asked once: seconds, status, bytes,
+   and the server's peak RSS during that request (VmHWM, reset before each one).
+3. Ingestion while reports run. Single events posted for --seconds over --connections kept-alive
+   connections (wrk when installed, else a Python client), first alone, then while one client
+   asks for the year's views round and round: events per second, latency, and their ratio.
+
+It writes into the database: the summaries, and the events of step 3 (application "bench-ingest",
+so that the reports of "my-game" do not change). report_timeout is 120 s, so that a slow view
+shows how slow it is instead of a 503.
 """
 
 import argparse
 import datetime
+import http.client
 import json
 import os
-import random
+import sqlite3
 import sys
-import tempfile
+import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import pycolytics  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench  # noqa: E402  (its server starter, memory probe and load generator)
 
-TYPES = ["session_start", "level_start", "level_end", "death", "purchase", "tutorial_start", "tutorial_step",
-         "tutorial_end", "settings", "session_end"]
-# Events of one session: a few minutes of play.
-SESSION_EVENTS = 20
-
-
-def fill(path, events, players, days, seed=1):
-    rng = random.Random(seed)
-    today = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0)
-    arrival = [rng.randrange(days) for _ in range(players)]
-    connection = pycolytics.connect(path, synchronous="off")
-    rows = []
-    for session in range(events // SESSION_EVENTS):
-        player = int(players * rng.random() ** 2)  # some players play much more than others
-        day = rng.randint(arrival[player], days - 1)
-        start = today - datetime.timedelta(days=days - day, seconds=-rng.randrange(80000))
-        for n in range(SESSION_EVENTS):
-            moment = start + datetime.timedelta(seconds=n * rng.randint(5, 60))
-            rows.append((TYPES[n % len(TYPES)], "my-game", f"1.{player % 3}", ("Linux", "Windows", "Web")[player % 3],
-                         f"p{player}", f"s{session}", json.dumps({"level": rng.randint(1, 40)}),
-                         moment.strftime(pycolytics.TIME_FORMAT), None, None))
-    rows.sort(key=lambda row: row[7])  # stored as they happen, as a collector stores them
-    for start in range(0, len(rows), 100_000):
-        connection.execute("BEGIN")
-        connection.executemany(pycolytics.INSERT, rows[start:start + 100_000])
-        connection.execute("COMMIT")
-    connection.close()
+READ_KEY = "bench-reader-0123456789"
+VIEWS = (("report", ""), ("funnel", "&steps=session_start,level_start,level_complete,purchase"),
+         ("values", "&event_type=level_fail&field=level"), ("retention", ""), ("revenue", ""),
+         ("progression", ""), ("stickiness", ""), ("versions", ""))
 
 
-def summarise(path):
-    connection = pycolytics.connect(path, synchronous="normal")
-    started, summarised = time.monotonic(), 0
-    while True:
-        with pycolytics.transaction(connection):
-            step = pycolytics.summarise(connection)
-        summarised += step
-        if step < pycolytics.SUMMARY_STEP_ROWS:
-            break
-    connection.close()
-    if summarised:
-        print(f"summarised {summarised:,} events in {time.monotonic() - started:.0f} s", flush=True)
+def peak_rss_mib(pid):
+    return bench.rss_kib_one(pid, "VmHWM") / 1024
 
 
-def timed(label, call):
-    started = time.monotonic()
-    call()
-    seconds = time.monotonic() - started
-    print(f"{label:<40} {seconds:6.2f} s", flush=True)
-    return seconds
+def reset_peak(pid):
+    """Make VmHWM start again from the current RSS (Linux: clear_refs 5); False if not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as file:
+            file.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def get(port, path, timeout=600):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        started = time.monotonic()
+        connection.request("GET", path, headers={"Authorization": f"Bearer {READ_KEY}"})
+        answer = connection.getresponse()
+        body = answer.read()
+        return answer.status, len(body), time.monotonic() - started
+    finally:
+        connection.close()
+
+
+def start(database):
+    return bench.start_pycolytics(database, synchronous="normal", environ={
+        "PYCOLYTICS_READ_KEYS": READ_KEY, "PYCOLYTICS_REPORT_TIMEOUT": "120"})
+
+
+def view_path(view, extra, until, days):
+    since = until - datetime.timedelta(days=days - 1)
+    path = "/v1.0/report" + ("" if view == "report" else "/" + view)
+    return f"{path}?application=my-game&since={since}&until={until}{extra}"
+
+
+def summaries_behind(database):
+    """Events not summarised yet (None while the summary tables do not exist)."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        try:
+            last_id, = connection.execute("SELECT last_id FROM pycolytics_summary").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        top, = connection.execute("SELECT max(id) FROM event").fetchone()
+    return top - last_id if last_id >= 0 else top
+
+
+def build_summaries(database, until):
+    service = start(database)
+    try:
+        behind = summaries_behind(database)
+        if behind is not None and behind < 1000:
+            print("1. the summaries are made already")
+            return
+        started, asked, reports = time.monotonic(), 0.0, []
+        while True:
+            behind = summaries_behind(database)
+            if behind is not None and behind < 1000:
+                break
+            if time.monotonic() - asked > 20:
+                asked = time.monotonic()
+                status, _, seconds = get(service.port, view_path("report", "", until, 365))
+                reports.append(f"{status} in {seconds:.1f} s")
+            time.sleep(0.5)
+        print(f"1. summaries made by a serving server in {time.monotonic() - started:.0f} s, peak RSS "
+              f"{peak_rss_mib(service.process.pid):.0f} MiB; a year's report meanwhile: {', '.join(reports)}")
+    finally:
+        service.stop()
+
+
+def first_answers(database, until):
+    service = start(database)
+    pid = service.process.pid
+    print(f"2. first answers after a start (the server at {bench.rss_kib_one(pid) / 1024:.0f} MiB RSS after its first 204)")
+    print(f"   {'view':<14}{'30 days':>22}{'365 days':>22}")
+    highest = 0.0
+    try:
+        for view, extra in VIEWS + (("dashboard", ""),):
+            cells = []
+            for days in (30, 365) if view != "dashboard" else (30,):
+                path = (f"/dashboard?application=my-game&since={until - datetime.timedelta(days=29)}&until={until}"
+                        if view == "dashboard" else view_path(view, extra, until, days))
+                reset = reset_peak(pid)
+                status, size, seconds = get(service.port, path)
+                highest = max(highest, peak_rss_mib(pid))
+                peak = f", {peak_rss_mib(pid):.0f} MiB" if reset else ""
+                cells.append(f"{seconds:6.2f} s {status}{peak}")
+            print(f"   {view:<14}" + "".join(f"{cell:>22}" for cell in cells), flush=True)
+        print(f"   the server's peak RSS over all of them: {highest:.0f} MiB")
+    finally:
+        service.stop()
+
+
+def ingestion(database, until, seconds, connections):
+    service = start(database)
+    body = json.dumps(dict(bench.EVENT, application="bench-ingest")).encode()
+    try:
+        alone = bench.run_load(service.port, "/v1.0/event", body, connections, seconds)
+        stop, answered = threading.Event(), []
+
+        def reader():
+            while not stop.is_set():
+                for view, extra in VIEWS:
+                    if stop.is_set():
+                        break
+                    answered.append(get(service.port, view_path(view, extra, until, 365)))
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        during = bench.run_load(service.port, "/v1.0/event", body, connections, seconds)
+        stop.set()
+        thread.join()
+        print(f"3. single events over {connections} connections, {seconds} s each, peak RSS "
+              f"{peak_rss_mib(service.process.pid):.0f} MiB")
+        for label, load in (("alone", alone), ("with year reports", during)):
+            print(f"   {label:<18} {load['rate']:8.0f} events/s  p50 {load['p50']:.2f} ms  p99 {load['p99']:.2f} ms"
+                  f"  non-2xx {load['requests'] - load['ok']}")
+        statuses = sorted({status for status, _, _ in answered})
+        print(f"   ratio {during['rate'] / alone['rate']:.2f}; {len(answered)} year views answered meanwhile "
+              f"(statuses {statuses}, {sum(s for _, _, s in answered):.1f} s of reading)")
+    finally:
+        service.stop()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=2_000_000)
-    parser.add_argument("--players", type=int, default=50_000)
-    parser.add_argument("--days", type=int, default=365)
-    parser.add_argument("--database", default=os.path.join(tempfile.gettempdir(), "pycolytics-report-bench.db"))
-    parser.add_argument("--live", action="store_true", help="also time the reports read from the events")
+    parser.add_argument("database")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
     arguments = parser.parse_args()
-    if not os.path.exists(arguments.database):
-        started = time.monotonic()
-        fill(arguments.database, arguments.events, arguments.players, arguments.days)
-        print(f"filled {arguments.database} with {arguments.events:,} events in {time.monotonic() - started:.0f} s")
-    summarise(arguments.database)
-    config = pycolytics.load_config(environ={}, overrides={"database": arguments.database, "read_keys": "bench"})
-    store = pycolytics.SQLiteStore(config)
-    today = datetime.datetime.now(datetime.timezone.utc).date()
-    auth = {"HTTP_AUTHORIZATION": "Bearer bench", "REMOTE_ADDR": "127.0.0.1", "PATH_INFO": "/v1.0/report"}
-    summarised = {}
-    for days in (30, arguments.days):
-        since = max(today - datetime.timedelta(days=days), today - datetime.timedelta(days=365))
-        query = f"since={since}&until={today - datetime.timedelta(days=1)}"
-        summarised[days] = timed(f"report, {days} days", lambda: pycolytics.Dashboard(config, store).answer(
-            dict(auth, QUERY_STRING=query)))
-    if arguments.live:
-        with_summaries, pycolytics.MAX_LIVE_TAIL = pycolytics.MAX_LIVE_TAIL, -1  # every event is "not summarised"
-        for days in (30, arguments.days):
-            since = max(today - datetime.timedelta(days=days), today - datetime.timedelta(days=365))
-            query = f"since={since}&until={today - datetime.timedelta(days=1)}"
-            live = timed(f"report, {days} days, from the events", lambda: pycolytics.Dashboard(config, store).answer(
-                dict(auth, QUERY_STRING=query)))
-            print(f"{'':<40} summaries {live / summarised[days]:.1f}x faster", flush=True)
-        pycolytics.MAX_LIVE_TAIL = with_summaries
-    query = f"since={today - datetime.timedelta(days=30)}"
-    timed("funnel of 3 steps, 30 days", lambda: pycolytics.Dashboard(config, store).answer(dict(
-        auth, PATH_INFO="/v1.0/report/funnel", QUERY_STRING=query + "&steps=tutorial_start,tutorial_step,tutorial_end")))
-    timed("values of level, 30 days", lambda: pycolytics.Dashboard(config, store).answer(dict(
-        auth, PATH_INFO="/v1.0/report/values", QUERY_STRING=query + "&event_type=death&field=level")))
-    timed("dashboard page, 30 days", lambda: pycolytics.Dashboard(config, store).page(dict(auth, QUERY_STRING=query)))
-    dashboard = pycolytics.Dashboard(config, store)
-    dashboard.page(dict(auth, QUERY_STRING=query))
-    timed("dashboard page, 30 days, again (cached)", lambda: dashboard.page(dict(auth, QUERY_STRING=query)))
+    with sqlite3.connect(f"file:{arguments.database}?mode=ro", uri=True) as connection:
+        # not bench.EVENT's level_started, which each start posts (to wait for the server's first 204)
+        events, last = connection.execute("SELECT count(*), max(time) FROM event WHERE application = 'my-game'"
+                                          " AND event_type != 'level_started'").fetchone()
+    until = datetime.date.fromisoformat(last[:10])
+    print(f"{events:,} events of my-game up to {until} in {arguments.database}; Python {sys.version.split()[0]}, "
+          f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} cores")
+    build_summaries(arguments.database, until)
+    first_answers(arguments.database, until)
+    ingestion(arguments.database, until, arguments.seconds, arguments.connections)
 
 
 if __name__ == "__main__":
