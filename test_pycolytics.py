@@ -1572,6 +1572,26 @@ def seed_recent(client):
     post(client, "/v1.0/events", batch)
 
 
+def seed_levels_and_purchases(client):
+    """Three weeks of space-game's levels (started, then completed or failed) and purchases, up to today."""
+    today, rng, batch = datetime.datetime.now(datetime.timezone.utc), random.Random(3), []
+    for player in range(30):
+        moment = today - datetime.timedelta(days=rng.randrange(21), hours=rng.random())
+        for level in range(1, rng.randint(2, 9)):
+            for outcome in ["level_fail"] * rng.randint(0, 2) + ["level_complete"]:
+                for kind in ("level_start", outcome):
+                    moment += datetime.timedelta(seconds=rng.randint(20, 200))
+                    batch.append(event(application="space-game", event_type=kind, user_id=f"p{player}",
+                                       session_id=f"p{player}", value={"level": level}, timestamp=moment.isoformat()))
+        if player % 4 == 0:
+            batch.append(event(application="space-game", event_type="purchase", user_id=f"p{player}",
+                               session_id=f"p{player}", timestamp=moment.isoformat(), value={
+                                   "price": rng.choice([0.99, 4.99]), "currency": ("USD", "EUR")[player % 8 // 4],
+                                   "item": rng.choice(["gems", "skin"])}))
+    for start in range(0, len(batch), 1000):
+        post(client, "/v1.0/events", batch[start:start + 1000])
+
+
 def basic(key):
     return {"Authorization": "Basic " + base64.b64encode(f"anyone:{key}".encode()).decode()}
 
@@ -1641,13 +1661,14 @@ def test_the_dashboard_renders_in_a_real_browser(tmp_path, settings, database):
     config = pycolytics.load_config(environ={}, overrides=dict(settings, read_keys="reader-key"))
     app = pycolytics.create_app(config)
     seed_recent(webtest.TestApp(app))
+    seed_levels_and_purchases(webtest.TestApp(app))
     server = built_in_server(app, config)
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     url = "http://viewer:reader-key@%s:%d/dashboard" % server.server_address
     headless = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000"]
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,5400"]  # the whole page
     try:
         dom = subprocess.run(headless + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
         shot = tmp_path / "dashboard.png"
@@ -1656,7 +1677,9 @@ def test_the_dashboard_renders_in_a_real_browser(tmp_path, settings, database):
         server.shutdown()
         thread.join(10)
         app.close()
-    assert dom.count("<svg") == 7 and dom.count("<polyline") == 3 and "Events per day" in dom
+    # the charts of the days, retention, stickiness, revenue (a currency each), levels and versions
+    assert dom.count("<svg") == 11 and dom.count("<polyline") == 3 and "Events per day" in dom
+    assert "USD" in dom and "EUR" in dom and "Progression" in dom
     assert "Retention" in dom and dom.count("<form") == 3 and 'href="v1.0/report?' in dom
     assert png_colours(shot) > 40
     if os.environ.get("SCREENSHOT_TO"):
