@@ -4878,17 +4878,21 @@ def _uncount(connection, rows):
     connection.execute("DELETE FROM pycolytics_names WHERE events <= 0")
 
 
+def _export_columns(store, connection):
+    """EXPORT_COLUMNS as text in SQL, NULL for those an older table lacks."""
+    present, dialect = store.columns(connection), store.dialect
+    texts = {"time": dialect.time_text, "received_at": dialect.received_text, "value": dialect.value_text}
+    return ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
+
+
 def player_events(store, connection, config, user_id, application=None, after_id=0, limit=None):
     """The rows (EXPORT_COLUMNS) of one player's events in id order, streamed, after `after_id`."""
     ids = stored_ids(config, user_id, application)
-    present = store.columns(connection)
-    texts = {"time": store.dialect.time_text, "received_at": store.dialect.received_text,
-             "value": store.dialect.value_text}
-    selected = ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
     where, parameters = f"user_id IN ({', '.join('?' * len(ids))}) AND id > ?", ids + [after_id]
     if application is not None:
         where, parameters = where + " AND application = ?", parameters + [application]
     limited = f" LIMIT {int(limit)}" if limit else ""
+    selected = _export_columns(store, connection)
     return store.rows(connection, store.dialect.sql(f"SELECT {selected} FROM event WHERE {where} ORDER BY id{limited}"),
                       parameters)
 
@@ -6262,13 +6266,6 @@ def _events(store, connection, arguments, moments):
     where = " WHERE " + " AND ".join(conditions) if conditions else ""
     return store.rows(connection, store.dialect.sql(f"SELECT {_export_columns(store, connection)} FROM event{where}"
                                                     " ORDER BY id"), parameters)
-
-
-def _export_columns(store, connection):
-    """EXPORT_COLUMNS as text in SQL, NULL for those an older table lacks."""
-    present, dialect = store.columns(connection), store.dialect
-    texts = {"time": dialect.time_text, "received_at": dialect.received_text, "value": dialect.value_text}
-    return ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
 
 
 def _asked(arguments, question, refusal):
