@@ -1750,6 +1750,9 @@ class LoopHooks:
 # Reads waiting for a thread of the ReadPool, per thread, at most: a dashboard reloaded in a
 # hurry waits its turn; a flood of reports gets 503 rather than a queue that grows.
 READS_WAITING = 8
+# How much lower a reader thread's priority is than the server's own (Linux's nice, 0 to 19): on a
+# busy machine a report then takes the CPU the loop and the writer leave, not theirs.
+READER_NICENESS = 10
 
 
 class ReadPool:
@@ -1775,6 +1778,10 @@ class ReadPool:
                        "ask again shortly", 5) from None
 
     def _work(self):
+        try:  # Linux: a thread's own nice value, so that the loop and the writer get the CPU before a report
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
+        except (AttributeError, OSError):  # not Linux (a whole process there), or not allowed
+            pass
         while True:
             job = self._jobs.get()
             if job is None:
@@ -4346,18 +4353,15 @@ def _sessions(reader):
                                            " WHERE day BETWEEN ? AND ?{app} GROUP BY application, session_id",
                      reader.first, reader.last)
     count = reader.one("SELECT count(*) FROM pycolytics_lengths")
-
-    def rank(share):
-        if not count:
-            return 0
-        return _seconds(reader.one("SELECT length FROM pycolytics_lengths ORDER BY length LIMIT 1 OFFSET ?",
-                                   max(1, math.ceil(share * count)) - 1))
-
+    ranks = [max(1, math.ceil(share * count)) for share in (0.5, 0.9)]
+    at = dict(reader.rows("SELECT n, length FROM (SELECT length, row_number() OVER (ORDER BY length) AS n"
+                          " FROM pycolytics_lengths) AS ranked WHERE n IN (?, ?)", *ranks)) if count else {}
     bounds = [_shorter_than(bound) for bound, _ in SESSION_BUCKETS[:-1]]
     shorter = reader.rows("SELECT " + ", ".join(f"sum(CASE WHEN length < {bound} THEN 1 ELSE 0 END)" for bound in bounds)
                           + " FROM pycolytics_lengths")[0] if count else [0] * len(bounds)
     cumulative = [0] + [n or 0 for n in shorter] + [count]
-    return {"count": count, "median_seconds": rank(0.5), "p90_seconds": rank(0.9)}, [
+    median, p90 = (_seconds(at[rank]) if count else 0 for rank in ranks)
+    return {"count": count, "median_seconds": median, "p90_seconds": p90}, [
         cumulative[n + 1] - cumulative[n] for n in range(len(SESSION_BUCKETS))]
 
 
@@ -4388,7 +4392,9 @@ def _ranking(reader, field, newest):
     else:
         table, where = "event", f"time >= {reader.dialect.time} AND time < {reader.dialect.time}"
         parameters = [reader.query.since.isoformat(), (reader.query.until + datetime.timedelta(days=1)).isoformat()]
-    users = dict(reader.rows(f"SELECT {field}, count(*) FROM (SELECT DISTINCT application, user_id, {field} FROM"
+    # pycolytics_type_users has one row per player and type already; the other tables need DISTINCT
+    distinct = "" if table == "pycolytics_type_users" else "DISTINCT"
+    users = dict(reader.rows(f"SELECT {field}, count(*) FROM (SELECT {distinct} application, user_id, {field} FROM"
                              f" {table} WHERE {where} AND {field} IN ({marks}){{app}}) AS p GROUP BY {field}",
                              *parameters, *top))
     other = None
@@ -4406,7 +4412,9 @@ def build_report(reader):
     retention, _ = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
     sessions, lengths = _sessions(reader)
     sessions["per_user"] = round(sessions["count"] / players, 2) if players else 0
-    newest = reader.one("SELECT max(day) FROM pycolytics_names") or 0
+    # the application's newest day, not every application's: one game's events of today must not
+    # send another's rankings up to yesterday to the events
+    newest = reader.one("SELECT max(day) FROM pycolytics_names WHERE day >= ?{app}", reader.first) or 0
     report = {
         "since": reader.query.since.isoformat(), "until": reader.query.until.isoformat(),
         "application": reader.query.application,
