@@ -3777,9 +3777,8 @@ def store_for(config):
 # Summaries: what reports read instead of every event
 ###############################################################################
 
-# A report of a year would read every event of it: minutes on a Raspberry Pi with millions of
-# them, and memory that grows with its players. So reports read summaries, made by SQL from the
-# events in small steps, one row per player and what they did (players are what reports count):
+# A report of a year would read every event of it: minutes on a Raspberry Pi with millions of them, and
+# memory that grows with its players. So reports read summaries, made by SQL from the events in small steps:
 #   pycolytics_users        per player: the first and the last day with an event
 #   pycolytics_user_days    per player and day with an event: its version and platform
 #   pycolytics_sessions     per player, session and day: the first and last event's time (us)
@@ -3787,17 +3786,15 @@ def store_for(config):
 #   pycolytics_levels       per player, level and day: starts, completions, failures, first times
 #   pycolytics_purchases    per purchase: when, its currency, item and price
 #   pycolytics_names        per day and event type, version or platform: events (for rankings)
-# Days are numbers (days since 1970-01-01, UTC), times microseconds since then. Every row but
-# those of pycolytics_names belongs to one player, so erasing a player deletes rows, and a
-# report's counts of players are SQL's (COUNT, GROUP BY, temporary tables on disk), never sets
-# held in Python: memory does not grow with the players.
+# Days are numbers (days since 1970-01-01, UTC), times microseconds since then. Every row but those of
+# pycolytics_names belongs to one player, so erasing a player deletes rows, and a report's counts of players
+# are SQL's (COUNT, GROUP BY, temporary tables on disk), never sets held in Python.
 #
-# On SQLite the writer keeps them, between commits, for the events after pycolytics_summary's
-# last_id (events come in id order, so a late event with an old timestamp is summarised like
-# any other); a report first asks it to catch up (Writer.catch_up). A report with filters
-# (event_type, version, platform), a PostgreSQL database (whose ids several collectors commit
-# out of order) and an SQLite database whose summaries are far behind summarise the events they
-# read into temporary tables of the same names, with the same SQL, and read those.
+# On SQLite the writer keeps them, between commits, for the events after pycolytics_summary's last_id (events
+# come in id order, so a late event with an old timestamp is summarised like any other); a report first asks it
+# to catch up (Writer.catch_up). A report with filters (event_type, version, platform), a PostgreSQL database
+# (whose ids several collectors commit out of order) and an SQLite database whose summaries are far behind
+# summarise the events they read into temporary tables of the same names, with the same SQL, and read those.
 SUMMARY_VERSION = 3
 SUMMARY_TABLES = (
     ("pycolytics_users", "application TEXT, user_id TEXT, first_day INT, last_day INT", "application, user_id"),
@@ -3811,9 +3808,10 @@ SUMMARY_TABLES = (
                           " first_start_us INT NULL, first_complete_us INT NULL", "application, user_id, level, day"),
     ("pycolytics_purchases", "application TEXT, user_id TEXT, us INT, event INT, day INT, currency TEXT, item TEXT,"
                              " price REAL", "application, user_id, us, event"),
-    ("pycolytics_names", "day INT, application TEXT, field TEXT, name TEXT, events INT", "day, application, field, name"),
+    ("pycolytics_names", "day INT, application TEXT, field TEXT, name TEXT, events INT",
+     "day, application, field, name"),
 )
-SUMMARY_INDEXES = ("CREATE INDEX IF NOT EXISTS ix_pycolytics_users_first_day ON pycolytics_users (first_day)",)
+SUMMARY_KEYS = {name: key for name, _, key in SUMMARY_TABLES}
 # The tables of summaries that earlier Pycolytics kept: dropped when the database is opened.
 OLD_SUMMARY_TABLES = ("pycolytics_summarised", "pycolytics_days", "pycolytics_sessions", "pycolytics_presence",
                       "pycolytics_spans", "pycolytics_name_events")
@@ -3828,7 +3826,7 @@ EPOCH_DAY = datetime.date(1970, 1, 1)
 
 
 class Dialect(collections.namedtuple("Dialect", "name mark time day microseconds least greatest number text label "
-                                                "integer real table_options time_text received_text value_text")):
+                                                "integer real table_options time_text value_text")):
     """What the SQL of the two backends says differently. Fields with {0}, {1} are templates of
     expressions; `mark` is a query parameter, `time` one compared with a stored time."""
 
@@ -3849,8 +3847,7 @@ SQLITE = Dialect(
     text=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) = 'text' THEN json_extract({{0}}, {_SQLITE_PATH}) END",
     label=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real', 'text')"
           f" THEN CAST(json_extract({{0}}, {_SQLITE_PATH}) AS TEXT) END",
-    integer="INTEGER", real="REAL", table_options=" WITHOUT ROWID", time_text="time", received_text="received_at",
-    value_text="value")
+    integer="INTEGER", real="REAL", table_options=" WITHOUT ROWID", time_text="{0}", value_text="value")
 POSTGRESQL = Dialect(
     name="PostgreSQL", mark="%s", time="%s::timestamptz",
     day="((({0}) AT TIME ZONE 'UTC')::date - DATE '1970-01-01')",
@@ -3860,8 +3857,7 @@ POSTGRESQL = Dialect(
     text="CASE WHEN jsonb_typeof({0} -> {1}) = 'string' THEN {0} ->> {1} END",
     label="CASE WHEN jsonb_typeof({0} -> {1}) IN ('number', 'string') THEN {0} ->> {1} END",
     integer="BIGINT", real="DOUBLE PRECISION", table_options="",
-    time_text="to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
-    received_text="to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')", value_text="value::text")
+    time_text="to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')", value_text="value::text")
 
 
 def _day_number(day):
@@ -3884,8 +3880,8 @@ def _create_tables(connection, dialect, temporary=False):
     for name, columns, key in SUMMARY_TABLES:
         connection.execute(f"CREATE {kind} IF NOT EXISTS {name} ({_typed(dialect, columns)}, PRIMARY KEY ({key}))"
                            f"{dialect.table_options}")
-    for statement in () if temporary else SUMMARY_INDEXES:
-        connection.execute(statement)
+    if not temporary:
+        connection.execute("CREATE INDEX IF NOT EXISTS ix_pycolytics_users_first_day ON pycolytics_users (first_day)")
 
 
 def ensure_summaries(connection, dialect):
@@ -3893,7 +3889,7 @@ def ensure_summaries(connection, dialect):
     earlier Pycolytics' (dropping tables by hand must not leave reports silently wrong)."""
     present = {name for name, in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     ours = {name for name, _, _ in SUMMARY_TABLES} | {"pycolytics_summary"}
-    state = connection.execute("SELECT version FROM pycolytics_summary").fetchone() if "pycolytics_summary" in present else None
+    state = "pycolytics_summary" in present and connection.execute("SELECT version FROM pycolytics_summary").fetchone()
     if ours <= present and state == (SUMMARY_VERSION,):
         return
     stale = (present & ours) | (present & set(OLD_SUMMARY_TABLES))
@@ -3954,44 +3950,32 @@ def _fill_step(connection, dialect, where, parameters):
 
 def _add_step(connection, dialect):
     """Add the events of pycolytics_step to the summaries (or to the temporary tables hiding them)."""
-    least, greatest = dialect.least.format, dialect.greatest.format
-    connection.execute(
-        "INSERT INTO pycolytics_users SELECT application, user_id, min(day), max(day) FROM pycolytics_step"
-        " WHERE day IS NOT NULL GROUP BY application, user_id ON CONFLICT (application, user_id) DO UPDATE SET"
-        f" first_day = {least('pycolytics_users.first_day', 'excluded.first_day')},"
-        f" last_day = {greatest('pycolytics_users.last_day', 'excluded.last_day')}")
-    connection.execute(
-        "INSERT INTO pycolytics_user_days SELECT DISTINCT application, user_id, day, version, platform"
-        " FROM pycolytics_step WHERE day IS NOT NULL ON CONFLICT DO NOTHING")
-    connection.execute(
-        "INSERT INTO pycolytics_sessions SELECT application, user_id, session_id, day, min(us), max(us)"
-        " FROM pycolytics_step WHERE day IS NOT NULL GROUP BY application, user_id, session_id, day"
-        " ON CONFLICT (application, user_id, session_id, day) DO UPDATE SET"
-        f" first_us = {least('pycolytics_sessions.first_us', 'excluded.first_us')},"
-        f" last_us = {greatest('pycolytics_sessions.last_us', 'excluded.last_us')}")
-    connection.execute(
-        "INSERT INTO pycolytics_type_users SELECT application, user_id, event_type, max(day) FROM pycolytics_step"
-        " WHERE day IS NOT NULL GROUP BY application, user_id, event_type"
-        " ON CONFLICT (application, user_id, event_type) DO UPDATE SET"
-        f" last_day = {greatest('pycolytics_type_users.last_day', 'excluded.last_day')}")
-    connection.execute(
-        "INSERT INTO pycolytics_levels SELECT application, user_id, level, day,"
-        " sum(CASE WHEN kind = 'start' THEN 1 ELSE 0 END), sum(CASE WHEN kind = 'complete' THEN 1 ELSE 0 END),"
-        " sum(CASE WHEN kind = 'fail' THEN 1 ELSE 0 END), min(CASE WHEN kind = 'start' THEN us END),"
-        " min(CASE WHEN kind = 'complete' THEN us END) FROM pycolytics_step WHERE day IS NOT NULL"
-        " AND kind IN ('start', 'complete', 'fail') AND level IS NOT NULL GROUP BY application, user_id, level, day"
-        " ON CONFLICT (application, user_id, level, day) DO UPDATE SET starts = pycolytics_levels.starts + excluded.starts,"
-        " completes = pycolytics_levels.completes + excluded.completes, fails = pycolytics_levels.fails + excluded.fails,"
-        f" first_start_us = {least('pycolytics_levels.first_start_us', 'excluded.first_start_us')},"
-        f" first_complete_us = {least('pycolytics_levels.first_complete_us', 'excluded.first_complete_us')}")
-    connection.execute(
-        "INSERT INTO pycolytics_purchases SELECT application, user_id, us, id, day, currency, item, price"
-        " FROM pycolytics_step WHERE day IS NOT NULL AND kind = 'purchase' AND price IS NOT NULL ON CONFLICT DO NOTHING")
+    least, greatest, add = dialect.least, dialect.greatest, "{0} + {1}"
+
+    def merge(table, select, where="", grouped=None, **merged):
+        """Insert the rows `select` makes of the step's events, grouped by the table's key if some columns are
+        `merged` into a row already there: each by its template of (the value there, the new one)."""
+        key = SUMMARY_KEYS[table]
+        sets = ", ".join(f"{name} = " + how.format(f"{table}.{name}", f"excluded.{name}") for name, how in merged.items())
+        group = f" GROUP BY {grouped or key}" if merged else ""
+        connection.execute(f"INSERT INTO {table} SELECT {select} FROM pycolytics_step WHERE day IS NOT NULL{where}"
+                           f"{group} ON CONFLICT " + (f"({key}) DO UPDATE SET {sets}" if merged else "DO NOTHING"))
+
+    merge("pycolytics_users", "application, user_id, min(day), max(day)", first_day=least, last_day=greatest)
+    merge("pycolytics_user_days", "DISTINCT application, user_id, day, version, platform")
+    merge("pycolytics_sessions", "application, user_id, session_id, day, min(us), max(us)",
+          first_us=least, last_us=greatest)
+    merge("pycolytics_type_users", "application, user_id, event_type, max(day)", last_day=greatest)
+    merge("pycolytics_levels", "application, user_id, level, day, sum(CASE WHEN kind = 'start' THEN 1 ELSE 0 END),"
+          " sum(CASE WHEN kind = 'complete' THEN 1 ELSE 0 END), sum(CASE WHEN kind = 'fail' THEN 1 ELSE 0 END),"
+          " min(CASE WHEN kind = 'start' THEN us END), min(CASE WHEN kind = 'complete' THEN us END)",
+          " AND kind IN ('start', 'complete', 'fail') AND level IS NOT NULL",
+          starts=add, completes=add, fails=add, first_start_us=least, first_complete_us=least)
+    merge("pycolytics_purchases", "application, user_id, us, id, day, currency, item, price",
+          " AND kind = 'purchase' AND price IS NOT NULL")
     for field in RANKED:
-        connection.execute(
-            f"INSERT INTO pycolytics_names SELECT day, application, '{field}', {field}, count(*) FROM pycolytics_step"
-            f" WHERE day IS NOT NULL GROUP BY day, application, {field} ON CONFLICT (day, application, field, name)"
-            " DO UPDATE SET events = pycolytics_names.events + excluded.events")
+        merge("pycolytics_names", f"day, application, '{field}', {field}, count(*)",
+              grouped=f"day, application, {field}", events=add)
 
 
 class SummaryPostponed(Exception):
@@ -4043,7 +4027,7 @@ def summarised_up_to(connection):
 
 def _delete_some(connection, table, condition, parameters, limit):
     """Delete up to `limit` rows of `table` that meet `condition`; how many."""
-    key = next(key for name, _, key in SUMMARY_TABLES if name == table)
+    key = SUMMARY_KEYS[table]
     return connection.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {condition}"
                               " LIMIT ?)", (*parameters, limit)).rowcount
 
@@ -4081,12 +4065,8 @@ def summarise_events(connection, dialect, config, query):
     for name, _, _ in SUMMARY_TABLES:
         connection.execute(f"DELETE FROM {name}")  # on SQLite, the temporary one
     _use_conventions(connection, dialect, config)
-    where, parameters = [f"e.time < {dialect.time}"], [(query.until + datetime.timedelta(days=1)).isoformat()]
-    for name in RANKED:  # not the application: the report's Reader chooses it (and lists the others)
-        if getattr(query, name) is not None:
-            where.append(f"e.{name} = ?")
-            parameters.append(getattr(query, name))
-    _fill_step(connection, dialect, " AND ".join(where), parameters)
+    filters, values = _filters(query, "e.")  # not the application: the report's Reader chooses it (and lists others)
+    _fill_step(connection, dialect, f"e.time < {dialect.time}{filters}", [_after(query.until), *values])
     _add_step(connection, dialect)
 
 
@@ -4248,6 +4228,17 @@ def _sorted_levels(levels):
     return sorted(levels, key=order)
 
 
+def _filters(query, prefix=""):
+    """The conditions of a query's filters but the application's, on `event`, and their values."""
+    chosen = [name for name in RANKED if getattr(query, name) is not None]
+    return "".join(f" AND {prefix}{name} = ?" for name in chosen), [getattr(query, name) for name in chosen]
+
+
+def _after(day):
+    """The time at which a range that ends on `day` ends, as an SQL parameter."""
+    return (day + datetime.timedelta(days=1)).isoformat()
+
+
 class Reader:
     """The SQL of one report over the summaries (or the temporary tables that hide them): its days
     as numbers and its application as a condition. Every count is SQL's; what comes back to
@@ -4270,10 +4261,11 @@ class Reader:
                               self.app.replace("application", f"{alias}.application") if alias else self.app, 1)
         return self.dialect.sql(sql), list(parameters) + self.app_value * len(found)
 
-    def filters(self):
-        """The conditions of the filters but the application's, on `event`, and their values."""
-        chosen = [name for name in RANKED if getattr(self.query, name) is not None]
-        return "".join(f" AND {name} = ?" for name in chosen), [getattr(self.query, name) for name in chosen]
+    def events(self):
+        """The condition on `event` of the range's events that the filters pick (but for {app}), and its values."""
+        filters, values = _filters(self.query)
+        time, since, end = self.dialect.time, self.query.since.isoformat(), _after(self.query.until)
+        return f"time >= {time} AND time < {time}{filters}", [since, end, *values]
 
     def rows(self, sql, *parameters):
         return self.connection.execute(*self._sql(sql, parameters)).fetchall()
@@ -4281,10 +4273,21 @@ class Reader:
     def one(self, sql, *parameters):
         return self.rows(sql, *parameters)[0][0]
 
-    def per_day(self, sql, *parameters):
-        """[figure of each day of the range] from (day number, figure) rows."""
-        found = dict(self.rows(sql, *parameters))
-        return [found.get(self.first + n, 0) or 0 for n in range(len(self.days))]
+    def players(self, table, by=None, where=None, *parameters):
+        """How many players `table` holds on the range's days (or where `where`), or {value(s) of `by`: how many}."""
+        if where is None:
+            where, parameters = "day BETWEEN ? AND ?", (self.first, self.last)
+        if by is None:
+            return self.one(f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM {table}"
+                            f" WHERE {where}{{app}}) AS p", *parameters)
+        rows = self.rows(f"SELECT {by}, count(*) FROM (SELECT DISTINCT application, user_id, {by} FROM {table}"
+                         f" WHERE {where}{{app}}) AS p GROUP BY {by}", *parameters)
+        return {row[0] if len(row) == 2 else tuple(row[:-1]): row[-1] for row in rows}
+
+    def newcomers(self):
+        """{day: players whose first day it is} of the range."""
+        return dict(self.rows("SELECT first_day, count(*) FROM pycolytics_users WHERE first_day BETWEEN ? AND ?{app}"
+                              " GROUP BY first_day", self.first, self.last))
 
     def temporary(self, name, select, *parameters):
         """A temporary table `name` filled by `select` (on disk on SQLite, in work_mem on PostgreSQL)."""
@@ -4293,23 +4296,15 @@ class Reader:
 
 
 def _daily(reader):
-    """The per-day columns of a report."""
+    """The per-day columns of a report (DAY_COLUMNS)."""
     first, last = reader.first, reader.last
-    return {
-        "events": reader.per_day("SELECT day, sum(events) FROM pycolytics_names WHERE field = 'platform'"
-                                 " AND day BETWEEN ? AND ?{app} GROUP BY day", first, last),
-        "users": reader.per_day("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
-                                " pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d GROUP BY day", first, last),
-        "new_users": reader.per_day("SELECT first_day, count(*) FROM pycolytics_users WHERE first_day BETWEEN ? AND ?"
-                                    "{app} GROUP BY first_day", first, last),
-        "sessions": reader.per_day("SELECT day, count(*) FROM (SELECT DISTINCT application, session_id, day FROM"
-                                   " pycolytics_sessions WHERE day BETWEEN ? AND ?{app}) AS s GROUP BY day", first, last),
-    }
-
-
-def _players(reader):
-    return reader.one("SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM pycolytics_user_days"
-                      " WHERE day BETWEEN ? AND ?{app}) AS p", reader.first, reader.last)
+    events = reader.rows("SELECT day, sum(events) FROM pycolytics_names WHERE field = 'platform'"
+                         " AND day BETWEEN ? AND ?{app} GROUP BY day", first, last)
+    sessions = reader.rows("SELECT day, count(*) FROM (SELECT DISTINCT application, session_id, day FROM"
+                           " pycolytics_sessions WHERE day BETWEEN ? AND ?{app}) AS s GROUP BY day", first, last)
+    found = (dict(events), reader.players("pycolytics_user_days", "day"), reader.newcomers(), dict(sessions))
+    return {name: [figures.get(day, 0) or 0 for day in range(first, last + 1)]
+            for name, figures in zip(DAY_COLUMNS, found)}
 
 
 def _returns(reader):
@@ -4325,8 +4320,7 @@ def _returns(reader):
 
 def _retention_rows(reader, cohorts, returns):
     """Per cohort of first days [(first, last day number)]: its players and the share back on each day."""
-    sizes = dict(reader.rows("SELECT first_day, count(*) FROM pycolytics_users WHERE first_day BETWEEN ? AND ?{app}"
-                             " GROUP BY first_day", reader.first, reader.last))
+    sizes = reader.newcomers()
     rows = []
     for first, last in cohorts:
         players = sum(sizes.get(day, 0) for day in range(first, last + 1))
@@ -4386,30 +4380,25 @@ def _ranking(reader, field, newest):
     elif reader.last >= newest:  # no day after the range: a last day in it or later means a day in it
         table, where, parameters = "pycolytics_type_users", "last_day >= ?", [reader.first]
     else:
-        table, where = "event", f"time >= {reader.dialect.time} AND time < {reader.dialect.time}"
-        parameters = [reader.query.since.isoformat(), (reader.query.until + datetime.timedelta(days=1)).isoformat()]
-    users = dict(reader.rows(f"SELECT {field}, count(*) FROM (SELECT DISTINCT application, user_id, {field} FROM"
-                             f" {table} WHERE {where} AND {field} IN ({marks}){{app}}) AS p GROUP BY {field}",
-                             *parameters, *top))
+        table, (where, parameters) = "event", reader.events()
+    users = reader.players(table, field, f"{where} AND {field} IN ({marks})", *parameters, *top)
     other = None
     if len(events) > REPORT_TOP:
-        other = reader.one(f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM {table} WHERE {where}"
-                           f" AND {field} NOT IN ({marks}){{app}}) AS p", *parameters, *top)
+        other = reader.players(table, None, f"{where} AND {field} NOT IN ({marks})", *parameters, *top)
     return _top([(name, count, users.get(name, 0)) for name, count in events], sum(n for _, n in events), other)
 
 
 def build_report(reader):
     """The report (see docs/reports.md), and the extra figures the dashboard draws."""
     columns = _daily(reader)
-    players = _players(reader)
+    players = reader.players("pycolytics_user_days")
     returns = _returns(reader)
     retention, _ = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
     sessions, lengths = _sessions(reader)
     sessions["per_user"] = round(sessions["count"] / players, 2) if players else 0
     newest = reader.one("SELECT max(day) FROM pycolytics_names") or 0
     report = {
-        "since": reader.query.since.isoformat(), "until": reader.query.until.isoformat(),
-        "application": reader.query.application,
+        **_range_of(reader),
         "totals": {"events": sum(columns["events"]), "users": players, "new_users": sum(columns["new_users"]),
                    "sessions": sessions["count"]},
         "days": [dict(date=day.isoformat(), **{name: columns[name][n] for name in DAY_COLUMNS})
@@ -4423,9 +4412,8 @@ def build_report(reader):
 
 def _applications(reader):
     """The REPORT_TOP applications with most events in the range, busiest first."""
-    events = reader.connection.execute(reader.dialect.sql(
-        "SELECT application, sum(events) FROM pycolytics_names WHERE field = 'platform' AND day BETWEEN ? AND ?"
-        " GROUP BY application"), (reader.first, reader.last)).fetchall()
+    events = reader.rows("SELECT application, sum(events) FROM pycolytics_names WHERE field = 'platform'"
+                         " AND day BETWEEN ? AND ? GROUP BY application", reader.first, reader.last)
     return [name for name, _ in sorted(events, key=lambda row: (-row[1], row[0].encode()))[:REPORT_TOP]]
 
 
@@ -4463,11 +4451,11 @@ def build_stickiness(reader):
         " (SELECT day, lead(day) OVER (PARTITION BY application, user_id ORDER BY day) AS next FROM"
         " (SELECT DISTINCT application, user_id, day FROM pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d)"
         " AS n GROUP BY 1, 2", reader.first - 29, reader.last)
-    size = len(reader.days)
+    size, first = len(reader.days), reader.first
     counts = {window: [0] * (size + 1) for window in (1, 7, 30)}
     for day, gap, players in gaps:  # a player counts for each day from this one until the next they play
         for window, changes in counts.items():
-            start, stop = max(day, reader.first) - reader.first, min(day + min(gap, window), reader.last + 1) - reader.first
+            start, stop = max(day, first) - first, min(day + min(gap, window), reader.last + 1) - first
             if start < stop:
                 changes[start] += players
                 changes[stop] -= players
@@ -4487,10 +4475,8 @@ def build_versions(reader):
     events = {(day, name): count for day, name, count in reader.rows(
         "SELECT day, name, sum(events) FROM pycolytics_names WHERE field = 'version' AND day BETWEEN ? AND ?"
         f" AND name IN ({marks}){{app}} GROUP BY day, name", reader.first, reader.last, *top)}
-    users = {(day, name): count for day, name, count in reader.rows(
-        "SELECT day, version, count(*) FROM (SELECT DISTINCT application, user_id, day, version FROM"
-        f" pycolytics_user_days WHERE day BETWEEN ? AND ? AND version IN ({marks}){{app}}) AS v GROUP BY day, version",
-        reader.first, reader.last, *top)}
+    users = reader.players("pycolytics_user_days", "day, version", f"day BETWEEN ? AND ? AND version IN ({marks})",
+                           reader.first, reader.last, *top)
     rows = [{"date": day.isoformat(), "version": name, "events": events.get((reader.first + n, name), 0),
              "users": users.get((reader.first + n, name), 0)} for n, day in enumerate(reader.days) for name in top]
     return {**_range_of(reader), "versions": ranking, "days": rows}
@@ -4499,38 +4485,26 @@ def build_versions(reader):
 def build_revenue(reader):
     """Revenue per day and currency, paying players, conversion, ARPDAU, ARPPU, first purchases and
     the top items, from the purchases of the range (see docs/reports.md). No currency is converted."""
-    first, last = reader.first, reader.last
-    players = _players(reader)
-    active_days = dict(reader.rows("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
-                                   " pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d GROUP BY day", first, last))
+    def sales(by, order=""):
+        return reader.rows(f"SELECT {by}, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
+                           f"{{app}} GROUP BY {by}{order}", reader.first, reader.last)
+
+    players, active_days = reader.players("pycolytics_user_days"), reader.players("pycolytics_user_days", "day")
+    paying, payers_per_day = reader.players("pycolytics_purchases"), reader.players("pycolytics_purchases", "day")
+    buyers = reader.players("pycolytics_purchases", "day, currency")
+    payers = reader.players("pycolytics_purchases", "currency")
     player_days = sum(active_days.values())
-    per_day = reader.rows("SELECT day, currency, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
-                          "{app} GROUP BY day, currency", first, last)
-    buyers = {(day, currency): count for day, currency, count in reader.rows(
-        "SELECT day, currency, count(*) FROM (SELECT DISTINCT application, user_id, day, currency FROM"
-        " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY day, currency", first, last)}
-    payers_per_day = dict(reader.rows("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
-                                      " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY day",
-                                      first, last))
-    currencies = reader.rows("SELECT currency, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
-                             "{app} GROUP BY currency ORDER BY 2 DESC", first, last)
-    payers = dict(reader.rows("SELECT currency, count(*) FROM (SELECT DISTINCT application, user_id, currency FROM"
-                              " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY currency", first, last))
-    paying = reader.one("SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM pycolytics_purchases"
-                        " WHERE day BETWEEN ? AND ?{app}) AS p", first, last)
-    items = reader.rows("SELECT currency, item, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
-                        "{app} GROUP BY currency, item", first, last)
-    items.sort(key=lambda row: (-row[2], row[0], row[1]))
+    items = sorted(sales("currency, item"), key=lambda row: (-row[2], row[0], row[1]))
     return {**_range_of(reader), "players": players, "paying_users": paying, "conversion": _share(paying, players),
             "currencies": [{"currency": currency, "revenue": round(total, 6), "purchases": count,
                             "paying_users": payers.get(currency, 0), "arppu": round(total / payers[currency], 6),
                             "arpdau": round(total / player_days, 6) if player_days else None}
-                           for currency, total, count in currencies],
+                           for currency, total, count in sales("currency", " ORDER BY 2 DESC")],
             "days": [{"date": _day(day).isoformat(), "currency": currency, "revenue": round(total, 6),
                       "purchases": count, "paying_users": buyers[day, currency], "active_users": active_days.get(day, 0),
                       "conversion": _share(payers_per_day.get(day, 0), active_days.get(day, 0)),
                       "arpdau": round(total / active_days[day], 6) if active_days.get(day) else None}
-                     for day, currency, total, count in sorted(per_day)],
+                     for day, currency, total, count in sorted(sales("day, currency"))],
             "first_purchase": _first_purchases(reader),
             "items": [{"currency": currency, "item": item, "revenue": round(total, 6), "purchases": count}
                       for currency, item, total, count in items[:REPORT_TOP]]}
@@ -4589,14 +4563,11 @@ def _median_per_level(figure, condition):
 def build_funnel(reader, steps):
     """How many players did steps[0], then steps[1] at or after that, and so on, in the range:
     each step's first time per player after the one before, in temporary tables."""
-    end = (reader.query.until + datetime.timedelta(days=1)).isoformat()
-    time, since = reader.dialect.time, reader.query.since.isoformat()
-    filters, values = reader.filters()
+    where, values = reader.events()
     reached = []
     for n, step in enumerate(steps):
-        reader.temporary(f"pycolytics_funnel_{n}",
-                         f"SELECT application, user_id, time FROM event WHERE time >= {time} AND time < {time}"
-                         f" AND event_type = ?{filters}{{app}}", since, end, step, *values)
+        reader.temporary(f"pycolytics_funnel_{n}", f"SELECT application, user_id, time FROM event WHERE {where}"
+                                                   " AND event_type = ?{app}", *values, step)
         if n == 0:
             reader.temporary("pycolytics_reached", "SELECT application, user_id, min(time) AS time FROM"
                                                    " pycolytics_funnel_0 GROUP BY application, user_id")
@@ -4615,27 +4586,23 @@ def build_funnel(reader, steps):
 def build_values(reader, field):
     """value[field] of the range's events of one type: numbers as count, min, p50, p90, max, sum, a
     histogram and, when they are few, value by value; strings and true/false as a ranking."""
-    path = [field] if reader.dialect is POSTGRESQL else [f'$."{field}"']
-    kind = "jsonb_typeof(value -> ?)" if reader.dialect is POSTGRESQL else "json_type(value, ?)"
-    item = "value ->> ?" if reader.dialect is POSTGRESQL else "json_extract(value, ?)"
-    end = (reader.query.until + datetime.timedelta(days=1)).isoformat()
-    time = reader.dialect.time
-    filters, values = reader.filters()
+    if reader.dialect is POSTGRESQL:
+        path, kind, item = field, "jsonb_typeof(value -> ?)", "value ->> ?"
+    else:
+        path, kind, item = f'$."{field}"', "json_type(value, ?)", "json_extract(value, ?)"
+    where, values = reader.events()
     reader.temporary("pycolytics_values", f"SELECT {kind} AS kind, CAST({item} AS TEXT) AS item FROM event"
-                                          f" WHERE time >= {time} AND time < {time}{filters}{{app}}",
-                     *path, *path, reader.query.since.isoformat(), end, *values)
+                                          f" WHERE {where}{{app}}", path, path, *values)
     kinds = dict(reader.rows("SELECT kind, count(*) FROM pycolytics_values GROUP BY kind"))
-    number_kinds = "('integer', 'real', 'number')"
-    numbers = _numbers(reader, number_kinds) if any(kinds.get(kind) for kind in ("integer", "real", "number")) else None
-    strings = reader.rows("SELECT CASE WHEN kind IN ('true', 'false') THEN kind ELSE item END AS name,"
-                          " count(*) FROM pycolytics_values WHERE kind IN ('text', 'string', 'true', 'false', 'boolean')"
-                          " GROUP BY 1")
+    numeric, textual = ("integer", "real", "number"), ("text", "string", "true", "false", "boolean")  # as SQL lists too
+    numbers = _numbers(reader, numeric) if any(kinds.get(kind) for kind in numeric) else None
+    strings = reader.rows("SELECT CASE WHEN kind IN ('true', 'false') THEN kind ELSE item END AS name, count(*)"
+                          f" FROM pycolytics_values WHERE kind IN {textual} GROUP BY 1")
     strings.sort(key=lambda row: (-row[1], row[0]))
     total = sum(kinds.values())
     return {**_range_of(reader), "event_type": reader.query.event_type, "field": field, "events": total,
-            "missing": total - sum(count for kind, count in kinds.items() if kind in (
-                "integer", "real", "number", "text", "string", "true", "false", "boolean")),
-            "numbers": numbers, "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
+            "missing": total - sum(kinds.get(kind, 0) for kind in numeric + textual), "numbers": numbers,
+            "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
                 [(value, events, None) for value, events in strings], sum(count for _, count in strings))]}
 
 
@@ -4699,21 +4666,20 @@ def _inert(cell):
 # summaries, and the list of its JSON that its CSV gives (None: JSON only), with the columns.
 _RETENTION_COLUMNS = ("cohort", "users") + tuple(f"day_{after}" for after in RETENTION_DAYS)
 VIEWS = {
-    "report": (lambda reader, fields, every: build_report(reader)[0], True, "days", ("date",) + DAY_COLUMNS),
+    "report": (lambda reader, *_: build_report(reader)[0], True, "days", ("date",) + DAY_COLUMNS),
     "funnel": (lambda reader, fields, every: build_funnel(reader, _funnel_steps(fields, every)), False, "steps",
                ("name", "users")),
-    "values": (lambda reader, fields, every: build_values(reader, _value_field(fields)), False, None, None),
-    "retention": (lambda reader, fields, every: build_retention(reader, _whole(fields, "min_cohort", MIN_COHORT, 10**9)),
+    "values": (lambda reader, fields, _: build_values(reader, _value_field(fields)), False, None, None),
+    "retention": (lambda reader, fields, _: build_retention(reader, _whole(fields, "min_cohort", MIN_COHORT, 10**9)),
                   True, "weekly", _RETENTION_COLUMNS),
-    "revenue": (lambda reader, fields, every: build_revenue(reader), True, "days",
+    "revenue": (lambda reader, *_: build_revenue(reader), True, "days",
                 ("date", "currency", "revenue", "purchases", "paying_users", "active_users", "conversion", "arpdau")),
-    "progression": (lambda reader, fields, every: build_progression(reader, _whole(fields, "churn_days", CHURN_DAYS,
-                                                                                   MAX_REPORT_DAYS)), True, "levels",
+    "progression": (lambda reader, fields, _: build_progression(reader, _whole(fields, "churn_days", CHURN_DAYS,
+                                                                               MAX_REPORT_DAYS)), True, "levels",
                     ("level", "started", "completed", "failed", "completion_rate", "median_attempts",
                      "median_seconds_to_complete", "last_level_of_churned")),
-    "stickiness": (lambda reader, fields, every: build_stickiness(reader), True, "days",
-                   ("date", "dau", "wau", "mau", "dau_mau")),
-    "versions": (lambda reader, fields, every: build_versions(reader), True, "days", ("date", "version", "events", "users")),
+    "stickiness": (lambda reader, *_: build_stickiness(reader), True, "days", ("date", "dau", "wau", "mau", "dau_mau")),
+    "versions": (lambda reader, *_: build_versions(reader), True, "days", ("date", "version", "events", "users")),
 }
 
 
@@ -4881,7 +4847,8 @@ def _uncount(connection, rows):
 def _export_columns(store, connection):
     """EXPORT_COLUMNS as text in SQL, NULL for those an older table lacks."""
     present, dialect = store.columns(connection), store.dialect
-    texts = {"time": dialect.time_text, "received_at": dialect.received_text, "value": dialect.value_text}
+    texts = {"time": dialect.time_text.format("time"), "received_at": dialect.time_text.format("received_at"),
+             "value": dialect.value_text}
     return ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
 
 
