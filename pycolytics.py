@@ -3843,7 +3843,8 @@ SQLITE = Dialect(
     day="CAST(strftime('%s', substr({0}, 1, 10)) AS INTEGER) / 86400",
     microseconds="CAST(strftime('%s', substr({0}, 1, 19)) AS INTEGER) * 1000000 + CAST(substr({0}, 21, 6) AS INTEGER)",
     least="min(coalesce({0}, {1}), coalesce({1}, {0}))", greatest="max(coalesce({0}, {1}), coalesce({1}, {0}))",
-    number=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real') THEN json_extract({{0}}, {_SQLITE_PATH}) END",
+    number=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real')"
+           f" THEN json_extract({{0}}, {_SQLITE_PATH}) END",
     text=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) = 'text' THEN json_extract({{0}}, {_SQLITE_PATH}) END",
     label=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real', 'text')"
           f" THEN CAST(json_extract({{0}}, {_SQLITE_PATH}) AS TEXT) END",
@@ -3923,7 +3924,8 @@ def _use_conventions(connection, dialect, config):
     text = json.dumps(rows)
     if getattr(connection, "conventions", None) != text:
         connection.execute("CREATE TEMP TABLE IF NOT EXISTS pycolytics_conventions (application TEXT, kind TEXT,"
-                           " event_type TEXT, level_field TEXT, price_field TEXT, currency_field TEXT, item_field TEXT)")
+                           " event_type TEXT, level_field TEXT, price_field TEXT, currency_field TEXT,"
+                           " item_field TEXT)")
         connection.execute("DELETE FROM pycolytics_conventions")
         for row in rows:
             connection.execute(dialect.sql("INSERT INTO pycolytics_conventions VALUES (?, ?, ?, ?, ?, ?, ?)"), row)
@@ -3956,7 +3958,8 @@ def _add_step(connection, dialect):
         """Insert the rows `select` makes of the step's events, grouped by the table's key if some columns are
         `merged` into a row already there: each by its template of (the value there, the new one)."""
         key = SUMMARY_KEYS[table]
-        sets = ", ".join(f"{name} = " + how.format(f"{table}.{name}", f"excluded.{name}") for name, how in merged.items())
+        sets = ", ".join(f"{name} = " + how.format(f"{table}.{name}", f"excluded.{name}")
+                         for name, how in merged.items())
         group = f" GROUP BY {grouped or key}" if merged else ""
         connection.execute(f"INSERT INTO {table} SELECT {select} FROM pycolytics_step WHERE day IS NOT NULL{where}"
                            f"{group} ON CONFLICT " + (f"({key}) DO UPDATE SET {sets}" if merged else "DO NOTHING"))
@@ -3993,7 +3996,8 @@ def summarise(connection, dialect, limit, config):
         log.info("the game-analytics conventions (purchase_event, level_field, ...) changed: summarising every "
                  "event again; reports read the events meanwhile")
         last_id = restart_summaries(connection)
-    elif last_id > 0 and connection.execute("SELECT time FROM event WHERE id = ?", (last_id,)).fetchone() != (last_time,):
+    elif last_id > 0 and connection.execute("SELECT time FROM event WHERE id = ?",
+                                            (last_id,)).fetchone() != (last_time,):
         log.info("the last summarised event was deleted: summarising every event again")
         last_id = restart_summaries(connection)
     if last_id < 0:  # being made again: first the old rows go, in steps
@@ -4066,7 +4070,8 @@ def summarise_events(connection, dialect, config, query):
         connection.execute(f"DELETE FROM {name}")  # on SQLite, the temporary one
     _use_conventions(connection, dialect, config)
     filters, values = _filters(query, "e.")  # not the application: the report's Reader chooses it (and lists others)
-    _fill_step(connection, dialect, f"e.time < {dialect.time}{filters}", [_after(query.until), *values])
+    end = (query.until + datetime.timedelta(days=1)).isoformat()
+    _fill_step(connection, dialect, f"e.time < {dialect.time}{filters}", [end, *values])
     _add_step(connection, dialect)
 
 
@@ -4074,34 +4079,25 @@ def summarise_events(connection, dialect, config, query):
 # Reports: the figures of the report API and the dashboard
 ###############################################################################
 
-# The range the dashboard and the report show when none is asked for, in days up to today.
-DASHBOARD_DAYS = 30
-# The longest range one report reads: a year, leap day included.
-MAX_REPORT_DAYS = 366
+DASHBOARD_DAYS = 30  # the days up to today the dashboard and the report show when none are asked for
+MAX_REPORT_DAYS = 366  # the longest range one report reads: a year, leap day included
 # The days a report may name: stored times start at the Unix epoch, and the last day leaves room
 # for the day after `until`, the range's end.
-FIRST_REPORT_DAY = datetime.date(1970, 1, 1)
+FIRST_REPORT_DAY = EPOCH_DAY
 LAST_REPORT_DAY = datetime.date(9999, 12, 30)
-# Rows of a ranking before the rest is lumped as "(other)": a million distinct versions must
-# not become a million rows of HTML.
-REPORT_TOP = 20
-# The days after a player's first that retention looks at, in the API as on the dashboard.
-RETENTION_DAYS = (1, 2, 3, 4, 5, 6, 7, 14, 30)
+REPORT_TOP = 20  # rows of a ranking before "(other)": a million versions must not become a million rows of HTML
+RETENTION_DAYS = (1, 2, 3, 4, 5, 6, 7, 14, 30)  # the days after a player's first that retention looks at
 # Weekly cohorts smaller than this are folded into the next (the last into the one before), unless
 # the query says min_cohort: a share of three players says nothing.
 MIN_COHORT = 10
-# A player without an event in this many days up to the range's end has stopped playing (churned),
-# unless the query says churn_days.
-CHURN_DAYS = 7
+CHURN_DAYS = 7  # a player without an event in this many days up to the range's end has stopped (churn_days)
 # Levels a progression lists at most, and bins of a histogram at most; a numeric field with at most
 # FEW_VALUES distinct values is also given value by value (levels 1 to 40).
 MAX_LEVELS = 200
 HISTOGRAM_BINS = 20
 FEW_VALUES = 40
-# Steps of one funnel at most.
 MAX_FUNNEL_STEPS = 10
-# Query fields parsed at most: a report has a dozen; more is not a dashboard talking.
-MAX_QUERY_FIELDS = 40
+MAX_QUERY_FIELDS = 40  # query fields parsed at most: a report has a dozen; more is not a dashboard talking
 # A report first has the writer summarise what came since the summaries were last made, if that is
 # at most CATCH_UP_EVENTS events and takes at most CATCH_UP_SECONDS; otherwise (the summaries are
 # being made, of an imported database say) it summarises the events it reads itself.
@@ -4112,14 +4108,10 @@ SESSION_BUCKETS = ((60, "< 1 min"), (300, "1-5 min"), (900, "5-15 min"), (1800, 
                    (3600, "30-60 min"), (7200, "1-2 h"), (math.inf, "2 h +"))
 # The days (since a player's first) of their first purchase, as the revenue view groups them.
 FIRST_PURCHASE_DAYS = ((0, "day 0"), (1, "day 1"), (7, "days 2-7"), (30, "days 8-30"), (math.inf, "after day 30"))
-# The columns of a report's days, in the order of its JSON and CSV.
-DAY_COLUMNS = ("events", "users", "new_users", "sessions")
-# The fields a report ranks: its lists are named after them, with an s.
-RANKED = ("event_type", "version", "platform")
-# The filters of a report: a report with filters is the report of a database that held only the
-# events that match them.
+DAY_COLUMNS = ("events", "users", "new_users", "sessions")  # a report's days' columns, as its JSON and CSV order them
+RANKED = ("event_type", "version", "platform")  # the fields a report ranks: its lists are named after them, with an s
+# A report with filters is the report of a database that held only the events that match them.
 REPORT_FILTERS = ("application", "event_type", "version", "platform")
-# The report API's paths after /v1.0/report.
 REPORT_VIEWS = ("", "/funnel", "/values", "/retention", "/revenue", "/progression", "/stickiness", "/versions")
 
 ReportQuery = collections.namedtuple("ReportQuery", ("since", "until") + REPORT_FILTERS)
@@ -4234,11 +4226,6 @@ def _filters(query, prefix=""):
     return "".join(f" AND {prefix}{name} = ?" for name in chosen), [getattr(query, name) for name in chosen]
 
 
-def _after(day):
-    """The time at which a range that ends on `day` ends, as an SQL parameter."""
-    return (day + datetime.timedelta(days=1)).isoformat()
-
-
 class Reader:
     """The SQL of one report over the summaries (or the temporary tables that hide them): its days
     as numbers and its application as a condition. Every count is SQL's; what comes back to
@@ -4251,21 +4238,21 @@ class Reader:
         self.days = [query.since + datetime.timedelta(days=n) for n in range(self.last - self.first + 1)]
         self.app, self.app_value = ("", []) if query.application is None else (" AND application = ?",
                                                                                [query.application])
+        self.range = {"since": query.since.isoformat(), "until": query.until.isoformat(),
+                      "application": query.application}  # what every view's answer starts with
 
     def _sql(self, sql, parameters):
         """`sql` with each {app} (or {app:alias}) the application's condition, and its parameters:
         an {app} comes after every other parameter of the statement."""
-        found = re.findall(r"\{app(?::(\w+))?\}", sql)
-        for alias in found:
-            sql = sql.replace("{app:%s}" % alias if alias else "{app}",
-                              self.app.replace("application", f"{alias}.application") if alias else self.app, 1)
-        return self.dialect.sql(sql), list(parameters) + self.app_value * len(found)
+        found = re.findall(r"\{app(?::\w+)?\}", sql)
+        sql = re.sub(r"\{app:(\w+)\}", self.app.replace("application", r"\1.application"), sql)
+        return self.dialect.sql(sql.replace("{app}", self.app)), list(parameters) + self.app_value * len(found)
 
     def events(self):
         """The condition on `event` of the range's events that the filters pick (but for {app}), and its values."""
         filters, values = _filters(self.query)
-        time, since, end = self.dialect.time, self.query.since.isoformat(), _after(self.query.until)
-        return f"time >= {time} AND time < {time}{filters}", [since, end, *values]
+        time, since, end = self.dialect.time, self.query.since, self.query.until + datetime.timedelta(days=1)
+        return f"time >= {time} AND time < {time}{filters}", [since.isoformat(), end.isoformat(), *values]
 
     def rows(self, sql, *parameters):
         return self.connection.execute(*self._sql(sql, parameters)).fetchall()
@@ -4283,6 +4270,11 @@ class Reader:
         rows = self.rows(f"SELECT {by}, count(*) FROM (SELECT DISTINCT application, user_id, {by} FROM {table}"
                          f" WHERE {where}{{app}}) AS p GROUP BY {by}", *parameters)
         return {row[0] if len(row) == 2 else tuple(row[:-1]): row[-1] for row in rows}
+
+    def rank(self, table, column, count, share):
+        """The nearest-rank `share` (0.5: the median) of `column` over the `count` rows of `table`."""
+        offset = max(1, math.ceil(share * count)) - 1
+        return self.one(f"SELECT {column} FROM {table} ORDER BY {column} LIMIT 1 OFFSET ?", offset)
 
     def newcomers(self):
         """{day: players whose first day it is} of the range."""
@@ -4330,7 +4322,7 @@ def _retention_rows(reader, cohorts, returns):
             row[f"day_{after}"] = _share(sum(returns.get((day, after), 0) for day in seen),
                                          sum(sizes.get(day, 0) for day in seen)) if seen else None
         rows.append(row)
-    return rows, sizes
+    return rows
 
 
 def _sessions(reader):
@@ -4340,18 +4332,13 @@ def _sessions(reader):
                                            " WHERE day BETWEEN ? AND ?{app} GROUP BY application, session_id",
                      reader.first, reader.last)
     count = reader.one("SELECT count(*) FROM pycolytics_lengths")
-
-    def rank(share):
-        if not count:
-            return 0
-        return _seconds(reader.one("SELECT length FROM pycolytics_lengths ORDER BY length LIMIT 1 OFFSET ?",
-                                   max(1, math.ceil(share * count)) - 1))
-
+    median, p90 = (_seconds(reader.rank("pycolytics_lengths", "length", count, share)) if count else 0
+                   for share in (0.5, 0.9))
     bounds = [_shorter_than(bound) for bound, _ in SESSION_BUCKETS[:-1]]
-    shorter = reader.rows("SELECT " + ", ".join(f"sum(CASE WHEN length < {bound} THEN 1 ELSE 0 END)" for bound in bounds)
-                          + " FROM pycolytics_lengths")[0] if count else [0] * len(bounds)
+    sums = ", ".join(f"sum(CASE WHEN length < {bound} THEN 1 ELSE 0 END)" for bound in bounds)
+    shorter = reader.rows(f"SELECT {sums} FROM pycolytics_lengths")[0] if count else [0] * len(bounds)
     cumulative = [0] + [n or 0 for n in shorter] + [count]
-    return {"count": count, "median_seconds": rank(0.5), "p90_seconds": rank(0.9)}, [
+    return {"count": count, "median_seconds": median, "p90_seconds": p90}, [
         cumulative[n + 1] - cumulative[n] for n in range(len(SESSION_BUCKETS))]
 
 
@@ -4393,12 +4380,12 @@ def build_report(reader):
     columns = _daily(reader)
     players = reader.players("pycolytics_user_days")
     returns = _returns(reader)
-    retention, _ = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
+    retention = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
     sessions, lengths = _sessions(reader)
     sessions["per_user"] = round(sessions["count"] / players, 2) if players else 0
     newest = reader.one("SELECT max(day) FROM pycolytics_names") or 0
     report = {
-        **_range_of(reader),
+        **reader.range,
         "totals": {"events": sum(columns["events"]), "users": players, "new_users": sum(columns["new_users"]),
                    "sessions": sessions["count"]},
         "days": [dict(date=day.isoformat(), **{name: columns[name][n] for name in DAY_COLUMNS})
@@ -4419,29 +4406,26 @@ def _applications(reader):
 
 def build_retention(reader, minimum):
     """Daily and weekly cohorts, and D1, D7, D30 of the whole range (each cohort weighted by its players)."""
-    returns = _returns(reader)
-    daily, sizes = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
-    weeks = [[start, min(start + 6, reader.last)] for start in range(reader.first, reader.last + 1, 7)]
+    returns, sizes = _returns(reader), reader.newcomers()
+    daily = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
+
+    def small(first, last):
+        return sum(sizes.get(day, 0) for day in range(first, last + 1)) < minimum
+
     folded = []
-    for week in weeks:  # a small cohort joins the next one; the last small one joins the one before
-        players = sum(sizes.get(day, 0) for day in range(week[0], week[1] + 1))
-        if folded and folded[-1][2] < minimum:
-            folded[-1][1], folded[-1][2] = week[1], folded[-1][2] + players
+    for start in range(reader.first, reader.last + 1, 7):  # a small cohort joins the next; the last, the one before
+        if folded and small(*folded[-1]):
+            folded[-1][1] = min(start + 6, reader.last)
         else:
-            folded.append([week[0], week[1], players])
-    if len(folded) > 1 and folded[-1][2] < minimum:
-        folded[-2][1], folded[-2][2] = folded[-1][1], folded[-2][2] + folded[-1][2]
-        folded.pop()
-    weekly, _ = _retention_rows(reader, [(first, last) for first, last, _ in folded], returns)
-    whole, _ = _retention_rows(reader, [(reader.first, reader.last)], returns)
+            folded.append([start, min(start + 6, reader.last)])
+    if len(folded) > 1 and small(*folded[-1]):
+        last_week = folded.pop()
+        folded[-1][1] = last_week[1]
+    weekly = _retention_rows(reader, folded, returns)
+    whole = _retention_rows(reader, [(reader.first, reader.last)], returns)
     averages = {name: value for name, value in whole[0].items() if name.startswith("day_")}
-    return {**_range_of(reader), "min_cohort": minimum, "new_users": whole[0]["users"], "average": averages,
+    return {**reader.range, "min_cohort": minimum, "new_users": whole[0]["users"], "average": averages,
             "weekly": [row for row in weekly if row["users"]], "daily": [row for row in daily if row["users"]]}
-
-
-def _range_of(reader):
-    query = reader.query
-    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application}
 
 
 def build_stickiness(reader):
@@ -4460,7 +4444,7 @@ def build_stickiness(reader):
                 changes[start] += players
                 changes[stop] -= players
     totals = {window: list(itertools.accumulate(changes))[:size] for window, changes in counts.items()}
-    return {**_range_of(reader), "days": [
+    return {**reader.range, "days": [
         {"date": day.isoformat(), "dau": totals[1][n], "wau": totals[7][n], "mau": totals[30][n],
          "dau_mau": _share(totals[1][n], totals[30][n])} for n, day in enumerate(reader.days)]}
 
@@ -4470,7 +4454,7 @@ def build_versions(reader):
     ranking = _ranking(reader, "version", 0)
     top = [row["name"] for row in ranking if row["name"] != "(other)"]
     if not top:
-        return {**_range_of(reader), "versions": [], "days": []}
+        return {**reader.range, "versions": [], "days": []}
     marks = ", ".join("?" * len(top))
     events = {(day, name): count for day, name, count in reader.rows(
         "SELECT day, name, sum(events) FROM pycolytics_names WHERE field = 'version' AND day BETWEEN ? AND ?"
@@ -4479,7 +4463,7 @@ def build_versions(reader):
                            reader.first, reader.last, *top)
     rows = [{"date": day.isoformat(), "version": name, "events": events.get((reader.first + n, name), 0),
              "users": users.get((reader.first + n, name), 0)} for n, day in enumerate(reader.days) for name in top]
-    return {**_range_of(reader), "versions": ranking, "days": rows}
+    return {**reader.range, "versions": ranking, "days": rows}
 
 
 def build_revenue(reader):
@@ -4489,21 +4473,22 @@ def build_revenue(reader):
         return reader.rows(f"SELECT {by}, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
                            f"{{app}} GROUP BY {by}{order}", reader.first, reader.last)
 
-    players, active_days = reader.players("pycolytics_user_days"), reader.players("pycolytics_user_days", "day")
-    paying, payers_per_day = reader.players("pycolytics_purchases"), reader.players("pycolytics_purchases", "day")
+    players, paying = reader.players("pycolytics_user_days"), reader.players("pycolytics_purchases")
+    active_days = collections.Counter(reader.players("pycolytics_user_days", "day"))
+    payers_per_day = collections.Counter(reader.players("pycolytics_purchases", "day"))
     buyers = reader.players("pycolytics_purchases", "day, currency")
     payers = reader.players("pycolytics_purchases", "currency")
     player_days = sum(active_days.values())
     items = sorted(sales("currency, item"), key=lambda row: (-row[2], row[0], row[1]))
-    return {**_range_of(reader), "players": players, "paying_users": paying, "conversion": _share(paying, players),
+    return {**reader.range, "players": players, "paying_users": paying, "conversion": _share(paying, players),
             "currencies": [{"currency": currency, "revenue": round(total, 6), "purchases": count,
                             "paying_users": payers.get(currency, 0), "arppu": round(total / payers[currency], 6),
                             "arpdau": round(total / player_days, 6) if player_days else None}
                            for currency, total, count in sales("currency", " ORDER BY 2 DESC")],
             "days": [{"date": _day(day).isoformat(), "currency": currency, "revenue": round(total, 6),
-                      "purchases": count, "paying_users": buyers[day, currency], "active_users": active_days.get(day, 0),
-                      "conversion": _share(payers_per_day.get(day, 0), active_days.get(day, 0)),
-                      "arpdau": round(total / active_days[day], 6) if active_days.get(day) else None}
+                      "purchases": count, "paying_users": buyers[day, currency], "active_users": active_days[day],
+                      "conversion": _share(payers_per_day[day], active_days[day]),
+                      "arpdau": round(total / active_days[day], 6) if active_days[day] else None}
                      for day, currency, total, count in sorted(sales("day, currency"))],
             "first_purchase": _first_purchases(reader),
             "items": [{"currency": currency, "item": item, "revenue": round(total, 6), "purchases": count}
@@ -4517,7 +4502,8 @@ def _first_purchases(reader):
     found = dict(reader.rows(
         f"SELECT {bucket} ELSE {len(bounds)} END, count(*) FROM (SELECT application, user_id, min(day) AS day FROM"
         " pycolytics_purchases GROUP BY application, user_id) AS f JOIN pycolytics_users AS u ON u.application ="
-        " f.application AND u.user_id = f.user_id WHERE f.day BETWEEN ? AND ?{app:f} GROUP BY 1", reader.first, reader.last))
+        " f.application AND u.user_id = f.user_id WHERE f.day BETWEEN ? AND ?{app:f} GROUP BY 1",
+        reader.first, reader.last))
     return [{"days": label, "users": found.get(n, 0)} for n, (_, label) in enumerate(FIRST_PURCHASE_DAYS)]
 
 
@@ -4533,15 +4519,16 @@ def build_progression(reader, churn_days):
     counts = {level: figures for level, *figures in reader.rows(
         "SELECT level, sum(CASE WHEN starts > 0 THEN 1 ELSE 0 END), sum(CASE WHEN completes > 0 THEN 1 ELSE 0 END),"
         " sum(CASE WHEN fails > 0 THEN 1 ELSE 0 END) FROM pycolytics_progress GROUP BY level")}
-    attempts = dict(reader.rows(_median_per_level(f"CAST(starts AS {reader.dialect.real}) / completes", "completes > 0")))
+    attempts = dict(reader.rows(_median_per_level(f"CAST(starts AS {reader.dialect.real}) / completes",
+                                                  "completes > 0")))
     times = dict(reader.rows(_median_per_level("first_complete - first_start",
                                                "first_complete IS NOT NULL AND first_start IS NOT NULL")))
     end = min(reader.last, reader.observed)
     stopped = dict(reader.rows(
-        "SELECT level, count(*) FROM (SELECT level, row_number() OVER (PARTITION BY application, user_id ORDER BY reached"
-        " DESC, level) AS n FROM pycolytics_progress AS p WHERE NOT EXISTS (SELECT 1 FROM pycolytics_user_days AS d"
-        " WHERE d.application = p.application AND d.user_id = p.user_id AND d.day > ? AND d.day <= ?)) AS last_levels"
-        " WHERE n = 1 GROUP BY level", end - churn_days, end))
+        "SELECT level, count(*) FROM (SELECT level, row_number() OVER (PARTITION BY application, user_id ORDER BY"
+        " reached DESC, level) AS n FROM pycolytics_progress AS p WHERE NOT EXISTS (SELECT 1 FROM pycolytics_user_days"
+        " AS d WHERE d.application = p.application AND d.user_id = p.user_id AND d.day > ? AND d.day <= ?))"
+        " AS last_levels WHERE n = 1 GROUP BY level", end - churn_days, end))
     levels = _sorted_levels(counts)
     rows = [{"level": level, "started": started, "completed": completed, "failed": failed,
              "completion_rate": _share(completed, started),
@@ -4549,7 +4536,7 @@ def build_progression(reader, churn_days):
              "median_seconds_to_complete": _seconds(max(0, times[level])) if level in times else None,
              "last_level_of_churned": stopped.get(level, 0)}
             for level in levels[:MAX_LEVELS] for started, completed, failed in [counts[level]]]
-    return {**_range_of(reader), "churn_days": churn_days, "churned": sum(stopped.values()),
+    return {**reader.range, "churn_days": churn_days, "churned": sum(stopped.values()),
             "more_levels": max(0, len(levels) - MAX_LEVELS), "levels": rows}
 
 
@@ -4580,7 +4567,7 @@ def build_funnel(reader, steps):
                                                 " s.time >= r.time GROUP BY r.application, r.user_id")
             reader.temporary("pycolytics_reached", "SELECT * FROM pycolytics_next")
         reached.append({"name": step, "users": reader.one("SELECT count(*) FROM pycolytics_reached")})
-    return {**_range_of(reader), "steps": reached}
+    return {**reader.range, "steps": reached}
 
 
 def build_values(reader, field):
@@ -4600,7 +4587,7 @@ def build_values(reader, field):
                           f" FROM pycolytics_values WHERE kind IN {textual} GROUP BY 1")
     strings.sort(key=lambda row: (-row[1], row[0]))
     total = sum(kinds.values())
-    return {**_range_of(reader), "event_type": reader.query.event_type, "field": field, "events": total,
+    return {**reader.range, "event_type": reader.query.event_type, "field": field, "events": total,
             "missing": total - sum(kinds.get(kind, 0) for kind in numeric + textual), "numbers": numbers,
             "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
                 [(value, events, None) for value, events in strings], sum(count for _, count in strings))]}
@@ -4612,21 +4599,17 @@ def _numbers(reader, kinds):
                                            f" WHERE kind IN {kinds}")
     count, lowest, highest, total = reader.rows("SELECT count(*), min(x), max(x), sum(x) FROM pycolytics_numbers")[0]
 
-    def rank(share):
-        return reader.one("SELECT x FROM pycolytics_numbers ORDER BY x LIMIT 1 OFFSET ?", max(1, math.ceil(share * count)) - 1)
-
     def plain(number):
         return int(number) if float(number).is_integer() and abs(number) < 2**53 else number
 
-    stats = {"count": count, "min": plain(lowest), "p50": plain(rank(0.5)), "p90": plain(rank(0.9)),
-             "max": plain(highest), "sum": plain(total)}
+    p50, p90 = (plain(reader.rank("pycolytics_numbers", "x", count, share)) for share in (0.5, 0.9))
+    stats = {"count": count, "min": plain(lowest), "p50": p50, "p90": p90, "max": plain(highest), "sum": plain(total)}
     few = reader.rows(f"SELECT x, count(*) FROM pycolytics_numbers GROUP BY x ORDER BY x LIMIT {FEW_VALUES + 1}")
     stats["values"] = [{"value": plain(x), "events": n} for x, n in few] if len(few) <= FEW_VALUES else None
     whole = not reader.one("SELECT count(*) FROM pycolytics_numbers WHERE x <> round(x)")
     width = _bin_width(lowest, highest, whole)
-    bins = reader.rows("SELECT CAST((x - ?) / ? AS INTEGER) AS bin, count(*) FROM pycolytics_numbers GROUP BY 1",
-                       lowest, width)
-    counted = dict(bins)
+    counted = dict(reader.rows("SELECT CAST((x - ?) / ? AS INTEGER) AS bin, count(*) FROM pycolytics_numbers"
+                               " GROUP BY 1", lowest, width))
     stats["histogram"] = [{"from": plain(lowest + n * width), "to": plain(lowest + (n + 1) * width),
                            "events": counted.get(n, 0)} for n in range(max(counted, default=0) + 1)]
     return stats
@@ -4645,7 +4628,6 @@ def _csv(header, rows):
     """CSV bytes of dict rows; a text cell that a spreadsheet would run as a formula starts with a
     quote (OWASP's advice: https://owasp.org/www-community/attacks/CSV_Injection)."""
     import csv  # here: only CSV answers and exports need it
-
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
@@ -4653,13 +4635,9 @@ def _csv(header, rows):
     return out.getvalue().encode()
 
 
-# What a spreadsheet takes for the start of a formula.
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
 def _inert(cell):
-    """A CSV cell that a spreadsheet shows as text instead of running it as a formula."""
-    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
+    """A CSV cell that a spreadsheet shows as text instead of running it as a formula (which these start)."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
 
 
 # Each view of the report API: what builds it from (reader, fields, every), whether it reads the
@@ -4785,25 +4763,26 @@ EXPORT_COLUMNS = ("id", "time", "received_at", "event_type", "application", "ver
                   "user_id", "session_id", "value", "event_id")
 
 
-def stored_ids(config, user_id, application):
-    """The user_id as the database holds it: itself, or its hash where its application hashes ids."""
+def _player_rows(config, user_id, application):
+    """The condition on one player's rows (of `application`, or of any), its values, and the user_ids it names: the
+    id itself, or its hash where its application hashes ids."""
     hashing = {name for name in [None, *config.apps] if config.for_app(name, "hash_user_ids")}
-    if application is not None:
-        hashed = (application if application in config.apps else None) in hashing
-        return [hash_id(config.id_secret.encode(), user_id)] if hashed else [user_id]
-    return [user_id] + ([hash_id(config.id_secret.encode(), user_id)] if hashing else [])
+    if application is None:
+        ids = [user_id] + ([hash_id(config.id_secret.encode(), user_id)] if hashing else [])
+    elif (application if application in config.apps else None) in hashing:
+        ids = [hash_id(config.id_secret.encode(), user_id)]
+    else:
+        ids = [user_id]
+    where = f"user_id IN ({', '.join('?' * len(ids))})" + ("" if application is None else " AND application = ?")
+    return where, ids + ([] if application is None else [application]), ids
 
 
 def erase_player(store, connection, config, user_id, application=None):
     """Delete every event of one player (of `application`, or of any), ERASE_STEP_IDS ids a step, each
     its own short transaction, and their rows of the summaries; how many events went. Asking twice
     is harmless. Events that arrive after it began are kept (a player who asked should be opted out)."""
-    ids = stored_ids(config, user_id, application)
+    where, parameters, ids = _player_rows(config, user_id, application)
     dialect = store.dialect
-    marks = ", ".join("?" * len(ids))
-    where, parameters = f"user_id IN ({marks})", list(ids)
-    if application is not None:
-        where, parameters = where + " AND application = ?", parameters + [application]
     top = connection.execute("SELECT max(id) FROM event").fetchone()[0] or 0
     removed, applications = 0, set()
     for after in range(0, top, ERASE_STEP_IDS):
@@ -4824,7 +4803,8 @@ def erase_player(store, connection, config, user_id, application=None):
             applications |= {name for name, in connection.execute(f"SELECT DISTINCT application FROM pycolytics_users"
                                                                   f" WHERE {where}", parameters)}
             for table, name in itertools.product(PLAYER_TABLES, applications):
-                connection.execute(f"DELETE FROM {table} WHERE application = ? AND user_id IN ({marks})", [name] + ids)
+                connection.execute(f"DELETE FROM {table} WHERE application = ? AND user_id IN"
+                                   f" ({', '.join('?' * len(ids))})", [name] + ids)
     log.info("erased a player's events at an admin's request: %d events%s", removed,
              "" if application is None else f" of application {application!r}")
     return removed
@@ -4854,14 +4834,11 @@ def _export_columns(store, connection):
 
 def player_events(store, connection, config, user_id, application=None, after_id=0, limit=None):
     """The rows (EXPORT_COLUMNS) of one player's events in id order, streamed, after `after_id`."""
-    ids = stored_ids(config, user_id, application)
-    where, parameters = f"user_id IN ({', '.join('?' * len(ids))}) AND id > ?", ids + [after_id]
-    if application is not None:
-        where, parameters = where + " AND application = ?", parameters + [application]
+    where, parameters, _ = _player_rows(config, user_id, application)
     limited = f" LIMIT {int(limit)}" if limit else ""
-    selected = _export_columns(store, connection)
-    return store.rows(connection, store.dialect.sql(f"SELECT {selected} FROM event WHERE {where} ORDER BY id{limited}"),
-                      parameters)
+    return store.rows(connection, store.dialect.sql(f"SELECT {_export_columns(store, connection)} FROM event"
+                                                    f" WHERE {where} AND id > ? ORDER BY id{limited}"),
+                      parameters + [after_id])
 
 
 def _record(row):
@@ -4884,18 +4861,16 @@ class Players:
         document = parse_json(read_body(environ, self.config.max_body_bytes))
         user_id, application, after_id = self._player(document)
         if environ.get("PATH_INFO", "").endswith("/erase"):
-            connection = self.store.connect()
-            try:
+            with contextlib.closing(self.store.connect()) as connection:
                 removed = erase_player(self.store, connection, self.config, user_id, application)
-            finally:
-                connection.close()
             return _ok(json.dumps({"removed": removed, "application": application}).encode(), JSON_TYPE)
         return self._export(user_id, application, after_id)
 
     def _player(self, document):
         if not isinstance(document, dict):
             raise HTTPError(422, "the body must be a JSON object like {\"user_id\": \"3f2a9c1e\"}")
-        user_id, application, after_id = document.get("user_id"), document.get("application"), document.get("after_id", 0)
+        user_id, application = document.get("user_id"), document.get("application")
+        after_id = document.get("after_id", 0)
         if type(user_id) is not str or not user_id:
             raise HTTPError(422, "'user_id' must be the player's id, a non-empty string")
         if application is not None and type(application) is not str:
