@@ -3986,9 +3986,8 @@ class SummaryPostponed(Exception):
 
 
 def summarise(connection, dialect, limit, config):
-    """One step of keeping an SQLite database's summaries, in the caller's transaction: up to
-    `limit` events after the last one summarised, or, while they are being made again, up to
-    `limit` rows of the old ones deleted. (events read or rows deleted, the last id summarised)."""
+    """One step of keeping an SQLite database's summaries, in the caller's transaction: up to `limit` events after the
+    last summarised, or of the old rows deleted while they are made again. (events read or rows deleted, last id)."""
     made_with = _use_conventions(connection, dialect, config)
     last_id, last_time, kept_with = connection.execute(
         "SELECT last_id, last_time, conventions FROM pycolytics_summary").fetchone()
@@ -4037,9 +4036,8 @@ def _delete_some(connection, table, condition, parameters, limit):
 
 
 def forget_before(connection, dialect, before, limit):
-    """One step of taking the events pruned before `before` out of the summaries, in the caller's
-    transaction; how many rows changed. A prune of whole days (retention_days) takes their rows
-    out; a prune up to a moment within a day has the summaries made again."""
+    """One step of taking the events pruned before `before` out of the summaries (the caller's transaction); how many
+    rows changed. Whole days (retention_days) go row by row; a moment within a day has them made again."""
     if not before.endswith(" 00:00:00.000000"):
         if summarised_up_to(connection) > 0:
             restart_summaries(connection)
@@ -4062,9 +4060,8 @@ def forget_before(connection, dialect, before, limit):
 
 
 def summarise_events(connection, dialect, config, query):
-    """Summaries of the events a report reads, in temporary tables that hide the kept ones: every
-    event up to the end of the report's last day that its filters but the application pick (a
-    filtered report is the report of a database that held only those events)."""
+    """Summaries of the events a report reads, in temporary tables that hide the kept ones: every event up to the end
+    of the report's last day that its filters but the application pick."""
     _create_tables(connection, dialect, temporary=True)
     for name, _, _ in SUMMARY_TABLES:
         connection.execute(f"DELETE FROM {name}")  # on SQLite, the temporary one
@@ -4227,9 +4224,8 @@ def _filters(query, prefix=""):
 
 
 class Reader:
-    """The SQL of one report over the summaries (or the temporary tables that hide them): its days
-    as numbers and its application as a condition. Every count is SQL's; what comes back to
-    Python is a few rows per day, per name or per level, never per player."""
+    """The SQL of one report over the summaries (or the temporary tables that hide them), its days as numbers. Every
+    count is SQL's; what comes back to Python is a few rows per day, per name or per level, never per player."""
 
     def __init__(self, connection, dialect, query, today):
         self.connection, self.dialect, self.query, self.today = connection, dialect, query, today
@@ -4379,21 +4375,16 @@ def build_report(reader):
     """The report (see docs/reports.md), and the extra figures the dashboard draws."""
     columns = _daily(reader)
     players = reader.players("pycolytics_user_days")
-    returns = _returns(reader)
-    retention = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
+    retention = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], _returns(reader))
     sessions, lengths = _sessions(reader)
     sessions["per_user"] = round(sessions["count"] / players, 2) if players else 0
     newest = reader.one("SELECT max(day) FROM pycolytics_names") or 0
-    report = {
-        **reader.range,
-        "totals": {"events": sum(columns["events"]), "users": players, "new_users": sum(columns["new_users"]),
-                   "sessions": sessions["count"]},
-        "days": [dict(date=day.isoformat(), **{name: columns[name][n] for name in DAY_COLUMNS})
-                 for n, day in enumerate(reader.days)],
-        "retention": [row for row in retention if row["users"]],
-        "sessions": sessions,
-        **{f"{field}s": _ranking(reader, field, newest) for field in RANKED},
-    }
+    report = {**reader.range, "totals": {"events": sum(columns["events"]), "users": players,
+                                         "new_users": sum(columns["new_users"]), "sessions": sessions["count"]},
+              "days": [dict(date=day.isoformat(), **{name: columns[name][n] for name in DAY_COLUMNS})
+                       for n, day in enumerate(reader.days)],
+              "retention": [row for row in retention if row["users"]], "sessions": sessions,
+              **{f"{field}s": _ranking(reader, field, newest) for field in RANKED}}
     return report, {"session_lengths": lengths}
 
 
@@ -4508,9 +4499,8 @@ def _first_purchases(reader):
 
 
 def build_progression(reader, churn_days):
-    """Per level: players who started, completed and failed it, the completion rate, the median
-    attempts per completion and time to complete, and how many of the players who stopped playing
-    had it as their last level (see docs/reports.md)."""
+    """Per level: players who started, completed and failed it, the completion rate, the median attempts per completion
+    and time to complete, and how many players who stopped had it as their last level (see docs/reports.md)."""
     reader.temporary("pycolytics_progress", "SELECT application, user_id, level, sum(starts) AS starts, sum(completes)"
                      " AS completes, sum(fails) AS fails, min(first_start_us) AS first_start, min(first_complete_us)"
                      " AS first_complete, coalesce(min(first_start_us), min(first_complete_us)) AS reached FROM"
@@ -4778,9 +4768,8 @@ def _player_rows(config, user_id, application):
 
 
 def erase_player(store, connection, config, user_id, application=None):
-    """Delete every event of one player (of `application`, or of any), ERASE_STEP_IDS ids a step, each
-    its own short transaction, and their rows of the summaries; how many events went. Asking twice
-    is harmless. Events that arrive after it began are kept (a player who asked should be opted out)."""
+    """Delete every event of one player (of `application`, or of any) and their summaries' rows, ERASE_STEP_IDS ids a
+    short transaction; how many events went. Events that arrive after it began are kept (opt the player out)."""
     where, parameters, ids = _player_rows(config, user_id, application)
     dialect = store.dialect
     top = connection.execute("SELECT max(id) FROM event").fetchone()[0] or 0
@@ -4848,9 +4837,8 @@ def _record(row):
 
 
 class Players:
-    """POST /v1.0/player/erase and /v1.0/player/export: one player's events, with one of admin_keys
-    (read and write keys are refused). The body names the player: {"user_id": ..., "application":
-    ... (optional), "after_id": ... (export, optional)}; the raw id, also where it is stored hashed."""
+    """POST /v1.0/player/erase and /v1.0/player/export, with one of admin_keys: one player's events, named by the body:
+    {"user_id": raw id (also where stored hashed), "application": optional, "after_id": export's, optional}."""
 
     def __init__(self, config, store, keyring):
         self.config, self.store, self.keyring = config, store, keyring
