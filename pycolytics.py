@@ -4154,13 +4154,6 @@ def report_query(fields, today):
     return ReportQuery(since, until, *(fields.get(name) or None for name in REPORT_FILTERS))
 
 
-def _choice(fields, name, offered):
-    chosen = fields.get(name) or offered[0]
-    if chosen not in offered:
-        raise HTTPError(400, f"{name} must be {' or '.join(offered)}, not {chosen[:40]!r}")
-    return chosen
-
-
 def _whole(fields, name, default, highest):
     text = fields.get(name) or str(default)
     if not text.isdigit() or not 1 <= int(text) <= highest:
@@ -4386,13 +4379,6 @@ def build_report(reader):
               "retention": [row for row in retention if row["users"]], "sessions": sessions,
               **{f"{field}s": _ranking(reader, field, newest) for field in RANKED}}
     return report, {"session_lengths": lengths}
-
-
-def _applications(reader):
-    """The REPORT_TOP applications with most events in the range, busiest first."""
-    events = reader.rows("SELECT application, sum(events) FROM pycolytics_names WHERE field = 'platform'"
-                         " AND day BETWEEN ? AND ? GROUP BY application", reader.first, reader.last)
-    return [name for name, _ in sorted(events, key=lambda row: (-row[1], row[0].encode()))[:REPORT_TOP]]
 
 
 def build_retention(reader, minimum):
@@ -4669,7 +4655,9 @@ class Reports:
         fields, every, query = self._authorized(environ)
         view = (environ.get("PATH_INFO") or "").rpartition("/v1.0/report")[2].strip("/") or "report"
         build, summaries, listed, columns = VIEWS[view]
-        chosen = _choice(fields, "format", ("json", "csv") if listed else ("json",))
+        chosen, offered = fields.get("format") or "json", ("json", "csv") if listed else ("json",)
+        if chosen not in offered:
+            raise HTTPError(400, f"format must be {' or '.join(offered)}, not {chosen[:40]!r}")
         if view == "values" and not query.event_type:
             raise HTTPError(400, "values needs event_type: the type of the events whose value to break down")
         document = self.read(query, summaries, lambda reader: build(reader, fields, every))
@@ -4685,7 +4673,9 @@ class Reports:
         fields, every, query = self._authorized(environ)
 
         def figures(reader):
-            busiest = _applications(reader)
+            events = reader.rows("SELECT application, sum(events) FROM pycolytics_names WHERE field = 'platform'"
+                                 " AND day BETWEEN ? AND ? GROUP BY application", reader.first, reader.last)
+            busiest = [name for name, _ in sorted(events, key=lambda row: (-row[1], row[0].encode()))[:REPORT_TOP]]
             if "application" not in fields and busiest:  # one game, not every game mixed
                 reader = Reader(reader.connection, reader.dialect, query._replace(application=busiest[0]), reader.today)
             report, extras = build_report(reader)
