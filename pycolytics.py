@@ -3777,24 +3777,13 @@ def store_for(config):
 # Summaries: what reports read instead of every event
 ###############################################################################
 
-# A report of a year would read every event of it: minutes on a Raspberry Pi with millions of them, and
-# memory that grows with its players. So reports read summaries, made by SQL from the events in small steps:
-#   pycolytics_users        per player: the first and the last day with an event
-#   pycolytics_user_days    per player and day with an event: its version and platform
-#   pycolytics_sessions     per player, session and day: the first and last event's time (us)
-#   pycolytics_type_users   per player and event type: the last day with one
-#   pycolytics_levels       per player, level and day: starts, completions, failures, first times
-#   pycolytics_purchases    per purchase: when, its currency, item and price
-#   pycolytics_names        per day and event type, version or platform: events (for rankings)
-# Days are numbers (days since 1970-01-01, UTC), times microseconds since then. Every row but those of
-# pycolytics_names belongs to one player, so erasing a player deletes rows, and a report's counts of players
-# are SQL's (COUNT, GROUP BY, temporary tables on disk), never sets held in Python.
-#
-# On SQLite the writer keeps them, between commits, for the events after pycolytics_summary's last_id (events
-# come in id order, so a late event with an old timestamp is summarised like any other); a report first asks it
-# to catch up (Writer.catch_up). A report with filters (event_type, version, platform), a PostgreSQL database
-# (whose ids several collectors commit out of order) and an SQLite database whose summaries are far behind
-# summarise the events they read into temporary tables of the same names, with the same SQL, and read those.
+# A report of a year would read every event of it (minutes on a Raspberry Pi, memory that grows with the players),
+# so reports count players in SQL over summaries: tables of one row per player and what they did, made from the
+# events in small steps (docs/reports.md describes each). Days are numbers (days since 1970-01-01, UTC), times
+# microseconds. Every row but pycolytics_names' belongs to one player, so erasing a player deletes rows.
+# On SQLite the writer keeps them between commits, for the events after pycolytics_summary's last_id (in id order:
+# a late event counts like any other). Filtered reports, PostgreSQL (whose ids several collectors commit out of
+# order) and summaries far behind summarise the events they read into temporary tables of the same names.
 SUMMARY_VERSION = 3
 SUMMARY_TABLES = (
     ("pycolytics_users", "application TEXT, user_id TEXT, first_day INT, last_day INT", "application, user_id"),
@@ -4200,14 +4189,12 @@ def _share(part, whole):
     return round(part / whole, 4) if whole else None
 
 
-def _sorted_levels(levels):
-    """Levels as a game numbers them: numbers by value first, then names."""
-    def order(level):
-        try:
-            return 0, float(level), ""
-        except ValueError:
-            return 1, 0.0, level
-    return sorted(levels, key=order)
+def _level_order(level):
+    """The key that sorts levels as a game numbers them: numbers by value first, then names."""
+    try:
+        return 0, float(level), ""
+    except ValueError:
+        return 1, 0.0, level
 
 
 def _filters(query, prefix=""):
@@ -4505,7 +4492,7 @@ def build_progression(reader, churn_days):
         " reached DESC, level) AS n FROM pycolytics_progress AS p WHERE NOT EXISTS (SELECT 1 FROM pycolytics_user_days"
         " AS d WHERE d.application = p.application AND d.user_id = p.user_id AND d.day > ? AND d.day <= ?))"
         " AS last_levels WHERE n = 1 GROUP BY level", end - churn_days, end))
-    levels = _sorted_levels(counts)
+    levels = sorted(counts, key=_level_order)
     rows = [{"level": level, "started": started, "completed": completed, "failed": failed,
              "completion_rate": _share(completed, started),
              "median_attempts": round(attempts[level], 2) if level in attempts else None,
