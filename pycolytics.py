@@ -3814,8 +3814,8 @@ CONVENTION_KINDS = (("start", "level_start_event"), ("complete", "level_complete
 EPOCH_DAY = datetime.date(1970, 1, 1)
 
 
-class Dialect(collections.namedtuple("Dialect", "name mark time day microseconds least greatest number text label "
-                                                "integer real table_options time_text value_text")):
+class Dialect(collections.namedtuple("Dialect", "mark time day microseconds least greatest number text label integer"
+                                                " real table_options time_text value_text")):
     """What the SQL of the two backends says differently. Fields with {0}, {1} are templates of
     expressions; `mark` is a query parameter, `time` one compared with a stored time."""
 
@@ -3828,7 +3828,7 @@ class Dialect(collections.namedtuple("Dialect", "name mark time day microseconds
 
 _SQLITE_PATH = "'$.\"' || {1} || '\"'"  # a key of `value` as a JSON path; keys hold no quotes (_field_name)
 SQLITE = Dialect(
-    name="SQLite", mark="?", time="?",
+    mark="?", time="?",
     day="CAST(strftime('%s', substr({0}, 1, 10)) AS INTEGER) / 86400",
     microseconds="CAST(strftime('%s', substr({0}, 1, 19)) AS INTEGER) * 1000000 + CAST(substr({0}, 21, 6) AS INTEGER)",
     least="min(coalesce({0}, {1}), coalesce({1}, {0}))", greatest="max(coalesce({0}, {1}), coalesce({1}, {0}))",
@@ -3839,7 +3839,7 @@ SQLITE = Dialect(
           f" THEN CAST(json_extract({{0}}, {_SQLITE_PATH}) AS TEXT) END",
     integer="INTEGER", real="REAL", table_options=" WITHOUT ROWID", time_text="{0}", value_text="value")
 POSTGRESQL = Dialect(
-    name="PostgreSQL", mark="%s", time="%s::timestamptz",
+    mark="%s", time="%s::timestamptz",
     day="((({0}) AT TIME ZONE 'UTC')::date - DATE '1970-01-01')",
     microseconds="CAST(EXTRACT(EPOCH FROM {0}) * 1000000 AS BIGINT)",
     least="LEAST({0}, {1})", greatest="GREATEST({0}, {1})",
@@ -4106,7 +4106,6 @@ ReportQuery = collections.namedtuple("ReportQuery", ("since", "until") + REPORT_
 def _query_fields(query, longest):
     """{name: last value} and {name: every value} of a query string; 400 for one no dashboard sends."""
     from urllib.parse import parse_qs  # here: only the reports read a query string
-
     try:
         every = parse_qs(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
     except ValueError:
