@@ -3784,27 +3784,13 @@ def store_for(config):
 # Summaries: what reports read instead of every event
 ###############################################################################
 
-# A report of a year would read every event of it: minutes on a Raspberry Pi with millions of
-# them, and memory that grows with its players. So reports read summaries, made by SQL from the
-# events in small steps, one row per player and what they did (players are what reports count):
-#   pycolytics_users        per player: the first and the last day with an event
-#   pycolytics_user_days    per player and day with an event: its version and platform
-#   pycolytics_sessions     per player, session and day: the first and last event's time (us)
-#   pycolytics_type_users   per player and event type: the last day with one
-#   pycolytics_levels       per player, level and day: starts, completions, failures, first times
-#   pycolytics_purchases    per purchase: when, its currency, item and price
-#   pycolytics_names        per day and event type, version or platform: events (for rankings)
-# Days are numbers (days since 1970-01-01, UTC), times microseconds since then. Every row but
-# those of pycolytics_names belongs to one player, so erasing a player deletes rows, and a
-# report's counts of players are SQL's (COUNT, GROUP BY, temporary tables on disk), never sets
-# held in Python: memory does not grow with the players.
-#
-# On SQLite the writer keeps them, between commits, for the events after pycolytics_summary's
-# last_id (events come in id order, so a late event with an old timestamp is summarised like
-# any other); a report first asks it to catch up (Writer.catch_up). A report with filters
-# (event_type, version, platform), a PostgreSQL database (whose ids several collectors commit
-# out of order) and an SQLite database whose summaries are far behind summarise the events they
-# read into temporary tables of the same names, with the same SQL, and read those.
+# A report of a year would read every event of it (minutes on a Raspberry Pi, memory that grows with the players),
+# so reports count players in SQL over summaries: tables of one row per player and what they did, made from the
+# events in small steps (docs/reports.md describes each). Days are numbers (days since 1970-01-01, UTC), times
+# microseconds. Every row but pycolytics_names' belongs to one player, so erasing a player deletes rows.
+# On SQLite the writer keeps them between commits, for the events after pycolytics_summary's last_id (in id order:
+# a late event counts like any other). Filtered reports, PostgreSQL (whose ids several collectors commit out of
+# order) and summaries far behind summarise the events they read into temporary tables of the same names.
 SUMMARY_VERSION = 3
 SUMMARY_TABLES = (
     ("pycolytics_users", "application TEXT, user_id TEXT, first_day INT, last_day INT", "application, user_id"),
@@ -3818,9 +3804,10 @@ SUMMARY_TABLES = (
                           " first_start_us INT NULL, first_complete_us INT NULL", "application, user_id, level, day"),
     ("pycolytics_purchases", "application TEXT, user_id TEXT, us INT, event INT, day INT, currency TEXT, item TEXT,"
                              " price REAL", "application, user_id, us, event"),
-    ("pycolytics_names", "day INT, application TEXT, field TEXT, name TEXT, events INT", "day, application, field, name"),
+    ("pycolytics_names", "day INT, application TEXT, field TEXT, name TEXT, events INT",
+     "day, application, field, name"),
 )
-SUMMARY_INDEXES = ("CREATE INDEX IF NOT EXISTS ix_pycolytics_users_first_day ON pycolytics_users (first_day)",)
+SUMMARY_KEYS = {name: key for name, _, key in SUMMARY_TABLES}
 # The tables of summaries that earlier Pycolytics kept: dropped when the database is opened.
 OLD_SUMMARY_TABLES = ("pycolytics_summarised", "pycolytics_days", "pycolytics_sessions", "pycolytics_presence",
                       "pycolytics_spans", "pycolytics_name_events")
@@ -3834,8 +3821,8 @@ CONVENTION_KINDS = (("start", "level_start_event"), ("complete", "level_complete
 EPOCH_DAY = datetime.date(1970, 1, 1)
 
 
-class Dialect(collections.namedtuple("Dialect", "name mark time day microseconds least greatest number text label "
-                                                "integer real table_options time_text received_text value_text")):
+class Dialect(collections.namedtuple("Dialect", "mark time day microseconds least greatest number text label integer"
+                                                " real table_options time_text value_text")):
     """What the SQL of the two backends says differently. Fields with {0}, {1} are templates of
     expressions; `mark` is a query parameter, `time` one compared with a stored time."""
 
@@ -3848,18 +3835,18 @@ class Dialect(collections.namedtuple("Dialect", "name mark time day microseconds
 
 _SQLITE_PATH = "'$.\"' || {1} || '\"'"  # a key of `value` as a JSON path; keys hold no quotes (_field_name)
 SQLITE = Dialect(
-    name="SQLite", mark="?", time="?",
+    mark="?", time="?",
     day="CAST(strftime('%s', substr({0}, 1, 10)) AS INTEGER) / 86400",
     microseconds="CAST(strftime('%s', substr({0}, 1, 19)) AS INTEGER) * 1000000 + CAST(substr({0}, 21, 6) AS INTEGER)",
     least="min(coalesce({0}, {1}), coalesce({1}, {0}))", greatest="max(coalesce({0}, {1}), coalesce({1}, {0}))",
-    number=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real') THEN json_extract({{0}}, {_SQLITE_PATH}) END",
+    number=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real')"
+           f" THEN json_extract({{0}}, {_SQLITE_PATH}) END",
     text=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) = 'text' THEN json_extract({{0}}, {_SQLITE_PATH}) END",
     label=f"CASE WHEN json_type({{0}}, {_SQLITE_PATH}) IN ('integer', 'real', 'text')"
           f" THEN CAST(json_extract({{0}}, {_SQLITE_PATH}) AS TEXT) END",
-    integer="INTEGER", real="REAL", table_options=" WITHOUT ROWID", time_text="time", received_text="received_at",
-    value_text="value")
+    integer="INTEGER", real="REAL", table_options=" WITHOUT ROWID", time_text="{0}", value_text="value")
 POSTGRESQL = Dialect(
-    name="PostgreSQL", mark="%s", time="%s::timestamptz",
+    mark="%s", time="%s::timestamptz",
     day="((({0}) AT TIME ZONE 'UTC')::date - DATE '1970-01-01')",
     microseconds="CAST(EXTRACT(EPOCH FROM {0}) * 1000000 AS BIGINT)",
     least="LEAST({0}, {1})", greatest="GREATEST({0}, {1})",
@@ -3867,8 +3854,7 @@ POSTGRESQL = Dialect(
     text="CASE WHEN jsonb_typeof({0} -> {1}) = 'string' THEN {0} ->> {1} END",
     label="CASE WHEN jsonb_typeof({0} -> {1}) IN ('number', 'string') THEN {0} ->> {1} END",
     integer="BIGINT", real="DOUBLE PRECISION", table_options="",
-    time_text="to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')",
-    received_text="to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')", value_text="value::text")
+    time_text="to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')", value_text="value::text")
 
 
 def _day_number(day):
@@ -3891,8 +3877,8 @@ def _create_tables(connection, dialect, temporary=False):
     for name, columns, key in SUMMARY_TABLES:
         connection.execute(f"CREATE {kind} IF NOT EXISTS {name} ({_typed(dialect, columns)}, PRIMARY KEY ({key}))"
                            f"{dialect.table_options}")
-    for statement in () if temporary else SUMMARY_INDEXES:
-        connection.execute(statement)
+    if not temporary:
+        connection.execute("CREATE INDEX IF NOT EXISTS ix_pycolytics_users_first_day ON pycolytics_users (first_day)")
 
 
 def ensure_summaries(connection, dialect):
@@ -3900,7 +3886,7 @@ def ensure_summaries(connection, dialect):
     earlier Pycolytics' (dropping tables by hand must not leave reports silently wrong)."""
     present = {name for name, in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     ours = {name for name, _, _ in SUMMARY_TABLES} | {"pycolytics_summary"}
-    state = connection.execute("SELECT version FROM pycolytics_summary").fetchone() if "pycolytics_summary" in present else None
+    state = "pycolytics_summary" in present and connection.execute("SELECT version FROM pycolytics_summary").fetchone()
     if ours <= present and state == (SUMMARY_VERSION,):
         return
     stale = (present & ours) | (present & set(OLD_SUMMARY_TABLES))
@@ -3934,7 +3920,8 @@ def _use_conventions(connection, dialect, config):
     text = json.dumps(rows)
     if getattr(connection, "conventions", None) != text:
         connection.execute("CREATE TEMP TABLE IF NOT EXISTS pycolytics_conventions (application TEXT, kind TEXT,"
-                           " event_type TEXT, level_field TEXT, price_field TEXT, currency_field TEXT, item_field TEXT)")
+                           " event_type TEXT, level_field TEXT, price_field TEXT, currency_field TEXT,"
+                           " item_field TEXT)")
         connection.execute("DELETE FROM pycolytics_conventions")
         for row in rows:
             connection.execute(dialect.sql("INSERT INTO pycolytics_conventions VALUES (?, ?, ?, ?, ?, ?, ?)"), row)
@@ -3961,44 +3948,33 @@ def _fill_step(connection, dialect, where, parameters):
 
 def _add_step(connection, dialect):
     """Add the events of pycolytics_step to the summaries (or to the temporary tables hiding them)."""
-    least, greatest = dialect.least.format, dialect.greatest.format
-    connection.execute(
-        "INSERT INTO pycolytics_users SELECT application, user_id, min(day), max(day) FROM pycolytics_step"
-        " WHERE day IS NOT NULL GROUP BY application, user_id ON CONFLICT (application, user_id) DO UPDATE SET"
-        f" first_day = {least('pycolytics_users.first_day', 'excluded.first_day')},"
-        f" last_day = {greatest('pycolytics_users.last_day', 'excluded.last_day')}")
-    connection.execute(
-        "INSERT INTO pycolytics_user_days SELECT DISTINCT application, user_id, day, version, platform"
-        " FROM pycolytics_step WHERE day IS NOT NULL ON CONFLICT DO NOTHING")
-    connection.execute(
-        "INSERT INTO pycolytics_sessions SELECT application, user_id, session_id, day, min(us), max(us)"
-        " FROM pycolytics_step WHERE day IS NOT NULL GROUP BY application, user_id, session_id, day"
-        " ON CONFLICT (application, user_id, session_id, day) DO UPDATE SET"
-        f" first_us = {least('pycolytics_sessions.first_us', 'excluded.first_us')},"
-        f" last_us = {greatest('pycolytics_sessions.last_us', 'excluded.last_us')}")
-    connection.execute(
-        "INSERT INTO pycolytics_type_users SELECT application, user_id, event_type, max(day) FROM pycolytics_step"
-        " WHERE day IS NOT NULL GROUP BY application, user_id, event_type"
-        " ON CONFLICT (application, user_id, event_type) DO UPDATE SET"
-        f" last_day = {greatest('pycolytics_type_users.last_day', 'excluded.last_day')}")
-    connection.execute(
-        "INSERT INTO pycolytics_levels SELECT application, user_id, level, day,"
-        " sum(CASE WHEN kind = 'start' THEN 1 ELSE 0 END), sum(CASE WHEN kind = 'complete' THEN 1 ELSE 0 END),"
-        " sum(CASE WHEN kind = 'fail' THEN 1 ELSE 0 END), min(CASE WHEN kind = 'start' THEN us END),"
-        " min(CASE WHEN kind = 'complete' THEN us END) FROM pycolytics_step WHERE day IS NOT NULL"
-        " AND kind IN ('start', 'complete', 'fail') AND level IS NOT NULL GROUP BY application, user_id, level, day"
-        " ON CONFLICT (application, user_id, level, day) DO UPDATE SET starts = pycolytics_levels.starts + excluded.starts,"
-        " completes = pycolytics_levels.completes + excluded.completes, fails = pycolytics_levels.fails + excluded.fails,"
-        f" first_start_us = {least('pycolytics_levels.first_start_us', 'excluded.first_start_us')},"
-        f" first_complete_us = {least('pycolytics_levels.first_complete_us', 'excluded.first_complete_us')}")
-    connection.execute(
-        "INSERT INTO pycolytics_purchases SELECT application, user_id, us, id, day, currency, item, price"
-        " FROM pycolytics_step WHERE day IS NOT NULL AND kind = 'purchase' AND price IS NOT NULL ON CONFLICT DO NOTHING")
+    least, greatest, add = dialect.least, dialect.greatest, "{0} + {1}"
+
+    def merge(table, select, where="", grouped=None, **merged):
+        """Insert the rows `select` makes of the step's events, grouped by the table's key if some columns are
+        `merged` into a row already there: each by its template of (the value there, the new one)."""
+        key = SUMMARY_KEYS[table]
+        sets = ", ".join(f"{name} = " + how.format(f"{table}.{name}", f"excluded.{name}")
+                         for name, how in merged.items())
+        group = f" GROUP BY {grouped or key}" if merged else ""
+        connection.execute(f"INSERT INTO {table} SELECT {select} FROM pycolytics_step WHERE day IS NOT NULL{where}"
+                           f"{group} ON CONFLICT " + (f"({key}) DO UPDATE SET {sets}" if merged else "DO NOTHING"))
+
+    merge("pycolytics_users", "application, user_id, min(day), max(day)", first_day=least, last_day=greatest)
+    merge("pycolytics_user_days", "DISTINCT application, user_id, day, version, platform")
+    merge("pycolytics_sessions", "application, user_id, session_id, day, min(us), max(us)",
+          first_us=least, last_us=greatest)
+    merge("pycolytics_type_users", "application, user_id, event_type, max(day)", last_day=greatest)
+    merge("pycolytics_levels", "application, user_id, level, day, sum(CASE WHEN kind = 'start' THEN 1 ELSE 0 END),"
+          " sum(CASE WHEN kind = 'complete' THEN 1 ELSE 0 END), sum(CASE WHEN kind = 'fail' THEN 1 ELSE 0 END),"
+          " min(CASE WHEN kind = 'start' THEN us END), min(CASE WHEN kind = 'complete' THEN us END)",
+          " AND kind IN ('start', 'complete', 'fail') AND level IS NOT NULL",
+          starts=add, completes=add, fails=add, first_start_us=least, first_complete_us=least)
+    merge("pycolytics_purchases", "application, user_id, us, id, day, currency, item, price",
+          " AND kind = 'purchase' AND price IS NOT NULL")
     for field in RANKED:
-        connection.execute(
-            f"INSERT INTO pycolytics_names SELECT day, application, '{field}', {field}, count(*) FROM pycolytics_step"
-            f" WHERE day IS NOT NULL GROUP BY day, application, {field} ON CONFLICT (day, application, field, name)"
-            " DO UPDATE SET events = pycolytics_names.events + excluded.events")
+        merge("pycolytics_names", f"day, application, '{field}', {field}, count(*)",
+              grouped=f"day, application, {field}", events=add)
 
 
 class SummaryPostponed(Exception):
@@ -4006,9 +3982,8 @@ class SummaryPostponed(Exception):
 
 
 def summarise(connection, dialect, limit, config):
-    """One step of keeping an SQLite database's summaries, in the caller's transaction: up to
-    `limit` events after the last one summarised, or, while they are being made again, up to
-    `limit` rows of the old ones deleted. (events read or rows deleted, the last id summarised)."""
+    """One step of keeping an SQLite database's summaries, in the caller's transaction: up to `limit` events after the
+    last summarised, or of the old rows deleted while they are made again. (events read or rows deleted, last id)."""
     made_with = _use_conventions(connection, dialect, config)
     last_id, last_time, kept_with = connection.execute(
         "SELECT last_id, last_time, conventions FROM pycolytics_summary").fetchone()
@@ -4016,7 +3991,8 @@ def summarise(connection, dialect, limit, config):
         log.info("the game-analytics conventions (purchase_event, level_field, ...) changed: summarising every "
                  "event again; reports read the events meanwhile")
         last_id = restart_summaries(connection)
-    elif last_id > 0 and connection.execute("SELECT time FROM event WHERE id = ?", (last_id,)).fetchone() != (last_time,):
+    elif last_id > 0 and connection.execute("SELECT time FROM event WHERE id = ?",
+                                            (last_id,)).fetchone() != (last_time,):
         log.info("the last summarised event was deleted: summarising every event again")
         last_id = restart_summaries(connection)
     if last_id < 0:  # being made again: first the old rows go, in steps
@@ -4050,15 +4026,14 @@ def summarised_up_to(connection):
 
 def _delete_some(connection, table, condition, parameters, limit):
     """Delete up to `limit` rows of `table` that meet `condition`; how many."""
-    key = next(key for name, _, key in SUMMARY_TABLES if name == table)
+    key = SUMMARY_KEYS[table]
     return connection.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {condition}"
                               " LIMIT ?)", (*parameters, limit)).rowcount
 
 
 def forget_before(connection, dialect, before, limit):
-    """One step of taking the events pruned before `before` out of the summaries, in the caller's
-    transaction; how many rows changed. A prune of whole days (retention_days) takes their rows
-    out; a prune up to a moment within a day has the summaries made again."""
+    """One step of taking the events pruned before `before` out of the summaries (the caller's transaction); how many
+    rows changed. Whole days (retention_days) go row by row; a moment within a day has them made again."""
     if not before.endswith(" 00:00:00.000000"):
         if summarised_up_to(connection) > 0:
             restart_summaries(connection)
@@ -4081,19 +4056,15 @@ def forget_before(connection, dialect, before, limit):
 
 
 def summarise_events(connection, dialect, config, query):
-    """Summaries of the events a report reads, in temporary tables that hide the kept ones: every
-    event up to the end of the report's last day that its filters but the application pick (a
-    filtered report is the report of a database that held only those events)."""
+    """Summaries of the events a report reads, in temporary tables that hide the kept ones: every event up to the end
+    of the report's last day that its filters but the application pick."""
     _create_tables(connection, dialect, temporary=True)
     for name, _, _ in SUMMARY_TABLES:
         connection.execute(f"DELETE FROM {name}")  # on SQLite, the temporary one
     _use_conventions(connection, dialect, config)
-    where, parameters = [f"e.time < {dialect.time}"], [(query.until + datetime.timedelta(days=1)).isoformat()]
-    for name in RANKED:  # not the application: the report's Reader chooses it (and lists the others)
-        if getattr(query, name) is not None:
-            where.append(f"e.{name} = ?")
-            parameters.append(getattr(query, name))
-    _fill_step(connection, dialect, " AND ".join(where), parameters)
+    filters, values = _filters(query, "e.")  # not the application: the report's Reader chooses it (and lists others)
+    end = (query.until + datetime.timedelta(days=1)).isoformat()
+    _fill_step(connection, dialect, f"e.time < {dialect.time}{filters}", [end, *values])
     _add_step(connection, dialect)
 
 
@@ -4101,34 +4072,25 @@ def summarise_events(connection, dialect, config, query):
 # Reports: the figures of the report API and the dashboard
 ###############################################################################
 
-# The range the dashboard and the report show when none is asked for, in days up to today.
-DASHBOARD_DAYS = 30
-# The longest range one report reads: a year, leap day included.
-MAX_REPORT_DAYS = 366
+DASHBOARD_DAYS = 30  # the days up to today the dashboard and the report show when none are asked for
+MAX_REPORT_DAYS = 366  # the longest range one report reads: a year, leap day included
 # The days a report may name: stored times start at the Unix epoch, and the last day leaves room
 # for the day after `until`, the range's end.
-FIRST_REPORT_DAY = datetime.date(1970, 1, 1)
+FIRST_REPORT_DAY = EPOCH_DAY
 LAST_REPORT_DAY = datetime.date(9999, 12, 30)
-# Rows of a ranking before the rest is lumped as "(other)": a million distinct versions must
-# not become a million rows of HTML.
-REPORT_TOP = 20
-# The days after a player's first that retention looks at, in the API as on the dashboard.
-RETENTION_DAYS = (1, 2, 3, 4, 5, 6, 7, 14, 30)
+REPORT_TOP = 20  # rows of a ranking before "(other)": a million versions must not become a million rows of HTML
+RETENTION_DAYS = (1, 2, 3, 4, 5, 6, 7, 14, 30)  # the days after a player's first that retention looks at
 # Weekly cohorts smaller than this are folded into the next (the last into the one before), unless
 # the query says min_cohort: a share of three players says nothing.
 MIN_COHORT = 10
-# A player without an event in this many days up to the range's end has stopped playing (churned),
-# unless the query says churn_days.
-CHURN_DAYS = 7
+CHURN_DAYS = 7  # a player without an event in this many days up to the range's end has stopped (churn_days)
 # Levels a progression lists at most, and bins of a histogram at most; a numeric field with at most
 # FEW_VALUES distinct values is also given value by value (levels 1 to 40).
 MAX_LEVELS = 200
 HISTOGRAM_BINS = 20
 FEW_VALUES = 40
-# Steps of one funnel at most.
 MAX_FUNNEL_STEPS = 10
-# Query fields parsed at most: a report has a dozen; more is not a dashboard talking.
-MAX_QUERY_FIELDS = 40
+MAX_QUERY_FIELDS = 40  # query fields parsed at most: a report has a dozen; more is not a dashboard talking
 # A report first has the writer summarise what came since the summaries were last made, if that is
 # at most CATCH_UP_EVENTS events and takes at most CATCH_UP_SECONDS; otherwise (the summaries are
 # being made, of an imported database say) it summarises the events it reads itself.
@@ -4139,14 +4101,10 @@ SESSION_BUCKETS = ((60, "< 1 min"), (300, "1-5 min"), (900, "5-15 min"), (1800, 
                    (3600, "30-60 min"), (7200, "1-2 h"), (math.inf, "2 h +"))
 # The days (since a player's first) of their first purchase, as the revenue view groups them.
 FIRST_PURCHASE_DAYS = ((0, "day 0"), (1, "day 1"), (7, "days 2-7"), (30, "days 8-30"), (math.inf, "after day 30"))
-# The columns of a report's days, in the order of its JSON and CSV.
-DAY_COLUMNS = ("events", "users", "new_users", "sessions")
-# The fields a report ranks: its lists are named after them, with an s.
-RANKED = ("event_type", "version", "platform")
-# The filters of a report: a report with filters is the report of a database that held only the
-# events that match them.
+DAY_COLUMNS = ("events", "users", "new_users", "sessions")  # a report's days' columns, as its JSON and CSV order them
+RANKED = ("event_type", "version", "platform")  # the fields a report ranks: its lists are named after them, with an s
+# A report with filters is the report of a database that held only the events that match them.
 REPORT_FILTERS = ("application", "event_type", "version", "platform")
-# The report API's paths after /v1.0/report.
 REPORT_VIEWS = ("", "/funnel", "/values", "/retention", "/revenue", "/progression", "/stickiness", "/versions")
 
 ReportQuery = collections.namedtuple("ReportQuery", ("since", "until") + REPORT_FILTERS)
@@ -4155,7 +4113,6 @@ ReportQuery = collections.namedtuple("ReportQuery", ("since", "until") + REPORT_
 def _query_fields(query, longest):
     """{name: last value} and {name: every value} of a query string; 400 for one no dashboard sends."""
     from urllib.parse import parse_qs  # here: only the reports read a query string
-
     try:
         every = parse_qs(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
     except ValueError:
@@ -4190,13 +4147,6 @@ def report_query(fields, today):
         raise HTTPError(400, f"a report covers at most {MAX_REPORT_DAYS} days; since {since} to until {until} "
                              f"is {(until - since).days + 1}")
     return ReportQuery(since, until, *(fields.get(name) or None for name in REPORT_FILTERS))
-
-
-def _choice(fields, name, offered):
-    chosen = fields.get(name) or offered[0]
-    if chosen not in offered:
-        raise HTTPError(400, f"{name} must be {' or '.join(offered)}, not {chosen[:40]!r}")
-    return chosen
 
 
 def _whole(fields, name, default, highest):
@@ -4245,20 +4195,23 @@ def _share(part, whole):
     return round(part / whole, 4) if whole else None
 
 
-def _sorted_levels(levels):
-    """Levels as a game numbers them: numbers by value first, then names."""
-    def order(level):
-        try:
-            return 0, float(level), ""
-        except ValueError:
-            return 1, 0.0, level
-    return sorted(levels, key=order)
+def _level_order(level):
+    """The key that sorts levels as a game numbers them: numbers by value first, then names."""
+    try:
+        return 0, float(level), ""
+    except ValueError:
+        return 1, 0.0, level
+
+
+def _filters(query, prefix=""):
+    """The conditions of a query's filters but the application's, on `event`, and their values."""
+    chosen = [name for name in RANKED if getattr(query, name) is not None]
+    return "".join(f" AND {prefix}{name} = ?" for name in chosen), [getattr(query, name) for name in chosen]
 
 
 class Reader:
-    """The SQL of one report over the summaries (or the temporary tables that hide them): its days
-    as numbers and its application as a condition. Every count is SQL's; what comes back to
-    Python is a few rows per day, per name or per level, never per player."""
+    """The SQL of one report over the summaries (or the temporary tables that hide them), its days as numbers. Every
+    count is SQL's; what comes back to Python is a few rows per day, per name or per level, never per player."""
 
     def __init__(self, connection, dialect, query, today):
         self.connection, self.dialect, self.query, self.today = connection, dialect, query, today
@@ -4267,20 +4220,21 @@ class Reader:
         self.days = [query.since + datetime.timedelta(days=n) for n in range(self.last - self.first + 1)]
         self.app, self.app_value = ("", []) if query.application is None else (" AND application = ?",
                                                                                [query.application])
+        self.range = {"since": query.since.isoformat(), "until": query.until.isoformat(),
+                      "application": query.application}  # what every view's answer starts with
 
     def _sql(self, sql, parameters):
         """`sql` with each {app} (or {app:alias}) the application's condition, and its parameters:
         an {app} comes after every other parameter of the statement."""
-        found = re.findall(r"\{app(?::(\w+))?\}", sql)
-        for alias in found:
-            sql = sql.replace("{app:%s}" % alias if alias else "{app}",
-                              self.app.replace("application", f"{alias}.application") if alias else self.app, 1)
-        return self.dialect.sql(sql), list(parameters) + self.app_value * len(found)
+        found = re.findall(r"\{app(?::\w+)?\}", sql)
+        sql = re.sub(r"\{app:(\w+)\}", self.app.replace("application", r"\1.application"), sql)
+        return self.dialect.sql(sql.replace("{app}", self.app)), list(parameters) + self.app_value * len(found)
 
-    def filters(self):
-        """The conditions of the filters but the application's, on `event`, and their values."""
-        chosen = [name for name in RANKED if getattr(self.query, name) is not None]
-        return "".join(f" AND {name} = ?" for name in chosen), [getattr(self.query, name) for name in chosen]
+    def events(self):
+        """The condition on `event` of the range's events that the filters pick (but for {app}), and its values."""
+        filters, values = _filters(self.query)
+        time, since, end = self.dialect.time, self.query.since, self.query.until + datetime.timedelta(days=1)
+        return f"time >= {time} AND time < {time}{filters}", [since.isoformat(), end.isoformat(), *values]
 
     def rows(self, sql, *parameters):
         return self.connection.execute(*self._sql(sql, parameters)).fetchall()
@@ -4288,10 +4242,26 @@ class Reader:
     def one(self, sql, *parameters):
         return self.rows(sql, *parameters)[0][0]
 
-    def per_day(self, sql, *parameters):
-        """[figure of each day of the range] from (day number, figure) rows."""
-        found = dict(self.rows(sql, *parameters))
-        return [found.get(self.first + n, 0) or 0 for n in range(len(self.days))]
+    def players(self, table, by=None, where=None, *parameters):
+        """How many players `table` holds on the range's days (or where `where`), or {value(s) of `by`: how many}."""
+        if where is None:
+            where, parameters = "day BETWEEN ? AND ?", (self.first, self.last)
+        if by is None:
+            return self.one(f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM {table}"
+                            f" WHERE {where}{{app}}) AS p", *parameters)
+        rows = self.rows(f"SELECT {by}, count(*) FROM (SELECT DISTINCT application, user_id, {by} FROM {table}"
+                         f" WHERE {where}{{app}}) AS p GROUP BY {by}", *parameters)
+        return {row[0] if len(row) == 2 else tuple(row[:-1]): row[-1] for row in rows}
+
+    def rank(self, table, column, count, share):
+        """The nearest-rank `share` (0.5: the median) of `column` over the `count` rows of `table`."""
+        offset = max(1, math.ceil(share * count)) - 1
+        return self.one(f"SELECT {column} FROM {table} ORDER BY {column} LIMIT 1 OFFSET ?", offset)
+
+    def newcomers(self):
+        """{day: players whose first day it is} of the range."""
+        return dict(self.rows("SELECT first_day, count(*) FROM pycolytics_users WHERE first_day BETWEEN ? AND ?{app}"
+                              " GROUP BY first_day", self.first, self.last))
 
     def temporary(self, name, select, *parameters):
         """A temporary table `name` filled by `select` (on disk on SQLite, in work_mem on PostgreSQL)."""
@@ -4300,23 +4270,15 @@ class Reader:
 
 
 def _daily(reader):
-    """The per-day columns of a report."""
+    """The per-day columns of a report (DAY_COLUMNS)."""
     first, last = reader.first, reader.last
-    return {
-        "events": reader.per_day("SELECT day, sum(events) FROM pycolytics_names WHERE field = 'platform'"
-                                 " AND day BETWEEN ? AND ?{app} GROUP BY day", first, last),
-        "users": reader.per_day("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
-                                " pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d GROUP BY day", first, last),
-        "new_users": reader.per_day("SELECT first_day, count(*) FROM pycolytics_users WHERE first_day BETWEEN ? AND ?"
-                                    "{app} GROUP BY first_day", first, last),
-        "sessions": reader.per_day("SELECT day, count(*) FROM (SELECT DISTINCT application, session_id, day FROM"
-                                   " pycolytics_sessions WHERE day BETWEEN ? AND ?{app}) AS s GROUP BY day", first, last),
-    }
-
-
-def _players(reader):
-    return reader.one("SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM pycolytics_user_days"
-                      " WHERE day BETWEEN ? AND ?{app}) AS p", reader.first, reader.last)
+    events = reader.rows("SELECT day, sum(events) FROM pycolytics_names WHERE field = 'platform'"
+                         " AND day BETWEEN ? AND ?{app} GROUP BY day", first, last)
+    sessions = reader.rows("SELECT day, count(*) FROM (SELECT DISTINCT application, session_id, day FROM"
+                           " pycolytics_sessions WHERE day BETWEEN ? AND ?{app}) AS s GROUP BY day", first, last)
+    found = (dict(events), reader.players("pycolytics_user_days", "day"), reader.newcomers(), dict(sessions))
+    return {name: [figures.get(day, 0) or 0 for day in range(first, last + 1)]
+            for name, figures in zip(DAY_COLUMNS, found)}
 
 
 def _returns(reader):
@@ -4332,8 +4294,7 @@ def _returns(reader):
 
 def _retention_rows(reader, cohorts, returns):
     """Per cohort of first days [(first, last day number)]: its players and the share back on each day."""
-    sizes = dict(reader.rows("SELECT first_day, count(*) FROM pycolytics_users WHERE first_day BETWEEN ? AND ?{app}"
-                             " GROUP BY first_day", reader.first, reader.last))
+    sizes = reader.newcomers()
     rows = []
     for first, last in cohorts:
         players = sum(sizes.get(day, 0) for day in range(first, last + 1))
@@ -4343,7 +4304,7 @@ def _retention_rows(reader, cohorts, returns):
             row[f"day_{after}"] = _share(sum(returns.get((day, after), 0) for day in seen),
                                          sum(sizes.get(day, 0) for day in seen)) if seen else None
         rows.append(row)
-    return rows, sizes
+    return rows
 
 
 def _sessions(reader):
@@ -4357,8 +4318,8 @@ def _sessions(reader):
     at = dict(reader.rows("SELECT n, length FROM (SELECT length, row_number() OVER (ORDER BY length) AS n"
                           " FROM pycolytics_lengths) AS ranked WHERE n IN (?, ?)", *ranks)) if count else {}
     bounds = [_shorter_than(bound) for bound, _ in SESSION_BUCKETS[:-1]]
-    shorter = reader.rows("SELECT " + ", ".join(f"sum(CASE WHEN length < {bound} THEN 1 ELSE 0 END)" for bound in bounds)
-                          + " FROM pycolytics_lengths")[0] if count else [0] * len(bounds)
+    sums = ", ".join(f"sum(CASE WHEN length < {bound} THEN 1 ELSE 0 END)" for bound in bounds)
+    shorter = reader.rows(f"SELECT {sums} FROM pycolytics_lengths")[0] if count else [0] * len(bounds)
     cumulative = [0] + [n or 0 for n in shorter] + [count]
     median, p90 = (_seconds(at[rank]) if count else 0 for rank in ranks)
     return {"count": count, "median_seconds": median, "p90_seconds": p90}, [
@@ -4390,78 +4351,59 @@ def _ranking(reader, field, newest):
     elif reader.last >= newest:  # no day after the range: a last day in it or later means a day in it
         table, where, parameters = "pycolytics_type_users", "last_day >= ?", [reader.first]
     else:
-        table, where = "event", f"time >= {reader.dialect.time} AND time < {reader.dialect.time}"
-        parameters = [reader.query.since.isoformat(), (reader.query.until + datetime.timedelta(days=1)).isoformat()]
-    # pycolytics_type_users has one row per player and type already; the other tables need DISTINCT
-    distinct = "" if table == "pycolytics_type_users" else "DISTINCT"
-    users = dict(reader.rows(f"SELECT {field}, count(*) FROM (SELECT {distinct} application, user_id, {field} FROM"
-                             f" {table} WHERE {where} AND {field} IN ({marks}){{app}}) AS p GROUP BY {field}",
-                             *parameters, *top))
+        table, (where, parameters) = "event", reader.events()
+    if table == "pycolytics_type_users":  # one row per player and type already: no DISTINCT to sort
+        users = dict(reader.rows(f"SELECT {field}, count(*) FROM {table} WHERE {where} AND {field} IN ({marks}){{app}}"
+                                 f" GROUP BY {field}", *parameters, *top))
+    else:
+        users = reader.players(table, field, f"{where} AND {field} IN ({marks})", *parameters, *top)
     other = None
     if len(events) > REPORT_TOP:
-        other = reader.one(f"SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM {table} WHERE {where}"
-                           f" AND {field} NOT IN ({marks}){{app}}) AS p", *parameters, *top)
+        other = reader.players(table, None, f"{where} AND {field} NOT IN ({marks})", *parameters, *top)
     return _top([(name, count, users.get(name, 0)) for name, count in events], sum(n for _, n in events), other)
 
 
 def build_report(reader):
     """The report (see docs/reports.md), and the extra figures the dashboard draws."""
     columns = _daily(reader)
-    players = _players(reader)
-    returns = _returns(reader)
-    retention, _ = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
+    players = reader.players("pycolytics_user_days")
+    retention = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], _returns(reader))
     sessions, lengths = _sessions(reader)
     sessions["per_user"] = round(sessions["count"] / players, 2) if players else 0
     # the application's newest day, not every application's: one game's events of today must not
     # send another's rankings up to yesterday to the events
     newest = reader.one("SELECT max(day) FROM pycolytics_names WHERE day >= ?{app}", reader.first) or 0
-    report = {
-        "since": reader.query.since.isoformat(), "until": reader.query.until.isoformat(),
-        "application": reader.query.application,
-        "totals": {"events": sum(columns["events"]), "users": players, "new_users": sum(columns["new_users"]),
-                   "sessions": sessions["count"]},
-        "days": [dict(date=day.isoformat(), **{name: columns[name][n] for name in DAY_COLUMNS})
-                 for n, day in enumerate(reader.days)],
-        "retention": [row for row in retention if row["users"]],
-        "sessions": sessions,
-        **{f"{field}s": _ranking(reader, field, newest) for field in RANKED},
-    }
+    report = {**reader.range, "totals": {"events": sum(columns["events"]), "users": players,
+                                         "new_users": sum(columns["new_users"]), "sessions": sessions["count"]},
+              "days": [dict(date=day.isoformat(), **{name: columns[name][n] for name in DAY_COLUMNS})
+                       for n, day in enumerate(reader.days)],
+              "retention": [row for row in retention if row["users"]], "sessions": sessions,
+              **{f"{field}s": _ranking(reader, field, newest) for field in RANKED}}
     return report, {"session_lengths": lengths}
-
-
-def _applications(reader):
-    """The REPORT_TOP applications with most events in the range, busiest first."""
-    events = reader.connection.execute(reader.dialect.sql(
-        "SELECT application, sum(events) FROM pycolytics_names WHERE field = 'platform' AND day BETWEEN ? AND ?"
-        " GROUP BY application"), (reader.first, reader.last)).fetchall()
-    return [name for name, _ in sorted(events, key=lambda row: (-row[1], row[0].encode()))[:REPORT_TOP]]
 
 
 def build_retention(reader, minimum):
     """Daily and weekly cohorts, and D1, D7, D30 of the whole range (each cohort weighted by its players)."""
-    returns = _returns(reader)
-    daily, sizes = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
-    weeks = [[start, min(start + 6, reader.last)] for start in range(reader.first, reader.last + 1, 7)]
+    returns, sizes = _returns(reader), reader.newcomers()
+    daily = _retention_rows(reader, [(day, day) for day in range(reader.first, reader.last + 1)], returns)
+
+    def small(first, last):
+        return sum(sizes.get(day, 0) for day in range(first, last + 1)) < minimum
+
     folded = []
-    for week in weeks:  # a small cohort joins the next one; the last small one joins the one before
-        players = sum(sizes.get(day, 0) for day in range(week[0], week[1] + 1))
-        if folded and folded[-1][2] < minimum:
-            folded[-1][1], folded[-1][2] = week[1], folded[-1][2] + players
+    for start in range(reader.first, reader.last + 1, 7):  # a small cohort joins the next; the last, the one before
+        if folded and small(*folded[-1]):
+            folded[-1][1] = min(start + 6, reader.last)
         else:
-            folded.append([week[0], week[1], players])
-    if len(folded) > 1 and folded[-1][2] < minimum:
-        folded[-2][1], folded[-2][2] = folded[-1][1], folded[-2][2] + folded[-1][2]
-        folded.pop()
-    weekly, _ = _retention_rows(reader, [(first, last) for first, last, _ in folded], returns)
-    whole, _ = _retention_rows(reader, [(reader.first, reader.last)], returns)
+            folded.append([start, min(start + 6, reader.last)])
+    if len(folded) > 1 and small(*folded[-1]):
+        last_week = folded.pop()
+        folded[-1][1] = last_week[1]
+    weekly = _retention_rows(reader, folded, returns)
+    whole = _retention_rows(reader, [(reader.first, reader.last)], returns)
     averages = {name: value for name, value in whole[0].items() if name.startswith("day_")}
-    return {**_range_of(reader), "min_cohort": minimum, "new_users": whole[0]["users"], "average": averages,
+    return {**reader.range, "min_cohort": minimum, "new_users": whole[0]["users"], "average": averages,
             "weekly": [row for row in weekly if row["users"]], "daily": [row for row in daily if row["users"]]}
-
-
-def _range_of(reader):
-    query = reader.query
-    return {"since": query.since.isoformat(), "until": query.until.isoformat(), "application": query.application}
 
 
 def build_stickiness(reader):
@@ -4471,16 +4413,16 @@ def build_stickiness(reader):
         " (SELECT day, lead(day) OVER (PARTITION BY application, user_id ORDER BY day) AS next FROM"
         " (SELECT DISTINCT application, user_id, day FROM pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d)"
         " AS n GROUP BY 1, 2", reader.first - 29, reader.last)
-    size = len(reader.days)
+    size, first = len(reader.days), reader.first
     counts = {window: [0] * (size + 1) for window in (1, 7, 30)}
     for day, gap, players in gaps:  # a player counts for each day from this one until the next they play
         for window, changes in counts.items():
-            start, stop = max(day, reader.first) - reader.first, min(day + min(gap, window), reader.last + 1) - reader.first
+            start, stop = max(day, first) - first, min(day + min(gap, window), reader.last + 1) - first
             if start < stop:
                 changes[start] += players
                 changes[stop] -= players
     totals = {window: list(itertools.accumulate(changes))[:size] for window, changes in counts.items()}
-    return {**_range_of(reader), "days": [
+    return {**reader.range, "days": [
         {"date": day.isoformat(), "dau": totals[1][n], "wau": totals[7][n], "mau": totals[30][n],
          "dau_mau": _share(totals[1][n], totals[30][n])} for n, day in enumerate(reader.days)]}
 
@@ -4490,55 +4432,42 @@ def build_versions(reader):
     ranking = _ranking(reader, "version", 0)
     top = [row["name"] for row in ranking if row["name"] != "(other)"]
     if not top:
-        return {**_range_of(reader), "versions": [], "days": []}
+        return {**reader.range, "versions": [], "days": []}
     marks = ", ".join("?" * len(top))
     events = {(day, name): count for day, name, count in reader.rows(
         "SELECT day, name, sum(events) FROM pycolytics_names WHERE field = 'version' AND day BETWEEN ? AND ?"
         f" AND name IN ({marks}){{app}} GROUP BY day, name", reader.first, reader.last, *top)}
-    users = {(day, name): count for day, name, count in reader.rows(
-        "SELECT day, version, count(*) FROM (SELECT DISTINCT application, user_id, day, version FROM"
-        f" pycolytics_user_days WHERE day BETWEEN ? AND ? AND version IN ({marks}){{app}}) AS v GROUP BY day, version",
-        reader.first, reader.last, *top)}
+    users = reader.players("pycolytics_user_days", "day, version", f"day BETWEEN ? AND ? AND version IN ({marks})",
+                           reader.first, reader.last, *top)
     rows = [{"date": day.isoformat(), "version": name, "events": events.get((reader.first + n, name), 0),
              "users": users.get((reader.first + n, name), 0)} for n, day in enumerate(reader.days) for name in top]
-    return {**_range_of(reader), "versions": ranking, "days": rows}
+    return {**reader.range, "versions": ranking, "days": rows}
 
 
 def build_revenue(reader):
     """Revenue per day and currency, paying players, conversion, ARPDAU, ARPPU, first purchases and
     the top items, from the purchases of the range (see docs/reports.md). No currency is converted."""
-    first, last = reader.first, reader.last
-    players = _players(reader)
-    active_days = dict(reader.rows("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
-                                   " pycolytics_user_days WHERE day BETWEEN ? AND ?{app}) AS d GROUP BY day", first, last))
+    def sales(by, order=""):
+        return reader.rows(f"SELECT {by}, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
+                           f"{{app}} GROUP BY {by}{order}", reader.first, reader.last)
+
+    players, paying = reader.players("pycolytics_user_days"), reader.players("pycolytics_purchases")
+    active_days = collections.Counter(reader.players("pycolytics_user_days", "day"))
+    payers_per_day = collections.Counter(reader.players("pycolytics_purchases", "day"))
+    buyers = reader.players("pycolytics_purchases", "day, currency")
+    payers = reader.players("pycolytics_purchases", "currency")
     player_days = sum(active_days.values())
-    per_day = reader.rows("SELECT day, currency, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
-                          "{app} GROUP BY day, currency", first, last)
-    buyers = {(day, currency): count for day, currency, count in reader.rows(
-        "SELECT day, currency, count(*) FROM (SELECT DISTINCT application, user_id, day, currency FROM"
-        " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY day, currency", first, last)}
-    payers_per_day = dict(reader.rows("SELECT day, count(*) FROM (SELECT DISTINCT application, user_id, day FROM"
-                                      " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY day",
-                                      first, last))
-    currencies = reader.rows("SELECT currency, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
-                             "{app} GROUP BY currency ORDER BY 2 DESC", first, last)
-    payers = dict(reader.rows("SELECT currency, count(*) FROM (SELECT DISTINCT application, user_id, currency FROM"
-                              " pycolytics_purchases WHERE day BETWEEN ? AND ?{app}) AS p GROUP BY currency", first, last))
-    paying = reader.one("SELECT count(*) FROM (SELECT DISTINCT application, user_id FROM pycolytics_purchases"
-                        " WHERE day BETWEEN ? AND ?{app}) AS p", first, last)
-    items = reader.rows("SELECT currency, item, sum(price), count(*) FROM pycolytics_purchases WHERE day BETWEEN ? AND ?"
-                        "{app} GROUP BY currency, item", first, last)
-    items.sort(key=lambda row: (-row[2], row[0], row[1]))
-    return {**_range_of(reader), "players": players, "paying_users": paying, "conversion": _share(paying, players),
+    items = sorted(sales("currency, item"), key=lambda row: (-row[2], row[0], row[1]))
+    return {**reader.range, "players": players, "paying_users": paying, "conversion": _share(paying, players),
             "currencies": [{"currency": currency, "revenue": round(total, 6), "purchases": count,
                             "paying_users": payers.get(currency, 0), "arppu": round(total / payers[currency], 6),
                             "arpdau": round(total / player_days, 6) if player_days else None}
-                           for currency, total, count in currencies],
+                           for currency, total, count in sales("currency", " ORDER BY 2 DESC")],
             "days": [{"date": _day(day).isoformat(), "currency": currency, "revenue": round(total, 6),
-                      "purchases": count, "paying_users": buyers[day, currency], "active_users": active_days.get(day, 0),
-                      "conversion": _share(payers_per_day.get(day, 0), active_days.get(day, 0)),
-                      "arpdau": round(total / active_days[day], 6) if active_days.get(day) else None}
-                     for day, currency, total, count in sorted(per_day)],
+                      "purchases": count, "paying_users": buyers[day, currency], "active_users": active_days[day],
+                      "conversion": _share(payers_per_day[day], active_days[day]),
+                      "arpdau": round(total / active_days[day], 6) if active_days[day] else None}
+                     for day, currency, total, count in sorted(sales("day, currency"))],
             "first_purchase": _first_purchases(reader),
             "items": [{"currency": currency, "item": item, "revenue": round(total, 6), "purchases": count}
                       for currency, item, total, count in items[:REPORT_TOP]]}
@@ -4551,14 +4480,14 @@ def _first_purchases(reader):
     found = dict(reader.rows(
         f"SELECT {bucket} ELSE {len(bounds)} END, count(*) FROM (SELECT application, user_id, min(day) AS day FROM"
         " pycolytics_purchases GROUP BY application, user_id) AS f JOIN pycolytics_users AS u ON u.application ="
-        " f.application AND u.user_id = f.user_id WHERE f.day BETWEEN ? AND ?{app:f} GROUP BY 1", reader.first, reader.last))
+        " f.application AND u.user_id = f.user_id WHERE f.day BETWEEN ? AND ?{app:f} GROUP BY 1",
+        reader.first, reader.last))
     return [{"days": label, "users": found.get(n, 0)} for n, (_, label) in enumerate(FIRST_PURCHASE_DAYS)]
 
 
 def build_progression(reader, churn_days):
-    """Per level: players who started, completed and failed it, the completion rate, the median
-    attempts per completion and time to complete, and how many of the players who stopped playing
-    had it as their last level (see docs/reports.md)."""
+    """Per level: players who started, completed and failed it, the completion rate, the median attempts per completion
+    and time to complete, and how many players who stopped had it as their last level (see docs/reports.md)."""
     reader.temporary("pycolytics_progress", "SELECT application, user_id, level, sum(starts) AS starts, sum(completes)"
                      " AS completes, sum(fails) AS fails, min(first_start_us) AS first_start, min(first_complete_us)"
                      " AS first_complete, coalesce(min(first_start_us), min(first_complete_us)) AS reached FROM"
@@ -4567,23 +4496,24 @@ def build_progression(reader, churn_days):
     counts = {level: figures for level, *figures in reader.rows(
         "SELECT level, sum(CASE WHEN starts > 0 THEN 1 ELSE 0 END), sum(CASE WHEN completes > 0 THEN 1 ELSE 0 END),"
         " sum(CASE WHEN fails > 0 THEN 1 ELSE 0 END) FROM pycolytics_progress GROUP BY level")}
-    attempts = dict(reader.rows(_median_per_level(f"CAST(starts AS {reader.dialect.real}) / completes", "completes > 0")))
+    attempts = dict(reader.rows(_median_per_level(f"CAST(starts AS {reader.dialect.real}) / completes",
+                                                  "completes > 0")))
     times = dict(reader.rows(_median_per_level("first_complete - first_start",
                                                "first_complete IS NOT NULL AND first_start IS NOT NULL")))
     end = min(reader.last, reader.observed)
     stopped = dict(reader.rows(
-        "SELECT level, count(*) FROM (SELECT level, row_number() OVER (PARTITION BY application, user_id ORDER BY reached"
-        " DESC, level) AS n FROM pycolytics_progress AS p WHERE NOT EXISTS (SELECT 1 FROM pycolytics_user_days AS d"
-        " WHERE d.application = p.application AND d.user_id = p.user_id AND d.day > ? AND d.day <= ?)) AS last_levels"
-        " WHERE n = 1 GROUP BY level", end - churn_days, end))
-    levels = _sorted_levels(counts)
+        "SELECT level, count(*) FROM (SELECT level, row_number() OVER (PARTITION BY application, user_id ORDER BY"
+        " reached DESC, level) AS n FROM pycolytics_progress AS p WHERE NOT EXISTS (SELECT 1 FROM pycolytics_user_days"
+        " AS d WHERE d.application = p.application AND d.user_id = p.user_id AND d.day > ? AND d.day <= ?))"
+        " AS last_levels WHERE n = 1 GROUP BY level", end - churn_days, end))
+    levels = sorted(counts, key=_level_order)
     rows = [{"level": level, "started": started, "completed": completed, "failed": failed,
              "completion_rate": _share(completed, started),
              "median_attempts": round(attempts[level], 2) if level in attempts else None,
              "median_seconds_to_complete": _seconds(max(0, times[level])) if level in times else None,
              "last_level_of_churned": stopped.get(level, 0)}
             for level in levels[:MAX_LEVELS] for started, completed, failed in [counts[level]]]
-    return {**_range_of(reader), "churn_days": churn_days, "churned": sum(stopped.values()),
+    return {**reader.range, "churn_days": churn_days, "churned": sum(stopped.values()),
             "more_levels": max(0, len(levels) - MAX_LEVELS), "levels": rows}
 
 
@@ -4597,14 +4527,11 @@ def _median_per_level(figure, condition):
 def build_funnel(reader, steps):
     """How many players did steps[0], then steps[1] at or after that, and so on, in the range:
     each step's first time per player after the one before, in temporary tables."""
-    end = (reader.query.until + datetime.timedelta(days=1)).isoformat()
-    time, since = reader.dialect.time, reader.query.since.isoformat()
-    filters, values = reader.filters()
+    where, values = reader.events()
     reached = []
     for n, step in enumerate(steps):
-        reader.temporary(f"pycolytics_funnel_{n}",
-                         f"SELECT application, user_id, time FROM event WHERE time >= {time} AND time < {time}"
-                         f" AND event_type = ?{filters}{{app}}", since, end, step, *values)
+        reader.temporary(f"pycolytics_funnel_{n}", f"SELECT application, user_id, time FROM event WHERE {where}"
+                                                   " AND event_type = ?{app}", *values, step)
         if n == 0:
             reader.temporary("pycolytics_reached", "SELECT application, user_id, min(time) AS time FROM"
                                                    " pycolytics_funnel_0 GROUP BY application, user_id")
@@ -4617,33 +4544,29 @@ def build_funnel(reader, steps):
                                                 " s.time >= r.time GROUP BY r.application, r.user_id")
             reader.temporary("pycolytics_reached", "SELECT * FROM pycolytics_next")
         reached.append({"name": step, "users": reader.one("SELECT count(*) FROM pycolytics_reached")})
-    return {**_range_of(reader), "steps": reached}
+    return {**reader.range, "steps": reached}
 
 
 def build_values(reader, field):
     """value[field] of the range's events of one type: numbers as count, min, p50, p90, max, sum, a
     histogram and, when they are few, value by value; strings and true/false as a ranking."""
-    path = [field] if reader.dialect is POSTGRESQL else [f'$."{field}"']
-    kind = "jsonb_typeof(value -> ?)" if reader.dialect is POSTGRESQL else "json_type(value, ?)"
-    item = "value ->> ?" if reader.dialect is POSTGRESQL else "json_extract(value, ?)"
-    end = (reader.query.until + datetime.timedelta(days=1)).isoformat()
-    time = reader.dialect.time
-    filters, values = reader.filters()
+    if reader.dialect is POSTGRESQL:
+        path, kind, item = field, "jsonb_typeof(value -> ?)", "value ->> ?"
+    else:
+        path, kind, item = f'$."{field}"', "json_type(value, ?)", "json_extract(value, ?)"
+    where, values = reader.events()
     reader.temporary("pycolytics_values", f"SELECT {kind} AS kind, CAST({item} AS TEXT) AS item FROM event"
-                                          f" WHERE time >= {time} AND time < {time}{filters}{{app}}",
-                     *path, *path, reader.query.since.isoformat(), end, *values)
+                                          f" WHERE {where}{{app}}", path, path, *values)
     kinds = dict(reader.rows("SELECT kind, count(*) FROM pycolytics_values GROUP BY kind"))
-    number_kinds = "('integer', 'real', 'number')"
-    numbers = _numbers(reader, number_kinds) if any(kinds.get(kind) for kind in ("integer", "real", "number")) else None
-    strings = reader.rows("SELECT CASE WHEN kind IN ('true', 'false') THEN kind ELSE item END AS name,"
-                          " count(*) FROM pycolytics_values WHERE kind IN ('text', 'string', 'true', 'false', 'boolean')"
-                          " GROUP BY 1")
+    numeric, textual = ("integer", "real", "number"), ("text", "string", "true", "false", "boolean")  # as SQL lists too
+    numbers = _numbers(reader, numeric) if any(kinds.get(kind) for kind in numeric) else None
+    strings = reader.rows("SELECT CASE WHEN kind IN ('true', 'false') THEN kind ELSE item END AS name, count(*)"
+                          f" FROM pycolytics_values WHERE kind IN {textual} GROUP BY 1")
     strings.sort(key=lambda row: (-row[1], row[0]))
     total = sum(kinds.values())
-    return {**_range_of(reader), "event_type": reader.query.event_type, "field": field, "events": total,
-            "missing": total - sum(count for kind, count in kinds.items() if kind in (
-                "integer", "real", "number", "text", "string", "true", "false", "boolean")),
-            "numbers": numbers, "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
+    return {**reader.range, "event_type": reader.query.event_type, "field": field, "events": total,
+            "missing": total - sum(kinds.get(kind, 0) for kind in numeric + textual), "numbers": numbers,
+            "strings": [{"value": row["name"], "events": row["events"]} for row in _top(
                 [(value, events, None) for value, events in strings], sum(count for _, count in strings))]}
 
 
@@ -4653,21 +4576,17 @@ def _numbers(reader, kinds):
                                            f" WHERE kind IN {kinds}")
     count, lowest, highest, total = reader.rows("SELECT count(*), min(x), max(x), sum(x) FROM pycolytics_numbers")[0]
 
-    def rank(share):
-        return reader.one("SELECT x FROM pycolytics_numbers ORDER BY x LIMIT 1 OFFSET ?", max(1, math.ceil(share * count)) - 1)
-
     def plain(number):
         return int(number) if float(number).is_integer() and abs(number) < 2**53 else number
 
-    stats = {"count": count, "min": plain(lowest), "p50": plain(rank(0.5)), "p90": plain(rank(0.9)),
-             "max": plain(highest), "sum": plain(total)}
+    p50, p90 = (plain(reader.rank("pycolytics_numbers", "x", count, share)) for share in (0.5, 0.9))
+    stats = {"count": count, "min": plain(lowest), "p50": p50, "p90": p90, "max": plain(highest), "sum": plain(total)}
     few = reader.rows(f"SELECT x, count(*) FROM pycolytics_numbers GROUP BY x ORDER BY x LIMIT {FEW_VALUES + 1}")
     stats["values"] = [{"value": plain(x), "events": n} for x, n in few] if len(few) <= FEW_VALUES else None
     whole = not reader.one("SELECT count(*) FROM pycolytics_numbers WHERE x <> round(x)")
     width = _bin_width(lowest, highest, whole)
-    bins = reader.rows("SELECT CAST((x - ?) / ? AS INTEGER) AS bin, count(*) FROM pycolytics_numbers GROUP BY 1",
-                       lowest, width)
-    counted = dict(bins)
+    counted = dict(reader.rows("SELECT CAST((x - ?) / ? AS INTEGER) AS bin, count(*) FROM pycolytics_numbers"
+                               " GROUP BY 1", lowest, width))
     stats["histogram"] = [{"from": plain(lowest + n * width), "to": plain(lowest + (n + 1) * width),
                            "events": counted.get(n, 0)} for n in range(max(counted, default=0) + 1)]
     return stats
@@ -4686,7 +4605,6 @@ def _csv(header, rows):
     """CSV bytes of dict rows; a text cell that a spreadsheet would run as a formula starts with a
     quote (OWASP's advice: https://owasp.org/www-community/attacks/CSV_Injection)."""
     import csv  # here: only CSV answers and exports need it
-
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
@@ -4694,34 +4612,29 @@ def _csv(header, rows):
     return out.getvalue().encode()
 
 
-# What a spreadsheet takes for the start of a formula.
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
 def _inert(cell):
-    """A CSV cell that a spreadsheet shows as text instead of running it as a formula."""
-    return "'" + cell if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS) else cell
+    """A CSV cell that a spreadsheet shows as text instead of running it as a formula (which these start)."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
 
 
 # Each view of the report API: what builds it from (reader, fields, every), whether it reads the
 # summaries, and the list of its JSON that its CSV gives (None: JSON only), with the columns.
 _RETENTION_COLUMNS = ("cohort", "users") + tuple(f"day_{after}" for after in RETENTION_DAYS)
 VIEWS = {
-    "report": (lambda reader, fields, every: build_report(reader)[0], True, "days", ("date",) + DAY_COLUMNS),
+    "report": (lambda reader, *_: build_report(reader)[0], True, "days", ("date",) + DAY_COLUMNS),
     "funnel": (lambda reader, fields, every: build_funnel(reader, _funnel_steps(fields, every)), False, "steps",
                ("name", "users")),
-    "values": (lambda reader, fields, every: build_values(reader, _value_field(fields)), False, None, None),
-    "retention": (lambda reader, fields, every: build_retention(reader, _whole(fields, "min_cohort", MIN_COHORT, 10**9)),
+    "values": (lambda reader, fields, _: build_values(reader, _value_field(fields)), False, None, None),
+    "retention": (lambda reader, fields, _: build_retention(reader, _whole(fields, "min_cohort", MIN_COHORT, 10**9)),
                   True, "weekly", _RETENTION_COLUMNS),
-    "revenue": (lambda reader, fields, every: build_revenue(reader), True, "days",
+    "revenue": (lambda reader, *_: build_revenue(reader), True, "days",
                 ("date", "currency", "revenue", "purchases", "paying_users", "active_users", "conversion", "arpdau")),
-    "progression": (lambda reader, fields, every: build_progression(reader, _whole(fields, "churn_days", CHURN_DAYS,
-                                                                                   MAX_REPORT_DAYS)), True, "levels",
+    "progression": (lambda reader, fields, _: build_progression(reader, _whole(fields, "churn_days", CHURN_DAYS,
+                                                                               MAX_REPORT_DAYS)), True, "levels",
                     ("level", "started", "completed", "failed", "completion_rate", "median_attempts",
                      "median_seconds_to_complete", "last_level_of_churned")),
-    "stickiness": (lambda reader, fields, every: build_stickiness(reader), True, "days",
-                   ("date", "dau", "wau", "mau", "dau_mau")),
-    "versions": (lambda reader, fields, every: build_versions(reader), True, "days", ("date", "version", "events", "users")),
+    "stickiness": (lambda reader, *_: build_stickiness(reader), True, "days", ("date", "dau", "wau", "mau", "dau_mau")),
+    "versions": (lambda reader, *_: build_versions(reader), True, "days", ("date", "version", "events", "users")),
 }
 
 
@@ -4743,7 +4656,9 @@ class Reports:
         fields, every, query = self._authorized(environ)
         view = (environ.get("PATH_INFO") or "").rpartition("/v1.0/report")[2].strip("/") or "report"
         build, summaries, listed, columns = VIEWS[view]
-        chosen = _choice(fields, "format", ("json", "csv") if listed else ("json",))
+        chosen, offered = fields.get("format") or "json", ("json", "csv") if listed else ("json",)
+        if chosen not in offered:
+            raise HTTPError(400, f"format must be {' or '.join(offered)}, not {chosen[:40]!r}")
         if view == "values" and not query.event_type:
             raise HTTPError(400, "values needs event_type: the type of the events whose value to break down")
         document = self.read(query, summaries, lambda reader: build(reader, fields, every))
@@ -4759,7 +4674,9 @@ class Reports:
         fields, every, query = self._authorized(environ)
 
         def figures(reader):
-            busiest = _applications(reader)
+            events = reader.rows("SELECT application, sum(events) FROM pycolytics_names WHERE field = 'platform'"
+                                 " AND day BETWEEN ? AND ? GROUP BY application", reader.first, reader.last)
+            busiest = [name for name, _ in sorted(events, key=lambda row: (-row[1], row[0].encode()))[:REPORT_TOP]]
             if "application" not in fields and busiest:  # one game, not every game mixed
                 reader = Reader(reader.connection, reader.dialect, query._replace(application=busiest[0]), reader.today)
             report, extras = build_report(reader)
@@ -4827,25 +4744,25 @@ EXPORT_COLUMNS = ("id", "time", "received_at", "event_type", "application", "ver
                   "user_id", "session_id", "value", "event_id")
 
 
-def stored_ids(config, user_id, application):
-    """The user_id as the database holds it: itself, or its hash where its application hashes ids."""
+def _player_rows(config, user_id, application):
+    """The condition on one player's rows (of `application`, or of any), its values, and the user_ids it names: the
+    id itself, or its hash where its application hashes ids."""
     hashing = {name for name in [None, *config.apps] if config.for_app(name, "hash_user_ids")}
-    if application is not None:
-        hashed = (application if application in config.apps else None) in hashing
-        return [hash_id(config.id_secret.encode(), user_id)] if hashed else [user_id]
-    return [user_id] + ([hash_id(config.id_secret.encode(), user_id)] if hashing else [])
+    if application is None:
+        ids = [user_id] + ([hash_id(config.id_secret.encode(), user_id)] if hashing else [])
+    elif (application if application in config.apps else None) in hashing:
+        ids = [hash_id(config.id_secret.encode(), user_id)]
+    else:
+        ids = [user_id]
+    where = f"user_id IN ({', '.join('?' * len(ids))})" + ("" if application is None else " AND application = ?")
+    return where, ids + ([] if application is None else [application]), ids
 
 
 def erase_player(store, connection, config, user_id, application=None):
-    """Delete every event of one player (of `application`, or of any), ERASE_STEP_IDS ids a step, each
-    its own short transaction, and their rows of the summaries; how many events went. Asking twice
-    is harmless. Events that arrive after it began are kept (a player who asked should be opted out)."""
-    ids = stored_ids(config, user_id, application)
+    """Delete every event of one player (of `application`, or of any) and their summaries' rows, ERASE_STEP_IDS ids a
+    short transaction; how many events went. Events that arrive after it began are kept (opt the player out)."""
+    where, parameters, ids = _player_rows(config, user_id, application)
     dialect = store.dialect
-    marks = ", ".join("?" * len(ids))
-    where, parameters = f"user_id IN ({marks})", list(ids)
-    if application is not None:
-        where, parameters = where + " AND application = ?", parameters + [application]
     top = connection.execute("SELECT max(id) FROM event").fetchone()[0] or 0
     removed, applications = 0, set()
     for after in range(0, top, ERASE_STEP_IDS):
@@ -4866,7 +4783,8 @@ def erase_player(store, connection, config, user_id, application=None):
             applications |= {name for name, in connection.execute(f"SELECT DISTINCT application FROM pycolytics_users"
                                                                   f" WHERE {where}", parameters)}
             for table, name in itertools.product(PLAYER_TABLES, applications):
-                connection.execute(f"DELETE FROM {table} WHERE application = ? AND user_id IN ({marks})", [name] + ids)
+                connection.execute(f"DELETE FROM {table} WHERE application = ? AND user_id IN"
+                                   f" ({', '.join('?' * len(ids))})", [name] + ids)
     log.info("erased a player's events at an admin's request: %d events%s", removed,
              "" if application is None else f" of application {application!r}")
     return removed
@@ -4889,20 +4807,18 @@ def _uncount(connection, rows):
 def _export_columns(store, connection):
     """EXPORT_COLUMNS as text in SQL, NULL for those an older table lacks."""
     present, dialect = store.columns(connection), store.dialect
-    texts = {"time": dialect.time_text, "received_at": dialect.received_text, "value": dialect.value_text}
+    texts = {"time": dialect.time_text.format("time"), "received_at": dialect.time_text.format("received_at"),
+             "value": dialect.value_text}
     return ", ".join(texts.get(name, name) if name in present else f"NULL AS {name}" for name in EXPORT_COLUMNS)
 
 
 def player_events(store, connection, config, user_id, application=None, after_id=0, limit=None):
     """The rows (EXPORT_COLUMNS) of one player's events in id order, streamed, after `after_id`."""
-    ids = stored_ids(config, user_id, application)
-    where, parameters = f"user_id IN ({', '.join('?' * len(ids))}) AND id > ?", ids + [after_id]
-    if application is not None:
-        where, parameters = where + " AND application = ?", parameters + [application]
+    where, parameters, _ = _player_rows(config, user_id, application)
     limited = f" LIMIT {int(limit)}" if limit else ""
-    selected = _export_columns(store, connection)
-    return store.rows(connection, store.dialect.sql(f"SELECT {selected} FROM event WHERE {where} ORDER BY id{limited}"),
-                      parameters)
+    return store.rows(connection, store.dialect.sql(f"SELECT {_export_columns(store, connection)} FROM event"
+                                                    f" WHERE {where} AND id > ? ORDER BY id{limited}"),
+                      parameters + [after_id])
 
 
 def _record(row):
@@ -4912,9 +4828,8 @@ def _record(row):
 
 
 class Players:
-    """POST /v1.0/player/erase and /v1.0/player/export: one player's events, with one of admin_keys
-    (read and write keys are refused). The body names the player: {"user_id": ..., "application":
-    ... (optional), "after_id": ... (export, optional)}; the raw id, also where it is stored hashed."""
+    """POST /v1.0/player/erase and /v1.0/player/export, with one of admin_keys: one player's events, named by the body:
+    {"user_id": raw id (also where stored hashed), "application": optional, "after_id": export's, optional}."""
 
     def __init__(self, config, store, keyring):
         self.config, self.store, self.keyring = config, store, keyring
@@ -4925,18 +4840,16 @@ class Players:
         document = parse_json(read_body(environ, self.config.max_body_bytes))
         user_id, application, after_id = self._player(document)
         if environ.get("PATH_INFO", "").endswith("/erase"):
-            connection = self.store.connect()
-            try:
+            with contextlib.closing(self.store.connect()) as connection:
                 removed = erase_player(self.store, connection, self.config, user_id, application)
-            finally:
-                connection.close()
             return _ok(json.dumps({"removed": removed, "application": application}).encode(), JSON_TYPE)
         return self._export(user_id, application, after_id)
 
     def _player(self, document):
         if not isinstance(document, dict):
             raise HTTPError(422, "the body must be a JSON object like {\"user_id\": \"3f2a9c1e\"}")
-        user_id, application, after_id = document.get("user_id"), document.get("application"), document.get("after_id", 0)
+        user_id, application = document.get("user_id"), document.get("application")
+        after_id = document.get("after_id", 0)
         if type(user_id) is not str or not user_id:
             raise HTTPError(422, "'user_id' must be the player's id, a non-empty string")
         if application is not None and type(application) is not str:
