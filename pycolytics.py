@@ -5657,19 +5657,16 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
 
   function read(key) {
     try {
-      return local ? local.getItem(key) : (memory.has(key) ? memory.get(key) : null);
+      return local ? local.getItem(key) : (memory.get(key) ?? null);
     } catch (error) {
       return null;
     }
   }
 
   function write(key, text) {
-    if (!local) {
-      memory.set(key, text);
-      return true;
-    }
     try {
-      local.setItem(key, text);
+      if (local) local.setItem(key, text);
+      else memory.set(key, text);
       return true;
     } catch (error) {
       return false;  // over the storage quota
@@ -5741,21 +5738,15 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
 
   function init(options) {
     options = options || {};
-    for (const name of ["url", "apiKey", "application"]) {
-      if (typeof options[name] !== "string" || !options[name]) throw new TypeError("Pycolytics.init: " + name + " is required");
-    }
+    const absent = ["url", "apiKey", "application"].find((name) => !options[name] || typeof options[name] !== "string");
+    if (absent) throw new TypeError(`Pycolytics.init: ${absent} is required`);
     // Not given: granted, so that pages written before consent existed keep working as they did.
     const wanted = options.consent === undefined ? "granted" : accepted(options.consent, "Pycolytics.init");
     settings = {
-      url: options.url.replace(/\/+$/, "") + "/v1.0/events",
-      apiKey: options.apiKey,
-      application: options.application,
-      version: String(options.version == null ? "" : options.version),
-      platform: String(options.platform == null ? "Web" : options.platform),
-      batchSize: Math.min(positive(options.batchSize, 20), 1000),
-      interval: positive(options.interval, 5) * 1000,
-      maxQueue: positive(options.maxQueue, 1000),
-      persistentUser: options.persistentUser !== false,
+      url: options.url.replace(/\/+$/, "") + "/v1.0/events", apiKey: options.apiKey, application: options.application,
+      version: String(options.version ?? ""), platform: String(options.platform ?? "Web"),
+      batchSize: Math.min(positive(options.batchSize, 20), 1000), interval: positive(options.interval, 5) * 1000,
+      maxQueue: positive(options.maxQueue, 1000), persistentUser: options.persistentUser !== false,
     };
     const prefix = "pycolytics:" + options.application + ":";
     keys = {prefix, queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
@@ -5857,13 +5848,9 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     return batch;
   }
 
-  function stamped(event, sentAt) {
-    return Object.assign({}, event, {sent_at: sentAt});
-  }
-
   function post(batch) {
     const sentAt = new Date().toISOString();
-    const text = JSON.stringify(batch.map((event) => stamped(event, sentAt)));
+    const text = JSON.stringify(batch.map((event) => ({...event, sent_at: sentAt})));
     return compressed(text).then((body) => {
       // text/plain needs no preflight; Content-Encoding does, which the browser then caches
       const headers = {"Content-Type": "text/plain"};
@@ -5915,10 +5902,9 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   function refuse(events, status, answer) {
     refused += forget(events);
     failures = 0;
-    if (complained) return;
+    const text = `Pycolytics: the collector refused ${events.length} event(s) with HTTP ${status}; they are dropped`;
+    if (!complained) console.error(text + ", not sent again. Later refusals are not logged.", answer && answer.detail);
     complained = true;
-    console.error("Pycolytics: the collector refused " + events.length + " event(s) with HTTP " + status +
-                  "; they are dropped, not sent again. Later refusals are not logged.", answer && answer.detail);
   }
 
   // The page is going away, or may be killed in the background: a beacon is the last chance.
@@ -5928,7 +5914,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     const sentAt = new Date().toISOString(), parts = [];
     let bytes = 2;
     for (const event of queued()) {
-      const text = JSON.stringify(stamped(event, sentAt));
+      const text = JSON.stringify({...event, sent_at: sentAt});
       bytes += new Blob([text]).size + 1;
       if (bytes > BEACON_BYTES) break;
       parts.push(text);
@@ -5937,14 +5923,10 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   }
 
   global.addEventListener("pagehide", beacon);
-  global.document.addEventListener("visibilitychange", () => {
-    if (global.document.visibilityState === "hidden") beacon();
-  });
+  global.document.addEventListener("visibilitychange", () => global.document.visibilityState === "hidden" && beacon());
 
   global.Pycolytics = {
-    init,
-    track,
-    setConsent,
+    init, track, setConsent,
     optOut: () => setConsent("denied"),
     flush: () => settings && schedule(0),
     stats: () => ({queued: settings ? queued().length : 0, dropped: settings ? Number(read(keys.dropped)) || 0 : 0,
@@ -5954,15 +5936,10 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
 """
 
 _CLIENT_BODY = CLIENT_JS.encode()
-# A page keeps the script for an hour; then the browser asks again with the ETag and gets a
-# 304 until the script changes (with a new Pycolytics).
-_CLIENT_HEADERS = [
-    ("ETag", f'"{binascii.crc32(_CLIENT_BODY):08x}"'),
-    ("Cache-Control", "public, max-age=3600"),
-    # A cross-origin isolated page (COEP require-corp, as Godot 4's threaded web export needs)
-    # loads a script from another origin only if the script says it may.
-    ("Cross-Origin-Resource-Policy", "cross-origin"),
-]
+# A page keeps the script for an hour, then revalidates it by its ETag (304 until it changes). A cross-origin isolated
+# page (COEP require-corp, as Godot 4's threaded web export needs) loads another origin's script only if it says it may.
+_CLIENT_HEADERS = [("ETag", f'"{binascii.crc32(_CLIENT_BODY):08x}"'), ("Cache-Control", "public, max-age=3600"),
+                   ("Cross-Origin-Resource-Policy", "cross-origin")]
 
 
 def client_script(environ):
