@@ -4968,49 +4968,37 @@ def _link(path, fields):
     return _escape(path + ("?" + urlencode(chosen) if chosen else ""))
 
 
-def _day_ticks(days, left, step, y):
-    """Date labels under a chart, about eight of them whatever the range."""
-    every = max(1, math.ceil(len(days) / 8))
-    return "".join(f'<text x="{left + n * step + step / 2:.1f}" y="{y}" text-anchor="middle">{day[5:]}</text>'
-                   for n, day in enumerate(days) if n % every == 0)
-
-
-def _frame(top, width, height, left, bottom, label, inside):
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)}">'
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
-            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{inside}</svg>')
-
-
-def _columns_svg(days, series, label):
-    """Stacked bars per day: series is [(name, values)], drawn bottom up in the classes bar0, bar1."""
+def _days_svg(days, series, label, lines=False):
+    """Series [(name, values)] over the days: stacked bars per day (classes bar0, bar1...), or with `lines` a line
+    each (line0, line1...); with its scale, and about eight date labels under it whatever the range."""
     width, height, left, bottom = 760, 200, 56, 24
-    top = max((sum(values[n] for _, values in series) for n in range(len(days))), default=0) or 1
-    step = (width - left) / max(1, len(days))
-    bars = []
-    for n, day in enumerate(days):
-        base = height - bottom
+    axis, room = height - bottom, height - bottom - 10
+    heights = ([value for _, values in series for value in values] if lines else
+               [sum(values[n] for _, values in series) for n in range(len(days))])
+    top, step = max(heights, default=0) or 1, (width - left) / max(1, len(days))
+    marks = []
+    if lines:
         for index, (name, values) in enumerate(series):
-            tall = (height - bottom - 10) * values[n] / top
-            if values[n]:
-                bars.append(f'<rect class="bar bar{index}" x="{left + n * step + step * 0.1:.1f}" y="{base - tall:.1f}" '
-                            f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {values[n]:,} '
-                            f'{_escape(name)}</title></rect>')
-            base -= tall
-    return _frame(top, width, height, left, bottom, label, "".join(bars) + _day_ticks(days, left, step, height - 6))
-
-
-def _lines_svg(days, series, label):
-    """A line per series over the days: series is [(name, values)], in the classes line0, line1."""
-    width, height, left, bottom = 760, 200, 56, 24
-    top = max((value for _, values in series for value in values), default=0) or 1
-    step = (width - left) / max(1, len(days))
-    lines = []
-    for index, (name, values) in enumerate(series):
-        points = " ".join(f"{left + n * step + step / 2:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
-                          for n, value in enumerate(values))
-        lines.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title></polyline>')
-    return _frame(top, width, height, left, bottom, label, "".join(lines) + _day_ticks(days, left, step, height - 6))
+            points = " ".join(f"{left + n * step + step / 2:.1f},{axis - room * value / top:.1f}"
+                              for n, value in enumerate(values))
+            marks.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title></polyline>')
+    else:
+        for n, day in enumerate(days):
+            base = axis
+            for index, (name, values) in enumerate(series):
+                tall = room * values[n] / top
+                if values[n]:
+                    marks.append(f'<rect class="bar bar{index}" x="{left + n * step + step * 0.1:.1f}" '
+                                 f'y="{base - tall:.1f}" width="{step * 0.8:.1f}" height="{tall:.1f}">'
+                                 f'<title>{day}: {values[n]:,} {_escape(name)}</title></rect>')
+                base -= tall
+    every = max(1, math.ceil(len(days) / 8))
+    marks += [f'<text x="{left + n * step + step / 2:.1f}" y="{height - 6}" text-anchor="middle">{day[5:]}</text>'
+              for n, day in enumerate(days) if n % every == 0]
+    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)}">'
+            f'<line x1="{left}" y1="{axis}" x2="{width}" y2="{axis}" class="axis"/>'
+            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
+            f'<text x="{left - 6}" y="{axis}" text-anchor="end">0</text>{"".join(marks)}</svg>')
 
 
 def _legend(names):
@@ -5030,12 +5018,10 @@ def _ranking_svg(items, label, shares=False):
         y, long = n * row, (width - names - 110) * value / top
         shown = str(name) if len(str(name)) <= 20 else str(name)[:19] + "\u2026"
         note = f" ({100 * value / first:.0f}%)" if shares else ""
-        bars.append(
-            f'<rect class="bar" x="{names}" y="{y + 4}" width="{long:.1f}" height="{row - 8}">'
-            f'<title>{_escape(name)}: {value:,}{note}</title></rect>'
-            f'<text x="{names - 6}" y="{y + 18}" text-anchor="end">{_escape(shown or "(empty)")}</text>'
-            f'<text x="{names + long + 6:.1f}" y="{y + 18}">{value:,}{note}</text>'
-        )
+        bars.append(f'<rect class="bar" x="{names}" y="{y + 4}" width="{long:.1f}" height="{row - 8}">'
+                    f'<title>{_escape(name)}: {value:,}{note}</title></rect>'
+                    f'<text x="{names - 6}" y="{y + 18}" text-anchor="end">{_escape(shown or "(empty)")}</text>'
+                    f'<text x="{names + long + 6:.1f}" y="{y + 18}">{value:,}{note}</text>')
     return (f'<svg class="chart ranking" viewBox="0 0 {width} {row * len(items)}" role="img" '
             f'aria-label="{_escape(label)}">{"".join(bars)}</svg>')
 
@@ -5048,9 +5034,7 @@ def _options(names, chosen):
 def _seconds_text(seconds):
     if seconds < 60:
         return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _funnel_section(parts, hidden, types):
@@ -5067,7 +5051,9 @@ def _funnel_section(parts, hidden, types):
     return form + _ranking_svg(items, "funnel", shares=True)
 
 
-# The dashboard's style sheet: one page, no files to serve, no scripts.
+# The dashboard's style sheet: one page, no files to serve, no scripts. Series n of a chart is drawn in the nth
+# colour: its bars (bar0, bar1...), its line (line0...) and its legend's key (key0...).
+PALETTE = ("#3d7be0", "#e0793d", "#4caf7a", "#9b6ad6", "#d6b43d", "#8a93a6")
 DASHBOARD_CSS = """\
 body{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}
 header{background:#1d2433;color:#fff;padding:12px 24px} header h1{font-size:20px;margin:0 0 8px}
@@ -5078,15 +5064,13 @@ input,select,button{font:inherit;padding:3px 6px} main{max-width:1100px;margin:0
 section{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}
 h2{font-size:17px;margin:4px 0 8px} .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}
 .grid section{margin:0} .chart{width:100%;height:auto} .ranking{max-width:560px} .chart text{font-size:13px;fill:#3b4356}
-.bar,.bar0{fill:#3d7be0} .bar1{fill:#e0793d} .bar2{fill:#4caf7a} .bar3{fill:#9b6ad6} .bar4{fill:#d6b43d}
-.bar5{fill:#8a93a6} .axis{stroke:#c5cad3} .line{fill:none;stroke-width:2.5} .line0{stroke:#3d7be0}
-.line1{stroke:#e0793d} .line2{stroke:#4caf7a} .legend{margin:0 0 4px;font-size:14px} .legend span{margin-right:12px}
-.key0{color:#3d7be0} .key1{color:#e0793d} .key2{color:#4caf7a} .key3{color:#9b6ad6} .key4{color:#d6b43d}
-.key5{color:#8a93a6} .empty{color:#5b6477}
+.bar{fill:#3d7be0} .axis{stroke:#c5cad3} .line{fill:none;stroke-width:2.5} .empty{color:#5b6477}
+.legend{margin:0 0 4px;font-size:14px} .legend span{margin-right:12px}
 .scroll{overflow-x:auto} table{border-collapse:collapse} td,th{padding:3px 8px;text-align:right;font-size:14px}
 .retention td.future{background:#fafafa} .numbers td,.numbers th{border-bottom:1px solid #e3e6eb}
 header a{color:#cfe0ff} footer{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}
-"""
+""" + "".join(f".bar{n}{{fill:{colour}}} .line{n}{{stroke:{colour}}} .key{n}{{color:{colour}}}\n"
+              for n, colour in enumerate(PALETTE))
 
 
 def _table(header, rows):
@@ -5103,8 +5087,7 @@ def _percent(share):
 def _retention_section(retention):
     if not retention["weekly"]:
         return '<p class="empty">No new players in this range.</p>'
-    average = retention["average"]
-    cells = []
+    cells, average = [], retention["average"]
     for row in retention["weekly"]:
         shares = "".join('<td class="future"></td>' if row[f"day_{after}"] is None else
                          f'<td style="background:rgba(61,123,224,{0.08 + 0.92 * row[f"day_{after}"]:.2f})'
@@ -5112,10 +5095,9 @@ def _retention_section(retention):
                          for after in RETENTION_DAYS)
         cells.append(f"<tr><th>{row['cohort']}</th><td>{row['users']:,}</td>{shares}</tr>")
     head = "".join(f"<th>day {after}</th>" for after in RETENTION_DAYS)
-    return (f'<p>Of the {retention["new_users"]:,} new players of the range, back on day 1: '
-            f'<b>{_percent(average["day_1"]) or "-"}</b>, day 7: <b>{_percent(average["day_7"]) or "-"}</b>, '
-            f'day 30: <b>{_percent(average["day_30"]) or "-"}</b> (each cohort weighted by its players; weeks '
-            f'with fewer than {retention["min_cohort"]} new players are folded into the next).</p>'
+    back = ", ".join(f'day {after}: <b>{_percent(average[f"day_{after}"]) or "-"}</b>' for after in (1, 7, 30))
+    return (f'<p>Of the {retention["new_users"]:,} new players of the range, back on {back} (each cohort weighted by '
+            f'its players; weeks with fewer than {retention["min_cohort"]} new players are folded into the next).</p>'
             f'<div class="scroll"><table class="retention"><tr><th>week from</th><th>new players</th>{head}</tr>'
             f'{"".join(cells)}</table></div>')
 
@@ -5126,7 +5108,7 @@ def _stickiness_section(stickiness, dates):
         return '<p class="empty">No players in this range.</p>'
     shares = [day["dau_mau"] for day in days if day["dau_mau"] is not None]
     series = [(name.upper(), [day[name] for day in days]) for name in ("dau", "wau", "mau")]
-    return (_legend([name for name, _ in series]) + _lines_svg(dates, series, "daily, weekly and monthly players")
+    return (_legend(["DAU", "WAU", "MAU"]) + _days_svg(dates, series, "daily, weekly and monthly players", lines=True)
             + f'<p class="empty">DAU/MAU {_percent(sum(shares) / len(shares))} on average; on the last day '
               f'{_percent(days[-1]["dau_mau"])}.</p>')
 
@@ -5139,7 +5121,7 @@ def _versions_section(versions, dates):
     series = [(name, [per_day.get((day, name), 0) for day in dates]) for name in top]
     table = _table(("version", "events", "players"), [(row["name"], f"{row['events']:,}", f"{row.get('users', 0):,}")
                                                       for row in versions["versions"]])
-    return _legend(top) + _columns_svg(dates, series, "events per version and day") + table
+    return _legend(top) + _days_svg(dates, series, "events per version and day") + table
 
 
 def _revenue_section(revenue, dates):
@@ -5154,7 +5136,7 @@ def _revenue_section(revenue, dates):
     return (f'<p>{revenue["paying_users"]:,} paying players of {revenue["players"]:,}: conversion '
             f'<b>{_percent(revenue["conversion"]) or "-"}</b>.</p>' + table
             + f"<h3>Revenue per day ({_escape(main or '(no currency)')})</h3>"
-            + _columns_svg(dates, [(main, [per_day.get(day, 0) for day in dates])], "revenue per day")
+            + _days_svg(dates, [(main, [per_day.get(day, 0) for day in dates])], "revenue per day")
             + '<div class="grid"><div><h3>First purchase, days after the first day</h3>'
             + _ranking_svg([(row["days"], row["users"]) for row in revenue["first_purchase"]], "first purchases")
             + "</div><div><h3>Top items</h3>" + _ranking_svg(
@@ -5248,9 +5230,9 @@ def dashboard_html(parts, seconds):
 <div class="totals"><div><b>{totals["events"]:,}</b>events</div><div><b>{totals["users"]:,}</b>players</div>
 <div><b>{totals["new_users"]:,}</b>new players</div><div><b>{totals["sessions"]:,}</b>sessions</div>
 <div><b>{_seconds_text(median)}</b>median session</div></div>
-<section><h2>Events per day</h2>{_columns_svg(dates, [("events", column["events"])], "events per day")
+<section><h2>Events per day</h2>{_days_svg(dates, [("events", column["events"])], "events per day")
                                    if totals["events"] else empty}</section>
-<section><h2>New and returning players per day</h2>{_legend(["new players", "returning players"]) + _columns_svg(
+<section><h2>New and returning players per day</h2>{_legend(["new players", "returning players"]) + _days_svg(
     dates, [("new players", column["new_users"]), ("returning players", returning)], "new and returning players")
     if totals["events"] else empty}</section>
 <section><h2>Retention: the share of each week's new players back on the days after their first</h2>
