@@ -5260,27 +5260,20 @@ def dashboard_html(parts, seconds):
 
 def _event_schema(config):
     strings = {name: {"type": "string", "maxLength": config.max_string_length} for name in EVENT_FIELDS}
-    return {
-        "type": "object",
-        "required": list(EVENT_FIELDS),
-        "properties": dict(
-            strings,
-            value={"type": "object", "default": {}, "description": "Anything, as a JSON object."},
-            api_key={"type": "string", "description": "One of the server's API keys."},
-            timestamp=_client_time_schema("When the event happened, by the client's clock."),
-            sent_at=_client_time_schema("When the client sent the request, by its clock: corrects a wrong clock."),
-            event_id={"type": "string", "minLength": 1, "maxLength": MAX_EVENT_ID,
-                      "description": "A unique id made by the client: an event whose id is stored for the same application is not stored again."},
-        ),
-        "additionalProperties": True,
-    }
+    return {"type": "object", "required": list(EVENT_FIELDS), "properties": dict(
+        strings, value={"type": "object", "default": {}, "description": "Anything, as a JSON object."},
+        api_key={"type": "string", "description": "One of the server's API keys."},
+        timestamp=_client_time_schema("When the event happened, by the client's clock."),
+        sent_at=_client_time_schema("When the client sent the request, by its clock: corrects a wrong clock."),
+        event_id={"type": "string", "minLength": 1, "maxLength": MAX_EVENT_ID, "description": "A unique id made by "
+                  "the client: an event whose id is stored for the same application is not stored again."},
+    ), "additionalProperties": True}
 
 
 def _client_time_schema(description):
     return {"description": description + " ISO 8601 text (UTC unless it says) or Unix seconds.", "oneOf": [
         {"type": "string", "pattern": _ISO_8601.pattern},
-        {"type": "number", "minimum": 0, "maximum": _LAST_SECOND.timestamp()},
-    ]}
+        {"type": "number", "minimum": 0, "maximum": _LAST_SECOND.timestamp()}]}
 
 
 # Every answer the event endpoints give, written once: /docs and /openapi.json show this table,
@@ -5310,31 +5303,29 @@ def openapi_document(config, url):
     answers = {status: {"description": text} if status == "204" else
                {"description": text, "content": {"application/json": {"schema": error}}}
                for status, text in EVENT_ANSWERS}
-
-    def post(summary, schema):
-        return {"post": {
-            "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-            "responses": answers,
-        }}
-
     batch = {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "maxItems": config.max_batch_events}
     return {
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
         "servers": [{"url": url}],
         "paths": dict({
-            "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
-            "/v1.0/events": post("Store a batch of events, all or nothing", batch),
+            "/v1.0/event": _post("Store one event", {"$ref": "#/components/schemas/Event"}, answers),
+            "/v1.0/events": _post("Store a batch of events, all or nothing", batch, answers),
         }, **_report_paths(error, config.max_string_length)),
         "components": {"schemas": {
             "Event": _event_schema(config),
             "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
-        }, "securitySchemes": {"readKey": {"type": "http", "scheme": "bearer"},
-                               "readKeyAsPassword": {"type": "http", "scheme": "basic"},
-                               "adminKey": {"type": "http", "scheme": "bearer"},
-                               "adminKeyAsPassword": {"type": "http", "scheme": "basic"}}},
+        }, "securitySchemes": {f"{kind}Key{how}": {"type": "http", "scheme": scheme} for kind in ("read", "admin")
+                               for how, scheme in (("", "bearer"), ("AsPassword", "basic"))}},
     }
+
+
+def _post(summary, schema, responses, security=None):
+    """A POST operation with a JSON body of `schema`; `security` the schemes of the key it takes, if any."""
+    operation = {"summary": summary, "security": security,
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                 "responses": responses}
+    return {"post": {name: value for name, value in operation.items() if value is not None}}
 
 
 def _keyed_failures(kind, error):
@@ -5371,10 +5362,9 @@ def _report_paths(error, longest):
         body = {"type": "object", "required": ["user_id"], "properties": {
             "user_id": {"type": "string", "minLength": 1}, "application": {"type": "string"},
             "after_id": {"type": "integer", "minimum": 0}}}
-        return {"post": {"summary": summary, "security": [{"adminKey": []}, {"adminKeyAsPassword": []}],
-                         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-                         "responses": dict({"200": {"description": summary, "content": content}},
-                                           **_keyed_failures("admin", error))}}
+        return _post(summary, body, dict({"200": {"description": summary, "content": content}},
+                                         **_keyed_failures("admin", error)),
+                     [{"adminKey": []}, {"adminKeyAsPassword": []}])
 
     return {
         "/v1.0/report": get("Events, players, new players, sessions per day; retention; session lengths; rankings"),
@@ -5402,14 +5392,10 @@ DOCS_CSS = ("body{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em a
 
 def docs_page(config, url):
     """The /docs page of the API served at `url` (as public_url() gives it, HTML-escaped)."""
-    example = json.dumps({
-        "event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
-        "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY,
-    }, indent=2)
-    rows = "".join(
-        f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} characters</td></tr>"
-        for name in EVENT_FIELDS
-    )
+    example = {"event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
+               "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY}
+    rows = "".join(f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} "
+                   "characters</td></tr>" for name in EVENT_FIELDS)
     answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
@@ -5418,7 +5404,7 @@ def docs_page(config, url):
 <h1>Pycolytics Event API {API_VERSION}</h1>
 <p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
 <h2>POST /v1.0/event</h2><p>One event, as a JSON object:</p>
-<pre>{example}</pre>
+<pre>{json.dumps(example, indent=2)}</pre>
 <h2>POST /v1.0/events</h2>
 <p>A JSON array of at most {config.max_batch_events} events. All or nothing: if any event is refused, none is stored.</p>
 <h2>Fields</h2><table>{rows}
@@ -5447,7 +5433,7 @@ are safe</td></tr></table>
 {PLAYERS_DOCS.format(export=MAX_PLAYER_EXPORT)}
 {_privacy_html(config)}
 <h2>Example</h2>
-<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
+<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(example)}'</pre>
 </body></html>
 """
 
@@ -6150,9 +6136,7 @@ def _warn_about(config):
 
 
 def keygen(arguments, config):
-    """Print a new random key: 32 bytes from the operating system's random source."""
     import secrets  # here: serving never needs it
-
     print(secrets.token_urlsafe(32))
     return 0
 
@@ -6184,11 +6168,9 @@ def export(arguments, config):
         raise UsageError(f"{arguments.output} exists; pass --force to overwrite it")
     store = _existing_store(config)
     connection = store.read()
-    if arguments.user is not None:  # a player's own data, as they may ask for it: JSON lines unless asked
-        rows, chosen = player_events(store, connection, config, arguments.user, arguments.application), "jsonl"
-    else:
-        rows, chosen = _events(store, connection, arguments, moments), "csv"
-    chosen = arguments.format or chosen
+    rows = (_events(store, connection, arguments, moments) if arguments.user is None else  # a player's own data
+            player_events(store, connection, config, arguments.user, arguments.application))
+    chosen = arguments.format or ("csv" if arguments.user is None else "jsonl")
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0
     try:
@@ -6243,27 +6225,22 @@ def prune(arguments, config):
     """Delete events older than --before, in small steps that never hold up a running server."""
     before = _moment(arguments.before, "--before")
     store = _existing_store(config)
-    connection = store.read()
-    try:
+    with contextlib.closing(store.read()) as connection:
         found = connection.execute(store.dialect.sql(f"SELECT count(*) FROM event WHERE time < {store.dialect.time}"),
                                    (before,)).fetchone()[0]
-    finally:
-        connection.close()
     log.info("%d events are from before %s", found, before)
     if arguments.dry_run or not found or not _asked(
             arguments, f"Delete {found} events from before {before}?",
             f"this would delete {found} events; pass --yes to delete them without a question"):
         return 0 if arguments.dry_run or not found else 1
-    connection, deleted = store.connect(), 0
-    try:
+    deleted = 0
+    with contextlib.closing(store.connect()) as connection:
         while True:
             step, changed = store.prune(connection, before)
             deleted += step
             if not step and not changed:
                 break
             time.sleep(0.01)  # the server's writer gets its turn between steps
-    finally:
-        connection.close()
     log.info("deleted %d events from before %s", deleted, before)
     return 0
 
@@ -6275,17 +6252,13 @@ def forget(arguments, config):
     if not _asked(arguments, f"Erase every event of this player{where}?",
                   "this erases a player's events; pass --yes to erase them without a question"):
         return 1
-    connection = store.connect()
-    try:
+    with contextlib.closing(store.connect()) as connection:
         removed = erase_player(store, connection, config, arguments.user, arguments.application)
-    finally:
-        connection.close()
     print(json.dumps({"removed": removed, "application": arguments.application}))
     return 0
 
 
 def privacy(arguments, config):
-    """Print what this configuration keeps of players, for a privacy policy and the stores' forms."""
     for heading, lines in privacy_facts(config):
         print(heading + "".join("\n  - " + line for line in lines))
     return 0
@@ -6363,8 +6336,8 @@ def copy_events(arguments, config):
     if not isinstance(target, PostgresStore):
         raise UsageError(f"--to {arguments.to!r} is not a postgresql:// URL")
     origin = _identity(config.database, config.busy_timeout)
-    source, destination, copied, seen = read_only(config.database), target.connect(), 0, 0
-    try:
+    copied = seen = 0
+    with contextlib.closing(read_only(config.database)) as source, contextlib.closing(target.connect()) as destination:
         with destination.transaction():
             destination.execute(COPY_PROGRESS)
         mark = destination.execute("SELECT last_id FROM pycolytics_copied WHERE source = %s", (origin,)).fetchone()
@@ -6383,9 +6356,6 @@ def copy_events(arguments, config):
                 cursor.execute("INSERT INTO pycolytics_copied (source, last_id) VALUES (%s, %s)"
                                " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id", (origin, last))
             seen += len(rows)
-    finally:
-        source.close()
-        destination.close()
     log.info("copied %d events of database %s into %s (%d more were there already)",
              copied, origin, _redacted(arguments.to), seen - copied)
     return 0
