@@ -5399,8 +5399,7 @@ def docs_page(config, url):
     answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
-<style>{DOCS_CSS}</style>
-</head><body>
+<style>{DOCS_CSS}</style></head><body>
 <h1>Pycolytics Event API {API_VERSION}</h1>
 <p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
 <h2>POST /v1.0/event</h2><p>One event, as a JSON object:</p>
@@ -5416,15 +5415,13 @@ bytes as JSON and {config.max_value_depth} levels deep</td></tr>
 <tr><td><code>sent_at</code></td><td>optional: when the client sent the request, by the same clock; the server then
 corrects the clock's error. The stored <code>time</code> is the best estimate of when the event happened, never in
 the future; <code>received_at</code> keeps the receive time.</td></tr>
-<tr><td><code>event_id</code></td><td>optional: a unique string of at most {MAX_EVENT_ID} characters made by the client;
-an event whose id is already stored for the same application is acknowledged and not stored again, so retries
-are safe</td></tr></table>
-<p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes, also after decompression
+<tr><td><code>event_id</code></td><td>optional: the client's unique string of at most {MAX_EVENT_ID} characters; an
+event whose id is already stored for the same application is acknowledged, not stored again: retries are safe</td></tr>
+</table><p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes, also after decompression
 (<code>Content-Encoding: gzip</code> or <code>deflate</code>); any Content-Type is accepted, so browsers can post
 <code>text/plain</code> without a preflight. Every answer carries CORS headers for allowed origins, and
 <code>OPTIONS</code> answers preflights.</p>
-<h2>Answers</h2><table>
-{answers}</table>
+<h2>Answers</h2><table>{answers}</table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
 {CLIENT_AND_OPERATIONS_DOCS}
 {REPORTS_DOCS.format(days=DASHBOARD_DAYS, longest=MAX_REPORT_DAYS, top=REPORT_TOP, cohort=MIN_COHORT,
@@ -6159,9 +6156,7 @@ def _existing_store(config):
 
 
 def export(arguments, config):
-    """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
-    import csv
-
+    import csv  # here: serving never needs it
     moments = {option: _moment(getattr(arguments, option), f"--{option}")
                for option in ("since", "until") if getattr(arguments, option)}
     if arguments.output and os.path.exists(arguments.output) and not arguments.force:
@@ -6222,7 +6217,6 @@ def _asked(arguments, question, refusal):
 
 
 def prune(arguments, config):
-    """Delete events older than --before, in small steps that never hold up a running server."""
     before = _moment(arguments.before, "--before")
     store = _existing_store(config)
     with contextlib.closing(store.read()) as connection:
@@ -6246,7 +6240,6 @@ def prune(arguments, config):
 
 
 def forget(arguments, config):
-    """Erase one player's events (and their summaries), in small steps, while the server runs."""
     store = _existing_store(config)
     where = f" of application {arguments.application!r}" if arguments.application else " of every application"
     if not _asked(arguments, f"Erase every event of this player{where}?",
@@ -6265,7 +6258,6 @@ def privacy(arguments, config):
 
 
 def rebuild_summaries(arguments, config):
-    """Make the summaries reports read again from the events, in small steps (a running server goes on)."""
     store = _existing_store(config)
     if not store.summaries:
         raise UsageError("only an SQLite database keeps summaries; PostgreSQL's reports read the events")
@@ -6287,7 +6279,6 @@ def rebuild_summaries(arguments, config):
 
 
 def backup(arguments, config):
-    """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
     if not isinstance(_existing_store(config), SQLiteStore):
         raise UsageError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
     if os.path.exists(arguments.file) and not arguments.force:
@@ -6326,8 +6317,6 @@ def _identity(path, busy_timeout):
 
 
 def copy_events(arguments, config):
-    """Move an SQLite database's events into PostgreSQL. Run again, it resumes and copies each event once:
-    progress is committed with every step, in the target, under the id the source keeps."""
     if not isinstance(_existing_store(config), SQLiteStore):
         raise UsageError("copy reads an SQLite database: name it with --database FILE")
     target_config = copy_module.copy(config)
