@@ -5537,8 +5537,7 @@ def _conventions_docs(config):
 
 
 def privacy_facts(config):
-    """What this server keeps of players, as (heading, sentences): for /docs, `pycolytics.py privacy`
-    and the stores' privacy forms."""
+    """What this server keeps of players, as (heading, sentences): for /docs, `privacy` and the stores' forms."""
     hashing = sorted(name or "every application without a section" for name in [None, *config.apps]
                      if config.for_app(name, "hash_user_ids"))
     kept = (f"Events are deleted {config.retention_days:g} days after the midnight (UTC) of their day, whole days at a "
@@ -5548,8 +5547,7 @@ def privacy_facts(config):
         ("What is stored, per event", [
             "event_type, application, version, platform, user_id, session_id and value: as the game sends them "
             "(value holds whatever the game puts in it).",
-            "time (when it happened, by the client's clock if it says), received_at and event_id (if the client "
-            "makes one).",
+            "time (when it happened, by the client's clock if given), received_at, event_id (if the client made one).",
             "Not stored: the api_key, the client's IP address, its headers, cookies or anything else of the request.",
             "Summaries for reports (tables pycolytics_*) hold per player the days, sessions, levels and purchases "
             "made from the same events; they go with the events."]),
@@ -5717,10 +5715,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     keys = {prefix, queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
     // Until consent is granted localStorage is neither read nor written: the queue and the user id
     // live in memory, as where localStorage is blocked.
-    local = null;
-    consent = "pending";
-    userId = newId();
-    sessionId = newId();
+    [local, consent, userId, sessionId] = [null, "pending", newId(), newId()];
     change(wanted);
   }
 
@@ -5760,10 +5755,9 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     local = null;  // so that the answer of a request still in flight saves nothing
   }
 
-  function track(type, value) {
+  function track(type, value = {}) {
     if (!settings) throw new Error("Pycolytics.track: call Pycolytics.init first");
     if (consent === "denied") return null;
-    if (value === undefined) value = {};
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
       throw new TypeError("Pycolytics.track: value must be an object, like {level: 3}");
     }
@@ -6261,19 +6255,18 @@ def rebuild_summaries(arguments, config):
     store = _existing_store(config)
     if not store.summaries:
         raise UsageError("only an SQLite database keeps summaries; PostgreSQL's reports read the events")
-    connection, read, upto = store.connect(), 1, -1
-    try:
-        with transaction(connection):
-            restart_summaries(connection)
-        log.info("summarising every event again; reports read the events until it is done")
-        while read:
-            read, upto = store.summarise(connection, SUMMARY_STEP_ROWS, config)
-            time.sleep(0.002)  # the server's writer gets its turn between steps
-    except SummaryPostponed:  # the server's writer holds the lock: it carries on from here
-        log.info("the running server goes on summarising")
-        return 0
-    finally:
-        connection.close()
+    read, upto = 1, -1
+    with contextlib.closing(store.connect()) as connection:
+        try:
+            with transaction(connection):
+                restart_summaries(connection)
+            log.info("summarising every event again; reports read the events until it is done")
+            while read:
+                read, upto = store.summarise(connection, SUMMARY_STEP_ROWS, config)
+                time.sleep(0.002)  # the server's writer gets its turn between steps
+        except SummaryPostponed:  # the server's writer holds the lock: it carries on from here
+            log.info("the running server goes on summarising")
+            return 0
     log.info("the summaries are made again, up to event %d", upto)
     return 0
 
