@@ -4981,7 +4981,8 @@ def _days_svg(days, series, label, lines=False):
         for index, (name, values) in enumerate(series):
             points = " ".join(f"{left + n * step + step / 2:.1f},{axis - room * value / top:.1f}"
                               for n, value in enumerate(values))
-            marks.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title></polyline>')
+            marks.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title>'
+                         '</polyline>')
     else:
         for n, day in enumerate(days):
             base = axis
@@ -5588,8 +5589,7 @@ def _privacy_html(config):
 CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/client.js (documented at /docs).
    Pycolytics.init({url, apiKey, application, version, platform, consent}); Pycolytics.track(type, value);
    Pycolytics.setConsent("granted" | "denied" | "pending"); Pycolytics.optOut() is setConsent("denied").
-   Events wait in localStorage until the collector acknowledges them; each carries an event_id,
-   so a request sent again after a lost answer is stored once. */
+   Events wait in localStorage until acknowledged; each has an event_id, so a batch sent again is stored once. */
 (function (global) {
   "use strict";
   if (global.Pycolytics) return;
@@ -5713,8 +5713,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     };
     const prefix = "pycolytics:" + options.application + ":";
     keys = {prefix, queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
-    // Until consent is granted localStorage is neither read nor written: the queue and the user id
-    // live in memory, as where localStorage is blocked.
+    // Until consent is granted, the queue and the user id live in memory, as where localStorage is blocked.
     [local, consent, userId, sessionId] = [null, "pending", newId(), newId()];
     change(wanted);
   }
