@@ -5039,8 +5039,7 @@ def _seconds_text(seconds):
 
 
 def _funnel_section(parts, hidden, types):
-    fields, funnel = parts["fields"], parts.get("funnel")
-    typed = fields.get("steps", "")
+    typed, funnel = parts["fields"].get("steps", ""), parts.get("funnel")
     picks = "".join(f'<select name="step"><option value="">step {n + 1}</option>{_options(types, None)}</select>'
                     for n in range(4))
     form = (f'<form method="get" action="dashboard">{hidden}<label>Steps <input name="steps" size="40" '
@@ -5169,8 +5168,7 @@ def _values_section(parts, hidden, types):
             f'</button></form>')
     if values is None:
         return form + '<p class="empty">What level do players die on? Pick the event type and its value\'s field.</p>'
-    shown = []
-    numbers = values["numbers"]
+    shown, numbers = [], values["numbers"]
     if numbers:
         stats = {name: numbers[name] for name in ("count", "min", "p50", "p90", "max", "sum")}
         shown.append(_table(stats, [[f"{value:,}" for value in stats.values()]]))
@@ -6388,8 +6386,7 @@ COMMANDS = {
                           "hand, say), in small steps; a running server answers reports from the events meanwhile.", []),
     "prune": (prune, "delete events older than a time, in small steps",
               "Delete the events whose time is before T, 500 at a time so that a running server is never held up. It "
-              "says first how many events that is, and asks before deleting them (on a terminal) unless --yes is "
-              "given; --dry-run only counts.", [
+              "says how many first, and asks (on a terminal) before deleting unless --yes; --dry-run only counts.", [
                   ("--before", dict(metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")),
                   ("--dry-run", dict(action="store_true", help="only say how many events would be deleted")), _YES]),
     "backup": (backup, "copy the database consistently, while the server runs",
