@@ -4889,49 +4889,38 @@ def _link(path, fields):
     return _escape(path + ("?" + urlencode(chosen) if chosen else ""))
 
 
-def _day_ticks(days, left, step, y):
-    """Date labels under a chart, about eight of them whatever the range."""
-    every = max(1, math.ceil(len(days) / 8))
-    return "".join(f'<text x="{left + n * step + step / 2:.1f}" y="{y}" text-anchor="middle">{day[5:]}</text>'
-                   for n, day in enumerate(days) if n % every == 0)
-
-
-def _frame(top, width, height, left, bottom, label, inside):
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)}">'
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" class="axis"/>'
-            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
-            f'<text x="{left - 6}" y="{height - bottom}" text-anchor="end">0</text>{inside}</svg>')
-
-
-def _columns_svg(days, series, label):
-    """Stacked bars per day: series is [(name, values)], drawn bottom up in the classes bar0, bar1."""
+def _days_svg(days, series, label, lines=False):
+    """Series [(name, values)] over the days: stacked bars per day (classes bar0, bar1...), or with `lines` a line
+    each (line0, line1...); with its scale, and about eight date labels under it whatever the range."""
     width, height, left, bottom = 760, 200, 56, 24
-    top = max((sum(values[n] for _, values in series) for n in range(len(days))), default=0) or 1
-    step = (width - left) / max(1, len(days))
-    bars = []
-    for n, day in enumerate(days):
-        base = height - bottom
+    axis, room = height - bottom, height - bottom - 10
+    heights = ([value for _, values in series for value in values] if lines else
+               [sum(values[n] for _, values in series) for n in range(len(days))])
+    top, step = max(heights, default=0) or 1, (width - left) / max(1, len(days))
+    marks = []
+    if lines:
         for index, (name, values) in enumerate(series):
-            tall = (height - bottom - 10) * values[n] / top
-            if values[n]:
-                bars.append(f'<rect class="bar bar{index}" x="{left + n * step + step * 0.1:.1f}" y="{base - tall:.1f}" '
-                            f'width="{step * 0.8:.1f}" height="{tall:.1f}"><title>{day}: {values[n]:,} '
-                            f'{_escape(name)}</title></rect>')
-            base -= tall
-    return _frame(top, width, height, left, bottom, label, "".join(bars) + _day_ticks(days, left, step, height - 6))
-
-
-def _lines_svg(days, series, label):
-    """A line per series over the days: series is [(name, values)], in the classes line0, line1."""
-    width, height, left, bottom = 760, 200, 56, 24
-    top = max((value for _, values in series for value in values), default=0) or 1
-    step = (width - left) / max(1, len(days))
-    lines = []
-    for index, (name, values) in enumerate(series):
-        points = " ".join(f"{left + n * step + step / 2:.1f},{height - bottom - (height - bottom - 10) * value / top:.1f}"
-                          for n, value in enumerate(values))
-        lines.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title></polyline>')
-    return _frame(top, width, height, left, bottom, label, "".join(lines) + _day_ticks(days, left, step, height - 6))
+            points = " ".join(f"{left + n * step + step / 2:.1f},{axis - room * value / top:.1f}"
+                              for n, value in enumerate(values))
+            marks.append(f'<polyline class="line line{index}" points="{points}"><title>{_escape(name)}</title>'
+                         '</polyline>')
+    else:
+        for n, day in enumerate(days):
+            base = axis
+            for index, (name, values) in enumerate(series):
+                tall = room * values[n] / top
+                if values[n]:
+                    marks.append(f'<rect class="bar bar{index}" x="{left + n * step + step * 0.1:.1f}" '
+                                 f'y="{base - tall:.1f}" width="{step * 0.8:.1f}" height="{tall:.1f}">'
+                                 f'<title>{day}: {values[n]:,} {_escape(name)}</title></rect>')
+                base -= tall
+    every = max(1, math.ceil(len(days) / 8))
+    marks += [f'<text x="{left + n * step + step / 2:.1f}" y="{height - 6}" text-anchor="middle">{day[5:]}</text>'
+              for n, day in enumerate(days) if n % every == 0]
+    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_escape(label)}">'
+            f'<line x1="{left}" y1="{axis}" x2="{width}" y2="{axis}" class="axis"/>'
+            f'<text x="{left - 6}" y="16" text-anchor="end">{top:,}</text>'
+            f'<text x="{left - 6}" y="{axis}" text-anchor="end">0</text>{"".join(marks)}</svg>')
 
 
 def _legend(names):
@@ -4951,12 +4940,10 @@ def _ranking_svg(items, label, shares=False):
         y, long = n * row, (width - names - 110) * value / top
         shown = str(name) if len(str(name)) <= 20 else str(name)[:19] + "\u2026"
         note = f" ({100 * value / first:.0f}%)" if shares else ""
-        bars.append(
-            f'<rect class="bar" x="{names}" y="{y + 4}" width="{long:.1f}" height="{row - 8}">'
-            f'<title>{_escape(name)}: {value:,}{note}</title></rect>'
-            f'<text x="{names - 6}" y="{y + 18}" text-anchor="end">{_escape(shown or "(empty)")}</text>'
-            f'<text x="{names + long + 6:.1f}" y="{y + 18}">{value:,}{note}</text>'
-        )
+        bars.append(f'<rect class="bar" x="{names}" y="{y + 4}" width="{long:.1f}" height="{row - 8}">'
+                    f'<title>{_escape(name)}: {value:,}{note}</title></rect>'
+                    f'<text x="{names - 6}" y="{y + 18}" text-anchor="end">{_escape(shown or "(empty)")}</text>'
+                    f'<text x="{names + long + 6:.1f}" y="{y + 18}">{value:,}{note}</text>')
     return (f'<svg class="chart ranking" viewBox="0 0 {width} {row * len(items)}" role="img" '
             f'aria-label="{_escape(label)}">{"".join(bars)}</svg>')
 
@@ -4969,14 +4956,11 @@ def _options(names, chosen):
 def _seconds_text(seconds):
     if seconds < 60:
         return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _funnel_section(parts, hidden, types):
-    fields, funnel = parts["fields"], parts.get("funnel")
-    typed = fields.get("steps", "")
+    typed, funnel = parts["fields"].get("steps", ""), parts.get("funnel")
     picks = "".join(f'<select name="step"><option value="">step {n + 1}</option>{_options(types, None)}</select>'
                     for n in range(4))
     form = (f'<form method="get" action="dashboard">{hidden}<label>Steps <input name="steps" size="40" '
@@ -4988,7 +4972,9 @@ def _funnel_section(parts, hidden, types):
     return form + _ranking_svg(items, "funnel", shares=True)
 
 
-# The dashboard's style sheet: one page, no files to serve, no scripts.
+# The dashboard's style sheet: one page, no files to serve, no scripts. Series n of a chart is drawn in the nth
+# colour: its bars (bar0, bar1...), its line (line0...) and its legend's key (key0...).
+PALETTE = ("#3d7be0", "#e0793d", "#4caf7a", "#9b6ad6", "#d6b43d", "#8a93a6")
 DASHBOARD_CSS = """\
 body{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f5f6f8}
 header{background:#1d2433;color:#fff;padding:12px 24px} header h1{font-size:20px;margin:0 0 8px}
@@ -4999,15 +4985,13 @@ input,select,button{font:inherit;padding:3px 6px} main{max-width:1100px;margin:0
 section{background:#fff;border-radius:8px;padding:12px 20px;margin:16px 0}
 h2{font-size:17px;margin:4px 0 8px} .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}
 .grid section{margin:0} .chart{width:100%;height:auto} .ranking{max-width:560px} .chart text{font-size:13px;fill:#3b4356}
-.bar,.bar0{fill:#3d7be0} .bar1{fill:#e0793d} .bar2{fill:#4caf7a} .bar3{fill:#9b6ad6} .bar4{fill:#d6b43d}
-.bar5{fill:#8a93a6} .axis{stroke:#c5cad3} .line{fill:none;stroke-width:2.5} .line0{stroke:#3d7be0}
-.line1{stroke:#e0793d} .line2{stroke:#4caf7a} .legend{margin:0 0 4px;font-size:14px} .legend span{margin-right:12px}
-.key0{color:#3d7be0} .key1{color:#e0793d} .key2{color:#4caf7a} .key3{color:#9b6ad6} .key4{color:#d6b43d}
-.key5{color:#8a93a6} .empty{color:#5b6477}
+.bar{fill:#3d7be0} .axis{stroke:#c5cad3} .line{fill:none;stroke-width:2.5} .empty{color:#5b6477}
+.legend{margin:0 0 4px;font-size:14px} .legend span{margin-right:12px}
 .scroll{overflow-x:auto} table{border-collapse:collapse} td,th{padding:3px 8px;text-align:right;font-size:14px}
 .retention td.future{background:#fafafa} .numbers td,.numbers th{border-bottom:1px solid #e3e6eb}
 header a{color:#cfe0ff} footer{color:#5b6477;font-size:13px;padding:0 24px 24px;text-align:center}
-"""
+""" + "".join(f".bar{n}{{fill:{colour}}} .line{n}{{stroke:{colour}}} .key{n}{{color:{colour}}}\n"
+              for n, colour in enumerate(PALETTE))
 
 
 def _table(header, rows):
@@ -5024,8 +5008,7 @@ def _percent(share):
 def _retention_section(retention):
     if not retention["weekly"]:
         return '<p class="empty">No new players in this range.</p>'
-    average = retention["average"]
-    cells = []
+    cells, average = [], retention["average"]
     for row in retention["weekly"]:
         shares = "".join('<td class="future"></td>' if row[f"day_{after}"] is None else
                          f'<td style="background:rgba(61,123,224,{0.08 + 0.92 * row[f"day_{after}"]:.2f})'
@@ -5033,10 +5016,9 @@ def _retention_section(retention):
                          for after in RETENTION_DAYS)
         cells.append(f"<tr><th>{row['cohort']}</th><td>{row['users']:,}</td>{shares}</tr>")
     head = "".join(f"<th>day {after}</th>" for after in RETENTION_DAYS)
-    return (f'<p>Of the {retention["new_users"]:,} new players of the range, back on day 1: '
-            f'<b>{_percent(average["day_1"]) or "-"}</b>, day 7: <b>{_percent(average["day_7"]) or "-"}</b>, '
-            f'day 30: <b>{_percent(average["day_30"]) or "-"}</b> (each cohort weighted by its players; weeks '
-            f'with fewer than {retention["min_cohort"]} new players are folded into the next).</p>'
+    back = ", ".join(f'day {after}: <b>{_percent(average[f"day_{after}"]) or "-"}</b>' for after in (1, 7, 30))
+    return (f'<p>Of the {retention["new_users"]:,} new players of the range, back on {back} (each cohort weighted by '
+            f'its players; weeks with fewer than {retention["min_cohort"]} new players are folded into the next).</p>'
             f'<div class="scroll"><table class="retention"><tr><th>week from</th><th>new players</th>{head}</tr>'
             f'{"".join(cells)}</table></div>')
 
@@ -5047,7 +5029,7 @@ def _stickiness_section(stickiness, dates):
         return '<p class="empty">No players in this range.</p>'
     shares = [day["dau_mau"] for day in days if day["dau_mau"] is not None]
     series = [(name.upper(), [day[name] for day in days]) for name in ("dau", "wau", "mau")]
-    return (_legend([name for name, _ in series]) + _lines_svg(dates, series, "daily, weekly and monthly players")
+    return (_legend(["DAU", "WAU", "MAU"]) + _days_svg(dates, series, "daily, weekly and monthly players", lines=True)
             + f'<p class="empty">DAU/MAU {_percent(sum(shares) / len(shares))} on average; on the last day '
               f'{_percent(days[-1]["dau_mau"])}.</p>')
 
@@ -5060,7 +5042,7 @@ def _versions_section(versions, dates):
     series = [(name, [per_day.get((day, name), 0) for day in dates]) for name in top]
     table = _table(("version", "events", "players"), [(row["name"], f"{row['events']:,}", f"{row.get('users', 0):,}")
                                                       for row in versions["versions"]])
-    return _legend(top) + _columns_svg(dates, series, "events per version and day") + table
+    return _legend(top) + _days_svg(dates, series, "events per version and day") + table
 
 
 def _revenue_section(revenue, dates):
@@ -5075,7 +5057,7 @@ def _revenue_section(revenue, dates):
     return (f'<p>{revenue["paying_users"]:,} paying players of {revenue["players"]:,}: conversion '
             f'<b>{_percent(revenue["conversion"]) or "-"}</b>.</p>' + table
             + f"<h3>Revenue per day ({_escape(main or '(no currency)')})</h3>"
-            + _columns_svg(dates, [(main, [per_day.get(day, 0) for day in dates])], "revenue per day")
+            + _days_svg(dates, [(main, [per_day.get(day, 0) for day in dates])], "revenue per day")
             + '<div class="grid"><div><h3>First purchase, days after the first day</h3>'
             + _ranking_svg([(row["days"], row["users"]) for row in revenue["first_purchase"]], "first purchases")
             + "</div><div><h3>Top items</h3>" + _ranking_svg(
@@ -5107,8 +5089,7 @@ def _values_section(parts, hidden, types):
             f'</button></form>')
     if values is None:
         return form + '<p class="empty">What level do players die on? Pick the event type and its value\'s field.</p>'
-    shown = []
-    numbers = values["numbers"]
+    shown, numbers = [], values["numbers"]
     if numbers:
         stats = {name: numbers[name] for name in ("count", "min", "p50", "p90", "max", "sum")}
         shown.append(_table(stats, [[f"{value:,}" for value in stats.values()]]))
@@ -5169,9 +5150,9 @@ def dashboard_html(parts, seconds):
 <div class="totals"><div><b>{totals["events"]:,}</b>events</div><div><b>{totals["users"]:,}</b>players</div>
 <div><b>{totals["new_users"]:,}</b>new players</div><div><b>{totals["sessions"]:,}</b>sessions</div>
 <div><b>{_seconds_text(median)}</b>median session</div></div>
-<section><h2>Events per day</h2>{_columns_svg(dates, [("events", column["events"])], "events per day")
+<section><h2>Events per day</h2>{_days_svg(dates, [("events", column["events"])], "events per day")
                                    if totals["events"] else empty}</section>
-<section><h2>New and returning players per day</h2>{_legend(["new players", "returning players"]) + _columns_svg(
+<section><h2>New and returning players per day</h2>{_legend(["new players", "returning players"]) + _days_svg(
     dates, [("new players", column["new_users"]), ("returning players", returning)], "new and returning players")
     if totals["events"] else empty}</section>
 <section><h2>Retention: the share of each week's new players back on the days after their first</h2>
@@ -5199,27 +5180,20 @@ def dashboard_html(parts, seconds):
 
 def _event_schema(config):
     strings = {name: {"type": "string", "maxLength": config.max_string_length} for name in EVENT_FIELDS}
-    return {
-        "type": "object",
-        "required": list(EVENT_FIELDS),
-        "properties": dict(
-            strings,
-            value={"type": "object", "default": {}, "description": "Anything, as a JSON object."},
-            api_key={"type": "string", "description": "One of the server's API keys."},
-            timestamp=_client_time_schema("When the event happened, by the client's clock."),
-            sent_at=_client_time_schema("When the client sent the request, by its clock: corrects a wrong clock."),
-            event_id={"type": "string", "minLength": 1, "maxLength": MAX_EVENT_ID,
-                      "description": "A unique id made by the client: an event whose id is stored for the same application is not stored again."},
-        ),
-        "additionalProperties": True,
-    }
+    return {"type": "object", "required": list(EVENT_FIELDS), "properties": dict(
+        strings, value={"type": "object", "default": {}, "description": "Anything, as a JSON object."},
+        api_key={"type": "string", "description": "One of the server's API keys."},
+        timestamp=_client_time_schema("When the event happened, by the client's clock."),
+        sent_at=_client_time_schema("When the client sent the request, by its clock: corrects a wrong clock."),
+        event_id={"type": "string", "minLength": 1, "maxLength": MAX_EVENT_ID, "description": "A unique id made by "
+                  "the client: an event whose id is stored for the same application is not stored again."},
+    ), "additionalProperties": True}
 
 
 def _client_time_schema(description):
     return {"description": description + " ISO 8601 text (UTC unless it says) or Unix seconds.", "oneOf": [
         {"type": "string", "pattern": _ISO_8601.pattern},
-        {"type": "number", "minimum": 0, "maximum": _LAST_SECOND.timestamp()},
-    ]}
+        {"type": "number", "minimum": 0, "maximum": _LAST_SECOND.timestamp()}]}
 
 
 # Every answer the event endpoints give, written once: /docs and /openapi.json show this table,
@@ -5249,31 +5223,29 @@ def openapi_document(config, url):
     answers = {status: {"description": text} if status == "204" else
                {"description": text, "content": {"application/json": {"schema": error}}}
                for status, text in EVENT_ANSWERS}
-
-    def post(summary, schema):
-        return {"post": {
-            "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-            "responses": answers,
-        }}
-
     batch = {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "maxItems": config.max_batch_events}
     return {
         "openapi": "3.0.3",
         "info": {"title": "Pycolytics Event API", "version": API_VERSION, "description": f"Pycolytics {__version__}"},
         "servers": [{"url": url}],
         "paths": dict({
-            "/v1.0/event": post("Store one event", {"$ref": "#/components/schemas/Event"}),
-            "/v1.0/events": post("Store a batch of events, all or nothing", batch),
+            "/v1.0/event": _post("Store one event", {"$ref": "#/components/schemas/Event"}, answers),
+            "/v1.0/events": _post("Store a batch of events, all or nothing", batch, answers),
         }, **_report_paths(error, config.max_string_length)),
         "components": {"schemas": {
             "Event": _event_schema(config),
             "Error": {"type": "object", "required": ["detail"], "properties": {"detail": {}}},
-        }, "securitySchemes": {"readKey": {"type": "http", "scheme": "bearer"},
-                               "readKeyAsPassword": {"type": "http", "scheme": "basic"},
-                               "adminKey": {"type": "http", "scheme": "bearer"},
-                               "adminKeyAsPassword": {"type": "http", "scheme": "basic"}}},
+        }, "securitySchemes": {f"{kind}Key{how}": {"type": "http", "scheme": scheme} for kind in ("read", "admin")
+                               for how, scheme in (("", "bearer"), ("AsPassword", "basic"))}},
     }
+
+
+def _post(summary, schema, responses, security=None):
+    """A POST operation with a JSON body of `schema`; `security` the schemes of the key it takes, if any."""
+    operation = {"summary": summary, "security": security,
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                 "responses": responses}
+    return {"post": {name: value for name, value in operation.items() if value is not None}}
 
 
 def _keyed_failures(kind, error):
@@ -5310,10 +5282,9 @@ def _report_paths(error, longest):
         body = {"type": "object", "required": ["user_id"], "properties": {
             "user_id": {"type": "string", "minLength": 1}, "application": {"type": "string"},
             "after_id": {"type": "integer", "minimum": 0}}}
-        return {"post": {"summary": summary, "security": [{"adminKey": []}, {"adminKeyAsPassword": []}],
-                         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-                         "responses": dict({"200": {"description": summary, "content": content}},
-                                           **_keyed_failures("admin", error))}}
+        return _post(summary, body, dict({"200": {"description": summary, "content": content}},
+                                         **_keyed_failures("admin", error)),
+                     [{"adminKey": []}, {"adminKeyAsPassword": []}])
 
     return {
         "/v1.0/report": get("Events, players, new players, sessions per day; retention; session lengths; rankings"),
@@ -5341,23 +5312,18 @@ DOCS_CSS = ("body{font:16px/1.5 system-ui,sans-serif;max-width:50em;margin:2em a
 
 def docs_page(config, url):
     """The /docs page of the API served at `url` (as public_url() gives it, HTML-escaped)."""
-    example = json.dumps({
-        "event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
-        "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY,
-    }, indent=2)
-    rows = "".join(
-        f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} characters</td></tr>"
-        for name in EVENT_FIELDS
-    )
+    example = {"event_type": "level_started", "application": "my-game", "version": "1.0.2", "platform": "Linux",
+               "user_id": "3f2a9c1e", "session_id": "a81c0f", "value": {"level": 3}, "api_key": DEV_KEY}
+    rows = "".join(f"<tr><td><code>{name}</code></td><td>string, required, at most {config.max_string_length} "
+                   "characters</td></tr>" for name in EVENT_FIELDS)
     answers = "".join(f"<tr><td>{status}</td><td>{_escape(text)}</td></tr>\n" for status, text in EVENT_ANSWERS)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Pycolytics Event API</title>
-<style>{DOCS_CSS}</style>
-</head><body>
+<style>{DOCS_CSS}</style></head><body>
 <h1>Pycolytics Event API {API_VERSION}</h1>
 <p>Pycolytics {__version__}. The machine-readable description is <a href="openapi.json">openapi.json</a>.</p>
 <h2>POST /v1.0/event</h2><p>One event, as a JSON object:</p>
-<pre>{example}</pre>
+<pre>{json.dumps(example, indent=2)}</pre>
 <h2>POST /v1.0/events</h2>
 <p>A JSON array of at most {config.max_batch_events} events. All or nothing: if any event is refused, none is stored.</p>
 <h2>Fields</h2><table>{rows}
@@ -5369,15 +5335,13 @@ bytes as JSON and {config.max_value_depth} levels deep</td></tr>
 <tr><td><code>sent_at</code></td><td>optional: when the client sent the request, by the same clock; the server then
 corrects the clock's error. The stored <code>time</code> is the best estimate of when the event happened, never in
 the future; <code>received_at</code> keeps the receive time.</td></tr>
-<tr><td><code>event_id</code></td><td>optional: a unique string of at most {MAX_EVENT_ID} characters made by the client;
-an event whose id is already stored for the same application is acknowledged and not stored again, so retries
-are safe</td></tr></table>
-<p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes, also after decompression
+<tr><td><code>event_id</code></td><td>optional: the client's unique string of at most {MAX_EVENT_ID} characters; an
+event whose id is already stored for the same application is acknowledged, not stored again: retries are safe</td></tr>
+</table><p>Other fields are ignored. The body may be at most {config.max_body_bytes} bytes, also after decompression
 (<code>Content-Encoding: gzip</code> or <code>deflate</code>); any Content-Type is accepted, so browsers can post
 <code>text/plain</code> without a preflight. Every answer carries CORS headers for allowed origins, and
 <code>OPTIONS</code> answers preflights.</p>
-<h2>Answers</h2><table>
-{answers}</table>
+<h2>Answers</h2><table>{answers}</table>
 <p>Every error has a JSON body <code>{{"detail": ...}}</code> saying what to fix.</p>
 {CLIENT_AND_OPERATIONS_DOCS}
 {REPORTS_DOCS.format(days=DASHBOARD_DAYS, longest=MAX_REPORT_DAYS, top=REPORT_TOP, cohort=MIN_COHORT,
@@ -5386,7 +5350,7 @@ are safe</td></tr></table>
 {PLAYERS_DOCS.format(export=MAX_PLAYER_EXPORT)}
 {_privacy_html(config)}
 <h2>Example</h2>
-<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(json.loads(example))}'</pre>
+<pre>curl -i {url}/v1.0/event -H 'Content-Type: application/json' -d '{json.dumps(example)}'</pre>
 </body></html>
 """
 
@@ -5493,8 +5457,7 @@ def _conventions_docs(config):
 
 
 def privacy_facts(config):
-    """What this server keeps of players, as (heading, sentences): for /docs, `pycolytics.py privacy`
-    and the stores' privacy forms."""
+    """What this server keeps of players, as (heading, sentences): for /docs, `privacy` and the stores' forms."""
     hashing = sorted(name or "every application without a section" for name in [None, *config.apps]
                      if config.for_app(name, "hash_user_ids"))
     kept = (f"Events are deleted {config.retention_days:g} days after the midnight (UTC) of their day, whole days at a "
@@ -5504,8 +5467,7 @@ def privacy_facts(config):
         ("What is stored, per event", [
             "event_type, application, version, platform, user_id, session_id and value: as the game sends them "
             "(value holds whatever the game puts in it).",
-            "time (when it happened, by the client's clock if it says), received_at and event_id (if the client "
-            "makes one).",
+            "time (when it happened, by the client's clock if given), received_at, event_id (if the client made one).",
             "Not stored: the api_key, the client's IP address, its headers, cookies or anything else of the request.",
             "Summaries for reports (tables pycolytics_*) hold per player the days, sessions, levels and purchases "
             "made from the same events; they go with the events."]),
@@ -5546,8 +5508,7 @@ def _privacy_html(config):
 CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/client.js (documented at /docs).
    Pycolytics.init({url, apiKey, application, version, platform, consent}); Pycolytics.track(type, value);
    Pycolytics.setConsent("granted" | "denied" | "pending"); Pycolytics.optOut() is setConsent("denied").
-   Events wait in localStorage until the collector acknowledges them; each carries an event_id,
-   so a request sent again after a lost answer is stored once. */
+   Events wait in localStorage until acknowledged; each has an event_id, so a batch sent again is stored once. */
 (function (global) {
   "use strict";
   if (global.Pycolytics) return;
@@ -5578,19 +5539,16 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
 
   function read(key) {
     try {
-      return local ? local.getItem(key) : (memory.has(key) ? memory.get(key) : null);
+      return local ? local.getItem(key) : (memory.get(key) ?? null);
     } catch (error) {
       return null;
     }
   }
 
   function write(key, text) {
-    if (!local) {
-      memory.set(key, text);
-      return true;
-    }
     try {
-      local.setItem(key, text);
+      if (local) local.setItem(key, text);
+      else memory.set(key, text);
       return true;
     } catch (error) {
       return false;  // over the storage quota
@@ -5662,30 +5620,20 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
 
   function init(options) {
     options = options || {};
-    for (const name of ["url", "apiKey", "application"]) {
-      if (typeof options[name] !== "string" || !options[name]) throw new TypeError("Pycolytics.init: " + name + " is required");
-    }
+    const absent = ["url", "apiKey", "application"].find((name) => !options[name] || typeof options[name] !== "string");
+    if (absent) throw new TypeError(`Pycolytics.init: ${absent} is required`);
     // Not given: granted, so that pages written before consent existed keep working as they did.
     const wanted = options.consent === undefined ? "granted" : accepted(options.consent, "Pycolytics.init");
     settings = {
-      url: options.url.replace(/\/+$/, "") + "/v1.0/events",
-      apiKey: options.apiKey,
-      application: options.application,
-      version: String(options.version == null ? "" : options.version),
-      platform: String(options.platform == null ? "Web" : options.platform),
-      batchSize: Math.min(positive(options.batchSize, 20), 1000),
-      interval: positive(options.interval, 5) * 1000,
-      maxQueue: positive(options.maxQueue, 1000),
-      persistentUser: options.persistentUser !== false,
+      url: options.url.replace(/\/+$/, "") + "/v1.0/events", apiKey: options.apiKey, application: options.application,
+      version: String(options.version ?? ""), platform: String(options.platform ?? "Web"),
+      batchSize: Math.min(positive(options.batchSize, 20), 1000), interval: positive(options.interval, 5) * 1000,
+      maxQueue: positive(options.maxQueue, 1000), persistentUser: options.persistentUser !== false,
     };
     const prefix = "pycolytics:" + options.application + ":";
     keys = {prefix, queue: prefix + "queue", user: prefix + "user", dropped: prefix + "dropped"};
-    // Until consent is granted localStorage is neither read nor written: the queue and the user id
-    // live in memory, as where localStorage is blocked.
-    local = null;
-    consent = "pending";
-    userId = newId();
-    sessionId = newId();
+    // Until consent is granted, the queue and the user id live in memory, as where localStorage is blocked.
+    [local, consent, userId, sessionId] = [null, "pending", newId(), newId()];
     change(wanted);
   }
 
@@ -5725,10 +5673,9 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     local = null;  // so that the answer of a request still in flight saves nothing
   }
 
-  function track(type, value) {
+  function track(type, value = {}) {
     if (!settings) throw new Error("Pycolytics.track: call Pycolytics.init first");
     if (consent === "denied") return null;
-    if (value === undefined) value = {};
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
       throw new TypeError("Pycolytics.track: value must be an object, like {level: 3}");
     }
@@ -5778,13 +5725,9 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     return batch;
   }
 
-  function stamped(event, sentAt) {
-    return Object.assign({}, event, {sent_at: sentAt});
-  }
-
   function post(batch) {
     const sentAt = new Date().toISOString();
-    const text = JSON.stringify(batch.map((event) => stamped(event, sentAt)));
+    const text = JSON.stringify(batch.map((event) => ({...event, sent_at: sentAt})));
     return compressed(text).then((body) => {
       // text/plain needs no preflight; Content-Encoding does, which the browser then caches
       const headers = {"Content-Type": "text/plain"};
@@ -5836,10 +5779,9 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   function refuse(events, status, answer) {
     refused += forget(events);
     failures = 0;
-    if (complained) return;
+    const text = `Pycolytics: the collector refused ${events.length} event(s) with HTTP ${status}; they are dropped`;
+    if (!complained) console.error(text + ", not sent again. Later refusals are not logged.", answer && answer.detail);
     complained = true;
-    console.error("Pycolytics: the collector refused " + events.length + " event(s) with HTTP " + status +
-                  "; they are dropped, not sent again. Later refusals are not logged.", answer && answer.detail);
   }
 
   // The page is going away, or may be killed in the background: a beacon is the last chance.
@@ -5849,7 +5791,7 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
     const sentAt = new Date().toISOString(), parts = [];
     let bytes = 2;
     for (const event of queued()) {
-      const text = JSON.stringify(stamped(event, sentAt));
+      const text = JSON.stringify({...event, sent_at: sentAt});
       bytes += new Blob([text]).size + 1;
       if (bytes > BEACON_BYTES) break;
       parts.push(text);
@@ -5858,14 +5800,10 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
   }
 
   global.addEventListener("pagehide", beacon);
-  global.document.addEventListener("visibilitychange", () => {
-    if (global.document.visibilityState === "hidden") beacon();
-  });
+  global.document.addEventListener("visibilitychange", () => global.document.visibilityState === "hidden" && beacon());
 
   global.Pycolytics = {
-    init,
-    track,
-    setConsent,
+    init, track, setConsent,
     optOut: () => setConsent("denied"),
     flush: () => settings && schedule(0),
     stats: () => ({queued: settings ? queued().length : 0, dropped: settings ? Number(read(keys.dropped)) || 0 : 0,
@@ -5875,15 +5813,10 @@ CLIENT_JS = r"""/* Pycolytics browser client, served by the collector at /v1.0/c
 """
 
 _CLIENT_BODY = CLIENT_JS.encode()
-# A page keeps the script for an hour; then the browser asks again with the ETag and gets a
-# 304 until the script changes (with a new Pycolytics).
-_CLIENT_HEADERS = [
-    ("ETag", f'"{binascii.crc32(_CLIENT_BODY):08x}"'),
-    ("Cache-Control", "public, max-age=3600"),
-    # A cross-origin isolated page (COEP require-corp, as Godot 4's threaded web export needs)
-    # loads a script from another origin only if the script says it may.
-    ("Cross-Origin-Resource-Policy", "cross-origin"),
-]
+# A page keeps the script for an hour, then revalidates it by its ETag (304 until it changes). A cross-origin isolated
+# page (COEP require-corp, as Godot 4's threaded web export needs) loads another origin's script only if it says it may.
+_CLIENT_HEADERS = [("ETag", f'"{binascii.crc32(_CLIENT_BODY):08x}"'), ("Cache-Control", "public, max-age=3600"),
+                   ("Cross-Origin-Resource-Policy", "cross-origin")]
 
 
 def client_script(environ):
@@ -6112,9 +6045,7 @@ def _warn_about(config):
 
 
 def keygen(arguments, config):
-    """Print a new random key: 32 bytes from the operating system's random source."""
     import secrets  # here: serving never needs it
-
     print(secrets.token_urlsafe(32))
     return 0
 
@@ -6137,20 +6068,16 @@ def _existing_store(config):
 
 
 def export(arguments, config):
-    """Write events as CSV or JSON lines, row by row: constant memory on any size of database."""
-    import csv
-
+    import csv  # here: serving never needs it
     moments = {option: _moment(getattr(arguments, option), f"--{option}")
                for option in ("since", "until") if getattr(arguments, option)}
     if arguments.output and os.path.exists(arguments.output) and not arguments.force:
         raise UsageError(f"{arguments.output} exists; pass --force to overwrite it")
     store = _existing_store(config)
     connection = store.read()
-    if arguments.user is not None:  # a player's own data, as they may ask for it: JSON lines unless asked
-        rows, chosen = player_events(store, connection, config, arguments.user, arguments.application), "jsonl"
-    else:
-        rows, chosen = _events(store, connection, arguments, moments), "csv"
-    chosen = arguments.format or chosen
+    rows = (_events(store, connection, arguments, moments) if arguments.user is None else  # a player's own data
+            player_events(store, connection, config, arguments.user, arguments.application))
+    chosen = arguments.format or ("csv" if arguments.user is None else "jsonl")
     output = open(arguments.output, "w", encoding="utf-8", newline="") if arguments.output else sys.stdout
     count = 0
     try:
@@ -6202,81 +6129,67 @@ def _asked(arguments, question, refusal):
 
 
 def prune(arguments, config):
-    """Delete events older than --before, in small steps that never hold up a running server."""
     before = _moment(arguments.before, "--before")
     store = _existing_store(config)
-    connection = store.read()
-    try:
+    with contextlib.closing(store.read()) as connection:
         found = connection.execute(store.dialect.sql(f"SELECT count(*) FROM event WHERE time < {store.dialect.time}"),
                                    (before,)).fetchone()[0]
-    finally:
-        connection.close()
     log.info("%d events are from before %s", found, before)
     if arguments.dry_run or not found or not _asked(
             arguments, f"Delete {found} events from before {before}?",
             f"this would delete {found} events; pass --yes to delete them without a question"):
         return 0 if arguments.dry_run or not found else 1
-    connection, deleted = store.connect(), 0
-    try:
+    deleted = 0
+    with contextlib.closing(store.connect()) as connection:
         while True:
             step, changed = store.prune(connection, before)
             deleted += step
             if not step and not changed:
                 break
             time.sleep(0.01)  # the server's writer gets its turn between steps
-    finally:
-        connection.close()
     log.info("deleted %d events from before %s", deleted, before)
     return 0
 
 
 def forget(arguments, config):
-    """Erase one player's events (and their summaries), in small steps, while the server runs."""
     store = _existing_store(config)
     where = f" of application {arguments.application!r}" if arguments.application else " of every application"
     if not _asked(arguments, f"Erase every event of this player{where}?",
                   "this erases a player's events; pass --yes to erase them without a question"):
         return 1
-    connection = store.connect()
-    try:
+    with contextlib.closing(store.connect()) as connection:
         removed = erase_player(store, connection, config, arguments.user, arguments.application)
-    finally:
-        connection.close()
     print(json.dumps({"removed": removed, "application": arguments.application}))
     return 0
 
 
 def privacy(arguments, config):
-    """Print what this configuration keeps of players, for a privacy policy and the stores' forms."""
     for heading, lines in privacy_facts(config):
         print(heading + "".join("\n  - " + line for line in lines))
     return 0
 
 
 def rebuild_summaries(arguments, config):
-    """Make the summaries reports read again from the events, in small steps (a running server goes on)."""
     store = _existing_store(config)
     if not store.summaries:
         raise UsageError("only an SQLite database keeps summaries; PostgreSQL's reports read the events")
-    connection, read, upto = store.connect(), 1, -1
-    try:
-        with transaction(connection):
-            restart_summaries(connection)
-        log.info("summarising every event again; reports read the events until it is done")
-        while read:
-            read, upto = store.summarise(connection, SUMMARY_STEP_ROWS, config)
-            time.sleep(0.002)  # the server's writer gets its turn between steps
-    except SummaryPostponed:  # the server's writer holds the lock: it carries on from here
-        log.info("the running server goes on summarising")
-        return 0
-    finally:
-        connection.close()
+    read, upto = 1, -1
+    with contextlib.closing(store.connect()) as connection:
+        try:
+            with transaction(connection):
+                restart_summaries(connection)
+            log.info("summarising every event again; reports read the events until it is done")
+            while read:
+                read, upto = store.summarise(connection, SUMMARY_STEP_ROWS, config)
+                time.sleep(0.002)  # the server's writer gets its turn between steps
+        except SummaryPostponed:  # the server's writer holds the lock: it carries on from here
+            log.info("the running server goes on summarising")
+            return 0
     log.info("the summaries are made again, up to event %d", upto)
     return 0
 
 
 def backup(arguments, config):
-    """A consistent copy of the database, taken with SQLite's online backup while the server runs."""
     if not isinstance(_existing_store(config), SQLiteStore):
         raise UsageError("backup copies an SQLite database; for PostgreSQL use its own tools (pg_dump)")
     if os.path.exists(arguments.file) and not arguments.force:
@@ -6315,8 +6228,6 @@ def _identity(path, busy_timeout):
 
 
 def copy_events(arguments, config):
-    """Move an SQLite database's events into PostgreSQL. Run again, it resumes and copies each event once:
-    progress is committed with every step, in the target, under the id the source keeps."""
     if not isinstance(_existing_store(config), SQLiteStore):
         raise UsageError("copy reads an SQLite database: name it with --database FILE")
     target_config = copy_module.copy(config)
@@ -6325,8 +6236,8 @@ def copy_events(arguments, config):
     if not isinstance(target, PostgresStore):
         raise UsageError(f"--to {arguments.to!r} is not a postgresql:// URL")
     origin = _identity(config.database, config.busy_timeout)
-    source, destination, copied, seen = read_only(config.database), target.connect(), 0, 0
-    try:
+    copied = seen = 0
+    with contextlib.closing(read_only(config.database)) as source, contextlib.closing(target.connect()) as destination:
         with destination.transaction():
             destination.execute(COPY_PROGRESS)
         mark = destination.execute("SELECT last_id FROM pycolytics_copied WHERE source = %s", (origin,)).fetchone()
@@ -6345,9 +6256,6 @@ def copy_events(arguments, config):
                 cursor.execute("INSERT INTO pycolytics_copied (source, last_id) VALUES (%s, %s)"
                                " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id", (origin, last))
             seen += len(rows)
-    finally:
-        source.close()
-        destination.close()
     log.info("copied %d events of database %s into %s (%d more were there already)",
              copied, origin, _redacted(arguments.to), seen - copied)
     return 0
@@ -6399,8 +6307,7 @@ COMMANDS = {
                           "hand, say), in small steps; a running server answers reports from the events meanwhile.", []),
     "prune": (prune, "delete events older than a time, in small steps",
               "Delete the events whose time is before T, 500 at a time so that a running server is never held up. It "
-              "says first how many events that is, and asks before deleting them (on a terminal) unless --yes is "
-              "given; --dry-run only counts.", [
+              "says how many first, and asks (on a terminal) before deleting unless --yes; --dry-run only counts.", [
                   ("--before", dict(metavar="T", required=True, help="delete events before T (ISO 8601 or Unix seconds)")),
                   ("--dry-run", dict(action="store_true", help="only say how many events would be deleted")), _YES]),
     "backup": (backup, "copy the database consistently, while the server runs",
