@@ -115,7 +115,7 @@ def busy(detail, retry_after=1):
 
 
 def error_answer(error):
-    """(status, headers, body) of an HTTPError: the one JSON format of every refusal, the application's and the server's."""
+    """(status, headers, body) of an HTTPError: the one JSON format of every refusal, the application's or server's."""
     body = json.dumps({"detail": error.detail}).encode()
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     return error.status, headers + error.headers, body
@@ -159,13 +159,11 @@ def _keys(value):
 def _number(convert, lowest, highest, accepted):
     """A parser of numbers from `lowest` to `highest`, raising a ValueError saying what is accepted."""
     def parse(value):
-        try:
+        with contextlib.suppress(ValueError):
             number = convert(value)
-        except ValueError:
-            number = None
-        if number is None or not lowest <= number <= highest:  # NaN fails the comparison too
-            raise ValueError(f"must be {accepted}")
-        return number
+            if lowest <= number <= highest:  # NaN fails the comparison
+                return number
+        raise ValueError(f"must be {accepted}")
     return parse
 
 
@@ -216,16 +214,13 @@ class TrustedProxies:
     def __contains__(self, address):
         if address in self.addresses:
             return True
-        if not self.networks:
-            return False
-        import ipaddress  # imported already by _proxies, which made the networks
-
-        try:
-            found = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
-        return any(found in network for network in self.networks)
+        if self.networks:
+            import ipaddress  # imported already by _proxies, which made the networks
+            with contextlib.suppress(ValueError):
+                found = ipaddress.ip_address(address)
+                found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
+                return any(found in network for network in self.networks)
+        return False
 
 
 def _address(text):
@@ -243,7 +238,6 @@ def _proxies(value):
         try:
             if "/" in entry:
                 import ipaddress  # here: 1 MB of memory that only configured networks need
-
                 networks.append(ipaddress.ip_network(entry, strict=False))
             else:
                 addresses.add(_address(entry))
@@ -303,9 +297,8 @@ SETTINGS = (
     Setting("idle_timeout", "5", _seconds, "server", "seconds a kept-alive connection may sit idle"),
     Setting("request_timeout", "10", _seconds, "server",
             "seconds a client has to send a whole request, and to read a whole answer"),
-    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
-    # whole head, which a hundred full-size headers would exceed): no client of an event
-    # collector comes near them, and they bound what one connection can pin.
+    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a whole head, which a
+    # hundred full-size headers would exceed): no event collector's client nears them; they bound what one can pin.
     Setting("max_request_line", "4094", _count, "server", "bytes in the request line (414)"),
     Setting("max_header_fields", "100", _count, "server", "header fields in one request (431)"),
     Setting("max_header_field", "8190", _count, "server", "bytes in one header field (431)"),
@@ -474,12 +467,9 @@ def _original_variables(environ, dotenv_path):
 
 
 def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
-    """Settings from, weakest first: defaults, the ini file, the environment, `overrides`.
-
-    The ini file is `path`, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini when it exists.
-    The environment is PYCOLYTICS_<KEY> for any key, and the original Pycolytics' variables
-    (SQLITE_FILE_PATH, SQLITE_FILE_NAME, API_KEYS, also read from its `.env` file).
-    """
+    """Settings from, weakest first: defaults, the ini file, the environment, `overrides`. The ini file is `path`,
+    else $PYCOLYTICS_CONFIG, else ./pycolytics.ini when it exists. The environment is PYCOLYTICS_<KEY> for any key,
+    and the original Pycolytics' variables (SQLITE_FILE_PATH, SQLITE_FILE_NAME, API_KEYS, also from its `.env`)."""
     environ = os.environ if environ is None else environ
     raw = {setting.name: (setting.default, "default") for setting in SETTINGS}
     apps = {}
@@ -1365,9 +1355,8 @@ JSON_TYPE = ("Content-Type", "application/json")
 HTML_TYPE = ("Content-Type", "text/html; charset=utf-8")
 NO_CONTENT = ("204 No Content", [], b"")
 
-# How a route runs: in the server's loop (it never waits), in the application's ReadPool (it
-# reads the database, within report_timeout), or in a thread of the server's (it may wait a
-# little: /healthz).
+# How a route runs: in the server's loop (it never waits), in the application's ReadPool (it reads the
+# database, within report_timeout), or in a thread of the server's (it may wait a little: /healthz).
 IN_LOOP, READS, WAITS = "in the loop", "reads", "waits"
 
 
@@ -1379,31 +1368,27 @@ def _ok(body, content_type, *headers):
 def read_body(environ, limit):
     """The request body, at most `limit` bytes; never reads more than limit + 1."""
     length = environ.get("CONTENT_LENGTH") or ""
-    stream = environ["wsgi.input"]
-    if length:
-        if not length.isdigit():
-            raise HTTPError(400, "Content-Length must be a whole number of bytes")
-        if int(length) > limit:
-            raise HTTPError(413, f"the request body is {length} bytes; at most {limit} are accepted")
-        body = stream.read(int(length))
-        if len(body) < int(length):
-            raise HTTPError(400, "the request body is shorter than its Content-Length")
+    if not length:
+        body = environ["wsgi.input"].read(limit + 1) if environ.get("wsgi.input_terminated") else b""
+        if len(body) > limit:
+            raise HTTPError(413, f"the request body is over {limit} bytes; at most {limit} are accepted")
         return body
-    if not environ.get("wsgi.input_terminated"):
-        return b""
-    body = stream.read(limit + 1)
-    if len(body) > limit:
-        raise HTTPError(413, f"the request body is over {limit} bytes; at most {limit} are accepted")
+    if not length.isdigit():
+        raise HTTPError(400, "Content-Length must be a whole number of bytes")
+    if int(length) > limit:
+        raise HTTPError(413, f"the request body is {length} bytes; at most {limit} are accepted")
+    body = environ["wsgi.input"].read(int(length))
+    if len(body) < int(length):
+        raise HTTPError(400, "the request body is shorter than its Content-Length")
     return body
 
 
 def decompress(body, encoding, limit):
-    """A gzip or deflate body decompressed, to at most `limit` bytes: a bomb is refused early. Every member of
-    a gzip body is read; bytes after the end (of deflate, of the last member) are a 400: what is acknowledged is read."""
+    """A gzip or deflate body decompressed, to at most `limit` bytes: a bomb is refused early. Every member of a
+    gzip body is read; bytes after the end (of deflate, of the last member) are a 400: what is acknowledged is read."""
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise HTTPError(415, f"Content-Encoding {encoding} is not supported: send gzip, deflate or identity")
     import zlib  # here: most servers never see a compressed body
-
     # 47 reads a gzip or a zlib header; -15 is raw deflate, which some clients send as "deflate".
     for window in (47, -15) if encoding == "deflate" else (47,):
         data, rest = b"", body
@@ -1469,13 +1454,11 @@ def public_path(environ, trusted_proxies):
         prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
         prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
     from urllib.parse import quote  # here: only the answers that name their own address need it
-
     return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
 
 
 class Pycolytics:
-    """The WSGI application: `Pycolytics(config)(environ, start_response)`; the built-in server
-    comes in through `loop_hooks` instead (LoopHooks), with the same answers."""
+    """The WSGI application, `Pycolytics(config)(environ, start_response)`; the built-in server uses `loop_hooks`."""
 
     def __init__(self, config):
         self.store = store_for(config)
@@ -1583,7 +1566,8 @@ class Pycolytics:
         found = methods.get(environ["REQUEST_METHOD"])
         if found is None:
             allowed = ", ".join(methods)
-            raise HTTPError(405, f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}", [("Allow", allowed)])
+            raise HTTPError(405, f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}",
+                            [("Allow", allowed)])
         return found
 
     def preflight(self, environ):
@@ -1633,9 +1617,8 @@ class Pycolytics:
 
 
 class LoopHooks:
-    """The built-in server's way into Pycolytics (the hooks Server documents): what never waits
-    is answered in the loop; reads go to the ReadPool; the events posted in one turn of the loop
-    go to the writer together, to be committed with one fsync."""
+    """The built-in server's way into Pycolytics (the hooks Server documents): what never waits is answered in the
+    loop, reads go to the ReadPool, the events of one turn of the loop go to the writer together (one fsync)."""
 
     def __init__(self, app):
         self.app = app
@@ -1708,7 +1691,8 @@ class ReadPool:
     def submit(self, job):
         with self._lock:
             if len(self._started) < self.threads:
-                thread = threading.Thread(target=self._work, name=f"pycolytics-reader-{len(self._started)}", daemon=True)
+                name = f"pycolytics-reader-{len(self._started)}"
+                thread = threading.Thread(target=self._work, name=name, daemon=True)
                 self._started.append(thread)
                 thread.start()
         try:
@@ -1743,19 +1727,16 @@ def create_app(config=None):
 
 
 class _LazyApplication:
-    """The module's `application`: builds the real one from the environment at its first request.
-
-    Servers that fork workers import the module first, so nothing may be opened at import.
-    """
+    """The module's `application`: builds the real one from the environment at its first request, since
+    servers that fork workers import the module first, so nothing may be opened at import."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._app = None
+        self._forget()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self):
-        # A forked child must not share its parent's writer thread (which did not survive the fork).
+        # Also in a forked child: it must not share its parent's writer thread (which did not survive the fork).
         self._lock = threading.Lock()
         self._app = None
 
@@ -1864,7 +1845,8 @@ class KeyGuard:
     def failed(self, address, now=None):
         window, _ = _window(KEY_WINDOW, now)
         if self._counts.count(None, window) == KEY_FAILURES_IN_ALL:
-            log.warning("%d wrong %s keys in a minute: every address waits for the next", KEY_FAILURES_IN_ALL, self.what)
+            log.warning("%d wrong %s keys in a minute: every address waits for the next", KEY_FAILURES_IN_ALL,
+                        self.what)
         if self._counts.count(address, window) == 1:
             log.warning("a wrong %s key from %s (more from it this minute are counted, not logged)", self.what,
                         repr(address) if self.log_addresses else "a client")
@@ -1880,11 +1862,8 @@ def presented_key(environ):
         return credentials.strip()
     if scheme.lower() == "basic":
         import base64  # here: only the dashboard reads credentials
-
-        try:
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
             return base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            return None
     return None
 
 
