@@ -110,7 +110,6 @@ class HTTPError(Exception):
 
 
 def busy(detail, retry_after=1):
-    """A 503 that says when to try again."""
     return HTTPError(503, detail, retry_after=retry_after)
 
 
@@ -314,8 +313,7 @@ SETTINGS = (
     Setting("busy_timeout", "30", _seconds, "restart",
             "seconds an event waits for its commit at most (a lock, a slow disk), then 503"),
     Setting("rate_limit", "off", _rate, "server", "requests to the event endpoints per client address, like 60/minute"),
-    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "server",
-            "reverse proxies whose X-Forwarded-For is believed"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "server", "the proxies whose X-Forwarded-For is believed"),
     Setting("certfile", "", str.strip, "server", "the PEM certificate chain for HTTPS"),
     Setting("keyfile", "", str.strip, "server", "the PEM private key for HTTPS"),
     Setting("cors_origins", "*", _origins, "app", "the web pages (origins) that may post events"),
@@ -344,7 +342,6 @@ SECRET_SETTINGS = ("api_keys", "read_keys", "admin_keys", "id_secret")
 
 
 def _parse(name, text, where):
-    """A setting's value parsed, or a ConfigError naming where it came from, the key, the value and what is accepted."""
     try:
         return SETTINGS_BY_NAME[name].parse(text)
     except ValueError as error:
@@ -376,8 +373,7 @@ class Config:
             raise ConfigError(f"{self.sources['database']}: database must name a file")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("HTTPS needs both certfile and keyfile (or neither, for plain HTTP)")
-        hashing = [name for name in [None, *self.apps] if self.for_app(name, "hash_user_ids")]
-        if hashing and not self.id_secret:
+        if not self.id_secret and any(self.for_app(name, "hash_user_ids") for name in [None, *self.apps]):
             raise ConfigError("hash_user_ids needs id_secret, a secret of at least 16 characters "
                               "(python3 pycolytics.py keygen makes one); keep it: a new one makes new ids")
         if self.id_secret and len(self.id_secret) < 16:
@@ -1570,8 +1566,7 @@ class Pycolytics:
                             [("Allow", allowed)])
         return found
 
-    def preflight(self, environ):
-        """A browser asking whether it may POST here: yes, for a day, with these headers."""
+    def preflight(self, environ):  # a browser asking whether it may POST here: yes, for a day
         return "204 No Content", [("Access-Control-Allow-Methods", "POST, OPTIONS"),
                                   ("Access-Control-Allow-Headers", "Content-Type, Content-Encoding"),
                                   ("Access-Control-Max-Age", "86400")], b""
@@ -1787,13 +1782,11 @@ class WindowCounts:
         self._counts = {}  # key -> [window number, count in it]
 
     def count(self, key, window, add=1):
-        """Add `add` to the count of `key` in `window`; the count."""
         with self._lock:
             counted = self._counts.get(key)
             if counted is None or counted[0] != window:
                 if counted is None and len(self._counts) >= MAX_TRACKED_CLIENTS:
-                    for old in [old for old, (seen, _) in self._counts.items() if seen != window]:
-                        del self._counts[old]
+                    self._counts = {old: seen for old, seen in self._counts.items() if seen[0] == window}
                     if len(self._counts) >= MAX_TRACKED_CLIENTS:
                         self._counts.clear()
                 counted = self._counts[key] = [window, 0]
@@ -1817,7 +1810,6 @@ class RateLimiter:
         self._counts = WindowCounts()
 
     def check(self, address, now=None):
-        """Count one request from `address`; raise a 429 if it is one too many."""
         window, wait = _window(self.seconds, now)
         if self._counts.count(address, window) > self.requests:
             raise HTTPError(429, f"more than {self.requests} requests per {self.per} from {address}: "
