@@ -98,30 +98,26 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 
 class HTTPError(Exception):
-    """An answer to a request that went wrong: its `status` (a number), `detail` (what to fix:
-    text, or the list of a 422's problems) and any headers it needs."""
+    """An answer to a request that went wrong: its `status`, `detail` (text, or a 422's list of problems), headers."""
 
     def __init__(self, status, detail, headers=(), retry_after=None):
         super().__init__(detail)
         self.status = f"{status} {HTTPStatus(status).phrase}"
         self.detail = detail
         self.headers = list(headers)
-        if retry_after is not None:
-            # Browsers show a page's scripts only a few answer headers unless told; a client
-            # must read this one to know when to send again.
+        if retry_after is not None:  # exposed: browsers show a page's scripts few answer headers unless told
             self.headers += [("Retry-After", str(retry_after)), ("Access-Control-Expose-Headers", "Retry-After")]
 
 
 def busy(detail, retry_after=1):
-    """A 503 that says when to try again."""
     return HTTPError(503, detail, retry_after=retry_after)
 
 
 def error_answer(error):
-    """(status, headers, body) of the JSON answer to an HTTPError: the one format of every refusal,
-    the application's and the built-in server's."""
+    """(status, headers, body) of an HTTPError: the one JSON format of every refusal, the application's or server's."""
     body = json.dumps({"detail": error.detail}).encode()
-    return error.status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))] + error.headers, body
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    return error.status, headers + error.headers, body
 
 
 INTERNAL_ERROR = error_answer(HTTPError(500, "internal server error"))  # never says more: no tracebacks out
@@ -140,10 +136,6 @@ class UsageError(Exception):
 ###############################################################################
 
 
-def _text(value):
-    return value.strip()
-
-
 def _items(value):
     """The entries of a list setting: one per line, or separated by commas."""
     return tuple(item for line in value.splitlines() for item in (part.strip() for part in line.split(",")) if item)
@@ -158,23 +150,19 @@ def _keys(value):
     keys = _items(value)
     for key in keys:
         if not key.isprintable() or any(character.isspace() for character in key):
-            raise ValueError(
-                f"the key {_glimpse(key)} holds a space or a control character; separate keys with commas "
-                "or new lines, and start a comment after a key with a space and ; or #"
-            )
+            raise ValueError(f"the key {_glimpse(key)} holds a space or a control character; separate keys with "
+                             "commas or new lines, and start a comment after a key with a space and ; or #")
     return keys
 
 
 def _number(convert, lowest, highest, accepted):
     """A parser of numbers from `lowest` to `highest`, raising a ValueError saying what is accepted."""
     def parse(value):
-        try:
+        with contextlib.suppress(ValueError):
             number = convert(value)
-        except ValueError:
-            number = None
-        if number is None or not lowest <= number <= highest:  # NaN fails the comparison too
-            raise ValueError(f"must be {accepted}")
-        return number
+            if lowest <= number <= highest:  # NaN fails the comparison
+                return number
+        raise ValueError(f"must be {accepted}")
     return parse
 
 
@@ -216,8 +204,7 @@ def _field_name(value):
 
 
 class TrustedProxies:
-    """The addresses and networks (CIDR) of our own reverse proxies; `address in proxies` says
-    whether a peer is one."""
+    """The addresses and networks (CIDR) of our own reverse proxies: `address in proxies` says if a peer is one."""
 
     def __init__(self, addresses, networks):
         self.addresses = frozenset(addresses)
@@ -226,16 +213,13 @@ class TrustedProxies:
     def __contains__(self, address):
         if address in self.addresses:
             return True
-        if not self.networks:
-            return False
-        import ipaddress  # imported already by _proxies, which made the networks
-
-        try:
-            found = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
-        return any(found in network for network in self.networks)
+        if self.networks:
+            import ipaddress  # imported already by _proxies, which made the networks
+            with contextlib.suppress(ValueError):
+                found = ipaddress.ip_address(address)
+                found = getattr(found, "ipv4_mapped", None) or found  # a dual-stack socket's ::ffff:10.0.0.1
+                return any(found in network for network in self.networks)
+        return False
 
 
 def _address(text):
@@ -253,14 +237,12 @@ def _proxies(value):
         try:
             if "/" in entry:
                 import ipaddress  # here: 1 MB of memory that only configured networks need
-
                 networks.append(ipaddress.ip_network(entry, strict=False))
             else:
                 addresses.add(_address(entry))
         except ValueError:
-            raise ValueError(
-                f"{entry!r} is neither an IP address (10.0.0.2, ::1) nor a network (10.0.0.0/8, fd00::/8)"
-            ) from None
+            raise ValueError(f"{entry!r} is neither an IP address (10.0.0.2, ::1) nor a network "
+                             "(10.0.0.0/8, fd00::/8)") from None
     return TrustedProxies(addresses, networks)
 
 
@@ -292,36 +274,30 @@ def _rate(value):
     return int(found.group(1)), _PERIODS[found.group(2)]
 
 
-class Setting(collections.namedtuple("Setting", "name default parse scope description")):
-    """One ini key: its default (as the ini would write it), the function that parses and checks a
-    value (raising ValueError with what is accepted), where it may be set and what it does.
-
-    scope: "restart" ([pycolytics] only, and only a restart changes it), "server" ([pycolytics]
-    only; SIGHUP reloads it), "app" (also in an [app:NAME] section, for that game's events)."""
-
-    __slots__ = ()
-
+# One ini key: its default (as the ini would write it), the function that parses and checks a value (raising
+# ValueError with what is accepted), its scope and what it does. scope: "restart" ([pycolytics] only, and only a
+# restart changes it), "server" ([pycolytics] only; SIGHUP reloads it), "app" (also in [app:NAME], for its events).
+Setting = collections.namedtuple("Setting", "name default parse scope description")
 
 # Every ini key, in the order pycolytics.ini documents them (it shows each with its default).
 SETTINGS = (
-    Setting("database", "pycolytics.db", _text, "restart", "the SQLite database file, or a postgresql:// URL"),
+    Setting("database", "pycolytics.db", str.strip, "restart", "the SQLite database file, or a postgresql:// URL"),
     Setting("api_keys", "", _keys, "app", "the keys clients send in each event's api_key"),
-    Setting("host", "127.0.0.1", _text, "restart", "the address the built-in server listens on"),
+    Setting("host", "127.0.0.1", str.strip, "restart", "the address the built-in server listens on"),
     Setting("port", "8000", _port, "restart", "the port the built-in server listens on"),
     Setting("synchronous", "full", _synchronous, "restart",
             "what a power cut may lose (also PostgreSQL's synchronous_commit)"),
     Setting("quiet", "no", _flag, "server", "no log line per request"),
     Setting("log_addresses", "yes", _flag, "server", "client addresses in the log (no: '-' instead)"),
     Setting("threads", "8", _count, "restart", "threads of the built-in server for requests that may wait"),
-    Setting("workers", "1", _text, "restart", "no longer used: one process serves (start-up says so if it is set)"),
+    Setting("workers", "1", str.strip, "restart", "no longer used: one process serves (start-up says so if it is set)"),
     Setting("max_connections", "512", _count, "server", "open connections at most; the longest idle makes room"),
     Setting("max_connections_per_address", "64", _count, "server", "open connections from one address at most (503)"),
     Setting("idle_timeout", "5", _seconds, "server", "seconds a kept-alive connection may sit idle"),
     Setting("request_timeout", "10", _seconds, "server",
             "seconds a client has to send a whole request, and to read a whole answer"),
-    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a
-    # whole head, which a hundred full-size headers would exceed): no client of an event
-    # collector comes near them, and they bound what one connection can pin.
+    # HTTP framing limits of the built-in server, as gunicorn's defaults (and 64 KiB for a whole head, which a
+    # hundred full-size headers would exceed): no event collector's client nears them; they bound what one can pin.
     Setting("max_request_line", "4094", _count, "server", "bytes in the request line (414)"),
     Setting("max_header_fields", "100", _count, "server", "header fields in one request (431)"),
     Setting("max_header_field", "8190", _count, "server", "bytes in one header field (431)"),
@@ -337,9 +313,9 @@ SETTINGS = (
     Setting("busy_timeout", "30", _seconds, "restart",
             "seconds an event waits for its commit at most (a lock, a slow disk), then 503"),
     Setting("rate_limit", "off", _rate, "server", "requests to the event endpoints per client address, like 60/minute"),
-    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "server", "reverse proxies whose X-Forwarded-For is believed"),
-    Setting("certfile", "", _text, "server", "the PEM certificate chain for HTTPS"),
-    Setting("keyfile", "", _text, "server", "the PEM private key for HTTPS"),
+    Setting("trusted_proxies", "127.0.0.1, ::1", _proxies, "server", "the proxies whose X-Forwarded-For is believed"),
+    Setting("certfile", "", str.strip, "server", "the PEM certificate chain for HTTPS"),
+    Setting("keyfile", "", str.strip, "server", "the PEM private key for HTTPS"),
     Setting("cors_origins", "*", _origins, "app", "the web pages (origins) that may post events"),
     Setting("retention_days", "0", _days, "server", "delete the days older than this many days (0 keeps every event)"),
     Setting("read_keys", "", _keys, "server", "the keys that open the dashboard and the report API"),
@@ -348,13 +324,13 @@ SETTINGS = (
     Setting("id_secret", "", _secret, "server", "the secret of hash_user_ids; changing it splits every player in two"),
     Setting("report_timeout", "10", _seconds, "server", "seconds a report may read the database (then 503)"),
     Setting("report_threads", "2", _count, "restart", "reports read at once; more wait, up to 8 each (then 503)"),
-    Setting("purchase_event", "purchase", _text, "app", "the event_type of a purchase"),
+    Setting("purchase_event", "purchase", str.strip, "app", "the event_type of a purchase"),
     Setting("price_field", "price", _field_name, "app", "the key of a purchase's price in its value"),
     Setting("currency_field", "currency", _field_name, "app", "the key of a purchase's currency in its value"),
     Setting("item_field", "item", _field_name, "app", "the key of what was bought in a purchase's value"),
-    Setting("level_start_event", "level_start", _text, "app", "the event_type of a level started"),
-    Setting("level_complete_event", "level_complete", _text, "app", "the event_type of a level completed"),
-    Setting("level_fail_event", "level_fail", _text, "app", "the event_type of a level failed"),
+    Setting("level_start_event", "level_start", str.strip, "app", "the event_type of a level started"),
+    Setting("level_complete_event", "level_complete", str.strip, "app", "the event_type of a level completed"),
+    Setting("level_fail_event", "level_fail", str.strip, "app", "the event_type of a level failed"),
     Setting("level_field", "level", _field_name, "app", "the key of the level in those events' value"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -366,8 +342,6 @@ SECRET_SETTINGS = ("api_keys", "read_keys", "admin_keys", "id_secret")
 
 
 def _parse(name, text, where):
-    """A setting's value parsed, or a ConfigError naming `where` it came from, the key, the value
-    and what is accepted."""
     try:
         return SETTINGS_BY_NAME[name].parse(text)
     except ValueError as error:
@@ -376,11 +350,10 @@ def _parse(name, text, where):
 
 
 class Config:
-    """The settings in force, parsed and checked; attributes are named after the ini keys, and
-    `apps` holds each [app:NAME] section's own (for_app() reads them, falling back on these)."""
+    """The settings in force, parsed and checked from `raw` (each ini key: its text, where it came from), as
+    attributes named after the keys; `apps` holds each [app:NAME] section's own, which for_app() reads first."""
 
     def __init__(self, raw, apps=None):
-        """`raw` maps each ini key to (text, where it came from); `apps` each [app:NAME] to its raw keys."""
         self.sources = {}
         self.apps = {}
         places = {}  # where each key is configured, to refuse a key given two roles
@@ -400,8 +373,7 @@ class Config:
             raise ConfigError(f"{self.sources['database']}: database must name a file")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("HTTPS needs both certfile and keyfile (or neither, for plain HTTP)")
-        hashing = [name for name in [None, *self.apps] if self.for_app(name, "hash_user_ids")]
-        if hashing and not self.id_secret:
+        if not self.id_secret and any(self.for_app(name, "hash_user_ids") for name in [None, *self.apps]):
             raise ConfigError("hash_user_ids needs id_secret, a secret of at least 16 characters "
                               "(python3 pycolytics.py keygen makes one); keep it: a new one makes new ids")
         if self.id_secret and len(self.id_secret) < 16:
@@ -421,10 +393,9 @@ def _one_place(places, key, place):
     dashboard, or that two games share) would quietly grant more than either place says."""
     first = places.setdefault(key, place)
     if first != place:
-        raise ConfigError(
-            f"the key {_glimpse(key)} is in {first} and in {place}: each key belongs in one place, either "
-            "api_keys (any game), one [app:NAME] (that game), read_keys (the dashboard) or admin_keys (erasure)"
-        )
+        raise ConfigError(f"the key {_glimpse(key)} is in {first} and in {place}: each key belongs in one place, "
+                          "either api_keys (any game), one [app:NAME] (that game), read_keys (the dashboard) "
+                          "or admin_keys (erasure)")
 
 
 def _read_ini(path, raw, apps):
@@ -436,20 +407,17 @@ def _read_ini(path, raw, apps):
     except (OSError, UnicodeDecodeError, configparser.Error) as error:
         raise ConfigError(f"cannot read the configuration file {path}: {error}") from None
     for section in parser.sections():
-        if section.startswith("app:") and section[4:].strip():
-            application = section[4:].strip()
-            apps[application] = {}
-            for name, value in parser.items(section):
-                if name not in APP_SETTINGS:
-                    raise ConfigError(f"{path}: unknown key {name!r} in [{section}]; known keys: {', '.join(APP_SETTINGS)}")
-                apps[application][name] = (value, path)
-        elif section != "pycolytics":
+        application = section[4:].strip() if section.startswith("app:") else ""
+        if not application and section != "pycolytics":
             raise ConfigError(f"{path}: unknown section [{section}]; settings go in [pycolytics] and [app:NAME]")
-    if parser.has_section("pycolytics"):
-        for name, value in parser.items("pycolytics"):
-            if name not in SETTINGS_BY_NAME:
-                raise ConfigError(f"{path}: unknown key {name!r} in [pycolytics]; known keys: {', '.join(SETTINGS_BY_NAME)}")
-            raw[name] = (value, path)
+        into, known = raw, SETTINGS_BY_NAME
+        if application:
+            into = apps[application] = {}
+            known = APP_SETTINGS
+        for name, value in parser.items(section):
+            if name not in known:
+                raise ConfigError(f"{path}: unknown key {name!r} in [{section}]; known keys: {', '.join(known)}")
+            into[name] = (value, path)
 
 
 def _read_dotenv(path):
@@ -466,6 +434,10 @@ def _read_dotenv(path):
     return variables
 
 
+# The original's variables that name a setting; SQLITE_FILE_PATH (which replaced SQLITE_FILE_NAME) wins.
+_ORIGINAL_VARIABLES = {"SQLITE_FILE_NAME": "database", "SQLITE_FILE_PATH": "database", "RATE_LIMIT": "rate_limit"}
+
+
 def _original_variables(environ, dotenv_path):
     """Settings from the original Pycolytics' variables: its `.env` file, then the environment."""
     variables = {}
@@ -474,16 +446,10 @@ def _original_variables(environ, dotenv_path):
             variables = {name: (value, dotenv_path) for name, value in _read_dotenv(dotenv_path).items()}
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read {dotenv_path}: {error}") from None
-    for name in ("SQLITE_FILE_NAME", "SQLITE_FILE_PATH", "API_KEYS", "RATE_LIMIT"):
+    for name in [*_ORIGINAL_VARIABLES, "API_KEYS"]:
         if name in environ:
             variables[name] = (environ[name], f"environment variable {name}")
-    settings = {}
-    # SQLITE_FILE_PATH replaced SQLITE_FILE_NAME in the original; both named the whole path.
-    for name in ("SQLITE_FILE_NAME", "SQLITE_FILE_PATH"):
-        if name in variables:
-            settings["database"] = variables[name]
-    if "RATE_LIMIT" in variables:
-        settings["rate_limit"] = variables["RATE_LIMIT"]
+    settings = {setting: variables[name] for name, setting in _ORIGINAL_VARIABLES.items() if name in variables}
     if "API_KEYS" in variables:
         text, source = variables["API_KEYS"]
         try:
@@ -497,20 +463,15 @@ def _original_variables(environ, dotenv_path):
 
 
 def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
-    """Settings from, weakest first: defaults, the ini file, the environment, `overrides`.
-
-    The ini file is `path`, else $PYCOLYTICS_CONFIG, else ./pycolytics.ini when it exists.
-    The environment is PYCOLYTICS_<KEY> for any key, and the original Pycolytics' variables
-    (SQLITE_FILE_PATH, SQLITE_FILE_NAME, API_KEYS, also read from its `.env` file).
-    """
+    """Settings from, weakest first: defaults, the ini file, the environment, `overrides`. The ini file is `path`,
+    else $PYCOLYTICS_CONFIG, else ./pycolytics.ini when it exists. The environment is PYCOLYTICS_<KEY> for any key,
+    and the original Pycolytics' variables (SQLITE_FILE_PATH, SQLITE_FILE_NAME, API_KEYS, also from its `.env`)."""
     environ = os.environ if environ is None else environ
     raw = {setting.name: (setting.default, "default") for setting in SETTINGS}
     apps = {}
-    path = path or environ.get("PYCOLYTICS_CONFIG")
+    path = path or environ.get("PYCOLYTICS_CONFIG") or ("pycolytics.ini" if os.path.isfile("pycolytics.ini") else None)
     if path:
         _read_ini(path, raw, apps)
-    elif os.path.isfile("pycolytics.ini"):
-        _read_ini("pycolytics.ini", raw, apps)
     raw.update(_original_variables(environ, dotenv))
     for variable, value in environ.items():
         if variable.startswith("PYCOLYTICS_") and variable != "PYCOLYTICS_CONFIG":
@@ -527,20 +488,17 @@ def load_config(path=None, environ=None, overrides=None, dotenv=".env"):
 def restart_only_changes(config, in_force):
     """Warnings for what `config` changes that only a restart puts in force; `config` keeps the
     values in force instead, so it says what the server does and the next reload compares with that."""
-    warnings = []
-    for setting in SETTINGS:
-        name = setting.name
-        if setting.scope == "restart" and getattr(config, name) != getattr(in_force, name):
-            warnings.append(f"{name} changed to {getattr(config, name)!r}; that takes a restart, "
-                            f"the server keeps {getattr(in_force, name)!r}")
-            setattr(config, name, getattr(in_force, name))
-            config.sources[name] = in_force.sources[name]
+    kept = [setting.name for setting in SETTINGS
+            if setting.scope == "restart" and getattr(config, setting.name) != getattr(in_force, setting.name)]
+    warnings = [f"{name} changed to {getattr(config, name)!r}; that takes a restart, "
+                f"the server keeps {getattr(in_force, name)!r}" for name in kept]
     if bool(config.certfile) != bool(in_force.certfile):
         now, then = ("HTTPS", "plain HTTP") if in_force.certfile else ("plain HTTP", "HTTPS")
         warnings.append(f"certfile and keyfile switch to {then}; that takes a restart, the server keeps serving {now}")
-        for name in ("certfile", "keyfile"):
-            setattr(config, name, getattr(in_force, name))
-            config.sources[name] = in_force.sources[name]
+        kept += ["certfile", "keyfile"]
+    for name in kept:
+        setattr(config, name, getattr(in_force, name))
+        config.sources[name] = in_force.sources[name]
     return warnings
 
 
@@ -1392,11 +1350,9 @@ class Server:
 JSON_TYPE = ("Content-Type", "application/json")
 HTML_TYPE = ("Content-Type", "text/html; charset=utf-8")
 NO_CONTENT = ("204 No Content", [], b"")
-_VARY_ORIGIN = [("Vary", "Origin")]
 
-# How a route runs: in the server's loop (it never waits), in the application's ReadPool (it
-# reads the database, within report_timeout), or in a thread of the server's (it may wait a
-# little: /healthz).
+# How a route runs: in the server's loop (it never waits), in the application's ReadPool (it reads the
+# database, within report_timeout), or in a thread of the server's (it may wait a little: /healthz).
 IN_LOOP, READS, WAITS = "in the loop", "reads", "waits"
 
 
@@ -1408,34 +1364,27 @@ def _ok(body, content_type, *headers):
 def read_body(environ, limit):
     """The request body, at most `limit` bytes; never reads more than limit + 1."""
     length = environ.get("CONTENT_LENGTH") or ""
-    stream = environ["wsgi.input"]
-    if length:
-        if not length.isdigit():
-            raise HTTPError(400, "Content-Length must be a whole number of bytes")
-        if int(length) > limit:
-            raise HTTPError(413, f"the request body is {length} bytes; at most {limit} are accepted")
-        body = stream.read(int(length))
-        if len(body) < int(length):
-            raise HTTPError(400, "the request body is shorter than its Content-Length")
+    if not length:
+        body = environ["wsgi.input"].read(limit + 1) if environ.get("wsgi.input_terminated") else b""
+        if len(body) > limit:
+            raise HTTPError(413, f"the request body is over {limit} bytes; at most {limit} are accepted")
         return body
-    if not environ.get("wsgi.input_terminated"):
-        return b""
-    body = stream.read(limit + 1)
-    if len(body) > limit:
-        raise HTTPError(413, f"the request body is over {limit} bytes; at most {limit} are accepted")
+    if not length.isdigit():
+        raise HTTPError(400, "Content-Length must be a whole number of bytes")
+    if int(length) > limit:
+        raise HTTPError(413, f"the request body is {length} bytes; at most {limit} are accepted")
+    body = environ["wsgi.input"].read(int(length))
+    if len(body) < int(length):
+        raise HTTPError(400, "the request body is shorter than its Content-Length")
     return body
 
 
 def decompress(body, encoding, limit):
-    """A gzip or deflate body decompressed, to at most `limit` bytes: a bomb is refused early.
-
-    Every member of a gzip body is read (gzip allows several back to back); bytes after the end
-    of a deflate stream, or after the last gzip member, are a 400: what is acknowledged is read.
-    """
+    """A gzip or deflate body decompressed, to at most `limit` bytes: a bomb is refused early. Every member of a
+    gzip body is read; bytes after the end (of deflate, of the last member) are a 400: what is acknowledged is read."""
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise HTTPError(415, f"Content-Encoding {encoding} is not supported: send gzip, deflate or identity")
     import zlib  # here: most servers never see a compressed body
-
     # 47 reads a gzip or a zlib header; -15 is raw deflate, which some clients send as "deflate".
     for window in (47, -15) if encoding == "deflate" else (47,):
         data, rest = b"", body
@@ -1461,14 +1410,13 @@ def decompress(body, encoding, limit):
     raise HTTPError(400, f"the request body is not valid {encoding} data")
 
 
-# What a Host (or X-Forwarded-Host) may be to be written into a page: a name or an address and
-# a port. Anything else is not a host, and the server's own name is used instead.
+# What a Host (or X-Forwarded-Host) may be to be written into a page: a name or an address, and a port;
+# else the server's own name is written. An X-Forwarded-Prefix: a path of RFC 3986's unreserved characters
+# and percent-escapes, nothing that needs quoting in HTML or in the shell command the /docs page shows.
 _HOST = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-# An X-Forwarded-Prefix: a path of RFC 3986's unreserved characters and percent-escapes, written
-# as is; nothing that needs quoting in HTML or in the shell command the /docs page shows.
 _PREFIX = re.compile(r"(?:/[A-Za-z0-9._~%-]*)*")
-# Where the cached documentation names the application's own address; each answer puts the
-# address it was asked at (public_url) in its place. RFC 2606 reserves .invalid: no page says it.
+# Where the cached documentation names the application's own address, which each answer replaces with
+# the one it was asked at (public_url). RFC 2606 reserves .invalid: no page says it.
 _OWN_ADDRESS = "http://pycolytics.invalid"
 
 
@@ -1478,12 +1426,8 @@ def _last(header):
 
 
 def public_url(environ, trusted_proxies):
-    """The application's address as the player used it, without a trailing slash.
-
-    Built as wsgiref.util.application_uri builds it (scheme, Host, SCRIPT_NAME), except that a
-    trusted proxy's X-Forwarded-Proto and X-Forwarded-Host win: behind nginx the request that
-    reaches us says nothing of the player's scheme and host.
-    """
+    """The application's address as the player used it, without a trailing slash: as wsgiref's application_uri
+    builds it, except that a trusted proxy's X-Forwarded-Proto and -Host win (nginx's request says neither)."""
     scheme = environ.get("wsgi.url_scheme", "http")
     host = environ.get("HTTP_HOST", "")
     if environ.get("REMOTE_ADDR") in trusted_proxies:  # the test client_address() makes of a peer
@@ -1499,23 +1443,18 @@ def public_url(environ, trusted_proxies):
 
 
 def public_path(environ, trusted_proxies):
-    """The path the application is at, as the player used it: "" at the root, else "/analytics".
-
-    SCRIPT_NAME (where the WSGI server mounted it) after the X-Forwarded-Prefix of a trusted
-    proxy (the path nginx took off before passing the request on).
-    """
+    """The path the application is at, as the player used it ("" at the root, else "/analytics"): SCRIPT_NAME
+    after a trusted proxy's X-Forwarded-Prefix (the path nginx took off before passing the request on)."""
     prefix = ""
     if environ.get("REMOTE_ADDR") in trusted_proxies:
         prefix = _last(environ.get("HTTP_X_FORWARDED_PREFIX", ""))
         prefix = prefix.rstrip("/") if _PREFIX.fullmatch(prefix) else ""
     from urllib.parse import quote  # here: only the answers that name their own address need it
-
     return prefix + quote(environ.get("SCRIPT_NAME", "").rstrip("/"), encoding="latin-1")
 
 
 class Pycolytics:
-    """The WSGI application: `Pycolytics(config)(environ, start_response)`; the built-in server
-    comes in through `loop_hooks` instead (LoopHooks), with the same answers."""
+    """The WSGI application, `Pycolytics(config)(environ, start_response)`; the built-in server uses `loop_hooks`."""
 
     def __init__(self, config):
         self.store = store_for(config)
@@ -1524,29 +1463,10 @@ class Pycolytics:
         self.reads = ReadPool(config.report_threads)
         self.loop_hooks = LoopHooks(self)
         self.server_problem = None  # the built-in server's own trouble, which /healthz tells
-        self.config = config
         self.reconfigure(config)
-        self._routes = {
-            "/v1.0/event": {"POST": (self.post_event, IN_LOOP), "OPTIONS": (self.preflight, IN_LOOP)},
-            "/v1.0/events": {"POST": (self.post_events, IN_LOOP), "OPTIONS": (self.preflight, IN_LOOP)},
-            "/v1.0/client.js": {"GET": (client_script, IN_LOOP)},
-            "/docs": {"GET": (self.get_docs, IN_LOOP)},
-            "/openapi.json": {"GET": (self.get_openapi, IN_LOOP)},
-            "/metrics": {"GET": (self.get_metrics, IN_LOOP)},
-            "/": {"GET": (self.get_index, IN_LOOP)},
-            "/healthz": {"GET": (self.get_health, WAITS)},
-            "/dashboard": {"GET": (self.get_dashboard, READS)},
-            "/v1.0/player/erase": {"POST": (self.post_player, READS)},
-            "/v1.0/player/export": {"POST": (self.post_player, READS)},
-            **{f"/v1.0/report{view}": {"GET": (self.get_report, READS)} for view in REPORT_VIEWS},
-        }
-        for methods in self._routes.values():
-            if "GET" in methods:
-                methods["HEAD"] = methods["GET"]
-        self._turn_rows, self._turn_requests = [], []  # posted in this turn of the server's loop
 
     def reconfigure(self, config):
-        """Put new settings in force (keys, limits, documentation); the database stays as it is."""
+        """Put new settings in force (keys, limits, documentation, the routes to them); the database stays."""
         keyring = Keyring(config)
         self.validator = Validator(config, keyring)
         self.rate_limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
@@ -1557,6 +1477,25 @@ class Pycolytics:
         self._origins = frozenset().union(*(found for found in origins if found is not ANY_ORIGIN))
         self._openapi = json.dumps(openapi_document(config, _OWN_ADDRESS), indent=2).encode()
         self._docs = docs_page(config, _OWN_ADDRESS).encode()
+        preflight = (self.preflight, IN_LOOP)
+        routes = {
+            "/v1.0/event": {"POST": (functools.partial(self.post_events, batch=False), IN_LOOP), "OPTIONS": preflight},
+            "/v1.0/events": {"POST": (self.post_events, IN_LOOP), "OPTIONS": preflight},
+            "/v1.0/client.js": {"GET": (client_script, IN_LOOP)},
+            "/docs": {"GET": (self.get_docs, IN_LOOP)},
+            "/openapi.json": {"GET": (self.get_openapi, IN_LOOP)},
+            "/metrics": {"GET": (self.get_metrics, IN_LOOP)},
+            "/": {"GET": (self.get_index, IN_LOOP)},
+            "/healthz": {"GET": (self.get_health, WAITS)},
+            "/dashboard": {"GET": (self.reports.dashboard, READS)},
+            "/v1.0/player/erase": {"POST": (self.players.answer, READS)},
+            "/v1.0/player/export": {"POST": (self.players.answer, READS)},
+            **{f"/v1.0/report{view}": {"GET": (self.reports.answer, READS)} for view in REPORT_VIEWS},
+        }
+        for methods in routes.values():
+            if "GET" in methods:
+                methods["HEAD"] = methods["GET"]
+        self._routes = routes
         self.config = self.writer.config = config
 
     def open(self):
@@ -1611,7 +1550,7 @@ class Pycolytics:
             return self._every_origin  # the same list for every answer: callers only add it to theirs
         if origin in self._origins:
             return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-        return _VARY_ORIGIN
+        return [("Vary", "Origin")]
 
     def route(self, environ):
         """(handler, how it runs) for a request; raises 404 or 405."""
@@ -1623,24 +1562,16 @@ class Pycolytics:
         found = methods.get(environ["REQUEST_METHOD"])
         if found is None:
             allowed = ", ".join(methods)
-            raise HTTPError(405, f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}", [("Allow", allowed)])
+            raise HTTPError(405, f"{environ['REQUEST_METHOD']} is not allowed here; use {allowed}",
+                            [("Allow", allowed)])
         return found
 
-    def preflight(self, environ):
-        """A browser asking whether it may POST here: yes, for a day, with these headers."""
-        return "204 No Content", [
-            ("Access-Control-Allow-Methods", "POST, OPTIONS"),
-            ("Access-Control-Allow-Headers", "Content-Type, Content-Encoding"),
-            ("Access-Control-Max-Age", "86400"),
-        ], b""
+    def preflight(self, environ):  # a browser asking whether it may POST here: yes, for a day
+        return "204 No Content", [("Access-Control-Allow-Methods", "POST, OPTIONS"),
+                                  ("Access-Control-Allow-Headers", "Content-Type, Content-Encoding"),
+                                  ("Access-Control-Max-Age", "86400")], b""
 
-    def post_event(self, environ):
-        return self._rows(environ, batch=False)
-
-    def post_events(self, environ):
-        return self._rows(environ, batch=True)
-
-    def _rows(self, environ, batch):
+    def post_events(self, environ, batch=True):
         """The rows a posted request asks to store; raises HTTPError for anything wrong with it."""
         body = read_body(environ, self.config.max_body_bytes)
         if self.rate_limiter is not None:
@@ -1669,15 +1600,6 @@ class Pycolytics:
         _, headers, body = _ok(json.dumps(document).encode(), JSON_TYPE, ("Cache-Control", "no-store"))
         return ("503 Service Unavailable" if problem or self.server_problem else "200 OK"), headers, body
 
-    def get_dashboard(self, environ):
-        return self.reports.dashboard(environ)
-
-    def get_report(self, environ):
-        return self.reports.answer(environ)
-
-    def post_player(self, environ):
-        return self.players.answer(environ)
-
     def get_metrics(self, environ):
         return _ok(self.metrics.text().encode(), ("Content-Type", "text/plain; version=0.0.4"))
 
@@ -1690,9 +1612,8 @@ class Pycolytics:
 
 
 class LoopHooks:
-    """The built-in server's way into Pycolytics (the hooks Server documents): what never waits
-    is answered in the loop; reads go to the ReadPool; the events posted in one turn of the loop
-    go to the writer together, to be committed with one fsync."""
+    """The built-in server's way into Pycolytics (the hooks Server documents): what never waits is answered in the
+    loop, reads go to the ReadPool, the events of one turn of the loop go to the writer together (one fsync)."""
 
     def __init__(self, app):
         self.app = app
@@ -1768,7 +1689,8 @@ class ReadPool:
     def submit(self, job):
         with self._lock:
             if len(self._started) < self.threads:
-                thread = threading.Thread(target=self._work, name=f"pycolytics-reader-{len(self._started)}", daemon=True)
+                name = f"pycolytics-reader-{len(self._started)}"
+                thread = threading.Thread(target=self._work, name=name, daemon=True)
                 self._started.append(thread)
                 thread.start()
         try:
@@ -1807,19 +1729,16 @@ def create_app(config=None):
 
 
 class _LazyApplication:
-    """The module's `application`: builds the real one from the environment at its first request.
-
-    Servers that fork workers import the module first, so nothing may be opened at import.
-    """
+    """The module's `application`: builds the real one from the environment at its first request, since
+    servers that fork workers import the module first, so nothing may be opened at import."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._app = None
+        self._forget()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self):
-        # A forked child must not share its parent's writer thread (which did not survive the fork).
+        # Also in a forked child: it must not share its parent's writer thread (which did not survive the fork).
         self._lock = threading.Lock()
         self._app = None
 
@@ -1850,11 +1769,8 @@ KEY_WINDOW = 60
 
 
 def client_address(peer, forwarded_for, trusted_proxies):
-    """The sender of a request: its peer, unless that is a trusted proxy that names another.
-
-    Each proxy appends the address it received from to X-Forwarded-For, so the sender is the
-    last address in it that is not one of our own proxies; anything before it could be forged.
-    """
+    """The sender of a request: its peer, unless that is a trusted proxy that names another. Each proxy appends
+    to X-Forwarded-For the address it received from: the last that is not one of ours sent it; the rest could lie."""
     if not forwarded_for or peer not in trusted_proxies:
         return peer
     for hop in reversed(forwarded_for.split(",")):
@@ -1865,22 +1781,19 @@ def client_address(peer, forwarded_for, trusted_proxies):
 
 
 class WindowCounts:
-    """How many times each key (a client address) was counted in the current fixed window, for
-    MAX_TRACKED_CLIENTS keys at most: past that, the keys of earlier windows are forgotten, and if
-    they all count in this one, every count starts afresh rather than grow."""
+    """How many times each key (a client address) was counted in the current fixed window, for MAX_TRACKED_CLIENTS
+    keys at most: past that, earlier windows' keys are forgotten, and if none is, every count starts afresh."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._counts = {}  # key -> [window number, count in it]
 
     def count(self, key, window, add=1):
-        """Add `add` to the count of `key` in `window`; the count."""
         with self._lock:
             counted = self._counts.get(key)
             if counted is None or counted[0] != window:
                 if counted is None and len(self._counts) >= MAX_TRACKED_CLIENTS:
-                    for old in [old for old, (seen, _) in self._counts.items() if seen != window]:
-                        del self._counts[old]
+                    self._counts = {old: seen for old, seen in self._counts.items() if seen[0] == window}
                     if len(self._counts) >= MAX_TRACKED_CLIENTS:
                         self._counts.clear()
                 counted = self._counts[key] = [window, 0]
@@ -1888,8 +1801,9 @@ class WindowCounts:
             return counted[1]
 
 
-def _window(seconds, now):
+def _window(seconds, now=None):
     """(the window's number, seconds until the next one, at least 1) of fixed windows of `seconds`."""
+    now = time.monotonic() if now is None else now
     window = int(now // seconds)
     return window, max(1, math.ceil((window + 1) * seconds - now))
 
@@ -1899,22 +1813,19 @@ class RateLimiter:
 
     def __init__(self, limit):
         self.requests, self.seconds = limit
-        self.per = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}[self.seconds]
+        self.per = {seconds: name for name, seconds in _PERIODS.items()}[self.seconds]
         self._counts = WindowCounts()
 
     def check(self, address, now=None):
-        """Count one request from `address`; raise a 429 if it is one too many."""
-        window, wait = _window(self.seconds, time.monotonic() if now is None else now)
+        window, wait = _window(self.seconds, now)
         if self._counts.count(address, window) > self.requests:
             raise HTTPError(429, f"more than {self.requests} requests per {self.per} from {address}: "
                                  f"send again in {wait} s", retry_after=wait)
 
 
 class KeyGuard:
-    """Holds back guessers of keys: an address that presented KEY_FAILURES wrong keys in a minute
-    gets 429 until the minute ends, whatever it presents; so does everyone once KEY_FAILURES_IN_ALL
-    wrong keys came in a minute. The first wrong key of each address in a minute is logged (its
-    address only if log_addresses); the rest are only counted, so guessers cannot fill the log."""
+    """Holds back guessers of keys: after KEY_FAILURES wrong keys in a minute from an address, or KEY_FAILURES_IN_ALL
+    from all, 429 until the minute ends. Only each address's first in a minute is logged: guessers cannot fill it."""
 
     def __init__(self, what, log_addresses=True):
         self.what = what
@@ -1922,7 +1833,7 @@ class KeyGuard:
         self._counts = WindowCounts()
 
     def check(self, address, now=None):
-        window, wait = _window(KEY_WINDOW, time.monotonic() if now is None else now)
+        window, wait = _window(KEY_WINDOW, now)
         if self._counts.count(address, window, 0) >= KEY_FAILURES:
             raise HTTPError(429, f"{KEY_FAILURES} wrong {self.what} keys in a minute from this address: "
                                  f"try again in {wait} s", retry_after=wait)
@@ -1931,9 +1842,10 @@ class KeyGuard:
                                  f"together: try again in {wait} s", retry_after=wait)
 
     def failed(self, address, now=None):
-        window, _ = _window(KEY_WINDOW, time.monotonic() if now is None else now)
+        window, _ = _window(KEY_WINDOW, now)
         if self._counts.count(None, window) == KEY_FAILURES_IN_ALL:
-            log.warning("%d wrong %s keys in a minute: every address waits for the next", KEY_FAILURES_IN_ALL, self.what)
+            log.warning("%d wrong %s keys in a minute: every address waits for the next", KEY_FAILURES_IN_ALL,
+                        self.what)
         if self._counts.count(address, window) == 1:
             log.warning("a wrong %s key from %s (more from it this minute are counted, not logged)", self.what,
                         repr(address) if self.log_addresses else "a client")
@@ -1949,77 +1861,59 @@ def presented_key(environ):
         return credentials.strip()
     if scheme.lower() == "basic":
         import base64  # here: only the dashboard reads credentials
-
-        try:
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
             return base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            return None
     return None
 
 
 def _matches(known, key):
-    """Whether `key` (str) is one of `known` (bytes), compared in constant time against every one."""
+    """Which of `known` (bytes) `key` (str) is: all are compared, each in constant time."""
     try:
         candidate = key.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    matched = False
-    for each in known:
-        matched |= hmac.compare_digest(each, candidate)
-    return matched
+        return []
+    return [each for each in known if hmac.compare_digest(each, candidate)]
 
 
 class Keyring:
-    """The keys a server accepts, compared in constant time, and what each is for.
-
-    A key of api_keys is good for any application's events; a key of [app:NAME] only for NAME's,
-    so a key that leaks out of one game cannot write into another's data. read_keys open the
-    dashboard and the report API; admin_keys erase and export one player's events. No key is
-    good for two of these (Config refuses it).
-    """
+    """The keys a server accepts, and what each is for: api_keys any application's events, an [app:NAME]'s only
+    NAME's (a key leaked out of one game cannot write into another's); read_keys the dashboard and the report API;
+    admin_keys erasing and exporting a player's events. No key is good for two of these (Config refuses it)."""
 
     def __init__(self, config):
         entries = [(key, None) for key in config.api_keys]
         entries += [(key, name) for name, app in config.apps.items() for key in app.get("api_keys", ())]
         self.dev_key_active = not entries
-        self._writes = [(key.encode("utf-8"), name) for key, name in (entries or [(DEV_KEY, None)])]
+        # Each key's application (None: any); Config keeps a key to one place, so to one application.
+        self._writes = {key.encode("utf-8"): name for key, name in (entries or [(DEV_KEY, None)])}
         self._known = {"read": [key.encode() for key in config.read_keys],
                        "admin": [key.encode() for key in config.admin_keys]}
+        self._every_key = [*self._writes, *self._known["read"], *self._known["admin"]]
         self._guards = {kind: KeyGuard(kind, config.log_addresses) for kind in self._known}
         self._trusted_proxies = config.trusted_proxies
 
     def applications(self, key):
         """The applications `key` may send events for: ALL_APPLICATIONS, a set of names, or None if unknown."""
-        if key is None:
-            # The original treated a missing key as its development key.
+        if key is None:  # the original treated a missing key as its development key
             return ALL_APPLICATIONS if self.dev_key_active else None
-        try:
-            candidate = key.encode("utf-8")
-        except UnicodeEncodeError:
-            return None
-        names, everything = set(), False
-        for known, name in self._writes:
-            if hmac.compare_digest(known, candidate):
-                everything |= name is None
-                names.add(name)
-        return ALL_APPLICATIONS if everything else frozenset(names) or None
+        names = {self._writes[known] for known in _matches(self._writes, key)}
+        return ALL_APPLICATIONS if None in names else frozenset(names) or None
 
     def authorize(self, environ, kind, off):
         """Let the request through if it presents one of the `kind` keys ("read" or "admin"); else
         403 (none configured: `off` says how to turn it on; or a key of another kind), 401 or 429."""
         if not self._known[kind]:
             raise HTTPError(403, off)
-        guard = self._guards[kind]
-        address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted_proxies)
         key = presented_key(environ)
-        if key:  # a request without a key is asked for one (401), throttled or not: it guesses nothing
+        if key:  # without a key (a browser's first request) it is asked for one, throttled or not: no guess
+            guard = self._guards[kind]
+            address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
+                                     self._trusted_proxies)
             guard.check(address)
-        if key and _matches(self._known[kind], key):
-            return
-        others = [other for other in self._known if other != kind]
-        if key and (_matches([known for known, _ in self._writes], key) or _matches(self._known[others[0]], key)):
-            raise HTTPError(403, f"this key may not do this: it needs one of {kind}_keys")
-        if key:  # a browser's first request carries no key: that is not a guess
+            if _matches(self._known[kind], key):
+                return
+            if _matches(self._every_key, key):  # a key, of another kind
+                raise HTTPError(403, f"this key may not do this: it needs one of {kind}_keys")
             guard.failed(address)
         realm = "pycolytics dashboard" if kind == "read" else "pycolytics admin"
         raise HTTPError(401, f"this needs one of {kind}_keys: as the password of HTTP Basic, or a Bearer token",
