@@ -2032,15 +2032,14 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _MISSING = object()
 
 
-def _compact_encoder(allow_nan=False):
+def _compact_encoder():
     """A function writing compact JSON (no spaces, Unicode as is) through a C encoder built once: json.dumps() builds
     one at every call, which costs as much as encoding an event's value. Values from json.loads hold no cycles."""
-    options = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=allow_nan)
+    options = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     make_encoder = getattr(json.encoder, "c_make_encoder", None)
     if make_encoder is None:  # a Python without the C accelerator
         return options.encode
-    encode = make_encoder(None, options.default, json.encoder.encode_basestring, None, ":", ",", False, False,
-                          allow_nan)
+    encode = make_encoder(None, options.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
 
     def compact_json(value):
         return "".join(encode(value, 0))
@@ -2049,7 +2048,6 @@ def _compact_encoder(allow_nan=False):
 
 
 _compact_json = _compact_encoder()
-_json_with_non_finite = _compact_encoder(allow_nan=True)  # NaN, Infinity: for a value about to be mended
 
 
 def _nulls_outside_strings(text, words, escaped_backslash, escaped_quote):
@@ -2080,7 +2078,7 @@ def _mend_godot(text):
 def _finite_json(value):
     """Compact JSON of a value holding NaN or Infinity, each written as null; None if it nests too deep to encode."""
     try:
-        text = _json_with_non_finite(value)
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))  # NaN and Infinity, about to be mended
     except RecursionError:
         return None
     # The encoder escapes every control character, so NUL and SOH can stand in for escapes.
@@ -2279,8 +2277,7 @@ class Validator:
             return None
         text, problem = self._value_text(event.get("value", _MISSING), shallow, check_unicode)
         if problem:
-            # Finding it may have cost an encoding of a megabyte of value: the list reuses it.
-            value_problems[id(event)] = problem
+            value_problems[id(event)] = problem  # finding it may have cost encoding a megabyte: the list reuses it
             return None
         if check_unicode and not _is_unicode(joined):
             return None
@@ -2389,15 +2386,11 @@ def _client_time(value):
 def _client_fields(event, received, check_unicode):
     """(time, event_id, problems) from an event's optional timestamp, sent_at and event_id. The time is the client's
     timestamp shifted by how far its clock was off (received - sent_at), and never later than the receive time."""
-    problems = []
-    when = received
     timestamp, sent_at = event.get("timestamp"), event.get("sent_at")
-    happened = _client_time(timestamp) if timestamp is not None else None
-    sent = _client_time(sent_at) if sent_at is not None else None
-    for name, given, parsed in (("timestamp", timestamp, happened), ("sent_at", sent_at, sent)):
-        if given is not None and parsed is None:
-            message = "must be ISO 8601 text (2024-05-01T12:00:00Z) or Unix seconds, from 1970 to 9999"
-            problems.append((name, message, "datetime"))
+    happened, sent, when = _client_time(timestamp), _client_time(sent_at), received  # None for None
+    problems = [(name, "must be ISO 8601 text (2024-05-01T12:00:00Z) or Unix seconds, from 1970 to 9999", "datetime")
+                for name, given, parsed in (("timestamp", timestamp, happened), ("sent_at", sent_at, sent))
+                if given is not None and parsed is None]
     if happened is not None:
         try:
             when = happened if sent is None else received - (sent - happened)
@@ -2481,18 +2474,13 @@ SUMMARY_STEP_SECONDS = 0.005
 SUMMARY_MIN_ROWS = 50
 SUMMARY_STEP_ROWS = 2000
 
-def _value_size(rows):
-    """Characters of the rows' values (rows are EVENT_FIELDS, then value, time, received_at, event_id)."""
-    return sum(len(row[6]) for row in rows)
-
-
 class _Waiting:
-    """Rows waiting for their commit, and the function to call once with how it went."""
+    """Rows waiting for their commit, the characters of their values, and the function to call once with how it went."""
 
-    __slots__ = ("rows", "committed", "since", "answered")
+    __slots__ = ("rows", "size", "committed", "since", "answered")
 
-    def __init__(self, rows, committed):
-        self.rows, self.committed, self.since, self.answered = rows, committed, time.monotonic(), False
+    def __init__(self, rows, size, committed):
+        self.rows, self.size, self.committed, self.since, self.answered = rows, size, committed, time.monotonic(), False
 
     def answer(self, error):
         if not self.answered:  # a commit given up on answers 503 once, even if it ends later
@@ -2517,13 +2505,11 @@ class Writer:
         self._health_lock = threading.Lock()
         self._checked, self._checked_at, self._checking = None, -HEALTH_CACHE_SECONDS, False
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._summarised = threading.Condition(self._lock)
+        self._wakeup, self._summarised = threading.Condition(self._lock), threading.Condition(self._lock)
         self._queue, self._queued_rows, self._queued_bytes = [], 0, 0
         self._closed = False
         self._thread = self._connection = None
-        self._reconnect_at = 0.0
-        self._unreachable = None  # why the last reconnection failed
+        self._reconnect_at, self._unreachable = 0.0, None  # when to try again; why the last reconnection failed
         self._committing_since = None  # while a commit runs
         self._give_up_at = None  # (when, connection, group) while a commit runs
         self._stuck = False  # a commit ran past busy_timeout: new rows get 503 until it ends
@@ -2555,11 +2541,11 @@ class Writer:
             if self._stuck:
                 raise busy(f"the database has not finished a commit for {self.config.busy_timeout:g} s; "
                            "send the events again shortly", 5)
-            size = _value_size(rows)
+            size = sum(len(row[6]) for row in rows)  # rows are EVENT_FIELDS, then value, time, received_at, event_id
             if self._queued_rows and (self._queued_rows + len(rows) > self.config.max_pending_events
                                       or self._queued_bytes + size > self.config.max_buffered_bytes):
                 raise busy("the server is busy writing other events; send these again shortly")
-            waiting = _Waiting(rows, committed)
+            waiting = _Waiting(rows, size, committed)
             self._queue.append(waiting)
             self._queued_rows += len(rows)
             self._queued_bytes += size
@@ -2577,7 +2563,7 @@ class Writer:
                 if waiting in self._queue:
                     self._queue.remove(waiting)
                     self._queued_rows -= len(waiting.rows)
-                    self._queued_bytes -= _value_size(waiting.rows)
+                    self._queued_bytes -= waiting.size
             waiting.answer(busy("the database did not answer in time; send the events again shortly", 5))
             error = answers.get()
         if error is not None:
@@ -2600,18 +2586,13 @@ class Writer:
 
     def catch_up(self, last_id, timeout):
         """Summarise up to event `last_id` before anything but commits; whether that was done in `timeout` seconds."""
-        deadline = time.monotonic() + timeout
         with self._lock:
             if self._thread is None or self.last_error is not None:
                 return False
             self._catch_up_to = max(self._catch_up_to, last_id)
             self._summary_behind = True
             self._wakeup.notify()
-            while self._summary_upto < last_id:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._summarised.wait(left):
-                    return self._summary_upto >= last_id
-        return True
+            return self._summarised.wait_for(lambda: self._summary_upto >= last_id, timeout)
 
     def _run(self):
         try:
@@ -2656,7 +2637,7 @@ class Writer:
         problem = self._connection is not None and self.store.detached(self._connection)
         if problem:
             log.error("%s: opening the database again", problem)
-            self._drop()
+            self._forget_lost(ConnectionError(problem))
         if self._connection is None:
             if time.monotonic() < self._reconnect_at:
                 raise ConnectionError(self._unreachable or "the database connection is lost; reconnecting")
@@ -2770,14 +2751,13 @@ class Writer:
         except Exception as error:  # the database's errors, or a lost connection
             self._forget_lost(error)
             log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
-            self._pass_pruned = 0
-            return time.monotonic() + 3600
-        self.metrics.prune(deleted)
-        self._pass_pruned += deleted
-        if deleted or changed:
-            return time.monotonic()  # more to delete: the next step comes between commits
-        log.info("retention_days = %g: deleted %d events from before %s", self.config.retention_days,
-                 self._pass_pruned, before[:19])
+        else:
+            self.metrics.prune(deleted)
+            self._pass_pruned += deleted
+            if deleted or changed:
+                return time.monotonic()  # more to delete: the next step comes between commits
+            log.info("retention_days = %g: deleted %d events from before %s", self.config.retention_days,
+                     self._pass_pruned, before[:19])
         self._pass_pruned = 0
         return time.monotonic() + 3600
 
@@ -2847,14 +2827,9 @@ class Writer:
     def _forget_lost(self, error):
         """Drop a connection that `error` says is gone, so the next commit opens a new one."""
         if self._connection is not None and (isinstance(error, ConnectionError) or self.store.lost(error)):
-            self._drop()
-
-    def _drop(self):
-        try:
-            self._connection.close()
-        except Exception:  # closing what is already broken: nothing more to learn
-            pass
-        self._connection = None
+            with contextlib.suppress(Exception):  # closing what is already broken: nothing more to learn
+                self._connection.close()
+            self._connection = None
 
 
 class Metrics:
