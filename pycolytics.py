@@ -2029,6 +2029,7 @@ _ESCAPED_BACKSLASH, _ESCAPED_QUOTE = "\ud800", "\ud801"
 # An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not valid Unicode (a lone
 # surrogate). Bodies without one skip the per-string check.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded string: lone, as the decoder pairs what it can
 _MISSING = object()
 
 
@@ -2051,12 +2052,9 @@ _compact_json = _compact_encoder()
 
 
 def _nulls_outside_strings(text, words, escaped_backslash, escaped_quote):
-    """JSON-like `text` with each of `words` replaced by null wherever it lies outside strings.
-
-    Linear C string methods, nothing that backtracks: with escaped backslashes (paired left to right) and
-    escaped quotes made stand-ins `text` cannot hold, the even pieces between quotes lie outside strings.
-    No JSON word holds one of `words`, so a longer word that does is left as wrong as it was.
-    """
+    """JSON-like `text` with each of `words` replaced by null wherever it lies outside strings, by linear C string
+    methods (nothing backtracks): once escaped backslashes (paired left to right) and escaped quotes are stand-ins
+    `text` cannot hold, the even pieces between quotes lie outside strings. No JSON word holds one of `words`."""
     pieces = text.replace("\\\\", escaped_backslash).replace('\\"', escaped_quote).split('"')
     outside = '"'.join(pieces[::2])
     for word in words:
@@ -2118,28 +2116,19 @@ def parse_json(body):
         text = body.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         raise HTTPError(400, f"the request body is not UTF-8 (bad byte at offset {error.start})") from None
-    try:
-        return _decode(_DECODER, text)
-    except json.JSONDecodeError as error:
-        first_error = error
-    try:
-        return _decode(_LENIENT_DECODER, _mend_godot(text))
-    except json.JSONDecodeError:
-        message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
-        raise HTTPError(400, f"the request body is not valid JSON: {message} "
-                         f"at line {first_error.lineno} column {first_error.colno}") from None
-
-
-def _decode(decoder, text):
-    """decoder.decode(text); a 400 for what it cannot convert, JSONDecodeError for what is not JSON."""
-    try:
-        return decoder.decode(text)
-    except json.JSONDecodeError:
-        raise
-    except RecursionError:  # the decoder recurses in C, as deep as the interpreter lets it
-        raise HTTPError(400, "the request body nests arrays or objects too deeply") from None
-    except ValueError:  # an integer too long to convert
-        raise HTTPError(400, f"the request body holds an integer of over {_INT_DIGITS} digits") from None
+    first_error = None
+    for decoder in (_DECODER, _LENIENT_DECODER):  # JSON, else Godot's JSON mended
+        try:
+            return decoder.decode(text if first_error is None else _mend_godot(text))
+        except json.JSONDecodeError as error:
+            first_error = first_error or error
+        except RecursionError:  # the decoder recurses in C, as deep as the interpreter lets it
+            raise HTTPError(400, "the request body nests arrays or objects too deeply") from None
+        except ValueError:  # an integer too long to convert
+            raise HTTPError(400, f"the request body holds an integer of over {_INT_DIGITS} digits") from None
+    message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
+    raise HTTPError(400, f"the request body is not valid JSON: {message} at line {first_error.lineno} "
+                         f"column {first_error.colno}")
 
 
 def _nests_deeper(document, limit):
@@ -2162,14 +2151,6 @@ _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 def _holds_nul(text):
     """Whether any key or string in compact JSON `text` holds a NUL character."""
     return "\\u0000" in text and _ESCAPED_NUL.search(text) is not None
-
-
-def _is_unicode(text):
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # Problems one refusal lists at most. Enough to fix a client from; all of them could cost 50 ms and a 1.2 MB answer
@@ -2204,9 +2185,8 @@ class Validator:
         events = document if batch else (document,)
         # Cheap facts about the whole body that let most events skip checks: a body with few brackets cannot nest
         # deeply (a batch of more events than that has too many: not worth counting them all), and one without
-        # \uD800-style escapes holds no surrogates.
+        # \uD800-style escapes holds no surrogates (memchr finds no backslash in 1 us; the pattern took 20).
         shallow = len(events) <= self.max_value_depth and body.count(b"{") + body.count(b"[") <= self.max_value_depth
-        # (memchr finds no backslash in a batch of 100 in 1 us; the pattern took 20 looking for escapes.)
         check_unicode = b"\\" in body and _SURROGATE_ESCAPE.search(body) is not None
         times = (received, received.strftime(TIME_FORMAT))
         rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, []
@@ -2279,7 +2259,7 @@ class Validator:
         if problem:
             value_problems[id(event)] = problem  # finding it may have cost encoding a megabyte: the list reuses it
             return None
-        if check_unicode and not _is_unicode(joined):
+        if check_unicode and _SURROGATE.search(joined):
             return None
         if self.hash_ids is not None:
             fields = self.hash_ids(fields)
@@ -2304,7 +2284,7 @@ class Validator:
             elif len(value) > self.max_string_length:
                 message = f"is longer than {self.max_string_length} characters"
                 problems.append(_problem(where + [name], message, "string_too_long"))
-            elif check_unicode and not _is_unicode(value):
+            elif check_unicode and _SURROGATE.search(value):
                 problems.append(_problem(where + [name], "holds an unpaired UTF-16 surrogate", "unicode"))
             elif "\0" in value:  # many readers of SQLite text stop at a NUL
                 problems.append(_problem(where + [name], "holds a NUL character (\\u0000)", "nul"))
@@ -2410,7 +2390,7 @@ def _event_id_problem(event_id, check_unicode):
         return f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"
     if "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
         return "holds a NUL character (\\u0000)", "nul"
-    if check_unicode and not _is_unicode(event_id):
+    if check_unicode and _SURROGATE.search(event_id):
         return "holds an unpaired UTF-16 surrogate", "unicode"
     return None
 
@@ -2474,6 +2454,7 @@ SUMMARY_STEP_SECONDS = 0.005
 SUMMARY_MIN_ROWS = 50
 SUMMARY_STEP_ROWS = 2000
 
+
 class _Waiting:
     """Rows waiting for their commit, the characters of their values, and the function to call once with how it went."""
 
@@ -2490,12 +2471,10 @@ class _Waiting:
 
 class Writer:
     """The one thread that writes: commits all the rows queued by many requests with one fsync, then answers them.
-
     The queue is bounded: when full, requests get 503 and Retry-After rather than held in memory. No event waits
     longer than busy_timeout for its answer: a longer commit is interrupted, and what waited is answered 503 and not
     committed later (unless an fsync the disk never finishes stores it: a retry with an event_id stores it once).
-    Between commits it summarises new events for reports, prunes (retention_days) and probes a failed database.
-    """
+    Between commits it summarises new events for reports, prunes (retention_days) and probes a failed database."""
 
     def __init__(self, config, store, metrics):
         self.config, self.store, self.metrics = config, store, metrics
