@@ -1924,29 +1924,24 @@ class Keyring:
 # Validation: from request bytes to rows
 ###############################################################################
 
-# Stand-ins for an escaped backslash and an escaped quote while a body's strings are told
-# apart from the rest (see _nulls_outside_strings): lone surrogates, which no text decoded
-# from UTF-8 can hold.
+# Stand-ins for an escaped backslash and an escaped quote while a body's strings are told apart from the rest
+# (see _nulls_outside_strings): lone surrogates, which no text decoded from UTF-8 can hold.
 _ESCAPED_BACKSLASH, _ESCAPED_QUOTE = "\ud800", "\ud801"
-# An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not
-# valid Unicode (a lone surrogate). Bodies without one skip the per-string check.
+# An escaped UTF-16 surrogate: the only way a JSON text can smuggle in a string that is not valid Unicode (a lone
+# surrogate). Bodies without one skip the per-string check.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded string: lone, as the decoder pairs what it can
 _MISSING = object()
 
 
-def _compact_encoder(allow_nan=False):
-    """A function writing compact JSON (no spaces, Unicode as is) through the C encoder.
-
-    json.dumps() builds a new C encoder at every call, which costs more than encoding a
-    typical event's value; this one is built once. Values come from json.loads, so they
-    hold no cycles and need no cycle check (markers=None).
-    """
-    options = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=allow_nan)
+def _compact_encoder():
+    """A function writing compact JSON (no spaces, Unicode as is) through a C encoder built once: json.dumps() builds
+    one at every call, which costs as much as encoding an event's value. Values from json.loads hold no cycles."""
+    options = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     make_encoder = getattr(json.encoder, "c_make_encoder", None)
     if make_encoder is None:  # a Python without the C accelerator
         return options.encode
-    encode = make_encoder(None, options.default, json.encoder.encode_basestring, None, ":", ",", False, False,
-                          allow_nan)
+    encode = make_encoder(None, options.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
 
     def compact_json(value):
         return "".join(encode(value, 0))
@@ -1955,19 +1950,12 @@ def _compact_encoder(allow_nan=False):
 
 
 _compact_json = _compact_encoder()
-_json_with_non_finite = _compact_encoder(allow_nan=True)  # NaN, Infinity: for a value about to be mended
 
 
 def _nulls_outside_strings(text, words, escaped_backslash, escaped_quote):
-    """JSON-like `text` with each of `words` replaced by null wherever it lies outside strings.
-
-    A few passes of C string methods, each linear: no regular expression, so nothing can
-    backtrack. Replacing escaped backslashes first, left to right, pairs up every run of
-    them; once escaped quotes are replaced too, every quote left opens or closes a string,
-    and the even pieces between quotes lie outside strings. The two stand-ins are characters
-    `text` cannot hold. Outside strings no JSON word holds any of `words`, so replacing one
-    that is part of a longer word leaves that word as wrong as it was.
-    """
+    """JSON-like `text` with each of `words` replaced by null wherever it lies outside strings, by linear C string
+    methods (nothing backtracks): once escaped backslashes (paired left to right) and escaped quotes are stand-ins
+    `text` cannot hold, the even pieces between quotes lie outside strings. No JSON word holds one of `words`."""
     pieces = text.replace("\\\\", escaped_backslash).replace('\\"', escaped_quote).split('"')
     outside = '"'.join(pieces[::2])
     for word in words:
@@ -1977,25 +1965,19 @@ def _nulls_outside_strings(text, words, escaped_backslash, escaped_quote):
 
 
 def _mend_godot(text):
-    """`text` with Godot's JSON quirks made JSON: bare nan, inf and -inf (its non-finite
-    floats) as null, and \\v in strings as \\u000b.
-
-    In a text that is not JSON the escapes may be paired wrongly, but quotes and backslashes
-    stay where they were, so the mended text is not JSON either.
-    """
+    """`text` with Godot's JSON quirks made JSON: bare nan, inf and -inf as null, \\v as \\u000b.
+    A text that is not JSON stays so: its quotes and backslashes stay where they were."""
     if "\\v" in text:  # Godot escapes a vertical tab as \v, which JSON lacks
-        text = text.replace("\\\\", _ESCAPED_BACKSLASH).replace("\\v", "\\u000b")
-        text = text.replace(_ESCAPED_BACKSLASH, "\\\\")
+        text = text.replace("\\\\", _ESCAPED_BACKSLASH).replace("\\v", "\\u000b").replace(_ESCAPED_BACKSLASH, "\\\\")
     if "nan" in text or "inf" in text:
         text = _nulls_outside_strings(text, ("-nan", "-inf", "nan", "inf"), _ESCAPED_BACKSLASH, _ESCAPED_QUOTE)
     return text
 
 
 def _finite_json(value):
-    """Compact JSON of a value holding NaN or Infinity, each written as null; None if the
-    interpreter's C encoder cannot go as deep as the value nests."""
+    """Compact JSON of a value holding NaN or Infinity, each written as null; None if it nests too deep to encode."""
     try:
-        text = _json_with_non_finite(value)
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))  # NaN and Infinity, about to be mended
     except RecursionError:
         return None
     # The encoder escapes every control character, so NUL and SOH can stand in for escapes.
@@ -2012,19 +1994,18 @@ def _bounded_int(digits):
     return int(digits)
 
 
-# Python 3.9.14+, 3.10.7+ and 3.11+ refuse to convert integers of over 4300 digits (a quadratic
-# conversion) by themselves, in C: sys.get_int_max_str_digits(). Elsewhere, or where that limit
-# is lifted (PYTHONINTMAXSTRDIGITS=0), every integer's length is checked first, in Python,
-# which doubles the parse time of a body full of numbers.
+# Python 3.9.14+, 3.10.7+ and 3.11+ refuse to convert integers of over 4300 digits (quadratic) by themselves, in C:
+# sys.get_int_max_str_digits(). Elsewhere, or where that limit is lifted (PYTHONINTMAXSTRDIGITS=0), every integer's
+# length is checked first, in Python, which doubles the parse time of a body full of numbers.
 _C_INT_DIGITS = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
 _PARSE_INT = None if 0 < _C_INT_DIGITS <= MAX_INTEGER_DIGITS else _bounded_int
 _INT_DIGITS = _C_INT_DIGITS if _PARSE_INT is None else MAX_INTEGER_DIGITS  # the limit in force
 
 
-# Built once: json.loads() given any option builds a decoder and its C scanner at every call,
-# which cost a sixth of validating a single event. Shared by threads as json.loads() shares its own.
+# Built once: json.loads() given any option builds a decoder and its C scanner at every call, which cost a sixth of
+# validating a single event. Shared by threads as json.loads() shares its own. The lenient one is for Godot's JSON:
+# control characters other than \b\f\n\r\t\v raw in strings.
 _DECODER = json.JSONDecoder(parse_constant=_non_finite_to_null, parse_int=_PARSE_INT)
-# Godot's JSON: control characters other than \b\f\n\r\t\v raw in strings.
 _LENIENT_DECODER = json.JSONDecoder(parse_constant=_non_finite_to_null, parse_int=_PARSE_INT, strict=False)
 
 
@@ -2033,41 +2014,27 @@ def parse_json(body):
     if not body:
         raise HTTPError(400, "the request body is empty: send a JSON object (or, to /v1.0/events, an array of them)")
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         raise HTTPError(400, f"the request body is not UTF-8 (bad byte at offset {error.start})") from None
-    if text[0] == "\ufeff":
-        text = text[1:]
-    try:
-        return _decode(_DECODER, text)
-    except json.JSONDecodeError as error:
-        first_error = error
-    try:
-        return _decode(_LENIENT_DECODER, _mend_godot(text))
-    except json.JSONDecodeError:
-        message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
-        raise HTTPError(400, f"the request body is not valid JSON: {message} "
-                         f"at line {first_error.lineno} column {first_error.colno}") from None
-
-
-def _decode(decoder, text):
-    """decoder.decode(text); a 400 for what it cannot convert, JSONDecodeError for what is not JSON."""
-    try:
-        return decoder.decode(text)
-    except json.JSONDecodeError:
-        raise
-    except RecursionError:  # the decoder recurses in C, as deep as the interpreter lets it
-        raise HTTPError(400, "the request body nests arrays or objects too deeply") from None
-    except ValueError:  # an integer too long to convert
-        raise HTTPError(400, f"the request body holds an integer of over {_INT_DIGITS} digits") from None
+    first_error = None
+    for decoder in (_DECODER, _LENIENT_DECODER):  # JSON, else Godot's JSON mended
+        try:
+            return decoder.decode(text if first_error is None else _mend_godot(text))
+        except json.JSONDecodeError as error:
+            first_error = first_error or error
+        except RecursionError:  # the decoder recurses in C, as deep as the interpreter lets it
+            raise HTTPError(400, "the request body nests arrays or objects too deeply") from None
+        except ValueError:  # an integer too long to convert
+            raise HTTPError(400, f"the request body holds an integer of over {_INT_DIGITS} digits") from None
+    message = first_error.msg[:-3] if first_error.msg.endswith(" at") else first_error.msg
+    raise HTTPError(400, f"the request body is not valid JSON: {message} at line {first_error.lineno} "
+                         f"column {first_error.colno}")
 
 
 def _nests_deeper(document, limit):
-    """Whether arrays and objects nest more than `limit` deep in `document`.
-
-    A loop over the levels, no recursion; each level is one comprehension, about five times
-    faster than a stack of nodes, which matters for a value of thousands of small arrays.
-    """
+    """Whether arrays and objects nest more than `limit` deep in `document`: a level at a time, no recursion
+    (one comprehension a level is five times faster than a stack, for thousands of small arrays)."""
     level = [document]
     for _ in range(limit):
         level = [child for node in level for child in (node.values() if type(node) is dict else node)
@@ -2077,42 +2044,25 @@ def _nests_deeper(document, limit):
     return True
 
 
-def _holds_nul(document):
-    """Whether any key or string in `document` holds a NUL character, without recursion."""
-    stack = [document]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, str):
-            if "\0" in node:
-                return True
-        elif isinstance(node, dict):
-            stack.extend(node)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
+# A NUL's escape in compact JSON: \u0000 after an even run of backslashes (after an odd one, the first backslash of
+# \u0000 is a character of the string). Linear: only a run's start is tried.
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
-def _is_unicode(text):
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def _holds_nul(text):
+    """Whether any key or string in compact JSON `text` holds a NUL character."""
+    return "\\u0000" in text and _ESCAPED_NUL.search(text) is not None
 
 
-# Problems one refusal lists at most. Enough to fix a client from; all of them could cost 50 ms
-# and a 1.2 MB answer for 150 kB of events with every field wrong (1 kB once gzipped).
+# Problems one refusal lists at most. Enough to fix a client from; all of them could cost 50 ms and a 1.2 MB answer
+# for 150 kB of events with every field wrong (1 kB once gzipped).
 MAX_PROBLEMS = 100
 
 
 class Validator:
-    """Turns a parsed request body into rows for the `event` table, or says what is wrong.
-
-    Every event first takes a fast path that only decides "valid" with C-speed checks. The
-    events it refuses are then examined again, field by field, to list their problems (the
-    first MAX_PROBLEMS); that slow path is the authority on what is wrong.
-    """
+    """Turns a parsed request body into rows for the `event` table, or says what is wrong. A fast path only decides
+    "valid", with C-speed checks; the events it refuses are examined again, field by field, by the slow path, the
+    authority on what is wrong (it lists the first MAX_PROBLEMS)."""
 
     def __init__(self, config, keyring):
         self.keyring = keyring
@@ -2127,21 +2077,17 @@ class Validator:
 
     def rows(self, document, batch, body, received, origin=None):
         """Row tuples (the six strings, value JSON, time, received_at, event_id), or an HTTPError for the lot."""
-        if batch:
-            if not isinstance(document, list):
-                raise HTTPError(422, [_problem(["body"], "expected a JSON array of events", "array_type")])
-            if len(document) > self.max_batch_events:
-                message = (f"a batch holds at most {self.max_batch_events} events and this one has {len(document)}: "
-                           "send it in smaller batches")
-                raise HTTPError(422, [_problem(["body"], message, "too_long")])
-            events = document
-        else:
-            events = (document,)
-        # Cheap facts about the whole body that let most events skip checks: a body with few
-        # brackets cannot nest deeply, and one without \uD800-style escapes holds no surrogates.
-        # (A batch of more events than that has too many brackets: not worth counting them all.)
+        if batch and not isinstance(document, list):
+            raise HTTPError(422, [_problem(["body"], "expected a JSON array of events", "array_type")])
+        if batch and len(document) > self.max_batch_events:
+            message = (f"a batch holds at most {self.max_batch_events} events and this one has {len(document)}: "
+                       "send it in smaller batches")
+            raise HTTPError(422, [_problem(["body"], message, "too_long")])
+        events = document if batch else (document,)
+        # Cheap facts about the whole body that let most events skip checks: a body with few brackets cannot nest
+        # deeply (a batch of more events than that has too many: not worth counting them all), and one without
+        # \uD800-style escapes holds no surrogates (memchr finds no backslash in 1 us; the pattern took 20).
         shallow = len(events) <= self.max_value_depth and body.count(b"{") + body.count(b"[") <= self.max_value_depth
-        # (memchr finds no backslash in a batch of 100 in 1 us; the pattern took 20 looking for escapes.)
         check_unicode = b"\\" in body and _SURROGATE_ESCAPE.search(body) is not None
         times = (received, received.strftime(TIME_FORMAT))
         rows, unauthorized, forbidden, verdicts, invalid = [], [], [], {}, []
@@ -2171,15 +2117,12 @@ class Validator:
             more = f"; and {len(forbidden) - MAX_PROBLEMS} more events" if len(forbidden) > MAX_PROBLEMS else ""
             raise HTTPError(403, "; ".join(forbidden[:MAX_PROBLEMS]) + more)
         if invalid:
-            raise HTTPError(422, 
-                self._listed_problems(events, invalid, batch, shallow, check_unicode, received, value_problems)
-            )
+            problems = self._listed_problems(events, invalid, batch, shallow, check_unicode, received, value_problems)
+            raise HTTPError(422, problems)
         return rows
 
     def _listed_problems(self, events, invalid, batch, shallow, check_unicode, received, value_problems):
-        """The problems of the `invalid` events (indexes), at most MAX_PROBLEMS of them and then a note.
-
-        Events the fast path found valid have none, and are not examined again."""
+        """The problems of the `invalid` events (indexes), at most MAX_PROBLEMS of them and then a note."""
         problems = []
         for index in invalid:
             where = ["body", index] if batch else ["body"]
@@ -2215,10 +2158,9 @@ class Validator:
             return None
         text, problem = self._value_text(event.get("value", _MISSING), shallow, check_unicode)
         if problem:
-            # Finding it may have cost an encoding of a megabyte of value: the list reuses it.
-            value_problems[id(event)] = problem
+            value_problems[id(event)] = problem  # finding it may have cost encoding a megabyte: the list reuses it
             return None
-        if check_unicode and not _is_unicode(joined):
+        if check_unicode and _SURROGATE.search(joined):
             return None
         if self.hash_ids is not None:
             fields = self.hash_ids(fields)
@@ -2243,7 +2185,7 @@ class Validator:
             elif len(value) > self.max_string_length:
                 message = f"is longer than {self.max_string_length} characters"
                 problems.append(_problem(where + [name], message, "string_too_long"))
-            elif check_unicode and not _is_unicode(value):
+            elif check_unicode and _SURROGATE.search(value):
                 problems.append(_problem(where + [name], "holds an unpaired UTF-16 surrogate", "unicode"))
             elif "\0" in value:  # many readers of SQLite text stop at a NUL
                 problems.append(_problem(where + [name], "holds a NUL character (\\u0000)", "nul"))
@@ -2270,13 +2212,10 @@ class Validator:
             text = _finite_json(value)
         except RecursionError:
             text = None
-        # A text of n characters nests at most n/2 deep, and at most as deep as it has brackets.
-        if text is None or (
-            not shallow and len(text) > 2 * self.max_value_depth
-            and text.count("{") + text.count("[") > self.max_value_depth
-            and _nests_deeper(value, self.max_value_depth)
-        ):
-            return None, (f"nests objects and arrays more than {self.max_value_depth} deep", "too_deep")
+        depth = self.max_value_depth  # a text of n characters nests at most n/2 deep, and as deep as it has brackets
+        if text is None or (not shallow and len(text) > 2 * depth and text.count("{") + text.count("[") > depth
+                            and _nests_deeper(value, depth)):
+            return None, (f"nests objects and arrays more than {depth} deep", "too_deep")
         if len(text) * 4 > self.max_value_bytes or check_unicode:
             try:
                 size = len(text.encode("utf-8"))
@@ -2284,9 +2223,8 @@ class Validator:
                 return None, ("holds an unpaired UTF-16 surrogate", "unicode")
             if size > self.max_value_bytes:
                 return None, (f"is {size} bytes as JSON; at most {self.max_value_bytes} are stored", "too_large")
-        # PostgreSQL's jsonb cannot hold a NUL character, and readers of SQLite text stop at one:
-        # refused on both backends alike (the escape can also be a literal backslash and "u0000")
-        if "\\u0000" in text and _holds_nul(value):
+        # PostgreSQL's jsonb cannot hold a NUL character, and readers of SQLite text stop at one: refused on both alike
+        if _holds_nul(text):
             return None, ("holds a NUL character (\\u0000) in a string", "nul")
         return text, None
 
@@ -2296,13 +2234,12 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _LAST_SECOND = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
 
 
-# Characters in a client's time written as text, at most: ISO 8601 with nanoseconds and a zone
-# takes 35. Longer text is refused unread, so a time costs the pattern below a bounded effort.
+# Characters in a client's time written as text, at most: ISO 8601 with nanoseconds and a zone takes 35. Longer
+# text is refused unread, so a time costs the pattern below a bounded effort.
 MAX_TIME_TEXT = 64
 
-# ISO 8601 / RFC 3339 as clients write it: a date, maybe a time (T or space) with seconds and
-# a fraction, maybe a zone (none means UTC). Parsed here because datetime.fromisoformat reads
-# less of it before Python 3.11.
+# ISO 8601 / RFC 3339 as clients write it: a date, maybe a time (T or space) with seconds and a fraction, maybe a
+# zone (none means UTC). Parsed here because datetime.fromisoformat reads less of it before Python 3.11.
 _ISO_8601 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)(?:[Tt ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d+))?)?)?\s*"
     r"(?:([Zz])|([+-])(\d\d):?(\d\d))?"
@@ -2315,12 +2252,9 @@ def _client_time(value):
         if type(value) in (int, float):
             moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
         elif type(value) is str and len(value) <= MAX_TIME_TEXT and _ISO_8601.fullmatch(value.strip()):
-            year, month, day, hour, minute, second, fraction, _, sign, zone_hours, zone_minutes = (
-                _ISO_8601.fullmatch(value.strip()).groups()
-            )
+            *year_to_second, fraction, _, sign, zone_hours, zone_minutes = _ISO_8601.fullmatch(value.strip()).groups()
             micro = int((fraction or "0")[:6].ljust(6, "0"))
-            moment = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
-                                       int(second or 0), micro, tzinfo=datetime.timezone.utc)
+            moment = datetime.datetime(*(int(n or 0) for n in year_to_second), micro, tzinfo=datetime.timezone.utc)
             if sign:
                 moment -= int(sign + "1") * datetime.timedelta(hours=int(zone_hours), minutes=int(zone_minutes))
         else:
@@ -2331,21 +2265,13 @@ def _client_time(value):
 
 
 def _client_fields(event, received, check_unicode):
-    """(time, event_id, problems) from an event's optional timestamp, sent_at and event_id.
-
-    The stored time is the best estimate of when the event happened: the client's timestamp,
-    shifted by how far the client's clock was off when it sent the request (received - sent_at),
-    and never later than the receive time.
-    """
-    problems = []
-    when = received
+    """(time, event_id, problems) from an event's optional timestamp, sent_at and event_id. The time is the client's
+    timestamp shifted by how far its clock was off (received - sent_at), and never later than the receive time."""
     timestamp, sent_at = event.get("timestamp"), event.get("sent_at")
-    happened = _client_time(timestamp) if timestamp is not None else None
-    sent = _client_time(sent_at) if sent_at is not None else None
-    for name, given, parsed in (("timestamp", timestamp, happened), ("sent_at", sent_at, sent)):
-        if given is not None and parsed is None:
-            message = "must be ISO 8601 text (2024-05-01T12:00:00Z) or Unix seconds, from 1970 to 9999"
-            problems.append((name, message, "datetime"))
+    happened, sent, when = _client_time(timestamp), _client_time(sent_at), received  # None for None
+    problems = [(name, "must be ISO 8601 text (2024-05-01T12:00:00Z) or Unix seconds, from 1970 to 9999", "datetime")
+                for name, given, parsed in (("timestamp", timestamp, happened), ("sent_at", sent_at, sent))
+                if given is not None and parsed is None]
     if happened is not None:
         try:
             when = happened if sent is None else received - (sent - happened)
@@ -2365,7 +2291,7 @@ def _event_id_problem(event_id, check_unicode):
         return f"must be a string of 1 to {MAX_EVENT_ID} characters", "event_id"
     if "\0" in event_id:  # PostgreSQL's text cannot hold one: the whole group commit would fail
         return "holds a NUL character (\\u0000)", "nul"
-    if check_unicode and not _is_unicode(event_id):
+    if check_unicode and _SURROGATE.search(event_id):
         return "holds an unpaired UTF-16 surrogate", "unicode"
     return None
 
@@ -2380,10 +2306,9 @@ def _problem(location, message, kind):
 
 
 def id_hasher(config):
-    """None when no application hashes its players' ids, else a function that takes the six string
-    fields of an event and gives them with user_id and session_id hashed where its application
-    says so (hash_user_ids): HMAC-SHA256 with id_secret, the first 32 hex digits (128 bits).
-    The same id always gives the same hash, so players, sessions and retention still count."""
+    """None when no application hashes its players' ids, else a function giving an event's six string fields
+    with user_id and session_id hashed where its application says so (hash_user_ids): HMAC-SHA256 with
+    id_secret, 32 hex digits. The same id always gives the same hash, so players and sessions still count."""
     hashing = {name for name in [None, *config.apps] if config.for_app(name, "hash_user_ids")}
     if not hashing:
         return None
@@ -2405,46 +2330,39 @@ def hash_id(secret, text):
 # The writer: one thread commits the events of many requests together
 ###############################################################################
 
-# A /healthz answer may be this old, so a flood of them costs the database nothing; after a
-# failed write, the writer tries a small one this often, so health recovers with no traffic.
+# A /healthz answer may be this old, so a flood of them costs the database nothing; after a failed write, the
+# writer tries a small one this often, so health recovers with no traffic.
 HEALTH_CACHE_SECONDS = 1
 HEALTH_PROBE_SECONDS = 3
 # A commit that has run this long makes /healthz 503: the writer is stuck (a lock, a dying disk).
 WRITER_STUCK_SECONDS = 5
-# Seconds beyond busy_timeout before the writer gives up on a commit: time for the database's own
-# timeout error (a lock, a statement) to come first, and say why; and how often it looks.
+# Seconds beyond busy_timeout before the writer gives up on a commit: time for the database's own timeout error
+# (a lock, a statement) to come first, and say why; and how often it looks.
 WRITE_GRACE = 2
 WATCH_SECONDS = 0.25
-# Rows one pruning or erasing step deletes: a transaction this small holds the write lock for
-# milliseconds, so ingestion waits no longer than for a commit.
+# Rows one pruning or erasing step deletes: a transaction this small holds the write lock for milliseconds.
 PRUNE_STEP_ROWS = 500
-# Summarising waits for a pause in the events: this long without a commit. A commit that comes
-# during a step waits for it, so steps are kept to the pauses...
+# Summarising waits for a pause in the events: this long without a commit. A commit that comes during a step waits
+# for it, so steps are kept to the pauses...
 SUMMARY_IDLE_SECONDS = 0.05
-# ...unless events keep coming and this many wait to be summarised: then steps take SUMMARY_SHARE
-# of the writer's time at most, the rest is for commits (a report asks the writer to catch up
-# first, Writer.catch_up: these it does in under a second).
+# ...unless events keep coming and this many wait to be summarised: then steps take SUMMARY_SHARE of the writer's
+# time at most, the rest is for commits (a report asks the writer to catch up first, Writer.catch_up).
 SUMMARY_BACKLOG = 20_000
 SUMMARY_SHARE = 0.05
-# Events one summarising step reads: as many as the last step took SUMMARY_STEP_SECONDS for, from
-# SUMMARY_MIN_ROWS to SUMMARY_STEP_ROWS. 2,000 events from as many new players took 25 ms here
-# (bench/README.md, "Summaries in SQL"); a commit that comes during a step waits for it.
+# Events one summarising step reads: as many as the last step took SUMMARY_STEP_SECONDS for, from SUMMARY_MIN_ROWS
+# to SUMMARY_STEP_ROWS. 2,000 events from as many new players took 25 ms (bench/README.md, "Summaries in SQL").
 SUMMARY_STEP_SECONDS = 0.005
 SUMMARY_MIN_ROWS = 50
 SUMMARY_STEP_ROWS = 2000
 
-def _value_size(rows):
-    """Characters of the rows' values (rows are EVENT_FIELDS, then value, time, received_at, event_id)."""
-    return sum(len(row[6]) for row in rows)
-
 
 class _Waiting:
-    """Rows waiting for their commit, and the function to call once with how it went."""
+    """Rows waiting for their commit, the characters of their values, and the function to call once with how it went."""
 
-    __slots__ = ("rows", "committed", "since", "answered")
+    __slots__ = ("rows", "size", "committed", "since", "answered")
 
-    def __init__(self, rows, committed):
-        self.rows, self.committed, self.since, self.answered = rows, committed, time.monotonic(), False
+    def __init__(self, rows, size, committed):
+        self.rows, self.size, self.committed, self.since, self.answered = rows, size, committed, time.monotonic(), False
 
     def answer(self, error):
         if not self.answered:  # a commit given up on answers 503 once, even if it ends later
@@ -2453,37 +2371,25 @@ class _Waiting:
 
 
 class Writer:
-    """The one thread that writes: commits the rows of many requests in one transaction.
-
-    Requests hand their rows over with a function to call once they are committed. The writer
-    takes everything queued, commits it with one fsync, calls every function, and meanwhile the
-    next group gathers: under load, one fsync serves many requests. The queue is bounded: when
-    it is full, requests are refused with 503 and Retry-After rather than held in memory. No
-    event waits longer than busy_timeout for its answer: a commit that runs longer is
-    interrupted (or its connection cut), and what waited is answered 503 and not committed later
-    (but an fsync the disk never finishes: those rows may still be stored, and a retry with an
-    event_id stores them once). Between commits it summarises new events for reports, prunes
-    (retention_days) and probes a database that failed.
-    """
+    """The one thread that writes: commits all the rows queued by many requests with one fsync, then answers them.
+    The queue is bounded: when full, requests get 503 and Retry-After rather than held in memory. No event waits
+    longer than busy_timeout for its answer: a longer commit is interrupted, and what waited is answered 503 and not
+    committed later (unless an fsync the disk never finishes stores it: a retry with an event_id stores it once).
+    Between commits it summarises new events for reports, prunes (retention_days) and probes a failed database."""
 
     def __init__(self, config, store, metrics):
-        self.config = config
-        self.store = store
-        self.metrics = metrics
+        self.config, self.store, self.metrics = config, store, metrics
         self.last_error = None  # what the last write (a commit or a probe) failed with
         self._probe_due = 0.0
         self._wrote_at = -HEALTH_CACHE_SECONDS  # when a write last succeeded
         self._health_lock = threading.Lock()
         self._checked, self._checked_at, self._checking = None, -HEALTH_CACHE_SECONDS, False
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._summarised = threading.Condition(self._lock)
+        self._wakeup, self._summarised = threading.Condition(self._lock), threading.Condition(self._lock)
         self._queue, self._queued_rows, self._queued_bytes = [], 0, 0
         self._closed = False
-        self._thread = None
-        self._connection = None
-        self._reconnect_at = 0.0
-        self._unreachable = None  # why the last reconnection failed
+        self._thread = self._connection = None
+        self._reconnect_at, self._unreachable = 0.0, None  # when to try again; why the last reconnection failed
         self._committing_since = None  # while a commit runs
         self._give_up_at = None  # (when, connection, group) while a commit runs
         self._stuck = False  # a commit ran past busy_timeout: new rows get 503 until it ends
@@ -2515,11 +2421,11 @@ class Writer:
             if self._stuck:
                 raise busy(f"the database has not finished a commit for {self.config.busy_timeout:g} s; "
                            "send the events again shortly", 5)
-            size = _value_size(rows)
+            size = sum(len(row[6]) for row in rows)  # rows are EVENT_FIELDS, then value, time, received_at, event_id
             if self._queued_rows and (self._queued_rows + len(rows) > self.config.max_pending_events
                                       or self._queued_bytes + size > self.config.max_buffered_bytes):
                 raise busy("the server is busy writing other events; send these again shortly")
-            waiting = _Waiting(rows, committed)
+            waiting = _Waiting(rows, size, committed)
             self._queue.append(waiting)
             self._queued_rows += len(rows)
             self._queued_bytes += size
@@ -2528,26 +2434,20 @@ class Writer:
 
     def write(self, rows):
         """Return once `rows` are committed; raise a 503 if they cannot be (WSGI's way)."""
-        done, outcome = threading.Event(), []
-
-        def committed(error):
-            outcome.append(error)
-            done.set()
-
-        waiting = self.submit(rows, committed)
-        if not done.wait(self.config.busy_timeout + WRITE_GRACE + 1):  # the writer answers by then, if it runs
-            self._drop_waiting(waiting)
-        if outcome[0] is not None:
-            raise outcome[0]
-
-    def _drop_waiting(self, waiting):
-        """Answer 503 to rows that waited too long, and take them out of the queue if still there."""
-        with self._lock:
-            if waiting in self._queue:
-                self._queue.remove(waiting)
-                self._queued_rows -= len(waiting.rows)
-                self._queued_bytes -= _value_size(waiting.rows)
-        waiting.answer(busy("the database did not answer in time; send the events again shortly", 5))
+        answers = queue.SimpleQueue()
+        waiting = self.submit(rows, answers.put)
+        try:  # the writer answers by then, if it runs
+            error = answers.get(timeout=self.config.busy_timeout + WRITE_GRACE + 1)
+        except queue.Empty:  # answered 503, and taken out of the queue if still there
+            with self._lock:
+                if waiting in self._queue:
+                    self._queue.remove(waiting)
+                    self._queued_rows -= len(waiting.rows)
+                    self._queued_bytes -= waiting.size
+            waiting.answer(busy("the database did not answer in time; send the events again shortly", 5))
+            error = answers.get()
+        if error is not None:
+            raise error
 
     def close(self):
         """Commit everything queued, then stop the thread and close the database."""
@@ -2565,20 +2465,14 @@ class Writer:
             self._wakeup.notify()
 
     def catch_up(self, last_id, timeout):
-        """Summarise up to event `last_id` before anything but commits; whether that was done in
-        `timeout` seconds (a report then reads the summaries)."""
-        deadline = time.monotonic() + timeout
+        """Summarise up to event `last_id` before anything but commits; whether that was done in `timeout` seconds."""
         with self._lock:
             if self._thread is None or self.last_error is not None:
                 return False
             self._catch_up_to = max(self._catch_up_to, last_id)
             self._summary_behind = True
             self._wakeup.notify()
-            while self._summary_upto < last_id:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._summarised.wait(left):
-                    return self._summary_upto >= last_id
-        return True
+            return self._summarised.wait_for(lambda: self._summary_upto >= last_id, timeout)
 
     def _run(self):
         try:
@@ -2620,11 +2514,10 @@ class Writer:
 
     def _connected(self):
         """The writer's connection, opened again if it was lost or its file replaced (once a second at most)."""
-        if self._connection is not None:
-            problem = self.store.detached(self._connection)
-            if problem:
-                log.error("%s: opening the database again", problem)
-                self._drop()
+        problem = self._connection is not None and self.store.detached(self._connection)
+        if problem:
+            log.error("%s: opening the database again", problem)
+            self._forget_lost(ConnectionError(problem))
         if self._connection is None:
             if time.monotonic() < self._reconnect_at:
                 raise ConnectionError(self._unreachable or "the database connection is lost; reconnecting")
@@ -2638,13 +2531,9 @@ class Writer:
         return self._connection
 
     def health(self):
-        """Why the database would not take events now, or None; waits a few seconds at most.
-
-        Mostly instant, so that a flood of /healthz costs the database nothing: a failed write
-        is known (and probed again every HEALTH_PROBE_SECONDS), a write that succeeded in the
-        last HEALTH_CACHE_SECONDS says enough, and otherwise a check of its own runs once in
-        HEALTH_CACHE_SECONDS at most, one at a time, while other callers get the last result.
-        """
+        """Why the database would not take events now, or None. Mostly instant, so that a flood of /healthz costs
+        the database nothing: a failed write is known, a recent one says enough, and else one check runs at a time,
+        once in HEALTH_CACHE_SECONDS at most (meanwhile callers get the last result); it waits a few seconds at most."""
         since = self._committing_since
         if since is not None and time.monotonic() - since > WRITER_STUCK_SECONDS:
             return f"a commit has been running for {time.monotonic() - since:.0f} s (a lock, or a slow disk)"
@@ -2705,9 +2594,7 @@ class Writer:
             return None
         if self._catch_up_to > self._summary_upto:
             return self._summary_retry_at
-        if not self._summary_behind:
-            return None
-        return max(self._summary_retry_at, self._committed_at + SUMMARY_IDLE_SECONDS)
+        return max(self._summary_retry_at, self._committed_at + SUMMARY_IDLE_SECONDS) if self._summary_behind else None
 
     def _summarise(self):
         """One step of summarising new events for reports; under load, SUMMARY_SHARE of the time at most."""
@@ -2735,11 +2622,8 @@ class Writer:
         self._summary_next = time.monotonic() + took * (1 - SUMMARY_SHARE) / SUMMARY_SHARE
 
     def _prune(self):
-        """One small step of deleting events past retention_days, between commits; when to step next.
-
-        Whole days go, those before the midnight retention_days before today's, so that the
-        summaries reports read forget whole days too ("Summaries").
-        """
+        """One small step of deleting events past retention_days, between commits; when to step next. Whole days
+        go, before the midnight retention_days before today's, so that summaries forget whole days too."""
         today = datetime.datetime.now(datetime.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
         before = (today - datetime.timedelta(days=self.config.retention_days)).strftime(TIME_FORMAT)
         try:
@@ -2747,20 +2631,19 @@ class Writer:
         except Exception as error:  # the database's errors, or a lost connection
             self._forget_lost(error)
             log.warning("could not prune old events (%d deleted before that): %s", self._pass_pruned, error)
-            self._pass_pruned = 0
-            return time.monotonic() + 3600
-        self.metrics.prune(deleted)
-        self._pass_pruned += deleted
-        if deleted or changed:
-            return time.monotonic()  # more to delete: the next step comes between commits
-        log.info("retention_days = %g: deleted %d events from before %s", self.config.retention_days,
-                 self._pass_pruned, before[:19])
+        else:
+            self.metrics.prune(deleted)
+            self._pass_pruned += deleted
+            if deleted or changed:
+                return time.monotonic()  # more to delete: the next step comes between commits
+            log.info("retention_days = %g: deleted %d events from before %s", self.config.retention_days,
+                     self._pass_pruned, before[:19])
         self._pass_pruned = 0
         return time.monotonic() + 3600
 
     def _commit(self, group):
-        """Commit the rows of `group` in one transaction and answer each request; within busy_timeout
-        of the oldest one's arrival, or 503 for all of them (and for what queued meanwhile)."""
+        """Commit the rows of `group` in one transaction and answer each request, within busy_timeout of the oldest
+        one's arrival, or 503 for all of them (and for what queued meanwhile)."""
         started = self._committing_since = time.monotonic()
         rows = list(itertools.chain.from_iterable(waiting.rows for waiting in group))
         left = group[0].since + self.config.busy_timeout + WRITE_GRACE - started
@@ -2808,8 +2691,8 @@ class Writer:
                 self._give_up(*running[1:])
 
     def _give_up(self, connection, group):
-        """busy_timeout has passed for the oldest rows of a running commit (another thread's
-        call): interrupt it, answer its rows and what is queued 503, and take no rows till it ends."""
+        """busy_timeout has passed for the oldest rows of a running commit (another thread's call): interrupt it,
+        answer its rows and what is queued 503, and take no rows till it ends."""
         log.error("a commit of %d requests' events ran past busy_timeout = %g s: interrupting it",
                   len(group), self.config.busy_timeout)
         self.store.interrupt(connection)
@@ -2824,14 +2707,9 @@ class Writer:
     def _forget_lost(self, error):
         """Drop a connection that `error` says is gone, so the next commit opens a new one."""
         if self._connection is not None and (isinstance(error, ConnectionError) or self.store.lost(error)):
-            self._drop()
-
-    def _drop(self):
-        try:
-            self._connection.close()
-        except Exception:  # closing what is already broken: nothing more to learn
-            pass
-        self._connection = None
+            with contextlib.suppress(Exception):  # closing what is already broken: nothing more to learn
+                self._connection.close()
+            self._connection = None
 
 
 class Metrics:
@@ -2872,8 +2750,7 @@ class Metrics:
             *(f'pycolytics_requests_total{{status="{status}"}} {count}' for status, count in requests),
             "# HELP pycolytics_commit_seconds Time to commit one group of events, fsync included.",
             "# TYPE pycolytics_commit_seconds histogram",
-            *(f'pycolytics_commit_seconds_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.BUCKETS, commits)),
-            f'pycolytics_commit_seconds_bucket{{le="+Inf"}} {commits[-1]}',
+            *(f'pycolytics_commit_seconds_bucket{{le="{le}"}} {n}' for le, n in zip(self.BUCKETS + ("+Inf",), commits)),
             f"pycolytics_commit_seconds_sum {seconds:.6f}", f"pycolytics_commit_seconds_count {commits[-1]}",
             "# HELP pycolytics_events_pruned_total Events deleted for being older than retention_days.",
             "# TYPE pycolytics_events_pruned_total counter", f"pycolytics_events_pruned_total {pruned}"]) + "\n"
