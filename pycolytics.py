@@ -563,9 +563,8 @@ PIPELINE_ROUNDS = 16
 # How long accepting stops when out of file descriptors, for some to be closed; the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
 
-# How long a connection that has sent nothing or part of a request, or not read its answer, is safe from being
-# closed for a newcomer when every slot is taken: a request arrives within a round trip or two, newcomers must not
-# evict each other before anyone is served, and a slowloris gives its slot up long before request_timeout.
+# How long a connection that has sent nothing or part of a request, or not read its answer, is safe from eviction when
+# all slots are taken: a request arrives within a round trip or two, and newcomers must not evict each other unserved.
 GRACE_SECONDS = 2.0
 
 # What the log may hold while stderr cannot take it (a full pipe); more lines are dropped and counted, never waited for.
@@ -583,7 +582,6 @@ _PRINTABLE = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
 
 
 def _printable(text):
-    """Client text fit for one log line."""
     return text.translate(_PRINTABLE)
 
 
@@ -725,8 +723,7 @@ class Server:
     """
 
     def __init__(self, app, limits, listener, tls=None, reload=None):
-        """`listener`: a bound, listening socket; `tls`: an SSLContext for HTTPS; `reload`: called
-        in the loop after request_reload() (SIGHUP)."""
+        """`listener`: a bound, listening socket; `tls`: an SSLContext; `reload`: called after request_reload()."""
         self.app, self.limits, self.reload = app, limits, reload
         self.hooks = getattr(app, "loop_hooks", None)
         self._tls = tls
@@ -858,8 +855,7 @@ class Server:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
-        # After the wake-ups are read and before the answers are taken (in _serve_ready): an
-        # answer queued from now on wakes the loop again, and one queued before is taken.
+        # Only now, before _serve_ready takes the answers: one queued from now on wakes the loop again.
         self._answers_announced = False
 
     def _listen(self, on):
@@ -904,8 +900,7 @@ class Server:
             self._per_address[address] += 1
         connection = _Connection(sock, address, time.monotonic() + self.limits.request_timeout, limited)
         connection.handshaking = self._tls is not None
-        self._connections[sock] = connection
-        self._fresh[sock] = connection
+        self._connections[sock] = self._fresh[sock] = connection
         self._watch(connection, selectors.EVENT_READ, self._read)
 
     def _turn_away(self, sock):
@@ -1150,8 +1145,7 @@ class Server:
         self._idle[connection.sock] = connection  # the first to go when slots run out
 
     def _refusal(self, error, origin=None):
-        """The bytes of the answer to a request the server refuses by itself (counted as answered),
-        readable by the page that sent it if it may post here (`origin`, when the head was read)."""
+        """The answer to a request the server refuses by itself, readable by the page of `origin` if it may post."""
         status, headers, body = error_answer(error)
         if self.hooks is not None:
             headers = headers + self.hooks.server_answered(status, origin)
@@ -5874,8 +5868,7 @@ def server_limits(config):
 
 
 def serve(config, load=None):
-    """Run the built-in server until SIGTERM or SIGINT; return the exit status. `load` makes a fresh
-    Config: SIGHUP calls it and puts the result in force, or keeps the one in force if it is bad."""
+    """Run the built-in server until SIGTERM or SIGINT; return the exit status. SIGHUP puts load()'s Config in force."""
     tls = tls_context(config)
     try:
         app = Pycolytics(config)
@@ -5954,8 +5947,7 @@ def tls_context(config):
 
 
 def _no_pass_phrase(config):
-    """Called by OpenSSL for an encrypted key, instead of its prompt on the terminal (which would
-    stop the event loop, or wait forever under systemd)."""
+    """Called by OpenSSL for an encrypted key, instead of a prompt that would stop the loop (or wait under systemd)."""
     raise ConfigError(f"keyfile {config.keyfile} is encrypted; give it unencrypted, readable only by the server "
                       "(openssl pkey -in ENCRYPTED.pem -out KEY.pem)")
 
