@@ -512,44 +512,34 @@ LINGER_SECONDS = 2
 # How many bytes one recv() asks for; larger buffers would cost an mmap() per call.
 RECV_BYTES = 64 * 1024
 
-# Blank lines a client may send before a request line: RFC 9112 (section 2.2) asks servers
-# to skip at least one; more than a few is a client that wants to hold a slot for nothing.
+# Blank lines skipped before a request line (RFC 9112, 2.2, asks for one at least); more hold a slot for nothing.
 MAX_BLANK_LINES = 8
 
-# How many times per turn of the loop each connection with pipelined requests starts its
-# next one: connections take turns, so one that pipelines a thousand waits its turn.
+# Pipelined requests a connection may start per turn of the loop: one that pipelines a thousand waits its turn.
 PIPELINE_ROUNDS = 16
 
-# How long the server stops accepting when it is out of file descriptors, for the ones in
-# use to be closed; meanwhile the kernel's backlog holds newcomers.
+# How long accepting stops when out of file descriptors, for some to be closed; the kernel's backlog holds newcomers.
 ACCEPT_PAUSE_SECONDS = 1.0
 
-# How long a connection that has sent nothing, only part of a request, or has not read its
-# answer, is safe from being closed to make room for a newcomer when every slot is taken. A client sends a whole request
-# within a round trip or two; closing one whose request is unread would reset it (newcomers
-# would evict each other before anyone is served), and a slowloris that started its request
-# earlier than this gives its slot up long before request_timeout.
+# How long a connection that has sent nothing or part of a request, or not read its answer, is safe from eviction when
+# all slots are taken: a request arrives within a round trip or two, and newcomers must not evict each other unserved.
 GRACE_SECONDS = 2.0
 
-# What the log may hold while stderr cannot take it (a full pipe, a slow terminal); lines
-# beyond it are dropped and counted, so that logging never blocks or stops the server.
+# What the log may hold while stderr cannot take it (a full pipe); more lines are dropped and counted, never waited for.
 LOG_BUFFER_BYTES = 1 << 20
 
-# Bytes that may not appear in a request head once its CRLFs are blanked out: control
-# characters (tab aside), so also a bare CR or LF. RFC 9112 (section 2.2) allows taking a
-# bare LF as a line end, but proxies that read it otherwise are how requests get smuggled.
+# Bytes refused in a request head once its CRLFs are blanked out: control characters but tab, so a bare CR or LF too.
+# RFC 9112 (2.2) allows a bare LF as a line end, but proxies that read it otherwise are how requests get smuggled.
 _FORBIDDEN_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 # A method or a header name: RFC 9110's token (section 5.6.2).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
-# What a log line may show of client text: control characters become \xNN, so that a
-# request line cannot forge log lines or reach a terminal as escape sequences.
+# Client text in a log line: control characters become \xNN, so a request cannot forge lines or send escape sequences.
 _PRINTABLE = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
 
 
 def _printable(text):
-    """Client text fit for one log line."""
     return text.translate(_PRINTABLE)
 
 
@@ -565,23 +555,17 @@ class _Connection:
                  "closed", "limited", "since", "watched")
 
     def __init__(self, sock, peer, deadline, limited):
-        self.sock = sock
-        self.peer = peer
+        self.sock, self.peer = sock, peer
         self.buffer = bytearray()
         self.scanned = 0  # how much of the buffer is known to hold no end of head: heads are searched once
-        self.blank_lines = 0
+        self.blank_lines = self.body_start = 0
         self.deadline = deadline  # when the loop gives up on it; None while its request is answered
         self.request = None  # a request whose head has arrived and whose body has not, yet
-        self.body_start = 0
         self.reserved = 0  # body bytes counted against max_buffered_bytes
-        self.continued = False
         self.busy = False  # a whole request is being answered
+        self.continued = self.writing = self.lingering = self.handshaking = self.closed = False
         self.keep_alive = True
         self.outbox = b""
-        self.writing = False
-        self.lingering = False
-        self.handshaking = False
-        self.closed = False
         self.limited = limited  # counted against max_connections_per_address
         self.since = time.monotonic()  # when it connected, or began its request
         self.watched = False  # registered with the loop's selector
@@ -593,8 +577,7 @@ def _origin(connection):
 
 
 def _cgi_name(name):
-    """The environ key of a header (PEP 3333), or "" for one left out: a name with an underscore
-    would be confused with the same name with a dash (a spoofing trick)."""
+    """The environ key of a header (PEP 3333), or "" for a name with "_" (it would pass for its twin with "-")."""
     if name in ("content-length", "content-type"):
         return name.upper().replace("-", "_")
     return "" if "_" in name else "HTTP_" + name.upper().replace("-", "_")
@@ -624,15 +607,13 @@ def _parse_head(head, limits):
                          "lines end with CRLF and hold no control characters")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1] or not parts[2].startswith("HTTP/"):
         raise HTTPError(400, "malformed request line")
     request = _Request()
     request.method, target, request.version = parts
     request.line = lines[0]
     if request.version not in ("HTTP/1.1", "HTTP/1.0"):
-        if request.version.startswith("HTTP/"):
-            raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are served")
-        raise HTTPError(400, "malformed request line")
+        raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are served")
     request.path, request.query = _split_target(target, request.method)
     request.headers = headers = _parse_header_lines(lines[1:], limits)
     if request.version == "HTTP/1.1" and "host" not in headers:
@@ -646,10 +627,7 @@ def _parse_head(head, limits):
         raise HTTPError(400, "Content-Length must be a whole number of bytes")
     request.length = int(length)
     tokens = headers.get("connection", "").lower()
-    if request.version == "HTTP/1.1":
-        request.keep_alive = "close" not in tokens
-    else:
-        request.keep_alive = "keep-alive" in tokens
+    request.keep_alive = "close" not in tokens if request.version == "HTTP/1.1" else "keep-alive" in tokens
     return request
 
 
@@ -675,25 +653,6 @@ def _parse_header_lines(lines, limits):
     return headers
 
 
-class OpenConnections:
-    """Open connections by client address, for max_connections_per_address."""
-
-    def __init__(self):
-        self._open = collections.Counter()
-
-    def connected(self, address, limit):
-        """Count a new connection from `address`, unless it holds `limit` already; whether it was counted."""
-        if self._open[address] >= limit:
-            return False
-        self._open[address] += 1
-        return True
-
-    def disconnected(self, address):
-        self._open[address] -= 1
-        if not self._open[address]:
-            del self._open[address]
-
-
 def listening_socket(host, port):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=1024)
@@ -709,40 +668,28 @@ ServerLimits = collections.namedtuple("ServerLimits", (
 class Server:
     """An HTTP/1.1 server for a WSGI application, from the standard library only.
 
-    One thread, the event loop (the caller of serve_forever), owns every socket: it reads
-    without blocking until a request is whole, so slow, idle and silent clients cost a
-    buffer each and never a thread, and it writes every answer. Every other thread hands its
-    answers to the loop. A request runs the WSGI application in a bounded pool of `threads`,
-    unless the application takes it in the loop through its hooks.
+    One thread, the event loop (serve_forever's caller), owns every socket and writes every answer; it reads without
+    blocking until a request is whole, so slow and idle clients cost a buffer, never a thread. A request runs the
+    application in one of `threads` threads, unless the application takes it in the loop through `app.loop_hooks`
+    (LoopHooks): take(environ, respond) returns False (a thread runs it then) or takes the request and calls
+    respond(status, headers, body) once, from any thread, never blocking the loop; turn_ended() after each turn of
+    the loop; server_answered(status, origin) hears of each answer the server gives by itself and returns headers to
+    add (CORS); server_trouble(problem) hears what keeps it from serving, or None once it serves again.
 
-    The hooks: an application may offer `app.loop_hooks`, an object with four methods (see
-    LoopHooks, Pycolytics' own). take(environ, respond) either returns False (the request then
-    runs as plain WSGI in a thread) or takes the request and calls respond(status, headers,
-    body) exactly once, now or later and from any thread, never blocking the loop meanwhile.
-    turn_ended() is called after each turn of the loop, once every request read in the turn
-    was handed over. server_answered(status, origin) hears of each answer the server gives by
-    itself (bad framing, timeouts, overload) and returns the headers to add to it (CORS).
-    server_trouble(problem) hears what keeps the server from serving as it should (out of file
-    descriptors), or None once it serves again. With a middleware in between (no hooks), every
-    request takes a thread, which is correct and slower.
-
-    Everything a client can make it hold is bounded: connections (in all, and per address),
-    buffered bodies, head sizes, the time a request may take to arrive and its answers to be
-    read, and the work one turn of the loop does for one connection. Nothing a client sends is
-    handled by recursion, and no error while serving one connection leaves the loop: that
-    connection is closed.
+    Everything a client can make it hold is bounded (connections, bodies, heads, times, the work of one turn for one
+    connection); nothing a client sends is handled by recursion; an error serving one connection closes only it.
     """
 
     def __init__(self, app, limits, listener, tls=None, reload=None):
-        """`listener`: a bound, listening socket; `tls`: an SSLContext for HTTPS; `reload`: called
-        in the loop after request_reload() (SIGHUP)."""
-        self.app = app
-        self.limits = limits
-        self.reload = reload
+        """`listener`: a bound, listening socket; `tls`: an SSLContext; `reload`: called after request_reload()."""
+        self.app, self.limits, self.reload = app, limits, reload
         self.hooks = getattr(app, "loop_hooks", None)
-        self._reload_requested = False
         self._tls = tls
-        self._tls_pending = self._tls_errors()
+        self._tls_pending = ()  # the TLS errors that mean "not yet" on a non-blocking socket
+        if tls is not None:
+            import ssl  # loaded already by whoever made `tls`; plain HTTP never needs it
+
+            self._tls_pending = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self.listener = listener
         self.listener.setblocking(False)
         self.server_address = self.listener.getsockname()[:2]
@@ -762,27 +709,17 @@ class Server:
         self._reading = collections.OrderedDict()  # connections part of whose request has come, oldest first
         self._stalled = collections.OrderedDict()  # connections with answers they are slow to read, oldest first
         self._connections = {}
-        self._per_address = OpenConnections()
+        self._per_address = collections.Counter()  # open connections by client address
         self._reserved = 0  # body bytes announced by requests being read or answered
-        self._busy = 0
-        self._listening = False
+        self._busy = 0  # requests being answered
         self._accept_again = 0.0  # when to accept again after running out of file descriptors
-        self._stopping = False
-        self._workers = []
-        self._failures_logged = set()
+        self._reload_requested = self._stopping = self._listening = False
+        self._workers, self._failures_logged = [], set()
 
     @property
     def url(self):
         host, port = self.server_address
         return f"{'https' if self._tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
-
-    def _tls_errors(self):
-        """The TLS errors that mean "not yet" on a non-blocking socket (none without TLS)."""
-        if self._tls is None:
-            return ()
-        import ssl
-
-        return (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
     def reconfigure(self, limits, tls):
         """New limits for what comes next, and the certificate (HTTPS stays on or off until a restart)."""
@@ -806,8 +743,6 @@ class Server:
         except OSError:
             pass  # a wake-up is already pending, or the server is closed
 
-    # -- the event loop ----------------------------------------------------------------------
-
     def serve_forever(self):
         self._loop_thread = threading.get_ident()
         self._workers = [threading.Thread(target=self._work, name=f"pycolytics-{n}", daemon=True)
@@ -822,11 +757,7 @@ class Server:
             while True:
                 timeout = 0 if self._ready or self._finished else 1.0
                 for key, _ in self._selector.select(timeout):
-                    callback, connection = key.data
-                    try:  # _guarded, written out on the hottest path
-                        callback() if connection is None else callback(connection)
-                    except Exception as error:
-                        self._connection_failed(connection, error)
+                    self._guarded(*key.data)
                 self._serve_ready()
                 if self.hooks is not None:
                     self._guarded(self.hooks.turn_ended)
@@ -849,10 +780,7 @@ class Server:
     def _guarded(self, function, connection=None, *arguments):
         """Call function(connection, *arguments); an error closes that connection, never the loop."""
         try:
-            if connection is None:
-                function(*arguments)
-            else:
-                function(connection, *arguments)
+            function(*arguments) if connection is None else function(connection, *arguments)
         except Exception as error:  # a bug, or an OS error nobody foresaw: one connection pays, not all
             self._connection_failed(connection, error)
 
@@ -885,8 +813,7 @@ class Server:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
-        # After the wake-ups are read and before the answers are taken (in _serve_ready): an
-        # answer queued from now on wakes the loop again, and one queued before is taken.
+        # Only now, before _serve_ready takes the answers: one queued from now on wakes the loop again.
         self._answers_announced = False
 
     def _listen(self, on):
@@ -916,7 +843,7 @@ class Server:
     def _welcome(self, sock, address):
         """Take a new connection into the loop, or turn it away if its address holds too many."""
         limited = address not in self.limits.trusted_proxies  # a proxy speaks for many clients
-        if limited and not self._per_address.connected(address, self.limits.max_connections_per_address):
+        if limited and self._per_address[address] >= self.limits.max_connections_per_address:
             self._turn_away(sock)
             return
         try:
@@ -926,13 +853,12 @@ class Server:
                 sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except OSError:  # reset already (some Pythons read from the socket in wrap_socket)
             sock.close()
-            if limited:
-                self._per_address.disconnected(address)
             return
+        if limited:
+            self._per_address[address] += 1
         connection = _Connection(sock, address, time.monotonic() + self.limits.request_timeout, limited)
         connection.handshaking = self._tls is not None
-        self._connections[sock] = connection
-        self._fresh[sock] = connection
+        self._connections[sock] = self._fresh[sock] = connection
         self._watch(connection, selectors.EVENT_READ, self._read)
 
     def _turn_away(self, sock):
@@ -941,17 +867,13 @@ class Server:
         refusal = self._refusal(busy(
             f"too many connections from your address at once (max_connections_per_address = "
             f"{self.limits.max_connections_per_address}); close one, or connect again shortly", 5))
-        try:
-            if self._tls is None:
-                sock.send(refusal)
-        except OSError:
-            pass  # it left already
+        if self._tls is None:
+            self._send_now(sock, refusal)
         sock.close()
 
     def _make_room(self):
-        """Close the connection that has waited longest for its next request (or lingered), else
-        the oldest that has sent nothing or part of a request (a 408 for that one), or has not
-        read its answers, for GRACE_SECONDS; False if none may go."""
+        """Close the connection idle (or lingering) longest, else the oldest that has sent nothing or part of a
+        request (a 408 for that one), or not read its answers, for GRACE_SECONDS; False if none may go."""
         if self._idle:
             self._close(self._idle.popitem(last=False)[1])
             return True
@@ -960,7 +882,7 @@ class Server:
             if waiting and next(iter(waiting.values())).since < expired:
                 connection = waiting.popitem(last=False)[1]
                 if waiting is not self._stalled and (connection.buffer or connection.request is not None):
-                    self._send_now(connection, self._refusal(HTTPError(
+                    self._send_now(connection.sock, self._refusal(HTTPError(
                         408, "the server is full and this request was too slow to arrive"), _origin(connection)))
                 self._close(connection)
                 return True
@@ -980,7 +902,6 @@ class Server:
         self._make_room()  # one idle connection's descriptor lets the next request in
 
     def _watch(self, connection, events, callback):
-        """Have the loop call callback(connection) when its socket is ready for `events`."""
         if connection.watched:
             self._selector.modify(connection.sock, events, (callback, connection))  # no system call if the same
         else:
@@ -1000,9 +921,7 @@ class Server:
             data = sock.recv(RECV_BYTES)
             while self._tls and data and sock.pending():  # decrypted bytes that select() cannot see
                 data += sock.recv(RECV_BYTES)
-        except self._tls_pending:  # half a TLS record, or a handshake that needs more
-            return
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError) + self._tls_pending:  # or half a TLS record, or a handshake
             return
         except OSError:  # also a failed handshake or a broken TLS record (ssl.SSLError)
             data = b""
@@ -1052,13 +971,11 @@ class Server:
             line_end = buffer.find(b"\r\n", 0, limits.max_request_line + 2)
             if line_end < 0 and len(buffer) > limits.max_request_line:
                 raise HTTPError(414, f"the request line is over {limits.max_request_line} bytes")
+            if (end if end >= 0 else len(buffer)) > limits.max_head_bytes:
+                raise HTTPError(431, f"the request head is over {limits.max_head_bytes} bytes")
             if end < 0:
                 connection.scanned = len(buffer)
-                if len(buffer) > limits.max_head_bytes:
-                    raise HTTPError(431, f"the request head is over {limits.max_head_bytes} bytes")
                 return None
-            if end > limits.max_head_bytes:
-                raise HTTPError(431, f"the request head is over {limits.max_head_bytes} bytes")
             connection.request = request = _parse_head(bytes(buffer[:end]), limits)
             self._reserve(connection, request.length)  # a refusal may read the request's Origin
             connection.body_start = end + 4
@@ -1068,7 +985,7 @@ class Server:
             if not connection.continued and request.version == "HTTP/1.1" and \
                     request.headers.get("expect", "").lower() == "100-continue":
                 connection.continued = True
-                self._send_now(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
+                self._send_now(connection.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
         request.body = bytes(buffer[connection.body_start:end])
         del buffer[:end]
@@ -1084,12 +1001,8 @@ class Server:
         self._reading[connection.sock] = connection
 
     def _reserve(self, connection, length):
-        """Count a body against the limits before it is read: one body, and all bodies together.
-
-        A body that one recv() takes whole is not refused for the total: it costs no more than a
-        head, which max_connections already bounds, and so clients with small batches are still
-        served while large bodies fill the budget.
-        """
+        """Count a body against the limits before it is read: one body, and all bodies together. A body that one
+        recv() takes whole costs no more than a head (max_connections bounds those), so small batches still pass."""
         if length > self.limits.max_body_bytes:
             raise HTTPError(413, f"the request body is {length} bytes; at most {self.limits.max_body_bytes} "
                                  "are accepted")
@@ -1099,6 +1012,10 @@ class Server:
         connection.reserved = length
 
     def _release(self, connection):
+        """Forget what the connection's request held: a place among the busy, its body's bytes."""
+        if connection.busy:
+            connection.busy = False
+            self._busy -= 1
         self._reserved -= connection.reserved
         connection.reserved = 0
 
@@ -1115,23 +1032,19 @@ class Server:
         connection.keep_alive = keep_alive = request.keep_alive and not self._stopping
         head = [f"HTTP/1.1 {status}", f"Date: {format_date_time(time.time())}", f"Server: pycolytics/{__version__}"]
         head += [f"{name}: {value}" for name, value in headers]
-        if status[0] != "1" and status[:3] not in ("204", "304") and not any(
-            name.lower() == "content-length" for name, _ in headers
-        ):
+        sized = any(name.lower() == "content-length" for name, _ in headers)
+        if not sized and status[0] != "1" and status[:3] not in ("204", "304"):
             head.append(f"Content-Length: {len(body)}")
         head.append("Connection: keep-alive" if keep_alive else "Connection: close")
         if self.limits.log_requests:
             self._log(connection, request, status, len(body))
-        if request.method == "HEAD":
-            body = b""
-        connection.outbox = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        connection.outbox = head if request.method == "HEAD" else head + body
         self._flush(connection)
 
     def _flush(self, connection):
-        """Send what the connection's answer still has to send; then wait for its next request.
-
-        A client that reads slowly has request_timeout to read everything it asked for, counted
-        from the first answer it did not take at once: pipelining more requests buys no time."""
+        """Send what the connection's answer still has to send; then wait for its next request. A slow reader has
+        request_timeout from the first answer it did not take at once to read all: pipelining more buys no time."""
         try:
             sent = connection.sock.send(connection.outbox)
         except (BlockingIOError, InterruptedError) + self._tls_pending:
@@ -1150,8 +1063,6 @@ class Server:
                 self._watch(connection, selectors.EVENT_WRITE, self._flush)
             return
         connection.writing = False
-        connection.busy = False
-        self._busy -= 1
         self._release(connection)
         if not connection.keep_alive:
             self._close(connection)
@@ -1166,19 +1077,16 @@ class Server:
             connection.deadline = time.monotonic() + self.limits.idle_timeout
             self._idle[connection.sock] = connection
 
-    def _send_now(self, connection, data):
+    def _send_now(self, sock, data):
         try:
-            connection.sock.send(data)
+            sock.send(data)
         except OSError:
             pass  # the client is gone or not reading; the loop notices soon enough
 
     def _refuse(self, connection, error):
-        """Answer a request that will not be read, then close without resetting the answer away.
-
-        Closing a socket with unread input makes the kernel send a reset, which can destroy the
-        answer before the client reads it; so shut down our side and discard what still comes
-        for a moment (a "lingering close", as Apache and nginx do).
-        """
+        """Answer a request that will not be read, then close without resetting the answer away: closing a socket
+        with unread input sends a reset, which can destroy the answer before the client reads it; so shut down our
+        side and discard what still comes for a moment (a "lingering close", as Apache and nginx do)."""
         try:
             connection.sock.send(self._refusal(error, _origin(connection)))
             connection.sock.shutdown(socket.SHUT_WR)
@@ -1195,8 +1103,7 @@ class Server:
         self._idle[connection.sock] = connection  # the first to go when slots run out
 
     def _refusal(self, error, origin=None):
-        """The bytes of the answer to a request the server refuses by itself (counted as answered),
-        readable by the page that sent it if it may post here (`origin`, when the head was read)."""
+        """The answer to a request the server refuses by itself, readable by the page of `origin` if it may post."""
         status, headers, body = error_answer(error)
         if self.hooks is not None:
             headers = headers + self.hooks.server_answered(status, origin)
@@ -1208,9 +1115,8 @@ class Server:
         """Close connections that idled, dawdled or lingered past their deadline; accept again."""
         for connection in list(self._connections.values()):
             if connection.deadline is not None and connection.deadline < now:
-                if connection.lingering or connection.writing:
-                    self._close(connection)
-                elif connection.buffer or connection.request is not None:
+                arriving = connection.buffer or connection.request is not None
+                if arriving and not (connection.lingering or connection.writing):
                     self._refuse(connection, HTTPError(408, "the request took too long to arrive"))
                 else:
                     self._close(connection)
@@ -1224,16 +1130,13 @@ class Server:
         if self._connections.pop(connection.sock, None) is None:
             return
         connection.closed = True
-        self._idle.pop(connection.sock, None)
-        self._fresh.pop(connection.sock, None)
-        self._reading.pop(connection.sock, None)
-        self._stalled.pop(connection.sock, None)
-        if connection.busy:
-            connection.busy = False
-            self._busy -= 1
+        for waiting in (self._idle, self._fresh, self._reading, self._stalled):
+            waiting.pop(connection.sock, None)
         self._release(connection)
         if connection.limited:
-            self._per_address.disconnected(connection.peer)
+            self._per_address[connection.peer] -= 1
+            if not self._per_address[connection.peer]:
+                del self._per_address[connection.peer]
         if connection.watched:
             self._selector.unregister(connection.sock)
         connection.sock.close()
@@ -1254,19 +1157,12 @@ class Server:
             worker.join(max(0.0, give_up - time.monotonic()))
         for connection in list(self._connections.values()):
             self._close(connection)
-        self.listener.close()
-        self._selector.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
-
-    # -- the worker threads, for requests the application does not take in the loop -------
+        for closable in (self.listener, self._selector, self._wake_reader, self._wake_writer):
+            closable.close()
 
     def _work(self):
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            connection, request, environ = job
+        """A worker thread's loop: requests the application does not take in the loop."""
+        for connection, request, environ in iter(self._jobs.get, None):  # None: the server stops
             try:
                 answer = self._call_application(environ, request.method)
             except Exception:
@@ -1276,21 +1172,17 @@ class Server:
 
     def _call_application(self, environ, method):
         """Run the WSGI application (PEP 3333) for one request: (status, headers, body)."""
-        answer = []
-        written = []
+        answer, written = [], []
 
         def start_response(status, headers, exc_info=None):
-            if exc_info is not None:
-                exc_info = None  # nothing is sent before the application returns: the new answer wins
-            elif answer:
+            if exc_info is None and answer:  # with exc_info: nothing is sent before the return, the new answer wins
                 raise AssertionError("start_response called a second time without exc_info")
             answer[:] = [status, headers]
             return written.append
 
         chunks = self.app(environ, start_response)
         try:
-            for chunk in chunks:
-                written.append(chunk)
+            written.extend(chunks)
         finally:
             if hasattr(chunks, "close"):
                 chunks.close()
@@ -1310,21 +1202,11 @@ class Server:
             path = unquote_to_bytes(path).decode("latin-1")
         host, port = self.server_address
         environ = {
-            "REQUEST_METHOD": request.method,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": path,
-            "QUERY_STRING": request.query,
-            "SERVER_NAME": host,
-            "SERVER_PORT": str(port),
-            "SERVER_PROTOCOL": request.version,
-            "REMOTE_ADDR": connection.peer,
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "https" if self._tls else "http",
-            "wsgi.input": io.BytesIO(request.body),
-            "wsgi.errors": self.log,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
+            "REQUEST_METHOD": request.method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": request.query,
+            "SERVER_NAME": host, "SERVER_PORT": str(port), "SERVER_PROTOCOL": request.version,
+            "REMOTE_ADDR": connection.peer, "wsgi.version": (1, 0), "wsgi.url_scheme": "https" if self._tls else "http",
+            "wsgi.input": io.BytesIO(request.body), "wsgi.errors": self.log,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
         }
         for name, value in request.headers.items():
             key = _cgi_name(name)
@@ -1335,7 +1217,8 @@ class Server:
     def _log(self, connection, request, status, length):
         client = "-"
         if self.limits.log_addresses:
-            client = client_address(connection.peer, request.headers.get("x-forwarded-for"), self.limits.trusted_proxies)
+            forwarded = request.headers.get("x-forwarded-for")
+            client = client_address(connection.peer, forwarded, self.limits.trusted_proxies)
         when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
         try:
             self.log.write(f'{_printable(client)} - - [{when}] "{_printable(request.line)}" {status[:3]} {length}\n')
@@ -5604,17 +5487,13 @@ def client_script(environ):
 ###############################################################################
 
 def server_limits(config):
-    """The ServerLimits of `config`."""
-    return ServerLimits(config.threads, config.max_connections, config.max_connections_per_address,
-                        config.idle_timeout, config.request_timeout, config.max_request_line, config.max_header_fields,
-                        config.max_header_field, config.max_head_bytes, config.max_body_bytes, config.max_buffered_bytes,
-                        config.request_timeout + config.busy_timeout, not config.quiet, config.log_addresses,
-                        config.trusted_proxies)
+    """The ServerLimits of `config`: its settings of the same names, and two made of others."""
+    made = {"drain_seconds": config.request_timeout + config.busy_timeout, "log_requests": not config.quiet}
+    return ServerLimits(**{name: getattr(config, name) for name in ServerLimits._fields if name not in made}, **made)
 
 
 def serve(config, load=None):
-    """Run the built-in server until SIGTERM or SIGINT; return the exit status. `load` makes a fresh
-    Config: SIGHUP calls it and puts the result in force, or keeps the one in force if it is bad."""
+    """Run the built-in server until SIGTERM or SIGINT; return the exit status. SIGHUP puts load()'s Config in force."""
     tls = tls_context(config)
     try:
         app = Pycolytics(config)
@@ -5637,8 +5516,7 @@ def serve(config, load=None):
     if load is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, server.request_reload)
     _warn_about(config)
-    log.info("Pycolytics %s listening on %s (database: %s)", __version__, _url(server.server_address, tls),
-             _redacted(config.database))
+    log.info("Pycolytics %s listening on %s (database: %s)", __version__, server.url, _redacted(config.database))
     notify_systemd("READY=1")
     try:
         server.serve_forever()
@@ -5648,11 +5526,6 @@ def serve(config, load=None):
     log.info("stopped; every acknowledged event is committed")
     sink.drain()
     return 0
-
-
-def _url(address, tls):
-    host, port = address
-    return f"{'https' if tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 def _reload(app, server, load):
@@ -5677,11 +5550,8 @@ def _reload(app, server, load):
 
 
 def tls_context(config):
-    """An SSLContext for HTTPS with config's certificate, or None for plain HTTP.
-
-    ssl is imported only here: it loads OpenSSL, 3.5 MB that plain-HTTP servers (and those
-    behind nginx, which does the TLS) never need. TLS 1.2 is the oldest version offered.
-    """
+    """An SSLContext for HTTPS with config's certificate (TLS 1.2 at least), or None for plain HTTP. ssl is
+    imported only here: OpenSSL costs 3.5 MB that plain-HTTP servers (and those behind nginx) never need."""
     if not config.certfile:
         return None
     import ssl
@@ -5702,8 +5572,7 @@ def tls_context(config):
 
 
 def _no_pass_phrase(config):
-    """Called by OpenSSL for an encrypted key, instead of its prompt on the terminal (which would
-    stop the event loop, or wait forever under systemd)."""
+    """Called by OpenSSL for an encrypted key, instead of a prompt that would stop the loop (or wait under systemd)."""
     raise ConfigError(f"keyfile {config.keyfile} is encrypted; give it unencrypted, readable only by the server "
                       "(openssl pkey -in ENCRYPTED.pem -out KEY.pem)")
 
@@ -5724,19 +5593,14 @@ def notify_systemd(state):
 
 
 class LogSink:
-    """A stream for log lines that never blocks and never raises: what a server writes its log to.
-
-    stderr can stall (a pipe nobody reads) or break (`| tee` died); either would stop an event
-    loop that wrote to it directly. Lines wait in a bounded buffer for a thread of their own;
-    when the buffer is full they are dropped, and the next line that fits says how many.
-    """
+    """A stream for log lines that never blocks and never raises: stderr can stall (a pipe nobody reads) or break
+    (`| tee` died), which would stop the event loop. Lines wait in a bounded buffer for a thread of their own; when
+    it is full they are dropped, and the next line that fits says how many."""
 
     def __init__(self, stream, limit=LOG_BUFFER_BYTES):
-        self._stream = stream
-        self._limit = limit
+        self._stream, self._limit = stream, limit
         self._lines = collections.deque()
-        self._size = 0
-        self._dropped = 0
+        self._size = self._dropped = 0
         self._ready = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._run, name="pycolytics-log", daemon=True)
         self._thread.start()
