@@ -2643,72 +2643,52 @@ class Metrics:
 # Storage: SQLite and PostgreSQL
 ###############################################################################
 
-# The original Pycolytics' table, column for column as SQLModel created it, so databases made
-# by either program open in the other. Only a new table gets Pycolytics' own index, on `time`
-# (docs/storage.md, "Indexes", has the measurements behind that choice). An existing database keeps
-# its indexes; at start-up it gains the ADDED_COLUMNS and the EVENT_ID_INDEX (replacing the
-# older index on event_id alone), with no migration step to run.
+# The original Pycolytics' table, column for column as SQLModel created it, so databases made by either program
+# open in the other. Only a new table gets Pycolytics' own index, on `time` (docs/storage.md, "Indexes"). An
+# existing one keeps its indexes, and gains at start-up the ADDED_COLUMNS and the EVENT_ID_INDEX: no migration step.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
-    event_type VARCHAR NOT NULL,
-    application VARCHAR NOT NULL,
-    version VARCHAR NOT NULL,
-    platform VARCHAR NOT NULL,
-    user_id VARCHAR NOT NULL,
-    session_id VARCHAR NOT NULL,
-    value JSON NOT NULL,
-    id INTEGER NOT NULL,
-    time DATETIME NOT NULL,
-    PRIMARY KEY (id)
+    event_type VARCHAR NOT NULL, application VARCHAR NOT NULL, version VARCHAR NOT NULL,
+    platform VARCHAR NOT NULL, user_id VARCHAR NOT NULL, session_id VARCHAR NOT NULL,
+    value JSON NOT NULL, id INTEGER NOT NULL, time DATETIME NOT NULL, PRIMARY KEY (id)
 );
 CREATE INDEX IF NOT EXISTS ix_event_time ON event (time);
 """
 
-# Columns Pycolytics adds to the original's table. A database without them (the original's,
-# or an older Pycolytics') gets them at start-up: adding a column rewrites nothing, so this
-# is instant on any size of table, and the original can still write into it.
+# Columns Pycolytics adds to the original's table: adding one rewrites nothing (instant on any size of table),
+# and the original can still write into it.
 ADDED_COLUMNS = (
     ("received_at", "DATETIME"),  # the server's receive time, when `time` is the client's
     ("event_id", "VARCHAR"),  # a client-made id: a retried event is stored once
 )
-# An event_id is unique per application, among the rows that have one (rows without cost this
-# index nothing): two games that both number their events 1, 2, 3 keep all of them.
+# An event_id is unique per application, among the rows that have one: two games that both number their events
+# 1, 2, 3 keep all of them. Older Pycolytics made it unique across applications (OLD_EVENT_ID_INDEX): replaced.
 EVENT_ID_INDEX = ("CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
                   " WHERE event_id IS NOT NULL")
-# Older Pycolytics made event_id unique across applications: replaced at start-up.
 OLD_EVENT_ID_INDEX = "ix_event_event_id"
 
-# Only a conflict on EVENT_ID_INDEX is ignored: the retry of an acknowledged event is
-# acknowledged again and stored once. Any other constraint a row breaks (one an operator
-# added) fails the commit, and its clients get 503, never a 204 for a row not stored.
-INSERT = (
-    "INSERT INTO event"
-    " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
-)
+# Only a conflict on EVENT_ID_INDEX is ignored: the retry of an acknowledged event is stored once. Any other
+# constraint a row breaks (one an operator added) fails the commit: 503, never a 204 for a row not stored.
+_INSERT_INTO = ("INSERT INTO event (event_type, application, version, platform, user_id, session_id, value, time,"
+                " received_at, event_id)")
+_ON_CONFLICT = " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
+INSERT = _INSERT_INTO + " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + _ON_CONFLICT
 
-# SQLite takes a group as INSERTs of many rows each (VALUES (...), (...), ...): the driver binds
-# a statement's parameters in one C call and gives the GIL up once per statement, where
-# executemany gives it up and takes it back at every row, each time waiting for the event loop
-# to let go. 64 rows are 640 parameters, within the 999 of SQLite before 3.32. bench/README.md
-# has the measurements ("Issue 14, second round"). A group of up to 64 rows is one statement
-# of its own size, and SQLite commits it by itself: no BEGIN and COMMIT, two steps of the
-# driver fewer, each a wait for the GIL ("Issue 14, fourth round").
+# SQLite takes a group as INSERTs of many rows each: the driver binds a statement's parameters in one C call and
+# gives the GIL up once per statement, where executemany does at every row. 64 rows are 640 parameters, within
+# SQLite's 999 before 3.32. Up to 64 rows are one statement that SQLite commits by itself, without BEGIN and
+# COMMIT: two waits for the GIL fewer (bench/README.md, "Issue 14", second and fourth rounds).
 INSERT_CHUNK_ROWS = 64
 
 
 @functools.lru_cache(maxsize=None)  # one statement per size: INSERT_CHUNK_ROWS of them at most
 def _insert_rows(count):
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count)
-    return INSERT.replace("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+    return INSERT.replace("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count))
 
 
 def _chunks(count):
-    """(start, size) pieces of `count` rows: whole INSERT_CHUNK_ROWS, then powers of two, so
-    that a group of any size is a few statements of at most 7 shapes."""
-    start = 0
-    size = INSERT_CHUNK_ROWS
+    """(start, size) pieces of `count` rows: whole INSERT_CHUNK_ROWS, then powers of two (7 shapes at most)."""
+    start, size = 0, INSERT_CHUNK_ROWS
     while start < count:
         while size > count - start:
             size //= 2
@@ -2723,13 +2703,9 @@ DATABASE_FILES = ("", "-wal", "-shm")
 
 @contextlib.contextmanager
 def transaction(connection):
-    """BEGIN IMMEDIATE ... COMMIT around the block, ROLLBACK if anything in it fails.
-
-    IMMEDIATE takes the write lock at BEGIN, waiting busy_timeout for it, so a transaction never
-    fails half-way for want of it: https://www.sqlite.org/lang_transaction.html. After some
-    errors (SQLITE_FULL, SQLITE_IOERR, a read-only database) SQLite has rolled back already and
-    a ROLLBACK would fail with "no transaction is active": the error raised is always the first.
-    """
+    """BEGIN IMMEDIATE ... COMMIT around the block, ROLLBACK if it fails. IMMEDIATE takes the write lock at BEGIN
+    (waiting busy_timeout), so a transaction never fails half-way for want of it. After some errors (SQLITE_FULL,
+    SQLITE_IOERR) SQLite has rolled back already and a ROLLBACK fails too: the error raised is always the first."""
     connection.execute("BEGIN IMMEDIATE")
     try:
         yield connection
@@ -2744,35 +2720,24 @@ def transaction(connection):
 
 
 class SQLiteConnection(sqlite3.Connection):
-    """A connection that remembers which files it opened: (suffix, st_dev, st_ino) of each."""
-
-    files = ()
+    files = {}  # {suffix: (st_dev, st_ino)} of each of the database's files it opened (_file_ids)
     conventions = None  # the game-analytics conventions its summaries were last made with
 
 
 def _file_ids(path):
-    """(suffix, st_dev, st_ino) of each of the database's files that exists now."""
-    found = []
+    """{suffix: (st_dev, st_ino)} of each of the database's files that exists now."""
+    found = {}
     for suffix in DATABASE_FILES:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             status = os.stat(path + suffix)
-        except FileNotFoundError:
-            continue
-        found.append((suffix, status.st_dev, status.st_ino))
-    return tuple(found)
+            found[suffix] = (status.st_dev, status.st_ino)
+    return found
 
 
 def connect(path, synchronous="full", busy_timeout=30.0, create=True):
     """A connection with Pycolytics' pragmas; creates the database (unless not `create`) and its table if missing.
-
-    WAL lets readers (pandas, the dashboard) work while events are written, and makes a
-    commit one append to the log: https://www.sqlite.org/wal.html
-    synchronous=FULL fsyncs the log at every commit, so a commit survives power loss; NORMAL
-    may lose the last commits on power loss (never on a crash of the process) and is much
-    faster on slow SD cards: https://www.sqlite.org/pragma.html#pragma_synchronous
-    The busy timeout makes writers in other processes (gunicorn workers) wait their turn
-    instead of failing with "database is locked": https://www.sqlite.org/c3ref/busy_timeout.html
-    """
+    WAL lets readers (pandas, the dashboard) work while events are written; the busy timeout makes writers in
+    other processes wait their turn instead of failing with "database is locked"."""
     target = path if create else "file:" + urllib_quote(os.path.abspath(path)) + "?mode=rw"
     connection = sqlite3.connect(target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
                                  uri=not create, factory=SQLiteConnection)
@@ -2782,13 +2747,13 @@ def connect(path, synchronous="full", busy_timeout=30.0, create=True):
         exists = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event'").fetchone()
         if not exists:
             connection.executescript(SCHEMA)
-        columns = _columns(connection)
+        columns, indexes = _columns(connection), _indexes(connection)
         missing = [name for name in EVENT_FIELDS + ("value", "id", "time") if name not in columns]
         if missing:
             raise sqlite3.DatabaseError(f"its table 'event' lacks the columns {', '.join(missing)}")
-        if any(name not in columns for name, _ in ADDED_COLUMNS):
-            _add_columns(connection, announce=bool(exists))
-        _index_event_ids(connection)
+        if (any(name not in columns for name, _ in ADDED_COLUMNS) or OLD_EVENT_ID_INDEX in indexes
+                or "ix_event_application_event_id" not in indexes):  # else no write lock is taken at each start
+            _upgrade(connection, announce=bool(exists))
         ensure_summaries(connection, SQLITE)
         connection.files = _file_ids(path)
     except BaseException:
@@ -2801,8 +2766,14 @@ def _columns(connection):
     return {row[1] for row in connection.execute("PRAGMA table_info(event)")}
 
 
-def _add_columns(connection, announce=True):
-    """Give the table the columns Pycolytics added; another process may be doing the same."""
+def _indexes(connection):
+    return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+
+
+def _upgrade(connection, announce):
+    """Give the table the ADDED_COLUMNS and the EVENT_ID_INDEX; another process may be doing the same. The old index
+    on event_id alone guarantees no two rows share one, so the new one is always created, in the same transaction
+    as the old one goes: no moment lets a duplicate in."""
     with transaction(connection):
         columns = _columns(connection)
         for name, kind in ADDED_COLUMNS:
@@ -2810,22 +2781,6 @@ def _add_columns(connection, announce=True):
                 connection.execute(f"ALTER TABLE event ADD COLUMN {name} {kind}")
                 if announce:
                     log.info("upgraded the database: added the column event.%s", name)
-
-
-def _indexes(connection):
-    return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-
-
-def _index_event_ids(connection):
-    """Make event_id unique per application; an older database's index on event_id alone goes.
-
-    The old index guarantees that no two rows share an event_id, so the new one is always
-    created; both happen in one transaction, so no moment lets a duplicate in.
-    """
-    present = _indexes(connection)
-    if "ix_event_application_event_id" in present and OLD_EVENT_ID_INDEX not in present:
-        return  # the usual case: no write lock taken at each start
-    with transaction(connection):
         connection.execute(EVENT_ID_INDEX)
         if OLD_EVENT_ID_INDEX in _indexes(connection):
             connection.execute(f"DROP INDEX {OLD_EVENT_ID_INDEX}")
@@ -2835,7 +2790,6 @@ def _index_event_ids(connection):
 
 def urllib_quote(path):
     from urllib.parse import quote  # here: only connections opened by URI (read-only, or never creating) need it
-
     return quote(path)
 
 
@@ -2851,7 +2805,6 @@ class DatabaseGone(sqlite3.OperationalError):
 def _user():
     try:
         import pwd  # here: only a refusal to start names the user
-
         return f"the user {pwd.getpwuid(os.geteuid()).pw_name}"
     except (ImportError, KeyError):
         return f"the user id {os.geteuid()}"
@@ -2862,7 +2815,8 @@ def unwritable(path):
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     if os.path.isdir(path):
-        return f"{path} is a directory, not a database file (name a file in it, such as {os.path.join(path, 'pycolytics.db')})"
+        return (f"{path} is a directory, not a database file (name a file in it, such as "
+                f"{os.path.join(path, 'pycolytics.db')})")
     if not os.path.isdir(folder):
         return f"the folder {folder} does not exist (create it, or name a database in an existing folder)"
     if os.statvfs(folder).f_flag & os.ST_RDONLY:
@@ -2877,9 +2831,9 @@ def unwritable(path):
 
 
 class Deadlines:
-    """Calls a function once its deadline passes, from one thread of its own: what bounds a wait
-    that cannot bound itself (a commit, a report's statements, libpq on a peer that acknowledges
-    TCP but never answers: keepalives and tcp_user_timeout only notice one that stops acknowledging)."""
+    """Calls a function once its deadline passes, from one thread of its own: what bounds a wait that cannot
+    bound itself (a commit, a report's statements, libpq on a peer that acknowledges TCP but never answers:
+    keepalives and tcp_user_timeout only notice one that stops acknowledging)."""
 
     IDLE_SECONDS = 60  # the thread ends after this long with nothing to watch
 
@@ -2891,8 +2845,7 @@ class Deadlines:
 
     @contextlib.contextmanager
     def after(self, seconds, function):
-        """Within the block, function() is called `seconds` from now, once; yields a list whose
-        last item is True once it was."""
+        """Within the block, function() is called once, `seconds` from now; yields [deadline, function, fired]."""
         entry, token = [time.monotonic() + seconds, function, False], object()
         with self._changed:
             self._watched[token] = entry
@@ -2932,12 +2885,10 @@ class ReportTooSlow(Exception):
 
 
 class Store:
-    """What a storage backend provides: SQLiteStore and PostgresStore. The writer, /healthz, the
-    reports, export, prune and forget use only this, never asking which backend it is (backup and
-    copy do ask: they are SQLite's backup and a move from SQLite into PostgreSQL).
+    """What a storage backend provides: SQLiteStore and PostgresStore. The writer, /healthz, the reports, export,
+    prune and forget use only this (backup and copy ask: they are SQLite's backup and a move into PostgreSQL).
 
-      kind, dialect                the backend's name, for messages, and its SQL (SQLITE, POSTGRESQL)
-      errors                       the driver's exception classes
+      kind, dialect, errors        its name (for messages), its SQL (SQLITE, POSTGRESQL), the driver's exceptions
       summaries                    whether it keeps summaries between reports ("Summaries")
       connect()                    the write connection; makes or upgrades the schema
       reading(seconds)             a context: a connection for reading only, interrupted after `seconds`
@@ -2976,31 +2927,25 @@ class Store:
     @contextlib.contextmanager
     def reading(self, seconds):
         connection = self.read(seconds)
-        try:
-            with self.deadlines.after(seconds, functools.partial(self.interrupt, connection)) as watch:
-                try:
-                    yield connection
-                except self.errors as error:
-                    if watch[2]:
-                        raise ReportTooSlow(str(error)) from None
-                    raise
-        finally:
-            connection.close()
+        interrupt = functools.partial(self.interrupt, connection)
+        with contextlib.closing(connection), self.deadlines.after(seconds, interrupt) as watch:
+            try:
+                yield connection
+            except self.errors as error:
+                if watch[2]:
+                    raise ReportTooSlow(str(error)) from None
+                raise
 
 
-# /healthz answers 503 when the database's disk has less free space than this, and when the
-# write lock cannot be had within HEALTH_TIMEOUT seconds.
+# /healthz answers 503 when the database's disk has less free space than this, or the write lock takes longer.
 MIN_FREE_DISK = 16 * 2**20
 HEALTH_TIMEOUT = 2
 
 
 class SQLiteStore(Store):
-    """Events in an SQLite file: the default, standard library only.
-
-    Only the first connection may create the file: if it is deleted or replaced while the server
-    runs, the writer reopens the path only when a database is there again (put back, or
-    restored from a backup), and events get 503 meanwhile. A restart creates a new, empty one.
-    """
+    """Events in an SQLite file: the default, standard library only. Only the first connection may create the file:
+    if it is deleted or replaced while the server runs, the writer reopens the path only when a database is there
+    again (put back, or restored from a backup), and events get 503 meanwhile. A restart creates a new, empty one."""
 
     kind = "SQLite"
     summaries = True
@@ -3029,8 +2974,7 @@ class SQLiteStore(Store):
 
     def _refuse_a_stale_log(self, path):
         """A database put back beside the -wal of the one deleted would take that log's pages as its own."""
-        before = {suffix: (device, inode) for suffix, device, inode in self._files}
-        now = {suffix: (device, inode) for suffix, device, inode in _file_ids(path)}
+        before, now = self._files, _file_ids(path)
         if before.get("") != now.get("") and before.get("-wal") is not None and before.get("-wal") == now.get("-wal"):
             raise DatabaseGone(f"the database file {self._path} was replaced, but its -wal file is the "
                                "deleted database's: move the -wal and -shm files away, then it is opened again")
@@ -3041,31 +2985,26 @@ class SQLiteStore(Store):
     def detached(self, connection):
         """Why `connection` no longer writes into the file at the configured path, or None: asked
         before and after every commit (a -wal deleted before one is found before it goes there)."""
-        for suffix, device, inode in connection.files:
-            try:
-                status = os.stat(self._path + suffix)
-            except FileNotFoundError:
-                if not os.path.isdir(os.path.dirname(self._path)):
-                    return f"the folder of the database file {self._path} was deleted or moved while the server ran"
+        now = _file_ids(self._path)
+        for suffix, ids in connection.files.items():
+            if suffix not in now and not os.path.isdir(os.path.dirname(self._path)):
+                return f"the folder of the database file {self._path} was deleted or moved while the server ran"
+            if suffix not in now:
                 return f"the database file {self._path + suffix} was deleted while the server ran"
-            if (status.st_dev, status.st_ino) != (device, inode):
+            if now[suffix] != ids:
                 return f"the database file {self._path + suffix} was replaced while the server ran"
         return None
 
     def insert(self, connection, rows):
         """Insert `rows` in one transaction; return how many were new (not an event_id already stored).
-
-        Raises DatabaseGone if the file was deleted or replaced meanwhile: the rows went to a
-        file nobody will open again.
-        """
+        DatabaseGone: the file was deleted or replaced meanwhile, the rows went to a file nobody will open again."""
         changes = connection.total_changes
         if 0 < len(rows) <= INSERT_CHUNK_ROWS:  # one statement: a transaction by itself, atomic
             connection.execute(_insert_rows(len(rows)), list(itertools.chain.from_iterable(rows)))
         else:
             with transaction(connection):
                 for start, size in _chunks(len(rows)):
-                    connection.execute(_insert_rows(size),
-                                       list(itertools.chain.from_iterable(rows[start:start + size])))
+                    connection.execute(_insert_rows(size), list(itertools.chain(*rows[start:start + size])))
         self._still_there(connection)
         return connection.total_changes - changes
 
@@ -3085,14 +3024,12 @@ class SQLiteStore(Store):
         return deleted, changed
 
     def summarise(self, connection, limit, config):
-        """One step of summarising up to `limit` new events (see "Summaries"): (read, last id summarised).
-
-        Without an fsync of its own: a summary lost to a power cut is made again from the events,
-        and the next commit's fsync makes it durable with that commit. It never waits for the write
-        lock, which another process may hold for long (a backup, a notebook): SummaryPostponed,
-        the writer's commits come first.
-        """
-        if _synchronous(self.config.synchronous) != "off":
+        """One step of summarising up to `limit` new events ("Summaries"): (read, last id summarised). Without an
+        fsync of its own: a summary lost to a power cut is made again from the events, and the next commit's fsync
+        makes it durable. It never waits for the write lock, which another process may hold for long (a backup, a
+        notebook): SummaryPostponed, the writer's commits come first."""
+        synchronous = _synchronous(self.config.synchronous)
+        if synchronous != "off":
             connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA busy_timeout=0")
         try:
@@ -3103,7 +3040,7 @@ class SQLiteStore(Store):
                 raise SummaryPostponed(str(error)) from None
             raise
         finally:
-            connection.execute(f"PRAGMA synchronous={_synchronous(self.config.synchronous)}")
+            connection.execute(f"PRAGMA synchronous={synchronous}")
             connection.execute(f"PRAGMA busy_timeout={int(self.config.busy_timeout * 1000)}")
         self._still_there(connection)
         return found
@@ -3119,16 +3056,14 @@ class SQLiteStore(Store):
         connection.interrupt()
 
     def lost(self, error):
-        """Whether `error` means the connection must be replaced: only when its file was."""
-        return isinstance(error, DatabaseGone)
+        return isinstance(error, DatabaseGone)  # a new connection helps only when its file was replaced
 
     def describe(self, error):
-        """`error` as /healthz may show it: SQLite's messages name no host, user or database."""
-        return str(error)
+        return str(error)  # SQLite's messages name no host, user or database
 
     def read(self, seconds=None):
-        """A connection for reading only; it never creates a missing database. Its temporary tables
-        (a report's) go to a file, its page cache is 8 MiB: memory stays small on any database."""
+        """Never creates a missing database. Temporary tables (a report's) go to a file, the page cache is 8 MiB:
+        memory stays small on any database."""
         connection = read_only(self.config.database)
         connection.execute("PRAGMA temp_store=FILE")
         connection.execute("PRAGMA cache_size=-8192")
@@ -3138,18 +3073,14 @@ class SQLiteStore(Store):
         return _columns(connection)
 
     def problem(self):
-        """Why the database would not take events now, or None if it would."""
         try:
             space = os.statvfs(os.path.dirname(self._path))
             if space.f_bavail * space.f_frsize < MIN_FREE_DISK:
                 return "the disk is almost full"
-            uri = "file:" + urllib_quote(self._path) + "?mode=rw"
-            connection = sqlite3.connect(uri, uri=True, timeout=HEALTH_TIMEOUT, isolation_level=None)
-            try:
-                with transaction(connection):  # can we take the write lock?
-                    pass
-            finally:
-                connection.close()
+            connection = sqlite3.connect("file:" + urllib_quote(self._path) + "?mode=rw", uri=True,
+                                         timeout=HEALTH_TIMEOUT, isolation_level=None)
+            with contextlib.closing(connection), transaction(connection):  # can we take the write lock?
+                pass
         except (OSError, sqlite3.Error) as error:
             return str(error)
         return None
@@ -3157,95 +3088,66 @@ class SQLiteStore(Store):
 
 # PostgreSQL's table: the same columns, with its own types for JSON and times.
 POSTGRES_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS event (
-        event_type VARCHAR NOT NULL,
-        application VARCHAR NOT NULL,
-        version VARCHAR NOT NULL,
-        platform VARCHAR NOT NULL,
-        user_id VARCHAR NOT NULL,
-        session_id VARCHAR NOT NULL,
-        value JSONB NOT NULL,
-        id BIGSERIAL PRIMARY KEY,
-        time TIMESTAMPTZ NOT NULL,
-        received_at TIMESTAMPTZ,
-        event_id VARCHAR
-    )""",
+    "CREATE TABLE IF NOT EXISTS event (event_type VARCHAR NOT NULL, application VARCHAR NOT NULL,"
+    " version VARCHAR NOT NULL, platform VARCHAR NOT NULL, user_id VARCHAR NOT NULL, session_id VARCHAR NOT NULL,"
+    " value JSONB NOT NULL, id BIGSERIAL PRIMARY KEY, time TIMESTAMPTZ NOT NULL, received_at TIMESTAMPTZ,"
+    " event_id VARCHAR)",
     "CREATE INDEX IF NOT EXISTS ix_event_time ON event (time)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ix_event_application_event_id ON event (application, event_id)"
-    " WHERE event_id IS NOT NULL",
-    "DROP INDEX IF EXISTS ix_event_event_id",
+    EVENT_ID_INDEX,
+    f"DROP INDEX IF EXISTS {OLD_EVENT_ID_INDEX}",
 )
 POSTGRES_SCHEMA_READY = (
     "SELECT to_regclass('event') IS NOT NULL AND to_regclass('ix_event_time') IS NOT NULL"
     " AND to_regclass('ix_event_application_event_id') IS NOT NULL AND to_regclass('ix_event_event_id') IS NULL"
 )
-# Times travel as the same UTC text as in SQLite; the session's time zone is UTC. The conflict
-# target is the event_id index only: any other conflict (a primary key behind rows imported
-# with their ids) is an error, never an event silently dropped behind a 204.
-POSTGRES_INSERT = (
-    "INSERT INTO event"
-    " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s)"
-    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
-)
-# The same for a whole group in one statement, its rows as one JSON array of arrays: the driver
-# adapts one parameter instead of ten per row, and the collector spends less than half the CPU
-# on a batch (docs/scale-out.md). ->> gives back each string as encoded and null as NULL; rows
-# go in in the array's order, so of two rows with one event_id the first is stored and the
-# second skipped, as one statement after another would do.
+# Times travel as the same UTC text as in SQLite (the session's time zone is UTC). The conflict target is the
+# event_id index only: any other (a primary key behind rows imported with their ids) is an error, never a 204.
+POSTGRES_INSERT = (_INSERT_INTO + " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::timestamptz, %s::timestamptz, %s)"
+                   + _ON_CONFLICT)
+# The same for a whole group in one statement, its rows as one JSON array of arrays: the driver adapts one
+# parameter instead of ten per row, and the collector spends less than half the CPU on a batch (docs/scale-out.md).
+# ->> gives back each string as encoded and null as NULL; rows go in in the array's order, so of two rows with
+# one event_id the first is stored and the second skipped, as one statement after another would do.
 POSTGRES_INSERT_GROUP = (
-    "INSERT INTO event"
-    " (event_type, application, version, platform, user_id, session_id, value, time, received_at, event_id)"
-    " SELECT fields->>0, fields->>1, fields->>2, fields->>3, fields->>4, fields->>5, (fields->>6)::jsonb,"
-    " (fields->>7)::timestamptz, (fields->>8)::timestamptz, fields->>9"
-    " FROM json_array_elements(%s::json) WITH ORDINALITY AS given (fields, place) ORDER BY place"
-    " ON CONFLICT (application, event_id) WHERE event_id IS NOT NULL DO NOTHING"
+    _INSERT_INTO + " SELECT fields->>0, fields->>1, fields->>2, fields->>3, fields->>4, fields->>5,"
+    " (fields->>6)::jsonb, (fields->>7)::timestamptz, (fields->>8)::timestamptz, fields->>9"
+    " FROM json_array_elements(%s::json) WITH ORDINALITY AS given (fields, place) ORDER BY place" + _ON_CONFLICT
 )
-# Characters of a group's JSON text at most: PostgreSQL holds no value over 1 GB, and a
-# character is at most 4 bytes of UTF-8. Only a max_buffered_bytes raised far beyond its
-# default makes a group this large; such a group goes row by row (POSTGRES_INSERT).
+# Characters of a group's JSON text at most: PostgreSQL holds no value over 1 GB, a character is at most 4 bytes
+# of UTF-8. Only a max_buffered_bytes raised far beyond its default makes such a group: it goes row by row.
 MAX_JSON_GROUP_CHARS = 200_000_000
-# Every session's settings, in one round trip. Waits for a lock and statements are bounded as
-# SQLite's busy_timeout bounds them; synchronous_commit = on whatever the server's default is,
-# so a 204 means the commit is on disk (and on a synchronous standby, if there is one).
-POSTGRES_SESSION = (
-    "SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
-    " set_config('statement_timeout', %s, false), set_config('synchronous_commit', %s, false)"
-)
-# synchronous = normal (or off) relaxes commits as on SQLite: a crash of the database server
-# may lose the last commits, a crash of the collector loses nothing.
+# Every session's settings, in one round trip: waits for a lock and statements bounded as SQLite's busy_timeout
+# bounds them; synchronous_commit = on whatever the server's default, so a 204 means the commit is on disk (and
+# on a synchronous standby, if there is one).
+POSTGRES_SESSION = ("SELECT set_config('TimeZone', 'UTC', false), set_config('lock_timeout', %s, false),"
+                    " set_config('statement_timeout', %s, false), set_config('synchronous_commit', %s, false)")
+# synchronous = normal (or off) relaxes commits as on SQLite: a crash of the database server may lose the last
+# commits, a crash of the collector loses nothing.
 POSTGRES_SYNCHRONOUS_COMMIT = {"full": "on", "normal": "off", "off": "off"}
-# The statement that ends a group's transaction: after it is sent, a lost connection leaves the
-# outcome unknown (a 503; a retry with event_ids is safe), never a silent second try.
+# The statement that ends a group's transaction: after it is sent, a lost connection leaves the outcome unknown
+# (a 503; a retry with event_ids is safe), never a silent second try.
 POSTGRES_COMMIT = "COMMIT"
-# Seconds beyond busy_timeout before a connection is cut: time for the server's own timeout
-# error to arrive first.
+# Seconds beyond busy_timeout before a connection is cut: time for the server's own timeout error to come first.
 POSTGRES_GRACE = 5
 
 
 class LostBeforeCommit(ConnectionError):
-    """The connection was gone before a transaction's COMMIT was sent: nothing of it is stored,
-    so the same rows on a new connection are stored once."""
+    """Gone before COMMIT was sent: nothing of the transaction is stored, so the same rows on a new connection are."""
 
 
 def _cut(connection):
     """Shut the connection's socket down beneath libpq: a call blocked on it fails at once."""
-    try:
+    with contextlib.suppress(Exception):  # already closed: nothing is blocked on it
         with socket.fromfd(connection.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as duplicate:
             duplicate.shutdown(socket.SHUT_RDWR)
-    except Exception:  # already closed: nothing is blocked on it
-        pass
 
 
 class PostgresStore(Store):
-    """Events in PostgreSQL (or a database that speaks its protocol), for several collectors.
-
-    The driver, psycopg 3, is imported only here: SQLite users never need it. Every wait is
-    bounded by busy_timeout: connecting, a lock, a statement, a silent network (keepalives,
-    tcp_user_timeout) and a peer that answers TCP but nothing else (Deadlines cuts it). It keeps
-    no summaries: with several collectors its ids commit out of order, so "every id up to n is
-    summarised" could skip one; its reports summarise the events they read ("Summaries").
-    """
+    """Events in PostgreSQL (or a database that speaks its protocol), for several collectors. The driver, psycopg 3,
+    is imported only here: SQLite users never need it. Every wait is bounded by busy_timeout: connecting, a lock, a
+    statement, a silent network (keepalives, tcp_user_timeout) and a peer that answers TCP but nothing else
+    (Deadlines cuts it). It keeps no summaries: with several collectors its ids commit out of order, so "every id up
+    to n is summarised" could skip one; its reports summarise the events they read ("Summaries")."""
 
     kind = "PostgreSQL"
 
@@ -3254,34 +3156,31 @@ class PostgresStore(Store):
         try:
             import psycopg
         except ImportError:
-            raise ConfigError(
-                f"{config.sources['database']}: a postgresql:// database needs the psycopg 3 driver: "
-                'python3 -m pip install "psycopg[binary]"'
-            ) from None
+            raise ConfigError(f"{config.sources['database']}: a postgresql:// database needs the psycopg 3 driver: "
+                              'python3 -m pip install "psycopg[binary]"') from None
         self.psycopg = psycopg
         self.dialect = POSTGRESQL
         self.errors = (psycopg.Error,)
         self._told = None  # the last health problem logged, so a polling balancer logs it once
 
-    def _open(self, seconds, statements=True):
-        """A connection whose waits end after `seconds`; `statements`: a statement's too (not
-        for export, whose one query may rightly take long)."""
+    def _open(self, seconds, statements=True, schema=False):
+        """A connection whose waits end after `seconds`; `statements`: a statement's too (not for export, whose
+        one query may rightly take long); `schema`: with the table and its indexes made if missing."""
         whole = max(2, math.ceil(seconds))  # libpq counts whole seconds, and at least 2
-        # autocommit: every transaction is an explicit BEGIN, so none is ever left open by a
-        # stray statement (and rolled back, unseen, when it closes). The URL's own
-        # application_name, if any, wins over the fallback.
-        connection = self.psycopg.connect(
-            self.config.database, autocommit=True, connect_timeout=whole, keepalives=1,
-            keepalives_idle=max(1, whole // 2), keepalives_interval=1, keepalives_count=3,
-            tcp_user_timeout=whole * 1000, fallback_application_name="pycolytics",
-        )
+        # autocommit: every transaction is an explicit BEGIN, so none is ever left open by a stray statement
+        # (and rolled back, unseen, when it closes). The URL's own application_name, if any, wins.
+        connection = self.psycopg.connect(self.config.database, autocommit=True, connect_timeout=whole, keepalives=1,
+                                          keepalives_idle=max(1, whole // 2), keepalives_interval=1, keepalives_count=3,
+                                          tcp_user_timeout=whole * 1000, fallback_application_name="pycolytics")
         try:
             locks = int(seconds * 1000)
             # a second more for a statement, so that a lock wait fails as one (and says so)
             statement = str(locks + 1000) if statements else "0"
             synchronous = POSTGRES_SYNCHRONOUS_COMMIT.get(self.config.synchronous, "on")
-            with self.deadlines.after(seconds + POSTGRES_GRACE, functools.partial(_cut, connection)):
+            with self._watched(connection, seconds):
                 connection.execute(POSTGRES_SESSION, (str(locks), statement, synchronous))
+                if schema and not connection.execute(POSTGRES_SCHEMA_READY).fetchone()[0]:
+                    self._create_schema(connection)
         except BaseException:
             connection.close()
             raise
@@ -3292,15 +3191,7 @@ class PostgresStore(Store):
                                     functools.partial(_cut, connection))
 
     def connect(self):
-        connection = self._open(self.config.busy_timeout)
-        try:
-            with self._watched(connection):
-                if not connection.execute(POSTGRES_SCHEMA_READY).fetchone()[0]:
-                    self._create_schema(connection)
-        except BaseException:
-            connection.close()
-            raise
-        return connection
+        return self._open(self.config.busy_timeout, schema=True)
 
     def _create_schema(self, connection):
         for attempt in range(3):  # collectors starting together may race to create it
@@ -3328,31 +3219,23 @@ class PostgresStore(Store):
                         cursor.executemany(POSTGRES_INSERT, rows)
                     inserted = max(0, cursor.rowcount)
                     committing = True
-                    # statement_timeout never covers a commit (the server disables it first):
-                    # a wait for a synchronous standby is bounded by the deadline
+                    # statement_timeout never covers a COMMIT (the server disables it): the deadline bounds it
                     cursor.execute(POSTGRES_COMMIT)
             except self.psycopg.Error as error:
                 if committing or watch[2]:
                     raise  # the commit's outcome is unknown, or the database hung: 503
                 if connection.broken:
                     raise LostBeforeCommit(f"the database connection was lost before the commit: {error}") from error
-                self._roll_back(connection)
+                with contextlib.suppress(self.psycopg.Error):  # the next BEGIN says if the connection is broken
+                    connection.execute("ROLLBACK")
                 raise
         return inserted
 
-    def _roll_back(self, connection):
-        try:
-            connection.execute("ROLLBACK")
-        except self.psycopg.Error:  # the original error is what matters; the next BEGIN says if it is broken
-            pass
-
     def prune(self, connection, before, limit=PRUNE_STEP_ROWS):
-        with self._watched(connection):
-            with connection.transaction():
-                return connection.execute(
-                    "DELETE FROM event WHERE id IN"
-                    " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)", (before, limit)
-                ).rowcount, 0
+        with self._watched(connection), connection.transaction():
+            return connection.execute("DELETE FROM event WHERE id IN"
+                                      " (SELECT id FROM event WHERE time < %s::timestamptz ORDER BY id LIMIT %s)",
+                                      (before, limit)).rowcount, 0
 
     def interrupt(self, connection):
         _cut(connection)
@@ -3379,16 +3262,12 @@ class PostgresStore(Store):
             " AND table_schema = current_schema()")}
 
     def problem(self):
-        """Why the database would not take events now, or None: in general words (the driver's
-        details, which name hosts and databases, go to the log). Waits HEALTH_TIMEOUT at most,
-        and takes the lock an insert takes, so a table locked by a migration shows."""
+        """In general words (the driver's details, which name hosts and databases, go to the log). It takes the lock
+        an insert takes, so a table locked by a migration shows."""
         try:
             connection = self._open(HEALTH_TIMEOUT)
-            try:
-                with self._watched(connection, HEALTH_TIMEOUT):
-                    self.probe(connection)
-            finally:
-                connection.close()
+            with contextlib.closing(connection), self._watched(connection, HEALTH_TIMEOUT):
+                self.probe(connection)
         except self.psycopg.Error as error:
             problem = self.describe(error)
             detail = str(error).strip() or type(error).__name__
@@ -3411,8 +3290,7 @@ class PostgresStore(Store):
                 yield from cursor.execute(query, parameters)
 
     def describe(self, error):
-        """`error` in general words, for clients and /healthz: the driver's own text names hosts,
-        ports, users and databases, and belongs in the log."""
+        """In general words: the driver's own text names hosts, ports, users and databases, and belongs in the log."""
         errors = self.psycopg.errors
         if isinstance(error, errors.LockNotAvailable):
             return "the event table is locked by another session"
