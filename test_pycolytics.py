@@ -740,12 +740,19 @@ def game_page(script_url, collector_url, prelude="", **options):
         def log_message(self, *arguments):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    with stdlib_server(Page) as address:
+        yield "http://%s:%d/" % address
+
+
+@contextlib.contextmanager
+def stdlib_server(handler):
+    """A standard-library HTTP server of `handler` on a free port of 127.0.0.1, in a thread: its (host, port)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
-        yield "http://%s:%d/" % server.server_address
+        yield server.server_address
     finally:
         server.shutdown()
         server.server_close()
@@ -1092,16 +1099,8 @@ def consent_collector(answer_after=0):
         def log_message(self, *arguments):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
-        yield "http://%s:%d" % server.server_address, posts
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with stdlib_server(Collector) as address:
+        yield "http://%s:%d" % address, posts
 
 
 @contextlib.contextmanager
